@@ -10,6 +10,7 @@ from typing import Any
 
 from peerd.catalog import Catalog
 from peerd.config import Settings
+from peerd.core.access import AccessCounter
 from peerd.identity import Identity, load_or_create
 from peerd.metrics import Metrics
 from peerd.store import BlobStore
@@ -26,6 +27,7 @@ class Runtime:
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    access: AccessCounter = field(default_factory=AccessCounter)
     extras: dict[str, Any] = field(default_factory=dict)
 
     async def close(self) -> None:
