@@ -1,0 +1,54 @@
+# peerd — everyday commands. `make demo` runs a node with sample media; `make test` passes the tests.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := python3-venv python3-dev build-essential pkg-config ffmpeg nginx wrk rclone \
+	chromium chromium-driver shellcheck iproute2 curl sqlite3 systemd time
+STAMP_APT := $(VENV)/.apt-done
+STAMP_PIP := $(VENV)/.pip-done
+PYTEST_ARGS ?=
+
+.PHONY: install install-apt check test test-fast demo bench clean
+
+install: $(STAMP_PIP)
+
+install-apt: $(STAMP_APT)
+
+# System packages the tests and benches use (ffmpeg/ffprobe as an independent HLS client,
+# chromium for pages and WebRTC, nginx/wrk/rclone as benchmark anchors, shellcheck, systemd-analyze).
+$(STAMP_APT):
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_PIP): pyproject.toml $(STAMP_APT)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+check: install
+	$(BIN)/ruff check peerd tests scripts
+	$(BIN)/ruff format --check peerd tests scripts
+	$(BIN)/mypy
+
+test: install check
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
+
+# Run a node on embedded defaults with generated sample media; prints a playback URL.
+demo: install
+	$(BIN)/python -m peerd.demo
+
+bench: install
+	bash scripts/bench/run_all.sh
+
+clean:
+	rm -rf $(VENV) .state build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,328 @@
+"""The daemon: one supervisor that wires and runs every service.
+
+Theory of operation
+-------------------
+:func:`run_daemon` opens the runtime (identity, catalog, store), runs crash recovery if the last
+stop was not clean, then hands the services from :func:`build_services` to a :class:`Supervisor`.
+
+The supervisor starts services one at a time, in order, waiting for each to call ``ready()``;
+when all are ready it tells systemd ``READY=1`` and pings ``WATCHDOG=1`` from the event loop (so a
+blocked loop gets the unit restarted). A service that fails is restarted with exponential backoff
+if its error allows (``PeerdError.restart``, or any unexpected exception), up to
+``daemon.max_restarts`` times in ten minutes; a non-restartable error, or too many restarts, stops
+the daemon with a non-zero exit code that systemd's ``Restart=on-failure`` acts on.
+
+On SIGTERM or SIGINT: ``STOPPING=1``, then each service's optional ``drain()`` in reverse start
+order, then cancellation in reverse order, all within ``daemon.stop_timeout_s`` (below systemd's
+default 10 s stop timeout). A clean stop records a marker so the next start skips the full store
+scan; the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from peerd import __version__
+from peerd.config import Settings
+from peerd.errors import ConfigError, PeerdError
+from peerd.http.server import HttpService, RouteInstaller
+from peerd.metrics import Metrics
+from peerd.runtime import Runtime, open_runtime
+from peerd.systemd import notify, watchdog_interval
+
+log = logging.getLogger("peerd.daemon")
+
+CLEAN_KEY = "clean_shutdown"
+RESTART_WINDOW_S = 600.0
+
+
+@runtime_checkable
+class Service(Protocol):
+    """A long-running part of the daemon."""
+
+    name: str
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Run until cancelled; call ``ready()`` once serving."""
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    """A service that can finish in-flight work before it is cancelled."""
+
+    async def drain(self) -> None:
+        """Stop taking new work and finish what is in flight."""
+
+
+@dataclass
+class _Slot:
+    service: Service
+    task: asyncio.Task[None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs services, restarts them on failure, stops them in order."""
+
+    def __init__(
+        self,
+        services: list[Service],
+        *,
+        metrics: Metrics | None = None,
+        stop_timeout_s: float = 8.0,
+        backoff_max_s: float = 30.0,
+        max_restarts: int = 5,
+        ready_timeout_s: float = 60.0,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self._slots = [_Slot(s) for s in services]
+        self._metrics = metrics
+        self._stop_timeout = stop_timeout_s
+        self._backoff_max = backoff_max_s
+        self._max_restarts = max_restarts
+        self._ready_timeout = ready_timeout_s
+        self._on_ready = on_ready
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+        self._failure: asyncio.Queue[tuple[_Slot, BaseException | None]] = asyncio.Queue()
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Ask the supervisor to stop all services (idempotent; the first code wins)."""
+        if not self._stop.is_set():
+            self._exit_code = exit_code
+            self._stop.set()
+
+    def _start(self, slot: _Slot) -> None:
+        slot.ready.clear()
+        task = asyncio.create_task(slot.service.run(slot.ready.set), name=slot.service.name)
+        slot.task = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled():
+                return
+            self._failure.put_nowait((slot, t.exception()))
+
+        task.add_done_callback(done)
+
+    async def run(self) -> int:
+        """Start everything, supervise until stopped, return the exit code."""
+        try:
+            for slot in self._slots:
+                if self._stop.is_set():
+                    break
+                self._start(slot)
+                await self._wait_ready(slot)
+            if not self._stop.is_set():
+                log.info(
+                    "all services ready", extra={"services": [s.service.name for s in self._slots]}
+                )
+                if self._on_ready is not None:
+                    self._on_ready()
+            watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+            failures = asyncio.create_task(self._handle_failures(), name="supervisor")
+            await self._stop.wait()
+            watchdog.cancel()
+            failures.cancel()
+        finally:
+            await self._shutdown()
+        return self._exit_code
+
+    async def _wait_ready(self, slot: _Slot) -> None:
+        assert slot.task is not None
+        ready = asyncio.create_task(slot.ready.wait())
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, stop, slot.task},
+                timeout=self._ready_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+            stop.cancel()
+        if not done:
+            log.error("service did not become ready", extra={"service": slot.service.name})
+            self.request_stop(1)
+            return
+        if slot.task in done and not slot.ready.is_set():
+            exc = None if slot.task.cancelled() else slot.task.exception()
+            # Drain the queued failure so it is handled here, once.
+            while not self._failure.empty():
+                self._failure.get_nowait()
+            await self._on_failure(slot, exc, starting=True)
+
+    async def _handle_failures(self) -> None:
+        while True:
+            slot, exc = await self._failure.get()
+            await self._on_failure(slot, exc, starting=False)
+
+    async def _on_failure(self, slot: _Slot, exc: BaseException | None, *, starting: bool) -> None:
+        name = slot.service.name
+        if self._stop.is_set():
+            return
+        if exc is None:
+            log.info("service finished", extra={"service": name})
+            return
+        if isinstance(exc, PeerdError) and not exc.restart:
+            code = getattr(exc, "exit_code", 1)
+            log.error(
+                "service failed; stopping", extra={"service": name, "error": str(exc), "code": code}
+            )
+            self.request_stop(code)
+            return
+        now = time.monotonic()
+        slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(slot.restarts) > self._max_restarts:
+            log.error(
+                "service keeps failing; stopping",
+                extra={"service": name, "error": repr(exc), "restarts": len(slot.restarts) - 1},
+            )
+            self.request_stop(1)
+            return
+        delay = min(self._backoff_max, 0.5 * 2 ** (len(slot.restarts) - 1))
+        log.warning(
+            "service failed; restarting",
+            extra={"service": name, "error": repr(exc), "delay_s": delay},
+            exc_info=exc,
+        )
+        if self._metrics is not None:
+            self._metrics.service_restarts.labels(service=name).inc()
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            return
+        except TimeoutError:
+            pass
+        self._start(slot)
+        if starting:
+            await self._wait_ready(slot)
+
+    async def _watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self._stop_timeout
+        running = [s for s in self._slots if s.task is not None and not s.task.done()]
+        for slot in reversed(running):
+            svc = slot.service
+            if isinstance(svc, Drainable):
+                left = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(svc.drain(), timeout=max(0.1, left * 0.8))
+                except TimeoutError:
+                    log.warning("drain timed out", extra={"service": svc.name})
+                except Exception as exc:
+                    log.warning("drain failed", extra={"service": svc.name, "error": repr(exc)})
+        for slot in reversed(running):
+            assert slot.task is not None
+            slot.task.cancel()
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(slot.task), timeout=left)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+            except Exception as exc:
+                log.warning(
+                    "service raised on stop",
+                    extra={"service": slot.service.name, "error": repr(exc)},
+                )
+
+
+# -- wiring ----------------------------------------------------------------------------------------
+
+
+def route_installers(rt: Runtime) -> list[RouteInstaller]:
+    """Every subsystem's HTTP routes, in order. One line per subsystem."""
+    installers: list[RouteInstaller] = []
+    return installers
+
+
+def build_services(rt: Runtime) -> list[Service]:
+    """Every service of the daemon, in start order. One line per subsystem."""
+    services: list[Service] = []
+    services.append(HttpService(rt, route_installers(rt)))
+    return services
+
+
+async def run_daemon(settings: Settings) -> int:
+    """Run a node until SIGTERM/SIGINT; returns the process exit code."""
+    started = time.monotonic()
+    try:
+        rt = await open_runtime(settings)
+    except PeerdError as exc:
+        log.error("cannot start", extra={"error": exc.message})
+        return getattr(exc, "exit_code", 1)
+    try:
+        if await rt.catalog.get_state(CLEAN_KEY) != "1":
+            notify("STATUS=recovering store after an unclean stop")
+            report = await rt.store.recover()
+            log.info("store recovered after unclean stop", extra=vars(report))
+        await rt.catalog.set_state(CLEAN_KEY, "0")
+        rt.metrics.store_bytes.set_function(lambda: rt.store.used_bytes)
+        rt.metrics.store_blobs.set_function(lambda: rt.store.count)
+        rt.metrics.up.set(1)
+        services = build_services(rt)
+        sup = Supervisor(
+            services,
+            metrics=rt.metrics,
+            stop_timeout_s=settings.daemon.stop_timeout_s,
+            backoff_max_s=settings.daemon.restart_backoff_max_s,
+            max_restarts=settings.daemon.max_restarts,
+            on_ready=lambda: _ready(rt, started),
+        )
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signame: str) -> None:
+            if rt.draining:
+                log.info("already stopping", extra={"signal": signame})
+                return
+            log.info("stop requested", extra={"signal": signame})
+            rt.draining = True
+            notify("STOPPING=1")
+            sup.request_stop(0)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            code = await sup.run()
+        finally:
+            # Stay deaf to repeated stop signals while the last rows are written and the
+            # loop closes: a second SIGTERM must not turn a clean stop into a kill.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+        if code == 0:
+            await rt.catalog.set_state(CLEAN_KEY, "1")
+        log.info("stopped", extra={"exit_code": code})
+        return code
+    except ConfigError as exc:
+        log.error("configuration error", extra={"error": exc.message})
+        return exc.exit_code
+    finally:
+        await rt.close()
+
+
+def _ready(rt: Runtime, started: float) -> None:
+    rt.extras["ready"] = True
+    elapsed = time.monotonic() - started
+    log.info(
+        "peerd ready",
+        extra={
+            "version": __version__,
+            "peer_id": rt.identity.peer_id,
+            "startup_s": round(elapsed, 3),
+            "blobs": rt.store.count,
+        },
+    )
+    notify(f"READY=1\nSTATUS=serving {rt.store.count} blobs")

@@ -1,0 +1,22 @@
+"""Delivery: getting a blob the node lacks.
+
+Order: local store -> LAN peers (mDNS, HTTP between nodes, node-signed) -> libp2p providers
+(DHT, ``/peerd/blob/1.0.0``) -> R2 -> on-demand transcode. Each upstream is a :class:`Source`;
+the :class:`Resolver` walks them in order and
+
+- makes one upstream fetch for concurrent misses of one blob (single flight);
+- checks every byte against the blob's id before the blob is stored or served (the bytes stream
+  into a temp file through :meth:`BlobStore.put_stream`, which hashes them; a mismatch leaves
+  nothing behind and the offer is reported bad, so its peer drops in the source's order);
+- gives each source a timeout, and moves to the next source on a miss, an error or a timeout;
+- caches misses briefly, so a storm of requests for an unknown blob costs one search.
+
+A source yields *offers* (one per peer that may have the blob, best first); the resolver takes
+them one at a time until one delivers. Sources share one conformance suite
+(``peerd.testing.source_suite``).
+"""
+
+from peerd.delivery.resolver import Resolver
+from peerd.delivery.source import Offer, Source
+
+__all__ = ["Offer", "Resolver", "Source"]

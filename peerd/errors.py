@@ -1,0 +1,136 @@
+"""One error root for peerd.
+
+Every error peerd raises on purpose derives from :class:`PeerdError`. Each class carries two hints
+that the edges act on, so that no caller has to map exceptions by hand:
+
+``status``
+    the HTTP status the error middleware answers with (``peerd.http.server``);
+``restart``
+    what the supervisor (``peerd.daemon``) does when the error escapes a service: restart the
+    service with backoff (``True``) or stop the daemon with a non-zero exit code (``False``).
+
+::
+
+    PeerdError (500, restart)
+    ├── ConfigError (500, stop; exit code 2)
+    ├── BadRequest (400)
+    │   └── MediaError (422)          input media that cannot be packaged
+    ├── Unauthorized (401)
+    ├── Forbidden (403)
+    ├── NotFound (404)
+    ├── Conflict (409)
+    ├── TooManyRequests (429)
+    ├── StoreFull (507)               disk quota or a full disk
+    ├── IntegrityError (502)          bytes did not hash to their id
+    ├── UpstreamError (502)           a peer or R2 failed
+    └── Unavailable (503)             shutting down, draining, not ready
+
+Messages are written for the operator reading the log or the client reading the body: they name the
+thing and the reason, and never contain secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class PeerdError(Exception):
+    """Root of every deliberate peerd error."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+    restart: ClassVar[bool] = True
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def to_json(self) -> dict[str, Any]:
+        """The body the HTTP layer returns: machine code plus a human message."""
+        return {"error": self.code, "message": self.message}
+
+
+class ConfigError(PeerdError):
+    """Invalid or missing configuration; the daemon cannot start (exit code 2)."""
+
+    code = "config"
+    restart = False
+    exit_code: ClassVar[int] = 2
+
+
+class BadRequest(PeerdError):
+    """The request or input is malformed."""
+
+    status = 400
+    code = "bad_request"
+
+
+class MediaError(BadRequest):
+    """Input media that cannot be packaged (corrupt, unsupported, no video...)."""
+
+    status = 422
+    code = "bad_media"
+
+
+class Unauthorized(PeerdError):
+    """No credentials or unusable credentials."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(PeerdError):
+    """Credentials present but not valid for this request (tampered, expired, wrong scope)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(PeerdError):
+    """The thing asked for is not known or not held."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(PeerdError):
+    """The request conflicts with current state."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooManyRequests(PeerdError):
+    """A concurrency or rate cap was reached."""
+
+    status = 429
+    code = "too_many_requests"
+
+
+class StoreFull(PeerdError):
+    """The blob store's quota is reached or the disk is full."""
+
+    status = 507
+    code = "store_full"
+
+
+class IntegrityError(PeerdError):
+    """Bytes did not hash to the content id they were fetched for."""
+
+    status = 502
+    code = "integrity"
+
+
+class UpstreamError(PeerdError):
+    """A peer, R2 or another upstream failed to deliver."""
+
+    status = 502
+    code = "upstream"
+
+
+class Unavailable(PeerdError):
+    """Not ready, draining or shutting down."""
+
+    status = 503
+    code = "unavailable"

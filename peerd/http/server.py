@@ -1,0 +1,123 @@
+"""The aiohttp application, its error middleware, and the service that runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+from aiohttp import web
+
+from peerd.errors import PeerdError
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.http")
+
+RouteInstaller = Callable[[web.Application, Runtime], None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+RUNTIME_KEY = web.AppKey("runtime", Runtime)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn :class:`PeerdError` into a JSON response with its status; hide everything else."""
+    try:
+        return await handler(request)
+    except PeerdError as exc:
+        if exc.status >= 500:
+            log.warning(
+                "request failed",
+                extra={"path": request.path, "status": exc.status, "error": exc.message},
+            )
+        return web.json_response(exc.to_json(), status=exc.status)
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+        return web.json_response(
+            {"error": "internal", "message": "internal server error"}, status=500
+        )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: every service started and the node is not draining."""
+    rt = request.app[RUNTIME_KEY]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not rt.extras.get("ready"):
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    rt = request.app[RUNTIME_KEY]
+    body = await asyncio.to_thread(rt.metrics.render)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
+    """The application with the base routes and every subsystem's routes."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    app[RUNTIME_KEY] = rt
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    for install in installers:
+        install(app, rt)
+    return app
+
+
+class HttpService:
+    """Runs the application on ``http.host:http.port``; drains in-flight requests on stop."""
+
+    name = "http"
+
+    def __init__(self, rt: Runtime, installers: list[RouteInstaller]) -> None:
+        self.rt = rt
+        self.installers = installers
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Bind, announce the bound address, serve until cancelled."""
+        cfg = self.rt.settings.http
+        app = build_app(self.rt, self.installers)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+        await self.runner.setup()
+        try:
+            site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_address=True)
+            await site.start()
+            server = cast("asyncio.Server | None", site._server)
+            if server is None or not server.sockets:
+                raise RuntimeError("aiohttp site started without a listening socket")
+            self.port = int(server.sockets[0].getsockname()[1])
+            addr_file: Path = self.rt.settings.state_dir / "http.addr"
+            await asyncio.to_thread(_write_text, addr_file, f"{cfg.host}:{self.port}\n")
+            log.info("http listening", extra={"host": cfg.host, "port": self.port})
+            ready()
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self.runner.cleanup())
+
+    async def drain(self) -> None:
+        """Stop accepting connections and let in-flight requests finish."""
+        if self.runner is not None:
+            for site in list(self.runner.sites):
+                await site.stop()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,399 @@
+"""BlobStore: atomic content-addressed writes, recovery, verification (see the package doc)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peerd.catalog import Catalog
+from peerd.core.ids import Cid, Hasher, cid_of, digest_of, is_cid, shard_of
+from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull
+
+log = logging.getLogger("peerd.store")
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery found and did."""
+
+    temp_removed: int = 0
+    orphans_removed: int = 0
+    marked_absent: int = 0
+    files_seen: int = 0
+
+
+@dataclass
+class VerifyReport:
+    """Problems found by :meth:`BlobStore.verify`; empty lists mean consistent."""
+
+    blobs_checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    size_mismatch: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    dangling_segments: list[str] = field(default_factory=list)
+    bad_manifests: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return not (
+            self.missing
+            or self.orphans
+            or self.temp_files
+            or self.size_mismatch
+            or self.corrupt
+            or self.dangling_segments
+            or self.bad_manifests
+        )
+
+    def problems(self) -> dict[str, list[str]]:
+        """Non-empty problem lists by name."""
+        names = (
+            "missing",
+            "orphans",
+            "temp_files",
+            "size_mismatch",
+            "corrupt",
+            "dangling_segments",
+            "bad_manifests",
+        )
+        return {n: getattr(self, n) for n in names if getattr(self, n)}
+
+
+class BlobStore:
+    """Content-addressed blob files plus their catalog rows."""
+
+    def __init__(
+        self,
+        root: Path,
+        catalog: Catalog,
+        *,
+        quota_bytes: int = 0,
+        min_free_bytes: int = 0,
+        on_write: Callable[[str, int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.catalog = catalog
+        self.quota_bytes = quota_bytes
+        self.min_free_bytes = min_free_bytes
+        self.used_bytes = 0
+        self.count = 0
+        self._on_write = on_write
+        self._clock = clock
+
+    async def open(self) -> None:
+        """Create the directory and load the usage counters from the catalog."""
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        self.count, self.used_bytes = await self.catalog.present_stats()
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def path_for(self, cid: Cid) -> Path:
+        """Where the blob's file lives (whether or not it exists)."""
+        return self.root / shard_of(cid) / cid
+
+    async def has(self, cid: Cid) -> bool:
+        """True if the catalog says the blob is held locally."""
+        row = await self.catalog.get_blob(cid)
+        return row is not None and row.local_state == "present"
+
+    async def open_path(self, cid: Cid) -> Path:
+        """The file of a blob held locally; :class:`NotFound` if not held.
+
+        A row whose file vanished (disk trouble, manual deletion) is marked absent here, so the
+        delivery path fetches it again instead of failing forever.
+        """
+        if not await self.has(cid):
+            raise NotFound(f"blob {cid} is not held")
+        path = self.path_for(cid)
+        if not await asyncio.to_thread(path.is_file):
+            log.warning("blob file missing; marking absent", extra={"cid": cid})
+            await self.catalog.mark_absent([cid])
+            await self._forget(cid)
+            raise NotFound(f"blob {cid} is not held")
+        return path
+
+    async def read(self, cid: Cid) -> bytes:
+        """The bytes of a held blob."""
+        path = await self.open_path(cid)
+        return await asyncio.to_thread(path.read_bytes)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _check_room(self, size: int) -> None:
+        if self.quota_bytes and self.used_bytes + size > self.quota_bytes:
+            raise StoreFull(
+                f"store quota reached: {self.used_bytes + size} > {self.quota_bytes} bytes",
+                used=self.used_bytes,
+                quota=self.quota_bytes,
+            )
+        if self.min_free_bytes:
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                return
+            if free - size < self.min_free_bytes:
+                raise StoreFull(
+                    f"disk nearly full: {free} bytes free, keeping {self.min_free_bytes} in reserve"
+                )
+
+    async def put(self, data: bytes, *, kind: str = "segment", expected: Cid | None = None) -> Cid:
+        """Store ``data`` and return its cid. Idempotent; verifies ``expected`` if given."""
+        cid = await asyncio.to_thread(cid_of, data) if len(data) > 65536 else cid_of(data)
+        if expected is not None and cid != expected:
+            raise IntegrityError(f"bytes hash to {cid}, expected {expected}", expected=expected)
+        if await self._already_held(cid):
+            return cid
+        self._check_room(len(data))
+        await asyncio.to_thread(self._write_file, cid, [data])
+        await self._commit(cid, len(data), kind)
+        return cid
+
+    async def put_stream(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Cid,
+        kind: str = "segment",
+        max_size: int | None = None,
+    ) -> Cid:
+        """Store streamed bytes that must hash to ``expected``; nothing is kept on mismatch."""
+        if await self._already_held(expected):
+            async for _ in chunks:  # drain so the producer is not left hanging
+                break
+            return expected
+        shard = self.root / shard_of(expected)
+        await asyncio.to_thread(shard.mkdir, exist_ok=True)
+        tmp = shard / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        hasher = Hasher()
+        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                if max_size is not None and hasher.size > max_size:
+                    raise IntegrityError(f"blob {expected} is larger than {max_size} bytes")
+                self._check_room(hasher.size)
+                await asyncio.to_thread(_write_all, fd, chunk)
+            if hasher.cid() != expected:
+                raise IntegrityError(
+                    f"bytes hash to {hasher.cid()}, expected {expected}", expected=expected
+                )
+            await asyncio.to_thread(os.fsync, fd)
+        except BaseException as exc:
+            await asyncio.shield(asyncio.to_thread(_close_unlink, fd, tmp))
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"disk full while writing blob {expected}") from exc
+            raise
+        await asyncio.to_thread(os.close, fd)
+        final = self.path_for(expected)
+        await asyncio.to_thread(_rename_durably, tmp, final)
+        await self._commit(expected, hasher.size, kind)
+        return expected
+
+    async def _already_held(self, cid: Cid) -> bool:
+        row = await self.catalog.get_blob(cid)
+        if row is None or row.local_state != "present":
+            return False
+        return await asyncio.to_thread(self.path_for(cid).is_file)
+
+    def _write_file(self, cid: Cid, parts: list[bytes]) -> None:
+        shard = self.root / shard_of(cid)
+        shard.mkdir(exist_ok=True)
+        tmp = shard / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for part in parts:
+                _write_all(fd, part)
+            os.fsync(fd)
+        except OSError as exc:
+            _close_unlink(fd, tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(f"disk full while writing blob {cid}") from exc
+            raise
+        except BaseException:
+            _close_unlink(fd, tmp)
+            raise
+        os.close(fd)
+        _rename_durably(tmp, self.path_for(cid))
+
+    async def _commit(self, cid: Cid, size: int, kind: str) -> None:
+        before = await self.catalog.get_blob(cid)
+        await self.catalog.add_blob(cid, size, kind, self._clock())
+        if before is None or before.local_state != "present":
+            self.used_bytes += size
+            self.count += 1
+        if self._on_write is not None:
+            self._on_write(kind, size)
+
+    async def _forget(self, cid: Cid) -> None:
+        self.count, self.used_bytes = await self.catalog.present_stats()
+
+    async def delete(self, cid: Cid) -> bool:
+        """Remove a blob: the row first, then the file. True if it was held."""
+        row = await self.catalog.get_blob(cid)
+        existed = await self.catalog.delete_blob_row(cid)
+        path = self.path_for(cid)
+        try:
+            await asyncio.to_thread(path.unlink)
+        except FileNotFoundError:
+            pass
+        if row is not None and row.local_state == "present":
+            self.used_bytes -= row.size
+            self.count -= 1
+        return existed
+
+    async def evict_local(self, cid: Cid) -> None:
+        """Drop the local copy but keep the row as ``absent`` (the blob lives elsewhere, e.g. R2).
+
+        The row is updated first, so a crash leaves at worst an orphan file, never a row
+        claiming a file that is gone.
+        """
+        row = await self.catalog.get_blob(cid)
+        if row is None or row.local_state != "present":
+            return
+        await self.catalog.mark_absent([cid])
+        try:
+            await asyncio.to_thread(self.path_for(cid).unlink)
+        except FileNotFoundError:
+            pass
+        self.used_bytes -= row.size
+        self.count -= 1
+
+    # -- recovery and verification ----------------------------------------------------------------
+
+    def _scan(self) -> tuple[list[Path], dict[str, Path]]:
+        temps: list[Path] = []
+        files: dict[str, Path] = {}
+        if not self.root.is_dir():
+            return temps, files
+        for shard in os.scandir(self.root):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(shard.path):
+                if entry.name.startswith(TMP_PREFIX):
+                    temps.append(Path(entry.path))
+                else:
+                    files[entry.name] = Path(entry.path)
+        return temps, files
+
+    async def recover(self) -> RecoveryReport:
+        """Full reconciliation after an unclean stop (see the package docstring)."""
+        report = RecoveryReport()
+        temps, files = await asyncio.to_thread(self._scan)
+        report.files_seen = len(files)
+        for tmp in temps:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+        report.temp_removed = len(temps)
+        names = list(files)
+        rows = await self.catalog.get_blobs([n for n in names if is_cid(n)])
+        orphans = [n for n in names if n not in rows or rows[Cid(n)].local_state != "present"]
+        for name in orphans:
+            await asyncio.to_thread(files[name].unlink, missing_ok=True)
+        report.orphans_removed = len(orphans)
+        missing: list[str] = []
+        async for batch in self.catalog.iter_present():
+            missing.extend(cid for cid, _ in batch if cid not in files)
+        if missing:
+            await self.catalog.mark_absent(missing)
+        report.marked_absent = len(missing)
+        self.count, self.used_bytes = await self.catalog.present_stats()
+        return report
+
+    async def verify(
+        self, *, deep: bool = True, progress: Callable[[int], None] | None = None
+    ) -> VerifyReport:
+        """Check catalog against files; ``deep`` re-hashes every blob. Changes nothing."""
+        report = VerifyReport()
+        temps, files = await asyncio.to_thread(self._scan)
+        report.temp_files = [str(t) for t in temps]
+        seen: set[str] = set()
+        async for batch in self.catalog.iter_present():
+            for cid, size in batch:
+                seen.add(cid)
+                report.blobs_checked += 1
+                path = files.get(cid)
+                if path is None:
+                    report.missing.append(cid)
+                    continue
+                problem = await asyncio.to_thread(_check_file, path, cid, size, deep)
+                if problem == "size":
+                    report.size_mismatch.append(cid)
+                elif problem == "hash":
+                    report.corrupt.append(cid)
+            if progress is not None:
+                progress(len(batch))
+        report.orphans = sorted(n for n in files if n not in seen)
+        sql = (
+            "SELECT s.media_id, s.rendition_id, s.seq, s.cid FROM segments s "
+            "LEFT JOIN blobs b ON b.cid = s.cid WHERE s.cid IS NOT NULL AND b.cid IS NULL"
+        )
+        async with self.catalog.conn.execute(sql) as cur:
+            for m, r, seq, cid in await cur.fetchall():
+                report.dangling_segments.append(f"{m}/{r}/{seq} -> {cid}")
+        async with self.catalog.conn.execute("SELECT media_id, manifest FROM media") as cur:
+            for media_id, manifest in await cur.fetchall():
+                data = manifest.encode() if isinstance(manifest, str) else bytes(manifest)
+                if cid_of(data) != media_id:
+                    report.bad_manifests.append(str(media_id))
+        return report
+
+
+def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return "size"
+    if actual != size:
+        return "size"
+    if not deep:
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return None if h.digest() == digest_of(cid) else "hash"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _close_unlink(fd: int, tmp: Path) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    tmp.unlink(missing_ok=True)
+
+
+def _rename_durably(tmp: Path, final: Path) -> None:
+    tmp.replace(final)
+    _fsync_dir(final.parent)
+
+
+__all__ = ["BlobStore", "PeerdError", "RecoveryReport", "VerifyReport"]

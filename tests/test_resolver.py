@@ -1,0 +1,92 @@
+"""The resolver with in-memory sources; MemorySource also runs the shared conformance suite."""
+
+import asyncio
+import os
+
+import pytest
+
+from peerd.core.ids import Cid, cid_of
+from peerd.delivery import Resolver
+from peerd.errors import NotFound
+from peerd.runtime import Runtime
+from peerd.testing.source_suite import SourceConformance, SourceFactory
+from peerd.testing.sources import MemorySource
+
+
+class TestMemorySource(SourceConformance):
+    @pytest.fixture
+    def source_factory(self) -> SourceFactory:
+        async def make(blobs: dict[Cid, bytes], lies: dict[Cid, bytes]) -> MemorySource:
+            return MemorySource(blobs=dict(blobs), lies=dict(lies))
+
+        return make
+
+
+async def test_falls_through_to_next_source_and_reports_liar(runtime: Runtime) -> None:
+    data = os.urandom(10_000)
+    cid = cid_of(data)
+    liar = MemorySource(name="lan", lies={cid: b"x" * 10_000})
+    down = MemorySource(name="p2p", fail=True)
+    good = MemorySource(name="r2", blobs={cid: data})
+    resolver = Resolver(runtime.store, [liar, down, good])
+    path = await resolver.ensure_local(cid)
+    assert path.read_bytes() == data
+    assert liar.reports == [("lan-peer", False, "integrity")]
+    assert good.reports == [("r2-peer", True, "")]
+    # Held now: no source is asked again.
+    await resolver.ensure_local(cid)
+    assert len(good.requests) == 1
+
+
+async def test_timeout_moves_on(runtime: Runtime) -> None:
+    data = b"slow or fast"
+    cid = cid_of(data)
+    slow = MemorySource(name="slow", blobs={cid: data}, stall_s=5, timeout_s=0.05)
+    fast = MemorySource(name="fast", blobs={cid: data})
+    resolver = Resolver(runtime.store, [slow, fast])
+    await resolver.ensure_local(cid)
+    assert resolver.m_fetches.labels(source="slow", outcome="timeout")._value.get() == 1
+
+
+async def test_misses_are_cached_briefly(runtime: Runtime) -> None:
+    now = [100.0]
+    src = MemorySource()
+    resolver = Resolver(runtime.store, [src], miss_ttl_s=5, clock=lambda: now[0])
+    cid = cid_of(b"nowhere")
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            await resolver.ensure_local(cid)
+    assert len(src.requests) == 1
+    now[0] += 6
+    with pytest.raises(NotFound):
+        await resolver.ensure_local(cid)
+    assert len(src.requests) == 2
+
+
+async def test_short_stream_is_refused(runtime: Runtime) -> None:
+    data = os.urandom(1000)
+    cid = cid_of(data)
+    src = MemorySource(blobs={cid: data})
+
+    async def offers(c: Cid):  # type: ignore[no-untyped-def]
+        from peerd.delivery import Offer
+
+        async def short():  # type: ignore[no-untyped-def]
+            yield data[:500]
+
+        yield Offer("memory", "p", short(), size=1000)
+
+    src.offers = offers  # type: ignore[method-assign]
+    with pytest.raises(NotFound):
+        await Resolver(runtime.store, [src]).ensure_local(cid)
+    assert not await runtime.store.has(cid)
+
+
+async def test_waiters_get_the_failure_too(runtime: Runtime) -> None:
+    src = MemorySource(stall_s=0.05)
+    cid = cid_of(b"z")
+    resolver = Resolver(runtime.store, [src])
+    results = await asyncio.gather(
+        *(resolver.ensure_local(cid) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, NotFound) for r in results)
