@@ -23,13 +23,14 @@ This module is pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
+
+from peerd.core.ids import Cid, cid_of
+from peerd.errors import MediaError
 
 MANIFEST_VERSION = 1
 
@@ -45,11 +46,8 @@ _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._+:-]{1,64}$")
 
-# CIDv1 prefix: version 1, multicodec raw (0x55), multihash sha2-256 (0x12), digest length 32.
-_CID_PREFIX = bytes([0x01, 0x55, 0x12, 0x20])
 
-
-class ManifestError(ValueError):
+class ManifestError(MediaError, ValueError):
     """A manifest is malformed or inconsistent; the message names the offending field."""
 
 
@@ -153,10 +151,9 @@ class Manifest:
                     yield c
 
 
-def cid_of_bytes(data: bytes) -> str:
-    """CIDv1 (raw, sha2-256) of `data` as a base32 multibase string (same as peerd.core.ids)."""
-    raw = _CID_PREFIX + hashlib.sha256(data).digest()
-    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+def cid_of_bytes(data: bytes) -> Cid:
+    """CIDv1 (raw, sha2-256) of `data`; the same as `peerd.core.ids.cid_of`."""
+    return cid_of(data)
 
 
 def _recipe_obj(r: Recipe) -> dict[str, Any]:
@@ -208,7 +205,7 @@ def encode(m: Manifest) -> bytes:
     ).encode("ascii")
 
 
-def media_id_of(m: Manifest) -> str:
+def media_id_of(m: Manifest) -> Cid:
     """The media id: content id of the manifest's canonical encoding."""
     return cid_of_bytes(encode(m))
 
