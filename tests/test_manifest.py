@@ -43,7 +43,7 @@ def make_manifest(container: mf.Container = "fmp4") -> Manifest:
         frame_rate=(30000, 1001),
         timescale=90000,
         on_demand=True,
-        recipe=Recipe(source="v720", width=854, height=480, video_bitrate=1_200_000),
+        recipe=Recipe(source="v720", width=854, height=480, crf=23),
         segments=tuple(Segment(s.duration) for s in segs),
     )
     audio = Rendition(
@@ -125,6 +125,7 @@ def test_blob_cids_lists_each_pinned_blob_once() -> None:
         (lambda o: o["renditions"][0].update(extra=1), "unknown field"),
         (lambda o: o["renditions"][1]["segments"][0].__setitem__(1, _cid(5)), "pins no blob"),
         (lambda o: o["renditions"][1]["recipe"].update(source="nope"), "no rendition"),
+        (lambda o: o["renditions"][1]["recipe"].update(crf=None), "crf or video_bitrate"),
         (lambda o: o["renditions"][1]["segments"].pop(), "segment by segment"),
         (lambda o: o["renditions"][1].update(id="v720"), "duplicate"),
         (lambda o: o["renditions"][0].update(init="Qmfoo"), "invalid value"),

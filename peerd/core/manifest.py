@@ -67,13 +67,16 @@ class Recipe:
     """How a rendition is derived from another rendition of the same media, segment by segment.
 
     Every field that changes the produced bytes is here, so any node can produce the same blobs.
-    `width`/`height`/`video_bitrate` are None for an audio-only rendition (audio is copied).
+    `width`/`height`/`crf`/`video_bitrate` are None for an audio-only rendition (audio is copied).
+    Video is encoded at constant quality `crf` (deterministic, unlike x264's bit-rate modes with
+    threads) or, when `crf` is None, at the average bit rate `video_bitrate`.
     """
 
     source: str
     width: int | None = None
     height: int | None = None
     video_bitrate: int | None = None
+    crf: int | None = None
     encoder: str = "libx264"
     preset: str = "veryfast"
     threads: int = 4
@@ -162,6 +165,7 @@ def _recipe_obj(r: Recipe) -> dict[str, Any]:
         "width": r.width,
         "height": r.height,
         "video_bitrate": r.video_bitrate,
+        "crf": r.crf,
         "encoder": r.encoder,
         "preset": r.preset,
         "threads": r.threads,
@@ -260,7 +264,7 @@ def _obj(v: Any, path: str, keys: frozenset[str]) -> Mapping[str, Any]:
 
 
 _RECIPE_KEYS = frozenset(
-    {"source", "width", "height", "video_bitrate", "encoder", "preset", "threads", "audio"}
+    {"source", "width", "height", "video_bitrate", "crf", "encoder", "preset", "threads", "audio"}
 )
 _RENDITION_KEYS = frozenset(
     {
@@ -292,6 +296,7 @@ def _recipe_from(v: Any, path: str) -> Recipe:
         video_bitrate=_int(
             _get(o, "video_bitrate", path), f"{path}.video_bitrate", minimum=1, optional=True
         ),
+        crf=_int(_get(o, "crf", path), f"{path}.crf", minimum=0, optional=True),
         encoder=_str(_get(o, "encoder", path), f"{path}.encoder", _TOKEN_RE),
         preset=_str(_get(o, "preset", path), f"{path}.preset", _TOKEN_RE),
         threads=_req_int(_get(o, "threads", path), f"{path}.threads", minimum=1),
@@ -446,8 +451,10 @@ def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
         is_video = rec.width is not None
         if is_video != (r.kind == "video") or (rec.width, rec.height) != (r.width, r.height):
             raise ManifestError(f"{path}.recipe: size must match the rendition's")
-        if is_video and (rec.height is None or rec.video_bitrate is None):
-            raise ManifestError(f"{path}.recipe: a video recipe needs height and video_bitrate")
+        if is_video and (rec.height is None or (rec.video_bitrate is None and rec.crf is None)):
+            raise ManifestError(
+                f"{path}.recipe: a video recipe needs height and crf or video_bitrate"
+            )
 
 
 def validate(m: Manifest) -> None:

@@ -1,0 +1,915 @@
+"""The packager: one input file -> content-addressed HLS segments and a `Manifest` (blocking).
+
+Everything here is synchronous PyAV work meant to run in a worker thread (`peerd.media.ingest`
+does that); blobs leave through a `Sink` callback that the caller wires to the BlobStore.
+
+Theory of operation
+-------------------
+1. **Top rendition.** If the source video is H.264/HEVC (and `transcode = "auto"`), its packets
+   are remuxed as they are; otherwise it is decoded, scaled in a libavfilter graph and encoded with
+   libx264 at constant quality (CRF; x264's bit-rate modes are not repeatable with threads), with
+   decoder frame threads and encoder frame threads at a *fixed* count, because x264's output
+   depends on it. AAC (and Opus in fMP4) audio is copied, anything else becomes AAC.
+2. **Cutting.** A `_Cutter` starts a segment at the first video keyframe at or after each multiple
+   of `segment_seconds` (transcodes force an IDR exactly there). Audio goes to the segment whose
+   video time span contains it. Timestamps are shifted so the earliest one is zero.
+3. **Muxing.** Each segment gets a fresh libavformat muxer (`mp4` with an empty moov and one
+   fragment, or `mpegts`) with `+bitexact` and no metadata, so there are no clocks or version
+   strings in the bytes. For fMP4 the init segment (ftyp+moov) is split off and the fragment's
+   `mfhd`/`tfdt` are rewritten to the rendition's sequence and decode time (`peerd.media.fmp4`).
+4. **Lower rungs and audio-only.** A ladder rendition is derived from the top rendition one
+   segment at a time (`derive_segment`): decode that segment's blob, scale, encode with a new
+   encoder (so the segment starts with an IDR and depends on nothing else), copy its audio. The
+   same function serves eager rungs at ingest and on-demand rungs later (`produce_segment`), so
+   both give byte-identical blobs on any node with the same PyAV build and options.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+from av.video.frame import PictureType
+
+from peerd.core.ids import Cid
+from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
+from peerd.errors import MediaError, PeerdError
+from peerd.media import codecs, fmp4
+from peerd.media.options import PackagingOptions, Rung
+from peerd.media.probe import SourceInfo, file_identity, open_input, probe
+
+log = logging.getLogger("peerd.media")
+
+TIMESCALE = 90_000
+AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 8000})
+# mp4: an empty moov up front and one fragment per segment (written at close); no mfra trailer.
+MP4_FLAGS = "empty_moov+default_base_moof+frag_custom+skip_trailer"
+SCALE_FLAGS = "bicubic"
+
+Sink = Callable[[bytes, str], Cid]
+"""Stores one blob (bytes, kind "init" | "segment") and returns its content id; may block."""
+
+Progress = Callable[[float], None]
+"""Called with the number of media seconds done so far (across every pass)."""
+
+
+class Cancelled(PeerdError):
+    """The packaging job was cancelled."""
+
+    code = "cancelled"
+
+
+@dataclass
+class _Seg:
+    start: Fraction
+    end: Fraction | None = None
+    video: list[Any] = field(default_factory=list)
+    audio: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SegmentBytes:
+    """One produced media segment (and the rendition's init segment, for fMP4)."""
+
+    seq: int
+    init: bytes | None
+    data: bytes
+
+
+def _t(ts: int | None, tb: Fraction | None) -> Fraction | None:
+    if ts is None or tb is None:
+        return None
+    return Fraction(ts) * tb
+
+
+def _ticks(t: Fraction) -> int:
+    return math.floor(t * TIMESCALE + Fraction(1, 2))
+
+
+def _rescale(t: Fraction, tb: Fraction) -> int:
+    """t (seconds) in units of tb, rounded half up (deterministic)."""
+    return math.floor(t / tb + Fraction(1, 2))
+
+
+# ---- cutting ---------------------------------------------------------------------------------
+
+
+class _Cutter:
+    """Groups video and audio packets into segments that start on video keyframes."""
+
+    def __init__(self, seconds: float, has_audio: bool, emit: Callable[[_Seg, int], None]) -> None:
+        self.step = Fraction(seconds).limit_denominator(1000)
+        self.has_audio = has_audio
+        self.emit = emit
+        self.segs: list[_Seg] = []  # not yet emitted; the last one is open
+        self.pending_audio: list[tuple[Fraction, Any]] = []
+        self.max_audio = Fraction(-(10**9))
+        self.next_cut = Fraction(0)
+        self.emitted = 0
+        self.video_end = Fraction(0)
+        self.dropped = 0
+
+    def _grid_after(self, t: Fraction) -> Fraction:
+        return (math.floor(t / self.step) + 1) * self.step
+
+    def video(self, pkt: Any, pts: Fraction, key: bool, dur: Fraction) -> None:
+        if not self.segs and self.emitted == 0:
+            if not key:
+                self.dropped += 1  # undecodable without the keyframe before it
+                return
+            self.segs.append(_Seg(start=pts))
+            self.next_cut = self._grid_after(pts)
+            self._place_audio()
+        elif key and pts >= self.next_cut:
+            self.segs[-1].end = pts
+            self.segs.append(_Seg(start=pts))
+            self.next_cut = self._grid_after(pts)
+            self._place_audio()
+            self._flush(final=False)
+        self.segs[-1].video.append(pkt)
+        self.video_end = max(self.video_end, pts + dur)
+
+    def audio(self, pkt: Any, pts: Fraction) -> None:
+        self.pending_audio.append((pts, pkt))
+        self.max_audio = max(self.max_audio, pts)
+        self._place_audio()
+        self._flush(final=False)
+
+    def _place_audio(self) -> None:
+        if not self.segs:
+            return
+        keep: list[tuple[Fraction, Any]] = []
+        for t, p in self.pending_audio:
+            target = None
+            for s in self.segs:
+                if s.end is not None and t < s.end:
+                    target = s
+                    break
+            if target is None:
+                last = self.segs[-1]
+                # A cut can only happen at or after next_cut, so earlier audio is the open one's.
+                if t < self.next_cut or last.end is not None:
+                    target = last
+            if target is None:
+                keep.append((t, p))
+            else:
+                target.audio.append(p)
+        self.pending_audio = keep
+
+    def _flush(self, final: bool) -> None:
+        while self.segs:
+            s = self.segs[0]
+            if s.end is None and not final:
+                return
+            if not final and self.has_audio and s.end is not None and self.max_audio < s.end:
+                # Wait for the audio of this span, unless video is far ahead (no audio left).
+                if self.segs[-1].start - s.end < 10 * self.step:
+                    return
+            self.segs.pop(0)
+            self.emit(s, self.emitted)
+            self.emitted += 1
+
+    def finish(self) -> None:
+        if self.segs:
+            self.segs[-1].end = max(self.video_end, self.segs[-1].start + Fraction(1, TIMESCALE))
+            for t, p in self.pending_audio:
+                (self.segs[-1] if t >= self.segs[-1].start else self.segs[0]).audio.append(p)
+            self.pending_audio = []
+        self._flush(final=True)
+
+
+# ---- muxing ----------------------------------------------------------------------------------
+
+
+class SegmentMuxer:
+    """Muxes segments one at a time for fixed template streams (deterministic bytes)."""
+
+    def __init__(
+        self,
+        container: str,
+        video: Any | None,
+        audio: Any | None,
+        hevc: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        self.container = container
+        self.video = video
+        self.audio = audio
+        self.hevc = hevc
+        self.size = size  # display size when the encoder's coded size is padded
+        self.init: bytes | None = None
+
+    def mux(
+        self, seq: int, video: Sequence[Any], audio: Sequence[Any], shift: Fraction
+    ) -> SegmentBytes:
+        """Mux one segment's packets; timestamps are moved back by `shift` seconds."""
+        buf = io.BytesIO()
+        fmt = "mp4" if self.container == "fmp4" else "mpegts"
+        opts = {"fflags": "+bitexact"}
+        if fmt == "mp4":
+            opts["movflags"] = MP4_FLAGS
+        out = av.open(buf, "w", format=fmt, container_options=opts)
+        try:
+            streams: list[tuple[Any, Sequence[Any]]] = []
+            if self.video is not None:
+                vo = out.add_stream_from_template(self.video)
+                if self.hevc and fmt == "mp4":
+                    vo.codec_context.codec_tag = "hvc1"  # Apple players want hvc1, not hev1
+                if self.size is not None:
+                    vo.width, vo.height = self.size
+                streams.append((vo, video))
+            if self.audio is not None:
+                streams.append((out.add_stream_from_template(self.audio), audio))
+            firsts: list[Fraction | None] = []
+            merged: list[tuple[Fraction, int, int, Any, Any]] = []
+            for si, (ost, pkts) in enumerate(streams):
+                first: Fraction | None = None
+                for i, p in enumerate(pkts):
+                    tb = p.time_base
+                    d = _rescale(shift, tb)
+                    if p.pts is not None:
+                        p.pts -= d
+                    if p.dts is not None:
+                        p.dts -= d
+                    t = _t(p.dts if p.dts is not None else p.pts, tb) or Fraction(0)
+                    if first is None:
+                        first = t
+                    merged.append((t, si, i, p, ost))
+                firsts.append(first)
+            merged.sort(key=lambda x: (x[0], x[1], x[2]))
+            for _, _, _, p, ost in merged:
+                p.stream = ost
+                out.mux(p)
+            if not merged:
+                out.start_encoding()
+            tbs = [ost.time_base for ost, _ in streams]
+        finally:
+            out.close()
+        data = buf.getvalue()
+        if fmt == "mpegts":
+            return SegmentBytes(seq, None, data)
+        init, media = fmp4.split_init(data)
+        ids = fmp4.track_ids(init)
+        offsets = {}
+        for tid, first, tb in zip(ids, firsts, tbs, strict=True):
+            if first is not None and tb is not None:
+                offsets[tid] = max(0, _rescale(first, Fraction(tb)))
+        media = fmp4.patch_fragments(media, seq + 1, offsets)
+        if self.init is None:
+            self.init = init
+        elif init != self.init:
+            raise MediaError("internal: fMP4 init segment changed between segments")
+        return SegmentBytes(seq, init, media)
+
+
+# ---- encoding helpers ------------------------------------------------------------------------
+
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2)) * 2)
+
+
+def _scaled_size(width: int, height: int, target_h: int) -> tuple[int, int]:
+    if target_h >= height:
+        return _even(width), _even(height)
+    return _even(width * target_h / height), _even(target_h)
+
+
+def _x264_options(preset: str, crf: int) -> dict[str, str]:
+    return {
+        "preset": preset,
+        "crf": str(crf),
+        "forced-idr": "1",
+        # Segment starts are forced IDRs; x264's own keyframes only at scene cuts.
+        "g": "600",
+        "keyint_min": "25",
+        # Macroblock-tree rate control made x264's output vary from run to run (with frame
+        # threads, and single-threaded when other threads were busy); without it every
+        # repeated ingest here was byte-identical. Costs a few percent of bit rate.
+        "x264-params": "mbtree=0",
+    }
+
+
+def _new_holder(container: str) -> av.container.OutputContainer:
+    # A muxer that is never written to, only used to own encoder streams: the mp4 one makes x264
+    # put SPS/PPS in extradata (global header, needed in the fMP4 init), mpegts keeps them inline.
+    return av.open(io.BytesIO(), "w", format="mp4" if container == "fmp4" else "mpegts")
+
+
+def _add_x264(
+    holder: av.container.OutputContainer,
+    width: int,
+    height: int,
+    rate: Fraction | None,
+    time_base: Fraction,
+    crf: int,
+    preset: str,
+    threads: int,
+) -> Any:
+    opts = _x264_options(preset, crf)
+    coded_w, coded_h = _coded_size(width, height)
+    if (coded_w, coded_h) != (width, height):
+        # Frames arrive padded to whole macroblocks (see _Scaler); the SPS crops the padding off.
+        crop = f"crop-rect=0,0,{coded_w - width},{coded_h - height}"
+        opts["x264-params"] = f"{opts['x264-params']}:{crop}"
+    vs = holder.add_stream("libx264", rate=rate or Fraction(30), options=opts)
+    vs.width = coded_w
+    vs.height = coded_h
+    vs.pix_fmt = "yuv420p"
+    vs.time_base = time_base
+    vs.codec_context.time_base = time_base
+    # x264's output depends on its thread count: fixed, never "number of cores".
+    vs.codec_context.thread_type = "FRAME"
+    vs.codec_context.thread_count = threads
+    return vs
+
+
+def x264_codec_string(width: int, height: int, rate: Fraction | None, crf: int, preset: str) -> str:
+    """The CODECS string libx264 produces for these settings (reads its SPS, encodes nothing)."""
+    holder = av.open(io.BytesIO(), "w", format="mp4")
+    try:
+        vs = _add_x264(holder, width, height, rate, Fraction(1, TIMESCALE), crf, preset, 1)
+        vs.codec_context.open()
+        return codecs.avc_codec(vs.codec_context.extradata)
+    finally:
+        holder.close()
+
+
+def _coded_size(width: int, height: int) -> tuple[int, int]:
+    """Width and height rounded up to whole 16x16 macroblocks."""
+    return (width + 15) // 16 * 16, (height + 15) // 16 * 16
+
+
+class _Scaler:
+    """libavfilter graph: scale to the output size, convert to yuv420p, pad to whole macroblocks.
+
+    Why the padding: libx264 given frames whose size is not a multiple of 16 produced different
+    bytes from run to run for identical pictures (seen at 240x180, single-threaded); padded frames
+    plus an SPS cropping rectangle are repeatable, and decoders show exactly width x height.
+    """
+
+    def __init__(self, template: Any, width: int, height: int) -> None:
+        self.graph = av.filter.Graph()
+        src = self.graph.add_buffer(template=template)
+        chain = [
+            self.graph.add("scale", f"{width}:{height}:flags={SCALE_FLAGS}"),
+            self.graph.add("format", "yuv420p"),
+        ]
+        coded_w, coded_h = _coded_size(width, height)
+        if (coded_w, coded_h) != (width, height):
+            chain.append(self.graph.add("pad", f"{coded_w}:{coded_h}:0:0:black"))
+        chain.append(self.graph.add("buffersink"))
+        prev = src
+        for node in chain:
+            prev.link_to(node)
+            prev = node
+        self.graph.configure()
+
+    def __call__(self, frame: av.VideoFrame | None) -> list[av.VideoFrame]:
+        self.graph.push(frame)
+        out: list[av.VideoFrame] = []
+        while True:
+            try:
+                f = self.graph.pull()
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return out
+            assert isinstance(f, av.VideoFrame)
+            out.append(f)
+
+
+# ---- the passes ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    src: SourceInfo
+    opts: PackagingOptions
+    sink: Sink
+    progress: Progress | None
+    cancel: threading.Event | None
+    top_done: float = 0.0
+    extra_done: float = 0.0
+    passes: int = 1
+    blobs: list[tuple[Cid, str]] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"{self.src.path}: ingest cancelled")
+
+    def still_there(self) -> None:
+        ident = file_identity(self.src.path)
+        if ident != (self.src.inode, self.src.size, self.src.mtime_ns):
+            raise MediaError(
+                f"{self.src.path}: file was replaced or modified during ingest",
+                path=str(self.src.path),
+            )
+
+    def put(self, data: bytes, kind: str) -> Cid:
+        cid = self.sink(data, kind)
+        self.blobs.append((cid, kind))
+        return cid
+
+
+@dataclass
+class _Out:
+    """A rendition being produced: its segments' (duration ticks, cid, size)."""
+
+    rid: str
+    kind: RenditionKind
+    muxer: SegmentMuxer | None = None
+    init_cid: Cid | None = None
+    segs: list[tuple[int, Cid, int]] = field(default_factory=list)
+    codecs: str = ""
+    width: int | None = None
+    height: int | None = None
+    recipe: Recipe | None = None
+    mux_init: bytes | None = None
+
+
+def _wrap_av(path: Path, exc: Exception, where: str) -> MediaError:
+    return MediaError(f"{path}: corrupt or truncated media {where}: {exc}", path=str(path))
+
+
+def package(
+    path: Path,
+    opts: PackagingOptions,
+    sink: Sink,
+    *,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[Manifest, SourceInfo, list[tuple[Cid, str]]]:
+    """Package `path` into blobs (through `sink`) and return (manifest, source info, blobs put).
+
+    Raises MediaError naming the file and the reason for bad input, `Cancelled` when `cancel` is
+    set, and whatever `sink` raises (e.g. StoreFull).
+    """
+    src = probe(path)
+    job = _Job(src, opts, sink, progress, cancel)
+    started = time.monotonic()
+    manifest = _package(job)
+    log.info(
+        "packaged",
+        extra={
+            "path": str(path),
+            "seconds": round(time.monotonic() - started, 3),
+            "duration": round(src.duration, 3),
+            "renditions": [r.id for r in manifest.renditions],
+        },
+    )
+    return manifest, src, job.blobs
+
+
+def _package(job: _Job) -> Manifest:
+    src, opts = job.src, job.opts
+    v = src.video
+    remux = opts.transcode == "auto" and src.can_remux(opts.container)
+    if remux and opts.max_height is not None and v.height > opts.max_height:
+        remux = False
+    if remux:
+        top_w, top_h = v.width, v.height
+    else:
+        top_w, top_h = _scaled_size(v.width, v.height, opts.max_height or v.height)
+    rate = v.frame_rate
+    top = _Out(rid=f"v{top_h}", kind="video", width=top_w, height=top_h)
+    rungs = _rungs_below(opts, top_h)
+    eager = [r for r in rungs if not r.on_demand]
+    derived: list[tuple[_Out, Recipe]] = []
+    for r in rungs:
+        w, h = _scaled_size(top_w, top_h, r.height)
+        rec = Recipe(
+            source=top.rid,
+            width=w,
+            height=h,
+            crf=r.crf if r.crf is not None else opts.crf,
+            preset=opts.preset,
+            threads=opts.encoder_threads,
+            audio=src.audio is not None,
+        )
+        o = _Out(rid=r.rendition_id, kind="video", width=w, height=h, recipe=rec)
+        assert rec.crf is not None
+        o.codecs = x264_codec_string(w, h, rate, rec.crf, opts.preset)
+        if src.audio is not None:
+            o.codecs += "," + _audio_codecs(src, opts)
+        derived.append((o, rec))
+    audio_out: _Out | None = None
+    if opts.audio_only and src.audio is not None:
+        rec = Recipe(source=top.rid, audio=True)
+        audio_out = _Out(rid="audio", kind="audio", recipe=rec, codecs=_audio_codecs(src, opts))
+    job.passes = 1 + len(eager)
+    producers = [(o, rec) for o, rec in derived if any(o.rid == r.rendition_id for r in eager)]
+    if audio_out is not None and audio_out.recipe is not None:
+        producers.append((audio_out, audio_out.recipe))
+
+    def on_top_segment(seg: SegmentBytes, duration: int) -> None:
+        job.check()
+        job.still_there()
+        if seg.init is not None and top.init_cid is None:
+            top.init_cid = job.put(seg.init, "init")
+        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
+        for o, rec in producers:
+            job.check()
+            d = derive_segment(opts.container, top.mux_init, seg.data, rec, seg.seq)
+            if d.init is not None and o.init_cid is None:
+                o.init_cid = job.put(d.init, "init")
+            o.segs.append((duration, job.put(d.data, "segment"), len(d.data)))
+            if o.kind == "video":
+                job.extra_done += duration / TIMESCALE
+                _report(job)
+
+    start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
+    renditions = [_finish(top, opts, src, start, rate)]
+    for o, rec in derived:
+        if o.segs:
+            renditions.append(_finish(o, opts, src, start, rate))
+        else:
+            renditions.append(_on_demand(o, rec, top, opts, start, rate))
+    if audio_out is not None:
+        renditions.append(_finish(audio_out, opts, src, start, None))
+    return Manifest(container=opts.container, renditions=tuple(renditions))
+
+
+def _audio_codecs(src: SourceInfo, opts: PackagingOptions) -> str:
+    a = src.audio
+    assert a is not None
+    if src.can_copy_audio(opts.container):
+        return codecs.audio_codec(a.codec, a.profile)
+    return codecs.aac_codec("LC")
+
+
+def _rungs_below(opts: PackagingOptions, top_h: int) -> list[Rung]:
+    """Ladder rungs strictly smaller than the top rendition (never upscaled)."""
+    out: list[Rung] = []
+    seen: set[int] = set()
+    for r in sorted(opts.ladder, key=lambda r: -r.height):
+        if r.height >= top_h or r.height in seen:
+            continue
+        seen.add(r.height)
+        out.append(r)
+    return out
+
+
+def _report(job: _Job) -> None:
+    if job.progress is not None:
+        job.progress(job.top_done + job.extra_done)
+
+
+def _bandwidth(segs: list[tuple[int, Cid, int]]) -> tuple[int, int]:
+    peak = max(math.ceil(size * 8 * TIMESCALE / max(d, 1)) for d, _, size in segs)
+    total_d = sum(d for d, _, _ in segs)
+    avg = math.ceil(sum(s for _, _, s in segs) * 8 * TIMESCALE / max(total_d, 1))
+    return max(peak, 1), max(min(avg, peak), 1)
+
+
+def _frame_rate(rate: Fraction | None) -> tuple[int, int] | None:
+    if not rate:
+        return None
+    r = Fraction(rate).limit_denominator(1001)
+    return (r.numerator, r.denominator)
+
+
+def _finish(
+    o: _Out, opts: PackagingOptions, src: SourceInfo, start: int, rate: Fraction | None
+) -> Rendition:
+    peak, avg = _bandwidth(o.segs)
+    return Rendition(
+        id=o.rid,
+        kind=o.kind,
+        codecs=o.codecs,
+        bandwidth=peak,
+        average_bandwidth=avg,
+        width=o.width if o.kind == "video" else None,
+        height=o.height if o.kind == "video" else None,
+        frame_rate=_frame_rate(rate) if o.kind == "video" else None,
+        timescale=TIMESCALE,
+        start=start,
+        init=o.init_cid,
+        segments=tuple(Segment(d, c) for d, c, _ in o.segs),
+        recipe=o.recipe,
+    )
+
+
+def _on_demand(
+    o: _Out, rec: Recipe, top: _Out, opts: PackagingOptions, start: int, rate: Fraction | None
+) -> Rendition:
+    # Not produced yet, so its bit rate is an estimate: the top rendition's scaled by the pixel
+    # ratio to the power 0.75 (bits grow sub-linearly with pixels at equal CRF), never above
+    # the top's. Producing a segment logs a warning if the estimate was too low.
+    assert o.width is not None
+    assert o.height is not None
+    assert top.width is not None
+    assert top.height is not None
+    peak, avg = _bandwidth(top.segs)
+    ratio = min(1.0, ((o.width * o.height) / (top.width * top.height)) ** 0.75 * 1.25)
+    return Rendition(
+        id=o.rid,
+        kind="video",
+        codecs=o.codecs,
+        bandwidth=max(1, math.ceil(peak * ratio)),
+        average_bandwidth=max(1, math.ceil(avg * ratio)),
+        width=o.width,
+        height=o.height,
+        frame_rate=_frame_rate(rate),
+        timescale=TIMESCALE,
+        start=start,
+        segments=tuple(Segment(d) for d, _, _ in top.segs),
+        on_demand=True,
+        recipe=rec,
+    )
+
+
+def _top_pass(
+    job: _Job,
+    top: _Out,
+    remux: bool,
+    width: int,
+    height: int,
+    on_segment: Callable[[SegmentBytes, int], None],
+) -> int:
+    """Produce the top rendition; returns the start time (ticks) of its first segment."""
+    src, opts = job.src, job.opts
+    path = src.path
+    inp = open_input(path)
+    holder: av.container.OutputContainer | None = None
+    try:
+        vin: Any = inp.streams[src.video.index]
+        ain: Any = inp.streams[src.audio.index] if src.audio is not None else None
+        tb: Fraction = vin.time_base or Fraction(1, TIMESCALE)
+        copy_audio = ain is not None and src.can_copy_audio(opts.container)
+        vtemplate: Any = vin
+        atemplate: Any = ain if copy_audio else None
+        encoder = None
+        scaler = None
+        aencoder = None
+        resampler = None
+        atb = Fraction(1, 48000)
+        if not remux:
+            holder = _new_holder(opts.container)
+            vin.thread_type = "AUTO"  # decoder frame+slice threads; does not change output
+            vin.thread_count = 0
+            encoder = _add_x264(
+                holder,
+                width,
+                height,
+                src.video.frame_rate,
+                tb,
+                opts.crf,
+                opts.preset,
+                opts.encoder_threads,
+            )
+            scaler = _Scaler(vin, width, height)
+            vtemplate = encoder
+        if ain is not None and not copy_audio:
+            holder = holder or _new_holder(opts.container)
+            sr = (
+                src.audio.sample_rate if src.audio and src.audio.sample_rate in AAC_RATES else 48000
+            )
+            layout = "mono" if src.audio and src.audio.channels == 1 else "stereo"
+            aencoder = holder.add_stream("aac", rate=sr)
+            aencoder.layout = layout
+            aencoder.bit_rate = opts.audio_bitrate
+            atb = Fraction(1, sr)
+            aencoder.time_base = atb
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=sr, frame_size=1024)
+            atemplate = aencoder
+        if holder is not None:
+            holder.start_encoding()
+        muxer = SegmentMuxer(
+            opts.container,
+            vtemplate,
+            atemplate,
+            hevc=remux and src.video.codec == "hevc",
+            size=None if remux else (width, height),
+        )
+        state: dict[str, Any] = {"origin": None, "start": 0, "bounds": []}
+
+        def emit(seg: _Seg, seq: int) -> None:
+            if state["origin"] is None:
+                cands = [seg.start]
+                cands += [
+                    _t(p.dts, p.time_base) or seg.start for p in seg.video[:1] + seg.audio[:1]
+                ]
+                first_origin = min(cands)
+                state["origin"] = first_origin
+                state["start"] = _ticks(seg.start - first_origin)
+            origin: Fraction = state["origin"]
+            assert seg.end is not None
+            duration = _ticks(seg.end - origin) - _ticks(seg.start - origin)
+            out = muxer.mux(seq, seg.video, seg.audio, origin)
+            top.mux_init = muxer.init
+            on_segment(out, max(duration, 1))
+
+        cutter = _Cutter(opts.segment_seconds, atemplate is not None, emit)
+        vdur_default = Fraction(1) / (src.video.frame_rate or 30)
+        last_pts: list[int | None] = [None]
+        audio_next: list[int | None] = [None]
+
+        def feed_video_packet(p: Any) -> None:
+            pts = _t(p.pts, p.time_base)
+            if pts is None:
+                pts = _t(p.dts, p.time_base)
+            if pts is None:
+                return
+            dur = _t(p.duration, p.time_base) or vdur_default
+            cutter.video(p, pts, bool(p.is_keyframe), dur)
+            job.top_done = max(job.top_done, float(pts))
+            _report(job)
+
+        def encode_frame(frame: av.VideoFrame | None) -> None:
+            assert encoder is not None
+            for p in encoder.encode(frame):
+                feed_video_packet(p)
+
+        def feed_audio_frame(frame: av.AudioFrame | None) -> None:
+            assert aencoder is not None
+            assert resampler is not None
+            if frame is not None and audio_next[0] is None:
+                t0 = _t(frame.pts, frame.time_base) or Fraction(0)
+                audio_next[0] = _rescale(t0, atb)
+            for rf in resampler.resample(frame):
+                rf.pts = audio_next[0]
+                rf.time_base = atb
+                audio_next[0] = (audio_next[0] or 0) + rf.samples
+                for p in aencoder.encode(rf):
+                    cutter.audio(p, _t(p.pts, p.time_base) or Fraction(0))
+            if frame is None:
+                for p in aencoder.encode(None):
+                    cutter.audio(p, _t(p.pts, p.time_base) or Fraction(0))
+
+        streams = [vin] + ([ain] if ain is not None else [])
+        next_i = [Fraction(0)]
+        step = Fraction(opts.segment_seconds).limit_denominator(1000)
+        try:
+            for pkt in inp.demux(*streams):
+                job.check()
+                if pkt.stream is ain:
+                    if copy_audio:
+                        if pkt.dts is None:
+                            continue
+                        cutter.audio(pkt, _t(pkt.pts, pkt.time_base) or Fraction(0))
+                    else:
+                        for af in pkt.decode():
+                            assert isinstance(af, av.AudioFrame)
+                            feed_audio_frame(af)
+                    continue
+                if remux:
+                    if pkt.dts is None and pkt.pts is None:
+                        continue
+                    feed_video_packet(pkt)
+                    continue
+                assert scaler is not None
+                for frame in pkt.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    for f in scaler(frame):
+                        _prepare_frame(f, last_pts, next_i, step, tb)
+                        if f.pts is None:
+                            continue
+                        encode_frame(f)
+            if not remux:
+                assert scaler is not None
+                for f in scaler(None):
+                    _prepare_frame(f, last_pts, next_i, step, tb)
+                    if f.pts is not None:
+                        encode_frame(f)
+                encode_frame(None)
+            if aencoder is not None:
+                feed_audio_frame(None)
+        except av.error.FFmpegError as exc:
+            raise _wrap_av(path, exc, "while reading") from None
+        if cutter.emitted == 0 and not cutter.segs:
+            raise MediaError(f"{path}: no decodable video (no keyframe found)", path=str(path))
+        end = float(cutter.video_end)
+        if src.duration > 2 * opts.segment_seconds and end < 0.9 * src.duration - 1:
+            raise MediaError(
+                f"{path}: truncated: video ends at {end:.1f} s of {src.duration:.1f} s",
+                path=str(path),
+            )
+        cutter.finish()
+        job.still_there()
+        vcodec = (
+            codecs.video_codec(src.video.codec, vin.codec_context.extradata)
+            if remux
+            else codecs.avc_codec(encoder.codec_context.extradata if encoder else None)
+        )
+        if muxer.init is not None and remux:
+            box = b"hvcC" if src.video.codec == "hevc" else b"avcC"
+            cfg = fmp4.codec_config(muxer.init, box)
+            if cfg:
+                vcodec = codecs.video_codec(src.video.codec, cfg)
+        top.codecs = vcodec
+        if src.audio is not None:
+            top.codecs += "," + _audio_codecs(src, opts)
+        return int(state["start"])
+    finally:
+        inp.close()
+        if holder is not None:
+            holder.close()
+
+
+def _prepare_frame(
+    f: av.VideoFrame,
+    last_pts: list[int | None],
+    next_i: list[Fraction],
+    step: Fraction,
+    tb: Fraction,
+) -> None:
+    """Fix missing/non-increasing pts and force an IDR on the first frame of each segment slot."""
+    if f.pts is None:
+        f.pts = (last_pts[0] + 1) if last_pts[0] is not None else 0
+    if last_pts[0] is not None and f.pts <= last_pts[0]:
+        f.pts = None  # duplicate timestamp: the caller drops the frame
+        return
+    last_pts[0] = f.pts
+    t = Fraction(f.pts) * tb
+    if t >= next_i[0]:
+        f.pict_type = PictureType.I
+        next_i[0] = (math.floor(t / step) + 1) * step
+    else:
+        f.pict_type = PictureType.NONE
+
+
+# ---- derived renditions ----------------------------------------------------------------------
+
+
+def derive_segment(
+    container: str, init: bytes | None, segment: bytes, recipe: Recipe, seq: int
+) -> SegmentBytes:
+    """Produce segment `seq` of a derived rendition from the same segment of its source rendition.
+
+    Deterministic: the same (init, segment, recipe) give the same bytes, whether called during
+    ingest or on demand later.
+    """
+    data = (init or b"") + segment
+    inp = av.open(io.BytesIO(data), "r", format="mp4" if container == "fmp4" else "mpegts")
+    holder = None
+    try:
+        vin = inp.streams.video[0] if inp.streams.video else None
+        ain = inp.streams.audio[0] if inp.streams.audio and recipe.audio else None
+        video_pkts: list[Any] = []
+        audio_pkts: list[Any] = []
+        vtemplate: Any = None
+        if recipe.width is not None and vin is not None:
+            assert recipe.height is not None
+            assert recipe.crf is not None, "bit-rate recipes are not produced by this node"
+            holder = _new_holder(container)
+            # Decoder left at PyAV's default threading: with frame threads here, x264's output
+            # was seen to vary from run to run (checked at 240x180); a segment is short anyway.
+            enc = _add_x264(
+                holder,
+                recipe.width,
+                recipe.height,
+                vin.average_rate,
+                vin.time_base or Fraction(1, TIMESCALE),
+                recipe.crf,
+                recipe.preset,
+                recipe.threads,
+            )
+            holder.start_encoding()
+            scaler = _Scaler(vin, recipe.width, recipe.height)
+            vtemplate = enc
+            last: int | None = None
+
+            def encode(frame: av.VideoFrame | None) -> None:
+                nonlocal last
+                if frame is not None:
+                    if frame.pts is None or (last is not None and frame.pts <= last):
+                        return
+                    last = frame.pts
+                    frame.pict_type = PictureType.NONE
+                video_pkts.extend(enc.encode(frame))
+
+            streams = [vin] + ([ain] if ain is not None else [])
+            for pkt in inp.demux(*streams):
+                if pkt.stream is ain:
+                    if pkt.dts is not None:
+                        audio_pkts.append(pkt)
+                    continue
+                for frame in pkt.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    for f in scaler(frame):
+                        encode(f)
+            for f in scaler(None):
+                encode(f)
+            encode(None)
+        elif ain is not None:
+            audio_pkts = [p for p in inp.demux(ain) if p.dts is not None]
+        else:
+            raise MediaError("derived rendition has neither video nor audio to produce")
+        size = (recipe.width, recipe.height) if recipe.width and recipe.height else None
+        muxer = SegmentMuxer(container, vtemplate, ain, size=size)
+        return muxer.mux(seq, video_pkts, audio_pkts, Fraction(0))
+    except av.error.FFmpegError as exc:
+        raise MediaError(f"cannot derive segment {seq} ({recipe.source}): {exc}") from None
+    finally:
+        inp.close()
+        if holder is not None:
+            holder.close()
