@@ -117,6 +117,7 @@ class _Cutter:
         self.next_cut = Fraction(0)
         self.emitted = 0
         self.video_end = Fraction(0)
+        self.first_start = Fraction(0)
         self.dropped = 0
 
     def _grid_after(self, t: Fraction) -> Fraction:
@@ -128,6 +129,7 @@ class _Cutter:
                 self.dropped += 1  # undecodable without the keyframe before it
                 return
             self.segs.append(_Seg(start=pts))
+            self.first_start = pts
             self.next_cut = self._grid_after(pts)
             self._place_audio()
         elif key and pts >= self.next_cut:
@@ -693,6 +695,9 @@ def _top_pass(
         state: dict[str, Any] = {"origin": None, "start": 0, "bounds": []}
 
         def emit(seg: _Seg, seq: int) -> None:
+            _fill_dts(seg.video)
+            if seq == 0 and seg.video:
+                state["first_video"] = bytes(seg.video[0])
             if state["origin"] is None:
                 cands = [seg.start]
                 cands += [
@@ -787,19 +792,18 @@ def _top_pass(
             raise _wrap_av(path, exc, "while reading") from None
         if cutter.emitted == 0 and not cutter.segs:
             raise MediaError(f"{path}: no decodable video (no keyframe found)", path=str(path))
-        end = float(cutter.video_end)
-        if src.duration > 2 * opts.segment_seconds and end < 0.9 * src.duration - 1:
+        end = float(cutter.video_end - cutter.first_start)
+        if src.duration > 0 and end < 0.9 * src.duration - 0.5:
             raise MediaError(
                 f"{path}: truncated: video ends at {end:.1f} s of {src.duration:.1f} s",
                 path=str(path),
             )
         cutter.finish()
         job.still_there()
-        vcodec = (
-            codecs.video_codec(src.video.codec, vin.codec_context.extradata)
-            if remux
-            else codecs.avc_codec(encoder.codec_context.extradata if encoder else None)
-        )
+        extradata = vin.codec_context.extradata if remux else encoder.codec_context.extradata
+        if not extradata:
+            extradata = state.get("first_video")  # Annex B SPS in the first keyframe (TS)
+        vcodec = codecs.video_codec(src.video.codec if remux else "h264", extradata)
         if muxer.init is not None and remux:
             box = b"hvcC" if src.video.codec == "hevc" else b"avcC"
             cfg = fmp4.codec_config(muxer.init, box)
@@ -813,6 +817,21 @@ def _top_pass(
         inp.close()
         if holder is not None:
             holder.close()
+
+
+def _fill_dts(packets: list[Any]) -> None:
+    """Give every packet a decode timestamp when the demuxer left some unset (Matroska).
+
+    The i-th decode time is the i-th smallest presentation time moved back by the reorder
+    delay, which keeps decode times increasing and never after their presentation times.
+    """
+    if all(p.dts is not None for p in packets) or any(p.pts is None for p in packets):
+        return
+    pts = [int(p.pts) for p in packets]
+    ordered = sorted(pts)
+    delay = max(0, max(o - q for o, q in zip(ordered, pts, strict=True)))
+    for p, o in zip(packets, ordered, strict=True):
+        p.dts = o - delay
 
 
 def _prepare_frame(

@@ -112,9 +112,10 @@ def probe(path: Path) -> SourceInfo:
         if not c.streams.video:
             raise MediaError(f"{path}: no video stream", path=str(path))
         if not vstreams:
-            s = c.streams.video[0]
             raise MediaError(
-                f"{path}: unsupported video codec {s.codec_tag or '(unknown)'}", path=str(path)
+                f"{path}: unsupported video codec (no decoder for stream "
+                f"#{c.streams.video[0].index})",
+                path=str(path),
             )
         vs = vstreams[0]
         cc = vs.codec_context

@@ -1,0 +1,184 @@
+"""Tiny, deterministic test media made locally with the ffmpeg CLI's lavfi sources (no downloads).
+
+`make_media(path, ...)` writes a short synthetic clip (testsrc2 picture, sine tone) with the codec,
+size, frame rate and container asked for, with bit-exact flags so the same call gives the same
+bytes. `make_bad(path, kind)` writes the broken inputs the packager must refuse cleanly. Used by
+the tests, `make demo` and other engineers who need sample media.
+
+    from peerd.testing.media import make_media
+    clip = make_media(tmp_path / "clip.mp4", seconds=3, size=(160, 120))
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+BadKind = Literal["empty", "text", "truncated", "audio_only", "unknown_codec"]
+
+_VCODEC_ARGS: dict[str, list[str]] = {
+    "h264": ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-threads", "1"],
+    "hevc": [
+        "-c:v",
+        "libx265",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-x265-params",
+        "log-level=error:pools=1:frame-threads=1",
+        "-tag:v",
+        "hvc1",
+    ],
+    "mpeg4": ["-c:v", "mpeg4", "-q:v", "5"],
+    "mjpeg": ["-c:v", "mjpeg", "-q:v", "5", "-pix_fmt", "yuvj420p"],
+    "vp9": ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "300k"],
+}
+_ACODEC_ARGS: dict[str, list[str]] = {
+    "aac": ["-c:a", "aac", "-b:a", "64k"],
+    "opus": ["-c:a", "libopus", "-b:a", "48k"],
+    "mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
+    "pcm": ["-c:a", "pcm_s16le"],
+}
+
+
+def ffmpeg_path() -> str:
+    """The ffmpeg executable; RuntimeError naming the package if it is not installed."""
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise RuntimeError("ffmpeg is not installed (Debian package: ffmpeg)")
+    return exe
+
+
+def make_media(
+    path: Path,
+    *,
+    seconds: float = 3.0,
+    size: tuple[int, int] = (160, 120),
+    rate: int = 30,
+    vcodec: str = "h264",
+    acodec: str | None = "aac",
+    gop: int | None = None,
+    vfr: bool = False,
+    sample_rate: int = 48000,
+) -> Path:
+    """Write a synthetic clip to `path` (container from the suffix) and return the path.
+
+    `gop` is the keyframe interval in frames (default: one per second). `vfr` drops every third
+    and fourth frame of each five, so frame durations vary (variable frame rate).
+    """
+    w, h = size
+    args = [
+        ffmpeg_path(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={w}x{h}:rate={rate}:duration={seconds}",
+    ]
+    if acodec is not None:
+        args += [
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:beep_factor=4:sample_rate={sample_rate}:duration={seconds}",
+        ]
+    args += ["-map", "0:v"] + (["-map", "1:a"] if acodec is not None else [])
+    if vfr:
+        args += ["-vf", r"select='lt(mod(n\,5)\,3)'", "-fps_mode", "vfr"]
+    args += _VCODEC_ARGS[vcodec]
+    g = gop if gop is not None else rate
+    if vcodec in ("h264", "hevc", "mpeg4", "vp9"):
+        args += ["-g", str(g)]
+    if vcodec == "h264":
+        args += ["-keyint_min", str(g), "-sc_threshold", "0"]
+    if acodec is not None:
+        args += _ACODEC_ARGS[acodec] + ["-ac", "2"]
+    args += ["-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact"]
+    if acodec is not None:
+        args += ["-flags:a", "+bitexact"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*args, str(path)], check=True)  # noqa: S603 - fixed argument list
+    return path
+
+
+def make_bad(path: Path, kind: BadKind) -> Path:
+    """Write an input the packager must refuse with a clear error; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not a video\n" * 50)
+    elif kind == "truncated":
+        # moov at the end (ffmpeg's default for mp4): cutting the tail loses the index.
+        full = make_media(path.with_name(path.stem + ".full.mp4"), seconds=3)
+        data = full.read_bytes()
+        full.unlink()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "audio_only":
+        args = [
+            ffmpeg_path(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=48000:duration=2",
+            "-c:a",
+            "aac",
+            "-fflags",
+            "+bitexact",
+            str(path),
+        ]
+        subprocess.run(args, check=True)  # noqa: S603 - fixed argument list
+    elif kind == "unknown_codec":
+        # A Matroska file whose CodecID names no codec libavcodec knows.
+        mkv = make_media(path.with_name(path.stem + ".ok.mkv"), seconds=2, acodec=None)
+        data = mkv.read_bytes()
+        mkv.unlink()
+        if b"V_MPEG4/ISO/AVC" not in data:
+            raise RuntimeError("unexpected Matroska layout from ffmpeg")
+        path.write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_PEERD/NO/SUCH", 1))
+    else:
+        raise ValueError(f"unknown bad-media kind {kind!r}")
+    return path
+
+
+def make_truncated_faststart(path: Path) -> Path:
+    """An mp4 with its index up front whose media data is cut short (first 40% kept)."""
+    full = make_media(path.with_name(path.stem + ".full.mp4"), seconds=6)
+    tmp = path.with_name(path.stem + ".fs.mp4")
+    subprocess.run(  # noqa: S603 - fixed argument list
+        [
+            ffmpeg_path(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-y",
+            "-i",
+            str(full),
+            "-c",
+            "copy",
+            "-movflags",
+            "+faststart",
+            "-fflags",
+            "+bitexact",
+            str(tmp),
+        ],
+        check=True,
+    )
+    data = tmp.read_bytes()
+    full.unlink()
+    tmp.unlink()
+    path.write_bytes(data[: int(len(data) * 0.4)])
+    return path
