@@ -800,7 +800,8 @@ def _top_pass(
             )
         cutter.finish()
         job.still_there()
-        extradata = vin.codec_context.extradata if remux else encoder.codec_context.extradata
+        coder: Any = vin if remux else encoder
+        extradata = coder.codec_context.extradata
         if not extradata:
             extradata = state.get("first_video")  # Annex B SPS in the first keyframe (TS)
         vcodec = codecs.video_codec(src.video.codec if remux else "h264", extradata)
