@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from peerd.errors import ConfigError
+from peerd.media.options import PackagingOptions, Rung
 
 DEFAULT_STATE_DIR = Path("~/.local/share/peerd")
 
@@ -76,8 +77,47 @@ class HttpSettings(Section):
     port: int = Field(default=8737, ge=0, le=65535)
 
 
+class LadderRung(Section):
+    """One lower rendition of the ABR ladder (never above the source's size)."""
+
+    height: int = Field(ge=64, le=4320)
+    crf: int | None = Field(default=None, ge=0, le=51)
+    on_demand: bool = False
+
+
 class MediaSettings(Section):
-    """Packaging. Owned by issue 3."""
+    """Packaging. Owned by issue 3. Every key here changes the bytes produced (and media ids)."""
+
+    container: Literal["fmp4", "ts"] = "fmp4"
+    segment_seconds: float = Field(default=4.0, ge=1.0, le=30.0)
+    transcode: Literal["auto", "always"] = "auto"
+    max_height: int | None = Field(default=None, ge=64, le=4320)
+    crf: int = Field(default=23, ge=0, le=51)
+    audio_bitrate: int = Field(default=128_000, ge=32_000, le=512_000)
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"
+    ] = "veryfast"
+    encoder_threads: int = Field(default=4, ge=1, le=32)
+    ladder: list[LadderRung] = Field(default_factory=list)
+    audio_only: bool = False
+    watch_dirs: list[Path] = Field(default_factory=list)
+    watch_settle_s: float = Field(default=5.0, ge=0.0)
+    watch_interval_s: float = Field(default=2.0, gt=0.0)
+
+    def packaging_options(self) -> PackagingOptions:
+        """These settings as `peerd.media.options.PackagingOptions`."""
+        return PackagingOptions(
+            container=self.container,
+            segment_seconds=self.segment_seconds,
+            transcode=self.transcode,
+            max_height=self.max_height,
+            crf=self.crf,
+            audio_bitrate=self.audio_bitrate,
+            preset=self.x264_preset,
+            encoder_threads=self.encoder_threads,
+            ladder=tuple(Rung(r.height, r.on_demand, r.crf) for r in self.ladder),
+            audio_only=self.audio_only,
+        )
 
 
 class R2Settings(Section):

@@ -1,0 +1,527 @@
+"""Ingest: package files into the blob store and the catalog, and produce on-demand segments.
+
+`Ingestor` is the async API the CLI (`peerd ingest`), the daemon's HTTP API and the delivery
+resolver call. Theory of operation:
+
+* **Worker.** `peerd.media.package.package` is blocking PyAV work; it runs in a thread
+  (`asyncio.to_thread`). A thread and not a process: libav releases the GIL while it decodes,
+  encodes and muxes, x264 and the decoders run their own threads, and the sink hands each
+  finished blob back to the event loop (`run_coroutine_threadsafe`) without pickling megabytes
+  across a process boundary. One packaging job runs at a time per Ingestor (the machine's cores
+  are already used by the encoder threads).
+* **Atomicity.** Blobs are stored as they are produced (each one durably, by the BlobStore); the
+  catalog rows of the media (media, renditions, segments) are written in ONE transaction after
+  every blob is stored. If anything fails - bad input, a file removed mid-ingest, a full disk,
+  cancellation - the blobs this job added that no catalog row references are deleted again, so
+  the catalog never shows partial media and the store keeps no orphans.
+* **Idempotence.** Packaging is deterministic, so ingesting the same file twice (or on another
+  node) gives the same blobs and the same media id; the second time no blob is new and the media
+  row already exists. Unless `force` is set, a file whose path and size:mtime signature are
+  already in the catalog is not even re-packaged.
+* **On demand.** `produce_segment(media_id, rendition_id, seq)` makes one segment of a ladder
+  rendition listed as on demand, from the same segment of its source rendition, stores it and
+  records its id in the catalog. Concurrent requests for the same segment share one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from peerd.catalog import Catalog
+from peerd.core import manifest as mf
+from peerd.core.ids import Cid, cid_of
+from peerd.errors import MediaError, NotFound, PeerdError
+from peerd.media.options import PackagingOptions
+from peerd.store import BlobStore
+
+log = logging.getLogger("peerd.media")
+
+MEDIA_SUFFIXES = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mpg", ".mpeg", ".flv"}
+)
+
+ProgressFn = Callable[[float, float], None]
+"""progress(done_seconds, total_seconds) in media seconds, called from the worker thread."""
+
+CommitHook = Callable[[aiosqlite.Connection, mf.Manifest, Cid], Awaitable[None]]
+"""Called inside the transaction that adds a new media item (e.g. to queue replication)."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The outcome of ingesting one file."""
+
+    path: Path
+    ok: bool
+    media_id: Cid | None = None
+    error: str | None = None
+    error_code: str | None = None
+    new_blobs: int = 0
+    reused_blobs: int = 0
+    bytes_added: int = 0
+    duration_s: float = 0.0
+    wall_s: float = 0.0
+    skipped: bool = False
+    renditions: tuple[str, ...] = ()
+
+    @property
+    def speed(self) -> float:
+        """Media seconds packaged per wall-clock second (x real time)."""
+        return self.duration_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class _Added:
+    cids: list[Cid] = field(default_factory=list)
+    bytes: int = 0
+    reused: int = 0
+
+
+def media_files(paths: Iterable[Path]) -> list[Path]:
+    """Files named by `paths`: files as given, folders walked for media suffixes, sorted."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MEDIA_SUFFIXES
+            )
+        else:
+            out.append(p)
+    return out
+
+
+class Ingestor:
+    """Packages files into the store and catalog; produces on-demand rendition segments.
+
+    Construct with the node's `Catalog`, `BlobStore` and `PackagingOptions`
+    (`settings.media.packaging_options()`). All methods are coroutines and never block the
+    event loop.
+
+    * `await ingest(path, progress=None, force=False, title=None) -> IngestResult` - one file;
+      raises `MediaError` (bad input, naming file and reason), `StoreFull`, or `Cancelled`.
+    * `await ingest_many(paths, ...) -> list[IngestResult]` - files and folders; a failure is
+      recorded in its result and the batch continues.
+    * `await produce_segment(media_id, rendition_id, seq) -> Cid` - make (or find) one segment of
+      an on-demand rendition.
+    * `await produce_init(media_id, rendition_id) -> Cid` - the init segment of such a rendition.
+    * `await watch(dirs, ...)` - ingest new or changed files under `dirs` once they stop growing;
+      runs until cancelled.
+    """
+
+    def __init__(self, catalog: Catalog, store: BlobStore, options: PackagingOptions) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.options = options
+        self._job_lock = asyncio.Lock()
+        # Held while blobs are committed to rows or deleted as orphans, so a cleanup never
+        # deletes a blob another job is about to reference.
+        self._commit_lock = asyncio.Lock()
+        self._inflight: dict[tuple[str, str, int], asyncio.Future[Cid]] = {}
+        self.commit_hooks: list[CommitHook] = []
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    async def ingest_many(
+        self,
+        paths: Iterable[Path],
+        *,
+        force: bool = False,
+        progress_for: Callable[[Path], ProgressFn | None] | None = None,
+        on_result: Callable[[IngestResult], None] | None = None,
+    ) -> list[IngestResult]:
+        """Ingest files and folders one after another; errors do not stop the batch."""
+        files = await asyncio.to_thread(media_files, list(paths))
+        results = []
+        for f in files:
+            res = await self.ingest_result(
+                f, force=force, progress=progress_for(f) if progress_for else None
+            )
+            if on_result is not None:
+                on_result(res)
+            results.append(res)
+        return results
+
+    async def ingest_result(
+        self, path: Path, *, force: bool = False, progress: ProgressFn | None = None
+    ) -> IngestResult:
+        """Like `ingest`, but a PeerdError becomes a failed IngestResult instead of raising."""
+        started = time.monotonic()
+        try:
+            return await self.ingest(path, force=force, progress=progress)
+        except PeerdError as exc:
+            log.info("ingest failed", extra={"path": str(path), "error": exc.message})
+            return IngestResult(
+                path=path,
+                ok=False,
+                error=exc.message,
+                error_code=exc.code,
+                wall_s=time.monotonic() - started,
+            )
+
+    async def ingest(
+        self,
+        path: Path,
+        *,
+        force: bool = False,
+        progress: ProgressFn | None = None,
+        title: str | None = None,
+    ) -> IngestResult:
+        """Package one file, store its blobs and add it to the catalog; see the module doc."""
+        path = await asyncio.to_thread(Path(path).absolute)
+        async with self._job_lock:
+            started = time.monotonic()
+            if not force:
+                known = await self._known(path)
+                if known is not None:
+                    return IngestResult(path=path, ok=True, media_id=known, skipped=True)
+            added = _Added()
+            cancel = threading.Event()
+            loop = asyncio.get_running_loop()
+            duration = [0.0]
+            passes = [1]
+
+            def sink(data: bytes, kind: str) -> Cid:
+                cid = cid_of(data)
+                fut = asyncio.run_coroutine_threadsafe(self._put(data, kind, cid, added), loop)
+                return fut.result()
+
+            def on_progress(done: float) -> None:
+                if progress is not None:
+                    progress(done, duration[0] * passes[0])
+
+            def work() -> tuple[mf.Manifest, Any, list[tuple[Cid, str]]]:
+                from peerd.media import package as pkg
+                from peerd.media.probe import probe
+
+                info = probe(path)
+                duration[0] = info.duration
+                passes[0] = 1 + sum(
+                    1
+                    for r in self.options.ladder
+                    if not r.on_demand and r.height < info.video.height
+                )
+                if progress is not None:
+                    progress(0.0, duration[0] * passes[0])
+                return pkg.package(path, self.options, sink, progress=on_progress, cancel=cancel)
+
+            task = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                try:
+                    manifest, info, _blobs = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    cancel.set()
+                    # Wait for the worker to stop putting blobs before cleaning up after it.
+                    await asyncio.gather(task, return_exceptions=True)
+                    raise
+                media_id = mf.media_id_of(manifest)
+                await self._commit(manifest, media_id, path, info, title)
+            except BaseException:
+                await asyncio.shield(self._cleanup(added.cids))
+                raise
+            if progress is not None:
+                progress(duration[0] * passes[0], duration[0] * passes[0])
+            wall = time.monotonic() - started
+            res = IngestResult(
+                path=path,
+                ok=True,
+                media_id=media_id,
+                new_blobs=len(added.cids),
+                reused_blobs=added.reused,
+                bytes_added=added.bytes,
+                duration_s=info.duration,
+                wall_s=wall,
+                renditions=tuple(r.id for r in manifest.renditions),
+            )
+            log.info(
+                "ingested",
+                extra={
+                    "path": str(path),
+                    "media_id": media_id,
+                    "new_blobs": res.new_blobs,
+                    "reused_blobs": res.reused_blobs,
+                    "speed": round(res.speed, 2),
+                },
+            )
+            return res
+
+    async def _known(self, path: Path) -> Cid | None:
+        try:
+            st = await asyncio.to_thread(path.stat)
+        except OSError:
+            return None
+        sig = f"{st.st_size}:{st.st_mtime_ns}"
+        sql = "SELECT media_id FROM media WHERE source_path=? AND source_sig=?"
+        async with self.catalog.conn.execute(sql, (str(path), sig)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else Cid(str(row[0]))
+
+    async def _put(self, data: bytes, kind: str, cid: Cid, added: _Added) -> Cid:
+        held = await self.store.has(cid)
+        out = await self.store.put(data, kind=kind, expected=cid)
+        if held:
+            added.reused += 1
+        elif out not in added.cids:
+            added.cids.append(out)
+            added.bytes += len(data)
+        return out
+
+    async def _commit(
+        self, m: mf.Manifest, media_id: Cid, path: Path, info: Any, title: str | None
+    ) -> None:
+        data = mf.encode(m)
+        now = time.time()
+        duration = max(r.duration_seconds for r in m.renditions)
+        async with self._commit_lock, self.catalog.transaction() as tx:
+            cur = await tx.execute("SELECT 1 FROM media WHERE media_id=?", (media_id,))
+            exists = await cur.fetchone() is not None
+            if exists:
+                # Same content again: remember where it came from so an unchanged file is
+                # skipped next time; nothing else changes.
+                await tx.execute(
+                    "UPDATE media SET source_path=?, source_sig=? WHERE media_id=?",
+                    (str(path), info.signature, media_id),
+                )
+                return
+            await tx.execute(
+                "INSERT INTO media(media_id, title, source_path, source_sig, manifest, duration_s,"
+                " created_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                (media_id, title or path.stem, str(path), info.signature, data, duration, now),
+            )
+            for pos, r in enumerate(m.renditions):
+                await tx.execute(
+                    "INSERT INTO renditions(media_id, rendition_id, position, kind, container,"
+                    " codecs, bandwidth, width, height, init_cid, produced)"
+                    " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        media_id,
+                        r.id,
+                        pos,
+                        r.kind,
+                        m.container,
+                        r.codecs,
+                        r.bandwidth,
+                        r.width,
+                        r.height,
+                        r.init,
+                        0 if r.on_demand else 1,
+                    ),
+                )
+                await tx.executemany(
+                    "INSERT INTO segments(media_id, rendition_id, seq, duration_s, cid)"
+                    " VALUES(?, ?, ?, ?, ?)",
+                    [
+                        (media_id, r.id, seq, r.segment_seconds(seq), s.cid)
+                        for seq, s in enumerate(r.segments)
+                    ],
+                )
+            for hook in self.commit_hooks:
+                await hook(tx, m, media_id)
+
+    async def _cleanup(self, cids: list[Cid]) -> None:
+        """Delete blobs this job added that no catalog row references."""
+        if not cids:
+            return
+        removed = 0
+        async with self._commit_lock:
+            for cid in reversed(cids):
+                sql = (
+                    "SELECT 1 FROM segments WHERE cid=? UNION ALL "
+                    "SELECT 1 FROM renditions WHERE init_cid=? LIMIT 1"
+                )
+                async with self.catalog.conn.execute(sql, (cid, cid)) as cur:
+                    if await cur.fetchone() is not None:
+                        continue
+                await self.store.delete(cid)
+                removed += 1
+        log.info("removed blobs of a failed ingest", extra={"blobs": removed})
+
+    # -- on demand -----------------------------------------------------------------------------
+
+    async def load_manifest(self, media_id: str) -> mf.Manifest:
+        """The manifest of a media item in the catalog; NotFound if there is none."""
+        async with self.catalog.conn.execute(
+            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"no media {media_id}")
+        raw = row[0]
+        return mf.decode(raw if isinstance(raw, bytes | str) else bytes(raw))
+
+    async def produce_init(self, media_id: str, rendition_id: str) -> Cid:
+        """The init segment of an fMP4 rendition, producing segment 0 first if needed."""
+        m = await self.load_manifest(media_id)
+        r = _rendition(m, rendition_id)
+        if r.init is not None:
+            return Cid(r.init)
+        if m.container != "fmp4":
+            raise NotFound(f"{media_id}/{rendition_id}: MPEG-TS renditions have no init segment")
+        await self.produce_segment(media_id, rendition_id, 0)
+        async with self.catalog.conn.execute(
+            "SELECT init_cid FROM renditions WHERE media_id=? AND rendition_id=?",
+            (media_id, rendition_id),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            raise MediaError(f"{media_id}/{rendition_id}: init segment was not produced")
+        return Cid(str(row[0]))
+
+    async def produce_segment(self, media_id: str, rendition_id: str, seq: int) -> Cid:
+        """Segment `seq` of a rendition: its blob id, transcoding it first if not yet produced.
+
+        For a rendition that is not on demand this just returns the manifest's id. Raises
+        NotFound for an unknown media/rendition/segment or when the source segment is not held
+        locally (fetch it first).
+        """
+        key = (media_id, rendition_id, seq)
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            cid = await self._produce(media_id, rendition_id, seq)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                fut.set_exception(exc)
+                fut.exception()  # waiters get it; do not warn if there were none
+            else:
+                fut.cancel()
+            raise
+        else:
+            fut.set_result(cid)
+            return cid
+        finally:
+            del self._inflight[key]
+
+    async def _produce(self, media_id: str, rendition_id: str, seq: int) -> Cid:
+        m = await self.load_manifest(media_id)
+        r = _rendition(m, rendition_id)
+        if not 0 <= seq < len(r.segments):
+            raise NotFound(f"{media_id}/{rendition_id}: no segment {seq}")
+        pinned = r.segments[seq].cid
+        if pinned is not None:
+            return Cid(pinned)
+        async with self.catalog.conn.execute(
+            "SELECT cid FROM segments WHERE media_id=? AND rendition_id=? AND seq=?",
+            (media_id, rendition_id, seq),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is not None and row[0] is not None and await self.store.has(Cid(str(row[0]))):
+            return Cid(str(row[0]))
+        recipe = r.recipe
+        assert recipe is not None  # validated: on-demand renditions have a recipe
+        src = m.rendition(recipe.source)
+        src_cid = src.segments[seq].cid
+        assert src_cid is not None
+        try:
+            src_init = await self.store.read(Cid(src.init)) if src.init else None
+            src_data = await self.store.read(Cid(src_cid))
+        except NotFound:
+            raise NotFound(
+                f"{media_id}/{rendition_id}/{seq}: source segment {src_cid} of rendition "
+                f"{src.id!r} is not held here"
+            ) from None
+        from peerd.media.package import derive_segment
+
+        started = time.monotonic()
+        out = await asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
+        seconds = r.segment_seconds(seq)
+        rate = len(out.data) * 8 / seconds if seconds > 0 else 0
+        if rate > r.bandwidth:
+            log.warning(
+                "on-demand segment above the declared BANDWIDTH",
+                extra={"media_id": media_id, "rendition": rendition_id, "seq": seq, "bps": rate},
+            )
+        async with self._commit_lock:
+            init_cid = None
+            if out.init is not None:
+                init_cid = await self.store.put(out.init, kind="init")
+            cid = await self.store.put(out.data, kind="segment")
+            async with self.catalog.transaction() as tx:
+                await tx.execute(
+                    "UPDATE segments SET cid=? WHERE media_id=? AND rendition_id=? AND seq=?",
+                    (cid, media_id, rendition_id, seq),
+                )
+                if init_cid is not None:
+                    await tx.execute(
+                        "UPDATE renditions SET init_cid=? WHERE media_id=? AND rendition_id=?"
+                        " AND init_cid IS NULL",
+                        (init_cid, media_id, rendition_id),
+                    )
+        log.info(
+            "produced on-demand segment",
+            extra={
+                "media_id": media_id,
+                "rendition": rendition_id,
+                "seq": seq,
+                "cid": cid,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+        return cid
+
+    # -- watching ------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        dirs: Iterable[Path],
+        *,
+        settle_s: float = 5.0,
+        interval_s: float = 2.0,
+        on_result: Callable[[IngestResult], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Ingest new or changed media files under `dirs` once they stop growing; until cancelled.
+
+        A file is ingested when its size and mtime have not changed for `settle_s` seconds. A
+        file that fails is not retried until it changes again.
+        """
+        roots = [Path(d) for d in dirs]
+        seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
+        done: dict[Path, tuple[int, int]] = {}
+        while True:
+            stats = await asyncio.to_thread(_scan, roots)
+            now = clock()
+            for path, (size, mtime) in stats.items():
+                prev = seen.get(path)
+                if prev is None or prev[:2] != (size, mtime):
+                    seen[path] = (size, mtime, now)
+                    continue
+                if done.get(path) == (size, mtime) or now - prev[2] < settle_s:
+                    continue
+                res = await self.ingest_result(path)
+                done[path] = (size, mtime)
+                if on_result is not None:
+                    on_result(res)
+            for path in set(seen) - set(stats):
+                seen.pop(path, None)
+                done.pop(path, None)
+            await asyncio.sleep(interval_s)
+
+
+def _scan(roots: list[Path]) -> dict[Path, tuple[int, int]]:
+    out: dict[Path, tuple[int, int]] = {}
+    for f in media_files([r for r in roots if r.is_dir()]):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out[f.absolute()] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _rendition(m: mf.Manifest, rendition_id: str) -> mf.Rendition:
+    for r in m.renditions:
+        if r.id == rendition_id:
+            return r
+    raise NotFound(f"no rendition {rendition_id!r}")
