@@ -217,7 +217,7 @@ class SegmentMuxer:
         """Mux one segment's packets; timestamps are moved back by `shift` seconds."""
         buf = io.BytesIO()
         fmt = "mp4" if self.container == "fmp4" else "mpegts"
-        opts = {"fflags": "+bitexact"}
+        opts = {"fflags": "+bitexact", "avoid_negative_ts": "disabled"}
         if fmt == "mp4":
             opts["movflags"] = MP4_FLAGS
         out = av.open(buf, "w", format=fmt, container_options=opts)
@@ -705,10 +705,15 @@ def _top_pass(
                 ]
                 first_origin = min(cands)
                 state["origin"] = first_origin
-                state["start"] = _ticks(seg.start - first_origin)
+                # The timeline starts with whichever stream presents first (audio often leads
+                # video by the B-frame delay), so segment 0's EXTINF covers that lead too.
+                lead = [_t(p.pts, p.time_base) for p in seg.audio[:1]]
+                first = min([seg.start] + [t for t in lead if t is not None])
+                state["start"] = _ticks(max(first, first_origin) - first_origin)
             origin: Fraction = state["origin"]
             assert seg.end is not None
-            duration = _ticks(seg.end - origin) - _ticks(seg.start - origin)
+            begin = state["start"] if seq == 0 else _ticks(seg.start - origin)
+            duration = _ticks(seg.end - origin) - begin
             out = muxer.mux(seq, seg.video, seg.audio, origin)
             top.mux_init = muxer.init
             on_segment(out, max(duration, 1))

@@ -11,10 +11,12 @@ the tests, `make demo` and other engineers who need sample media.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 BadKind = Literal["empty", "text", "truncated", "audio_only", "unknown_codec"]
 
@@ -182,3 +184,53 @@ def make_truncated_faststart(path: Path) -> Path:
     tmp.unlink()
     path.write_bytes(data[: int(len(data) * 0.4)])
     return path
+
+
+def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Path:
+    """Write a manifest's playlists and pinned blobs as a plain HLS tree; returns master path.
+
+    Blobs are named ``<cid>.m4s`` / ``<cid>.ts``, playlists ``<rendition>.m3u8``, the master
+    ``master.m3u8``; on-demand renditions are left out. ffprobe/ffmpeg/nginx can read the tree.
+    """
+    from peerd.core import playlist
+    from peerd.core.manifest import Manifest
+
+    assert isinstance(manifest, Manifest)
+    ready = Manifest(
+        container=manifest.container,
+        renditions=tuple(r for r in manifest.renditions if not r.on_demand),
+        version=manifest.version,
+    )
+    ext = "m4s" if ready.container == "fmp4" else "ts"
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def uri(kind: str, rid: str, ref: str | int | None) -> str:
+        return f"{rid}.m3u8" if kind == "playlist" else f"{ref}.{ext}"
+
+    for cid in ready.blob_cids():
+        (outdir / f"{cid}.{ext}").write_bytes(blob(cid))
+    for r in ready.renditions:
+        (outdir / f"{r.id}.m3u8").write_text(playlist.render_media(ready, r.id, uri))
+    master = outdir / "master.m3u8"
+    master.write_text(playlist.render_master(ready, uri))
+    return master
+
+
+def ffprobe_json(path: Path, *args: str) -> dict[str, Any]:
+    """Run Debian's ffprobe on `path` with `-v error -of json` and `args`; raise on any error.
+
+    Anything ffprobe writes to stderr at level error counts as a failure.
+    """
+    exe = shutil.which("ffprobe")
+    if exe is None:
+        raise RuntimeError("ffprobe is not installed (Debian package: ffmpeg)")
+    res = subprocess.run(  # noqa: S603 - fixed argument list
+        [exe, "-v", "error", "-of", "json", *args, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0 or res.stderr.strip():
+        raise RuntimeError(f"ffprobe {path} failed ({res.returncode}): {res.stderr.strip()}")
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out
