@@ -32,6 +32,7 @@ from peerd import __version__
 from peerd.config import Settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.http.server import HttpService, RouteInstaller
+from peerd.media.ingest import MediaService
 from peerd.metrics import Metrics
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
@@ -252,6 +253,7 @@ def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
     services.append(HttpService(rt, route_installers(rt)))
+    services.append(MediaService(rt))
     return services
 
 

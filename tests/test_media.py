@@ -408,3 +408,33 @@ def test_fmp4_patch_rewrites_sequence_and_decode_time() -> None:
     assert (9000).to_bytes(8, "big") in out
     with pytest.raises(fmp4.BoxError):
         fmp4.split_init(seg)
+
+
+async def test_daemon_media_service_watches_library(media_dir: Path, tmp_path: Path) -> None:
+    from peerd.config import load_settings
+    from peerd.media.ingest import MediaService, get_ingestor
+    from peerd.runtime import open_runtime
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path / "state"},
+        media={"watch_dirs": [lib], "watch_settle_s": 0.1, "watch_interval_s": 0.05},
+    )
+    rt = await open_runtime(settings)
+    svc = MediaService(rt)
+    assert get_ingestor(rt) is svc.ingestor
+    ready = asyncio.Event()
+    task = asyncio.create_task(svc.run(ready.set))
+    await asyncio.wait_for(ready.wait(), 5)
+    (lib / "clip.mp4").write_bytes((media_dir / "odd_44k.mp4").read_bytes())
+    for _ in range(600):
+        if (await _counts(rt.catalog))["media"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await _counts(rt.catalog))["media"] == 1
+    await rt.close()

@@ -525,3 +525,38 @@ def _rendition(m: mf.Manifest, rendition_id: str) -> mf.Rendition:
         if r.id == rendition_id:
             return r
     raise NotFound(f"no rendition {rendition_id!r}")
+
+
+def get_ingestor(rt: Any) -> Ingestor:
+    """The node's one Ingestor (created on first use, kept in ``rt.extras``).
+
+    This is how the daemon's API (``await get_ingestor(rt).ingest(path)``) and the delivery
+    resolver (``await get_ingestor(rt).produce_segment(media_id, rendition_id, seq)``) reach it.
+    """
+    ing = rt.extras.get("media.ingestor")
+    if ing is None:
+        ing = Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options())
+        rt.extras["media.ingestor"] = ing
+    assert isinstance(ing, Ingestor)
+    return ing
+
+
+class MediaService:
+    """Daemon service: makes the Ingestor available and watches ``[media] watch_dirs``."""
+
+    name = "media"
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self.ingestor = get_ingestor(rt)
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Watch the library folders (if any) until cancelled."""
+        media = self.rt.settings.media
+        ready()
+        if media.watch_dirs:
+            await self.ingestor.watch(
+                media.watch_dirs, settle_s=media.watch_settle_s, interval_s=media.watch_interval_s
+            )
+        else:
+            await asyncio.Event().wait()

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# peerd packaging vs the ffmpeg CLI on the same source, same run, as wall-time ratios.
+#
+#   remux:     ffmpeg -c copy -f hls (fMP4, 4 s)        vs  peerd ingest (remux, fMP4, 4 s)
+#   transcode: ffmpeg scale=1280:720 + libx264 veryfast vs  peerd ingest --transcode always
+#              --max-height 720 (same x264 settings: CRF 23, mbtree off, IDR every 4 s, audio copied)
+#
+# peerd's side includes everything `peerd ingest` does: interpreter start, probing, hashing every
+# blob, writing it durably (temp file, fsync, rename, fsync dir) and the catalog transaction.
+# Each peerd run starts from an empty state dir, so every blob is really written.
+#
+# Usage: scripts/bench/package_bench.sh [SRC]   (default: the 120 s 1080p source of
+#        ../shared/bench/make_media.sh, made if missing)
+# Env:   ROUNDS (3)  WHAT ("remux transcode")  TRANSCODE_SECONDS (cut the transcode source to
+#        its first N s)  PY (/work/venv/bin/python)  OUT (/tmp/peerd-bench/package-<stamp>)
+#        QUIET_THRESH / QUIET_MAX (passed to timerun.py: wait for a quiet machine before each run)
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+SHARED=${SHARED_BENCH:-$REPO/../shared/bench}
+[[ -d $SHARED ]] || SHARED=/work/shared/bench
+PY=${PY:-/work/venv/bin/python}
+ROUNDS=${ROUNDS:-3}
+WHAT=${WHAT:-remux transcode}
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=${OUT:-/tmp/peerd-bench/package-$STAMP}
+W=$OUT/work
+mkdir -p "$OUT" "$W"
+
+SRC=${1:-/tmp/peerd-bench/media/src_1080p.mp4}
+if [[ ! -s $SRC ]]; then
+  "$SHARED/make_media.sh" "$(dirname "$SRC")"
+fi
+SRC=$(cd "$(dirname "$SRC")" && pwd)/$(basename "$SRC")
+
+FF="ffmpeg -hide_banner -loglevel error -nostdin -y"
+HLS="-f hls -hls_time 4 -hls_playlist_type vod -hls_list_size 0 -hls_segment_type fmp4 -hls_fmp4_init_filename init.mp4"
+PEERD="env PYTHONPATH=$REPO $PY -m peerd"
+prep() { echo "rm -rf $W/$1 && mkdir -p $W/$1"; }
+
+{
+  echo "source: $SRC ($(stat -c %s "$SRC") bytes)"
+  echo "ffmpeg: $(ffmpeg -version | head -1)"
+  echo "pyav:   $($PY -c 'import av; print(av.__version__, av.library_versions["libavcodec"])')"
+  echo "peerd:  $(git -C "$REPO" rev-parse --short HEAD)"
+  echo "cpus:   $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$OUT/versions.txt"
+
+T="$PY $SHARED/timerun.py"
+if [[ " $WHAT " == *" remux "* ]]; then
+  $T --rounds "$ROUNDS" --warmup 1 --out "$OUT/remux.json" \
+    --cmd ff-remux "$FF -i $SRC -map 0 -c copy $HLS -hls_segment_filename $W/ff-remux/seg_%03d.m4s $W/ff-remux/index.m3u8" \
+    --prep ff-remux "$(prep ff-remux)" \
+    --cmd peerd-remux "$PEERD --state-dir $W/peerd-remux ingest --no-progress $SRC >/dev/null" \
+    --prep peerd-remux "$(prep peerd-remux)"
+fi
+
+if [[ " $WHAT " == *" transcode "* ]]; then
+  TSRC=$SRC
+  if [[ -n ${TRANSCODE_SECONDS:-} ]]; then
+    TSRC=$W/src_${TRANSCODE_SECONDS}s.mp4
+    $FF -i "$SRC" -t "$TRANSCODE_SECONDS" -map 0 -c copy "$TSRC"
+  fi
+  # The same encoder work on both sides: scale to 720p in libavfilter (bicubic), x264 veryfast
+  # CRF 23 without mbtree, keyframes forced every 4 s (peerd cuts its segments there), audio copied.
+  X264="-c:v libx264 -preset veryfast -crf 23 -x264-params mbtree=0 -g 600 -force_key_frames expr:gte(t,n_forced*4)"
+  $T --rounds "$ROUNDS" --out "$OUT/transcode.json" \
+    --cmd ff-transcode "$FF -i $TSRC -map 0:v -map 0:a -vf scale=1280:720:flags=bicubic $X264 -c:a copy $HLS -hls_segment_filename $W/ff-transcode/seg_%03d.m4s $W/ff-transcode/index.m3u8" \
+    --prep ff-transcode "$(prep ff-transcode)" \
+    --cmd peerd-transcode "$PEERD --state-dir $W/peerd-transcode ingest --no-progress --transcode always --max-height 720 $TSRC >/dev/null" \
+    --prep peerd-transcode "$(prep peerd-transcode)"
+fi
+
+"$PY" - "$OUT" <<'EOF'
+import json, pathlib, statistics, sys
+out = pathlib.Path(sys.argv[1])
+print("\n| what | ffmpeg CLI wall s (median) | peerd wall s (median) | peerd / ffmpeg (median of per-round ratios) | CPU ratio | other cores busy (max) |")
+print("|---|---|---|---|---|---|")
+for what in ("remux", "transcode"):
+    f = out / f"{what}.json"
+    if not f.exists():
+        continue
+    runs = json.loads(f.read_text())["runs"]
+    ff = {r["round"]: r for r in runs if r["name"] == f"ff-{what}"}
+    pe = {r["round"]: r for r in runs if r["name"] == f"peerd-{what}"}
+    rounds = sorted(set(ff) & set(pe))
+    ratios = [pe[k]["wall_s"] / ff[k]["wall_s"] for k in rounds]
+    cpu = [(pe[k]["user_s"] + pe[k]["sys_s"]) / (ff[k]["user_s"] + ff[k]["sys_s"]) for k in rounds]
+    other = max(r["other_cores"] for r in runs)
+    print(f"| {what} | {statistics.median(r['wall_s'] for r in ff.values()):.2f} "
+          f"| {statistics.median(r['wall_s'] for r in pe.values()):.2f} "
+          f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+          f"| {statistics.median(cpu):.2f}x | {other:.2f} |")
+EOF
+echo "raw results: $OUT"
