@@ -26,6 +26,7 @@ resolver call. Theory of operation:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -48,6 +49,8 @@ log = logging.getLogger("peerd.media")
 MEDIA_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mpg", ".mpeg", ".flv"}
 )
+
+MAX_PENDING_PUTS = 4
 
 ProgressFn = Callable[[float, float], None]
 """progress(done_seconds, total_seconds) in media seconds, called from the worker thread."""
@@ -189,10 +192,28 @@ class Ingestor:
             duration = [0.0]
             passes = [1]
 
+            pending: list[concurrent.futures.Future[Cid]] = []
+
             def sink(data: bytes, kind: str) -> Cid:
+                # Stores run on the loop while the worker goes on packaging; at most
+                # MAX_PENDING_PUTS blobs are in flight (bounded memory), errors surface at once.
                 cid = cid_of(data)
-                fut = asyncio.run_coroutine_threadsafe(self._put(data, kind, cid, added), loop)
-                return fut.result()
+                pending.append(
+                    asyncio.run_coroutine_threadsafe(self._put(data, kind, cid, added), loop)
+                )
+                while sum(not f.done() for f in pending) > MAX_PENDING_PUTS:
+                    next(f for f in pending if not f.done()).result()
+                for f in pending:
+                    if f.done() and f.exception() is not None:
+                        f.result()
+                return cid
+
+            def settle() -> None:
+                for f in pending:
+                    try:
+                        f.result()
+                    except Exception:  # noqa: S110 - the packaging error is the one to report
+                        pass
 
             def on_progress(done: float) -> None:
                 if progress is not None:
@@ -211,7 +232,14 @@ class Ingestor:
                 )
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
-                return pkg.package(path, self.options, sink, progress=on_progress, cancel=cancel)
+                try:
+                    out = pkg.package(path, self.options, sink, progress=on_progress, cancel=cancel)
+                except BaseException:
+                    settle()  # every put has finished before the caller cleans up
+                    raise
+                for f in pending:
+                    f.result()  # all blobs stored (or the first store error) before the commit
+                return out
 
             task = asyncio.ensure_future(asyncio.to_thread(work))
             try:

@@ -173,6 +173,9 @@ class _Cutter:
             s = self.segs[0]
             if s.end is None and not final:
                 return
+            if not final and len(self.segs) < 3:
+                # Keep one closed segment back: a tiny last segment is merged into it.
+                return
             if not final and self.has_audio and s.end is not None and self.max_audio < s.end:
                 # Wait for the audio of this span, unless video is far ahead (no audio left).
                 if self.segs[-1].start - s.end < 10 * self.step:
@@ -183,10 +186,19 @@ class _Cutter:
 
     def finish(self) -> None:
         if self.segs:
-            self.segs[-1].end = max(self.video_end, self.segs[-1].start + Fraction(1, TIMESCALE))
+            last = self.segs[-1]
+            last.end = max(self.video_end, last.start + Fraction(1, TIMESCALE))
             for t, p in self.pending_audio:
-                (self.segs[-1] if t >= self.segs[-1].start else self.segs[0]).audio.append(p)
+                (last if t >= last.start else self.segs[0]).audio.append(p)
             self.pending_audio = []
+            if len(self.segs) >= 2 and last.end - last.start < self.step / 4:
+                # A sliver at the end (a frame or two past the last cut) joins the segment
+                # before it instead of becoming a segment of its own.
+                prev = self.segs[-2]
+                prev.end = last.end
+                prev.video += last.video
+                prev.audio += last.audio
+                self.segs.pop()
         self._flush(final=True)
 
 
