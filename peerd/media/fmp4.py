@@ -79,14 +79,18 @@ def patch_fragments(segment: bytes, sequence: int, offsets: Mapping[int, int]) -
     `offsets` maps track id to the decode time (in the track's timescale) that the segment's
     first fragment of that track must carry; later fragments keep their distance to the first.
     """
-    buf = bytearray(segment)
+    parts: list[bytes | bytearray | memoryview] = []
+    view = memoryview(segment)
     first: dict[int, int] = {}
     seq = sequence
     for typ, off, size in iter_boxes(segment):
         if typ != b"moof":
+            parts.append(view[off : off + size])  # mdat etc.: not copied until the join
             continue
+        buf = bytearray(segment[off : off + size])
+        parts.append(buf)
         for mfhd, _ in _find(segment, off + 8, off + size, b"mfhd"):
-            struct.pack_into(">I", buf, mfhd + 12, seq)
+            struct.pack_into(">I", buf, mfhd - off + 12, seq)
         seq += 1
         for traf, tsize in _find(segment, off + 8, off + size, b"traf"):
             track = None
@@ -102,8 +106,8 @@ def patch_fragments(segment: bytes, sequence: int, offsets: Mapping[int, int]) -
                 value = offsets[track] + (written - base)
                 if version == 0 and value >= 1 << 32:
                     raise BoxError("tfdt overflows a version 0 box")
-                struct.pack_into(fmt, buf, tfdt + 12, value)
-    return bytes(buf)
+                struct.pack_into(fmt, buf, tfdt - off + 12, value)
+    return b"".join(parts)
 
 
 def fragment_count(segment: bytes) -> int:

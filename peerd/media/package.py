@@ -245,20 +245,24 @@ class SegmentMuxer:
             if self.audio is not None:
                 streams.append((out.add_stream_from_template(self.audio), audio))
             firsts: list[Fraction | None] = []
-            merged: list[tuple[Fraction, int, int, Any, Any]] = []
+            merged: list[tuple[float, int, int, Any, Any]] = []
             for si, (ost, pkts) in enumerate(streams):
                 first: Fraction | None = None
-                for i, p in enumerate(pkts):
-                    tb = p.time_base
+                if pkts:
+                    # One time base per stream: the shift is computed once, exactly; the float
+                    # key below only orders packets (ties broken by stream and position).
+                    tb = pkts[0].time_base
                     d = _rescale(shift, tb)
-                    if p.pts is not None:
-                        p.pts -= d
-                    if p.dts is not None:
-                        p.dts -= d
-                    t = _t(p.dts if p.dts is not None else p.pts, tb) or Fraction(0)
-                    if first is None:
-                        first = t
-                    merged.append((t, si, i, p, ost))
+                    num, den = tb.numerator, tb.denominator
+                    for i, p in enumerate(pkts):
+                        if p.pts is not None:
+                            p.pts -= d
+                        if p.dts is not None:
+                            p.dts -= d
+                        ts = p.dts if p.dts is not None else (p.pts or 0)
+                        if first is None:
+                            first = Fraction(ts * num, den)
+                        merged.append((ts * num / den, si, i, p, ost))
                 firsts.append(first)
             merged.sort(key=lambda x: (x[0], x[1], x[2]))
             for _, _, _, p, ost in merged:
