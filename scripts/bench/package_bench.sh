@@ -7,7 +7,8 @@
 #
 # peerd's side includes everything `peerd ingest` does: interpreter start, probing, hashing every
 # blob, writing it durably (temp file, fsync, rename, fsync dir) and the catalog transaction.
-# Each peerd run starts from an empty state dir, so every blob is really written.
+# Each peerd run starts from a fresh copy of an empty, initialised node, so every blob is
+# really written.
 #
 # Usage: scripts/bench/package_bench.sh [SRC]   (default: the 120 s 1080p source of
 #        ../shared/bench/make_media.sh, made if missing)
@@ -36,12 +37,15 @@ FF="ffmpeg -hide_banner -loglevel error -nostdin -y"
 HLS="-f hls -hls_time 4 -hls_playlist_type vod -hls_list_size 0 -hls_segment_type fmp4 -hls_fmp4_init_filename init.mp4"
 PEERD="env PYTHONPATH=$REPO $PY -m peerd"
 prep() { echo "rm -rf $W/$1 && mkdir -p $W/$1"; }
+# peerd ingests into an existing, empty node (made once by `peerd init`), as in real use.
+$PEERD --state-dir "$W/node-template" init >/dev/null
+prep_node() { echo "rm -rf $W/$1 && cp -a $W/node-template $W/$1"; }
 
 {
   echo "source: $SRC ($(stat -c %s "$SRC") bytes)"
   echo "ffmpeg: $(ffmpeg -version | head -1)"
   echo "pyav:   $($PY -c 'import av; print(av.__version__, av.library_versions["libavcodec"])')"
-  echo "peerd:  $(git -C "$REPO" rev-parse --short HEAD)"
+  echo "peerd:  $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${PEERD_REV:-unknown}")"
   echo "cpus:   $(nproc)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$OUT/versions.txt"
 
@@ -51,7 +55,7 @@ if [[ " $WHAT " == *" remux "* ]]; then
     --cmd ff-remux "$FF -i $SRC -map 0 -c copy $HLS -hls_segment_filename $W/ff-remux/seg_%03d.m4s $W/ff-remux/index.m3u8" \
     --prep ff-remux "$(prep ff-remux)" \
     --cmd peerd-remux "$PEERD --state-dir $W/peerd-remux ingest --no-progress $SRC >/dev/null" \
-    --prep peerd-remux "$(prep peerd-remux)"
+    --prep peerd-remux "$(prep_node peerd-remux)"
 fi
 
 if [[ " $WHAT " == *" transcode "* ]]; then
@@ -67,7 +71,7 @@ if [[ " $WHAT " == *" transcode "* ]]; then
     --cmd ff-transcode "$FF -i $TSRC -map 0:v -map 0:a -vf scale=1280:720:flags=bicubic $X264 -c:a copy $HLS -hls_segment_filename $W/ff-transcode/seg_%03d.m4s $W/ff-transcode/index.m3u8" \
     --prep ff-transcode "$(prep ff-transcode)" \
     --cmd peerd-transcode "$PEERD --state-dir $W/peerd-transcode ingest --no-progress --transcode always --max-height 720 $TSRC >/dev/null" \
-    --prep peerd-transcode "$(prep peerd-transcode)"
+    --prep peerd-transcode "$(prep_node peerd-transcode)"
 fi
 
 "$PY" - "$OUT" <<'EOF'
