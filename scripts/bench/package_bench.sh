@@ -66,7 +66,7 @@ if [[ " $WHAT " == *" transcode "* ]]; then
   fi
   # The same encoder work on both sides: scale to 720p in libavfilter (bicubic), x264 veryfast
   # CRF 23 without mbtree, keyframes forced every 4 s (peerd cuts its segments there), audio copied.
-  X264="-c:v libx264 -preset veryfast -crf 23 -x264-params mbtree=0 -g 600 -force_key_frames expr:gte(t,n_forced*4)"
+  X264="-c:v libx264 -preset veryfast -crf 23 -x264-params mbtree=0 -g 600 -force_key_frames 'expr:gte(t,n_forced*4)'"
   $T --rounds "$ROUNDS" --out "$OUT/transcode.json" \
     --cmd ff-transcode "$FF -i $TSRC -map 0:v -map 0:a -vf scale=1280:720:flags=bicubic $X264 -c:a copy $HLS -hls_segment_filename $W/ff-transcode/seg_%03d.m4s $W/ff-transcode/index.m3u8" \
     --prep ff-transcode "$(prep ff-transcode)" \
