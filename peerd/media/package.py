@@ -490,7 +490,7 @@ def package(
 def _package(job: _Job) -> Manifest:
     src, opts = job.src, job.opts
     v = src.video
-    remux = opts.transcode == "auto" and src.can_remux(opts.container)
+    remux = opts.transcode == "auto" and src.can_remux()
     if remux and opts.max_height is not None and v.height > opts.max_height:
         remux = False
     if remux:
@@ -708,7 +708,7 @@ def _top_pass(
             hevc=remux and src.video.codec == "hevc",
             size=None if remux else (width, height),
         )
-        state: dict[str, Any] = {"origin": None, "start": 0, "bounds": []}
+        state: dict[str, Any] = {"origin": None, "start": 0}
 
         def emit(seg: _Seg, seq: int) -> None:
             _fill_dts(seg.video)

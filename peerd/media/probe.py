@@ -57,7 +57,7 @@ class SourceInfo:
     video: VideoInfo
     audio: AudioInfo | None
 
-    def can_remux(self, container: str) -> bool:
+    def can_remux(self) -> bool:
         """True if the video can be packaged without re-encoding (H.264/HEVC, 8/10-bit 4:2:0)."""
         v = self.video
         return v.codec in REMUX_VIDEO and (v.pix_fmt or "yuv420p").startswith(
