@@ -902,8 +902,8 @@ def derive_segment(
             assert recipe.height is not None
             assert recipe.crf is not None, "bit-rate recipes are not produced by this node"
             holder = _new_holder(container)
-            # Decoder left at PyAV's default threading: with frame threads here, x264's output
-            # was seen to vary from run to run (checked at 240x180); a segment is short anyway.
+            vin.thread_type = "AUTO"  # decoder frame threads: output frames are the same
+            vin.thread_count = 0
             enc = _add_x264(
                 holder,
                 recipe.width,
