@@ -438,3 +438,37 @@ async def test_daemon_media_service_watches_library(media_dir: Path, tmp_path: P
         await task
     assert (await _counts(rt.catalog))["media"] == 1
     await rt.close()
+
+
+def test_media_settings_from_toml_reach_the_packager(tmp_path: Path) -> None:
+    from peerd.config import load_settings
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        "[media]\n"
+        'container = "ts"\n'
+        "segment_seconds = 6\n"
+        "crf = 26\n"
+        "encoder_threads = 2\n"
+        "audio_only = true\n"
+        "ladder = [{ height = 480 }, { height = 240, on_demand = true, crf = 30 }]\n"
+    )
+    opts = load_settings(cfg).media.packaging_options()
+    assert opts.container == "ts"
+    assert opts.segment_seconds == 6
+    assert opts.crf == 26
+    assert opts.encoder_threads == 2
+    assert opts.audio_only
+    assert opts.ladder == (Rung(480), Rung(240, on_demand=True, crf=30))
+
+
+def test_hevc_is_remuxed_with_the_hvc1_tag(media_dir: Path) -> None:
+    sink = MemorySink()
+    m, _, _ = package(media_dir / "hevc_opus.mkv", PackagingOptions(), sink)
+    top = m.renditions[0]
+    assert top.codecs.startswith("hvc1.")
+    assert top.codecs.endswith(",Opus")
+    assert top.init is not None
+    init = sink.blobs[top.init]
+    assert b"hvc1" in init
+    assert b"hev1" not in init
