@@ -437,6 +437,9 @@ async def test_daemon_media_service_watches_library(media_dir: Path, tmp_path: P
     with pytest.raises(asyncio.CancelledError):
         await task
     assert (await _counts(rt.catalog))["media"] == 1
+    text = rt.metrics.render().decode()
+    assert 'peerd_media_ingests_total{result="ok"} 1.0' in text
+    assert "peerd_media_packaged_seconds_total 3.3" in text
     await rt.close()
 
 

@@ -82,6 +82,33 @@ class IngestResult:
         return self.duration_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
+class MediaMetrics:
+    """Prometheus metrics of packaging, defined on the runtime's registry."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter
+
+        self.ingests = Counter(
+            "peerd_media_ingests",
+            "Files ingested, by result (ok, failed, unchanged)",
+            ["result"],
+            registry=registry,
+        )
+        self.media_seconds = Counter(
+            "peerd_media_packaged_seconds", "Media seconds packaged", registry=registry
+        )
+        self.wall_seconds = Counter(
+            "peerd_media_packaging_wall_seconds",
+            "Wall-clock seconds spent packaging (speed = packaged / wall)",
+            registry=registry,
+        )
+        self.on_demand = Counter(
+            "peerd_media_on_demand_segments",
+            "Segments of on-demand renditions produced",
+            registry=registry,
+        )
+
+
 @dataclass
 class _Added:
     cids: list[Cid] = field(default_factory=list)
@@ -120,8 +147,15 @@ class Ingestor:
       runs until cancelled.
     """
 
-    def __init__(self, catalog: Catalog, store: BlobStore, options: PackagingOptions) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: BlobStore,
+        options: PackagingOptions,
+        metrics: MediaMetrics | None = None,
+    ) -> None:
         self.catalog = catalog
+        self.metrics = metrics
         self.store = store
         self.options = options
         self._job_lock = asyncio.Lock()
@@ -161,6 +195,8 @@ class Ingestor:
         try:
             return await self.ingest(path, force=force, progress=progress)
         except PeerdError as exc:
+            if self.metrics is not None:
+                self.metrics.ingests.labels(result="failed").inc()
             log.info("ingest failed", extra={"path": str(path), "error": exc.message})
             return IngestResult(
                 path=path,
@@ -185,6 +221,8 @@ class Ingestor:
             if not force:
                 known = await self._known(path)
                 if known is not None:
+                    if self.metrics is not None:
+                        self.metrics.ingests.labels(result="unchanged").inc()
                     return IngestResult(path=path, ok=True, media_id=known, skipped=True)
             added = _Added()
             cancel = threading.Event()
@@ -269,6 +307,10 @@ class Ingestor:
                 wall_s=wall,
                 renditions=tuple(r.id for r in manifest.renditions),
             )
+            if self.metrics is not None:
+                self.metrics.ingests.labels(result="ok").inc()
+                self.metrics.media_seconds.inc(res.duration_s)
+                self.metrics.wall_seconds.inc(wall)
             log.info(
                 "ingested",
                 extra={
@@ -486,6 +528,8 @@ class Ingestor:
                         " AND init_cid IS NULL",
                         (init_cid, media_id, rendition_id),
                     )
+        if self.metrics is not None:
+            self.metrics.on_demand.inc()
         log.info(
             "produced on-demand segment",
             extra={
@@ -563,7 +607,8 @@ def get_ingestor(rt: Any) -> Ingestor:
     """
     ing = rt.extras.get("media.ingestor")
     if ing is None:
-        ing = Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options())
+        metrics = MediaMetrics(rt.metrics.registry)
+        ing = Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options(), metrics)
         rt.extras["media.ingestor"] = ing
     assert isinstance(ing, Ingestor)
     return ing
