@@ -363,6 +363,31 @@ def x264_codec_string(width: int, height: int, rate: Fraction | None, crf: int, 
         holder.close()
 
 
+class _SeiFilter:
+    """Drops SEI NAL units from libx264's output (bitstream filter ``filter_units``).
+
+    x264 writes its version and full option string into an SEI on the first frame of every
+    encode, i.e. every derived segment: ~700 bytes that carry no picture and name the build.
+    """
+
+    def __init__(self, encoder: Any | None) -> None:
+        self.bsf = (
+            av.BitStreamFilterContext("filter_units=remove_types=6", in_stream=encoder)
+            if encoder is not None
+            else None
+        )
+
+    def filter(self, packet: Any) -> list[Any]:
+        if self.bsf is None:
+            return [packet]
+        tb = packet.time_base  # the filter takes the packet's contents, time base included
+        out = self.bsf.filter(packet)
+        for q in out:
+            if q.time_base is None and tb is not None:
+                q.time_base = tb
+        return out
+
+
 def _coded_size(width: int, height: int) -> tuple[int, int]:
     """Width and height rounded up to whole 16x16 macroblocks."""
     return (width + 15) // 16 * 16, (height + 15) // 16 * 16
@@ -701,6 +726,7 @@ def _top_pass(
             atemplate = aencoder
         if holder is not None:
             holder.start_encoding()
+        sei_filter = _SeiFilter(encoder)
         muxer = SegmentMuxer(
             opts.container,
             vtemplate,
@@ -753,7 +779,8 @@ def _top_pass(
         def encode_frame(frame: av.VideoFrame | None) -> None:
             assert encoder is not None
             for p in encoder.encode(frame):
-                feed_video_packet(p)
+                for q in sei_filter.filter(p):
+                    feed_video_packet(q)
 
         def feed_audio_frame(frame: av.AudioFrame | None) -> None:
             assert aencoder is not None
@@ -915,6 +942,7 @@ def derive_segment(
                 recipe.threads,
             )
             holder.start_encoding()
+            sei_filter = _SeiFilter(enc)
             scaler = _Scaler(vin, recipe.width, recipe.height)
             vtemplate = enc
             last: int | None = None
@@ -926,7 +954,8 @@ def derive_segment(
                         return
                     last = frame.pts
                     frame.pict_type = PictureType.NONE
-                video_pkts.extend(enc.encode(frame))
+                for p in enc.encode(frame):
+                    video_pkts.extend(sei_filter.filter(p))
 
             streams = [vin] + ([ain] if ain is not None else [])
             for pkt in inp.demux(*streams):
