@@ -475,3 +475,33 @@ def test_hevc_is_remuxed_with_the_hvc1_tag(media_dir: Path) -> None:
     init = sink.blobs[top.init]
     assert b"hvc1" in init
     assert b"hev1" not in init
+
+
+async def test_transcode_source_regenerates_evicted_derived_blobs(
+    media_dir: Path, tmp_path: Path
+) -> None:
+    from peerd.delivery import Resolver
+    from peerd.media.source import TranscodeSource
+
+    cat, store = await open_node(tmp_path / "node")
+    ing = Ingestor(cat, store, PackagingOptions(segment_seconds=2.0, ladder=(Rung(72),)))
+    res = await ing.ingest(media_dir / "h264_aac.mp4")
+    assert res.media_id is not None
+    m = await ing.load_manifest(res.media_id)
+    low, top = m.rendition("v72"), m.renditions[0]
+    assert low.init is not None
+    wanted = [Cid(low.init)] + [Cid(s.cid) for s in low.segments if s.cid]
+    before = {c: await store.read(c) for c in wanted}
+    for c in wanted:
+        await store.evict_local(c)
+    source = TranscodeSource(ing)
+    resolver = Resolver(store, [source])
+    for c in wanted:
+        path = await resolver.ensure_local(c)
+        assert await asyncio.to_thread(path.read_bytes) == before[c]
+    assert source.failures == 0
+    # The top rendition came from a file: it cannot be made again, so no offer.
+    top_cid = top.segments[0].cid
+    assert top_cid is not None
+    assert [o async for o in source.offers(Cid(top_cid))] == []
+    await cat.close()

@@ -488,23 +488,8 @@ class Ingestor:
             row = await cur.fetchone()
         if row is not None and row[0] is not None and await self.store.has(Cid(str(row[0]))):
             return Cid(str(row[0]))
-        recipe = r.recipe
-        assert recipe is not None  # validated: on-demand renditions have a recipe
-        src = m.rendition(recipe.source)
-        src_cid = src.segments[seq].cid
-        assert src_cid is not None
-        try:
-            src_init = await self.store.read(Cid(src.init)) if src.init else None
-            src_data = await self.store.read(Cid(src_cid))
-        except NotFound:
-            raise NotFound(
-                f"{media_id}/{rendition_id}/{seq}: source segment {src_cid} of rendition "
-                f"{src.id!r} is not held here"
-            ) from None
-        from peerd.media.package import derive_segment
-
         started = time.monotonic()
-        out = await asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
+        out = await self._derive(m, media_id, r, seq)
         seconds = r.segment_seconds(seq)
         rate = len(out.data) * 8 / seconds if seconds > 0 else 0
         if rate > r.bandwidth:
@@ -541,6 +526,41 @@ class Ingestor:
             },
         )
         return cid
+
+    async def _derive(self, m: mf.Manifest, media_id: str, r: mf.Rendition, seq: int) -> Any:
+        """Run the rendition's recipe on segment `seq` of its source rendition (in a thread)."""
+        recipe = r.recipe
+        if recipe is None:
+            raise NotFound(f"{media_id}/{r.id}: not a derived rendition")
+        src = m.rendition(recipe.source)
+        src_cid = src.segments[seq].cid
+        assert src_cid is not None  # validated: a recipe's source rendition pins its blobs
+        try:
+            src_init = await self.store.read(Cid(src.init)) if src.init else None
+            src_data = await self.store.read(Cid(src_cid))
+        except NotFound:
+            raise NotFound(
+                f"{media_id}/{r.id}/{seq}: source segment {src_cid} of rendition "
+                f"{src.id!r} is not held here"
+            ) from None
+        from peerd.media.package import derive_segment
+
+        return await asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
+
+    async def regenerate(self, media_id: str, rendition_id: str, seq: int) -> bytes:
+        """The bytes of segment `seq` (or the init segment, seq -1) of a derived rendition.
+
+        Stores nothing: the caller (the delivery resolver, through `TranscodeSource`) checks
+        them against the blob id it wants and stores them.
+        """
+        m = await self.load_manifest(media_id)
+        r = _rendition(m, rendition_id)
+        out = await self._derive(m, media_id, r, max(seq, 0))
+        if seq < 0:
+            if out.init is None:
+                raise NotFound(f"{media_id}/{rendition_id}: no init segment")
+            return bytes(out.init)
+        return bytes(out.data)
 
     # -- watching ------------------------------------------------------------------------------
 
