@@ -259,7 +259,9 @@ async def test_bad_inputs_fail_cleanly_and_the_batch_continues(
     good = media_dir / "odd_44k.mp4"
     cat, store = await open_node(tmp_path / "node")
     ing = Ingestor(cat, store, PackagingOptions(segment_seconds=2.0))
-    results = await ing.ingest_many([*bad[:3], good, *bad[3:]])
+    missing = bad[0].with_name("never_existed.mp4")
+    results = await ing.ingest_many([*bad[:3], good, *bad[3:], missing])
+    assert results[-1].error == f"{missing}: no such file"
     by_path = {r.path.name: r for r in results}
     assert by_path[good.name].ok
     for p in bad:

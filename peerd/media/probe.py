@@ -102,6 +102,8 @@ def open_input(path: Path) -> av.container.InputContainer:
 
 def probe(path: Path) -> SourceInfo:
     """Inspect `path`; MediaError naming the file and the reason when it cannot be packaged."""
+    if not path.exists():
+        raise MediaError(f"{path}: no such file", path=str(path))
     inode, size, mtime_ns = file_identity(path)
     if not path.is_file():
         raise MediaError(f"{path}: not a regular file", path=str(path))
