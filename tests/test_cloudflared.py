@@ -310,3 +310,17 @@ def test_no_temp_files_left(env: Env) -> None:
     assert env.run("setup.sh", HOST, "--path", "^/hls/").returncode == 0
     leftovers = [p.name for p in env.etc.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_fake_rejects_flags_after_arguments(env: Env) -> None:
+    """Like urfave/cli, the fake stops reading flags at the first argument, so the scripts'
+    flag order is checked too."""
+    res = subprocess.run(
+        ["cloudflared", "tunnel", "create", "peerd", "--output", "json"],
+        env=env.env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 1
+    assert "requires exactly 1 argument" in res.stderr

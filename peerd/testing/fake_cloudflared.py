@@ -97,13 +97,15 @@ def _origin_cert() -> Path:
 
 
 def _split(args: list[str], with_value: set[str]) -> tuple[dict[str, str | bool], list[str]]:
-    """Flags (``--x v``, ``--x=v``, ``-x``) and positional arguments, in urfave/cli style."""
+    """Flags (``--x v``, ``--x=v``, ``-x``) and positional arguments, in urfave/cli style: flag
+    parsing stops at the first positional argument, so a flag placed after one is taken as an
+    argument (and the call fails), as with the real binary."""
     flags: dict[str, str | bool] = {}
     pos: list[str] = []
     i = 0
     while i < len(args):
         a = args[i]
-        if a.startswith("-") and len(a) > 1:
+        if a.startswith("-") and len(a) > 1 and not pos:
             name, eq, val = a.lstrip("-").partition("=")
             if eq:
                 flags[name] = val
@@ -175,7 +177,10 @@ def tunnel(args: list[str], top: dict[str, str | bool]) -> int:
             for t in tunnels:
                 print(t["id"], t["name"], t["created_at"], "")
         else:
-            print("You have no tunnels, use 'cloudflared tunnel create' to define a new tunnel")
+            print(
+                "No tunnels were found for the given filter flags. You can use "
+                "'cloudflared tunnel create' to create a tunnel."
+            )
         return 0
     if sub == "create":
         flags, pos = _split(args, {"output", "o", "credentials-file", "cred-file", "secret", "s"})
@@ -208,11 +213,16 @@ def tunnel(args: list[str], top: dict[str, str | bool]) -> int:
             print(f"\nCreated tunnel {name} with id {t['id']}")
         return 0
     if sub == "route":
-        flags, pos = _split(args, set())
-        if len(pos) != 3 or pos[0] != "dns":
-            raise Fail("Expected 3 arguments: dns TUNNEL HOSTNAME")
-        t = _find(state, pos[1])
-        host = pos[2]
+        if args[:1] != ["dns"]:
+            raise Fail("route: only 'dns' is faked")
+        flags, pos = _split(args[1:], set())
+        if len(pos) != 2:
+            raise Fail(
+                'This command expects the format "cloudflared tunnel route dns '
+                '<tunnel name/id> <hostname>"'
+            )
+        t = _find(state, pos[0])
+        host = pos[1]
         if not HOST_RE.match(host):
             raise Fail(f"{host} is not a valid hostname")
         target = f"{t['id']}.cfargotunnel.com"
@@ -232,7 +242,10 @@ def tunnel(args: list[str], top: dict[str, str | bool]) -> int:
     if sub == "token":
         flags, pos = _split(args, {"cred-file", "credentials-file"})
         if len(pos) != 1:
-            raise Fail('"cloudflared tunnel token" requires exactly 1 argument')
+            raise Fail(
+                '"cloudflared tunnel token" requires exactly 1 argument, the name or UUID of '
+                "tunnel to fetch the credentials token for."
+            )
         t = _find(state, pos[0])
         cred = flags.get("cred-file") or flags.get("credentials-file")
         if cred:
