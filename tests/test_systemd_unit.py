@@ -158,8 +158,11 @@ def test_sandbox_is_enforced(unit: Path) -> None:
 MEDIA_STACK = textwrap.dedent(
     """
     import asyncio, fractions, functools
-    import av, libp2p, trio
+    import av, ifaddr, libp2p, trio
     from aiortc import RTCPeerConnection
+
+    # zeroconf (mDNS) and aioice list interfaces with getifaddrs(), i.e. rtnetlink: AF_NETLINK.
+    assert any(a.ips for a in ifaddr.get_adapters()), "no interfaces listed"
 
     # PyAV: encode a few frames (codec libraries load and run).
     enc = av.CodecContext.create("libx264", "w")
