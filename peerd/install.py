@@ -60,11 +60,6 @@ class Report:
         """Record one step (``outcome``: created, updated, kept, removed, ran, skipped)."""
         self.steps.append((what, outcome))
 
-    @property
-    def changed(self) -> bool:
-        """Whether anything on disk changed."""
-        return any(o in ("created", "updated", "removed") for _, o in self.steps)
-
 
 def shipped_unit() -> str:
     """The unit file shipped with the package (the same file as ``systemd/peerd.service``)."""
