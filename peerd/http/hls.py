@@ -75,6 +75,7 @@ class ViewerAuth:
         self.trusted = trusted
         self.denied = registry_denied
         self.clock = clock
+        self._good: dict[tuple[str, str, str], int] = {}
 
     def _deny(self, request: web.Request, reason: str) -> Forbidden:
         self.denied.labels(reason=reason).inc()
@@ -104,9 +105,18 @@ class ViewerAuth:
         token = request.query.get("token")
         if self.key is None:
             raise self._deny(request, "no-signing-key")
-        result = tokens.verify(self.key, token, media_id, scope, self.clock())
-        if result.error is not None:
-            raise self._deny(request, result.error.value)
+        now = self.clock()
+        # A player repeats one token for every request of a media: remember good ones until
+        # they expire instead of recomputing the HMAC each time.
+        cached = self._good.get((token, media_id, scope)) if token else None
+        if cached is not None and now < cached:
+            return token
+        result = tokens.verify(self.key, token, media_id, scope, now)
+        if result.error is not None or result.expires is None:
+            raise self._deny(request, result.error.value if result.error else "malformed")
+        if len(self._good) >= 4096:
+            self._good.clear()
+        self._good[(token or "", media_id, scope)] = result.expires
         return token
 
 
@@ -197,6 +207,10 @@ class HlsRoutes:
             else "public, max-age=31536000, immutable"
         )
         self.streams = 0
+        self._playlist_headers = self._cors(
+            {"Content-Type": MIME_PLAYLIST, "Cache-Control": self.playlist_cache}
+        )
+        self._rendered: dict[tuple[str, str, str], bytes] = {}
         self._media: dict[str, _Media] = {}
         self._loading: dict[str, asyncio.Future[_Media]] = {}
 
@@ -274,9 +288,14 @@ class HlsRoutes:
         parts = media.templates.get(name)
         if parts is None:
             raise NotFound("no such playlist")
-        body = (f"?token={token}" if token else "").join(parts).encode()
-        headers = self._cors({"Content-Type": MIME_PLAYLIST, "Cache-Control": self.playlist_cache})
-        return web.Response(body=body, headers=headers)
+        ck = (media_id, name, token or "")
+        body = self._rendered.get(ck)
+        if body is None:
+            body = (f"?token={token}" if token else "").join(parts).encode()
+            if len(self._rendered) >= 4096:
+                self._rendered.clear()
+            self._rendered[ck] = body
+        return web.Response(body=body, headers=self._playlist_headers)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """An init or media segment of the media, by content id."""

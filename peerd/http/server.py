@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -91,6 +91,10 @@ class HttpMetrics:
     def middleware(self) -> Middleware:
         """The aiohttp middleware recording every request."""
 
+        # Label lookups cost more than the increments: keep the children per route/status.
+        counters: dict[tuple[str, int], Any] = {}
+        timers: dict[str, Any] = {}
+
         @web.middleware
         async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             started = time.perf_counter()
@@ -103,10 +107,17 @@ class HttpMetrics:
                 status = exc.status
                 raise
             finally:
-                route = request.match_info.route.resource
-                name = route.canonical if route is not None else "unmatched"
-                self.requests.labels(route=name, status=str(status)).inc()
-                self.latency.labels(route=name).observe(time.perf_counter() - started)
+                resource = request.match_info.route.resource
+                name = resource.canonical if resource is not None else "unmatched"
+                counter = counters.get((name, status))
+                if counter is None:
+                    counter = self.requests.labels(route=name, status=str(status))
+                    counters[(name, status)] = counter
+                counter.inc()
+                timer = timers.get(name)
+                if timer is None:
+                    timer = timers[name] = self.latency.labels(route=name)
+                timer.observe(time.perf_counter() - started)
 
         return metrics_middleware
 
