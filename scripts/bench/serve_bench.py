@@ -147,7 +147,9 @@ def measure(
     server: str, workload: str, rep: int, sid: int, url: str, paths: Path | None
 ) -> dict[str, object]:
     """One wrk run with CPU accounting; returns the JSON row."""
-    wait_quiet(float(os.environ.get("QUIET_THRESH", "10")), float(os.environ.get("QUIET_MAX", "20")))
+    wait_quiet(
+        float(os.environ.get("QUIET_THRESH", "10")), float(os.environ.get("QUIET_MAX", "20"))
+    )
     timefile = WORK / "wrk.time"
     env = dict(os.environ, WRK_TIME_FILE=str(timefile))
     env.setdefault("D", "5s")
