@@ -4,12 +4,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3-venv python3-dev build-essential pkg-config ffmpeg nginx wrk rclone \
-	chromium chromium-driver shellcheck iproute2 curl sqlite3 systemd time
+	chromium chromium-driver shellcheck iproute2 curl sqlite3 systemd time nodejs npm
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 PYTEST_ARGS ?=
 
-.PHONY: install install-apt check test test-fast demo bench clean
+.PHONY: install install-apt check test test-fast demo bench clean web-deps
 
 install: $(STAMP_PIP)
 
@@ -32,15 +32,25 @@ $(STAMP_PIP): pyproject.toml $(STAMP_APT)
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
+# Browser-side test dependencies (hls.js for the HLS playback test), pinned, outside the package.
+HLSJS_VERSION := 1.7.4
+WEB_DIR := $(VENV)/web
+web-deps: $(WEB_DIR)/node_modules/hls.js/dist/hls.min.js
+
+$(WEB_DIR)/node_modules/hls.js/dist/hls.min.js: $(STAMP_APT)
+	mkdir -p $(WEB_DIR)
+	npm install --prefix $(WEB_DIR) --no-audit --no-fund --no-save hls.js@$(HLSJS_VERSION)
+	@test -f $@ && touch $@
+
 check: install
 	$(BIN)/ruff check peerd tests scripts
 	$(BIN)/ruff format --check peerd tests scripts
 	$(BIN)/mypy
 
-test: install check
+test: install check web-deps
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install web-deps
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
 
 # Run a node on embedded defaults with generated sample media; prints a playback URL.

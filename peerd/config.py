@@ -75,6 +75,21 @@ class HttpSettings(Section):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8737, ge=0, le=65535)
+    auth: Literal["token", "access"] = "token"
+    signing_key_secret: str = Field(default="hls_signing_key", pattern=r"^[A-Za-z0-9_.-]+$")
+    access_team_url: str | None = None
+    access_aud: str | None = None
+    access_keys_ttl_s: float = Field(default=3600.0, gt=0)
+    access_refetch_min_s: float = Field(default=10.0, ge=0)
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    cors_origin: str = "*"
+    playlist_max_age_s: int = Field(default=2, ge=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0)
+    max_line_size: int = Field(default=8190, ge=1024)
+    max_field_size: int = Field(default=8190, ge=1024)
+    max_headers: int = Field(default=64, ge=8)
+    max_streams: int = Field(default=512, ge=1)
 
 
 class LadderRung(Section):

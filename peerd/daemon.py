@@ -31,6 +31,7 @@ from typing import Protocol, runtime_checkable
 from peerd import __version__, ui
 from peerd.config import Settings
 from peerd.errors import ConfigError, PeerdError
+from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService
 from peerd.metrics import Metrics
@@ -247,6 +248,7 @@ def route_installers(rt: Runtime) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order. One line per subsystem."""
     installers: list[RouteInstaller] = []
     installers.append(ui.install)
+    installers.append(hls.install)
     return installers
 
 

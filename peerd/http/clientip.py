@@ -1,0 +1,41 @@
+"""The viewer's address: ``CF-Connecting-IP`` only when the TCP peer is a trusted proxy.
+
+cloudflared connects to the node from loopback and adds ``CF-Connecting-IP``. Anyone who can reach
+the port directly could send that header too, so it is believed only when the connection comes
+from one of the configured proxy networks; otherwise the TCP peer address is the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from aiohttp import web
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(specs: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR strings to networks; ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(s, strict=False) for s in specs)
+
+
+def _in(addr: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
+def client_ip(request: web.BaseRequest, trusted: tuple[Network, ...]) -> str:
+    """The client address of ``request`` as far as it can be trusted."""
+    peer = request.remote or ""
+    if trusted and _in(peer, trusted):
+        forwarded = request.headers.get("CF-Connecting-IP", "").strip()
+        if forwarded:
+            try:
+                return str(ipaddress.ip_address(forwarded))
+            except ValueError:
+                return peer
+    return peer

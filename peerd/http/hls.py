@@ -1,0 +1,475 @@
+"""HLS delivery: playlists rendered from manifests (held in memory) and blobs by sendfile.
+
+URL layout (see README "HLS URLs"); every URL carries ``?token=`` in token mode::
+
+    /hls/<media_id>/master.m3u8                 master playlist
+    /hls/<media_id>/<rendition_id>.m3u8         media playlist of one rendition
+    /hls/<media_id>/b/<cid>.<mp4|m4s|ts>        init (.mp4) or media segment by content id
+    /hls/<media_id>/s/<rendition_id>/<seq>.<m4s|ts>   segment of an on-demand rendition by number
+
+Playlists use relative URIs with the request's own token, so one signed master URL opens
+everything of that media and nothing else. A blob URL is served only if the blob belongs to the
+media (manifest, or the catalog for on-demand renditions) and its extension matches its role.
+
+Authorization (:class:`ViewerAuth`, shared with WHEP through ``request.config_dict[VIEWER_AUTH]``):
+token mode checks ``peerd.core.tokens`` with the key from the ``hls_signing_key`` secret; access
+mode checks the Cloudflare Access JWT. Every refusal is the same bare 403; the reason goes to the
+log and to ``peerd_http_denied_total{reason}``.
+
+Speed: a parsed manifest and its playlist templates are cached per media id (manifests are
+immutable); a playlist response is the template joined with the token. Blobs go out through
+``web.FileResponse`` (``loop.sendfile`` on the stock loop) with Range, HEAD and conditional
+requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from prometheus_client import Counter, Gauge
+
+from peerd.core import tokens
+from peerd.core.ids import Cid
+from peerd.core.manifest import Manifest, decode
+from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
+from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
+from peerd.http.access import AccessDenied, AccessVerifier
+from peerd.http.clientip import Network, client_ip, parse_networks
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.http.hls")
+
+CONTENT_TYPES = {
+    "m3u8": MIME_PLAYLIST,
+    "m4s": "video/iso.segment",
+    "ts": "video/mp2t",
+    "mp4": "video/mp4",
+}
+_PLACEHOLDER = "\x1ftoken\x1f"
+_MAX_MEDIA_CACHED = 256
+
+
+class ViewerAuth:
+    """Decides whether a request may read one media item (HLS) or open a session on it (WHEP)."""
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        key: bytes | None,
+        verifier: AccessVerifier | None,
+        trusted: tuple[Network, ...],
+        registry_denied: Counter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mode = mode
+        self.key = key
+        self.verifier = verifier
+        self.trusted = trusted
+        self.denied = registry_denied
+        self.clock = clock
+        self._good: dict[tuple[str, str, str], int] = {}
+
+    def _deny(self, request: web.Request, reason: str) -> Forbidden:
+        self.denied.labels(reason=reason).inc()
+        log.info(
+            "viewer refused",
+            extra={
+                "reason": reason,
+                "path": request.path,
+                "client": client_ip(request, self.trusted),
+            },
+        )
+        return Forbidden("forbidden")
+
+    async def check(self, request: web.Request, media_id: str, scope: str) -> str | None:
+        """Raise a bare Forbidden unless the request may use ``scope`` on ``media_id``.
+
+        Returns the token to propagate into URLs (None in access mode).
+        """
+        if self.mode == "access":
+            if self.verifier is None:
+                raise self._deny(request, "access-unconfigured")
+            try:
+                await self.verifier.verify(request.headers.get("Cf-Access-Jwt-Assertion"))
+            except AccessDenied as exc:
+                raise self._deny(request, f"access:{exc.message}") from None
+            return None
+        token = request.query.get("token")
+        if self.key is None:
+            raise self._deny(request, "no-signing-key")
+        now = self.clock()
+        # A player repeats one token for every request of a media: remember good ones until
+        # they expire instead of recomputing the HMAC each time.
+        cached = self._good.get((token, media_id, scope)) if token else None
+        if cached is not None and now < cached:
+            return token
+        result = tokens.verify(self.key, token, media_id, scope, now)
+        if result.error is not None or result.expires is None:
+            raise self._deny(request, result.error.value if result.error else "malformed")
+        if len(self._good) >= 4096:
+            self._good.clear()
+        self._good[(token or "", media_id, scope)] = result.expires
+        return token
+
+
+VIEWER_AUTH = web.AppKey("viewer_auth", ViewerAuth)
+
+
+@dataclass
+class _Media:
+    """A parsed manifest and what is derived from it once."""
+
+    manifest: Manifest
+    # cid -> allowed extension for blob URLs (init: mp4, segment: m4s or ts)
+    blobs: dict[str, str]
+    templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _segment_ext(m: Manifest) -> str:
+    return "m4s" if m.container == "fmp4" else "ts"
+
+
+def _build_media(manifest: Manifest) -> _Media:
+    seg_ext = _segment_ext(manifest)
+    blobs: dict[str, str] = {}
+    for r in manifest.renditions:
+        if r.init is not None:
+            blobs[r.init] = "mp4"
+        for s in r.segments:
+            if s.cid is not None:
+                blobs.setdefault(s.cid, seg_ext)
+    media = _Media(manifest, blobs)
+    seg_ext_ = seg_ext
+
+    def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
+        if kind == "playlist":
+            return f"{rendition_id}.m3u8{_PLACEHOLDER}"
+        if kind == "init":
+            if ref is None:
+                return f"s/{rendition_id}/init.mp4{_PLACEHOLDER}"
+            return f"b/{ref}.mp4{_PLACEHOLDER}"
+        if isinstance(ref, int):
+            return f"s/{rendition_id}/{ref}.{seg_ext_}{_PLACEHOLDER}"
+        return f"b/{ref}.{seg_ext_}{_PLACEHOLDER}"
+
+    media.templates["master"] = tuple(render_master(manifest, uri_for).split(_PLACEHOLDER))
+    for r in manifest.renditions:
+        media.templates[r.id] = tuple(render_media(manifest, r.id, uri_for).split(_PLACEHOLDER))
+    return media
+
+
+class HlsMetrics:
+    """Counters of the HLS routes."""
+
+    def __init__(self, rt: Runtime) -> None:
+        reg = rt.metrics.registry
+        self.active = Gauge("peerd_http_active_streams", "Blob responses being sent", registry=reg)
+        self.bytes = Counter(
+            "peerd_http_blob_bytes",
+            "Blob bytes sent to viewers by source and HTTP status",
+            ["source", "status"],
+            registry=reg,
+        )
+        self.denied = Counter(
+            "peerd_http_denied", "Viewer requests refused, by reason", ["reason"], registry=reg
+        )
+        self.rejected = Counter(
+            "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
+        )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HlsRoutes:
+    """The handlers and their caches."""
+
+    def __init__(self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics) -> None:
+        self.rt = rt
+        self.auth = auth
+        self.m = metrics
+        cfg = rt.settings.http
+        self.cors_origin = cfg.cors_origin
+        self.max_streams = cfg.max_streams
+        self.timeout_s = cfg.request_timeout_s
+        self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
+        self.blob_cache = (
+            "private, max-age=31536000, immutable"
+            if cfg.auth == "access"
+            else "public, max-age=31536000, immutable"
+        )
+        self.streams = 0
+        self._playlist_headers = self._cors(
+            {"Content-Type": MIME_PLAYLIST, "Cache-Control": self.playlist_cache}
+        )
+        self._rendered: dict[tuple[str, str, str], bytes] = {}
+        self._media: dict[str, _Media] = {}
+        self._loading: dict[str, asyncio.Future[_Media]] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _cors(self, headers: dict[str, str] | None = None) -> dict[str, str]:
+        h = headers or {}
+        h["Access-Control-Allow-Origin"] = self.cors_origin
+        h["Access-Control-Expose-Headers"] = "Content-Length, Content-Range, Accept-Ranges, ETag"
+        if self.cors_origin != "*":
+            h["Vary"] = "Origin"
+        return h
+
+    def wrap(self, handler: Handler) -> Handler:
+        """Errors of HLS routes as bare JSON with CORS headers (so players can read the status)."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except PeerdError as exc:
+                body = (
+                    {"error": "forbidden", "message": "forbidden"}
+                    if isinstance(exc, Forbidden)
+                    else exc.to_json()
+                )
+                headers = self._cors()
+                if isinstance(exc, TooManyRequests):
+                    headers["Retry-After"] = "1"
+                return web.json_response(body, status=exc.status, headers=headers)
+
+        return wrapped
+
+    async def _load(self, media_id: str) -> _Media:
+        async with self.rt.catalog.conn.execute(
+            "SELECT manifest FROM media WHERE media_id = ?", (media_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("no such media")
+        manifest = decode(bytes(row[0]))
+        return _build_media(manifest)
+
+    async def media(self, media_id: str) -> _Media:
+        """The cached media (manifests are immutable, so entries never go stale)."""
+        hit = self._media.get(media_id)
+        if hit is not None:
+            return hit
+        fut = self._loading.get(media_id)
+        if fut is None:
+            fut = asyncio.ensure_future(self._load(media_id))
+            self._loading[media_id] = fut
+            fut.add_done_callback(lambda _f: self._loading.pop(media_id, None))
+        media = await asyncio.shield(fut)
+        if len(self._media) >= _MAX_MEDIA_CACHED:
+            self._media.pop(next(iter(self._media)))
+        self._media[media_id] = media
+        return media
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """CORS preflight: hls.js sends Range on segment requests, which needs one."""
+        headers = self._cors()
+        headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
+        headers["Access-Control-Allow-Headers"] = "Range, If-None-Match, If-Modified-Since"
+        headers["Access-Control-Max-Age"] = "600"
+        return web.Response(status=204, headers=headers)
+
+    async def playlist(self, request: web.Request) -> web.Response:
+        """Master (``master.m3u8``) or media playlist (``<rendition>.m3u8``) from memory."""
+        media_id = request.match_info["media"]
+        token = await self.auth.check(request, media_id, "hls")
+        media = await self.media(media_id)
+        name = request.match_info["name"]
+        parts = media.templates.get(name)
+        if parts is None:
+            raise NotFound("no such playlist")
+        ck = (media_id, name, token or "")
+        body = self._rendered.get(ck)
+        if body is None:
+            body = (f"?token={token}" if token else "").join(parts).encode()
+            if len(self._rendered) >= 4096:
+                self._rendered.clear()
+            self._rendered[ck] = body
+        return web.Response(body=body, headers=self._playlist_headers)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """An init or media segment of the media, by content id."""
+        media_id = request.match_info["media"]
+        await self.auth.check(request, media_id, "hls")
+        cid, ext = request.match_info["cid"], request.match_info["ext"]
+        media = await self.media(media_id)
+        expected = media.blobs.get(cid)
+        if expected is None:
+            expected = await self._catalog_blob_ext(media_id, media, cid)
+        if expected != ext:
+            raise NotFound("no such blob in this media")
+        return await self._send(request, Cid(cid), ext)
+
+    async def numbered(self, request: web.Request) -> web.StreamResponse:
+        """A segment (or init) of an on-demand rendition, once the catalog knows its blob."""
+        media_id = request.match_info["media"]
+        await self.auth.check(request, media_id, "hls")
+        rid, name, ext = (
+            request.match_info["rendition"],
+            request.match_info["seq"],
+            request.match_info["ext"],
+        )
+        media = await self.media(media_id)
+        r = next((x for x in media.manifest.renditions if x.id == rid), None)
+        if r is None:
+            raise NotFound("no such rendition")
+        if name == "init" and ext == "mp4":
+            sql = "SELECT init_cid FROM renditions WHERE media_id = ? AND rendition_id = ?"
+            args: tuple[object, ...] = (media_id, rid)
+        elif name.isdigit() and ext == _segment_ext(media.manifest):
+            sql = "SELECT cid FROM segments WHERE media_id = ? AND rendition_id = ? AND seq = ?"
+            args = (media_id, rid, int(name))
+        else:
+            raise NotFound("no such segment")
+        async with self.rt.catalog.conn.execute(sql, args) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            # Producing on-demand renditions belongs to the transcode source (another issue).
+            raise NotFound("segment not produced yet")
+        return await self._send(request, Cid(row[0]), ext)
+
+    async def _catalog_blob_ext(self, media_id: str, media: _Media, cid: str) -> str | None:
+        # Blobs of on-demand renditions are not in the manifest; the catalog records them once
+        # produced. Positive answers are cached (a blob never leaves a media).
+        async with self.rt.catalog.conn.execute(
+            "SELECT 'seg' FROM segments WHERE media_id = ? AND cid = ? "
+            "UNION ALL SELECT 'init' FROM renditions WHERE media_id = ? AND init_cid = ? LIMIT 1",
+            (media_id, cid, media_id, cid),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        ext = "mp4" if row[0] == "init" else _segment_ext(media.manifest)
+        media.blobs[cid] = ext
+        return ext
+
+    async def _send(self, request: web.Request, cid: Cid, ext: str) -> web.StreamResponse:
+        if self.streams >= self.max_streams:
+            self.m.rejected.inc()
+            raise TooManyRequests("too many concurrent streams")
+        path = self.rt.store.path_for(cid)
+        source = "local"
+        # One stat of a file in a warm directory: cheaper than a thread hop on every request.
+        if not path.is_file():  # noqa: ASYNC240
+            resolver = self.rt.extras.get("resolver")
+            if resolver is None:
+                raise NotFound("blob not held")
+            self.streams += 1  # a fetch in progress holds a stream slot too
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    path = await resolver.ensure_local(cid)
+            except TimeoutError:
+                raise Unavailable("blob fetch timed out") from None
+            finally:
+                self.streams -= 1
+            source = "fetched"
+        headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
+        return _BlobResponse(self, cid, source, path, headers=headers)
+
+    async def sent(self, request: web.BaseRequest, resp: _BlobResponse) -> None:
+        """Account for a blob response once its body went to the kernel."""
+        status = resp.status
+        ok = request.method != "HEAD" and status < 300
+        sent = (resp.content_length or 0) if ok else 0
+        if sent:
+            self.rt.access.record(resp.cid, sent, time.time())
+            self.rt.metrics.bytes_served.labels(source=resp.source).inc(sent)
+        self.m.bytes.labels(source=resp.source, status=str(status)).inc(sent)
+
+
+class _BlobResponse(web.FileResponse):
+    """A FileResponse that counts itself as an active stream while aiohttp sends it.
+
+    aiohttp prepares (sends) the returned response after the handler returns; counting here keeps
+    the stream gauge and the 429 cap true to what is on the wire.
+    """
+
+    def __init__(
+        self, routes: HlsRoutes, cid: Cid, source: str, path: Path, headers: dict[str, str]
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self.routes = routes
+        self.cid = cid
+        self.source = source
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Send headers and body by sendfile, counted as one active stream."""
+        routes = self.routes
+        routes.streams += 1
+        routes.m.active.inc()
+        try:
+            writer = await super().prepare(request)
+            await routes.sent(request, self)
+            return writer
+        finally:
+            routes.streams -= 1
+            routes.m.active.dec()
+
+
+ROUTES_KEY = web.AppKey("hls_routes", HlsRoutes)
+
+
+def make_auth(rt: Runtime, denied: Counter) -> ViewerAuth:
+    """The viewer authorization configured in ``[http]``."""
+    cfg = rt.settings.http
+    key: bytes | None = None
+    verifier: AccessVerifier | None = None
+    if cfg.auth == "token":
+        secret = rt.settings.secret(cfg.signing_key_secret)
+        if secret is None:
+            log.warning("no HLS signing key: every /hls/ request will be refused")
+        else:
+            key = tokens.key_from_secret(secret)
+    elif cfg.access_team_url and cfg.access_aud:
+        team = cfg.access_team_url.rstrip("/")
+        verifier = AccessVerifier(
+            certs_url=f"{team}/cdn-cgi/access/certs",
+            issuer=team,
+            audience=cfg.access_aud,
+            keys_ttl_s=cfg.access_keys_ttl_s,
+            refetch_min_s=cfg.access_refetch_min_s,
+        )
+    else:
+        log.warning("access mode without access_team_url/access_aud: refusing every viewer")
+    return ViewerAuth(
+        cfg.auth,
+        key=key,
+        verifier=verifier,
+        trusted=parse_networks(cfg.trusted_proxies),
+        registry_denied=denied,
+    )
+
+
+def install(app: web.Application, rt: Runtime) -> None:
+    """Add the HLS routes and the shared viewer authorization to ``app``."""
+    metrics = HlsMetrics(rt)
+    auth = make_auth(rt, metrics.denied)
+    routes = HlsRoutes(rt, auth, metrics)
+    app[VIEWER_AUTH] = auth
+    app[ROUTES_KEY] = routes
+
+    async def close_verifier(_app: web.Application) -> None:
+        if auth.verifier is not None:
+            await auth.verifier.close()
+
+    app.on_cleanup.append(close_verifier)
+    w = routes.wrap
+    media = r"{media:b[a-z2-7]{58}}"
+    app.router.add_get(f"/hls/{media}/{{name:[a-z0-9][a-z0-9_-]{{0,31}}}}.m3u8", w(routes.playlist))
+    app.router.add_get(f"/hls/{media}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s|ts}}", w(routes.blob))
+    app.router.add_get(
+        f"/hls/{media}/s/{{rendition:[a-z0-9][a-z0-9_-]{{0,31}}}}/{{seq:init|[0-9]{{1,9}}}}"
+        ".{ext:mp4|m4s|ts}",
+        w(routes.numbered),
+    )
+    app.router.add_route("OPTIONS", "/hls/{tail:.*}", routes.preflight)

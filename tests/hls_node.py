@@ -1,0 +1,79 @@
+"""Shared fixtures of the HLS tests: generated media and a node serving it on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from peerd.config import load_settings
+from peerd.core import tokens
+from peerd.http import hls
+from peerd.http.server import RouteInstaller, build_app
+from peerd.runtime import Runtime, open_runtime
+from peerd.testing.hlsmedia import import_hls, read_hls
+
+KEY_TEXT = "test-signing-key-0123456789abcdef-0123456789"
+KEY = KEY_TEXT.encode()
+
+
+@dataclass
+class Node:
+    """A running node with imported media."""
+
+    rt: Runtime
+    base: str
+    media: dict[str, str]  # container -> media id
+    routes: hls.HlsRoutes
+
+    def url(self, container: str, path: str = "master.m3u8", token: str | None = "") -> str:
+        """A URL under the media; token "" means a fresh valid one, None means no token."""
+        mid = self.media[container]
+        if token == "":
+            token = tokens.mint(KEY, mid, "hls", int(time.time()) + 600)
+        q = f"?token={token}" if token is not None else ""
+        return f"{self.base}/hls/{mid}/{path}{q}"
+
+
+@contextlib.asynccontextmanager
+async def run_node(
+    tmp: Path,
+    playlists: dict[str, Path],
+    *,
+    http: dict[str, Any] | None = None,
+    extra: list[RouteInstaller] | None = None,
+    before_start: Callable[[Runtime], None] | None = None,
+) -> AsyncIterator[Node]:
+    """Open a runtime in ``tmp``, import the media, serve the HLS routes on 127.0.0.1:0."""
+    secrets = tmp / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    (secrets / "hls_signing_key").write_text(KEY_TEXT + "\n")
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp / "state", "secrets_dir": secrets},
+        http={"port": 0, **(http or {})},
+    )
+    rt = await open_runtime(settings)
+    runner: web.AppRunner | None = None
+    try:
+        media = {}
+        for container, pl in playlists.items():
+            media[container], _ = await import_hls(rt, read_hls(pl))
+        if before_start is not None:
+            before_start(rt)
+        app = build_app(rt, [hls.install, *(extra or [])])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield Node(rt, f"http://127.0.0.1:{port}", media, app[hls.ROUTES_KEY])
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await rt.close()

@@ -1,0 +1,90 @@
+"""hls.js (from npm) in headless Chromium plays signed HLS from a node for 5+ seconds, cross-origin.
+
+The page comes from a second loopback server (another origin), so the node's CORS headers are
+exercised the way a player on the coordinator's site uses them. hls.js is installed by
+``make web-deps`` into ``.venv/web``; the test fails (not skips) when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from hls_node import run_node
+
+from peerd.testing.browser import Browser
+from peerd.testing.hlsmedia import make_hls
+
+ROOT = Path(__file__).resolve().parent.parent
+HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>hls test</title><link rel="icon" href="data:,">
+<script src="/hls.min.js"></script></head>
+<body><video id="v" muted playsinline></video>
+<script>
+window.hlsErrors = [];
+window.mediaErrors = [];
+const v = document.getElementById("v");
+v.addEventListener("error", () => window.mediaErrors.push(String(v.error && v.error.code)));
+const hls = new Hls({enableWorker: false});
+hls.on(Hls.Events.ERROR, (_e, d) => window.hlsErrors.push(`${d.type}:${d.details}:${d.fatal}`));
+hls.loadSource(SRC);
+hls.attachMedia(v);
+hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
+</script></body></html>
+"""
+
+
+@pytest.fixture
+async def page_server() -> AsyncIterator[tuple[str, dict[str, str]]]:
+    """A second origin serving the player page and hls.js; returns its base URL and a slot for
+    the source URL."""
+    if not HLS_JS.is_file():
+        pytest.fail(f"hls.js is not installed at {HLS_JS}: run `make web-deps`")
+    slot: dict[str, str] = {}
+
+    async def page(_r: web.Request) -> web.Response:
+        html = PAGE.replace("SRC", json.dumps(slot["src"]))
+        return web.Response(text=html, content_type="text/html")
+
+    async def script(_r: web.Request) -> web.FileResponse:
+        return web.FileResponse(HLS_JS, headers={"Content-Type": "text/javascript"})
+
+    app = web.Application()
+    app.router.add_get("/player.html", page)
+    app.router.add_get("/hls.min.js", script)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", slot
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.timeout(120)
+async def test_hlsjs_plays_five_seconds_without_errors(
+    tmp_path: Path, page_server: tuple[str, dict[str, str]]
+) -> None:
+    pl = await asyncio.to_thread(make_hls, tmp_path / "media", "fmp4", seconds=8)
+    base, slot = page_server
+    async with run_node(tmp_path / "node", {"fmp4": pl}) as node:
+        slot["src"] = node.url("fmp4")
+        async with Browser.launch(tmp_path / "profile") as browser:
+            page = await browser.new_page()
+            # localhost vs 127.0.0.1: a different origin from the node, so CORS applies.
+            await page.goto(base.replace("127.0.0.1", "localhost") + "/player.html")
+            await page.wait_for(
+                "document.getElementById('v').currentTime >= 5.5"
+                " || window.hlsErrors.length > 0 || window.mediaErrors.length > 0",
+                timeout_s=60,
+            )
+            assert await page.evaluate("window.hlsErrors") == []
+            assert await page.evaluate("window.mediaErrors") == []
+            assert await page.evaluate("document.getElementById('v').currentTime") >= 5.5
+            assert page.console_errors == []
