@@ -74,6 +74,8 @@ class FaultProxy:
     _server: asyncio.Server | None = None
     _count: int = 0
     _conns: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -90,11 +92,12 @@ class FaultProxy:
         """Stop listening and close client connections."""
         if self._server is not None:
             self._server.close()
-            for t in list(self._conns):
-                t.cancel()
-            for t in list(self._conns):
-                with contextlib.suppress(BaseException):
-                    await t
+            self._closing.set()
+            for w in list(self._writers):
+                w.close()
+            # Handlers end on their own once their sockets close (cancelling them would make
+            # asyncio's stream callback log the cancellation as an error).
+            await asyncio.gather(*list(self._conns), return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
@@ -117,6 +120,7 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        self._writers.add(writer)
         try:
             while await self._one(reader, writer):
                 pass
@@ -124,6 +128,7 @@ class FaultProxy:
             pass
         finally:
             self._conns.discard(task)
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -163,7 +168,8 @@ class FaultProxy:
             await writer.drain()
             return True
         if fault is not None and fault.kind == "stall":
-            await asyncio.sleep(fault.seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), fault.seconds)
             return False
         status_line, resp_headers, resp_body = await self._forward(lines, body)
         if fault is not None and fault.kind == "drop":

@@ -58,7 +58,7 @@ def make_trace(
     seed: int = 7,
 ) -> Trace:
     """A trace with Zipf(``zipf_s``) popularity and a sinusoidal daily load."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 -- a reproducible trace, not a secret
     sizes = tuple(rng.randint(50, 500) * 1_000_000 for _ in range(media))
     weights = [1.0 / (i + 1) ** zipf_s for i in range(media)]
     order = list(range(media))
