@@ -25,6 +25,7 @@ from peerd import __version__
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.logs import setup_logging
+from peerd.replication import cli as replication_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("doctor", help="check config, ports, disk, secrets; explain problems")
     p.set_defaults(func=cmd_doctor)
+    replication_cli.register(sub)
     return parser
 
 

@@ -40,7 +40,7 @@ def decayed(score: float, since: float | None, now: float, half_life_s: float) -
     if since is None or score <= 0.0:
         return max(0.0, score)
     dt = max(0.0, now - since)
-    return score * 0.5 ** (dt / half_life_s)
+    return score * math.pow(0.5, dt / half_life_s)
 
 
 def fold(score: float, since: float | None, added: float, at: float, half_life_s: float) -> float:

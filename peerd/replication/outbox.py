@@ -61,17 +61,17 @@ class Job:
 def _job(r: tuple[object, ...] | aiosqlite.Row) -> Job:
     t = tuple(r)
     return Job(
-        id=int(t[0]),  # type: ignore[call-overload]
+        id=int(t[0]),
         kind=str(t[1]),
         target=str(t[2]),
         state=str(t[3]),
-        attempts=int(t[4]),  # type: ignore[call-overload]
-        lease_until=None if t[5] is None else float(t[5]),  # type: ignore[arg-type]
-        next_attempt_at=float(t[6]),  # type: ignore[arg-type]
+        attempts=int(t[4]),
+        lease_until=None if t[5] is None else float(t[5]),
+        next_attempt_at=float(t[6]),
         last_error=None if t[7] is None else str(t[7]),
         lease_owner=None if t[8] is None else str(t[8]),
         batch_id=None if t[9] is None else str(t[9]),
-        bytes=int(t[10]),  # type: ignore[call-overload]
+        bytes=int(t[10]),
     )
 
 

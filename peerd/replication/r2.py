@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import threading
@@ -412,7 +413,7 @@ class R2Client:
 
         try:
             done = await asyncio.gather(
-                *(self._call(lambda p=p: upload(p.number, p.offset, p.size)) for p in parts)
+                *(self._call(functools.partial(upload, p.number, p.offset, p.size)) for p in parts)
             )
 
             def complete() -> None:

@@ -558,8 +558,13 @@ class Replicator:
 
     async def job_status(self, job_id: str) -> dict[str, Any]:
         """A job (numeric id) or batch, as a JSON-able dict; NotFound if unknown."""
+        return await self.job_status_of(self.outbox, job_id)
+
+    @staticmethod
+    async def job_status_of(outbox: Outbox, job_id: str) -> dict[str, Any]:
+        """:meth:`job_status` on any outbox (the CLI reads it without an R2 client)."""
         if job_id.isdigit():
-            job = await self.outbox.get(int(job_id))
+            job = await outbox.get(int(job_id))
             if job is None:
                 raise NotFound(f"no replication job {job_id}")
             return {
@@ -572,7 +577,7 @@ class Replicator:
                 "bytes": job.bytes,
                 "batch": job.batch_id,
             }
-        jobs = await self.outbox.batch(job_id)
+        jobs = await outbox.batch(job_id)
         if not jobs:
             raise NotFound(f"no replication batch {job_id}")
         states: dict[str, int] = {}

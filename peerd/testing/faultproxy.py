@@ -11,6 +11,7 @@ either forwarded to the upstream on a fresh connection or answered with a fault:
 ``truncate``  forward, then send a *shorter but self-consistent* response (Content-Length
               rewritten), keeping the connection: only a hash check can notice
 ``drop``      forward (the server acts on it), then close without answering
+``delay``     wait ``seconds``, then forward normally (a slow link)
 
 Every request is recorded in :attr:`FaultProxy.log` as ``(method, path, fault name or "ok")``.
 """
@@ -171,6 +172,9 @@ class FaultProxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), fault.seconds)
             return False
+        if fault is not None and fault.kind == "delay":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), fault.seconds)
         status_line, resp_headers, resp_body = await self._forward(lines, body)
         if fault is not None and fault.kind == "drop":
             return False

@@ -21,7 +21,7 @@ from peerd.runtime import Runtime, open_runtime
 from peerd.testing.faultproxy import Fault, FaultProxy, method_is
 from peerd.testing.s3server import MotoServer
 from peerd.testing.source_suite import SourceConformance, SourceFactory
-from tests.r2_fixtures import FAST, bucket, client, make_config, moto, proxy, replicator  # noqa: F401
+from tests.r2.conftest import FAST
 
 MIB = 1024 * 1024
 
@@ -171,7 +171,7 @@ def _manifest(cids: list[str], init: str) -> Manifest:
     )
 
 
-async def _media(rt: Runtime, n: int = 4, size: int = 300_000) -> tuple[str, list[Cid]]:
+async def make_media(rt: Runtime, n: int = 4, size: int = 300_000) -> tuple[str, list[Cid]]:
     init = await rt.store.put(os.urandom(1000), kind="init")
     segs = [await rt.store.put(os.urandom(size)) for _ in range(n)]
     m = _manifest(list(segs), init)
@@ -190,7 +190,7 @@ async def test_promote_then_pull_into_another_node_resumes_after_faults(
     tmp_path: Any,
     settings: Any,
 ) -> None:
-    media_id, cids = await _media(runtime)
+    media_id, cids = await make_media(runtime)
     batch = await replicator.promote_media(media_id)
     await replicator.run_until_idle(max_wait_s=60)
     status = await replicator.job_status(batch)
@@ -201,7 +201,9 @@ async def test_promote_then_pull_into_another_node_resumes_after_faults(
         assert (await cur.fetchone())[0] == "present"  # type: ignore[index]
 
     other = await open_runtime(
-        settings.model_copy(update={"node": settings.node.model_copy(update={"state_dir": tmp_path / "b"})})
+        settings.model_copy(
+            update={"node": settings.node.model_copy(update={"state_dir": tmp_path / "b"})}
+        )
     )
     try:
         rep_b = Replicator(other, client, outbox=Outbox(other.catalog, FAST), concurrency=2)
@@ -227,7 +229,8 @@ async def test_promote_then_pull_into_another_node_resumes_after_faults(
         for c in cids:
             assert await other.store.read(c) == await runtime.store.read(c)
             row = await other.catalog.get_blob(c)
-            assert row is not None and row.r2_state == "present"
+            assert row is not None
+            assert row.r2_state == "present"
         assert (await other.store.verify()).ok
     finally:
         await other.close()
@@ -247,7 +250,7 @@ async def test_pull_refuses_manifest_that_does_not_hash(
 async def test_demote_keeps_blobs_the_node_lacks(
     runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str
 ) -> None:
-    media_id, cids = await _media(runtime, n=3, size=10_000)
+    media_id, cids = await make_media(runtime, n=3, size=10_000)
     await replicator.promote_media(media_id)
     await replicator.run_until_idle(max_wait_s=30)
     await runtime.store.evict_local(cids[1])  # R2 now holds the last copy of this one
@@ -262,7 +265,9 @@ async def test_demote_keeps_blobs_the_node_lacks(
     assert await r2_state(runtime, cids[0]) == "none"
 
 
-async def test_upload_last_copies(runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str) -> None:
+async def test_upload_last_copies(
+    runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str
+) -> None:
     cids = [await runtime.store.put(os.urandom(30_000)) for _ in range(5)]
     assert await replicator.upload_last_copies(30) == 5
     assert await replicator.upload_last_copies(30) == 0
@@ -302,9 +307,22 @@ async def test_hundred_concurrent_misses_make_one_get(
     assert await r2_state(runtime, cid) == "present"
 
 
-@pytest.mark.parametrize("fault", [Fault("cut", fraction=0.4), Fault("truncate", fraction=0.9), Fault("stall", seconds=2.0), Fault("slowdown")])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("cut", fraction=0.4),
+        Fault("truncate", fraction=0.9),
+        Fault("stall", seconds=2.0),
+        Fault("slowdown"),
+    ],
+)
 async def test_read_through_faults_store_nothing(
-    runtime: Runtime, client: R2Client, proxy: FaultProxy, moto: MotoServer, bucket: str, fault: Fault
+    runtime: Runtime,
+    client: R2Client,
+    proxy: FaultProxy,
+    moto: MotoServer,
+    bucket: str,
+    fault: Fault,
 ) -> None:
     data = os.urandom(500_000)
     cid = cid_of(data)
