@@ -96,8 +96,8 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
             async with rt.catalog.conn.execute(
                 "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present'"
             ) as cur:
-                for (cid,) in await cur.fetchall():
-                    await rep.outbox.enqueue("push_blob", str(cid))
+                stray = [str(r[0]) for r in await cur.fetchall()]
+            await rep.outbox.enqueue_many("push_blob", stray)
         async with rt.catalog.conn.execute(
             "SELECT COALESCE(SUM(b.size), 0), COUNT(*) FROM replication_jobs j "
             "JOIN blobs b ON b.cid = j.target WHERE j.kind='push_blob' "

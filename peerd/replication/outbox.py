@@ -137,6 +137,14 @@ class Outbox:
         async with self.catalog.transaction() as tx:
             return await enqueue_in(tx, kind, target, self._clock(), batch_id=batch_id, after=after)
 
+    async def enqueue_many(
+        self, kind: str, targets: list[str], *, batch_id: str | None = None
+    ) -> list[int]:
+        """Queue many jobs in one transaction (one commit instead of one per job)."""
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            return [await enqueue_in(tx, kind, t, now, batch_id=batch_id) for t in targets]
+
     async def claim(self, limit: int = 1, kinds: frozenset[str] = JOB_KINDS) -> list[Job]:
         """Take up to ``limit`` due jobs (oldest due first) under a fresh lease."""
         now = self._clock()
