@@ -44,6 +44,7 @@ log = logging.getLogger("peerd.replication")
 
 T = TypeVar("T")
 CHUNK = 256 * 1024
+FIRST_CHUNK = 16 * 1024
 PART_SIZE_META = "peerd-part-size"
 
 
@@ -280,9 +281,9 @@ class R2Client:
         size = int(resp["ContentLength"])
         body = resp["Body"]
 
-        def read() -> bytes:
+        def read(n: int = chunk) -> bytes:
             try:
-                data: bytes = body.read(chunk)
+                data: bytes = body.read(n)
             except (BotoCoreError, OSError, ValueError) as exc:
                 raise R2Error(f"R2 GET {key} failed mid-body: {type(exc).__name__}") from exc
             return data
@@ -291,7 +292,8 @@ class R2Client:
             got = 0
             try:
                 while True:
-                    data = await self._call(read)
+                    # A small first read: the viewer's first byte need not wait for a full chunk.
+                    data = await self._call(read if got else functools.partial(read, FIRST_CHUNK))
                     if not data:
                         break
                     got += len(data)

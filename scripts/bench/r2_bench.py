@@ -42,7 +42,7 @@ from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
 from peerd.replication.service import Replicator  # noqa: E402
 from peerd.replication.source import R2Source  # noqa: E402
 from peerd.runtime import Runtime, open_runtime  # noqa: E402
-from peerd.testing.faultproxy import FaultProxy  # noqa: E402
+from peerd.testing.faultproxy import Fault, FaultProxy  # noqa: E402
 from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
 
 OUT = Path("/tmp/peerd-bench")
@@ -107,7 +107,8 @@ async def peerd_push(rt: Runtime, moto: MotoServer, bucket: str, cids: list[Cid]
             "SELECT COUNT(*) FROM blobs WHERE r2_state='present'"
         ) as cur:
             row = await cur.fetchone()
-        assert row is not None and row[0] == len(cids), "push incomplete"
+        assert row is not None
+        assert row[0] == len(cids), "push incomplete"
         return elapsed
     finally:
         await client.close()
@@ -163,8 +164,14 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ttfb-blobs", type=int, default=15)
     ap.add_argument("--ttfb-size-mib", type=float, default=2.0)
+    ap.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="TTFB: add this latency to every request on both paths (emulates R2 over a WAN)",
+    )
     args = ap.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- before any work starts
     results: dict[str, object] = {"args": vars(args)}
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="peerd-r2-bench-") as tmp:
         rt = await open_runtime(load_settings(None, node={"state_dir": Path(tmp) / "state"}))
@@ -209,7 +216,11 @@ async def main() -> None:
                 c = cid_of(data)
                 await asyncio.to_thread(moto.put, "ttfb", blob_key(c), data)
                 blobs.append(c)
-            client = await R2Client.create(r2cfg(moto.url, "ttfb"))
+            wan = await FaultProxy("127.0.0.1", moto.port).start()
+            if args.rtt_ms:
+                wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
+            upstream = wan.url if args.rtt_ms else moto.url
+            client = await R2Client.create(r2cfg(upstream, "ttfb"))
             ttfb_res: dict[str, list[float]] = {"direct": [], "stream": [], "store-then-serve": []}
             total_res: dict[str, list[float]] = {k: [] for k in ttfb_res}
             try:
@@ -220,11 +231,12 @@ async def main() -> None:
                 direct = moto.client()
 
                 def presigned(c: Cid) -> str:
-                    return str(
+                    url = str(
                         direct.generate_presigned_url(
                             "get_object", Params={"Bucket": "ttfb", "Key": blob_key(c)}
                         )
                     )
+                    return url.replace(moto.url, upstream, 1)
 
                 async with aiohttp.ClientSession() as session:
                     await ttfb(session, presigned(blobs[0]))  # warm up
@@ -235,7 +247,8 @@ async def main() -> None:
                         ):
                             d = await ttfb(session, presigned(cid))
                             p = await ttfb(session, f"{runners[mode][1]}/blob/{cid}")
-                            assert p[2] == tsize and d[2] == tsize
+                            assert p[2] == tsize
+                            assert d[2] == tsize
                             if mode == "stream":
                                 ttfb_res["direct"].append(d[0])
                                 total_res["direct"].append(d[1])
@@ -244,6 +257,7 @@ async def main() -> None:
                 med = {k: statistics.median(v) for k, v in ttfb_res.items()}
                 results["ttfb"] = {
                     "blob_bytes": tsize,
+                    "rtt_ms": args.rtt_ms,
                     "median_ttfb_s": med,
                     "median_total_s": {k: statistics.median(v) for k, v in total_res.items()},
                     "ratio_stream_over_direct": med["stream"] / med["direct"],
@@ -253,6 +267,7 @@ async def main() -> None:
                     await r_.cleanup()
             finally:
                 await client.close()
+                await wan.stop()
             # -- single flight -----------------------------------------------------------------
             proxy = await FaultProxy("127.0.0.1", moto.port).start()
             pclient = await R2Client.create(r2cfg(proxy.url, "ttfb"))
