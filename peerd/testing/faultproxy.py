@@ -194,11 +194,9 @@ class FaultProxy:
         out += "\r\n"
         writer.write(out.encode("latin-1"))
         if fault is not None and fault.kind == "cut":
-            writer.write(resp_body[: int(len(resp_body) * fault.fraction)])
-            await writer.drain()
+            await _write_chunked(writer, resp_body[: int(len(resp_body) * fault.fraction)])
             return False
-        writer.write(resp_body)
-        await writer.drain()
+        await _write_chunked(writer, resp_body)
         return True
 
     async def _forward(
@@ -215,9 +213,12 @@ class FaultProxy:
                     continue
                 out += line + "\r\n"
             out += "Connection: close\r\n\r\n"
-            up_w.write(out.encode("latin-1") + body)
-            await up_w.drain()
-            raw = await up_r.read()
+            up_w.write(out.encode("latin-1"))
+            await _write_chunked(up_w, body)
+            parts = []
+            while data := await up_r.read(1 << 18):
+                parts.append(data)
+            raw = b"".join(parts)
         finally:
             up_w.close()
             with contextlib.suppress(Exception):
@@ -238,6 +239,14 @@ class FaultProxy:
         elif not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("Content-Length", str(len(rest))))
         return hl[0], headers, rest
+
+
+async def _write_chunked(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write in slices, draining between them, so no loop step copies megabytes at once."""
+    view = memoryview(data)
+    for i in range(0, len(view), 1 << 18):
+        writer.write(view[i : i + (1 << 18)])
+        await writer.drain()
 
 
 def _dechunk(data: bytes) -> bytes:
