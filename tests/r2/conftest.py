@@ -47,7 +47,7 @@ def make_config(url: str, bucket: str, **kw: object) -> R2Config:
         "bucket": bucket,
         "access_key_id": ACCESS_KEY,
         "secret_access_key": SECRET_KEY,
-        "max_concurrency": 4,
+        "max_concurrency": 2,
         "part_size": 5 * 1024 * 1024,
         "multipart_threshold": 5 * 1024 * 1024,
         "connect_timeout_s": 2.0,
