@@ -26,6 +26,7 @@ from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.logs import setup_logging
 from peerd.media import cli as media_cli
+from peerd.replication import cli as replication_cli
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     media_cli.register(sub)
     install.register(sub)
+    replication_cli.register(sub)
     return parser
 
 

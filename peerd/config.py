@@ -136,7 +136,49 @@ class MediaSettings(Section):
 
 
 class R2Settings(Section):
-    """Cloudflare R2 replication and tiering. Owned by issue 5."""
+    """Cloudflare R2 replication and tiering. Owned by issue 5.
+
+    R2 is used only when a bucket, an account id (or ``endpoint``) and both credential secrets
+    (``r2_access_key_id``, ``r2_secret_access_key``) are present; otherwise the node runs
+    without it.
+    """
+
+    account_id: str = ""
+    bucket: str = ""
+    endpoint: str | None = None
+    region: str = "auto"
+    max_concurrency: int = Field(default=8, ge=1, le=64)
+    part_size_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    budget_bytes: int = Field(default=10 * 1024**3, ge=0)
+    budget_class_a_per_month: int = Field(default=1_000_000, ge=0)
+    budget_class_b_per_month: int = Field(default=10_000_000, ge=0)
+    uplink_bytes_per_s: int = Field(default=2_500_000, ge=0)
+    uplink_headroom: float = Field(default=0.6, gt=0, le=1)
+    cold_bytes_per_s: float = Field(default=2000.0, ge=0)
+    min_residence_s: float = Field(default=3600.0, ge=0)
+    access_half_life_s: float = Field(default=3600.0, gt=0)
+    tiering_interval_s: float = Field(default=60.0, gt=0)
+    evict_high_watermark: float = Field(default=0.95, gt=0, le=1)
+    evict_low_watermark: float = Field(default=0.85, gt=0, le=1)
+    job_lease_s: float = Field(default=300.0, gt=0)
+    retry_base_s: float = Field(default=2.0, gt=0)
+    retry_max_s: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=12, ge=1)
+    sse_c: bool = False
+
+    @property
+    def configured(self) -> bool:
+        """True when a bucket and an endpoint (or account id) are set."""
+        return bool(self.bucket and (self.endpoint or self.account_id))
+
+    @property
+    def endpoint_url(self) -> str:
+        """The S3 endpoint: the override, or R2's per-account endpoint."""
+        return self.endpoint or f"https://{self.account_id}.r2.cloudflarestorage.com"
 
 
 class MdnsSettings(Section):

@@ -30,11 +30,13 @@ from typing import Protocol, runtime_checkable
 
 from peerd import __version__, ui
 from peerd.config import Settings
+from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService
 from peerd.metrics import Metrics
+from peerd.replication import build_replication
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
 
@@ -255,8 +257,11 @@ def route_installers(rt: Runtime) -> list[RouteInstaller]:
 def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
+    if "resolver" not in rt.extras:
+        rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
     services.append(HttpService(rt, route_installers(rt)))
     services.append(MediaService(rt))
+    services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
     return services
 
 

@@ -16,7 +16,7 @@ them one at a time until one delivers. Sources share one conformance suite
 (``peerd.testing.source_suite``).
 """
 
-from peerd.delivery.resolver import Resolver
+from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.delivery.source import Offer, Source
 
-__all__ = ["Offer", "Resolver", "Source"]
+__all__ = ["BlobStream", "Offer", "Resolver", "Source"]

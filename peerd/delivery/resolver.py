@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -16,6 +17,78 @@ from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, Upstre
 from peerd.store import BlobStore
 
 log = logging.getLogger("peerd.delivery")
+
+
+@dataclass
+class BlobStream:
+    """What :meth:`Resolver.open_stream` returns: a local ``path``, or ``chunks`` streaming from
+    a trusted source (``size`` bytes in all) while the blob is verified and stored."""
+
+    path: Path | None
+    size: int | None
+    source: str
+    chunks: AsyncIterator[bytes] | None = None
+
+
+class _Tee:
+    """Bytes of one trusted offer, replayed to any number of readers while being stored."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size: int | None = None
+        self.source = ""
+        self.streaming = False
+        self.done = False
+        self.error: PeerdError | None = None
+        self.path: Path | None = None
+        self.started = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def begin(self, size: int | None, source: str) -> None:
+        self.size = size
+        self.source = source
+        self.streaming = True
+        self.started.set()
+
+    def push(self, chunk: bytes) -> None:
+        if self.error is None:
+            self.chunks.append(chunk)
+            self._notify()
+
+    def fail(self, exc: PeerdError) -> None:
+        if self.error is None and not self.done:
+            self.error = exc
+            self._notify()
+
+    def finish(self, path: Path | None, exc: PeerdError | None) -> None:
+        self.done = True
+        self.path = path
+        if exc is not None and self.error is None:
+            self.error = exc
+        if path is None and self.error is None:
+            self.error = NotFound("blob fetch ended without a result")
+        # If the streamed offer failed and another source then delivered, ``error`` stays set:
+        # readers that already got bytes cannot be restarted, so they still see the failure.
+        self.started.set()
+        self._notify()
+
+    async def reader(self) -> AsyncIterator[bytes]:
+        """The streamed bytes; the last chunk only once the whole blob verified."""
+        i = 0
+        while True:
+            if self.error is not None:
+                raise self.error
+            if i + 1 < len(self.chunks) or (self.done and i < len(self.chunks)):
+                yield self.chunks[i]
+                i += 1
+                continue
+            if self.done:
+                return
+            await self._changed.wait()
 
 
 class Resolver:
@@ -37,6 +110,8 @@ class Resolver:
         self.max_blob_bytes = max_blob_bytes
         self._clock = clock
         self._inflight: dict[Cid, asyncio.Future[Path]] = {}
+        self._tees: dict[Cid, _Tee] = {}
+        self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
         reg = registry or CollectorRegistry()
         self.m_fetches = Counter(
@@ -62,6 +137,60 @@ class Resolver:
 
     async def ensure_local(self, cid: Cid) -> Path:
         """The local file of ``cid``, fetching it first if needed. NotFound if no source has it."""
+        return await self._ensure(cid, None)
+
+    async def open_stream(self, cid: Cid) -> BlobStream:
+        """Deliver ``cid`` as soon as possible: a local file, or bytes streaming while stored.
+
+        * Held locally: ``BlobStream(path=...)``.
+        * Missing, and the first source to answer is *trusted* (its offer has
+          ``meta["trusted"] == "1"``, i.e. the node's own R2 bucket): its bytes are handed to the
+          caller as they arrive, while :meth:`BlobStore.put_stream` hashes and stores them. The
+          final chunk is released only after the hash matched, so on a mismatch the caller's
+          iterator raises before the body is complete and the HTTP layer aborts the response
+          (the viewer never receives a complete wrong body; Content-Length shows it truncated).
+        * Missing, and delivered by an untrusted source (LAN, libp2p): the whole blob is verified
+          and stored first, then ``BlobStream(path=...)`` -- the same as :meth:`ensure_local`.
+
+        Concurrent calls share one upstream fetch (with each other and with ensure_local); late
+        joiners replay the bytes received so far. The fetch runs in its own task, so a viewer
+        that goes away does not abort the store. NotFound if no source has the blob.
+        """
+        try:
+            return BlobStream(path=await self.store.open_path(cid), size=None, source="local")
+        except NotFound:
+            pass
+        tee = self._tees.get(cid)
+        if tee is None:
+            if cid in self._inflight:
+                path = await self._ensure(cid, None)
+                return BlobStream(path=path, size=None, source="local")
+            tee = _Tee()
+            self._tees[cid] = tee
+            task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
+            self._tee_tasks.add(task)
+            task.add_done_callback(self._tee_tasks.discard)
+        await tee.started.wait()
+        if tee.streaming:
+            return BlobStream(path=None, size=tee.size, source=tee.source, chunks=tee.reader())
+        if tee.error is not None:
+            raise tee.error
+        assert tee.path is not None
+        return BlobStream(path=tee.path, size=None, source="local")
+
+    async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
+        try:
+            path = await self._ensure(cid, tee)
+        except BaseException as exc:
+            tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            tee.finish(path, None)
+        finally:
+            self._tees.pop(cid, None)
+
+    async def _ensure(self, cid: Cid, tee: _Tee | None) -> Path:
         try:
             return await self.store.open_path(cid)
         except NotFound:
@@ -77,7 +206,7 @@ class Resolver:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[cid] = fut
         try:
-            path = await self._fetch(cid)
+            path = await self._fetch(cid, tee)
         except BaseException as exc:
             if isinstance(exc, NotFound):
                 self._misses[cid] = self._clock() + self.miss_ttl_s
@@ -94,13 +223,13 @@ class Resolver:
         finally:
             self._inflight.pop(cid, None)
 
-    async def _fetch(self, cid: Cid) -> Path:
+    async def _fetch(self, cid: Cid, tee: _Tee | None = None) -> Path:
         failures: list[str] = []
         for source in self.sources:
             started = self._clock()
             try:
                 async with asyncio.timeout(source.timeout_s):
-                    delivered = await self._try_source(source, cid, failures)
+                    delivered = await self._try_source(source, cid, failures, tee)
             except TimeoutError:
                 self.m_fetches.labels(source=source.name, outcome="timeout").inc()
                 failures.append(f"{source.name}: timed out after {source.timeout_s}s")
@@ -118,12 +247,14 @@ class Resolver:
             log.info("blob not fetched", extra={"cid": cid, "failures": failures})
         raise NotFound(f"blob {cid} is not available from any source")
 
-    async def _try_source(self, source: Source, cid: Cid, failures: list[str]) -> Path | None:
+    async def _try_source(
+        self, source: Source, cid: Cid, failures: list[str], tee: _Tee | None = None
+    ) -> Path | None:
         gen = source.offers(cid)
         try:
             async for offer in gen:
                 try:
-                    await self._take(offer, cid)
+                    await self._take(offer, cid, tee)
                 except IntegrityError as exc:
                     source.report(offer, False, "integrity")
                     self.m_fetches.labels(source=source.name, outcome="integrity").inc()
@@ -153,8 +284,17 @@ class Resolver:
                 await aclose()
         return None
 
-    async def _take(self, offer: Offer, cid: Cid) -> None:
+    async def _take(self, offer: Offer, cid: Cid, tee: _Tee | None = None) -> None:
         limit = offer.size if offer.size is not None else self.max_blob_bytes
+        stream = (
+            tee is not None
+            and not tee.streaming
+            and offer.meta.get("trusted") == "1"
+            and offer.size is not None
+        )
+        if stream:
+            assert tee is not None
+            tee.begin(offer.size, offer.source)
 
         async def counted() -> AsyncIterator[bytes]:
             n = 0
@@ -162,8 +302,19 @@ class Resolver:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
+                if stream:
+                    assert tee is not None
+                    tee.push(chunk)
                 yield chunk
             if offer.size is not None and n != offer.size:
                 raise IntegrityError(f"{offer.peer} sent {n} of {offer.size} bytes for {cid}")
 
-        await self.store.put_stream(counted(), expected=cid, kind=offer.meta.get("kind", "segment"))
+        try:
+            await self.store.put_stream(
+                counted(), expected=cid, kind=offer.meta.get("kind", "segment")
+            )
+        except BaseException as exc:
+            if stream:
+                assert tee is not None
+                tee.fail(exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
+            raise

@@ -1,0 +1,188 @@
+"""Tiering policy: which media go to R2, which leave it, which local blobs may be evicted.
+
+Theory of operation
+-------------------
+Demand is measured as *decayed bytes served*: every drained batch of accesses adds its bytes to a
+blob's score, and scores decay exponentially with half-life ``H`` (:func:`decayed`). A steady
+stream of ``r`` bytes/s settles at ``r * H / ln 2``, so :func:`demand_bps` turns a score back into
+a rate. A media item's demand is the sum over its blobs.
+
+The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
+
+1. Media in R2 that are still warm (demand >= ``cold_bps``), or younger than
+   ``min_residence_s``, stay: their demand is served by R2.
+2. If the rest of the demand exceeds the uplink, media not in R2 are promoted in order of demand
+   per stored byte (most uplink relief for the fewest stored bytes) until the remainder fits, or
+   the R2 byte budget (``r2_budget_bytes``) or request budget stops it.
+3. Media in R2 that went cold (and are old enough) are demoted -- but only if the node still
+   holds all their blobs, so demotion never deletes the last copy. When the budget shrank below
+   what is stored, the least dense warm media are demoted too.
+
+:func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
+evicts blobs, coldest first, down to the low watermark, choosing only blobs whose R2 copy is
+confirmed and that are not pinned. The caller re-checks each candidate with a HEAD before it
+deletes anything.
+
+Pure: no I/O, ``now`` is passed in, results are frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+LN2 = math.log(2.0)
+
+
+def decayed(score: float, since: float | None, now: float, half_life_s: float) -> float:
+    """``score`` recorded at ``since``, decayed to ``now``."""
+    if since is None or score <= 0.0:
+        return max(0.0, score)
+    dt = max(0.0, now - since)
+    return score * math.pow(0.5, dt / half_life_s)
+
+
+def fold(score: float, since: float | None, added: float, at: float, half_life_s: float) -> float:
+    """A score after ``added`` bytes were accessed at ``at`` (the new reference time)."""
+    return decayed(score, since, at, half_life_s) + added
+
+
+def demand_bps(score: float, half_life_s: float) -> float:
+    """The steady byte rate that would produce ``score`` (see the module doc)."""
+    return score * LN2 / half_life_s
+
+
+@dataclass(frozen=True)
+class MediaStat:
+    """One media item as the policy sees it."""
+
+    media_id: str
+    size: int
+    demand_bps: float
+    in_r2: bool
+    r2_since: float | None = None
+    local_complete: bool = True
+
+
+@dataclass(frozen=True)
+class TieringLimits:
+    """The node's capacity and the operator's budgets."""
+
+    uplink_bps: float
+    r2_budget_bytes: int
+    headroom: float = 0.6
+    cold_bps: float = 1000.0
+    min_residence_s: float = 3600.0
+    promotions_allowed: bool = True
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Copy a media item (manifest and blobs) to R2."""
+
+    media_id: str
+    size: int
+    demand_bps: float
+
+
+@dataclass(frozen=True)
+class Demote:
+    """Delete a media item's objects from R2 (the node keeps its copy)."""
+
+    media_id: str
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    """One locally held blob as eviction sees it."""
+
+    cid: str
+    size: int
+    score: float
+    last_access: float | None
+    r2_confirmed: bool
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Drop the local copy of a blob (its R2 copy stays)."""
+
+    cid: str
+    size: int
+
+
+def _density(m: MediaStat) -> float:
+    return m.demand_bps / max(1, m.size)
+
+
+def plan_tiering(
+    media: Sequence[MediaStat], limits: TieringLimits, now: float
+) -> list[Promote | Demote]:
+    """Promotions and demotions for this round (see the module doc)."""
+    capacity = max(0.0, limits.uplink_bps * limits.headroom)
+    actions: list[Promote | Demote] = []
+
+    def settled(m: MediaStat) -> bool:
+        return m.r2_since is not None and now - m.r2_since < limits.min_residence_s
+
+    kept = [m for m in media if m.in_r2 and (m.demand_bps >= limits.cold_bps or settled(m))]
+    cold = [m for m in media if m.in_r2 and m not in kept]
+    kept.sort(key=_density, reverse=True)
+    stored = 0
+    keep_ids = set()
+    for m in kept:
+        if stored + m.size <= limits.r2_budget_bytes or not m.local_complete:
+            stored += m.size
+            keep_ids.add(m.media_id)
+        else:
+            cold.append(m)
+    for m in cold:
+        if m.local_complete:
+            reason = "over budget" if m.demand_bps >= limits.cold_bps else "cold"
+            actions.append(Demote(m.media_id, m.size, reason))
+        else:
+            stored += m.size  # cannot leave R2 before the node holds it again
+            keep_ids.add(m.media_id)
+    local_demand = sum(m.demand_bps for m in media if m.media_id not in keep_ids)
+    if local_demand > capacity and limits.promotions_allowed:
+        candidates = sorted(
+            (m for m in media if not m.in_r2 and m.demand_bps > 0), key=_density, reverse=True
+        )
+        for m in candidates:
+            if local_demand <= capacity:
+                break
+            if stored + m.size > limits.r2_budget_bytes:
+                continue
+            actions.append(Promote(m.media_id, m.size, m.demand_bps))
+            stored += m.size
+            local_demand -= m.demand_bps
+    return actions
+
+
+def plan_eviction(
+    blobs: Iterable[BlobStat],
+    used_bytes: int,
+    quota_bytes: int,
+    *,
+    high: float = 0.95,
+    low: float = 0.85,
+) -> list[Evict]:
+    """Blobs to evict so local usage falls to ``low * quota`` once it passed ``high * quota``."""
+    if quota_bytes <= 0 or used_bytes <= high * quota_bytes:
+        return []
+    target = low * quota_bytes
+    candidates = sorted(
+        (b for b in blobs if b.r2_confirmed and not b.pinned),
+        key=lambda b: (b.score, b.last_access if b.last_access is not None else -math.inf, b.cid),
+    )
+    out = []
+    for b in candidates:
+        if used_bytes <= target:
+            break
+        out.append(Evict(b.cid, b.size))
+        used_bytes -= b.size
+    return out

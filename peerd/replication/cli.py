@@ -1,0 +1,222 @@
+"""``peerd replicate push|pull|status``: replication by hand, with progress bars.
+
+``push [MEDIA_ID ...]`` promotes the named media (default: every media item and every local blob
+R2 lacks) and works the outbox until it is empty, showing bytes verified in R2 and throughput.
+It uses the same durable outbox as the daemon (leases keep the two from doing a job twice), so
+an interrupted push resumes where it stopped. ``pull MEDIA_ID ...`` fetches media from R2,
+verifying every blob. ``evict`` runs one eviction round under ``[store] quota_bytes`` (only
+blobs confirmed in R2 by HEAD, never pinned ones). ``status`` shows jobs, R2 states and this
+month's R2 requests.
+Exit codes: 0 done, 1 some jobs failed, 2 R2 not configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import sys
+import time
+from typing import Any
+
+from peerd.config import Settings
+from peerd.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    """Add ``replicate`` and its subcommands to the ``peerd`` parser."""
+    p = sub.add_parser("replicate", help="push to / pull from R2, evict, replication status")
+    rsub = p.add_subparsers(dest="replicate_command", required=True, metavar="ACTION")
+    push = rsub.add_parser("push", help="upload media (default: everything R2 lacks) to R2")
+    push.add_argument("media", nargs="*", help="media ids (default: all)")
+    push.add_argument("--no-progress", action="store_true")
+    push.set_defaults(func=cmd_push)
+    pull = rsub.add_parser("pull", help="fetch media from R2 into the local store")
+    pull.add_argument("media", nargs="+", help="media ids")
+    pull.add_argument("--no-progress", action="store_true")
+    pull.set_defaults(func=cmd_pull)
+    ev = rsub.add_parser("evict", help="one eviction round under [store] quota_bytes")
+    ev.set_defaults(func=cmd_evict)
+    st = rsub.add_parser("status", help="replication jobs, R2 states, request counts")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--batch", help="show one job or batch id")
+    st.set_defaults(func=cmd_status)
+
+
+async def _open(settings: Settings) -> tuple[Any, Any]:
+    from peerd.replication.metrics import r2_metrics
+    from peerd.replication.r2 import R2Client, config_from_settings
+    from peerd.replication.service import Replicator
+    from peerd.runtime import open_runtime
+
+    cfg = config_from_settings(settings)
+    if cfg is None:
+        raise ConfigError(
+            "R2 is not configured: set [r2] bucket and account_id (or endpoint) and the secrets "
+            "r2_access_key_id and r2_secret_access_key"
+        )
+    rt = await open_runtime(settings)
+    client = await R2Client.create(cfg, on_request=r2_metrics(rt.metrics.registry).on_request)
+    return rt, Replicator(rt, client)
+
+
+def _bar(total: int, desc: str, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        file=sys.stderr,
+        disable=disable,
+        smoothing=0.1,
+    )
+
+
+def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
+    """Promote media (or everything) and work the outbox until it is empty."""
+    return asyncio.run(_push(args, settings))
+
+
+async def _push(args: argparse.Namespace, settings: Settings) -> int:
+    rt, rep = await _open(settings)
+    try:
+        media = list(args.media)
+        if not media:
+            async with rt.catalog.conn.execute(
+                "SELECT media_id FROM media WHERE r2_state != 'present'"
+            ) as cur:
+                media = [str(r[0]) for r in await cur.fetchall()]
+        for m in media:
+            await rep.promote_media(m)
+        if not args.media:
+            async with rt.catalog.conn.execute(
+                "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present'"
+            ) as cur:
+                stray = [str(r[0]) for r in await cur.fetchall()]
+            await rep.outbox.enqueue_many("push_blob", stray)
+        async with rt.catalog.conn.execute(
+            "SELECT COALESCE(SUM(b.size), 0), COUNT(*) FROM replication_jobs j "
+            "JOIN blobs b ON b.cid = j.target WHERE j.kind='push_blob' "
+            "AND j.state IN ('queued', 'running')"
+        ) as cur:
+            row = await cur.fetchone()
+        total, count = (int(row[0]), int(row[1])) if row else (0, 0)
+        bar = _bar(total, f"push {count} blobs", args.no_progress)
+        rep.on_progress = bar.update
+        started = time.monotonic()
+        await rep.run_until_idle()
+        bar.close()
+        elapsed = time.monotonic() - started
+        counts = await rep.outbox.counts()
+        print(
+            f"pushed {bar.n} bytes in {elapsed:.1f} s "
+            f"({bar.n / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
+        )
+        return 1 if counts.get("failed") else 0
+    finally:
+        await rep.client.close()
+        await rt.close()
+
+
+def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
+    """Pull media from R2."""
+    return asyncio.run(_pull(args, settings))
+
+
+async def _pull(args: argparse.Namespace, settings: Settings) -> int:
+    rt, rep = await _open(settings)
+    try:
+        for media_id in args.media:
+            bar = _bar(0, f"pull {media_id[:16]}", args.no_progress)
+            rep_ = await rep.pull_media(media_id, progress=bar.update)
+            bar.close()
+            print(
+                f"{media_id}: {rep_.blobs} blobs, {rep_.fetched} fetched "
+                f"({rep_.bytes} bytes), {'recorded' if rep_.recorded else 'already catalogued'}"
+            )
+        return 0
+    finally:
+        await rep.client.close()
+        await rt.close()
+
+
+def cmd_evict(args: argparse.Namespace, settings: Settings) -> int:
+    """Evict blobs confirmed in R2 until the store is under its low watermark."""
+    return asyncio.run(_evict(settings))
+
+
+async def _evict(settings: Settings) -> int:
+    from peerd.replication.tiering import TieringService
+
+    rt, rep = await _open(settings)
+    try:
+        svc = TieringService(rt, rep, rep.client)
+        evicted, refused = await svc.evict(time.time())
+        print(
+            f"evicted {evicted} blobs, {refused} not confirmed in R2; "
+            f"store holds {rt.store.used_bytes} bytes (quota {rt.store.quota_bytes})"
+        )
+        return 0
+    finally:
+        await rep.client.close()
+        await rt.close()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Show replication state."""
+    return asyncio.run(_status(args, settings))
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from peerd.catalog import Catalog
+    from peerd.replication.outbox import Outbox
+
+    if not settings.catalog_path.exists():
+        print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
+        return 1
+    cat = await Catalog.open(settings.catalog_path)
+    try:
+        outbox = Outbox(cat)
+        if args.batch:
+            from peerd.replication.service import Replicator
+
+            info: dict[str, Any] = await Replicator.job_status_of(outbox, args.batch)
+        else:
+            info = {"configured": settings.r2.configured, "jobs": await outbox.counts()}
+            for table in ("blobs", "media"):
+                size = "SUM(size)" if table == "blobs" else "COUNT(*)"
+                sql = f"SELECT r2_state, COUNT(*), {size} FROM {table} GROUP BY r2_state"  # noqa: S608
+                async with cat.conn.execute(sql) as cur:
+                    info[f"{table}_by_r2_state"] = {
+                        str(r[0]): {"count": int(r[1]), "bytes": int(r[2] or 0)}
+                        if table == "blobs"
+                        else int(r[1])
+                        for r in await cur.fetchall()
+                    }
+            month = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-01")
+            async with cat.conn.execute(
+                "SELECT label, SUM(value) FROM usage WHERE metric='r2_requests' AND day >= ? "
+                "GROUP BY label",
+                (month,),
+            ) as cur:
+                info["requests_this_month"] = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+            async with cat.conn.execute(
+                "SELECT id, kind, target, attempts, last_error FROM replication_jobs "
+                "WHERE last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 10"
+            ) as cur:
+                info["recent_errors"] = [
+                    {"id": r[0], "kind": r[1], "target": r[2], "attempts": r[3], "error": r[4]}
+                    for r in await cur.fetchall()
+                ]
+    finally:
+        await cat.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:22} {json.dumps(v)}")
+    return 0

@@ -1,0 +1,67 @@
+"""Replication metrics and R2 request accounting (one set per metrics registry)."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter
+
+# R2 bills "class A" (writes, lists) and "class B" (reads) operations separately.
+CLASS_A = frozenset(
+    {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "ListObjects"}
+)
+CLASS_B = frozenset({"GetObject", "HeadObject"})
+
+
+@dataclass
+class R2Metrics:
+    """Counters for R2 traffic and replication jobs."""
+
+    registry: CollectorRegistry
+    requests: Counter = field(init=False)
+    jobs: Counter = field(init=False)
+    bytes: Counter = field(init=False)
+    pending_class_a: int = 0
+    pending_class_b: int = 0
+
+    def __post_init__(self) -> None:
+        self.requests = Counter(
+            "peerd_r2_requests", "R2 API requests by operation", ["op"], registry=self.registry
+        )
+        self.jobs = Counter(
+            "peerd_r2_jobs", "Replication job outcomes", ["kind", "outcome"], registry=self.registry
+        )
+        self.bytes = Counter(
+            "peerd_r2_bytes",
+            "Bytes moved to or from R2",
+            ["direction"],
+            registry=self.registry,
+        )
+
+    def on_request(self, op: str) -> None:
+        """Count one request (called from executor threads; counters are thread-safe)."""
+        self.requests.labels(op=op).inc()
+        if op in CLASS_A:
+            self.pending_class_a += 1
+        elif op in CLASS_B:
+            self.pending_class_b += 1
+
+    def take_pending(self) -> tuple[int, int]:
+        """Class A and B requests since the last call (persisted by the tiering service)."""
+        a, b = self.pending_class_a, self.pending_class_b
+        self.pending_class_a -= a
+        self.pending_class_b -= b
+        return a, b
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, R2Metrics] = weakref.WeakKeyDictionary()
+
+
+def r2_metrics(registry: CollectorRegistry) -> R2Metrics:
+    """The replication metrics of ``registry``, created on first use."""
+    m = _BY_REGISTRY.get(registry)
+    if m is None:
+        m = R2Metrics(registry)
+        _BY_REGISTRY[registry] = m
+    return m

@@ -1,0 +1,598 @@
+"""The replicator: runs the outbox against R2, and the operations other subsystems call.
+
+Public surface (the daemon keeps the instance at ``rt.extras["replicator"]``):
+
+``await push_blob(cid)``
+    queue an upload of one blob (durable; returns at once).
+``await promote_media(media_id) -> batch id``
+    queue uploads of every blob of a media item, then its manifest; the media item is marked
+    ``present`` in R2 once the manifest is uploaded and verified, which happens only after all its
+    blobs are. Poll with :meth:`job_status`.
+``await demote_media(media_id) -> batch id``
+    queue deletion of the manifest, then of the blobs no other R2 media item uses -- never of a
+    blob the node does not hold (R2 may hold the last copy).
+``await pull_media(media_id, progress=None) -> PullReport``
+    fetch a manifest and its blobs from R2 into the local store, verifying every hash; blobs
+    already held are skipped, so re-running after a crash resumes. ``progress(nbytes)`` is called
+    as bytes arrive. The media rows are committed after the last blob.
+``await upload_last_copies(deadline_s) -> int``
+    push every local blob whose R2 state is not ``present``, as far as ``deadline_s`` allows
+    (for a node about to leave); returns how many were verified in R2.
+``await job_status(job_id) -> dict``
+    one job (numeric id) or one batch (the id from promote/demote).
+
+Upload protocol for one blob: ``PUT blobs/<cid>`` with ``If-None-Match: *`` and the SHA-256
+checksum; then HEAD (size + checksum). Only a verified object lets the job complete, and the
+blob's ``r2_state='present'`` is committed in the same transaction as the job's completion. A 412
+(an object already there -- an earlier attempt whose answer was lost, or another node) is followed
+by the same HEAD check; an object there that fails it is deleted and the job retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from peerd.core.ids import Cid, cid_of, digest_of
+from peerd.core.manifest import decode
+from peerd.core.multipart import b64_digest
+from peerd.core.outbox import RetryPolicy
+from peerd.errors import IntegrityError, NotFound, PeerdError
+from peerd.replication.metrics import R2Metrics, r2_metrics
+from peerd.replication.outbox import Job, Outbox
+from peerd.replication.r2 import AlreadyExists, R2Client, R2Error, blob_key, manifest_key
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.replication")
+
+Progress = Callable[[int], None]
+
+
+class JobFailed(PeerdError):
+    """A job cannot succeed as asked (it is given up, with this message)."""
+
+    code = "replication_failed"
+
+
+class Deferred(Exception):
+    """A job must wait for others (not a failure)."""
+
+    def __init__(self, reason: str, delay_s: float = 2.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay_s = delay_s
+
+
+@dataclass(frozen=True)
+class PullReport:
+    """What a pull did."""
+
+    media_id: str
+    blobs: int
+    fetched: int
+    bytes: int
+    recorded: bool
+
+
+async def gather_all(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coros`` together; on the first failure cancel the rest and raise that error."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for c in coros:
+                tg.create_task(c)
+    except BaseExceptionGroup as eg:
+        first = eg.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+def policy_from_settings(rt: Runtime) -> RetryPolicy:
+    """The outbox retry policy from ``[r2]`` settings."""
+    r2 = rt.settings.r2
+    return RetryPolicy(
+        lease_s=r2.job_lease_s,
+        base_s=r2.retry_base_s,
+        max_s=r2.retry_max_s,
+        max_attempts=r2.max_attempts,
+    )
+
+
+class Replicator:
+    """Outbox workers plus the replication operations (see the module doc)."""
+
+    name = "replicator"
+
+    def __init__(
+        self,
+        rt: Runtime,
+        client: R2Client,
+        *,
+        outbox: Outbox | None = None,
+        concurrency: int | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_s: float = 5.0,
+    ) -> None:
+        self.rt = rt
+        self.client = client
+        self.outbox = outbox or Outbox(rt.catalog, policy_from_settings(rt), clock=clock)
+        self.concurrency = concurrency or rt.settings.r2.max_concurrency
+        self.metrics: R2Metrics = r2_metrics(rt.metrics.registry)
+        self._clock = clock
+        self._poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.on_progress: Progress | None = None
+
+    # -- service ---------------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Run outbox workers until cancelled."""
+        self._stopping = False
+        ready()
+        async with asyncio.TaskGroup() as tg:
+            for i in range(self.concurrency):
+                tg.create_task(self._worker(), name=f"r2-worker-{i}")
+
+    async def drain(self) -> None:
+        """Stop claiming jobs and let the ones in flight finish (leases cover the rest)."""
+        self._stopping = True
+        self._wake.set()
+        await self._idle.wait()
+
+    def wake(self) -> None:
+        """Tell idle workers that a job was queued."""
+        self._wake.set()
+
+    async def _worker(self) -> None:
+        while not self._stopping:
+            jobs = await self.outbox.claim(1)
+            if not jobs:
+                self._wake.clear()
+                due = await self.outbox.next_due()
+                wait = (
+                    self._poll_s
+                    if due is None
+                    else max(0.01, min(self._poll_s, due - self._clock()))
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                continue
+            await self.execute(jobs[0])
+
+    async def run_until_idle(self, *, max_wait_s: float = 3600.0) -> int:
+        """Work until no job is queued or running (CLI and tests). Returns jobs executed."""
+        done = 0
+        deadline = self._clock() + max_wait_s
+
+        async def one() -> None:
+            nonlocal done
+            while self._clock() < deadline:
+                jobs = await self.outbox.claim(1)
+                if jobs:
+                    await self.execute(jobs[0])
+                    done += 1
+                    continue
+                if await self.outbox.open_count() == 0:
+                    return
+                due = await self.outbox.next_due()
+                await asyncio.sleep(
+                    0.05 if due is None else max(0.01, min(1.0, due - self._clock()))
+                )
+
+        await asyncio.gather(*(one() for _ in range(self.concurrency)))
+        return done
+
+    async def execute(self, job: Job) -> None:
+        """Run one claimed job and record its outcome."""
+        self._busy += 1
+        self._idle.clear()
+        renew = asyncio.create_task(self._renew(job))
+        outcome = "ok"
+        try:
+            await self._dispatch(job)
+        except Deferred as d:
+            outcome = "deferred"
+            await self.outbox.defer(job, d.delay_s, d.reason)
+        except R2Error as exc:
+            outcome = "retry"
+            res = await self.outbox.fail(job, exc.message, throttled=exc.throttled)
+            log.info(
+                "replication job failed",
+                extra={"job": job.id, "kind": job.kind, "error": exc.message, "next": repr(res)},
+            )
+        except (JobFailed, NotFound, IntegrityError) as exc:
+            outcome = "failed"
+            await self.outbox.fail(job, exc.message, retryable=isinstance(exc, IntegrityError))
+            log.warning(
+                "replication job gave up",
+                extra={"job": job.id, "kind": job.kind, "error": exc.message},
+            )
+        except PeerdError as exc:
+            outcome = "retry"
+            await self.outbox.fail(job, exc.message)
+        except OSError as exc:
+            outcome = "retry"
+            await self.outbox.fail(job, f"{type(exc).__name__}: {exc}")
+        finally:
+            renew.cancel()
+            self.metrics.jobs.labels(kind=job.kind, outcome=outcome).inc()
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
+
+    async def _renew(self, job: Job) -> None:
+        period = self.outbox.policy.lease_s / 3
+        while True:
+            await asyncio.sleep(period)
+            if not await self.outbox.renew(job):
+                return
+
+    async def _dispatch(self, job: Job) -> None:
+        if job.kind == "push_blob":
+            await self._job_push_blob(job)
+        elif job.kind == "push_manifest":
+            await self._job_push_manifest(job)
+        elif job.kind == "pull_media":
+            report = await self.pull_media(job.target)
+            await self.outbox.complete(job, nbytes=report.bytes)
+        elif job.kind == "delete_manifest":
+            await self._job_delete_manifest(job)
+        elif job.kind == "delete_blob":
+            await self._job_delete_blob(job)
+        else:
+            raise JobFailed(f"unknown job kind {job.kind}")
+
+    # -- push --------------------------------------------------------------------------------------
+
+    async def upload_blob(self, cid: Cid) -> int:
+        """Upload one blob and verify it; returns bytes sent (0 if it was already there).
+
+        Does not touch the catalog: the caller commits ``r2_state='present'``.
+        """
+        row = await self.rt.catalog.get_blob(cid)
+        if row is None:
+            raise JobFailed(f"blob {cid} is not in the catalog")
+        try:
+            path = await self.rt.store.open_path(cid)
+        except NotFound:
+            if await self.client.verify_blob(cid, row.size, None):
+                return 0
+            raise JobFailed(f"blob {cid} is not held locally and R2 lacks it") from None
+        sent = row.size
+        existed = False
+        try:
+            await self.client.put_blob(cid, path, row.size)
+        except AlreadyExists:
+            existed = True
+            sent = 0
+        if await self.client.verify_blob(cid, row.size, path):
+            self.metrics.bytes.labels(direction="up").inc(sent)
+            if self.on_progress is not None:
+                self.on_progress(row.size)
+            return sent
+        if existed:
+            # Someone left a wrong or partial object under our immutable key: remove it so the
+            # next attempt can write the real one.
+            await self.client.delete(blob_key(cid))
+            raise R2Error(f"object for {cid} in R2 failed verification; deleted it")
+        raise R2Error(f"upload of {cid} did not verify (size or checksum differ)")
+
+    async def _job_push_blob(self, job: Job) -> None:
+        cid = Cid(job.target)
+        row = await self.rt.catalog.get_blob(cid)
+        if row is not None and row.r2_state == "present":
+            await self.outbox.complete(job)
+            return
+        sent = await self.upload_blob(cid)
+        await self.outbox.complete(job, nbytes=sent, also=[self._mark_present_sql(cid)])
+
+    def _mark_present_sql(self, cid: str) -> tuple[str, tuple[object, ...]]:
+        return (
+            "UPDATE blobs SET r2_state='present', r2_checked_at=? WHERE cid=?",
+            (self._clock(), cid),
+        )
+
+    async def _media_manifest(self, media_id: str) -> bytes:
+        async with self.rt.catalog.conn.execute(
+            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"media {media_id} is not in the catalog")
+        m = row[0]
+        return m.encode() if isinstance(m, str) else bytes(m)
+
+    async def _job_push_manifest(self, job: Job) -> None:
+        media_id = job.target
+        data = await self._media_manifest(media_id)
+        cids = list(decode(data).blob_cids())
+        rows = await self.rt.catalog.get_blobs(cids)
+        waiting = [c for c in cids if c not in rows or rows[Cid(c)].r2_state != "present"]
+        if waiting:
+            for c in waiting:
+                if c in rows:
+                    await self.outbox.enqueue("push_blob", c, batch_id=job.batch_id)
+            raise Deferred(f"waiting for {len(waiting)} blobs", delay_s=1.0)
+        key = manifest_key(media_id)
+        try:
+            await self.client.put_bytes(key, data, content_type="application/json")
+        except AlreadyExists:
+            pass
+        info = await self.client.head(key)
+        if (
+            info is None
+            or info.size != len(data)
+            or info.checksum_sha256 != b64_digest(digest_of(media_id))
+        ):
+            if info is not None:
+                await self.client.delete(key)
+            raise R2Error(f"manifest {media_id} in R2 did not verify")
+        now = self._clock()
+        await self.outbox.complete(
+            job,
+            nbytes=len(data),
+            also=[
+                (
+                    "UPDATE media SET r2_state='present', r2_since=? WHERE media_id=?",
+                    (now, media_id),
+                )
+            ],
+        )
+
+    async def push_blob(self, cid: Cid) -> int:
+        """Queue an upload of ``cid``; returns the job id."""
+        job_id = await self.outbox.enqueue("push_blob", cid)
+        self.wake()
+        return job_id
+
+    async def promote_media(self, media_id: str) -> str:
+        """Queue a media item's blobs and manifest for R2; returns the batch id."""
+        data = await self._media_manifest(media_id)
+        cids = list(decode(data).blob_cids())
+        rows = await self.rt.catalog.get_blobs(cids)
+        missing = [c for c in cids if c not in rows]
+        if missing:
+            raise JobFailed(f"media {media_id} lacks {len(missing)} blob rows; cannot promote")
+        batch = "p-" + secrets.token_hex(8)
+        from peerd.replication.outbox import enqueue_in
+
+        now = self._clock()
+        async with self.rt.catalog.transaction() as tx:
+            await tx.execute(
+                "UPDATE media SET r2_state='queued' WHERE media_id=? AND r2_state != 'present'",
+                (media_id,),
+            )
+            for c in cids:
+                if rows[Cid(c)].r2_state != "present":
+                    await enqueue_in(tx, "push_blob", c, now, batch_id=batch)
+            await enqueue_in(tx, "push_manifest", media_id, now, batch_id=batch)
+        self.wake()
+        return batch
+
+    # -- demote ------------------------------------------------------------------------------------
+
+    async def demote_media(self, media_id: str) -> str:
+        """Queue removal of a media item from R2 (see the module doc); returns the batch id."""
+        await self._media_manifest(media_id)
+        batch = "d-" + secrets.token_hex(8)
+        from peerd.replication.outbox import enqueue_in
+
+        async with self.rt.catalog.transaction() as tx:
+            await tx.execute("UPDATE media SET r2_state='deleting' WHERE media_id=?", (media_id,))
+            await enqueue_in(tx, "delete_manifest", media_id, self._clock(), batch_id=batch)
+        self.wake()
+        return batch
+
+    async def _job_delete_manifest(self, job: Job) -> None:
+        media_id = job.target
+        data = await self._media_manifest(media_id)
+        # The manifest goes first: without it nobody starts pulling a half-deleted item.
+        await self.client.delete(manifest_key(media_id))
+        cids = list(decode(data).blob_cids())
+        from peerd.replication.outbox import enqueue_in
+
+        now = self._clock()
+        async with self.rt.catalog.transaction() as tx:
+            for c in cids:
+                await enqueue_in(tx, "delete_blob", c, now, batch_id=job.batch_id)
+        await self.outbox.complete(
+            job,
+            also=[
+                (
+                    "UPDATE media SET r2_state='none', r2_since=NULL "
+                    "WHERE media_id=? AND r2_state='deleting'",
+                    (media_id,),
+                )
+            ],
+        )
+        self.wake()
+
+    async def _job_delete_blob(self, job: Job) -> None:
+        cid = job.target
+        # Shared by another media item still wanted in R2? Then it stays.
+        sql = (
+            "SELECT COUNT(*) FROM segments s JOIN media m ON m.media_id = s.media_id "
+            "WHERE s.cid=? AND m.r2_state IN ('queued', 'present') "
+            "UNION ALL SELECT COUNT(*) FROM renditions r JOIN media m ON m.media_id = r.media_id "
+            "WHERE r.init_cid=? AND m.r2_state IN ('queued', 'present')"
+        )
+        async with self.rt.catalog.conn.execute(sql, (cid, cid)) as cur:
+            users = sum(int(r[0]) for r in await cur.fetchall())
+        if users:
+            await self.outbox.complete(job)
+            return
+        async with self.rt.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE blobs SET r2_state='deleting' WHERE cid=? AND local_state='present' "
+                "AND r2_state != 'none'",
+                (cid,),
+            )
+            marked = cur.rowcount > 0
+        if not marked:
+            row = await self.rt.catalog.get_blob(cid)
+            if row is not None and row.r2_state != "none" and row.local_state != "present":
+                raise JobFailed(f"blob {cid} is not held locally; R2 keeps the last copy")
+            await self.outbox.complete(job)
+            return
+        await self.client.delete(blob_key(cid))
+        await self.outbox.complete(
+            job,
+            also=[("UPDATE blobs SET r2_state='none', r2_checked_at=NULL WHERE cid=?", (cid,))],
+        )
+
+    # -- pull --------------------------------------------------------------------------------------
+
+    async def enqueue_pull(self, media_id: str) -> int:
+        """Queue a durable pull of a media item (resumed after restarts); returns the job id."""
+        job_id = await self.outbox.enqueue("pull_media", media_id)
+        self.wake()
+        return job_id
+
+    async def pull_media(self, media_id: str, progress: Progress | None = None) -> PullReport:
+        """Fetch a media item from R2 into the local store (see the module doc)."""
+        data = await self.client.get_bytes(manifest_key(media_id))
+        if data is None:
+            raise NotFound(f"media {media_id} is not in R2")
+        if cid_of(data) != media_id:
+            raise IntegrityError(f"manifest of {media_id} in R2 does not hash to its id")
+        manifest = decode(data)
+        inits = {r.init for r in manifest.renditions if r.init}
+        cids = [Cid(c) for c in manifest.blob_cids()]
+        sem = asyncio.Semaphore(self.concurrency)
+        fetched = 0
+        nbytes = 0
+
+        async def one(cid: Cid) -> None:
+            nonlocal fetched, nbytes
+            if await self.rt.store.has(cid):
+                row = await self.rt.catalog.get_blob(cid)
+                if progress is not None and row is not None:
+                    progress(row.size)
+                return
+            async with sem:
+                got = await self.client.open(blob_key(cid))
+                if got is None:
+                    raise JobFailed(f"blob {cid} of media {media_id} is missing in R2")
+                size, chunks = got
+
+                async def counted() -> Any:
+                    async for c in chunks:
+                        if progress is not None:
+                            progress(len(c))
+                        yield c
+
+                try:
+                    await self.rt.store.put_stream(
+                        counted(),
+                        expected=cid,
+                        kind="init" if cid in inits else "segment",
+                        max_size=size,
+                    )
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                fetched += 1
+                nbytes += size
+                self.metrics.bytes.labels(direction="down").inc(size)
+
+        await gather_all([one(c) for c in cids])
+        from peerd.replication.media import record_media
+
+        now = self._clock()
+        async with self.rt.catalog.transaction() as tx:
+            for i in range(0, len(cids), 500):
+                part = cids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                await tx.execute(
+                    f"UPDATE blobs SET r2_state='present', r2_checked_at=? "  # noqa: S608
+                    f"WHERE cid IN ({marks}) AND r2_state != 'deleting'",
+                    (now, *part),
+                )
+            recorded = await record_media(tx, media_id, data, manifest, now)
+        return PullReport(media_id, len(cids), fetched, nbytes, recorded)
+
+    # -- drain support -----------------------------------------------------------------------------
+
+    async def upload_last_copies(self, deadline_s: float) -> int:
+        """Push local blobs R2 lacks, until ``deadline_s`` runs out; returns how many made it."""
+        sql = (
+            "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present' "
+            "ORDER BY access_score DESC"
+        )
+        async with self.rt.catalog.conn.execute(sql) as cur:
+            cids = [Cid(str(r[0])) for r in await cur.fetchall()]
+        done = 0
+        queue = list(reversed(cids))
+
+        async def worker() -> None:
+            nonlocal done
+            while queue:
+                cid = queue.pop()
+                try:
+                    await self.upload_blob(cid)
+                except PeerdError as exc:
+                    log.info("last-copy upload failed", extra={"cid": cid, "error": exc.message})
+                    continue
+                sql, args = self._mark_present_sql(cid)
+                async with self.rt.catalog.transaction() as tx:
+                    await tx.execute(sql, args)
+                done += 1
+
+        try:
+            async with asyncio.timeout(deadline_s):
+                await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        except TimeoutError:
+            log.warning("last-copy upload ran out of time", extra={"left": len(queue)})
+        return done
+
+    # -- status ------------------------------------------------------------------------------------
+
+    async def job_status(self, job_id: str) -> dict[str, Any]:
+        """A job (numeric id) or batch, as a JSON-able dict; NotFound if unknown."""
+        return await self.job_status_of(self.outbox, job_id)
+
+    @staticmethod
+    async def job_status_of(outbox: Outbox, job_id: str) -> dict[str, Any]:
+        """:meth:`job_status` on any outbox (the CLI reads it without an R2 client)."""
+        if job_id.isdigit():
+            job = await outbox.get(int(job_id))
+            if job is None:
+                raise NotFound(f"no replication job {job_id}")
+            return {
+                "id": job.id,
+                "kind": job.kind,
+                "target": job.target,
+                "state": job.state,
+                "attempts": job.attempts,
+                "last_error": job.last_error,
+                "bytes": job.bytes,
+                "batch": job.batch_id,
+            }
+        jobs = await outbox.batch(job_id)
+        if not jobs:
+            raise NotFound(f"no replication batch {job_id}")
+        states: dict[str, int] = {}
+        for j in jobs:
+            states[j.state] = states.get(j.state, 0) + 1
+        finished = all(j.state in ("done", "failed") for j in jobs)
+        return {
+            "batch": job_id,
+            "jobs": len(jobs),
+            "states": states,
+            "state": ("failed" if states.get("failed") else "done") if finished else "running",
+            "bytes": sum(j.bytes for j in jobs),
+            "errors": [
+                {"id": j.id, "target": j.target, "error": j.last_error}
+                for j in jobs
+                if j.last_error
+            ][:20],
+        }

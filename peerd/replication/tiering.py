@@ -1,0 +1,271 @@
+"""The tiering service: folds access counts into scores, applies the policy, evicts locally.
+
+Every ``r2.tiering_interval_s`` it
+
+1. drains ``rt.access`` (the hot path only bumps an in-memory counter) and folds the counts into
+   ``blobs.access_score``/``last_access`` in one transaction;
+2. adds the R2 requests made since the last round to the ``usage`` table (``r2_requests``,
+   labels ``class_a``/``class_b``), and stops promoting when this month's class A count reached
+   ``r2.budget_class_a_per_month``;
+3. asks :func:`peerd.core.tiering.plan_tiering` what to promote or demote and queues it through
+   the :class:`~peerd.replication.service.Replicator`;
+4. when the store passes ``evict_high_watermark`` of its quota, evicts blobs chosen by
+   :func:`peerd.core.tiering.plan_eviction` -- each one only after a HEAD confirms its R2 copy
+   (size and checksum), and with a conditional update (``r2_state='present'``, not pinned) in the
+   same transaction that marks it absent, so a concurrent demotion can never leave a blob in
+   neither place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peerd.core.ids import Cid
+from peerd.core.tiering import (
+    BlobStat,
+    Demote,
+    MediaStat,
+    Promote,
+    TieringLimits,
+    decayed,
+    demand_bps,
+    fold,
+    plan_eviction,
+    plan_tiering,
+)
+from peerd.errors import PeerdError
+from peerd.replication.r2 import R2Client, R2Error
+from peerd.replication.service import Replicator
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.replication")
+
+_MEDIA_BLOBS = (
+    "SELECT m.media_id, m.r2_state, m.r2_since, b.cid, b.size, b.access_score, b.last_access, "
+    "b.local_state FROM media m JOIN ("
+    "  SELECT media_id, cid FROM segments WHERE cid IS NOT NULL"
+    "  UNION SELECT media_id, init_cid FROM renditions WHERE init_cid IS NOT NULL"
+    ") x ON x.media_id = m.media_id JOIN blobs b ON b.cid = x.cid"
+)
+
+_EVICTABLE = (
+    "SELECT b.cid, b.size, b.access_score, b.last_access FROM blobs b "
+    "WHERE b.local_state='present' AND b.r2_state='present' AND b.pinned=0 "
+    "AND NOT EXISTS (SELECT 1 FROM segments s JOIN media m ON m.media_id = s.media_id "
+    "  WHERE s.cid = b.cid AND m.pinned = 1) "
+    "AND NOT EXISTS (SELECT 1 FROM renditions r JOIN media m ON m.media_id = r.media_id "
+    "  WHERE r.init_cid = b.cid AND m.pinned = 1) "
+    "ORDER BY b.access_score LIMIT ?"
+)
+
+
+@dataclass(frozen=True)
+class TickReport:
+    """What one round did."""
+
+    folded: int
+    promoted: tuple[str, ...]
+    demoted: tuple[str, ...]
+    evicted: int
+    refused: int
+
+
+class TieringService:
+    """Periodic tiering and eviction (see the module doc)."""
+
+    name = "r2-tiering"
+
+    def __init__(
+        self,
+        rt: Runtime,
+        replicator: Replicator,
+        client: R2Client,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rt = rt
+        self.replicator = replicator
+        self.client = client
+        self.cfg = rt.settings.r2
+        self._clock = clock
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Run a round every interval until cancelled."""
+        ready()
+        while True:
+            await asyncio.sleep(self.cfg.tiering_interval_s)
+            try:
+                await self.tick()
+            except PeerdError as exc:
+                log.warning("tiering round failed", extra={"error": exc.message})
+
+    async def tick(self, now: float | None = None) -> TickReport:
+        """One round: fold, account, plan, evict."""
+        now = self._clock() if now is None else now
+        folded = await self.fold_access(now)
+        allowed = await self.account_requests(now)
+        promoted: list[str] = []
+        demoted: list[str] = []
+        for act in plan_tiering(await self.media_stats(now), self.limits(allowed), now):
+            if isinstance(act, Promote):
+                await self.replicator.promote_media(act.media_id)
+                promoted.append(act.media_id)
+            elif isinstance(act, Demote):
+                await self.replicator.demote_media(act.media_id)
+                demoted.append(act.media_id)
+        if promoted or demoted:
+            log.info("tiering", extra={"promoted": promoted, "demoted": demoted})
+        evicted, refused = await self.evict(now)
+        return TickReport(folded, tuple(promoted), tuple(demoted), evicted, refused)
+
+    def limits(self, promotions_allowed: bool = True) -> TieringLimits:
+        """The policy limits from ``[r2]``."""
+        return TieringLimits(
+            uplink_bps=self.cfg.uplink_bytes_per_s,
+            r2_budget_bytes=self.cfg.budget_bytes,
+            headroom=self.cfg.uplink_headroom,
+            cold_bps=self.cfg.cold_bytes_per_s,
+            min_residence_s=self.cfg.min_residence_s,
+            promotions_allowed=promotions_allowed,
+        )
+
+    async def fold_access(self, now: float) -> int:
+        """Fold drained access counts into the catalog (one transaction)."""
+        stats = self.rt.access.drain()
+        if not stats:
+            return 0
+        rows = await self.rt.catalog.get_blobs(stats)
+        hl = self.cfg.access_half_life_s
+        updates = []
+        for cid, st in stats.items():
+            row = rows.get(Cid(cid))
+            if row is None:
+                continue
+            score = fold(row.access_score, row.last_access, float(st.bytes), st.last, hl)
+            updates.append((score, st.last, cid))
+        async with self.rt.catalog.transaction() as tx:
+            await tx.executemany(
+                "UPDATE blobs SET access_score=?, last_access=? WHERE cid=?", updates
+            )
+        return len(updates)
+
+    async def account_requests(self, now: float) -> bool:
+        """Persist request counts; True while this month's class A budget is not used up."""
+        a, b = self.replicator.metrics.take_pending()
+        day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
+        async with self.rt.catalog.transaction() as tx:
+            for label, n in (("class_a", a), ("class_b", b)):
+                if n:
+                    await tx.execute(
+                        "INSERT INTO usage(day, metric, label, value) "
+                        "VALUES(?, 'r2_requests', ?, ?) ON CONFLICT(day, metric, label) "
+                        "DO UPDATE SET value = value + excluded.value",
+                        (day, label, n),
+                    )
+        async with self.rt.catalog.conn.execute(
+            "SELECT COALESCE(SUM(value), 0) FROM usage WHERE metric='r2_requests' "
+            "AND label='class_a' AND day >= ?",
+            (day[:8] + "01",),
+        ) as cur:
+            row = await cur.fetchone()
+        used = int(row[0]) if row else 0
+        return used < self.cfg.budget_class_a_per_month
+
+    async def media_stats(self, now: float) -> list[MediaStat]:
+        """Per-media size, demand and R2 state (media being deleted from R2 are left out)."""
+        hl = self.cfg.access_half_life_s
+        acc: dict[str, list[float]] = {}
+        info: dict[str, tuple[str, float | None]] = {}
+        complete: dict[str, bool] = {}
+        async with self.rt.catalog.conn.execute(_MEDIA_BLOBS) as cur:
+            for mid, state, since, _cid, size, score, last, local in await cur.fetchall():
+                a = acc.setdefault(mid, [0.0, 0.0])
+                a[0] += size
+                a[1] += decayed(score, last, now, hl)
+                info[mid] = (state, since)
+                complete[mid] = complete.get(mid, True) and local == "present"
+        out = []
+        for mid, (size, score) in acc.items():
+            state, since = info[mid]
+            if state == "deleting":
+                continue
+            out.append(
+                MediaStat(
+                    mid,
+                    int(size),
+                    demand_bps(score, hl),
+                    state in ("queued", "present"),
+                    since if since is not None else (now if state == "queued" else None),
+                    complete[mid],
+                )
+            )
+        return out
+
+    async def evict(self, now: float) -> tuple[int, int]:
+        """Evict under the quota; returns (evicted, refused because R2 did not confirm)."""
+        store = self.rt.store
+        quota = store.quota_bytes
+        high, low = self.cfg.evict_high_watermark, self.cfg.evict_low_watermark
+        if not quota or store.used_bytes <= high * quota:
+            return 0, 0
+        hl = self.cfg.access_half_life_s
+        async with self.rt.catalog.conn.execute(_EVICTABLE, (20_000,)) as cur:
+            blobs = [
+                BlobStat(str(c), int(s), decayed(sc, la, now, hl), la, True, False)
+                for c, s, sc, la in await cur.fetchall()
+            ]
+        plan = plan_eviction(blobs, store.used_bytes, quota, high=high, low=low)
+        evicted = refused = 0
+        for ev in plan:
+            cid = Cid(ev.cid)
+            try:
+                confirmed = await self.client.verify_blob(cid, ev.size, store.path_for(cid))
+            except R2Error as exc:
+                # R2 did not answer: nothing is known, so nothing is evicted or changed.
+                refused += 1
+                log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})
+                continue
+            if confirmed:
+                if await self.evict_replicated(cid):
+                    evicted += 1
+                continue
+            refused += 1
+            log.warning("R2 copy did not verify; not evicting", extra={"cid": cid})
+            async with self.rt.catalog.transaction() as tx:
+                await tx.execute(
+                    "UPDATE blobs SET r2_state='none', r2_checked_at=NULL "
+                    "WHERE cid=? AND r2_state='present'",
+                    (cid,),
+                )
+            await self.replicator.push_blob(cid)
+        return evicted, refused
+
+    async def evict_replicated(self, cid: Cid) -> bool:
+        """Drop the local copy only if the row still says R2 has it and it is not pinned.
+
+        The row changes first (conditionally, in one transaction), then the file goes, as
+        ``BlobStore.evict_local`` does; a crash in between leaves an orphan file that start-up
+        recovery removes.
+        """
+        row = await self.rt.catalog.get_blob(cid)
+        if row is None:
+            return False
+        async with self.rt.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE blobs SET local_state='absent' WHERE cid=? AND local_state='present' "
+                "AND r2_state='present' AND pinned=0",
+                (cid,),
+            )
+            changed = cur.rowcount > 0
+        if not changed:
+            return False
+        path = self.rt.store.path_for(cid)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        self.rt.store.used_bytes -= row.size
+        self.rt.store.count -= 1
+        return True

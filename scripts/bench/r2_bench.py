@@ -1,0 +1,301 @@
+"""R2 replication benchmark against anchors measured in the same run, on a local moto server.
+
+1. push: peerd's outbox push of a media library vs ``rclone copy`` of the same files to the same
+   server (A/B alternated, fresh bucket per run); ratio = rclone time / peerd time (goal >= 1.0).
+2. cold-miss TTFB: an HTTP GET to a peerd-style blob route (aiohttp, ``Resolver.open_stream`` on
+   an R2 source) for a blob the node lacks, vs a direct HTTP GET of the object from the server;
+   also store-then-serve (``ensure_local`` then the file). Ratio = peerd / direct (goal <= 1.2).
+3. single flight: 100 concurrent requests for one missing blob through the route; upstream GETs
+   counted by a proxy between peerd and the server (goal: exactly 1).
+
+Usage (from the repo root)::
+
+    /work/venv/bin/python scripts/bench/r2_bench.py [--files 40] [--size-mib 2] [--rounds 2]
+
+Results: printed, and written to /tmp/peerd-bench/r2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from peerd.config import load_settings  # noqa: E402
+from peerd.core.ids import Cid, cid_of  # noqa: E402
+from peerd.core.outbox import RetryPolicy  # noqa: E402
+from peerd.delivery import Resolver  # noqa: E402
+from peerd.replication.outbox import Outbox  # noqa: E402
+from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
+from peerd.replication.service import Replicator  # noqa: E402
+from peerd.replication.source import R2Source  # noqa: E402
+from peerd.runtime import Runtime, open_runtime  # noqa: E402
+from peerd.testing.faultproxy import Fault, FaultProxy  # noqa: E402
+from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
+
+OUT = Path("/tmp/peerd-bench")
+CONCURRENCY = 8
+
+
+def r2cfg(url: str, bucket: str) -> R2Config:
+    return R2Config(
+        endpoint=url,
+        bucket=bucket,
+        access_key_id=ACCESS_KEY,
+        secret_access_key=SECRET_KEY,
+        max_concurrency=CONCURRENCY,
+    )
+
+
+def rclone_copy(moto: MotoServer, src: Path, bucket: str) -> float:
+    # AWS_CA_BUNDLE (set on some machines) makes rclone's SDK refuse its own HTTP transport.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        {
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ENDPOINT": moto.url,
+            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ACCESS_KEY,
+            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET_KEY,
+            "RCLONE_CONFIG_BENCH_REGION": "auto",
+        }
+    )
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            "rclone",
+            "copy",
+            str(src),
+            f"bench:{bucket}/blobs",
+            "--transfers",
+            str(CONCURRENCY),
+            "--checkers",
+            str(CONCURRENCY),
+            "--s3-no-check-bucket",
+        ],
+        env=env,
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+async def peerd_push(rt: Runtime, moto: MotoServer, bucket: str, cids: list[Cid]) -> float:
+    client = await R2Client.create(r2cfg(moto.url, bucket))
+    try:
+        rep = Replicator(
+            rt, client, outbox=Outbox(rt.catalog, RetryPolicy(base_s=0.05)), concurrency=CONCURRENCY
+        )
+        async with rt.catalog.transaction() as tx:
+            await tx.execute("UPDATE blobs SET r2_state='none'")
+        started = time.perf_counter()
+        await rep.outbox.enqueue_many("push_blob", list(cids))
+        await rep.run_until_idle()
+        elapsed = time.perf_counter() - started
+        async with rt.catalog.conn.execute(
+            "SELECT COUNT(*) FROM blobs WHERE r2_state='present'"
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        assert row[0] == len(cids), "push incomplete"
+        return elapsed
+    finally:
+        await client.close()
+
+
+async def ttfb(session: aiohttp.ClientSession, url: str) -> tuple[float, float, int]:
+    started = time.perf_counter()
+    async with session.get(url) as resp:
+        resp.raise_for_status()
+        first = await resp.content.readany()
+        t_first = time.perf_counter() - started
+        n = len(first)
+        while chunk := await resp.content.readany():
+            n += len(chunk)
+    return t_first, time.perf_counter() - started, n
+
+
+def blob_app(resolver: Resolver, mode: str) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        cid = Cid(request.match_info["cid"])
+        if mode == "store-then-serve":
+            return web.FileResponse(await resolver.ensure_local(cid))
+        s = await resolver.open_stream(cid)
+        if s.path is not None:
+            return web.FileResponse(s.path)
+        assert s.chunks is not None
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = s.size
+        await resp.prepare(request)
+        async for chunk in s.chunks:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/blob/{cid}", handle)
+    return app
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=40)
+    ap.add_argument("--size-mib", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ttfb-blobs", type=int, default=15)
+    ap.add_argument("--ttfb-size-mib", type=float, default=2.0)
+    ap.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="TTFB: add this latency to every request on both paths (emulates R2 over a WAN)",
+    )
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- before any work starts
+    results: dict[str, object] = {"args": vars(args)}
+    with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="peerd-r2-bench-") as tmp:
+        rt = await open_runtime(load_settings(None, node={"state_dir": Path(tmp) / "state"}))
+        try:
+            lib = Path(tmp) / "lib"
+            lib.mkdir()
+            cids: list[Cid] = []
+            size = int(args.size_mib * 1024 * 1024)
+            for _ in range(args.files):
+                data = os.urandom(size)
+                cid = await rt.store.put(data)
+                (lib / cid).write_bytes(data)
+                cids.append(cid)
+            total = size * args.files
+            # -- push vs rclone --------------------------------------------------------------
+            times: dict[str, list[float]] = {"rclone": [], "peerd": []}
+            for r in range(args.rounds):
+                b1, b2 = f"rclone-{r}", f"peerd-{r}"
+                await asyncio.to_thread(moto.create_bucket, b1)
+                await asyncio.to_thread(moto.create_bucket, b2)
+                order = ["rclone", "peerd"] if r % 2 == 0 else ["peerd", "rclone"]
+                for who in order:
+                    if who == "rclone":
+                        t = await asyncio.to_thread(rclone_copy, moto, lib, b1)
+                    else:
+                        t = await peerd_push(rt, moto, b2, cids)
+                    times[who].append(t)
+                    print(f"push round {r} {who}: {t:.2f} s ({total / t / 1e6:.1f} MB/s)")
+            best = {k: min(v) for k, v in times.items()}
+            results["push"] = {
+                "bytes": total,
+                "files": args.files,
+                "seconds": times,
+                "ratio_rclone_over_peerd": best["rclone"] / best["peerd"],
+            }
+            # -- TTFB --------------------------------------------------------------------------
+            tsize = int(args.ttfb_size_mib * 1024 * 1024)
+            await asyncio.to_thread(moto.create_bucket, "ttfb")
+            blobs: list[Cid] = []
+            for _ in range(args.ttfb_blobs * 2):
+                data = os.urandom(tsize)
+                c = cid_of(data)
+                await asyncio.to_thread(moto.put, "ttfb", blob_key(c), data)
+                blobs.append(c)
+            wan = await FaultProxy("127.0.0.1", moto.port).start()
+            if args.rtt_ms:
+                wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
+            upstream = wan.url if args.rtt_ms else moto.url
+            client = await R2Client.create(r2cfg(upstream, "ttfb"))
+            ttfb_res: dict[str, list[float]] = {"direct": [], "stream": [], "store-then-serve": []}
+            total_res: dict[str, list[float]] = {k: [] for k in ttfb_res}
+            try:
+                resolver = Resolver(rt.store, [R2Source(client)])
+                runners = {}
+                for mode in ("stream", "store-then-serve"):
+                    runners[mode] = await serve(blob_app(resolver, mode))
+                direct = moto.client()
+
+                def presigned(c: Cid) -> str:
+                    url = str(
+                        direct.generate_presigned_url(
+                            "get_object", Params={"Bucket": "ttfb", "Key": blob_key(c)}
+                        )
+                    )
+                    return url.replace(moto.url, upstream, 1)
+
+                async with aiohttp.ClientSession() as session:
+                    await ttfb(session, presigned(blobs[0]))  # warm up
+                    for i in range(args.ttfb_blobs):
+                        for mode, cid in (
+                            ("stream", blobs[2 * i]),
+                            ("store-then-serve", blobs[2 * i + 1]),
+                        ):
+                            d = await ttfb(session, presigned(cid))
+                            p = await ttfb(session, f"{runners[mode][1]}/blob/{cid}")
+                            assert p[2] == tsize
+                            assert d[2] == tsize
+                            if mode == "stream":
+                                ttfb_res["direct"].append(d[0])
+                                total_res["direct"].append(d[1])
+                            ttfb_res[mode].append(p[0])
+                            total_res[mode].append(p[1])
+                med = {k: statistics.median(v) for k, v in ttfb_res.items()}
+                results["ttfb"] = {
+                    "blob_bytes": tsize,
+                    "rtt_ms": args.rtt_ms,
+                    "median_ttfb_s": med,
+                    "median_total_s": {k: statistics.median(v) for k, v in total_res.items()},
+                    "ratio_stream_over_direct": med["stream"] / med["direct"],
+                    "ratio_store_then_serve_over_direct": med["store-then-serve"] / med["direct"],
+                }
+                for r_, _url in runners.values():
+                    await r_.cleanup()
+            finally:
+                await client.close()
+                await wan.stop()
+            # -- single flight -----------------------------------------------------------------
+            proxy = await FaultProxy("127.0.0.1", moto.port).start()
+            pclient = await R2Client.create(r2cfg(proxy.url, "ttfb"))
+            try:
+                data = os.urandom(tsize)
+                one = cid_of(data)
+                await asyncio.to_thread(moto.put, "ttfb", blob_key(one), data)
+                resolver = Resolver(rt.store, [R2Source(pclient)])
+                runner, url = await serve(blob_app(resolver, "stream"))
+                conn = aiohttp.TCPConnector(limit=200)
+                async with aiohttp.ClientSession(connector=conn) as session:
+                    got = await asyncio.gather(
+                        *(ttfb(session, f"{url}/blob/{one}") for _ in range(100))
+                    )
+                await runner.cleanup()
+                results["single_flight"] = {
+                    "requests": 100,
+                    "all_complete": all(g[2] == tsize for g in got),
+                    "upstream_gets": proxy.count("GET", "/blobs/"),
+                }
+            finally:
+                await pclient.close()
+                await proxy.stop()
+        finally:
+            await rt.close()
+    (OUT / "r2.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
