@@ -28,11 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from peerd import __version__
+from peerd import __version__, p2p
 from peerd.config import Settings
+from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.metrics import Metrics
+from peerd.p2p import lan
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
 
@@ -245,13 +247,19 @@ class Supervisor:
 def route_installers(rt: Runtime) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order. One line per subsystem."""
     installers: list[RouteInstaller] = []
+    installers.append(lan.install)
     return installers
 
 
 def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
-    services.append(HttpService(rt, route_installers(rt)))
+    if "resolver" not in rt.extras:
+        # The node's one resolver; sources are appended in delivery order below.
+        rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
+    http = HttpService(rt, route_installers(rt))
+    services.append(http)
+    services.extend(p2p.wire(rt, lambda: http.port))
     return services
 
 
