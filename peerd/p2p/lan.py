@@ -1,9 +1,13 @@
 """LAN transfers between nodes over HTTP, signed with the node key.
 
-Route (installed on the node's HTTP app): ``GET /p2p/v1/blobs/<cid>`` serves a blob this node
-holds, with sendfile, to a peer that signed the request (``peerd.core.signing``); unsigned,
-stale, forged or unknown-peer requests get 401/403. The route never fetches on a peer's behalf
-(no loops between nodes): a blob not held locally is 404.
+Routes (installed on the node's HTTP app):
+
+- ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
+  the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
+  401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+- ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
+  libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
+  ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
 
 :class:`LanSource` is the delivery :class:`~peerd.delivery.Source` that asks LAN peers from the
 peer directory, fastest measured round trip first, for a blob; its reports feed the directory's
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -24,13 +28,14 @@ from peerd.core.peers import BanPolicy
 from peerd.core.signing import check, sign_headers
 from peerd.delivery.source import Offer
 from peerd.discovery.directory import PeerDirectory
-from peerd.errors import Forbidden, Unauthorized, UpstreamError
+from peerd.errors import Forbidden, NotFound, Unauthorized, UpstreamError
 from peerd.identity import Identity, peer_id_of, verify_signature
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.p2p.lan")
 
 ROUTE = "/p2p/v1/blobs/{cid}"
+FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
 DIRECTORY_KEY = "lan_peers"
 CHUNK = 256 * 1024
 
@@ -55,10 +60,11 @@ def install(app: web.Application, rt: Runtime) -> None:
     """Add the node-to-node blob route."""
     directory = lan_directory(rt)
     trusted = set(rt.settings.mdns.trusted_peers)
+    operators = trusted | {rt.identity.peer_id}
     skew = rt.settings.mdns.signature_skew_s
     served = rt.metrics.bytes_served.labels(source="lan-peer")
 
-    async def get_blob(request: web.Request) -> web.StreamResponse:
+    def authenticate(request: web.Request, known: Callable[[str], bool]) -> str:
         verdict = check(
             request.method,
             request.path,
@@ -67,16 +73,20 @@ def install(app: web.Application, rt: Runtime) -> None:
             skew_s=skew,
             peer_id_of=peer_id_of,
             verify=verify_signature,
-            known=lambda p: p in trusted or directory.known(p),
+            known=known,
         )
-        if not verdict.ok:
+        if verdict.peer_id is None:
             log.info(
-                "refused LAN request",
-                extra={"reason": verdict.reason, "remote": request.remote},
+                "refused node request",
+                extra={"reason": verdict.reason, "remote": request.remote, "path": request.path},
             )
             if verdict.reason == "unknown peer":
-                raise Forbidden(f"peer not known on this LAN: {verdict.reason}")
+                raise Forbidden(f"peer not allowed here: {verdict.reason}")
             raise Unauthorized(f"node signature required: {verdict.reason}")
+        return verdict.peer_id
+
+    async def get_blob(request: web.Request) -> web.StreamResponse:
+        authenticate(request, lambda p: p in trusted or directory.known(p))
         cid = parse_cid(request.match_info["cid"])
         path = await rt.store.open_path(cid)  # NotFound -> 404
         size = path.stat().st_size
@@ -87,7 +97,17 @@ def install(app: web.Application, rt: Runtime) -> None:
             headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"},
         )
 
+    async def fetch(request: web.Request) -> web.Response:
+        authenticate(request, operators.__contains__)
+        cid = parse_cid(request.match_info["cid"])
+        resolver = rt.extras.get("resolver")
+        if resolver is None:
+            raise NotFound("this node has no resolver")
+        path = await resolver.ensure_local(cid)
+        return web.json_response({"cid": cid, "size": path.stat().st_size})
+
     app.router.add_get(ROUTE, get_blob)
+    app.router.add_post(FETCH_ROUTE, fetch)
 
 
 class LanSource:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,13 @@ class TrioNode:
         if cfg.tcp_port and cfg.tcp_port == cfg.ws_port:
             raise UpstreamError("p2p.tcp_port and p2p.ws_port must differ")
         kp = create_new_key_pair(self.seed)
+        # Port 0 is resolved here: libp2p reports both listeners on the TCP port when both ask
+        # for an ephemeral port, and TCP and WebSocket must listen on separate ports.
+        tcp_port = cfg.tcp_port or _free_port(cfg.host)
+        ws_port = cfg.ws_port or _free_port(cfg.host, avoid=tcp_port)
         listen = [
-            multiaddr.Multiaddr(f"/ip4/{cfg.host}/tcp/{cfg.tcp_port}"),
-            multiaddr.Multiaddr(f"/ip4/{cfg.host}/tcp/{cfg.ws_port}/ws"),
+            multiaddr.Multiaddr(f"/ip4/{cfg.host}/tcp/{tcp_port}"),
+            multiaddr.Multiaddr(f"/ip4/{cfg.host}/tcp/{ws_port}/ws"),
         ]
         high = max(1, cfg.max_connections * 3 // 4)
         host = new_host(
@@ -344,6 +349,20 @@ async def _reset(stream: Any) -> None:
         log.debug("stream reset failed", extra={"error": repr(exc)})
 
 
+def _free_port(host: str, avoid: int = 0) -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port != avoid:
+            return port
+
+
 def _restore_logging() -> None:
     # ``import libp2p`` turns off propagation of its logger; peerd's JSON handler is on the root.
-    logging.getLogger("libp2p").propagate = True
+    # Their debug output (every multiaddr decoded) would drown peerd's own at level debug.
+    lib = logging.getLogger("libp2p")
+    lib.propagate = True
+    if lib.getEffectiveLevel() < logging.INFO:
+        lib.setLevel(logging.INFO)
+    logging.getLogger("multiaddr").setLevel(logging.WARNING)

@@ -96,6 +96,9 @@ class P2PService:
             )
             self.addrs = await self.bridge.call(self.node.start)
             log.info("libp2p listening", extra={"addrs": self.addrs})
+            await asyncio.to_thread(
+                _write_lines, self.rt.settings.state_dir / "p2p.addrs", self.addrs
+            )
             self.started.set()
             ready()
             await self._provide_loop()
@@ -156,6 +159,12 @@ class P2PService:
         done = await self.bridge.call(self.node.provide, cids, self.cfg.provide_concurrency)
         self.schedule.done(done, time.time())
         return done
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
 
 
 class Libp2pSource:

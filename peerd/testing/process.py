@@ -95,6 +95,10 @@ class PeerdProcess:
         sections.setdefault("node", {})["state_dir"] = str(self.state_dir)
         sections.setdefault("http", {}).setdefault("port", 0)
         sections.setdefault("log", {}).setdefault("level", "debug")
+        # Discovery and libp2p are on in production; test daemons turn them on explicitly
+        # (they cost an import of libp2p and multicast traffic).
+        sections.setdefault("mdns", {}).setdefault("enabled", False)
+        sections.setdefault("p2p", {}).setdefault("enabled", False)
         return write_config(self.state_dir / "test.toml", sections)
 
     def start(self, *, wait: bool = True, timeout: float = 30) -> None:
