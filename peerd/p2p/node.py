@@ -125,7 +125,8 @@ class TrioNode:
             # No background dialling of every address in the peerstore to reach a watermark:
             # peerd dials bootstrap peers, LAN peers and providers when it needs them, which
             # keeps the connection count (and a home router's NAT table) small.
-            await host.get_network().auto_connector.stop()
+            swarm: Any = host.get_network()
+            await swarm.auto_connector.stop()
             host.set_stream_handler(TProtocol(blobwire.PROTOCOL_ID), self._handle_blob)
             dht = KadDHT(host, mode)
             async with background_trio_service(dht):
