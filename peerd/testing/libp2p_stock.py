@@ -43,7 +43,7 @@ async def check(addr: str, cid: str, plaintext: bool) -> dict[str, Any]:
             out["error"] = type(exc).__name__
             return out
         out["connected"] = True
-        conn = host.get_network().get_connections(info.peer_id)[0]
+        conn: Any = host.get_network().get_connections(info.peer_id)[0]
         out["muxer"] = type(conn.muxed_conn).__name__
         out["security"] = type(conn.muxed_conn.secured_conn).__name__
 
