@@ -12,7 +12,7 @@ Measures, on loopback, one blob of ``--mib`` MiB (default 64), ``--runs`` times 
 Prints a JSON object with MB/s and the ratios; goals: LAN HTTP >= 0.8x nginx, libp2p >= 60 MB/s.
 Output files go under /tmp/peerd-bench/p2p.
 
-Usage: ``/work/venv/bin/python scripts/bench/p2p_bench.py [--mib 64] [--runs 5]``
+Usage: ``/work/venv/bin/python scripts/bench/p2p_bench.py [--mib 64] [--runs 7]``
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main() -> None:
     """Run the benchmark and print the JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
     print(json.dumps(bench(args.mib, args.runs), indent=2))
 
