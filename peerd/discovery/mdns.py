@@ -91,9 +91,17 @@ class MdnsService:
         if self.cfg.advertise_addresses:
             return list(self.cfg.advertise_addresses)
         host = self.rt.settings.http.host
-        if host not in WILDCARDS:
-            return [host]
-        return local_ipv4()
+        if host in WILDCARDS:
+            return local_ipv4()
+        if ipaddress.ip_address(host).is_loopback and not self._loopback_only():
+            # Peers on the LAN cannot reach a loopback listener: advertising it would send them
+            # to themselves. The node still browses and fetches from others.
+            return []
+        return [host]
+
+    def _loopback_only(self) -> bool:
+        ifs = self.cfg.interfaces
+        return bool(ifs) and all(ipaddress.ip_address(i).is_loopback for i in ifs)
 
     def dnsaddrs(self, addrs: list[str]) -> list[str]:
         """libp2p multiaddrs to advertise, wildcard hosts replaced by the LAN addresses."""
@@ -109,23 +117,27 @@ class MdnsService:
             out = [f"{m}/p2p/{self.peer_id}" for m in out]
         return out
 
-    def _build(self, addrs: list[str], dnsaddrs: list[str]) -> list[AsyncServiceInfo]:
+    def _build(
+        self, addrs: list[str], dnsaddrs: list[str], lan: list[str]
+    ) -> list[AsyncServiceInfo]:
         port = self.http_port() or 0
         packed = [socket.inet_aton(a) for a in addrs]
         server = f"peerd-{self.peer_id[-12:].lower()}.local."
         props: dict[str, str] = {"id": self.peer_id, "v": __version__, "port": str(port)}
         if self.rt.settings.node.public_url:
             props["url"] = self.rt.settings.node.public_url
-        infos = [
-            AsyncServiceInfo(
-                PEERD_TYPE,
-                f"{self.peer_id}.{PEERD_TYPE}",
-                addresses=packed,
-                port=port,
-                properties=props,
-                server=server,
+        infos: list[AsyncServiceInfo] = []
+        if addrs:
+            infos.append(
+                AsyncServiceInfo(
+                    PEERD_TYPE,
+                    f"{self.peer_id}.{PEERD_TYPE}",
+                    addresses=packed,
+                    port=port,
+                    properties=props,
+                    server=server,
+                )
             )
-        ]
         if dnsaddrs:
             p2p_port = (
                 int(dnsaddrs[0].split("/tcp/")[1].split("/")[0]) if "/tcp/" in dnsaddrs[0] else 0
@@ -134,10 +146,10 @@ class MdnsService:
                 AsyncServiceInfo(
                     P2P_TYPE,
                     f"{self.peer_id}.{P2P_TYPE}",
-                    addresses=packed,
+                    addresses=[socket.inet_aton(a) for a in lan],
                     port=p2p_port,
                     properties=txt_strings([f"dnsaddr={m}".encode() for m in dnsaddrs]),
-                    server=server,
+                    server="p2p-" + server,
                 )
             )
         return infos
@@ -188,22 +200,34 @@ class MdnsService:
     async def _announce(self) -> None:
         assert self.aiozc is not None
         addrs = self.addresses()
-        dnsaddrs = self.dnsaddrs(addrs)
+        lan = list(self.cfg.advertise_addresses) or (
+            list(self.cfg.interfaces) if self._loopback_only() else local_ipv4()
+        )
+        dnsaddrs = self.dnsaddrs(lan)
         key = (tuple(addrs), tuple(dnsaddrs))
         if key == self._announced:
             return
-        infos = self._build(addrs, dnsaddrs)
+        infos = self._build(addrs, dnsaddrs, lan)
+        if not addrs and self._announced is None:
+            log.warning(
+                "not advertising on the LAN: [http] host is a loopback address; set it (or "
+                "[mdns] advertise_addresses) to a LAN address for LAN transfers"
+            )
         if self._announced is None:
             for info in infos:
                 await self.aiozc.async_register_service(info, allow_name_change=False)
         else:
             log.info("addresses changed; re-announcing", extra={"addrs": addrs})
             old = {i.type: i for i in self._infos}
+            new = {i.type for i in infos}
             for info in infos:
                 if info.type in old:
                     await self.aiozc.async_update_service(info)
                 else:
                     await self.aiozc.async_register_service(info)
+            for kind, info in old.items():
+                if kind not in new:
+                    await self.aiozc.async_unregister_service(info)
         self._infos = infos
         self._announced = key
         log.info("mdns announced", extra={"addrs": addrs, "dnsaddrs": dnsaddrs})

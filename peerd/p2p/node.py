@@ -70,6 +70,7 @@ class TrioNode:
         self.dht: Any = None
         self.counters = Counters()
         self._serving = 0
+        self.draining = False  # set from asyncio on SIGTERM: new blob requests get BUSY
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -173,6 +174,11 @@ class TrioNode:
         """The host's current multiaddrs (with /p2p/<id>)."""
         host, _ = self._require()
         return [str(a) for a in host.get_addrs()]
+
+    @property
+    def serving(self) -> int:
+        """Blob transfers to other peers in progress."""
+        return self._serving
 
     async def connected(self) -> int:
         """How many peers are connected."""
@@ -287,7 +293,7 @@ class TrioNode:
                 await stream.write(blobwire.encode_answer(Status.BAD_REQUEST))
                 await stream.close()
                 return
-            if self._serving >= self.cfg.max_inbound_transfers:
+            if self.draining or self._serving >= self.cfg.max_inbound_transfers:
                 self.counters.refused_busy += 1
                 await stream.write(blobwire.encode_answer(Status.BUSY))
                 await stream.close()

@@ -144,6 +144,19 @@ class P2PService:
             backlog = bool(due) and bool(self.schedule.due(time.time()))
             await asyncio.sleep(0.05 if backlog else self.cfg.provide_tick_s)
 
+    async def drain(self, within_s: float = 3.0) -> None:
+        """On SIGTERM: refuse new blob requests (BUSY) and let transfers in flight finish for up
+        to ``within_s``; the supervisor then cancels :meth:`run`, which stops the thread."""
+        node = self.node
+        if node is None:
+            return
+        node.draining = True
+        for _ in range(int(within_s / 0.05)):
+            if node.serving == 0:
+                return
+            await asyncio.sleep(0.05)
+        log.info("stopping with libp2p transfers in flight", extra={"serving": node.serving})
+
     async def connect(self, addr: str) -> str | None:
         """Dial a libp2p peer (``/.../p2p/<id>``) and add it to the DHT routing table."""
         if self.node is None or not self.bridge.running:
