@@ -36,6 +36,7 @@ log = logging.getLogger("peerd.p2p")
 
 READ_SIZE = 1024 * 1024
 RESYNC_S = 60.0
+REBOOTSTRAP_S = 30.0
 SERVICE_KEY = "p2p"
 
 
@@ -114,6 +115,7 @@ class P2PService:
         synced_at = -RESYNC_S
         synced_count = -1
         served_seen = 0
+        rebootstrap_at = time.time()
         while True:
             now = time.time()
             if self.cfg.provide and (
@@ -125,7 +127,19 @@ class P2PService:
                 self.schedule.sync(held)
                 synced_at, synced_count = now, self.rt.store.count
                 self.m_providing.set(len(self.schedule))
+            connected = await self.bridge.call(self.node.connected)
+            if connected == 0 and self.cfg.bootstrap and now - rebootstrap_at >= REBOOTSTRAP_S:
+                # Lost every peer (or none answered at start): dial the bootstrap peers again.
+                rebootstrap_at = now
+                for addr in self.cfg.bootstrap:
+                    await self.connect(addr)
+                connected = await self.bridge.call(self.node.connected)
+            self.m_peers.set(connected)
             due = self.schedule.due(now) if self.cfg.provide else []
+            if due and connected == 0 and self.cfg.bootstrap:
+                # Announcing with no peers only records it locally; a node that is meant to
+                # join through bootstrap peers waits for them rather than mark the ids done.
+                due = []
             if due:
                 done = await self.bridge.call(self.node.provide, due, self.cfg.provide_concurrency)
                 self.schedule.done(done, time.time())
@@ -136,7 +150,6 @@ class P2PService:
                         extra={"due": len(due), "done": len(done)},
                     )
             self.m_lag.set(self.schedule.lag(time.time(), started))
-            self.m_peers.set(await self.bridge.call(self.node.connected))
             served = self.node.counters.served_bytes
             self.m_served.inc(served - served_seen)
             served_seen = served
