@@ -1,9 +1,11 @@
-"""Three real peerd processes on loopback: LAN (mDNS) and DHT delivery, a lying peer, SIGTERM.
+"""Real peerd processes on loopback: LAN (mDNS) and DHT delivery, a lying peer, SIGTERM.
 
 Nodes:
-- ``holder`` (A): libp2p only (DHT server), holds blobs X, Y and a large one.
+- ``boot`` (B): libp2p only, a DHT server holding nothing; the others join the DHT through it.
+- ``holder`` (A): libp2p only, bootstraps to B, holds blobs X, Y and a large one (and announces
+  them: its provider records land on B).
 - ``liar`` (L): mDNS + LAN HTTP only; holds Z honestly and a corrupted copy of X.
-- ``empty`` (C): mDNS + libp2p, bootstraps to A, holds nothing.
+- ``empty`` (C): mDNS + libp2p, bootstraps to B (never told about A), holds nothing.
 
 mDNS runs on the loopback interface (multicast turned on for ``lo`` by the fixture).
 """
@@ -72,13 +74,15 @@ def nodes(
 ) -> Iterator[dict[str, PeerdProcess]]:
     base = tmp_path_factory.mktemp("p2p")
     trusted = {"trusted_peers": [client.peer_id]}
+    bootnode = PeerdProcess(base / "boot", config={"p2p": P2P})
+    bootnode.start()
+    boot = [a for a in p2p_addrs(bootnode.state_dir) if "/ws" not in a]
     holder = PeerdProcess(
-        base / "holder", config={"p2p": P2P, "mdns": {"enabled": False, **trusted}}
+        base / "holder",
+        config={"p2p": {**P2P, "bootstrap": boot}, "mdns": {"enabled": False, **trusted}},
     )
     holder.init()
     seed_blobs(holder.state_dir, [blobs["X"], blobs["Y"], blobs["big"]])
-    holder.start()
-    boot = [a for a in p2p_addrs(holder.state_dir) if "/ws" not in a]
     liar = PeerdProcess(base / "liar", config={"mdns": {**MDNS, **trusted}})
     liar.init()
     seed_blobs(liar.state_dir, [blobs["Z"]])
@@ -87,10 +91,12 @@ def nodes(
         base / "empty",
         config={"p2p": {**P2P, "bootstrap": boot}, "mdns": {**MDNS, **trusted}},
     )
-    procs = {"holder": holder, "liar": liar, "empty": empty}
+    procs = {"boot": bootnode, "holder": holder, "liar": liar, "empty": empty}
     try:
+        holder.start(wait=False)
         liar.start(wait=False)
         empty.start(wait=False)
+        holder.wait_ready()
         liar.wait_ready()
         empty.wait_ready()
         yield procs
@@ -111,6 +117,13 @@ def _wait_lan_peer(node: PeerdProcess, timeout: float = 20) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"no LAN peer seen:\n{node.logs()[-3000:]}")
+
+
+def _wait_provided(node: PeerdProcess, n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(node.base_url, "peerd_p2p_provided_total") < n:
+        assert time.monotonic() < deadline, node.logs()[-3000:]
+        time.sleep(0.1)
 
 
 def test_lan_fetch_via_mdns(
@@ -134,6 +147,7 @@ def test_liar_is_detected_and_dht_delivers(
 ) -> None:
     empty = nodes["empty"]
     x = cid_of(blobs["X"])
+    _wait_provided(nodes["holder"], 3)
     got = fetch_via(client, empty.base_url, x)
     assert got["status"] == 200, got
     # The liar was asked first (LAN before libp2p), caught by the hash check, and banned ...
