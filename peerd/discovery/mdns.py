@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -70,12 +70,14 @@ class MdnsService:
         directory: PeerDirectory,
         http_port: Callable[[], int | None],
         p2p: Any = None,
+        closers: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         self.rt = rt
         self.cfg = rt.settings.mdns
         self.directory = directory
         self.http_port = http_port
         self.p2p = p2p  # peerd.p2p.service.P2PService or None
+        self.closers = list(closers)  # e.g. the LAN source's HTTP client, closed on stop
         self.peer_id = rt.identity.peer_id
         self.aiozc: AsyncZeroconf | None = None
         self._infos: list[AsyncServiceInfo] = []
@@ -194,6 +196,8 @@ class MdnsService:
             await self.aiozc.async_close()
         if self._session is not None:
             await self._session.close()
+        for close in self.closers:
+            await close()
         await self.directory.flush()
         log.info("mdns withdrawn")
 

@@ -28,15 +28,16 @@ def wire(rt: Runtime, http_port: Callable[[], int | None]) -> list[Any]:
     resolver = rt.extras["resolver"]
     services: list[Any] = []
     directory = lan_directory(rt)
-    if rt.settings.mdns.enabled or rt.settings.mdns.trusted_peers:
-        resolver.add_source(
-            LanSource(
-                directory,
-                rt.identity,
-                timeout_s=rt.settings.mdns.fetch_timeout_s,
-                max_peers=rt.settings.mdns.max_peers_per_fetch,
-            )
+    lan_source: LanSource | None = None
+    if rt.settings.mdns.enabled:
+        # LAN peers come from mDNS only: without it the LAN source would never have a peer.
+        lan_source = LanSource(
+            directory,
+            rt.identity,
+            timeout_s=rt.settings.mdns.fetch_timeout_s,
+            max_peers=rt.settings.mdns.max_peers_per_fetch,
         )
+        resolver.add_source(lan_source)
     p2p: P2PService | None = None
     if rt.settings.p2p.enabled:
         p2p = P2PService(rt)
@@ -49,5 +50,6 @@ def wire(rt: Runtime, http_port: Callable[[], int | None]) -> list[Any]:
             )
         )
     if rt.settings.mdns.enabled:
-        services.append(MdnsService(rt, directory, http_port, p2p))
+        closers = [lan_source.close] if lan_source is not None else []
+        services.append(MdnsService(rt, directory, http_port, p2p, closers))
     return services
