@@ -182,11 +182,45 @@ class R2Settings(Section):
 
 
 class MdnsSettings(Section):
-    """LAN discovery. Owned by issue 6."""
+    """LAN discovery and node-to-node HTTP transfers. Owned by issue 6."""
+
+    enabled: bool = True
+    interfaces: list[str] = Field(default_factory=list)
+    advertise_addresses: list[str] = Field(default_factory=list)
+    peer_ttl_s: float = Field(default=120.0, gt=0)
+    recheck_s: float = Field(default=30.0, gt=0)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    max_peers_per_fetch: int = Field(default=4, ge=1)
+    signature_skew_s: float = Field(default=60.0, gt=0)
+    trusted_peers: list[str] = Field(default_factory=list)
+    max_failures: int = Field(default=3, ge=1)
+    ban_failure_s: float = Field(default=60.0, ge=0)
+    ban_integrity_s: float = Field(default=3600.0, ge=0)
 
 
 class P2PSettings(Section):
-    """libp2p. Owned by issue 6."""
+    """libp2p (py-libp2p in its own trio thread). Owned by issue 6."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 (a peer-to-peer node listens on its LAN)
+    tcp_port: int = Field(default=4001, ge=0, le=65535)
+    ws_port: int = Field(default=4002, ge=0, le=65535)
+    announce_addrs: list[str] = Field(default_factory=list)
+    bootstrap: list[str] = Field(default_factory=list)
+    dht_mode: Literal["server", "client"] = "server"
+    max_connections: int = Field(default=48, ge=1)
+    max_connections_per_peer: int = Field(default=2, ge=1)
+    max_inbound_transfers: int = Field(default=8, ge=1)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    max_providers: int = Field(default=8, ge=1)
+    provide: bool = True
+    reprovide_interval_s: float = Field(default=12 * 3600.0, gt=0)
+    provide_batch: int = Field(default=64, ge=1)
+    provide_concurrency: int = Field(default=4, ge=1)
+    provide_tick_s: float = Field(default=5.0, gt=0)
+    max_failures: int = Field(default=3, ge=1)
+    ban_failure_s: float = Field(default=300.0, ge=0)
+    ban_integrity_s: float = Field(default=3600.0, ge=0)
 
 
 class CoordinatorSettings(Section):

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from peerd import __version__, ui
+from peerd import __version__, p2p, ui
 from peerd.config import Settings
 from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
@@ -36,6 +36,7 @@ from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService
 from peerd.metrics import Metrics
+from peerd.p2p import lan
 from peerd.replication import build_replication
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
@@ -251,6 +252,7 @@ def route_installers(rt: Runtime) -> list[RouteInstaller]:
     installers: list[RouteInstaller] = []
     installers.append(ui.install)
     installers.append(hls.install)
+    installers.append(lan.install)
     return installers
 
 
@@ -258,10 +260,14 @@ def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
     if "resolver" not in rt.extras:
+        # The node's one resolver; sources are appended in delivery order below:
+        # LAN -> libp2p (p2p.wire) -> R2 (build_replication) -> transcode (MediaService).
         rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
-    services.append(HttpService(rt, route_installers(rt)))
-    services.append(MediaService(rt))
+    http = HttpService(rt, route_installers(rt))
+    services.append(http)
+    services.extend(p2p.wire(rt, lambda: http.port))
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
+    services.append(MediaService(rt))
     return services
 
 

@@ -44,7 +44,7 @@ def _no_loop_blocking() -> Iterator[None]:
         pytest.fail("event loop blocked:\n" + "\n".join(handler.records[:5]))
 
 
-_IGNORED_THREADS = ("asyncio_", "ThreadPoolExecutor", "pydevd", "Dummy-")
+_IGNORED_THREADS = ("asyncio_", "ThreadPoolExecutor", "pydevd", "Dummy-", "Trio thread")
 
 
 @pytest.fixture(autouse=True)

@@ -78,11 +78,15 @@ class PeerdProcess:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log_path: Path | None = None
+    # Where the test reaches the daemon, and a command prefix (e.g. ``ip netns exec NS``) for
+    # daemons run in a network namespace.
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://HOST:PORT`` (loopback unless the test placed the daemon elsewhere)."""
+        return f"http://{self.host}:{self.port}"
 
     def init(self) -> None:
         """``peerd init`` into the state directory."""
@@ -95,6 +99,10 @@ class PeerdProcess:
         sections.setdefault("node", {})["state_dir"] = str(self.state_dir)
         sections.setdefault("http", {}).setdefault("port", 0)
         sections.setdefault("log", {}).setdefault("level", "debug")
+        # Discovery and libp2p are on in production; test daemons turn them on explicitly
+        # (they cost an import of libp2p and multicast traffic).
+        sections.setdefault("mdns", {}).setdefault("enabled", False)
+        sections.setdefault("p2p", {}).setdefault("enabled", False)
         return write_config(self.state_dir / "test.toml", sections)
 
     def start(self, *, wait: bool = True, timeout: float = 30) -> None:
@@ -107,7 +115,7 @@ class PeerdProcess:
         self.log_path = self.state_dir / "daemon.log"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "peerd", "-c", str(cfg), "run"],
+            [*self.prefix, sys.executable, "-m", "peerd", "-c", str(cfg), "run"],
             env=peerd_env(self.env),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,194 @@
+"""LAN transfers between nodes over HTTP, signed with the node key.
+
+Routes (installed on the node's HTTP app):
+
+- ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
+  the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
+  401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+- ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
+  libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
+  ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
+
+:class:`LanSource` is the delivery :class:`~peerd.delivery.Source` that asks LAN peers from the
+peer directory, fastest measured round trip first, for a blob; its reports feed the directory's
+bans, so a peer that sent wrong bytes drops out of the order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from peerd.core.ids import Cid, parse_cid
+from peerd.core.peers import BanPolicy
+from peerd.core.signing import check, sign_headers
+from peerd.delivery.source import Offer
+from peerd.discovery.directory import PeerDirectory
+from peerd.errors import Forbidden, NotFound, Unauthorized, UpstreamError
+from peerd.identity import Identity, peer_id_of, verify_signature
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.p2p.lan")
+
+ROUTE = "/p2p/v1/blobs/{cid}"
+FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
+DIRECTORY_KEY = "lan_peers"
+CHUNK = 256 * 1024
+
+
+def lan_directory(rt: Runtime) -> PeerDirectory:
+    """The node's LAN peer directory (created on first use, shared by mDNS, route and source)."""
+    d = rt.extras.get(DIRECTORY_KEY)
+    if d is None:
+        cfg = rt.settings.mdns
+        d = PeerDirectory(
+            rt.catalog,
+            via="mdns",
+            ttl_s=cfg.peer_ttl_s,
+            policy=BanPolicy(cfg.max_failures, cfg.ban_failure_s, cfg.ban_integrity_s),
+        )
+        rt.extras[DIRECTORY_KEY] = d
+    assert isinstance(d, PeerDirectory)
+    return d
+
+
+def install(app: web.Application, rt: Runtime) -> None:
+    """Add the node-to-node blob route."""
+    directory = lan_directory(rt)
+    trusted = set(rt.settings.mdns.trusted_peers)
+    operators = trusted | {rt.identity.peer_id}
+    skew = rt.settings.mdns.signature_skew_s
+    served = rt.metrics.bytes_served.labels(source="lan-peer")
+
+    def authenticate(request: web.Request, known: Callable[[str], bool]) -> str:
+        verdict = check(
+            request.method,
+            request.path,
+            request.headers,
+            time.time(),
+            skew_s=skew,
+            peer_id_of=peer_id_of,
+            verify=verify_signature,
+            known=known,
+        )
+        if verdict.peer_id is None:
+            log.info(
+                "refused node request",
+                extra={"reason": verdict.reason, "remote": request.remote, "path": request.path},
+            )
+            if verdict.reason == "unknown peer":
+                raise Forbidden(f"peer not allowed here: {verdict.reason}")
+            raise Unauthorized(f"node signature required: {verdict.reason}")
+        return verdict.peer_id
+
+    async def get_blob(request: web.Request) -> web.StreamResponse:
+        authenticate(request, lambda p: p in trusted or directory.known(p))
+        cid = parse_cid(request.match_info["cid"])
+        path = await rt.store.open_path(cid)  # NotFound -> 404
+        size = path.stat().st_size
+        rt.access.record(cid, size, time.time())
+        served.inc(size)
+        return web.FileResponse(
+            path,
+            headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"},
+        )
+
+    async def fetch(request: web.Request) -> web.Response:
+        authenticate(request, operators.__contains__)
+        cid = parse_cid(request.match_info["cid"])
+        resolver = rt.extras.get("resolver")
+        if resolver is None:
+            raise NotFound("this node has no resolver")
+        path = await resolver.ensure_local(cid)
+        return web.json_response({"cid": cid, "size": path.stat().st_size})
+
+    app.router.add_get(ROUTE, get_blob)
+    app.router.add_post(FETCH_ROUTE, fetch)
+
+
+class LanSource:
+    """Blobs from LAN peers over signed HTTP, fastest peer first."""
+
+    name = "lan"
+
+    def __init__(
+        self,
+        directory: PeerDirectory,
+        identity: Identity,
+        *,
+        timeout_s: float = 10.0,
+        max_peers: int = 4,
+        self_id: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self.identity = identity
+        self.timeout_s = timeout_s
+        self.max_peers = max_peers
+        self.self_id = self_id or identity.peer_id
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=10),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the HTTP client."""
+        if self._session is not None:
+            await self._session.close()
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        """One offer per LAN peer that answers 200, fastest first."""
+        peers = [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
+        for peer in peers[: self.max_peers]:
+            assert peer.url is not None
+            path = ROUTE.format(cid=cid)
+            headers = sign_headers(
+                "GET",
+                path,
+                time.time(),
+                self.identity.peer_id,
+                self.identity.public_bytes,
+                self.identity.sign,
+            )
+            started = time.monotonic()
+            try:
+                resp = await self._client().get(peer.url.rstrip("/") + path, headers=headers)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.directory.report(peer.peer_id, False, type(exc).__name__)
+                continue
+            self.directory.rtt(peer.peer_id, (time.monotonic() - started) * 1000)
+            if resp.status != 200:
+                resp.release()
+                if resp.status != 404:
+                    # Refusals (401/403/5xx) count against the peer; "not held" does not.
+                    self.directory.report(peer.peer_id, False, f"http {resp.status}")
+                continue
+            yield Offer(
+                self.name,
+                peer.peer_id,
+                _body(resp),
+                size=resp.content_length,
+                meta={"url": peer.url},
+            )
+
+    def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
+        """Feed the outcome into the peer directory (bans on integrity failures)."""
+        self.directory.report(offer.peer, ok, reason)
+
+
+async def _body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            yield chunk
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(f"LAN transfer broke: {exc!r}") from exc
+    finally:
+        resp.release()

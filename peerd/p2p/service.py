@@ -1,0 +1,252 @@
+"""The asyncio side of libp2p: the daemon service and the delivery source.
+
+:class:`P2PService` starts the trio thread, builds the host in it (:mod:`peerd.p2p.node`), then
+announces held blobs on the DHT on the schedule of :class:`peerd.core.provide.ProvideSchedule`
+(batched, re-announced every ``p2p.reprovide_interval_s``; lag exported as
+``peerd_p2p_provide_lag_seconds``). On stop it cancels the trio nursery and joins the thread.
+
+:class:`Libp2pSource` finds providers of a blob on the DHT and fetches it over
+``/peerd/blob/1.0.0`` from the best of them; providers that refuse are skipped, providers that
+fail or lie are reported to the libp2p peer directory and banned by its policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from peerd.core.blobwire import Status
+from peerd.core.ids import Cid, parse_cid
+from peerd.core.peers import BanPolicy
+from peerd.core.provide import ProvideSchedule
+from peerd.delivery.source import Offer
+from peerd.discovery.directory import PeerDirectory
+from peerd.errors import BadRequest, NotFound, PeerdError, UpstreamError
+from peerd.p2p.bridge import BridgeClosed, TrioThread
+from peerd.p2p.node import TrioNode
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.p2p")
+
+READ_SIZE = 1024 * 1024
+RESYNC_S = 60.0
+REBOOTSTRAP_S = 30.0
+SERVICE_KEY = "p2p"
+
+
+class P2PService:
+    """libp2p in its own trio thread, plus the DHT provide loop."""
+
+    name = "p2p"
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.cfg = rt.settings.p2p
+        self.bridge = TrioThread()
+        self.node: TrioNode | None = None
+        self.addrs: list[str] = []
+        self.started = asyncio.Event()
+        self.schedule = ProvideSchedule(self.cfg.reprovide_interval_s, self.cfg.provide_batch)
+        self.directory = PeerDirectory(
+            rt.catalog,
+            via="libp2p",
+            ttl_s=max(self.cfg.reprovide_interval_s, 3600.0),
+            policy=BanPolicy(
+                self.cfg.max_failures, self.cfg.ban_failure_s, self.cfg.ban_integrity_s
+            ),
+        )
+        reg = rt.metrics.registry
+        self.m_lag = Gauge(
+            "peerd_p2p_provide_lag_seconds",
+            "How late the most overdue DHT provider announcement is",
+            registry=reg,
+        )
+        self.m_provided = Counter(
+            "peerd_p2p_provided", "Blob ids announced on the DHT", registry=reg
+        )
+        self.m_providing = Gauge(
+            "peerd_p2p_providing", "Blob ids this node announces on the DHT", registry=reg
+        )
+        self.m_peers = Gauge("peerd_p2p_connected_peers", "Connected libp2p peers", registry=reg)
+        self.m_served = Counter(
+            "peerd_p2p_served_bytes", "Blob bytes sent to libp2p peers", registry=reg
+        )
+        rt.extras[SERVICE_KEY] = self
+
+    async def _lookup(self, cid: str) -> Path | None:
+        try:
+            return await self.rt.store.open_path(parse_cid(cid))
+        except (NotFound, BadRequest):
+            return None
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Start the thread and host, announce blobs until cancelled, then stop the thread."""
+        await self.directory.load()
+        loop = asyncio.get_running_loop()
+        self.bridge = TrioThread()
+        await self.bridge.start()
+        try:
+            self.node = TrioNode(
+                self.cfg, self.rt.identity.private_bytes, self._lookup, loop, self.bridge
+            )
+            self.addrs = await self.bridge.call(self.node.start)
+            log.info("libp2p listening", extra={"addrs": self.addrs})
+            await asyncio.to_thread(
+                _write_lines, self.rt.settings.state_dir / "p2p.addrs", self.addrs
+            )
+            self.started.set()
+            ready()
+            await self._provide_loop()
+        finally:
+            self.started.clear()
+            stopped = await asyncio.shield(self.bridge.stop())
+            log.info("libp2p stopped", extra={"thread_joined": stopped})
+            await self.directory.flush()
+
+    async def _provide_loop(self) -> None:
+        assert self.node is not None
+        started = time.time()
+        synced_at = -RESYNC_S
+        synced_count = -1
+        served_seen = 0
+        rebootstrap_at = time.time()
+        while True:
+            now = time.time()
+            if self.cfg.provide and (
+                self.rt.store.count != synced_count or now - synced_at >= RESYNC_S
+            ):
+                held: list[str] = []
+                async for batch in self.rt.catalog.iter_present():
+                    held.extend(cid for cid, _ in batch)
+                self.schedule.sync(held)
+                synced_at, synced_count = now, self.rt.store.count
+                self.m_providing.set(len(self.schedule))
+            connected = await self.bridge.call(self.node.connected)
+            if connected == 0 and self.cfg.bootstrap and now - rebootstrap_at >= REBOOTSTRAP_S:
+                # Lost every peer (or none answered at start): dial the bootstrap peers again.
+                rebootstrap_at = now
+                for addr in self.cfg.bootstrap:
+                    await self.connect(addr)
+                connected = await self.bridge.call(self.node.connected)
+            self.m_peers.set(connected)
+            due = self.schedule.due(now) if self.cfg.provide else []
+            if due and connected == 0 and self.cfg.bootstrap:
+                # Announcing with no peers only records it locally; a node that is meant to
+                # join through bootstrap peers waits for them rather than mark the ids done.
+                due = []
+            if due:
+                done = await self.bridge.call(self.node.provide, due, self.cfg.provide_concurrency)
+                self.schedule.done(done, time.time())
+                self.m_provided.inc(len(done))
+                if len(done) < len(due):
+                    log.info(
+                        "some provider announcements failed",
+                        extra={"due": len(due), "done": len(done)},
+                    )
+            self.m_lag.set(self.schedule.lag(time.time(), started))
+            served = self.node.counters.served_bytes
+            self.m_served.inc(served - served_seen)
+            served_seen = served
+            # Go again soon while a backlog remains, otherwise wait one tick.
+            backlog = bool(due) and bool(self.schedule.due(time.time()))
+            await asyncio.sleep(0.05 if backlog else self.cfg.provide_tick_s)
+
+    async def drain(self, within_s: float = 3.0) -> None:
+        """On SIGTERM: refuse new blob requests (BUSY) and let transfers in flight finish for up
+        to ``within_s``; the supervisor then cancels :meth:`run`, which stops the thread."""
+        node = self.node
+        if node is None:
+            return
+        node.draining = True
+        for _ in range(int(within_s / 0.05)):
+            if node.serving == 0:
+                return
+            await asyncio.sleep(0.05)
+        log.info("stopping with libp2p transfers in flight", extra={"serving": node.serving})
+
+    async def connect(self, addr: str) -> str | None:
+        """Dial a libp2p peer (``/.../p2p/<id>``) and add it to the DHT routing table."""
+        if self.node is None or not self.bridge.running:
+            return None
+        try:
+            return await self.bridge.call(self.node.connect_addr, addr)
+        except BridgeClosed:
+            return None
+
+    async def provide_now(self, cids: list[str]) -> list[str]:
+        """Announce some ids at once (tests and the CLI); returns those announced."""
+        assert self.node is not None
+        done = await self.bridge.call(self.node.provide, cids, self.cfg.provide_concurrency)
+        self.schedule.done(done, time.time())
+        return done
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
+
+
+class Libp2pSource:
+    """Blobs from libp2p providers found on the DHT."""
+
+    name = "libp2p"
+
+    def __init__(self, service: P2PService, *, timeout_s: float, max_providers: int) -> None:
+        self.service = service
+        self.timeout_s = timeout_s
+        self.max_providers = max_providers
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        """One offer per provider that answers OK, unbanned providers in directory order."""
+        svc = self.service
+        node = svc.node
+        if node is None or not svc.bridge.running:
+            return
+        try:
+            providers = await svc.bridge.call(node.find_providers, cid, self.max_providers)
+        except BridgeClosed as exc:
+            raise UpstreamError("libp2p is stopping") from exc
+        for pid, addrs in providers:
+            svc.directory.seen(pid, addrs=tuple(addrs))
+        rank = {p.peer_id: i for i, p in enumerate(svc.directory.order())}
+        usable = sorted((p for p in providers if p[0] in rank), key=lambda p: rank[p[0]])
+        for pid, addrs in usable[: self.max_providers]:
+            started = time.monotonic()
+            try:
+                status, size, stream = await svc.bridge.call(node.open_blob, pid, addrs, cid)
+            except (PeerdError, BridgeClosed) as exc:
+                svc.directory.report(pid, False, type(exc).__name__)
+                log.info("libp2p provider failed", extra={"peer": pid, "error": str(exc)})
+                continue
+            svc.directory.rtt(pid, (time.monotonic() - started) * 1000)
+            if status != Status.OK:
+                # Busy or no longer held: not the provider's fault, just not this time.
+                continue
+            yield Offer(self.name, pid, self._chunks(node, stream, size), size=size)
+
+    async def _chunks(self, node: TrioNode, stream: Any, size: int) -> AsyncIterator[bytes]:
+        bridge = self.service.bridge
+        got = 0
+        try:
+            while got < size:
+                chunk = await bridge.call(node.read, stream, min(READ_SIZE, size - got))
+                if not chunk:
+                    raise UpstreamError(f"libp2p stream ended after {got} of {size} bytes")
+                got += len(chunk)
+                yield chunk
+        except BridgeClosed as exc:
+            raise UpstreamError("libp2p stopped during a transfer") from exc
+        finally:
+            if bridge.running:
+                await asyncio.shield(bridge.call(node.close_stream, stream))
+
+    def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
+        """Feed the outcome into the libp2p peer directory (bans on integrity failures)."""
+        self.service.directory.report(offer.peer, ok, reason)

@@ -1,0 +1,166 @@
+"""LAN transfers: the signed node-to-node route and LanSource (shared conformance suite)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from peerd.config import load_settings
+from peerd.core.ids import Cid, cid_of
+from peerd.core.signing import sign_headers
+from peerd.delivery import Resolver
+from peerd.http.server import build_app
+from peerd.identity import Identity
+from peerd.p2p import lan
+from peerd.p2p.lan import LanSource, lan_directory
+from peerd.runtime import Runtime, open_runtime
+from peerd.testing.source_suite import SourceConformance, SourceFactory
+
+
+class Peer:
+    """A peer node: its runtime and its HTTP app on an ephemeral loopback port."""
+
+    def __init__(self, rt: Runtime, url: str) -> None:
+        self.rt = rt
+        self.url = url
+
+
+async def start_peer(stack: AsyncExitStack, state: Path, trusted: list[str]) -> Peer:
+    settings = load_settings(
+        None, node={"state_dir": state}, http={"port": 0}, mdns={"trusted_peers": trusted}
+    )
+    rt = await open_runtime(settings)
+    stack.push_async_callback(rt.close)
+    rt.extras["ready"] = True
+    runner = web.AppRunner(build_app(rt, [lan.install]), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Peer(rt, f"http://127.0.0.1:{port}")
+
+
+async def corrupt(rt: Runtime, cid: Cid, wrong: bytes) -> None:
+    path = rt.store.path_for(cid)
+    path.chmod(0o644)
+    path.write_bytes(wrong)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    async with AsyncExitStack() as s:
+        yield s
+
+
+class TestLanSource(SourceConformance):
+    @pytest.fixture
+    def source_factory(
+        self, runtime: Runtime, stack: AsyncExitStack, tmp_path: Path
+    ) -> SourceFactory:
+        async def make(blobs: dict[Cid, bytes], lies: dict[Cid, bytes]) -> LanSource:
+            peer = await start_peer(stack, tmp_path / "peer", [runtime.identity.peer_id])
+            for cid, data in blobs.items():
+                await peer.rt.store.put(data, expected=cid)
+            for cid, wrong in lies.items():
+                await corrupt(peer.rt, cid, wrong)
+            directory = lan_directory(runtime)
+            directory.seen(peer.rt.identity.peer_id, url=peer.url)
+            source = LanSource(directory, runtime.identity, timeout_s=5)
+            stack.push_async_callback(source.close)
+            return source
+
+        return make
+
+
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as r:
+        return r.status, await r.read()
+
+
+def _signed(ident: Identity, path: str, now: float | None = None) -> dict[str, str]:
+    return sign_headers(
+        "GET", path, now or time.time(), ident.peer_id, ident.public_bytes, ident.sign
+    )
+
+
+async def test_route_refuses_unsigned_stale_and_unknown(
+    stack: AsyncExitStack, tmp_path: Path
+) -> None:
+    friend, stranger = Identity.generate(), Identity.generate()
+    peer = await start_peer(stack, tmp_path / "peer", [friend.peer_id])
+    data = os.urandom(5000)
+    cid = await peer.rt.store.put(data)
+    path = f"/p2p/v1/blobs/{cid}"
+    assert (await _get(peer.url + path))[0] == 401
+    assert (await _get(peer.url + path, _signed(friend, path, time.time() - 3600)))[0] == 401
+    assert (await _get(peer.url + path, _signed(stranger, path)))[0] == 403
+    # Signed for another path: refused (signature covers the path).
+    other = f"/p2p/v1/blobs/{cid_of(b'x')}"
+    assert (await _get(peer.url + path, _signed(friend, other)))[0] == 401
+    assert await _get(peer.url + path, _signed(friend, path)) == (200, data)
+    missing = f"/p2p/v1/blobs/{cid_of(b'not here')}"
+    assert (await _get(peer.url + missing, _signed(friend, missing)))[0] == 404
+    bad = "/p2p/v1/blobs/not-a-cid"
+    assert (await _get(peer.url + bad, _signed(friend, bad)))[0] == 400
+
+
+async def test_fastest_peer_first_and_liar_banned(
+    runtime: Runtime, stack: AsyncExitStack, tmp_path: Path
+) -> None:
+    me = runtime.identity.peer_id
+    slow = await start_peer(stack, tmp_path / "slow", [me])
+    liar = await start_peer(stack, tmp_path / "liar", [me])
+    data = os.urandom(100_000)
+    cid = await slow.rt.store.put(data)
+    await liar.rt.store.put(data)
+    await corrupt(liar.rt, cid, bytes(len(data)))
+    directory = lan_directory(runtime)
+    directory.seen(slow.rt.identity.peer_id, url=slow.url)
+    directory.seen(liar.rt.identity.peer_id, url=liar.url)
+    directory.rtt(slow.rt.identity.peer_id, 50.0)
+    directory.rtt(liar.rt.identity.peer_id, 1.0)
+    assert [p.peer_id for p in directory.order()][0] == liar.rt.identity.peer_id
+    source = LanSource(directory, runtime.identity, timeout_s=5)
+    stack.push_async_callback(source.close)
+    resolver = Resolver(runtime.store, [source])
+    path = await resolver.ensure_local(cid)
+    assert path.read_bytes() == data
+    assert resolver.m_fetches.labels(source="lan", outcome="integrity")._value.get() == 1
+    assert [p.peer_id for p in directory.order()] == [slow.rt.identity.peer_id]
+    await directory.flush()
+    async with runtime.catalog.conn.execute(
+        "SELECT banned_until FROM peers WHERE peer_id=?", (liar.rt.identity.peer_id,)
+    ) as cur:
+        row: Any = await cur.fetchone()
+    assert row[0] > time.time() + 60  # the ban is persisted
+
+
+async def test_fetch_route_only_for_operators(stack: AsyncExitStack, tmp_path: Path) -> None:
+    friend = Identity.generate()
+    peer = await start_peer(stack, tmp_path / "peer", [friend.peer_id])
+    peer.rt.extras["resolver"] = Resolver(peer.rt.store, [])
+    data = b"already here"
+    cid = await peer.rt.store.put(data)
+    path = f"/p2p/v1/fetch/{cid}"
+    stranger = Identity.generate()
+    async with aiohttp.ClientSession() as s:
+        h = sign_headers(
+            "POST", path, time.time(), stranger.peer_id, stranger.public_bytes, stranger.sign
+        )
+        async with s.post(peer.url + path, headers=h) as r:
+            assert r.status == 403
+        h = sign_headers(
+            "POST", path, time.time(), friend.peer_id, friend.public_bytes, friend.sign
+        )
+        async with s.post(peer.url + path, headers=h) as r:
+            assert r.status == 200
+            assert await r.json() == {"cid": cid, "size": len(data)}
