@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
+from peerd.api import openapi as api_openapi
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.logs import setup_logging
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("doctor", help="check config, ports, disk, secrets; explain problems")
     p.set_defaults(func=cmd_doctor)
+    api_openapi.register(sub)
     return parser
 
 

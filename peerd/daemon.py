@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from peerd import __version__
+from peerd.api import routes as api_routes
 from peerd.config import Settings
+from peerd.coordinator.client import CoordinatorService
 from peerd.errors import ConfigError, PeerdError
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.metrics import Metrics
@@ -245,6 +247,7 @@ class Supervisor:
 def route_installers(rt: Runtime) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order. One line per subsystem."""
     installers: list[RouteInstaller] = []
+    installers.append(api_routes.install)
     return installers
 
 
@@ -252,6 +255,7 @@ def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
     services.append(HttpService(rt, route_installers(rt)))
+    services.append(CoordinatorService(rt))
     return services
 
 

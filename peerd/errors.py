@@ -19,6 +19,7 @@ that the edges act on, so that no caller has to map exceptions by hand:
     ├── Forbidden (403)
     ├── NotFound (404)
     ├── Conflict (409)
+    │   └── NotConfigured (409)       needs a subsystem this node does not run
     ├── TooManyRequests (429)
     ├── StoreFull (507)               disk quota or a full disk
     ├── IntegrityError (502)          bytes did not hash to their id
@@ -99,6 +100,12 @@ class Conflict(PeerdError):
 
     status = 409
     code = "conflict"
+
+
+class NotConfigured(Conflict):
+    """The request needs a subsystem this node does not run (e.g. R2 is not configured)."""
+
+    code = "not_configured"
 
 
 class TooManyRequests(PeerdError):
