@@ -111,7 +111,6 @@ class ApiSettings(Section):
     enabled: bool = True
     require_access_jwt: bool = False
     uplink_bps: int = Field(default=0, ge=0)
-    max_challenge_bytes: int = Field(default=4 * 1024 * 1024, ge=1, le=64 * 1024 * 1024)
     job_concurrency: int = Field(default=2, ge=1, le=64)
     jobs_kept: int = Field(default=1000, ge=10)
 

@@ -14,7 +14,8 @@ that the edges act on, so that no caller has to map exceptions by hand:
     PeerdError (500, restart)
     ├── ConfigError (500, stop; exit code 2)
     ├── BadRequest (400)
-    │   └── MediaError (422)          input media that cannot be packaged
+    │   ├── MediaError (422)          input media that cannot be packaged
+    │   └── RangeNotSatisfiable (416) a byte range outside the blob
     ├── Unauthorized (401)
     ├── Forbidden (403)
     ├── NotFound (404)
@@ -72,6 +73,13 @@ class MediaError(BadRequest):
 
     status = 422
     code = "bad_media"
+
+
+class RangeNotSatisfiable(BadRequest):
+    """A byte range that lies (partly) outside the blob."""
+
+    status = 416
+    code = "range_not_satisfiable"
 
 
 class Unauthorized(PeerdError):

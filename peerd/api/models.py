@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 CID_PATTERN = r"^bafkrei[a-h][a-z2-7]{50}[aeimquy4]$"
 PEER_ID_PATTERN = r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$"
 HEX64_PATTERN = r"^[0-9a-f]{64}$"
 NONCE_PATTERN = r"^[0-9a-f]{32}$"
+MAX_CHALLENGE_BYTES = 4 * 1024 * 1024
 
 CidStr = Annotated[
     str,
@@ -130,7 +131,9 @@ class Health(Response):
 class InventoryQuery(Request):
     """Query of `GET /api/v1/inventory`."""
 
-    since: int = Field(default=0, ge=0, description="Cursor: return changes with seq > since.")
+    since: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="Cursor: return changes with seq > since."
+    )
     limit: int = Field(default=500, ge=1, le=1000, description="Most items in one page.")
 
 
@@ -185,11 +188,7 @@ class ChallengeRequest(Request):
     )
     cid: CidStr
     offset: int = Field(ge=0, le=1 << 40, description="First byte of the range.")
-    length: int = Field(
-        ge=1,
-        le=64 * 1024 * 1024,
-        description="Bytes in the range (at most `api.max_challenge_bytes`, default 4 MiB).",
-    )
+    length: int = Field(ge=1, le=MAX_CHALLENGE_BYTES, description="Bytes in the range.")
 
 
 class ChallengeResponse(Response):
@@ -207,8 +206,50 @@ class ChallengeResponse(Response):
 # -- commands and jobs -----------------------------------------------------------------------------
 
 
+def _no_nulls(*keys: str) -> Any:
+    """A before-validator refusing explicit nulls: the schema says "absent or a value"."""
+
+    def check(data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in keys:
+                if key in data and data[key] is None:
+                    raise ValueError(f"{key} must be omitted rather than null")
+        return data
+
+    return model_validator(mode="before")(check)
+
+
+def _schema_extra(extra: dict[str, Any]) -> Any:
+    """Add ``extra`` to a model's schema and drop ``default: null`` of optional fields (they
+    are "absent or a value", never null)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        for prop in schema.get("properties", {}).values():
+            if "default" in prop and prop["default"] is None:
+                del prop["default"]
+        schema.update(extra)
+
+    return apply
+
+
+_CID_SCHEMA = {"type": "string", "pattern": CID_PATTERN}
+_PEER_SCHEMA = {"type": "string", "pattern": PEER_ID_PATTERN}
+
+
 class PrefetchRequest(Request):
     """Make a media item local (`POST /api/v1/commands/prefetch`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_schema_extra(
+            {
+                "if": {"properties": {"source": {"const": "peer"}}, "required": ["source"]},
+                "then": {"required": ["peer_id"]},
+                "else": {"not": {"required": ["peer_id"]}},
+            }
+        ),
+    )
+    _nulls = _no_nulls("peer_id")
 
     media_id: CidStr
     source: Literal["r2", "peer", "any"] = Field(
@@ -217,7 +258,11 @@ class PrefetchRequest(Request):
         "any: the node's delivery order (local, LAN, libp2p, R2) for a media item whose "
         "manifest it has, else R2.",
     )
-    peer_id: PeerIdStr | None = Field(default=None, description="Required when source = peer.")
+    peer_id: Annotated[str | None, WithJsonSchema(_PEER_SCHEMA)] = Field(
+        default=None,
+        pattern=PEER_ID_PATTERN,
+        description="The peer to fetch from; required with source=peer, refused otherwise.",
+    )
 
     @model_validator(mode="after")
     def _peer_needs_id(self) -> PrefetchRequest:
@@ -234,12 +279,29 @@ class MediaCommand(Request):
 
 class EvictRequest(Request):
     """Drop local copies (`POST /api/v1/commands/evict`). Only blobs whose R2 copy is confirmed
-    (`r2_state` = present) and that are not pinned leave the disk; others are kept and counted."""
+    (`r2_state` = present) and that are not pinned leave the disk; others are kept and counted.
+    Give exactly one of `media_id` and `cids`."""
 
-    media_id: CidStr | None = Field(default=None, description="Evict this media item's blobs.")
-    cids: list[CidStr] | None = Field(
-        default=None, min_length=1, max_length=1000, description="Or: evict these blobs."
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_schema_extra(
+            {
+                "oneOf": [
+                    {"required": ["media_id"], "not": {"required": ["cids"]}},
+                    {"required": ["cids"], "not": {"required": ["media_id"]}},
+                ]
+            }
+        ),
     )
+    _nulls = _no_nulls("media_id", "cids")
+
+    media_id: Annotated[str | None, WithJsonSchema(_CID_SCHEMA)] = Field(
+        default=None, pattern=CID_PATTERN, description="Evict this media item's blobs."
+    )
+    cids: Annotated[
+        list[CidStr] | None,
+        WithJsonSchema({"type": "array", "items": _CID_SCHEMA, "minItems": 1, "maxItems": 1000}),
+    ] = Field(default=None, min_length=1, max_length=1000, description="Or: these blobs.")
 
     @model_validator(mode="after")
     def _one_target(self) -> EvictRequest:

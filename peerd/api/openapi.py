@@ -36,6 +36,7 @@ _STATUS_TEXT = {
     403: "Wrong credentials",
     404: "Not found",
     409: "Conflicts with the node's state or configuration",
+    416: "Range not satisfiable",
     503: "The node is draining",
 }
 

@@ -36,7 +36,14 @@ from peerd.api.node import node_api
 from peerd.api.spec import ENDPOINTS, PREFIX
 from peerd.core.ids import Cid
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
-from peerd.errors import BadRequest, ConfigError, Forbidden, NotFound, Unauthorized
+from peerd.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    NotFound,
+    RangeNotSatisfiable,
+    Unauthorized,
+)
 from peerd.runtime import Runtime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -154,14 +161,11 @@ async def post_challenge(request: web.Request) -> web.Response:
     """Possession proof over a byte range of a held blob; the response body is signed."""
     rt = request.app[RT]
     req = await _body(request, ChallengeRequest)
-    limit = rt.settings.api.max_challenge_bytes
-    if req.length > limit:
-        raise BadRequest(f"length {req.length} above this node's limit of {limit} bytes")
     row = await rt.catalog.get_blob(req.cid)
     if row is None or row.local_state != "present":
         raise NotFound(f"blob {req.cid} is not held")
     if req.offset + req.length > row.size:
-        raise BadRequest(
+        raise RangeNotSatisfiable(
             f"range {req.offset}+{req.length} is past the end of the blob ({row.size} bytes)"
         )
     path = await rt.store.open_path(Cid(req.cid))

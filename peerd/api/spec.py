@@ -73,10 +73,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Possession challenge",
         "Answers sha256(nonce || bytes[offset:offset+length]) of a held blob. The response "
         "body is signed by the node key (headers X-Peerd-Peer-Id, X-Peerd-Signature). Unknown "
-        "or not-held blob: 404; a range past the blob's end or above the node's limit: 400.",
+        "or not-held blob: 404; a range past the blob's end: 416.",
         m.ChallengeResponse,
         body=m.ChallengeRequest,
-        errors=(*AUTH_ERRORS, 404),
+        errors=(*AUTH_ERRORS, 404, 416),
         signed=True,
         tags=("inventory",),
     ),
