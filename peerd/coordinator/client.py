@@ -19,6 +19,7 @@ from peerd.api.models import CoordinatorReply, NodeReport
 from peerd.api.node import NodeApi, node_api
 from peerd.core.backoff import backoff_delay
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
+from peerd.errors import PeerdError
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.coordinator")
@@ -155,7 +156,11 @@ class CoordinatorService:
             kind: ReportKind = "heartbeat" if self.registered else "register"
             try:
                 reply = await self.send(kind)
-            except CoordinatorError as exc:
+            except (CoordinatorError, PeerdError, OSError, ValidationError) as exc:
+                if not isinstance(exc, CoordinatorError):
+                    # Building the report failed (disk, catalog): keep trying, loudly.
+                    log.exception("cannot build the coordinator report")
+                    exc = CoordinatorError(repr(exc))
                 if exc.status == 404:
                     # The coordinator lost us (restarted, expired): register again now.
                     self.registered = False
