@@ -3,7 +3,8 @@
 Authentication (every endpoint but ``openapi.json``):
 
 * ``Authorization: Bearer <api_token>``; the token is the node's ``api_token`` secret, shared with
-  the coordinator, compared in constant time. Missing: 401; wrong: 403.
+  the coordinator, compared in constant time. Missing: 401; wrong: 403. It is read once, at the
+  first request; a rotated token takes effect at the next restart.
 * When ``api.require_access_jwt`` is on, also ``Cf-Access-Jwt-Assertion`` (Cloudflare Access
   service token), checked by the verifier wired at ``rt.extras["access_verifier"]``
   (:class:`AccessVerifier`). A node configured to require it without a verifier refuses to start.
@@ -110,7 +111,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("missing bearer token")
-    expected = await asyncio.to_thread(_token, request.app)
+    cache = request.app[TOKEN]
+    expected = cache[0] if cache else await asyncio.to_thread(_token, request.app)
     if expected is None:
         raise Unauthorized("this node has no api_token secret; the API is closed")
     if not hmac.compare_digest(given.strip().encode(), expected.encode()):
