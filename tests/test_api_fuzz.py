@@ -64,6 +64,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(tmp_path: Path) -> No
             ],
             capture_output=True,
             text=True,
+            cwd=tmp_path,  # schemathesis writes a .schemathesis cache into its cwd
             timeout=150,
             check=False,
         )
