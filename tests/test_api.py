@@ -496,3 +496,26 @@ async def test_inventory_sync_model(runtime: Runtime) -> None:
     async with cat.conn.execute("SELECT media_id FROM media") as cur:
         truth |= {("media", str(r[0])): "present" for r in await cur.fetchall()}
     assert {k: v for k, v in replica.items() if v != "deleted"} == truth
+
+
+async def test_prefetch_from_a_named_peer(api: Api) -> None:
+    rt, c = api.rt, api.client
+    other = Identity.generate().peer_id
+    asked: list[tuple[str, str]] = []
+
+    class Puller:
+        async def pull_media_from(
+            self, peer_id: str, media_id: str, progress: object = None
+        ) -> dict[str, object]:
+            asked.append((peer_id, media_id))
+            return {"blobs": 3, "fetched": 3}
+
+    rt.extras["peer_puller"] = Puller()
+    media_id = cid_of(b"remote manifest")
+    body = {"media_id": media_id, "source": "peer", "peer_id": other}
+    job = (await c.command("prefetch", body)).body
+    done = await c.wait_job(job["job_id"])
+    assert done["result"] == {"source": "peer", "peer_id": other, "blobs": 3, "fetched": 3}
+    assert asked == [(other, media_id)]
+    info = (await c.call("GET", "/api/v1/node")).body
+    assert "prefetch:peer" in info["capabilities"]
