@@ -224,11 +224,26 @@ class P2PSettings(Section):
 
 
 class CoordinatorSettings(Section):
-    """Coordinator heartbeat client. Owned by issue 7."""
+    """Coordinator heartbeat client and drain on stop. Owned by issue 7."""
+
+    url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/\S*)?$")
+    heartbeat_interval_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    request_timeout_s: float = Field(default=10.0, gt=0, le=120.0)
+    backoff_initial_s: float = Field(default=1.0, gt=0, le=600.0)
+    backoff_max_s: float = Field(default=300.0, gt=0, le=3600.0)
+    drain_budget_s: float = Field(default=6.0, ge=0, le=600.0)
+    drain_streams_s: float = Field(default=2.0, ge=0, le=600.0)
+    drain_notice_timeout_s: float = Field(default=1.0, gt=0, le=60.0)
 
 
 class ApiSettings(Section):
-    """The coordinator-facing API. Owned by issue 7."""
+    """The coordinator-facing API under ``/api/v1/``. Owned by issue 7."""
+
+    enabled: bool = True
+    require_access_jwt: bool = False
+    uplink_bps: int = Field(default=0, ge=0)
+    job_concurrency: int = Field(default=2, ge=1, le=64)
+    jobs_kept: int = Field(default=1000, ge=10)
 
 
 class WebRTCSettings(Section):

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from peerd import __version__, p2p, ui
+from peerd.api import routes as api_routes
 from peerd.config import Settings
+from peerd.coordinator.client import CoordinatorService
 from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
@@ -253,6 +255,7 @@ def route_installers(rt: Runtime) -> list[RouteInstaller]:
     installers.append(ui.install)
     installers.append(hls.install)
     installers.append(lan.install)
+    installers.append(api_routes.install)
     return installers
 
 
@@ -268,6 +271,7 @@ def build_services(rt: Runtime) -> list[Service]:
     services.extend(p2p.wire(rt, lambda: http.port))
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
     services.append(MediaService(rt))
+    services.append(CoordinatorService(rt))
     return services
 
 

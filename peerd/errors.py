@@ -14,11 +14,13 @@ that the edges act on, so that no caller has to map exceptions by hand:
     PeerdError (500, restart)
     ├── ConfigError (500, stop; exit code 2)
     ├── BadRequest (400)
-    │   └── MediaError (422)          input media that cannot be packaged
+    │   ├── MediaError (422)          input media that cannot be packaged
+    │   └── RangeNotSatisfiable (416) a byte range outside the blob
     ├── Unauthorized (401)
     ├── Forbidden (403)
     ├── NotFound (404)
     ├── Conflict (409)
+    │   └── NotConfigured (409)       needs a subsystem this node does not run
     ├── TooManyRequests (429)
     ├── StoreFull (507)               disk quota or a full disk
     ├── IntegrityError (502)          bytes did not hash to their id
@@ -73,6 +75,13 @@ class MediaError(BadRequest):
     code = "bad_media"
 
 
+class RangeNotSatisfiable(BadRequest):
+    """A byte range that lies (partly) outside the blob."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+
 class Unauthorized(PeerdError):
     """No credentials or unusable credentials."""
 
@@ -99,6 +108,12 @@ class Conflict(PeerdError):
 
     status = 409
     code = "conflict"
+
+
+class NotConfigured(Conflict):
+    """The request needs a subsystem this node does not run (e.g. R2 is not configured)."""
+
+    code = "not_configured"
 
 
 class TooManyRequests(PeerdError):

@@ -1,0 +1,328 @@
+"""The coordinator's commands: prefetch, pin, unpin, evict, promote.
+
+Each command is checked when it arrives (unknown media -> 404, a subsystem this node does not run
+-> 409 ``not_configured``, node draining -> 503) and then runs as a job (:mod:`peerd.api.jobs`).
+Every command is idempotent: running it twice leaves the same state.
+
+The subsystems commands need are reached through ``rt.extras`` and typed here as protocols, so
+this module depends on no implementation: ``resolver`` (:class:`BlobFetcher`, the delivery
+resolver), ``replicator`` (:class:`Replicator`, R2 replication) and ``peer_puller``
+(:class:`PeerPuller`, fetching a media item from one named peer).
+
+Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
+(``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
+``UPDATE`` that marks it absent, so a concurrent pin or R2 state change cannot slip in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from peerd.api.jobs import ProgressFn
+from peerd.api.models import EvictRequest, JobStatus, MediaCommand, PrefetchRequest
+from peerd.core.ids import Cid
+from peerd.core.jobs import Job
+from peerd.errors import NotConfigured, NotFound, PeerdError, Unavailable, UpstreamError
+from peerd.runtime import Runtime
+
+PROMOTE_POLL_S = (0.2, 2.0)
+
+
+class BlobFetcher(Protocol):
+    """Makes a blob local (``peerd.delivery.Resolver``)."""
+
+    async def ensure_local(self, cid: Cid) -> Path:
+        """Fetch ``cid`` from the first source that has it, verified; its local path."""
+
+
+class Replicator(Protocol):
+    """What the API needs of R2 replication (``peerd.replication``)."""
+
+    async def promote_media(self, media_id: str) -> str:
+        """Queue a media item for R2; returns a batch id for :meth:`job_status`."""
+
+    async def pull_media(
+        self, media_id: str, progress: Callable[[int], None] | None = None
+    ) -> object:
+        """Fetch a media item from R2 into the store; ``progress`` gets byte counts."""
+
+    async def upload_last_copies(self, deadline_s: float) -> int:
+        """Upload blobs R2 lacks until the deadline; how many made it."""
+
+    async def job_status(self, job_id: str) -> Mapping[str, Any]:
+        """A batch's status; its ``state`` is ``running``, ``done`` or ``failed``."""
+
+
+class PeerPuller(Protocol):
+    """Fetches a media item from one named peer (LAN or libp2p)."""
+
+    async def pull_media_from(
+        self, peer_id: str, media_id: str, progress: Callable[[int], None] | None = None
+    ) -> object:
+        """Fetch manifest and blobs of ``media_id`` from ``peer_id`` into the store."""
+
+
+def job_status(job: Job) -> JobStatus:
+    """The API form of a job."""
+    return JobStatus(
+        job_id=job.job_id,
+        kind=job.kind,
+        target=job.target,
+        state=job.state,
+        progress=job.progress,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        result=job.result,
+        error=job.error,
+    )
+
+
+def _jsonable(report: object) -> dict[str, Any]:
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        return {k: v for k, v in dataclasses.asdict(report).items() if _plain(v)}
+    if isinstance(report, Mapping):
+        return {str(k): v for k, v in report.items() if _plain(v)}
+    return {}
+
+
+def _plain(v: object) -> bool:
+    return v is None or isinstance(v, str | int | float | bool)
+
+
+class Commands:
+    """Validates commands and builds their work for the job runner."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.rt.draining:
+            raise Unavailable("node is draining; no new commands")
+
+    def _replicator(self) -> Replicator:
+        rep = self.rt.extras.get("replicator")
+        if rep is None:
+            raise NotConfigured("R2 replication is not configured on this node")
+        return rep  # type: ignore[no-any-return]
+
+    async def media_exists(self, media_id: str) -> bool:
+        """True if the media item is in the catalog."""
+        sql = "SELECT 1 FROM media WHERE media_id=?"
+        async with self.rt.catalog.conn.execute(sql, (media_id,)) as cur:
+            return await cur.fetchone() is not None
+
+    async def _require_media(self, media_id: str) -> None:
+        if not await self.media_exists(media_id):
+            raise NotFound(f"media {media_id} is not in this node's catalog")
+
+    async def media_blobs(self, media_id: str) -> list[Cid]:
+        """Every blob of a media item: init segments, segments, and its manifest blob if kept."""
+        sql = (
+            "SELECT init_cid FROM renditions WHERE media_id=? AND init_cid IS NOT NULL "
+            "UNION SELECT cid FROM segments WHERE media_id=? AND cid IS NOT NULL "
+            "UNION SELECT cid FROM blobs WHERE cid=?"
+        )
+        async with self.rt.catalog.conn.execute(sql, (media_id, media_id, media_id)) as cur:
+            return [Cid(str(r[0])) for r in await cur.fetchall()]
+
+    # -- prefetch --------------------------------------------------------------------------------
+
+    async def prefetch(self, req: PrefetchRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Target and work of a prefetch."""
+        self._check_open()
+        media_id = req.media_id
+        if req.source == "peer":
+            puller = self.rt.extras.get("peer_puller")
+            if puller is None:
+                raise NotConfigured("fetching from a named peer needs the LAN/libp2p layer")
+            peer_id = req.peer_id or ""
+
+            async def from_peer(progress: ProgressFn) -> dict[str, Any]:
+                report = await puller.pull_media_from(peer_id, media_id)
+                return {"source": "peer", "peer_id": peer_id, **_jsonable(report)}
+
+            return media_id, from_peer
+        resolver = self.rt.extras.get("resolver")
+        known = await self.media_exists(media_id)
+        if req.source == "any" and known and resolver is not None:
+
+            async def via_resolver(progress: ProgressFn) -> dict[str, Any]:
+                return await self._fetch_blobs(resolver, media_id, progress)
+
+            return media_id, via_resolver
+        replicator = self._replicator()
+
+        async def from_r2(progress: ProgressFn) -> dict[str, Any]:
+            report = await replicator.pull_media(media_id)
+            return {"source": "r2", **_jsonable(report)}
+
+        return media_id, from_r2
+
+    async def _fetch_blobs(
+        self, resolver: BlobFetcher, media_id: str, progress: ProgressFn
+    ) -> dict[str, Any]:
+        cids = await self.media_blobs(media_id)
+        rows = await self.rt.catalog.get_blobs(cids)
+        missing = [c for c in cids if c not in rows or rows[c].local_state != "present"]
+        fetched = 0
+        failed: list[str] = []
+        sem = asyncio.Semaphore(4)
+
+        async def one(cid: Cid) -> None:
+            nonlocal fetched
+            async with sem:
+                try:
+                    await resolver.ensure_local(cid)
+                except PeerdError:
+                    failed.append(cid)
+                    return
+            fetched += 1
+            progress(fetched / len(missing))
+
+        await asyncio.gather(*(one(c) for c in missing))
+        if failed:
+            raise UpstreamError(
+                f"{len(failed)} of {len(missing)} missing blobs could not be fetched "
+                f"(first: {failed[0]})"
+            )
+        return {"source": "any", "blobs": len(cids), "fetched": fetched}
+
+    # -- pin / unpin -----------------------------------------------------------------------------
+
+    async def pin(self, req: MediaCommand) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Pin a media item and all its blobs (never evicted while pinned)."""
+        self._check_open()
+        await self._require_media(req.media_id)
+
+        async def work(progress: ProgressFn) -> dict[str, Any]:
+            cids = await self.media_blobs(req.media_id)
+            async with self.rt.catalog.transaction() as tx:
+                await tx.execute("UPDATE media SET pinned=1 WHERE media_id=?", (req.media_id,))
+                n = 0
+                for i in range(0, len(cids), 500):
+                    part = cids[i : i + 500]
+                    marks = ",".join("?" * len(part))
+                    cur = await tx.execute(
+                        f"UPDATE blobs SET pinned=1 WHERE cid IN ({marks})",  # noqa: S608
+                        part,
+                    )
+                    n += cur.rowcount
+            return {"blobs_pinned": n}
+
+        return req.media_id, work
+
+    async def unpin(self, req: MediaCommand) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Unpin a media item; blobs shared with another pinned item stay pinned."""
+        self._check_open()
+        await self._require_media(req.media_id)
+
+        async def work(progress: ProgressFn) -> dict[str, Any]:
+            cids = await self.media_blobs(req.media_id)
+            async with self.rt.catalog.transaction() as tx:
+                await tx.execute("UPDATE media SET pinned=0 WHERE media_id=?", (req.media_id,))
+                still = (
+                    "SELECT init_cid FROM renditions r JOIN media m USING (media_id) "
+                    "WHERE m.pinned=1 AND r.init_cid IS NOT NULL "
+                    "UNION SELECT s.cid FROM segments s JOIN media m USING (media_id) "
+                    "WHERE m.pinned=1 AND s.cid IS NOT NULL "
+                    "UNION SELECT media_id FROM media WHERE pinned=1"
+                )
+                n = 0
+                for i in range(0, len(cids), 500):
+                    part = cids[i : i + 500]
+                    marks = ",".join("?" * len(part))
+                    cur = await tx.execute(
+                        f"UPDATE blobs SET pinned=0 WHERE cid IN ({marks}) "  # noqa: S608
+                        f"AND cid NOT IN ({still})",
+                        part,
+                    )
+                    n += cur.rowcount
+            return {"blobs_unpinned": n, "blobs_kept_pinned": len(cids) - n}
+
+        return req.media_id, work
+
+    # -- evict -----------------------------------------------------------------------------------
+
+    async def evict(self, req: EvictRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Drop local copies that R2 holds and nobody pinned (see the module doc)."""
+        self._check_open()
+        if req.media_id is not None:
+            await self._require_media(req.media_id)
+            target = req.media_id
+        else:
+            listed = sorted(set(req.cids or []))
+            target = "cids:" + hashlib.sha256("\n".join(listed).encode()).hexdigest()
+
+        async def work(progress: ProgressFn) -> dict[str, Any]:
+            if req.media_id is not None:
+                cids = await self.media_blobs(req.media_id)
+            else:
+                cids = [Cid(c) for c in sorted(set(req.cids or []))]
+            return await self._evict(cids, progress)
+
+        return target, work
+
+    async def _evict(self, cids: list[Cid], progress: ProgressFn) -> dict[str, Any]:
+        store = self.rt.store
+        rows = await self.rt.catalog.get_blobs(cids)
+        out = {"evicted": 0, "bytes_freed": 0, "kept_last_copy": 0, "kept_pinned": 0}
+        out["not_held"] = 0
+        for i, cid in enumerate(cids):
+            row = rows.get(cid)
+            if row is None or row.local_state != "present":
+                out["not_held"] += 1
+            elif row.pinned:
+                out["kept_pinned"] += 1
+            elif row.r2_state != "present":
+                out["kept_last_copy"] += 1
+            else:
+                async with self.rt.catalog.transaction() as tx:
+                    cur = await tx.execute(
+                        "UPDATE blobs SET local_state='absent' WHERE cid=? "
+                        "AND local_state='present' AND r2_state='present' AND pinned=0",
+                        (cid,),
+                    )
+                    changed = cur.rowcount == 1
+                if not changed:  # it changed under us; keep it, the coordinator can retry
+                    out["kept_last_copy"] += 1
+                    continue
+                # Row first, then the file: a crash leaves an orphan file, never a lie.
+                await asyncio.to_thread(store.path_for(cid).unlink, missing_ok=True)
+                store.used_bytes -= row.size
+                store.count -= 1
+                out["evicted"] += 1
+                out["bytes_freed"] += row.size
+            progress((i + 1) / len(cids))
+        return out
+
+    # -- promote ---------------------------------------------------------------------------------
+
+    async def promote(self, req: MediaCommand) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Queue a media item for R2 and wait until the replicator finished it."""
+        self._check_open()
+        replicator = self._replicator()
+        await self._require_media(req.media_id)
+
+        async def work(progress: ProgressFn) -> dict[str, Any]:
+            batch = await replicator.promote_media(req.media_id)
+            delay = PROMOTE_POLL_S[0]
+            while True:
+                status = await replicator.job_status(batch)
+                state = status.get("state")
+                if state == "done":
+                    return {"replication_batch": batch, **_jsonable(status)}
+                if state == "failed":
+                    errors = status.get("errors") or []
+                    first = errors[0].get("error") if errors else None
+                    raise UpstreamError(f"promotion batch {batch} failed: {first or 'see node'}")
+                await asyncio.sleep(delay)
+                delay = min(PROMOTE_POLL_S[1], delay * 2)
+
+        return req.media_id, work

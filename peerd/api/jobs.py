@@ -1,0 +1,208 @@
+"""Command jobs: persisted in the catalog (``api_jobs``), run as asyncio tasks, polled by id.
+
+Why the catalog and not memory: the coordinator polls job ids, possibly after the node restarted;
+an id it holds must still answer (as ``failed: interrupted by restart`` if the node stopped while
+it ran) instead of a 404 that looks like a lie. State changes follow :mod:`peerd.core.jobs`.
+At most one open job exists per (kind, target): asking again returns the job already running.
+Finished jobs beyond ``api.jobs_kept`` are pruned, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from peerd.catalog import Catalog
+from peerd.core.jobs import INTERRUPTED, Event, Fail, Finish, Job, JobKind, Progress, Start
+from peerd.core.jobs import transition as apply
+from peerd.errors import NotFound, PeerdError
+
+log = logging.getLogger("peerd.api.jobs")
+
+ProgressFn = Callable[[float], None]
+Work = Callable[[ProgressFn], Awaitable[dict[str, Any]]]
+
+_COLS = "job_id, kind, target, state, progress, result, error, created_at, updated_at"
+
+
+def _job(r: tuple[Any, ...]) -> Job:
+    return Job(
+        job_id=str(r[0]),
+        kind=r[1],
+        target=str(r[2]),
+        state=r[3],
+        progress=float(r[4]),
+        result=None if r[5] is None else json.loads(r[5]),
+        error=None if r[6] is None else str(r[6]),
+        created_at=float(r[7]),
+        updated_at=float(r[8]),
+    )
+
+
+class JobRunner:
+    """Runs command jobs with bounded concurrency and records every state change."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        concurrency: int = 2,
+        keep: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.catalog = catalog
+        self.keep = keep
+        self._clock = clock
+        self._sem = asyncio.Semaphore(concurrency)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._boot = clock()
+
+    @property
+    def active(self) -> int:
+        """Jobs queued or running in this process."""
+        return len(self._tasks)
+
+    async def recover(self) -> int:
+        """Fail jobs left open by a previous run of the daemon; prune old finished jobs."""
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE api_jobs SET state='failed', error=?, updated_at=? "
+                "WHERE state IN ('queued', 'running') AND created_at < ?",
+                (INTERRUPTED, now, self._boot),
+            )
+            failed = cur.rowcount
+            await tx.execute(
+                "DELETE FROM api_jobs WHERE state IN ('done', 'failed') AND job_id NOT IN "
+                "(SELECT job_id FROM api_jobs ORDER BY updated_at DESC LIMIT ?)",
+                (self.keep,),
+            )
+        if failed:
+            log.info("jobs interrupted by restart marked failed", extra={"jobs": failed})
+        return failed
+
+    async def get(self, job_id: str) -> Job:
+        """The job; :class:`NotFound` if unknown."""
+        sql = f"SELECT {_COLS} FROM api_jobs WHERE job_id=?"  # noqa: S608
+        async with self.catalog.conn.execute(sql, (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return _job(tuple(row))
+
+    async def submit(
+        self, kind: JobKind, target: str, params: dict[str, Any], work: Work
+    ) -> tuple[Job, bool]:
+        """Queue ``work`` as a job; returns (job, created). An open job for the same kind and
+        target is returned instead of starting a second one."""
+        now = self._clock()
+        job = Job(secrets.token_hex(16), kind, target, "queued", now, now)
+        try:
+            async with self.catalog.transaction() as tx:
+                await tx.execute(
+                    f"INSERT INTO api_jobs({_COLS}, params) VALUES(?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                    (
+                        job.job_id,
+                        kind,
+                        target,
+                        job.state,
+                        job.progress,
+                        None,
+                        None,
+                        now,
+                        now,
+                        json.dumps(params, sort_keys=True),
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            sql = (
+                f"SELECT {_COLS} FROM api_jobs WHERE kind=? AND target=? "  # noqa: S608
+                "AND state IN ('queued', 'running')"
+            )
+            async with self.catalog.conn.execute(sql, (kind, target)) as cur:
+                row = await cur.fetchone()
+            if row is None:  # it finished between our insert and this read: start anew
+                return await self.submit(kind, target, params, work)
+            return _job(tuple(row)), False
+        self._tasks[job.job_id] = asyncio.create_task(self._run(job, work), name=f"job-{kind}")
+        return job, True
+
+    async def _save(self, job: Job, event: Event) -> Job:
+        new = apply(job, event, self._clock())
+        async with self.catalog.transaction() as tx:
+            await tx.execute(
+                "UPDATE api_jobs SET state=?, progress=?, result=?, error=?, updated_at=? "
+                "WHERE job_id=?",
+                (
+                    new.state,
+                    new.progress,
+                    None if new.result is None else json.dumps(new.result, sort_keys=True),
+                    new.error,
+                    new.updated_at,
+                    new.job_id,
+                ),
+            )
+        return new
+
+    async def _run(self, job: Job, work: Work) -> None:
+        current = job
+        pending_progress: list[float] = []
+
+        def progress(fraction: float) -> None:
+            pending_progress.append(fraction)
+
+        async def flush() -> None:
+            # Progress is written at most every 0.5 s: a fast prefetch must not
+            # become one catalog transaction per blob.
+            nonlocal current
+            while current.state == "running":
+                await asyncio.sleep(0.5)
+                if pending_progress:
+                    frac = max(pending_progress)
+                    pending_progress.clear()
+                    current = await self._save(current, Progress(frac))
+
+        try:
+            async with self._sem:
+                current = await self._save(current, Start())
+                flusher = asyncio.create_task(flush())
+                try:
+                    result = await work(progress)
+                finally:
+                    flusher.cancel()
+                    await asyncio.gather(flusher, return_exceptions=True)
+                current = await self._save(current, Finish(result))
+            log.info("job done", extra={"job": job.job_id, "kind": job.kind, "target": job.target})
+        except asyncio.CancelledError:
+            await asyncio.shield(self._fail(current, "cancelled: node stopping"))
+            raise
+        except PeerdError as exc:
+            await self._fail(current, exc.message)
+        except Exception as exc:
+            log.exception("job crashed", extra={"job": job.job_id, "kind": job.kind})
+            await self._fail(current, f"internal error: {type(exc).__name__}")
+        finally:
+            self._tasks.pop(job.job_id, None)
+
+    async def _fail(self, job: Job, error: str) -> None:
+        log.warning("job failed", extra={"job": job.job_id, "kind": job.kind, "error": error})
+        if not job.final:
+            await self._save(job, Fail(error))
+
+    async def wait_idle(self) -> None:
+        """Wait until no job runs (tests, drain)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel running jobs (they are recorded as failed)."""
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

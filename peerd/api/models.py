@@ -1,0 +1,365 @@
+"""The coordinator contract's data: every request and response body, as pydantic models.
+
+These models are the single source of the OpenAPI document (``peerd.api.openapi``): field
+descriptions here become the contract the coordinator is written against. Requests forbid
+unknown fields, so a typo in the coordinator fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+CID_PATTERN = r"^bafkrei[a-h][a-z2-7]{50}[aeimquy4]$"
+PEER_ID_PATTERN = r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$"
+HEX64_PATTERN = r"^[0-9a-f]{64}$"
+NONCE_PATTERN = r"^[0-9a-f]{32}$"
+MAX_CHALLENGE_BYTES = 4 * 1024 * 1024
+
+CidStr = Annotated[
+    str,
+    Field(
+        pattern=CID_PATTERN,
+        description="Content id: CIDv1, raw codec, sha2-256, base32 lower case (`bafkrei...`).",
+        examples=["bafkreibnoelefnzgwbcacyt4vh52ymxvzbjq7mmqhtcnwarfq4lzegsiqe"],
+    ),
+]
+PeerIdStr = Annotated[
+    str,
+    Field(
+        pattern=PEER_ID_PATTERN,
+        description="libp2p peer id of an ed25519 key (`12D3KooW...`); it embeds the public key.",
+    ),
+]
+JobIdStr = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="Job id (32 hex).")]
+
+
+class Request(BaseModel):
+    """Base of request bodies: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    """Base of response bodies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class ErrorBody(Response):
+    """Every 4xx/5xx answer of the API."""
+
+    error: str = Field(
+        description="Machine code: bad_request, unauthorized, forbidden, not_found, conflict, "
+        "not_configured, unavailable, store_full, upstream, integrity, internal."
+    )
+    message: str = Field(description="Human-readable reason, safe to log.")
+
+
+# -- node info and health --------------------------------------------------------------------------
+
+
+class Addresses(Response):
+    """Where the node can be reached besides its public URL."""
+
+    lan: list[str] = Field(description="HTTP base URLs on the local network (node to node).")
+    libp2p: list[str] = Field(description="libp2p multiaddrs, each ending in `/p2p/<peer id>`.")
+
+
+class NodeInfo(Response):
+    """Who the node is and what it can do (`GET /api/v1/node`)."""
+
+    peer_id: PeerIdStr
+    name: str = Field(description="Operator-chosen display name.")
+    version: str = Field(description="peerd version.")
+    api_version: Literal["1"] = Field(description="Version of this API and of the signed bodies.")
+    public_url: str | None = Field(description="Public https base URL (tunnel), if configured.")
+    addresses: Addresses
+    capabilities: list[str] = Field(
+        description="Commands and features this node supports, e.g. `prefetch:r2`, `promote`."
+    )
+    started_at: float = Field(description="Unix time the daemon started.")
+    draining: bool = Field(description="True once the node is stopping.")
+
+
+class Load(Response):
+    """Current serving load."""
+
+    active_streams: int = Field(ge=0, description="Viewer requests being served now.")
+    active_streams_measured: bool = Field(
+        description="False when the HTTP layer exposes no stream gauge (the value is then 0)."
+    )
+    egress_bps: float = Field(ge=0, description="Bytes/s served, averaged over ~30 s.")
+    egress_measured: bool = Field(description="False until two samples of the byte counter exist.")
+
+
+class Capacity(Response):
+    """Room left on this node."""
+
+    disk_free_bytes: int = Field(ge=0, description="Free bytes on the store's file system.")
+    disk_total_bytes: int = Field(ge=0, description="Size of the store's file system.")
+    store_used_bytes: int = Field(ge=0, description="Bytes of blobs held.")
+    store_blobs: int = Field(ge=0, description="Number of blobs held.")
+    store_quota_bytes: int = Field(ge=0, description="Store quota; 0 = none (disk reserve only).")
+    uplink_bps: int = Field(ge=0, description="Uplink capacity in bytes/s; 0 = unknown.")
+    uplink_source: Literal["configured", "unknown"] = Field(
+        description="Where uplink_bps comes from (`api.uplink_bps` in the config)."
+    )
+    spare_uplink_bps: int | None = Field(
+        description="uplink_bps minus egress, floored at 0; null when the uplink is unknown."
+    )
+
+
+class Health(Response):
+    """Health and load (`GET /api/v1/health`)."""
+
+    status: Literal["ok", "starting", "draining"]
+    draining: bool
+    uptime_s: float = Field(ge=0)
+    load: Load
+    capacity: Capacity
+    jobs_active: int = Field(ge=0, description="Command jobs queued or running.")
+
+
+# -- inventory -------------------------------------------------------------------------------------
+
+
+class InventoryQuery(Request):
+    """Query of `GET /api/v1/inventory`."""
+
+    since: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="Cursor: return changes with seq > since."
+    )
+    limit: int = Field(default=500, ge=1, le=1000, description="Most items in one page.")
+
+
+class InventoryItem(Response):
+    """The current state of one blob or media item that changed after the cursor."""
+
+    kind: Literal["blob", "media"]
+    id: str = Field(description="Blob cid or media id.")
+    seq: int = Field(ge=1, description="Change sequence number of this entry's last change.")
+    state: Literal["present", "absent", "deleted"] = Field(
+        description="present: held locally; absent: known, bytes not held (e.g. evicted to R2); "
+        "deleted: no longer in the catalog. Media items are always present or deleted."
+    )
+    size: int | None = Field(description="Blob size in bytes (null for media and deleted).")
+    blob_kind: str | None = Field(description="init | segment | manifest | other (blobs only).")
+    r2_state: str | None = Field(description="none | queued | present | deleting.")
+    pinned: bool | None
+    title: str | None = Field(description="Media title (media only).")
+    duration_s: float | None = Field(description="Media duration (media only).")
+
+
+class InventorySummary(Response):
+    """The cheap sync check: compare `digest` with your own view before paging."""
+
+    digest: str = Field(
+        pattern=HEX64_PATTERN,
+        description="Sum mod 2^256 of sha256(`blob:<cid>`) over present blobs and "
+        "sha256(`media:<id>`) over media, 64 hex digits.",
+    )
+    count: int = Field(ge=0, description="Number of entries in the digest.")
+    seq: int = Field(ge=0, description="Highest change sequence number so far.")
+
+
+class Inventory(Response):
+    """One page of inventory changes (`GET /api/v1/inventory`)."""
+
+    items: list[InventoryItem]
+    next_since: int = Field(ge=0, description="Pass as `since` to get the next page.")
+    more: bool = Field(description="True if another page follows.")
+    summary: InventorySummary
+
+
+# -- possession challenge --------------------------------------------------------------------------
+
+
+class ChallengeRequest(Request):
+    """Prove the node holds a blob (`POST /api/v1/challenge`)."""
+
+    nonce: str = Field(
+        pattern=r"^(?:[0-9a-f]{2}){16,64}$",
+        description="16 to 64 random bytes, lowercase hex. Fresh for every challenge.",
+    )
+    cid: CidStr
+    offset: int = Field(ge=0, le=1 << 40, description="First byte of the range.")
+    length: int = Field(ge=1, le=MAX_CHALLENGE_BYTES, description="Bytes in the range.")
+
+
+class ChallengeResponse(Response):
+    """The proof. The response body bytes are signed like node reports (see the signature
+    headers); `sha256` = sha256(nonce bytes || blob bytes[offset : offset + length])."""
+
+    peer_id: PeerIdStr
+    cid: CidStr
+    nonce: str
+    offset: int = Field(ge=0)
+    length: int = Field(ge=1)
+    sha256: str = Field(pattern=HEX64_PATTERN)
+
+
+# -- commands and jobs -----------------------------------------------------------------------------
+
+
+def _no_nulls(*keys: str) -> Any:
+    """A before-validator refusing explicit nulls: the schema says "absent or a value"."""
+
+    def check(data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in keys:
+                if key in data and data[key] is None:
+                    raise ValueError(f"{key} must be omitted rather than null")
+        return data
+
+    return model_validator(mode="before")(check)
+
+
+def _schema_extra(extra: dict[str, Any]) -> Any:
+    """Add ``extra`` to a model's schema and drop ``default: null`` of optional fields (they
+    are "absent or a value", never null)."""
+
+    def apply(schema: dict[str, Any]) -> None:
+        for prop in schema.get("properties", {}).values():
+            if "default" in prop and prop["default"] is None:
+                del prop["default"]
+        schema.update(extra)
+
+    return apply
+
+
+_CID_SCHEMA = {"type": "string", "pattern": CID_PATTERN}
+_PEER_SCHEMA = {"type": "string", "pattern": PEER_ID_PATTERN}
+
+
+class PrefetchRequest(Request):
+    """Make a media item local (`POST /api/v1/commands/prefetch`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_schema_extra(
+            {
+                "if": {"properties": {"source": {"const": "peer"}}, "required": ["source"]},
+                "then": {"required": ["peer_id"]},
+                "else": {"not": {"required": ["peer_id"]}},
+            }
+        ),
+    )
+    _nulls = _no_nulls("peer_id")
+
+    media_id: CidStr
+    source: Literal["r2", "peer", "any"] = Field(
+        default="any",
+        description="r2: pull manifest and blobs from R2; peer: from `peer_id` (LAN/libp2p); "
+        "any: the node's delivery order (local, LAN, libp2p, R2) for a media item whose "
+        "manifest it has, else R2.",
+    )
+    peer_id: Annotated[str | None, WithJsonSchema(_PEER_SCHEMA)] = Field(
+        default=None,
+        pattern=PEER_ID_PATTERN,
+        description="The peer to fetch from; required with source=peer, refused otherwise.",
+    )
+
+    @model_validator(mode="after")
+    def _peer_needs_id(self) -> PrefetchRequest:
+        if (self.source == "peer") != (self.peer_id is not None):
+            raise ValueError("peer_id is required with source=peer and only then")
+        return self
+
+
+class MediaCommand(Request):
+    """A command on one media item (pin, unpin, promote)."""
+
+    media_id: CidStr
+
+
+class EvictRequest(Request):
+    """Drop local copies (`POST /api/v1/commands/evict`). Only blobs whose R2 copy is confirmed
+    (`r2_state` = present) and that are not pinned leave the disk; others are kept and counted.
+    Give exactly one of `media_id` and `cids`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_schema_extra(
+            {
+                "oneOf": [
+                    {"required": ["media_id"], "not": {"required": ["cids"]}},
+                    {"required": ["cids"], "not": {"required": ["media_id"]}},
+                ]
+            }
+        ),
+    )
+    _nulls = _no_nulls("media_id", "cids")
+
+    media_id: Annotated[str | None, WithJsonSchema(_CID_SCHEMA)] = Field(
+        default=None, pattern=CID_PATTERN, description="Evict this media item's blobs."
+    )
+    cids: Annotated[
+        list[CidStr] | None,
+        WithJsonSchema({"type": "array", "items": _CID_SCHEMA, "minItems": 1, "maxItems": 1000}),
+    ] = Field(default=None, min_length=1, max_length=1000, description="Or: these blobs.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EvictRequest:
+        if (self.media_id is None) == (self.cids is None):
+            raise ValueError("give exactly one of media_id and cids")
+        return self
+
+
+class JobStatus(Response):
+    """A command job (`GET /api/v1/jobs/{job_id}`, and the 202 answer of every command)."""
+
+    job_id: JobIdStr
+    kind: Literal["prefetch", "pin", "unpin", "evict", "promote"]
+    target: str = Field(description="Media id, or `cids:<sha256 of the sorted cid list>`.")
+    state: Literal["queued", "running", "done", "failed"]
+    progress: float = Field(ge=0, le=1)
+    created_at: float
+    updated_at: float
+    result: dict[str, Any] | None = Field(description="Command-specific counts, when done.")
+    error: str | None = Field(description="Why it failed, when failed.")
+
+
+# -- node -> coordinator (signed) ------------------------------------------------------------------
+
+
+class NodeReport(Response):
+    """Body the node POSTs to the coordinator: `/v1/nodes/register`, `/v1/nodes/heartbeat` and
+    `/v1/nodes/drain`. Signed: the exact body bytes carry an ed25519 signature in
+    `X-Peerd-Signature` (base64url, no padding) by the key embedded in `X-Peerd-Peer-Id`."""
+
+    kind: Literal["register", "heartbeat", "drain"]
+    peer_id: PeerIdStr
+    name: str
+    version: str
+    api_version: Literal["1"]
+    public_url: str | None
+    addresses: Addresses
+    capabilities: list[str]
+    capacity: Capacity
+    load: Load
+    inventory: InventorySummary
+    draining: bool
+    drain_deadline_s: float | None = Field(
+        description="Seconds until the node exits (drain only; null otherwise)."
+    )
+    timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
+    nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
+
+
+class CoordinatorReply(BaseModel):
+    """What the coordinator answers to a node report (2xx). Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    accepted: bool = True
+    heartbeat_interval_s: float | None = Field(
+        default=None, ge=5, le=3600, description="Asks the node to change its heartbeat interval."
+    )
+    reregister: bool = Field(
+        default=False, description="True if the coordinator lost the node's registration."
+    )

@@ -1,0 +1,271 @@
+"""What the node knows about itself, as the API and the heartbeat report it.
+
+:class:`NodeApi` is created once per runtime (``node_api(rt)``, kept in ``rt.extras["api"]``) and
+shared by the HTTP routes, the API service (which samples load and runs jobs) and the coordinator
+client (which puts the same figures in its signed reports).
+
+Load figures come from the metrics registry by name, so this module does not depend on the HTTP
+layer's code: ``peerd_http_active_streams`` (a gauge of viewer requests in flight; reported as
+unmeasured when absent) and ``peerd_bytes_served`` (the counter of bytes served by source, summed
+over sources, sampled every few seconds into a sliding rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from peerd import __version__
+from peerd.api.jobs import JobRunner
+from peerd.api.models import (
+    Addresses,
+    Capacity,
+    Health,
+    Inventory,
+    InventoryItem,
+    InventorySummary,
+    Load,
+    NodeInfo,
+)
+from peerd.core.inventory import EMPTY_DIGEST, RateMeter, digest_of, page_of
+from peerd.runtime import Runtime
+
+log = logging.getLogger("peerd.api")
+
+ACTIVE_STREAMS_METRIC = "peerd_http_active_streams"
+EGRESS_METRIC = "peerd_bytes_served_total"
+EXTRAS_KEY = "api"
+
+
+class NodeApi:
+    """Node facts (info, health, inventory) and the command job runner of one runtime."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.egress = RateMeter(window_s=30.0)
+        self.jobs = JobRunner(
+            rt.catalog,
+            concurrency=rt.settings.api.job_concurrency,
+            keep=rt.settings.api.jobs_kept,
+        )
+        self._summary: tuple[int, InventorySummary] | None = None
+        self._summary_lock = asyncio.Lock()
+
+    # -- load ------------------------------------------------------------------------------------
+
+    def sample(self, now: float | None = None) -> None:
+        """Record the served-bytes counter (the API service calls this every few seconds)."""
+        total = 0.0
+        for metric in self.rt.metrics.registry.collect():
+            for s in metric.samples:
+                if s.name == EGRESS_METRIC:
+                    total += s.value
+        self.egress.add(time.monotonic() if now is None else now, total)
+
+    def load(self) -> Load:
+        """Active streams and egress rate."""
+        streams = self.rt.metrics.registry.get_sample_value(ACTIVE_STREAMS_METRIC)
+        return Load(
+            active_streams=max(0, int(streams or 0)),
+            active_streams_measured=streams is not None,
+            egress_bps=max(0.0, round(self.egress.rate(), 1)),
+            egress_measured=self.egress.measured,
+        )
+
+    async def capacity(self, load: Load) -> Capacity:
+        """Disk, store and uplink figures."""
+        store = self.rt.store
+        usage = await asyncio.to_thread(shutil.disk_usage, store.root)
+        uplink = self.rt.settings.api.uplink_bps
+        spare = max(0, int(uplink - load.egress_bps)) if uplink else None
+        return Capacity(
+            disk_free_bytes=usage.free,
+            disk_total_bytes=usage.total,
+            store_used_bytes=max(0, store.used_bytes),
+            store_blobs=max(0, store.count),
+            store_quota_bytes=store.quota_bytes,
+            uplink_bps=uplink,
+            uplink_source="configured" if uplink else "unknown",
+            spare_uplink_bps=spare,
+        )
+
+    # -- identity ----------------------------------------------------------------------------------
+
+    def capabilities(self) -> list[str]:
+        """What this node can do now; depends on which subsystems are wired."""
+        caps = ["challenge", "inventory", "pin", "unpin", "evict"]
+        extras = self.rt.extras
+        if extras.get("resolver") is not None:
+            caps.append("prefetch:any")
+        if extras.get("replicator") is not None:
+            caps += ["prefetch:r2", "promote", "drain:upload"]
+        if extras.get("peer_puller") is not None:
+            caps.append("prefetch:peer")
+        return caps
+
+    async def addresses(self) -> Addresses:
+        """LAN URLs and libp2p multiaddrs, as the discovery and p2p layers publish them."""
+        lan = [str(u) for u in self.rt.extras.get("lan_urls", [])]
+        if not lan:
+            bound = await asyncio.to_thread(_read_addr, self.rt.settings.state_dir / "http.addr")
+            if bound is not None:
+                lan.append(bound)
+        libp2p = [str(a) for a in self.rt.extras.get("libp2p_addrs", [])]
+        return Addresses(lan=lan, libp2p=libp2p)
+
+    async def info(self) -> NodeInfo:
+        """``GET /api/v1/node``."""
+        s = self.rt.settings
+        return NodeInfo(
+            peer_id=self.rt.identity.peer_id,
+            name=s.node.name,
+            version=__version__,
+            api_version="1",
+            public_url=s.node.public_url,
+            addresses=await self.addresses(),
+            capabilities=self.capabilities(),
+            started_at=self.rt.started_at,
+            draining=self.rt.draining,
+        )
+
+    async def health(self) -> Health:
+        """``GET /api/v1/health``."""
+        load = self.load()
+        if self.rt.draining:
+            status = "draining"
+        elif self.rt.extras.get("ready"):
+            status = "ok"
+        else:
+            status = "starting"
+        return Health(
+            status=status,  # type: ignore[arg-type]
+            draining=self.rt.draining,
+            uptime_s=max(0.0, round(time.time() - self.rt.started_at, 3)),
+            load=load,
+            capacity=await self.capacity(load),
+            jobs_active=self.jobs.active,
+        )
+
+    # -- inventory ---------------------------------------------------------------------------------
+
+    async def high_seq(self) -> int:
+        """The highest change sequence number."""
+        async with self.rt.catalog.conn.execute("SELECT MAX(seq) FROM inventory_seq") as cur:
+            row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    async def summary(self) -> InventorySummary:
+        """Digest, count and high-water mark; recomputed only when something changed."""
+        async with self._summary_lock:
+            seq = await self.high_seq()
+            if self._summary is not None and self._summary[0] == seq:
+                return self._summary[1]
+            conn = self.rt.catalog.conn
+            entries: list[tuple[str, str]] = []
+            async with conn.execute("SELECT cid FROM blobs WHERE local_state='present'") as cur:
+                entries += [("blob", str(r[0])) for r in await cur.fetchall()]
+            async with conn.execute("SELECT media_id FROM media") as cur:
+                entries += [("media", str(r[0])) for r in await cur.fetchall()]
+            # Hashing every entry is ~1 µs each: off the loop for large catalogs.
+            digest = await asyncio.to_thread(digest_of, entries) if entries else EMPTY_DIGEST
+            summary = InventorySummary(digest=digest, count=len(entries), seq=seq)
+            self._summary = (seq, summary)
+            return summary
+
+    async def inventory(self, since: int, limit: int) -> Inventory:
+        """One page of changes after ``since`` (see :mod:`peerd.core.inventory`)."""
+        sql = (
+            "SELECT s.kind, s.id, s.seq, b.size, b.kind, b.local_state, b.r2_state, b.pinned, "
+            "m.media_id, m.title, m.duration_s, m.r2_state, m.pinned "
+            "FROM inventory_seq s "
+            "LEFT JOIN blobs b ON s.kind='blob' AND b.cid=s.id "
+            "LEFT JOIN media m ON s.kind='media' AND m.media_id=s.id "
+            "WHERE s.seq > ? ORDER BY s.seq LIMIT ?"
+        )
+        async with self.rt.catalog.conn.execute(sql, (since, limit + 1)) as cur:
+            rows = list(await cur.fetchall())
+        page = page_of(since, [int(r[2]) for r in rows], limit)
+        items = [_item(tuple(r)) for r in rows[:limit]]
+        return Inventory(
+            items=items, next_since=page.next_since, more=page.more, summary=await self.summary()
+        )
+
+
+def _item(r: tuple[Any, ...]) -> InventoryItem:
+    kind, ident, seq = str(r[0]), str(r[1]), int(r[2])
+    if kind == "blob":
+        if r[5] is None:
+            return _deleted("blob", ident, seq)
+        return InventoryItem(
+            kind="blob",
+            id=ident,
+            seq=seq,
+            state="present" if r[5] == "present" else "absent",
+            size=int(r[3]),
+            blob_kind=str(r[4]),
+            r2_state=str(r[6]),
+            pinned=bool(r[7]),
+            title=None,
+            duration_s=None,
+        )
+    if r[8] is None:
+        return _deleted("media", ident, seq)
+    return InventoryItem(
+        kind="media",
+        id=ident,
+        seq=seq,
+        state="present",
+        size=None,
+        blob_kind=None,
+        r2_state=str(r[11]),
+        pinned=bool(r[12]),
+        title=str(r[9]),
+        duration_s=float(r[10]),
+    )
+
+
+def _deleted(kind: str, ident: str, seq: int) -> InventoryItem:
+    return InventoryItem(
+        kind=kind,  # type: ignore[arg-type]
+        id=ident,
+        seq=seq,
+        state="deleted",
+        size=None,
+        blob_kind=None,
+        r2_state=None,
+        pinned=None,
+        title=None,
+        duration_s=None,
+    )
+
+
+def _read_addr(path: Path) -> str | None:
+    """The HTTP server's bound address as a LAN URL, unless it is loopback or a wildcard."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_unspecified:
+        return None
+    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
+
+
+def node_api(rt: Runtime) -> NodeApi:
+    """The runtime's one :class:`NodeApi` (created on first use)."""
+    api = rt.extras.get(EXTRAS_KEY)
+    if api is None:
+        api = NodeApi(rt)
+        rt.extras[EXTRAS_KEY] = api
+    assert isinstance(api, NodeApi)
+    return api

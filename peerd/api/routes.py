@@ -1,0 +1,257 @@
+"""aiohttp routes of ``/api/v1/``: authentication, request parsing, one handler per endpoint.
+
+Authentication (every endpoint but ``openapi.json``):
+
+* ``Authorization: Bearer <api_token>``; the token is the node's ``api_token`` secret, shared with
+  the coordinator, compared in constant time. Missing: 401; wrong: 403. It is read once, at the
+  first request; a rotated token takes effect at the next restart.
+* When ``api.require_access_jwt`` is on, also ``Cf-Access-Jwt-Assertion`` (Cloudflare Access
+  service token), checked by the verifier wired at ``rt.extras["access_verifier"]``
+  (:class:`AccessVerifier`). A node configured to require it without a verifier refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from peerd.api.commands import Commands, job_status
+from peerd.api.models import (
+    ChallengeRequest,
+    ChallengeResponse,
+    EvictRequest,
+    InventoryQuery,
+    MediaCommand,
+    PrefetchRequest,
+)
+from peerd.api.node import node_api
+from peerd.api.spec import ENDPOINTS, PREFIX
+from peerd.core.ids import Cid
+from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
+from peerd.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    NotFound,
+    RangeNotSatisfiable,
+    Unauthorized,
+)
+from peerd.runtime import Runtime
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+ACCESS_HEADER = "Cf-Access-Jwt-Assertion"
+RT = web.AppKey("api_runtime", Runtime)
+TOKEN = web.AppKey("api_token", list)
+
+
+class AccessVerifier(Protocol):
+    """Validates a Cloudflare Access JWT (``peerd.http.access``)."""
+
+    async def verify(self, token: str) -> object:
+        """The token's claims; raises :class:`Forbidden` when it is not valid."""
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        key = ".".join(str(p) for p in e["loc"]) or "(body)"
+        parts.append(f"{key}: {e['msg']}")
+    return "; ".join(parts)
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest("request body is not JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(f"invalid request: {_describe(exc)}") from None
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise BadRequest(f"invalid query: {_describe(exc)}") from None
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        body=model.model_dump_json().encode(), status=status, content_type="application/json"
+    )
+
+
+def _token(app: web.Application) -> str | None:
+    cache: list[str | None] = app[TOKEN]
+    if not cache:
+        cache.append(app[RT].settings.secret("api_token"))
+    return cache[0]
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token (constant-time) and, if configured, the Cloudflare Access JWT."""
+    if request.path == f"{PREFIX}/openapi.json":
+        return await handler(request)
+    rt = request.app[RT]
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("missing bearer token")
+    cache = request.app[TOKEN]
+    expected = cache[0] if cache else await asyncio.to_thread(_token, request.app)
+    if expected is None:
+        raise Unauthorized("this node has no api_token secret; the API is closed")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise Forbidden("wrong bearer token")
+    if rt.settings.api.require_access_jwt:
+        jwt = request.headers.get(ACCESS_HEADER)
+        if not jwt:
+            raise Unauthorized(f"missing {ACCESS_HEADER}")
+        verifier: AccessVerifier = rt.extras["access_verifier"]
+        await verifier.verify(jwt)
+    return await handler(request)
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+async def get_node(request: web.Request) -> web.Response:
+    """Node info."""
+    return _json(await node_api(request.app[RT]).info())
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Health and load."""
+    return _json(await node_api(request.app[RT]).health())
+
+
+async def get_inventory(request: web.Request) -> web.Response:
+    """A page of inventory changes."""
+    q = _query(request, InventoryQuery)
+    return _json(await node_api(request.app[RT]).inventory(q.since, q.limit))
+
+
+def _hash_range(path: Path, nonce: bytes, offset: int, length: int) -> bytes:
+    h = hashlib.sha256(nonce)
+    with path.open("rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise BadRequest("blob file is shorter than its catalog size")
+            h.update(chunk)
+            left -= len(chunk)
+    return h.digest()
+
+
+async def post_challenge(request: web.Request) -> web.Response:
+    """Possession proof over a byte range of a held blob; the response body is signed."""
+    rt = request.app[RT]
+    req = await _body(request, ChallengeRequest)
+    row = await rt.catalog.get_blob(req.cid)
+    if row is None or row.local_state != "present":
+        raise NotFound(f"blob {req.cid} is not held")
+    if req.offset + req.length > row.size:
+        raise RangeNotSatisfiable(
+            f"range {req.offset}+{req.length} is past the end of the blob ({row.size} bytes)"
+        )
+    path = await rt.store.open_path(Cid(req.cid))
+    digest = await asyncio.to_thread(
+        _hash_range, path, bytes.fromhex(req.nonce), req.offset, req.length
+    )
+    answer = ChallengeResponse(
+        peer_id=rt.identity.peer_id,
+        cid=req.cid,
+        nonce=req.nonce,
+        offset=req.offset,
+        length=req.length,
+        sha256=digest.hex(),
+    )
+    body = encode_body(answer.model_dump())
+    signature = b64url(rt.identity.sign(body))
+    headers = {PEER_HEADER: rt.identity.peer_id, SIGNATURE_HEADER: signature}
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _command(
+    kind: str, model: type[M], prepare: Callable[[Commands, Any], Awaitable[tuple[str, Any]]]
+) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        rt = request.app[RT]
+        req = await _body(request, model)
+        target, work = await prepare(Commands(rt), req)
+        job, _ = await node_api(rt).jobs.submit(
+            kind,  # type: ignore[arg-type]
+            target,
+            req.model_dump(mode="json"),
+            work,
+        )
+        resp = _json(job_status(job), status=202)
+        resp.headers["Location"] = f"{PREFIX}/jobs/{job.job_id}"
+        return resp
+
+    handler.__doc__ = f"Submit a {kind} job."
+    return handler
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """Status of a job."""
+    job_id = request.match_info["job_id"]
+    if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
+        raise NotFound(f"no job {job_id}")
+    job = await node_api(request.app[RT]).jobs.get(job_id)
+    return _json(job_status(job))
+
+
+HANDLERS: dict[str, Handler] = {
+    "getNode": get_node,
+    "getHealth": get_health,
+    "getInventory": get_inventory,
+    "postChallenge": post_challenge,
+    "postPrefetch": _command("prefetch", PrefetchRequest, Commands.prefetch),
+    "postPin": _command("pin", MediaCommand, Commands.pin),
+    "postUnpin": _command("unpin", MediaCommand, Commands.unpin),
+    "postEvict": _command("evict", EvictRequest, Commands.evict),
+    "postPromote": _command("promote", MediaCommand, Commands.promote),
+    "getJob": get_job,
+}
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """The committed OpenAPI document (no authentication: it holds no secret)."""
+    body = await asyncio.to_thread(resources.files("peerd.api").joinpath("openapi.json").read_bytes)
+    return web.Response(body=body, content_type="application/json")
+
+
+def install(app: web.Application, rt: Runtime) -> None:
+    """Mount ``/api/v1/`` on the node's application (a route installer for daemon.py)."""
+    if not rt.settings.api.enabled:
+        return
+    if rt.settings.api.require_access_jwt and rt.extras.get("access_verifier") is None:
+        raise ConfigError(
+            "api.require_access_jwt is on but no Cloudflare Access verifier is wired "
+            "(rt.extras['access_verifier'])"
+        )
+    node_api(rt)
+    sub = web.Application(middlewares=[auth_middleware])
+    sub[RT] = rt
+    sub[TOKEN] = []
+    sub.router.add_get("/openapi.json", get_openapi)
+    for ep in ENDPOINTS:
+        sub.router.add_route(ep.method, ep.path, HANDLERS[ep.operation_id])
+    app.add_subapp(PREFIX, sub)
