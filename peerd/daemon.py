@@ -35,6 +35,8 @@ from peerd.http.server import HttpService, RouteInstaller
 from peerd.metrics import Metrics
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
+from peerd.webrtc import routes as whep_routes
+from peerd.webrtc.session import WhepService
 
 log = logging.getLogger("peerd.daemon")
 
@@ -245,6 +247,7 @@ class Supervisor:
 def route_installers(rt: Runtime) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order. One line per subsystem."""
     installers: list[RouteInstaller] = []
+    installers.append(whep_routes.install)
     return installers
 
 
@@ -252,6 +255,7 @@ def build_services(rt: Runtime) -> list[Service]:
     """Every service of the daemon, in start order. One line per subsystem."""
     services: list[Service] = []
     services.append(HttpService(rt, route_installers(rt)))
+    services.append(WhepService(rt))
     return services
 
 
