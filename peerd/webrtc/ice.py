@@ -7,7 +7,8 @@ passed through as given (to the viewer in ``Link`` headers and the player page, 
 own peer connection), cached until ``turn_refresh_margin_s`` before it expires, and refreshed by
 one request however many sessions start at once. When a refresh fails, unexpired credentials are
 still used; past expiry, sessions get the static servers only (direct connections keep working,
-relayed ones fail) and the failure is logged and counted.
+relayed ones fail) and the failure is logged and counted. After a failure the API is not asked
+again for ``RETRY_S`` seconds, so an outage does not turn every viewer into a request.
 
 The key id and token are the secrets ``turn_key_id`` and ``turn_api_token``; the static list is
 ``webrtc.ice_servers`` (URLs) with ``webrtc.turn_username`` and the secret ``turn_credential`` for
@@ -33,6 +34,8 @@ from peerd.core.whep import IceServer, credentials_fresh, parse_ice_servers
 from peerd.errors import ConfigError, UpstreamError
 
 log = logging.getLogger("peerd.webrtc")
+
+RETRY_S = 30.0
 
 
 class IceProvider(Protocol):
@@ -91,12 +94,14 @@ class CloudflareTurn:
         self._on_fetch = on_fetch
         self._cached: tuple[IceServer, ...] = ()
         self._expires_at = 0.0
+        self._retry_at = 0.0
         self._inflight: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def servers(self) -> tuple[IceServer, ...]:
         """Minted servers (refreshed when near expiry) followed by the static ones."""
-        if not credentials_fresh(self._clock(), self._expires_at, self._margin):
+        now = self._clock()
+        if not credentials_fresh(now, self._expires_at, self._margin) and now >= self._retry_at:
             # One refresh for every caller that finds the cache stale at the same time.
             if self._inflight is None or self._inflight.done():
                 self._inflight = asyncio.create_task(self._refresh())
@@ -114,6 +119,7 @@ class CloudflareTurn:
                 "cannot mint TURN credentials",
                 extra={"error": exc.message, "cached_valid": self._clock() < self._expires_at},
             )
+            self._retry_at = self._clock() + RETRY_S
             if self._on_fetch is not None:
                 self._on_fetch("error")
             return

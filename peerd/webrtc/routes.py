@@ -130,8 +130,7 @@ def install(app: web.Application, rt: Runtime) -> None:
             content_type="text/html",
             headers={
                 "Cache-Control": "no-store",
-                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                "style-src 'unsafe-inline'; media-src 'self' blob:; connect-src 'self'",
+                "Content-Security-Policy": _CSP,
                 "Referrer-Policy": "no-referrer",
             },
         )
@@ -143,4 +142,8 @@ def install(app: web.Application, rt: Runtime) -> None:
     app.router.add_get("/whep/player/{media_id}", player)
 
 
+_CSP = (
+    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+    "media-src 'self' blob:; connect-src 'self'"
+)
 _PLAYER = resources.files("peerd.webrtc").joinpath("player.html").read_text(encoding="utf-8")

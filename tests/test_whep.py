@@ -1,0 +1,342 @@
+"""WHEP in process: an aiortc viewer negotiates with the node's routes and decodes what it gets.
+
+The viewer decodes every frame (aiortc's H.264/VP8 decoders), so these tests fail if passthrough
+sends a stream a decoder cannot use, if pacing is off, or if sessions are not freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import pytest
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from peerd.config import Settings, load_settings
+from peerd.http.server import build_app
+from peerd.runtime import Runtime, open_runtime
+from peerd.testing.whep_media import HlsClip, add_media, make_hls
+from peerd.webrtc import access, routes
+from peerd.webrtc.session import WhepService
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HlsClip]:
+    base = tmp_path_factory.mktemp("clips")
+    return {
+        "plain": make_hls(base / "plain", seconds=4, bframes=0),
+        "bframes": make_hls(base / "bframes", seconds=4, bframes=3),
+    }
+
+
+@dataclass
+class Node:
+    rt: Runtime
+    svc: WhepService
+    url: str
+    media: dict[str, str] = field(default_factory=dict)
+
+
+async def start_node(settings: Settings, clips: dict[str, HlsClip]) -> AsyncIterator[Node]:
+    rt = await open_runtime(settings)
+    media = {name: await add_media(rt, clip, title=name) for name, clip in clips.items()}
+    svc = WhepService(rt)
+    ready = asyncio.Event()
+    task = asyncio.create_task(svc.run(ready.set))
+    await ready.wait()
+    runner = web.AppRunner(build_app(rt, [routes.install]))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield Node(rt, svc, f"http://127.0.0.1:{port}", media)
+    finally:
+        await runner.cleanup()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rt.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path, clips: dict[str, HlsClip]) -> AsyncIterator[Node]:
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path / "state"},
+        http={"port": 0},
+        webrtc={"loop_playback": True, "max_sessions": 2, "connect_timeout_s": 3},
+    )
+    async for n in start_node(settings, clips):
+        yield n
+
+
+class Viewer:
+    """An aiortc receiver that decodes and counts what it gets."""
+
+    def __init__(self, video: bool = True, audio: bool = True) -> None:
+        self.pc = RTCPeerConnection()
+        if video:
+            self.pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        self.frames: dict[str, list[Any]] = {"video": [], "audio": []}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.pc.on("track", self._on_track)
+        self.location: str | None = None
+        self.answer = ""
+        self.links: list[str] = []
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self.tasks.append(asyncio.create_task(self._consume(track)))
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.frames[track.kind].append(
+                (time.monotonic(), frame.width if track.kind == "video" else frame.sample_rate)
+            )
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def connect(self, http: aiohttp.ClientSession, url: str, **kw: Any) -> int:
+        sdp = await self.offer()
+        headers = {"Content-Type": "application/sdp", **kw.pop("headers", {})}
+        async with http.post(url, data=sdp, headers=headers, **kw) as r:
+            body = await r.text()
+            if r.status != 201:
+                return r.status
+            self.location = r.headers["Location"]
+            self.links = r.headers.getall("Link", [])
+            self.answer = body
+        await self.pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+        return 201
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def an_offer() -> str:
+    """A viewer's offer, its peer connection closed (its candidates stay valid text)."""
+    v = Viewer()
+    try:
+        return await v.offer()
+    finally:
+        await v.close()
+
+
+async def wait_for(cond: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_passthrough_decodes_in_real_time_and_delete_frees(node: Node) -> None:
+    viewer = Viewer()
+    async with aiohttp.ClientSession() as http:
+        try:
+            assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
+            session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
+            assert session.mode == "passthrough"
+            assert "H264/90000" in viewer.answer
+            assert viewer.links == []  # no ICE servers configured: none announced
+            await wait_for(lambda: len(viewer.frames["video"]) > 0)
+            t0, n0 = time.monotonic(), len(viewer.frames["video"])
+            # Past the 4 s clip: playback loops with growing timestamps.
+            await asyncio.sleep(5)
+            rate = (len(viewer.frames["video"]) - n0) / (time.monotonic() - t0)
+            assert 18 < rate < 32, rate  # the clip is 25 fps: paced, not burst
+            assert {w for _, w in viewer.frames["video"]} == {320}
+            assert len(viewer.frames["audio"]) > 100
+            assert session.feeder.segments_read > 2
+            async with http.delete(node.url + viewer.location) as r:  # type: ignore[operator]
+                assert r.status == 200
+            assert node.svc.sessions == {}
+            assert session.pc.connectionState == "closed"
+            async with http.delete(node.url + viewer.location) as r:  # type: ignore[operator]
+                assert r.status == 404
+        finally:
+            await viewer.close()
+
+
+async def test_bframes_are_transcoded(node: Node) -> None:
+    viewer = Viewer(audio=False)
+    async with aiohttp.ClientSession() as http:
+        try:
+            assert await viewer.connect(http, f"{node.url}/whep/{node.media['bframes']}") == 201
+            session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
+            assert session.mode == "transcode"
+            await wait_for(lambda: len(viewer.frames["video"]) > 20)
+        finally:
+            await viewer.close()
+
+
+async def test_viewer_closing_frees_session(node: Node) -> None:
+    viewer = Viewer()
+    async with aiohttp.ClientSession() as http:
+        assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
+        await wait_for(lambda: len(viewer.frames["video"]) > 0)
+        await viewer.close()
+    # The viewer's DTLS close_notify ends the node's peer connection.
+    await wait_for(lambda: not node.svc.sessions)
+
+
+async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
+    sdp = await an_offer()
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        headers = {"Content-Type": "application/sdp"}
+        statuses = []
+        for _ in range(3):
+            async with http.post(url, data=sdp, headers=headers) as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert (await r.json())["error"] == "too_many_requests"
+        assert statuses == [201, 201, 429]
+        # Nobody completes ICE: after connect_timeout_s both slots are free again.
+        await wait_for(lambda: not node.svc.sessions, within=8)
+        async with http.post(url, data=sdp, headers=headers) as r:
+            assert r.status == 201
+            location = r.headers["Location"]
+        async with http.delete(node.url + location) as r:
+            assert r.status == 200
+
+
+async def test_bad_requests(node: Node) -> None:
+    sdp = await an_offer()
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        async with http.post(url, data=sdp, headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415
+        async with http.post(url, data="hello", headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert "SDP" in (await r.json())["message"]
+        missing = f"{node.url}/whep/bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+        async with http.post(missing, data=sdp, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 404
+        async with http.patch(f"{node.url}/whep/sessions/x", data="") as r:
+            assert r.status == 405
+        big = "v=0\r\n" + "a=x\r\n" * 20000
+        async with http.post(url, data=big, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+    assert node.svc.sessions == {}
+
+
+async def test_cors_preflight(node: Node) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        async with http.options(url, headers={"Origin": "https://viewer.example"}) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+            assert "Location" in r.headers["Access-Control-Expose-Headers"]
+            assert r.headers["Accept-Post"] == "application/sdp"
+        async with http.options(f"{node.url}/whep/sessions/abc") as r:
+            assert r.status == 204
+            assert "DELETE" in r.headers["Access-Control-Allow-Methods"]
+
+
+async def test_tokens_follow_hls_rules(tmp_path: Path, clips: dict[str, HlsClip]) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "hls_signing_key").write_text("k" * 32)
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path / "state", "secrets_dir": secrets_dir},
+        http={"port": 0},
+        webrtc={"connect_timeout_s": 3},
+    )
+    async for n in start_node(settings, {"plain": clips["plain"]}):
+        mid = n.media["plain"]
+        key = b"k" * 32
+        now = int(time.time())
+        good = access.sign(key, mid, "whep", now + 60)
+        cases = {
+            None: 401,
+            "garbage": 403,
+            access.sign(key, mid, "whep", now - 1): 403,  # expired
+            access.sign(key, mid, "hls", now + 60): 403,  # wrong scope
+            access.sign(b"x" * 32, mid, "whep", now + 60): 403,  # wrong key
+        }
+        sdp = await an_offer()
+        async with aiohttp.ClientSession() as http:
+            for token, status in cases.items():
+                headers = {"Content-Type": "application/sdp"}
+                if token is not None:
+                    headers["Authorization"] = f"Bearer {token}"
+                async with http.post(f"{n.url}/whep/{mid}", data=sdp, headers=headers) as r:
+                    assert r.status == status, token
+            async with http.get(f"{n.url}/whep/player/{mid}") as r:
+                assert r.status == 401
+            async with http.get(f"{n.url}/whep/player/{mid}", params={"token": good}) as r:
+                assert r.status == 200
+                page = await r.text()
+                assert good in page
+                assert "<script" in page
+            headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {good}"}
+            async with http.post(f"{n.url}/whep/{mid}", data=sdp, headers=headers) as r:
+                assert r.status == 201
+                location = r.headers["Location"]
+            async with http.delete(n.url + location) as r:
+                assert r.status == 200
+
+
+async def test_drain_closes_sessions(node: Node) -> None:
+    viewer = Viewer()
+    async with aiohttp.ClientSession() as http:
+        try:
+            assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
+            await wait_for(lambda: len(viewer.frames["video"]) > 0)
+            await node.svc.drain()
+            assert node.svc.sessions == {}
+            sdp = await an_offer()
+            async with http.post(
+                f"{node.url}/whep/{node.media['plain']}",
+                data=sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as r:
+                assert r.status == 503
+        finally:
+            await viewer.close()
+
+
+def test_demuxer_keeps_audio_continuous_across_segments(clips: dict[str, HlsClip]) -> None:
+    from peerd.webrtc.media import SegmentDemuxer
+
+    clip = clips["plain"]
+    init = clip.init.read_bytes()
+    d = SegmentDemuxer("fmp4", "passthrough", True)
+    video: list[Any] = []
+    audio: list[Any] = []
+    for seg in clip.segments:
+        v, a = d.demux(init, seg, 0.0)
+        video += v
+        audio += a
+    assert len(video) == 4 * 25
+    # Annex B with parameter sets in band before each IDR (one per second).
+    assert all(bytes(it.payload)[:4] == b"\x00\x00\x00\x01" for it in video)
+    assert sum(b"\x00\x00\x00\x01\x67" in bytes(it.payload) for it in video) == 4
+    pts = [it.payload.pts for it in audio]
+    assert pts == [i * 960 for i in range(len(pts))]
+    assert all(isinstance(it.payload, av.AudioFrame) for it in audio)
+    assert abs(len(audio) * 0.02 - 4.0) < 0.1
+    dues = [it.due for it in video]
+    assert dues == sorted(dues)
