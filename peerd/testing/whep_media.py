@@ -45,8 +45,13 @@ def make_hls(
     segment_seconds: int = 2,
     bframes: int = 3,
     audio: bool = True,
+    video_bitrate: int | None = None,
 ) -> HlsClip:
-    """Encode a test pattern (and a tone) to fMP4 HLS with a 1 s GOP (blocking; needs ffmpeg)."""
+    """Encode a test pattern (and a tone) to fMP4 HLS with a 1 s GOP (blocking; needs ffmpeg).
+
+    ``video_bitrate`` (bits/s) encodes at a constant rate (x264 CBR with filler), so benchmarks
+    send the packet rate of real content rather than of a test pattern that compresses to nothing.
+    """
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise RuntimeError("ffmpeg is required to build test media (apt install ffmpeg)")
@@ -57,6 +62,10 @@ def make_hls(
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}"]
     cmd += ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
     cmd += ["-g", str(fps), "-keyint_min", str(fps), "-sc_threshold", "0", "-bf", str(bframes)]
+    if video_bitrate is not None:
+        rate = str(video_bitrate)
+        cmd += ["-b:v", rate, "-minrate", rate, "-maxrate", rate, "-bufsize", str(video_bitrate)]
+        cmd += ["-x264-params", "nal-hrd=cbr"]
     if audio:
         cmd += ["-c:a", "aac", "-b:a", "64k", "-ac", "2"]
     cmd += ["-f", "hls", "-hls_time", str(segment_seconds), "-hls_playlist_type", "vod"]
