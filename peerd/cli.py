@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peerd import __version__
+from peerd import __version__, install
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.logs import setup_logging
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("doctor", help="check config, ports, disk, secrets; explain problems")
     p.set_defaults(func=cmd_doctor)
+    install.register(sub)
     return parser
 
 

@@ -122,6 +122,12 @@ class WebRTCSettings(Section):
 class UiSettings(Section):
     """The operator dashboard. Owned by issue 9."""
 
+    enabled: bool = True
+    allow_remote: bool = False
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    sample_interval_s: float = Field(default=10.0, ge=1, le=3600)
+    history_points: int = Field(default=360, ge=2, le=100_000)
+
 
 class Settings(BaseSettings):
     """All of peerd's settings."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from peerd import __version__
+from peerd import __version__, ui
 from peerd.config import Settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.http.server import HttpService, RouteInstaller
@@ -247,6 +247,7 @@ class Supervisor:
 def route_installers(rt: Runtime) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order. One line per subsystem."""
     installers: list[RouteInstaller] = []
+    installers.append(ui.install)
     installers.append(whep_routes.install)
     return installers
 

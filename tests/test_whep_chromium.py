@@ -25,6 +25,12 @@ from peerd.testing.whep_media import add_media, make_hls
 
 pytestmark = pytest.mark.slow
 
+# Host candidates on loopback, and real addresses instead of mDNS names (aiortc resolves none).
+WEBRTC_FLAGS = (
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+)
+
 
 def metric(base_url: str, name: str) -> float:
     with urllib.request.urlopen(base_url + "/metrics", timeout=5) as r:  # noqa: S310
@@ -63,33 +69,34 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
         await rt.close()
     node = PeerdProcess(state, config={"webrtc": {"loop_playback": True}})
     await asyncio.to_thread(node.start)
-    browser = await Browser.launch()
     try:
-        page = await browser.new_page(f"{node.base_url}/whep/player/{passthrough_id}")
-        samples, stats = await play_and_watch(page)
-        await page.screenshot(tmp_path / "player.png")
-        assert samples[0] > 0, stats
-        assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
-        # ~25 fps for 5 s, paced (a burst would jump, a stall would not grow).
-        assert 80 <= samples[-1] - samples[0] <= 170, samples
-        assert stats["codec"].startswith("video/H264"), stats
-        assert stats["audioPackets"] > 100, stats
-        assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 1
-        assert await page.evaluate("window.whep.stop()") == 200
-        assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 0
-        closed = 'peerd_whep_sessions_closed_total{reason="delete"}'
-        assert await asyncio.to_thread(metric, node.base_url, closed) == 1
-        assert page.console_errors == []
+        async with Browser.launch(tmp_path / "chromium", *WEBRTC_FLAGS) as browser:
+            page = await browser.new_page()
+            await page.goto(f"{node.base_url}/whep/player/{passthrough_id}")
+            samples, stats = await play_and_watch(page)
+            await page.screenshot(tmp_path / "player.png")
+            assert samples[0] > 0, stats
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            # ~25 fps for 5 s, paced (a burst would jump, a stall would not grow).
+            assert 80 <= samples[-1] - samples[0] <= 170, samples
+            assert stats["codec"].startswith("video/H264"), stats
+            assert stats["audioPackets"] > 100, stats
+            assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 1
+            assert await page.evaluate("window.whep.stop()") == 200
+            assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 0
+            closed = 'peerd_whep_sessions_closed_total{reason="delete"}'
+            assert await asyncio.to_thread(metric, node.base_url, closed) == 1
+            assert page.console_errors == []
 
-        # A stream with B-frames is not passed through: the node transcodes it (VP8 here).
-        page2 = await browser.new_page(f"{node.base_url}/whep/player/{transcode_id}")
-        samples, stats = await play_and_watch(page2, seconds=3)
-        assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
-        assert stats["codec"].startswith("video/VP8"), stats
-        assert await page2.evaluate("window.whep.stop()") == 200
-        assert page2.console_errors == []
+            # A stream with B-frames is not passed through: the node transcodes it (VP8 here).
+            page2 = await browser.new_page()
+            await page2.goto(f"{node.base_url}/whep/player/{transcode_id}")
+            samples, stats = await play_and_watch(page2, seconds=3)
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            assert stats["codec"].startswith("video/VP8"), stats
+            assert await page2.evaluate("window.whep.stop()") == 200
+            assert page2.console_errors == []
     finally:
-        await browser.close()
         code = await asyncio.to_thread(node.stop)
     assert code == 0, node.logs()[-3000:]
     opened = node.logs().count('"whep session opened"')

@@ -1,15 +1,22 @@
-"""Headless Chromium driven over the DevTools protocol (CDP), for page and WebRTC tests.
+"""Headless Chromium driven over the DevTools protocol, for tests that need a real browser.
 
-A small asyncio API: :meth:`Browser.launch` starts Debian's ``chromium`` with a throw-away
-profile and no background traffic, :meth:`Browser.new_page` opens a tab, :meth:`Page.evaluate`
-runs JavaScript (awaiting promises) and returns its JSON value, :attr:`Page.console_errors`
-collects console errors and uncaught exceptions, :meth:`Page.screenshot` saves a PNG,
-:meth:`Browser.close` ends the process. One websocket to the browser carries every tab's
-messages (flattened sessions).
+Usage (in an async test)::
 
-WebRTC on loopback needs host candidates Chromium normally hides: ``webrtc=True`` (the default)
-adds ``--allow-loopback-in-peer-connection`` and turns off mDNS obfuscation of host candidates,
-so the node (aiortc, which resolves no mDNS names) sees real addresses.
+    async with Browser.launch(tmp_path) as browser:
+        page = await browser.new_page()
+        await page.goto("http://127.0.0.1:8737/ui")
+        assert await page.evaluate("document.title") == "peerd"
+        await page.wait_for("document.querySelector('video').currentTime > 1", timeout_s=20)
+        shot = await page.screenshot(tmp_path / "ui.png")
+        assert page.console_errors == []
+
+A :class:`Page` collects everything the page reports as an error: ``console.error`` and failed
+``console.assert`` calls (``Runtime.consoleAPICalled``), uncaught exceptions and unhandled
+rejections (``Runtime.exceptionThrown``), and browser-side errors such as failed loads and CSP
+violations (``Log.entryAdded`` at level ``error``). Tests assert that list is empty.
+
+The client speaks CDP over one WebSocket per page (aiohttp), so it needs no extra package. Debian's
+``chromium`` runs with the flags below; ``--no-sandbox`` because tests run as root in a container.
 """
 
 from __future__ import annotations
@@ -17,15 +24,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
+import os
+import re
 import shutil
-import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-CHROMIUM_ARGS = (
+CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -36,233 +47,267 @@ CHROMIUM_ARGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-extensions",
-    "--disable-default-apps",
-    "--disable-domain-reliability",
-    "--metrics-recording-only",
-    "--password-store=basic",
+    "--disable-features=Translate,MediaRouter,OptimizationHints",
     "--autoplay-policy=no-user-gesture-required",
+    "--mute-audio",
     "--remote-debugging-address=127.0.0.1",
     "--remote-debugging-port=0",
+    "--window-size=1280,1000",
 )
-WEBRTC_ARGS = (
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-)
+_DEVTOOLS_RE = re.compile(r"DevTools listening on (ws://\S+)")
 
 
-class CdpError(RuntimeError):
-    """The browser answered a command with an error, or JavaScript threw."""
+class BrowserError(RuntimeError):
+    """Chromium did not start, a CDP call failed, or page JavaScript threw."""
 
 
-class Browser:
-    """A running headless Chromium and its DevTools connection."""
+def find_chromium() -> str:
+    """Path of the Chromium binary (``$CHROMIUM`` or ``chromium`` on PATH)."""
+    exe = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        raise BrowserError("chromium not found: install the Debian package `chromium`")
+    return exe
 
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        profile: Path,
-        http: aiohttp.ClientSession,
-        ws: aiohttp.ClientWebSocketResponse,
-        own_profile: bool,
-    ) -> None:
-        self._proc = proc
-        self._profile = profile
-        self._own_profile = own_profile
-        self._http = http
-        self._ws = ws
-        self._next_id = 0
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._pages: dict[str, Page] = {}
-        self._reader = asyncio.create_task(self._read(), name="cdp-reader")
 
-    @classmethod
-    async def launch(
-        cls,
-        *,
-        profile_dir: Path | None = None,
-        webrtc: bool = True,
-        extra_args: tuple[str, ...] = (),
-        timeout: float = 30.0,  # noqa: ASYNC109 - bounds start-up, not one await
-    ) -> Browser:
-        """Start Chromium; raise RuntimeError (with its output) if it does not come up."""
-        exe = shutil.which("chromium") or shutil.which("chromium-browser")
-        if exe is None:
-            raise RuntimeError("chromium is required (apt install chromium)")
-        own = profile_dir is None
-        profile = Path(tempfile.mkdtemp(prefix="peerd-chromium-")) if own else profile_dir
-        assert profile is not None
-        args = [*CHROMIUM_ARGS, *(WEBRTC_ARGS if webrtc else ()), *extra_args]
-        args += [f"--user-data-dir={profile}", "about:blank"]
-        log = (profile / "chromium.log").open("wb")
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                exe, *args, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
-            )
-        finally:
-            log.close()
-        port_file = profile / "DevToolsActivePort"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            text = await asyncio.to_thread(_read_if_exists, port_file)
-            if text and len(text.splitlines()) >= 2:
-                break
-            if proc.returncode is not None or loop.time() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-                output = await asyncio.to_thread(_read_if_exists, profile / "chromium.log")
-                raise RuntimeError(f"chromium did not start:\n{output[-4000:]}")
-            await asyncio.sleep(0.05)
-        port, path = text.splitlines()[:2]
-        http = aiohttp.ClientSession()
-        try:
-            ws = await http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0)
-        except BaseException:
-            await http.close()
-            proc.kill()
-            await proc.wait()
-            raise
-        return cls(proc, profile, http, ws, own)
+@dataclass
+class ConsoleEntry:
+    """One message the page logged."""
+
+    source: str
+    level: str
+    text: str
+    url: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.url})" if self.url else ""
+        return f"[{self.source}/{self.level}] {self.text}{where}"
+
+
+@dataclass
+class Page:
+    """One tab, with its own CDP WebSocket."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    target_id: str
+    console: list[ConsoleEntry] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    _waiters: list[tuple[str, asyncio.Future[dict[str, Any]]]] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def console_errors(self) -> list[ConsoleEntry]:
+        """Errors and failed assertions the page reported."""
+        return [e for e in self.console if e.level in ("error", "assert", "exception")]
+
+    def _start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name=f"cdp-{self.target_id[:8]}")
 
     async def _read(self) -> None:
-        async for msg in self._ws:
+        async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
+                break
             data = json.loads(msg.data)
             if "id" in data:
                 fut = self._pending.pop(data["id"], None)
                 if fut is not None and not fut.done():
                     if "error" in data:
-                        fut.set_exception(CdpError(json.dumps(data["error"])))
+                        fut.set_exception(BrowserError(f"CDP error: {data['error']}"))
                     else:
                         fut.set_result(data.get("result", {}))
-            elif "sessionId" in data:
-                page = self._pages.get(data["sessionId"])
-                if page is not None:
-                    page._event(data["method"], data.get("params", {}))
+                continue
+            self._on_event(data.get("method", ""), data.get("params", {}))
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(CdpError("browser connection closed"))
+                fut.set_exception(BrowserError("CDP connection closed"))
+
+    def _on_event(self, method: str, params: dict[str, Any]) -> None:
+        if method == "Runtime.consoleAPICalled":
+            text = " ".join(
+                str(a.get("value", a.get("description", a.get("type"))))
+                for a in params.get("args", [])
+            )
+            self.console.append(ConsoleEntry("console", params.get("type", "log"), text))
+        elif method == "Runtime.exceptionThrown":
+            d = params.get("exceptionDetails", {})
+            exc = d.get("exception", {})
+            text = exc.get("description") or d.get("text", "exception")
+            self.console.append(ConsoleEntry("js", "exception", text, d.get("url")))
+        elif method == "Log.entryAdded":
+            e = params.get("entry", {})
+            self.console.append(
+                ConsoleEntry(
+                    e.get("source", "log"), e.get("level", "info"), e.get("text", ""), e.get("url")
+                )
+            )
+        for i, (name, fut) in enumerate(self._waiters):
+            if name == method and not fut.done():
+                fut.set_result(params)
+                del self._waiters[i]
+                break
 
     async def send(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        session_id: str | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109 - a per-command deadline
-    ) -> Any:
-        """One CDP command; its result, or CdpError."""
-        self._next_id += 1
-        msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if session_id is not None:
-            msg["sessionId"] = session_id
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[self._next_id] = fut
-        await self._ws.send_str(json.dumps(msg))
-        return await asyncio.wait_for(fut, timeout)
+        self, method: str, params: dict[str, Any] | None = None, timeout_s: float = 30
+    ) -> dict[str, Any]:
+        """One CDP command; returns its result."""
+        msg_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        await self.ws.send_str(json.dumps({"id": msg_id, "method": method, "params": params or {}}))
+        return await asyncio.wait_for(fut, timeout_s)
 
-    async def new_page(self, url: str = "about:blank") -> Page:
-        """Open a tab, attach to it, and navigate to ``url``."""
-        target = await self.send("Target.createTarget", {"url": "about:blank"})
-        attached = await self.send(
-            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
-        )
-        page = Page(self, target["targetId"], attached["sessionId"])
-        self._pages[page.session_id] = page
-        for domain in ("Page.enable", "Runtime.enable", "Log.enable"):
-            await page.send(domain)
-        if url != "about:blank":
-            await page.goto(url)
-        return page
+    def expect(self, method: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for the next event called ``method`` (register before triggering it)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((method, fut))
+        return fut
 
-    async def close(self) -> None:
-        """Close the browser and remove the profile it created."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.send("Browser.close"), 5)
-        await self._ws.close()
-        await self._http.close()
-        try:
-            await asyncio.wait_for(self._proc.wait(), 10)
-        except TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-        if self._own_profile:
-            await asyncio.to_thread(shutil.rmtree, self._profile, True)
-
-
-class Page:
-    """One tab."""
-
-    def __init__(self, browser: Browser, target_id: str, session_id: str) -> None:
-        self.browser = browser
-        self.target_id = target_id
-        self.session_id = session_id
-        self.console_errors: list[str] = []
-        self.console: list[str] = []
-        self._loaded = asyncio.Event()
-
-    def _event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Page.loadEventFired":
-            self._loaded.set()
-        elif method == "Runtime.consoleAPICalled":
-            text = " ".join(
-                str(a.get("value", a.get("description", ""))) for a in params.get("args", [])
-            )
-            self.console.append(f"{params.get('type')}: {text}")
-            if params.get("type") in ("error", "assert"):
-                self.console_errors.append(text)
-        elif method == "Runtime.exceptionThrown":
-            details = params.get("exceptionDetails", {})
-            exc = details.get("exception", {})
-            self.console_errors.append(exc.get("description") or details.get("text", "exception"))
-        elif method == "Log.entryAdded":
-            entry = params.get("entry", {})
-            if entry.get("level") == "error":
-                self.console_errors.append(f"{entry.get('url', '')}: {entry.get('text', '')}")
-
-    async def send(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """A CDP command in this tab's session."""
-        return await self.browser.send(method, params, session_id=self.session_id)
-
-    async def goto(self, url: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async def goto(self, url: str, timeout_s: float = 30) -> None:
         """Navigate and wait for the load event."""
-        self._loaded.clear()
-        result = await self.send("Page.navigate", {"url": url})
-        if result.get("errorText"):
-            raise CdpError(f"navigation to {url} failed: {result['errorText']}")
-        await asyncio.wait_for(self._loaded.wait(), timeout)
+        loaded = self.expect("Page.loadEventFired")
+        res = await self.send("Page.navigate", {"url": url}, timeout_s)
+        if res.get("errorText"):
+            raise BrowserError(f"navigation to {url} failed: {res['errorText']}")
+        await asyncio.wait_for(loaded, timeout_s)
 
-    async def evaluate(self, expression: str, timeout: float = 30.0) -> Any:  # noqa: ASYNC109
-        """Evaluate JavaScript (promises awaited) and return its value as JSON data."""
-        result = await self.browser.send(
+    async def evaluate(self, expression: str, timeout_s: float = 30) -> Any:
+        """Evaluate JavaScript (promises are awaited); returns the value as JSON."""
+        res = await self.send(
             "Runtime.evaluate",
             {"expression": expression, "awaitPromise": True, "returnByValue": True},
-            session_id=self.session_id,
-            timeout=timeout,
+            timeout_s,
         )
-        if "exceptionDetails" in result:
-            d = result["exceptionDetails"]
-            raise CdpError(d.get("exception", {}).get("description") or d.get("text", "error"))
-        return result.get("result", {}).get("value")
+        if "exceptionDetails" in res:
+            d = res["exceptionDetails"]
+            text = d.get("exception", {}).get("description") or d.get("text")
+            raise BrowserError(f"JavaScript error in {expression[:80]!r}: {text}")
+        return res.get("result", {}).get("value")
+
+    async def wait_for(self, expression: str, timeout_s: float = 20, interval: float = 0.1) -> Any:
+        """Poll ``expression`` until it is truthy; returns its value."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{expression!r} still falsy after {timeout_s}s")
+            await asyncio.sleep(interval)
 
     async def screenshot(self, path: Path) -> Path:
-        """Save a PNG of the viewport."""
-        shot = await self.send("Page.captureScreenshot", {"format": "png"})
-        await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
+        """Save a PNG of the viewport (full page) to ``path``."""
+        res = await self.send(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+        )
+        data = base64.b64decode(res["data"])
+        await asyncio.to_thread(path.write_bytes, data)
         return path
 
     async def close(self) -> None:
-        """Close the tab."""
-        await self.browser.send("Target.closeTarget", {"targetId": self.target_id})
-        self.browser._pages.pop(self.session_id, None)
+        """Close the WebSocket (the tab goes with the browser)."""
+        await self.ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
 
 
-def _read_if_exists(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
+@dataclass
+class Browser:
+    """A running headless Chromium."""
+
+    proc: asyncio.subprocess.Process
+    http: aiohttp.ClientSession
+    endpoint: str
+    stderr_tail: list[str]
+    pages: list[Page] = field(default_factory=list)
+    _drain: asyncio.Task[None] | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def launch(
+        cls, profile_dir: Path, *extra_flags: str, timeout_s: float = 30
+    ) -> AsyncIterator[Browser]:
+        """Start Chromium with a fresh profile in ``profile_dir``; stop it on exit."""
+        await asyncio.to_thread(profile_dir.mkdir, parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            find_chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile_dir}",
+            *extra_flags,
+            "about:blank",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        tail: list[str] = []
+        endpoint = ""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not endpoint:
+                    line = await proc.stderr.readline()
+                    if not line:
+                        raise BrowserError("chromium exited:\n" + "".join(tail[-30:]))
+                    text = line.decode(errors="replace")
+                    tail.append(text)
+                    m = _DEVTOOLS_RE.search(text)
+                    if m:
+                        endpoint = m.group(1)
+        except BaseException:
+            await _stop(proc)
+            raise
+        http = aiohttp.ClientSession()
+        browser = cls(proc=proc, http=http, endpoint=endpoint, stderr_tail=tail)
+        browser._drain = asyncio.create_task(browser._drain_stderr(), name="chromium-stderr")
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+    async def _drain_stderr(self) -> None:
+        # Chromium blocks once its stderr pipe is full: keep reading, keep the tail for errors.
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr_tail.append(line.decode(errors="replace"))
+            del self.stderr_tail[:-200]
+
+    @property
+    def _http_base(self) -> str:
+        host_port = self.endpoint.split("/")[2]
+        return f"http://{host_port}"
+
+    async def new_page(self) -> Page:
+        """Open a tab and connect to it, with Page, Runtime and Log events enabled."""
+        async with self.http.put(f"{self._http_base}/json/new?about:blank") as r:
+            if r.status != 200:
+                raise BrowserError(f"/json/new answered {r.status}: {await r.text()}")
+            target = await r.json()
+        ws = await self.http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
+        page = Page(ws=ws, target_id=target["id"])
+        page._start()
+        for domain in ("Page", "Runtime", "Log"):
+            await page.send(f"{domain}.enable")
+        self.pages.append(page)
+        return page
+
+    async def close(self) -> None:
+        """Close pages, then the browser; kill it if it does not exit."""
+        for page in self.pages:
+            await page.close()
+        await self.http.close()
+        await _stop(self.proc)
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
