@@ -34,6 +34,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HlsClip]:
     return {
         "plain": make_hls(base / "plain", seconds=4, bframes=0),
         "bframes": make_hls(base / "bframes", seconds=4, bframes=3),
+        "ts": make_hls(base / "ts", seconds=2, bframes=0, container="ts"),
     }
 
 
@@ -188,6 +189,19 @@ async def test_bframes_are_transcoded(node: Node) -> None:
             await viewer.close()
 
 
+async def test_mpegts_rendition_passes_through(node: Node) -> None:
+    viewer = Viewer()
+    async with aiohttp.ClientSession() as http:
+        try:
+            assert await viewer.connect(http, f"{node.url}/whep/{node.media['ts']}") == 201
+            session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
+            assert session.mode == "passthrough"
+            await wait_for(lambda: len(viewer.frames["video"]) > 20)
+            await wait_for(lambda: len(viewer.frames["audio"]) > 20)
+        finally:
+            await viewer.close()
+
+
 async def test_viewer_closing_frees_session(node: Node) -> None:
     viewer = Viewer()
     async with aiohttp.ClientSession() as http:
@@ -322,6 +336,7 @@ def test_demuxer_keeps_audio_continuous_across_segments(clips: dict[str, HlsClip
     from peerd.webrtc.media import SegmentDemuxer
 
     clip = clips["plain"]
+    assert clip.init is not None
     init = clip.init.read_bytes()
     d = SegmentDemuxer("fmp4", "passthrough", True)
     video: list[Any] = []

@@ -27,7 +27,7 @@ TIMESCALE = 90_000
 class HlsClip:
     """An fMP4 HLS rendition on disk: init segment, media segments, their durations."""
 
-    init: Path
+    init: Path | None
     segments: tuple[Path, ...]
     durations: tuple[float, ...]
     width: int
@@ -46,6 +46,7 @@ def make_hls(
     bframes: int = 3,
     audio: bool = True,
     video_bitrate: int | None = None,
+    container: str = "fmp4",
 ) -> HlsClip:
     """Encode a test pattern (and a tone) to fMP4 HLS with a 1 s GOP (blocking; needs ffmpeg).
 
@@ -69,14 +70,18 @@ def make_hls(
     if audio:
         cmd += ["-c:a", "aac", "-b:a", "64k", "-ac", "2"]
     cmd += ["-f", "hls", "-hls_time", str(segment_seconds), "-hls_playlist_type", "vod"]
-    cmd += ["-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", "init.mp4"]
-    cmd += ["-hls_segment_filename", str(out_dir / "seg%03d.m4s"), str(out_dir / "index.m3u8")]
+    ext = "m4s" if container == "fmp4" else "ts"
+    if container == "fmp4":
+        cmd += ["-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", "init.mp4"]
+    else:
+        cmd += ["-hls_segment_type", "mpegts"]
+    cmd += ["-hls_segment_filename", str(out_dir / f"seg%03d.{ext}"), str(out_dir / "index.m3u8")]
     subprocess.run(cmd, check=True, timeout=120)  # noqa: S603
     playlist = (out_dir / "index.m3u8").read_text()
     durations = tuple(float(d) for d in re.findall(r"#EXTINF:([0-9.]+),", playlist))
-    names = [ln for ln in playlist.splitlines() if ln.endswith(".m4s")]
+    names = [ln for ln in playlist.splitlines() if ln.endswith(f".{ext}")]
     return HlsClip(
-        init=out_dir / "init.mp4",
+        init=out_dir / "init.mp4" if container == "fmp4" else None,
         segments=tuple(out_dir / n for n in names),
         durations=durations,
         width=width,
@@ -93,10 +98,18 @@ def _avc1(init: bytes) -> str:
     return "avc1." + init[at + 5 : at + 8].hex()
 
 
+def _avc1_annexb(segment: bytes) -> str:
+    """``avc1.PPCCLL`` from the first SPS of an Annex B stream (MPEG-TS segment)."""
+    at = segment.find(b"\x00\x00\x01\x67")
+    if at < 0:
+        raise ValueError("segment has no SPS")
+    return "avc1." + segment[at + 4 : at + 7].hex()
+
+
 async def add_media(rt: Runtime, clip: HlsClip, *, title: str = "test clip") -> Cid:
     """Store the clip's blobs and catalog rows; returns the media id."""
-    init_bytes = await asyncio.to_thread(clip.init.read_bytes)
-    init_cid = await rt.store.put(init_bytes, kind="init")
+    init_bytes = await asyncio.to_thread(clip.init.read_bytes) if clip.init else None
+    init_cid = await rt.store.put(init_bytes, kind="init") if init_bytes else None
     segs: list[Segment] = []
     peak = 1
     for path, dur in zip(clip.segments, clip.durations, strict=True):
@@ -104,8 +117,14 @@ async def add_media(rt: Runtime, clip: HlsClip, *, title: str = "test clip") -> 
         cid = await rt.store.put(data, kind="segment")
         segs.append(Segment(duration=round(dur * TIMESCALE), cid=cid))
         peak = max(peak, int(len(data) * 8 / max(dur, 0.001)))
-    has_audio = b"mp4a" in init_bytes
-    codecs = _avc1(init_bytes) + (",mp4a.40.2" if has_audio else "")
+    first = await asyncio.to_thread(clip.segments[0].read_bytes)
+    if init_bytes is not None:
+        has_audio = b"mp4a" in init_bytes
+        avc = _avc1(init_bytes)
+    else:
+        has_audio = b"\xff\xf1" in first  # an ADTS (AAC) frame header
+        avc = _avc1_annexb(first)
+    codecs = avc + (",mp4a.40.2" if has_audio else "")
     rendition = Rendition(
         id="v0",
         kind="video",
@@ -118,7 +137,7 @@ async def add_media(rt: Runtime, clip: HlsClip, *, title: str = "test clip") -> 
         frame_rate=(clip.fps, 1),
         init=init_cid,
     )
-    manifest = Manifest(container="fmp4", renditions=(rendition,))
+    manifest = Manifest(container="fmp4" if init_cid else "ts", renditions=(rendition,))
     media_id = media_id_of(manifest)
     duration = sum(clip.durations)
     async with rt.catalog.transaction() as conn:
@@ -129,8 +148,8 @@ async def add_media(rt: Runtime, clip: HlsClip, *, title: str = "test clip") -> 
         )
         await conn.execute(
             "INSERT INTO renditions (media_id, rendition_id, position, kind, container, codecs,"
-            " bandwidth, width, height, init_cid) VALUES (?, ?, 0, 'video', 'fmp4', ?, ?, ?, ?, ?)",
-            (media_id, "v0", codecs, peak, clip.width, clip.height, init_cid),
+            " bandwidth, width, height, init_cid) VALUES (?, ?, 0, 'video', ?, ?, ?, ?, ?, ?)",
+            (media_id, "v0", manifest.container, codecs, peak, clip.width, clip.height, init_cid),
         )
         await conn.executemany(
             "INSERT INTO segments (media_id, rendition_id, seq, duration_s, cid)"
