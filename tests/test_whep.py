@@ -21,6 +21,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from peerd.config import Settings, load_settings
+from peerd.core.ids import Cid
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.whep_media import HlsClip, add_media, make_hls
@@ -211,7 +212,8 @@ async def test_missing_segment_ends_session(node: Node) -> None:
         "SELECT manifest FROM media WHERE media_id = ?", (node.media["plain"],)
     )
     last = decode(bytes(rows[0][0])).renditions[0].segments[-1].cid
-    assert last is not None and await node.rt.store.delete(last)  # type: ignore[arg-type]
+    assert last is not None
+    assert await node.rt.store.delete(Cid(last))
     viewer = Viewer()
     async with aiohttp.ClientSession() as http:
         try:
@@ -270,6 +272,15 @@ async def test_bad_requests(node: Node) -> None:
             assert r.status == 404
         async with http.patch(f"{node.url}/whep/sessions/x", data="") as r:
             assert r.status == 405
+        no_dtls = "".join(
+            line for line in sdp.splitlines(keepends=True) if not line.startswith("a=fingerprint")
+        )
+        async with http.post(url, data=no_dtls, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400, await r.text()
+        only_av1 = sdp.replace("VP8/90000", "AV1/90000").replace("H264/90000", "AV1/90000")
+        async with http.post(url, data=only_av1, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert "no codec" in (await r.json())["message"]
         big = "v=0\r\n" + "a=x\r\n" * 20000
         async with http.post(url, data=big, headers={"Content-Type": "application/sdp"}) as r:
             assert r.status == 400

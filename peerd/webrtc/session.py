@@ -26,7 +26,12 @@ from aiortc import (
 )
 from aiortc import sdp as rtc_sdp
 from aiortc.codecs import CODECS
-from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
+from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
+from aiortc.rtcrtpparameters import (
+    RTCRtcpFeedback,
+    RTCRtpCodecCapability,
+    RTCRtpCodecParameters,
+)
 from prometheus_client import Counter, Gauge
 
 from peerd.core.whep import IceServer, OfferedCodec, VideoPlan, choose_video
@@ -91,10 +96,10 @@ def _register_h264_profiles() -> None:
 _register_h264_profiles()
 
 
-def _h264_preferences(profile_level_id: str) -> list[object]:
+def _h264_preferences(profile_level_id: str) -> list[RTCRtpCodecCapability]:
     """Capabilities naming the H.264 profile of ``profile_level_id`` (and RTX), for the answer."""
     want = rtc_sdp.parse_h264_profile_level_id(profile_level_id)[0]
-    prefs: list[object] = []
+    prefs: list[RTCRtpCodecCapability] = []
     rtx = None
     for cap in RTCRtpSender.getCapabilities("video").codecs:
         name = cap.mimeType.lower()
@@ -126,6 +131,14 @@ def summarize_offer(offer: str) -> OfferSummary:
     except (ValueError, KeyError, IndexError, AssertionError) as exc:
         raise BadRequest(f"cannot parse the SDP offer: {exc}") from None
     kinds = tuple(m.kind for m in desc.media)
+    for m in desc.media:
+        if m.kind not in ("audio", "video"):
+            continue
+        # aiortc accepts these offers and then can never connect: refuse them up front.
+        if m.dtls is None or not m.dtls.fingerprints:
+            raise BadRequest(f"the offer's {m.kind} section has no DTLS fingerprint")
+        if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
+            raise BadRequest(f"the offer's {m.kind} section has no ICE credentials")
     video: list[OfferedCodec] = []
     for m in desc.media:
         if m.kind == "video":
@@ -294,7 +307,7 @@ class WhepService:
                 video = PacedTrack("video", clock)
                 tr = pc.addTransceiver(video, direction="sendonly")
                 if plan.mode == "passthrough" and plan.profile_level_id is not None:
-                    tr.setCodecPreferences(_h264_preferences(plan.profile_level_id))  # type: ignore[arg-type]
+                    tr.setCodecPreferences(_h264_preferences(plan.profile_level_id))
             elif kind == "audio" and audio is None and playable.has_audio:
                 audio = PacedTrack("audio", clock)
                 pc.addTransceiver(audio, direction="sendonly")
@@ -302,13 +315,16 @@ class WhepService:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
-        except (ValueError, KeyError, IndexError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            IndexError,
+            InternalError,
+            InvalidAccessError,
+            InvalidStateError,
+            OperationError,  # no common codec, no DTLS fingerprint, ...
+        ) as exc:
             raise BadRequest(f"cannot negotiate this offer: {exc}") from None
-        except Exception as exc:
-            # aiortc's InvalidStateError/OperationError (no common codec, bad DTLS setup...).
-            if type(exc).__module__.startswith("aiortc"):
-                raise BadRequest(f"cannot negotiate this offer: {exc}") from None
-            raise
         mode: VideoMode = "passthrough" if plan.mode == "passthrough" else "transcode"
         feeder = Feeder(
             self.rt,
