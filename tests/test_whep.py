@@ -242,13 +242,17 @@ async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
     async with aiohttp.ClientSession() as http:
         url = f"{node.url}/whep/{node.media['plain']}"
         headers = {"Content-Type": "application/sdp"}
-        statuses = []
-        for _ in range(3):
+
+        async def post() -> int:
             async with http.post(url, data=sdp, headers=headers) as r:
-                statuses.append(r.status)
                 if r.status == 429:
                     assert (await r.json())["error"] == "too_many_requests"
-        assert statuses == [201, 201, 429]
+                return r.status
+
+        # Offers arriving together cannot overshoot the cap of 2.
+        statuses = await asyncio.gather(*(post() for _ in range(4)))
+        assert sorted(statuses) == [201, 201, 429, 429]
+        assert len(node.svc.sessions) == 2
         # Nobody completes ICE: after connect_timeout_s both slots are free again.
         await wait_for(lambda: not node.svc.sessions, within=8)
         async with http.post(url, data=sdp, headers=headers) as r:
