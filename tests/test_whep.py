@@ -1,7 +1,8 @@
-"""WHEP in process: an aiortc viewer negotiates with the node's routes and decodes what it gets.
+"""WHEP with the node in process: aiortc viewers (in subprocesses) negotiate and decode.
 
-The viewer decodes every frame (aiortc's H.264/VP8 decoders), so these tests fail if passthrough
-sends a stream a decoder cannot use, if pacing is off, or if sessions are not freed.
+The viewers decode every frame (aiortc's H.264/VP8 decoders), so these tests fail if passthrough
+sends a stream a decoder cannot use, if pacing is off, or if sessions are not freed. The node's
+side runs on the test's event loop, under the loop-blocking guard.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import aiohttp
 import av
 import pytest
 from aiohttp import web
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
 from peerd.config import Settings, load_settings
 from peerd.core.ids import Cid
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.whep_media import HlsClip, add_media, make_hls
+from peerd.testing.whep_viewer import ViewerProcess, make_offer
 from peerd.webrtc import access, routes
 from peerd.webrtc.session import WhepService
 
@@ -80,68 +80,6 @@ async def node(tmp_path: Path, clips: dict[str, HlsClip]) -> AsyncIterator[Node]
         yield n
 
 
-class Viewer:
-    """An aiortc receiver that decodes and counts what it gets."""
-
-    def __init__(self, video: bool = True, audio: bool = True) -> None:
-        self.pc = RTCPeerConnection()
-        if video:
-            self.pc.addTransceiver("video", direction="recvonly")
-        if audio:
-            self.pc.addTransceiver("audio", direction="recvonly")
-        self.frames: dict[str, list[Any]] = {"video": [], "audio": []}
-        self.tasks: list[asyncio.Task[None]] = []
-        self.pc.on("track", self._on_track)
-        self.location: str | None = None
-        self.answer = ""
-        self.links: list[str] = []
-
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        self.tasks.append(asyncio.create_task(self._consume(track)))
-
-    async def _consume(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            self.frames[track.kind].append(
-                (time.monotonic(), frame.width if track.kind == "video" else frame.sample_rate)
-            )
-
-    async def offer(self) -> str:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        return self.pc.localDescription.sdp
-
-    async def connect(self, http: aiohttp.ClientSession, url: str, **kw: Any) -> int:
-        sdp = await self.offer()
-        headers = {"Content-Type": "application/sdp", **kw.pop("headers", {})}
-        async with http.post(url, data=sdp, headers=headers, **kw) as r:
-            body = await r.text()
-            if r.status != 201:
-                return r.status
-            self.location = r.headers["Location"]
-            self.links = r.headers.getall("Link", [])
-            self.answer = body
-        await self.pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
-        return 201
-
-    async def close(self) -> None:
-        await self.pc.close()
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-async def an_offer() -> str:
-    """A viewer's offer, its peer connection closed (its candidates stay valid text)."""
-    v = Viewer()
-    try:
-        return await v.offer()
-    finally:
-        await v.close()
-
-
 async def wait_for(cond: Any, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
     while not cond():
@@ -150,23 +88,35 @@ async def wait_for(cond: Any, within: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def frames_at_least(viewer: ViewerProcess, kind: str, n: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        st = await viewer.stats()
+        if st[kind] >= n:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"viewer got {st}")
+        await asyncio.sleep(0.1)
+
+
 async def test_passthrough_decodes_in_real_time_and_delete_frees(node: Node) -> None:
-    viewer = Viewer()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['plain']}")
     async with aiohttp.ClientSession() as http:
         try:
-            assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
+            assert viewer.status == 201
             session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
             assert session.mode == "passthrough"
-            assert "H264/90000" in viewer.answer
+            assert "H264/90000" in viewer.sdp
             assert viewer.links == []  # no ICE servers configured: none announced
-            await wait_for(lambda: len(viewer.frames["video"]) > 0)
-            t0, n0 = time.monotonic(), len(viewer.frames["video"])
+            st0 = await frames_at_least(viewer, "video", 1)
+            t0 = time.monotonic()
             # Past the 4 s clip: playback loops with growing timestamps.
             await asyncio.sleep(5)
-            rate = (len(viewer.frames["video"]) - n0) / (time.monotonic() - t0)
+            st1 = await viewer.stats()
+            rate = (st1["video"] - st0["video"]) / (time.monotonic() - t0)
             assert 18 < rate < 32, rate  # the clip is 25 fps: paced, not burst
-            assert {w for _, w in viewer.frames["video"]} == {320}
-            assert len(viewer.frames["audio"]) > 100
+            assert st1["widths"] == [320]
+            assert st1["audio"] > 100
             # Looped past the end, yet read at most read_ahead_s ahead of playback (2 s
             # segments, ~6 s played): the feeder does not race through the media.
             assert 3 <= session.feeder.segments_read <= 5, session.feeder.segments_read
@@ -181,28 +131,27 @@ async def test_passthrough_decodes_in_real_time_and_delete_frees(node: Node) -> 
 
 
 async def test_bframes_are_transcoded(node: Node) -> None:
-    viewer = Viewer(audio=False)
-    async with aiohttp.ClientSession() as http:
-        try:
-            assert await viewer.connect(http, f"{node.url}/whep/{node.media['bframes']}") == 201
-            session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
-            assert session.mode == "transcode"
-            await wait_for(lambda: len(viewer.frames["video"]) > 20)
-        finally:
-            await viewer.close()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['bframes']}", audio=False)
+    try:
+        assert viewer.status == 201
+        session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
+        assert session.mode == "transcode"
+        assert "VP8/90000" in viewer.sdp
+        await frames_at_least(viewer, "video", 20)
+    finally:
+        await viewer.close()
 
 
 async def test_mpegts_rendition_passes_through(node: Node) -> None:
-    viewer = Viewer()
-    async with aiohttp.ClientSession() as http:
-        try:
-            assert await viewer.connect(http, f"{node.url}/whep/{node.media['ts']}") == 201
-            session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
-            assert session.mode == "passthrough"
-            await wait_for(lambda: len(viewer.frames["video"]) > 20)
-            await wait_for(lambda: len(viewer.frames["audio"]) > 20)
-        finally:
-            await viewer.close()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['ts']}")
+    try:
+        assert viewer.status == 201
+        session = node.svc.get(viewer.location.rsplit("/", 1)[1])  # type: ignore[union-attr]
+        assert session.mode == "passthrough"
+        await frames_at_least(viewer, "video", 20)
+        await frames_at_least(viewer, "audio", 20)
+    finally:
+        await viewer.close()
 
 
 async def test_missing_segment_ends_session(node: Node) -> None:
@@ -214,31 +163,29 @@ async def test_missing_segment_ends_session(node: Node) -> None:
     last = decode(bytes(rows[0][0])).renditions[0].segments[-1].cid
     assert last is not None
     assert await node.rt.store.delete(Cid(last))
-    viewer = Viewer()
-    async with aiohttp.ClientSession() as http:
-        try:
-            assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
-            await wait_for(lambda: len(viewer.frames["video"]) > 0)
-            # The first segments play; the missing one ends the session instead of stalling it.
-            await wait_for(lambda: not node.svc.sessions)
-            metrics = node.rt.metrics.render().decode()
-            assert 'peerd_whep_sessions_closed_total{reason="media_error"} 1.0' in metrics
-        finally:
-            await viewer.close()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['plain']}")
+    try:
+        assert viewer.status == 201
+        await frames_at_least(viewer, "video", 1)
+        # The first segments play; the missing one ends the session instead of stalling it.
+        await wait_for(lambda: not node.svc.sessions)
+        metrics = node.rt.metrics.render().decode()
+        assert 'peerd_whep_sessions_closed_total{reason="media_error"} 1.0' in metrics
+    finally:
+        await viewer.close()
 
 
 async def test_viewer_closing_frees_session(node: Node) -> None:
-    viewer = Viewer()
-    async with aiohttp.ClientSession() as http:
-        assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
-        await wait_for(lambda: len(viewer.frames["video"]) > 0)
-        await viewer.close()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['plain']}")
+    assert viewer.status == 201
+    await frames_at_least(viewer, "video", 1)
+    await viewer.close()
     # The viewer's DTLS close_notify ends the node's peer connection.
     await wait_for(lambda: not node.svc.sessions)
 
 
 async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
-    sdp = await an_offer()
+    sdp = await make_offer()
     async with aiohttp.ClientSession() as http:
         url = f"{node.url}/whep/{node.media['plain']}"
         headers = {"Content-Type": "application/sdp"}
@@ -263,7 +210,7 @@ async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
 
 
 async def test_bad_requests(node: Node) -> None:
-    sdp = await an_offer()
+    sdp = await make_offer()
     async with aiohttp.ClientSession() as http:
         url = f"{node.url}/whep/{node.media['plain']}"
         async with http.post(url, data=sdp, headers={"Content-Type": "text/plain"}) as r:
@@ -328,7 +275,7 @@ async def test_tokens_follow_hls_rules(tmp_path: Path, clips: dict[str, HlsClip]
             access.sign(key, mid, "hls", now + 60): 403,  # wrong scope
             access.sign(b"x" * 32, mid, "whep", now + 60): 403,  # wrong key
         }
-        sdp = await an_offer()
+        sdp = await make_offer()
         async with aiohttp.ClientSession() as http:
             for token, status in cases.items():
                 headers = {"Content-Type": "application/sdp"}
@@ -352,14 +299,14 @@ async def test_tokens_follow_hls_rules(tmp_path: Path, clips: dict[str, HlsClip]
 
 
 async def test_drain_closes_sessions(node: Node) -> None:
-    viewer = Viewer()
+    viewer = await ViewerProcess.start(f"{node.url}/whep/{node.media['plain']}")
     async with aiohttp.ClientSession() as http:
         try:
-            assert await viewer.connect(http, f"{node.url}/whep/{node.media['plain']}") == 201
-            await wait_for(lambda: len(viewer.frames["video"]) > 0)
+            assert viewer.status == 201
+            await frames_at_least(viewer, "video", 1)
             await node.svc.drain()
             assert node.svc.sessions == {}
-            sdp = await an_offer()
+            sdp = await make_offer()
             async with http.post(
                 f"{node.url}/whep/{node.media['plain']}",
                 data=sdp,

@@ -16,9 +16,10 @@ from peerd.core.whep import IceServer
 from peerd.errors import ConfigError
 from peerd.testing.cf_turn import FakeCloudflareTurn
 from peerd.testing.whep_media import HlsClip, make_hls
+from peerd.testing.whep_viewer import make_offer
 from peerd.webrtc import ice
 from peerd.webrtc.ice import CloudflareTurn, StaticIce, build_ice_provider, for_aiortc
-from tests.test_whep import an_offer, start_node
+from tests.test_whep import start_node
 
 
 @pytest.fixture
@@ -168,7 +169,7 @@ async def test_whep_hands_minted_servers_to_viewer_and_uses_them(
     )
     async for n in start_node(settings, {"c": clip}):
         mid = n.media["c"]
-        sdp = await an_offer()
+        sdp = await make_offer()
         async with aiohttp.ClientSession() as http:
             async with http.post(
                 f"{n.url}/whep/{mid}", data=sdp, headers={"Content-Type": "application/sdp"}

@@ -270,6 +270,9 @@ class WhepService:
                 self.metrics.rejected.labels(reason="codec").inc()
                 raise BadRequest(f"cannot send this media to the viewer: {plan.reason}")
         servers = await self.ice.servers()
+        # Negotiation is a few milliseconds of synchronous aiortc work; yield between its stages
+        # so that many offers arriving at once never hold the loop in one long step.
+        await asyncio.sleep(0)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=for_aiortc(servers)))
         try:
             session = await self._negotiate(pc, playable, summary, plan, offer)
@@ -312,8 +315,11 @@ class WhepService:
                 audio = PacedTrack("audio", clock)
                 pc.addTransceiver(audio, direction="sendonly")
         try:
+            await asyncio.sleep(0)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            await asyncio.sleep(0)
             answer = await pc.createAnswer()
+            await asyncio.sleep(0)
             await pc.setLocalDescription(answer)
         except (
             ValueError,
