@@ -116,6 +116,7 @@ class WebRTCSettings(Section):
     max_height: int = Field(default=1080, ge=1)
     loop_playback: bool = False
     read_ahead_s: float = Field(default=1.0, gt=0, le=10)
+    media_threads: int = Field(default=2, ge=1, le=64)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -63,6 +64,7 @@ class Playable:
     profile: str | None
     has_audio: bool
     reorders: bool
+    init: bytes | None  # the init segment (a few KiB), read once for every session
 
 
 def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
@@ -76,10 +78,14 @@ def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
     return min(ready, key=lambda r: (r.height or 0, r.bandwidth))
 
 
-async def load_playable(rt: Runtime, media_id: str, max_height: int) -> Playable:
+async def load_playable(
+    rt: Runtime, media_id: str, max_height: int, pool: Executor | None = None
+) -> Playable:
     """Read the media's manifest from the catalog, pick the rendition to play, and probe its
-    first segment for B-frames (see :func:`peerd.core.whep.choose_video`).
+    first segment for B-frames (see :func:`peerd.core.whep.choose_video`); file work runs in
+    ``pool`` (default: the loop's executor).
     """
+    loop = asyncio.get_running_loop()
     rows = list(
         await rt.catalog.conn.execute_fetchall(
             "SELECT manifest FROM media WHERE media_id = ?", (media_id,)
@@ -95,9 +101,9 @@ async def load_playable(rt: Runtime, media_id: str, max_height: int) -> Playable
     assert first is not None  # a ready rendition pins every segment
     init = None
     if r.init is not None:
-        init = await asyncio.to_thread((await blob_path(rt, r.init)).read_bytes)
+        init = await loop.run_in_executor(pool, (await blob_path(rt, r.init)).read_bytes)
     seg = await blob_path(rt, first)
-    reorders = await asyncio.to_thread(probe_reorders, manifest.container, init, seg)
+    reorders = await loop.run_in_executor(pool, probe_reorders, manifest.container, init, seg)
     return Playable(
         media_id=media_id,
         container=manifest.container,
@@ -105,6 +111,7 @@ async def load_playable(rt: Runtime, media_id: str, max_height: int) -> Playable
         profile=stream_profile(r.codecs),
         has_audio=any(c.startswith(("mp4a", "opus", "Opus")) for c in codecs),
         reorders=reorders,
+        init=init,
     )
 
 
@@ -324,8 +331,10 @@ class Feeder:
         clock: PlayoutClock,
         read_ahead_s: float,
         loop_playback: bool,
+        pool: Executor | None = None,
     ) -> None:
         self.rt = rt
+        self.pool = pool
         self.playable = playable
         self.video = video
         self.audio = audio
@@ -342,10 +351,8 @@ class Feeder:
     async def run(self) -> None:
         """Feed until the media ends (or forever when looping); ends the tracks at the end."""
         r = self.playable.rendition
-        init: bytes | None = None
-        if r.init is not None:
-            init_path = await blob_path(self.rt, r.init)
-            init = await asyncio.to_thread(init_path.read_bytes)
+        init = self.playable.init
+        loop = asyncio.get_running_loop()
         offset = 0.0
         try:
             while True:
@@ -354,7 +361,9 @@ class Feeder:
                     assert seg.cid is not None  # a ready rendition pins every segment
                     await self._wait_room(offset + t)
                     path = await blob_path(self.rt, seg.cid)
-                    vitems, aitems = await asyncio.to_thread(self.demuxer.demux, init, path, offset)
+                    vitems, aitems = await loop.run_in_executor(
+                        self.pool, self.demuxer.demux, init, path, offset
+                    )
                     self.segments_read += 1
                     if self.video is not None:
                         for it in vitems:

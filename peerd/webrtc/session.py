@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aiortc import (
@@ -203,6 +205,13 @@ class WhepService:
         self.sessions: dict[str, WhepSession] = {}
         self._reserved = 0
         self._playables: dict[str, Playable] = {}
+        self._loading: dict[str, asyncio.Task[Playable]] = {}
+        # Demuxing runs on a few threads of its own, started with the service: segment work is
+        # bounded whatever the number of viewers, and no viewer waits for a thread to start
+        # (starting one blocks the event loop until the new thread runs).
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.cfg.media_threads, thread_name_prefix="ThreadPoolExecutor-whep"
+        )
         self._accepting = False
         rt.extras["whep"] = self
 
@@ -210,7 +219,8 @@ class WhepService:
         self.metrics.turn.labels(result=result).inc()
 
     async def run(self, ready: Callable[[], None]) -> None:
-        """Accept sessions until cancelled; then close them all."""
+        """Start the media threads, accept sessions until cancelled; then close them all."""
+        await asyncio.to_thread(self._start_threads)
         self._accepting = self.cfg.enabled
         ready()
         try:
@@ -219,6 +229,14 @@ class WhepService:
             self._accepting = False
             await asyncio.shield(self._close_all("stop"))
             await asyncio.shield(self.ice.close())
+            await asyncio.shield(asyncio.to_thread(self.pool.shutdown, True, cancel_futures=True))
+
+    def _start_threads(self) -> None:
+        n = self.cfg.media_threads
+        barrier = threading.Barrier(n)
+        # n tasks that wait for each other: the pool has to start all n threads.
+        for f in [self.pool.submit(barrier.wait, 10) for _ in range(n)]:
+            f.result()
 
     async def drain(self) -> None:
         """Refuse new sessions and end the open ones (viewers reconnect to another node)."""
@@ -286,11 +304,20 @@ class WhepService:
         # Manifests are immutable, so what was learnt about a media item (rendition, B-frames)
         # holds for every later viewer; a small bounded map is enough.
         p = self._playables.get(media_id)
-        if p is None:
-            p = await load_playable(self.rt, media_id, self.cfg.max_height)
-            if len(self._playables) >= 256:
-                self._playables.pop(next(iter(self._playables)))
-            self._playables[media_id] = p
+        if p is not None:
+            return p
+        task = self._loading.get(media_id)
+        if task is None:
+            # One load per media item however many viewers ask at once.
+            task = asyncio.create_task(
+                load_playable(self.rt, media_id, self.cfg.max_height, self.pool)
+            )
+            self._loading[media_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(media_id, None))
+        p = await asyncio.shield(task)
+        if len(self._playables) >= 256:
+            self._playables.pop(next(iter(self._playables)))
+        self._playables[media_id] = p
         return p
 
     async def _negotiate(
@@ -341,6 +368,7 @@ class WhepService:
             clock=clock,
             read_ahead_s=self.cfg.read_ahead_s,
             loop_playback=self.cfg.loop_playback,
+            pool=self.pool,
         )
         session = WhepSession(
             id=secrets.token_urlsafe(16),
@@ -416,6 +444,8 @@ class WhepService:
                 "session": session_id,
                 "reason": reason,
                 "seconds": round(time.monotonic() - s.started, 1),
+                "played_s": round(s.feeder.clock.media_now() or 0.0, 1),
+                "segments_read": s.feeder.segments_read,
             },
         )
         return True
