@@ -234,3 +234,15 @@ def test_demuxer_keeps_audio_continuous_across_segments(clips: dict[str, HlsClip
     assert abs(len(audio) * 0.02 - 3.0) < 0.1
     dues = [it.due for it in video]
     assert dues == sorted(dues)
+
+
+async def test_unpulled_track_queue_is_bounded() -> None:
+    from peerd.webrtc.media import Item, PacedTrack, PlayoutClock
+
+    track = PacedTrack("video", PlayoutClock())
+    for i in range(PacedTrack.MAX_QUEUED + 10):
+        track.offer(Item(i / 25, i))
+    assert track.dropped == 10
+    track.end()  # the end still gets in, in place of the oldest item
+    assert track.queue.qsize() == PacedTrack.MAX_QUEUED
+    assert await track.recv() == 1  # at once: the clock starts at the first item

@@ -294,12 +294,30 @@ class PlayoutClock:
 class PacedTrack(MediaStreamTrack):
     """A track that hands aiortc queued items when their media time comes."""
 
+    # The feeder keeps queues about read_ahead_s long; this bound only matters for a track that
+    # is never pulled (a viewer that declined it), whose queue would otherwise grow forever.
+    MAX_QUEUED = 1500
+
     def __init__(self, kind: str, clock: PlayoutClock) -> None:
         super().__init__()
         self.kind = kind
         self._clock = clock
-        self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item | None] = asyncio.Queue(self.MAX_QUEUED)
         self.sent = 0
+        self.dropped = 0
+
+    def offer(self, item: Item) -> None:
+        """Queue an item, or drop it when nobody pulls this track."""
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def end(self) -> None:
+        """Queue the end of the track (making room for it if needed)."""
+        while self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
 
     async def recv(self) -> Any:
         """The next packet or frame, at its time; ``MediaStreamError`` at the end."""
@@ -367,10 +385,10 @@ class Feeder:
                     self.segments_read += 1
                     if self.video is not None:
                         for it in vitems:
-                            self.video.queue.put_nowait(it)
+                            self.video.offer(it)
                     if self.audio is not None:
                         for it in aitems:
-                            self.audio.queue.put_nowait(it)
+                            self.audio.offer(it)
                     t += seg.duration / r.timescale
                 if not self.loop_playback:
                     break
@@ -378,7 +396,7 @@ class Feeder:
         finally:
             for track in (self.video, self.audio):
                 if track is not None:
-                    track.queue.put_nowait(None)
+                    track.end()
 
     async def _wait_room(self, next_start: float) -> None:
         """Wait until the segment starting at media time ``next_start`` is due within reach."""
