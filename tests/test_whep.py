@@ -164,6 +164,10 @@ async def test_cors_preflight(node: Node) -> None:
         async with http.options(f"{node.url}/whep/sessions/abc") as r:
             assert r.status == 204
             assert "DELETE" in r.headers["Access-Control-Allow-Methods"]
+        # Refusals carry CORS headers too, so a page on another origin can read them.
+        async with http.post(url, data="x", headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
 
 
 async def test_tokens_follow_hls_rules(tmp_path: Path, clips: dict[str, HlsClip]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import MutableMapping
 from importlib import resources
 
 from aiohttp import web
@@ -48,7 +49,7 @@ def _token(request: web.Request) -> str | None:
     return request.query.get("token") or None
 
 
-def _cors(rt: Runtime, request: web.Request, headers: dict[str, str]) -> None:
+def _cors(rt: Runtime, request: web.Request, headers: MutableMapping[str, str]) -> None:
     allowed = rt.settings.webrtc.cors_origins
     origin = request.headers.get("Origin")
     if "*" in allowed:
@@ -86,18 +87,13 @@ def install(app: web.Application, rt: Runtime) -> None:
         for value in link_headers(servers):
             resp.headers.add("Link", value)
         resp.headers["Cache-Control"] = "no-store"
-        headers: dict[str, str] = {}
-        _cors(rt, request, headers)
-        resp.headers.update(headers)
         return resp
 
     async def delete_session(request: web.Request) -> web.Response:
         svc = _service(rt)
         if not await svc.close(request.match_info["session_id"], "delete"):
             raise NotFound("no such WHEP session")
-        headers: dict[str, str] = {}
-        _cors(rt, request, headers)
-        return web.Response(status=200, headers=headers)
+        return web.Response(status=200)
 
     async def preflight(request: web.Request) -> web.Response:
         methods = "DELETE, OPTIONS" if "session_id" in request.match_info else "POST, OPTIONS"
@@ -109,8 +105,15 @@ def install(app: web.Application, rt: Runtime) -> None:
         }
         if "session_id" not in request.match_info:
             headers["Accept-Post"] = SDP
-        _cors(rt, request, headers)
         return web.Response(status=204, headers=headers)
+
+    async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+        # Every /whep/ answer, errors included (401, 429...), so a page on another origin can
+        # read why its offer was refused.
+        if request.path.startswith("/whep/") and not request.path.startswith("/whep/player/"):
+            _cors(rt, request, response.headers)
+
+    app.on_response_prepare.append(add_cors)
 
     async def player(request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
