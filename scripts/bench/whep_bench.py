@@ -2,7 +2,7 @@
 """CPU per WHEP passthrough session, measured on a real daemon.
 
     /work/venv/bin/python scripts/bench/whep_bench.py [--sessions 10] [--seconds 10]
-        [--height 720] [--bitrate 2500000] [--out /tmp/peerd-bench/whep]
+        [--height 720] [--bitrate 2500000] [--bframes 0] [--out /tmp/peerd-bench/whep]
 
 1. Encodes a clip (testsrc2 + tone, H.264 High without B-frames, CBR ``--bitrate``, AAC) to fMP4
    HLS, stores it in a fresh node and starts ``peerd run`` (loop playback on).
@@ -187,7 +187,7 @@ def ffmpeg_anchor(clip_mp4: Path, seconds: float) -> float:
         sink.close()
 
 
-async def prepare(out: Path, height: int, bitrate: int) -> tuple[Path, str, Path]:
+async def prepare(out: Path, height: int, bitrate: int, bframes: int) -> tuple[Path, str, Path]:
     from peerd.config import load_settings
     from peerd.runtime import open_runtime
     from peerd.testing.whep_media import add_media, make_hls
@@ -199,7 +199,7 @@ async def prepare(out: Path, height: int, bitrate: int) -> tuple[Path, str, Path
         seconds=6,
         width=width,
         height=height,
-        bframes=0,
+        bframes=bframes,
         video_bitrate=bitrate,
     )
     state = out / "node"
@@ -222,6 +222,12 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--bitrate", type=int, default=2_500_000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/peerd-bench/whep"))
+    ap.add_argument(
+        "--bframes",
+        type=int,
+        default=0,
+        help="B-frames in the clip; > 0 makes the node transcode (per-session encoder cost)",
+    )
     ap.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -234,7 +240,7 @@ def main() -> int:
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    state, media_id, whole = asyncio.run(prepare(args.out, args.height, args.bitrate))
+    state, media_id, whole = asyncio.run(prepare(args.out, args.height, args.bitrate, args.bframes))
     node = PeerdProcess(
         state,
         config={
@@ -279,12 +285,16 @@ def main() -> int:
         "sessions": args.sessions,
         "height": args.height,
         "video_bitrate": args.bitrate,
+        "mode": "transcode" if args.bframes else "passthrough",
         "daemon_cpu_idle_pct": round(idle, 2),
         "daemon_cpu_busy_pct": round(busy, 2),
         "cpu_pct_per_session": round(per_session, 2),
         "sessions_per_core": round(100.0 / per_session, 1) if per_session > 0 else None,
         "ffmpeg_rtp_cpu_pct_per_stream": round(anchor, 2),
-        "ratio_to_ffmpeg": round(per_session / anchor, 1) if anchor > 0 else None,
+        # The anchor copies video: a ratio only for passthrough.
+        "ratio_to_ffmpeg": round(per_session / anchor, 1)
+        if anchor > 0 and not args.bframes
+        else None,
         "viewer_video_mbit_per_s_min": round(min(viewers["video_mbit_per_s"]), 2),
         "viewer_video_packets_per_s_min": round(min(viewers["video_packets_per_s"]), 1),
         "viewer_video_frames_per_s_min": round(min(viewers["video_frames_per_s"]), 1),
