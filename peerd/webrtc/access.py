@@ -1,8 +1,15 @@
 """Who may open a WHEP session: the HLS token rules, with the ``whep`` scope.
 
 When the node has the secret ``hls_signing_key`` (shared with the coordinator), every WHEP
-request needs a token for that media id and the ``whep`` scope that has not expired; without the
-key the node is private (loopback or behind Cloudflare Access) and WHEP is open, as HLS is.
+request (offer and player page) needs a token for that media id and the ``whep`` scope that has
+not expired; without the key the node is private (loopback or behind Cloudflare Access) and WHEP
+is open. Viewers send it as ``Authorization: Bearer <token>`` (WHEP's way) or ``?token=``.
+
+Token: ``<expiry, unix seconds>.<base64url, unpadded, of HMAC-SHA256(key, "<scope>\n<media
+id>\n<expiry>")>``. This is an interim implementation of the shape planned for the HLS token
+scheme (``peerd.core.tokens``, issue 4: HMAC over media id, scope and expiry with
+``hls_signing_key``), which was not written when WHEP was; once it exists, :func:`check_access`
+should call it so HLS and WHEP share one scheme.
 """
 
 from __future__ import annotations
