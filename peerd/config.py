@@ -249,6 +249,22 @@ class ApiSettings(Section):
 class WebRTCSettings(Section):
     """WHEP playback. Owned by issue 8."""
 
+    enabled: bool = True
+    max_sessions: int = Field(default=16, ge=0, le=1000)
+    connect_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    ice_servers: list[str] = Field(default_factory=list)
+    turn_username: str | None = None
+    turn_api_url: str = "https://rtc.live.cloudflare.com/v1"
+    turn_ttl_s: int = Field(default=86400, ge=60, le=172800)
+    turn_refresh_margin_s: float = Field(default=300.0, ge=0)
+    turn_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    transcode: bool = True
+    max_height: int = Field(default=1080, ge=1)
+    loop_playback: bool = False
+    read_ahead_s: float = Field(default=1.0, gt=0, le=10)
+    media_threads: int = Field(default=2, ge=1, le=64)
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
 
 class UiSettings(Section):
     """The operator dashboard. Owned by issue 9."""

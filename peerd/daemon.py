@@ -42,6 +42,8 @@ from peerd.p2p import lan
 from peerd.replication import build_replication
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
+from peerd.webrtc import routes as whep_routes
+from peerd.webrtc.session import WhepService
 
 log = logging.getLogger("peerd.daemon")
 
@@ -256,6 +258,7 @@ def route_installers(rt: Runtime) -> list[RouteInstaller]:
     installers.append(hls.install)
     installers.append(lan.install)
     installers.append(api_routes.install)
+    installers.append(whep_routes.install)
     return installers
 
 
@@ -271,6 +274,7 @@ def build_services(rt: Runtime) -> list[Service]:
     services.extend(p2p.wire(rt, lambda: http.port))
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
     services.append(MediaService(rt))
+    services.append(WhepService(rt))
     services.append(CoordinatorService(rt))
     return services
 

@@ -1,0 +1,252 @@
+"""WHEP negotiation with the node in process (under the loop-blocking guard): the cap, bad
+offers, CORS, tokens; and the segment demuxer. Media flowing to viewers is tested against a
+daemon process in ``test_whep_media.py`` and ``test_whep_chromium.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import pytest
+from aiohttp import web
+
+from peerd.config import Settings, load_settings
+from peerd.http.server import build_app
+from peerd.runtime import Runtime, open_runtime
+from peerd.testing.whep_media import HlsClip, add_media, make_hls
+from peerd.testing.whep_viewer import make_offer
+from peerd.webrtc import access, routes
+from peerd.webrtc.session import WhepService
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HlsClip]:
+    base = tmp_path_factory.mktemp("clips")
+    return {
+        "plain": make_hls(base / "plain", seconds=3, bframes=0, segment_seconds=1),
+        "bframes": make_hls(base / "bframes", seconds=4, bframes=3),
+        "ts": make_hls(base / "ts", seconds=2, bframes=0, container="ts"),
+    }
+
+
+@dataclass
+class Node:
+    rt: Runtime
+    svc: WhepService
+    url: str
+    media: dict[str, str] = field(default_factory=dict)
+
+
+async def start_node(settings: Settings, clips: dict[str, HlsClip]) -> AsyncIterator[Node]:
+    rt = await open_runtime(settings)
+    media = {name: await add_media(rt, clip, title=name) for name, clip in clips.items()}
+    svc = WhepService(rt)
+    ready = asyncio.Event()
+    task = asyncio.create_task(svc.run(ready.set))
+    await ready.wait()
+    runner = web.AppRunner(build_app(rt, [routes.install]))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield Node(rt, svc, f"http://127.0.0.1:{port}", media)
+    finally:
+        await runner.cleanup()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await rt.close()
+
+
+@pytest.fixture
+async def node(tmp_path: Path, clips: dict[str, HlsClip]) -> AsyncIterator[Node]:
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path / "state"},
+        http={"port": 0},
+        webrtc={"loop_playback": True, "max_sessions": 2, "connect_timeout_s": 3},
+    )
+    async for n in start_node(settings, clips):
+        yield n
+
+
+async def wait_for(cond: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def test_bframes_plan_transcode(clips: dict[str, HlsClip]) -> None:
+    # The media path of a transcoded session is exercised by the Chromium test (a daemon
+    # process): here only the probe that sends a B-frame stream that way.
+    from peerd.webrtc.media import probe_reorders
+
+    for name, reorders in (("bframes", True), ("plain", False), ("ts", False)):
+        clip = clips[name]
+        init = clip.init.read_bytes() if clip.init else None
+        container = "fmp4" if clip.init else "ts"
+        assert probe_reorders(container, init, clip.segments[0]) is reorders, name
+
+
+async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
+    sdp = await make_offer()
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        headers = {"Content-Type": "application/sdp"}
+
+        async def post() -> int:
+            async with http.post(url, data=sdp, headers=headers) as r:
+                if r.status == 429:
+                    assert (await r.json())["error"] == "too_many_requests"
+                return r.status
+
+        # Offers arriving together cannot overshoot the cap of 2.
+        statuses = await asyncio.gather(*(post() for _ in range(4)))
+        assert sorted(statuses) == [201, 201, 429, 429]
+        assert len(node.svc.sessions) == 2
+        # Nobody completes ICE: after connect_timeout_s both slots are free again.
+        await wait_for(lambda: not node.svc.sessions, within=8)
+        async with http.post(url, data=sdp, headers=headers) as r:
+            assert r.status == 201
+            location = r.headers["Location"]
+        async with http.delete(node.url + location) as r:
+            assert r.status == 200
+
+
+async def test_bad_requests(node: Node) -> None:
+    sdp = await make_offer()
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        async with http.post(url, data=sdp, headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415
+        async with http.post(url, data="hello", headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert "SDP" in (await r.json())["message"]
+        missing = f"{node.url}/whep/bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+        async with http.post(missing, data=sdp, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 404
+        async with http.patch(f"{node.url}/whep/sessions/x", data="") as r:
+            assert r.status == 405
+        no_dtls = "".join(
+            line for line in sdp.splitlines(keepends=True) if not line.startswith("a=fingerprint")
+        )
+        async with http.post(url, data=no_dtls, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400, await r.text()
+        only_av1 = sdp.replace("VP8/90000", "AV1/90000").replace("H264/90000", "AV1/90000")
+        async with http.post(url, data=only_av1, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert "no codec" in (await r.json())["message"]
+        big = "v=0\r\n" + "a=x\r\n" * 20000
+        async with http.post(url, data=big, headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+    assert node.svc.sessions == {}
+
+
+async def test_cors_preflight(node: Node) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = f"{node.url}/whep/{node.media['plain']}"
+        async with http.options(url, headers={"Origin": "https://viewer.example"}) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+            assert "Location" in r.headers["Access-Control-Expose-Headers"]
+            assert r.headers["Accept-Post"] == "application/sdp"
+        async with http.options(f"{node.url}/whep/sessions/abc") as r:
+            assert r.status == 204
+            assert "DELETE" in r.headers["Access-Control-Allow-Methods"]
+        # Refusals carry CORS headers too, so a page on another origin can read them.
+        async with http.post(url, data="x", headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 400
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_tokens_follow_hls_rules(tmp_path: Path, clips: dict[str, HlsClip]) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "hls_signing_key").write_text("k" * 32)
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path / "state", "secrets_dir": secrets_dir},
+        http={"port": 0},
+        webrtc={"connect_timeout_s": 3},
+    )
+    async for n in start_node(settings, {"plain": clips["plain"]}):
+        mid = n.media["plain"]
+        key = b"k" * 32
+        now = int(time.time())
+        good = access.sign(key, mid, "whep", now + 60)
+        cases = {
+            None: 401,
+            "garbage": 403,
+            access.sign(key, mid, "whep", now - 1): 403,  # expired
+            access.sign(key, mid, "hls", now + 60): 403,  # wrong scope
+            access.sign(b"x" * 32, mid, "whep", now + 60): 403,  # wrong key
+        }
+        sdp = await make_offer()
+        async with aiohttp.ClientSession() as http:
+            for token, status in cases.items():
+                headers = {"Content-Type": "application/sdp"}
+                if token is not None:
+                    headers["Authorization"] = f"Bearer {token}"
+                async with http.post(f"{n.url}/whep/{mid}", data=sdp, headers=headers) as r:
+                    assert r.status == status, token
+            async with http.get(f"{n.url}/whep/player/{mid}") as r:
+                assert r.status == 401
+            async with http.get(f"{n.url}/whep/player/{mid}", params={"token": good}) as r:
+                assert r.status == 200
+                page = await r.text()
+                assert good in page
+                assert "<script" in page
+            headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {good}"}
+            async with http.post(f"{n.url}/whep/{mid}", data=sdp, headers=headers) as r:
+                assert r.status == 201
+                location = r.headers["Location"]
+            async with http.delete(n.url + location) as r:
+                assert r.status == 200
+
+
+def test_demuxer_keeps_audio_continuous_across_segments(clips: dict[str, HlsClip]) -> None:
+    from peerd.webrtc.media import SegmentDemuxer
+
+    clip = clips["plain"]
+    assert clip.init is not None
+    init = clip.init.read_bytes()
+    d = SegmentDemuxer("fmp4", "passthrough", True)
+    video: list[Any] = []
+    audio: list[Any] = []
+    for seg in clip.segments:
+        v, a = d.demux(init, seg, 0.0)
+        video += v
+        audio += a
+    assert len(video) == 3 * 25
+    # Annex B with parameter sets in band before each IDR (one per second).
+    assert all(bytes(it.payload)[:4] == b"\x00\x00\x00\x01" for it in video)
+    assert sum(b"\x00\x00\x00\x01\x67" in bytes(it.payload) for it in video) == 3
+    pts = [it.payload.pts for it in audio]
+    assert pts == [i * 960 for i in range(len(pts))]
+    assert all(isinstance(it.payload, av.AudioFrame) for it in audio)
+    assert abs(len(audio) * 0.02 - 3.0) < 0.1
+    dues = [it.due for it in video]
+    assert dues == sorted(dues)
+
+
+async def test_unpulled_track_queue_is_bounded() -> None:
+    from peerd.webrtc.media import Item, PacedTrack, PlayoutClock
+
+    track = PacedTrack("video", PlayoutClock())
+    for i in range(PacedTrack.MAX_QUEUED + 10):
+        track.offer(Item(i / 25, i))
+    assert track.dropped == 10
+    track.end()  # the end still gets in, in place of the oldest item
+    assert track.queue.qsize() == PacedTrack.MAX_QUEUED
+    assert await track.recv() == 1  # at once: the clock starts at the first item

@@ -1,0 +1,103 @@
+"""Headless Chromium plays WHEP from a real daemon over loopback.
+
+The page is the node's own player (``/whep/player/<media id>``); Chromium negotiates, decodes
+H.264 passed through untouched (and, for a stream with B-frames, VP8 transcoded by the node), and
+the test reads ``getStats()`` until ``framesDecoded`` has grown every second for five seconds.
+Stopping the page sends ``DELETE``; the node's metrics show the session gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peerd.config import load_settings
+from peerd.runtime import open_runtime
+from peerd.testing.browser import Browser, Page
+from peerd.testing.process import PeerdProcess
+from peerd.testing.whep_media import add_media, make_hls
+
+pytestmark = pytest.mark.slow
+
+# Host candidates on loopback, and real addresses instead of mDNS names (aiortc resolves none).
+WEBRTC_FLAGS = (
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+)
+
+
+def metric(base_url: str, name: str) -> float:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as r:  # noqa: S310
+        text = r.read().decode()
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def play_and_watch(page: Page, seconds: int = 5) -> tuple[list[int], dict[str, Any]]:
+    await page.evaluate("window.whep.ready")
+    assert await page.evaluate("window.whep.error") is None
+    stats: dict[str, Any] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = await page.evaluate("window.whep.stats()")
+        if stats["framesDecoded"] > 0:
+            break
+        await asyncio.sleep(0.2)
+    samples = [stats["framesDecoded"]]
+    for _ in range(seconds):
+        await asyncio.sleep(1)
+        stats = await page.evaluate("window.whep.stats()")
+        samples.append(stats["framesDecoded"])
+    return samples, stats
+
+
+async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
+    plain = await asyncio.to_thread(make_hls, tmp_path / "plain", seconds=6, bframes=0)
+    bframes = await asyncio.to_thread(make_hls, tmp_path / "bf", seconds=4, bframes=3)
+    state = tmp_path / "node"
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        passthrough_id = await add_media(rt, plain)
+        transcode_id = await add_media(rt, bframes, title="with b-frames")
+    finally:
+        await rt.close()
+    node = PeerdProcess(state, config={"webrtc": {"loop_playback": True}})
+    await asyncio.to_thread(node.start)
+    try:
+        async with Browser.launch(tmp_path / "chromium", *WEBRTC_FLAGS) as browser:
+            page = await browser.new_page()
+            await page.goto(f"{node.base_url}/whep/player/{passthrough_id}")
+            samples, stats = await play_and_watch(page)
+            await page.screenshot(tmp_path / "player.png")
+            assert samples[0] > 0, stats
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            # ~25 fps for 5 s, paced (a burst would jump, a stall would not grow).
+            assert 80 <= samples[-1] - samples[0] <= 170, samples
+            assert stats["codec"].startswith("video/H264"), stats
+            assert stats["audioPackets"] > 100, stats
+            assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 1
+            assert await page.evaluate("window.whep.stop()") == 200
+            assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 0
+            closed = 'peerd_whep_sessions_closed_total{reason="delete"}'
+            assert await asyncio.to_thread(metric, node.base_url, closed) == 1
+            assert page.console_errors == []
+
+            # A stream with B-frames is not passed through: the node transcodes it (VP8 here).
+            page2 = await browser.new_page()
+            await page2.goto(f"{node.base_url}/whep/player/{transcode_id}")
+            samples, stats = await play_and_watch(page2, seconds=3)
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            assert stats["codec"].startswith("video/VP8"), stats
+            assert await page2.evaluate("window.whep.stop()") == 200
+            assert page2.console_errors == []
+    finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+    opened = node.logs().count('"whep session opened"')
+    assert opened == 2
