@@ -36,7 +36,8 @@ from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
-from peerd.media.ingest import MediaService
+from peerd.media.ingest import MediaService, get_ingestor
+from peerd.media.source import TranscodeSource
 from peerd.metrics import Metrics
 from peerd.p2p import lan
 from peerd.replication import build_replication
@@ -273,6 +274,7 @@ def build_services(rt: Runtime) -> list[Service]:
     services.append(http)
     services.extend(p2p.wire(rt, lambda: http.port))
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
+    rt.extras["resolver"].add_source(TranscodeSource(get_ingestor(rt)))
     services.append(MediaService(rt))
     services.append(WhepService(rt))
     services.append(CoordinatorService(rt))

@@ -1,0 +1,78 @@
+"""``make demo``: a node on embedded defaults with generated sample media.
+
+Creates ``./.state/demo`` (node key, secrets, catalog), generates a 20 s sample clip with ffmpeg's
+test sources (no download), ingests it, prints a signed playback URL, then runs the daemon in the
+foreground until Ctrl-C. Re-running reuses the state (the repeated ingest stores nothing new).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from peerd.cli import main as cli_main
+from peerd.config import load_settings
+from peerd.core import tokens
+
+STATE = Path(".state/demo")
+
+
+def _media_id(state: Path, source: Path) -> str:
+    con = sqlite3.connect(state / "catalog.sqlite3")
+    try:
+        row = con.execute(
+            "SELECT media_id FROM media WHERE source_path=? ORDER BY created_at DESC LIMIT 1",
+            (str(source.resolve()),),
+        ).fetchone()
+        if row is None:
+            row = con.execute("SELECT media_id FROM media ORDER BY created_at DESC").fetchone()
+    finally:
+        con.close()
+    if row is None:
+        raise SystemExit("demo: ingest stored no media")
+    return str(row[0])
+
+
+def main() -> int:
+    """Set up, ingest, print the URL, run the daemon."""
+    from peerd.testing.media import make_media
+
+    state = STATE.resolve()
+    base = ["--state-dir", str(state)]
+    if cli_main([*base, "init"]) != 0:
+        return 1
+    sample = state / "media" / "sample.mp4"
+    if not sample.exists():
+        sample.parent.mkdir(parents=True, exist_ok=True)
+        print("demo: generating a 20 s sample clip (ffmpeg test sources)...", flush=True)
+        make_media(sample, seconds=20.0, size=(640, 360), rate=25)
+    if cli_main([*base, "ingest", str(sample)]) != 0:
+        return 1
+    settings = load_settings(None, node={"state_dir": state})
+    media_id = _media_id(state, sample)
+    secret = settings.secret("hls_signing_key")
+    assert secret is not None
+    token = tokens.mint(
+        tokens.key_from_secret(secret), media_id, "hls", int(time.time()) + 24 * 3600
+    )
+    url = (
+        f"http://{settings.http.host}:{settings.http.port}/hls/{media_id}/master.m3u8?token={token}"
+    )
+    print("\n" + "=" * 78)
+    print("peerd demo node starting. Playback URL (valid 24 h):\n")
+    print(f"  {url}\n")
+    print(f"  try:  ffplay '{url}'")
+    print(f"  or:   ffmpeg -i '{url}' -f null -")
+    print(
+        f"  dashboard: http://{settings.http.host}:{settings.http.port}/ui"
+        f"  (token in {settings.secrets_path / 'admin_token'})"
+    )
+    print("Stop with Ctrl-C.")
+    print("=" * 78 + "\n", flush=True)
+    return cli_main([*base, "run"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
