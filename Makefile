@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3-venv python3-dev build-essential pkg-config ffmpeg nginx wrk rclone \
-	chromium chromium-driver shellcheck iproute2 curl sqlite3 systemd time nodejs npm
+	chromium chromium-driver shellcheck iproute2 curl sqlite3 systemd time
 STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 PYTEST_ARGS ?=
@@ -19,6 +19,7 @@ install-apt: $(STAMP_APT)
 # chromium for pages and WebRTC, nginx/wrk/rclone as benchmark anchors, shellcheck, systemd-analyze).
 $(STAMP_APT):
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
