@@ -97,6 +97,7 @@ class P2PService:
             )
             self.addrs = await self.bridge.call(self.node.start)
             log.info("libp2p listening", extra={"addrs": self.addrs})
+            self.rt.extras["libp2p_addrs"] = list(self.addrs)  # node info for the coordinator API
             await asyncio.to_thread(
                 _write_lines, self.rt.settings.state_dir / "p2p.addrs", self.addrs
             )
