@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
 from peerd.config import load_settings
@@ -24,8 +23,13 @@ def tree(root: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
+# Where the unit will run Python from. Not this test's interpreter: a checkout may live under
+# /tmp or /home, which the sandboxed service cannot see and `peerd install` rightly refuses.
+PYTHON = "/usr/bin/python3"  # Debian python3 (a dependency of python3-venv in the Makefile)
+
+
 def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("install", "--root", str(root), "--python", sys.executable, *args)
+    return run_cli("install", "--root", str(root), "--python", PYTHON, *args)
 
 
 def test_install_into_empty_root(tmp_path: Path) -> None:
@@ -51,7 +55,7 @@ def test_install_into_empty_root(tmp_path: Path) -> None:
     assert all(len(v) >= 40 for v in values)
 
     unit = (root / "etc/systemd/system/peerd.service").read_text()
-    assert f"ExecStart={sys.executable} -m peerd --config /etc/peerd/peerd.toml run" in unit
+    assert f"ExecStart={PYTHON} -m peerd --config /etc/peerd/peerd.toml run" in unit
     for v in values:
         assert v not in unit
     res = subprocess.run(
