@@ -268,7 +268,7 @@ def build_services(rt: Runtime) -> list[Service]:
     services: list[Service] = []
     if "resolver" not in rt.extras:
         # The node's one resolver; sources are appended in delivery order below:
-        # LAN -> libp2p (p2p.wire) -> R2 (build_replication) -> transcode (MediaService).
+        # LAN -> libp2p (p2p.wire) -> R2 (build_replication) -> transcode (TranscodeSource).
         rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
     http = HttpService(rt, route_installers(rt))
     services.append(http)
