@@ -88,6 +88,14 @@ async def _create_catalog(settings: Settings) -> None:
     await cat.close()
 
 
+def node_exists(settings: Settings) -> bool:
+    """True if ``settings`` point at an initialised node; otherwise say so on stderr."""
+    if settings.catalog_path.exists():
+        return True
+    print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
+    return False
+
+
 # -- run -------------------------------------------------------------------------------------------
 
 
@@ -117,8 +125,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog import Catalog
 
-    if not settings.catalog_path.exists():
-        print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
+    if not node_exists(settings):
         return 1
     cat = await Catalog.open(settings.catalog_path)
     try:
@@ -185,8 +192,7 @@ async def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog import Catalog
     from peerd.store import BlobStore
 
-    if not settings.catalog_path.exists():
-        print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
+    if not node_exists(settings):
         return 1
     cat = await Catalog.open(settings.catalog_path)
     try:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -318,27 +318,36 @@ class R2Client:
 
     # -- writes -----------------------------------------------------------------------------------
 
+    def _put_object(
+        self,
+        key: str,
+        body: bytes | BinaryIO,
+        checksum: str,
+        content_type: str,
+        content_length: int | None = None,
+    ) -> None:
+        """One conditional single-part PUT with an explicit SHA-256 (runs in the executor)."""
+        self._count("PutObject")
+        extra: dict[str, Any] = {} if content_length is None else {"ContentLength": content_length}
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentType=content_type,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+                IfNoneMatch="*",
+                **extra,
+                **self._sse(),
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _error("PUT", key, exc) from exc
+
     async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
         """Create ``key`` with ``data`` (If-None-Match: *). :class:`AlreadyExists` if present."""
         checksum = b64_digest(hashlib.sha256(data).digest())
-
-        def do() -> None:
-            self._count("PutObject")
-            try:
-                self._s3.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=data,
-                    ContentType=content_type,
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=checksum,
-                    IfNoneMatch="*",
-                    **self._sse(),
-                )
-            except (ClientError, BotoCoreError) as exc:
-                raise _error("PUT", key, exc) from exc
-
-        await self._call(do)
+        await self._call(lambda: self._put_object(key, data, checksum, content_type))
 
     async def put_blob(self, cid: Cid, path: Path, size: int) -> None:
         """Upload a blob file; single PUT below the multipart threshold, else multipart."""
@@ -347,22 +356,8 @@ class R2Client:
             checksum = b64_digest(digest_of(cid))
 
             def do() -> None:
-                self._count("PutObject")
                 with path.open("rb") as f:
-                    try:
-                        self._s3.put_object(
-                            Bucket=self.bucket,
-                            Key=key,
-                            Body=f,
-                            ContentLength=size,
-                            ContentType="application/octet-stream",
-                            ChecksumAlgorithm="SHA256",
-                            ChecksumSHA256=checksum,
-                            IfNoneMatch="*",
-                            **self._sse(),
-                        )
-                    except (ClientError, BotoCoreError) as exc:
-                        raise _error("PUT", key, exc) from exc
+                    self._put_object(key, f, checksum, "application/octet-stream", size)
 
             await self._call(do)
             return
