@@ -151,3 +151,30 @@ async def test_disk_full_is_store_full(runtime: Runtime, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "write", real_write)
     assert runtime.store.count == 0
     assert list(runtime.store.root.rglob(f"{TMP_PREFIX}*")) == []
+
+
+async def test_cancel_at_any_moment_leaves_store_consistent(runtime: Runtime) -> None:
+    """A put cancelled at any await point leaves either the whole blob (file and row) or nothing."""
+    import asyncio
+
+    store = runtime.store
+    for step in range(40):
+        data = os.urandom(3 * 65536 + step)
+        parts = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+
+        async def stream(parts: list[bytes] = parts) -> AsyncIterator[bytes]:
+            for p in parts:
+                await asyncio.sleep(0)
+                yield p
+
+        streamed = asyncio.ensure_future(store.put_stream(stream(), expected=cid_of(data)))
+        whole = asyncio.ensure_future(store.put(data[::-1]))
+        for _ in range(step):
+            await asyncio.sleep(0)
+        streamed.cancel()
+        whole.cancel()
+        await asyncio.gather(streamed, whole, return_exceptions=True)
+        report = await store.verify()
+        assert report.ok, (step, report)
+        for cid in (cid_of(data), cid_of(data[::-1])):
+            assert await store.has(cid) == (await runtime.catalog.get_blob(cid) is not None)

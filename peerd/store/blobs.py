@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +167,14 @@ class BlobStore:
         if await self._already_held(cid):
             return cid
         self._check_room(len(data))
+        # Once started, the write and its catalog row finish together even if the caller is
+        # cancelled: a file renamed into place without its row would be an orphan.
+        await _finish_despite_cancel(self._write_and_commit(cid, data, kind))
+        return cid
+
+    async def _write_and_commit(self, cid: Cid, data: bytes, kind: str) -> None:
         await asyncio.to_thread(self._write_file, cid, [data])
         await self._commit(cid, len(data), kind)
-        return cid
 
     async def put_stream(
         self,
@@ -188,29 +193,36 @@ class BlobStore:
         await asyncio.to_thread(shard.mkdir, exist_ok=True)
         tmp = shard / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         hasher = Hasher()
-        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Opening and unlinking a temp file are metadata operations that take microseconds;
+        # doing them on the loop means no cancellation can fall between creating the file and
+        # owning its descriptor. Writes run in a thread that is always waited for, so the
+        # descriptor is never closed under a write still in flight.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             async for chunk in chunks:
                 hasher.update(chunk)
                 if max_size is not None and hasher.size > max_size:
                     raise IntegrityError(f"blob {expected} is larger than {max_size} bytes")
                 self._check_room(hasher.size)
-                await asyncio.to_thread(_write_all, fd, chunk)
+                await _settle_in_thread(_write_all, fd, chunk)
             if hasher.cid() != expected:
                 raise IntegrityError(
                     f"bytes hash to {hasher.cid()}, expected {expected}", expected=expected
                 )
-            await asyncio.to_thread(os.fsync, fd)
+            await _settle_in_thread(os.fsync, fd)
         except BaseException as exc:
-            await asyncio.shield(asyncio.to_thread(_close_unlink, fd, tmp))
+            _close_unlink(fd, tmp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(f"disk full while writing blob {expected}") from exc
             raise
-        await asyncio.to_thread(os.close, fd)
-        final = self.path_for(expected)
-        await asyncio.to_thread(_rename_durably, tmp, final)
-        await self._commit(expected, hasher.size, kind)
+        await _finish_despite_cancel(self._publish(fd, tmp, expected, hasher.size, kind))
         return expected
+
+    async def _publish(self, fd: int, tmp: Path, cid: Cid, size: int, kind: str) -> None:
+        """Close, rename into place and commit the row of a verified, fsynced temp file."""
+        os.close(fd)
+        await asyncio.to_thread(_rename_durably, tmp, self.path_for(cid))
+        await self._commit(cid, size, kind)
 
     async def _already_held(self, cid: Cid) -> bool:
         row = await self.catalog.get_blob(cid)
@@ -381,6 +393,27 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+async def _settle_in_thread(func: Callable[..., object], *args: object) -> None:
+    """Run ``func`` in a thread; if cancelled, wait for the thread before re-raising."""
+    future = asyncio.get_running_loop().run_in_executor(None, func, *args)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
+
+
+async def _finish_despite_cancel(step: Coroutine[object, object, None]) -> None:
+    """Run ``step`` to completion even if the caller is cancelled, then re-raise the cancel."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        task.result()
+        raise
 
 
 def _close_unlink(fd: int, tmp: Path) -> None:
