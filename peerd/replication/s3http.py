@@ -152,7 +152,13 @@ class S3Http:
         :class:`HttpStatusError` with S3's error code.
         """
         path, url = self._url(key, query)
-        hdrs = {"host": self.host, **(self._sse if sse else {}), **(headers or {})}
+        hdrs = {
+            "host": self.host,
+            # Bytes exactly as stored: a compressed answer would not hash to the cid.
+            "accept-encoding": "identity",
+            **(self._sse if sse else {}),
+            **(headers or {}),
+        }
         signed = sign(self.key, method, path, query, hdrs, payload_sha256, self._clock())
         resp = await self._session.request(
             method,

@@ -2,6 +2,10 @@
 
 1. push: peerd's outbox push of a media library vs ``rclone copy`` of the same files to the same
    server (A/B alternated, fresh bucket per run); ratio = rclone time / peerd time (goal >= 1.0).
+   rclone runs with its defaults (it lists the destination, PUTs each file and HEADs it
+   afterwards -- the same PUT+HEAD per blob as peerd) except ``--transfers 8 --checkers 8``
+   (peerd's concurrency; rclone's default is 4 transfers) and ``--s3-no-check-bucket`` (the
+   bucket exists; peerd does not try to create it either).
 2. cold-miss TTFB: an HTTP GET to a peerd-style blob route (aiohttp, ``Resolver.open_stream`` on
    an R2 source) for a blob the node lacks, vs a direct HTTP GET of the object from the server;
    also store-then-serve (``ensure_local`` then the file). Ratio = peerd / direct (goal <= 1.2).
