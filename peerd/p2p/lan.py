@@ -5,6 +5,9 @@ Routes (installed on the node's HTTP app):
 - ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
   the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
   401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+- ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
+  (same signature rules); the media id is the manifest's CID, so the asker verifies the bytes.
+  Used by :class:`~peerd.p2p.puller.PeerPuller` for the coordinator's prefetch from a named peer.
 - ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
   libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
   ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
@@ -35,6 +38,7 @@ from peerd.runtime import Runtime
 log = logging.getLogger("peerd.p2p.lan")
 
 ROUTE = "/p2p/v1/blobs/{cid}"
+MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
 FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
 DIRECTORY_KEY = "lan_peers"
 CHUNK = 256 * 1024
@@ -97,6 +101,21 @@ def install(app: web.Application, rt: Runtime) -> None:
             headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"},
         )
 
+    async def get_manifest(request: web.Request) -> web.Response:
+        authenticate(request, lambda p: p in trusted or directory.known(p))
+        media_id = parse_cid(request.match_info["media_id"])
+        async with rt.catalog.conn.execute(
+            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"media {media_id} is not in this node's catalog")
+        body = row[0] if isinstance(row[0], bytes) else str(row[0]).encode()
+        return web.Response(
+            body=body,
+            headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
+
     async def fetch(request: web.Request) -> web.Response:
         authenticate(request, operators.__contains__)
         cid = parse_cid(request.match_info["cid"])
@@ -107,6 +126,7 @@ def install(app: web.Application, rt: Runtime) -> None:
         return web.json_response({"cid": cid, "size": path.stat().st_size})
 
     app.router.add_get(ROUTE, get_blob)
+    app.router.add_get(MEDIA_ROUTE, get_manifest)
     app.router.add_post(FETCH_ROUTE, fetch)
 
 
