@@ -93,6 +93,8 @@ async def test_discover_reannounce_withdraw(
     assert peer is not None
     assert peer.url == f"http://127.0.0.1:{a_svc.http_port()}"
     assert peer.version
+    # What it announces is what the node tells the coordinator (node info's addresses.lan).
+    assert a_rt.extras["lan_urls"] == [peer.url]
     await eventually(lambda: (p := b_dir.table.get(a_id)) is not None and p.rtt_ms is not None)
 
     # The node's address changes: it re-announces and the peer follows.
@@ -104,6 +106,7 @@ async def test_discover_reannounce_withdraw(
             and p.url.startswith("http://127.0.0.2:")
         )
     )
+    assert a_rt.extras["lan_urls"] == [f"http://127.0.0.2:{a_svc.http_port()}"]
     # Clean stop: goodbye packets, the peer forgets it at once (not after peer_ttl_s).
     a_task.cancel()
     await asyncio.gather(a_task, return_exceptions=True)
