@@ -241,6 +241,7 @@ class ApiSettings(Section):
 
     enabled: bool = True
     require_access_jwt: bool = False
+    access_aud: str | None = None
     uplink_bps: int = Field(default=0, ge=0)
     job_concurrency: int = Field(default=2, ge=1, le=64)
     jobs_kept: int = Field(default=1000, ge=10)

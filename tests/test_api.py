@@ -97,10 +97,56 @@ async def test_access_jwt_required_without_verifier_refuses_to_start(tmp_path: o
     settings = load_settings(None, node={"state_dir": tmp_path}, api={"require_access_jwt": True})
     rt = await open_runtime(settings)
     try:
-        with pytest.raises(ConfigError, match="access"):
+        with pytest.raises(ConfigError, match="http.access_team_url"):
             build_app(rt, [routes.install])
     finally:
         await rt.close()
+
+
+async def test_access_service_token_verified_against_the_team(tmp_path: object) -> None:
+    """Access mode wired from config: a real RS256 check against a (fake) team's certs."""
+    from pathlib import Path
+
+    from peerd.testing.cf_access import FakeAccessTeam, new_key
+
+    assert isinstance(tmp_path, Path)
+    team = FakeAccessTeam(audience="api-aud")
+    await team.start()
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path},
+        http={"access_team_url": team.base_url, "access_aud": "viewer-aud"},
+        api={"require_access_jwt": True, "access_aud": "api-aud"},
+    )
+    rt = await open_runtime(settings)
+    settings.secrets_path.mkdir(parents=True)
+    (settings.secrets_path / "api_token").write_text("tok")
+    server = TestServer(build_app(rt, [routes.install]), host="127.0.0.1")
+    await server.start_server()
+    client = NodeApiClient(str(server.make_url("/")), "tok")
+    url = client.base_url + "/api/v1/node"
+    stranger = await new_key()
+    try:
+        cases = [
+            (team.token(common_name="coordinator.access"), 200),
+            (team.token(aud=["viewer-aud"]), 403),  # the viewers' application, not the API's
+            (team.token(iss="https://other.cloudflareaccess.com"), 403),
+            (team.token(ttl_s=-120), 403),
+            (team.token(key=stranger), 403),
+        ]
+        for jwt, status in cases:
+            headers = {"Authorization": "Bearer tok", "Cf-Access-Jwt-Assertion": jwt}
+            async with client.session.get(url, headers=headers) as r:
+                assert r.status == status, (jwt, await r.text())
+        # A right JWT does not stand in for the bearer token.
+        headers = {"Cf-Access-Jwt-Assertion": cases[0][0]}
+        async with client.session.get(url, headers=headers) as r:
+            assert r.status == 401
+    finally:
+        await client.close()
+        await server.close()
+        await rt.close()
+        await team.stop()
 
 
 async def test_access_jwt_checked_by_the_wired_verifier(tmp_path: object) -> None:
