@@ -95,8 +95,25 @@ class _Tee:
                 i += 1
                 continue
             if self.done:
+                sent = self.ends[-1] if self.ends else 0
+                if self.path is not None and self.size is not None and sent < self.size:
+                    # The store already held the blob (another fetch finished first) and took
+                    # no more bytes from the source: the rest comes from the verified file.
+                    async for chunk in _file_tail(self.path, sent):
+                        yield chunk
                 return
             await self._changed.wait()
+
+
+async def _file_tail(path: Path, offset: int, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+    """The bytes of ``path`` from ``offset`` on, read in a thread."""
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        await asyncio.to_thread(f.seek, offset)
+        while data := await asyncio.to_thread(f.read, chunk):
+            yield data
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 class Resolver:
@@ -188,7 +205,7 @@ class Resolver:
 
     async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
         try:
-            path = await self._ensure(cid, tee)
+            path = await self._ensure(cid, tee, checked=True)
         except BaseException as exc:
             tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             if not isinstance(exc, Exception):
@@ -198,11 +215,14 @@ class Resolver:
         finally:
             self._tees.pop(cid, None)
 
-    async def _ensure(self, cid: Cid, tee: _Tee | None) -> Path:
-        try:
-            return await self.store.open_path(cid)
-        except NotFound:
-            pass
+    async def _ensure(self, cid: Cid, tee: _Tee | None, *, checked: bool = False) -> Path:
+        # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
+        # request (if the blob arrived in between, the store notices and keeps its copy).
+        if not checked:
+            try:
+                return await self.store.open_path(cid)
+            except NotFound:
+                pass
         fut = self._inflight.get(cid)
         if fut is not None:
             return await asyncio.shield(fut)
