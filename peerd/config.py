@@ -90,6 +90,7 @@ class HttpSettings(Section):
     max_field_size: int = Field(default=8190, ge=1024)
     max_headers: int = Field(default=64, ge=8)
     max_streams: int = Field(default=512, ge=1)
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class LadderRung(Section):

@@ -201,7 +201,9 @@ class HlsRoutes:
         self.m = metrics
         cfg = rt.settings.http
         self.cors_origin = cfg.cors_origin
-        self.max_streams = cfg.max_streams
+        # With HTTP worker processes the kernel spreads connections evenly, so each process
+        # holds an equal share of the cap (documented in config/peerd.example.toml).
+        self.max_streams = max(1, cfg.max_streams // cfg.workers)
         self.timeout_s = cfg.request_timeout_s
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
@@ -216,6 +218,9 @@ class HlsRoutes:
         self._rendered: dict[tuple[str, str, str], bytes] = {}
         self._media: dict[str, _Media] = {}
         self._loading: dict[str, asyncio.Future[_Media]] = {}
+        # Set in HTTP worker processes: a blob not on local disk goes to the daemon (which owns
+        # the resolver) instead of being fetched here.
+        self.miss: Handler | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -365,6 +370,8 @@ class HlsRoutes:
         headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
+            if self.miss is not None:
+                return await self.miss(request)
             resolver = self.rt.extras.get("resolver")
             if resolver is None:
                 raise NotFound("blob not held")

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
-from peerd.errors import PeerdError
+from peerd.errors import ConfigError, PeerdError
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http")
@@ -22,6 +22,8 @@ RouteInstaller = Callable[[web.Application, Runtime], None]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
+WORKER_HEADER = "X-Peerd-Worker"
+INTERNAL_SOCKET = "http-internal.sock"
 
 
 @web.middleware
@@ -124,6 +126,23 @@ class HttpMetrics:
         return metrics_middleware
 
 
+HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
+
+
+def mark_process(app: web.Application, index: int) -> None:
+    """Name the answering process in ``X-Peerd-Worker`` (0 = daemon) when there are workers.
+
+    A response relayed from the daemon keeps the daemon's mark, so the header tells which
+    process did the work; tests use it to see that every process answered.
+    """
+    mark = str(index)
+
+    async def on_prepare(_request: web.Request, resp: web.StreamResponse) -> None:
+        resp.headers.setdefault(WORKER_HEADER, mark)
+
+    app.on_response_prepare.append(on_prepare)
+
+
 def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
     """The application with the base routes and every subsystem's routes."""
     http_metrics = HttpMetrics(rt)
@@ -132,6 +151,9 @@ def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
         client_max_size=16 * 1024 * 1024,
     )
     app[RUNTIME_KEY] = rt
+    app[HTTP_METRICS_KEY] = http_metrics
+    if rt.settings.http.workers > 1:
+        mark_process(app, 0)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -166,12 +188,19 @@ class HttpService:
         )
         await self.runner.setup()
         try:
-            site = web.TCPSite(self.runner, cfg.host, cfg.port, reuse_address=True)
+            # With worker processes the port is shared (SO_REUSEPORT): the kernel spreads new
+            # connections over every process bound to it.
+            workers = cfg.workers > 1
+            site = web.TCPSite(
+                self.runner, cfg.host, cfg.port, reuse_address=True, reuse_port=workers or None
+            )
             await site.start()
             server = cast("asyncio.Server | None", site._server)
             if server is None or not server.sockets:
                 raise RuntimeError("aiohttp site started without a listening socket")
             self.port = int(server.sockets[0].getsockname()[1])
+            if workers:
+                await self._start_internal()
             addr_file: Path = self.rt.settings.state_dir / "http.addr"
             await asyncio.to_thread(_write_text, addr_file, f"{cfg.host}:{self.port}\n")
             log.info("http listening", extra={"host": cfg.host, "port": self.port})
@@ -180,11 +209,27 @@ class HttpService:
         finally:
             await asyncio.shield(self.runner.cleanup())
 
+    async def _start_internal(self) -> None:
+        # Workers relay what they do not serve themselves over this socket. 0600 in the state
+        # directory: only the node's own user can reach the daemon this way.
+        assert self.runner is not None
+        path = internal_socket(self.rt.settings.state_dir)
+        if len(str(path)) > 100:
+            raise ConfigError(f"state dir path too long for a unix socket: {path}")
+        unix = web.UnixSite(self.runner, str(path))
+        await unix.start()
+        await asyncio.to_thread(path.chmod, 0o600)
+
     async def drain(self) -> None:
         """Stop accepting connections and let in-flight requests finish."""
         if self.runner is not None:
             for site in list(self.runner.sites):
                 await site.stop()
+
+
+def internal_socket(state_dir: Path) -> Path:
+    """The daemon's private HTTP socket that worker processes relay requests to."""
+    return state_dir / INTERNAL_SOCKET
 
 
 def _write_text(path: Path, text: str) -> None:
