@@ -15,7 +15,11 @@ and records ``other_cores``: CPU used by everything except the server and wrk du
 (cores; >0.2 means a noisy neighbour). Prints a table of medians and the ratios peerd/nginx.
 Raw JSON lines go to /tmp/peerd-bench-serve/results.jsonl.
 
-Env: REPS (3), D (5s), C (64), T (2), QUIET_THRESH (10 %), QUIET_MAX (20 s).
+peerd runs with ``http.workers = WORKERS`` (default 2, the recommended setting on this 2-core
+machine: the daemon plus one worker process on the port); the count is in every JSON row and in
+the table. ``WORKERS=1`` measures the single-process daemon.
+
+Env: REPS (3), D (5s), C (64), T (2), WORKERS (2), QUIET_THRESH (10 %), QUIET_MAX (20 s).
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+WORKERS = int(os.environ.get("WORKERS", "2"))
+
+
 def measure(
     server: str, workload: str, rep: int, sid: int, url: str, paths: Path | None
 ) -> dict[str, object]:
@@ -170,6 +177,7 @@ def measure(
         "server": server,
         "workload": workload,
         "rep": rep,
+        "peerd_workers": WORKERS,
         "server_cpu_s": round(c1 - c0, 2),
         "wrk_cpu_s": round(u + s, 2),
         "other_cores": round(other, 2),
@@ -222,6 +230,7 @@ def main() -> int:
         PEERD_NODE__SECRETS_DIR=str(state / "secrets"),
         PEERD_HTTP__PORT=str(pp),
         PEERD_LOG__LEVEL="warning",
+        PEERD_HTTP__WORKERS=str(WORKERS),
     )
     servers = {
         "peerd": lambda: start([sys.executable, "-m", "peerd", "run"], env),
@@ -234,12 +243,16 @@ def main() -> int:
             proc = servers[name]()
             try:
                 base, pl, paths = urls[name]
+                if name == "peerd":
+                    # Ready only once every worker process listens on the port too.
+                    wait_http(base + "/readyz")
                 wait_http(base + pl)
                 rows.append(measure(name, "playlist", rep, proc.pid, base + pl, None))
                 rows.append(measure(name, "segments", rep, proc.pid, base, paths))
             finally:
                 stop(proc)
     print()
+    print(f"peerd http.workers = {WORKERS}")
     print("| workload | server | req/s | MB/s | p50 ms | p99 ms | other_cores (max) |")
     print("|---|---|---|---|---|---|---|")
     med: dict[tuple[str, str], dict[str, float]] = {}
