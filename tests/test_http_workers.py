@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _metric_sync(node: Node, name: str) -> float:
+    with urllib.request.urlopen(node.proc.base_url + "/metrics", timeout=10) as r:  # noqa: S310
+        text = r.read().decode()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + " "))
+
+
 def _poll(cond: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -155,10 +162,12 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
     blob_path = blob_uri.split("?")[0]
     async with fresh.get(node.url(blob_path, tok)) as r:
         blob = await r.read()
+        first_by_worker = r.headers["X-Peerd-Worker"] == "1"
     blob_cid = blob_path.split("/")[1].split(".")[0]
     assert cid_of(blob) == blob_cid
 
     seen: dict[str, set[str]] = {"playlist": set(), "blob": set(), "api": set()}
+    by_worker = 0  # blob responses (200 and 206) the worker process sent
     for _ in range(ROUNDS):
         async with fresh.get(node.url("master.m3u8", tok)) as r:
             assert r.status == 200
@@ -178,9 +187,11 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
             assert "immutable" in r.headers["Cache-Control"]
             assert await r.read() == blob
             seen["blob"].add(r.headers["X-Peerd-Worker"])
+            by_worker += r.headers["X-Peerd-Worker"] == "1"
         async with fresh.get(node.url(blob_path, tok), headers={"Range": "bytes=0-9"}) as r:
             assert r.status == 206
             assert await r.read() == blob[:10]
+            by_worker += r.headers["X-Peerd-Worker"] == "1"
         async with fresh.get(node.url("b/" + "b" + "a" * 58 + ".m4s", tok)) as r:
             assert r.status == 404
         async with fresh.get(
@@ -213,6 +224,10 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
             break
         await asyncio.sleep(0.2)
     assert got == want
+    # ...and so do the worker's access records (which feed tiering).
+    want_hits = by_worker + first_by_worker
+    hits = await _metric(fresh, node, r"peerd_http_worker_blob_hits_total ")
+    assert hits == want_hits
     ok = await _metric(fresh, node, r'peerd_http_requests_total\{route="/hls/\{media\}/\{name\}')
     assert ok >= 1 + 3 * ROUNDS  # the playlist requests of both processes (200 and 403)
 
@@ -226,8 +241,9 @@ def test_sigterm_stops_workers_and_sigkill_leaves_no_orphan(tmp_path: Path, play
 
     # A worker that dies is restarted.
     os.kill(worker, signal.SIGKILL)
-    _poll(lambda: _worker_pids(main) - {worker} != set(), 30, "a restarted worker")
-    (worker,) = _worker_pids(main) - {worker}
+    _poll(lambda: _metric_sync(node, "peerd_http_worker_restarts_total") == 1, 30, "a restart")
+    _poll(lambda: _metric_sync(node, "peerd_http_workers_alive") == 1, 30, "the new worker")
+    (worker,) = _worker_pids(main)
 
     started = time.monotonic()
     assert node.proc.stop(signal.SIGTERM, timeout=10) == 0

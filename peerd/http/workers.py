@@ -60,6 +60,11 @@ class WorkerPool:
         self.restarts = Counter(
             "peerd_http_worker_restarts", "HTTP worker processes restarted", registry=reg
         )
+        self.hits = Counter(
+            "peerd_http_worker_blob_hits",
+            "Blob accesses reported by HTTP workers (folded into the daemon's access counts)",
+            registry=reg,
+        )
 
     def pids(self) -> list[int]:
         """Process ids of the running workers."""
@@ -164,6 +169,7 @@ class WorkerPool:
     def _merge(self, msg: dict[str, Any]) -> None:
         for cid, hits, nbytes, first, last in msg.get("access", ()):
             self.rt.access.add(str(cid), int(hits), int(nbytes), float(first), float(last))
+            self.hits.inc(int(hits))
         for name, labels, delta in msg.get("counters", ()):
             counter = self._counters.get(name)
             if counter is None or delta <= 0:
