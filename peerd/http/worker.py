@@ -38,6 +38,7 @@ from aiohttp import web
 
 from peerd.catalog import Catalog
 from peerd.config import Settings
+from peerd.errors import Unavailable
 from peerd.http import hls
 from peerd.http.server import HTTP_METRICS_KEY, RUNTIME_KEY, HttpMetrics, internal_socket
 from peerd.http.server import mark_process as _mark_process
@@ -123,23 +124,38 @@ class Relay:
         """The daemon's response to ``request``, streamed."""
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS]
         body = request.content if request.body_exists else None
-        async with self.session.request(
-            request.method,
-            "http://peerd" + request.rel_url.raw_path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-        ) as upstream:
+        try:
+            upstream = await self.session.request(
+                request.method,
+                "http://peerd" + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientConnectionError as exc:
+            # The daemon is restarting its HTTP service or stopping: the client may retry.
+            log.warning("daemon unreachable", extra={"path": request.path, "error": repr(exc)})
+            raise Unavailable("daemon unavailable") from None
+        try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
                 if k.lower() not in HOP_HEADERS:
                     resp.headers.add(k, v)
             await resp.prepare(request)
             if request.method != "HEAD":
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await resp.write(chunk)
+                except aiohttp.ClientError as exc:
+                    # Headers are gone already: end the connection short, as the daemon did.
+                    log.warning("relay cut", extra={"path": request.path, "error": repr(exc)})
+                    if request.transport is not None:
+                        request.transport.close()
+                    return resp
             await resp.write_eof()
             return resp
+        finally:
+            upstream.release()
 
 
 async def open_worker_runtime(settings: Settings) -> Runtime:

@@ -150,7 +150,11 @@ class WorkerPool:
             await proc.stdin.drain()
             # stdin stays open: the worker treats EOF as "the daemon is gone".
             while line := await proc.stdout.readline():
-                msg = json.loads(line)
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    log.warning("bad line from http worker", extra={"worker": index})
+                    continue
                 if "ready" in msg:
                     alive = True
                     self.alive.inc()
