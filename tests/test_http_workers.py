@@ -22,7 +22,7 @@ import pytest
 
 from peerd.config import load_settings
 from peerd.core import tokens
-from peerd.core.ids import cid_of
+from peerd.core.ids import Cid, cid_of, shard_of
 from peerd.runtime import open_runtime
 from peerd.testing.hlsmedia import import_hls, make_hls, read_hls
 from peerd.testing.process import PeerdProcess
@@ -208,6 +208,19 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
         async with fresh.get(node.proc.base_url + "/healthz") as r:
             assert r.status == 200
             assert await r.json() == {"status": "ok"}
+    # A blob whose file is gone needs the resolver, which only the daemon has: a worker relays
+    # the request, so the answer is the daemon's whichever process took the connection.
+    other = [ln.split("?")[0] for ln in media_pl.splitlines() if ln.startswith("b/")][-1]
+    assert other != blob_path
+    gone = Cid(other[2:].split(".")[0])
+    (node.proc.state_dir / "blobs" / shard_of(gone) / gone).unlink()
+    answers = set()
+    for _ in range(ROUNDS // 2):
+        async with fresh.get(node.url(other, tok)) as r:
+            answers.add((r.status, r.headers["X-Peerd-Worker"], await r.read()))
+    assert len(answers) == 1, answers
+    assert next(iter(answers))[1] == "0"
+
     # Both processes served the hot path (the kernel hashes connections over both sockets;
     # 24 fresh connections all landing on one of two is a 2**-23 chance).
     assert seen["playlist"] == {"0", "1"}, seen
