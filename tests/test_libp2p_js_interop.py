@@ -3,8 +3,9 @@ locked in tests/js/package-lock.json, installed by ``make js-deps``).
 
 - js dials peerd: TCP + Noise + yamux, the peer id Noise authenticated is peerd's, identify lists
   peerd's protocols, ping, a blob over ``/peerd/blob/1.0.0`` hashed to its CID, a miss answered
-  ``NOT_HELD``.
+  ``NOT_HELD``, and a Kad-DHT provider lookup (js client, peerd server) that names peerd.
 - js offering only plaintext is refused (peerd is Noise-only).
+- peerd announces its blob to the js DHT server (ADD_PROVIDER accepted).
 - peerd dials js: peerd bootstraps to the js node (a Kad-DHT server providing a blob it serves over
   ``/peerd/blob/1.0.0``), finds it as provider through the js DHT and fetches the blob from it,
   verified against its CID.
@@ -21,6 +22,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +106,8 @@ def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JsServer]:
         )
     assert proc.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    pump.start()
     try:
         first = json.loads(lines.get(timeout=60))
         addr = next(a for a in first["listening"] if "/tcp/" in a)
@@ -114,6 +117,10 @@ def js_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JsServer]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        pump.join(timeout=30)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +151,12 @@ def node(
     seed_blobs(p.state_dir, [HELD])
     p.start()
     try:
+        # peerd announces what it holds on a timer: wait (polling) until its ADD_PROVIDER to the
+        # js DHT server went through, so the provider lookups below never race the announcement.
+        deadline = time.monotonic() + 60
+        while metric(p.base_url, "peerd_p2p_provided_total") < 1:
+            assert time.monotonic() < deadline, p.logs()[-3000:]
+            time.sleep(0.1)
         yield p
     finally:
         assert p.stop() == 0
@@ -175,6 +188,9 @@ def test_js_dials_peerd(node: PeerdProcess) -> None:
     assert r["cid_ok"] is True
     assert r["miss_status"] == 1
     assert r["miss_length"] == 9  # header only
+    assert peer_id in [p["id"] for p in r["providers"]]
+    mine = next(p for p in r["providers"] if p["id"] == peer_id)
+    assert addr in mine["addrs"]
 
 
 def test_js_plaintext_is_refused(node: PeerdProcess) -> None:

@@ -2,7 +2,7 @@
 //
 // Modes (one JSON object per line on stdout; the last line is the result):
 //   dial <multiaddr> <cid>   dial peerd over TCP + Noise + yamux, identify, ping twice, fetch <cid>
-//                            over /peerd/blob/1.0.0 and hash it.
+//                            over /peerd/blob/1.0.0 and hash it, find <cid>'s providers (Kad-DHT client).
 //   plaintext <multiaddr>    the same dial offering only /plaintext/2.0.0: must fail (peerd is Noise-only).
 //   serve <blob file>        listen on loopback with Kad-DHT (server mode, /ipfs/kad/1.0.0), serve the
 //                            file over /peerd/blob/1.0.0, provide its CID; print {"listening": ...}, then
@@ -18,6 +18,7 @@ import { plaintext } from '@libp2p/plaintext'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
+import { CID } from 'multiformats/cid'
 
 // js-libp2p 2.x's transitive it-queue calls Promise.withResolvers (ES2024, Node >= 22); this is
 // the whole of what Node 20 lacks for it, so define it here rather than require a newer Node.
@@ -69,7 +70,7 @@ async function makeNode (opts) {
       identify: identify(),
       ping: ping(),
       ...(opts.dht
-        ? { dht: kadDHT({ clientMode: false, peerInfoMapper: passthroughMapper }) }
+        ? { dht: kadDHT({ clientMode: opts.dht === 'client', peerInfoMapper: passthroughMapper }) }
         : {})
     }
   })
@@ -84,7 +85,7 @@ async function readAll (source) {
 async function dial (addr, cid) {
   const ma = multiaddr(addr)
   const expected = ma.getPeerId()
-  const node = await makeNode({})
+  const node = await makeNode({ dht: 'client' })
   const out = { mode: 'dial', expected_peer: expected }
   try {
     const conn = await node.dial(ma, { signal: signal() })
@@ -116,6 +117,12 @@ async function dial (addr, cid) {
     const b2 = await readAll(s2.source)
     out.miss_status = b2[0]
     out.miss_length = b2.length
+    // Kad-DHT: GET_PROVIDERS for the blob, answered by peerd's DHT (it provides what it holds).
+    out.providers = []
+    for await (const p of node.contentRouting.findProviders(CID.parse(cid), { signal: signal() })) {
+      out.providers.push({ id: p.id.toString(), addrs: p.multiaddrs.map(String) })
+      if (p.id.toString() === expected) break
+    }
   } finally {
     await node.stop()
   }
@@ -141,7 +148,7 @@ async function dialPlaintext (addr) {
 async function serve (file) {
   const data = readFileSync(file)
   const cid = cidOf(data)
-  const node = await makeNode({ dht: true })
+  const node = await makeNode({ dht: 'server' })
   const seen = { inbound_peers: [], requests: [], encryption: [], multiplexer: [] }
   node.addEventListener('connection:open', (evt) => {
     const c = evt.detail
@@ -172,7 +179,7 @@ async function serve (file) {
   // what answers peerd's GET_PROVIDERS either way.
   const provided = (async () => {
     try {
-      await node.contentRouting.provide(cid, { signal: signal() })
+      await node.contentRouting.provide(CID.parse(cid), { signal: signal() })
       return true
     } catch (err) {
       return String(err?.name ?? err)
