@@ -128,6 +128,7 @@ def test_blob_cids_lists_each_pinned_blob_once() -> None:
         (lambda o: o["renditions"][1]["recipe"].update(crf=None), "crf or video_bitrate"),
         (lambda o: o["renditions"][1]["segments"].pop(), "segment by segment"),
         (lambda o: o["renditions"][1].update(id="v720"), "duplicate"),
+        (lambda o: o["renditions"][2].update(id="master"), "'master' is reserved"),
         (lambda o: o["renditions"][0].update(init="Qmfoo"), "invalid value"),
         (lambda o: o.update(renditions=[]), "at least one rendition"),
     ],

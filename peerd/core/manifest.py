@@ -40,6 +40,7 @@ RenditionKind = Literal["video", "audio"]
 _CONTAINERS: frozenset[str] = frozenset({"fmp4", "ts"})
 _KINDS: frozenset[str] = frozenset({"video", "audio"})
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+RESERVED_IDS: frozenset[str] = frozenset({"master"})
 # RFC 6381 codec strings: letters, digits, dots, commas (a list); never quotes or spaces, so they
 # can be written inside a quoted attribute of an HLS tag as they are.
 _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
@@ -399,6 +400,9 @@ def from_obj(obj: Any) -> Manifest:
 def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
     if not _ID_RE.match(r.id):
         raise ManifestError(f"{path}.id: invalid id {r.id!r}")
+    if r.id in RESERVED_IDS:
+        # A rendition's playlist is <id>.m3u8 next to master.m3u8: the names must not collide.
+        raise ManifestError(f"{path}.id: {r.id!r} is reserved")
     if not _CODECS_RE.match(r.codecs):
         raise ManifestError(f"{path}.codecs: invalid codecs {r.codecs!r}")
     if r.bandwidth < 1 or r.timescale < 1 or r.start < 0:
