@@ -26,23 +26,32 @@ async def test_fine():
 """
 
 FAIR_UNDER_LOAD = """
-import asyncio, time
+import asyncio, os, subprocess, sys, time
 
 async def test_short_steps_on_a_crowded_cpu():
-    walls = []
-    for _ in range(6):
-        started = time.perf_counter()
-        end = time.thread_time() + 0.03
-        while time.thread_time() < end:
-            pass
-        walls.append(time.perf_counter() - started)
-        await asyncio.sleep(0)
+    os.sched_setaffinity(0, {0})
+    spin = "import os; os.sched_setaffinity(0, {0})\\nwhile True: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.3)  # let them start spinning
+        walls = []
+        for _ in range(6):
+            started = time.perf_counter()
+            end = time.thread_time() + 0.03
+            while time.thread_time() < end:
+                pass
+            walls.append(time.perf_counter() - started)
+            await asyncio.sleep(0)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
     # The CPU really was crowded: asyncio's wall-time rule would have blamed these steps.
     assert max(walls) > 0.1, walls
 """
 
 
-def _run_pytest(tmp_path: Path, name: str, body: str, **kw: object) -> str:
+def _run_pytest(tmp_path: Path, name: str, body: str) -> str:
     shutil.copy(REPO_ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
     shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     (tmp_path / name).write_text(body)
@@ -53,7 +62,6 @@ def _run_pytest(tmp_path: Path, name: str, body: str, **kw: object) -> str:
         capture_output=True,
         text=True,
         timeout=120,
-        **kw,  # type: ignore[arg-type]
     )
     return res.stdout
 
@@ -70,23 +78,5 @@ def test_guards_catch_blocking_and_leaks(tmp_path: Path) -> None:
 
 def test_waiting_for_a_cpu_is_not_blocking(tmp_path: Path) -> None:
     """Steps of 30 ms CPU that take >100 ms of wall time on a crowded CPU do not fail a test."""
-    import os
-
-    busy = [
-        subprocess.Popen(  # noqa: S603
-            [sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"]
-        )
-        for _ in range(4)
-    ]
-    try:
-        out = _run_pytest(
-            tmp_path,
-            "test_fair.py",
-            FAIR_UNDER_LOAD,
-            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-        )
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
+    out = _run_pytest(tmp_path, "test_fair.py", FAIR_UNDER_LOAD)
     assert "1 passed" in out, out

@@ -169,18 +169,11 @@ class LanSource:
         peers = [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
         for peer in peers[: self.max_peers]:
             assert peer.url is not None
-            path = ROUTE.format(cid=cid)
-            headers = sign_headers(
-                "GET",
-                path,
-                time.time(),
-                self.identity.peer_id,
-                self.identity.public_bytes,
-                self.identity.sign,
-            )
             started = time.monotonic()
             try:
-                resp = await self._client().get(peer.url.rstrip("/") + path, headers=headers)
+                resp = await signed_get(
+                    self._client(), self.identity, peer.url, ROUTE.format(cid=cid)
+                )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.directory.report(peer.peer_id, False, type(exc).__name__)
                 continue
@@ -194,7 +187,7 @@ class LanSource:
             yield Offer(
                 self.name,
                 peer.peer_id,
-                _body(resp),
+                stream_body(resp),
                 size=resp.content_length,
                 meta={"url": peer.url},
             )
@@ -204,7 +197,18 @@ class LanSource:
         self.directory.report(offer.peer, ok, reason)
 
 
-async def _body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def signed_get(
+    session: aiohttp.ClientSession, identity: Identity, base_url: str, path: str
+) -> aiohttp.ClientResponse:
+    """``GET base_url + path`` signed with the node key (``peerd.core.signing``)."""
+    headers = sign_headers(
+        "GET", path, time.time(), identity.peer_id, identity.public_bytes, identity.sign
+    )
+    return await session.get(base_url.rstrip("/") + path, headers=headers)
+
+
+async def stream_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response body in chunks; transport errors become UpstreamError; releases ``resp``."""
     try:
         async for chunk in resp.content.iter_chunked(CHUNK):
             yield chunk

@@ -25,17 +25,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, decode
-from peerd.core.signing import sign_headers
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import IntegrityError, NotFound, PeerdError, UpstreamError
 from peerd.identity import Identity
+from peerd.p2p.lan import signed_get, stream_body
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.p2p.puller")
@@ -43,7 +42,6 @@ log = logging.getLogger("peerd.p2p.puller")
 MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
 BLOB_ROUTE = "/p2p/v1/blobs/{cid}"
 MAX_MANIFEST = 16 * 1024 * 1024
-CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,16 +96,8 @@ class PeerPuller:
         return peer.url.rstrip("/")
 
     async def _get(self, base: str, path: str) -> aiohttp.ClientResponse:
-        headers = sign_headers(
-            "GET",
-            path,
-            time.time(),
-            self.identity.peer_id,
-            self.identity.public_bytes,
-            self.identity.sign,
-        )
         try:
-            return await self._client().get(base + path, headers=headers)
+            return await signed_get(self._client(), self.identity, base, path)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamError(f"LAN peer at {base} unreachable: {exc!r}") from exc
 
@@ -157,7 +147,7 @@ class PeerPuller:
                     )
                 try:
                     await self.rt.store.put_stream(
-                        _body(resp),
+                        stream_body(resp),
                         expected=cid,
                         kind="init" if cid in inits else "segment",
                         max_size=resp.content_length,
@@ -191,11 +181,3 @@ class PeerPuller:
             extra={"media": media_id, "peer": peer_id, "fetched": fetched, "bytes": nbytes},
         )
         return PeerPullReport(media_id, peer_id, len(cids), fetched, nbytes, recorded)
-
-
-async def _body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            yield chunk
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError(f"LAN transfer broke: {exc!r}") from exc
