@@ -43,8 +43,8 @@ $(WEB_DIR)/node_modules/hls.js/dist/hls.min.js: $(STAMP_APT)
 	npm install --prefix $(WEB_DIR) --no-audit --no-fund --no-save hls.js@$(HLSJS_VERSION)
 	@test -f $@ && touch $@
 
-# js-libp2p 2.x (the reference libp2p, runs on Node 20) for the interop test, exactly as locked in
-# tests/js/package-lock.json.
+# js-libp2p 2.x (the reference libp2p) for the interop test, exactly as locked in
+# tests/js/package-lock.json, with its own Node 20 binary on x64 (Debian 12's nodejs is 18).
 JS_DIR := tests/js
 js-deps: $(JS_DIR)/node_modules/.installed
 

