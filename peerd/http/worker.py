@@ -1,7 +1,7 @@
 """An HTTP worker process: the HLS hot path in a second process on the daemon's port.
 
 Started only by the daemon (:class:`peerd.http.workers.WorkerPool`, ``http.workers > 1``) as
-``python -m peerd.http.worker --index N``. The protocol with the parent:
+``python -m peerd.http.worker --index N --parent PID``. The protocol with the parent:
 
 * stdin: one JSON line with the settings (no secrets in it: the worker reads the HLS signing key
   from the same credentials/secrets directory as the daemon), then nothing. EOF on stdin means
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -275,16 +276,33 @@ async def serve(settings: Settings, index: int) -> int:
     return 0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    # Besides watching stdin: the kernel sends SIGTERM when the daemon dies, even if this
+    # process's loop is busy and would notice the EOF late. Linux only; elsewhere stdin suffices.
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed", extra={"errno": ctypes.get_errno()})
+    if os.getppid() != parent:  # the daemon died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m peerd.http.worker``."""
     parser = argparse.ArgumentParser(prog="peerd.http.worker", description=__doc__)
     parser.add_argument("--index", type=int, required=True, help="worker number (1..N-1)")
+    parser.add_argument("--parent", type=int, required=True, help="the daemon's pid")
     args = parser.parse_args(argv)
     line = sys.stdin.buffer.readline()
     if not line:
         return 2
     settings = Settings.model_validate_json(line)
     setup_logging(settings.log.level, settings.log.format, stream=sys.stderr)
+    _die_with_parent(args.parent)
     started = time.monotonic()
     code = asyncio.run(serve(settings, args.index))
     log.info(

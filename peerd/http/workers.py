@@ -136,6 +136,8 @@ class WorkerPool:
             "peerd.http.worker",
             "--index",
             str(index),
+            "--parent",
+            str(os.getpid()),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=_child_env(),
