@@ -116,9 +116,14 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _metric_sync(node: Node, name: str) -> float:
-    with urllib.request.urlopen(node.proc.base_url + "/metrics", timeout=10) as r:  # noqa: S310
-        text = r.read().decode()
+def _metric_sync(node: Node, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(node.proc.base_url + "/metrics", timeout=10) as r:  # noqa: S310
+            text = r.read().decode()
+    except OSError:
+        # A connection the kernel queued on a dying worker's socket is reset with it
+        # (SO_REUSEPORT does not move it to another process); a client retries.
+        return None
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + " "))
 
 
@@ -254,6 +259,7 @@ def test_sigterm_stops_workers_and_sigkill_leaves_no_orphan(tmp_path: Path, play
 
     # A worker that dies is restarted.
     os.kill(worker, signal.SIGKILL)
+    _poll(lambda: not _alive(worker), 30, "the killed worker gone")
     _poll(lambda: _metric_sync(node, "peerd_http_worker_restarts_total") == 1, 30, "a restart")
     _poll(lambda: _metric_sync(node, "peerd_http_workers_alive") == 1, 30, "the new worker")
     (worker,) = _worker_pids(main)
