@@ -231,23 +231,24 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
     assert seen["playlist"] == {"0", "1"}, seen
     assert seen["blob"] == {"0", "1"}, seen
 
-    # Blob bytes served by the worker reach the daemon's counters in the next batch.
+    # What the worker counted reaches the daemon in its next batches: blob bytes, access
+    # records (which feed tiering) and request counts. Poll until all of them add up (the last
+    # requests the worker served may be a batch behind the ones the daemon served).
     want = (ROUNDS + 1) * len(blob) + ROUNDS * 10
-    pattern = r'peerd_http_blob_bytes_total\{source="local",status="20[06]"\}'
+    want_hits = by_worker + first_by_worker
+    want_playlists = 1 + 3 * ROUNDS  # 200 and 403 of both processes
+    patterns = (
+        r'peerd_http_blob_bytes_total\{source="local",status="20[06]"\}',
+        r"peerd_http_worker_blob_hits_total ",
+        r'peerd_http_requests_total\{route="/hls/\{media\}/\{name\}',
+    )
     deadline = time.monotonic() + 30
-    got = 0.0
-    while time.monotonic() < deadline:
-        got = await _metric(fresh, node, pattern)
-        if got >= want:
+    while True:
+        got = [await _metric(fresh, node, p) for p in patterns]
+        if got == [want, want_hits, want_playlists] or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
-    assert got == want
-    # ...and so do the worker's access records (which feed tiering).
-    want_hits = by_worker + first_by_worker
-    hits = await _metric(fresh, node, r"peerd_http_worker_blob_hits_total ")
-    assert hits == want_hits
-    ok = await _metric(fresh, node, r'peerd_http_requests_total\{route="/hls/\{media\}/\{name\}')
-    assert ok >= 1 + 3 * ROUNDS  # the playlist requests of both processes (200 and 403)
+    assert got == [want, want_hits, want_playlists]
 
 
 def test_sigterm_stops_workers_and_sigkill_leaves_no_orphan(tmp_path: Path, playlist: Path) -> None:
