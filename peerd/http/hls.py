@@ -102,6 +102,10 @@ class ViewerAuth:
             except AccessDenied as exc:
                 raise self._deny(request, f"access:{exc.message}") from None
             return None
+        return self.check_token(request, media_id, scope)
+
+    def check_token(self, request: web.Request, media_id: str, scope: str) -> str | None:
+        """Token mode's check, synchronous (the hot path of playlists skips a coroutine)."""
         token = request.query.get("token")
         if self.key is None:
             raise self._deny(request, "no-signing-key")
@@ -281,10 +285,17 @@ class HlsRoutes:
 
     async def playlist(self, request: web.Request) -> web.Response:
         """Master (``master.m3u8``) or media playlist (``<rendition>.m3u8``) from memory."""
-        media_id = request.match_info["media"]
-        token = await self.auth.check(request, media_id, "hls")
-        media = await self.media(media_id)
-        name = request.match_info["name"]
+        match = request.match_info
+        media_id = match["media"]
+        auth = self.auth
+        # Playlists are the request-rate hot path: no coroutine hop for token checks or cached
+        # media (each await of a coroutine costs a few microseconds here).
+        if auth.mode == "token":
+            token = auth.check_token(request, media_id, "hls")
+        else:
+            token = await auth.check(request, media_id, "hls")
+        media = self._media.get(media_id) or await self.media(media_id)
+        name = match["name"]
         parts = media.templates.get(name)
         if parts is None:
             raise NotFound("no such playlist")
@@ -367,12 +378,13 @@ class HlsRoutes:
             self.streams += 1  # a fetch in progress holds a stream slot too
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    path = await resolver.ensure_local(cid)
+                    # The source that delivered the bytes labels them (the dashboard's "P2P
+                    # savings" reads bytes served by source).
+                    path, source = await resolver.ensure_local_from(cid)
             except TimeoutError:
                 raise Unavailable("blob fetch timed out") from None
             finally:
                 self.streams -= 1
-            source = "fetched"
         headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
         return _BlobResponse(self, cid, source, path, headers=headers)
 
