@@ -471,7 +471,7 @@ class BlobBatch:
         # always waited for.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            await _settle_in_thread(_write_all, fd, data)
+            await _settle_in_thread(_write_and_start_writeback, fd, data)
         except BaseException as exc:
             _close_unlink(fd, tmp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -545,6 +545,31 @@ class BlobBatch:
                 tmp.unlink(missing_ok=True)
 
         await asyncio.to_thread(remove)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+_SFR: Any = None
+_SFR_LOADED = False
+
+
+def _write_and_start_writeback(fd: int, data: bytes) -> None:
+    """Write ``data`` and ask the kernel to start writing it to disk now, without waiting.
+
+    Why: the batch's one syncfs at the end then finds most pages already on their way, so the
+    disk works while the packager goes on instead of all at once at the end. Only a hint: it
+    makes nothing durable (syncfs/fsync does) and is skipped where it is not available.
+    """
+    global _SFR, _SFR_LOADED
+    _write_all(fd, data)
+    if not _SFR_LOADED:
+        try:
+            _SFR = ctypes.CDLL(None, use_errno=True).sync_file_range
+            _SFR.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        except (AttributeError, OSError):
+            _SFR = None
+        _SFR_LOADED = True
+    if _SFR is not None:
+        _SFR(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors are harmless: syncfs/fsync follows
 
 
 _SYNCFS: Callable[[int], int] | None = None
