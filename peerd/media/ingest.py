@@ -275,7 +275,9 @@ class Ingestor:
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
                 try:
-                    out = pkg.package(path, self.options, sink, progress=on_progress, cancel=cancel)
+                    out = pkg.package(
+                        path, self.options, sink, progress=on_progress, cancel=cancel, info=info
+                    )
                 except BaseException:
                     settle()  # every put has finished before the caller cleans up
                     raise

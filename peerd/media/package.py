@@ -522,13 +522,15 @@ def package(
     *,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    info: SourceInfo | None = None,
 ) -> tuple[Manifest, SourceInfo, list[tuple[Cid, str]]]:
     """Package `path` into blobs (through `sink`) and return (manifest, source info, blobs put).
 
+    `info` is the caller's `probe(path)` if it already has one (saves opening the file twice).
     Raises MediaError naming the file and the reason for bad input, `Cancelled` when `cancel` is
     set, and whatever `sink` raises (e.g. StoreFull).
     """
-    src = probe(path)
+    src = info if info is not None else probe(path)
     job = _Job(src, opts, sink, progress, cancel)
     started = time.monotonic()
     try:
