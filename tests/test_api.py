@@ -565,3 +565,56 @@ async def test_prefetch_from_a_named_peer(api: Api) -> None:
     assert asked == [(other, media_id)]
     info = (await c.call("GET", "/api/v1/node")).body
     assert "prefetch:peer" in info["capabilities"]
+
+
+async def test_ingest_command_inside_the_library_only(api: Api, tmp_path: object) -> None:
+    """`POST /commands/ingest`: library folders only, a job that packages and catalogs."""
+    from pathlib import Path
+
+    from peerd.testing.media import make_media
+
+    assert isinstance(tmp_path, Path)
+    rt, c = api.rt, api.client
+    lib = tmp_path / "library"
+    (lib / "shows").mkdir(parents=True)
+    clip = lib / "shows" / "clip.mp4"
+    await asyncio.to_thread(make_media, clip, seconds=2.0, size=(96, 64))
+    outside = tmp_path / "elsewhere.mp4"
+    await asyncio.to_thread(outside.write_bytes, b"x")
+
+    none = await c.command("ingest", {"path": str(clip)})
+    assert none.status == 409  # no library folder configured yet
+    rt.settings.media.library_dirs = [lib]
+    assert "ingest" in (await c.call("GET", "/api/v1/node")).body["capabilities"]
+    for path, status in (
+        (str(outside), 403),
+        (str(lib / "shows" / ".." / ".." / "elsewhere.mp4"), 403),
+        (str(lib / "missing.mp4"), 404),
+        ("relative/clip.mp4", 400),
+    ):
+        ans = await c.command("ingest", {"path": path})
+        assert ans.status == status, (path, ans.body)
+
+    job = await c.command("ingest", {"path": str(clip)})
+    assert job.status == 202
+    assert job.body["kind"] == "ingest"
+    done = await c.wait_job(job.body["job_id"], within_s=60)
+    assert done["state"] == "done", done
+    (only,) = done["result"]["files"]
+    assert only["ok"]
+    assert only["new_blobs"] > 0
+    async with rt.catalog.conn.execute(
+        "SELECT source_path FROM media WHERE media_id=?", (only["media_id"],)
+    ) as cur:
+        assert (await cur.fetchone()) == (str(clip),)
+
+    # A folder: every media file in it, the bad one reported without stopping the rest.
+    await asyncio.to_thread((lib / "shows" / "broken.mp4").write_bytes, b"not media")
+    folder = await c.command("ingest", {"path": str(lib)})
+    done = await c.wait_job(folder.body["job_id"], within_s=60)
+    assert done["state"] == "done", done
+    files = {Path(f["path"]).name: f for f in done["result"]["files"]}
+    assert files["broken.mp4"]["ok"] is False
+    assert files["broken.mp4"]["error"]
+    assert files["clip.mp4"]["ok"] is True
+    assert done["result"]["failed"] == 1

@@ -507,3 +507,49 @@ async def test_transcode_source_regenerates_evicted_derived_blobs(
     assert top_cid is not None
     assert [o async for o in source.offers(Cid(top_cid))] == []
     await cat.close()
+
+
+@pytest.mark.parametrize("container", ["fmp4", "ts"])
+def test_bframe_free_rung_for_webrtc_passthrough(
+    media_dir: Path, tmp_path: Path, container: str
+) -> None:
+    """A ``bframes = 0`` rung (also at the top's height) has no reordered frames, where the top
+    rendition does; it is deterministic, ffprobe reads it, and WHEP picks it."""
+    from peerd.webrtc.media import pick_rendition, probe_reorders
+
+    opts = PackagingOptions(
+        container=container,  # type: ignore[arg-type]
+        segment_seconds=2.0,
+        transcode="always",
+        ladder=(Rung(120, bframes=0), Rung(72, bframes=0), Rung(72)),
+    )
+    src = media_dir / "h264_aac.mp4"
+    sink = MemorySink()
+    m, _, _ = package(src, opts, sink)
+    ids = [r.id for r in m.renditions]
+    assert ids == ["v120", "v120-nobf", "v72-nobf", "v72"]
+    by_id = {r.id: r for r in m.renditions}
+
+    def reorders(r: mf.Rendition) -> bool:
+        seg = tmp_path / f"{r.id}.seg"
+        assert r.segments[0].cid is not None
+        seg.write_bytes(sink.blobs[r.segments[0].cid])
+        return probe_reorders(m.container, sink.blobs[r.init] if r.init else None, seg)
+
+    assert reorders(by_id["v120"])  # x264's preset uses B-frames: the test can tell
+    assert reorders(by_id["v72"])
+    assert not reorders(by_id["v120-nobf"])
+    assert not reorders(by_id["v72-nobf"])
+    for rid in ("v120-nobf", "v72-nobf"):
+        rec = by_id[rid].recipe
+        assert rec is not None
+        assert rec.bframes == 0
+    assert mf.decode(mf.encode(m)) == m
+    _check_with_ffprobe(m, sink.blobs, tmp_path / "hls", fps=30)
+    # The same input and options give the same bytes (the x264 "bf" option is deterministic).
+    again = MemorySink()
+    m2, _, _ = package(src, opts, again)
+    assert mf.media_id_of(m2) == mf.media_id_of(m)
+    # WebRTC takes the tallest B-frame-free rendition that fits.
+    assert pick_rendition(m, 1080).id == "v120-nobf"
+    assert pick_rendition(m, 100).id == "v72-nobf"

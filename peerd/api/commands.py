@@ -1,4 +1,4 @@
-"""The coordinator's commands: prefetch, pin, unpin, evict, promote.
+"""The coordinator's commands: prefetch, pin, unpin, evict, promote, ingest.
 
 Each command is checked when it arrives (unknown media -> 404, a subsystem this node does not run
 -> 409 ``not_configured``, node draining -> 503) and then runs as a job (:mod:`peerd.api.jobs`).
@@ -24,10 +24,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peerd.api.jobs import ProgressFn
-from peerd.api.models import EvictRequest, JobStatus, MediaCommand, PrefetchRequest
+from peerd.api.models import (
+    EvictRequest,
+    IngestRequest,
+    JobStatus,
+    MediaCommand,
+    PrefetchRequest,
+)
 from peerd.core.ids import Cid
 from peerd.core.jobs import Job
-from peerd.errors import NotConfigured, NotFound, PeerdError, Unavailable, UpstreamError
+from peerd.errors import (
+    Forbidden,
+    NotConfigured,
+    NotFound,
+    PeerdError,
+    Unavailable,
+    UpstreamError,
+)
 from peerd.runtime import Runtime
 
 PROMOTE_POLL_S = (0.2, 2.0)
@@ -65,6 +78,22 @@ class PeerPuller(Protocol):
         self, peer_id: str, media_id: str, progress: Callable[[int], None] | None = None
     ) -> object:
         """Fetch manifest and blobs of ``media_id`` from ``peer_id`` into the store."""
+
+
+def _ingest_json(res: Any) -> dict[str, Any]:
+    """One file's ingest outcome, as the job result lists it."""
+    return {
+        "path": str(res.path),
+        "ok": res.ok,
+        "media_id": res.media_id,
+        "error": res.error,
+        "skipped": res.skipped,
+        "new_blobs": res.new_blobs,
+        "reused_blobs": res.reused_blobs,
+        "bytes_added": res.bytes_added,
+        "duration_s": round(res.duration_s, 3),
+        "renditions": list(res.renditions),
+    }
 
 
 def job_status(job: Job) -> JobStatus:
@@ -301,6 +330,47 @@ class Commands:
                 out["bytes_freed"] += row.size
             progress((i + 1) / len(cids))
         return out
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    def _library(self) -> list[Path]:
+        media = self.rt.settings.media
+        return [*media.library_dirs, *media.watch_dirs]
+
+    async def ingest(self, req: IngestRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Package a file or folder inside the library folders (see :class:`IngestRequest`)."""
+        self._check_open()
+        roots = self._library()
+        if not roots:
+            raise NotConfigured(
+                "no library folder: set [media] library_dirs (or watch_dirs) to ingest by API"
+            )
+        path, resolved_roots = await asyncio.to_thread(
+            lambda: (Path(req.path).resolve(), [r.resolve() for r in roots])
+        )
+        # Resolved, so "..", symlinks and the like cannot lead out of the library.
+        if not any(path == r or path.is_relative_to(r) for r in resolved_roots):
+            raise Forbidden("path is outside the node's library folders")
+        is_dir = await asyncio.to_thread(path.is_dir)
+        if not is_dir and not await asyncio.to_thread(path.is_file):
+            raise NotFound(f"no file or folder {path}")
+        from peerd.media.ingest import get_ingestor  # noqa: PLC0415 (PyAV only when used)
+
+        ingestor = get_ingestor(self.rt)
+
+        async def one_file(progress: ProgressFn) -> dict[str, Any]:
+            def step(done: float, total: float) -> None:
+                progress(min(done / total, 1.0) if total > 0 else 0.0)
+
+            res = await ingestor.ingest(path, force=req.force, progress=step)
+            return {"files": [_ingest_json(res)]}
+
+        async def folder(progress: ProgressFn) -> dict[str, Any]:
+            results = await ingestor.ingest_many([path], force=req.force)
+            failed = sum(1 for r in results if not r.ok)
+            return {"files": [_ingest_json(r) for r in results], "failed": failed}
+
+        return str(path), folder if is_dir else one_file
 
     # -- promote ---------------------------------------------------------------------------------
 

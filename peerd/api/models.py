@@ -277,6 +277,17 @@ class MediaCommand(Request):
     media_id: CidStr
 
 
+class IngestRequest(Request):
+    """Package a file or folder of the node's library (`POST /api/v1/commands/ingest`).
+
+    `path` is absolute and must lie inside one of the node's library folders (`[media]
+    library_dirs` or `watch_dirs`); a folder is ingested file by file, errors not stopping the
+    rest. `force` re-packages files whose content was ingested before."""
+
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+    force: bool = False
+
+
 class EvictRequest(Request):
     """Drop local copies (`POST /api/v1/commands/evict`). Only blobs whose R2 copy is confirmed
     (`r2_state` = present) and that are not pinned leave the disk; others are kept and counted.
@@ -314,8 +325,11 @@ class JobStatus(Response):
     """A command job (`GET /api/v1/jobs/{job_id}`, and the 202 answer of every command)."""
 
     job_id: JobIdStr
-    kind: Literal["prefetch", "pin", "unpin", "evict", "promote"]
-    target: str = Field(description="Media id, or `cids:<sha256 of the sorted cid list>`.")
+    kind: Literal["prefetch", "pin", "unpin", "evict", "promote", "ingest"]
+    target: str = Field(
+        description="Media id, `cids:<sha256 of the sorted cid list>` (evict), or the absolute "
+        "path (ingest)."
+    )
     state: Literal["queued", "running", "done", "failed"]
     progress: float = Field(ge=0, le=1)
     created_at: float

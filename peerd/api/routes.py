@@ -31,6 +31,7 @@ from peerd.api.models import (
     ChallengeRequest,
     ChallengeResponse,
     EvictRequest,
+    IngestRequest,
     InventoryQuery,
     MediaCommand,
     PrefetchRequest,
@@ -231,6 +232,7 @@ HANDLERS: dict[str, Handler] = {
     "postUnpin": _command("unpin", MediaCommand, Commands.unpin),
     "postEvict": _command("evict", EvictRequest, Commands.evict),
     "postPromote": _command("promote", MediaCommand, Commands.promote),
+    "postIngest": _command("ingest", IngestRequest, Commands.ingest),
     "getJob": get_job,
 }
 

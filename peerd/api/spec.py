@@ -142,6 +142,20 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         tags=("commands",),
     ),
     Endpoint(
+        "POST",
+        "/commands/ingest",
+        "postIngest",
+        "Ingest from the library",
+        "Packages a file (or every media file of a folder) inside the node's library folders "
+        "into content-addressed HLS and adds it to the catalog. Path outside the library: 403; "
+        "no library folder configured: 409. Returns a job whose result names the media ids.",
+        m.JobStatus,
+        status=202,
+        body=m.IngestRequest,
+        errors=_COMMAND_ERRORS,
+        tags=("commands",),
+    ),
+    Endpoint(
         "GET",
         "/jobs/{job_id}",
         "getJob",

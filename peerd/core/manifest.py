@@ -40,6 +40,7 @@ RenditionKind = Literal["video", "audio"]
 _CONTAINERS: frozenset[str] = frozenset({"fmp4", "ts"})
 _KINDS: frozenset[str] = frozenset({"video", "audio"})
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+RESERVED_IDS: frozenset[str] = frozenset({"master"})
 # RFC 6381 codec strings: letters, digits, dots, commas (a list); never quotes or spaces, so they
 # can be written inside a quoted attribute of an HLS tag as they are.
 _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
@@ -70,6 +71,8 @@ class Recipe:
     `width`/`height`/`crf`/`video_bitrate` are None for an audio-only rendition (audio is copied).
     Video is encoded at constant quality `crf` (deterministic, unlike x264's bit-rate modes with
     threads) or, when `crf` is None, at the average bit rate `video_bitrate`.
+    `bframes` caps x264's B-frames (None: the preset's); 0 makes a stream whose decode order is
+    its presentation order, which WebRTC players need for packet passthrough.
     """
 
     source: str
@@ -81,6 +84,7 @@ class Recipe:
     preset: str = "veryfast"
     threads: int = 4
     audio: bool = True
+    bframes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ def cid_of_bytes(data: bytes) -> Cid:
 
 
 def _recipe_obj(r: Recipe) -> dict[str, Any]:
-    return {
+    obj: dict[str, Any] = {
         "source": r.source,
         "width": r.width,
         "height": r.height,
@@ -171,6 +175,11 @@ def _recipe_obj(r: Recipe) -> dict[str, Any]:
         "threads": r.threads,
         "audio": r.audio,
     }
+    # Written only when set, so manifests made before the field existed keep their bytes (and
+    # so their media ids).
+    if r.bframes is not None:
+        obj["bframes"] = r.bframes
+    return obj
 
 
 def _rendition_obj(r: Rendition) -> dict[str, Any]:
@@ -264,7 +273,18 @@ def _obj(v: Any, path: str, keys: frozenset[str]) -> Mapping[str, Any]:
 
 
 _RECIPE_KEYS = frozenset(
-    {"source", "width", "height", "video_bitrate", "crf", "encoder", "preset", "threads", "audio"}
+    {
+        "source",
+        "width",
+        "height",
+        "video_bitrate",
+        "crf",
+        "encoder",
+        "preset",
+        "threads",
+        "audio",
+        "bframes",
+    }
 )
 _RENDITION_KEYS = frozenset(
     {
@@ -301,6 +321,7 @@ def _recipe_from(v: Any, path: str) -> Recipe:
         preset=_str(_get(o, "preset", path), f"{path}.preset", _TOKEN_RE),
         threads=_req_int(_get(o, "threads", path), f"{path}.threads", minimum=1),
         audio=_bool(_get(o, "audio", path), f"{path}.audio"),
+        bframes=_int(o.get("bframes"), f"{path}.bframes", minimum=0, optional=True),
     )
 
 
@@ -399,6 +420,9 @@ def from_obj(obj: Any) -> Manifest:
 def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
     if not _ID_RE.match(r.id):
         raise ManifestError(f"{path}.id: invalid id {r.id!r}")
+    if r.id in RESERVED_IDS:
+        # A rendition's playlist is <id>.m3u8 next to master.m3u8: the names must not collide.
+        raise ManifestError(f"{path}.id: {r.id!r} is reserved")
     if not _CODECS_RE.match(r.codecs):
         raise ManifestError(f"{path}.codecs: invalid codecs {r.codecs!r}")
     if r.bandwidth < 1 or r.timescale < 1 or r.start < 0:

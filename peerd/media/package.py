@@ -317,8 +317,8 @@ def _scaled_size(width: int, height: int, target_h: int) -> tuple[int, int]:
     return _even(width * target_h / height), _even(target_h)
 
 
-def _x264_options(preset: str, crf: int) -> dict[str, str]:
-    return {
+def _x264_options(preset: str, crf: int, bframes: int | None = None) -> dict[str, str]:
+    opts = {
         "preset": preset,
         "crf": str(crf),
         "forced-idr": "1",
@@ -330,6 +330,9 @@ def _x264_options(preset: str, crf: int) -> dict[str, str]:
         # repeated ingest here was byte-identical. Costs a few percent of bit rate.
         "x264-params": "mbtree=0",
     }
+    if bframes is not None:
+        opts["bf"] = str(bframes)
+    return opts
 
 
 def _new_holder(container: str) -> av.container.OutputContainer:
@@ -347,8 +350,9 @@ def _add_x264(
     crf: int,
     preset: str,
     threads: int,
+    bframes: int | None = None,
 ) -> Any:
-    opts = _x264_options(preset, crf)
+    opts = _x264_options(preset, crf, bframes)
     coded_w, coded_h = _coded_size(width, height)
     if (coded_w, coded_h) != (width, height):
         # Frames arrive padded to whole macroblocks (see _Scaler); the SPS crops the padding off.
@@ -366,11 +370,18 @@ def _add_x264(
     return vs
 
 
-def x264_codec_string(width: int, height: int, rate: Fraction | None, crf: int, preset: str) -> str:
+def x264_codec_string(
+    width: int,
+    height: int,
+    rate: Fraction | None,
+    crf: int,
+    preset: str,
+    bframes: int | None = None,
+) -> str:
     """The CODECS string libx264 produces for these settings (reads its SPS, encodes nothing)."""
     holder = av.open(io.BytesIO(), "w", format="mp4")
     try:
-        vs = _add_x264(holder, width, height, rate, Fraction(1, TIMESCALE), crf, preset, 1)
+        vs = _add_x264(holder, width, height, rate, Fraction(1, TIMESCALE), crf, preset, 1, bframes)
         vs.codec_context.open()
         return codecs.avc_codec(vs.codec_context.extradata)
     finally:
@@ -574,10 +585,11 @@ def _package(job: _Job) -> Manifest:
             preset=opts.preset,
             threads=opts.encoder_threads,
             audio=src.audio is not None,
+            bframes=r.bframes,
         )
         o = _Out(rid=r.rendition_id, kind="video", width=w, height=h, recipe=rec)
         assert rec.crf is not None
-        o.codecs = x264_codec_string(w, h, rate, rec.crf, opts.preset)
+        o.codecs = x264_codec_string(w, h, rate, rec.crf, opts.preset, rec.bframes)
         if src.audio is not None:
             o.codecs += "," + _audio_codecs(src, opts)
         derived.append((o, rec))
@@ -627,13 +639,15 @@ def _audio_codecs(src: SourceInfo, opts: PackagingOptions) -> str:
 
 
 def _rungs_below(opts: PackagingOptions, top_h: int) -> list[Rung]:
-    """Ladder rungs strictly smaller than the top rendition (never upscaled)."""
+    """Ladder rungs strictly smaller than the top rendition (never upscaled); a B-frame-free
+    rung (for WebRTC passthrough) may also have the top's height."""
     out: list[Rung] = []
-    seen: set[int] = set()
+    seen: set[str] = set()
     for r in sorted(opts.ladder, key=lambda r: -r.height):
-        if r.height >= top_h or r.height in seen:
+        too_tall = r.height > top_h or (r.height == top_h and r.bframes != 0)
+        if too_tall or r.rendition_id in seen:
             continue
-        seen.add(r.height)
+        seen.add(r.rendition_id)
         out.append(r)
     return out
 
@@ -977,6 +991,7 @@ def derive_segment(
                 recipe.crf,
                 recipe.preset,
                 recipe.threads,
+                recipe.bframes,
             )
             holder.start_encoding()
             sei_filter = _SeiFilter(enc)
