@@ -115,6 +115,7 @@ class MediaSettings(Section):
     encoder_threads: int = Field(default=4, ge=1, le=32)
     ladder: list[LadderRung] = Field(default_factory=list)
     audio_only: bool = False
+    webrtc_rendition: bool = False
     watch_dirs: list[Path] = Field(default_factory=list)
     watch_settle_s: float = Field(default=5.0, ge=0.0)
     watch_interval_s: float = Field(default=2.0, gt=0.0)
@@ -132,6 +133,7 @@ class MediaSettings(Section):
             encoder_threads=self.encoder_threads,
             ladder=tuple(Rung(r.height, r.on_demand, r.crf) for r in self.ladder),
             audio_only=self.audio_only,
+            webrtc_rendition=self.webrtc_rendition,
         )
 
 

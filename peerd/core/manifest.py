@@ -45,6 +45,8 @@ _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._+:-]{1,64}$")
+# Rendition ids name playlist URLs (`<id>.m3u8`); `master` would collide with `master.m3u8`.
+RESERVED_RENDITION_IDS: frozenset[str] = frozenset({"master"})
 
 
 class ManifestError(MediaError, ValueError):
@@ -81,6 +83,9 @@ class Recipe:
     preset: str = "veryfast"
     threads: int = 4
     audio: bool = True
+    # None: the encoder's default B-frame count. 0 marks a rendition WebRTC receivers can decode
+    # as stored (Chromium's H.264 decoder shows only keyframes of a stream with B-frames).
+    bframes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ class Rendition:
     init: str | None = None
     on_demand: bool = False
     recipe: Recipe | None = None
+
+    @property
+    def bframe_free(self) -> bool:
+        """True if the rendition was encoded without B-frames (fit for WebRTC passthrough)."""
+        return self.kind == "video" and self.recipe is not None and self.recipe.bframes == 0
 
     def segment_seconds(self, seq: int) -> float:
         """Duration of segment `seq` in seconds."""
@@ -160,7 +170,7 @@ def cid_of_bytes(data: bytes) -> Cid:
 
 
 def _recipe_obj(r: Recipe) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "source": r.source,
         "width": r.width,
         "height": r.height,
@@ -171,6 +181,10 @@ def _recipe_obj(r: Recipe) -> dict[str, Any]:
         "threads": r.threads,
         "audio": r.audio,
     }
+    # Written only when set, so manifests made before the field existed keep their media ids.
+    if r.bframes is not None:
+        out["bframes"] = r.bframes
+    return out
 
 
 def _rendition_obj(r: Rendition) -> dict[str, Any]:
@@ -264,7 +278,18 @@ def _obj(v: Any, path: str, keys: frozenset[str]) -> Mapping[str, Any]:
 
 
 _RECIPE_KEYS = frozenset(
-    {"source", "width", "height", "video_bitrate", "crf", "encoder", "preset", "threads", "audio"}
+    {
+        "source",
+        "width",
+        "height",
+        "video_bitrate",
+        "crf",
+        "encoder",
+        "preset",
+        "threads",
+        "audio",
+        "bframes",
+    }
 )
 _RENDITION_KEYS = frozenset(
     {
@@ -301,6 +326,7 @@ def _recipe_from(v: Any, path: str) -> Recipe:
         preset=_str(_get(o, "preset", path), f"{path}.preset", _TOKEN_RE),
         threads=_req_int(_get(o, "threads", path), f"{path}.threads", minimum=1),
         audio=_bool(_get(o, "audio", path), f"{path}.audio"),
+        bframes=_int(o.get("bframes"), f"{path}.bframes", minimum=0, optional=True),
     )
 
 
@@ -399,6 +425,10 @@ def from_obj(obj: Any) -> Manifest:
 def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
     if not _ID_RE.match(r.id):
         raise ManifestError(f"{path}.id: invalid id {r.id!r}")
+    if r.id in RESERVED_RENDITION_IDS:
+        raise ManifestError(
+            f"{path}.id: rendition id {r.id!r} is reserved (its playlist would be master.m3u8)"
+        )
     if not _CODECS_RE.match(r.codecs):
         raise ManifestError(f"{path}.codecs: invalid codecs {r.codecs!r}")
     if r.bandwidth < 1 or r.timescale < 1 or r.start < 0:
@@ -451,6 +481,8 @@ def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
         is_video = rec.width is not None
         if is_video != (r.kind == "video") or (rec.width, rec.height) != (r.width, r.height):
             raise ManifestError(f"{path}.recipe: size must match the rendition's")
+        if rec.bframes is not None and not is_video:
+            raise ManifestError(f"{path}.recipe.bframes: only a video recipe has B-frames")
         if is_video and (rec.height is None or (rec.video_bitrate is None and rec.crf is None)):
             raise ManifestError(
                 f"{path}.recipe: a video recipe needs height and crf or video_bitrate"

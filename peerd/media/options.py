@@ -43,3 +43,8 @@ class PackagingOptions:
     encoder_threads: int = 4
     ladder: tuple[Rung, ...] = field(default_factory=tuple)
     audio_only: bool = False
+    webrtc_rendition: bool = False
+
+
+WEBRTC_RENDITION_ID = "webrtc"
+"""Id of the B-frame-free H.264 rendition made when `PackagingOptions.webrtc_rendition` is set."""

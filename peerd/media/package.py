@@ -45,7 +45,7 @@ from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
 from peerd.errors import MediaError, PeerdError
 from peerd.media import codecs, fmp4
-from peerd.media.options import PackagingOptions, Rung
+from peerd.media.options import WEBRTC_RENDITION_ID, PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 
 log = logging.getLogger("peerd.media")
@@ -303,8 +303,8 @@ def _scaled_size(width: int, height: int, target_h: int) -> tuple[int, int]:
     return _even(width * target_h / height), _even(target_h)
 
 
-def _x264_options(preset: str, crf: int) -> dict[str, str]:
-    return {
+def _x264_options(preset: str, crf: int, bframes: int | None) -> dict[str, str]:
+    opts = {
         "preset": preset,
         "crf": str(crf),
         "forced-idr": "1",
@@ -316,6 +316,9 @@ def _x264_options(preset: str, crf: int) -> dict[str, str]:
         # repeated ingest here was byte-identical. Costs a few percent of bit rate.
         "x264-params": "mbtree=0",
     }
+    if bframes is not None:
+        opts["bf"] = str(bframes)
+    return opts
 
 
 def _new_holder(container: str) -> av.container.OutputContainer:
@@ -333,8 +336,9 @@ def _add_x264(
     crf: int,
     preset: str,
     threads: int,
+    bframes: int | None = None,
 ) -> Any:
-    opts = _x264_options(preset, crf)
+    opts = _x264_options(preset, crf, bframes)
     coded_w, coded_h = _coded_size(width, height)
     if (coded_w, coded_h) != (width, height):
         # Frames arrive padded to whole macroblocks (see _Scaler); the SPS crops the padding off.
@@ -352,11 +356,18 @@ def _add_x264(
     return vs
 
 
-def x264_codec_string(width: int, height: int, rate: Fraction | None, crf: int, preset: str) -> str:
+def x264_codec_string(
+    width: int,
+    height: int,
+    rate: Fraction | None,
+    crf: int,
+    preset: str,
+    bframes: int | None = None,
+) -> str:
     """The CODECS string libx264 produces for these settings (reads its SPS, encodes nothing)."""
     holder = av.open(io.BytesIO(), "w", format="mp4")
     try:
-        vs = _add_x264(holder, width, height, rate, Fraction(1, TIMESCALE), crf, preset, 1)
+        vs = _add_x264(holder, width, height, rate, Fraction(1, TIMESCALE), crf, preset, 1, bframes)
         vs.codec_context.open()
         return codecs.avc_codec(vs.codec_context.extradata)
     finally:
@@ -544,12 +555,33 @@ def _package(job: _Job) -> Manifest:
         if src.audio is not None:
             o.codecs += "," + _audio_codecs(src, opts)
         derived.append((o, rec))
+    if opts.webrtc_rendition:
+        # Same size and quality as the top rendition, without B-frames: WebRTC viewers get its
+        # packets as stored instead of a live transcode (see peerd.webrtc.media.pick_rendition).
+        rec = Recipe(
+            source=top.rid,
+            width=top_w,
+            height=top_h,
+            crf=opts.crf,
+            preset=opts.preset,
+            threads=opts.encoder_threads,
+            audio=src.audio is not None,
+            bframes=0,
+        )
+        o = _Out(rid=WEBRTC_RENDITION_ID, kind="video", width=top_w, height=top_h, recipe=rec)
+        o.codecs = x264_codec_string(top_w, top_h, rate, opts.crf, opts.preset, 0)
+        if src.audio is not None:
+            o.codecs += "," + _audio_codecs(src, opts)
+        derived.append((o, rec))
     audio_out: _Out | None = None
     if opts.audio_only and src.audio is not None:
         rec = Recipe(source=top.rid, audio=True)
         audio_out = _Out(rid="audio", kind="audio", recipe=rec, codecs=_audio_codecs(src, opts))
-    job.passes = 1 + len(eager)
-    producers = [(o, rec) for o, rec in derived if any(o.rid == r.rendition_id for r in eager)]
+    job.passes = 1 + len(eager) + int(opts.webrtc_rendition)
+    eager_ids = {r.rendition_id for r in eager} | (
+        {WEBRTC_RENDITION_ID} if opts.webrtc_rendition else set()
+    )
+    producers = [(o, rec) for o, rec in derived if o.rid in eager_ids]
     if audio_out is not None and audio_out.recipe is not None:
         producers.append((audio_out, audio_out.recipe))
 
@@ -940,6 +972,7 @@ def derive_segment(
                 recipe.crf,
                 recipe.preset,
                 recipe.threads,
+                recipe.bframes,
             )
             holder.start_encoding()
             sei_filter = _SeiFilter(enc)

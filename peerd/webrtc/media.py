@@ -68,11 +68,19 @@ class Playable:
 
 
 def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
-    """The best ready video rendition no taller than ``max_height`` (else the smallest one)."""
+    """The best ready video rendition no taller than ``max_height`` (else the smallest one).
+
+    A B-frame-free rendition (``media.webrtc_rendition``) that fits wins over any other: its
+    packets go to the viewer as stored, where another rendition with B-frames would need a live
+    transcode (Chromium's WebRTC H.264 decoder shows only the keyframes of such a stream).
+    """
     ready = [r for r in manifest.renditions if r.kind == "video" and not r.on_demand]
     if not ready:
         raise MediaError("media has no ready video rendition to play")
     fitting = [r for r in ready if (r.height or 0) <= max_height]
+    passthrough = [r for r in fitting if r.bframe_free]
+    if passthrough:
+        return max(passthrough, key=lambda r: (r.height or 0, r.bandwidth))
     if fitting:
         return max(fitting, key=lambda r: (r.height or 0, r.bandwidth))
     return min(ready, key=lambda r: (r.height or 0, r.bandwidth))
