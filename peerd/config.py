@@ -117,6 +117,7 @@ class MediaSettings(Section):
     audio_only: bool = False
     webrtc_rendition: bool = False
     watch_dirs: list[Path] = Field(default_factory=list)
+    library_roots: list[Path] = Field(default_factory=list)
     watch_settle_s: float = Field(default=5.0, ge=0.0)
     watch_interval_s: float = Field(default=2.0, gt=0.0)
 

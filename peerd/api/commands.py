@@ -24,10 +24,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peerd.api.jobs import ProgressFn
-from peerd.api.models import EvictRequest, JobStatus, MediaCommand, PrefetchRequest
+from peerd.api.models import (
+    EvictRequest,
+    IngestRequest,
+    JobStatus,
+    MediaCommand,
+    PrefetchRequest,
+)
 from peerd.core.ids import Cid
 from peerd.core.jobs import Job
-from peerd.errors import NotConfigured, NotFound, PeerdError, Unavailable, UpstreamError
+from peerd.core.library import within_roots
+from peerd.errors import (
+    BadRequest,
+    Forbidden,
+    MediaError,
+    NotConfigured,
+    NotFound,
+    PeerdError,
+    Unavailable,
+    UpstreamError,
+)
 from peerd.runtime import Runtime
 
 PROMOTE_POLL_S = (0.2, 2.0)
@@ -326,3 +342,64 @@ class Commands:
                 delay = min(PROMOTE_POLL_S[1], delay * 2)
 
         return req.media_id, work
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    async def ingest(self, req: IngestRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Package a local file or folder under the library roots (see ``media.library_roots``)."""
+        self._check_open()
+        media = self.rt.settings.media
+        roots_cfg = [*media.library_roots, *media.watch_dirs]
+        if not roots_cfg:
+            raise NotConfigured(
+                "no media.library_roots or media.watch_dirs configured; the API ingests nothing"
+            )
+        given = Path(req.path)
+        if not given.is_absolute():
+            raise BadRequest(f"path must be absolute: {req.path!r}")
+        path, roots = await asyncio.to_thread(_resolve, given, roots_cfg)
+        if not within_roots(path, roots):
+            raise Forbidden(f"{req.path} is outside the node's library roots")
+        if not await asyncio.to_thread(path.exists):
+            raise NotFound(f"no such file or folder: {req.path}")
+        # Imported here: the API module stays free of the packager (PyAV) until it is used.
+        from peerd.media.ingest import get_ingestor, media_files
+
+        ingestor = get_ingestor(self.rt)
+
+        async def work(progress: ProgressFn) -> dict[str, Any]:
+            files = await asyncio.to_thread(media_files, [path])
+            if not files:
+                raise NotFound(f"no media files under {req.path}")
+            out: dict[str, Any] = {"files": len(files), "media_ids": [], "skipped": 0}
+            out.update(new_blobs=0, reused_blobs=0, bytes_added=0)
+            failed: list[str] = []
+            for i, f in enumerate(files):
+
+                def step(done: float, total: float, i: int = i) -> None:
+                    progress(min(1.0, (i + (done / total if total > 0 else 0.0)) / len(files)))
+
+                res = await ingestor.ingest_result(f, force=req.force, progress=step)
+                if not res.ok:
+                    failed.append(f"{f}: {res.error}")
+                    continue
+                out["media_ids"].append(res.media_id)
+                out["skipped"] += int(res.skipped)
+                out["new_blobs"] += res.new_blobs
+                out["reused_blobs"] += res.reused_blobs
+                out["bytes_added"] += res.bytes_added
+                progress((i + 1) / len(files))
+            if failed:
+                raise MediaError(
+                    f"{len(failed)} of {len(files)} files failed; first: {failed[0]}",
+                    failed=failed,
+                )
+            return out
+
+        return str(path), work
+
+
+def _resolve(path: Path, roots: list[Path]) -> tuple[Path, list[Path]]:
+    # Symlinks followed and `..` removed on both sides, so a link inside a root that points
+    # outside it is judged by where it points.
+    return path.resolve(), [r.resolve() for r in roots]

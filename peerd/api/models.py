@@ -277,6 +277,18 @@ class MediaCommand(Request):
     media_id: CidStr
 
 
+class IngestRequest(Request):
+    """Package local files into this node (`POST /api/v1/commands/ingest`)."""
+
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Absolute path of a media file or folder (folders are walked for media "
+        "files) under one of the node's `media.library_roots` or `media.watch_dirs`.",
+    )
+    force: bool = Field(default=False, description="Package again even if already ingested.")
+
+
 class EvictRequest(Request):
     """Drop local copies (`POST /api/v1/commands/evict`). Only blobs whose R2 copy is confirmed
     (`r2_state` = present) and that are not pinned leave the disk; others are kept and counted.
@@ -314,8 +326,11 @@ class JobStatus(Response):
     """A command job (`GET /api/v1/jobs/{job_id}`, and the 202 answer of every command)."""
 
     job_id: JobIdStr
-    kind: Literal["prefetch", "pin", "unpin", "evict", "promote"]
-    target: str = Field(description="Media id, or `cids:<sha256 of the sorted cid list>`.")
+    kind: Literal["prefetch", "pin", "unpin", "evict", "promote", "ingest"]
+    target: str = Field(
+        description="Media id, `cids:<sha256 of the sorted cid list>`, or (ingest) the "
+        "resolved local path."
+    )
     state: Literal["queued", "running", "done", "failed"]
     progress: float = Field(ge=0, le=1)
     created_at: float

@@ -29,6 +29,7 @@ from peerd.api.models import (
     ChallengeRequest,
     ChallengeResponse,
     EvictRequest,
+    IngestRequest,
     InventoryQuery,
     MediaCommand,
     PrefetchRequest,
@@ -228,6 +229,7 @@ HANDLERS: dict[str, Handler] = {
     "postUnpin": _command("unpin", MediaCommand, Commands.unpin),
     "postEvict": _command("evict", EvictRequest, Commands.evict),
     "postPromote": _command("promote", MediaCommand, Commands.promote),
+    "postIngest": _command("ingest", IngestRequest, Commands.ingest),
     "getJob": get_job,
 }
 

@@ -142,6 +142,21 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         tags=("commands",),
     ),
     Endpoint(
+        "POST",
+        "/commands/ingest",
+        "postIngest",
+        "Ingest local media files",
+        "Packages a file, or every media file of a folder, that lies under the node's "
+        "`media.library_roots` or `media.watch_dirs` (after following symlinks; elsewhere: 403; "
+        "no roots configured: 409). Returns a job whose result lists the media ids; it fails "
+        "if any file failed (the others are still ingested).",
+        m.JobStatus,
+        status=202,
+        body=m.IngestRequest,
+        errors=(*AUTH_ERRORS, 404, 409, 503),
+        tags=("commands",),
+    ),
+    Endpoint(
         "GET",
         "/jobs/{job_id}",
         "getJob",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-JobKind = Literal["prefetch", "pin", "unpin", "evict", "promote"]
+JobKind = Literal["prefetch", "pin", "unpin", "evict", "promote", "ingest"]
 JobStateName = Literal["queued", "running", "done", "failed"]
 FINAL: frozenset[str] = frozenset({"done", "failed"})
 INTERRUPTED = "interrupted by restart"
