@@ -241,15 +241,16 @@ def committed() -> str:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help="default: in the package")
+    from peerd.api.schema_cli import arguments
+
+    arguments(parser)
 
 
 def register(subparsers: Any) -> None:
-    """Add ``peerd api-schema`` to the command line."""
-    p = subparsers.add_parser("api-schema", help="regenerate (or --check) the API's OpenAPI file")
-    _arguments(p)
-    p.set_defaults(func=lambda args, settings: write(args.output, check=args.check))
+    """Add ``peerd api-schema`` to the command line (see :mod:`peerd.api.schema_cli`)."""
+    from peerd.api import schema_cli
+
+    schema_cli.register(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

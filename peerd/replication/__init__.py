@@ -16,9 +16,12 @@ services and the node runs without R2.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peerd.runtime import Runtime
+if TYPE_CHECKING:
+    # Annotations only: `peerd replicate`/`peerd ingest` load this package at start-up, and the
+    # runtime drags in identity (cryptography) and metrics (prometheus_client).
+    from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
 
