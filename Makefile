@@ -9,7 +9,7 @@ STAMP_APT := $(VENV)/.apt-done
 STAMP_PIP := $(VENV)/.pip-done
 PYTEST_ARGS ?=
 
-.PHONY: install install-apt check test test-fast demo bench clean web-deps
+.PHONY: install install-apt check test test-fast demo bench clean web-deps js-deps
 
 install: $(STAMP_PIP)
 
@@ -43,15 +43,24 @@ $(WEB_DIR)/node_modules/hls.js/dist/hls.min.js: $(STAMP_APT)
 	npm install --prefix $(WEB_DIR) --no-audit --no-fund --no-save hls.js@$(HLSJS_VERSION)
 	@test -f $@ && touch $@
 
+# js-libp2p 2.x (the reference libp2p) for the interop test, exactly as locked in
+# tests/js/package-lock.json, with its own Node 20 binary on x64 (Debian 12's nodejs is 18).
+JS_DIR := tests/js
+js-deps: $(JS_DIR)/node_modules/.installed
+
+$(JS_DIR)/node_modules/.installed: $(JS_DIR)/package.json $(JS_DIR)/package-lock.json $(STAMP_APT)
+	npm ci --prefix $(JS_DIR) --no-audit --no-fund
+	@touch $@
+
 check: install
 	$(BIN)/ruff check peerd tests scripts
 	$(BIN)/ruff format --check peerd tests scripts
 	$(BIN)/mypy
 
-test: install check web-deps
+test: install check web-deps js-deps
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
-test-fast: install web-deps
+test-fast: install web-deps js-deps
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
 
 # Run a node on embedded defaults with generated sample media; prints a playback URL.
@@ -62,4 +71,4 @@ bench: install
 	bash scripts/bench/run_all.sh
 
 clean:
-	rm -rf $(VENV) .state build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(JS_DIR)/node_modules .state build *.egg-info .mypy_cache .ruff_cache .pytest_cache

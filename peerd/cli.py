@@ -273,7 +273,7 @@ def run_doctor_checks(settings: Settings) -> list[Check]:
     host, port = settings.http.host, settings.http.port
     if port:
         out.append(_check_port(host, port, settings))
-    for name in ("hls_signing_key", "api_token"):
+    for name in GENERATED_SECRETS:
         present = settings.secret(name) is not None
         out.append(
             (
@@ -282,9 +282,58 @@ def run_doctor_checks(settings: Settings) -> list[Check]:
                 "present" if present else f"missing in {settings.secrets_path}: run `peerd init`",
             )
         )
+    out += _optional_service_checks(settings)
     for tool in ("ffprobe",):
         path = shutil.which(tool)
         out.append((tool, True, path or "not installed (optional: used by tests and diagnostics)"))
+    return out
+
+
+def _optional_service_checks(settings: Settings) -> list[Check]:
+    """Optional subsystems: configured half-way is an error, not configured is fine."""
+    out: list[Check] = []
+    r2 = settings.r2
+    keys = [settings.secret(n) is not None for n in ("r2_access_key_id", "r2_secret_access_key")]
+    wanted = bool(r2.bucket or r2.account_id or r2.endpoint)
+    if not wanted:
+        out.append(("r2", True, "not configured: the node runs without R2"))
+    elif not (r2.bucket and (r2.account_id or r2.endpoint)):
+        out.append(("r2", False, "[r2] needs both bucket and account_id (or endpoint)"))
+    elif not all(keys):
+        out.append(
+            (
+                "r2",
+                False,
+                "secrets r2_access_key_id and r2_secret_access_key must both be present in "
+                f"{settings.secrets_path}",
+            )
+        )
+    else:
+        out.append(("r2", True, f"bucket {r2.bucket}"))
+    turn = [settings.secret(n) is not None for n in ("turn_key_id", "turn_api_token")]
+    if any(turn) and not all(turn):
+        out.append(
+            ("turn", False, "Cloudflare TURN needs both secrets turn_key_id and turn_api_token")
+        )
+    elif all(turn):
+        out.append(("turn", True, "Cloudflare TURN credentials present"))
+    if settings.api.require_access_jwt and not settings.http.access_team_url:
+        out.append(("api access", False, "api.require_access_jwt needs http.access_team_url"))
+    if settings.http.auth == "access" and not (
+        settings.http.access_team_url and settings.http.access_aud
+    ):
+        out.append(
+            ("viewer access", False, "http.auth = access needs access_team_url and access_aud")
+        )
+    if settings.mdns.enabled and settings.http.host in ("127.0.0.1", "::1", "localhost"):
+        out.append(
+            (
+                "lan",
+                True,
+                "http.host is loopback: LAN peers cannot fetch from this node (set http.host or "
+                "mdns.advertise_addresses to a LAN address to share with them)",
+            )
+        )
     return out
 
 

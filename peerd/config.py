@@ -98,6 +98,7 @@ class LadderRung(Section):
     height: int = Field(ge=64, le=4320)
     crf: int | None = Field(default=None, ge=0, le=51)
     on_demand: bool = False
+    bframes: int | None = Field(default=None, ge=0, le=16)
 
 
 class MediaSettings(Section):
@@ -115,9 +116,8 @@ class MediaSettings(Section):
     encoder_threads: int = Field(default=4, ge=1, le=32)
     ladder: list[LadderRung] = Field(default_factory=list)
     audio_only: bool = False
-    webrtc_rendition: bool = False
     watch_dirs: list[Path] = Field(default_factory=list)
-    library_roots: list[Path] = Field(default_factory=list)
+    library_dirs: list[Path] = Field(default_factory=list)
     watch_settle_s: float = Field(default=5.0, ge=0.0)
     watch_interval_s: float = Field(default=2.0, gt=0.0)
 
@@ -132,9 +132,8 @@ class MediaSettings(Section):
             audio_bitrate=self.audio_bitrate,
             preset=self.x264_preset,
             encoder_threads=self.encoder_threads,
-            ladder=tuple(Rung(r.height, r.on_demand, r.crf) for r in self.ladder),
+            ladder=tuple(Rung(r.height, r.on_demand, r.crf, r.bframes) for r in self.ladder),
             audio_only=self.audio_only,
-            webrtc_rendition=self.webrtc_rendition,
         )
 
 
@@ -244,6 +243,7 @@ class ApiSettings(Section):
 
     enabled: bool = True
     require_access_jwt: bool = False
+    access_aud: str | None = None
     uplink_bps: int = Field(default=0, ge=0)
     job_concurrency: int = Field(default=2, ge=1, le=64)
     jobs_kept: int = Field(default=1000, ge=10)

@@ -3,10 +3,13 @@
 Creates ``./.state/demo`` (node key, secrets, catalog), generates a 20 s sample clip with ffmpeg's
 test sources (no download), ingests it, prints a signed playback URL, then runs the daemon in the
 foreground until Ctrl-C. Re-running reuses the state (the repeated ingest stores nothing new).
+``PEERD_DEMO_STATE`` moves the state directory; the usual ``PEERD_*`` variables apply (e.g.
+``PEERD_HTTP__PORT=8800`` when 8737 is taken).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import time
@@ -39,7 +42,7 @@ def main() -> int:
     """Set up, ingest, print the URL, run the daemon."""
     from peerd.testing.media import make_media
 
-    state = STATE.resolve()
+    state = Path(os.environ.get("PEERD_DEMO_STATE", str(STATE))).resolve()
     base = ["--state-dir", str(state)]
     if cli_main([*base, "init"]) != 0:
         return 1

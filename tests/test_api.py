@@ -97,10 +97,56 @@ async def test_access_jwt_required_without_verifier_refuses_to_start(tmp_path: o
     settings = load_settings(None, node={"state_dir": tmp_path}, api={"require_access_jwt": True})
     rt = await open_runtime(settings)
     try:
-        with pytest.raises(ConfigError, match="access"):
+        with pytest.raises(ConfigError, match="http.access_team_url"):
             build_app(rt, [routes.install])
     finally:
         await rt.close()
+
+
+async def test_access_service_token_verified_against_the_team(tmp_path: object) -> None:
+    """Access mode wired from config: a real RS256 check against a (fake) team's certs."""
+    from pathlib import Path
+
+    from peerd.testing.cf_access import FakeAccessTeam, new_key
+
+    assert isinstance(tmp_path, Path)
+    team = FakeAccessTeam(audience="api-aud")
+    await team.start()
+    settings = load_settings(
+        None,
+        node={"state_dir": tmp_path},
+        http={"access_team_url": team.base_url, "access_aud": "viewer-aud"},
+        api={"require_access_jwt": True, "access_aud": "api-aud"},
+    )
+    rt = await open_runtime(settings)
+    settings.secrets_path.mkdir(parents=True)
+    (settings.secrets_path / "api_token").write_text("tok")
+    server = TestServer(build_app(rt, [routes.install]), host="127.0.0.1")
+    await server.start_server()
+    client = NodeApiClient(str(server.make_url("/")), "tok")
+    url = client.base_url + "/api/v1/node"
+    stranger = await new_key()
+    try:
+        cases = [
+            (team.token(common_name="coordinator.access"), 200),
+            (team.token(aud=["viewer-aud"]), 403),  # the viewers' application, not the API's
+            (team.token(iss="https://other.cloudflareaccess.com"), 403),
+            (team.token(ttl_s=-120), 403),
+            (team.token(key=stranger), 403),
+        ]
+        for jwt, status in cases:
+            headers = {"Authorization": "Bearer tok", "Cf-Access-Jwt-Assertion": jwt}
+            async with client.session.get(url, headers=headers) as r:
+                assert r.status == status, (jwt, await r.text())
+        # A right JWT does not stand in for the bearer token.
+        headers = {"Cf-Access-Jwt-Assertion": cases[0][0]}
+        async with client.session.get(url, headers=headers) as r:
+            assert r.status == 401
+    finally:
+        await client.close()
+        await server.close()
+        await rt.close()
+        await team.stop()
 
 
 async def test_access_jwt_checked_by_the_wired_verifier(tmp_path: object) -> None:
@@ -519,3 +565,56 @@ async def test_prefetch_from_a_named_peer(api: Api) -> None:
     assert asked == [(other, media_id)]
     info = (await c.call("GET", "/api/v1/node")).body
     assert "prefetch:peer" in info["capabilities"]
+
+
+async def test_ingest_command_inside_the_library_only(api: Api, tmp_path: object) -> None:
+    """`POST /commands/ingest`: library folders only, a job that packages and catalogs."""
+    from pathlib import Path
+
+    from peerd.testing.media import make_media
+
+    assert isinstance(tmp_path, Path)
+    rt, c = api.rt, api.client
+    lib = tmp_path / "library"
+    (lib / "shows").mkdir(parents=True)
+    clip = lib / "shows" / "clip.mp4"
+    await asyncio.to_thread(make_media, clip, seconds=2.0, size=(96, 64))
+    outside = tmp_path / "elsewhere.mp4"
+    await asyncio.to_thread(outside.write_bytes, b"x")
+
+    none = await c.command("ingest", {"path": str(clip)})
+    assert none.status == 409  # no library folder configured yet
+    rt.settings.media.library_dirs = [lib]
+    assert "ingest" in (await c.call("GET", "/api/v1/node")).body["capabilities"]
+    for path, status in (
+        (str(outside), 403),
+        (str(lib / "shows" / ".." / ".." / "elsewhere.mp4"), 403),
+        (str(lib / "missing.mp4"), 404),
+        ("relative/clip.mp4", 400),
+    ):
+        ans = await c.command("ingest", {"path": path})
+        assert ans.status == status, (path, ans.body)
+
+    job = await c.command("ingest", {"path": str(clip)})
+    assert job.status == 202
+    assert job.body["kind"] == "ingest"
+    done = await c.wait_job(job.body["job_id"], within_s=60)
+    assert done["state"] == "done", done
+    (only,) = done["result"]["files"]
+    assert only["ok"]
+    assert only["new_blobs"] > 0
+    async with rt.catalog.conn.execute(
+        "SELECT source_path FROM media WHERE media_id=?", (only["media_id"],)
+    ) as cur:
+        assert (await cur.fetchone()) == (str(clip),)
+
+    # A folder: every media file in it, the bad one reported without stopping the rest.
+    await asyncio.to_thread((lib / "shows" / "broken.mp4").write_bytes, b"not media")
+    folder = await c.command("ingest", {"path": str(lib)})
+    done = await c.wait_job(folder.body["job_id"], within_s=60)
+    assert done["state"] == "done", done
+    files = {Path(f["path"]).name: f for f in done["result"]["files"]}
+    assert files["broken.mp4"]["ok"] is False
+    assert files["broken.mp4"]["error"]
+    assert files["clip.mp4"]["ok"] is True
+    assert done["result"]["failed"] == 1

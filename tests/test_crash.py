@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from peerd.testing.process import peerd_env, run_cli
 
 KILLS = 52
@@ -38,6 +40,8 @@ def _expected(journal: Path) -> tuple[set[str], set[str]]:
     return must, maybe
 
 
+# Tens of seconds on a quiet machine; CI machines may be several times slower.
+@pytest.mark.timeout(400)
 def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
     journal = tmp_path / "journal"

@@ -88,6 +88,23 @@ def test_init_status_verify_doctor(tmp_path: Path) -> None:
     assert "chmod 600" in doc.stdout
 
 
+def test_doctor_names_half_configured_parts(tmp_path: Path) -> None:
+    """Secrets the UI needs and optional services set up half-way are each named plainly."""
+    state = tmp_path / "s"
+    run_cli("init", state_dir=state, check=True)
+    (state / "secrets" / "admin_token").unlink()
+    (state / "secrets" / "turn_key_id").write_text("k")
+    env = {"PEERD_R2__BUCKET": "media", "PEERD_R2__ACCOUNT_ID": "acc"}
+    doc = run_cli("doctor", state_dir=state, env=env)
+    assert doc.returncode == 1
+    lines = doc.stdout.splitlines()
+    assert any(ln.startswith("[FAIL] secret admin_token") for ln in lines), lines
+    assert any(ln.startswith("[FAIL] r2:") and "r2_access_key_id" in ln for ln in lines), lines
+    assert any(ln.startswith("[FAIL] turn:") for ln in lines), lines
+    ok = run_cli("doctor", state_dir=state)
+    assert any(ln.startswith("[ok  ] r2: not configured") for ln in ok.stdout.splitlines())
+
+
 def test_verify_reports_problems(tmp_path: Path) -> None:
     state = tmp_path / "s"
     run_cli("init", state_dir=state, check=True)

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
 from peerd.delivery.resolver import Resolver
+from peerd.delivery.source import Offer
 from peerd.http.clientip import client_ip, parse_networks
 from peerd.testing.cf_access import FakeAccessTeam
 from peerd.testing.hlsmedia import make_hls
@@ -280,6 +281,66 @@ async def test_missing_blob_is_fetched_through_the_resolver(
     assert source.requests == [cid]
     fetched = await _sample(node, "peerd_http_blob_bytes_total", source="fetched", status="200")
     assert fetched == len(data)
+
+
+class _GatedTrusted(MemorySource):
+    """A trusted source (as the node's R2 is) that sends the first chunk, then waits for
+    ``gate`` before the rest."""
+
+    def __init__(self, blobs: dict[Cid, bytes], lies: dict[Cid, bytes] | None = None) -> None:
+        super().__init__(name="r2", blobs=blobs, lies=lies or {}, chunk=4096)
+        self.gate = asyncio.Event()
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        async for offer in super().offers(cid):
+            offer.meta["trusted"] = "1"
+            yield Offer(offer.source, offer.peer, self._gated(offer.chunks), offer.size, offer.meta)
+
+    async def _gated(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        first = True
+        async for chunk in chunks:
+            yield chunk
+            if first:
+                first = False
+                await self.gate.wait()
+
+
+async def test_a_miss_from_the_bucket_is_relayed_while_stored(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """The viewer gets the first bytes before the node has the whole blob (no store-first
+    wait); a blob that turns out wrong is cut short of Content-Length and not kept."""
+    blob = await _first_blob(node, http, "ts")
+    cid = Cid(blob[2:].split(".")[0])
+    data = await node.rt.store.read(cid)
+    await node.rt.store.delete(cid)
+    source = _GatedTrusted({cid: data})
+    node.rt.extras["resolver"] = Resolver(node.rt.store, [source], registry=None)
+    async with http.get(node.url("ts", blob)) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "video/mp2t"
+        assert resp.content_length == len(data)
+        first = await asyncio.wait_for(resp.content.readany(), 10)
+        assert first  # arrived while the source is still held at its first chunk
+        assert not await node.rt.store.has(cid)
+        source.gate.set()
+        rest = await resp.read()
+    assert first + rest == data
+    assert await node.rt.store.read(cid) == data
+    assert await _sample(node, "peerd_http_blob_bytes_total", source="r2", status="200") == len(
+        data
+    )
+
+    # A wrong blob from the trusted source: the body never completes and nothing is kept.
+    await node.rt.store.delete(cid)
+    liar = _GatedTrusted({}, lies={cid: bytes(len(data))})
+    liar.gate.set()
+    node.rt.extras["resolver"] = Resolver(node.rt.store, [liar], registry=None)
+    async with http.get(node.url("ts", blob)) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert not await node.rt.store.has(cid)
 
 
 def test_client_ip_trusts_cf_header_only_from_proxies() -> None:

@@ -164,3 +164,89 @@ async def test_fetch_route_only_for_operators(stack: AsyncExitStack, tmp_path: P
         async with s.post(peer.url + path, headers=h) as r:
             assert r.status == 200
             assert await r.json() == {"cid": cid, "size": len(data)}
+
+
+async def _media_on(rt: Runtime, segments: int = 4) -> tuple[str, dict[Cid, bytes]]:
+    """A real (canonical, decodable) manifest whose blobs ``rt`` holds, recorded in its catalog."""
+    from peerd.core import manifest as mf
+    from peerd.replication.media import record_media
+
+    blobs = {cid_of(b): b for b in [os.urandom(300)] + [os.urandom(5000 + i) for i in range(4)]}
+    order = list(blobs)
+    for n, (cid, data) in enumerate(blobs.items()):
+        await rt.store.put(data, expected=cid, kind="init" if n == 0 else "segment")
+    rendition = mf.Rendition(
+        id="v0",
+        kind="video",
+        codecs="avc1.64001f",
+        bandwidth=200_000,
+        timescale=1000,
+        segments=tuple(mf.Segment(duration=4000, cid=c) for c in order[1:]),
+        width=320,
+        height=240,
+        init=order[0],
+    )
+    manifest = mf.Manifest(container="fmp4", renditions=(rendition,))
+    data = mf.encode(manifest)
+    media_id = mf.media_id_of(manifest)
+    async with rt.catalog.transaction() as tx:
+        await record_media(tx, media_id, data, manifest, time.time(), r2_state="none")
+    return media_id, blobs
+
+
+async def test_pull_media_from_a_named_peer(stack: AsyncExitStack, tmp_path: Path) -> None:
+    """The coordinator's prefetch by peer: manifest and blobs verified, rows after the last blob."""
+    from peerd.core.peers import Peer as PeerRow
+    from peerd.errors import IntegrityError, NotFound
+    from peerd.p2p.puller import PeerPuller
+
+    me = await start_peer(stack, tmp_path / "me", [])
+    holder = await start_peer(stack, tmp_path / "holder", [me.rt.identity.peer_id])
+    holder_id = holder.rt.identity.peer_id
+    media_id, blobs = await _media_on(holder.rt)
+    cids = list(blobs)
+    directory = lan_directory(me.rt)
+    puller = PeerPuller(me.rt, directory, me.rt.identity, timeout_s=5)
+    stack.push_async_callback(puller.close)
+
+    with pytest.raises(NotFound, match="not a live LAN peer"):
+        await puller.pull_media_from(holder_id, media_id)
+    directory.seen(holder_id, url=holder.url)
+    with pytest.raises(NotFound, match="does not have media"):
+        await puller.pull_media_from(holder_id, str(cids[1]))
+
+    # A peer that lies about one segment: it is reported (banned) and nothing is recorded.
+    await corrupt(holder.rt, cids[2], b"not the segment")
+    with pytest.raises(IntegrityError):
+        await puller.pull_media_from(holder_id, media_id)
+    assert not directory.known(holder_id)
+    assert not await me.rt.store.has(cids[2])
+    async with me.rt.catalog.conn.execute("SELECT count(*) FROM media") as cur:
+        assert (await cur.fetchone()) == (0,)
+    assert (await me.rt.store.verify()).ok
+
+    # Mended, and the ban lifted: the pull resumes, fetching only what it lacks.
+    await corrupt(holder.rt, cids[2], blobs[cids[2]])
+    directory.table.restore(PeerRow(peer_id=holder_id, url=holder.url, via="mdns"))
+    directory.seen(holder_id, url=holder.url)
+    held = {c for c in cids if await me.rt.store.has(c)}
+    report = await puller.pull_media_from(holder_id, media_id)
+    assert report.recorded
+    assert report.fetched == len(cids) - len(held)
+    for cid, data in blobs.items():
+        assert await me.rt.store.read(cid) == data
+    async with me.rt.catalog.conn.execute(
+        "SELECT r2_state, manifest FROM media WHERE media_id=?", (media_id,)
+    ) as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    assert row[0] == "none"
+    assert cid_of(bytes(row[1])) == media_id
+    async with me.rt.catalog.conn.execute(
+        "SELECT count(*) FROM segments WHERE media_id=?", (media_id,)
+    ) as cur:
+        assert (await cur.fetchone()) == (len(cids) - 1,)
+    assert (await me.rt.store.verify()).ok
+    # Again: nothing to fetch, nothing new recorded.
+    again = await puller.pull_media_from(holder_id, media_id)
+    assert (again.fetched, again.recorded) == (0, False)

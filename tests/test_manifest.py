@@ -128,6 +128,7 @@ def test_blob_cids_lists_each_pinned_blob_once() -> None:
         (lambda o: o["renditions"][1]["recipe"].update(crf=None), "crf or video_bitrate"),
         (lambda o: o["renditions"][1]["segments"].pop(), "segment by segment"),
         (lambda o: o["renditions"][1].update(id="v720"), "duplicate"),
+        (lambda o: o["renditions"][2].update(id="master"), "'master' is reserved"),
         (lambda o: o["renditions"][0].update(init="Qmfoo"), "invalid value"),
         (lambda o: o.update(renditions=[]), "at least one rendition"),
     ],
@@ -212,3 +213,23 @@ def test_bad_uri_from_callback_is_refused() -> None:
 def test_unknown_rendition() -> None:
     with pytest.raises(ManifestError, match="no rendition"):
         pl.render_media(make_manifest(), "nope", uri_for)
+
+
+def test_recipe_bframes_written_only_when_set() -> None:
+    """Manifests made before ``bframes`` existed encode to the same bytes (same media ids)."""
+    import dataclasses
+
+    m = make_manifest()
+    assert b"bframes" not in mf.encode(m)
+    r1 = m.renditions[1]
+    assert r1.recipe is not None
+    nobf = dataclasses.replace(r1, recipe=dataclasses.replace(r1.recipe, bframes=0))
+    m2 = dataclasses.replace(m, renditions=(m.renditions[0], nobf, *m.renditions[2:]))
+    data = mf.encode(m2)
+    assert b'"bframes":0' in data
+    assert mf.decode(data) == m2
+    assert mf.media_id_of(m2) != mf.media_id_of(m)
+    obj = mf.to_obj(m2)
+    obj["renditions"][1]["recipe"]["bframes"] = -1
+    with pytest.raises(ManifestError, match="bframes"):
+        mf.decode(json.dumps(obj))

@@ -4,7 +4,6 @@ RTT probe, re-announcement when the address changes, withdrawal (goodbye) on sto
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -17,21 +16,14 @@ from peerd.discovery.mdns import MdnsService, parse_txt, txt_strings
 from peerd.http.server import build_app
 from peerd.p2p.lan import lan_directory
 from peerd.runtime import Runtime, open_runtime
+from peerd.testing.p2p import loopback_multicast as multicast_on_loopback
 
 
 @pytest.fixture(scope="module")
 def loopback_multicast() -> Iterator[None]:
-    flags = subprocess.run(
-        ["ip", "-o", "link", "show", "lo"], capture_output=True, text=True, check=True
-    ).stdout
-    turned_on = "MULTICAST" not in flags
-    if turned_on:
-        subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=True)
-    try:
+    """mDNS between processes on this host needs the MULTICAST flag on ``lo``."""
+    with multicast_on_loopback():
         yield
-    finally:
-        if turned_on:
-            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=True)
 
 
 @pytest.fixture
@@ -93,6 +85,8 @@ async def test_discover_reannounce_withdraw(
     assert peer is not None
     assert peer.url == f"http://127.0.0.1:{a_svc.http_port()}"
     assert peer.version
+    # What it announces is what the node tells the coordinator (node info's addresses.lan).
+    assert a_rt.extras["lan_urls"] == [peer.url]
     await eventually(lambda: (p := b_dir.table.get(a_id)) is not None and p.rtt_ms is not None)
 
     # The node's address changes: it re-announces and the peer follows.
@@ -104,6 +98,7 @@ async def test_discover_reannounce_withdraw(
             and p.url.startswith("http://127.0.0.2:")
         )
     )
+    assert a_rt.extras["lan_urls"] == [f"http://127.0.0.2:{a_svc.http_port()}"]
     # Clean stop: goodbye packets, the peer forgets it at once (not after peer_ttl_s).
     a_task.cancel()
     await asyncio.gather(a_task, return_exceptions=True)

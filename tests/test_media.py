@@ -4,7 +4,6 @@ or none, odd durations; every rendition read back by Debian's ffprobe; determini
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -510,52 +509,47 @@ async def test_transcode_source_regenerates_evicted_derived_blobs(
     await cat.close()
 
 
-def test_webrtc_rendition_has_no_bframes_and_whep_picks_it(media_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("container", ["fmp4", "ts"])
+def test_bframe_free_rung_for_webrtc_passthrough(
+    media_dir: Path, tmp_path: Path, container: str
+) -> None:
+    """A ``bframes = 0`` rung (also at the top's height) has no reordered frames, where the top
+    rendition does; it is deterministic, ffprobe reads it, and WHEP picks it."""
     from peerd.webrtc.media import pick_rendition, probe_reorders
 
-    opts = PackagingOptions(segment_seconds=2.0, webrtc_rendition=True, ladder=(Rung(72),))
+    opts = PackagingOptions(
+        container=container,  # type: ignore[arg-type]
+        segment_seconds=2.0,
+        transcode="always",
+        ladder=(Rung(120, bframes=0), Rung(72, bframes=0), Rung(72)),
+    )
+    src = media_dir / "h264_aac.mp4"
     sink = MemorySink()
-    m, _, _ = package(media_dir / "h264_aac.mp4", opts, sink)
-    assert [r.id for r in m.renditions] == ["v120", "v72", "webrtc"]
-    rtc, top = m.rendition("webrtc"), m.renditions[0]
-    assert rtc.bframe_free
-    assert not top.bframe_free
-    assert rtc.recipe is not None
-    assert rtc.recipe.bframes == 0
-    assert (rtc.width, rtc.height) == (top.width, top.height)
-    assert [s.duration for s in rtc.segments] == [s.duration for s in top.segments]
-    assert rtc.codecs.startswith("avc1.")
-    assert rtc.codecs.endswith(",mp4a.40.2")
-    for r, reorders in ((top, True), (rtc, False)):
-        seg = tmp_path / f"{r.id}.m4s"
-        for s in r.segments:
-            assert s.cid is not None
-            seg.write_bytes(sink.blobs[s.cid])
-            assert r.init is not None
-            assert probe_reorders("fmp4", sink.blobs[r.init], seg) is reorders, (r.id, s)
-    # WHEP: the B-frame-free rendition wins whenever it fits the viewer's height cap.
-    assert pick_rendition(m, 1080).id == "webrtc"
-    assert pick_rendition(m, 120).id == "webrtc"
-    assert pick_rendition(m, 100).id == "v72"
-    without = mf.Manifest(m.container, tuple(r for r in m.renditions if r.id != "webrtc"))
-    assert pick_rendition(without, 1080).id == "v120"
-    _check_with_ffprobe(m, sink.blobs, tmp_path / "hls", 30)
-    # Deterministic: a second run gives the same bytes and the same media id.
-    again = MemorySink()
-    m2, _, _ = package(media_dir / "h264_aac.mp4", opts, again)
-    assert mf.media_id_of(m2) == mf.media_id_of(m)
-    assert again.blobs == sink.blobs
-    # The marker survives the canonical encoding; manifests without it keep their old bytes.
+    m, _, _ = package(src, opts, sink)
+    ids = [r.id for r in m.renditions]
+    assert ids == ["v120", "v120-nobf", "v72-nobf", "v72"]
+    by_id = {r.id: r for r in m.renditions}
+
+    def reorders(r: mf.Rendition) -> bool:
+        seg = tmp_path / f"{r.id}.seg"
+        assert r.segments[0].cid is not None
+        seg.write_bytes(sink.blobs[r.segments[0].cid])
+        return probe_reorders(m.container, sink.blobs[r.init] if r.init else None, seg)
+
+    assert reorders(by_id["v120"])  # x264's preset uses B-frames: the test can tell
+    assert reorders(by_id["v72"])
+    assert not reorders(by_id["v120-nobf"])
+    assert not reorders(by_id["v72-nobf"])
+    for rid in ("v120-nobf", "v72-nobf"):
+        rec = by_id[rid].recipe
+        assert rec is not None
+        assert rec.bframes == 0
     assert mf.decode(mf.encode(m)) == m
-    assert b'"bframes"' not in mf.encode(without)
-
-
-def test_rendition_id_master_is_reserved(media_dir: Path) -> None:
-    m, _, _ = package(media_dir / "noaudio_odd.mp4", PackagingOptions(), MemorySink())
-    obj = mf.to_obj(m)
-    obj["renditions"][0]["id"] = "master"
-    with pytest.raises(mf.ManifestError, match="reserved"):
-        mf.from_obj(obj)
-    bad = mf.Manifest(m.container, (dataclasses.replace(m.renditions[0], id="master"),))
-    with pytest.raises(mf.ManifestError, match=r"'master' is reserved"):
-        mf.encode(bad)
+    _check_with_ffprobe(m, sink.blobs, tmp_path / "hls", fps=30)
+    # The same input and options give the same bytes (the x264 "bf" option is deterministic).
+    again = MemorySink()
+    m2, _, _ = package(src, opts, again)
+    assert mf.media_id_of(m2) == mf.media_id_of(m)
+    # WebRTC takes the tallest B-frame-free rendition that fits.
+    assert pick_rendition(m, 1080).id == "v120-nobf"
+    assert pick_rendition(m, 100).id == "v72-nobf"

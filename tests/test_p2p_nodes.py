@@ -25,6 +25,7 @@ import pytest
 from peerd.core.ids import cid_of
 from peerd.identity import Identity
 from peerd.testing.p2p import fetch_via, metric, p2p_addrs, seed_blobs, signed_request
+from peerd.testing.p2p import loopback_multicast as multicast_on_loopback
 from peerd.testing.process import PeerdProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -36,17 +37,8 @@ MDNS = {"enabled": True, "interfaces": ["127.0.0.1"], "recheck_s": 2.0}
 @pytest.fixture(scope="module")
 def loopback_multicast() -> Iterator[None]:
     """mDNS between processes on this host needs the MULTICAST flag on ``lo``."""
-    flags = subprocess.run(
-        ["ip", "-o", "link", "show", "lo"], capture_output=True, text=True, check=True
-    ).stdout
-    turned_on = "MULTICAST" not in flags
-    if turned_on:
-        subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=True)
-    try:
+    with multicast_on_loopback():
         yield
-    finally:
-        if turned_on:
-            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from peerd.core.tiering import (
     fold,
     plan_eviction,
     plan_tiering,
+    request_budget,
 )
 from peerd.testing.tiering_trace import make_trace, replay_lru, replay_peerd
 
@@ -105,3 +106,12 @@ def test_trace_replay_against_lru() -> None:
     assert ours.mean_r2_bytes <= 0.35 * lru.mean_r2_bytes
     assert ours.peak_r2_bytes <= budget
     assert ours.promotions <= 0.25 * lru.promotions
+
+
+def test_request_budget() -> None:
+    ok = request_budget(10, 10, 100, 100)
+    assert (ok.promote, ok.evict, ok.class_a_left, ok.class_b_left) == (True, True, 90, 90)
+    no_a = request_budget(100, 10, 100, 100)
+    assert (no_a.promote, no_a.evict, no_a.class_a_left) == (False, True, 0)
+    no_b = request_budget(10, 150, 100, 100)
+    assert (no_b.promote, no_b.evict, no_b.class_b_left) == (False, False, 0)

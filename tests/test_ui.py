@@ -276,6 +276,36 @@ async def test_blob_and_media_endpoints(served: tuple[Runtime, str, str]) -> Non
             assert r.status == 404
 
 
+async def test_whep_player_link(served: tuple[Runtime, str, str]) -> None:
+    """The WebRTC play link: admin only, known media only, a live whep token when the node signs."""
+    import time
+
+    from peerd.core import tokens
+
+    rt, base, media_id = served
+    async with aiohttp.ClientSession() as anon, anon.get(f"{base}/ui/api/whep/{media_id}") as r:
+        assert r.status == 401
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.get(f"{base}/ui/api/whep/{cid_of(b'nothing')}") as r:
+            assert r.status == 404
+        async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
+            assert r.status == 200
+            assert (await r.json())["player"] == f"/whep/player/{media_id}"  # node signs nothing
+        key = "k" * 40
+        (rt.settings.secrets_path / "hls_signing_key").write_text(key)
+        async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
+            link = (await r.json())["player"]
+        path, _, token = link.partition("?token=")
+        assert path == f"/whep/player/{media_id}"
+        signing = tokens.key_from_secret(key)
+        assert tokens.verify(signing, token, media_id, "whep", time.time()).ok
+        assert not tokens.verify(signing, token, media_id, "hls", time.time()).ok
+        rt.settings.webrtc.enabled = False
+        async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
+            assert r.status == 409
+
+
 async def test_login_flow_and_wrong_token(served: tuple[Runtime, str, str]) -> None:
     _, base, _ = served
     # unsafe=True: aiohttp's jar ignores cookies set by bare IP addresses otherwise.
@@ -400,7 +430,12 @@ async def test_dashboard_in_chromium(served: tuple[Runtime, str, str], tmp_path:
         assert "Test pattern <b>bold</b>" in text  # shown as text, not markup
         assert await page.evaluate("document.querySelectorAll('#media b').length") == 0
         assert "Old TS item" in text
-        assert "TS only" in text
+        # The TS item has no MSE "Play" (Chromium's MSE takes no MPEG-TS), only "WebRTC".
+        buttons = await page.evaluate(
+            "[...document.querySelectorAll('#media tr')].filter((r) =>"
+            " r.innerText.includes('Old TS item')).map((r) => r.innerText.split('\\t').pop())"
+        )
+        assert [b.strip() for b in buttons] == ["WebRTC"], buttons
         # P2P share of fetched bytes: (12 + 2 + 3) MiB from peers, 5 MiB from R2.
         share = await page.evaluate("document.getElementById('savings-share').textContent")
         assert share == "77.3 %"

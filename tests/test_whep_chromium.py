@@ -9,6 +9,7 @@ Stopping the page sends ``DELETE``; the node's metrics show the session gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import urllib.request
@@ -101,3 +102,51 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
     assert code == 0, node.logs()[-3000:]
     opened = node.logs().count('"whep session opened"')
     assert opened == 2
+
+
+async def test_dashboard_plays_a_ts_item_over_webrtc(tmp_path: Path) -> None:
+    """MSE cannot take MPEG-TS, so the dashboard plays such an item through the WHEP player,
+    with a token it mints for the logged-in operator (the node signs: tokens are required)."""
+    clip = await asyncio.to_thread(make_hls, tmp_path / "ts", seconds=4, bframes=0, container="ts")
+    state = tmp_path / "node"
+    node = PeerdProcess(state, config={"webrtc": {"loop_playback": True}})
+    await asyncio.to_thread(node.init)  # node key and secrets: admin_token, hls_signing_key
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        media_id = await add_media(rt, clip, title="TS clip")
+    finally:
+        await rt.close()
+    admin = (state / "secrets" / "admin_token").read_text().strip()
+    await asyncio.to_thread(node.start)
+    try:
+        async with Browser.launch(tmp_path / "chromium", *WEBRTC_FLAGS) as browser:
+            page = await browser.new_page()
+            await page.goto(f"{node.base_url}/ui")
+            loaded = page.expect("Page.loadEventFired")
+            await page.evaluate(
+                f"document.getElementById('token').value = {json.dumps(admin)};"
+                "document.getElementById('login').submit(); true"
+            )
+            await asyncio.wait_for(loaded, 20)
+            await page.wait_for("Number(document.body.dataset.renders || 0) >= 1")
+            sel = f'[data-media="{media_id}"]'
+            # TS only: no MSE button, a WebRTC one.
+            assert await page.evaluate(f"document.querySelectorAll('button.play{sel}').length") == 1
+            await page.evaluate(f"document.querySelector('button.whep{sel}').click(); true")
+            frame = "document.getElementById('whep-frame').contentWindow"
+            await page.wait_for(f"!!({frame}.whep && {frame}.whep.pc)", timeout_s=20)
+            assert "token=" in await page.evaluate("document.getElementById('whep-frame').src")
+            stats = f"{frame}.whep.stats().then((s) => s.framesDecoded)"
+            await page.wait_for(f"{stats}.then((n) => n > 0)", timeout_s=30)
+            samples = []
+            for _ in range(4):
+                samples.append(await page.evaluate(stats))
+                await asyncio.sleep(1)
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            assert await page.evaluate(f"{frame}.whep.error") is None
+            shot = await page.screenshot(tmp_path / "dashboard-whep.png")
+            print(f"dashboard WebRTC screenshot: {shot}")
+            assert page.console_errors == [], page.console_errors
+    finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]

@@ -1,4 +1,4 @@
-"""The coordinator's commands: prefetch, pin, unpin, evict, promote.
+"""The coordinator's commands: prefetch, pin, unpin, evict, promote, ingest.
 
 Each command is checked when it arrives (unknown media -> 404, a subsystem this node does not run
 -> 409 ``not_configured``, node draining -> 503) and then runs as a job (:mod:`peerd.api.jobs`).
@@ -33,11 +33,8 @@ from peerd.api.models import (
 )
 from peerd.core.ids import Cid
 from peerd.core.jobs import Job
-from peerd.core.library import within_roots
 from peerd.errors import (
-    BadRequest,
     Forbidden,
-    MediaError,
     NotConfigured,
     NotFound,
     PeerdError,
@@ -81,6 +78,22 @@ class PeerPuller(Protocol):
         self, peer_id: str, media_id: str, progress: Callable[[int], None] | None = None
     ) -> object:
         """Fetch manifest and blobs of ``media_id`` from ``peer_id`` into the store."""
+
+
+def _ingest_json(res: Any) -> dict[str, Any]:
+    """One file's ingest outcome, as the job result lists it."""
+    return {
+        "path": str(res.path),
+        "ok": res.ok,
+        "media_id": res.media_id,
+        "error": res.error,
+        "skipped": res.skipped,
+        "new_blobs": res.new_blobs,
+        "reused_blobs": res.reused_blobs,
+        "bytes_added": res.bytes_added,
+        "duration_s": round(res.duration_s, 3),
+        "renditions": list(res.renditions),
+    }
 
 
 def job_status(job: Job) -> JobStatus:
@@ -318,6 +331,47 @@ class Commands:
             progress((i + 1) / len(cids))
         return out
 
+    # -- ingest ----------------------------------------------------------------------------------
+
+    def _library(self) -> list[Path]:
+        media = self.rt.settings.media
+        return [*media.library_dirs, *media.watch_dirs]
+
+    async def ingest(self, req: IngestRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
+        """Package a file or folder inside the library folders (see :class:`IngestRequest`)."""
+        self._check_open()
+        roots = self._library()
+        if not roots:
+            raise NotConfigured(
+                "no library folder: set [media] library_dirs (or watch_dirs) to ingest by API"
+            )
+        path, resolved_roots = await asyncio.to_thread(
+            lambda: (Path(req.path).resolve(), [r.resolve() for r in roots])
+        )
+        # Resolved, so "..", symlinks and the like cannot lead out of the library.
+        if not any(path == r or path.is_relative_to(r) for r in resolved_roots):
+            raise Forbidden("path is outside the node's library folders")
+        is_dir = await asyncio.to_thread(path.is_dir)
+        if not is_dir and not await asyncio.to_thread(path.is_file):
+            raise NotFound(f"no file or folder {path}")
+        from peerd.media.ingest import get_ingestor  # noqa: PLC0415 (PyAV only when used)
+
+        ingestor = get_ingestor(self.rt)
+
+        async def one_file(progress: ProgressFn) -> dict[str, Any]:
+            def step(done: float, total: float) -> None:
+                progress(min(done / total, 1.0) if total > 0 else 0.0)
+
+            res = await ingestor.ingest(path, force=req.force, progress=step)
+            return {"files": [_ingest_json(res)]}
+
+        async def folder(progress: ProgressFn) -> dict[str, Any]:
+            results = await ingestor.ingest_many([path], force=req.force)
+            failed = sum(1 for r in results if not r.ok)
+            return {"files": [_ingest_json(r) for r in results], "failed": failed}
+
+        return str(path), folder if is_dir else one_file
+
     # -- promote ---------------------------------------------------------------------------------
 
     async def promote(self, req: MediaCommand) -> tuple[str, Callable[[ProgressFn], Any]]:
@@ -342,64 +396,3 @@ class Commands:
                 delay = min(PROMOTE_POLL_S[1], delay * 2)
 
         return req.media_id, work
-
-    # -- ingest ----------------------------------------------------------------------------------
-
-    async def ingest(self, req: IngestRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
-        """Package a local file or folder under the library roots (see ``media.library_roots``)."""
-        self._check_open()
-        media = self.rt.settings.media
-        roots_cfg = [*media.library_roots, *media.watch_dirs]
-        if not roots_cfg:
-            raise NotConfigured(
-                "no media.library_roots or media.watch_dirs configured; the API ingests nothing"
-            )
-        given = Path(req.path)
-        if not given.is_absolute():
-            raise BadRequest(f"path must be absolute: {req.path!r}")
-        path, roots = await asyncio.to_thread(_resolve, given, roots_cfg)
-        if not within_roots(path, roots):
-            raise Forbidden(f"{req.path} is outside the node's library roots")
-        if not await asyncio.to_thread(path.exists):
-            raise NotFound(f"no such file or folder: {req.path}")
-        # Imported here: the API module stays free of the packager (PyAV) until it is used.
-        from peerd.media.ingest import get_ingestor, media_files
-
-        ingestor = get_ingestor(self.rt)
-
-        async def work(progress: ProgressFn) -> dict[str, Any]:
-            files = await asyncio.to_thread(media_files, [path])
-            if not files:
-                raise NotFound(f"no media files under {req.path}")
-            out: dict[str, Any] = {"files": len(files), "media_ids": [], "skipped": 0}
-            out.update(new_blobs=0, reused_blobs=0, bytes_added=0)
-            failed: list[str] = []
-            for i, f in enumerate(files):
-
-                def step(done: float, total: float, i: int = i) -> None:
-                    progress(min(1.0, (i + (done / total if total > 0 else 0.0)) / len(files)))
-
-                res = await ingestor.ingest_result(f, force=req.force, progress=step)
-                if not res.ok:
-                    failed.append(f"{f}: {res.error}")
-                    continue
-                out["media_ids"].append(res.media_id)
-                out["skipped"] += int(res.skipped)
-                out["new_blobs"] += res.new_blobs
-                out["reused_blobs"] += res.reused_blobs
-                out["bytes_added"] += res.bytes_added
-                progress((i + 1) / len(files))
-            if failed:
-                raise MediaError(
-                    f"{len(failed)} of {len(files)} files failed; first: {failed[0]}",
-                    failed=failed,
-                )
-            return out
-
-        return str(path), work
-
-
-def _resolve(path: Path, roots: list[Path]) -> tuple[Path, list[Path]]:
-    # Symlinks followed and `..` removed on both sides, so a link inside a root that points
-    # outside it is judged by where it points.
-    return path.resolve(), [r.resolve() for r in roots]

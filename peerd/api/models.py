@@ -278,15 +278,14 @@ class MediaCommand(Request):
 
 
 class IngestRequest(Request):
-    """Package local files into this node (`POST /api/v1/commands/ingest`)."""
+    """Package a file or folder of the node's library (`POST /api/v1/commands/ingest`).
 
-    path: str = Field(
-        min_length=1,
-        max_length=4096,
-        description="Absolute path of a media file or folder (folders are walked for media "
-        "files) under one of the node's `media.library_roots` or `media.watch_dirs`.",
-    )
-    force: bool = Field(default=False, description="Package again even if already ingested.")
+    `path` is absolute and must lie inside one of the node's library folders (`[media]
+    library_dirs` or `watch_dirs`); a folder is ingested file by file, errors not stopping the
+    rest. `force` re-packages files whose content was ingested before."""
+
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+    force: bool = False
 
 
 class EvictRequest(Request):
@@ -328,8 +327,8 @@ class JobStatus(Response):
     job_id: JobIdStr
     kind: Literal["prefetch", "pin", "unpin", "evict", "promote", "ingest"]
     target: str = Field(
-        description="Media id, `cids:<sha256 of the sorted cid list>`, or (ingest) the "
-        "resolved local path."
+        description="Media id, `cids:<sha256 of the sorted cid list>` (evict), or the absolute "
+        "path (ingest)."
     )
     state: Literal["queued", "running", "done", "failed"]
     progress: float = Field(ge=0, le=1)

@@ -106,6 +106,9 @@ class NodeApi:
             caps += ["prefetch:r2", "promote", "drain:upload"]
         if extras.get("peer_puller") is not None:
             caps.append("prefetch:peer")
+        media = self.rt.settings.media
+        if media.library_dirs or media.watch_dirs:
+            caps.append("ingest")
         return caps
 
     async def addresses(self) -> Addresses:

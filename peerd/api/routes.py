@@ -6,8 +6,10 @@ Authentication (every endpoint but ``openapi.json``):
   the coordinator, compared in constant time. Missing: 401; wrong: 403. It is read once, at the
   first request; a rotated token takes effect at the next restart.
 * When ``api.require_access_jwt`` is on, also ``Cf-Access-Jwt-Assertion`` (Cloudflare Access
-  service token), checked by the verifier wired at ``rt.extras["access_verifier"]``
-  (:class:`AccessVerifier`). A node configured to require it without a verifier refuses to start.
+  service token), checked against the team in ``http.access_team_url`` (its certs endpoint, with
+  key caching and rotation) for the audience ``api.access_aud`` (default: ``http.access_aud``).
+  A node told to require it without a team URL or audience refuses to start. Tests may wire
+  their own verifier at ``rt.extras["access_verifier"]``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from peerd.errors import (
     RangeNotSatisfiable,
     Unauthorized,
 )
+from peerd.http.access import AccessVerifier as HttpAccessVerifier
 from peerd.runtime import Runtime
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -240,15 +243,40 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+def _access_verifier(rt: Runtime) -> HttpAccessVerifier:
+    """The Cloudflare Access verifier for service tokens sent by the coordinator."""
+    team = rt.settings.http.access_team_url
+    aud = rt.settings.api.access_aud or rt.settings.http.access_aud
+    if not team:
+        raise ConfigError(
+            "api.require_access_jwt is on but http.access_team_url (the Access team URL) is unset"
+        )
+    if not aud:
+        raise ConfigError(
+            "api.require_access_jwt is on but neither api.access_aud nor http.access_aud is set"
+        )
+    team = team.rstrip("/")
+    return HttpAccessVerifier(
+        certs_url=f"{team}/cdn-cgi/access/certs",
+        issuer=team,
+        audience=aud,
+        keys_ttl_s=rt.settings.http.access_keys_ttl_s,
+        refetch_min_s=rt.settings.http.access_refetch_min_s,
+    )
+
+
 def install(app: web.Application, rt: Runtime) -> None:
     """Mount ``/api/v1/`` on the node's application (a route installer for daemon.py)."""
     if not rt.settings.api.enabled:
         return
     if rt.settings.api.require_access_jwt and rt.extras.get("access_verifier") is None:
-        raise ConfigError(
-            "api.require_access_jwt is on but no Cloudflare Access verifier is wired "
-            "(rt.extras['access_verifier'])"
-        )
+        rt.extras["access_verifier"] = _access_verifier(rt)
+        owned = rt.extras["access_verifier"]
+
+        async def close_verifier(_app: web.Application) -> None:
+            await owned.close()
+
+        app.on_cleanup.append(close_verifier)
     node_api(rt)
     sub = web.Application(middlewares=[auth_middleware])
     sub[RT] = rt

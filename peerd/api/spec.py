@@ -145,15 +145,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "POST",
         "/commands/ingest",
         "postIngest",
-        "Ingest local media files",
-        "Packages a file, or every media file of a folder, that lies under the node's "
-        "`media.library_roots` or `media.watch_dirs` (after following symlinks; elsewhere: 403; "
-        "no roots configured: 409). Returns a job whose result lists the media ids; it fails "
-        "if any file failed (the others are still ingested).",
+        "Ingest from the library",
+        "Packages a file (or every media file of a folder) inside the node's library folders "
+        "into content-addressed HLS and adds it to the catalog. Path outside the library: 403; "
+        "no library folder configured: 409. Returns a job whose result names the media ids.",
         m.JobStatus,
         status=202,
         body=m.IngestRequest,
-        errors=(*AUTH_ERRORS, 404, 409, 503),
+        errors=_COMMAND_ERRORS,
         tags=("commands",),
     ),
     Endpoint(

@@ -40,13 +40,12 @@ RenditionKind = Literal["video", "audio"]
 _CONTAINERS: frozenset[str] = frozenset({"fmp4", "ts"})
 _KINDS: frozenset[str] = frozenset({"video", "audio"})
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+RESERVED_IDS: frozenset[str] = frozenset({"master"})
 # RFC 6381 codec strings: letters, digits, dots, commas (a list); never quotes or spaces, so they
 # can be written inside a quoted attribute of an HLS tag as they are.
 _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._+:-]{1,64}$")
-# Rendition ids name playlist URLs (`<id>.m3u8`); `master` would collide with `master.m3u8`.
-RESERVED_RENDITION_IDS: frozenset[str] = frozenset({"master"})
 
 
 class ManifestError(MediaError, ValueError):
@@ -72,6 +71,8 @@ class Recipe:
     `width`/`height`/`crf`/`video_bitrate` are None for an audio-only rendition (audio is copied).
     Video is encoded at constant quality `crf` (deterministic, unlike x264's bit-rate modes with
     threads) or, when `crf` is None, at the average bit rate `video_bitrate`.
+    `bframes` caps x264's B-frames (None: the preset's); 0 makes a stream whose decode order is
+    its presentation order, which WebRTC players need for packet passthrough.
     """
 
     source: str
@@ -83,8 +84,6 @@ class Recipe:
     preset: str = "veryfast"
     threads: int = 4
     audio: bool = True
-    # None: the encoder's default B-frame count. 0 marks a rendition WebRTC receivers can decode
-    # as stored (Chromium's H.264 decoder shows only keyframes of a stream with B-frames).
     bframes: int | None = None
 
 
@@ -111,11 +110,6 @@ class Rendition:
     init: str | None = None
     on_demand: bool = False
     recipe: Recipe | None = None
-
-    @property
-    def bframe_free(self) -> bool:
-        """True if the rendition was encoded without B-frames (fit for WebRTC passthrough)."""
-        return self.kind == "video" and self.recipe is not None and self.recipe.bframes == 0
 
     def segment_seconds(self, seq: int) -> float:
         """Duration of segment `seq` in seconds."""
@@ -170,7 +164,7 @@ def cid_of_bytes(data: bytes) -> Cid:
 
 
 def _recipe_obj(r: Recipe) -> dict[str, Any]:
-    out: dict[str, Any] = {
+    obj: dict[str, Any] = {
         "source": r.source,
         "width": r.width,
         "height": r.height,
@@ -181,10 +175,11 @@ def _recipe_obj(r: Recipe) -> dict[str, Any]:
         "threads": r.threads,
         "audio": r.audio,
     }
-    # Written only when set, so manifests made before the field existed keep their media ids.
+    # Written only when set, so manifests made before the field existed keep their bytes (and
+    # so their media ids).
     if r.bframes is not None:
-        out["bframes"] = r.bframes
-    return out
+        obj["bframes"] = r.bframes
+    return obj
 
 
 def _rendition_obj(r: Rendition) -> dict[str, Any]:
@@ -425,10 +420,9 @@ def from_obj(obj: Any) -> Manifest:
 def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
     if not _ID_RE.match(r.id):
         raise ManifestError(f"{path}.id: invalid id {r.id!r}")
-    if r.id in RESERVED_RENDITION_IDS:
-        raise ManifestError(
-            f"{path}.id: rendition id {r.id!r} is reserved (its playlist would be master.m3u8)"
-        )
+    if r.id in RESERVED_IDS:
+        # A rendition's playlist is <id>.m3u8 next to master.m3u8: the names must not collide.
+        raise ManifestError(f"{path}.id: {r.id!r} is reserved")
     if not _CODECS_RE.match(r.codecs):
         raise ManifestError(f"{path}.codecs: invalid codecs {r.codecs!r}")
     if r.bandwidth < 1 or r.timescale < 1 or r.start < 0:
@@ -481,8 +475,6 @@ def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
         is_video = rec.width is not None
         if is_video != (r.kind == "video") or (rec.width, rec.height) != (r.width, r.height):
             raise ManifestError(f"{path}.recipe: size must match the rendition's")
-        if rec.bframes is not None and not is_video:
-            raise ManifestError(f"{path}.recipe.bframes: only a video recipe has B-frames")
         if is_video and (rec.height is None or (rec.video_bitrate is None and rec.crf is None)):
             raise ManifestError(
                 f"{path}.recipe: a video recipe needs height and crf or video_bitrate"

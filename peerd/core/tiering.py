@@ -23,6 +23,17 @@ evicts blobs, coldest first, down to the low watermark, choosing only blobs whos
 confirmed and that are not pinned. The caller re-checks each candidate with a HEAD before it
 deletes anything.
 
+:func:`request_budget` turns this month's request counts into what may go on. R2 bills class A
+(writes, lists) and class B (reads: GET, HEAD) requests:
+
+* class A used up: no promotions (each one is a PUT per blob);
+* class B used up: no promotions either (each upload is verified by a HEAD, and media in R2 are
+  there to be read), and no local eviction (each eviction is confirmed by a HEAD, and every later
+  local miss of the evicted blob becomes a GET);
+* read-through GETs of blobs the node lacks are *not* refused: the bucket may hold the only copy,
+  and refusing would turn a cost overrun into content that cannot be played. Demotions go on too
+  (DELETE is free and lowers what is stored).
+
 Pure: no I/O, ``now`` is passed in, results are frozen dataclasses.
 """
 
@@ -63,6 +74,28 @@ class MediaStat:
     in_r2: bool
     r2_since: float | None = None
     local_complete: bool = True
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    """What this month's request counts still allow (see the module doc)."""
+
+    promote: bool
+    evict: bool
+    class_a_left: int
+    class_b_left: int
+
+
+def request_budget(used_a: int, used_b: int, budget_a: int, budget_b: int) -> BudgetVerdict:
+    """The verdict for ``used_a``/``used_b`` requests made this month against the budgets."""
+    a_left = max(0, budget_a - used_a)
+    b_left = max(0, budget_b - used_b)
+    return BudgetVerdict(
+        promote=a_left > 0 and b_left > 0,
+        evict=b_left > 0,
+        class_a_left=a_left,
+        class_b_left=b_left,
+    )
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class _Tee:
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
+        self.ends: list[int] = []  # byte offset just past each chunk
         self.size: int | None = None
         self.source = ""
         self.streaming = False
@@ -56,6 +57,7 @@ class _Tee:
 
     def push(self, chunk: bytes) -> None:
         if self.error is None:
+            self.ends.append((self.ends[-1] if self.ends else 0) + len(chunk))
             self.chunks.append(chunk)
             self._notify()
 
@@ -77,18 +79,41 @@ class _Tee:
         self._notify()
 
     async def reader(self) -> AsyncIterator[bytes]:
-        """The streamed bytes; the last chunk only once the whole blob verified."""
+        """The streamed bytes; the last chunk only once the whole blob verified.
+
+        A chunk that ends before the announced size cannot be the last one, so it goes out at
+        once (a viewer's first byte does not wait for the second chunk); otherwise a chunk is
+        released when another follows it or the fetch is done.
+        """
         i = 0
         while True:
             if self.error is not None:
                 raise self.error
-            if i + 1 < len(self.chunks) or (self.done and i < len(self.chunks)):
+            early = self.size is not None and i < len(self.ends) and self.ends[i] < self.size
+            if early or i + 1 < len(self.chunks) or (self.done and i < len(self.chunks)):
                 yield self.chunks[i]
                 i += 1
                 continue
             if self.done:
+                sent = self.ends[-1] if self.ends else 0
+                if self.path is not None and self.size is not None and sent < self.size:
+                    # The store already held the blob (another fetch finished first) and took
+                    # no more bytes from the source: the rest comes from the verified file.
+                    async for chunk in _file_tail(self.path, sent):
+                        yield chunk
                 return
             await self._changed.wait()
+
+
+async def _file_tail(path: Path, offset: int, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
+    """The bytes of ``path`` from ``offset`` on, read in a thread."""
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        await asyncio.to_thread(f.seek, offset)
+        while data := await asyncio.to_thread(f.read, chunk):
+            yield data
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 class Resolver:
@@ -180,7 +205,7 @@ class Resolver:
 
     async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
         try:
-            path = await self._ensure(cid, tee)
+            path = await self._ensure(cid, tee, checked=True)
         except BaseException as exc:
             tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             if not isinstance(exc, Exception):
@@ -190,11 +215,14 @@ class Resolver:
         finally:
             self._tees.pop(cid, None)
 
-    async def _ensure(self, cid: Cid, tee: _Tee | None) -> Path:
-        try:
-            return await self.store.open_path(cid)
-        except NotFound:
-            pass
+    async def _ensure(self, cid: Cid, tee: _Tee | None, *, checked: bool = False) -> Path:
+        # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
+        # request (if the blob arrived in between, the store notices and keeps its copy).
+        if not checked:
+            try:
+                return await self.store.open_path(cid)
+            except NotFound:
+                pass
         fut = self._inflight.get(cid)
         if fut is not None:
             return await asyncio.shield(fut)
@@ -309,12 +337,59 @@ class Resolver:
             if offer.size is not None and n != offer.size:
                 raise IntegrityError(f"{offer.peer} sent {n} of {offer.size} bytes for {cid}")
 
+        # Streaming: read ahead in a task of its own, so viewers get bytes while the store is
+        # still setting up its temp file (that cost ~1.5 ms of first-byte latency).
+        body: AsyncIterator[bytes] = _ReadAhead(counted()) if stream else counted()
         try:
-            await self.store.put_stream(
-                counted(), expected=cid, kind=offer.meta.get("kind", "segment")
-            )
+            await self.store.put_stream(body, expected=cid, kind=offer.meta.get("kind", "segment"))
         except BaseException as exc:
             if stream:
                 assert tee is not None
                 tee.fail(exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             raise
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class _ReadAhead:
+    """``chunks``, pulled at once by a task of its own as fast as they come, handed on in
+    order. :meth:`aclose` stops the task. Memory is no concern: the tee this feeds keeps
+    every chunk anyway."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+        self._chunks = chunks
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._ended = False
+
+    async def _pump(self) -> None:
+        try:
+            async for chunk in self._chunks:
+                self._queue.put_nowait(chunk)
+        except Exception as exc:  # handed to the consumer, which raises it
+            self._queue.put_nowait(exc)
+            return
+        self._queue.put_nowait(None)
+
+    def __aiter__(self) -> _ReadAhead:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            self._ended = True
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        """Stop reading ahead (waits for the task to end)."""
+        self._ended = True
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

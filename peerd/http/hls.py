@@ -20,6 +20,8 @@ Speed: a parsed manifest and its playlist templates are cached per media id (man
 immutable); a playlist response is the template joined with the token. Blobs go out through
 ``web.FileResponse`` (``loop.sendfile`` on the stock loop) with Range, HEAD and conditional
 requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
+A blob the node lacks is fetched through the resolver; a plain GET answered by the node's R2
+bucket is relayed while it is being stored, so the viewer's first byte waits for R2's only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
+from peerd.delivery.resolver import BlobStream
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import AccessDenied, AccessVerifier
 from peerd.http.clientip import Network, client_ip, parse_networks
@@ -359,22 +362,68 @@ class HlsRoutes:
             raise TooManyRequests("too many concurrent streams")
         path = self.rt.store.path_for(cid)
         source = "local"
+        headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
             resolver = self.rt.extras.get("resolver")
             if resolver is None:
                 raise NotFound("blob not held")
+            # A whole-body GET starts at once when the node's own bucket answers: its bytes go
+            # to the viewer while the resolver verifies and stores them (Resolver.open_stream).
+            # Range and HEAD requests, and bytes from peers, get the verified, stored file.
+            streamable = request.method == "GET" and "Range" not in request.headers
             self.streams += 1  # a fetch in progress holds a stream slot too
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    path = await resolver.ensure_local(cid)
+                    if streamable:
+                        got = await resolver.open_stream(cid)
+                    else:
+                        got = BlobStream(await resolver.ensure_local(cid), None, "fetched")
             except TimeoutError:
                 raise Unavailable("blob fetch timed out") from None
             finally:
                 self.streams -= 1
-            source = "fetched"
-        headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
+            if got.chunks is not None:
+                return await self._stream(request, cid, got, headers)
+            assert got.path is not None
+            path, source = got.path, "fetched"
         return _BlobResponse(self, cid, source, path, headers=headers)
+
+    async def _stream(
+        self, request: web.Request, cid: Cid, got: BlobStream, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Relay a blob arriving from a trusted source while the resolver stores it.
+
+        The resolver releases the last chunk only once the whole blob hashed to its id; if it
+        does not, the iterator raises, and the connection is closed short of Content-Length so
+        the viewer never holds a complete wrong body.
+        """
+        assert got.chunks is not None
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = got.size
+        sent = 0
+        ok = False
+        self.streams += 1
+        self.m.active.inc()
+        try:
+            await resp.prepare(request)
+            async for chunk in got.chunks:
+                await resp.write(chunk)
+                sent += len(chunk)
+            await resp.write_eof()
+            ok = True
+        except (PeerdError, ConnectionResetError) as exc:
+            log.warning("blob relay cut", extra={"cid": cid, "sent": sent, "error": repr(exc)})
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            self.streams -= 1
+            self.m.active.dec()
+            if sent:
+                self.rt.access.record(cid, sent, time.time())
+                self.rt.metrics.bytes_served.labels(source=got.source).inc(sent)
+            self.m.bytes.labels(source=got.source, status="200" if ok else "cut").inc(sent)
+        return resp
 
     async def sent(self, request: web.BaseRequest, resp: _BlobResponse) -> None:
         """Account for a blob response once its body went to the kernel."""

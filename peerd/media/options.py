@@ -16,17 +16,20 @@ ContainerName = Literal["fmp4", "ts"]
 class Rung:
     """One lower rendition of the ABR ladder: output height, quality (CRF), eager or on demand.
 
-    `crf` None means the packager's `crf`.
+    `crf` None means the packager's `crf`. `bframes` caps x264's B-frames (None: the preset's);
+    a rung with `bframes = 0` is the one WebRTC viewers get by packet passthrough, and may have
+    the top rendition's height.
     """
 
     height: int
     on_demand: bool = False
     crf: int | None = None
+    bframes: int | None = None
 
     @property
     def rendition_id(self) -> str:
-        """The rendition id this rung gets in the manifest."""
-        return f"v{self.height}"
+        """The rendition id this rung gets in the manifest (``v720``, or ``v720-nobf``)."""
+        return f"v{self.height}" + ("-nobf" if self.bframes == 0 else "")
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,3 @@ class PackagingOptions:
     encoder_threads: int = 4
     ladder: tuple[Rung, ...] = field(default_factory=tuple)
     audio_only: bool = False
-    webrtc_rendition: bool = False
-
-
-WEBRTC_RENDITION_ID = "webrtc"
-"""Id of the B-frame-free H.264 rendition made when `PackagingOptions.webrtc_rendition` is set."""

@@ -45,7 +45,7 @@ from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
 from peerd.errors import MediaError, PeerdError
 from peerd.media import codecs, fmp4
-from peerd.media.options import WEBRTC_RENDITION_ID, PackagingOptions, Rung
+from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 
 log = logging.getLogger("peerd.media")
@@ -303,7 +303,7 @@ def _scaled_size(width: int, height: int, target_h: int) -> tuple[int, int]:
     return _even(width * target_h / height), _even(target_h)
 
 
-def _x264_options(preset: str, crf: int, bframes: int | None) -> dict[str, str]:
+def _x264_options(preset: str, crf: int, bframes: int | None = None) -> dict[str, str]:
     opts = {
         "preset": preset,
         "crf": str(crf),
@@ -548,28 +548,11 @@ def _package(job: _Job) -> Manifest:
             preset=opts.preset,
             threads=opts.encoder_threads,
             audio=src.audio is not None,
+            bframes=r.bframes,
         )
         o = _Out(rid=r.rendition_id, kind="video", width=w, height=h, recipe=rec)
         assert rec.crf is not None
-        o.codecs = x264_codec_string(w, h, rate, rec.crf, opts.preset)
-        if src.audio is not None:
-            o.codecs += "," + _audio_codecs(src, opts)
-        derived.append((o, rec))
-    if opts.webrtc_rendition:
-        # Same size and quality as the top rendition, without B-frames: WebRTC viewers get its
-        # packets as stored instead of a live transcode (see peerd.webrtc.media.pick_rendition).
-        rec = Recipe(
-            source=top.rid,
-            width=top_w,
-            height=top_h,
-            crf=opts.crf,
-            preset=opts.preset,
-            threads=opts.encoder_threads,
-            audio=src.audio is not None,
-            bframes=0,
-        )
-        o = _Out(rid=WEBRTC_RENDITION_ID, kind="video", width=top_w, height=top_h, recipe=rec)
-        o.codecs = x264_codec_string(top_w, top_h, rate, opts.crf, opts.preset, 0)
+        o.codecs = x264_codec_string(w, h, rate, rec.crf, opts.preset, rec.bframes)
         if src.audio is not None:
             o.codecs += "," + _audio_codecs(src, opts)
         derived.append((o, rec))
@@ -577,11 +560,8 @@ def _package(job: _Job) -> Manifest:
     if opts.audio_only and src.audio is not None:
         rec = Recipe(source=top.rid, audio=True)
         audio_out = _Out(rid="audio", kind="audio", recipe=rec, codecs=_audio_codecs(src, opts))
-    job.passes = 1 + len(eager) + int(opts.webrtc_rendition)
-    eager_ids = {r.rendition_id for r in eager} | (
-        {WEBRTC_RENDITION_ID} if opts.webrtc_rendition else set()
-    )
-    producers = [(o, rec) for o, rec in derived if o.rid in eager_ids]
+    job.passes = 1 + len(eager)
+    producers = [(o, rec) for o, rec in derived if any(o.rid == r.rendition_id for r in eager)]
     if audio_out is not None and audio_out.recipe is not None:
         producers.append((audio_out, audio_out.recipe))
 
@@ -622,13 +602,15 @@ def _audio_codecs(src: SourceInfo, opts: PackagingOptions) -> str:
 
 
 def _rungs_below(opts: PackagingOptions, top_h: int) -> list[Rung]:
-    """Ladder rungs strictly smaller than the top rendition (never upscaled)."""
+    """Ladder rungs strictly smaller than the top rendition (never upscaled); a B-frame-free
+    rung (for WebRTC passthrough) may also have the top's height."""
     out: list[Rung] = []
-    seen: set[int] = set()
+    seen: set[str] = set()
     for r in sorted(opts.ladder, key=lambda r: -r.height):
-        if r.height >= top_h or r.height in seen:
+        too_tall = r.height > top_h or (r.height == top_h and r.bframes != 0)
+        if too_tall or r.rendition_id in seen:
             continue
-        seen.add(r.height)
+        seen.add(r.rendition_id)
         out.append(r)
     return out
 

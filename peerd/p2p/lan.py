@@ -5,6 +5,9 @@ Routes (installed on the node's HTTP app):
 - ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
   the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
   401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+- ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
+  (same signature rules); the media id is the manifest's CID, so the asker verifies the bytes.
+  Used by :class:`~peerd.p2p.puller.PeerPuller` for the coordinator's prefetch from a named peer.
 - ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
   libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
   ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
@@ -35,6 +38,7 @@ from peerd.runtime import Runtime
 log = logging.getLogger("peerd.p2p.lan")
 
 ROUTE = "/p2p/v1/blobs/{cid}"
+MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
 FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
 DIRECTORY_KEY = "lan_peers"
 CHUNK = 256 * 1024
@@ -97,6 +101,21 @@ def install(app: web.Application, rt: Runtime) -> None:
             headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"},
         )
 
+    async def get_manifest(request: web.Request) -> web.Response:
+        authenticate(request, lambda p: p in trusted or directory.known(p))
+        media_id = parse_cid(request.match_info["media_id"])
+        async with rt.catalog.conn.execute(
+            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"media {media_id} is not in this node's catalog")
+        body = row[0] if isinstance(row[0], bytes) else str(row[0]).encode()
+        return web.Response(
+            body=body,
+            headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
+
     async def fetch(request: web.Request) -> web.Response:
         authenticate(request, operators.__contains__)
         cid = parse_cid(request.match_info["cid"])
@@ -107,6 +126,7 @@ def install(app: web.Application, rt: Runtime) -> None:
         return web.json_response({"cid": cid, "size": path.stat().st_size})
 
     app.router.add_get(ROUTE, get_blob)
+    app.router.add_get(MEDIA_ROUTE, get_manifest)
     app.router.add_post(FETCH_ROUTE, fetch)
 
 
@@ -149,18 +169,11 @@ class LanSource:
         peers = [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
         for peer in peers[: self.max_peers]:
             assert peer.url is not None
-            path = ROUTE.format(cid=cid)
-            headers = sign_headers(
-                "GET",
-                path,
-                time.time(),
-                self.identity.peer_id,
-                self.identity.public_bytes,
-                self.identity.sign,
-            )
             started = time.monotonic()
             try:
-                resp = await self._client().get(peer.url.rstrip("/") + path, headers=headers)
+                resp = await signed_get(
+                    self._client(), self.identity, peer.url, ROUTE.format(cid=cid)
+                )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.directory.report(peer.peer_id, False, type(exc).__name__)
                 continue
@@ -174,7 +187,7 @@ class LanSource:
             yield Offer(
                 self.name,
                 peer.peer_id,
-                _body(resp),
+                stream_body(resp),
                 size=resp.content_length,
                 meta={"url": peer.url},
             )
@@ -184,7 +197,18 @@ class LanSource:
         self.directory.report(offer.peer, ok, reason)
 
 
-async def _body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def signed_get(
+    session: aiohttp.ClientSession, identity: Identity, base_url: str, path: str
+) -> aiohttp.ClientResponse:
+    """``GET base_url + path`` signed with the node key (``peerd.core.signing``)."""
+    headers = sign_headers(
+        "GET", path, time.time(), identity.peer_id, identity.public_bytes, identity.sign
+    )
+    return await session.get(base_url.rstrip("/") + path, headers=headers)
+
+
+async def stream_body(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response body in chunks; transport errors become UpstreamError; releases ``resp``."""
     try:
         async for chunk in resp.content.iter_chunked(CHUNK):
             yield chunk

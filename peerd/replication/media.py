@@ -8,9 +8,18 @@ from peerd.core.manifest import Manifest
 
 
 async def record_media(
-    tx: aiosqlite.Connection, media_id: str, data: bytes, manifest: Manifest, now: float
+    tx: aiosqlite.Connection,
+    media_id: str,
+    data: bytes,
+    manifest: Manifest,
+    now: float,
+    *,
+    r2_state: str = "present",
 ) -> bool:
     """Insert the media, rendition and segment rows of a pulled manifest (inside ``tx``).
+
+    ``r2_state`` is the media item's state in R2: ``present`` for a pull from R2, ``none`` for a
+    pull from a peer.
 
     Returns False (and changes nothing) when the media item is already catalogued. The caller
     commits this only after every blob the manifest names is stored, so a segment row never
@@ -19,8 +28,8 @@ async def record_media(
     duration = max((r.duration_seconds for r in manifest.renditions), default=0.0)
     cur = await tx.execute(
         "INSERT INTO media(media_id, title, manifest, duration_s, created_at, r2_state, r2_since) "
-        "VALUES(?, '', ?, ?, ?, 'present', ?) ON CONFLICT(media_id) DO NOTHING",
-        (media_id, data, duration, now, now),
+        "VALUES(?, '', ?, ?, ?, ?, ?) ON CONFLICT(media_id) DO NOTHING",
+        (media_id, data, duration, now, r2_state, now if r2_state == "present" else None),
     )
     if cur.rowcount == 0:
         return False

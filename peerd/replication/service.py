@@ -131,6 +131,9 @@ class Replicator:
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set (and replaced) whenever a job finishes: run_until_idle's workers wait on it
+        # instead of sleeping until the next due time (a running job's lease is ~30 s out).
+        self._finished = asyncio.Event()
         self.on_progress: Progress | None = None
 
     # -- service ---------------------------------------------------------------------------------
@@ -182,12 +185,13 @@ class Replicator:
                     await self.execute(jobs[0])
                     done += 1
                     continue
+                finished = self._finished
                 if await self.outbox.open_count() == 0:
                     return
                 due = await self.outbox.next_due()
-                await asyncio.sleep(
-                    0.05 if due is None else max(0.01, min(1.0, due - self._clock()))
-                )
+                wait = 0.05 if due is None else max(0.01, min(1.0, due - self._clock()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), timeout=wait)
 
         await asyncio.gather(*(one() for _ in range(self.concurrency)))
         return done
@@ -229,6 +233,8 @@ class Replicator:
             self._busy -= 1
             if self._busy == 0:
                 self._idle.set()
+            self._finished.set()
+            self._finished = asyncio.Event()
 
     async def _renew(self, job: Job) -> None:
         period = self.outbox.policy.lease_s / 3
@@ -499,7 +505,7 @@ class Replicator:
                         max_size=size,
                     )
                 finally:
-                    await chunks.aclose()  # type: ignore[attr-defined]
+                    await chunks.aclose()
                 fetched += 1
                 nbytes += size
                 self.metrics.bytes.labels(direction="down").inc(size)

@@ -5,8 +5,9 @@ Every ``r2.tiering_interval_s`` it
 1. drains ``rt.access`` (the hot path only bumps an in-memory counter) and folds the counts into
    ``blobs.access_score``/``last_access`` in one transaction;
 2. adds the R2 requests made since the last round to the ``usage`` table (``r2_requests``,
-   labels ``class_a``/``class_b``), and stops promoting when this month's class A count reached
-   ``r2.budget_class_a_per_month``;
+   labels ``class_a``/``class_b``) and asks :func:`peerd.core.tiering.request_budget` what this
+   month's counts allow against ``r2.budget_class_a_per_month``/``budget_class_b_per_month``:
+   no promotions once either is used up, no eviction once class B is;
 3. asks :func:`peerd.core.tiering.plan_tiering` what to promote or demote and queues it through
    the :class:`~peerd.replication.service.Replicator`;
 4. when the store passes ``evict_high_watermark`` of its quota, evicts blobs chosen by
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
     BlobStat,
+    BudgetVerdict,
     Demote,
     MediaStat,
     Promote,
@@ -37,6 +39,7 @@ from peerd.core.tiering import (
     fold,
     plan_eviction,
     plan_tiering,
+    request_budget,
 )
 from peerd.errors import PeerdError
 from peerd.replication.r2 import R2Client, R2Error
@@ -108,10 +111,10 @@ class TieringService:
         """One round: fold, account, plan, evict."""
         now = self._clock() if now is None else now
         folded = await self.fold_access(now)
-        allowed = await self.account_requests(now)
+        budget = await self.account_requests(now)
         promoted: list[str] = []
         demoted: list[str] = []
-        for act in plan_tiering(await self.media_stats(now), self.limits(allowed), now):
+        for act in plan_tiering(await self.media_stats(now), self.limits(budget.promote), now):
             if isinstance(act, Promote):
                 await self.replicator.promote_media(act.media_id)
                 promoted.append(act.media_id)
@@ -120,7 +123,12 @@ class TieringService:
                 demoted.append(act.media_id)
         if promoted or demoted:
             log.info("tiering", extra={"promoted": promoted, "demoted": demoted})
-        evicted, refused = await self.evict(now)
+        if not (budget.promote and budget.evict):
+            log.warning(
+                "R2 request budget used up this month",
+                extra={"class_a_left": budget.class_a_left, "class_b_left": budget.class_b_left},
+            )
+        evicted, refused = await self.evict(now) if budget.evict else (0, 0)
         return TickReport(folded, tuple(promoted), tuple(demoted), evicted, refused)
 
     def limits(self, promotions_allowed: bool = True) -> TieringLimits:
@@ -154,8 +162,8 @@ class TieringService:
             )
         return len(updates)
 
-    async def account_requests(self, now: float) -> bool:
-        """Persist request counts; True while this month's class A budget is not used up."""
+    async def account_requests(self, now: float) -> BudgetVerdict:
+        """Persist request counts; what this month's counts allow (see the module doc)."""
         a, b = self.replicator.metrics.take_pending()
         day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
         async with self.rt.catalog.transaction() as tx:
@@ -167,14 +175,20 @@ class TieringService:
                         "DO UPDATE SET value = value + excluded.value",
                         (day, label, n),
                     )
+        used = {"class_a": 0, "class_b": 0}
         async with self.rt.catalog.conn.execute(
-            "SELECT COALESCE(SUM(value), 0) FROM usage WHERE metric='r2_requests' "
-            "AND label='class_a' AND day >= ?",
+            "SELECT label, COALESCE(SUM(value), 0) FROM usage WHERE metric='r2_requests' "
+            "AND label IN ('class_a', 'class_b') AND day >= ? GROUP BY label",
             (day[:8] + "01",),
         ) as cur:
-            row = await cur.fetchone()
-        used = int(row[0]) if row else 0
-        return used < self.cfg.budget_class_a_per_month
+            for label, value in await cur.fetchall():
+                used[str(label)] = int(value)
+        return request_budget(
+            used["class_a"],
+            used["class_b"],
+            self.cfg.budget_class_a_per_month,
+            self.cfg.budget_class_b_per_month,
+        )
 
     async def media_stats(self, now: float) -> list[MediaStat]:
         """Per-media size, demand and R2 state (media being deleted from R2 are left out)."""

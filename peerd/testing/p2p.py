@@ -4,10 +4,13 @@ read a node's metrics and libp2p addresses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from peerd.config import load_settings
@@ -88,3 +91,23 @@ def p2p_addrs(state_dir: Path, timeout: float = 30) -> list[str]:
             return path.read_text().split()
         time.sleep(0.05)
     raise TimeoutError(f"{path} not written")
+
+
+@contextlib.contextmanager
+def loopback_multicast() -> Iterator[None]:
+    """mDNS between processes on one host needs the MULTICAST flag on ``lo``: set it for the
+    duration (if it was off) and restore it after. Needs CAP_NET_ADMIN (tests run as root)."""
+    flags = subprocess.run(
+        ["ip", "-o", "link", "show", "lo"],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    turned_on = "MULTICAST" not in flags
+    if turned_on:
+        subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=True)  # noqa: S607
+    try:
+        yield
+    finally:
+        if turned_on:
+            subprocess.run(["ip", "link", "set", "lo", "multicast", "off"], check=True)  # noqa: S607

@@ -7,6 +7,7 @@ equal-part rule; peerd enforces those itself (``peerd.core.multipart``) and test
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -43,7 +44,10 @@ def moto_binary() -> str:
 class MotoServer:
     """One moto_server process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, env: dict[str, str] | None = None) -> None:
+        """``env``: extra environment for the process (e.g. moto's
+        ``INITIAL_NO_AUTH_ACTION_COUNT``, after which it checks every signature)."""
+        self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,6 +59,7 @@ class MotoServer:
             [moto_binary(), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -11,6 +11,8 @@ JSON endpoints:
 ``GET /ui/api/media/{id}``      one item's renditions with init and segment blob ids
 ``GET /ui/api/blob/{cid}``      a blob's bytes, for the in-page player (through the resolver
                                 when the daemon has one, so absent blobs are fetched)
+``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
+                                with a short-lived ``whep`` token minted for the operator
 
 Access control, checked on every request before anything else:
 
@@ -24,7 +26,9 @@ Access control, checked on every request before anything else:
 
 The player: Chromium has no native HLS, so instead of vendoring hls.js the page plays fMP4
 renditions itself with Media Source Extensions, appending the init segment and the media
-segments by blob id. MPEG-TS renditions are listed but not played in the page.
+segments by blob id. MSE in Chromium does not take MPEG-TS, so every item (TS ones included)
+can also be played over WebRTC: the page frames the node's WHEP player (``/whep/player/``), the
+same path a viewer uses.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from typing import Any
 
 from aiohttp import web
 
+from peerd.core import tokens
 from peerd.core.ids import parse_cid
-from peerd.errors import Forbidden, NotFound, Unauthorized, Unavailable
+from peerd.errors import Forbidden, NotConfigured, NotFound, Unauthorized, Unavailable
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, served_totals
@@ -60,9 +65,11 @@ STATIC_TYPES = {
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "media-src 'self' blob:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
-    "frame-ancestors 'none'"
+    "frame-src 'self'; frame-ancestors 'none'"
 )
 FAILED_LOGIN_DELAY_S = 0.5
+# The player page posts its offer at once; the token only needs to outlive that.
+PLAYER_TOKEN_TTL_S = 600
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -206,6 +213,21 @@ class Dashboard:
         resp = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
         return _secure(resp, cache="private, max-age=31536000, immutable")
 
+    async def whep(self, request: web.Request) -> web.StreamResponse:
+        """A link to the WHEP player for one media item, with a token when the node signs."""
+        self._require(request)
+        if not self.rt.settings.webrtc.enabled:
+            raise NotConfigured("WebRTC playback is off ([webrtc] enabled = false)")
+        media_id = parse_cid(request.match_info["media_id"])
+        if await media_detail(self.rt, media_id) is None:
+            raise NotFound(f"no media {media_id}")
+        url = f"/whep/player/{media_id}"
+        key = self.rt.settings.secret("hls_signing_key")
+        if key is not None:
+            expires = int(time.time()) + PLAYER_TOKEN_TTL_S
+            url += "?token=" + tokens.mint(tokens.key_from_secret(key), media_id, "whep", expires)
+        return _secure(web.json_response({"player": url}))
+
     # -- bandwidth sampler ------------------------------------------------------------------
 
     async def sampler(self, app: web.Application) -> AsyncIterator[None]:
@@ -238,5 +260,6 @@ def install(app: web.Application, rt: Runtime) -> None:
     app.router.add_get("/ui/static/{name}", d.static)
     app.router.add_get("/ui/api/summary", d.summary)
     app.router.add_get("/ui/api/media/{media_id}", d.media)
+    app.router.add_get("/ui/api/whep/{media_id}", d.whep)
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
     app.cleanup_ctx.append(d.sampler)

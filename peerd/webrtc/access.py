@@ -36,4 +36,4 @@ def check_access(rt: Runtime, media_id: str, token: str | None, now: float) -> N
         return
     if token is None:
         raise Unauthorized("a token is required")
-    verify(key.encode(), token, media_id, SCOPE, now)
+    verify(tokens.key_from_secret(key), token, media_id, SCOPE, now)

@@ -70,19 +70,18 @@ class Playable:
 def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
     """The best ready video rendition no taller than ``max_height`` (else the smallest one).
 
-    A B-frame-free rendition (``media.webrtc_rendition``) that fits wins over any other: its
-    packets go to the viewer as stored, where another rendition with B-frames would need a live
-    transcode (Chromium's WebRTC H.264 decoder shows only the keyframes of such a stream).
+    A rendition packaged without B-frames (a ``bframes = 0`` ladder rung) comes first: its
+    packets can be passed through to the viewer as stored, where any other H.264 stream has to
+    be transcoded (Chromium's WebRTC decoder shows only the keyframes of a stream with
+    B-frames), which costs a core's worth of CPU per few viewers.
     """
     ready = [r for r in manifest.renditions if r.kind == "video" and not r.on_demand]
     if not ready:
         raise MediaError("media has no ready video rendition to play")
     fitting = [r for r in ready if (r.height or 0) <= max_height]
-    passthrough = [r for r in fitting if r.bframe_free]
-    if passthrough:
-        return max(passthrough, key=lambda r: (r.height or 0, r.bandwidth))
     if fitting:
-        return max(fitting, key=lambda r: (r.height or 0, r.bandwidth))
+        no_bframes = [r for r in fitting if r.recipe is not None and r.recipe.bframes == 0]
+        return max(no_bframes or fitting, key=lambda r: (r.height or 0, r.bandwidth))
     return min(ready, key=lambda r: (r.height or 0, r.bandwidth))
 
 

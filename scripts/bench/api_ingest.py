@@ -31,14 +31,20 @@ def main() -> int:
     """Submit, poll, report."""
     base, token_file, path = sys.argv[1:4]
     token = Path(token_file).read_text().strip()
-    job = _call(base, token, "POST", "/api/v1/commands/ingest", {"path": path, "force": True})
+    job = _call(base, token, "POST", "/api/v1/commands/ingest", {"path": path})
     while job["state"] not in ("done", "failed"):
         time.sleep(0.01)
         job = _call(base, token, "GET", f"/api/v1/jobs/{job['job_id']}")
     if job["state"] == "failed":
         print(f"ingest failed: {job['error']}", file=sys.stderr)
         return 1
-    print(json.dumps(job["result"]))
+    result = job["result"]
+    files = result.get("files", []) if isinstance(result, dict) else []
+    bad = [f for f in files if not f.get("ok")]
+    if not files or bad:
+        print(f"ingest failed: {bad or result}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
     return 0
 
 

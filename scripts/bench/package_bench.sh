@@ -65,7 +65,7 @@ state_dir = "$W/peerd-daemon"
 [http]
 port = $PORT
 [media]
-library_roots = ["$(dirname "$SRC")"]
+library_dirs = ["$(dirname "$SRC")"]
 [mdns]
 enabled = false
 [p2p]

@@ -2,11 +2,19 @@
 
 1. push: peerd's outbox push of a media library vs ``rclone copy`` of the same files to the same
    server (A/B alternated, fresh bucket per run); ratio = rclone time / peerd time (goal >= 1.0).
+   rclone runs with its defaults (it lists the destination, PUTs each file and HEADs it
+   afterwards -- the same PUT+HEAD per blob as peerd) except ``--transfers 8 --checkers 8``
+   (peerd's concurrency; rclone's default is 4 transfers) and ``--s3-no-check-bucket`` (the
+   bucket exists; peerd does not try to create it either).
 2. cold-miss TTFB: an HTTP GET to a peerd-style blob route (aiohttp, ``Resolver.open_stream`` on
    an R2 source) for a blob the node lacks, vs a direct HTTP GET of the object from the server;
    also store-then-serve (``ensure_local`` then the file). Ratio = peerd / direct (goal <= 1.2).
 3. single flight: 100 concurrent requests for one missing blob through the route; upstream GETs
    counted by a proxy between peerd and the server (goal: exactly 1).
+4. cold-miss TTFB through a real daemon (``peerd run`` in its own process, R2 configured at the
+   moto server, a media item whose blobs are only in the bucket): a signed
+   ``GET /hls/<media>/b/<cid>.m4s`` for a blob the node lacks vs a direct GET of the object, the
+   two alternated blob by blob. This is the production path, with the viewer in another process.
 
 Usage (from the repo root)::
 
@@ -35,14 +43,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerd.config import load_settings  # noqa: E402
 from peerd.core.ids import Cid, cid_of  # noqa: E402
+from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of  # noqa: E402
 from peerd.core.outbox import RetryPolicy  # noqa: E402
 from peerd.delivery import Resolver  # noqa: E402
+from peerd.replication.media import record_media  # noqa: E402
 from peerd.replication.outbox import Outbox  # noqa: E402
 from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
 from peerd.replication.service import Replicator  # noqa: E402
 from peerd.replication.source import R2Source  # noqa: E402
 from peerd.runtime import Runtime, open_runtime  # noqa: E402
 from peerd.testing.faultproxy import Fault, FaultProxy  # noqa: E402
+from peerd.testing.process import PeerdProcess  # noqa: E402
+from peerd.testing.r2media import hls_url, write_r2_secrets  # noqa: E402
 from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
 
 OUT = Path("/tmp/peerd-bench")
@@ -155,6 +167,93 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
+
+
+async def daemon_ttfb(moto: MotoServer, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Section 4: TTFB of a cold miss through ``peerd run`` vs a direct GET."""
+    bucket = "ttfb-daemon"
+    await asyncio.to_thread(moto.create_bucket, bucket)
+    tsize = int(args.ttfb_size_mib * 1024 * 1024)
+    blobs = [os.urandom(tsize) for _ in range(args.ttfb_blobs + 1)]
+    cids = [cid_of(b) for b in blobs]
+    for c, b in zip(cids, blobs, strict=True):
+        await asyncio.to_thread(moto.put, bucket, blob_key(c), b)
+    wan = await FaultProxy("127.0.0.1", moto.port).start()
+    if args.rtt_ms:
+        wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
+    upstream = wan.url if args.rtt_ms else moto.url
+    state = tmp / "daemon"
+    r2 = {"endpoint": upstream, "bucket": bucket, "tiering_interval_s": 3600.0}
+    node = PeerdProcess(state, config={"r2": r2, "log": {"level": "warning"}})
+    await asyncio.to_thread(node.init)
+    write_r2_secrets(state)
+    media_id = await record_synthetic_media(state, cids)
+    await asyncio.to_thread(node.start)
+    res: dict[str, list[float]] = {"direct": [], "daemon": []}
+    try:
+        direct = moto.client()
+
+        def presigned(c: Cid) -> str:
+            url = str(
+                direct.generate_presigned_url(
+                    "get_object", Params={"Bucket": bucket, "Key": blob_key(c)}
+                )
+            )
+            return url.replace(moto.url, upstream, 1)
+
+        async with aiohttp.ClientSession() as session:
+            # Warm both paths' connections on a blob that is not measured (the init segment).
+            await ttfb(session, presigned(cids[0]))
+            await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{cids[0]}.mp4"))
+            for c in cids[1:]:
+                d = await ttfb(session, presigned(c))
+                p = await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{c}.m4s"))
+                assert d[2] == tsize, d
+                assert p[2] == tsize, p
+                res["direct"].append(d[0])
+                res["daemon"].append(p[0])
+    finally:
+        await asyncio.to_thread(node.stop)
+        await wan.stop()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(
+        f"TTFB through the daemon: {med['daemon'] * 1000:.2f} ms vs direct "
+        f"{med['direct'] * 1000:.2f} ms = {med['daemon'] / med['direct']:.2f}x"
+    )
+    return {
+        "blob_bytes": tsize,
+        "blobs": len(cids) - 1,
+        "rtt_ms": args.rtt_ms,
+        "median_ttfb_s": med,
+        "ratio_daemon_over_direct": med["daemon"] / med["direct"],
+    }
+
+
+async def record_synthetic_media(state: Path, cids: list[Cid]) -> str:
+    """A media item on the stopped node whose segments are ``cids`` (held only in the bucket)."""
+    segments = tuple(Segment(duration=4000, cid=c) for c in cids)
+    rendition = Rendition(
+        id="v0",
+        kind="video",
+        codecs="avc1.64001f",
+        bandwidth=5_000_000,
+        timescale=1000,
+        segments=segments[1:],
+        width=1920,
+        height=1080,
+        init=cids[0],
+    )
+    manifest = Manifest(container="fmp4", renditions=(rendition,))
+    data = encode(manifest)
+    media_id = media_id_of(manifest)
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        async with rt.catalog.transaction() as tx:
+            await record_media(tx, media_id, data, manifest, time.time())
+        await rt.catalog.set_state("clean_shutdown", "1")
+    finally:
+        await rt.close()
+    return media_id
 
 
 async def main() -> None:
@@ -291,6 +390,8 @@ async def main() -> None:
             finally:
                 await pclient.close()
                 await proxy.stop()
+            # -- TTFB through a real daemon ---------------------------------------------------
+            results["ttfb_daemon"] = await daemon_ttfb(moto, Path(tmp), args)
         finally:
             await rt.close()
     (OUT / "r2.json").write_text(json.dumps(results, indent=2))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 
-from peerd.core.ids import cid_of
+from peerd.core.ids import Cid, cid_of
 from peerd.delivery import BlobStream, Resolver
+from peerd.delivery.source import Offer
 from peerd.errors import IntegrityError, NotFound
 from peerd.replication.r2 import R2Client, blob_key
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
+from peerd.store import BlobStore
 from peerd.testing.faultproxy import FaultProxy
 from peerd.testing.s3server import MotoServer
 from peerd.testing.sources import MemorySource
@@ -80,3 +83,28 @@ async def test_untrusted_sources_are_verified_before_serving(runtime: Runtime) -
     assert await body(s) == data
     with pytest.raises(NotFound):
         await resolver.open_stream(cid_of(b"nowhere"))
+
+
+class _WinsTheRace(MemorySource):
+    """A trusted source; just before it offers, another fetch stores the blob."""
+
+    store: BlobStore | None = None
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        data = self.blobs[cid]
+        assert self.store is not None
+        await self.store.put(data, expected=cid)
+        yield Offer(self.name, "r2", self._stream(data), size=len(data), meta={"trusted": "1"})
+
+
+async def test_stream_completes_from_the_file_when_the_store_already_had_the_blob(
+    runtime: Runtime,
+) -> None:
+    data = os.urandom(700_000)
+    cid = cid_of(data)
+    source = _WinsTheRace(name="r2", blobs={cid: data}, chunk=50_000)
+    source.store = runtime.store
+    resolver = Resolver(runtime.store, [source])
+    s = await resolver.open_stream(cid)
+    assert s.chunks is not None  # streaming began before the store said it had the blob
+    assert await body(s) == data

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from peerd.config import load_settings
 from peerd.core.ids import cid_of
 from peerd.replication.r2 import blob_key, manifest_key
@@ -95,6 +97,8 @@ async def rows(state: Path, sql: str) -> list[tuple[object, ...]]:
         await rt.close()
 
 
+# Tens of seconds on a quiet machine; CI machines may be several times slower.
+@pytest.mark.timeout(400)
 async def test_sigkill_during_push_pull_and_eviction(
     tmp_path: Path, moto: MotoServer, bucket: str, proxy: FaultProxy
 ) -> None:

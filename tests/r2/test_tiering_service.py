@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import time
 
@@ -110,3 +111,44 @@ async def test_eviction_removes_only_blobs_r2_confirms(
     assert await runtime.store.has(Cid(pinned))
     assert await runtime.store.has(Cid(blobs[5]))
     assert (await runtime.store.verify()).ok
+
+
+async def test_class_b_budget_stops_eviction_and_promotion(
+    runtime: Runtime, replicator: Replicator, proxy: FaultProxy
+) -> None:
+    hot, hot_cids = await make_media(runtime, n=2, size=10_000)
+    svc = service(
+        runtime,
+        replicator,
+        uplink_bytes_per_s=1000,
+        uplink_headroom=1.0,
+        access_half_life_s=3600.0,
+        budget_bytes=10**9,
+        budget_class_b_per_month=3,
+    )
+    blobs = [await runtime.store.put(os.urandom(10_000)) for _ in range(3)]
+    for c in blobs:
+        await replicator.push_blob(c)
+    await replicator.run_until_idle(max_wait_s=30)
+    heads = proxy.count("HEAD")
+    runtime.store.quota_bytes = 10_000  # far over quota
+    now = time.time()
+    day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
+    async with runtime.catalog.transaction() as tx:  # this month's reads so far
+        await tx.execute(
+            "INSERT INTO usage(day, metric, label, value) VALUES(?, 'r2_requests', 'class_b', 3)",
+            (day,),
+        )
+    for c in hot_cids:
+        runtime.access.record(c, 5_000_000, now)
+    report = await svc.tick(now=now)
+    assert (report.promoted, report.evicted, report.refused) == ((), 0, 0)
+    assert proxy.count("HEAD") == heads  # no eviction HEADs were spent
+    assert all([await runtime.store.has(c) for c in blobs])
+    # A new month starts with a fresh budget: eviction and promotion resume.
+    later = now + 32 * 86400
+    for c in hot_cids:
+        runtime.access.record(c, 5_000_000, later)
+    report = await svc.tick(now=later)
+    assert report.promoted == (hot,)
+    assert report.evicted > 0

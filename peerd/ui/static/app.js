@@ -185,11 +185,14 @@ function renderMedia(list) {
   fillTable("media", list.length ? list.map((m) => {
     const rends = m.renditions.map((r) => `${r.rendition_id} ${r.height ? r.height + "p " : ""}${r.container}`).join(", ");
     const playable = m.renditions.some((r) => r.container === "fmp4");
-    const button = playable
-      ? el("button", { class: "play", "data-media": m.media_id, onclick: () => play(m.media_id, m.title) }, "Play")
-      : el("span", { class: "dim" }, "TS only");
+    const actions = el("span", {});
+    if (playable) {
+      actions.append(el("button", { class: "play", "data-media": m.media_id, onclick: () => play(m.media_id, m.title) }, "Play"));
+    }
+    // MSE takes no MPEG-TS; WebRTC plays any item, through the node's own WHEP player.
+    actions.append(el("button", { class: "play whep", "data-media": m.media_id, onclick: () => playWhep(m.media_id, m.title) }, "WebRTC"));
     return [m.title || el("span", { class: "mono" }, m.media_id), fmtDuration(m.duration_s), rends,
-      `${m.local_segments}/${m.segments} segments, ${fmtBytes(m.local_bytes)}`, m.r2_state, button];
+      `${m.local_segments}/${m.segments} segments, ${fmtBytes(m.local_bytes)}`, m.r2_state, actions];
   }) : [["No media yet: add some with the packaging command (see README)."]]);
 }
 
@@ -209,9 +212,40 @@ async function getJSON(url) {
 
 // Plays an fMP4 rendition with Media Source Extensions: the init segment, then every media
 // segment in order, fetched by blob id. Chromium has no native HLS; this needs no hls.js.
+// Plays any item over WebRTC: frames the node's WHEP player page (same origin), which posts its
+// offer with a short-lived token the dashboard mints for the operator.
+async function playWhep(mediaId, title) {
+  const frame = document.getElementById("whep-frame");
+  const note = document.getElementById("player-note");
+  stopPlayers();
+  try {
+    const link = await getJSON(`/ui/api/whep/${encodeURIComponent(mediaId)}`);
+    frame.hidden = false;
+    frame.dataset.media = mediaId;
+    frame.src = link.player;
+    document.getElementById("player").dataset.media = mediaId;
+    note.textContent = `Playing ${title || mediaId} over WebRTC`;
+  } catch (e) {
+    note.textContent = `WebRTC playback unavailable: ${e.message}`;
+  }
+}
+
+function stopPlayers() {
+  const frame = document.getElementById("whep-frame");
+  const whep = frame.contentWindow && frame.contentWindow.whep;
+  if (whep && whep.stop) whep.stop().catch(() => {});
+  frame.hidden = true;
+  frame.removeAttribute("src");
+  delete frame.dataset.media;
+  const video = document.getElementById("player");
+  video.pause();
+  video.hidden = true;
+}
+
 async function play(mediaId, title) {
   const video = document.getElementById("player");
   const note = document.getElementById("player-note");
+  stopPlayers();
   const info = await getJSON(`/ui/api/media/${encodeURIComponent(mediaId)}`);
   const mime = (r) => `${r.kind === "audio" ? "audio" : "video"}/mp4; codecs="${r.codecs}"`;
   const candidates = info.renditions.filter((r) => r.container === "fmp4" && r.init_cid &&
