@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__, install
-from peerd.api import openapi as api_openapi
+from peerd.api import cli as api_cli
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
 from peerd.logs import setup_logging
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     media_cli.register(sub)
     install.register(sub)
     replication_cli.register(sub)
-    api_openapi.register(sub)
+    api_cli.register(sub)
     return parser
 
 

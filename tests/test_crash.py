@@ -2,7 +2,8 @@
 
 After each kill, start-up recovery (``peerd verify --repair``) must leave zero corrupt blobs,
 zero orphans and zero temp files, and every blob whose ``put`` was journalled (committed) and not
-deleted since must still be present and intact (``peerd verify`` re-hashes everything).
+deleted since must still be present and intact (``peerd verify`` re-hashes everything). A
+``put_many`` batch killed midway must have committed all of its blobs or none.
 """
 
 import json
@@ -19,6 +20,20 @@ import pytest
 from peerd.testing.process import peerd_env, run_cli
 
 KILLS = 52
+
+
+def _inflight_batch(journal: Path) -> set[str]:
+    """The cids of a ``put_many`` that started and was not journalled as done (else empty)."""
+    batch: set[str] = set()
+    if not journal.exists():
+        return batch
+    for line in journal.read_text().splitlines():
+        op, _, rest = line.partition(" ")
+        if op == "batch":
+            batch = set(rest.split())
+        elif op == "put":
+            batch.clear()
+    return batch
 
 
 def _expected(journal: Path) -> tuple[set[str], set[str]]:
@@ -47,6 +62,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     journal = tmp_path / "journal"
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     kills = 0
+    batches_cut = 0
     repaired = {"temp_removed": 0, "orphans_removed": 0, "marked_absent": 0}
     for _ in range(KILLS):
         proc = subprocess.Popen(  # noqa: S603
@@ -74,12 +90,17 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
         rows = _present(state)
         lost = must - rows
         assert not lost, f"after kill {kills}: committed blobs lost: {sorted(lost)[:5]}"
+        batch = _inflight_batch(journal)
+        if batch:
+            batches_cut += 1
+            part = batch & rows
+            assert part in (set(), batch), f"after kill {kills}: half a batch committed"
     assert kills >= 50
     must, _ = _expected(journal)
     assert len(must) > 20  # the workload really wrote things between kills
     # Some kills landed mid-write: recovery had temp files or orphans to clean up.
     assert repaired["temp_removed"] + repaired["orphans_removed"] > 0, repaired
-    print("recovery totals over", kills, "kills:", repaired)
+    print("recovery totals over", kills, "kills:", repaired, "batches cut:", batches_cut)
 
 
 def _present(state: Path) -> set[str]:

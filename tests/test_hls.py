@@ -279,8 +279,23 @@ async def test_missing_blob_is_fetched_through_the_resolver(
     assert status == 200
     assert body == data
     assert source.requests == [cid]
-    fetched = await _sample(node, "peerd_http_blob_bytes_total", source="fetched", status="200")
+    # The bytes are credited to the source that delivered them (the "P2P savings" figure).
+    fetched = await _sample(node, "peerd_http_blob_bytes_total", source="lan", status="200")
     assert fetched == len(data)
+    assert await _sample(node, "peerd_bytes_served_total", source="lan") == len(data)
+    # Now held: the next request is served from the local store.
+    reg, labels = node.rt.metrics.registry, {"source": "local", "status": "200"}
+    before = reg.get_sample_value("peerd_http_blob_bytes_total", labels) or 0.0
+    status, _, _ = await _get(http, node.url("ts", blob))
+    assert status == 200
+    for _ in range(500):  # counted once the last byte left: poll (bounded) for it
+        if reg.get_sample_value("peerd_http_blob_bytes_total", labels) == before + len(data):
+            break
+        await asyncio.sleep(0.01)
+    assert reg.get_sample_value("peerd_http_blob_bytes_total", labels) == before + len(data)
+    assert reg.get_sample_value("peerd_http_blob_bytes_total", {**labels, "source": "lan"}) == len(
+        data
+    )
 
 
 class _GatedTrusted(MemorySource):

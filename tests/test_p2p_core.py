@@ -130,6 +130,21 @@ def test_provide_schedule_batches_and_lag() -> None:
     assert len(s) == 1
 
 
+def test_provide_schedule_backs_off_after_failed_announcements() -> None:
+    """A failed announcement is not retried at once (a node with no DHT peers used to spin)."""
+    s = ProvideSchedule(interval_s=100, batch=10, retry_s=60)
+    s.sync(["a", "b"])
+    due = s.due(0.0)
+    s.done(["a"], 0.0)
+    s.failed(set(due) - {"a"}, 0.0)
+    assert s.due(1.0) == []  # "b" waits for its retry time
+    assert s.lag(30.0, started=0.0) == 30.0  # and still counts as late
+    assert s.due(60.0) == ["b"]
+    s.done(["b"], 61.0)
+    assert s.due(99.0) == []
+    assert s.due(101.0 + 60) == ["a", "b"]
+
+
 def test_blobwire_framing() -> None:
     req = blobwire.encode_request("bafkreiabc")
     assert blobwire.decode_request(req) == "bafkreiabc"

@@ -90,3 +90,23 @@ async def test_waiters_get_the_failure_too(runtime: Runtime) -> None:
         *(resolver.ensure_local(cid) for _ in range(5)), return_exceptions=True
     )
     assert all(isinstance(r, NotFound) for r in results)
+
+
+async def test_ensure_local_from_names_the_delivering_source(runtime: Runtime) -> None:
+    data = os.urandom(10_000)
+    cid = cid_of(data)
+    down = MemorySource(name="lan", fail=True)
+    good = MemorySource(name="r2", blobs={cid: data})
+    resolver = Resolver(runtime.store, [down, good], registry=None)
+    # Concurrent callers share one fetch; every one learns which source supplied the bytes.
+    got = await asyncio.gather(*(resolver.ensure_local_from(cid) for _ in range(5)))
+    assert {source for _, source in got} == {"r2"}
+    assert len(good.requests) == 1
+    path, source = await resolver.ensure_local_from(cid)
+    assert (path.read_bytes(), source) == (data, "local")
+    # open_stream of an untrusted source's blob hands back the stored file, with its source.
+    other = os.urandom(5_000)
+    ocid = cid_of(other)
+    lan = MemorySource(name="lan", blobs={ocid: other})
+    stream = await Resolver(runtime.store, [lan], registry=None).open_stream(ocid)
+    assert (stream.chunks, stream.source) == (None, "lan")

@@ -21,12 +21,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from peerd import __version__
+from peerd.api import cli as api_cli
 from peerd.api import models as m
 from peerd.api.spec import ENDPOINTS, PREFIX, Endpoint
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER
 
 REF = "#/components/schemas/{model}"
-DOC_PATH = Path(__file__).with_name("openapi.json")
+DOC_PATH = api_cli.DOC_PATH
 
 _STATUS_TEXT = {
     200: "OK",
@@ -240,22 +241,15 @@ def committed() -> str:
     return resources.files("peerd.api").joinpath("openapi.json").read_text("utf-8")
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help="default: in the package")
-
-
 def register(subparsers: Any) -> None:
-    """Add ``peerd api-schema`` to the command line."""
-    p = subparsers.add_parser("api-schema", help="regenerate (or --check) the API's OpenAPI file")
-    _arguments(p)
-    p.set_defaults(func=lambda args, settings: write(args.output, check=args.check))
+    """Add ``peerd api-schema`` to the command line (see :mod:`peerd.api.cli`)."""
+    api_cli.register(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m peerd.api.openapi [--check] [--output PATH]``."""
     parser = argparse.ArgumentParser(prog="python -m peerd.api.openapi", description=__doc__)
-    _arguments(parser)
+    api_cli.arguments(parser)
     args = parser.parse_args(argv)
     return write(args.output, check=args.check)
 

@@ -209,6 +209,18 @@ class Catalog:
             (cid, size, kind, now),
         )
 
+    @staticmethod
+    async def put_blob_rows(
+        tx: aiosqlite.Connection, rows: Iterable[tuple[Cid, int, str]], now: float
+    ) -> None:
+        """:meth:`put_blob_row` for many ``(cid, size, kind)`` at once (inside ``tx``)."""
+        await tx.executemany(
+            "INSERT INTO blobs(cid, size, kind, local_state, created_at) "
+            "VALUES(?, ?, ?, 'present', ?) "
+            "ON CONFLICT(cid) DO UPDATE SET local_state='present', size=excluded.size",
+            [(cid, size, kind, now) for cid, size, kind in rows],
+        )
+
     async def add_blob(self, cid: Cid, size: int, kind: str, now: float | None = None) -> None:
         """Commit a present blob row."""
         async with self.transaction() as tx:

@@ -38,6 +38,8 @@ class _Tee:
         self.ends: list[int] = []  # byte offset just past each chunk
         self.size: int | None = None
         self.source = ""
+        # The source whose bytes ended up in the store (the fetch's winner), once finished.
+        self.path_source = "local"
         self.streaming = False
         self.done = False
         self.error: PeerdError | None = None
@@ -134,7 +136,7 @@ class Resolver:
         self.miss_ttl_s = miss_ttl_s
         self.max_blob_bytes = max_blob_bytes
         self._clock = clock
-        self._inflight: dict[Cid, asyncio.Future[Path]] = {}
+        self._inflight: dict[Cid, asyncio.Future[tuple[Path, str]]] = {}
         self._tees: dict[Cid, _Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
@@ -162,6 +164,15 @@ class Resolver:
 
     async def ensure_local(self, cid: Cid) -> Path:
         """The local file of ``cid``, fetching it first if needed. NotFound if no source has it."""
+        return (await self._ensure(cid, None))[0]
+
+    async def ensure_local_from(self, cid: Cid) -> tuple[Path, str]:
+        """Like :meth:`ensure_local`, plus the name of the source that supplied the bytes.
+
+        ``"local"`` when the blob was already held; otherwise the delivering source's name
+        (``lan``, ``libp2p``, ``r2``, ``transcode``...), also for callers that joined an upstream
+        fetch in flight, so bytes-by-source metrics credit the real origin.
+        """
         return await self._ensure(cid, None)
 
     async def open_stream(self, cid: Cid) -> BlobStream:
@@ -188,8 +199,8 @@ class Resolver:
         tee = self._tees.get(cid)
         if tee is None:
             if cid in self._inflight:
-                path = await self._ensure(cid, None)
-                return BlobStream(path=path, size=None, source="local")
+                path, source = await self._ensure(cid, None)
+                return BlobStream(path=path, size=None, source=source)
             tee = _Tee()
             self._tees[cid] = tee
             task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
@@ -201,11 +212,11 @@ class Resolver:
         if tee.error is not None:
             raise tee.error
         assert tee.path is not None
-        return BlobStream(path=tee.path, size=None, source="local")
+        return BlobStream(path=tee.path, size=None, source=tee.path_source)
 
     async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
         try:
-            path = await self._ensure(cid, tee, checked=True)
+            path, tee.path_source = await self._ensure(cid, tee, checked=True)
         except BaseException as exc:
             tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             if not isinstance(exc, Exception):
@@ -215,12 +226,14 @@ class Resolver:
         finally:
             self._tees.pop(cid, None)
 
-    async def _ensure(self, cid: Cid, tee: _Tee | None, *, checked: bool = False) -> Path:
+    async def _ensure(
+        self, cid: Cid, tee: _Tee | None, *, checked: bool = False
+    ) -> tuple[Path, str]:
         # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
         # request (if the blob arrived in between, the store notices and keeps its copy).
         if not checked:
             try:
-                return await self.store.open_path(cid)
+                return await self.store.open_path(cid), "local"
             except NotFound:
                 pass
         fut = self._inflight.get(cid)
@@ -234,7 +247,7 @@ class Resolver:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[cid] = fut
         try:
-            path = await self._fetch(cid, tee)
+            got = await self._fetch(cid, tee)
         except BaseException as exc:
             if isinstance(exc, NotFound):
                 self._misses[cid] = self._clock() + self.miss_ttl_s
@@ -246,12 +259,12 @@ class Resolver:
                 fut.exception()  # retrieved: waiters re-raise it; nobody else must log it
             raise
         else:
-            fut.set_result(path)
-            return path
+            fut.set_result(got)
+            return got
         finally:
             self._inflight.pop(cid, None)
 
-    async def _fetch(self, cid: Cid, tee: _Tee | None = None) -> Path:
+    async def _fetch(self, cid: Cid, tee: _Tee | None = None) -> tuple[Path, str]:
         failures: list[str] = []
         for source in self.sources:
             started = self._clock()
@@ -270,7 +283,7 @@ class Resolver:
                 continue
             if delivered is not None:
                 self.m_latency.labels(source=source.name).observe(self._clock() - started)
-                return delivered
+                return delivered, source.name
         if failures:
             log.info("blob not fetched", extra={"cid": cid, "failures": failures})
         raise NotFound(f"blob {cid} is not available from any source")

@@ -105,6 +105,10 @@ class ViewerAuth:
             except AccessDenied as exc:
                 raise self._deny(request, f"access:{exc.message}") from None
             return None
+        return self.check_token(request, media_id, scope)
+
+    def check_token(self, request: web.Request, media_id: str, scope: str) -> str | None:
+        """Token mode's check, synchronous (the hot path of playlists skips a coroutine)."""
         token = request.query.get("token")
         if self.key is None:
             raise self._deny(request, "no-signing-key")
@@ -289,10 +293,17 @@ class HlsRoutes:
 
     async def playlist(self, request: web.Request) -> web.Response:
         """Master (``master.m3u8``) or media playlist (``<rendition>.m3u8``) from memory."""
-        media_id = request.match_info["media"]
-        token = await self.auth.check(request, media_id, "hls")
-        media = await self.media(media_id)
-        name = request.match_info["name"]
+        match = request.match_info
+        media_id = match["media"]
+        auth = self.auth
+        # Playlists are the request-rate hot path: no coroutine hop for token checks or cached
+        # media (each await of a coroutine costs a few microseconds here).
+        if auth.mode == "token":
+            token = auth.check_token(request, media_id, "hls")
+        else:
+            token = await auth.check(request, media_id, "hls")
+        media = self._media.get(media_id) or await self.media(media_id)
+        name = match["name"]
         parts = media.templates.get(name)
         if parts is None:
             raise NotFound("no such playlist")
@@ -385,7 +396,8 @@ class HlsRoutes:
                     if streamable:
                         got = await resolver.open_stream(cid)
                     else:
-                        got = BlobStream(await resolver.ensure_local(cid), None, "fetched")
+                        fetched, by = await resolver.ensure_local_from(cid)
+                        got = BlobStream(fetched, None, by)
             except TimeoutError:
                 raise Unavailable("blob fetch timed out") from None
             finally:
@@ -393,7 +405,9 @@ class HlsRoutes:
             if got.chunks is not None:
                 return await self._stream(request, cid, got, headers)
             assert got.path is not None
-            path, source = got.path, "fetched"
+            # The source that delivered the bytes labels them (the dashboard's "P2P savings"
+            # reads bytes served by source).
+            path, source = got.path, got.source
         return _BlobResponse(self, cid, source, path, headers=headers)
 
     async def _stream(

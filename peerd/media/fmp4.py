@@ -20,7 +20,7 @@ class BoxError(ValueError):
 
 
 def iter_boxes(
-    data: bytes, start: int = 0, end: int | None = None
+    data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None
 ) -> Iterator[tuple[bytes, int, int]]:
     """Yield (type, offset, size) of each top-level box in data[start:end]."""
     end = len(data) if end is None else end
@@ -45,17 +45,21 @@ def iter_boxes(
 
 def split_init(data: bytes) -> tuple[bytes, bytes]:
     """Split a muxer's output into (init segment = ftyp+moov, media segment = the rest)."""
-    cut = None
-    for typ, off, size in iter_boxes(data):
-        if typ == b"moov":
-            cut = off + size
-            break
-    if cut is None:
-        raise BoxError("no moov box in fMP4 output")
+    cut = init_end(data)
     return data[:cut], data[cut:]
 
 
-def _find(data: bytes, start: int, end: int, want: bytes) -> Iterator[tuple[int, int]]:
+def init_end(data: bytes | bytearray | memoryview) -> int:
+    """Where the init segment (ftyp+moov) of a muxer's output ends."""
+    for typ, off, size in iter_boxes(data):
+        if typ == b"moov":
+            return off + size
+    raise BoxError("no moov box in fMP4 output")
+
+
+def _find(
+    data: bytes | bytearray | memoryview, start: int, end: int, want: bytes
+) -> Iterator[tuple[int, int]]:
     for typ, off, size in iter_boxes(data, start, end):
         if typ == want:
             yield off, size
@@ -79,35 +83,43 @@ def patch_fragments(segment: bytes, sequence: int, offsets: Mapping[int, int]) -
     `offsets` maps track id to the decode time (in the track's timescale) that the segment's
     first fragment of that track must carry; later fragments keep their distance to the first.
     """
-    parts: list[bytes | bytearray | memoryview] = []
-    view = memoryview(segment)
+    buf = bytearray(segment)
+    patch_fragments_in_place(buf, 0, len(buf), sequence, offsets)
+    return bytes(buf)
+
+
+def patch_fragments_in_place(
+    buf: bytearray | memoryview, start: int, end: int, sequence: int, offsets: Mapping[int, int]
+) -> None:
+    """`patch_fragments` on the boxes in ``buf[start:end]``, writing into ``buf`` itself.
+
+    Why in place: the packager patches each segment inside the muxer's own buffer and copies it
+    once into the blob, instead of copying every megabyte of ``mdat`` into a new object again.
+    The patched fields keep their sizes, so no offset moves.
+    """
     first: dict[int, int] = {}
     seq = sequence
-    for typ, off, size in iter_boxes(segment):
+    for typ, off, size in iter_boxes(buf, start, end):
         if typ != b"moof":
-            parts.append(view[off : off + size])  # mdat etc.: not copied until the join
             continue
-        buf = bytearray(segment[off : off + size])
-        parts.append(buf)
-        for mfhd, _ in _find(segment, off + 8, off + size, b"mfhd"):
-            struct.pack_into(">I", buf, mfhd - off + 12, seq)
+        for mfhd, _ in _find(buf, off + 8, off + size, b"mfhd"):
+            struct.pack_into(">I", buf, mfhd + 12, seq)
         seq += 1
-        for traf, tsize in _find(segment, off + 8, off + size, b"traf"):
+        for traf, tsize in _find(buf, off + 8, off + size, b"traf"):
             track = None
-            for tfhd, _ in _find(segment, traf + 8, traf + tsize, b"tfhd"):
-                (track,) = struct.unpack_from(">I", segment, tfhd + 12)
+            for tfhd, _ in _find(buf, traf + 8, traf + tsize, b"tfhd"):
+                (track,) = struct.unpack_from(">I", buf, tfhd + 12)
             if track is None or track not in offsets:
                 continue
-            for tfdt, _ in _find(segment, traf + 8, traf + tsize, b"tfdt"):
-                version = segment[tfdt + 8]
+            for tfdt, _ in _find(buf, traf + 8, traf + tsize, b"tfdt"):
+                version = buf[tfdt + 8]
                 fmt = ">Q" if version == 1 else ">I"
-                (written,) = struct.unpack_from(fmt, segment, tfdt + 12)
+                (written,) = struct.unpack_from(fmt, buf, tfdt + 12)
                 base = first.setdefault(track, written)
                 value = offsets[track] + (written - base)
                 if version == 0 and value >= 1 << 32:
                     raise BoxError("tfdt overflows a version 0 box")
-                struct.pack_into(fmt, buf, tfdt - off + 12, value)
-    return b"".join(parts)
+                struct.pack_into(fmt, buf, tfdt + 12, value)
 
 
 def fragment_count(segment: bytes) -> int:
@@ -128,8 +140,10 @@ __all__ = [
     "BoxError",
     "codec_config",
     "fragment_count",
+    "init_end",
     "iter_boxes",
     "patch_fragments",
+    "patch_fragments_in_place",
     "split_init",
     "track_ids",
 ]

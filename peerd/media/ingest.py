@@ -42,7 +42,7 @@ from peerd.core import manifest as mf
 from peerd.core.ids import Cid, cid_of
 from peerd.errors import MediaError, NotFound, PeerdError
 from peerd.media.options import PackagingOptions
-from peerd.store import BlobStore
+from peerd.store import BlobBatch, BlobStore
 
 log = logging.getLogger("peerd.media")
 
@@ -225,6 +225,10 @@ class Ingestor:
                         self.metrics.ingests.labels(result="unchanged").inc()
                     return IngestResult(path=path, ok=True, media_id=known, skipped=True)
             added = _Added()
+            # Every blob of this job is written to a temp file as it is produced and all of
+            # them are made durable together at the end (one syncfs instead of one fsync per
+            # blob), then committed with the media rows; see BlobBatch.
+            batch = self.store.batch()
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
             duration = [0.0]
@@ -237,7 +241,7 @@ class Ingestor:
                 # MAX_PENDING_PUTS blobs are in flight (bounded memory), errors surface at once.
                 cid = cid_of(data)
                 pending.append(
-                    asyncio.run_coroutine_threadsafe(self._put(data, kind, cid, added), loop)
+                    asyncio.run_coroutine_threadsafe(batch.add(data, kind=kind, cid=cid), loop)
                 )
                 while sum(not f.done() for f in pending) > MAX_PENDING_PUTS:
                     next(f for f in pending if not f.done()).result()
@@ -271,7 +275,9 @@ class Ingestor:
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
                 try:
-                    out = pkg.package(path, self.options, sink, progress=on_progress, cancel=cancel)
+                    out = pkg.package(
+                        path, self.options, sink, progress=on_progress, cancel=cancel, info=info
+                    )
                 except BaseException:
                     settle()  # every put has finished before the caller cleans up
                     raise
@@ -289,8 +295,9 @@ class Ingestor:
                     await asyncio.gather(task, return_exceptions=True)
                     raise
                 media_id = mf.media_id_of(manifest)
-                await self._commit(manifest, media_id, path, info, title)
+                await self._commit(manifest, media_id, path, info, title, batch, added)
             except BaseException:
+                await asyncio.shield(batch.abort())
                 await asyncio.shield(self._cleanup(added.cids))
                 raise
             if progress is not None:
@@ -334,23 +341,42 @@ class Ingestor:
             row = await cur.fetchone()
         return None if row is None else Cid(str(row[0]))
 
-    async def _put(self, data: bytes, kind: str, cid: Cid, added: _Added) -> Cid:
-        held = await self.store.has(cid)
-        out = await self.store.put(data, kind=kind, expected=cid)
-        if held:
-            added.reused += 1
-        elif out not in added.cids:
-            added.cids.append(out)
-            added.bytes += len(data)
-        return out
-
     async def _commit(
-        self, m: mf.Manifest, media_id: Cid, path: Path, info: Any, title: str | None
+        self,
+        m: mf.Manifest,
+        media_id: Cid,
+        path: Path,
+        info: Any,
+        title: str | None,
+        batch: BlobBatch,
+        added: _Added,
     ) -> None:
         data = mf.encode(m)
         now = time.time()
         duration = max(r.duration_seconds for r in m.renditions)
-        async with self._commit_lock, self.catalog.transaction() as tx:
+        async with self._commit_lock:
+            # Under the lock, so a cleanup of another job cannot delete a blob this batch
+            # found already held between the batch commit and the media rows.
+            added.reused = len(batch.held)
+            added.bytes = batch.new_bytes
+            # Known before the commit: a commit cancelled midway still finishes (then the
+            # cleanup must see these blobs) or discards them all (then deleting them is a no-op).
+            added.cids = batch.new
+            await batch.commit()
+            await self._commit_media(m, data, now, duration, media_id, path, info, title)
+
+    async def _commit_media(
+        self,
+        m: mf.Manifest,
+        data: bytes,
+        now: float,
+        duration: float,
+        media_id: Cid,
+        path: Path,
+        info: Any,
+        title: str | None,
+    ) -> None:
+        async with self.catalog.transaction() as tx:
             cur = await tx.execute("SELECT 1 FROM media WHERE media_id=?", (media_id,))
             exists = await cur.fetchone() is not None
             if exists:

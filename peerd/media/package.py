@@ -32,6 +32,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -57,7 +58,11 @@ MP4_FLAGS = "empty_moov+default_base_moof+frag_custom+skip_trailer"
 SCALE_FLAGS = "bicubic"
 
 Sink = Callable[[bytes, str], Cid]
-"""Stores one blob (bytes, kind "init" | "segment") and returns its content id; may block."""
+"""Stores one blob (bytes, kind "init" | "segment") and returns its content id; may block.
+
+Called from one helper thread, in the order the blobs are produced (see `_Job.put`)."""
+
+MAX_QUEUED = 2
 
 Progress = Callable[[float], None]
 """Called with the number of media seconds done so far (across every pass)."""
@@ -89,7 +94,9 @@ class SegmentBytes:
 def _t(ts: int | None, tb: Fraction | None) -> Fraction | None:
     if ts is None or tb is None:
         return None
-    return Fraction(ts) * tb
+    # One constructor call instead of Fraction(ts) * tb (two Fractions and a multiplication):
+    # called for every packet, this was a tenth of a remux's Python time. Same exact value.
+    return Fraction(ts * tb.numerator, tb.denominator)
 
 
 def _ticks(t: Fraction) -> int:
@@ -273,16 +280,23 @@ class SegmentMuxer:
             tbs = [ost.time_base for ost, _ in streams]
         finally:
             out.close()
-        data = buf.getvalue()
         if fmt == "mpegts":
-            return SegmentBytes(seq, None, data)
-        init, media = fmp4.split_init(data)
-        ids = fmp4.track_ids(init)
-        offsets = {}
-        for tid, first, tb in zip(ids, firsts, tbs, strict=True):
-            if first is not None and tb is not None:
-                offsets[tid] = max(0, _rescale(first, Fraction(tb)))
-        media = fmp4.patch_fragments(media, seq + 1, offsets)
+            return SegmentBytes(seq, None, buf.getvalue())
+        # The fragment is patched inside the muxer's buffer and copied out once (a segment is
+        # megabytes; getvalue + split + rebuild copied it three times).
+        view = buf.getbuffer()
+        try:
+            cut = fmp4.init_end(view)
+            init = bytes(view[:cut])
+            ids = fmp4.track_ids(init)
+            offsets = {}
+            for tid, first, tb in zip(ids, firsts, tbs, strict=True):
+                if first is not None and tb is not None:
+                    offsets[tid] = max(0, _rescale(first, Fraction(tb)))
+            fmp4.patch_fragments_in_place(view, cut, len(view), seq + 1, offsets)
+            media = bytes(view[cut:])
+        finally:
+            view.release()
         if self.init is None:
             self.init = init
         elif init != self.init:
@@ -454,7 +468,12 @@ class _Job:
     top_done: float = 0.0
     extra_done: float = 0.0
     passes: int = 1
-    blobs: list[tuple[Cid, str]] = field(default_factory=list)
+    blobs: list[tuple[Future[Cid], str]] = field(default_factory=list)
+    # The sink runs in this one helper thread, in call order: hashing and storing a segment
+    # (sha256 and the write release the GIL) overlap the demuxing and muxing of the next.
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="peerd-sink")
+    )
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -468,10 +487,23 @@ class _Job:
                 path=str(self.src.path),
             )
 
-    def put(self, data: bytes, kind: str) -> Cid:
-        cid = self.sink(data, kind)
-        self.blobs.append((cid, kind))
-        return cid
+    def put(self, data: bytes, kind: str) -> Future[Cid]:
+        """Hand a blob to the sink (in the helper thread); its cid is the future's result."""
+        fut = self.pool.submit(self.sink, data, kind)
+        self.blobs.append((fut, kind))
+        # At most MAX_QUEUED blobs wait for the sink (bounded memory); a sink error (e.g. a
+        # full store) stops packaging at the next blob instead of at the end.
+        waiting = [f for f, _ in self.blobs if not f.done()]
+        if len(waiting) > MAX_QUEUED:
+            waiting[0].result()
+        for f, _ in self.blobs:
+            if f.done() and f.exception() is not None:
+                f.result()
+        return fut
+
+    def close(self) -> None:
+        """Wait for every blob handed to the sink (whatever happened), then stop the thread."""
+        self.pool.shutdown(wait=True)
 
 
 @dataclass
@@ -481,8 +513,8 @@ class _Out:
     rid: str
     kind: RenditionKind
     muxer: SegmentMuxer | None = None
-    init_cid: Cid | None = None
-    segs: list[tuple[int, Cid, int]] = field(default_factory=list)
+    init_cid: Future[Cid] | None = None
+    segs: list[tuple[int, Future[Cid], int]] = field(default_factory=list)
     codecs: str = ""
     width: int | None = None
     height: int | None = None
@@ -501,16 +533,21 @@ def package(
     *,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    info: SourceInfo | None = None,
 ) -> tuple[Manifest, SourceInfo, list[tuple[Cid, str]]]:
     """Package `path` into blobs (through `sink`) and return (manifest, source info, blobs put).
 
+    `info` is the caller's `probe(path)` if it already has one (saves opening the file twice).
     Raises MediaError naming the file and the reason for bad input, `Cancelled` when `cancel` is
     set, and whatever `sink` raises (e.g. StoreFull).
     """
-    src = probe(path)
+    src = info if info is not None else probe(path)
     job = _Job(src, opts, sink, progress, cancel)
     started = time.monotonic()
-    manifest = _package(job)
+    try:
+        manifest = _package(job)
+    finally:
+        job.close()  # no sink call may still run once package() has returned or raised
     log.info(
         "packaged",
         extra={
@@ -520,7 +557,7 @@ def package(
             "renditions": [r.id for r in manifest.renditions],
         },
     )
-    return manifest, src, job.blobs
+    return manifest, src, [(f.result(), kind) for f, kind in job.blobs]
 
 
 def _package(job: _Job) -> Manifest:
@@ -620,7 +657,7 @@ def _report(job: _Job) -> None:
         job.progress(job.top_done + job.extra_done)
 
 
-def _bandwidth(segs: list[tuple[int, Cid, int]]) -> tuple[int, int]:
+def _bandwidth(segs: list[tuple[int, Future[Cid], int]]) -> tuple[int, int]:
     peak = max(math.ceil(size * 8 * TIMESCALE / max(d, 1)) for d, _, size in segs)
     total_d = sum(d for d, _, _ in segs)
     avg = math.ceil(sum(s for _, _, s in segs) * 8 * TIMESCALE / max(total_d, 1))
@@ -649,8 +686,8 @@ def _finish(
         frame_rate=_frame_rate(rate) if o.kind == "video" else None,
         timescale=TIMESCALE,
         start=start,
-        init=o.init_cid,
-        segments=tuple(Segment(d, c) for d, c, _ in o.segs),
+        init=None if o.init_cid is None else o.init_cid.result(),
+        segments=tuple(Segment(d, c.result()) for d, c, _ in o.segs),
         recipe=o.recipe,
     )
 

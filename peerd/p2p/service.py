@@ -137,13 +137,15 @@ class P2PService:
                 connected = await self.bridge.call(self.node.connected)
             self.m_peers.set(connected)
             due = self.schedule.due(now) if self.cfg.provide else []
-            if due and connected == 0 and self.cfg.bootstrap:
-                # Announcing with no peers only records it locally; a node that is meant to
-                # join through bootstrap peers waits for them rather than mark the ids done.
+            if due and connected == 0:
+                # Announcing with no peers only records it locally, and fails for every id: wait
+                # for a peer (bootstrap, or one that dials us) rather than spin on failures,
+                # which cost a fifth of a core and the HTTP loop's latency (GIL) when idle.
                 due = []
             if due:
                 done = await self.bridge.call(self.node.provide, due, self.cfg.provide_concurrency)
                 self.schedule.done(done, time.time())
+                self.schedule.failed(set(due) - set(done), time.time())
                 self.m_provided.inc(len(done))
                 if len(done) < len(due):
                     log.info(

@@ -18,9 +18,10 @@ services and the node runs without R2.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peerd.runtime import Runtime
+if TYPE_CHECKING:  # imported lazily: `peerd ingest` and other CLI commands do not need it
+    from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
 

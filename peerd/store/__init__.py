@@ -8,6 +8,10 @@ Durability, in this order, so that a crash at any moment leaves nothing half-wri
 write
     temp file ``.tmp-*`` in the shard directory, fsync, rename to the final name, fsync the
     directory, then commit the row;
+batch write
+    (:class:`BlobBatch`, :meth:`BlobStore.put_many`; used by ingest) every blob to a temp file,
+    then all made durable together (one ``syncfs``, else concurrent fsyncs), renamed, each
+    touched shard directory fsynced once, then all rows committed in one transaction;
 delete
     delete the row, then unlink the file;
 recovery
@@ -16,6 +20,6 @@ recovery
     shutdown marker runs, so start-up stays fast with millions of rows.
 """
 
-from peerd.store.blobs import BlobStore, RecoveryReport, VerifyReport
+from peerd.store.blobs import BlobBatch, BlobStore, RecoveryReport, VerifyReport
 
-__all__ = ["BlobStore", "RecoveryReport", "VerifyReport"]
+__all__ = ["BlobBatch", "BlobStore", "RecoveryReport", "VerifyReport"]

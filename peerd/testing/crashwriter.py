@@ -1,10 +1,12 @@
 """A blob-writing workload for crash tests: ``python -m peerd.testing.crashwriter STATE JOURNAL``.
 
-Stores random blobs (whole puts and streamed puts, 1 KiB - 2 MiB) and deletes some, forever,
-through the real runtime. It appends to JOURNAL, fsynced, *after* each operation returns:
-``put <cid>`` once the blob is committed, ``del- <cid>`` before a delete starts and ``del+ <cid>``
-after it returns. A test kills it with SIGKILL at a random moment and then checks that every
-committed, not-deleted blob is present and intact after recovery.
+Stores random blobs (whole puts, batches of 1-5 through ``put_many``, streamed puts; 1 KiB -
+2 MiB) and deletes some, forever, through the real runtime. It appends to JOURNAL, fsynced,
+*after* each operation returns: ``put <cid>`` once the blob is committed, ``batch <cid>...``
+before a ``put_many`` starts, ``del- <cid>`` before a delete starts and ``del+ <cid>`` after it
+returns. A test kills it with SIGKILL at a random moment and then checks that every committed,
+not-deleted blob is present and intact after recovery, and that a batch cut short by the kill
+committed all of its blobs or none.
 """
 
 from __future__ import annotations
@@ -51,8 +53,20 @@ async def main(state: Path, journal: Path) -> None:
             await rt.store.delete(cid)  # type: ignore[arg-type]
             await asyncio.to_thread(note, f"del+ {cid}")
             continue
+        if roll < 0.45:
+            # A batch (the ingest path): every blob committed together or none of them.
+            items = [
+                (rng.randbytes(rng.randint(1024, 1024 * 1024)), "segment")
+                for _ in range(rng.randint(1, 5))
+            ]
+            names = " ".join(cid_of(d) for d, _ in items)
+            await asyncio.to_thread(note, f"batch {names}")
+            for cid in await rt.store.put_many(items):
+                held.append(cid)
+                await asyncio.to_thread(note, f"put {cid}")
+            continue
         data = rng.randbytes(rng.randint(1024, 2 * 1024 * 1024))
-        if roll < 0.6:
+        if roll < 0.7:
             cid = await rt.store.put(data)
         else:
             cid = await rt.store.put_stream(_chunks(data, 65536), expected=cid_of(data))

@@ -10,9 +10,15 @@
 # Each peerd run starts from a fresh copy of an empty, initialised node, so every blob is
 # really written.
 #
+# daemon-remux (in the remux run, alternating with the same ffmpeg runs): the same ingest done by
+# a running daemon, asked over its API (POST /api/v1/commands/ingest, then polling the job) by
+# scripts/bench/api_ingest.py, a stdlib-only client; the daemon is restarted on a fresh node
+# before every run (not timed). Its CPU is the daemon's, so the CPU ratio column is the client's
+# only and "other cores busy" includes the daemon.
+#
 # Usage: scripts/bench/package_bench.sh [SRC]   (default: the 120 s 1080p source of
 #        ../shared/bench/make_media.sh, made if missing)
-# Env:   ROUNDS (3)  WHAT ("remux transcode")  TRANSCODE_SECONDS (cut the transcode source to
+# Env:   ROUNDS (3)  WHAT ("remux daemon transcode")  TRANSCODE_SECONDS (cut the transcode source to
 #        its first N s)  PY (/work/venv/bin/python)  OUT (/tmp/peerd-bench/package-<stamp>)
 #        QUIET_THRESH / QUIET_MAX (passed to timerun.py: wait for a quiet machine before each run)
 set -euo pipefail
@@ -21,7 +27,7 @@ SHARED=${SHARED_BENCH:-$REPO/../shared/bench}
 [[ -d $SHARED ]] || SHARED=/work/shared/bench
 PY=${PY:-/work/venv/bin/python}
 ROUNDS=${ROUNDS:-3}
-WHAT=${WHAT:-remux transcode}
+WHAT=${WHAT:-remux daemon transcode}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-/tmp/peerd-bench/package-$STAMP}
 W=$OUT/work
@@ -50,12 +56,47 @@ prep_node() { echo "rm -rf $W/$1 && cp -a $W/node-template $W/$1"; }
 } | tee "$OUT/versions.txt"
 
 T="$PY $SHARED/timerun.py"
+DAEMON_ARGS=()
+if [[ " $WHAT " == *" daemon "* ]]; then
+  PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  cat >"$W/daemon.toml" <<TOML
+[node]
+state_dir = "$W/peerd-daemon"
+[http]
+port = $PORT
+[media]
+library_dirs = ["$(dirname "$SRC")"]
+[mdns]
+enabled = false
+[p2p]
+enabled = false
+[webrtc]
+enabled = false
+TOML
+  cat >"$W/daemon_prep.sh" <<PREP
+set -e
+if [[ -s $W/daemon.pid ]]; then kill \$(cat $W/daemon.pid) 2>/dev/null || true; fi
+while [[ -s $W/daemon.pid ]] && kill -0 \$(cat $W/daemon.pid) 2>/dev/null; do sleep 0.1; done
+rm -rf $W/peerd-daemon && cp -a $W/node-template $W/peerd-daemon
+setsid env PYTHONPATH=$REPO $PY -m peerd --config $W/daemon.toml run >$W/daemon.log 2>&1 </dev/null &
+echo \$! >$W/daemon.pid
+for _ in \$(seq 300); do
+  curl -fs -o /dev/null http://127.0.0.1:$PORT/readyz && exit 0
+  sleep 0.1
+done
+echo "daemon did not become ready (see $W/daemon.log)" >&2; exit 1
+PREP
+  trap '[[ -s $W/daemon.pid ]] && kill $(cat $W/daemon.pid) 2>/dev/null || true' EXIT
+  DAEMON_ARGS=(--cmd peerd-daemon-remux "$PY -S $REPO/scripts/bench/api_ingest.py http://127.0.0.1:$PORT $W/peerd-daemon/secrets/api_token $SRC >/dev/null"
+    --prep peerd-daemon-remux "bash $W/daemon_prep.sh")
+fi
 if [[ " $WHAT " == *" remux "* ]]; then
   $T --rounds "$ROUNDS" --warmup 1 --out "$OUT/remux.json" \
     --cmd ff-remux "$FF -i $SRC -map 0 -c copy $HLS -hls_segment_filename $W/ff-remux/seg_%03d.m4s $W/ff-remux/index.m3u8" \
     --prep ff-remux "$(prep ff-remux)" \
     --cmd peerd-remux "$PEERD --state-dir $W/peerd-remux ingest --no-progress $SRC >/dev/null" \
-    --prep peerd-remux "$(prep_node peerd-remux)"
+    --prep peerd-remux "$(prep_node peerd-remux)" \
+    "${DAEMON_ARGS[@]}"
 fi
 
 if [[ " $WHAT " == *" transcode "* ]]; then
@@ -79,13 +120,19 @@ import json, pathlib, statistics, sys
 out = pathlib.Path(sys.argv[1])
 print("\n| what | ffmpeg CLI wall s (median) | peerd wall s (median) | peerd / ffmpeg (median of per-round ratios) | CPU ratio | other cores busy (max) |")
 print("|---|---|---|---|---|---|")
-for what in ("remux", "transcode"):
-    f = out / f"{what}.json"
+for what, file, name in (
+    ("remux", "remux", "peerd-remux"),
+    ("remux via daemon API", "remux", "peerd-daemon-remux"),
+    ("transcode", "transcode", "peerd-transcode"),
+):
+    f = out / f"{file}.json"
     if not f.exists():
         continue
     runs = json.loads(f.read_text())["runs"]
-    ff = {r["round"]: r for r in runs if r["name"] == f"ff-{what}"}
-    pe = {r["round"]: r for r in runs if r["name"] == f"peerd-{what}"}
+    ff = {r["round"]: r for r in runs if r["name"] == f"ff-{file}"}
+    pe = {r["round"]: r for r in runs if r["name"] == name}
+    if not pe:
+        continue
     rounds = sorted(set(ff) & set(pe))
     ratios = [pe[k]["wall_s"] / ff[k]["wall_s"] for k in rounds]
     cpu = [(pe[k]["user_s"] + pe[k]["sys_s"]) / (ff[k]["user_s"] + ff[k]["sys_s"]) for k in rounds]
