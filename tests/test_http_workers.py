@@ -252,7 +252,19 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
 
 
 def test_sigterm_stops_workers_and_sigkill_leaves_no_orphan(tmp_path: Path, playlist: Path) -> None:
+    nodes: list[Node] = []
+    try:
+        _sigterm_then_sigkill(tmp_path, playlist, nodes)
+    finally:
+        # A failed assertion must not leave a daemon running.
+        for n in nodes:
+            if n.proc.proc is not None:
+                n.proc.stop(signal.SIGKILL)
+
+
+def _sigterm_then_sigkill(tmp_path: Path, playlist: Path, nodes: list[Node]) -> None:
     node = _start(tmp_path / "a", playlist)
+    nodes.append(node)
     assert node.proc.proc is not None
     main = node.proc.proc.pid
     _poll(lambda: len(_worker_pids(main)) == 1, 30, "one worker")
@@ -270,6 +282,7 @@ def test_sigterm_stops_workers_and_sigkill_leaves_no_orphan(tmp_path: Path, play
     _poll(lambda: not _alive(worker), 10 - (time.monotonic() - started), "worker gone")
 
     node = _start(tmp_path / "b", playlist)
+    nodes.append(node)
     assert node.proc.proc is not None
     main = node.proc.proc.pid
     _poll(lambda: len(_worker_pids(main)) == 1, 30, "one worker")
