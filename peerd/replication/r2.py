@@ -404,13 +404,6 @@ class R2Client:
             )
         except _HTTP_ERRORS as exc:
             raise _http_error(op, key, exc) from exc
-        finally:
-            # aiohttp stops reading a streamed body when the server answers early (a 412, an
-            # error) or the connection breaks; close it here so its file is closed now, not
-            # whenever the garbage collector finalizes the generator.
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
         resp.release()
         return resp
 

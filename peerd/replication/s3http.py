@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import yarl
@@ -59,8 +59,13 @@ def sse_headers(key: bytes | None) -> dict[str, str]:
     }
 
 
-def _read_hashed(f: BinaryIO, n: int, h: Any) -> bytes:
-    data = f.read(n)
+def _read_hashed(path: Path, offset: int, n: int, h: Any) -> bytes:
+    # Opened per chunk, not across the generator's yields: aiohttp may stop iterating a body
+    # (the server answered early, the connection broke) and never close the generator, which
+    # would leave an open file to the garbage collector.
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read(n)
     h.update(data)
     return data
 
@@ -73,22 +78,18 @@ async def file_body(
     The final slice is yielded only once the SHA-256 of all bytes equals ``digest``; otherwise
     :class:`LocalMismatch` is raised and the request body stays incomplete.
     """
-    f = await asyncio.to_thread(path.open, "rb")
-    try:
-        if offset:
-            await asyncio.to_thread(f.seek, offset)
-        h = hashlib.sha256()
-        left = size
-        while left:
-            data = await asyncio.to_thread(_read_hashed, f, min(chunk, left), h)
-            if not data:
-                raise LocalMismatch(f"{path} is shorter than {offset + size} bytes")
-            left -= len(data)
-            if not left and h.digest() != digest:
-                raise LocalMismatch(f"{path} does not match the digest it is uploaded under")
-            yield data
-    finally:
-        await asyncio.to_thread(f.close)
+    h = hashlib.sha256()
+    pos = offset
+    left = size
+    while left:
+        data = await asyncio.to_thread(_read_hashed, path, pos, min(chunk, left), h)
+        if not data:
+            raise LocalMismatch(f"{path} is shorter than {offset + size} bytes")
+        pos += len(data)
+        left -= len(data)
+        if not left and h.digest() != digest:
+            raise LocalMismatch(f"{path} does not match the digest it is uploaded under")
+        yield data
 
 
 class S3Http:
