@@ -110,3 +110,19 @@ async def test_ensure_local_from_names_the_delivering_source(runtime: Runtime) -
     lan = MemorySource(name="lan", blobs={ocid: other})
     stream = await Resolver(runtime.store, [lan], registry=None).open_stream(ocid)
     assert (stream.chunks, stream.source) == (None, "lan")
+
+
+async def test_added_sources_take_their_place_in_the_delivery_order(runtime: Runtime) -> None:
+    # Services plug in as they start: the transcoder before R2's client is up, say.
+    resolver = Resolver(runtime.store, [], registry=None)
+    for name in ("transcode", "other", "r2", "lan", "libp2p", "lan"):
+        resolver.add_source(MemorySource(name=name))
+    assert [s.name for s in resolver.sources] == [
+        "lan",
+        "lan",
+        "libp2p",
+        "r2",
+        "transcode",
+        "other",
+    ]
+

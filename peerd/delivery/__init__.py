@@ -11,6 +11,8 @@ the :class:`Resolver` walks them in order and
 - gives each source a timeout, and moves to the next source on a miss, an error or a timeout;
 - caches misses briefly, so a storm of requests for an unknown blob costs one search.
 
+Sources are tried in ``DELIVERY_ORDER`` (by name), whatever order services plug them in.
+
 A source yields *offers* (one per peer that may have the blob, best first); the resolver takes
 them one at a time until one delivers. Sources share one conformance suite
 (``peerd.testing.source_suite``).

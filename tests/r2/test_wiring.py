@@ -11,6 +11,7 @@ from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
 from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
+from peerd.testing.sources import MemorySource
 
 
 async def test_r2_off_when_not_configured(runtime: Runtime) -> None:
@@ -29,7 +30,11 @@ async def test_services_start_and_plug_into_the_resolver(
     runtime.settings.r2 = runtime.settings.r2.model_copy(
         update={"endpoint": moto.url, "bucket": bucket, "max_concurrency": 2}
     )
+    # The transcoder plugs in at build time, R2 only once its client is up: R2 must still come
+    # first (DESIGN.md's delivery order), or a missing derived blob would be transcoded again
+    # although the bucket holds it.
     runtime.extras["resolver"] = Resolver(runtime.store, [])
+    runtime.extras["resolver"].add_source(MemorySource(name="transcode"))
     services = build_replication(runtime)
     assert [s.name for s in services] == ["r2-client", "replicator", "r2-tiering"]
     ready = asyncio.Event()
@@ -37,6 +42,8 @@ async def test_services_start_and_plug_into_the_resolver(
     task = asyncio.create_task(sup.run())
     await asyncio.wait_for(ready.wait(), 10)
     assert isinstance(runtime.extras["replicator"], Replicator)
-    assert any(isinstance(s, R2Source) for s in runtime.extras["resolver"].sources)
+    sources = runtime.extras["resolver"].sources
+    assert [s.name for s in sources] == ["r2", "transcode"]
+    assert isinstance(sources[0], R2Source)
     sup.request_stop(0)
     assert await asyncio.wait_for(task, 10) == 0
