@@ -184,7 +184,7 @@ class Resolver:
         """
         return await self._ensure(cid, None)
 
-    async def open_stream(self, cid: Cid) -> BlobStream:
+    async def open_stream(self, cid: Cid, *, known_absent: bool = False) -> BlobStream:
         """Deliver ``cid`` as soon as possible: a local file, or bytes streaming while stored.
 
         * Held locally: ``BlobStream(path=...)``.
@@ -200,11 +200,16 @@ class Resolver:
         Concurrent calls share one upstream fetch (with each other and with ensure_local); late
         joiners replay the bytes received so far. The fetch runs in its own task, so a viewer
         that goes away does not abort the store. NotFound if no source has the blob.
+
+        ``known_absent``: the caller has just seen that the blob's file is not there (the HLS
+        route stats it), so the catalog lookup is skipped: it costs a thread hop on a viewer's
+        first byte. Should the blob land in between, the store keeps the copy it has.
         """
-        try:
-            return BlobStream(path=await self.store.open_path(cid), size=None, source="local")
-        except NotFound:
-            pass
+        if not known_absent:
+            try:
+                return BlobStream(path=await self.store.open_path(cid), size=None, source="local")
+            except NotFound:
+                pass
         tee = self._tees.get(cid)
         if tee is None:
             if cid in self._inflight:
@@ -363,6 +368,12 @@ class Resolver:
         # still setting up its temp file (that cost ~1.5 ms of first-byte latency).
         body: AsyncIterator[bytes] = _ReadAhead(counted()) if stream else counted()
         try:
+            if isinstance(body, _ReadAhead):
+                # The viewers' first bytes go out before the store starts: its catalog lookup
+                # and temp file cost thread hops that delayed them by ~0.5 ms. The tee keeps
+                # every chunk, so the store loses nothing by starting a moment later.
+                await body.primed.wait()
+                await asyncio.sleep(0)
             await self.store.put_stream(body, expected=cid, kind=offer.meta.get("kind", "segment"))
         except BaseException as exc:
             if stream:
@@ -383,6 +394,7 @@ class _ReadAhead:
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self._queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
         self._chunks = chunks
+        self.primed = asyncio.Event()  # set once the first chunk (or the end, or an error) is in
         self._task = asyncio.get_running_loop().create_task(self._pump())
         self._ended = False
 
@@ -390,9 +402,12 @@ class _ReadAhead:
         try:
             async for chunk in self._chunks:
                 self._queue.put_nowait(chunk)
+                self.primed.set()
         except Exception as exc:  # handed to the consumer, which raises it
             self._queue.put_nowait(exc)
             return
+        finally:
+            self.primed.set()
         self._queue.put_nowait(None)
 
     def __aiter__(self) -> _ReadAhead:

@@ -394,7 +394,7 @@ class HlsRoutes:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     if streamable:
-                        got = await resolver.open_stream(cid)
+                        got = await resolver.open_stream(cid, known_absent=True)
                     else:
                         fetched, by = await resolver.ensure_local_from(cid)
                         got = BlobStream(fetched, None, by)
