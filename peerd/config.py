@@ -91,6 +91,7 @@ class HttpSettings(Section):
     max_headers: int = Field(default=64, ge=8)
     max_streams: int = Field(default=512, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
+    prefetch_segments: int = Field(default=2, ge=0, le=16)
 
 
 class LadderRung(Section):

@@ -9,7 +9,8 @@ import pytest
 
 from peerd.core import manifest as mf
 from peerd.core import playlist as pl
-from peerd.core.manifest import Manifest, ManifestError, Recipe, Rendition, Segment
+from peerd.core.ids import Cid, cid_of
+from peerd.core.manifest import Manifest, ManifestError, PlayOrder, Recipe, Rendition, Segment
 
 
 def _cid(n: int) -> str:
@@ -233,3 +234,32 @@ def test_recipe_bframes_written_only_when_set() -> None:
     obj["renditions"][1]["recipe"]["bframes"] = -1
     with pytest.raises(ManifestError, match="bframes"):
         mf.decode(json.dumps(obj))
+
+
+def test_play_order_follows_each_rendition_front_to_back() -> None:
+    seg = [cid_of(bytes([i])) for i in range(6)]
+    init = cid_of(b"init")
+
+    def rendition(rid: str, cids: list[Cid]) -> Rendition:
+        return Rendition(
+            id=rid,
+            kind="video",
+            codecs="avc1.64001f",
+            bandwidth=1_000_000,
+            timescale=1000,
+            segments=tuple(Segment(duration=4000, cid=c) for c in cids),
+            width=640,
+            height=360,
+            init=init,
+        )
+
+    # The second rendition shares the init segment and one segment with the first.
+    m = Manifest("fmp4", (rendition("v0", seg[:4]), rendition("v1", [seg[3], seg[4], seg[5]])))
+    order = PlayOrder.of(m)
+    assert order.after(init, 2) == (seg[0], seg[1])
+    assert order.after(seg[0], 2) == (seg[1], seg[2])
+    assert order.after(seg[2], 5) == (seg[3],)
+    assert order.after(seg[3], 2) == ()  # the first rendition's answer: its last segment
+    assert order.after(seg[4], 2) == (seg[5],)
+    assert order.after(seg[1], 0) == ()
+    assert order.after(cid_of(b"stranger"), 2) == ()

@@ -126,3 +126,45 @@ async def test_added_sources_take_their_place_in_the_delivery_order(runtime: Run
         "other",
     ]
 
+
+async def test_a_viewer_joins_a_prefetch_in_flight(runtime: Runtime) -> None:
+    data = os.urandom(300_000)
+    cid = cid_of(data)
+    src = MemorySource(name="r2", blobs={cid: data}, stall_s=0.05)
+    resolver = Resolver(runtime.store, [src], registry=None)
+    assert resolver.prefetch(cid)
+    assert not resolver.prefetch(cid)  # already on its way
+    stream = await resolver.open_stream(cid)
+    assert stream.path is not None
+    assert stream.path.read_bytes() == data
+    assert src.requests == [cid]  # one upstream request for both
+    await asyncio.sleep(0)
+    assert resolver.m_prefetch.labels(outcome="ok")._value.get() == 1
+
+
+async def test_prefetch_is_bounded_and_never_raises(runtime: Runtime) -> None:
+    blobs = {cid_of(d): d for d in (os.urandom(1000) for _ in range(3))}
+    a, b, c = blobs
+    src = MemorySource(name="r2", blobs={a: blobs[a]}, stall_s=0.05)
+    resolver = Resolver(runtime.store, [src], registry=None, max_prefetches=2)
+    assert resolver.prefetch(a)
+    assert resolver.prefetch(b)  # nowhere to be found: counted as failed, not raised
+    assert not resolver.prefetch(c)  # two are running: viewers come first
+    for _ in range(200):
+        if resolver.m_prefetch.labels(outcome="failed")._value.get() == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert resolver.m_prefetch.labels(outcome="failed")._value.get() == 1
+    assert not resolver.prefetch(b)  # its miss is cached for a moment
+    for _ in range(200):
+        if await runtime.store.has(a):
+            break
+        await asyncio.sleep(0.01)
+    assert await runtime.store.has(a)
+    assert resolver.prefetch(c)  # room again
+    assert resolver.m_prefetch.labels(outcome="skipped")._value.get() == 2
+    for _ in range(200):
+        if resolver.m_prefetch.labels(outcome="failed")._value.get() == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert resolver.m_prefetch.labels(outcome="failed")._value.get() == 2

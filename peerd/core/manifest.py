@@ -158,6 +158,39 @@ class Manifest:
                     yield c
 
 
+@dataclass(frozen=True)
+class PlayOrder:
+    """Which media segments a player asks for after each blob of a manifest.
+
+    An init segment is followed by its rendition's segments, a segment by the ones after it in
+    the same rendition (players read a rendition front to back). A blob shared by renditions
+    keeps the first rendition's order. The HLS route uses it to fetch ahead of a viewer.
+    """
+
+    # blob id -> (its rendition's segment ids, index of the first one that follows it)
+    at: Mapping[str, tuple[tuple[str, ...], int]]
+
+    @classmethod
+    def of(cls, m: Manifest) -> PlayOrder:
+        """The play order of ``m``."""
+        at: dict[str, tuple[tuple[str, ...], int]] = {}
+        for r in m.renditions:
+            cids = tuple(s.cid for s in r.segments if s.cid is not None)
+            if r.init is not None:
+                at.setdefault(r.init, (cids, 0))
+            for i, c in enumerate(cids):
+                at.setdefault(c, (cids, i + 1))
+        return cls(at)
+
+    def after(self, cid: str, n: int) -> tuple[str, ...]:
+        """Up to ``n`` segment ids that follow ``cid`` (none for a blob not in the manifest)."""
+        got = self.at.get(cid)
+        if got is None or n <= 0:
+            return ()
+        cids, i = got
+        return cids[i : i + n]
+
+
 def cid_of_bytes(data: bytes) -> Cid:
     """CIDv1 (raw, sha2-256) of `data`; the same as `peerd.core.ids.cid_of`."""
     return cid_of(data)

@@ -10,6 +10,8 @@ the :class:`Resolver` walks them in order and
   nothing behind and the offer is reported bad, so its peer drops in the source's order);
 - gives each source a timeout, and moves to the next source on a miss, an error or a timeout;
 - caches misses briefly, so a storm of requests for an unknown blob costs one search.
+- fetches ahead of viewers on request (:meth:`Resolver.prefetch`, bounded, never raising),
+  through the same single flight, so the viewer who then asks joins the fetch in flight.
 
 Sources are tried in ``DELIVERY_ORDER`` (by name), whatever order services plug them in.
 

@@ -129,6 +129,7 @@ class Resolver:
         registry: CollectorRegistry | None = None,
         miss_ttl_s: float = 5.0,
         max_blob_bytes: int = 256 * 1024 * 1024,
+        max_prefetches: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -140,6 +141,8 @@ class Resolver:
         self._tees: dict[Cid, _Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
+        self.max_prefetches = max_prefetches
+        self._prefetching = 0
         reg = registry or CollectorRegistry()
         self.m_fetches = Counter(
             "peerd_fetches",
@@ -156,6 +159,12 @@ class Resolver:
             ["source"],
             registry=reg,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.m_prefetch = Counter(
+            "peerd_prefetches",
+            "Background fetches ahead of viewers (started, skipped, ok, failed)",
+            ["outcome"],
+            registry=reg,
         )
 
     def add_source(self, source: Source) -> None:
@@ -215,11 +224,7 @@ class Resolver:
             if cid in self._inflight:
                 path, source = await self._ensure(cid, None)
                 return BlobStream(path=path, size=None, source=source)
-            tee = _Tee()
-            self._tees[cid] = tee
-            task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
-            self._tee_tasks.add(task)
-            task.add_done_callback(self._tee_tasks.discard)
+            tee, _ = self._start_tee(cid)
         await tee.started.wait()
         if tee.streaming:
             return BlobStream(path=None, size=tee.size, source=tee.source, chunks=tee.reader())
@@ -227,6 +232,44 @@ class Resolver:
             raise tee.error
         assert tee.path is not None
         return BlobStream(path=tee.path, size=None, source=tee.path_source)
+
+    def _start_tee(self, cid: Cid) -> tuple[_Tee, asyncio.Task[None]]:
+        tee = _Tee()
+        self._tees[cid] = tee
+        task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
+        self._tee_tasks.add(task)
+        task.add_done_callback(self._tee_tasks.discard)
+        return tee, task
+
+    def prefetch(self, cid: Cid) -> bool:
+        """Start fetching ``cid`` in the background, for a viewer expected to ask for it soon.
+
+        The fetch is the one :meth:`open_stream` makes, so a viewer who asks while it is under
+        way joins it and streams the bytes received so far: no second upstream request. Does
+        nothing (returns False) if the blob is being fetched already, missed a moment ago, or
+        ``max_prefetches`` fetches are running (prefetching must never crowd out viewers).
+        The caller checks that the blob is not held. Errors are counted, never raised: a
+        viewer who then asks gets the ordinary miss path.
+        """
+        until = self._misses.get(cid)
+        if (
+            cid in self._tees
+            or cid in self._inflight
+            or (until is not None and until > self._clock())
+            or self._prefetching >= self.max_prefetches
+        ):
+            self.m_prefetch.labels(outcome="skipped").inc()
+            return False
+        self._prefetching += 1
+        self.m_prefetch.labels(outcome="started").inc()
+        tee, task = self._start_tee(cid)
+
+        def settled(_task: asyncio.Task[None]) -> None:
+            self._prefetching -= 1
+            self.m_prefetch.labels(outcome="ok" if tee.error is None else "failed").inc()
+
+        task.add_done_callback(settled)
+        return True
 
     async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
         try:

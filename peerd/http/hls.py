@@ -22,6 +22,10 @@ immutable); a playlist response is the template joined with the token. Blobs go 
 requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
 A blob the node lacks is fetched through the resolver; a plain GET answered by the node's R2
 bucket is relayed while it is being stored, so the viewer's first byte waits for R2's only.
+Once a media item had a miss, each blob request also starts fetching the next
+``http.prefetch_segments`` segments of that rendition that the node lacks
+(:meth:`Resolver.prefetch`), so a viewer playing media the node does not hold finds the next
+segments held or on their way (joining a fetch in flight costs no second upstream request).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from prometheus_client import Counter, Gauge
 
 from peerd.core import tokens
 from peerd.core.ids import Cid
-from peerd.core.manifest import Manifest, decode
+from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
 from peerd.delivery.resolver import BlobStream
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
@@ -137,7 +141,11 @@ class _Media:
     manifest: Manifest
     # cid -> allowed extension for blob URLs (init: mp4, segment: m4s or ts)
     blobs: dict[str, str]
+    order: PlayOrder
     templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Set once one of its blobs had to be fetched: from then on viewers' next segments are
+    # fetched ahead of them (HlsRoutes._ahead).
+    remote: bool = False
 
 
 def _segment_ext(m: Manifest) -> str:
@@ -153,7 +161,7 @@ def _build_media(manifest: Manifest) -> _Media:
         for s in r.segments:
             if s.cid is not None:
                 blobs.setdefault(s.cid, seg_ext)
-    media = _Media(manifest, blobs)
+    media = _Media(manifest, blobs, PlayOrder.of(manifest))
     seg_ext_ = seg_ext
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
@@ -209,6 +217,7 @@ class HlsRoutes:
         # holds an equal share of the cap (documented in config/peerd.example.toml).
         self.max_streams = max(1, cfg.max_streams // cfg.workers)
         self.timeout_s = cfg.request_timeout_s
+        self.prefetch_segments = cfg.prefetch_segments
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
             "private, max-age=31536000, immutable"
@@ -327,7 +336,7 @@ class HlsRoutes:
             expected = await self._catalog_blob_ext(media_id, media, cid)
         if expected != ext:
             raise NotFound("no such blob in this media")
-        return await self._send(request, Cid(cid), ext)
+        return await self._send(request, Cid(cid), ext, media)
 
     async def numbered(self, request: web.Request) -> web.StreamResponse:
         """A segment (or init) of an on-demand rendition, once the catalog knows its blob."""
@@ -372,7 +381,18 @@ class HlsRoutes:
         media.blobs[cid] = ext
         return ext
 
-    async def _send(self, request: web.Request, cid: Cid, ext: str) -> web.StreamResponse:
+    def _ahead(self, media: _Media, cid: str) -> None:
+        """Fetch the segments a viewer of ``media`` will ask for after ``cid``, if not held."""
+        resolver = self.rt.extras.get("resolver")
+        if resolver is None:
+            return
+        for nxt in media.order.after(cid, self.prefetch_segments):
+            if not self.rt.store.path_for(Cid(nxt)).is_file():  # noqa: ASYNC240 -- one stat
+                resolver.prefetch(Cid(nxt))
+
+    async def _send(
+        self, request: web.Request, cid: Cid, ext: str, media: _Media | None = None
+    ) -> web.StreamResponse:
         if self.streams >= self.max_streams:
             self.m.rejected.inc()
             raise TooManyRequests("too many concurrent streams")
@@ -402,12 +422,17 @@ class HlsRoutes:
                 raise Unavailable("blob fetch timed out") from None
             finally:
                 self.streams -= 1
+            if media is not None and self.prefetch_segments:
+                media.remote = True
+                self._ahead(media, cid)
             if got.chunks is not None:
                 return await self._stream(request, cid, got, headers)
             assert got.path is not None
             # The source that delivered the bytes labels them (the dashboard's "P2P savings"
             # reads bytes served by source).
             path, source = got.path, got.source
+        elif media is not None and media.remote:
+            self._ahead(media, cid)
         return _BlobResponse(self, cid, source, path, headers=headers)
 
     async def _stream(

@@ -62,3 +62,58 @@ async def test_ffmpeg_plays_media_held_only_in_r2(
     assert held == set(cids)
     verify = await asyncio.to_thread(run_cli, "verify", state_dir=state)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 -- loopback test node
+        return bytes(r.read())
+
+
+async def _held_soon(state: Path, cids: list[str], timeout_s: float = 20.0) -> bool:
+    """True once every blob of ``cids`` is a file in the node's store."""
+    for _ in range(int(timeout_s / 0.05)):
+        held = {p.name for p in (state / "blobs").rglob("b*") if p.is_file()}
+        if set(cids) <= held:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_segments_after_a_miss_are_fetched_ahead_once(
+    tmp_path: Path, moto: MotoServer, bucket: str
+) -> None:
+    clip = await asyncio.to_thread(make_hls, tmp_path / "clip", seconds=12, audio=False)
+    state = tmp_path / "node"
+    config = {"r2": r2_config(moto, bucket), "http": {"prefetch_segments": 2}}
+    node = PeerdProcess(state, config=config)
+    await asyncio.to_thread(node.init)
+    write_r2_secrets(state)
+    media_id, _ = await media_in_bucket_only(state, clip, moto, bucket)
+    await asyncio.to_thread(node.start)
+    try:
+        master = (await asyncio.to_thread(_get, hls_url(node.base_url, state, media_id))).decode()
+        first = next(x for x in master.splitlines() if x.endswith(".m3u8") or ".m3u8?" in x)
+        playlist = await asyncio.to_thread(
+            _get, f"{node.base_url}/hls/{media_id}/{first.lstrip('./')}"
+        )
+        segs = re.findall(r"^b/(\w+)\.m4s\?", playlist.decode(), re.M)
+        assert len(segs) >= 5, playlist
+        base = f"{node.base_url}/hls/{media_id}/b"
+        token = first.split("?", 1)[1]
+
+        # A miss: the viewer gets segment 0 from the bucket, the node fetches 1 and 2 ahead.
+        await asyncio.to_thread(_get, f"{base}/{segs[0]}.m4s?{token}")
+        assert await _held_soon(state, segs[:3])
+        # Segment 1 is now held; asking for it moves the window: 3 is fetched, 4 is not.
+        await asyncio.to_thread(_get, f"{base}/{segs[1]}.m4s?{token}")
+        assert await _held_soon(state, segs[:4])
+        held = {p.name for p in (state / "blobs").rglob("b*") if p.is_file()}
+        assert segs[4] not in held
+        # Every blob came up once: no second GET for a segment fetched ahead.
+        gets = await asyncio.to_thread(
+            _metric, node.base_url, r'peerd_r2_requests_total\{op="GetObject"\}'
+        )
+        assert gets == 4
+    finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
