@@ -15,6 +15,8 @@
    moto server, a media item whose blobs are only in the bucket): a signed
    ``GET /hls/<media>/b/<cid>.m4s`` for a blob the node lacks vs a direct GET of the object, the
    two alternated blob by blob. This is the production path, with the viewer in another process.
+   Run twice: with ``http.prefetch_segments = 0`` (every request a true cold miss) and with the
+   default 2, the blobs asked for in play order (what a viewer playing R2-only media sees).
 
 Usage (from the repo root)::
 
@@ -169,9 +171,16 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-async def daemon_ttfb(moto: MotoServer, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
-    """Section 4: TTFB of a cold miss through ``peerd run`` vs a direct GET."""
-    bucket = "ttfb-daemon"
+async def daemon_ttfb(
+    moto: MotoServer, tmp: Path, args: argparse.Namespace, *, prefetch: int = 0
+) -> dict[str, object]:
+    """Section 4: TTFB through ``peerd run`` of blobs only in the bucket vs a direct GET.
+
+    ``prefetch`` is the node's ``http.prefetch_segments``. With 0 every request is a true cold
+    miss; with the default (2), the blobs, asked for in play order, are what a viewer playing
+    media the node does not hold sees: the node fetches ahead of it.
+    """
+    bucket = f"ttfb-daemon-{prefetch}"
     await asyncio.to_thread(moto.create_bucket, bucket)
     tsize = int(args.ttfb_size_mib * 1024 * 1024)
     blobs = [os.urandom(tsize) for _ in range(args.ttfb_blobs + 1)]
@@ -182,9 +191,10 @@ async def daemon_ttfb(moto: MotoServer, tmp: Path, args: argparse.Namespace) -> 
     if args.rtt_ms:
         wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
     upstream = wan.url if args.rtt_ms else moto.url
-    state = tmp / "daemon"
+    state = tmp / f"daemon-{prefetch}"
     r2 = {"endpoint": upstream, "bucket": bucket, "tiering_interval_s": 3600.0}
-    node = PeerdProcess(state, config={"r2": r2, "log": {"level": "warning"}})
+    config = {"r2": r2, "log": {"level": "warning"}, "http": {"prefetch_segments": prefetch}}
+    node = PeerdProcess(state, config=config)
     await asyncio.to_thread(node.init)
     write_r2_secrets(state)
     media_id = await record_synthetic_media(state, cids)
@@ -216,13 +226,15 @@ async def daemon_ttfb(moto: MotoServer, tmp: Path, args: argparse.Namespace) -> 
         await asyncio.to_thread(node.stop)
         await wan.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
+    what = "cold misses" if not prefetch else f"in play order, prefetch_segments={prefetch}"
     print(
-        f"TTFB through the daemon: {med['daemon'] * 1000:.2f} ms vs direct "
+        f"TTFB through the daemon ({what}): {med['daemon'] * 1000:.2f} ms vs direct "
         f"{med['direct'] * 1000:.2f} ms = {med['daemon'] / med['direct']:.2f}x"
     )
     return {
         "blob_bytes": tsize,
         "blobs": len(cids) - 1,
+        "prefetch_segments": prefetch,
         "rtt_ms": args.rtt_ms,
         "median_ttfb_s": med,
         "ratio_daemon_over_direct": med["daemon"] / med["direct"],
@@ -392,6 +404,7 @@ async def main() -> None:
                 await proxy.stop()
             # -- TTFB through a real daemon ---------------------------------------------------
             results["ttfb_daemon"] = await daemon_ttfb(moto, Path(tmp), args)
+            results["ttfb_daemon_playing"] = await daemon_ttfb(moto, Path(tmp), args, prefetch=2)
         finally:
             await rt.close()
     (OUT / "r2.json").write_text(json.dumps(results, indent=2))
