@@ -49,6 +49,7 @@ async def run_node(
     http: dict[str, Any] | None = None,
     extra: list[RouteInstaller] | None = None,
     before_start: Callable[[Runtime], None] | None = None,
+    runner_kwargs: dict[str, Any] | None = None,
 ) -> AsyncIterator[Node]:
     """Open a runtime in ``tmp``, import the media, serve the HLS routes on 127.0.0.1:0."""
     secrets = tmp / "secrets"
@@ -68,7 +69,7 @@ async def run_node(
         if before_start is not None:
             before_start(rt)
         app = build_app(rt, [hls.install, *(extra or [])])
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, **(runner_kwargs or {}))
         await runner.setup()
         site = fastpath.site(runner, "127.0.0.1", 0)
         assert isinstance(site, fastpath.FastSite)

@@ -266,3 +266,38 @@ async def test_blob_metrics_and_open_files(node: Node) -> None:
     assert status == 404
     assert node.fast.answered == before
     await conn.close()
+
+
+async def test_idle_connections_close_after_the_keepalive_timeout(
+    tmp_path: Path, playlists: dict[str, Path]
+) -> None:
+    async with run_node(tmp_path, playlists, runner_kwargs={"keepalive_timeout": 0.2}) as node:
+        blobs = await _warm(node)
+        conn = await Conn.open(node)
+        conn.send(_get(_path(node, blobs[0])))
+        status, _, _ = await conn.response()
+        assert status == 200
+        assert node.fast.answered == 1
+        assert await conn.closed()
+        await conn.close()
+        # A head that never completes is idle too.
+        conn = await Conn.open(node)
+        conn.send(b"GET /hls/")
+        assert await conn.closed()
+        await conn.close()
+
+
+async def test_shutdown_closes_idle_fast_connections(
+    tmp_path: Path, playlists: dict[str, Path]
+) -> None:
+    async with run_node(tmp_path, playlists) as node:
+        blobs = await _warm(node)
+        conn = await Conn.open(node)
+        conn.send(_get(_path(node, blobs[0])))
+        status, _, _ = await conn.response()
+        assert status == 200
+        assert node.fast.conns
+    # run_node stopped the site and cleaned up the runner: the idle connection was closed.
+    assert await conn.closed()
+    assert not node.fast.conns
+    await conn.close()

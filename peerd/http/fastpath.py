@@ -307,7 +307,8 @@ class FastPath:
             entry = await self._acquire(req.cid, req.ext, path, st)
             size = entry.key[3]
             transport = conn.transport
-            assert transport is not None
+            if transport is None:
+                return  # the client left while the file was being opened
             transport.write(b"HTTP/1.1 200 OK\r\n%b%b\r\n" % (entry.header, self._date_line()))
             sent = 0
             if not req.head_only and size:
@@ -546,8 +547,11 @@ class _Conn(asyncio.Protocol):
                 # parser decides (and applies its limits).
                 if len(buf) > _MAX_BUFFER or buf.find(b"\n\n", start) >= 0:
                     self._handoff()
-                else:
-                    self.scanned = len(buf)
+                    return
+                self.scanned = len(buf)
+                if self.idle is None:
+                    # Idle since the last response: bytes trickling in do not extend it.
+                    self._arm_idle()
                 return
             self.scanned = 0
             self._disarm_idle()
@@ -561,8 +565,8 @@ class _Conn(asyncio.Protocol):
                 self.busy = True
                 self.task = asyncio.get_running_loop().create_task(self._run(outcome))
                 return
-        if not self.busy and not self.buf and self.transport is not None:
-            self._arm_idle()
+        if not self.busy and self.transport is not None and self.idle is None:
+            self._arm_idle()  # paused by a client that does not read: idle too
 
     async def _run(self, coro: Hot) -> None:
         try:
