@@ -20,6 +20,9 @@ Speed: a parsed manifest and its playlist templates are cached per media id (man
 immutable); a playlist response is the template joined with the token. Blobs go out through
 ``web.FileResponse`` (``loop.sendfile`` on the stock loop) with Range, HEAD and conditional
 requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
+Most viewer requests never reach these handlers: :mod:`peerd.http.fastpath` answers plain
+GET/HEADs of cached playlists and local blobs on the connection, with the same checks and
+headers, and leaves every other case (refusals included) to them.
 A blob the node lacks is fetched through the resolver; a plain GET answered by the node's R2
 bucket is relayed while it is being stored, so the viewer's first byte waits for R2's only.
 """
