@@ -301,3 +301,16 @@ async def test_shutdown_closes_idle_fast_connections(
     assert await conn.closed()
     assert not node.fast.conns
     await conn.close()
+
+
+async def test_concurrent_first_requests_open_a_blob_once(node: Node) -> None:
+    blobs = await _warm(node)
+    conns = [await Conn.open(node) for _ in range(8)]
+    for c in conns:
+        c.send(_get(_path(node, blobs[2])))
+    bodies = [(await c.response())[2] for c in conns]
+    assert {cid_of(b) for b in bodies} == {blobs[2][2:-3]}
+    assert node.fast.opened == 1
+    assert node.fast.answered == 8
+    for c in conns:
+        await c.close()

@@ -157,6 +157,7 @@ class FastPath:
         self.max_headers = max_headers
         self.conns: set[_Conn] = set()
         self.answered = 0  # responses sent here (tests tell the paths apart by it)
+        self.opened = 0  # blob files opened
         self.closing = False
         mark = app.get(WORKER_MARK_KEY)
         self._mark = f"X-Peerd-Worker: {mark}\r\n".encode() if mark is not None else b""
@@ -176,6 +177,7 @@ class FastPath:
         self._date_at = -1
         self._date = b""
         self._open: dict[str, _Open] = {}
+        self._opening: dict[str, asyncio.Future[_Open]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._no_conns = asyncio.Event()
 
@@ -334,26 +336,38 @@ class FastPath:
 
     # -- open blob files -------------------------------------------------------------------
 
-    async def _acquire(self, cid: str, ext: str, path: Path, st: os.stat_result) -> _Open:
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    async def _acquire(self, cid: str, ext: str, path: Path, st: os.stat_result | None) -> _Open:
+        """The open file of ``cid`` (opened now if ``st`` says the one held is not current)."""
         entry = self._open.get(cid)
-        if entry is None or entry.key != key:
-            self._forget(cid)
-            loop = asyncio.get_running_loop()
-            f, fst = await loop.run_in_executor(None, _open_blob, path)
-            fkey = (fst.st_dev, fst.st_ino, fst.st_mtime_ns, fst.st_size)
-            entry = self._open.get(cid)
-            if entry is not None and entry.key == fkey:
-                loop.run_in_executor(None, f.close)  # another request opened it meanwhile
-            else:
-                self._forget(cid)
-                entry = _Open(f, fkey, self._blob_header(ext, fst))
-                if len(self._open) >= _MAX_OPEN:
-                    self._forget(next(iter(self._open)))
-                self._open[cid] = entry
-                if self._sweep is None:
-                    self._sweep = loop.call_later(_OPEN_IDLE_S, self._sweep_idle)
+        current = st is None or (
+            entry is not None and entry.key == (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        )
+        if entry is None or not current:
+            # One open per blob however many requests want it at once (a cold start of many
+            # viewers would otherwise open each file once per connection).
+            opening = self._opening.get(cid)
+            if opening is None:
+                opening = asyncio.ensure_future(self._open_new(cid, ext, path))
+                self._opening[cid] = opening
+                opening.add_done_callback(lambda _f: self._opening.pop(cid, None))
+            entry = await asyncio.shield(opening)
+            if entry.stale:  # evicted while this request waited: take the current one
+                return await self._acquire(cid, ext, path, None)
         entry.users += 1
+        return entry
+
+    async def _open_new(self, cid: str, ext: str, path: Path) -> _Open:
+        loop = asyncio.get_running_loop()
+        f, fst = await loop.run_in_executor(None, _open_blob, path)
+        self.opened += 1
+        self._forget(cid)
+        key = (fst.st_dev, fst.st_ino, fst.st_mtime_ns, fst.st_size)
+        entry = _Open(f, key, self._blob_header(ext, fst), last_used=time.monotonic())
+        if len(self._open) >= _MAX_OPEN:
+            self._forget(next(iter(self._open)))
+        self._open[cid] = entry
+        if self._sweep is None:
+            self._sweep = loop.call_later(_OPEN_IDLE_S, self._sweep_idle)
         return entry
 
     def _blob_header(self, ext: str, st: os.stat_result) -> bytes:
@@ -477,6 +491,7 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the keep-alive timer."""
@@ -520,8 +535,7 @@ class _Conn(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
-        loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(self.fast.keepalive_timeout, self._idle_timeout)
+        self.idle = self.loop.call_later(self.fast.keepalive_timeout, self._idle_timeout)
 
     def _disarm_idle(self) -> None:
         if self.idle is not None:
@@ -563,7 +577,7 @@ class _Conn(asyncio.Protocol):
             if outcome is not True:
                 assert not isinstance(outcome, bool)
                 self.busy = True
-                self.task = asyncio.get_running_loop().create_task(self._run(outcome))
+                self.task = self.loop.create_task(self._run(outcome))
                 return
         if not self.busy and self.transport is not None and self.idle is None:
             self._arm_idle()  # paused by a client that does not read: idle too
