@@ -13,7 +13,7 @@ from aiohttp import web
 
 from peerd.config import load_settings
 from peerd.core import tokens
-from peerd.http import hls
+from peerd.http import fastpath, hls
 from peerd.http.server import RouteInstaller, build_app
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.hlsmedia import import_hls, read_hls
@@ -30,6 +30,7 @@ class Node:
     base: str
     media: dict[str, str]  # container -> media id
     routes: hls.HlsRoutes
+    fast: fastpath.FastPath  # the site's fast path (its ``answered`` tells which path answered)
 
     def url(self, container: str, path: str = "master.m3u8", token: str | None = "") -> str:
         """A URL under the media; token "" means a fresh valid one, None means no token."""
@@ -48,6 +49,7 @@ async def run_node(
     http: dict[str, Any] | None = None,
     extra: list[RouteInstaller] | None = None,
     before_start: Callable[[Runtime], None] | None = None,
+    runner_kwargs: dict[str, Any] | None = None,
 ) -> AsyncIterator[Node]:
     """Open a runtime in ``tmp``, import the media, serve the HLS routes on 127.0.0.1:0."""
     secrets = tmp / "secrets"
@@ -67,12 +69,13 @@ async def run_node(
         if before_start is not None:
             before_start(rt)
         app = build_app(rt, [hls.install, *(extra or [])])
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, **(runner_kwargs or {}))
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = fastpath.site(runner, "127.0.0.1", 0)
+        assert isinstance(site, fastpath.FastSite)
         await site.start()
         port = runner.addresses[0][1]
-        yield Node(rt, f"http://127.0.0.1:{port}", media, app[hls.ROUTES_KEY])
+        yield Node(rt, f"http://127.0.0.1:{port}", media, app[hls.ROUTES_KEY], site.fast)
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -202,6 +202,13 @@ class AccessVerifier:
             if (force and not recent) or not fresh:
                 await self._fetch()
 
+    def cached(self, token: str) -> AccessIdentity | None:
+        """The identity of ``token`` if it was verified before and has not expired, else None."""
+        hit = self._ok.get(token)
+        if hit is not None and self.clock() < hit.expires + LEEWAY_S:
+            return hit
+        return None
+
     async def verify(self, token: str | None) -> AccessIdentity:
         """The identity in a valid token; AccessDenied otherwise."""
         if not token:

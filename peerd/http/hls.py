@@ -20,6 +20,9 @@ Speed: a parsed manifest and its playlist templates are cached per media id (man
 immutable); a playlist response is the template joined with the token. Blobs go out through
 ``web.FileResponse`` (``loop.sendfile`` on the stock loop) with Range, HEAD and conditional
 requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
+Most viewer requests never reach these handlers: :mod:`peerd.http.fastpath` answers plain
+GET/HEADs of cached playlists and local blobs on the connection, with the same checks and
+headers, and leaves every other case (refusals included) to them.
 A blob the node lacks is fetched through the resolver; a plain GET answered by the node's R2
 bucket is relayed while it is being stored, so the viewer's first byte waits for R2's only.
 Once a media item had a miss, each blob request also starts fetching the next
@@ -111,24 +114,45 @@ class ViewerAuth:
             return None
         return self.check_token(request, media_id, scope)
 
+    def _token_ok(self, token: str | None, media_id: str, scope: str) -> tokens.TokenError | None:
+        # A player repeats one token for every request of a media: remember good ones until
+        # they expire instead of recomputing the HMAC each time.
+        assert self.key is not None
+        now = self.clock()
+        cached = self._good.get((token, media_id, scope)) if token else None
+        if cached is not None and now < cached:
+            return None
+        result = tokens.verify(self.key, token, media_id, scope, now)
+        if result.error is not None or result.expires is None:
+            return result.error or tokens.TokenError.MALFORMED
+        if len(self._good) >= 4096:
+            self._good.clear()
+        self._good[(token or "", media_id, scope)] = result.expires
+        return None
+
     def check_token(self, request: web.Request, media_id: str, scope: str) -> str | None:
         """Token mode's check, synchronous (the hot path of playlists skips a coroutine)."""
         token = request.query.get("token")
         if self.key is None:
             raise self._deny(request, "no-signing-key")
-        now = self.clock()
-        # A player repeats one token for every request of a media: remember good ones until
-        # they expire instead of recomputing the HMAC each time.
-        cached = self._good.get((token, media_id, scope)) if token else None
-        if cached is not None and now < cached:
-            return token
-        result = tokens.verify(self.key, token, media_id, scope, now)
-        if result.error is not None or result.expires is None:
-            raise self._deny(request, result.error.value if result.error else "malformed")
-        if len(self._good) >= 4096:
-            self._good.clear()
-        self._good[(token or "", media_id, scope)] = result.expires
+        error = self._token_ok(token, media_id, scope)
+        if error is not None:
+            raise self._deny(request, error.value)
         return token
+
+    def admits(self, token: str | None, jwt: str | None, media_id: str, scope: str) -> bool:
+        """Whether a request passes without refusal, coroutine or I/O (:mod:`peerd.http.fastpath`).
+
+        Token mode verifies ``token``; access mode accepts only a JWT verified before. False
+        sends the request down the full path, which refuses it with its reason (or fetches keys).
+        """
+        if self.mode == "access":
+            if self.verifier is None or not jwt:
+                return False
+            return self.verifier.cached(jwt) is not None
+        return (
+            self.key is not None and bool(token) and self._token_ok(token, media_id, scope) is None
+        )
 
 
 VIEWER_AUTH = web.AppKey("viewer_auth", ViewerAuth)
@@ -234,6 +258,8 @@ class HlsRoutes:
         # Set in HTTP worker processes: a blob not on local disk goes to the daemon (which owns
         # the resolver) instead of being fetched here.
         self.miss: Handler | None = None
+        # (playlist, blob) route labels of peerd_http_requests, set by install()
+        self.route_names = ("", "")
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -316,6 +342,13 @@ class HlsRoutes:
         parts = media.templates.get(name)
         if parts is None:
             raise NotFound("no such playlist")
+        body = self.rendered(media_id, name, token, parts)
+        return web.Response(body=body, headers=self._playlist_headers)
+
+    def rendered(
+        self, media_id: str, name: str, token: str | None, parts: tuple[str, ...]
+    ) -> bytes:
+        """The playlist ``name`` with ``token`` in its URLs (cached per media, name and token)."""
         ck = (media_id, name, token or "")
         body = self._rendered.get(ck)
         if body is None:
@@ -323,7 +356,7 @@ class HlsRoutes:
             if len(self._rendered) >= 4096:
                 self._rendered.clear()
             self._rendered[ck] = body
-        return web.Response(body=body, headers=self._playlist_headers)
+        return body
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """An init or media segment of the media, by content id."""
@@ -560,8 +593,16 @@ def install(app: web.Application, rt: Runtime) -> None:
     app.on_cleanup.append(close_verifier)
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"
-    app.router.add_get(f"/hls/{media}/{{name:[a-z0-9][a-z0-9_-]{{0,31}}}}.m3u8", w(routes.playlist))
-    app.router.add_get(f"/hls/{media}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s|ts}}", w(routes.blob))
+    pl = app.router.add_get(
+        f"/hls/{media}/{{name:[a-z0-9][a-z0-9_-]{{0,31}}}}.m3u8", w(routes.playlist)
+    )
+    blob = app.router.add_get(
+        f"/hls/{media}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s|ts}}", w(routes.blob)
+    )
+    # The fast path (peerd.http.fastpath) counts its requests under the same route labels.
+    assert pl.resource is not None
+    assert blob.resource is not None
+    routes.route_names = (pl.resource.canonical, blob.resource.canonical)
     app.router.add_get(
         f"/hls/{media}/s/{{rendition:[a-z0-9][a-z0-9_-]{{0,31}}}}/{{seq:init|[0-9]{{1,9}}}}"
         ".{ext:mp4|m4s|ts}",

@@ -129,6 +129,9 @@ class HttpMetrics:
 HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
 
 
+WORKER_MARK_KEY = web.AppKey("worker_mark", str)
+
+
 def mark_process(app: web.Application, index: int) -> None:
     """Name the answering process in ``X-Peerd-Worker`` (0 = daemon) when there are workers.
 
@@ -136,6 +139,7 @@ def mark_process(app: web.Application, index: int) -> None:
     process did the work; tests use it to see that every process answered.
     """
     mark = str(index)
+    app[WORKER_MARK_KEY] = mark
 
     async def on_prepare(_request: web.Request, resp: web.StreamResponse) -> None:
         resp.headers.setdefault(WORKER_HEADER, mark)
@@ -191,7 +195,10 @@ class HttpService:
             # With worker processes the port is shared (SO_REUSEPORT): the kernel spreads new
             # connections over every process bound to it.
             workers = cfg.workers > 1
-            site = web.TCPSite(
+            # Imported here: the fast path builds on this module's keys and metrics.
+            from peerd.http import fastpath
+
+            site = fastpath.site(
                 self.runner, cfg.host, cfg.port, reuse_address=True, reuse_port=workers or None
             )
             await site.start()

@@ -40,7 +40,7 @@ from aiohttp import web
 from peerd.catalog import Catalog
 from peerd.config import Settings
 from peerd.errors import Unavailable
-from peerd.http import hls
+from peerd.http import fastpath, hls
 from peerd.http.server import HTTP_METRICS_KEY, RUNTIME_KEY, HttpMetrics, internal_socket
 from peerd.http.server import mark_process as _mark_process
 from peerd.identity import load_pem
@@ -255,7 +255,7 @@ async def serve(settings: Settings, index: int) -> int:
     reports: asyncio.Task[None] | None = None
     try:
         await runner.setup()
-        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=True)
+        site = fastpath.site(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=True)
         await site.start()
         await reporter.send({"ready": os.getpid()})
         log.info("http worker listening", extra={"worker": index, "port": cfg.port})

@@ -15,11 +15,11 @@ and records ``other_cores``: CPU used by everything except the server and wrk du
 (cores; >0.2 means a noisy neighbour). Prints a table of medians and the ratios peerd/nginx.
 Raw JSON lines go to /tmp/peerd-bench-serve/results.jsonl.
 
-peerd runs with ``http.workers = WORKERS`` (default 2, the recommended setting on this 2-core
-machine: the daemon plus one worker process on the port); the count is in every JSON row and in
-the table. ``WORKERS=1`` measures the single-process daemon.
+peerd runs with ``http.workers = WORKERS`` (default 1, the configured default: with the HLS fast
+path a second process on this 2-core machine measured no faster); the count is in every JSON row
+and in the table. ``WORKERS=2`` adds one worker process on the port.
 
-Env: REPS (3), D (5s), C (64), T (2), WORKERS (2), QUIET_THRESH (10 %), QUIET_MAX (20 s).
+Env: REPS (3), D (5s), C (64), T (2), WORKERS (1), QUIET_THRESH (10 %), QUIET_MAX (20 s).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-WORKERS = int(os.environ.get("WORKERS", "2"))
+WORKERS = int(os.environ.get("WORKERS", "1"))
 
 
 def measure(
