@@ -294,6 +294,8 @@ class FastPath:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
+        if media.remote:
+            routes.fetch_ahead(media, req.cid)  # keep fetching ahead of a viewer of fetched media
         return self._blob(conn, req, path, st, started)
 
     async def _blob(

@@ -168,7 +168,7 @@ class _Media:
     order: PlayOrder
     templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Set once one of its blobs had to be fetched: from then on viewers' next segments are
-    # fetched ahead of them (HlsRoutes._ahead).
+    # fetched ahead of them (HlsRoutes.fetch_ahead).
     remote: bool = False
 
 
@@ -414,7 +414,7 @@ class HlsRoutes:
         media.blobs[cid] = ext
         return ext
 
-    def _ahead(self, media: _Media, cid: str) -> None:
+    def fetch_ahead(self, media: _Media, cid: str) -> None:
         """Fetch the segments a viewer of ``media`` will ask for after ``cid``, if not held."""
         resolver = self.rt.extras.get("resolver")
         if resolver is None:
@@ -457,7 +457,7 @@ class HlsRoutes:
                 self.streams -= 1
             if media is not None and self.prefetch_segments:
                 media.remote = True
-                self._ahead(media, cid)
+                self.fetch_ahead(media, cid)
             if got.chunks is not None:
                 return await self._stream(request, cid, got, headers)
             assert got.path is not None
@@ -465,7 +465,7 @@ class HlsRoutes:
             # reads bytes served by source).
             path, source = got.path, got.source
         elif media is not None and media.remote:
-            self._ahead(media, cid)
+            self.fetch_ahead(media, cid)
         return _BlobResponse(self, cid, source, path, headers=headers)
 
     async def _stream(
