@@ -10,6 +10,10 @@ Theory of operation
    libx264 at constant quality (CRF; x264's bit-rate modes are not repeatable with threads), with
    decoder frame threads and encoder frame threads at a *fixed* count, because x264's output
    depends on it. AAC (and Opus in fMP4) audio is copied, anything else becomes AAC.
+   A transcode runs in two threads (`_ahead`): a reader demuxes, decodes and scales a few frames
+   ahead while the calling thread encodes, cuts and muxes (libav releases the GIL in all of it).
+   The reader hands its items on in the order one serial loop would handle them, so the bytes do
+   not depend on the threads' timing.
 2. **Cutting.** A `_Cutter` starts a segment at the first video keyframe at or after each multiple
    of `segment_seconds` (transcodes force an IDR exactly there). Audio goes to the segment whose
    video time span contains it. Timestamps are shifted so the earliest one is zero.
@@ -1082,17 +1086,30 @@ def derive_segment(
                     video_pkts.extend(sei_filter.filter(p))
 
             streams = [vin] + ([ain] if ain is not None else [])
-            for pkt in inp.demux(*streams):
-                if pkt.stream is ain:
-                    if pkt.dts is not None:
-                        audio_pkts.append(pkt)
-                    continue
-                for frame in pkt.decode():
-                    assert isinstance(frame, av.VideoFrame)
-                    for f in scaler(frame):
-                        encode(f)
-            for f in scaler(None):
-                encode(f)
+
+            def read() -> Generator[tuple[int, Any], None, None]:
+                for pkt in inp.demux(*streams):
+                    if pkt.stream is ain:
+                        if pkt.dts is not None:
+                            yield _AUDIO_PACKET, pkt
+                        continue
+                    for frame in pkt.decode():
+                        assert isinstance(frame, av.VideoFrame)
+                        for f in scaler(frame):
+                            yield _VIDEO_FRAME, f
+                for f in scaler(None):
+                    yield _VIDEO_FRAME, f
+
+            # As in the top pass: decode and scale ahead in a thread, same order, same bytes.
+            items = _ahead(read(), READ_AHEAD, "peerd-decode")
+            try:
+                for what, item in items:
+                    if what == _AUDIO_PACKET:
+                        audio_pkts.append(item)
+                    else:
+                        encode(item)
+            finally:
+                items.close()  # the reader is joined before the input is closed
             encode(None)
         elif ain is not None:
             audio_pkts = [p for p in inp.demux(ain) if p.dts is not None]
