@@ -10,8 +10,8 @@ Theory of operation
    libx264 at constant quality (CRF; x264's bit-rate modes are not repeatable with threads), with
    decoder frame threads and encoder frame threads at a *fixed* count, because x264's output
    depends on it. AAC (and Opus in fMP4) audio is copied, anything else becomes AAC.
-   A transcode runs in two threads (`_ahead`): a reader demuxes, decodes and scales a few frames
-   ahead while the calling thread encodes, cuts and muxes (libav releases the GIL in all of it).
+   A transcode runs in two Python threads (`_ahead`): a reader demuxes, decodes and scales a few
+   frames ahead while the calling thread encodes, cuts and muxes (libav releases the GIL there).
    The reader hands its items on in the order one serial loop would handle them, so the bytes do
    not depend on the threads' timing.
 2. **Cutting.** A `_Cutter` starts a segment at the first video keyframe at or after each multiple
@@ -943,8 +943,9 @@ def _top_pass(
                         yield _VIDEO_FRAME, f
 
         # A transcode decodes and scales in a reader thread while this one encodes, cuts and
-        # muxes (libav releases the GIL): the serial loop left cores idle whenever it waited for
-        # one stage. A remux has nothing worth overlapping.
+        # muxes (libav releases the GIL), so neither stage waits for the other. Where the codec
+        # threads already keep every core busy (2 cores) this measured neutral; it pays where
+        # cores are spare. A remux has nothing worth overlapping.
         items = read() if remux else _ahead(read(), READ_AHEAD, "peerd-decode")
         try:
             for what, item in items:
