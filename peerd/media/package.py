@@ -10,6 +10,10 @@ Theory of operation
    libx264 at constant quality (CRF; x264's bit-rate modes are not repeatable with threads), with
    decoder frame threads and encoder frame threads at a *fixed* count, because x264's output
    depends on it. AAC (and Opus in fMP4) audio is copied, anything else becomes AAC.
+   A transcode runs in two Python threads (`_ahead`): a reader demuxes, decodes and scales a few
+   frames ahead while the calling thread encodes, cuts and muxes (libav releases the GIL there).
+   The reader hands its items on in the order one serial loop would handle them, so the bytes do
+   not depend on the threads' timing.
 2. **Cutting.** A `_Cutter` starts a segment at the first video keyframe at or after each multiple
    of `segment_seconds` (transcodes force an IDR exactly there). Audio goes to the segment whose
    video time span contains it. Timestamps are shifted so the earliest one is zero.
@@ -29,9 +33,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -63,6 +68,12 @@ Sink = Callable[[bytes, str], Cid]
 Called from one helper thread, in the order the blobs are produced (see `_Job.put`)."""
 
 MAX_QUEUED = 2
+
+READ_AHEAD = 8
+"""Decoded, scaled frames (or audio items) the reader thread of a transcode may be ahead."""
+
+# What the reader of `_top_pass` hands on: (kind, packet or frame).
+_VIDEO_FRAME, _VIDEO_PACKET, _AUDIO_PACKET, _AUDIO_FRAME = range(4)
 
 Progress = Callable[[float], None]
 """Called with the number of media seconds done so far (across every pass)."""
@@ -106,6 +117,52 @@ def _ticks(t: Fraction) -> int:
 def _rescale(t: Fraction, tb: Fraction) -> int:
     """t (seconds) in units of tb, rounded half up (deterministic)."""
     return math.floor(t / tb + Fraction(1, 2))
+
+
+def _ahead(items: Iterator[Any], depth: int, name: str) -> Generator[Any, None, None]:
+    """Yield what `items` yields, in order, with `items` run in its own thread up to `depth` ahead.
+
+    An exception raised by `items` is raised here, where its item would have come. Closing this
+    generator (or leaving it by an exception) stops the thread and joins it before returning, so
+    nothing `items` uses is touched once the caller goes on.
+    """
+    q: queue.Queue[tuple[int, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        end: tuple[int, Any] = (1, None)
+        try:
+            for item in items:
+                q.put((0, item))
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            end = (2, exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        q.put(end)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == 0:
+                yield value
+            elif kind == 1:
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:  # unblock a put waiting for room
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 # ---- cutting ---------------------------------------------------------------------------------
@@ -852,43 +909,63 @@ def _top_pass(
         streams = [vin] + ([ain] if ain is not None else [])
         next_i = [Fraction(0)]
         step = Fraction(opts.segment_seconds).limit_denominator(1000)
-        try:
+
+        def read() -> Generator[tuple[int, Any], None, None]:
+            # Demux, decode and scale: everything that only depends on the input. Yields the
+            # items in the order the serial loop handled them, so what the encoder and the
+            # cutter see (and the bytes) does not depend on how far ahead this runs.
             for pkt in inp.demux(*streams):
                 job.check()
                 if pkt.stream is ain:
                     if copy_audio:
-                        if pkt.dts is None:
-                            continue
-                        cutter.audio(pkt, _t(pkt.pts, pkt.time_base) or Fraction(0))
+                        if pkt.dts is not None:
+                            yield _AUDIO_PACKET, pkt
                     else:
                         for af in pkt.decode():
-                            assert isinstance(af, av.AudioFrame)
-                            feed_audio_frame(af)
+                            yield _AUDIO_FRAME, af
                     continue
                 if remux:
-                    if pkt.dts is None and pkt.pts is None:
-                        continue
-                    feed_video_packet(pkt)
+                    if pkt.dts is not None or pkt.pts is not None:
+                        yield _VIDEO_PACKET, pkt
                     continue
                 assert scaler is not None
                 for frame in pkt.decode():
                     assert isinstance(frame, av.VideoFrame)
                     for f in scaler(frame):
                         _prepare_frame(f, last_pts, next_i, step, tb)
-                        if f.pts is None:
-                            continue
-                        encode_frame(f)
+                        if f.pts is not None:
+                            yield _VIDEO_FRAME, f
             if not remux:
                 assert scaler is not None
                 for f in scaler(None):
                     _prepare_frame(f, last_pts, next_i, step, tb)
                     if f.pts is not None:
-                        encode_frame(f)
+                        yield _VIDEO_FRAME, f
+
+        # A transcode decodes and scales in a reader thread while this one encodes, cuts and
+        # muxes (libav releases the GIL), so neither stage waits for the other. Where the codec
+        # threads already keep every core busy (2 cores) this measured neutral; it pays where
+        # cores are spare. A remux has nothing worth overlapping.
+        items = read() if remux else _ahead(read(), READ_AHEAD, "peerd-decode")
+        try:
+            for what, item in items:
+                if what == _VIDEO_FRAME:
+                    encode_frame(item)
+                elif what == _VIDEO_PACKET:
+                    feed_video_packet(item)
+                elif what == _AUDIO_PACKET:
+                    cutter.audio(item, _t(item.pts, item.time_base) or Fraction(0))
+                else:
+                    assert isinstance(item, av.AudioFrame)
+                    feed_audio_frame(item)
+            if not remux:
                 encode_frame(None)
             if aencoder is not None:
                 feed_audio_frame(None)
         except av.error.FFmpegError as exc:
             raise _wrap_av(path, exc, "while reading") from None
+        finally:
+            items.close()  # stops and joins the reader thread before the input is closed
         if cutter.emitted == 0 and not cutter.segs:
             raise MediaError(f"{path}: no decodable video (no keyframe found)", path=str(path))
         end = float(cutter.video_end - cutter.first_start)
@@ -948,7 +1025,7 @@ def _prepare_frame(
         f.pts = None  # duplicate timestamp: the caller drops the frame
         return
     last_pts[0] = f.pts
-    t = Fraction(f.pts) * tb
+    t = Fraction(f.pts * tb.numerator, tb.denominator)
     if t >= next_i[0]:
         f.pict_type = PictureType.I
         next_i[0] = (math.floor(t / step) + 1) * step
@@ -1010,17 +1087,30 @@ def derive_segment(
                     video_pkts.extend(sei_filter.filter(p))
 
             streams = [vin] + ([ain] if ain is not None else [])
-            for pkt in inp.demux(*streams):
-                if pkt.stream is ain:
-                    if pkt.dts is not None:
-                        audio_pkts.append(pkt)
-                    continue
-                for frame in pkt.decode():
-                    assert isinstance(frame, av.VideoFrame)
-                    for f in scaler(frame):
-                        encode(f)
-            for f in scaler(None):
-                encode(f)
+
+            def read() -> Generator[tuple[int, Any], None, None]:
+                for pkt in inp.demux(*streams):
+                    if pkt.stream is ain:
+                        if pkt.dts is not None:
+                            yield _AUDIO_PACKET, pkt
+                        continue
+                    for frame in pkt.decode():
+                        assert isinstance(frame, av.VideoFrame)
+                        for f in scaler(frame):
+                            yield _VIDEO_FRAME, f
+                for f in scaler(None):
+                    yield _VIDEO_FRAME, f
+
+            # As in the top pass: decode and scale ahead in a thread, same order, same bytes.
+            items = _ahead(read(), READ_AHEAD, "peerd-decode")
+            try:
+                for what, item in items:
+                    if what == _AUDIO_PACKET:
+                        audio_pkts.append(item)
+                    else:
+                        encode(item)
+            finally:
+                items.close()  # the reader is joined before the input is closed
             encode(None)
         elif ain is not None:
             audio_pkts = [p for p in inp.demux(ain) if p.dts is not None]
