@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hls_node import Node, run_node
+from hls_node import KEY, Node, run_node
 
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
@@ -81,8 +81,7 @@ def _path(node: Node, name: str, token: str | None = "") -> str:
 
 
 async def _warm(node: Node) -> list[str]:
-    """Load the media (on a connection of its own: the first request of a media is aiohttp's,
-    and takes its connection along); returns the blob paths of its playlist."""
+    """Load the media (on a connection of its own); returns the blob paths of its playlist."""
     first = await Conn.open(node)
     first.send(_get(_path(node, "v0.m3u8")))
     status, _, body = await first.response()
@@ -273,11 +272,12 @@ async def test_idle_connections_close_after_the_keepalive_timeout(
 ) -> None:
     async with run_node(tmp_path, playlists, runner_kwargs={"keepalive_timeout": 0.2}) as node:
         blobs = await _warm(node)
+        before = node.fast.answered
         conn = await Conn.open(node)
         conn.send(_get(_path(node, blobs[0])))
         status, _, _ = await conn.response()
         assert status == 200
-        assert node.fast.answered == 1
+        assert node.fast.answered == before + 1
         assert await conn.closed()
         await conn.close()
         # A head that never completes is idle too.
@@ -305,12 +305,47 @@ async def test_shutdown_closes_idle_fast_connections(
 
 async def test_concurrent_first_requests_open_a_blob_once(node: Node) -> None:
     blobs = await _warm(node)
+    before = node.fast.answered
     conns = [await Conn.open(node) for _ in range(8)]
     for c in conns:
         c.send(_get(_path(node, blobs[2])))
     bodies = [(await c.response())[2] for c in conns]
     assert {cid_of(b) for b in bodies} == {blobs[2][2:-3]}
     assert node.fast.opened == 1
-    assert node.fast.answered == 8
+    assert node.fast.answered == before + 8
     for c in conns:
         await c.close()
+
+
+async def test_a_media_not_cached_is_loaded_and_the_connection_stays_fast(node: Node) -> None:
+    node.routes._media.clear()  # as after a restart: no manifest in memory
+    conn = await Conn.open(node)
+    before = node.fast.answered
+    conn.send(_get(_path(node, "v0.m3u8")))
+    status, _, body = await conn.response()
+    assert status == 200
+    assert body.startswith(b"#EXTM3U")
+    blob = re.findall(r"^(b/b[a-z2-7]{58}\.ts)", body.decode(), re.M)[0]
+    conn.send(_get(_path(node, blob)))
+    status, _, body = await conn.response()
+    assert status == 200
+    assert cid_of(body) == blob[2:-3]
+    assert node.fast.answered == before + 2  # both answered here: nothing was handed off
+    await conn.close()
+    # A media that does not exist (with a token for it) is loaded once, then aiohttp's 404.
+    ghost = cid_of(b"no such media")
+    token = tokens.mint(KEY, ghost, "hls", 2**31)
+    conn = await Conn.open(node)
+    conn.send(_get(f"/hls/{ghost}/v0.m3u8?token={token}"))
+    status, _, _ = await conn.response()
+    assert status == 404
+    assert node.fast.answered == before + 2
+    await conn.close()
+    # No token, no catalog work: straight to the full path's 403.
+    node.routes._media.clear()
+    conn = await Conn.open(node)
+    conn.send(_get(_path(node, "v0.m3u8", token=None)))
+    status, _, _ = await conn.response()
+    assert status == 403
+    assert node.routes._media == {}
+    await conn.close()

@@ -21,7 +21,9 @@ configured line/field/count limits with token names and visible values, and no
 ``Content-Length``, ``Transfer-Encoding``, ``Upgrade``, ``Expect`` or ``Connection`` other than
 ``keep-alive``. A hot request is answered here only when it passes without a refusal:
 :meth:`ViewerAuth.admits` (a good token, or an Access JWT already verified), the media is
-cached, the playlist or blob belongs to it. Blobs also need no ``Range`` or conditional header
+cached (a media not cached yet is loaded first, for an admitted viewer, and the request handled
+again: a player's first request does not tie its connection to aiohttp), the playlist or blob
+belongs to it. Blobs also need no ``Range`` or conditional header
 (aiohttp's ``FileResponse`` implements those), a free stream slot (the 429 is aiohttp's), and
 their file on local disk (misses go to the resolver there). A refusal therefore always comes
 from the full path, with its log line, reason counter and body, and the fast path only ever
@@ -250,16 +252,22 @@ class FastPath:
 
     # -- requests --------------------------------------------------------------------------
 
-    def handle(self, conn: _Conn, head: bytes) -> bool | Hot | None:
-        """Answer ``head`` (True), start answering it (a coroutine), or None to hand off."""
+    def handle(self, conn: _Conn, head: bytes) -> bool | Hot | _Load | None:
+        """Answer ``head`` (True), start answering it (a coroutine), load its media first
+        (``_Load``: ``head`` is handled again afterwards), or None to hand off."""
         started = time.perf_counter()
         req = self.parse(head)
         if req is None:
             return None
         routes = self.routes
-        media = routes._media.get(req.media_id)
-        if media is None or not routes.auth.admits(req.token, req.jwt, req.media_id, "hls"):
+        if not routes.auth.admits(req.token, req.jwt, req.media_id, "hls"):
             return None
+        media = routes._media.get(req.media_id)
+        if media is None:
+            if req.media_id in conn.loads:
+                return None  # loaded once on this connection and still not cached: aiohttp's
+            conn.loads.add(req.media_id)
+            return _Load(self._load(req.media_id))
         if req.name is not None:
             parts = media.templates.get(req.name)
             if parts is None:
@@ -297,6 +305,13 @@ class FastPath:
         if media.remote:
             routes.fetch_ahead(media, req.cid)  # keep fetching ahead of a viewer of fetched media
         return self._blob(conn, req, path, st, started)
+
+    async def _load(self, media_id: str) -> None:
+        # Only for a viewer the token already admits for this media (no catalog work for
+        # strangers). Whatever goes wrong is the full path's to answer and log: the request
+        # is handled again once this ends, and a media still not cached is handed off.
+        with contextlib.suppress(Exception):
+            await self.routes.media(media_id)
 
     async def _blob(
         self, conn: _Conn, req: _Head, path: Path, st: os.stat_result, started: float
@@ -479,6 +494,13 @@ async def _drained(transport: asyncio.Transport) -> None:
         await asyncio.sleep(0.001)
 
 
+@dataclass
+class _Load:
+    """:meth:`FastPath.handle`'s answer for a media not cached yet: load it, then ask again."""
+
+    coro: Hot
+
+
 class _Conn(asyncio.Protocol):
     """One client connection while the fast path holds it."""
 
@@ -493,6 +515,7 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.loads: set[str] = set()  # media ids this connection had loaded
         self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -574,6 +597,12 @@ class _Conn(asyncio.Protocol):
             outcome = self.fast.handle(self, bytes(buf[:end]))
             if outcome is None:
                 self._handoff()
+                return
+            if isinstance(outcome, _Load):
+                # The media's manifest is being loaded: the head stays buffered and is
+                # handled again afterwards (so the connection stays on the fast path).
+                self.busy = True
+                self.task = self.loop.create_task(self._run(outcome.coro))
                 return
             del buf[: end + 4]
             if outcome is not True:
