@@ -29,6 +29,8 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +47,7 @@ from av.video.frame import PictureType
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
 from peerd.errors import MediaError, PeerdError
-from peerd.media import codecs, fmp4
+from peerd.media import codecs, fmp4, isobmff
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 
@@ -618,7 +620,11 @@ def _package(job: _Job) -> Manifest:
                 job.extra_done += duration / TIMESCALE
                 _report(job)
 
-    start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
+    native = _native_source(job) if remux else None
+    if native is not None:
+        start = _native_top_pass(job, top, native, on_top_segment)
+    else:
+        start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
     renditions = [_finish(top, opts, src, start, rate)]
     for o, rec in derived:
         if o.segs:
@@ -917,6 +923,150 @@ def _top_pass(
         inp.close()
         if holder is not None:
             holder.close()
+
+
+@dataclass
+class _Native:
+    """An MP4/MOV source the native remux handles (see `peerd.media.isobmff`)."""
+
+    fd: int
+    video: isobmff.Track
+    audio: isobmff.Track | None
+    plan: isobmff.Plan
+
+
+def _read_moov(fd: int, size: int) -> bytes:
+    """The bytes of the file's top-level ``moov`` box; Unsupported if there is none."""
+    off = 0
+    while off + 8 <= size:
+        head = os.pread(fd, 16, off)
+        if len(head) < 8:
+            break
+        box_size, typ = int.from_bytes(head[:4], "big"), head[4:8]
+        if box_size == 1:
+            if len(head) < 16:
+                break
+            box_size = int.from_bytes(head[8:16], "big")
+        elif box_size == 0:
+            box_size = size - off
+        if box_size < 8 or off + box_size > size:
+            raise isobmff.Unsupported(f"top-level box {typ!r} at {off} has a bad size")
+        if typ == b"moof":
+            raise isobmff.Unsupported("fragmented MP4 source")
+        if typ == b"moov":
+            data = os.pread(fd, box_size, off)
+            if len(data) != box_size:
+                raise isobmff.Unsupported("short read of moov")
+            return data
+        off += box_size
+    raise isobmff.Unsupported("no moov box")
+
+
+def _native_source(job: _Job) -> _Native | None:
+    """The native remux of this job's source, or None if it has to go through PyAV.
+
+    Native when: fMP4 output, the video is remuxed, the audio (if any) is copied, and
+    `isobmff` understands the file (its module doc lists the rule). Decided before any blob is
+    produced, from the file alone, so it is the same on every node.
+    """
+    src, opts = job.src, job.opts
+    if opts.container != "fmp4" or (src.audio is not None and not src.can_copy_audio("fmp4")):
+        return None
+    try:
+        fd = os.open(src.path, os.O_RDONLY)
+    except OSError:
+        return None  # the PyAV path reports it
+    try:
+        movie = isobmff.parse_movie(_read_moov(fd, src.size), src.size)
+        by_index = {t.index: t for t in movie.tracks}
+        video = by_index.get(src.video.index)
+        audio = by_index.get(src.audio.index) if src.audio is not None else None
+        if video is None or video.handler != b"vide":
+            raise isobmff.Unsupported("the probed video stream is not an MP4 video track")
+        if src.audio is not None and (audio is None or audio.handler != b"soun"):
+            raise isobmff.Unsupported("the probed audio stream is not an MP4 audio track")
+        step = Fraction(opts.segment_seconds).limit_denominator(1000)
+        cuts = isobmff.plan(video, audio, step)
+    except (isobmff.Unsupported, struct.error, OSError) as exc:
+        os.close(fd)
+        log.debug("remux through PyAV", extra={"path": str(src.path), "reason": str(exc)})
+        return None
+    return _Native(fd, video, audio, cuts)
+
+
+def _native_top_pass(
+    job: _Job, top: _Out, native: _Native, on_segment: Callable[[SegmentBytes, int], None]
+) -> int:
+    """`_top_pass` for a native remux: sample bytes read straight from the file."""
+    src = job.src
+    path = src.path
+    try:
+        video, audio, cuts = native.video, native.audio, native.plan
+        end = float(cuts.video_end - cuts.first_start)
+        if src.duration > 0 and end < 0.9 * src.duration - 0.5:
+            raise MediaError(
+                f"{path}: truncated: video ends at {end:.1f} s of {src.duration:.1f} s",
+                path=str(path),
+            )
+        tracks = [video] + ([audio] if audio is not None else [])
+        init = isobmff.init_segment(tracks)
+        top.mux_init = init
+        origins = [isobmff.rescale(cuts.origin, t.timescale) for t in tracks]
+        for seq, seg in enumerate(cuts.segments):
+            job.check()
+            runs = [isobmff.TrackRun(video, seg.v0, seg.v1, video.dts[seg.v0] - origins[0])]
+            if audio is not None and seg.a1 > seg.a0:
+                runs.append(isobmff.TrackRun(audio, seg.a0, seg.a1, audio.dts[seg.a0] - origins[1]))
+            header = isobmff.fragment_header(seq + 1, runs)
+            data = _read_samples(native.fd, path, header, runs)
+            last = seg.v1 - 1
+            job.top_done = max(job.top_done, (video.dts[last] + video.cto[last]) / video.timescale)
+            _report(job)
+            on_segment(SegmentBytes(seq, init, data), cuts.duration_ticks(seq))
+        job.still_there()
+        entry = b"hvcC" if src.video.codec == "hevc" else b"avcC"
+        top.codecs = codecs.video_codec(src.video.codec, fmp4.codec_config(init, entry))
+        if src.audio is not None:
+            top.codecs += "," + _audio_codecs(src, job.opts)
+        return cuts.start_ticks
+    finally:
+        os.close(native.fd)
+
+
+# Reading a segment's whole byte span at once is cheaper than one read per chunk unless the
+# span holds much more than the segment's samples (other tracks interleaved in big chunks).
+_SPAN_SLACK = 1 << 20
+
+
+def _read_samples(fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRun]) -> bytes:
+    """header + the runs' sample bytes in order, read with as few preads as possible."""
+    ranges: list[tuple[int, int]] = []  # (offset, end), contiguous samples merged
+    for r in runs:
+        offs, sizes = r.track.offsets, r.track.sizes
+        for i in range(r.i0, r.i1):
+            o = offs[i]
+            e = o + sizes[i]
+            if ranges and ranges[-1][1] == o:
+                ranges[-1] = (ranges[-1][0], e)
+            else:
+                ranges.append((o, e))
+    total = sum(e - o for o, e in ranges)
+    lo = min(o for o, _ in ranges)
+    hi = max(e for _, e in ranges)
+    parts: list[bytes | memoryview] = [header]
+    if hi - lo <= 2 * total + _SPAN_SLACK:
+        span = os.pread(fd, hi - lo, lo)
+        if len(span) != hi - lo:
+            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+        view = memoryview(span)
+        parts += [view[o - lo : e - lo] for o, e in ranges]
+    else:
+        for o, e in ranges:
+            chunk = os.pread(fd, e - o, o)
+            if len(chunk) != e - o:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 def _fill_dts(packets: list[Any]) -> None:
