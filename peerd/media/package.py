@@ -44,7 +44,7 @@ import av
 import av.error
 from av.video.frame import PictureType
 
-from peerd.core.ids import Cid
+from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
 from peerd.errors import MediaError, PeerdError
 from peerd.media import codecs, fmp4, isobmff
@@ -59,10 +59,13 @@ AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 1
 MP4_FLAGS = "empty_moov+default_base_moof+frag_custom+skip_trailer"
 SCALE_FLAGS = "bicubic"
 
-Sink = Callable[[bytes, str], Cid]
-"""Stores one blob (bytes, kind "init" | "segment") and returns its content id; may block.
+Sink = Callable[[bytes, str, Cid], Cid]
+"""Stores one blob (bytes, kind "init" | "segment", its content id) and returns the id; may block.
 
-Called from one helper thread, in the order the blobs are produced (see `_Job.put`)."""
+Called from one helper thread, in the order the blobs are produced (see `_Job.put`); the id is
+already computed (`cid_of(data)`, in a hashing thread), so the sink does not hash again."""
+
+HASH_THREADS = 2
 
 MAX_QUEUED = 2
 
@@ -476,6 +479,11 @@ class _Job:
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="peerd-sink")
     )
+    # Hashing is most of the work of a native remux (sha256 of every byte); hashlib releases the
+    # GIL on big buffers, so blobs are hashed here, several at once, before the sink gets them.
+    hasher: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="peerd-hash")
+    )
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -491,7 +499,8 @@ class _Job:
 
     def put(self, data: bytes, kind: str) -> Future[Cid]:
         """Hand a blob to the sink (in the helper thread); its cid is the future's result."""
-        fut = self.pool.submit(self.sink, data, kind)
+        digest = self.hasher.submit(cid_of, data)
+        fut = self.pool.submit(lambda: self.sink(data, kind, digest.result()))
         self.blobs.append((fut, kind))
         # At most MAX_QUEUED blobs wait for the sink (bounded memory); a sink error (e.g. a
         # full store) stops packaging at the next blob instead of at the end.
@@ -504,8 +513,9 @@ class _Job:
         return fut
 
     def close(self) -> None:
-        """Wait for every blob handed to the sink (whatever happened), then stop the thread."""
+        """Wait for every blob handed to the sink (whatever happened), then stop the threads."""
         self.pool.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
 
 
 @dataclass
@@ -1012,13 +1022,14 @@ def _native_top_pass(
         init = isobmff.init_segment(tracks)
         top.mux_init = init
         origins = [isobmff.rescale(cuts.origin, t.timescale) for t in tracks]
+        scratch = bytearray()
         for seq, seg in enumerate(cuts.segments):
             job.check()
             runs = [isobmff.TrackRun(video, seg.v0, seg.v1, video.dts[seg.v0] - origins[0])]
             if audio is not None and seg.a1 > seg.a0:
                 runs.append(isobmff.TrackRun(audio, seg.a0, seg.a1, audio.dts[seg.a0] - origins[1]))
             header = isobmff.fragment_header(seq + 1, runs)
-            data = _read_samples(native.fd, path, header, runs)
+            data = _read_samples(native.fd, path, header, runs, scratch)
             last = seg.v1 - 1
             job.top_done = max(job.top_done, (video.dts[last] + video.cto[last]) / video.timescale)
             _report(job)
@@ -1038,7 +1049,9 @@ def _native_top_pass(
 _SPAN_SLACK = 1 << 20
 
 
-def _read_samples(fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRun]) -> bytes:
+def _read_samples(
+    fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRun], scratch: bytearray
+) -> bytes:
     """header + the runs' sample bytes in order, read with as few preads as possible."""
     ranges: list[tuple[int, int]] = []  # (offset, end), contiguous samples merged
     for r in runs:
@@ -1055,11 +1068,19 @@ def _read_samples(fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRu
     hi = max(e for _, e in ranges)
     parts: list[bytes | memoryview] = [header]
     if hi - lo <= 2 * total + _SPAN_SLACK:
-        span = os.pread(fd, hi - lo, lo)
-        if len(span) != hi - lo:
-            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
-        view = memoryview(span)
-        parts += [view[o - lo : e - lo] for o, e in ranges]
+        # Read into a buffer kept across segments: a fresh one each time cost as much again in
+        # page faults as the copy itself.
+        if len(scratch) < hi - lo:
+            scratch.extend(bytes(hi - lo - len(scratch)))
+        view = memoryview(scratch)
+        try:
+            if os.preadv(fd, [view[: hi - lo]], lo) != hi - lo:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            parts += [view[o - lo : e - lo] for o, e in ranges]
+            return b"".join(parts)
+        finally:
+            parts.clear()
+            view.release()
     else:
         for o, e in ranges:
             chunk = os.pread(fd, e - o, o)
