@@ -17,6 +17,14 @@ Theory of operation
    fragment, or `mpegts`) with `+bitexact` and no metadata, so there are no clocks or version
    strings in the bytes. For fMP4 the init segment (ftyp+moov) is split off and the fragment's
    `mfhd`/`tfdt` are rewritten to the rendition's sequence and decode time (`peerd.media.fmp4`).
+   **Native remux.** An MP4/MOV source whose video is remuxed and whose audio (if any) is
+   copied into fMP4 skips libav after the probe: `peerd.media.isobmff` reads the sample tables
+   from its ``moov``, applies the same cutting rules in integer ticks and writes the init
+   segment and fragments itself; the sample bytes are read with one ``preadv`` per segment
+   (`_native_top_pass`). Same packets, timestamps and segment durations as the libav muxer
+   (tests/test_remux_native.py), in a fraction of the time. What goes native and what falls
+   back to the PyAV path is listed in that module's docstring; the choice depends on the file
+   only, so every node makes the same one.
 4. **Lower rungs and audio-only.** A ladder rendition is derived from the top rendition one
    segment at a time (`derive_segment`): decode that segment's blob, scale, encode with a new
    encoder (so the segment starts with an IDR and depends on nothing else), copy its audio. The
