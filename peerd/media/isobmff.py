@@ -33,8 +33,8 @@ Theory of operation
 
 Fallback rule: `Unsupported` is raised for anything this module does not handle exactly - no
 ``moov`` or a fragmented source (``moof``/``mvex``), more than one sample description, sample
-entries other than ``avc1``/``avc3``-free H.264 (``avc1``), ``hvc1``/``hev1``, ``mp4a`` and
-``Opus``, external data references, edit lists other than (one optional empty edit, then) one
+entries other than ``avc1`` (H.264; ``avc3`` with in-band parameter sets is not), ``hvc1``/
+``hev1``, ``mp4a`` and ``Opus``, external data references, edit lists other than (one optional empty edit, then) one
 normal-rate edit that keeps the media to its end, sample tables that disagree with each other
 or point past the end of the file. The packager then uses the PyAV path, which also gives
 the user-facing errors for corrupt and truncated files.
@@ -234,6 +234,8 @@ def _sample_entry(data: bytes, stsd: tuple[int, int, int]) -> tuple[bytes, int, 
     if len(entries) != 1:
         raise Unsupported("malformed sample description")
     typ, off, header, size = entries[0]
+    if stsd[1] != 8 or header != 8:
+        raise Unsupported("64-bit sizes in the sample description")  # init_segment needs 8
     width = height = 0
     if typ in VIDEO_ENTRIES:
         if size < header + 36:
@@ -543,8 +545,8 @@ def init_segment(tracks: list[Track]) -> bytes:
     for tid, t in enumerate(tracks, start=1):
         stsd = t.stsd
         if t.entry == b"hev1":
-            i = stsd.find(b"hev1")
-            stsd = stsd[:i] + b"hvc1" + stsd[i + 4 :]
+            # stsd header (8), version/flags (4), entry count (4), entry size (4), entry type.
+            stsd = stsd[:20] + b"hvc1" + stsd[24:]
         stbl = _box(b"stbl", stsd, empty)
         minf = _box(b"minf", t.media_header, dinf, stbl)
         mdia = _box(b"mdia", _zero_duration(t.mdhd, (24, 32)), t.hdlr, minf)
