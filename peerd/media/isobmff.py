@@ -34,9 +34,9 @@ Theory of operation
 Fallback rule: `Unsupported` is raised for anything this module does not handle exactly - no
 ``moov`` or a fragmented source (``moof``/``mvex``), more than one sample description, sample
 entries other than ``avc1`` (H.264; ``avc3`` with in-band parameter sets is not), ``hvc1``/
-``hev1``, ``mp4a`` and ``Opus``, external data references, edit lists other than (one optional empty edit, then) one
-normal-rate edit that keeps the media to its end, sample tables that disagree with each other
-or point past the end of the file. The packager then uses the PyAV path, which also gives
+``hev1``, ``mp4a`` and ``Opus``, external data references, edit lists other than (one
+optional empty edit, then) one normal-rate edit that keeps the media to its end, sample tables
+that disagree with each other or point past the end of the file. The packager then uses the PyAV path, which also gives
 the user-facing errors for corrupt and truncated files.
 """
 
