@@ -36,8 +36,8 @@ Fallback rule: `Unsupported` is raised for anything this module does not handle 
 entries other than ``avc1`` (H.264; ``avc3`` with in-band parameter sets is not), ``hvc1``/
 ``hev1``, ``mp4a`` and ``Opus``, external data references, edit lists other than (one
 optional empty edit, then) one normal-rate edit that keeps the media to its end, sample tables
-that disagree with each other or point past the end of the file. The packager then uses the PyAV path, which also gives
-the user-facing errors for corrupt and truncated files.
+that disagree with each other or point past the end of the file. The packager then uses the
+PyAV path, which also gives the user-facing errors for corrupt and truncated files.
 """
 
 from __future__ import annotations
