@@ -56,8 +56,8 @@ class MemorySink:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
 
-    def __call__(self, data: bytes, kind: str) -> Cid:
-        cid = cid_of(data)
+    def __call__(self, data: bytes, kind: str, cid: Cid) -> Cid:
+        assert cid == cid_of(data)
         self.blobs[cid] = data
         return cid
 

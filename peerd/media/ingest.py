@@ -39,7 +39,7 @@ import aiosqlite
 
 from peerd.catalog import Catalog
 from peerd.core import manifest as mf
-from peerd.core.ids import Cid, cid_of
+from peerd.core.ids import Cid
 from peerd.errors import MediaError, NotFound, PeerdError
 from peerd.media.options import PackagingOptions
 from peerd.store import BlobBatch, BlobStore
@@ -236,10 +236,9 @@ class Ingestor:
 
             pending: list[concurrent.futures.Future[Cid]] = []
 
-            def sink(data: bytes, kind: str) -> Cid:
+            def sink(data: bytes, kind: str, cid: Cid) -> Cid:
                 # Stores run on the loop while the worker goes on packaging; at most
                 # MAX_PENDING_PUTS blobs are in flight (bounded memory), errors surface at once.
-                cid = cid_of(data)
                 pending.append(
                     asyncio.run_coroutine_threadsafe(batch.add(data, kind=kind, cid=cid), loop)
                 )

@@ -21,6 +21,14 @@ Theory of operation
    fragment, or `mpegts`) with `+bitexact` and no metadata, so there are no clocks or version
    strings in the bytes. For fMP4 the init segment (ftyp+moov) is split off and the fragment's
    `mfhd`/`tfdt` are rewritten to the rendition's sequence and decode time (`peerd.media.fmp4`).
+   **Native remux.** An MP4/MOV source whose video is remuxed and whose audio (if any) is
+   copied into fMP4 skips libav after the probe: `peerd.media.isobmff` reads the sample tables
+   from its ``moov``, applies the same cutting rules in integer ticks and writes the init
+   segment and fragments itself; the sample bytes are read with one ``preadv`` per segment
+   (`_native_top_pass`). Same packets, timestamps and segment durations as the libav muxer
+   (tests/test_remux_native.py), in a fraction of the time. What goes native and what falls
+   back to the PyAV path is listed in that module's docstring; the choice depends on the file
+   only, so every node makes the same one.
 4. **Lower rungs and audio-only.** A ladder rendition is derived from the top rendition one
    segment at a time (`derive_segment`): decode that segment's blob, scale, encode with a new
    encoder (so the segment starts with an IDR and depends on nothing else), copy its audio. The
@@ -33,7 +41,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -47,10 +57,10 @@ import av
 import av.error
 from av.video.frame import PictureType
 
-from peerd.core.ids import Cid
+from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Recipe, Rendition, RenditionKind, Segment
 from peerd.errors import MediaError, PeerdError
-from peerd.media import codecs, fmp4
+from peerd.media import codecs, fmp4, isobmff
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 
@@ -62,10 +72,13 @@ AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 1
 MP4_FLAGS = "empty_moov+default_base_moof+frag_custom+skip_trailer"
 SCALE_FLAGS = "bicubic"
 
-Sink = Callable[[bytes, str], Cid]
-"""Stores one blob (bytes, kind "init" | "segment") and returns its content id; may block.
+Sink = Callable[[bytes, str, Cid], Cid]
+"""Stores one blob (bytes, kind "init" | "segment", its content id) and returns the id; may block.
 
-Called from one helper thread, in the order the blobs are produced (see `_Job.put`)."""
+Called from one helper thread, in the order the blobs are produced (see `_Job.put`); the id is
+already computed (`cid_of(data)`, in a hashing thread), so the sink does not hash again."""
+
+HASH_THREADS = 2
 
 MAX_QUEUED = 2
 
@@ -531,6 +544,11 @@ class _Job:
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="peerd-sink")
     )
+    # Hashing is most of the work of a native remux (sha256 of every byte); hashlib releases the
+    # GIL on big buffers, so blobs are hashed here, several at once, before the sink gets them.
+    hasher: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="peerd-hash")
+    )
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -546,7 +564,8 @@ class _Job:
 
     def put(self, data: bytes, kind: str) -> Future[Cid]:
         """Hand a blob to the sink (in the helper thread); its cid is the future's result."""
-        fut = self.pool.submit(self.sink, data, kind)
+        digest = self.hasher.submit(cid_of, data)
+        fut = self.pool.submit(lambda: self.sink(data, kind, digest.result()))
         self.blobs.append((fut, kind))
         # At most MAX_QUEUED blobs wait for the sink (bounded memory); a sink error (e.g. a
         # full store) stops packaging at the next blob instead of at the end.
@@ -559,8 +578,9 @@ class _Job:
         return fut
 
     def close(self) -> None:
-        """Wait for every blob handed to the sink (whatever happened), then stop the thread."""
+        """Wait for every blob handed to the sink (whatever happened), then stop the threads."""
         self.pool.shutdown(wait=True)
+        self.hasher.shutdown(wait=True)
 
 
 @dataclass
@@ -675,7 +695,11 @@ def _package(job: _Job) -> Manifest:
                 job.extra_done += duration / TIMESCALE
                 _report(job)
 
-    start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
+    native = _native_source(job) if remux else None
+    if native is not None:
+        start = _native_top_pass(job, top, native, on_top_segment)
+    else:
+        start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
     renditions = [_finish(top, opts, src, start, rate)]
     for o, rec in derived:
         if o.segs:
@@ -994,6 +1018,161 @@ def _top_pass(
         inp.close()
         if holder is not None:
             holder.close()
+
+
+@dataclass
+class _Native:
+    """An MP4/MOV source the native remux handles (see `peerd.media.isobmff`)."""
+
+    fd: int
+    video: isobmff.Track
+    audio: isobmff.Track | None
+    plan: isobmff.Plan
+
+
+def _read_moov(fd: int, size: int) -> bytes:
+    """The bytes of the file's top-level ``moov`` box; Unsupported if there is none."""
+    off = 0
+    while off + 8 <= size:
+        head = os.pread(fd, 16, off)
+        if len(head) < 8:
+            break
+        box_size, typ = int.from_bytes(head[:4], "big"), head[4:8]
+        if box_size == 1:
+            if len(head) < 16:
+                break
+            box_size = int.from_bytes(head[8:16], "big")
+        elif box_size == 0:
+            box_size = size - off
+        if box_size < 8 or off + box_size > size:
+            raise isobmff.Unsupported(f"top-level box {typ!r} at {off} has a bad size")
+        if typ == b"moof":
+            raise isobmff.Unsupported("fragmented MP4 source")
+        if typ == b"moov":
+            data = os.pread(fd, box_size, off)
+            if len(data) != box_size:
+                raise isobmff.Unsupported("short read of moov")
+            return data
+        off += box_size
+    raise isobmff.Unsupported("no moov box")
+
+
+def _native_source(job: _Job) -> _Native | None:
+    """The native remux of this job's source, or None if it has to go through PyAV.
+
+    Native when: fMP4 output, the video is remuxed, the audio (if any) is copied, and
+    `isobmff` understands the file (its module doc lists the rule). Decided before any blob is
+    produced, from the file alone, so it is the same on every node.
+    """
+    src, opts = job.src, job.opts
+    if opts.container != "fmp4" or (src.audio is not None and not src.can_copy_audio("fmp4")):
+        return None
+    try:
+        fd = os.open(src.path, os.O_RDONLY)
+    except OSError:
+        return None  # the PyAV path reports it
+    try:
+        movie = isobmff.parse_movie(_read_moov(fd, src.size), src.size)
+        by_index = {t.index: t for t in movie.tracks}
+        video = by_index.get(src.video.index)
+        audio = by_index.get(src.audio.index) if src.audio is not None else None
+        if video is None or video.handler != b"vide":
+            raise isobmff.Unsupported("the probed video stream is not an MP4 video track")
+        if src.audio is not None and (audio is None or audio.handler != b"soun"):
+            raise isobmff.Unsupported("the probed audio stream is not an MP4 audio track")
+        step = Fraction(opts.segment_seconds).limit_denominator(1000)
+        cuts = isobmff.plan(video, audio, step)
+    except (isobmff.Unsupported, struct.error, OSError) as exc:
+        os.close(fd)
+        log.debug("remux through PyAV", extra={"path": str(src.path), "reason": str(exc)})
+        return None
+    return _Native(fd, video, audio, cuts)
+
+
+def _native_top_pass(
+    job: _Job, top: _Out, native: _Native, on_segment: Callable[[SegmentBytes, int], None]
+) -> int:
+    """`_top_pass` for a native remux: sample bytes read straight from the file."""
+    src = job.src
+    path = src.path
+    try:
+        video, audio, cuts = native.video, native.audio, native.plan
+        end = float(cuts.video_end - cuts.first_start)
+        if src.duration > 0 and end < 0.9 * src.duration - 0.5:
+            raise MediaError(
+                f"{path}: truncated: video ends at {end:.1f} s of {src.duration:.1f} s",
+                path=str(path),
+            )
+        tracks = [video] + ([audio] if audio is not None else [])
+        init = isobmff.init_segment(tracks)
+        top.mux_init = init
+        origins = [isobmff.rescale(cuts.origin, t.timescale) for t in tracks]
+        scratch = bytearray()
+        for seq, seg in enumerate(cuts.segments):
+            job.check()
+            runs = [isobmff.TrackRun(video, seg.v0, seg.v1, video.dts[seg.v0] - origins[0])]
+            if audio is not None and seg.a1 > seg.a0:
+                runs.append(isobmff.TrackRun(audio, seg.a0, seg.a1, audio.dts[seg.a0] - origins[1]))
+            header = isobmff.fragment_header(seq + 1, runs)
+            data = _read_samples(native.fd, path, header, runs, scratch)
+            last = seg.v1 - 1
+            job.top_done = max(job.top_done, (video.dts[last] + video.cto[last]) / video.timescale)
+            _report(job)
+            on_segment(SegmentBytes(seq, init, data), cuts.duration_ticks(seq))
+        job.still_there()
+        entry = b"hvcC" if src.video.codec == "hevc" else b"avcC"
+        top.codecs = codecs.video_codec(src.video.codec, fmp4.codec_config(init, entry))
+        if src.audio is not None:
+            top.codecs += "," + _audio_codecs(src, job.opts)
+        return cuts.start_ticks
+    finally:
+        os.close(native.fd)
+
+
+# Reading a segment's whole byte span at once is cheaper than one read per chunk unless the
+# span holds much more than the segment's samples (other tracks interleaved in big chunks).
+_SPAN_SLACK = 1 << 20
+
+
+def _read_samples(
+    fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRun], scratch: bytearray
+) -> bytes:
+    """header + the runs' sample bytes in order, read with as few preads as possible."""
+    ranges: list[tuple[int, int]] = []  # (offset, end), contiguous samples merged
+    for r in runs:
+        offs, sizes = r.track.offsets, r.track.sizes
+        for i in range(r.i0, r.i1):
+            o = offs[i]
+            e = o + sizes[i]
+            if ranges and ranges[-1][1] == o:
+                ranges[-1] = (ranges[-1][0], e)
+            else:
+                ranges.append((o, e))
+    total = sum(e - o for o, e in ranges)
+    lo = min(o for o, _ in ranges)
+    hi = max(e for _, e in ranges)
+    parts: list[bytes | memoryview] = [header]
+    if hi - lo <= 2 * total + _SPAN_SLACK:
+        # Read into a buffer kept across segments: a fresh one each time cost as much again in
+        # page faults as the copy itself.
+        if len(scratch) < hi - lo:
+            scratch.extend(bytes(hi - lo - len(scratch)))
+        view = memoryview(scratch)
+        try:
+            if os.preadv(fd, [view[: hi - lo]], lo) != hi - lo:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            parts += [view[o - lo : e - lo] for o, e in ranges]
+            return b"".join(parts)
+        finally:
+            parts.clear()
+            view.release()
+    else:
+        for o, e in ranges:
+            chunk = os.pread(fd, e - o, o)
+            if len(chunk) != e - o:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 def _fill_dts(packets: list[Any]) -> None:
