@@ -115,3 +115,16 @@ def test_verify_reports_problems(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert json.loads(res.stdout)["orphans"] == ["bafkreiorphan"]
     assert run_cli("verify", "--repair", state_dir=state).returncode == 0
+
+
+def test_daemon_loads_the_packager_after_start(tmp_path: Path) -> None:
+    node = PeerdProcess(tmp_path / "warm", config={"log": {"level": "debug"}})
+    node.init()
+    node.start()
+    try:
+        deadline = time.monotonic() + 20
+        while '"packager loaded"' not in node.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert '"packager loaded"' in node.logs(), node.logs()[-2000:]
+    finally:
+        assert node.stop() == 0, node.logs()[-2000:]
