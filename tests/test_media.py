@@ -14,7 +14,7 @@ import pytest
 
 from peerd.catalog import Catalog
 from peerd.core import manifest as mf
-from peerd.core.ids import Cid, cid_of
+from peerd.core.ids import Cid
 from peerd.errors import MediaError
 from peerd.media import codecs, fmp4
 from peerd.media.ingest import Ingestor
@@ -22,6 +22,7 @@ from peerd.media.options import PackagingOptions, Rung
 from peerd.media.package import _ahead, package
 from peerd.store import BlobStore
 from peerd.testing.media import (
+    MemorySink,
     export_hls,
     ffprobe_json,
     make_bad,
@@ -48,18 +49,6 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, kw in SOURCES.items():
         make_media(d / name, **kw)
     return d
-
-
-class MemorySink:
-    """A dict of blobs, standing in for the store in the synchronous packager tests."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def __call__(self, data: bytes, kind: str, cid: Cid) -> Cid:
-        assert cid == cid_of(data)
-        self.blobs[cid] = data
-        return cid
 
 
 def _span(info: dict[str, Any]) -> float:

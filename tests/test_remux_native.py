@@ -17,25 +17,12 @@ from typing import Any
 import pytest
 
 from peerd.core import manifest as mf
-from peerd.core.ids import Cid, cid_of
 from peerd.errors import MediaError
 from peerd.media import isobmff
 from peerd.media import package as pkg
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import probe
-from peerd.testing.media import export_hls, ffmpeg_path, ffprobe_json, make_media
-
-
-class MemorySink:
-    """A dict of blobs, standing in for the store."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def __call__(self, data: bytes, kind: str, cid: Cid) -> Cid:
-        assert cid == cid_of(data)
-        self.blobs[cid] = data
-        return cid
+from peerd.testing.media import MemorySink, export_hls, ffmpeg_path, ffprobe_json, make_media
 
 
 def _ffmpeg(*args: str) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from peerd.core.ids import Cid, cid_of
+
 BadKind = Literal["empty", "text", "truncated", "audio_only", "unknown_codec"]
 
 _VCODEC_ARGS: dict[str, list[str]] = {
@@ -234,3 +236,16 @@ def ffprobe_json(path: Path, *args: str) -> dict[str, Any]:
         raise RuntimeError(f"ffprobe {path} failed ({res.returncode}): {res.stderr.strip()}")
     out: dict[str, Any] = json.loads(res.stdout)
     return out
+
+
+class MemorySink:
+    """A dict of blobs, standing in for the store in the synchronous packager tests."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def __call__(self, data: bytes, kind: str, cid: Cid) -> Cid:
+        """Keep ``data`` under ``cid`` (which must be its content id)."""
+        assert cid == cid_of(data)  # noqa: S101 -- a test fake: a wrong cid is a packager bug
+        self.blobs[cid] = data
+        return cid
