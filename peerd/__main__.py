@@ -1,5 +1,5 @@
 """``python -m peerd``: same as the ``peerd`` console script."""
 
-from peerd.cli import main
+from peerd.ctl import main
 
 raise SystemExit(main())

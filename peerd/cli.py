@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peerd import __version__, install
+from peerd import __version__, ctl, install
 from peerd.api import cli as api_cli
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError, PeerdError
@@ -363,8 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peerd", description="peerd: a self-hosted media peer node."
     )
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
-    parser.add_argument("-c", "--config", type=Path, help="TOML config file ($PEERD_CONFIG)")
-    parser.add_argument("--state-dir", type=Path, help="override [node] state_dir")
+    ctl.add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create state dir, node identity, secrets, example config")

@@ -31,6 +31,7 @@ from typing import Protocol, runtime_checkable
 from peerd import __version__, p2p, ui
 from peerd.api import routes as api_routes
 from peerd.config import Settings
+from peerd.control import ControlService
 from peerd.coordinator.client import CoordinatorService
 from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
@@ -279,6 +280,7 @@ def build_services(rt: Runtime) -> list[Service]:
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
     rt.extras["resolver"].add_source(TranscodeSource(get_ingestor(rt)))
     services.append(MediaService(rt))
+    services.append(ControlService(rt))  # `peerd ingest` handed to the daemon (peerd.ctl)
     services.append(WhepService(rt))
     services.append(CoordinatorService(rt))
     return services

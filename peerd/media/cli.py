@@ -1,5 +1,8 @@
 """``peerd ingest PATH...``: package files or folders into this node's store and catalog.
 
+With the node's daemon running, the daemon does the work (over its control socket, see
+:mod:`peerd.ctl`); ``--local``, ``--watch`` or no daemon: this process does.
+
 Prints one line per file (or a JSON object with ``--json``) and exits 1 if any file failed;
 the rest of the batch still runs. A tqdm bar on stderr shows progress in media seconds and the
 speed in x real time. ``--watch`` keeps watching the folders and ingests new or changed files
@@ -11,12 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peerd import ctl
 from peerd.config import Settings
 
 if TYPE_CHECKING:
@@ -28,28 +31,17 @@ if TYPE_CHECKING:
 def register(sub: Any) -> None:
     """Add the ``ingest`` subcommand to the CLI's subparsers."""
     p = sub.add_parser("ingest", help="package media files or folders into HLS blobs")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
-    p.add_argument("--watch", action="store_true", help="keep watching the folders")
-    p.add_argument("--force", action="store_true", help="re-package files already ingested")
-    p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
-    p.add_argument("--container", choices=["fmp4", "ts"], help="override [media] container")
-    p.add_argument("--segment-seconds", type=float, help="override [media] segment_seconds")
-    p.add_argument("--transcode", choices=["auto", "always"], help="override [media] transcode")
-    p.add_argument("--max-height", type=int, help="override [media] max_height")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ctl.add_ingest_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    """Run ``peerd ingest``."""
+    """Run ``peerd ingest``: in the running daemon if there is one, else in this process."""
+    via_daemon = ctl.ingest_via_daemon(settings.state_dir, args)
+    if via_daemon is not None:
+        return via_daemon
     media = settings.media
-    overrides = {
-        "container": args.container,
-        "segment_seconds": args.segment_seconds,
-        "transcode": args.transcode,
-        "max_height": args.max_height,
-    }
-    update = {k: v for k, v in overrides.items() if v is not None}
+    update = ctl.media_overrides(args)
     if update:
         settings.media = media.model_validate({**media.model_dump(), **update})
     try:
@@ -59,55 +51,15 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print(res: IngestResult, as_json: bool) -> None:
-    if as_json:
-        obj = dataclasses.asdict(res)
-        obj["path"] = str(res.path)
-        obj["speed"] = round(res.speed, 3)
-        print(json.dumps(obj), flush=True)
-    elif not res.ok:
-        print(f"FAIL {res.error}", flush=True)
-    elif res.skipped:
-        print(f"same {res.path} -> {res.media_id} (unchanged, already ingested)", flush=True)
-    else:
-        print(
-            f"ok   {res.path} -> {res.media_id} [{','.join(res.renditions)}] "
-            f"{res.new_blobs} new / {res.reused_blobs} reused blobs, "
-            f"{res.bytes_added / 1e6:.1f} MB, {res.duration_s:.1f} s of media in "
-            f"{res.wall_s:.2f} s ({res.speed:.1f}x real time)",
-            flush=True,
-        )
+    obj = dataclasses.asdict(res)
+    obj["path"] = str(res.path)
+    obj["renditions"] = list(res.renditions)
+    ctl.print_result(obj, as_json)
 
 
-def _bar_factory(enabled: bool) -> Any:
-    def make(path: Path) -> ProgressFn | None:
-        if not enabled:
-            return None
-        from tqdm import tqdm
-
-        bar: Any = None
-        started = time.monotonic()
-
-        def progress(done: float, total: float) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(
-                    total=round(total, 1),
-                    unit="s",
-                    desc=path.name[:30],
-                    file=sys.stderr,
-                    leave=False,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
-                    "[{elapsed}<{remaining}{postfix}]",
-                )
-            elapsed = max(time.monotonic() - started, 1e-6)
-            bar.update(max(0.0, round(done, 1) - bar.n))
-            bar.set_postfix_str(f"{done / elapsed:.1f}x real time", refresh=False)
-            if total and done >= total:
-                bar.close()
-
-        return progress
-
-    return make
+def _bar_factory(enabled: bool) -> Callable[[Path], ProgressFn | None]:
+    make = ctl.bar_factory(enabled)
+    return lambda path: make(path.name)
 
 
 async def _open_store(settings: Settings) -> Any:

@@ -175,13 +175,17 @@ class Ingestor:
         force: bool = False,
         progress_for: Callable[[Path], ProgressFn | None] | None = None,
         on_result: Callable[[IngestResult], None] | None = None,
+        options: PackagingOptions | None = None,
     ) -> list[IngestResult]:
         """Ingest files and folders one after another; errors do not stop the batch."""
         files = await asyncio.to_thread(media_files, list(paths))
         results = []
         for f in files:
             res = await self.ingest_result(
-                f, force=force, progress=progress_for(f) if progress_for else None
+                f,
+                force=force,
+                progress=progress_for(f) if progress_for else None,
+                options=options,
             )
             if on_result is not None:
                 on_result(res)
@@ -189,12 +193,17 @@ class Ingestor:
         return results
 
     async def ingest_result(
-        self, path: Path, *, force: bool = False, progress: ProgressFn | None = None
+        self,
+        path: Path,
+        *,
+        force: bool = False,
+        progress: ProgressFn | None = None,
+        options: PackagingOptions | None = None,
     ) -> IngestResult:
         """Like `ingest`, but a PeerdError becomes a failed IngestResult instead of raising."""
         started = time.monotonic()
         try:
-            return await self.ingest(path, force=force, progress=progress)
+            return await self.ingest(path, force=force, progress=progress, options=options)
         except PeerdError as exc:
             if self.metrics is not None:
                 self.metrics.ingests.labels(result="failed").inc()
@@ -214,8 +223,13 @@ class Ingestor:
         force: bool = False,
         progress: ProgressFn | None = None,
         title: str | None = None,
+        options: PackagingOptions | None = None,
     ) -> IngestResult:
-        """Package one file, store its blobs and add it to the catalog; see the module doc."""
+        """Package one file, store its blobs and add it to the catalog; see the module doc.
+
+        ``options`` replaces the node's packaging options for this file (a CLI override).
+        """
+        opts = self.options if options is None else options
         path = await asyncio.to_thread(Path(path).absolute)
         async with self._job_lock:
             started = time.monotonic()
@@ -268,15 +282,13 @@ class Ingestor:
                 info = probe(path)
                 duration[0] = info.duration
                 passes[0] = 1 + sum(
-                    1
-                    for r in self.options.ladder
-                    if not r.on_demand and r.height < info.video.height
+                    1 for r in opts.ladder if not r.on_demand and r.height < info.video.height
                 )
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
                 try:
                     out = pkg.package(
-                        path, self.options, sink, progress=on_progress, cancel=cancel, info=info
+                        path, opts, sink, progress=on_progress, cancel=cancel, info=info
                     )
                 except BaseException:
                     settle()  # every put has finished before the caller cleans up

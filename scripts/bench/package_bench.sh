@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # peerd packaging vs the ffmpeg CLI on the same source, same run, as wall-time ratios.
 #
-#   remux:     ffmpeg -c copy -f hls (fMP4, 4 s)        vs  peerd ingest (remux, fMP4, 4 s)
+#   remux:     ffmpeg -c copy -f hls (fMP4, 4 s)        vs  peerd ingest (remux, fMP4, 4 s), the
+#              node's daemon running (`peerd ingest` hands the file to it over the control
+#              socket, see peerd/ctl.py: how the command is used on a node)
+#   remux --local: the same with `peerd ingest --local`, no daemon (the command packages in its
+#              own process: interpreter start, imports, catalog open, all in the timed run)
 #   transcode: ffmpeg scale=1280:720 + libx264 veryfast vs  peerd ingest --transcode always
 #              --max-height 720 (same x264 settings: CRF 23, mbtree off, IDR every 4 s, audio copied)
 #
@@ -10,15 +14,14 @@
 # Each peerd run starts from a fresh copy of an empty, initialised node, so every blob is
 # really written.
 #
-# daemon-remux (in the remux run, alternating with the same ffmpeg runs): the same ingest done by
-# a running daemon, asked over its API (POST /api/v1/commands/ingest, then polling the job) by
-# scripts/bench/api_ingest.py, a stdlib-only client; the daemon is restarted on a fresh node
-# before every run (not timed). Its CPU is the daemon's, so the CPU ratio column is the client's
-# only and "other cores busy" includes the daemon.
+# With the daemon (peerd-remux, and peerd-daemon-remux: the same ingest asked over the HTTP API,
+# POST /api/v1/commands/ingest then polling the job, by scripts/bench/api_ingest.py), the daemon
+# is restarted on a fresh node before every run (not timed). Its CPU is the daemon's, so the CPU
+# ratio column is the client's only and "other cores busy" includes the daemon.
 #
 # Usage: scripts/bench/package_bench.sh [SRC]   (default: the 120 s 1080p source of
 #        ../shared/bench/make_media.sh, made if missing)
-# Env:   ROUNDS (3)  WHAT ("remux daemon transcode")  TRANSCODE_SECONDS (cut the transcode source to
+# Env:   ROUNDS (3)  WHAT ("remux transcode"; "daemon" adds the HTTP API row)  TRANSCODE_SECONDS (cut the transcode source to
 #        its first N s)  PY (/work/venv/bin/python)  OUT (/tmp/peerd-bench/package-<stamp>)
 #        QUIET_THRESH / QUIET_MAX (passed to timerun.py: wait for a quiet machine before each run)
 set -euo pipefail
@@ -27,7 +30,7 @@ SHARED=${SHARED_BENCH:-$REPO/../shared/bench}
 [[ -d $SHARED ]] || SHARED=/work/shared/bench
 PY=${PY:-/work/venv/bin/python}
 ROUNDS=${ROUNDS:-3}
-WHAT=${WHAT:-remux daemon transcode}
+WHAT=${WHAT:-remux transcode}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-/tmp/peerd-bench/package-$STAMP}
 W=$OUT/work
@@ -57,7 +60,7 @@ prep_node() { echo "rm -rf $W/$1 && cp -a $W/node-template $W/$1"; }
 
 T="$PY $SHARED/timerun.py"
 DAEMON_ARGS=()
-if [[ " $WHAT " == *" daemon "* ]]; then
+if [[ " $WHAT " == *" remux "* ]]; then
   PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   cat >"$W/daemon.toml" <<TOML
 [node]
@@ -87,15 +90,19 @@ done
 echo "daemon did not become ready (see $W/daemon.log)" >&2; exit 1
 PREP
   trap '[[ -s $W/daemon.pid ]] && kill $(cat $W/daemon.pid) 2>/dev/null || true' EXIT
-  DAEMON_ARGS=(--cmd peerd-daemon-remux "$PY -S $REPO/scripts/bench/api_ingest.py http://127.0.0.1:$PORT $W/peerd-daemon/secrets/api_token $SRC >/dev/null"
-    --prep peerd-daemon-remux "bash $W/daemon_prep.sh")
+  DAEMON_ARGS=(--cmd peerd-remux "$PEERD --config $W/daemon.toml ingest --no-progress $SRC >/dev/null"
+    --prep peerd-remux "bash $W/daemon_prep.sh")
+  if [[ " $WHAT " == *" daemon "* ]]; then
+    DAEMON_ARGS+=(--cmd peerd-daemon-remux "$PY -S $REPO/scripts/bench/api_ingest.py http://127.0.0.1:$PORT $W/peerd-daemon/secrets/api_token $SRC >/dev/null"
+      --prep peerd-daemon-remux "bash $W/daemon_prep.sh")
+  fi
 fi
 if [[ " $WHAT " == *" remux "* ]]; then
   $T --rounds "$ROUNDS" --warmup 1 --out "$OUT/remux.json" \
     --cmd ff-remux "$FF -i $SRC -map 0 -c copy $HLS -hls_segment_filename $W/ff-remux/seg_%03d.m4s $W/ff-remux/index.m3u8" \
     --prep ff-remux "$(prep ff-remux)" \
-    --cmd peerd-remux "$PEERD --state-dir $W/peerd-remux ingest --no-progress $SRC >/dev/null" \
-    --prep peerd-remux "$(prep_node peerd-remux)" \
+    --cmd peerd-remux-local "$PEERD --state-dir $W/peerd-remux ingest --local --no-progress $SRC >/dev/null" \
+    --prep peerd-remux-local "$(prep_node peerd-remux)" \
     "${DAEMON_ARGS[@]}"
 fi
 
@@ -121,7 +128,8 @@ out = pathlib.Path(sys.argv[1])
 print("\n| what | ffmpeg CLI wall s (median) | peerd wall s (median) | peerd / ffmpeg (median of per-round ratios) | CPU ratio | other cores busy (max) |")
 print("|---|---|---|---|---|---|")
 for what, file, name in (
-    ("remux", "remux", "peerd-remux"),
+    ("remux (daemon running)", "remux", "peerd-remux"),
+    ("remux --local (no daemon)", "remux", "peerd-remux-local"),
     ("remux via daemon API", "remux", "peerd-daemon-remux"),
     ("transcode", "transcode", "peerd-transcode"),
 ):
