@@ -7,7 +7,8 @@
 #   remux --local: the same with `peerd ingest --local`, no daemon (the command packages in its
 #              own process: interpreter start, imports, catalog open, all in the timed run)
 #   transcode: ffmpeg scale=1280:720 + libx264 veryfast vs  peerd ingest --transcode always
-#              --max-height 720 (same x264 settings: CRF 23, mbtree off, IDR every 4 s, audio copied)
+#              --max-height 720 (same x264 settings: CRF 23, mbtree off, IDR every 4 s, audio copied),
+#              with the daemon running and with --local, as for remux
 #
 # peerd's side includes everything `peerd ingest` does: interpreter start, probing, hashing every
 # blob, writing it durably (temp file, fsync, rename, fsync dir) and the catalog transaction.
@@ -60,7 +61,7 @@ prep_node() { echo "rm -rf $W/$1 && cp -a $W/node-template $W/$1"; }
 
 T="$PY $SHARED/timerun.py"
 DAEMON_ARGS=()
-if [[ " $WHAT " == *" remux "* ]]; then
+if [[ " $WHAT " == *" remux "* || " $WHAT " == *" transcode "* ]]; then
   PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   cat >"$W/daemon.toml" <<TOML
 [node]
@@ -118,8 +119,10 @@ if [[ " $WHAT " == *" transcode "* ]]; then
   $T --rounds "$ROUNDS" --out "$OUT/transcode.json" \
     --cmd ff-transcode "$FF -i $TSRC -map 0:v -map 0:a -vf scale=1280:720:flags=bicubic $X264 -c:a copy $HLS -hls_segment_filename $W/ff-transcode/seg_%03d.m4s $W/ff-transcode/index.m3u8" \
     --prep ff-transcode "$(prep ff-transcode)" \
-    --cmd peerd-transcode "$PEERD --state-dir $W/peerd-transcode ingest --no-progress --transcode always --max-height 720 $TSRC >/dev/null" \
-    --prep peerd-transcode "$(prep_node peerd-transcode)"
+    --cmd peerd-transcode "$PEERD --config $W/daemon.toml ingest --no-progress --transcode always --max-height 720 $TSRC >/dev/null" \
+    --prep peerd-transcode "bash $W/daemon_prep.sh" \
+    --cmd peerd-transcode-local "$PEERD --state-dir $W/peerd-transcode ingest --local --no-progress --transcode always --max-height 720 $TSRC >/dev/null" \
+    --prep peerd-transcode-local "$(prep_node peerd-transcode)"
 fi
 
 "$PY" - "$OUT" <<'EOF'
@@ -131,7 +134,8 @@ for what, file, name in (
     ("remux (daemon running)", "remux", "peerd-remux"),
     ("remux --local (no daemon)", "remux", "peerd-remux-local"),
     ("remux via daemon API", "remux", "peerd-daemon-remux"),
-    ("transcode", "transcode", "peerd-transcode"),
+    ("transcode (daemon running)", "transcode", "peerd-transcode"),
+    ("transcode --local (no daemon)", "transcode", "peerd-transcode-local"),
 ):
     f = out / f"{file}.json"
     if not f.exists():
