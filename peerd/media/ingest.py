@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import importlib
 import logging
 import threading
@@ -696,7 +697,18 @@ class MediaService:
         # imports out of the first ingest after a start (a watch folder's, say).
         started = time.monotonic()
         await asyncio.to_thread(_warm_up)
-        log.debug("packager loaded", extra={"seconds": round(time.monotonic() - started, 3)})
+        # Start-up is over: the objects made so far (modules, settings, the application) live
+        # as long as the process. Moved out of the collector's view, they are no longer walked
+        # by every full collection: one of those fell inside nearly every large ingest and cost
+        # it ~40 ms (of ~0.2 s for the 120 s 1080p remux).
+        gc.freeze()
+        log.debug(
+            "packager loaded",
+            extra={
+                "seconds": round(time.monotonic() - started, 3),
+                "frozen_objects": gc.get_freeze_count(),
+            },
+        )
         if media.watch_dirs:
             await self.ingestor.watch(
                 media.watch_dirs, settle_s=media.watch_settle_s, interval_s=media.watch_interval_s
