@@ -51,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import av
 import av.error
@@ -1134,6 +1134,55 @@ def _native_top_pass(
 _SPAN_SLACK = 1 << 20
 
 
+_MAX_IOV = 1000  # under IOV_MAX (1024)
+
+
+def _scatter_read(
+    fd: int,
+    path: Path,
+    header: bytes,
+    ranges: list[tuple[int, int]],
+    total: int,
+    scratch: bytearray,
+) -> bytes:
+    """header + ``ranges`` of the file, in that order, read by one ``preadv`` of their span.
+
+    Each range lands straight in its place in the segment (bytes of other tracks between them go
+    to ``scratch``): no copy from a read buffer into the segment afterwards.
+    """
+    out = bytearray(len(header) + total)
+    out[: len(header)] = header
+    view = memoryview(out)
+    at = len(header)
+    placed: list[tuple[int, int, int]] = []  # (file offset, end, offset in out)
+    for o, e in ranges:
+        placed.append((o, e, at))
+        at += e - o
+    placed.sort()
+    gap = max((b[0] - a[1] for a, b in zip(placed, placed[1:], strict=False)), default=0)
+    if len(scratch) < gap:
+        scratch.extend(bytes(gap - len(scratch)))
+    junk = memoryview(scratch)
+    iov: list[memoryview] = []
+    pos = placed[0][0]
+    try:
+        for o, e, dst in placed:
+            if o > pos:
+                iov.append(junk[: o - pos])
+            iov.append(view[dst : dst + e - o])
+            pos = e
+        span = pos - placed[0][0]
+        if os.preadv(fd, iov, placed[0][0]) != span:
+            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+    finally:
+        for v in iov:
+            v.release()
+        junk.release()
+        view.release()
+    # A bytearray that nobody changes from here on (it is hashed and written): no copy to bytes.
+    return cast("bytes", out)
+
+
 def _read_samples(
     fd: int, path: Path, header: bytes, runs: list[isobmff.TrackRun], scratch: bytearray
 ) -> bytes:
@@ -1151,6 +1200,8 @@ def _read_samples(
     total = sum(e - o for o, e in ranges)
     lo = min(o for o, _ in ranges)
     hi = max(e for _, e in ranges)
+    if hi - lo <= 2 * total + _SPAN_SLACK and len(ranges) <= _MAX_IOV // 2:
+        return _scatter_read(fd, path, header, ranges, total, scratch)
     parts: list[bytes | memoryview] = [header]
     if hi - lo <= 2 * total + _SPAN_SLACK:
         # Read into a buffer kept across segments: a fresh one each time cost as much again in
