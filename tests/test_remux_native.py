@@ -203,3 +203,28 @@ def test_truncated_faststart_mp4_fails_naming_the_file(
     sink = MemorySink()
     with pytest.raises(MediaError, match=r"cut\.mp4: .*truncated"):
         pkg.package(bad, PackagingOptions(), sink)
+
+
+def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path) -> None:
+    """The one-preadv segment read equals header + each range read on its own, in the given
+    order (not file order), with gaps of other bytes between the ranges skipped."""
+    import random
+
+    rng = random.Random(7)
+    blob = rng.randbytes(1 << 20)
+    path = tmp_path / "file.bin"
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(50):
+            cuts = sorted(rng.sample(range(len(blob)), 2 * rng.randint(1, 12)))
+            ranges = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
+            rng.shuffle(ranges)  # tracks come in runs order, not file order
+            header = rng.randbytes(rng.randint(0, 300))
+            total = sum(e - o for o, e in ranges)
+            got = pkg._scatter_read(fd, path, header, ranges, total, bytearray())
+            assert bytes(got) == header + b"".join(blob[o:e] for o, e in ranges)
+        with pytest.raises(MediaError, match="truncated"):
+            pkg._scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
+    finally:
+        os.close(fd)
