@@ -224,6 +224,11 @@ def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path
             total = sum(e - o for o, e in ranges)
             got = pkg._scatter_read(fd, path, header, ranges, total, bytearray())
             assert bytes(got) == header + b"".join(blob[o:e] for o, e in ranges)
+        # More ranges (and gaps) than one preadv takes: read in several calls, same bytes.
+        many = [(o, o + 100) for o in range(0, 300_000, 150)]
+        rng.shuffle(many)
+        got = pkg._scatter_read(fd, path, b"h", many, 100 * len(many), bytearray())
+        assert bytes(got) == b"h" + b"".join(blob[o:e] for o, e in many)
         with pytest.raises(MediaError, match="truncated"):
             pkg._scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
     finally:

@@ -1134,7 +1134,7 @@ def _native_top_pass(
 _SPAN_SLACK = 1 << 20
 
 
-_MAX_IOV = 1000  # under IOV_MAX (1024)
+_MAX_IOV = 1024  # IOV_MAX on Linux: longer scatter lists go in several preadv calls
 
 
 def _scatter_read(
@@ -1145,7 +1145,7 @@ def _scatter_read(
     total: int,
     scratch: bytearray,
 ) -> bytes:
-    """header + ``ranges`` of the file, in that order, read by one ``preadv`` of their span.
+    """header + ``ranges`` of the file, in that order, read by ``preadv`` over their span.
 
     Each range lands straight in its place in the segment (bytes of other tracks between them go
     to ``scratch``): no copy from a read buffer into the segment afterwards.
@@ -1164,16 +1164,19 @@ def _scatter_read(
         scratch.extend(bytes(gap - len(scratch)))
     junk = memoryview(scratch)
     iov: list[memoryview] = []
-    pos = placed[0][0]
     try:
+        pos = start = placed[0][0]
         for o, e, dst in placed:
             if o > pos:
                 iov.append(junk[: o - pos])
             iov.append(view[dst : dst + e - o])
             pos = e
-        span = pos - placed[0][0]
-        if os.preadv(fd, iov, placed[0][0]) != span:
-            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+        for i in range(0, len(iov), _MAX_IOV):
+            batch = iov[i : i + _MAX_IOV]
+            want = sum(len(v) for v in batch)
+            if os.preadv(fd, batch, start) != want:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            start += want
     finally:
         for v in iov:
             v.release()
@@ -1200,29 +1203,14 @@ def _read_samples(
     total = sum(e - o for o, e in ranges)
     lo = min(o for o, _ in ranges)
     hi = max(e for _, e in ranges)
-    if hi - lo <= 2 * total + _SPAN_SLACK and len(ranges) <= _MAX_IOV // 2:
-        return _scatter_read(fd, path, header, ranges, total, scratch)
-    parts: list[bytes | memoryview] = [header]
     if hi - lo <= 2 * total + _SPAN_SLACK:
-        # Read into a buffer kept across segments: a fresh one each time cost as much again in
-        # page faults as the copy itself.
-        if len(scratch) < hi - lo:
-            scratch.extend(bytes(hi - lo - len(scratch)))
-        view = memoryview(scratch)
-        try:
-            if os.preadv(fd, [view[: hi - lo]], lo) != hi - lo:
-                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
-            parts += [view[o - lo : e - lo] for o, e in ranges]
-            return b"".join(parts)
-        finally:
-            parts.clear()
-            view.release()
-    else:
-        for o, e in ranges:
-            chunk = os.pread(fd, e - o, o)
-            if len(chunk) != e - o:
-                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
-            parts.append(chunk)
+        return _scatter_read(fd, path, header, ranges, total, scratch)
+    parts: list[bytes] = [header]
+    for o, e in ranges:
+        chunk = os.pread(fd, e - o, o)
+        if len(chunk) != e - o:
+            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+        parts.append(chunk)
     return b"".join(parts)
 
 
