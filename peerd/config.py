@@ -123,6 +123,18 @@ class MediaSettings(Section):
     watch_settle_s: float = Field(default=5.0, ge=0.0)
     watch_interval_s: float = Field(default=2.0, gt=0.0)
 
+    def overridden(self, update: dict[str, Any]) -> MediaSettings:
+        """These settings with ``update`` applied (a command line's overrides), validated.
+
+        Raises :class:`ConfigError` naming every bad key.
+        """
+        if not update:
+            return self
+        try:
+            return self.model_validate({**self.model_dump(), **update})
+        except ValidationError as exc:
+            raise ConfigError(f"invalid media override: {_describe(exc)}") from None
+
     def packaging_options(self) -> PackagingOptions:
         """These settings as `peerd.media.options.PackagingOptions`."""
         return PackagingOptions(

@@ -24,7 +24,6 @@ the ``[media]`` settings the CLI overrides, validated by the same config model.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -97,13 +96,6 @@ def parse_request(line: bytes) -> IngestCommand | str:
 
 def _event(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-def _result_json(res: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(res)
-    out["path"] = str(res.path)
-    out["renditions"] = list(res.renditions)
-    return out
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -220,7 +212,7 @@ class ControlService:
         from peerd.media.ingest import get_ingestor  # noqa: PLC0415 (PyAV only when used)
 
         try:
-            options = _options(self.rt, cmd.media)
+            options = self.rt.settings.media.overridden(cmd.media).packaging_options()
         except ConfigError as exc:
             await _send(writer, {"event": "error", "message": exc.message, "exit_code": 2})
             return
@@ -246,7 +238,7 @@ class ControlService:
 
         def on_result(res: Any) -> None:
             failed[0] += 0 if res.ok else 1
-            _write_quietly(writer, {"event": "result", "result": _result_json(res)})
+            _write_quietly(writer, {"event": "result", "result": res.as_json()})
 
         job = asyncio.ensure_future(
             get_ingestor(self.rt).ingest_many(
@@ -278,20 +270,6 @@ class ControlService:
             if not job.done():
                 job.cancel()
                 await asyncio.gather(job, return_exceptions=True)
-
-
-def _options(rt: Runtime, overrides: dict[str, Any]) -> Any:
-    media = rt.settings.media
-    if not overrides:
-        return media.packaging_options()
-    from pydantic import ValidationError
-
-    try:
-        merged = media.model_validate({**media.model_dump(), **overrides})
-    except ValidationError as exc:
-        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid media override: {bad}") from None
-    return merged.packaging_options()
 
 
 def _write_quietly(writer: asyncio.StreamWriter, ev: dict[str, Any]) -> None:

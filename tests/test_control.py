@@ -91,6 +91,10 @@ def test_overrides_reach_the_daemon_and_bad_ones_are_refused(
         durations = [d for (d,) in db.execute("SELECT duration_s FROM segments")]
     assert max(durations) <= 2.05
     bad = _ingest(daemon, "--segment-seconds", "-1", str(clip))
+    local = _ingest(daemon, "--local", "--segment-seconds", "-1", str(clip))
+    assert local.returncode == 2
+    assert "invalid media override" in local.stderr
+    assert "segment_seconds" in local.stderr
     assert bad.returncode == 2
     assert "invalid media override" in bad.stderr
     assert "segment_seconds" in bad.stderr

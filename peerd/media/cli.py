@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +39,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     via_daemon = ctl.ingest_via_daemon(settings.state_dir, args)
     if via_daemon is not None:
         return via_daemon
-    media = settings.media
-    update = ctl.media_overrides(args)
-    if update:
-        settings.media = media.model_validate({**media.model_dump(), **update})
+    settings.media = settings.media.overridden(ctl.media_overrides(args))
     try:
         return asyncio.run(_ingest(args, settings))
     except KeyboardInterrupt:
@@ -51,10 +47,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _print(res: IngestResult, as_json: bool) -> None:
-    obj = dataclasses.asdict(res)
-    obj["path"] = str(res.path)
-    obj["renditions"] = list(res.renditions)
-    ctl.print_result(obj, as_json)
+    ctl.print_result(res.as_json(), as_json)
 
 
 def _bar_factory(enabled: bool) -> Callable[[Path], ProgressFn | None]:

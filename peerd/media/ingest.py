@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,13 @@ class IngestResult:
     def speed(self) -> float:
         """Media seconds packaged per wall-clock second (x real time)."""
         return self.duration_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready: what ``peerd ingest --json`` prints and the daemon sends."""
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["renditions"] = list(self.renditions)
+        return out
 
 
 class MediaMetrics:
