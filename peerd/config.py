@@ -26,10 +26,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from peerd.ctl import DEFAULT_STATE_DIR
 from peerd.errors import ConfigError
 from peerd.media.options import PackagingOptions, Rung
-
-DEFAULT_STATE_DIR = Path("~/.local/share/peerd")
 
 
 class Section(BaseModel):

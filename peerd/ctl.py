@@ -265,14 +265,15 @@ def ingest_via_daemon(state_dir: Path, args: argparse.Namespace) -> int | None:
     sock = connect(state_dir)
     if sock is None:
         return None
-    bars = bar_factory(not args.no_progress and not args.json and sys.stderr.isatty())
+    show = not args.no_progress and not args.json and sys.stderr.isatty()
+    bars = bar_factory(show)
     request = {
         "op": "ingest",
         # As the local ingest records them (Path.absolute), so "unchanged" is recognised.
         "paths": [str(Path(p).absolute()) for p in args.paths],
         "force": bool(args.force),
         "media": media_overrides(args),
-        "progress": not args.no_progress and not args.json and sys.stderr.isatty(),
+        "progress": show,
     }
     failed = files = 0
     current: tuple[str, ProgressFn | None] | None = None
