@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -446,11 +447,16 @@ class BlobBatch:
         """Blobs added to this batch that the store already held (nothing written for them)."""
         return list(self._held)
 
-    async def add(self, data: bytes, *, kind: str = "segment", cid: Cid | None = None) -> Cid:
+    async def add(
+        self, data: bytes, *, kind: str = "segment", cid: Cid | None = None, direct: bool = False
+    ) -> Cid:
         """Write ``data`` to a temp file (not yet durable) and return its cid.
 
         ``cid`` is for a caller that has just hashed ``data`` itself (the packager does, in its
         worker thread) and must be ``cid_of(data)``; without it the bytes are hashed here.
+        ``direct``: bulk bytes nobody is expected to read soon (a whole file being packaged):
+        written past the page cache where the file system and the buffer allow it (see
+        :func:`_write_direct`), otherwise as usual.
         """
         if self._closed:
             raise RuntimeError("blob batch already committed or aborted")
@@ -471,7 +477,8 @@ class BlobBatch:
         # always waited for.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            await _settle_in_thread(_write_and_start_writeback, fd, data)
+            write = _write_direct_or_buffered if direct else _write_and_start_writeback
+            await _settle_in_thread(write, fd, data)
         except BaseException as exc:
             _close_unlink(fd, tmp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -572,6 +579,63 @@ def _write_and_start_writeback(fd: int, data: bytes) -> None:
         _SFR(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors are harmless: syncfs/fsync follows
 
 
+DIRECT_ALIGN = 4096
+"""Offset, length and memory alignment used for O_DIRECT writes: the largest logical block size
+in common use, so it satisfies every device's rule (a stricter one makes the write fall back)."""
+
+
+def _write_direct(fd: int, data: bytes) -> bool:
+    """Write ``data`` (at the file's offset 0) mostly with ``O_DIRECT``; False if it cannot be.
+
+    Why: the blobs of a whole file being packaged are written once and read later, if ever.
+    Through the page cache, each byte is copied into freshly allocated cache pages (here the
+    largest CPU cost of a remux after hashing: 20-150 ms of kernel time for a 92 MB file, most
+    of it first touches of memory) and written back later, which ``syncfs`` then waits for;
+    with ``O_DIRECT`` the device reads the bytes straight from the caller's buffer (~5 ms of
+    CPU for the same file), the write returns once they are on the device, and a big ingest
+    does not push the segments viewers are watching out of the cache.
+
+    The aligned prefix goes direct and the last partial block through the cache (O_DIRECT wants
+    block-aligned offsets and lengths). False, with nothing written, where the file system has
+    no direct I/O (tmpfs) or refuses this buffer's alignment; the caller then writes normally.
+    Durability is unchanged: the batch's ``syncfs`` still flushes the device cache and the
+    metadata before any row is committed.
+    """
+    whole = len(data) & ~(DIRECT_ALIGN - 1)
+    if not whole:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False  # no direct I/O on this file system
+        raise
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < whole:
+            try:
+                n = os.write(fd, view[done:whole])
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not done:
+                    return False  # the buffer or the length does not meet the device's rule
+                raise
+            done += n
+            if n % DIRECT_ALIGN:
+                break  # a short write off the block grid: the rest goes through the cache
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    _write_all(fd, view[done:])
+    return True
+
+
+def _write_direct_or_buffered(fd: int, data: bytes) -> None:
+    """:func:`_write_direct` where it can be, else :func:`_write_and_start_writeback`."""
+    if not _write_direct(fd, data):
+        _write_and_start_writeback(fd, data)
+
+
 _SYNCFS: Callable[[int], int] | None = None
 _SYNCFS_LOADED = False
 
@@ -637,7 +701,7 @@ def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
     return None if h.digest() == digest_of(cid) else "hash"
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
