@@ -233,3 +233,71 @@ def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path
             pkg._scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
     finally:
         os.close(fd)
+
+
+class _GivingSink(MemorySink):
+    """A sink that keeps a copy of each blob and gives pooled buffers back at once, as the
+    ingest's sink does once its write is done."""
+
+    def __init__(self, buffers: pkg.SegmentBuffers) -> None:
+        super().__init__()
+        self.buffers = buffers
+        self.pooled = 0
+
+    def __call__(self, data: bytes, kind: str, cid: mf.Cid) -> mf.Cid:
+        pooled = self.buffers.owns(data)
+        self.pooled += pooled
+        got = super().__call__(bytes(data), kind, cid)
+        self.buffers.give(data)
+        if pooled:
+            with pytest.raises(ValueError, match="released"):
+                bytes(data)  # given back: a stray reader fails instead of seeing other bytes
+        return got
+
+
+@pytest.mark.parametrize("ladder", [(), (Rung(72),)])
+def test_pooled_segment_buffers_give_the_same_blobs(
+    tmp_path: Path, ladder: tuple[Rung, ...]
+) -> None:
+    """With a buffer pool, a native remux reads its segments into a few reused buffers and
+    stores exactly the blobs it stores without one. With eager rungs (derived from each top
+    segment after it went to the sink) no pooled buffer is used at all."""
+    src = make_media(tmp_path / "short_gop.mp4", seconds=6.0, gop=15)
+    opts = PackagingOptions(segment_seconds=0.5, ladder=ladder)
+    plain = MemorySink()
+    want, _, _ = pkg.package(src, opts, plain)
+    pool = pkg.SegmentBuffers(keep=2)
+    sink = _GivingSink(pool)
+    got, _, _ = pkg.package(src, opts, sink, buffers=pool)
+    assert mf.media_id_of(got) == mf.media_id_of(want)
+    assert sink.blobs == plain.blobs
+    segments = len(got.renditions[0].segments)
+    assert segments >= 10
+    if ladder:
+        assert sink.pooled == 0
+        assert pool.allocated == 0
+    else:
+        assert sink.pooled == segments
+        # Each buffer came back before the next segment was read: nearly all were reused.
+        assert 1 <= pool.allocated <= 4 < segments
+
+
+def test_segment_buffers_reuse_and_ownership() -> None:
+    pool = pkg.SegmentBuffers(keep=1)
+    a = pool.take(10_000)
+    assert len(a) == 10_000
+    assert pool.owns(a)
+    assert not pool.owns(b"x" * 10)
+    assert not pool.owns(memoryview(bytearray(10)))
+    a[:3] = b"abc"
+    pool.give(a)
+    b = pool.take(9_000)  # fits in the buffer just given back: the same memory
+    assert pool.allocated == 1
+    assert bytes(b[:3]) == b"abc"
+    c = pool.take(20_000)  # bigger than anything free: a new buffer
+    assert pool.allocated == 2
+    assert len(c) == 20_000
+    pool.give(b)
+    pool.give(c)  # over `keep`: dropped, not kept
+    pool.give(b"not pooled")  # ignored
+    assert len(pool._free) == 1

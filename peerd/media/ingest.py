@@ -258,13 +258,20 @@ class Ingestor:
             passes = [1]
 
             pending: list[concurrent.futures.Future[Cid]] = []
+            buffers: Any = None  # the packager's SegmentBuffers, made in the worker thread
 
             def sink(data: bytes, kind: str, cid: Cid) -> Cid:
                 # Stores run on the loop while the worker goes on packaging; at most
                 # MAX_PENDING_PUTS blobs are in flight (bounded memory), errors surface at once.
-                pending.append(
-                    asyncio.run_coroutine_threadsafe(batch.add(data, kind=kind, cid=cid), loop)
+                # A segment in one of the packager's buffers goes past the page cache.
+                direct = buffers.owns(data)
+                put = asyncio.run_coroutine_threadsafe(
+                    batch.add(data, kind=kind, cid=cid, direct=direct), loop
                 )
+                # However add ended, it no longer reads the bytes (its write thread is always
+                # waited for): the segment's buffer can take the next segment.
+                put.add_done_callback(lambda _f: buffers.give(data))
+                pending.append(put)
                 while sum(not f.done() for f in pending) > MAX_PENDING_PUTS:
                     next(f for f in pending if not f.done()).result()
                 for f in pending:
@@ -284,8 +291,11 @@ class Ingestor:
                     progress(done, duration[0] * passes[0])
 
             def work() -> tuple[mf.Manifest, Any, list[tuple[Cid, str]]]:
+                nonlocal buffers
                 from peerd.media import package as pkg
                 from peerd.media.probe import probe
+
+                buffers = pkg.SegmentBuffers()
 
                 info = probe(path)
                 duration[0] = info.duration
@@ -296,7 +306,13 @@ class Ingestor:
                     progress(0.0, duration[0] * passes[0])
                 try:
                     out = pkg.package(
-                        path, opts, sink, progress=on_progress, cancel=cancel, info=info
+                        path,
+                        opts,
+                        sink,
+                        progress=on_progress,
+                        cancel=cancel,
+                        info=info,
+                        buffers=buffers,
                     )
                 except BaseException:
                     settle()  # every put has finished before the caller cleans up
