@@ -266,7 +266,7 @@ def test_pooled_segment_buffers_give_the_same_blobs(
     opts = PackagingOptions(segment_seconds=0.5, ladder=ladder)
     plain = MemorySink()
     want, _, _ = pkg.package(src, opts, plain)
-    pool = pkg.SegmentBuffers(keep=2)
+    pool = pkg.SegmentBuffers()
     sink = _GivingSink(pool)
     got, _, _ = pkg.package(src, opts, sink, buffers=pool)
     assert mf.media_id_of(got) == mf.media_id_of(want)
@@ -278,8 +278,9 @@ def test_pooled_segment_buffers_give_the_same_blobs(
         assert pool.allocated == 0
     else:
         assert sink.pooled == segments
-        # Each buffer came back before the next segment was read: nearly all were reused.
-        assert 1 <= pool.allocated <= 4 < segments
+        # Only the segments in flight at once (being read and hashed, or waiting for the sink)
+        # hold a buffer; every other segment reused one given back.
+        assert 1 <= pool.allocated <= pkg.MAX_QUEUED + pkg.HASH_THREADS + 1 < segments
 
 
 def test_segment_buffers_reuse_and_ownership() -> None:
