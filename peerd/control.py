@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
-from peerd.ctl import MAX_LINE, SOCKET_NAME, short_path
+from peerd.ctl import MAX_LINE, SOCKET_NAME, listen_unix
 from peerd.errors import BadRequest, ConfigError
 from peerd.runtime import Runtime
 
@@ -107,23 +107,7 @@ def peer_uid(sock: socket.socket) -> int:
 
 def bind_socket(state_dir: Path) -> socket.socket:
     """The listening control socket in ``state_dir`` (0600; a stale socket file replaced)."""
-    path = state_dir / SOCKET_NAME
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with short_path(state_dir) as d:
-            name = f"{d}/{SOCKET_NAME}"
-            # The state lock is held: a socket file left here is a dead daemon's.
-            if path.is_socket():
-                path.unlink()
-            sock.bind(name)
-        # Owner only before anyone can connect: nothing listens until listen().
-        path.chmod(0o600)
-        sock.listen(16)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return listen_unix(state_dir, SOCKET_NAME)
 
 
 class ControlService:

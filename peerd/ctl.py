@@ -152,6 +152,47 @@ def short_path(directory: Path) -> Iterator[str]:
         os.close(fd)
 
 
+_LASTING: dict[Path, int] = {}
+SUN_PATH_FITS = 100  # bytes of a socket path that surely fit ``sockaddr_un`` (108 with the NUL)
+
+
+def lasting_short_path(directory: Path) -> str:
+    """Like :func:`short_path` for a process that connects there again and again.
+
+    ``directory`` itself when its socket paths fit; otherwise ``/proc/self/fd/N`` through a
+    descriptor kept open for the rest of the process (one per directory).
+    """
+    if len(str(directory)) + 32 <= SUN_PATH_FITS:
+        return str(directory)
+    fd = _LASTING.get(directory)
+    if fd is None:
+        fd = _LASTING[directory] = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}"
+
+
+def listen_unix(directory: Path, name: str, backlog: int = 16) -> socket.socket:
+    """A listening, non-blocking Unix socket ``directory/name``, mode 0600.
+
+    A socket file already there is replaced (the caller holds the state lock, so it is a dead
+    daemon's); the bind goes through :func:`short_path`, so long directories work.
+    """
+    path = directory / name
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with short_path(directory) as d:
+            if path.is_socket():
+                path.unlink()
+            sock.bind(f"{d}/{name}")
+        # Owner only before anyone can connect: nothing listens until listen().
+        path.chmod(0o600)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def connect(state_dir: Path, timeout: float = 5.0) -> socket.socket | None:
     """A connection to the daemon's control socket, or None when no daemon listens there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -23,6 +23,7 @@ import pytest
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of, shard_of
+from peerd.http.server import INTERNAL_SOCKET
 from peerd.runtime import open_runtime
 from peerd.testing.hlsmedia import import_hls, make_hls, read_hls
 from peerd.testing.process import PeerdProcess
@@ -290,3 +291,32 @@ def _sigterm_then_sigkill(tmp_path: Path, playlist: Path, nodes: list[Node]) -> 
     node.proc.stop(signal.SIGKILL)
     # The worker's stdin pipe reaches EOF when the daemon dies; it must exit on its own.
     _poll(lambda: not _alive(worker), 20, "orphan worker gone")
+
+
+async def test_workers_relay_with_a_long_state_path(
+    tmp_path: Path, playlist: Path, fresh: aiohttp.ClientSession
+) -> None:
+    """The daemon's private socket for workers is bound and reached through a short name, so
+    a state directory too long for a socket address works with workers too."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(str(deep / "state" / INTERNAL_SOCKET)) > 108
+    node = await asyncio.to_thread(_start, deep, playlist)
+    try:
+        assert (deep / "state" / INTERNAL_SOCKET).stat().st_mode & 0o777 == 0o600
+        tok = node.token()
+        marks = set()
+        # Fresh connections land on either process (SO_REUSEPORT); the worker relays the API.
+        for _ in range(24):
+            async with fresh.get(
+                node.proc.base_url + "/api/v1/node",
+                headers={"Authorization": f"Bearer {node.api_token}"},
+            ) as r:
+                assert r.status == 200
+                assert "peer_id" in await r.json()
+            async with fresh.get(node.url("master.m3u8", tok)) as r:
+                assert r.status == 200
+                marks.add(r.headers["X-Peerd-Worker"])
+        assert marks == {"0", "1"}
+    finally:
+        if node.proc.proc is not None:
+            await asyncio.to_thread(node.proc.stop, signal.SIGKILL)

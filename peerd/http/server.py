@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
-from peerd.errors import ConfigError, PeerdError
+from peerd.ctl import lasting_short_path, listen_unix
+from peerd.errors import PeerdError
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http")
@@ -220,12 +221,10 @@ class HttpService:
         # Workers relay what they do not serve themselves over this socket. 0600 in the state
         # directory: only the node's own user can reach the daemon this way.
         assert self.runner is not None
-        path = internal_socket(self.rt.settings.state_dir)
-        if len(str(path)) > 100:
-            raise ConfigError(f"state dir path too long for a unix socket: {path}")
-        unix = web.UnixSite(self.runner, str(path))
-        await unix.start()
-        await asyncio.to_thread(path.chmod, 0o600)
+        sock = await asyncio.to_thread(
+            listen_unix, self.rt.settings.state_dir, INTERNAL_SOCKET, 128
+        )
+        await web.SockSite(self.runner, sock).start()
 
     async def drain(self) -> None:
         """Stop accepting connections and let in-flight requests finish."""
@@ -234,9 +233,11 @@ class HttpService:
                 await site.stop()
 
 
-def internal_socket(state_dir: Path) -> Path:
-    """The daemon's private HTTP socket that worker processes relay requests to."""
-    return state_dir / INTERNAL_SOCKET
+def internal_socket(state_dir: Path) -> str:
+    """The daemon's private HTTP socket that worker processes relay requests to, as a path
+    this process can connect to (short enough for a socket address however long the state
+    directory is: see :func:`peerd.ctl.lasting_short_path`)."""
+    return f"{lasting_short_path(state_dir)}/{INTERNAL_SOCKET}"
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -227,7 +227,7 @@ async def serve(settings: Settings, index: int) -> int:
     """Serve until SIGTERM or until the daemon goes away; returns the exit code."""
     cfg = settings.http
     rt = await open_worker_runtime(settings)
-    relay = Relay(str(internal_socket(settings.state_dir)))
+    relay = Relay(internal_socket(settings.state_dir))
     runner = web.AppRunner(
         build_worker_app(rt, relay, index),
         access_log=None,

@@ -26,7 +26,8 @@ Theory of operation
    from its ``moov``, applies the same cutting rules in integer ticks and writes the init
    segment and fragments itself; each segment's sample bytes are read with one ``preadv``
    and hashed at once by one of the hashing threads, into a few reused page-aligned buffers
-   that the daemon's store writes with ``O_DIRECT`` (`_native_top_pass`, `SegmentBuffers`). Same packets, timestamps and segment durations as the libav muxer
+   that the daemon's store writes with ``O_DIRECT`` (`_native_top_pass`, `SegmentBuffers`).
+   Same packets, timestamps and segment durations as the libav muxer
    (tests/test_remux_native.py), in a fraction of the time. What goes native and what falls
    back to the PyAV path is listed in that module's docstring; the choice depends on the file
    only, so every node makes the same one.
