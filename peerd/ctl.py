@@ -159,8 +159,9 @@ SUN_PATH_FITS = 100  # bytes of a socket path that surely fit ``sockaddr_un`` (1
 def lasting_short_path(directory: Path) -> str:
     """Like :func:`short_path` for a process that connects there again and again.
 
-    ``directory`` itself when its socket paths fit; otherwise ``/proc/self/fd/N`` through a
-    descriptor kept open for the rest of the process (one per directory).
+    ``directory`` itself when the paths of sockets in it (names up to 31 bytes) fit; otherwise
+    ``/proc/self/fd/N`` through a descriptor kept open for the rest of the process (one per
+    directory).
     """
     if len(str(directory)) + 32 <= SUN_PATH_FITS:
         return str(directory)

@@ -597,7 +597,8 @@ def _write_direct(fd: int, data: bytes) -> bool:
 
     The aligned prefix goes direct and the last partial block through the cache (O_DIRECT wants
     block-aligned offsets and lengths). False, with nothing written, where the file system has
-    no direct I/O (tmpfs) or refuses this buffer's alignment; the caller then writes normally.
+    no direct I/O (some FUSE and network file systems) or the device refuses this buffer's
+    alignment; the caller then writes normally.
     Durability is unchanged: the batch's ``syncfs`` still flushes the device cache and the
     metadata before any row is committed.
     """
