@@ -302,3 +302,27 @@ def test_segment_buffers_reuse_and_ownership() -> None:
     pool.give(c)  # over `keep`: dropped, not kept
     pool.give(b"not pooled")  # ignored
     assert len(pool._free) == 1
+
+
+def test_unpooled_native_remux_keeps_no_segment_alive(tmp_path: Path) -> None:
+    """Without a pool, the packager keeps no reference to segments the sink already has, so a
+    sink that drops them frees them: a long film would otherwise sit in memory until the end."""
+    import sys
+
+    src = make_media(tmp_path / "clip.mp4", seconds=6.0, gop=15)
+    seen: list[Any] = []
+    held_elsewhere: list[int] = []
+
+    def sink(data: bytes, kind: str, cid: mf.Cid) -> mf.Cid:
+        if kind == "segment":
+            seen.append(data)
+            # Segments well behind the pipeline's depth: referenced by `seen` (and the
+            # getrefcount argument) only.
+            for i in range(len(seen) - 8):
+                if sys.getrefcount(seen[i]) > 2:  # the list's and the argument's references
+                    held_elsewhere.append(i)
+        return cid
+
+    manifest, _, _ = pkg.package(src, PackagingOptions(segment_seconds=0.5), sink)
+    assert len(seen) == len(manifest.renditions[0].segments) >= 12
+    assert held_elsewhere == []
