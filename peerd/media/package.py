@@ -154,15 +154,12 @@ class SegmentBuffers:
 
     def give(self, data: bytes | memoryview) -> None:
         """Take back a buffer from :meth:`take` (anything else is ignored)."""
-        if not self.owns(data):
+        if not isinstance(data, memoryview) or not isinstance(buf := data.obj, mmap.mmap):
             return
-        assert isinstance(data, memoryview)
-        buf = data.obj
         data.release()
-        if isinstance(buf, mmap.mmap):
-            with self._lock:
-                if len(self._free) < self.keep:
-                    self._free.append(buf)
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
 
 
 @dataclass
@@ -771,18 +768,13 @@ def _package(job: _Job) -> Manifest:
     producers = [(o, rec) for o, rec in derived if any(o.rid == r.rendition_id for r in eager)]
     if audio_out is not None and audio_out.recipe is not None:
         producers.append((audio_out, audio_out.recipe))
-    if producers:
-        # Rungs are derived from a top segment after it went to the sink, which may by then
-        # have given its buffer back for the next segment: no pooled buffers here.
-        job.buffers = None
 
     def on_top_segment(seg: SegmentBytes, duration: int) -> None:
         job.check()
         job.still_there()
         if seg.init is not None and top.init_cid is None:
             top.init_cid = job.put(seg.init, "init")
-        size = len(seg.data)  # before the put: a pooled buffer may be given back at once
-        top.segs.append((duration, job.put(seg.data, "segment"), size))
+        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
         for o, rec in producers:
             job.check()
             d = derive_segment(opts.container, top.mux_init, seg.data, rec, seg.seq)
@@ -802,7 +794,8 @@ def _package(job: _Job) -> Manifest:
 
     native = _native_source(job) if remux else None
     if native is not None:
-        # Rungs derived from the top segments need each one's bytes in this thread at once.
+        # Rungs derived from the top segments need each one's bytes in this thread, after it
+        # went to the sink: read here then, never into a pooled buffer the sink gives back.
         on_read = None if producers else on_top_read
         start = _native_top_pass(job, top, native, on_top_segment, on_read)
     else:
