@@ -15,6 +15,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import aiohttp
@@ -51,6 +52,15 @@ class Node:
     def token(self) -> str:
         """A valid viewer token for the media."""
         return tokens.mint(self.key, self.media_id, "hls", int(time.time()) + 600)
+
+    def api_node(
+        self, session: aiohttp.ClientSession
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """``GET /api/v1/node`` with the node's API token (a context manager, as ``get``)."""
+        return session.get(
+            self.proc.base_url + "/api/v1/node",
+            headers={"Authorization": f"Bearer {self.api_token}"},
+        )
 
     def url(self, path: str, token: str | None) -> str:
         """A URL under the media's HLS tree."""
@@ -200,10 +210,7 @@ async def test_every_process_answers_alike(node: Node, fresh: aiohttp.ClientSess
             by_worker += r.headers["X-Peerd-Worker"] == "1"
         async with fresh.get(node.url("b/" + "b" + "a" * 58 + ".m4s", tok)) as r:
             assert r.status == 404
-        async with fresh.get(
-            node.proc.base_url + "/api/v1/node",
-            headers={"Authorization": f"Bearer {node.api_token}"},
-        ) as r:
+        async with node.api_node(fresh) as r:
             assert r.status == 200
             assert "peer_id" in await r.json()
             # The API lives in the daemon: a worker relays it and keeps the daemon's mark.
@@ -307,10 +314,7 @@ async def test_workers_relay_with_a_long_state_path(
         marks = set()
         # Fresh connections land on either process (SO_REUSEPORT); the worker relays the API.
         for _ in range(24):
-            async with fresh.get(
-                node.proc.base_url + "/api/v1/node",
-                headers={"Authorization": f"Bearer {node.api_token}"},
-            ) as r:
+            async with node.api_node(fresh) as r:
                 assert r.status == 200
                 assert "peer_id" in await r.json()
             async with fresh.get(node.url("master.m3u8", tok)) as r:
