@@ -46,7 +46,8 @@ from peerd.core.ids import Cid, digest_of
 from peerd.core.multipart import b64_digest, check_plan, composite_checksum, plan_parts
 from peerd.core.sigv4 import EMPTY_SHA256, SigningKey
 from peerd.errors import ConfigError, UpstreamError
-from peerd.replication.s3http import HttpStatusError, LocalMismatch, S3Http, file_body
+from peerd.replication.s3get import ERROR_BODY_MAX, GetError, GetPool, GetResponse
+from peerd.replication.s3http import ERROR_CODE, HttpStatusError, LocalMismatch, S3Http, file_body
 
 log = logging.getLogger("peerd.replication")
 
@@ -242,6 +243,12 @@ class R2Client:
             read_timeout_s=cfg.read_timeout_s,
             sse_c_key=cfg.sse_c_key,
         )
+        self.gets = GetPool(
+            cfg.endpoint,
+            limit=cfg.max_concurrency * 2,
+            connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
+        )
 
     @classmethod
     async def create(
@@ -253,6 +260,7 @@ class R2Client:
     async def close(self) -> None:
         """Stop the executor (waiting for calls in flight) and close connections."""
         await self.http.close()
+        await self.gets.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._s3.close()
 
@@ -298,62 +306,36 @@ class R2Client:
     async def open(self, key: str, chunk: int = CHUNK) -> tuple[int, GetBody] | None:
         """Start a GET: (size, body chunks), or None if the object does not exist.
 
-        The first chunk is whatever arrived first (a viewer's first byte waits for nothing
-        more); later ones are gathered to about ``chunk`` bytes. A body that ends early, or
-        runs past its Content-Length, raises :class:`R2Error`. Closing the iterator (or
-        finishing it) releases the connection.
+        The GET goes over :class:`~peerd.replication.s3get.GetPool` (a plain asyncio protocol):
+        its body can be tapped (:meth:`GetBody.tap`) as bytes arrive, in the connection's own
+        callback. Iterated, the first chunk is whatever arrived first (a viewer's first byte
+        waits for nothing more); later ones are gathered to about ``chunk`` bytes. A body that
+        ends early raises :class:`R2Error`. Closing the iterator (or finishing it) releases the
+        connection.
         """
         self._count("GetObject")
+        target, headers = self.http.signed_get(key)
         try:
-            resp = await self.http.request("GET", "GET", key)
-        except _HTTP_ERRORS as exc:
-            raise _http_error("GET", key, exc) from exc
-        if resp.status == 404:
-            resp.release()
-            return None
-        length = resp.headers.get("Content-Length", "")
-        if not length.isdigit():
+            resp = await self.gets.get(target, headers)
+        except GetError as exc:
+            raise R2Error(f"R2 GET {key} failed: {exc}") from exc
+        if resp.status >= 300:
+            code = ""
+            try:
+                if resp.status != 404 and resp.length is not None:
+                    m = ERROR_CODE.search(await resp.read(ERROR_BODY_MAX))
+                    code = m.group(1).decode("utf-8", "replace") if m else ""
+            except GetError:
+                pass
+            finally:
+                resp.close()
+            if resp.status == 404:
+                return None
+            raise _http_error("GET", key, HttpStatusError(resp.status, code, "GET", key))
+        if resp.length is None:
             resp.close()
             raise R2Error(f"R2 GET {key} answered without a Content-Length")
-        size = int(length)
-
-        async def chunks() -> AsyncGenerator[bytes, None]:
-            got = 0
-            buf: list[bytes] = []
-            held = 0
-            ok = False
-            try:
-                while True:
-                    try:
-                        data = await resp.content.readany()
-                    except _HTTP_ERRORS as exc:
-                        raise _http_error("GET", key, exc) from exc
-                    if not data:
-                        break
-                    got += len(data)
-                    if got > size:
-                        raise R2Error(f"R2 GET {key} sent more than {size} bytes")
-                    if got == len(data):
-                        yield data
-                        continue
-                    buf.append(data)
-                    held += len(data)
-                    if held >= chunk:
-                        yield b"".join(buf)
-                        buf, held = [], 0
-                if buf:
-                    yield b"".join(buf)
-                if got != size:
-                    raise R2Error(f"R2 GET {key} ended after {got} of {size} bytes")
-                ok = True
-            finally:
-                # A body read to its end goes back to the pool; anything else closes the socket.
-                if ok:
-                    resp.release()
-                else:
-                    resp.close()
-
-        return size, GetBody(chunks(), resp)
+        return resp.length, GetBody(resp, key, chunk)
 
     async def get_bytes(self, key: str, limit: int = 64 * 1024 * 1024) -> bytes | None:
         """A whole (small) object, or None if it does not exist."""
@@ -552,12 +534,44 @@ class R2Client:
 
 
 class GetBody:
-    """A GET body's chunks; :meth:`aclose` frees the connection even if never iterated
-    (closing an async generator that has not started skips its ``finally``)."""
+    """A GET body: its chunks (gathered, see :meth:`R2Client.open`) and a :meth:`tap`.
 
-    def __init__(self, gen: AsyncGenerator[bytes, None], resp: aiohttp.ClientResponse) -> None:
-        self._gen = gen
+    :meth:`aclose` frees the connection whether or not the body was iterated.
+    """
+
+    def __init__(self, resp: GetResponse, key: str, chunk: int) -> None:
         self._resp = resp
+        self._gen = self._chunks(resp, key, chunk)
+
+    def tap(self, fn: Callable[[bytes], None]) -> None:
+        """Call ``fn`` with each chunk as it arrives (see :meth:`GetResponse.tap`)."""
+        self._resp.tap(fn)
+
+    @staticmethod
+    async def _chunks(resp: GetResponse, key: str, chunk: int) -> AsyncGenerator[bytes, None]:
+        size = resp.length
+        buf: list[bytes] = []
+        held = 0
+        first = True
+        try:
+            async for data in resp:
+                if first:
+                    first = False
+                    yield data
+                    continue
+                buf.append(data)
+                held += len(data)
+                if held >= chunk:
+                    yield b"".join(buf)
+                    buf, held = [], 0
+        except GetError as exc:
+            raise R2Error(
+                f"R2 GET {key} ended after {resp.received} of {size} bytes: {exc}"
+            ) from exc
+        if buf:
+            yield b"".join(buf)
+        # A body read to its end goes back to the pool; anything else closes the socket.
+        resp.release()
 
     def __aiter__(self) -> GetBody:
         return self
@@ -566,11 +580,11 @@ class GetBody:
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
-        """Stop reading and release the response."""
+        """Stop reading and release the connection."""
         try:
             await self._gen.aclose()
         finally:
-            self._resp.close()
+            self._resp.release()
 
 
 def _digest_of_range(path: Path, offset: int, size: int) -> bytes:

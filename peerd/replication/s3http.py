@@ -30,7 +30,7 @@ import yarl
 from peerd.core.sigv4 import EMPTY_SHA256, SigningKey, canonical_query, sign, uri_encode
 
 SEND_CHUNK = 1024 * 1024
-_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 
 
 class HttpStatusError(Exception):
@@ -135,6 +135,30 @@ class S3Http:
         # Sent exactly as signed: yarl must not re-encode (a '+' in an upload id, say).
         return path, yarl.URL(url, encoded=True)
 
+    def signed(
+        self,
+        method: str,
+        path: str,
+        query: tuple[tuple[str, str], ...] = (),
+        headers: dict[str, str] | None = None,
+        payload_sha256: str = EMPTY_SHA256,
+        sse: bool = True,
+    ) -> dict[str, str]:
+        """The headers of a request for ``path`` (``/<bucket>/<key>``), signed now."""
+        hdrs = {
+            "host": self.host,
+            # Bytes exactly as stored: a compressed answer would not hash to the cid.
+            "accept-encoding": "identity",
+            **(self._sse if sse else {}),
+            **(headers or {}),
+        }
+        return sign(self.key, method, path, query, hdrs, payload_sha256, self._clock())
+
+    def signed_get(self, key: str) -> tuple[str, dict[str, str]]:
+        """Request target (encoded path) and signed headers of a GET of ``key``."""
+        path = f"/{self.bucket}/{key}"
+        return uri_encode(path, keep_slash=True), self.signed("GET", path)
+
     async def request(
         self,
         op: str,
@@ -153,14 +177,7 @@ class S3Http:
         :class:`HttpStatusError` with S3's error code.
         """
         path, url = self._url(key, query)
-        hdrs = {
-            "host": self.host,
-            # Bytes exactly as stored: a compressed answer would not hash to the cid.
-            "accept-encoding": "identity",
-            **(self._sse if sse else {}),
-            **(headers or {}),
-        }
-        signed = sign(self.key, method, path, query, hdrs, payload_sha256, self._clock())
+        signed = self.signed(method, path, query, headers, payload_sha256, sse)
         resp = await self._session.request(
             method,
             url,
@@ -172,7 +189,7 @@ class S3Http:
             code = ""
             try:
                 if method != "HEAD":
-                    m = _CODE.search(await resp.content.read(4096))
+                    m = ERROR_CODE.search(await resp.content.read(4096))
                     code = m.group(1).decode("utf-8", "replace") if m else ""
             finally:
                 resp.release()
