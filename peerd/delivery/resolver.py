@@ -30,8 +30,13 @@ class BlobStream:
     chunks: AsyncIterator[bytes] | None = None
 
 
-class _Tee:
-    """Bytes of one trusted offer, replayed to any number of readers while being stored."""
+class Tee:
+    """Bytes of one trusted offer, replayed to any number of readers while being stored.
+
+    Readers either iterate :meth:`reader` or, to act in the very callback that brought the
+    bytes, are *listeners* (:meth:`Resolver.watch`): plain functions called on every change
+    (begun, chunk added, failed, finished), which read :attr:`chunks` up to :meth:`ready`.
+    """
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -46,16 +51,32 @@ class _Tee:
         self.path: Path | None = None
         self.started = asyncio.Event()
         self._changed = asyncio.Event()
+        self.listeners: list[Callable[[], None]] = []
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        for wake in list(self.listeners):
+            wake()
+
+    def ready(self) -> int:
+        """How many of :attr:`chunks` a reader may pass on now.
+
+        A chunk that ends before the announced size cannot be the last one, so it goes out at
+        once (a viewer's first byte does not wait for the second chunk); the last chunk only
+        once the fetch is done, i.e. the whole blob verified.
+        """
+        n = len(self.chunks)
+        if self.done or (n and self.size is not None and self.ends[-1] < self.size):
+            return n
+        return max(n - 1, 0)
 
     def begin(self, size: int | None, source: str) -> None:
         self.size = size
         self.source = source
         self.streaming = True
         self.started.set()
+        self._notify()
 
     def push(self, chunk: bytes) -> None:
         if self.error is None:
@@ -80,19 +101,18 @@ class _Tee:
         self.started.set()
         self._notify()
 
-    async def reader(self) -> AsyncIterator[bytes]:
-        """The streamed bytes; the last chunk only once the whole blob verified.
+    def unwatch(self, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake`` (see :meth:`Resolver.watch`)."""
+        if wake in self.listeners:
+            self.listeners.remove(wake)
 
-        A chunk that ends before the announced size cannot be the last one, so it goes out at
-        once (a viewer's first byte does not wait for the second chunk); otherwise a chunk is
-        released when another follows it or the fetch is done.
-        """
+    async def reader(self) -> AsyncIterator[bytes]:
+        """The streamed bytes, each chunk as soon as :meth:`ready` allows it."""
         i = 0
         while True:
             if self.error is not None:
                 raise self.error
-            early = self.size is not None and i < len(self.ends) and self.ends[i] < self.size
-            if early or i + 1 < len(self.chunks) or (self.done and i < len(self.chunks)):
+            if i < self.ready():
                 yield self.chunks[i]
                 i += 1
                 continue
@@ -138,7 +158,7 @@ class Resolver:
         self.max_blob_bytes = max_blob_bytes
         self._clock = clock
         self._inflight: dict[Cid, asyncio.Future[tuple[Path, str]]] = {}
-        self._tees: dict[Cid, _Tee] = {}
+        self._tees: dict[Cid, Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
         self.max_prefetches = max_prefetches
@@ -233,8 +253,25 @@ class Resolver:
         assert tee.path is not None
         return BlobStream(path=tee.path, size=None, source=tee.path_source)
 
-    def _start_tee(self, cid: Cid) -> tuple[_Tee, asyncio.Task[None]]:
-        tee = _Tee()
+    def watch(self, cid: Cid, wake: Callable[[], None]) -> Tee | None:
+        """Join (or start) the streamed fetch of a blob the caller found missing.
+
+        ``wake`` is called, synchronously, on every change of the returned :class:`Tee`
+        (begun, bytes in, failed, finished); the caller reads the tee then, and calls
+        :meth:`Tee.unwatch` when done. Same single flight as :meth:`open_stream`. None when a
+        fetch that does not stream (:meth:`ensure_local`) is already under way: use
+        :meth:`open_stream` then.
+        """
+        tee = self._tees.get(cid)
+        if tee is None:
+            if cid in self._inflight:
+                return None
+            tee, _ = self._start_tee(cid)
+        tee.listeners.append(wake)
+        return tee
+
+    def _start_tee(self, cid: Cid) -> tuple[Tee, asyncio.Task[None]]:
+        tee = Tee()
         self._tees[cid] = tee
         task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
         self._tee_tasks.add(task)
@@ -271,7 +308,7 @@ class Resolver:
         task.add_done_callback(settled)
         return True
 
-    async def _tee_fetch(self, cid: Cid, tee: _Tee) -> None:
+    async def _tee_fetch(self, cid: Cid, tee: Tee) -> None:
         try:
             path, tee.path_source = await self._ensure(cid, tee, checked=True)
         except BaseException as exc:
@@ -284,7 +321,7 @@ class Resolver:
             self._tees.pop(cid, None)
 
     async def _ensure(
-        self, cid: Cid, tee: _Tee | None, *, checked: bool = False
+        self, cid: Cid, tee: Tee | None, *, checked: bool = False
     ) -> tuple[Path, str]:
         # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
         # request (if the blob arrived in between, the store notices and keeps its copy).
@@ -321,7 +358,7 @@ class Resolver:
         finally:
             self._inflight.pop(cid, None)
 
-    async def _fetch(self, cid: Cid, tee: _Tee | None = None) -> tuple[Path, str]:
+    async def _fetch(self, cid: Cid, tee: Tee | None = None) -> tuple[Path, str]:
         failures: list[str] = []
         for source in self.sources:
             started = self._clock()
@@ -346,7 +383,7 @@ class Resolver:
         raise NotFound(f"blob {cid} is not available from any source")
 
     async def _try_source(
-        self, source: Source, cid: Cid, failures: list[str], tee: _Tee | None = None
+        self, source: Source, cid: Cid, failures: list[str], tee: Tee | None = None
     ) -> Path | None:
         gen = source.offers(cid)
         try:
@@ -382,7 +419,7 @@ class Resolver:
                 await aclose()
         return None
 
-    async def _take(self, offer: Offer, cid: Cid, tee: _Tee | None = None) -> None:
+    async def _take(self, offer: Offer, cid: Cid, tee: Tee | None = None) -> None:
         limit = offer.size if offer.size is not None else self.max_blob_bytes
         stream = (
             tee is not None
@@ -390,8 +427,14 @@ class Resolver:
             and offer.meta.get("trusted") == "1"
             and offer.size is not None
         )
+        # A tappable offer (R2's GET) hands each chunk to the tee in the callback that received
+        # it, so viewers' sockets get bytes without waiting for a task to run; its size is the
+        # framed length of the answer, so the tee cannot be fed more than it announced.
+        tap = getattr(offer.chunks, "tap", None) if stream else None
         if stream:
             assert tee is not None
+            if tap is not None:
+                tap(tee.push)  # replays what already arrived before the tee begins
             tee.begin(offer.size, offer.source)
 
         async def counted() -> AsyncIterator[bytes]:
@@ -400,16 +443,18 @@ class Resolver:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
-                if stream:
+                if stream and tap is None:
                     assert tee is not None
                     tee.push(chunk)
                 yield chunk
             if offer.size is not None and n != offer.size:
                 raise IntegrityError(f"{offer.peer} sent {n} of {offer.size} bytes for {cid}")
 
-        # Streaming: read ahead in a task of its own, so viewers get bytes while the store is
-        # still setting up its temp file (that cost ~1.5 ms of first-byte latency).
-        body: AsyncIterator[bytes] = _ReadAhead(counted()) if stream else counted()
+        # Streaming an untapped offer: read ahead in a task of its own, so viewers get bytes
+        # while the store is still setting up its temp file (that cost ~1.5 ms of first-byte
+        # latency).
+        ahead = stream and tap is None
+        body: AsyncIterator[bytes] = _ReadAhead(counted()) if ahead else counted()
         try:
             if isinstance(body, _ReadAhead):
                 # The viewers' first bytes go out before the store starts: its catalog lookup

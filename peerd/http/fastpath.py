@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import logging
 import math
 import os
 import re
@@ -63,6 +64,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.tcp_helpers import tcp_keepalive
 
 from peerd.core.ids import Cid
+from peerd.delivery.resolver import Tee
 from peerd.http.hls import CONTENT_TYPES, ROUTES_KEY, HlsRoutes
 from peerd.http.server import HTTP_METRICS_KEY, WORKER_MARK_KEY
 
@@ -82,6 +84,7 @@ _CONDITIONAL = frozenset(
 _MAX_BUFFER = 64 * 1024
 _MAX_OPEN = 256
 _OPEN_IDLE_S = 10.0
+log = logging.getLogger("peerd.http.hls")  # the full path's relay logs there too
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 Hot = Coroutine[Any, Any, None]
@@ -192,6 +195,16 @@ class FastPath:
             + self._mark
         )
 
+    def miss_header(self, req: _Head, size: int) -> bytes:
+        """Headers of a relayed blob, as the full path's streamed response has them."""
+        assert req.ext is not None
+        routes = self.routes
+        headers = routes._cors(
+            {"Content-Type": CONTENT_TYPES[req.ext], "Cache-Control": routes.blob_cache}
+        )
+        headers["Content-Length"] = str(size)
+        return self._headers(headers)
+
     def _date_line(self) -> bytes:
         now = int(time.time())
         if now != self._date_at:
@@ -252,9 +265,10 @@ class FastPath:
 
     # -- requests --------------------------------------------------------------------------
 
-    def handle(self, conn: _Conn, head: bytes) -> bool | Hot | _Load | None:
+    def handle(self, conn: _Conn, head: bytes) -> bool | Hot | _Load | _Relay | None:
         """Answer ``head`` (True), start answering it (a coroutine), load its media first
-        (``_Load``: ``head`` is handled again afterwards), or None to hand off."""
+        (``_Load``: ``head`` is handled again afterwards), relay a blob the node lacks
+        (``_Relay``), or None to hand off."""
         started = time.perf_counter()
         req = self.parse(head)
         if req is None:
@@ -299,12 +313,34 @@ class FastPath:
             st = path.stat()  # noqa: ASYNC240
         except OSError:
             self._forget(req.cid)
-            return None
+            return self._miss(conn, req, media, started)
         if not stat.S_ISREG(st.st_mode):
             return None
         if media.remote:
             routes.fetch_ahead(media, req.cid)  # keep fetching ahead of a viewer of fetched media
         return self._blob(conn, req, path, st, started)
+
+    def _miss(self, conn: _Conn, req: _Head, media: Any, started: float) -> _Relay | None:
+        """Relay a blob the node lacks from the resolver's streamed fetch, or None to hand off.
+
+        Only a plain GET on the daemon (HTTP workers send misses to it), once per blob and
+        connection: a relay that ends before its first byte (the blob is nowhere, the fetch
+        failed or timed out) leaves the request buffered, and handled again it goes to the
+        full path, which answers (404, 503) from the same fetch's outcome.
+        """
+        routes = self.routes
+        resolver = self.rt.extras.get("resolver")
+        if req.head_only or routes.miss is not None or resolver is None:
+            return None
+        assert req.cid is not None
+        if req.cid in conn.missed:
+            return None
+        relay = _Relay(self, conn, req, media, started)
+        tee = resolver.watch(Cid(req.cid), relay.wake)
+        if tee is None:
+            return None
+        relay.tee = tee
+        return relay
 
     async def _load(self, media_id: str) -> None:
         # Only for a viewer the token already admits for this media (no catalog work for
@@ -314,7 +350,13 @@ class FastPath:
             await self.routes.media(media_id)
 
     async def _blob(
-        self, conn: _Conn, req: _Head, path: Path, st: os.stat_result, started: float
+        self,
+        conn: _Conn,
+        req: _Head,
+        path: Path,
+        st: os.stat_result,
+        started: float,
+        source: str = "local",
     ) -> None:
         routes = self.routes
         assert req.cid is not None
@@ -333,10 +375,7 @@ class FastPath:
             if not req.head_only and size:
                 await _sendfile(transport, entry.file, size)
                 sent = size
-            if sent:
-                self.rt.access.record(req.cid, sent, time.time())
-                self.served_local.inc(sent)
-            self.bytes_ok.inc(sent)
+            self.account(req.cid, source, sent, ok=True)
         except (ConnectionError, OSError, RuntimeError):
             # Like the full path: a cut response counts as a request, not as bytes sent.
             # (RuntimeError: loop.sendfile on a transport that is closing.)
@@ -350,6 +389,21 @@ class FastPath:
             self.blob_ok.inc()
             self.answered += 1
             self.blob_time.observe(time.perf_counter() - started)
+
+    def account(self, cid: str, source: str, sent: int, *, ok: bool) -> None:
+        """Count a blob response's bytes as the full path does (access, by source, status)."""
+        if sent:
+            self.rt.access.record(cid, sent, time.time())
+        if source == "local":
+            if sent:
+                self.served_local.inc(sent)
+            if ok:
+                self.bytes_ok.inc(sent)
+                return
+        elif sent:
+            self.rt.metrics.bytes_served.labels(source=source).inc(sent)
+        status = "200" if ok else "cut"
+        self.routes.m.bytes.labels(source=source, status=status).inc(sent)
 
     # -- open blob files -------------------------------------------------------------------
 
@@ -461,19 +515,23 @@ def _open_blob(path: Path) -> tuple[Any, os.stat_result]:
 
 
 def _close_later(entry: _Open) -> None:
-    asyncio.get_running_loop().run_in_executor(None, entry.file.close)
+    _close_later_file(entry.file)
 
 
-async def _sendfile(transport: asyncio.Transport, file: Any, size: int) -> None:
-    """Send the whole file; pread (offsets of its own, the file is shared) if no sendfile."""
+def _close_later_file(file: Any) -> None:
+    asyncio.get_running_loop().run_in_executor(None, file.close)
+
+
+async def _sendfile(transport: asyncio.Transport, file: Any, size: int, offset: int = 0) -> None:
+    """Send the file up to ``size`` from ``offset``; pread (offsets of its own, the file is
+    shared) if no sendfile."""
     loop = asyncio.get_running_loop()
     try:
-        await loop.sendfile(transport, file, 0, size, fallback=False)
+        await loop.sendfile(transport, file, offset, size - offset, fallback=False)
         return
     except asyncio.SendfileNotAvailableError:
         pass
     fd = file.fileno()
-    offset = 0
     while offset < size:
         chunk = await loop.run_in_executor(
             None, os.pread, fd, min(256 * 1024, size - offset), offset
@@ -492,6 +550,161 @@ async def _drained(transport: asyncio.Transport) -> None:
         if transport.is_closing():
             raise ConnectionResetError("connection lost")
         await asyncio.sleep(0.001)
+
+
+class _Relay:
+    """A blob the node lacks, written into the viewer's socket by the fetch's own callbacks.
+
+    :meth:`wake` runs whenever the resolver's :class:`~peerd.delivery.resolver.Tee` changes
+    (for R2, inside the upstream connection's ``data_received``), when the viewer's socket
+    drains, and when it closes: it writes the head and every chunk the tee releases (the last
+    only once the blob verified), so no task stands between the bucket's bytes and the viewer.
+    :meth:`run` holds the connection meanwhile and settles the outcome.
+    """
+
+    def __init__(self, fast: FastPath, conn: _Conn, req: _Head, media: Any, started: float) -> None:
+        self.fast = fast
+        self.conn = conn
+        self.req = req
+        self.media = media
+        self.started = started
+        self.tee: Tee | None = None
+        self.consumed = 0  # length of the request head in conn.buf
+        self.i = 0  # chunks of the tee written
+        self.sent = 0
+        self.headed = False
+        self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def _settle(self, outcome: str) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(outcome)
+
+    def _expire(self) -> None:
+        if not self.headed:
+            self._settle("none")
+
+    def wake(self) -> None:
+        """Write what the tee has for the viewer now; settle once it is all written."""
+        tee = self.tee
+        if tee is None or self.outcome.done():
+            return
+        conn = self.conn
+        transport = conn.transport
+        if transport is None:
+            self._settle("cut" if self.headed else "gone")
+            return
+        if not tee.streaming:
+            if tee.done:  # a source that does not stream (peers): the stored file, or nothing
+                self._settle("file" if tee.path is not None and tee.error is None else "none")
+            return
+        if tee.error is not None:
+            self._settle("cut" if self.headed else "none")
+            return
+        if conn.write_paused:
+            return
+        n = tee.ready()
+        assert tee.size is not None
+        if not self.headed:
+            if not n and not tee.done:
+                return
+            self.headed = True
+            del conn.buf[: self.consumed]
+            head = b"HTTP/1.1 200 OK\r\n%b%b\r\n" % (
+                self.fast.miss_header(self.req, tee.size),
+                self.fast._date_line(),
+            )
+            first = tee.chunks[0] if n else b""
+            transport.write(head + first)
+            self.sent += len(first)
+            self.i = 1 if n else 0
+            # The first bytes are in the viewer's socket; the process that forwards them
+            # (cloudflared, or a local player) was just woken, most likely onto this CPU, and
+            # would otherwise wait while this loop receives, hashes and stores the rest.
+            os.sched_yield()
+            media = self.media
+            if media is not None and self.fast.routes.prefetch_segments:
+                media.remote = True
+                self.fast.routes.fetch_ahead(media, tee_cid(self.req))
+        while self.i < n and not conn.write_paused:
+            chunk = tee.chunks[self.i]
+            transport.write(chunk)
+            self.sent += len(chunk)
+            self.i += 1
+        if tee.done and self.i == len(tee.chunks):
+            self._settle("tail" if self.sent < tee.size else "sent")
+
+    async def run(self) -> None:
+        """Hold the connection until the relay settles; account for it; hand off if unsent."""
+        fast, conn, req = self.fast, self.conn, self.req
+        routes = fast.routes
+        tee = self.tee
+        assert tee is not None
+        cid = tee_cid(req)
+        conn.waker = self.wake
+        routes.streams += 1  # a fetch in progress holds a stream slot too, as on the full path
+        fast.active.inc()
+        loop = asyncio.get_running_loop()
+        # Like the full path's timeout on the fetch: until the head goes out.
+        timer = loop.call_later(routes.timeout_s, self._expire)
+        outcome = "none"
+        try:
+            self.wake()  # a viewer joining a fetch under way catches up at once
+            outcome = await self.outcome
+            if outcome == "tail":
+                # The store already held the blob and took no more bytes from the source:
+                # the rest comes from the verified file.
+                assert tee.path is not None
+                assert tee.size is not None
+                if conn.transport is None:
+                    raise ConnectionResetError("viewer gone")
+                f = await loop.run_in_executor(None, _open_blob, tee.path)
+                try:
+                    await _sendfile(conn.transport, f[0], tee.size, self.sent)
+                    self.sent = tee.size
+                    outcome = "sent"
+                finally:
+                    _close_later_file(f[0])
+        except (ConnectionError, OSError, RuntimeError):
+            outcome = "cut"
+        finally:
+            timer.cancel()
+            tee.unwatch(self.wake)
+            conn.waker = None
+            routes.streams -= 1
+            fast.active.dec()
+        if outcome in ("sent", "cut", "gone"):
+            if outcome != "sent":
+                log.warning(
+                    "blob relay cut",
+                    extra={"cid": cid, "sent": self.sent, "error": repr(tee.error)},
+                )
+                if conn.transport is not None:
+                    conn.transport.close()
+            fast.account(cid, tee.source, self.sent, ok=outcome == "sent")
+            fast.blob_ok.inc()
+            fast.answered += 1
+            fast.blob_time.observe(time.perf_counter() - self.started)
+        elif outcome == "file":
+            # Fetched whole and verified (from a peer): sent like a held blob, under the
+            # source that delivered it.
+            assert tee.path is not None
+            try:
+                st = tee.path.stat()  # noqa: ASYNC240 -- one stat, as in handle()
+            except OSError:
+                conn.missed.add(cid)
+                return
+            del conn.buf[: self.consumed]
+            await fast._blob(conn, req, tee.path, st, self.started, tee.path_source)
+        else:
+            # Nothing sent: handled again, the request goes to the full path, which answers
+            # from the fetch's outcome (404, 503) with its log line and counters.
+            conn.missed.add(cid)
+
+
+def tee_cid(req: _Head) -> str:
+    """The blob id of a blob request."""
+    assert req.cid is not None
+    return req.cid
 
 
 @dataclass
@@ -516,6 +729,8 @@ class _Conn(asyncio.Protocol):
         self.idle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.loads: set[str] = set()  # media ids this connection had loaded
+        self.missed: set[str] = set()  # blobs a relay could not send: the full path's
+        self.waker: Callable[[], None] | None = None  # a relay's, on drain and on close
         self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -531,6 +746,8 @@ class _Conn(asyncio.Protocol):
         self.fast.forget(self)
         self._disarm_idle()
         self.transport = None
+        if self.waker is not None:
+            self.waker()
 
     def data_received(self, data: bytes) -> None:
         """Buffer, and answer what is complete unless a response is being sent."""
@@ -549,6 +766,8 @@ class _Conn(asyncio.Protocol):
     def resume_writing(self) -> None:
         """Carry on with buffered requests."""
         self.write_paused = False
+        if self.waker is not None:
+            self.waker()
         if not self.busy:
             self._process()
 
@@ -597,6 +816,13 @@ class _Conn(asyncio.Protocol):
             outcome = self.fast.handle(self, bytes(buf[:end]))
             if outcome is None:
                 self._handoff()
+                return
+            if isinstance(outcome, _Relay):
+                # The relay drops the head once it writes the answer; if it cannot, the head
+                # is handled again (and goes to the full path).
+                outcome.consumed = end + 4
+                self.busy = True
+                self.task = self.loop.create_task(self._run(outcome.run()))
                 return
             if isinstance(outcome, _Load):
                 # The media's manifest is being loaded: the head stays buffered and is
