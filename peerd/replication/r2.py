@@ -248,6 +248,7 @@ class R2Client:
             limit=cfg.max_concurrency * 2,
             connect_timeout_s=cfg.connect_timeout_s,
             read_timeout_s=cfg.read_timeout_s,
+            spare=True,
         )
 
     @classmethod
@@ -322,13 +323,14 @@ class R2Client:
         if resp.status >= 300:
             code = ""
             try:
-                if resp.status != 404 and resp.length is not None:
+                if resp.length is not None and resp.length <= ERROR_BODY_MAX:
+                    # Read whole, so the connection is kept (every bucket miss is a 404).
                     m = ERROR_CODE.search(await resp.read(ERROR_BODY_MAX))
                     code = m.group(1).decode("utf-8", "replace") if m else ""
             except GetError:
                 pass
             finally:
-                resp.close()
+                resp.release()
             if resp.status == 404:
                 return None
             raise _http_error("GET", key, HttpStatusError(resp.status, code, "GET", key))

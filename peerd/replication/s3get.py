@@ -205,6 +205,7 @@ class _GetProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.used = 0  # requests sent on this connection
         self.read_timeout_s = 0.0
+        self.timed_out = False  # the server stayed silent past the read timeout
         self.pool_slot = False  # holds one of the pool's slots (until its answer is done)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -351,6 +352,7 @@ class _GetProtocol(asyncio.Protocol):
                 self.last_rx = self.loop.time()
             self._arm()
             return
+        self.timed_out = True
         self._fail(GetError(f"no answer bytes for {self.read_timeout_s:g} s"))
         self.abort()
 
@@ -390,7 +392,10 @@ class GetPool:
         connect_timeout_s: float,
         read_timeout_s: float,
         ssl_context: ssl.SSLContext | None = None,
+        spare: bool = False,
     ) -> None:
+        """``spare``: keep one connection open and unused for the next GET
+        (:meth:`_keep_warm`)."""
         self.endpoint = Endpoint.parse(endpoint)
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -398,6 +403,9 @@ class GetPool:
         self._idle: list[_GetProtocol] = []
         self._open: set[_GetProtocol] = set()
         self._slots = asyncio.Semaphore(limit)
+        self._limit = limit
+        self._spare = spare
+        self._warming: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0  # connections opened (tests check reuse)
 
@@ -422,19 +430,61 @@ class GetPool:
         await self._slots.acquire()
         try:
             conn = self._take_idle()
+            self._keep_warm()
             if conn is not None:
                 try:
-                    return self._own(await conn.send(request, self.read_timeout_s))
+                    return self._own(await self._ask(conn, request))
                 except GetError:
-                    if conn.answered:
+                    if conn.answered or conn.timed_out:
                         raise
                     # Closed by the server while idle (no byte of an answer came): once more
-                    # on a new connection.
+                    # on a new connection. (A connection that stayed silent is not retried:
+                    # that would double the read timeout.)
             conn = await self._connect()
-            return self._own(await conn.send(request, self.read_timeout_s))
+            return self._own(await self._ask(conn, request))
         except BaseException:
             self._slots.release()
             raise
+
+    async def _ask(self, conn: _GetProtocol, request: bytes) -> GetResponse:
+        try:
+            return await conn.send(request, self.read_timeout_s)
+        except BaseException:
+            # Cancelled (the caller's timeout) or failed while the answer was awaited: the
+            # connection would get an answer nobody reads; it is never reused.
+            conn.abort()
+            raise
+
+    def _keep_warm(self) -> None:
+        """Open a spare connection in the background when none is idle.
+
+        The next GET then finds one ready and does not wait for TCP (and TLS) set-up: a cold
+        miss's first byte pays only the bucket's answer. Against a server that closes every
+        connection after one answer (moto), the spare is the only reuse there is. Started only
+        by a GET (never in a loop on its own), so a dead endpoint costs one failed connect
+        per request at most.
+        """
+        if (
+            not self._spare
+            or self._closed
+            or self._idle
+            or self._warming is not None
+            or len(self._open) >= self._limit
+        ):
+            return
+        self._warming = asyncio.get_running_loop().create_task(self._warm())
+
+    async def _warm(self) -> None:
+        try:
+            conn = await self._connect()
+        except GetError:
+            return  # the GET that needs it will connect, and report the failure
+        finally:
+            self._warming = None
+        if self._closed:
+            conn.abort()
+        else:
+            self._idle.append(conn)
 
     def _own(self, resp: GetResponse) -> GetResponse:
         # The slot is freed when the answer is released or closed (or its connection ends).
@@ -489,6 +539,9 @@ class GetPool:
     async def close(self) -> None:
         """Close every connection."""
         self._closed = True
+        if self._warming is not None:
+            self._warming.cancel()
+            await asyncio.gather(self._warming, return_exceptions=True)
         for conn in list(self._open):
             conn.abort()
         self._idle.clear()

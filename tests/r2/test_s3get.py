@@ -157,10 +157,16 @@ async def serve_forever(peer: Peer) -> None:
 
 @contextlib.asynccontextmanager
 async def scripted(
-    handler: Handler, *, limit: int = 4, read_timeout_s: float = 2.0
+    handler: Handler, *, limit: int = 4, read_timeout_s: float = 2.0, spare: bool = False
 ) -> AsyncIterator[tuple[Scripted, GetPool]]:
     server = await Scripted(handler).start()
-    pool = GetPool(server.url, limit=limit, connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+    pool = GetPool(
+        server.url,
+        limit=limit,
+        connect_timeout_s=2.0,
+        read_timeout_s=read_timeout_s,
+        spare=spare,
+    )
     try:
         yield server, pool
     finally:
@@ -227,7 +233,8 @@ async def test_keep_alive_reuses_one_connection_through_the_proxy(
         for key, data in zip(keys, objects, strict=True):
             assert await read_all(client, key) == data
     assert proxy.count("GET", "/blobs/") == 2 * len(objects)
-    assert client.gets.connects == 1
+    # The first GET's connection and the spare R2's pool opens beside it; nothing after.
+    assert client.gets.connects == 2
 
 
 async def test_missing_object_is_none_and_slowdown_is_throttled(
@@ -282,7 +289,9 @@ async def test_body_cut_midway_raises_and_the_next_get_is_whole(
     await body.aclose()
     assert bytes(received) == data[: len(received)]  # (chunks gathered but not yet given: lost)
     assert await read_all(client, key) == data
-    assert client.gets.connects == 2  # the cut connection was not reused
+    # First GET: its connection + the spare. The cut GET took one of them; the last GET took
+    # the other (the cut one was not reused) and a new spare was opened beside it.
+    assert client.gets.connects == 3
     assert proxy.count("GET", "/blobs/") == 3
 
 
@@ -649,3 +658,48 @@ async def test_response_helpers_on_a_real_answer() -> None:
         resp.release()  # not read to its end: closed
         assert await fetch(pool, "/b") == body_of("/b")
         assert pool.connects == 2
+
+
+async def answer_once_then_close(peer: Peer) -> None:
+    """One answer per connection, then close it (as moto does: ``Connection: close``)."""
+    target = await peer.request()
+    if target is not None:
+        body = body_of(target)
+        await peer.send(
+            f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+
+async def test_spare_connection_serves_the_next_get_without_a_connect() -> None:
+    async with scripted(answer_once_then_close, spare=True) as (server, pool):
+        assert await fetch(pool, "/a") == body_of("/a")
+        await until(lambda: len(pool._idle) == 1)
+        assert pool.connects == 2  # the first GET's, and the spare opened beside it
+
+        attempts: list[str] = []
+
+        async def refused() -> None:
+            attempts.append("connect")
+            raise GetError("refused by the test")
+
+        connect = pool._connect
+        pool._connect = refused  # type: ignore[assignment,method-assign]
+        # Only the spare's replacement tries to connect (and fails quietly); the GET does not.
+        assert await fetch(pool, "/b") == body_of("/b")
+        await until(lambda: pool._warming is None)
+        assert attempts == ["connect"]
+        pool._connect = connect  # type: ignore[method-assign]
+        assert [t for _, t in server.requests] == ["/a", "/b"]
+        # Each GET leaves a spare behind (only started by a GET: a dead server costs nothing).
+        assert await fetch(pool, "/c") == body_of("/c")
+        await until(lambda: len(pool._idle) == 1)
+        assert server.accepted == pool.connects
+
+
+async def test_no_spare_without_the_option() -> None:
+    async with scripted(serve_forever) as (server, pool):
+        for t in ("/a", "/b", "/c"):
+            assert await fetch(pool, t) == body_of(t)
+        await asyncio.sleep(0.05)
+        assert pool.connects == server.accepted == 1
