@@ -99,6 +99,7 @@ class BlobStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
+        self._root_name = str(root)
         self.catalog = catalog
         self.quota_bytes = quota_bytes
         self.min_free_bytes = min_free_bytes
@@ -117,6 +118,10 @@ class BlobStore:
     def path_for(self, cid: Cid) -> Path:
         """Where the blob's file lives (whether or not it exists)."""
         return self.root / shard_of(cid) / cid
+
+    def file_name(self, cid: Cid) -> str:
+        """:meth:`path_for` as a string, built without pathlib (the HTTP hot path stats it)."""
+        return f"{self._root_name}/{shard_of(cid)}/{cid}"
 
     async def has(self, cid: Cid) -> bool:
         """True if the catalog says the blob is held locally."""
