@@ -1,4 +1,4 @@
-"""The viewers' fast path: plain GET/HEAD of playlists and local blobs without aiohttp's stack.
+"""The viewers' fast path: plain GET/HEAD of playlists and blobs without aiohttp's stack.
 
 A player asks for the same few URLs over and over on one keep-alive connection. aiohttp spends
 most of such a request in its own layers (protocol task, request object, router, middleware,
@@ -8,7 +8,10 @@ gives everything else to aiohttp::
     bytes ──► _Conn (asyncio.Protocol, one per connection)
                 │ a complete head (up to CRLF CRLF)?
                 │   simple enough and a hot request we can answer here?
-                │      yes ─► FastPath.playlist / FastPath.blob ─► write ─► next head
+                │      yes ─► playlist / held blob ─► write ─► next head
+                │      a GET of a blob not held ─► _Relay: the resolver's fetch writes into
+                │             this socket from its own callbacks ─► next head
+                │             (nothing sent: the head is handled again, and handed off)
                 │      no  ─► hand off: aiohttp's RequestHandler takes the transport and every
                 ▼             byte from this request on, for the rest of the connection
               aiohttp (full app: routes, middleware, errors, limits)
@@ -24,10 +27,22 @@ configured line/field/count limits with token names and visible values, and no
 cached (a media not cached yet is loaded first, for an admitted viewer, and the request handled
 again: a player's first request does not tie its connection to aiohttp), the playlist or blob
 belongs to it. Blobs also need no ``Range`` or conditional header
-(aiohttp's ``FileResponse`` implements those), a free stream slot (the 429 is aiohttp's), and
-their file on local disk (misses go to the resolver there). A refusal therefore always comes
-from the full path, with its log line, reason counter and body, and the fast path only ever
-says 200.
+(aiohttp's ``FileResponse`` implements those) and a free stream slot (the 429 is aiohttp's).
+A refusal therefore always comes from the full path, with its log line, reason counter and
+body, and the fast path only ever says 200.
+
+A plain GET of a blob the node lacks (on the daemon, with a resolver) is relayed here too:
+:meth:`Resolver.watch` joins or starts the one streamed fetch of that blob, and the relay's
+``wake`` writes the head and each chunk the tee releases (the last only once the blob hashed to
+its id) in the callback that brought them; for R2 that is the bucket connection's own
+``data_received``, so no task stands between the bucket's bytes and the viewer (a cold miss's
+first byte was ~0.4 ms slower through aiohttp's request and the resolver's tasks). The
+headers, counters and log line are the full path's (``HlsRoutes._stream``). A relay that
+sends nothing (no source has the blob, the fetch failed, or ``request_timeout_s`` passed
+before the first byte) leaves the request buffered and marks the blob for this connection: the
+request is then handed to aiohttp, which answers from the same fetch's outcome (after a
+timeout it waits on that fetch once more, up to its own timeout). A fetch delivered whole by
+an untrusted source (peers) is sent from the stored file, labelled with that source.
 
 What it sends is what the full path sends for the same request: the same headers (CORS,
 Cache-Control, Content-Type, ETag and Last-Modified as ``FileResponse`` makes them,
