@@ -69,3 +69,17 @@ async def client(proxy: FaultProxy, bucket: str) -> AsyncIterator[R2Client]:
 @pytest.fixture
 def replicator(runtime: Runtime, client: R2Client) -> Replicator:
     return Replicator(runtime, client, outbox=Outbox(runtime.catalog, FAST), concurrency=2)
+
+
+async def read_all(client: R2Client, key: str) -> bytes | None:
+    """A whole object through :meth:`R2Client.open` (None if missing), its length checked."""
+    got = await client.open(key)
+    if got is None:
+        return None
+    size, body = got
+    try:
+        data = b"".join([c async for c in body])
+    finally:
+        await body.aclose()
+    assert len(data) == size
+    return data

@@ -23,7 +23,7 @@ from peerd.replication.r2 import R2Client, R2Error, blob_key
 from peerd.replication.s3get import HIGH_WATER, LOW_WATER, GetError, GetPool, GetResponse
 from peerd.testing.faultproxy import Fault, FaultProxy, method_is
 from peerd.testing.s3server import MotoServer
-from tests.r2.conftest import make_config
+from tests.r2.conftest import make_config, read_all
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -182,19 +182,6 @@ async def fetch(pool: GetPool, target: str) -> bytes:
         return b"".join([c async for c in resp])
     finally:
         resp.release()
-
-
-async def read_all(client: R2Client, key: str) -> bytes | None:
-    got = await client.open(key)
-    if got is None:
-        return None
-    size, body = got
-    try:
-        data = b"".join([c async for c in body])
-    finally:
-        await body.aclose()
-    assert len(data) == size
-    return data
 
 
 async def collect(

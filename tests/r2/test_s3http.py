@@ -30,7 +30,7 @@ from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
 from peerd.testing.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
 from peerd.testing.s3server import MotoServer
-from tests.r2.conftest import make_config
+from tests.r2.conftest import make_config, read_all
 
 MIB = 1024 * 1024
 SSE_HEADER = "x-amz-server-side-encryption-customer-key"
@@ -84,17 +84,6 @@ def write_blob(tmp_path: Path, data: bytes) -> tuple[Cid, Path]:
     path = tmp_path / cid
     path.write_bytes(data)
     return cid, path
-
-
-async def read_all(client: R2Client, key: str) -> bytes | None:
-    got = await client.open(key)
-    if got is None:
-        return None
-    _, body = got
-    try:
-        return b"".join([c async for c in body])
-    finally:
-        await body.aclose()
 
 
 async def test_signed_requests_are_accepted(authed_client: R2Client, tmp_path: Path) -> None:
