@@ -8,9 +8,11 @@ Key layout in the bucket::
                            (multipart, equal parts >= 5 MiB, see :mod:`peerd.core.multipart`)
     media/<media id>.json  a media item's canonical manifest (its bytes hash to the media id)
 
-Blob PUTs, HEADs, GETs and multipart part uploads go through :mod:`peerd.replication.s3http`
-(one keep-alive pool, SigV4 from :mod:`peerd.core.sigv4`): boto3 in a thread cost ~2.5x
-rclone's push time and most of a cold miss's first-byte latency on loopback. Multipart
+Blob PUTs, HEADs and multipart part uploads go through :mod:`peerd.replication.s3http` (one
+keep-alive pool, SigV4 from :mod:`peerd.core.sigv4`): boto3 in a thread cost ~2.5x rclone's
+push time and most of a cold miss's first-byte latency on loopback. Object GETs go through
+:mod:`peerd.replication.s3get` (a plain asyncio protocol with a spare connection kept open),
+whose body the resolver taps in the connection's callback. Multipart
 create/complete/abort and DELETE stay on boto3 (rare, and their XML is boto3's job).
 
 R2 specifics: region ``auto``; no ACL or tagging headers are ever sent; botocore's automatic

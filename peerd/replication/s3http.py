@@ -1,10 +1,11 @@
-"""The R2 hot path over aiohttp: blob PUT, HEAD, streaming GET and part uploads.
+"""The R2 hot path over aiohttp: blob PUT, HEAD and part uploads, and request signing.
 
 boto3 costs a thread hop and a few milliseconds of CPU per request, and its ``Expect:
 100-continue`` on PUT bodies adds a round trip; on the paths that move every blob that dominated
 push time and cold-miss latency. Here one :class:`aiohttp.ClientSession` keeps a pool of
 keep-alive connections (bounded by ``max_concurrency``), requests are signed with the pure
-signer in :mod:`peerd.core.sigv4`, and bodies stream from the blob file in threads.
+signer in :mod:`peerd.core.sigv4`, and bodies stream from the blob file in threads. Object
+GETs go over :mod:`peerd.replication.s3get` (signed here, by :meth:`S3Http.signed_get`).
 
 R2's rules kept: no ACL or tagging headers; blob PUTs carry ``If-None-Match: *`` and an
 explicit SHA-256 (``x-amz-checksum-sha256``, base64; the signed ``x-amz-content-sha256`` is the
