@@ -194,6 +194,7 @@ class FastPath:
         self.served_local = _Lazy(lambda: self.rt.metrics.bytes_served.labels(source="local"))
         self.active = m.active
         self._pl_header = self._headers(self.routes._playlist_headers)
+        self._miss_headers: dict[str, bytes] = {}
         self._date_at = -1
         self._date = b""
         self._open: dict[str, _Open] = {}
@@ -210,15 +211,19 @@ class FastPath:
             + self._mark
         )
 
-    def miss_header(self, req: _Head, size: int) -> bytes:
-        """Headers of a relayed blob, as the full path's streamed response has them."""
-        assert req.ext is not None
+    def _blob_fields(self, ext: str) -> dict[str, str]:
+        """The header fields every blob answer of this extension has (both paths)."""
         routes = self.routes
-        headers = routes._cors(
-            {"Content-Type": CONTENT_TYPES[req.ext], "Cache-Control": routes.blob_cache}
+        return routes._cors(
+            {"Content-Type": CONTENT_TYPES[ext], "Cache-Control": routes.blob_cache}
         )
-        headers["Content-Length"] = str(size)
-        return self._headers(headers)
+
+    def miss_header(self, ext: str, size: int) -> bytes:
+        """Headers of a relayed blob, as the full path's streamed response has them."""
+        fixed = self._miss_headers.get(ext)
+        if fixed is None:  # built once per extension: a cold miss's first byte waits on this
+            fixed = self._miss_headers[ext] = self._headers(self._blob_fields(ext))
+        return b"%bContent-Length: %d\r\n" % (fixed, size)
 
     def _date_line(self) -> bytes:
         now = int(time.time())
@@ -351,7 +356,7 @@ class FastPath:
         assert req.cid is not None
         if req.cid in conn.missed:
             return None
-        relay = _Relay(self, conn, req, media, started)
+        relay = _Relay(self, conn, req, req.cid, media, started)
         tee = resolver.watch(Cid(req.cid), relay.wake)
         if tee is None:
             return None
@@ -460,10 +465,7 @@ class FastPath:
         return entry
 
     def _blob_header(self, ext: str, st: os.stat_result) -> bytes:
-        routes = self.routes
-        headers = routes._cors(
-            {"Content-Type": CONTENT_TYPES[ext], "Cache-Control": routes.blob_cache}
-        )
+        headers = self._blob_fields(ext)
         # As aiohttp's FileResponse makes them (clients may hold ETags from either path).
         headers["Etag"] = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
         headers["Last-Modified"] = time.strftime(
@@ -533,11 +535,7 @@ def _open_blob(path: str | Path) -> tuple[Any, os.stat_result]:
 
 
 def _close_later(entry: _Open) -> None:
-    _close_later_file(entry.file)
-
-
-def _close_later_file(file: Any) -> None:
-    asyncio.get_running_loop().run_in_executor(None, file.close)
+    asyncio.get_running_loop().run_in_executor(None, entry.file.close)
 
 
 async def _sendfile(transport: asyncio.Transport, file: Any, size: int, offset: int = 0) -> None:
@@ -580,10 +578,15 @@ class _Relay:
     :meth:`run` holds the connection meanwhile and settles the outcome.
     """
 
-    def __init__(self, fast: FastPath, conn: _Conn, req: _Head, media: Any, started: float) -> None:
+    def __init__(
+        self, fast: FastPath, conn: _Conn, req: _Head, cid: str, media: Any, started: float
+    ) -> None:
         self.fast = fast
         self.conn = conn
         self.req = req
+        self.cid = cid
+        assert req.ext is not None
+        self.ext = req.ext
         self.media = media
         self.started = started
         self.tee: Tee | None = None
@@ -628,7 +631,7 @@ class _Relay:
             self.headed = True
             del conn.buf[: self.consumed]
             head = b"HTTP/1.1 200 OK\r\n%b%b\r\n" % (
-                self.fast.miss_header(self.req, tee.size),
+                self.fast.miss_header(self.ext, tee.size),
                 self.fast._date_line(),
             )
             first = tee.chunks[0] if n else b""
@@ -642,7 +645,7 @@ class _Relay:
             media = self.media
             if media is not None and self.fast.routes.prefetch_segments:
                 media.remote = True
-                self.fast.routes.fetch_ahead(media, tee_cid(self.req))
+                self.fast.routes.fetch_ahead(media, self.cid)
         while self.i < n and not conn.write_paused:
             chunk = tee.chunks[self.i]
             transport.write(chunk)
@@ -657,7 +660,7 @@ class _Relay:
         routes = fast.routes
         tee = self.tee
         assert tee is not None
-        cid = tee_cid(req)
+        cid = self.cid
         conn.waker = self.wake
         routes.streams += 1  # a fetch in progress holds a stream slot too, as on the full path
         fast.active.inc()
@@ -675,13 +678,13 @@ class _Relay:
                 assert tee.size is not None
                 if conn.transport is None:
                     raise ConnectionResetError("viewer gone")
-                f = await loop.run_in_executor(None, _open_blob, tee.path)
+                entry = await fast._acquire(cid, self.ext, tee.path, None)
                 try:
-                    await _sendfile(conn.transport, f[0], tee.size, self.sent)
+                    await _sendfile(conn.transport, entry.file, tee.size, self.sent)
                     self.sent = tee.size
                     outcome = "sent"
                 finally:
-                    _close_later_file(f[0])
+                    fast._release(entry)
         except (ConnectionError, OSError, RuntimeError):
             outcome = "cut"
         finally:
@@ -717,12 +720,6 @@ class _Relay:
             # Nothing sent: handled again, the request goes to the full path, which answers
             # from the fetch's outcome (404, 503) with its log line and counters.
             conn.missed.add(cid)
-
-
-def tee_cid(req: _Head) -> str:
-    """The blob id of a blob request."""
-    assert req.cid is not None
-    return req.cid
 
 
 @dataclass

@@ -532,7 +532,7 @@ class GetPool:
             self._idle.remove(conn)
 
     def _free_slot(self, conn: _GetProtocol) -> None:
-        if getattr(conn, "pool_slot", False):
+        if conn.pool_slot:
             conn.pool_slot = False
             self._slots.release()
 
