@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from peerd.core.ids import Cid
-from peerd.delivery.source import Offer, Source, delivery_rank
+from peerd.delivery.source import EarlySource, Offer, Source, Started, Tap, delivery_rank
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, UpstreamError
 from peerd.store import BlobStore
 
@@ -46,6 +46,7 @@ class Tee:
         # The source whose bytes ended up in the store (the fetch's winner), once finished.
         self.path_source = "local"
         self.streaming = False
+        self.early = False  # begun from an early request's answer (EarlySource.start)
         self.done = False
         self.error: PeerdError | None = None
         self.path: Path | None = None
@@ -161,6 +162,7 @@ class Resolver:
         self._tees: dict[Cid, Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
+        self._first: tuple[Source, bool] | None = None  # sources[0], and whether it starts early
         self.max_prefetches = max_prefetches
         self._prefetching = 0
         reg = registry or CollectorRegistry()
@@ -273,10 +275,59 @@ class Resolver:
     def _start_tee(self, cid: Cid) -> tuple[Tee, asyncio.Task[None]]:
         tee = Tee()
         self._tees[cid] = tee
-        task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
+        early = self._start_early(cid, tee)
+        task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee, early))
         self._tee_tasks.add(task)
         task.add_done_callback(self._tee_tasks.discard)
+
+        def ended(_task: asyncio.Task[None]) -> None:
+            # A task cancelled before it ran (shutdown) never ran _tee_fetch's own ending:
+            # the tee must not stay behind for later viewers to wait on.
+            if self._tees.get(cid) is tee:
+                del self._tees[cid]
+            if not tee.done:
+                tee.finish(None, UpstreamError(f"fetch of {cid} was cancelled"))
+
+        task.add_done_callback(ended)
+        if early is not None:
+            # Whatever ends the fetch (even a cancel before its task ran), the early request
+            # is not left open (cancel is a no-op once its answer was taken).
+            started = early[1]
+            task.add_done_callback(lambda _task: started.cancel())
         return tee, task
+
+    def _start_early(self, cid: Cid, tee: Tee) -> tuple[EarlySource, Started] | None:
+        """Have the first source send its request now, in the caller's callback.
+
+        A cold miss's upstream request then leaves before the fetch's task has even run, and
+        the answer's bytes feed ``tee`` from the callback that received them (``begin``). Only
+        the first source: asking a later one before the earlier ones failed would be a second
+        upstream request for most misses.
+        """
+        if not self.sources:
+            return None
+        first = self.sources[0]
+        if self._first is None or self._first[0] is not first:
+            self._first = (first, isinstance(first, EarlySource))
+        if not self._first[1]:
+            return None
+        assert isinstance(first, EarlySource)
+        until = self._misses.get(cid)
+        if until is not None and until > self._clock():
+            return None  # missed a moment ago: the fetch ends at once, with no request
+        name = first.name
+
+        def begin(size: int, tap: Callable[[Tap], None]) -> None:
+            if tee.streaming or tee.done:
+                return  # not from the fetch's first answer: cannot happen, never mixes bytes
+            tee.early = True
+            tap(tee.push)
+            tee.begin(size, name)
+
+        try:
+            return first, first.start(cid, begin)
+        except PeerdError:
+            return None  # the ordinary way, which reports the failure
 
     def prefetch(self, cid: Cid) -> bool:
         """Start fetching ``cid`` in the background, for a viewer expected to ask for it soon.
@@ -308,9 +359,11 @@ class Resolver:
         task.add_done_callback(settled)
         return True
 
-    async def _tee_fetch(self, cid: Cid, tee: Tee) -> None:
+    async def _tee_fetch(
+        self, cid: Cid, tee: Tee, early: tuple[EarlySource, Started] | None = None
+    ) -> None:
         try:
-            path, tee.path_source = await self._ensure(cid, tee, checked=True)
+            path, tee.path_source = await self._ensure(cid, tee, checked=True, early=early)
         except BaseException as exc:
             tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             if not isinstance(exc, Exception):
@@ -321,10 +374,17 @@ class Resolver:
             self._tees.pop(cid, None)
 
     async def _ensure(
-        self, cid: Cid, tee: Tee | None, *, checked: bool = False
+        self,
+        cid: Cid,
+        tee: Tee | None,
+        *,
+        checked: bool = False,
+        early: tuple[EarlySource, Started] | None = None,
     ) -> tuple[Path, str]:
         # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
         # request (if the blob arrived in between, the store notices and keeps its copy).
+        # ``early``: the first source's request, already sent (_start_early); cancelled when this
+        # fetch ends without asking any source (and, whatever happens, by _start_tee).
         if not checked:
             try:
                 return await self.store.open_path(cid), "local"
@@ -332,16 +392,20 @@ class Resolver:
                 pass
         fut = self._inflight.get(cid)
         if fut is not None:
+            if early is not None:
+                early[1].cancel()
             return await asyncio.shield(fut)
         until = self._misses.get(cid)
         if until is not None:
             if until > self._clock():
+                if early is not None:
+                    early[1].cancel()
                 raise NotFound(f"blob {cid} is not available from any source")
             del self._misses[cid]
         fut = asyncio.get_running_loop().create_future()
         self._inflight[cid] = fut
         try:
-            got = await self._fetch(cid, tee)
+            got = await self._fetch(cid, tee, early)
         except BaseException as exc:
             if isinstance(exc, NotFound):
                 self._misses[cid] = self._clock() + self.miss_ttl_s
@@ -358,13 +422,21 @@ class Resolver:
         finally:
             self._inflight.pop(cid, None)
 
-    async def _fetch(self, cid: Cid, tee: Tee | None = None) -> tuple[Path, str]:
+    async def _fetch(
+        self,
+        cid: Cid,
+        tee: Tee | None = None,
+        early: tuple[EarlySource, Started] | None = None,
+    ) -> tuple[Path, str]:
         failures: list[str] = []
         for source in self.sources:
+            sent: Started | None = None
+            if early is not None and early[0] is source:
+                sent = early[1]
             started = self._clock()
             try:
                 async with asyncio.timeout(source.timeout_s):
-                    delivered = await self._try_source(source, cid, failures, tee)
+                    delivered = await self._try_source(source, cid, failures, tee, sent)
             except TimeoutError:
                 self.m_fetches.labels(source=source.name, outcome="timeout").inc()
                 failures.append(f"{source.name}: timed out after {source.timeout_s}s")
@@ -383,11 +455,22 @@ class Resolver:
         raise NotFound(f"blob {cid} is not available from any source")
 
     async def _try_source(
-        self, source: Source, cid: Cid, failures: list[str], tee: Tee | None = None
+        self,
+        source: Source,
+        cid: Cid,
+        failures: list[str],
+        tee: Tee | None = None,
+        sent: Started | None = None,
     ) -> Path | None:
-        gen = source.offers(cid)
+        if sent is not None:
+            assert isinstance(source, EarlySource)
+            gen = source.offers_from(cid, sent)
+        else:
+            gen = source.offers(cid)
+        taken = False  # the early answer reached _take (which fails the tee if it goes wrong)
         try:
             async for offer in gen:
+                taken = taken or offer.early
                 try:
                     await self._take(offer, cid, tee)
                 except IntegrityError as exc:
@@ -414,6 +497,12 @@ class Resolver:
                 self.m_bytes.labels(source=source.name).inc(path.stat().st_size)
                 return path
         finally:
+            if sent is not None:
+                sent.cancel()
+                if tee is not None and tee.early and not taken:
+                    # Its answer began the tee, then the offer was lost (a timeout between
+                    # the two): the bytes already passed on have no verified end.
+                    tee.fail(UpstreamError(f"{source.name}: the answer was not read"))
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -421,7 +510,9 @@ class Resolver:
 
     async def _take(self, offer: Offer, cid: Cid, tee: Tee | None = None) -> None:
         limit = offer.size if offer.size is not None else self.max_blob_bytes
-        stream = (
+        # An early offer's answer began the tee and feeds it already (_start_early).
+        fed = tee is not None and offer.early and tee.early
+        stream = fed or (
             tee is not None
             and not tee.streaming
             and offer.meta.get("trusted") == "1"
@@ -430,11 +521,12 @@ class Resolver:
         # A tappable offer (R2's GET) hands each chunk to the tee in the callback that received
         # it, so viewers' sockets get bytes without waiting for a task to run; its size is the
         # framed length of the answer, so the tee cannot be fed more than it announced.
-        tap = getattr(offer.chunks, "tap", None) if stream else None
-        if stream:
+        tap = getattr(offer.chunks, "tap", None) if stream and not fed else None
+        if stream and not fed:
             assert tee is not None
             if tap is not None:
                 tap(tee.push)  # replays what already arrived before the tee begins
+                fed = True
             tee.begin(offer.size, offer.source)
 
         async def counted() -> AsyncIterator[bytes]:
@@ -443,7 +535,7 @@ class Resolver:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
-                if stream and tap is None:
+                if stream and not fed:
                     assert tee is not None
                     tee.push(chunk)
                 yield chunk
@@ -453,7 +545,7 @@ class Resolver:
         # Streaming an untapped offer: read ahead in a task of its own, so viewers get bytes
         # while the store is still setting up its temp file (that cost ~1.5 ms of first-byte
         # latency).
-        ahead = stream and tap is None
+        ahead = stream and not fed
         body: AsyncIterator[bytes] = _ReadAhead(counted()) if ahead else counted()
         try:
             if isinstance(body, _ReadAhead):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -28,7 +28,8 @@ class Offer:
 
     ``peer`` names who sends them (a peer id, a URL, ``"r2"``), for reporting and metrics.
     ``size`` is the announced size when known; the resolver refuses streams that exceed it.
-    ``close`` is called whatever happens, to release connections.
+    ``close`` is called whatever happens, to release connections. ``early``: the offer answers
+    an :meth:`EarlySource.start`, whose ``begin`` already fed its bytes to the resolver.
     """
 
     source: str
@@ -36,6 +37,7 @@ class Offer:
     chunks: AsyncIterator[bytes]
     size: int | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    early: bool = False
 
     async def close(self) -> None:
         """Release the stream (close the generator and its connection)."""
@@ -61,4 +63,43 @@ class Source(Protocol):
 
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
         """Outcome of an offer: ``ok=False`` when it failed or sent wrong bytes."""
+        ...
+
+
+Tap = Callable[[bytes], None]
+Begin = Callable[[int, Callable[[Tap], None]], None]
+"""``begin(size, tap)``: an early request's answer is in, ``size`` trusted bytes follow, and
+``tap(fn)`` calls ``fn`` with each of them as it arrives (from the first)."""
+
+
+class Started(Protocol):
+    """A request an :class:`EarlySource` sent ahead of its offers."""
+
+    def cancel(self) -> None:
+        """Give the request up (a no-op once :meth:`EarlySource.offers_from` took it)."""
+        ...
+
+
+@runtime_checkable
+class EarlySource(Source, Protocol):
+    """A source that can send its request before any task runs, from the caller's callback.
+
+    The resolver uses this for its first source only, when a fetch is started for a viewer
+    (a cold miss): the upstream request goes out in the very callback that parsed the viewer's
+    request, and the answer's bytes reach the viewers in the callback that received them. The
+    resolver passes what :meth:`start` returned to :meth:`offers_from` (in place of
+    :meth:`Source.offers`), or cancels it.
+    """
+
+    def start(self, cid: Cid, begin: Begin) -> Started:
+        """Send the request for ``cid`` now; call ``begin`` (in the callback that received the
+        answer) if and only if the first offer of :meth:`offers_from` will be that answer.
+
+        Raising :class:`peerd.errors.PeerdError` means no early start (the resolver goes the
+        ordinary way)."""
+        ...
+
+    def offers_from(self, cid: Cid, started: Started) -> AsyncIterator[Offer]:
+        """The offers :meth:`Source.offers` would give, the first (``early=True``) from the
+        request :meth:`start` sent."""
         ...
