@@ -531,8 +531,6 @@ class GetPool:
             if not pending.slot:
                 await self._acquire_slot()
                 pending.slot = True
-                if self._closed:
-                    raise GetError("the connection pool is closed")
                 conn = self._take_idle()
                 self._keep_warm()
                 if conn is not None:
@@ -549,6 +547,10 @@ class GetPool:
                     # on a new connection. (A connection that stayed silent is not retried:
                     # that would double the read timeout.)
                     conn.abort()
+            if self._closed:
+                # (A GET handed a slot by close() aborting the connections, or whose
+                # connection close() aborted, must not open a new one.)
+                raise GetError("the connection pool is closed")
             pending.send_on(await self._connect())
             assert pending.head is not None
             return self._own(pending, await pending.head)

@@ -216,6 +216,27 @@ async def test_a_get_waiting_for_a_slot_fails_once_the_pool_closes() -> None:
             await asyncio.wait_for(waiting, 2)
         assert server.requests == [(0, "/a")]
 
+    gate = asyncio.Event()
+
+    async def gated(peer: Peer) -> None:
+        while (target := await peer.request()) is not None:
+            await gate.wait()
+            await peer.send(ok(body_of(target)))
+
+    async with scripted(gated) as (server, pool):
+        gate.set()
+        assert await fetch(pool, "/a") == body_of("/a")
+        gate.clear()
+        sent = pool.start("/b", {"host": pool.authority})
+        assert sent.sent
+        answer = asyncio.create_task(sent.response())
+        await until(lambda: len(server.requests) == 2)
+        await pool.close()  # its connection is aborted before any answer: no retry
+        with pytest.raises(Exception, match="pool is closed"):
+            await asyncio.wait_for(answer, 2)
+        gate.set()
+        assert server.accepted == 1
+
 
 # -- the resolver's early start (R2 in moto, through the fault proxy) ----------------------
 
