@@ -250,3 +250,20 @@ async def test_pull_media_from_a_named_peer(stack: AsyncExitStack, tmp_path: Pat
     # Again: nothing to fetch, nothing new recorded.
     again = await puller.pull_media_from(holder_id, media_id)
     assert (again.fetched, again.recorded) == (0, False)
+
+
+async def test_lan_source_looks_idle_without_a_usable_peer(runtime: Runtime) -> None:
+    """The resolver's hint (``idle``): with no LAN peer known, a cold miss asks R2 first."""
+    directory = lan_directory(runtime)
+    source = LanSource(directory, runtime.identity, timeout_s=5)
+    try:
+        assert source.idle()
+        directory.seen(runtime.identity.peer_id, url="http://127.0.0.1:1")  # this node itself
+        assert source.idle()
+        other = Identity.generate().peer_id
+        directory.seen(other, url=None)  # heard of, but no HTTP address
+        assert source.idle()
+        directory.seen(other, url="http://127.0.0.1:2")
+        assert not source.idle()
+    finally:
+        await source.close()

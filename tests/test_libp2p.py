@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -193,3 +194,27 @@ async def test_ws_and_tcp_listen_on_separate_ports(runtime: Runtime, stack: Asyn
     assert tcp
     assert ws
     assert tcp[0].split("/tcp/")[1].split("/")[0] != ws[0].split("/tcp/")[1].split("/")[0]
+
+
+async def test_source_looks_idle_until_a_peer_is_connected(
+    runtime: Runtime, stack: AsyncExitStack, tmp_path: Path
+) -> None:
+    """The resolver's hint (``idle``): a node with no libp2p peer asks R2 first on a cold miss."""
+    peer_rt = await open_peer(stack, tmp_path / "peer")
+    server = await start_node(stack, peer_rt)
+    alone = Libp2pSource(server, timeout_s=20, max_providers=4)
+    await until_true(lambda: server.connected is not None)
+    assert alone.idle()  # listening, nobody connected
+    client = await start_node(stack, runtime)
+    source = Libp2pSource(client, timeout_s=20, max_providers=4)
+    await until_true(lambda: client.connected is not None)
+    assert source.idle()
+    assert await client.connect([a for a in server.addrs if "/ws" not in a][0])
+    assert not source.idle()  # a dial refreshes the count at once, not at the next tick
+
+
+async def until_true(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

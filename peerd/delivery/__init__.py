@@ -16,10 +16,11 @@ the :class:`Resolver` walks them in order and
 Sources are tried in ``DELIVERY_ORDER`` (by name), whatever order services plug them in.
 
 A source yields *offers* (one per peer that may have the blob, best first); the resolver takes
-them one at a time until one delivers. A first source that is an ``EarlySource`` (R2, when no
-peer source comes before it) sends its request for a streamed miss from the caller's callback,
-before the fetch's task has run, and feeds the answer to the viewers as it arrives. Sources
-share one conformance suite (``peerd.testing.source_suite``).
+them one at a time until one delivers. An ``EarlySource`` (R2) that comes first, or after
+peer sources that all look idle (no peer known: it is then asked first), sends its request for
+a streamed miss from the caller's callback, before the fetch's task has run, and feeds the
+answer to the viewers as it arrives. Sources share one conformance suite
+(``peerd.testing.source_suite``).
 """
 
 from peerd.delivery.resolver import BlobStream, Resolver

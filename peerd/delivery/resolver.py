@@ -12,7 +12,15 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from peerd.core.ids import Cid
-from peerd.delivery.source import EarlySource, Offer, Source, Started, Tap, delivery_rank
+from peerd.delivery.source import (
+    EarlySource,
+    Offer,
+    Source,
+    Started,
+    Tap,
+    delivery_rank,
+    looks_idle,
+)
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, UpstreamError
 from peerd.store import BlobStore
 
@@ -162,7 +170,8 @@ class Resolver:
         self._tees: dict[Cid, Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
-        self._first: tuple[Source, bool] | None = None  # sources[0], and whether it starts early
+        # Whether a source is an EarlySource, by id (the source kept, so its id stays its own).
+        self._early_kinds: dict[int, tuple[Source, bool]] = {}
         self.max_prefetches = max_prefetches
         self._prefetching = 0
         reg = registry or CollectorRegistry()
@@ -300,16 +309,22 @@ class Resolver:
         """Have the first source send its request now, in the caller's callback.
 
         A cold miss's upstream request then leaves before the fetch's task has even run, and
-        the answer's bytes feed ``tee`` from the callback that received them (``begin``). Only
-        the first source: asking a later one before the earlier ones failed would be a second
-        upstream request for most misses.
+        the answer's bytes feed ``tee`` from the callback that received them (``begin``). The
+        first source, or the first after sources that all look idle (no peer to ask: a node
+        with no LAN or libp2p peer), which :meth:`_fetch` then asks first. Never a source
+        after one that may deliver: that would be a second upstream request for most misses.
         """
-        if not self.sources:
-            return None
-        first = self.sources[0]
-        if self._first is None or self._first[0] is not first:
-            self._first = (first, isinstance(first, EarlySource))
-        if not self._first[1]:
+        first: Source | None = None
+        for source in self.sources:
+            kind = self._early_kinds.get(id(source))
+            if kind is None:
+                kind = self._early_kinds[id(source)] = (source, isinstance(source, EarlySource))
+            if kind[1]:
+                first = source
+                break
+            if not looks_idle(source):
+                return None
+        if first is None:
             return None
         assert isinstance(first, EarlySource)
         until = self._misses.get(cid)
@@ -429,7 +444,12 @@ class Resolver:
         early: tuple[EarlySource, Started] | None = None,
     ) -> tuple[Path, str]:
         failures: list[str] = []
-        for source in self.sources:
+        order = self.sources
+        if early is not None and early[0] in order:
+            # Its request is out: it is asked first (the sources before it looked idle).
+            at = order.index(early[0])
+            order = [order[at], *order[:at], *order[at + 1 :]]
+        for source in order:
             sent: Started | None = None
             if early is not None and early[0] is source:
                 sent = early[1]

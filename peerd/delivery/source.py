@@ -66,6 +66,17 @@ class Source(Protocol):
         ...
 
 
+def looks_idle(source: Source) -> bool:
+    """Whether ``source`` has no peer to ask right now, by its optional ``idle()`` method.
+
+    A hint for the order only: the resolver may ask a later source first (and an early one
+    at once, :class:`EarlySource`), and still asks this one if that later source fails. Peer
+    sources define it (no LAN peer known, no libp2p peer connected); others never look idle.
+    """
+    idle = getattr(source, "idle", None)
+    return idle is not None and bool(idle())
+
+
 Tap = Callable[[bytes], None]
 Begin = Callable[[int, Callable[[Tap], None]], None]
 """``begin(size, tap)``: an early request's answer is in, ``size`` trusted bytes follow, and
@@ -84,11 +95,12 @@ class Started(Protocol):
 class EarlySource(Source, Protocol):
     """A source that can send its request before any task runs, from the caller's callback.
 
-    The resolver uses this for its first source only, when a fetch is started for a viewer
-    (a cold miss): the upstream request goes out in the very callback that parsed the viewer's
-    request, and the answer's bytes reach the viewers in the callback that received them. The
-    resolver passes what :meth:`start` returned to :meth:`offers_from` (in place of
-    :meth:`Source.offers`), or cancels it.
+    The resolver uses this when a fetch is started for a viewer (a cold miss) and the source
+    comes first, or every source before it looks idle (:func:`looks_idle`: it is then asked
+    first, the idle ones after it): the upstream request goes out in the very callback that
+    parsed the viewer's request, and the answer's bytes reach the viewers in the callback that
+    received them. The resolver passes what :meth:`start` returned to :meth:`offers_from` (in
+    place of :meth:`Source.offers`), or cancels it.
     """
 
     def start(self, cid: Cid, begin: Begin) -> Started:

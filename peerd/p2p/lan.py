@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from peerd.core.ids import Cid, parse_cid
-from peerd.core.peers import BanPolicy
+from peerd.core.peers import BanPolicy, Peer
 from peerd.core.signing import check, sign_headers
 from peerd.delivery.source import Offer
 from peerd.discovery.directory import PeerDirectory
@@ -164,9 +164,16 @@ class LanSource:
         if self._session is not None:
             await self._session.close()
 
+    def _peers(self) -> list[Peer]:
+        return [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
+
+    def idle(self) -> bool:
+        """No LAN peer known: :meth:`offers` would ask nobody."""
+        return not self._peers()
+
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
         """One offer per LAN peer that answers 200, fastest first."""
-        peers = [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
+        peers = self._peers()
         for peer in peers[: self.max_peers]:
             assert peer.url is not None
             started = time.monotonic()

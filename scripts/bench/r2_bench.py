@@ -15,12 +15,14 @@
    moto server, a media item whose blobs are only in the bucket): a signed
    ``GET /hls/<media>/b/<cid>.m4s`` for a blob the node lacks vs a direct GET of the object, the
    two alternated blob by blob. This is the production path, with the viewer in another process.
-   Run twice: with ``http.prefetch_segments = 0`` (every request a true cold miss) and with the
-   default 2, the blobs asked for in play order (what a viewer playing R2-only media sees).
+   Run three times: with ``http.prefetch_segments = 0`` (every request a true cold miss), the
+   same with libp2p on (loopback, no peer: a node's default sources before it has found a
+   peer, which look idle, so R2 is still asked first), and with the default prefetch of 2, the
+   blobs asked for in play order (what a viewer playing R2-only media sees).
 
 Usage (from the repo root)::
 
-    /work/venv/bin/python scripts/bench/r2_bench.py [--files 40] [--size-mib 2] [--rounds 2]
+    .venv/bin/python scripts/bench/r2_bench.py [--files 40] [--size-mib 2] [--rounds 2]
 
 Results: printed, and written to /tmp/peerd-bench/r2.json.
 """
@@ -172,15 +174,21 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
 
 
 async def daemon_ttfb(
-    moto: MotoServer, tmp: Path, args: argparse.Namespace, *, prefetch: int = 0
+    moto: MotoServer,
+    tmp: Path,
+    args: argparse.Namespace,
+    *,
+    prefetch: int = 0,
+    p2p: bool = False,
 ) -> dict[str, object]:
     """Section 4: TTFB through ``peerd run`` of blobs only in the bucket vs a direct GET.
 
     ``prefetch`` is the node's ``http.prefetch_segments``. With 0 every request is a true cold
     miss; with the default (2), the blobs, asked for in play order, are what a viewer playing
-    media the node does not hold sees: the node fetches ahead of it.
+    media the node does not hold sees: the node fetches ahead of it. ``p2p``: libp2p runs too
+    (on loopback, with no peer), so the resolver has a peer source before R2.
     """
-    bucket = f"ttfb-daemon-{prefetch}"
+    bucket = f"ttfb-daemon-{prefetch}-{int(p2p)}"
     await asyncio.to_thread(moto.create_bucket, bucket)
     tsize = int(args.ttfb_size_mib * 1024 * 1024)
     blobs = [os.urandom(tsize) for _ in range(args.ttfb_blobs + 1)]
@@ -191,9 +199,15 @@ async def daemon_ttfb(
     if args.rtt_ms:
         wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
     upstream = wan.url if args.rtt_ms else moto.url
-    state = tmp / f"daemon-{prefetch}"
+    state = tmp / f"daemon-{prefetch}-{int(p2p)}"
     r2 = {"endpoint": upstream, "bucket": bucket, "tiering_interval_s": 3600.0}
-    config = {"r2": r2, "log": {"level": "warning"}, "http": {"prefetch_segments": prefetch}}
+    config: dict[str, object] = {
+        "r2": r2,
+        "log": {"level": "warning"},
+        "http": {"prefetch_segments": prefetch},
+    }
+    if p2p:
+        config["p2p"] = {"enabled": True, "host": "127.0.0.1", "tcp_port": 0, "ws_port": 0}
     node = PeerdProcess(state, config=config)
     await asyncio.to_thread(node.init)
     write_r2_secrets(state)
@@ -227,6 +241,8 @@ async def daemon_ttfb(
         await wan.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
     what = "cold misses" if not prefetch else f"in play order, prefetch_segments={prefetch}"
+    if p2p:
+        what += ", libp2p on with no peer"
     print(
         f"TTFB through the daemon ({what}): {med['daemon'] * 1000:.2f} ms vs direct "
         f"{med['direct'] * 1000:.2f} ms = {med['daemon'] / med['direct']:.2f}x"
@@ -235,6 +251,7 @@ async def daemon_ttfb(
         "blob_bytes": tsize,
         "blobs": len(cids) - 1,
         "prefetch_segments": prefetch,
+        "p2p": p2p,
         "rtt_ms": args.rtt_ms,
         "median_ttfb_s": med,
         "ratio_daemon_over_direct": med["daemon"] / med["direct"],
@@ -404,6 +421,7 @@ async def main() -> None:
                 await proxy.stop()
             # -- TTFB through a real daemon ---------------------------------------------------
             results["ttfb_daemon"] = await daemon_ttfb(moto, Path(tmp), args)
+            results["ttfb_daemon_p2p"] = await daemon_ttfb(moto, Path(tmp), args, p2p=True)
             results["ttfb_daemon_playing"] = await daemon_ttfb(moto, Path(tmp), args, prefetch=2)
         finally:
             await rt.close()

@@ -323,6 +323,59 @@ async def test_only_the_first_source_starts_early(
     assert ops == ["GetObject"]
 
 
+class IdlePeers(MemorySource):
+    """A peer source that looks idle (no peer known) but may hold blobs all the same (a peer
+    that appeared a moment ago)."""
+
+    def idle(self) -> bool:
+        return True
+
+
+async def test_r2_starts_early_and_is_asked_first_when_the_peer_sources_look_idle(
+    runtime: Runtime,
+    counted: tuple[R2Client, list[str]],
+    proxy: FaultProxy,
+    moto: MotoServer,
+    bucket: str,
+) -> None:
+    client, ops = counted
+    in_r2 = os.urandom(300_000)
+    only_lan = os.urandom(200_000)
+    await asyncio.to_thread(moto.put, bucket, blob_key(cid_of(in_r2)), in_r2)
+    await warm(client, moto, bucket)
+    ops.clear()
+    lan = IdlePeers(name="lan", blobs={cid_of(only_lan): only_lan})
+    resolver = Resolver(runtime.store, [lan])
+    resolver.add_source(R2Source(client))
+    tee = resolver.watch(cid_of(in_r2), lambda: None)
+    assert tee is not None
+    assert ops == ["GetObject"]  # sent before watch returned, ahead of the idle LAN
+    await settled(tee)
+    assert tee.error is None
+    assert tee.early
+    assert b"".join(tee.chunks) == in_r2
+    assert lan.requests == []  # R2 delivered: the idle source was not asked
+    # A blob R2 lacks: the idle source is still asked after R2, and delivers.
+    ops.clear()
+    tee = resolver.watch(cid_of(only_lan), lambda: None)
+    assert tee is not None
+    assert ops == ["GetObject"]
+    await settled(tee)
+    assert tee.error is None
+    assert tee.path_source == "lan"
+    assert lan.requests == [cid_of(only_lan)]
+    assert await runtime.store.has(cid_of(only_lan))
+    # A peer source that does not look idle keeps its place: no early request.
+    busy = MemorySource(name="lan")
+    behind = Resolver(runtime.store, [busy, IdlePeers(name="libp2p")])
+    behind.add_source(R2Source(client))
+    ops.clear()
+    tee = behind.watch(cid_of(os.urandom(8)), lambda: None)
+    assert tee is not None
+    assert ops == []
+    await settled(tee)
+
+
 async def test_missing_and_failing_early_gets_begin_nothing(
     runtime: Runtime,
     counted: tuple[R2Client, list[str]],
