@@ -106,6 +106,22 @@ async def until(cond: Any, within: float = 10.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def closed_reason(daemon: Daemon, viewer: ViewerProcess) -> str:
+    """Why the viewer's session closed, from its own log line.
+
+    That line is written once the peer connection has closed, after the sessions gauge fell:
+    the last line in the log may still be an earlier test's session.
+    """
+    location = viewer.location
+    assert location is not None
+
+    def own() -> list[dict[str, Any]]:
+        return [e for e in daemon.closed_sessions() if location.endswith(e["session"])]
+
+    await until(lambda: bool(own()))
+    return str(own()[0]["reason"])
+
+
 async def test_passthrough_decodes_in_real_time_and_delete_frees(daemon: Daemon) -> None:
     before = daemon.metric('peerd_whep_sessions_opened_total{mode="passthrough"}')
     viewer = await ViewerProcess.start(daemon.url("plain"))
@@ -158,7 +174,7 @@ async def test_viewer_closing_frees_session(daemon: Daemon) -> None:
     await viewer.close()
     # The viewer's DTLS close ends the node's peer connection.
     await until(lambda: daemon.metric("peerd_whep_sessions") == 0)
-    assert daemon.closed_sessions()[-1]["reason"] == "closed"
+    assert await closed_reason(daemon, viewer) == "closed"
 
 
 async def test_missing_segment_ends_session(daemon: Daemon) -> None:
@@ -168,7 +184,7 @@ async def test_missing_segment_ends_session(daemon: Daemon) -> None:
         await frames_at_least(viewer, "video", 1)
         # The first segments play; the missing one ends the session instead of stalling it.
         await until(lambda: daemon.metric("peerd_whep_sessions") == 0)
-        assert daemon.closed_sessions()[-1]["reason"] == "media_error"
+        assert await closed_reason(daemon, viewer) == "media_error"
     finally:
         await viewer.close()
 
