@@ -34,7 +34,15 @@ from peerd.testing.faultproxy import Fault, FaultProxy, method_is
 from peerd.testing.s3server import MotoServer
 from peerd.testing.sources import MemorySource
 from tests.r2.conftest import make_config
-from tests.r2.test_s3get import Peer, body_of, fetch, ok, scripted, serve_forever, until
+from tests.r2.test_s3get import (
+    body_of,
+    fetch,
+    gated_by,
+    scripted,
+    second_request_unanswered,
+    serve_forever,
+    until,
+)
 
 
 def loop_errors() -> list[dict[str, Any]]:
@@ -84,15 +92,6 @@ async def test_start_without_an_idle_connection_sends_when_awaited() -> None:
 
 
 async def test_on_head_follows_the_retry_of_a_reused_connection() -> None:
-    async def second_request_unanswered(peer: Peer) -> None:
-        if peer.index > 0:
-            await serve_forever(peer)
-            return
-        target = await peer.request()
-        assert target is not None
-        await peer.send(ok(body_of(target)))
-        await peer.request()  # read the next request, then close without a byte
-
     async with scripted(second_request_unanswered) as (server, pool):
         errors = loop_errors()
         assert await fetch(pool, "/a") == body_of("/a")
@@ -111,12 +110,7 @@ async def test_on_head_follows_the_retry_of_a_reused_connection() -> None:
 async def test_a_cancelled_start_closes_its_connection_and_frees_its_slot() -> None:
     gate = asyncio.Event()
 
-    async def gated(peer: Peer) -> None:
-        while (target := await peer.request()) is not None:
-            await gate.wait()
-            await peer.send(ok(body_of(target)))
-
-    async with scripted(gated, limit=1) as (server, pool):
+    async with scripted(gated_by(gate), limit=1) as (server, pool):
         errors = loop_errors()
         gate.set()
         assert await fetch(pool, "/a") == body_of("/a")
@@ -139,13 +133,7 @@ async def test_a_cancelled_start_closes_its_connection_and_frees_its_slot() -> N
 
 
 async def test_a_start_cancelled_after_its_connection_failed_logs_nothing() -> None:
-    async def close_unanswered(peer: Peer) -> None:
-        target = await peer.request()
-        assert target is not None
-        await peer.send(ok(body_of(target)))
-        await peer.request()
-
-    async with scripted(close_unanswered, limit=1) as (_, pool):
+    async with scripted(second_request_unanswered, limit=1) as (_, pool):
         errors = loop_errors()
         assert await fetch(pool, "/a") == body_of("/a")
         pending = pool.start("/b", {"host": pool.authority})
@@ -218,12 +206,7 @@ async def test_a_get_waiting_for_a_slot_fails_once_the_pool_closes() -> None:
 
     gate = asyncio.Event()
 
-    async def gated(peer: Peer) -> None:
-        while (target := await peer.request()) is not None:
-            await gate.wait()
-            await peer.send(ok(body_of(target)))
-
-    async with scripted(gated) as (server, pool):
+    async with scripted(gated_by(gate)) as (server, pool):
         gate.set()
         assert await fetch(pool, "/a") == body_of("/a")
         gate.clear()

@@ -155,6 +155,29 @@ async def serve_forever(peer: Peer) -> None:
         await peer.send(ok(body_of(target)))
 
 
+async def second_request_unanswered(peer: Peer) -> None:
+    """Answer the first request of the first connection, then close it after reading the next
+    one (a keep-alive connection the server dropped while idle); later connections serve."""
+    if peer.index > 0:
+        await serve_forever(peer)
+        return
+    target = await peer.request()
+    assert target is not None
+    await peer.send(ok(body_of(target)))
+    await peer.request()  # read the next request, then close without a byte
+
+
+def gated_by(gate: asyncio.Event) -> Handler:
+    """A handler that reads each request at once and answers it once ``gate`` is set."""
+
+    async def gated(peer: Peer) -> None:
+        while (target := await peer.request()) is not None:
+            await gate.wait()
+            await peer.send(ok(body_of(target)))
+
+    return gated
+
+
 @contextlib.asynccontextmanager
 async def scripted(
     handler: Handler, *, limit: int = 4, read_timeout_s: float = 2.0, spare: bool = False
@@ -302,15 +325,6 @@ async def test_connection_closed_by_the_server_while_idle_is_not_reused() -> Non
 
 
 async def test_reused_connection_closed_before_answering_is_retried_once() -> None:
-    async def second_request_unanswered(peer: Peer) -> None:
-        if peer.index > 0:
-            await serve_forever(peer)
-            return
-        target = await peer.request()
-        assert target is not None
-        await peer.send(ok(body_of(target)))
-        await peer.request()  # read the next request, then close without a byte
-
     async with scripted(second_request_unanswered) as (server, pool):
         assert await fetch(pool, "/a") == body_of("/a")
         assert await fetch(pool, "/b") == body_of("/b")
@@ -571,12 +585,7 @@ async def test_flow_control_pauses_past_high_water_and_resumes_when_consumed() -
 async def test_limit_bounds_the_connections_and_a_closed_answer_frees_its_slot() -> None:
     gate = asyncio.Event()
 
-    async def gated(peer: Peer) -> None:
-        while (target := await peer.request()) is not None:
-            await gate.wait()
-            await peer.send(ok(body_of(target)))
-
-    async with scripted(gated, limit=2) as (server, pool):
+    async with scripted(gated_by(gate), limit=2) as (server, pool):
         tasks = [asyncio.create_task(fetch(pool, f"/{i}")) for i in range(6)]
         await until(lambda: len(server.requests) == 2)
         await asyncio.sleep(0.1)
