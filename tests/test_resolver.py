@@ -168,3 +168,53 @@ async def test_prefetch_is_bounded_and_never_raises(runtime: Runtime) -> None:
             break
         await asyncio.sleep(0.01)
     assert resolver.m_prefetch.labels(outcome="failed")._value.get() == 2
+
+
+class IdlePeers(MemorySource):
+    """A peer source that looks idle (no peer known) but may hold blobs all the same (a peer
+    that appeared a moment ago)."""
+
+    def idle(self) -> bool:
+        return True
+
+
+async def test_peer_sources_that_look_idle_are_asked_after_the_first_that_does_not(
+    runtime: Runtime,
+) -> None:
+    in_r2 = os.urandom(30_000)
+    only_lan = os.urandom(20_000)
+    lan = IdlePeers(name="lan", blobs={cid_of(only_lan): only_lan})
+    p2p = IdlePeers(name="libp2p")
+    r2 = MemorySource(name="r2", blobs={cid_of(in_r2): in_r2})
+    transcode = MemorySource(name="transcode")
+    resolver = Resolver(runtime.store, [])
+    for source in (transcode, r2, p2p, lan):
+        resolver.add_source(source)
+    assert resolver.sources == [lan, p2p, r2, transcode]
+    assert resolver._order() == [r2, lan, p2p, transcode]
+    # R2 delivers: the idle sources are not asked at all.
+    assert (await resolver.ensure_local_from(cid_of(in_r2)))[1] == "r2"
+    assert lan.requests == p2p.requests == []
+    # R2 lacks it: the idle sources are still asked, after R2 and before transcoding.
+    assert (await resolver.ensure_local_from(cid_of(only_lan)))[1] == "lan"
+    assert r2.requests[-1] == lan.requests[0] == cid_of(only_lan)
+    assert p2p.requests == transcode.requests == []
+    # A peer source with a peer keeps its place; so does an all-idle list.
+    busy = MemorySource(name="lan")
+    assert Resolver(runtime.store, [busy, p2p, r2])._order() == [busy, p2p, r2]
+    assert Resolver(runtime.store, [lan, p2p])._order() == [lan, p2p]
+
+
+async def test_a_fetch_cancelled_before_it_ran_leaves_no_tee_behind(runtime: Runtime) -> None:
+    data = os.urandom(10_000)
+    cid = cid_of(data)
+    resolver = Resolver(runtime.store, [MemorySource(name="r2", blobs={cid: data})])
+    tee, task = resolver._start_tee(cid)  # what shutdown does to a fetch not yet begun
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert tee.done
+    assert tee.error is not None
+    # The next viewer starts a fetch of its own instead of waiting on the dead one.
+    s = await asyncio.wait_for(resolver.open_stream(cid), 5)
+    assert s.path is not None  # (an untrusted source: verified and stored first)
+    assert await asyncio.to_thread(s.path.read_bytes) == data

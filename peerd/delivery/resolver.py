@@ -12,15 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from peerd.core.ids import Cid
-from peerd.delivery.source import (
-    EarlySource,
-    Offer,
-    Source,
-    Started,
-    Tap,
-    delivery_rank,
-    looks_idle,
-)
+from peerd.delivery.source import Offer, Source, delivery_rank, looks_idle
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, UpstreamError
 from peerd.store import BlobStore
 
@@ -54,7 +46,6 @@ class Tee:
         # The source whose bytes ended up in the store (the fetch's winner), once finished.
         self.path_source = "local"
         self.streaming = False
-        self.early = False  # begun from an early request's answer (EarlySource.start)
         self.done = False
         self.error: PeerdError | None = None
         self.path: Path | None = None
@@ -170,8 +161,6 @@ class Resolver:
         self._tees: dict[Cid, Tee] = {}
         self._tee_tasks: set[asyncio.Task[None]] = set()
         self._misses: dict[Cid, float] = {}
-        # Whether a source is an EarlySource, by id (the source kept, so its id stays its own).
-        self._early_kinds: dict[int, tuple[Source, bool]] = {}
         self.max_prefetches = max_prefetches
         self._prefetching = 0
         reg = registry or CollectorRegistry()
@@ -284,8 +273,7 @@ class Resolver:
     def _start_tee(self, cid: Cid) -> tuple[Tee, asyncio.Task[None]]:
         tee = Tee()
         self._tees[cid] = tee
-        early = self._start_early(cid, tee)
-        task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee, early))
+        task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
         self._tee_tasks.add(task)
         task.add_done_callback(self._tee_tasks.discard)
 
@@ -298,51 +286,7 @@ class Resolver:
                 tee.finish(None, UpstreamError(f"fetch of {cid} was cancelled"))
 
         task.add_done_callback(ended)
-        if early is not None:
-            # Whatever ends the fetch (even a cancel before its task ran), the early request
-            # is not left open (cancel is a no-op once its answer was taken).
-            started = early[1]
-            task.add_done_callback(lambda _task: started.cancel())
         return tee, task
-
-    def _start_early(self, cid: Cid, tee: Tee) -> tuple[EarlySource, Started] | None:
-        """Have the first source send its request now, in the caller's callback.
-
-        A cold miss's upstream request then leaves before the fetch's task has even run, and
-        the answer's bytes feed ``tee`` from the callback that received them (``begin``). The
-        first source, or the first after sources that all look idle (no peer to ask: a node
-        with no LAN or libp2p peer), which :meth:`_fetch` then asks first. Never a source
-        after one that may deliver: that would be a second upstream request for most misses.
-        """
-        first: Source | None = None
-        for source in self.sources:
-            kind = self._early_kinds.get(id(source))
-            if kind is None:
-                kind = self._early_kinds[id(source)] = (source, isinstance(source, EarlySource))
-            if kind[1]:
-                first = source
-                break
-            if not looks_idle(source):
-                return None
-        if first is None:
-            return None
-        assert isinstance(first, EarlySource)
-        until = self._misses.get(cid)
-        if until is not None and until > self._clock():
-            return None  # missed a moment ago: the fetch ends at once, with no request
-        name = first.name
-
-        def begin(size: int, tap: Callable[[Tap], None]) -> None:
-            if tee.streaming or tee.done:
-                return  # not from the fetch's first answer: cannot happen, never mixes bytes
-            tee.early = True
-            tap(tee.push)
-            tee.begin(size, name)
-
-        try:
-            return first, first.start(cid, begin)
-        except PeerdError:
-            return None  # the ordinary way, which reports the failure
 
     def prefetch(self, cid: Cid) -> bool:
         """Start fetching ``cid`` in the background, for a viewer expected to ask for it soon.
@@ -374,11 +318,9 @@ class Resolver:
         task.add_done_callback(settled)
         return True
 
-    async def _tee_fetch(
-        self, cid: Cid, tee: Tee, early: tuple[EarlySource, Started] | None = None
-    ) -> None:
+    async def _tee_fetch(self, cid: Cid, tee: Tee) -> None:
         try:
-            path, tee.path_source = await self._ensure(cid, tee, checked=True, early=early)
+            path, tee.path_source = await self._ensure(cid, tee, checked=True)
         except BaseException as exc:
             tee.finish(None, exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             if not isinstance(exc, Exception):
@@ -389,17 +331,10 @@ class Resolver:
             self._tees.pop(cid, None)
 
     async def _ensure(
-        self,
-        cid: Cid,
-        tee: Tee | None,
-        *,
-        checked: bool = False,
-        early: tuple[EarlySource, Started] | None = None,
+        self, cid: Cid, tee: Tee | None, *, checked: bool = False
     ) -> tuple[Path, str]:
         # ``checked``: open_stream looked a moment ago; looking again only delays the upstream
         # request (if the blob arrived in between, the store notices and keeps its copy).
-        # ``early``: the first source's request, already sent (_start_early); cancelled when this
-        # fetch ends without asking any source (and, whatever happens, by _start_tee).
         if not checked:
             try:
                 return await self.store.open_path(cid), "local"
@@ -407,20 +342,16 @@ class Resolver:
                 pass
         fut = self._inflight.get(cid)
         if fut is not None:
-            if early is not None:
-                early[1].cancel()
             return await asyncio.shield(fut)
         until = self._misses.get(cid)
         if until is not None:
             if until > self._clock():
-                if early is not None:
-                    early[1].cancel()
                 raise NotFound(f"blob {cid} is not available from any source")
             del self._misses[cid]
         fut = asyncio.get_running_loop().create_future()
         self._inflight[cid] = fut
         try:
-            got = await self._fetch(cid, tee, early)
+            got = await self._fetch(cid, tee)
         except BaseException as exc:
             if isinstance(exc, NotFound):
                 self._misses[cid] = self._clock() + self.miss_ttl_s
@@ -437,26 +368,27 @@ class Resolver:
         finally:
             self._inflight.pop(cid, None)
 
-    async def _fetch(
-        self,
-        cid: Cid,
-        tee: Tee | None = None,
-        early: tuple[EarlySource, Started] | None = None,
-    ) -> tuple[Path, str]:
+    def _order(self) -> list[Source]:
+        """The sources in the order to ask them now: :attr:`sources`, except that when the
+        first ones all look idle (no peer to ask, :func:`looks_idle`), the first that does not
+        goes before them. A node with no peer yet asks R2 at once, not after a lookup that
+        cannot find anything (a libp2p provider search is a hop to its thread); the idle
+        sources are still asked, after it, should it not deliver."""
+        sources = self.sources
+        lead = 0
+        while lead < len(sources) and looks_idle(sources[lead]):
+            lead += 1
+        if not lead or lead == len(sources):
+            return sources
+        return [sources[lead], *sources[:lead], *sources[lead + 1 :]]
+
+    async def _fetch(self, cid: Cid, tee: Tee | None = None) -> tuple[Path, str]:
         failures: list[str] = []
-        order = self.sources
-        if early is not None and early[0] in order:
-            # Its request is out: it is asked first (the sources before it looked idle).
-            at = order.index(early[0])
-            order = [order[at], *order[:at], *order[at + 1 :]]
-        for source in order:
-            sent: Started | None = None
-            if early is not None and early[0] is source:
-                sent = early[1]
+        for source in self._order():
             started = self._clock()
             try:
                 async with asyncio.timeout(source.timeout_s):
-                    delivered = await self._try_source(source, cid, failures, tee, sent)
+                    delivered = await self._try_source(source, cid, failures, tee)
             except TimeoutError:
                 self.m_fetches.labels(source=source.name, outcome="timeout").inc()
                 failures.append(f"{source.name}: timed out after {source.timeout_s}s")
@@ -475,22 +407,11 @@ class Resolver:
         raise NotFound(f"blob {cid} is not available from any source")
 
     async def _try_source(
-        self,
-        source: Source,
-        cid: Cid,
-        failures: list[str],
-        tee: Tee | None = None,
-        sent: Started | None = None,
+        self, source: Source, cid: Cid, failures: list[str], tee: Tee | None = None
     ) -> Path | None:
-        if sent is not None:
-            assert isinstance(source, EarlySource)
-            gen = source.offers_from(cid, sent)
-        else:
-            gen = source.offers(cid)
-        taken = False  # the early answer reached _take (which fails the tee if it goes wrong)
+        gen = source.offers(cid)
         try:
             async for offer in gen:
-                taken = taken or offer.early
                 try:
                     await self._take(offer, cid, tee)
                 except IntegrityError as exc:
@@ -517,12 +438,6 @@ class Resolver:
                 self.m_bytes.labels(source=source.name).inc(path.stat().st_size)
                 return path
         finally:
-            if sent is not None:
-                sent.cancel()
-                if tee is not None and tee.early and not taken:
-                    # Its answer began the tee, then the offer was lost (a timeout between
-                    # the two): the bytes already passed on have no verified end.
-                    tee.fail(UpstreamError(f"{source.name}: the answer was not read"))
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -530,9 +445,7 @@ class Resolver:
 
     async def _take(self, offer: Offer, cid: Cid, tee: Tee | None = None) -> None:
         limit = offer.size if offer.size is not None else self.max_blob_bytes
-        # An early offer's answer began the tee and feeds it already (_start_early).
-        fed = tee is not None and offer.early and tee.early
-        stream = fed or (
+        stream = (
             tee is not None
             and not tee.streaming
             and offer.meta.get("trusted") == "1"
@@ -541,12 +454,11 @@ class Resolver:
         # A tappable offer (R2's GET) hands each chunk to the tee in the callback that received
         # it, so viewers' sockets get bytes without waiting for a task to run; its size is the
         # framed length of the answer, so the tee cannot be fed more than it announced.
-        tap = getattr(offer.chunks, "tap", None) if stream and not fed else None
-        if stream and not fed:
+        tap = getattr(offer.chunks, "tap", None) if stream else None
+        if stream:
             assert tee is not None
             if tap is not None:
                 tap(tee.push)  # replays what already arrived before the tee begins
-                fed = True
             tee.begin(offer.size, offer.source)
 
         async def counted() -> AsyncIterator[bytes]:
@@ -555,7 +467,7 @@ class Resolver:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
-                if stream and not fed:
+                if stream and tap is None:
                     assert tee is not None
                     tee.push(chunk)
                 yield chunk
@@ -565,7 +477,7 @@ class Resolver:
         # Streaming an untapped offer: read ahead in a task of its own, so viewers get bytes
         # while the store is still setting up its temp file (that cost ~1.5 ms of first-byte
         # latency).
-        ahead = stream and not fed
+        ahead = stream and tap is None
         body: AsyncIterator[bytes] = _ReadAhead(counted()) if ahead else counted()
         try:
             if isinstance(body, _ReadAhead):

@@ -212,8 +212,8 @@ class Libp2pSource:
 
     def idle(self) -> bool:
         """No peer to ask: libp2p not running, or no peer connected at the last tick (a hint,
-        stale by up to ``provide_tick_s``: the resolver may ask R2 first, then still asks
-        this source if R2 fails)."""
+        stale by up to ``provide_tick_s``: the resolver then asks R2 first, and still asks
+        this source if R2 does not deliver)."""
         svc = self.service
         return svc.node is None or not svc.bridge.running or svc.connected == 0
 

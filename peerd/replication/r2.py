@@ -48,23 +48,13 @@ from peerd.core.ids import Cid, digest_of
 from peerd.core.multipart import b64_digest, check_plan, composite_checksum, plan_parts
 from peerd.core.sigv4 import EMPTY_SHA256, SigningKey
 from peerd.errors import ConfigError, UpstreamError
-from peerd.replication.s3get import (
-    ERROR_BODY_MAX,
-    GetError,
-    GetPool,
-    GetResponse,
-    OnHead,
-    PendingGet,
-    Tap,
-)
+from peerd.replication.s3get import ERROR_BODY_MAX, GetError, GetPool, GetResponse
 from peerd.replication.s3http import ERROR_CODE, HttpStatusError, LocalMismatch, S3Http, file_body
 
 log = logging.getLogger("peerd.replication")
 
 T = TypeVar("T")
 CHUNK = 256 * 1024
-OnBody = Callable[[int, Callable[[Tap], None]], None]
-"""``on_body(size, tap)``: a GET's successful answer is in (:meth:`R2Client.start_get`)."""
 PART_SIZE_META = "peerd-part-size"
 
 
@@ -326,38 +316,10 @@ class R2Client:
         ends early raises :class:`R2Error`. Closing the iterator (or finishing it) releases the
         connection.
         """
-        return await self.opened(self.start_get(key), key, chunk)
-
-    def start_get(self, key: str, on_body: OnBody | None = None) -> PendingGet:
-        """Sign and begin a GET of ``key`` now, from the caller's callback; :meth:`opened` ends it.
-
-        Sent before this returns when a pooled connection is idle (the spare one, usually).
-        ``on_body(size, tap)`` is called in the connection's callback as soon as a successful
-        answer's head is in, exactly when :meth:`opened` will return a body: ``tap(fn)`` feeds
-        ``fn`` every body chunk from the first (see :meth:`GetBody.tap`). Pass the result to
-        :meth:`opened`, or cancel it.
-        """
         self._count("GetObject")
         target, headers = self.http.signed_get(key)
-        on_head: OnHead | None = None
-        if on_body is not None:
-            wanted = on_body
-
-            def on_head(resp: GetResponse) -> None:
-                if resp.status < 300 and resp.length is not None:
-                    wanted(resp.length, resp.tap)
-
         try:
-            return self.gets.start(target, headers, on_head)
-        except GetError as exc:
-            raise R2Error(f"R2 GET {key} failed: {exc}") from exc
-
-    async def opened(
-        self, pending: PendingGet, key: str, chunk: int = CHUNK
-    ) -> tuple[int, GetBody] | None:
-        """The answer to :meth:`start_get`'s GET of ``key``, as :meth:`open` returns it."""
-        try:
-            resp = await pending.response()
+            resp = await self.gets.get(target, headers)
         except GetError as exc:
             raise R2Error(f"R2 GET {key} failed: {exc}") from exc
         if resp.status >= 300:

@@ -6,22 +6,15 @@ start, stream reader, the reader's waiter); here the connection's own ``data_rec
 every chunk straight to a *tap* (the resolver's tee, which writes it into the viewers' sockets
 in the same callback) and queues it for the async consumer (the store)::
 
-    socket ─► _GetProtocol.data_received ─► head parsed ─► on_head(resp)   (synchronous)
-                                          │              └► GetPool.get() returns GetResponse
+    socket ─► _GetProtocol.data_received ─► head parsed ─► GetPool.get() returns GetResponse
                                           └► body bytes ─► tap(chunk)      (synchronous)
                                                         └► queue ─► async for chunk in resp
-
-:meth:`GetPool.start` goes further for a cold miss: it writes the request from the caller's own
-callback when a connection is idle (the spare one, below), and ``on_head`` taps the answer in
-the callback that parsed its head, so from the viewer's request to the viewer's first byte no
-task runs (:class:`PendingGet`).
 
 Scope, kept narrow on purpose: GET only, HTTP/1.1, bodies framed by ``Content-Length`` (S3 and
 R2 always send one for an object; a success without one is refused, an error without one is
 read no further and its connection closed). Connections are kept alive and reused (at most
-``limit`` GETs under way at once, freed slots handed over in order); a reused connection that
-fails before any byte of the answer (the server closed it while idle) is retried once on a new
-one, which is safe for a GET.
+``limit`` open at once); a reused connection that fails before any byte of the answer (the
+server closed it while idle) is retried once on a new one, which is safe for a GET.
 
 Flow control: the queue holds at most ``HIGH_WATER`` bytes the consumer has not taken; past that
 the socket stops reading until the consumer catches up (the tap sees bytes as they arrive, so a
@@ -46,7 +39,6 @@ MAX_HEAD = 64 * 1024
 ERROR_BODY_MAX = 4096
 
 Tap = Callable[[bytes], None]
-OnHead = Callable[["GetResponse"], None]
 
 
 class GetError(Exception):
@@ -215,7 +207,6 @@ class _GetProtocol(asyncio.Protocol):
         self.read_timeout_s = 0.0
         self.timed_out = False  # the server stayed silent past the read timeout
         self.pool_slot = False  # holds one of the pool's slots (until its answer is done)
-        self.on_head: OnHead | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport."""
@@ -236,13 +227,10 @@ class _GetProtocol(asyncio.Protocol):
 
     # -- request ---------------------------------------------------------------------------
 
-    def send(
-        self, request: bytes, read_timeout_s: float, on_head: OnHead | None = None
-    ) -> asyncio.Future[GetResponse]:
+    def send(self, request: bytes, read_timeout_s: float) -> asyncio.Future[GetResponse]:
         assert self.transport is not None
         self.used += 1
         self.answered = False
-        self.on_head = on_head
         self.head_waiter = self.loop.create_future()
         self.read_timeout_s = read_timeout_s
         self.last_rx = self.loop.time()
@@ -282,7 +270,6 @@ class _GetProtocol(asyncio.Protocol):
         waiter = self.head_waiter
         self.head_waiter = None
         self.resp = resp
-        on_head, self.on_head = self.on_head, None
         if resp.length is None:
             # Unframed (chunked or read-to-close): never reused, body not offered.
             self.reusable = False
@@ -293,8 +280,6 @@ class _GetProtocol(asyncio.Protocol):
             if not self.left:
                 self._disarm()
         if not waiter.done():
-            if on_head is not None:
-                on_head(resp)  # before the body's first bytes, so a tap set here sees them all
             waiter.set_result(resp)
         if rest and resp.length is not None:
             self._body(rest)
@@ -396,60 +381,6 @@ class _GetProtocol(asyncio.Protocol):
         self.pool._forget(self)
 
 
-class PendingGet:
-    """A GET begun by :meth:`GetPool.start`: already sent if a connection was idle.
-
-    Await :meth:`response` for the answer (it sends the request first if it could not be sent
-    at once), or :meth:`cancel` it. Exactly one of the two must happen.
-    """
-
-    def __init__(self, pool: GetPool, request: bytes, on_head: OnHead | None) -> None:
-        self.pool = pool
-        self.request = request
-        self.on_head = on_head
-        self.conn: _GetProtocol | None = None
-        self.head: asyncio.Future[GetResponse] | None = None
-        self.slot = False  # holds a pool slot, until the answer is handed out
-        self.over = False  # answered (the answer owns the slot now) or cancelled
-
-    @property
-    def sent(self) -> bool:
-        """Whether the request was written and its answer not handed out yet (right after
-        :meth:`GetPool.start`: whether it went out at once)."""
-        return self.head is not None
-
-    def send_on(self, conn: _GetProtocol) -> None:
-        self.conn = conn
-        self.head = conn.send(self.request, self.pool.read_timeout_s, self.on_head)
-
-    async def response(self) -> GetResponse:
-        """The answer once its head is in (:meth:`GetPool.get`)."""
-        return await self.pool._finish(self)
-
-    def cancel(self) -> None:
-        """Give up on the GET: its connection (if it was sent) is closed, its slot freed."""
-        if self.over:
-            return
-        self.over = True
-        self._drop()
-
-    def _drop(self) -> None:
-        head, conn = self.head, self.conn
-        self.head = self.conn = None
-        if head is not None:
-            if head.done():
-                if not head.cancelled():
-                    head.exception()  # retrieved: nobody else must log it
-            else:
-                head.cancel()
-        if conn is not None:
-            # Its answer would come to nobody: the connection is never reused.
-            conn.abort()
-        if self.slot:
-            self.slot = False
-            self.pool._release_slot()
-
-
 class GetPool:
     """Keep-alive connections to one endpoint and signed-elsewhere GETs on them."""
 
@@ -471,11 +402,7 @@ class GetPool:
         self._ssl = (ssl_context or ssl.create_default_context()) if self.endpoint.tls else None
         self._idle: list[_GetProtocol] = []
         self._open: set[_GetProtocol] = set()
-        # At most ``limit`` GETs under way (a slot is held from the request until its answer
-        # is released); a counter with a queue rather than a semaphore, as :meth:`start` takes
-        # a free slot synchronously. Only positive while nobody waits.
-        self._free = limit
-        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._slots = asyncio.Semaphore(limit)
         self._limit = limit
         self._spare = spare
         self._warming: asyncio.Task[None] | None = None
@@ -487,15 +414,11 @@ class GetPool:
         """The value of the Host header for this endpoint."""
         return self.endpoint.authority
 
-    def start(
-        self, target: str, headers: dict[str, str], on_head: OnHead | None = None
-    ) -> PendingGet:
-        """Begin ``GET target`` with ``headers`` (already signed); sent now if it can be.
+    async def get(self, target: str, headers: dict[str, str]) -> GetResponse:
+        """Send ``GET target`` with ``headers`` (already signed); the answer once its head is in.
 
-        If a slot is free and a connection idle, the request is written before this returns,
-        from the caller's own callback, with no task in between. ``on_head`` is called with
-        the answer, in the connection's callback, as soon as its head is parsed and before any
-        body byte is handed out (to :meth:`GetResponse.tap` it); it must not block or raise.
+        Raises :class:`GetError` for anything below HTTP. The caller releases or closes the
+        answer, which frees its slot.
         """
         if self._closed:
             raise GetError("the connection pool is closed")
@@ -504,93 +427,36 @@ class GetPool:
             + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             + "\r\n"
         ).encode("latin-1")
-        pending = PendingGet(self, request, on_head)
-        if self._free > 0:
-            conn = self._take_idle()
-            if conn is not None:
-                self._free -= 1
-                pending.slot = True
-                pending.send_on(conn)
-        self._keep_warm()
-        return pending
-
-    async def get(
-        self, target: str, headers: dict[str, str], on_head: OnHead | None = None
-    ) -> GetResponse:
-        """Send ``GET target`` with ``headers`` (already signed); the answer once its head is in.
-
-        Raises :class:`GetError` for anything below HTTP. The caller releases or closes the
-        answer, which frees its slot.
-        """
-        return await self.start(target, headers, on_head).response()
-
-    async def _finish(self, pending: PendingGet) -> GetResponse:
-        if pending.over:
-            raise GetError("the GET was already answered or cancelled")
+        await self._slots.acquire()
         try:
-            if not pending.slot:
-                await self._acquire_slot()
-                pending.slot = True
-                conn = self._take_idle()
-                self._keep_warm()
-                if conn is not None:
-                    pending.send_on(conn)
-            if pending.head is not None:
-                conn = pending.conn
-                assert conn is not None
+            conn = self._take_idle()
+            self._keep_warm()
+            if conn is not None:
                 try:
-                    return self._own(pending, await pending.head)
+                    return self._own(await self._ask(conn, request))
                 except GetError:
                     if conn.answered or conn.timed_out:
                         raise
                     # Closed by the server while idle (no byte of an answer came): once more
                     # on a new connection. (A connection that stayed silent is not retried:
                     # that would double the read timeout.)
-                    conn.abort()
             if self._closed:
-                # (A GET handed a slot by close() aborting the connections, or whose
-                # connection close() aborted, must not open a new one.)
+                # Its connection was aborted by close(): no new one on a closed pool.
                 raise GetError("the connection pool is closed")
-            pending.send_on(await self._connect())
-            assert pending.head is not None
-            return self._own(pending, await pending.head)
+            conn = await self._connect()
+            return self._own(await self._ask(conn, request))
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _ask(self, conn: _GetProtocol, request: bytes) -> GetResponse:
+        try:
+            return await conn.send(request, self.read_timeout_s)
         except BaseException:
             # Cancelled (the caller's timeout) or failed while the answer was awaited: the
             # connection would get an answer nobody reads; it is never reused.
-            pending.cancel()
+            conn.abort()
             raise
-
-    def _own(self, pending: PendingGet, resp: GetResponse) -> GetResponse:
-        # The slot passes to the answer: freed when it is released or closed (or its
-        # connection ends).
-        pending.over = True
-        pending.slot = False
-        pending.head = pending.conn = None
-        resp._conn.pool_slot = True
-        return resp
-
-    async def _acquire_slot(self) -> None:
-        if self._free > 0:
-            self._free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            await waiter  # a freed slot is handed over (_release_slot), never up for grabs
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._release_slot()  # handed a slot it will not use: pass it on
-            elif waiter in self._slot_waiters:
-                self._slot_waiters.remove(waiter)
-            raise
-
-    def _release_slot(self) -> None:
-        while self._slot_waiters:
-            waiter = self._slot_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free += 1
 
     def _keep_warm(self) -> None:
         """Open a spare connection in the background when none is idle.
@@ -622,6 +488,11 @@ class GetPool:
             conn.abort()
         else:
             self._idle.append(conn)
+
+    def _own(self, resp: GetResponse) -> GetResponse:
+        # The slot is freed when the answer is released or closed (or its connection ends).
+        resp._conn.pool_slot = True
+        return resp
 
     def _take_idle(self) -> _GetProtocol | None:
         while self._idle:
@@ -666,7 +537,7 @@ class GetPool:
     def _free_slot(self, conn: _GetProtocol) -> None:
         if conn.pool_slot:
             conn.pool_slot = False
-            self._release_slot()
+            self._slots.release()
 
     async def close(self) -> None:
         """Close every connection."""

@@ -6,10 +6,6 @@ against the cid while storing them. Offers are marked ``trusted`` (``meta["trust
 R2 is the node's own bucket and every object was checksummed on upload, so
 :meth:`Resolver.open_stream` may pass its bytes to a viewer while they are being verified (see
 ``peerd.delivery.resolver`` for the trade-off).
-
-It is an :class:`~peerd.delivery.source.EarlySource`: for a cold miss the resolver has it sign
-and send the GET from the viewer's own callback (on the pool's spare connection), and the
-answer's bytes go to the viewers from the bucket connection's callback, with no task between.
 """
 
 from __future__ import annotations
@@ -21,9 +17,8 @@ from collections.abc import AsyncIterator
 
 from peerd.catalog import Catalog
 from peerd.core.ids import Cid
-from peerd.delivery.source import Begin, Offer, Started
-from peerd.replication.r2 import GetBody, R2Client, blob_key
-from peerd.replication.s3get import PendingGet
+from peerd.delivery.source import Offer
+from peerd.replication.r2 import R2Client, blob_key
 
 log = logging.getLogger("peerd.replication")
 
@@ -43,34 +38,16 @@ class R2Source:
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
         """One offer if ``blobs/<cid>`` exists."""
-        offer = self._offer(cid, await self.client.open(blob_key(cid)))
-        if offer is not None:
-            yield offer
-
-    def start(self, cid: Cid, begin: Begin) -> Started:
-        """Sign and send the GET of ``blobs/<cid>`` now (:class:`EarlySource`)."""
-        return self.client.start_get(blob_key(cid), begin)
-
-    async def offers_from(self, cid: Cid, started: Started) -> AsyncIterator[Offer]:
-        """The offer of :meth:`offers`, from the GET :meth:`start` sent."""
-        assert isinstance(started, PendingGet)
-        offer = self._offer(cid, await self.client.opened(started, blob_key(cid)), early=True)
-        if offer is not None:
-            yield offer
-
-    def _offer(
-        self, cid: Cid, got: tuple[int, GetBody] | None, *, early: bool = False
-    ) -> Offer | None:
+        got = await self.client.open(blob_key(cid))
         if got is None:
-            return None
+            return
         size, chunks = got
-        return Offer(
+        yield Offer(
             self.name,
             "r2",
             chunks,
             size=size,
             meta={"trusted": "1", "cid": cid},
-            early=early,
         )
 
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:

@@ -699,3 +699,20 @@ async def test_no_spare_without_the_option() -> None:
             assert await fetch(pool, t) == body_of(t)
         await asyncio.sleep(0.05)
         assert pool.connects == server.accepted == 1
+
+
+async def test_a_get_cut_by_the_pool_closing_is_not_retried() -> None:
+    """close() aborts a reused connection before its answer: that looks like a server that
+    dropped an idle connection, but a closed pool opens no new one."""
+    gate = asyncio.Event()
+    async with scripted(gated_by(gate)) as (server, pool):
+        gate.set()
+        assert await fetch(pool, "/a") == body_of("/a")
+        gate.clear()
+        answer = asyncio.create_task(pool.get("/b", {"host": pool.authority}))
+        await until(lambda: len(server.requests) == 2)
+        await pool.close()
+        with pytest.raises(GetError, match="pool is closed"):
+            await asyncio.wait_for(answer, 2)
+        gate.set()
+        assert server.accepted == pool.connects == 1
