@@ -196,21 +196,26 @@ async def test_ws_and_tcp_listen_on_separate_ports(runtime: Runtime, stack: Asyn
     assert tcp[0].split("/tcp/")[1].split("/")[0] != ws[0].split("/tcp/")[1].split("/")[0]
 
 
-async def test_source_looks_idle_until_a_peer_is_connected(
+async def test_source_looks_idle_while_no_peer_is_connected(
     runtime: Runtime, stack: AsyncExitStack, tmp_path: Path
 ) -> None:
-    """The resolver's hint (``idle``): a node with no libp2p peer asks R2 first on a cold miss."""
+    """The resolver's hint (``idle``): a node with no libp2p peer asks R2 first on a cold miss.
+    Kept current by the network's events, inbound connections and disconnections included."""
     peer_rt = await open_peer(stack, tmp_path / "peer")
     server = await start_node(stack, peer_rt)
-    alone = Libp2pSource(server, timeout_s=20, max_providers=4)
-    await until_true(lambda: server.connected is not None)
-    assert alone.idle()  # listening, nobody connected
+    served = Libp2pSource(server, timeout_s=20, max_providers=4)
+    assert served.idle()  # listening, nobody connected
     client = await start_node(stack, runtime)
     source = Libp2pSource(client, timeout_s=20, max_providers=4)
-    await until_true(lambda: client.connected is not None)
     assert source.idle()
     assert await client.connect([a for a in server.addrs if "/ws" not in a][0])
-    assert not source.idle()  # a dial refreshes the count at once, not at the next tick
+    assert not source.idle()  # counted before the dial returned
+    await until_true(lambda: not served.idle())  # the server saw an inbound connection
+    assert client.node is not None
+    assert server.node is not None
+    await client.bridge.call(client.node.host.disconnect, server.node.host.get_id())
+    await until_true(source.idle)
+    await until_true(served.idle)  # the server saw it go
 
 
 async def until_true(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -50,6 +50,42 @@ class Counters:
     refused_not_held: int = 0
 
 
+class _PeerCount:
+    """A libp2p notifee that keeps :attr:`TrioNode.peers` equal to the connected peers.
+
+    The swarm adds a connection to its records before it notifies ``connected`` and removes
+    it before ``disconnected``, so counting then is exact. Every method of the notifee
+    interface is defined: the swarm calls them all.
+    """
+
+    def __init__(self, node: TrioNode, host: Any) -> None:
+        self.node = node
+        self.host = host
+
+    def _count(self) -> None:
+        self.node.peers = len(self.host.get_connected_peers())
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        """A connection was added."""
+        self._count()
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        """A connection was removed."""
+        self._count()
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        """Not counted."""
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        """Not counted."""
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        """Not counted."""
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        """Not counted."""
+
+
 class TrioNode:
     """The libp2p host and DHT. Construct anywhere; call its coroutines only in trio."""
 
@@ -71,6 +107,9 @@ class TrioNode:
         self.counters = Counters()
         self._serving = 0
         self.draining = False  # set from asyncio on SIGTERM: new blob requests get BUSY
+        # Connected peers, kept current by the network's events (_PeerCount); read from
+        # asyncio without a hop to this thread (the resolver's "idle" hint, Libp2pSource).
+        self.peers = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -128,6 +167,7 @@ class TrioNode:
             # keeps the connection count (and a home router's NAT table) small.
             swarm: Any = host.get_network()
             await swarm.auto_connector.stop()
+            swarm.register_notifee(_PeerCount(self, host))
             host.set_stream_handler(TProtocol(blobwire.PROTOCOL_ID), self._handle_blob)
             dht = KadDHT(host, mode)
             async with background_trio_service(dht):
@@ -139,6 +179,7 @@ class TrioNode:
                     await trio.sleep_forever()
                 finally:
                     self.host = self.dht = None
+                    self.peers = 0
                     # Close every connection before the run contexts unwind: left to them,
                     # py-libp2p 0.8.1 drops some dialled sockets without closing them.
                     with trio.CancelScope(shield=True), trio.move_on_after(2):

@@ -74,7 +74,6 @@ class P2PService:
             "peerd_p2p_providing", "Blob ids this node announces on the DHT", registry=reg
         )
         self.m_peers = Gauge("peerd_p2p_connected_peers", "Connected libp2p peers", registry=reg)
-        self.connected: int | None = None  # peers connected at the last tick (None: not yet)
         self.m_served = Counter(
             "peerd_p2p_served_bytes", "Blob bytes sent to libp2p peers", registry=reg
         )
@@ -137,7 +136,6 @@ class P2PService:
                     await self.connect(addr)
                 connected = await self.bridge.call(self.node.connected)
             self.m_peers.set(connected)
-            self.connected = connected
             due = self.schedule.due(now) if self.cfg.provide else []
             if due and connected == 0:
                 # Announcing with no peers only records it locally, and fails for every id: wait
@@ -180,11 +178,9 @@ class P2PService:
         if self.node is None or not self.bridge.running:
             return None
         try:
-            peer = await self.bridge.call(self.node.connect_addr, addr)
-            self.connected = await self.bridge.call(self.node.connected)
+            return await self.bridge.call(self.node.connect_addr, addr)
         except BridgeClosed:
             return None
-        return peer
 
     async def provide_now(self, cids: list[str]) -> list[str]:
         """Announce some ids at once (tests and the CLI); returns those announced."""
@@ -211,11 +207,11 @@ class Libp2pSource:
         self.max_providers = max_providers
 
     def idle(self) -> bool:
-        """No peer to ask: libp2p not running, or no peer connected at the last tick (a hint,
-        stale by up to ``provide_tick_s``: the resolver then asks R2 first, and still asks
-        this source if R2 does not deliver)."""
+        """No peer to ask: libp2p not running, or no peer connected (the resolver then asks
+        R2 first, and still asks this source if R2 does not deliver)."""
         svc = self.service
-        return svc.node is None or not svc.bridge.running or svc.connected == 0
+        node = svc.node
+        return node is None or not svc.bridge.running or node.peers == 0
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
         """One offer per provider that answers OK, unbanned providers in directory order."""
