@@ -41,8 +41,9 @@ headers, counters and log line are the full path's (``HlsRoutes._stream``). A re
 sends nothing (no source has the blob, the fetch failed, or ``request_timeout_s`` passed
 before the first byte) leaves the request buffered and marks the blob for this connection: the
 request is then handed to aiohttp, which answers from the same fetch's outcome (after a
-timeout it waits on that fetch once more, up to its own timeout). A fetch delivered whole by
-an untrusted source (peers) is sent from the stored file, labelled with that source.
+timeout, a 503 at once: the viewer has waited ``request_timeout_s`` already). A fetch
+delivered whole by an untrusted source (peers) is sent from the stored file, labelled with
+that source.
 
 What it sends is what the full path sends for the same request: the same headers (CORS,
 Cache-Control, Content-Type, ETag and Last-Modified as ``FileResponse`` makes them,
@@ -594,6 +595,7 @@ class _Relay:
         self.i = 0  # chunks of the tee written
         self.sent = 0
         self.headed = False
+        self.expired = False  # request_timeout_s passed before the first byte
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def _settle(self, outcome: str) -> None:
@@ -601,7 +603,8 @@ class _Relay:
             self.outcome.set_result(outcome)
 
     def _expire(self) -> None:
-        if not self.headed:
+        if not self.headed and not self.outcome.done():
+            self.expired = True
             self._settle("none")
 
     def wake(self) -> None:
@@ -718,8 +721,11 @@ class _Relay:
             await fast._blob(conn, req, tee.path, st, self.started, tee.path_source)
         else:
             # Nothing sent: handled again, the request goes to the full path, which answers
-            # from the fetch's outcome (404, 503) with its log line and counters.
+            # from the fetch's outcome (404, 503) with its log line and counters; after a
+            # timeout, at once (it does not wait on the same fetch a second time).
             conn.missed.add(cid)
+            if self.expired and conn.transport is not None:
+                routes.waited[conn.transport] = (cid, time.monotonic())
 
 
 @dataclass

@@ -37,6 +37,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,13 @@ class HlsRoutes:
         # holds an equal share of the cap (documented in config/peerd.example.toml).
         self.max_streams = max(1, cfg.max_streams // cfg.workers)
         self.timeout_s = cfg.request_timeout_s
+        # Connections whose request for a blob already waited ``timeout_s`` for its fetch on
+        # the fast path (the relay timed out before the first byte), with the blob and when:
+        # handed over, that request is answered 503 at once rather than after waiting on the
+        # same fetch once more.
+        self.waited: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, float]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.prefetch_segments = cfg.prefetch_segments
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
@@ -444,6 +452,10 @@ class HlsRoutes:
             # to the viewer while the resolver verifies and stores them (Resolver.open_stream).
             # Range and HEAD requests, and bytes from peers, get the verified, stored file.
             streamable = request.method == "GET" and "Range" not in request.headers
+            transport = request.transport
+            waited = self.waited.pop(transport, None) if transport is not None else None
+            if waited is not None and waited[0] == cid and time.monotonic() - waited[1] < 5.0:
+                raise Unavailable("blob fetch timed out")
             self.streams += 1  # a fetch in progress holds a stream slot too
             try:
                 async with asyncio.timeout(self.timeout_s):

@@ -630,3 +630,54 @@ async def test_a_viewer_leaving_mid_relay_does_not_stop_the_fetch(
         assert await c.held(cid) == data
         assert source.requests == [cid]
         assert c.sample("peerd_http_blob_bytes_total", source="r2", status="cut") == source.chunk
+
+
+class _Silent(MemorySource):
+    """A trusted source (as R2 is) whose answer does not come until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(name="r2")
+        self.gate = asyncio.Event()
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        self.requests.append(cid)
+        await self.gate.wait()
+        data = self.blobs[cid]
+        yield Offer(self.name, "r2", self._stream(data), size=len(data), meta={"trusted": "1"})
+
+
+async def test_a_relay_timed_out_is_answered_503_without_waiting_again(
+    tmp_path: Path, playlists: dict[str, Path]
+) -> None:
+    """The viewer waited ``request_timeout_s`` on the relay: the full path, handed the request,
+    answers 503 at once instead of waiting on the same fetch for another timeout."""
+    source = _Silent()
+    async with cold_node(tmp_path, playlists, [source]) as c:
+        cid = first_segment(c)
+        data = c.blobs[cid]
+        source.blobs[Cid(cid)] = data
+        c.node.routes.timeout_s = 0.3
+        joined: list[Cid] = []
+        open_stream = c.resolver.open_stream
+
+        async def counted(cid: Cid, *, known_absent: bool = False) -> Any:
+            joined.append(cid)
+            return await open_stream(cid, known_absent=known_absent)
+
+        c.resolver.open_stream = counted  # type: ignore[method-assign]
+        viewer = await Viewer.open(c.node)
+        viewer.get(c.path(cid))
+        status, _, body = await viewer.response()
+        assert status == 503
+        assert b"timed out" in body
+        assert joined == []  # answered without waiting on the fetch a second time
+        assert source.requests == [cid]
+        # The bucket answers late: the fetch completes, and the connection carries on.
+        source.gate.set()
+        await c.settled()
+        assert await c.held(cid) == data
+        viewer.get(c.path(cid))
+        status, _, body = await viewer.response()
+        assert status == 200
+        assert body == data
+        await viewer.close()
