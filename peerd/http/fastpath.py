@@ -81,7 +81,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 
 from peerd.core.ids import Cid
 from peerd.delivery.resolver import Tee
-from peerd.http.hls import CONTENT_TYPES, ROUTES_KEY, HlsRoutes
+from peerd.http.hls import ROUTES_KEY, HlsRoutes
 from peerd.http.server import HTTP_METRICS_KEY, WORKER_MARK_KEY
 
 _TARGET = re.compile(
@@ -212,18 +212,11 @@ class FastPath:
             + self._mark
         )
 
-    def _blob_fields(self, ext: str) -> dict[str, str]:
-        """The header fields every blob answer of this extension has (both paths)."""
-        routes = self.routes
-        return routes._cors(
-            {"Content-Type": CONTENT_TYPES[ext], "Cache-Control": routes.blob_cache}
-        )
-
     def miss_header(self, ext: str, size: int) -> bytes:
         """Headers of a relayed blob, as the full path's streamed response has them."""
         fixed = self._miss_headers.get(ext)
         if fixed is None:  # built once per extension: a cold miss's first byte waits on this
-            fixed = self._miss_headers[ext] = self._headers(self._blob_fields(ext))
+            fixed = self._miss_headers[ext] = self._headers(self.routes.blob_headers(ext))
         return b"%bContent-Length: %d\r\n" % (fixed, size)
 
     def _date_line(self) -> bytes:
@@ -357,7 +350,7 @@ class FastPath:
         assert req.cid is not None
         if req.cid in conn.missed:
             return None
-        relay = _Relay(self, conn, req, req.cid, media, started)
+        relay = _Relay(self, conn, req, media, started)
         tee = resolver.watch(Cid(req.cid), relay.wake)
         if tee is None:
             return None
@@ -466,7 +459,7 @@ class FastPath:
         return entry
 
     def _blob_header(self, ext: str, st: os.stat_result) -> bytes:
-        headers = self._blob_fields(ext)
+        headers = self.routes.blob_headers(ext)
         # As aiohttp's FileResponse makes them (clients may hold ETags from either path).
         headers["Etag"] = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
         headers["Last-Modified"] = time.strftime(
@@ -579,13 +572,12 @@ class _Relay:
     :meth:`run` holds the connection meanwhile and settles the outcome.
     """
 
-    def __init__(
-        self, fast: FastPath, conn: _Conn, req: _Head, cid: str, media: Any, started: float
-    ) -> None:
+    def __init__(self, fast: FastPath, conn: _Conn, req: _Head, media: Any, started: float) -> None:
         self.fast = fast
         self.conn = conn
         self.req = req
-        self.cid = cid
+        assert req.cid is not None
+        self.cid = req.cid
         assert req.ext is not None
         self.ext = req.ext
         self.media = media

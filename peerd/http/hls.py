@@ -272,6 +272,11 @@ class HlsRoutes:
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def blob_headers(self, ext: str) -> dict[str, str]:
+        """The header fields every answer with a blob of this extension has (a new dict; the
+        fast path builds its answers from it too)."""
+        return self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
+
     def _cors(self, headers: dict[str, str] | None = None) -> dict[str, str]:
         h = headers or {}
         h["Access-Control-Allow-Origin"] = self.cors_origin
@@ -440,7 +445,7 @@ class HlsRoutes:
             raise TooManyRequests("too many concurrent streams")
         path = self.rt.store.path_for(cid)
         source = "local"
-        headers = self._cors({"Content-Type": CONTENT_TYPES[ext], "Cache-Control": self.blob_cache})
+        headers = self.blob_headers(ext)
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
             if self.miss is not None:
