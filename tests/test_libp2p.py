@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from peerd.errors import UpstreamError
 from peerd.p2p.bridge import BridgeClosed, TrioThread, to_asyncio
 from peerd.p2p.service import Libp2pSource, P2PService
 from peerd.runtime import Runtime, open_runtime
+from peerd.testing.poll import until
 from peerd.testing.source_suite import SourceConformance, SourceFactory
 
 
@@ -210,16 +210,9 @@ async def test_source_looks_idle_while_no_peer_is_connected(
     assert source.idle()
     assert await client.connect([a for a in server.addrs if "/ws" not in a][0])
     assert not source.idle()  # counted before the dial returned
-    await until_true(lambda: not served.idle())  # the server saw an inbound connection
+    await until(lambda: not served.idle(), 10.0, 0.01)  # the server saw an inbound connection
     assert client.node is not None
     assert server.node is not None
     await client.bridge.call(client.node.host.disconnect, server.node.host.get_id())
-    await until_true(source.idle)
-    await until_true(served.idle)  # the server saw it go
-
-
-async def until_true(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+    await until(source.idle, 10.0, 0.01)
+    await until(served.idle, 10.0, 0.01)  # the server saw it go

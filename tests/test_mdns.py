@@ -17,6 +17,7 @@ from peerd.http.server import build_app
 from peerd.p2p.lan import lan_directory
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.p2p import loopback_multicast as multicast_on_loopback
+from peerd.testing.poll import until
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,9 @@ async def start_node(
     return rt, svc, task
 
 
-async def eventually(cond: Callable[[], bool], within_s: float = 15) -> None:
-    """Poll ``cond`` (state changed by mDNS callbacks) until true; fail after ``within_s``."""
-    for _ in range(int(within_s / 0.05)):
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Poll ``cond`` (state changed by mDNS callbacks) until true; fail after 15 s."""
+    await until(cond, 15, 0.05)
 
 
 async def test_discover_reannounce_withdraw(

@@ -20,6 +20,7 @@ from aiohttp import web
 from peerd.config import Settings, load_settings
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
+from peerd.testing.poll import until
 from peerd.testing.whep_media import HlsClip, add_media, make_hls
 from peerd.testing.whep_viewer import make_offer
 from peerd.webrtc import access, routes
@@ -77,14 +78,6 @@ async def node(tmp_path: Path, clips: dict[str, HlsClip]) -> AsyncIterator[Node]
         yield n
 
 
-async def wait_for(cond: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 def test_bframes_plan_transcode(clips: dict[str, HlsClip]) -> None:
     # The media path of a transcoded session is exercised by the Chromium test (a daemon
     # process): here only the probe that sends a B-frame stream that way.
@@ -114,7 +107,7 @@ async def test_cap_and_unconnected_sessions_expire(node: Node) -> None:
         assert sorted(statuses) == [201, 201, 429, 429]
         assert len(node.svc.sessions) == 2
         # Nobody completes ICE: after connect_timeout_s both slots are free again.
-        await wait_for(lambda: not node.svc.sessions, within=8)
+        await until(lambda: not node.svc.sessions, 8, 0.05)
         async with http.post(url, data=sdp, headers=headers) as r:
             assert r.status == 201
             location = r.headers["Location"]

@@ -23,8 +23,7 @@ import contextlib
 import logging
 import os
 import socket
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from peerd.replication.source import R2Source
 from peerd.store import BlobStore
 from peerd.testing.faultproxy import Fault, FaultProxy, method_is
 from peerd.testing.hlsmedia import make_hls
+from peerd.testing.poll import until
 from peerd.testing.s3server import MotoServer
 from peerd.testing.sources import MemorySource
 
@@ -197,14 +197,6 @@ class Viewer:
 
 def lower(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers}
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll (bounded) until ``cond()``; the server accounts a response after its last write."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def is_prefix(got: bytes, data: bytes) -> str:

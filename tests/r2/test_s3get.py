@@ -22,6 +22,7 @@ from peerd.core.ids import cid_of
 from peerd.replication.r2 import R2Client, R2Error, blob_key
 from peerd.replication.s3get import HIGH_WATER, LOW_WATER, GetError, GetPool, GetResponse
 from peerd.testing.faultproxy import Fault, FaultProxy, method_is
+from peerd.testing.poll import until
 from peerd.testing.s3server import MotoServer
 from tests.r2.conftest import make_config, read_all
 
@@ -167,6 +168,21 @@ async def second_request_unanswered(peer: Peer) -> None:
     await peer.request()  # read the next request, then close without a byte
 
 
+def first_answer(answer: bytes) -> Handler:
+    """A handler whose first connection answers its first request with ``answer`` (raw bytes)
+    and then waits for the client to close it; later connections serve."""
+
+    async def first(peer: Peer) -> None:
+        if peer.index > 0:
+            await serve_forever(peer)
+            return
+        await peer.request()
+        await peer.send(answer)
+        await peer.closed_by_client()
+
+    return first
+
+
 def gated_by(gate: asyncio.Event) -> Handler:
     """A handler that reads each request at once and answers it once ``gate`` is set."""
 
@@ -215,14 +231,6 @@ async def collect(
         into += chunk
         if arrivals is not None:
             arrivals.append(time.monotonic())
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll (bounded) until ``cond()``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 async def put(moto: MotoServer, bucket: str, data: bytes) -> str:
@@ -387,15 +395,7 @@ async def test_reused_connection_cut_inside_its_answer_is_not_retried() -> None:
     ids=["garbage", "status", "header", "huge-head"],
 )
 async def test_malformed_answer_fails_and_its_connection_is_dropped(answer: bytes) -> None:
-    async def malformed_first(peer: Peer) -> None:
-        if peer.index > 0:
-            await serve_forever(peer)
-            return
-        await peer.request()
-        await peer.send(answer)
-        await peer.closed_by_client()
-
-    async with scripted(malformed_first) as (server, pool):
+    async with scripted(first_answer(answer)) as (server, pool):
         started = time.monotonic()
         with pytest.raises(GetError, match="malformed|too large"):
             await fetch(pool, "/a")
@@ -417,15 +417,7 @@ async def test_malformed_answer_fails_and_its_connection_is_dropped(answer: byte
     ids=["no-length", "chunked", "chunked-and-length", "bad-length"],
 )
 async def test_unframed_success_is_refused_and_not_reused(head: bytes) -> None:
-    async def unframed_first(peer: Peer) -> None:
-        if peer.index > 0:
-            await serve_forever(peer)
-            return
-        await peer.request()
-        await peer.send(head + b"5\r\nhello\r\n0\r\n\r\n")
-        await peer.closed_by_client()
-
-    async with scripted(unframed_first) as (server, pool):
+    async with scripted(first_answer(head + b"5\r\nhello\r\n0\r\n\r\n")) as (server, pool):
         resp = await pool.get("/a", {"host": pool.authority})
         assert resp.status == 200
         assert resp.length is None
