@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
-from peerd.ctl import MAX_LINE, SOCKET_NAME, listen_unix
 from peerd.errors import BadRequest, ConfigError
+from peerd.paths import MAX_LINE, SOCKET_NAME, listen_unix
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.control")
