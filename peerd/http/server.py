@@ -62,7 +62,7 @@ async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME_KEY]
     if rt.draining:
         return web.json_response({"status": "draining"}, status=503)
-    if not rt.extras.get("ready"):
+    if not rt.node.ready:
         return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ready"})
 
