@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from peerd.p2p.service import P2PService
     from peerd.replication.r2 import R2Client
     from peerd.replication.service import Replicator
-    from peerd.replication.tiering import TieringService
 
 log = logging.getLogger("peerd.daemon")
 
@@ -288,7 +287,6 @@ async def build_services(rt: Runtime) -> Services:
     """
     s = rt.settings
     sources: list[Source] = []
-    services: list[Service] = []
     directory = lan.lan_directory(rt)
     puller: PeerPuller | None = None
     lan_closers: list[Callable[[], Awaitable[None]]] = []
@@ -315,7 +313,7 @@ async def build_services(rt: Runtime) -> Services:
         )
     r2 = await _r2_client(rt)
     replicator: Replicator | None = None
-    tiering: TieringService | None = None
+    r2_services: list[Service] = []
     if r2 is not None:
         from peerd.replication.service import Replicator
         from peerd.replication.source import R2Source
@@ -323,14 +321,14 @@ async def build_services(rt: Runtime) -> Services:
 
         sources.append(R2Source(r2, catalog=rt.catalog, timeout_s=s.r2.fetch_timeout_s))
         replicator = Replicator(rt, r2)
-        tiering = TieringService(rt, replicator, r2)
+        r2_services = [replicator, TieringService(rt, replicator, r2)]
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
     api = NodeApi(rt, Subsystems(resolver, replicator, puller, ingestor))
     whep = WhepService(rt, resolver=resolver)
     http = HttpService(rt, route_installers(resolver, directory, api, whep), site=fastpath.site)
-    services.append(http)
+    services: list[Service] = [http]
     if s.http.workers > 1:
         services.append(WorkerPool(rt, http))  # HTTP worker processes on the same port
     if p2p is not None:
@@ -339,8 +337,7 @@ async def build_services(rt: Runtime) -> Services:
         from peerd.discovery.mdns import MdnsService
 
         services.append(MdnsService(rt, directory, lambda: http.port, p2p, lan_closers))
-    if replicator is not None and tiering is not None:
-        services += [replicator, tiering]  # R2 replication and tiering (issue 5)
+    services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
     services.append(whep)
