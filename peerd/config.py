@@ -26,9 +26,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from peerd.ctl import DEFAULT_STATE_DIR
 from peerd.errors import ConfigError
 from peerd.media.options import PackagingOptions, Rung
+from peerd.paths import DEFAULT_STATE_DIR
 
 
 class Section(BaseModel):

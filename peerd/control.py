@@ -33,12 +33,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peerd import __version__
-from peerd.ctl import MAX_LINE, SOCKET_NAME, listen_unix
 from peerd.errors import BadRequest, ConfigError
+from peerd.paths import MAX_LINE, SOCKET_NAME, listen_unix
 from peerd.runtime import Runtime
+
+if TYPE_CHECKING:
+    from peerd.media.ingest import Ingestor
 
 log = logging.getLogger("peerd.control")
 
@@ -115,8 +118,9 @@ class ControlService:
 
     name = "control"
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, ingestor: Ingestor) -> None:
         self.rt = rt
+        self.ingestor = ingestor
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
@@ -193,8 +197,6 @@ class ControlService:
     async def _ingest(
         self, cmd: IngestCommand, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        from peerd.media.ingest import get_ingestor  # noqa: PLC0415 (PyAV only when used)
-
         try:
             options = self.rt.settings.media.overridden(cmd.media).packaging_options()
         except ConfigError as exc:
@@ -225,7 +227,7 @@ class ControlService:
             _write_quietly(writer, {"event": "result", "result": res.as_json()})
 
         job = asyncio.ensure_future(
-            get_ingestor(self.rt).ingest_many(
+            self.ingestor.ingest_many(
                 cmd.paths,
                 force=cmd.force,
                 progress_for=progress_for,

@@ -1,4 +1,4 @@
-"""The ``peerd`` command's entry point and the client of the daemon's local control socket.
+"""The light ``peerd ingest`` path: the client of the daemon's local control socket.
 
 ``peerd ingest PATH...`` hands the work to the node's running daemon when there is one: the
 daemon owns the state directory (its caches, metrics, replication outbox and announcements see
@@ -7,9 +7,9 @@ that of a bare interpreter. Without a daemon (or with ``--local`` or ``--watch``
 ingests in its own process, exactly as before.
 
 This module imports nothing but the standard library, so that the path above skips pydantic,
-PyAV, aiosqlite and the rest (~0.25 s of imports). :func:`main` resolves the state directory
-the way :func:`peerd.config.load_settings` does for the cases it can read without the config
-model (``--state-dir``, ``PEERD_NODE__STATE_DIR``, ``[node] state_dir`` in the TOML file,
+PyAV, aiosqlite and the rest (~0.25 s of imports). :func:`light_state_dir` resolves the state
+directory the way :func:`peerd.config.load_settings` does for the cases it can read without the
+config model (``--state-dir``, ``PEERD_NODE__STATE_DIR``, ``[node] state_dir`` in the TOML file,
 systemd's ``STATE_DIRECTORY``, the default); anything else falls through to the full CLI,
 which asks the daemon again with the fully loaded settings.
 
@@ -21,7 +21,6 @@ the connection closes. See :mod:`peerd.control` for the server and the request f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -31,10 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-SOCKET_NAME = "control.sock"
-DEFAULT_STATE_DIR = Path("~/.local/share/peerd")
-MAX_LINE = 1 << 20
-"""Longest request or event line either side accepts."""
+from peerd.paths import DEFAULT_STATE_DIR, MAX_LINE, SOCKET_NAME, short_path
 
 ProgressFn = Callable[[float, float], None]
 
@@ -136,62 +132,6 @@ def light_state_dir(
 
 
 # -- the socket ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def short_path(directory: Path) -> Iterator[str]:
-    """A name of ``directory`` short enough for ``sockaddr_un`` (108 bytes), while open.
-
-    Long state paths (deep test folders, say) would not fit: through an ``O_PATH`` descriptor,
-    ``/proc/self/fd/N`` names the same directory in ~20 bytes.
-    """
-    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
-
-
-_LASTING: dict[Path, int] = {}
-SUN_PATH_FITS = 100  # bytes of a socket path that surely fit ``sockaddr_un`` (108 with the NUL)
-
-
-def lasting_short_path(directory: Path) -> str:
-    """Like :func:`short_path` for a process that connects there again and again.
-
-    ``directory`` itself when the paths of sockets in it (names up to 31 bytes) fit; otherwise
-    ``/proc/self/fd/N`` through a descriptor kept open for the rest of the process (one per
-    directory).
-    """
-    if len(str(directory)) + 32 <= SUN_PATH_FITS:
-        return str(directory)
-    fd = _LASTING.get(directory)
-    if fd is None:
-        fd = _LASTING[directory] = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}"
-
-
-def listen_unix(directory: Path, name: str, backlog: int = 16) -> socket.socket:
-    """A listening, non-blocking Unix socket ``directory/name``, mode 0600.
-
-    A socket file already there is replaced (the caller holds the state lock, so it is a dead
-    daemon's); the bind goes through :func:`short_path`, so long directories work.
-    """
-    path = directory / name
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with short_path(directory) as d:
-            if path.is_socket():
-                path.unlink()
-            sock.bind(f"{d}/{name}")
-        # Owner only before anyone can connect: nothing listens until listen().
-        path.chmod(0o600)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def connect(state_dir: Path, timeout: float = 5.0) -> socket.socket | None:
@@ -367,10 +307,12 @@ def _hint(res: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-# -- entry point -----------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 
 
-def _light_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace] | None:
+def light_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace] | None:
+    """Global options and ``ingest`` arguments of ``argv``; None for any other command line
+    (``peerd.__main__`` then runs the full CLI, which reports what is wrong)."""
     top = _Parser(prog="peerd", add_help=False)
     add_global_options(top)
     top.add_argument("command")
@@ -384,19 +326,3 @@ def _light_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace
         return g, sub.parse_args(g.rest)
     except _ParseError:
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``peerd`` command: the light ingest path, else the full CLI."""
-    args = sys.argv[1:] if argv is None else argv
-    parsed = _light_args(args)
-    if parsed is not None:
-        g, ing = parsed
-        state = light_state_dir(g.config, g.state_dir, os.environ)
-        if state is not None:
-            rc = ingest_via_daemon(state, ing)
-            if rc is not None:
-                return rc
-    from peerd.cli import main as full_main
-
-    return full_main(args)

@@ -24,29 +24,38 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from functools import partial
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from peerd import __version__, p2p, ui
+from peerd import __version__, ui
 from peerd.api import routes as api_routes
+from peerd.api.commands import Subsystems
+from peerd.api.node import NodeApi
 from peerd.config import Settings
 from peerd.control import ControlService
 from peerd.coordinator.client import CoordinatorService
-from peerd.delivery import Resolver
+from peerd.delivery import Resolver, Source
+from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
-from peerd.http import hls
+from peerd.http import fastpath, hls
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.http.workers import WorkerPool
-from peerd.media.ingest import MediaService, get_ingestor
+from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.source import TranscodeSource
 from peerd.metrics import Metrics
 from peerd.p2p import lan
-from peerd.replication import build_replication
 from peerd.runtime import Runtime, open_runtime
 from peerd.systemd import notify, watchdog_interval
 from peerd.webrtc import routes as whep_routes
 from peerd.webrtc.session import WhepService
+
+if TYPE_CHECKING:
+    from peerd.p2p.puller import PeerPuller
+    from peerd.p2p.service import P2PService
+    from peerd.replication.r2 import R2Client
+    from peerd.replication.service import Replicator
 
 log = logging.getLogger("peerd.daemon")
 
@@ -254,36 +263,114 @@ class Supervisor:
 # -- wiring ----------------------------------------------------------------------------------------
 
 
-def route_installers(rt: Runtime) -> list[RouteInstaller]:
-    """Every subsystem's HTTP routes, in order. One line per subsystem."""
-    installers: list[RouteInstaller] = []
-    installers.append(ui.install)
-    installers.append(hls.install)
-    installers.append(lan.install)
-    installers.append(api_routes.install)
-    installers.append(whep_routes.install)
-    return installers
+@dataclass
+class Services:
+    """What :func:`build_services` built: the services in start order, the parts they share,
+    and what to close once every service has stopped."""
+
+    run: list[Service]
+    resolver: Resolver
+    api: NodeApi
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Close what the services shared (the R2 client), after they stopped."""
+        for close in self.closers:
+            await close()
 
 
-def build_services(rt: Runtime) -> list[Service]:
-    """Every service of the daemon, in start order. One line per subsystem."""
-    services: list[Service] = []
-    if "resolver" not in rt.extras:
-        # The node's one resolver; sources are appended in delivery order below:
-        # LAN -> libp2p (p2p.wire) -> R2 (build_replication) -> transcode (TranscodeSource).
-        rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
-    http = HttpService(rt, route_installers(rt))
-    services.append(http)
-    if rt.settings.http.workers > 1:
+async def build_services(rt: Runtime) -> Services:
+    """Every service of the node, each handed what it uses: the one place that wires peerd.
+
+    The resolver gets its sources in delivery order (LAN, libp2p, R2, transcode); the libp2p
+    stack, zeroconf and the R2 client are imported only when their part is on.
+    """
+    s = rt.settings
+    sources: list[Source] = []
+    directory = lan.lan_directory(rt)
+    puller: PeerPuller | None = None
+    lan_closers: list[Callable[[], Awaitable[None]]] = []
+    if s.mdns.enabled:
+        # LAN peers come from mDNS only: without it the LAN source would never have a peer.
+        from peerd.p2p.puller import PeerPuller
+
+        lan_source = lan.LanSource(
+            directory,
+            rt.identity,
+            timeout_s=s.mdns.fetch_timeout_s,
+            max_peers=s.mdns.max_peers_per_fetch,
+        )
+        sources.append(lan_source)
+        puller = PeerPuller(rt, directory, rt.identity, timeout_s=s.mdns.fetch_timeout_s)
+        lan_closers = [lan_source.close, puller.close]
+    p2p: P2PService | None = None
+    if s.p2p.enabled:
+        from peerd.p2p.service import Libp2pSource, P2PService
+
+        p2p = P2PService(rt)
+        sources.append(
+            Libp2pSource(p2p, timeout_s=s.p2p.fetch_timeout_s, max_providers=s.p2p.max_providers)
+        )
+    r2 = await _r2_client(rt)
+    replicator: Replicator | None = None
+    r2_services: list[Service] = []
+    if r2 is not None:
+        from peerd.replication.service import Replicator
+        from peerd.replication.source import R2Source
+        from peerd.replication.tiering import TieringService
+
+        sources.append(R2Source(r2, catalog=rt.catalog, timeout_s=s.r2.fetch_timeout_s))
+        replicator = Replicator(rt, r2)
+        r2_services = [replicator, TieringService(rt, replicator, r2)]
+    ingestor = node_ingestor(rt)
+    sources.append(TranscodeSource(ingestor))
+    resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
+    api = NodeApi(rt, Subsystems(resolver, replicator, puller, ingestor))
+    whep = WhepService(rt, resolver=resolver)
+    http = HttpService(rt, route_installers(resolver, directory, api, whep), site=fastpath.site)
+    services: list[Service] = [http]
+    if s.http.workers > 1:
         services.append(WorkerPool(rt, http))  # HTTP worker processes on the same port
-    services.extend(p2p.wire(rt, lambda: http.port))
-    services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
-    rt.extras["resolver"].add_source(TranscodeSource(get_ingestor(rt)))
-    services.append(MediaService(rt))
-    services.append(ControlService(rt))  # `peerd ingest` handed to the daemon (peerd.ctl)
-    services.append(WhepService(rt))
-    services.append(CoordinatorService(rt))
-    return services
+    if p2p is not None:
+        services.append(p2p)
+    if s.mdns.enabled:
+        from peerd.discovery.mdns import MdnsService
+
+        services.append(MdnsService(rt, directory, lambda: http.port, p2p, lan_closers))
+    services += r2_services
+    services.append(MediaService(rt, ingestor))
+    services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
+    services.append(whep)
+    services.append(CoordinatorService(rt, api))
+    return Services(services, resolver, api, [r2.close] if r2 is not None else [])
+
+
+def route_installers(
+    resolver: Resolver, directory: PeerDirectory, api: NodeApi, whep: WhepService
+) -> list[RouteInstaller]:
+    """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
+    return [
+        partial(ui.install, resolver=resolver),
+        partial(hls.install, resolver=resolver),
+        partial(lan.install, directory=directory, resolver=resolver),
+        partial(api_routes.install, api=api),
+        partial(whep_routes.install, whep=whep),
+    ]
+
+
+async def _r2_client(rt: Runtime) -> R2Client | None:
+    """The node's R2 client, or None when R2 is not configured."""
+    from peerd.replication.r2 import config_from_settings
+
+    cfg = await asyncio.to_thread(config_from_settings, rt.settings)  # reads secret files
+    if cfg is None:
+        log.info("R2 is not configured; replication and tiering are off")
+        return None
+    from peerd.replication.metrics import r2_metrics
+    from peerd.replication.r2 import R2Client
+
+    metrics = r2_metrics(rt.metrics.registry)
+    return await R2Client.create(cfg, on_request=metrics.on_request)
 
 
 async def run_daemon(settings: Settings) -> int:
@@ -303,9 +390,9 @@ async def run_daemon(settings: Settings) -> int:
         rt.metrics.store_bytes.set_function(lambda: rt.store.used_bytes)
         rt.metrics.store_blobs.set_function(lambda: rt.store.count)
         rt.metrics.up.set(1)
-        services = build_services(rt)
+        built = await build_services(rt)
         sup = Supervisor(
-            services,
+            built.run,
             metrics=rt.metrics,
             stop_timeout_s=settings.daemon.stop_timeout_s,
             backoff_max_s=settings.daemon.restart_backoff_max_s,
@@ -328,6 +415,7 @@ async def run_daemon(settings: Settings) -> int:
         try:
             code = await sup.run()
         finally:
+            await asyncio.shield(built.close())
             # Stay deaf to repeated stop signals while the last rows are written and the
             # loop closes: a second SIGTERM must not turn a clean stop into a kill.
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -345,7 +433,7 @@ async def run_daemon(settings: Settings) -> int:
 
 
 def _ready(rt: Runtime, started: float) -> None:
-    rt.extras["ready"] = True
+    rt.node.ready = True
     elapsed = time.monotonic() - started
     log.info(
         "peerd ready",

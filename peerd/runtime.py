@@ -1,4 +1,10 @@
-"""The runtime: everything a subsystem needs, built once by the daemon and passed in."""
+"""The runtime: the handles every part shares, built once by the daemon and passed in.
+
+Services do not find each other through the runtime: :func:`peerd.daemon.build_services` builds
+each one and hands it what it uses. The runtime holds only what every part needs (settings,
+identity, catalog, store, metrics, the access counter) and the node's own facts
+(:class:`NodeState`), which one part learns and others report.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from peerd.catalog import Catalog
 from peerd.config import Settings
@@ -17,8 +22,20 @@ from peerd.store import BlobStore
 
 
 @dataclass
+class NodeState:
+    """Facts about the running node that one part learns and others report."""
+
+    ready: bool = False
+    """Every service started (set by the daemon; ``/readyz``, the API's health)."""
+    lan_urls: list[str] = field(default_factory=list)
+    """Where LAN peers reach this node (set by mDNS; the API's ``addresses.lan``)."""
+    libp2p_addrs: list[str] = field(default_factory=list)
+    """The libp2p host's listen addresses (set by the p2p service; ``addresses.libp2p``)."""
+
+
+@dataclass
 class Runtime:
-    """Shared handles. Subsystems add fields (with defaults) when other parts need them."""
+    """Shared handles and the node's facts."""
 
     settings: Settings
     identity: Identity
@@ -28,7 +45,7 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     access: AccessCounter = field(default_factory=AccessCounter)
-    extras: dict[str, Any] = field(default_factory=dict)
+    node: NodeState = field(default_factory=NodeState)
 
     async def close(self) -> None:
         """Close the catalog."""

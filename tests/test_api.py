@@ -9,13 +9,16 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
 from peerd.api import routes
-from peerd.api.node import node_api
+from peerd.api.commands import Subsystems
+from peerd.api.node import NodeApi
 from peerd.catalog import Catalog
 from peerd.config import load_settings
 from peerd.coordinator.client import CoordinatorService
@@ -26,6 +29,7 @@ from peerd.delivery import Resolver
 from peerd.errors import ConfigError
 from peerd.http.server import build_app
 from peerd.identity import Identity
+from peerd.media.ingest import node_ingestor
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.coordinator import FakeCoordinator, NodeApiClient
 from peerd.testing.inventory import seed_media
@@ -46,6 +50,17 @@ class Api:
     rt: Runtime
     client: NodeApiClient
     token: str
+    node: NodeApi
+
+    def wire(self, **parts: Any) -> None:
+        """Give the API these subsystems (``resolver``, ``replicator``, ``puller``)."""
+        self.node.parts = replace(self.node.parts, **parts)
+
+
+def serve(rt: Runtime, node: NodeApi | None = None, verifier: Any = None) -> TestServer:
+    """The node's app with ``/api/v1/`` answered from ``node`` (default: no subsystems)."""
+    install = partial(routes.install, api=node or NodeApi(rt), verifier=verifier)
+    return TestServer(build_app(rt, [install]), host="127.0.0.1")
 
 
 @pytest.fixture
@@ -54,14 +69,15 @@ async def api(runtime: Runtime) -> AsyncIterator[Api]:
     sdir = runtime.settings.secrets_path
     sdir.mkdir(parents=True, exist_ok=True)
     (sdir / "api_token").write_text(token + "\n")
-    server = TestServer(build_app(runtime, [routes.install]), host="127.0.0.1")
+    node = NodeApi(runtime, Subsystems(ingestor=node_ingestor(runtime)))
+    server = serve(runtime, node)
     await server.start_server()
     client = NodeApiClient(str(server.make_url("/")), token)
     try:
-        yield Api(runtime, client, token)
+        yield Api(runtime, client, token, node)
     finally:
         await client.close()
-        await node_api(runtime).jobs.close()
+        await node.jobs.close()
         await server.close()
 
 
@@ -78,7 +94,7 @@ async def test_auth(api: Api) -> None:
 
 
 async def test_no_token_configured_closes_the_api(runtime: Runtime) -> None:
-    server = TestServer(build_app(runtime, [routes.install]), host="127.0.0.1")
+    server = serve(runtime)
     await server.start_server()
     client = NodeApiClient(str(server.make_url("/")), "anything")
     try:
@@ -98,7 +114,7 @@ async def test_access_jwt_required_without_verifier_refuses_to_start(tmp_path: o
     rt = await open_runtime(settings)
     try:
         with pytest.raises(ConfigError, match="http.access_team_url"):
-            build_app(rt, [routes.install])
+            build_app(rt, [partial(routes.install, api=NodeApi(rt))])
     finally:
         await rt.close()
 
@@ -121,7 +137,7 @@ async def test_access_service_token_verified_against_the_team(tmp_path: object) 
     rt = await open_runtime(settings)
     settings.secrets_path.mkdir(parents=True)
     (settings.secrets_path / "api_token").write_text("tok")
-    server = TestServer(build_app(rt, [routes.install]), host="127.0.0.1")
+    server = serve(rt)
     await server.start_server()
     client = NodeApiClient(str(server.make_url("/")), "tok")
     url = client.base_url + "/api/v1/node"
@@ -166,8 +182,7 @@ async def test_access_jwt_checked_by_the_wired_verifier(tmp_path: object) -> Non
                 raise Forbidden("bad access token")
             return {"sub": "coordinator"}
 
-    rt.extras["access_verifier"] = Verifier()
-    server = TestServer(build_app(rt, [routes.install]), host="127.0.0.1")
+    server = serve(rt, verifier=Verifier())
     await server.start_server()
     client = NodeApiClient(str(server.make_url("/")), "tok")
     try:
@@ -187,7 +202,7 @@ async def test_node_and_health(api: Api) -> None:
     info = (await api.client.call("GET", "/api/v1/node")).body
     assert info["peer_id"] == api.rt.identity.peer_id
     assert info["capabilities"] == ["challenge", "inventory", "pin", "unpin", "evict"]
-    api.rt.extras["replicator"] = FakeReplicator(api.rt)
+    api.wire(replicator=FakeReplicator(api.rt))
     info = (await api.client.call("GET", "/api/v1/node")).body
     assert "promote" in info["capabilities"]
     assert "prefetch:r2" in info["capabilities"]
@@ -202,7 +217,7 @@ async def test_health_reads_load_from_metrics(runtime: Runtime) -> None:
 
     runtime.settings.api.uplink_bps = 1_000_000
     Gauge("peerd_http_active_streams", "x", registry=runtime.metrics.registry).set(3)
-    api = node_api(runtime)
+    api = NodeApi(runtime)
     served = runtime.metrics.bytes_served.labels(source="local")
     api.sample(now=0.0)
     served.inc(200_000)
@@ -361,7 +376,7 @@ async def test_promote_then_evict_then_prefetch_from_r2(api: Api) -> None:
     assert nope.status == 409
     assert nope.body["error"] == "not_configured"
     rep = FakeReplicator(rt, upload_delay_s=0.05)
-    rt.extras["replicator"] = rep
+    api.wire(replicator=rep)
     job = (await c.command("promote", {"media_id": m.media_id})).body
     again = (await c.command("promote", {"media_id": m.media_id})).body
     assert again["job_id"] == job["job_id"]  # one open job per command and target
@@ -391,7 +406,7 @@ async def test_prefetch_through_the_resolver(api: Api) -> None:
     no_route = await c.command("prefetch", {"media_id": m.media_id})
     assert no_route.status == 409
     source = MemorySource(name="lan", blobs={x: m.data[x] for x in m.segments})
-    rt.extras["resolver"] = Resolver(rt.store, [source])
+    api.wire(resolver=Resolver(rt.store, [source]))
     job = (await c.command("prefetch", {"media_id": m.media_id})).body
     done = await c.wait_job(job["job_id"])
     assert done["state"] == "done"
@@ -429,7 +444,7 @@ async def test_jobs_open_at_restart_become_failed(runtime: Runtime) -> None:
             "VALUES(?, 'pin', 'm', '{}', 'running', ?, ?)",
             ("a" * 32, now, now),
         )
-    api = node_api(runtime)
+    api = NodeApi(runtime)
     assert await api.jobs.recover() == 1
     job = await api.jobs.get("a" * 32)
     assert job.state == "failed"
@@ -446,8 +461,7 @@ async def test_heartbeats_and_drain_uploads_last_copies(runtime: Runtime) -> Non
     async with rt.catalog.transaction() as tx:
         await tx.execute("UPDATE blobs SET r2_state='present' WHERE cid=?", (m.segments[0],))
     rep = FakeReplicator(rt)
-    rt.extras["replicator"] = rep
-    svc = CoordinatorService(rt)
+    svc = CoordinatorService(rt, NodeApi(rt, Subsystems(replicator=rep)))
     ready = asyncio.Event()
     task = asyncio.create_task(svc.run(ready.set))
     try:
@@ -489,7 +503,7 @@ async def test_inventory_sync_model(runtime: Runtime) -> None:
     from peerd.core.inventory import EMPTY_DIGEST, digest_add, digest_remove
 
     rng = random.Random(7)  # fixed: reproducible, and no test that could pass by luck alone
-    api = node_api(runtime)
+    api = NodeApi(runtime)
     cat = runtime.catalog
     ids = [cid_of(bytes([i])) for i in range(12)]
     replica: dict[tuple[str, str], str] = {}
@@ -545,7 +559,7 @@ async def test_inventory_sync_model(runtime: Runtime) -> None:
 
 
 async def test_prefetch_from_a_named_peer(api: Api) -> None:
-    rt, c = api.rt, api.client
+    c = api.client
     other = Identity.generate().peer_id
     asked: list[tuple[str, str]] = []
 
@@ -556,7 +570,7 @@ async def test_prefetch_from_a_named_peer(api: Api) -> None:
             asked.append((peer_id, media_id))
             return {"blobs": 3, "fetched": 3}
 
-    rt.extras["peer_puller"] = Puller()
+    api.wire(puller=Puller())
     media_id = cid_of(b"remote manifest")
     body = {"media_id": media_id, "source": "peer", "peer_id": other}
     job = (await c.command("prefetch", body)).body

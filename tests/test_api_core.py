@@ -24,7 +24,7 @@ from peerd.core.signed import (
     public_key_of,
     verify_body,
 )
-from peerd.identity import Identity
+from peerd.identity import Identity, verify_signature
 
 NONCE = "0123456789abcdef0123456789abcdef"
 
@@ -50,7 +50,7 @@ def test_bad_peer_ids_are_refused(bad: str) -> None:
 def test_valid_body_verifies() -> None:
     ident = Identity.generate()
     body, peer, sig = signed(ident)
-    got = verify_body(body, peer, sig)
+    got = verify_body(body, peer, sig, verify_signature)
     assert (got.peer_id, got.timestamp, got.nonce) == (peer, 1000.0, NONCE)
 
 
@@ -58,7 +58,7 @@ def test_tampered_body_is_refused() -> None:
     ident = Identity.generate()
     body, peer, sig = signed(ident)
     with pytest.raises(SignatureError, match="does not verify"):
-        verify_body(body.replace(b"1000.0", b"1001.0"), peer, sig)
+        verify_body(body.replace(b"1000.0", b"1001.0"), peer, sig, verify_signature)
 
 
 def test_wrong_key_is_refused() -> None:
@@ -66,14 +66,14 @@ def test_wrong_key_is_refused() -> None:
     body, _, _ = signed(ident)
     # Signed by another key but claiming ident's peer id.
     with pytest.raises(SignatureError, match="does not verify"):
-        verify_body(body, ident.peer_id, b64url(other.sign(body)))
+        verify_body(body, ident.peer_id, b64url(other.sign(body)), verify_signature)
 
 
 def test_header_and_body_peer_must_agree() -> None:
     ident, other = Identity.generate(), Identity.generate()
     body, _, _ = signed(ident)
     with pytest.raises(SignatureError, match="differs"):
-        verify_body(body, other.peer_id, b64url(other.sign(body)))
+        verify_body(body, other.peer_id, b64url(other.sign(body)), verify_signature)
 
 
 @pytest.mark.parametrize(
@@ -88,16 +88,16 @@ def test_malformed_bodies_are_refused(extra: dict[str, object], match: str) -> N
     ident = Identity.generate()
     body, peer, sig = signed(ident, **extra)
     with pytest.raises(SignatureError, match=match):
-        verify_body(body, peer, sig)
+        verify_body(body, peer, sig, verify_signature)
 
 
 def test_missing_headers_are_refused() -> None:
     ident = Identity.generate()
     body, peer, sig = signed(ident)
     with pytest.raises(SignatureError, match="missing"):
-        verify_body(body, None, sig)
+        verify_body(body, None, sig, verify_signature)
     with pytest.raises(SignatureError, match="base64url"):
-        verify_body(body, peer, "not base64!")
+        verify_body(body, peer, "not base64!", verify_signature)
 
 
 def test_replay_window() -> None:

@@ -14,7 +14,7 @@ from peerd.testing.process import run_cli
 
 
 def test_committed_document_matches_the_code() -> None:
-    # On failure: run `peerd api-schema` (or python -m peerd.api.openapi) and commit the diff.
+    # On failure: run `peerd api-schema` (or python -m peerd.api.cli) and commit the diff.
     assert committed() == render()
 
 

@@ -288,8 +288,8 @@ def test_light_state_dir_gives_up_where_unsure(tmp_path: Path) -> None:
 def test_the_entry_point_imports_only_the_standard_library() -> None:
     code = (
         "import json, sys\n"
-        "import peerd.ctl\n"
-        "peerd.ctl._light_args(['ingest', '/x.mp4'])\n"
+        "import peerd.__main__, peerd.ctl\n"
+        "peerd.ctl.light_args(['ingest', '/x.mp4'])\n"
         "std = sys.stdlib_module_names\n"
         "top = sorted({m.split('.')[0] for m in sys.modules} - set(std))\n"
         "print(json.dumps([top, 'peerd.config' in sys.modules]))\n"
@@ -308,11 +308,11 @@ def test_the_entry_point_imports_only_the_standard_library() -> None:
 
 
 def test_light_parse_falls_back_for_anything_else() -> None:
-    assert ctl._light_args(["status"]) is None
-    assert ctl._light_args(["ingest"]) is None  # the full CLI reports the missing PATH
-    assert ctl._light_args(["ingest", "--bogus", "/x"]) is None
-    assert ctl._light_args(["ingest", "--help"]) is None
-    parsed = ctl._light_args(["--state-dir", "/s", "ingest", "--force", "/x.mp4"])
+    assert ctl.light_args(["status"]) is None
+    assert ctl.light_args(["ingest"]) is None  # the full CLI reports the missing PATH
+    assert ctl.light_args(["ingest", "--bogus", "/x"]) is None
+    assert ctl.light_args(["ingest", "--help"]) is None
+    parsed = ctl.light_args(["--state-dir", "/s", "ingest", "--force", "/x.mp4"])
     assert parsed is not None
     g, ing = parsed
     assert g.state_dir == Path("/s")

@@ -274,7 +274,7 @@ async def test_missing_blob_is_fetched_through_the_resolver(
     status, _, _ = await _get(http, node.url("ts", blob))
     assert status == 404  # no resolver: the node cannot get it
     source = MemorySource(name="lan", blobs={cid: data})
-    node.rt.extras["resolver"] = Resolver(node.rt.store, [source], registry=None)
+    node.routes.resolver = Resolver(node.rt.store, [source], registry=None)
     status, _, body = await _get(http, node.url("ts", blob))
     assert status == 200
     assert body == data
@@ -330,7 +330,7 @@ async def test_a_miss_from_the_bucket_is_relayed_while_stored(
     data = await node.rt.store.read(cid)
     await node.rt.store.delete(cid)
     source = _GatedTrusted({cid: data})
-    node.rt.extras["resolver"] = Resolver(node.rt.store, [source], registry=None)
+    node.routes.resolver = Resolver(node.rt.store, [source], registry=None)
     async with http.get(node.url("ts", blob)) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "video/mp2t"
@@ -350,7 +350,7 @@ async def test_a_miss_from_the_bucket_is_relayed_while_stored(
     await node.rt.store.delete(cid)
     liar = _GatedTrusted({}, lies={cid: bytes(len(data))})
     liar.gate.set()
-    node.rt.extras["resolver"] = Resolver(node.rt.store, [liar], registry=None)
+    node.routes.resolver = Resolver(node.rt.store, [liar], registry=None)
     async with http.get(node.url("ts", blob)) as resp:
         assert resp.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,20 @@ class Peer:
         self.url = url
 
 
-async def start_peer(stack: AsyncExitStack, state: Path, trusted: list[str]) -> Peer:
+async def start_peer(
+    stack: AsyncExitStack, state: Path, trusted: list[str], *, fetch: bool = False
+) -> Peer:
+    """A node serving the LAN routes; with ``fetch``, ``POST /p2p/v1/fetch`` through a resolver
+    with no source (the store alone)."""
     settings = load_settings(
         None, node={"state_dir": state}, http={"port": 0}, mdns={"trusted_peers": trusted}
     )
     rt = await open_runtime(settings)
     stack.push_async_callback(rt.close)
-    rt.extras["ready"] = True
-    runner = web.AppRunner(build_app(rt, [lan.install]), access_log=None)
+    rt.node.ready = True
+    resolver = Resolver(rt.store, []) if fetch else None
+    install = partial(lan.install, directory=lan_directory(rt), resolver=resolver)
+    runner = web.AppRunner(build_app(rt, [install]), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -146,8 +153,7 @@ async def test_fastest_peer_first_and_liar_banned(
 
 async def test_fetch_route_only_for_operators(stack: AsyncExitStack, tmp_path: Path) -> None:
     friend = Identity.generate()
-    peer = await start_peer(stack, tmp_path / "peer", [friend.peer_id])
-    peer.rt.extras["resolver"] = Resolver(peer.rt.store, [])
+    peer = await start_peer(stack, tmp_path / "peer", [friend.peer_id], fetch=True)
     data = b"already here"
     cid = await peer.rt.store.put(data)
     path = f"/p2p/v1/fetch/{cid}"

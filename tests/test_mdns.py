@@ -76,14 +76,14 @@ async def test_discover_reannounce_withdraw(
     a_rt, a_svc, a_task = await start_node(stack, tmp_path / "a")
     b_rt, b_svc, _ = await start_node(stack, tmp_path / "b")
     a_id, b_id = a_rt.identity.peer_id, b_rt.identity.peer_id
-    b_dir, a_dir = lan_directory(b_rt), lan_directory(a_rt)
+    b_dir, a_dir = b_svc.directory, a_svc.directory
     await eventually(lambda: b_dir.known(a_id) and a_dir.known(b_id))
     peer = b_dir.table.get(a_id)
     assert peer is not None
     assert peer.url == f"http://127.0.0.1:{a_svc.http_port()}"
     assert peer.version
     # What it announces is what the node tells the coordinator (node info's addresses.lan).
-    assert a_rt.extras["lan_urls"] == [peer.url]
+    assert a_rt.node.lan_urls == [peer.url]
     await eventually(lambda: (p := b_dir.table.get(a_id)) is not None and p.rtt_ms is not None)
 
     # The node's address changes: it re-announces and the peer follows.
@@ -95,7 +95,7 @@ async def test_discover_reannounce_withdraw(
             and p.url.startswith("http://127.0.0.2:")
         )
     )
-    assert a_rt.extras["lan_urls"] == [f"http://127.0.0.2:{a_svc.http_port()}"]
+    assert a_rt.node.lan_urls == [f"http://127.0.0.2:{a_svc.http_port()}"]
     # Clean stop: goodbye packets, the peer forgets it at once (not after peer_ttl_s).
     a_task.cancel()
     await asyncio.gather(a_task, return_exceptions=True)

@@ -480,7 +480,7 @@ def test_fmp4_patch_rewrites_sequence_and_decode_time() -> None:
 
 async def test_daemon_media_service_watches_library(media_dir: Path, tmp_path: Path) -> None:
     from peerd.config import load_settings
-    from peerd.media.ingest import MediaService, get_ingestor
+    from peerd.media.ingest import MediaService, node_ingestor
     from peerd.runtime import open_runtime
 
     lib = tmp_path / "lib"
@@ -491,8 +491,7 @@ async def test_daemon_media_service_watches_library(media_dir: Path, tmp_path: P
         media={"watch_dirs": [lib], "watch_settle_s": 0.1, "watch_interval_s": 0.05},
     )
     rt = await open_runtime(settings)
-    svc = MediaService(rt)
-    assert get_ingestor(rt) is svc.ingestor
+    svc = MediaService(rt, node_ingestor(rt))
     ready = asyncio.Event()
     task = asyncio.create_task(svc.run(ready.set))
     await asyncio.wait_for(ready.wait(), 5)

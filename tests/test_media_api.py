@@ -8,15 +8,18 @@ import gc
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
 
 from peerd.api import routes
-from peerd.api.node import node_api
+from peerd.api.commands import Subsystems
+from peerd.api.node import NodeApi
 from peerd.config import load_settings
 from peerd.http.server import build_app
+from peerd.media.ingest import node_ingestor
 from peerd.runtime import open_runtime
 from peerd.testing.coordinator import NodeApiClient
 
@@ -57,7 +60,8 @@ async def node(tmp_path: Path, library: tuple[Path, Path]) -> AsyncIterator[Node
     token = secrets.token_urlsafe(24)
     settings.secrets_path.mkdir(parents=True, exist_ok=True)
     (settings.secrets_path / "api_token").write_text(token)
-    server = TestServer(build_app(rt, [routes.install]), host="127.0.0.1")
+    api = NodeApi(rt, Subsystems(ingestor=node_ingestor(rt)))
+    server = TestServer(build_app(rt, [partial(routes.install, api=api)]), host="127.0.0.1")
     await server.start_server()
     client = NodeApiClient(str(server.make_url("/")), token)
     try:
@@ -68,7 +72,7 @@ async def node(tmp_path: Path, library: tuple[Path, Path]) -> AsyncIterator[Node
         assert list(media) == []
     finally:
         await client.close()
-        await node_api(rt).jobs.close()
+        await api.jobs.close()
         await server.close()
         await rt.close()
 

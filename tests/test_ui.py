@@ -192,7 +192,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Runtime, str, str]]:
     """A populated runtime and the dashboard served on loopback: (rt, base url, media id)."""
     rt = await open_runtime(_settings(tmp_path, sample_interval_s=1.0))
     media_id = await populate(rt, tmp_path / "media")
-    rt.extras["ready"] = True
+    rt.node.ready = True
     rt.metrics.bytes_served.labels(source="local").inc(40 << 20)
     rt.metrics.bytes_served.labels(source="lan").inc(12 << 20)
     rt.metrics.bytes_served.labels(source="libp2p").inc(3 << 20)

@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ async def start_node(settings: Settings, clips: dict[str, HlsClip]) -> AsyncIter
     ready = asyncio.Event()
     task = asyncio.create_task(svc.run(ready.set))
     await ready.wait()
-    runner = web.AppRunner(build_app(rt, [routes.install]))
+    runner = web.AppRunner(build_app(rt, [partial(routes.install, whep=svc)]))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

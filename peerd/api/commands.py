@@ -4,10 +4,11 @@ Each command is checked when it arrives (unknown media -> 404, a subsystem this 
 -> 409 ``not_configured``, node draining -> 503) and then runs as a job (:mod:`peerd.api.jobs`).
 Every command is idempotent: running it twice leaves the same state.
 
-The subsystems commands need are reached through ``rt.extras`` and typed here as protocols, so
-this module depends on no implementation: ``resolver`` (:class:`BlobFetcher`, the delivery
-resolver), ``replicator`` (:class:`Replicator`, R2 replication) and ``peer_puller``
-(:class:`PeerPuller`, fetching a media item from one named peer).
+The subsystems commands need arrive as :class:`Subsystems` (built by the daemon), typed here as
+protocols, so this module depends on no implementation: ``resolver`` (:class:`BlobFetcher`, the
+delivery resolver), ``replicator`` (:class:`Replicator`, R2 replication), ``puller``
+(:class:`PeerPuller`, fetching a media item from one named peer) and ``ingestor``
+(:class:`Ingester`, the packager).
 
 Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
 (``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
@@ -19,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,10 +76,34 @@ class Replicator(Protocol):
 class PeerPuller(Protocol):
     """Fetches a media item from one named peer (LAN or libp2p)."""
 
-    async def pull_media_from(
-        self, peer_id: str, media_id: str, progress: Callable[[int], None] | None = None
-    ) -> object:
+    async def pull_media_from(self, peer_id: str, media_id: str) -> object:
         """Fetch manifest and blobs of ``media_id`` from ``peer_id`` into the store."""
+
+
+class Ingester(Protocol):
+    """Packages media files into the catalog (``peerd.media.ingest.Ingestor``)."""
+
+    async def ingest(
+        self,
+        path: Path,
+        *,
+        force: bool = False,
+        progress: Callable[[float, float], None] | None = None,
+    ) -> Any:
+        """Package one file; its outcome (``ok``, ``media_id``, ``error`` and counts)."""
+
+    async def ingest_many(self, paths: Iterable[Path], *, force: bool = False) -> list[Any]:
+        """Package files and folders one after another; one outcome per file."""
+
+
+@dataclass(frozen=True)
+class Subsystems:
+    """The parts the API's commands and node facts use; None where this node runs none."""
+
+    resolver: BlobFetcher | None = None
+    replicator: Replicator | None = None
+    puller: PeerPuller | None = None
+    ingestor: Ingester | None = None
 
 
 def _ingest_json(res: Any) -> dict[str, Any]:
@@ -126,8 +152,9 @@ def _plain(v: object) -> bool:
 class Commands:
     """Validates commands and builds their work for the job runner."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, parts: Subsystems) -> None:
         self.rt = rt
+        self.parts = parts
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -136,10 +163,10 @@ class Commands:
             raise Unavailable("node is draining; no new commands")
 
     def _replicator(self) -> Replicator:
-        rep = self.rt.extras.get("replicator")
+        rep = self.parts.replicator
         if rep is None:
             raise NotConfigured("R2 replication is not configured on this node")
-        return rep  # type: ignore[no-any-return]
+        return rep
 
     async def media_exists(self, media_id: str) -> bool:
         """True if the media item is in the catalog."""
@@ -168,7 +195,7 @@ class Commands:
         self._check_open()
         media_id = req.media_id
         if req.source == "peer":
-            puller = self.rt.extras.get("peer_puller")
+            puller = self.parts.puller
             if puller is None:
                 raise NotConfigured("fetching from a named peer needs the LAN/libp2p layer")
             peer_id = req.peer_id or ""
@@ -178,7 +205,7 @@ class Commands:
                 return {"source": "peer", "peer_id": peer_id, **_jsonable(report)}
 
             return media_id, from_peer
-        resolver = self.rt.extras.get("resolver")
+        resolver = self.parts.resolver
         known = await self.media_exists(media_id)
         if req.source == "any" and known and resolver is not None:
 
@@ -354,9 +381,9 @@ class Commands:
         is_dir = await asyncio.to_thread(path.is_dir)
         if not is_dir and not await asyncio.to_thread(path.is_file):
             raise NotFound(f"no file or folder {path}")
-        from peerd.media.ingest import get_ingestor  # noqa: PLC0415 (PyAV only when used)
-
-        ingestor = get_ingestor(self.rt)
+        ingestor = self.parts.ingestor
+        if ingestor is None:
+            raise NotConfigured("this node runs no packager")
 
         async def one_file(progress: ProgressFn) -> dict[str, Any]:
             def step(done: float, total: float) -> None:

@@ -1,8 +1,8 @@
 """What the node knows about itself, as the API and the heartbeat report it.
 
-:class:`NodeApi` is created once per runtime (``node_api(rt)``, kept in ``rt.extras["api"]``) and
-shared by the HTTP routes, the API service (which samples load and runs jobs) and the coordinator
-client (which puts the same figures in its signed reports).
+:class:`NodeApi` is created once by the daemon and shared by the HTTP routes
+(:func:`peerd.api.routes.install`) and the coordinator client (which samples load, runs jobs and
+puts the same figures in its signed reports).
 
 Load figures come from the metrics registry by name, so this module does not depend on the HTTP
 layer's code: ``peerd_http_active_streams`` (a gauge of viewer requests in flight; reported as
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
+from peerd.api.commands import Subsystems
 from peerd.api.jobs import JobRunner
 from peerd.api.models import (
     Addresses,
@@ -39,14 +40,14 @@ log = logging.getLogger("peerd.api")
 
 ACTIVE_STREAMS_METRIC = "peerd_http_active_streams"
 EGRESS_METRIC = "peerd_bytes_served_total"
-EXTRAS_KEY = "api"
 
 
 class NodeApi:
     """Node facts (info, health, inventory) and the command job runner of one runtime."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, parts: Subsystems | None = None) -> None:
         self.rt = rt
+        self.parts = parts or Subsystems()
         self.egress = RateMeter(window_s=30.0)
         self.jobs = JobRunner(
             rt.catalog,
@@ -99,12 +100,11 @@ class NodeApi:
     def capabilities(self) -> list[str]:
         """What this node can do now; depends on which subsystems are wired."""
         caps = ["challenge", "inventory", "pin", "unpin", "evict"]
-        extras = self.rt.extras
-        if extras.get("resolver") is not None:
+        if self.parts.resolver is not None:
             caps.append("prefetch:any")
-        if extras.get("replicator") is not None:
+        if self.parts.replicator is not None:
             caps += ["prefetch:r2", "promote", "drain:upload"]
-        if extras.get("peer_puller") is not None:
+        if self.parts.puller is not None:
             caps.append("prefetch:peer")
         media = self.rt.settings.media
         if media.library_dirs or media.watch_dirs:
@@ -113,12 +113,12 @@ class NodeApi:
 
     async def addresses(self) -> Addresses:
         """LAN URLs and libp2p multiaddrs, as the discovery and p2p layers publish them."""
-        lan = [str(u) for u in self.rt.extras.get("lan_urls", [])]
+        lan = list(self.rt.node.lan_urls)
         if not lan:
             bound = await asyncio.to_thread(_read_addr, self.rt.settings.state_dir / "http.addr")
             if bound is not None:
                 lan.append(bound)
-        libp2p = [str(a) for a in self.rt.extras.get("libp2p_addrs", [])]
+        libp2p = list(self.rt.node.libp2p_addrs)
         return Addresses(lan=lan, libp2p=libp2p)
 
     async def info(self) -> NodeInfo:
@@ -141,7 +141,7 @@ class NodeApi:
         load = self.load()
         if self.rt.draining:
             status = "draining"
-        elif self.rt.extras.get("ready"):
+        elif self.rt.node.ready:
             status = "ok"
         else:
             status = "starting"
@@ -262,13 +262,3 @@ def _read_addr(path: Path) -> str | None:
     if ip.is_loopback or ip.is_unspecified:
         return None
     return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
-
-
-def node_api(rt: Runtime) -> NodeApi:
-    """The runtime's one :class:`NodeApi` (created on first use)."""
-    api = rt.extras.get(EXTRAS_KEY)
-    if api is None:
-        api = NodeApi(rt)
-        rt.extras[EXTRAS_KEY] = api
-    assert isinstance(api, NodeApi)
-    return api

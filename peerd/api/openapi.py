@@ -1,6 +1,6 @@
 """Build the OpenAPI 3.1 document of ``/api/v1/`` from the models and the endpoint table.
 
-``python -m peerd.api.openapi`` (or ``peerd api-schema``) rewrites ``peerd/api/openapi.json``;
+``peerd api-schema`` (or ``python -m peerd.api.cli``) rewrites ``peerd/api/openapi.json``;
 ``--check`` exits 1 if the committed file differs from what the code generates. The document is
 committed so that every change of the contract shows in review, and a test fails on any diff.
 
@@ -10,7 +10,6 @@ requests the node makes to the coordinator, with the signed ``NodeReport`` body.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from importlib import resources
@@ -21,13 +20,11 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from peerd import __version__
-from peerd.api import cli as api_cli
 from peerd.api import models as m
 from peerd.api.spec import ENDPOINTS, PREFIX, Endpoint
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER
 
 REF = "#/components/schemas/{model}"
-DOC_PATH = api_cli.DOC_PATH
 
 _STATUS_TEXT = {
     200: "OK",
@@ -241,19 +238,6 @@ def committed() -> str:
     return resources.files("peerd.api").joinpath("openapi.json").read_text("utf-8")
 
 
-def register(subparsers: Any) -> None:
-    """Add ``peerd api-schema`` to the command line (see :mod:`peerd.api.cli`)."""
-    api_cli.register(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m peerd.api.openapi [--check] [--output PATH]``."""
-    parser = argparse.ArgumentParser(prog="python -m peerd.api.openapi", description=__doc__)
-    api_cli.arguments(parser)
-    args = parser.parse_args(argv)
-    return write(args.output, check=args.check)
-
-
 def write(output: Path, *, check: bool = False) -> int:
     """Write the document to ``output``, or with ``check`` compare; returns an exit code."""
     text = render()
@@ -266,7 +250,3 @@ def write(output: Path, *, check: bool = False) -> int:
     output.write_text(text, "utf-8")
     print(f"wrote {output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

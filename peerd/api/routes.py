@@ -8,8 +8,8 @@ Authentication (every endpoint but ``openapi.json``):
 * When ``api.require_access_jwt`` is on, also ``Cf-Access-Jwt-Assertion`` (Cloudflare Access
   service token), checked against the team in ``http.access_team_url`` (its certs endpoint, with
   key caching and rotation) for the audience ``api.access_aud`` (default: ``http.access_aud``).
-  A node told to require it without a team URL or audience refuses to start. Tests may wire
-  their own verifier at ``rt.extras["access_verifier"]``.
+  A node told to require it without a team URL or audience refuses to start. Tests may pass
+  their own verifier to :func:`install`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from peerd.api.models import (
     MediaCommand,
     PrefetchRequest,
 )
-from peerd.api.node import node_api
+from peerd.api.node import NodeApi
 from peerd.api.spec import ENDPOINTS, PREFIX
 from peerd.core.ids import Cid
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
@@ -56,6 +56,7 @@ M = TypeVar("M", bound=BaseModel)
 ACCESS_HEADER = "Cf-Access-Jwt-Assertion"
 RT = web.AppKey("api_runtime", Runtime)
 TOKEN = web.AppKey("api_token", list)
+API = web.AppKey("api_node", NodeApi)
 
 
 class AccessVerifier(Protocol):
@@ -63,6 +64,9 @@ class AccessVerifier(Protocol):
 
     async def verify(self, token: str) -> object:
         """The token's claims; raises :class:`Forbidden` when it is not valid."""
+
+
+VERIFIER: web.AppKey[AccessVerifier] = web.AppKey("api_access_verifier")
 
 
 def _describe(err: ValidationError) -> str:
@@ -125,8 +129,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         jwt = request.headers.get(ACCESS_HEADER)
         if not jwt:
             raise Unauthorized(f"missing {ACCESS_HEADER}")
-        verifier: AccessVerifier = rt.extras["access_verifier"]
-        await verifier.verify(jwt)
+        await request.app[VERIFIER].verify(jwt)
     return await handler(request)
 
 
@@ -135,18 +138,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def get_node(request: web.Request) -> web.Response:
     """Node info."""
-    return _json(await node_api(request.app[RT]).info())
+    return _json(await request.app[API].info())
 
 
 async def get_health(request: web.Request) -> web.Response:
     """Health and load."""
-    return _json(await node_api(request.app[RT]).health())
+    return _json(await request.app[API].health())
 
 
 async def get_inventory(request: web.Request) -> web.Response:
     """A page of inventory changes."""
     q = _query(request, InventoryQuery)
-    return _json(await node_api(request.app[RT]).inventory(q.since, q.limit))
+    return _json(await request.app[API].inventory(q.since, q.limit))
 
 
 def _hash_range(path: Path, nonce: bytes, offset: int, length: int) -> bytes:
@@ -198,8 +201,8 @@ def _command(
     async def handler(request: web.Request) -> web.Response:
         rt = request.app[RT]
         req = await _body(request, model)
-        target, work = await prepare(Commands(rt), req)
-        job, _ = await node_api(rt).jobs.submit(
+        target, work = await prepare(Commands(rt, request.app[API].parts), req)
+        job, _ = await request.app[API].jobs.submit(
             kind,  # type: ignore[arg-type]
             target,
             req.model_dump(mode="json"),
@@ -218,7 +221,7 @@ async def get_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
         raise NotFound(f"no job {job_id}")
-    job = await node_api(request.app[RT]).jobs.get(job_id)
+    job = await request.app[API].jobs.get(job_id)
     return _json(job_status(job))
 
 
@@ -265,21 +268,27 @@ def _access_verifier(rt: Runtime) -> HttpAccessVerifier:
     )
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Mount ``/api/v1/`` on the node's application (a route installer for daemon.py)."""
+def install(
+    app: web.Application, rt: Runtime, api: NodeApi, verifier: AccessVerifier | None = None
+) -> None:
+    """Mount ``/api/v1/`` on the node's application, answered from ``api``; with
+    ``api.require_access_jwt``, Access JWTs are checked by ``verifier`` (default: one for the
+    configured team, closed with the app)."""
     if not rt.settings.api.enabled:
         return
-    if rt.settings.api.require_access_jwt and rt.extras.get("access_verifier") is None:
-        rt.extras["access_verifier"] = _access_verifier(rt)
-        owned = rt.extras["access_verifier"]
-
-        async def close_verifier(_app: web.Application) -> None:
-            await owned.close()
-
-        app.on_cleanup.append(close_verifier)
-    node_api(rt)
     sub = web.Application(middlewares=[auth_middleware])
+    if rt.settings.api.require_access_jwt:
+        if verifier is None:
+            owned = _access_verifier(rt)
+            verifier = owned
+
+            async def close_verifier(_app: web.Application) -> None:
+                await owned.close()
+
+            app.on_cleanup.append(close_verifier)
+        sub[VERIFIER] = verifier
     sub[RT] = rt
+    sub[API] = api
     sub[TOKEN] = []
     sub.router.add_get("/openapi.json", get_openapi)
     for ep in ENDPOINTS:

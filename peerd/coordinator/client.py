@@ -14,9 +14,8 @@ import aiohttp
 from pydantic import ValidationError
 
 from peerd import __version__
-from peerd.api.commands import Replicator
 from peerd.api.models import CoordinatorReply, NodeReport
-from peerd.api.node import NodeApi, node_api
+from peerd.api.node import NodeApi
 from peerd.core.backoff import backoff_delay
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.errors import PeerdError
@@ -44,13 +43,14 @@ class CoordinatorService:
     def __init__(
         self,
         rt: Runtime,
+        api: NodeApi,
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.rt = rt
         self.cfg = rt.settings.coordinator
-        self.api: NodeApi = node_api(rt)
+        self.api = api
         self._clock = clock
         self._rand = rand
         self._session: aiohttp.ClientSession | None = None
@@ -212,7 +212,7 @@ class CoordinatorService:
             except CoordinatorError as exc:
                 log.warning("drain notice not delivered", extra={"error": str(exc)})
         await self._wait_streams(min(deadline, time.monotonic() + cfg.drain_streams_s))
-        replicator: Replicator | None = self.rt.extras.get("replicator")
+        replicator = self.api.parts.replicator
         left = deadline - time.monotonic()
         if replicator is not None and left > 0:
             try:

@@ -31,13 +31,14 @@ import base64
 import json
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.identity import verify_signature
-
 PEER_HEADER = "X-Peerd-Peer-Id"
 SIGNATURE_HEADER = "X-Peerd-Signature"
+Verify = Callable[[bytes, bytes, bytes], bool]
+"""``(public key, signature, message) -> valid`` (``peerd.identity.verify_signature``)."""
 NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_WINDOW_S = 60.0
 
@@ -104,19 +105,23 @@ class SignedBody:
     payload: dict[str, Any]
 
 
-def check_signature(body: bytes, peer_header: str | None, signature_header: str | None) -> None:
+def check_signature(
+    body: bytes, peer_header: str | None, signature_header: str | None, verify: Verify
+) -> None:
     """Raise :class:`SignatureError` unless ``body`` is signed by the key of ``peer_header``."""
     if not peer_header or not signature_header:
         raise SignatureError(f"missing {PEER_HEADER} or {SIGNATURE_HEADER} header")
     key = public_key_of(peer_header)
     sig = b64url_decode(signature_header)
-    if len(sig) != 64 or not verify_signature(key, sig, body):
+    if len(sig) != 64 or not verify(key, sig, body):
         raise SignatureError("signature does not verify with the key of the peer id")
 
 
-def verify_body(body: bytes, peer_header: str | None, signature_header: str | None) -> SignedBody:
+def verify_body(
+    body: bytes, peer_header: str | None, signature_header: str | None, verify: Verify
+) -> SignedBody:
     """Check the signature and shape of a received body (not its freshness: see ReplayWindow)."""
-    check_signature(body, peer_header, signature_header)
+    check_signature(body, peer_header, signature_header, verify)
     assert peer_header is not None
     try:
         payload = json.loads(body)

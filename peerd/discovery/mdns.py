@@ -236,7 +236,7 @@ class MdnsService:
         self._announced = key
         # Node info for the coordinator API (``addresses.lan``): where LAN peers reach us.
         port = self.http_port() or 0
-        self.rt.extras["lan_urls"] = [f"http://{a}:{port}" for a in addrs] if port else []
+        self.rt.node.lan_urls = [f"http://{a}:{port}" for a in addrs] if port else []
         log.info("mdns announced", extra={"addrs": addrs, "dnsaddrs": dnsaddrs})
 
     # -- browsing ----------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ class FastPath:
         full path, which answers (404, 503) from the same fetch's outcome.
         """
         routes = self.routes
-        resolver = self.rt.extras.get("resolver")
+        resolver = routes.resolver
         if req.head_only or routes.miss is not None or resolver is None:
             return None
         assert req.cid is not None

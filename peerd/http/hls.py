@@ -50,7 +50,7 @@ from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
-from peerd.delivery.resolver import BlobStream
+from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import AccessDenied, AccessVerifier
 from peerd.http.clientip import Network, client_ip, parse_networks
@@ -233,8 +233,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HlsRoutes:
     """The handlers and their caches."""
 
-    def __init__(self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics) -> None:
+    def __init__(
+        self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics, resolver: Resolver | None = None
+    ) -> None:
         self.rt = rt
+        self.resolver = resolver  # None: only held blobs are served (HTTP worker processes)
         self.auth = auth
         self.m = metrics
         cfg = rt.settings.http
@@ -430,7 +433,7 @@ class HlsRoutes:
 
     def fetch_ahead(self, media: _Media, cid: str) -> None:
         """Fetch the segments a viewer of ``media`` will ask for after ``cid``, if not held."""
-        resolver = self.rt.extras.get("resolver")
+        resolver = self.resolver
         if resolver is None:
             return
         for nxt in media.order.after(cid, self.prefetch_segments):
@@ -450,7 +453,7 @@ class HlsRoutes:
         if not path.is_file():  # noqa: ASYNC240
             if self.miss is not None:
                 return await self.miss(request)
-            resolver = self.rt.extras.get("resolver")
+            resolver = self.resolver
             if resolver is None:
                 raise NotFound("blob not held")
             # A whole-body GET starts at once when the node's own bucket answers: its bytes go
@@ -603,11 +606,12 @@ def make_auth(rt: Runtime, denied: Counter) -> ViewerAuth:
     )
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Add the HLS routes and the shared viewer authorization to ``app``."""
+def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
+    """Add the HLS routes and the shared viewer authorization to ``app``; blobs the node lacks
+    come through ``resolver`` (none: 404)."""
     metrics = HlsMetrics(rt)
     auth = make_auth(rt, metrics.denied)
-    routes = HlsRoutes(rt, auth, metrics)
+    routes = HlsRoutes(rt, auth, metrics, resolver)
     app[VIEWER_AUTH] = auth
     app[ROUTES_KEY] = routes
 

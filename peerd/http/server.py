@@ -13,13 +13,15 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
-from peerd.ctl import lasting_short_path, listen_unix
 from peerd.errors import PeerdError
+from peerd.paths import lasting_short_path, listen_unix
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http")
 
 RouteInstaller = Callable[[web.Application, Runtime], None]
+SiteFactory = Callable[..., web.TCPSite]
+"""``(runner, host, port, **kwargs)`` -> the listening site (``peerd.http.fastpath.site``)."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
@@ -60,7 +62,7 @@ async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME_KEY]
     if rt.draining:
         return web.json_response({"status": "draining"}, status=503)
-    if not rt.extras.get("ready"):
+    if not rt.node.ready:
         return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ready"})
 
@@ -172,9 +174,12 @@ class HttpService:
 
     name = "http"
 
-    def __init__(self, rt: Runtime, installers: list[RouteInstaller]) -> None:
+    def __init__(
+        self, rt: Runtime, installers: list[RouteInstaller], site: SiteFactory = web.TCPSite
+    ) -> None:
         self.rt = rt
         self.installers = installers
+        self.site = site  # the daemon passes peerd.http.fastpath.site
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -196,10 +201,7 @@ class HttpService:
             # With worker processes the port is shared (SO_REUSEPORT): the kernel spreads new
             # connections over every process bound to it.
             workers = cfg.workers > 1
-            # Imported here: the fast path builds on this module's keys and metrics.
-            from peerd.http import fastpath
-
-            site = fastpath.site(
+            site = self.site(
                 self.runner, cfg.host, cfg.port, reuse_address=True, reuse_port=workers or None
             )
             await site.start()
@@ -236,7 +238,7 @@ class HttpService:
 def internal_socket(state_dir: Path) -> str:
     """The daemon's private HTTP socket that worker processes relay requests to, as a path
     this process can connect to (short enough for a socket address however long the state
-    directory is: see :func:`peerd.ctl.lasting_short_path`)."""
+    directory is: see :func:`peerd.paths.lasting_short_path`)."""
     return f"{lasting_short_path(state_dir)}/{INTERNAL_SOCKET}"
 
 

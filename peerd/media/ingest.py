@@ -681,19 +681,14 @@ def _rendition(m: mf.Manifest, rendition_id: str) -> mf.Rendition:
     raise NotFound(f"no rendition {rendition_id!r}")
 
 
-def get_ingestor(rt: Any) -> Ingestor:
-    """The node's one Ingestor (created on first use, kept in ``rt.extras``).
+def node_ingestor(rt: Any) -> Ingestor:
+    """An Ingestor on the runtime's catalog, store, ``[media]`` settings and metrics registry.
 
-    This is how the daemon's API (``await get_ingestor(rt).ingest(path)``) and the delivery
-    resolver (``await get_ingestor(rt).produce_segment(media_id, rendition_id, seq)``) reach it.
+    The daemon builds one and hands it to the media and control services, the API's commands
+    and the transcode source (``produce_segment``); its metrics register once per registry.
     """
-    ing = rt.extras.get("media.ingestor")
-    if ing is None:
-        metrics = MediaMetrics(rt.metrics.registry)
-        ing = Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options(), metrics)
-        rt.extras["media.ingestor"] = ing
-    assert isinstance(ing, Ingestor)
-    return ing
+    metrics = MediaMetrics(rt.metrics.registry)
+    return Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options(), metrics)
 
 
 def _warm_up() -> None:
@@ -707,9 +702,9 @@ class MediaService:
 
     name = "media"
 
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Any, ingestor: Ingestor) -> None:
         self.rt = rt
-        self.ingestor = get_ingestor(rt)
+        self.ingestor = ingestor
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Warm the packager up, then watch the library folders (if any) until cancelled."""

@@ -29,6 +29,7 @@ from aiohttp import web
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy, Peer
 from peerd.core.signing import check, sign_headers
+from peerd.delivery.resolver import Resolver
 from peerd.delivery.source import Offer
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import Forbidden, NotFound, Unauthorized, UpstreamError
@@ -40,29 +41,26 @@ log = logging.getLogger("peerd.p2p.lan")
 ROUTE = "/p2p/v1/blobs/{cid}"
 MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
 FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
-DIRECTORY_KEY = "lan_peers"
 CHUNK = 256 * 1024
 
 
 def lan_directory(rt: Runtime) -> PeerDirectory:
-    """The node's LAN peer directory (created on first use, shared by mDNS, route and source)."""
-    d = rt.extras.get(DIRECTORY_KEY)
-    if d is None:
-        cfg = rt.settings.mdns
-        d = PeerDirectory(
-            rt.catalog,
-            via="mdns",
-            ttl_s=cfg.peer_ttl_s,
-            policy=BanPolicy(cfg.max_failures, cfg.ban_failure_s, cfg.ban_integrity_s),
-        )
-        rt.extras[DIRECTORY_KEY] = d
-    assert isinstance(d, PeerDirectory)
-    return d
+    """A LAN peer directory as ``[mdns]`` configures it (the daemon builds one, shared by mDNS,
+    the routes, the LAN source and the puller)."""
+    cfg = rt.settings.mdns
+    return PeerDirectory(
+        rt.catalog,
+        via="mdns",
+        ttl_s=cfg.peer_ttl_s,
+        policy=BanPolicy(cfg.max_failures, cfg.ban_failure_s, cfg.ban_integrity_s),
+    )
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Add the node-to-node blob route."""
-    directory = lan_directory(rt)
+def install(
+    app: web.Application, rt: Runtime, directory: PeerDirectory, resolver: Resolver | None = None
+) -> None:
+    """Add the node-to-node routes: peers known to ``directory`` may read; ``POST`` fetches go
+    through ``resolver`` (none: 404)."""
     trusted = set(rt.settings.mdns.trusted_peers)
     operators = trusted | {rt.identity.peer_id}
     skew = rt.settings.mdns.signature_skew_s
@@ -119,7 +117,6 @@ def install(app: web.Application, rt: Runtime) -> None:
     async def fetch(request: web.Request) -> web.Response:
         authenticate(request, operators.__contains__)
         cid = parse_cid(request.match_info["cid"])
-        resolver = rt.extras.get("resolver")
         if resolver is None:
             raise NotFound("this node has no resolver")
         path = await resolver.ensure_local(cid)

@@ -57,7 +57,7 @@ class PeerPullReport:
 
 
 class PeerPuller:
-    """Pulls media items from named LAN peers (``rt.extras["peer_puller"]``)."""
+    """Pulls media items from named LAN peers (the coordinator's prefetch by peer)."""
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ log = logging.getLogger("peerd.p2p")
 READ_SIZE = 1024 * 1024
 RESYNC_S = 60.0
 REBOOTSTRAP_S = 30.0
-SERVICE_KEY = "p2p"
 
 
 class P2PService:
@@ -77,7 +76,6 @@ class P2PService:
         self.m_served = Counter(
             "peerd_p2p_served_bytes", "Blob bytes sent to libp2p peers", registry=reg
         )
-        rt.extras[SERVICE_KEY] = self
 
     async def _lookup(self, cid: str) -> Path | None:
         try:
@@ -97,7 +95,7 @@ class P2PService:
             )
             self.addrs = await self.bridge.call(self.node.start)
             log.info("libp2p listening", extra={"addrs": self.addrs})
-            self.rt.extras["libp2p_addrs"] = list(self.addrs)  # node info for the coordinator API
+            self.rt.node.libp2p_addrs = list(self.addrs)  # node info for the coordinator API
             await asyncio.to_thread(
                 _write_lines, self.rt.settings.state_dir / "p2p.addrs", self.addrs
             )

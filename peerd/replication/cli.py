@@ -173,10 +173,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog import Catalog
-    from peerd.cli import node_exists
     from peerd.replication.outbox import Outbox
 
-    if not node_exists(settings):
+    if not settings.catalog_path.exists():
+        print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
         return 1
     cat = await Catalog.open(settings.catalog_path)
     try:

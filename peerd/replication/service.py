@@ -1,6 +1,6 @@
 """The replicator: runs the outbox against R2, and the operations other subsystems call.
 
-Public surface (the daemon keeps the instance at ``rt.extras["replicator"]``):
+Public surface (the daemon builds one and hands it to the API, the coordinator and tiering):
 
 ``await push_blob(cid)``
     queue an upload of one blob (durable; returns at once).

@@ -35,6 +35,7 @@ from peerd.core.signed import (
     check_signature,
     verify_body,
 )
+from peerd.identity import verify_signature
 from peerd.testing.openapi import OpenApiDocument, SchemaViolation
 
 
@@ -114,7 +115,10 @@ class FakeCoordinator:
             return self._refuse(request.path, 404, "no such endpoint")
         try:
             signed = verify_body(
-                body, request.headers.get(PEER_HEADER), request.headers.get(SIGNATURE_HEADER)
+                body,
+                request.headers.get(PEER_HEADER),
+                request.headers.get(SIGNATURE_HEADER),
+                verify_signature,
             )
         except SignatureError as exc:
             return self._refuse(request.path, 401, str(exc))
@@ -159,7 +163,9 @@ class FakeCoordinator:
         if headers.get(PEER_HEADER) != peer_id:
             return Verdict(False, "answer signed by another peer id")
         try:
-            check_signature(body, headers.get(PEER_HEADER), headers.get(SIGNATURE_HEADER))
+            check_signature(
+                body, headers.get(PEER_HEADER), headers.get(SIGNATURE_HEADER), verify_signature
+            )
         except SignatureError as exc:
             return Verdict(False, str(exc))
         answer = json.loads(body)

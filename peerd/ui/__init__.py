@@ -40,12 +40,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
-from typing import Any
 
 from aiohttp import web
 
 from peerd.core import tokens
 from peerd.core.ids import parse_cid
+from peerd.delivery import Resolver
 from peerd.errors import Forbidden, NotConfigured, NotFound, Unauthorized, Unavailable
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
@@ -53,7 +53,6 @@ from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, serv
 
 log = logging.getLogger("peerd.ui")
 
-HISTORY_KEY = "ui_history"
 TUNNEL_HEADERS = ("CF-Connecting-IP", "Cf-Ray", "X-Forwarded-For", "Cf-Access-Jwt-Assertion")
 STATIC_TYPES = {
     "index.html": "text/html",
@@ -90,11 +89,11 @@ def _secure(resp: web.StreamResponse, *, cache: str = "no-store") -> web.StreamR
 class Dashboard:
     """The routes, bound to one runtime."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, resolver: Resolver | None = None) -> None:
         self.rt = rt
+        self.resolver = resolver
         cfg = rt.settings.ui
         self.history = BandwidthHistory(max_points=cfg.history_points)
-        rt.extras[HISTORY_KEY] = self.history
 
     # -- access control ---------------------------------------------------------------------
 
@@ -206,7 +205,7 @@ class Dashboard:
         """A blob's bytes for the player."""
         self._require(request)
         cid = parse_cid(request.match_info["cid"])
-        resolver: Any = self.rt.extras.get("resolver")
+        resolver = self.resolver
         path = await (
             resolver.ensure_local(cid) if resolver is not None else self.rt.store.open_path(cid)
         )
@@ -248,11 +247,12 @@ class Dashboard:
                 await task
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Add the dashboard's routes (nothing when ``[ui] enabled = false``)."""
+def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
+    """Add the dashboard's routes (nothing when ``[ui] enabled = false``); the player's blobs
+    the node lacks come through ``resolver``."""
     if not rt.settings.ui.enabled:
         return
-    d = Dashboard(rt)
+    d = Dashboard(rt, resolver)
     app.router.add_get("/ui", d.page)
     app.router.add_get("/ui/", d.page)
     app.router.add_post("/ui/login", d.login)

@@ -275,7 +275,7 @@ async def build_summary(
             "public_url": settings.node.public_url,
             "started_at": rt.started_at,
             "uptime_s": now - rt.started_at,
-            "ready": bool(rt.extras.get("ready")),
+            "ready": rt.node.ready,
             "draining": rt.draining,
             "now": now,
         },

@@ -43,6 +43,7 @@ from aiortc.mediastreams import MediaStreamError
 from peerd.core.ids import Cid
 from peerd.core.manifest import Container, Manifest, Rendition, decode
 from peerd.core.whep import stream_profile
+from peerd.delivery import Resolver
 from peerd.errors import MediaError, NotFound
 from peerd.runtime import Runtime
 
@@ -86,11 +87,15 @@ def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
 
 
 async def load_playable(
-    rt: Runtime, media_id: str, max_height: int, pool: Executor | None = None
+    rt: Runtime,
+    media_id: str,
+    max_height: int,
+    pool: Executor | None = None,
+    resolver: Resolver | None = None,
 ) -> Playable:
     """Read the media's manifest from the catalog, pick the rendition to play, and probe its
     first segment for B-frames (see :func:`peerd.core.whep.choose_video`); file work runs in
-    ``pool`` (default: the loop's executor).
+    ``pool`` (default: the loop's executor), blobs the node lacks come through ``resolver``.
     """
     loop = asyncio.get_running_loop()
     rows = list(
@@ -108,8 +113,8 @@ async def load_playable(
     assert first is not None  # a ready rendition pins every segment
     init = None
     if r.init is not None:
-        init = await loop.run_in_executor(pool, (await blob_path(rt, r.init)).read_bytes)
-    seg = await blob_path(rt, first)
+        init = await loop.run_in_executor(pool, (await blob_path(rt, resolver, r.init)).read_bytes)
+    seg = await blob_path(rt, resolver, first)
     reorders = await loop.run_in_executor(pool, probe_reorders, manifest.container, init, seg)
     return Playable(
         media_id=media_id,
@@ -148,9 +153,8 @@ def probe_reorders(container: Container, init: bytes | None, segment: Path) -> b
     return False
 
 
-async def blob_path(rt: Runtime, cid: str) -> Path:
+async def blob_path(rt: Runtime, resolver: Resolver | None, cid: str) -> Path:
     """A local path for a blob: through the resolver when there is one, else the store alone."""
-    resolver = rt.extras.get("resolver")
     if resolver is not None:
         path: Path = await resolver.ensure_local(Cid(cid))
         return path
@@ -357,9 +361,11 @@ class Feeder:
         read_ahead_s: float,
         loop_playback: bool,
         pool: Executor | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.rt = rt
         self.pool = pool
+        self.resolver = resolver
         self.playable = playable
         self.video = video
         self.audio = audio
@@ -385,7 +391,7 @@ class Feeder:
                 for seg in r.segments:
                     assert seg.cid is not None  # a ready rendition pins every segment
                     await self._wait_room(offset + t)
-                    path = await blob_path(self.rt, seg.cid)
+                    path = await blob_path(self.rt, self.resolver, seg.cid)
                     vitems, aitems = await loop.run_in_executor(
                         self.pool, self.demuxer.demux, init, path, offset
                     )

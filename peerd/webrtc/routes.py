@@ -24,7 +24,7 @@ from importlib import resources
 from aiohttp import web
 
 from peerd.core.whep import link_headers
-from peerd.errors import BadRequest, NotFound, Unavailable
+from peerd.errors import BadRequest, NotFound
 from peerd.runtime import Runtime
 from peerd.webrtc.access import check_access
 from peerd.webrtc.session import WhepService
@@ -33,13 +33,6 @@ SDP = "application/sdp"
 _MAX_OFFER = 64 * 1024
 _ALLOW_HEADERS = "Authorization, Content-Type, If-Match"
 _EXPOSE_HEADERS = "Location, Link, ETag, Accept-Patch"
-
-
-def _service(rt: Runtime) -> WhepService:
-    svc = rt.extras.get("whep")
-    if not isinstance(svc, WhepService):
-        raise Unavailable("WHEP is not running")
-    return svc
 
 
 def _token(request: web.Request) -> str | None:
@@ -60,8 +53,8 @@ def _cors(rt: Runtime, request: web.Request, headers: MutableMapping[str, str]) 
     headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Register the WHEP routes."""
+def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
+    """Register the WHEP routes, answered by ``whep``."""
     if not rt.settings.webrtc.enabled:
         return
 
@@ -80,7 +73,7 @@ def install(app: web.Application, rt: Runtime) -> None:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("SDP offer is not UTF-8") from None
-        session, answer, servers = await _service(rt).open(media_id, offer)
+        session, answer, servers = await whep.open(media_id, offer)
         location = f"/whep/sessions/{session.id}"
         resp = web.Response(status=201, text=answer, content_type=SDP)
         resp.headers["Location"] = location
@@ -90,8 +83,7 @@ def install(app: web.Application, rt: Runtime) -> None:
         return resp
 
     async def delete_session(request: web.Request) -> web.Response:
-        svc = _service(rt)
-        if not await svc.close(request.match_info["session_id"], "delete"):
+        if not await whep.close(request.match_info["session_id"], "delete"):
             raise NotFound("no such WHEP session")
         return web.Response(status=200)
 
@@ -119,7 +111,7 @@ def install(app: web.Application, rt: Runtime) -> None:
         media_id = request.match_info["media_id"]
         token = _token(request)
         check_access(rt, media_id, token, time.time())
-        servers = await _service(rt).ice_servers()
+        servers = await whep.ice_servers()
         config = {
             "endpoint": f"/whep/{media_id}",
             "token": token,

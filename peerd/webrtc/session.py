@@ -1,6 +1,6 @@
 """WHEP sessions: negotiation, the concurrency cap, and cleanup when a viewer goes away.
 
-One :class:`WhepService` per daemon (``rt.extras["whep"]``) owns every session. A session is one
+One :class:`WhepService` per daemon owns every session. A session is one
 aiortc ``RTCPeerConnection`` answering a viewer's offer, its two paced tracks and the feeder that
 fills them (``peerd.webrtc.media``). It ends when the viewer sends ``DELETE``, when the peer
 connection fails or closes (ICE consent lost, DTLS closed), when it does not connect within
@@ -37,6 +37,7 @@ from aiortc.rtcrtpparameters import (
 from prometheus_client import Counter, Gauge
 
 from peerd.core.whep import IceServer, OfferedCodec, VideoPlan, choose_video
+from peerd.delivery import Resolver
 from peerd.errors import BadRequest, NotFound, TooManyRequests, Unavailable
 from peerd.runtime import Runtime
 from peerd.webrtc.ice import IceProvider, build_ice_provider, for_aiortc
@@ -197,8 +198,11 @@ class WhepService:
 
     name = "webrtc"
 
-    def __init__(self, rt: Runtime, ice: IceProvider | None = None) -> None:
+    def __init__(
+        self, rt: Runtime, ice: IceProvider | None = None, resolver: Resolver | None = None
+    ) -> None:
         self.rt = rt
+        self.resolver = resolver  # blobs the node lacks; None: the store alone
         self.cfg = rt.settings.webrtc
         self.metrics = WhepMetrics(rt)
         self.ice = ice or build_ice_provider(rt.settings, on_fetch=self._count_fetch)
@@ -213,7 +217,6 @@ class WhepService:
             max_workers=self.cfg.media_threads, thread_name_prefix="ThreadPoolExecutor-whep"
         )
         self._accepting = False
-        rt.extras["whep"] = self
 
     def _count_fetch(self, result: str) -> None:
         self.metrics.turn.labels(result=result).inc()
@@ -310,7 +313,7 @@ class WhepService:
         if task is None:
             # One load per media item however many viewers ask at once.
             task = asyncio.create_task(
-                load_playable(self.rt, media_id, self.cfg.max_height, self.pool)
+                load_playable(self.rt, media_id, self.cfg.max_height, self.pool, self.resolver)
             )
             self._loading[media_id] = task
             task.add_done_callback(lambda _: self._loading.pop(media_id, None))
@@ -369,6 +372,7 @@ class WhepService:
             read_ahead_s=self.cfg.read_ahead_s,
             loop_playback=self.cfg.loop_playback,
             pool=self.pool,
+            resolver=self.resolver,
         )
         session = WhepSession(
             id=secrets.token_urlsafe(16),

@@ -122,7 +122,7 @@ async def cold_node(
             await store.evict_local(Cid(cid))
             blobs[cid] = data
         resolver = Resolver(store, sources, registry=None)
-        node.rt.extras["resolver"] = resolver
+        node.routes.resolver = resolver
         cold = Cold(node, resolver, media, blobs, moto, bucket)
         try:
             yield cold
