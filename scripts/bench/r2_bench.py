@@ -26,7 +26,9 @@ Usage (from the repo root)::
         [--delay-ms 20] [--parts push,daemon]
 
 ``--delay-ms`` puts the fault proxy (``latency_s``) between the server and both TTFB paths;
-``--parts`` runs only the named sections (default: all).
+``--parts`` runs only the named sections (default: all); ``--baseline-tree`` adds, to the daemon
+sections, a daemon run from another checkout (e.g. ``git archive <rev> | tar -x -C DIR``),
+alternated with this one blob by blob: the fair way to compare two versions on a shared machine.
 
 Results: printed, and written to /tmp/peerd-bench/r2.json.
 """
@@ -202,7 +204,6 @@ async def daemon_ttfb(
         await asyncio.to_thread(moto.put, bucket, blob_key(c), b)
     wan = await FaultProxy("127.0.0.1", moto.port, latency_s=args.delay_ms / 1000).start()
     upstream = wan.url if args.delay_ms else moto.url
-    state = tmp / f"daemon-{prefetch}-{int(p2p)}"
     r2 = {"endpoint": upstream, "bucket": bucket, "tiering_interval_s": 3600.0}
     config: dict[str, object] = {
         "r2": r2,
@@ -211,13 +212,20 @@ async def daemon_ttfb(
     }
     if p2p:
         config["p2p"] = {"enabled": True, "host": "127.0.0.1", "tcp_port": 0, "ws_port": 0}
-    node = PeerdProcess(state, config=config)
-    await asyncio.to_thread(node.init)
-    write_r2_secrets(state)
-    media_id = await record_synthetic_media(state, cids)
-    await asyncio.to_thread(node.start)
-    res: dict[str, list[float]] = {"direct": [], "daemon": []}
+    trees = (
+        {"daemon": None, "baseline": args.baseline_tree} if args.baseline_tree else {"daemon": None}
+    )
+    nodes: dict[str, tuple[PeerdProcess, Path, str]] = {}
+    res: dict[str, list[float]] = {"direct": [], **{name: [] for name in trees}}
     try:
+        for name, tree in trees.items():
+            state = tmp / f"{name}-{prefetch}-{int(p2p)}"
+            env = {"PYTHONPATH": str(tree)} if tree else {}
+            node = PeerdProcess(state, config=config, env=env)
+            await asyncio.to_thread(node.init)
+            write_r2_secrets(state)
+            nodes[name] = (node, state, await record_synthetic_media(state, cids))
+            await asyncio.to_thread(node.start)
         direct = moto.client()
 
         def presigned(c: Cid) -> str:
@@ -228,19 +236,27 @@ async def daemon_ttfb(
             )
             return url.replace(moto.url, upstream, 1)
 
+        def url(name: str, c: Cid, ext: str) -> str:
+            node, state, media_id = nodes[name]
+            return hls_url(node.base_url, state, media_id, f"b/{c}.{ext}")
+
         async with aiohttp.ClientSession() as session:
-            # Warm both paths' connections on a blob that is not measured (the init segment).
+            # Warm every path's connections on a blob that is not measured (the init segment).
             await ttfb(session, presigned(cids[0]))
-            await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{cids[0]}.mp4"))
-            for c in cids[1:]:
-                d = await ttfb(session, presigned(c))
-                p = await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{c}.m4s"))
-                assert d[2] == tsize, d
-                assert p[2] == tsize, p
-                res["direct"].append(d[0])
-                res["daemon"].append(p[0])
+            for name in nodes:
+                await ttfb(session, url(name, cids[0], "mp4"))
+            order = list(res)
+            for i, c in enumerate(cids[1:]):
+                # Rotated blob by blob, so no path always follows the same one.
+                for who in order[i % len(order) :] + order[: i % len(order)]:
+                    got = await ttfb(
+                        session, presigned(c) if who == "direct" else url(who, c, "m4s")
+                    )
+                    assert got[2] == tsize, (who, got)
+                    res[who].append(got[0])
     finally:
-        await asyncio.to_thread(node.stop)
+        for node, _, _ in nodes.values():
+            await asyncio.to_thread(node.stop)
         await wan.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
     what = "cold misses" if not prefetch else f"in play order, prefetch_segments={prefetch}"
@@ -250,6 +266,11 @@ async def daemon_ttfb(
         f"TTFB through the daemon ({what}): {med['daemon'] * 1000:.2f} ms vs direct "
         f"{med['direct'] * 1000:.2f} ms = {med['daemon'] / med['direct']:.2f}x"
     )
+    if "baseline" in med:
+        print(
+            f"  baseline ({args.baseline_tree}): {med['baseline'] * 1000:.2f} ms = "
+            f"{med['baseline'] / med['direct']:.2f}x"
+        )
     return {
         "blob_bytes": tsize,
         "blobs": len(cids) - 1,
@@ -258,6 +279,11 @@ async def daemon_ttfb(
         "delay_ms": args.delay_ms,
         "median_ttfb_s": med,
         "ratio_daemon_over_direct": med["daemon"] / med["direct"],
+        **(
+            {"ratio_baseline_over_direct": med["baseline"] / med["direct"]}
+            if "baseline" in med
+            else {}
+        ),
     }
 
 
@@ -301,6 +327,12 @@ async def main() -> None:
         default=0.0,
         help="TTFB: a fault proxy between the server and both paths adds this much to every "
         "round trip, and one more round trip to a new connection (R2 over a WAN)",
+    )
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="daemon TTFB: also run a daemon from this checkout of peerd, alternated blob by "
+        "blob with this one and the direct GET (an A/B in one session)",
     )
     ap.add_argument(
         "--parts",
