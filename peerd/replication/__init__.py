@@ -2,10 +2,8 @@
 
 The node's R2 bucket is the hot tier. This package holds
 
-- :mod:`.r2` -- the S3 client configured for R2 (checksums, key layout); its hot path (blob
-  PUT/HEAD, part uploads) is :mod:`.s3http` (aiohttp, SigV4 from :mod:`peerd.core.sigv4`),
-  object GETs :mod:`.s3get` (a plain asyncio protocol whose body can be tapped in its own
-  callback, for the read-through path), the rest boto3 in a bounded executor;
+- :mod:`.r2` -- the S3 client configured for R2 (checksums, key layout, read retries); every
+  request goes through :mod:`.s3http` (one aiohttp session, SigV4 from botocore's signer);
 - :mod:`.outbox` -- durable jobs in SQLite (decisions in :mod:`peerd.core.outbox`);
 - :mod:`.service` -- :class:`Replicator`: outbox workers, promote/demote/pull, last-copy upload;
 - :mod:`.source` -- :class:`R2Source`, R2 as a delivery source (read-through);

@@ -40,7 +40,7 @@ class R2Metrics:
         )
 
     def on_request(self, op: str) -> None:
-        """Count one request (called from executor threads; counters are thread-safe)."""
+        """Count one request (counters are thread-safe, so any thread may call it)."""
         self.requests.labels(op=op).inc()
         if op in CLASS_A:
             self.pending_class_a += 1

@@ -1,5 +1,5 @@
-"""The R2 client: signed aiohttp requests on the hot path, boto3 (in a bounded executor) for
-the rest, both configured for R2's rules.
+"""The R2 client: every request signed by botocore and sent over one aiohttp session
+(:mod:`peerd.replication.s3http`), configured for R2's rules.
 
 Key layout in the bucket::
 
@@ -8,18 +8,13 @@ Key layout in the bucket::
                            (multipart, equal parts >= 5 MiB, see :mod:`peerd.core.multipart`)
     media/<media id>.json  a media item's canonical manifest (its bytes hash to the media id)
 
-Blob PUTs, HEADs and multipart part uploads go through :mod:`peerd.replication.s3http` (one
-keep-alive pool, SigV4 from :mod:`peerd.core.sigv4`): boto3 in a thread cost ~2.5x rclone's
-push time and most of a cold miss's first-byte latency on loopback. Object GETs go through
-:mod:`peerd.replication.s3get` (a plain asyncio protocol with a spare connection kept open),
-whose body the resolver taps in the connection's callback. Multipart
-create/complete/abort and DELETE stay on boto3 (rare, and their XML is boto3's job).
-
-R2 specifics: region ``auto``; no ACL or tagging headers are ever sent; botocore's automatic
-checksums are off (``when_required``, R2 rejects some of what boto3 >= 1.36 sends by default)
-and the SHA-256 checksum is sent explicitly instead -- for a blob it is the digest inside its
-cid, so it costs no hashing for single PUTs. No retries inside the client: the outbox retries
-with its own backoff and records every error, and a read-through miss makes exactly one GET.
+R2 specifics: region ``auto``; no ACL or tagging headers are ever sent; the SHA-256 checksum
+is sent explicitly -- for a blob it is the digest inside its cid, so it costs no hashing for
+single PUTs. Writes are not retried here: the outbox retries them with its own backoff and
+records every error. Reads (:meth:`R2Client.open`) retry a transient failure (a 5xx or 429
+answer, a connection reset before the answer) with a short backoff, and resume a body cut
+midway with a ``Range`` request; a blob R2 lacks costs exactly one GET (a 404), and every byte
+is checked against its cid by whoever stores it.
 
 An upload is *verified* when a HEAD (with ``x-amz-checksum-mode: ENABLED``) reports the expected
 size and checksum: the blob's digest for a single PUT, or the composite checksum of the parts
@@ -32,38 +27,47 @@ import asyncio
 import base64
 import hashlib
 import logging
-import threading
+import re
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from xml.sax.saxutils import escape, unescape
 
 import aiohttp
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
 from peerd.core.ids import Cid, digest_of
 from peerd.core.multipart import b64_digest, check_plan, composite_checksum, plan_parts
-from peerd.core.sigv4 import EMPTY_SHA256, SigningKey
 from peerd.errors import ConfigError, UpstreamError
-from peerd.replication.s3get import ERROR_BODY_MAX, GetError, GetPool, GetResponse
-from peerd.replication.s3http import ERROR_CODE, HttpStatusError, LocalMismatch, S3Http, file_body
+from peerd.replication.s3http import (
+    EMPTY_SHA256,
+    ERROR_CODE,
+    HttpStatusError,
+    LocalMismatch,
+    Query,
+    S3Http,
+    file_body,
+)
 
 log = logging.getLogger("peerd.replication")
 
-T = TypeVar("T")
 CHUNK = 256 * 1024
 PART_SIZE_META = "peerd-part-size"
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.1
+UPLOAD_ID = re.compile(r"<UploadId>([^<]{1,1024})</UploadId>")
 
 
 class R2Error(UpstreamError):
-    """A request to R2 failed. ``throttled``: the server asked us to slow down."""
+    """A request to R2 failed. ``throttled``: the server asked us to slow down; ``transient``:
+    the same request may well succeed in a moment (a 5xx, a reset connection)."""
 
-    def __init__(self, message: str, *, throttled: bool = False, **detail: Any) -> None:
+    def __init__(
+        self, message: str, *, throttled: bool = False, transient: bool = False, **detail: Any
+    ) -> None:
         super().__init__(message, **detail)
         self.throttled = throttled
+        self.transient = transient or throttled
 
 
 class AlreadyExists(R2Error):
@@ -142,157 +146,102 @@ def config_from_settings(settings: Any) -> R2Config | None:
     )
 
 
-_session_lock = threading.Lock()
-_session: Any = None
-
-
-def make_s3(cfg: R2Config) -> Any:
-    """A boto3 S3 client configured for R2 (see the module doc). Blocking.
-
-    One boto3 session per process: it caches the parsed service model, which otherwise costs
-    ~0.25 s of CPU per client. Sessions are not thread-safe, hence the lock.
-    """
-    global _session
-    with _session_lock:
-        if _session is None:
-            _session = boto3.session.Session()
-        return _make_client(_session, cfg)
-
-
-def _make_client(session: Any, cfg: R2Config) -> Any:
-    return session.client(
-        "s3",
-        endpoint_url=cfg.endpoint,
-        aws_access_key_id=cfg.access_key_id,
-        aws_secret_access_key=cfg.secret_access_key,
-        config=Config(
-            region_name=cfg.region,
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            retries={"total_max_attempts": 1},
-            connect_timeout=cfg.connect_timeout_s,
-            read_timeout=cfg.read_timeout_s,
-            max_pool_connections=cfg.max_concurrency * 2,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
-def _error(op: str, key: str, exc: Exception) -> R2Error:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        throttled = code in ("SlowDown", "TooManyRequests", "ServiceUnavailable") or status in (
-            429,
-            503,
-        )
-        cls = AlreadyExists if status == 412 else R2Error
-        return cls(
-            f"R2 {op} {key} failed: {status} {code}".strip(),
-            throttled=throttled,
-            status_code=status,
-        )
-    return R2Error(f"R2 {op} {key} failed: {type(exc).__name__}: {exc}")
-
-
 def _http_error(op: str, key: str, exc: BaseException) -> R2Error:
-    """An :class:`R2Error` for a failure of the aiohttp path (same shape as :func:`_error`)."""
+    """An :class:`R2Error` for a failed request (its status and S3 code, or what broke)."""
     if isinstance(exc, HttpStatusError):
         throttled = exc.code in ("SlowDown", "TooManyRequests", "ServiceUnavailable") or (
             exc.status in (429, 503)
         )
         cls = AlreadyExists if exc.status == 412 else R2Error
-        return cls(str(exc), throttled=throttled, status_code=exc.status)
+        return cls(
+            str(exc), throttled=throttled, transient=exc.status >= 500, status_code=exc.status
+        )
     if isinstance(exc, LocalMismatch):
         return R2Error(f"R2 {op} {key} refused: {exc}")
-    return R2Error(f"R2 {op} {key} failed: {type(exc).__name__}: {exc}")
+    # A timeout is not transient here: the caller's own deadline is about as long.
+    transient = isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, TimeoutError)
+    return R2Error(f"R2 {op} {key} failed: {type(exc).__name__}: {exc}", transient=transient)
 
 
 _HTTP_ERRORS = (HttpStatusError, LocalMismatch, aiohttp.ClientError, TimeoutError, OSError)
 
 
-def _is_missing(exc: Exception) -> bool:
-    if not isinstance(exc, ClientError):
-        return False
-    code = str(exc.response.get("Error", {}).get("Code", ""))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return status == 404 or code in ("NoSuchKey", "NotFound", "404")
-
-
 class R2Client:
-    """Async facade for one bucket: the hot path (blob PUT, HEAD, GET, part uploads) over
-    aiohttp (:mod:`peerd.replication.s3http`), the rest (multipart create/complete/abort,
-    DELETE) through boto3 in a bounded executor. Build it inside the running loop."""
+    """Async client for one bucket: blobs and manifests, over one aiohttp session. Build it
+    inside the running loop."""
 
-    def __init__(
-        self, cfg: R2Config, s3: Any, *, on_request: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, cfg: R2Config, *, on_request: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.bucket = cfg.bucket
-        self._s3 = s3
         self._on_request = on_request
-        self._executor = ThreadPoolExecutor(
-            max_workers=cfg.max_concurrency, thread_name_prefix="ThreadPoolExecutor-r2"
-        )
         self.http = S3Http(
             cfg.endpoint,
             cfg.bucket,
-            SigningKey(cfg.access_key_id, cfg.secret_access_key, cfg.region),
+            access_key_id=cfg.access_key_id,
+            secret_access_key=cfg.secret_access_key,
+            region=cfg.region,
             max_concurrency=cfg.max_concurrency,
             connect_timeout_s=cfg.connect_timeout_s,
             read_timeout_s=cfg.read_timeout_s,
             sse_c_key=cfg.sse_c_key,
-        )
-        self.gets = GetPool(
-            cfg.endpoint,
-            limit=cfg.max_concurrency * 2,
-            connect_timeout_s=cfg.connect_timeout_s,
-            read_timeout_s=cfg.read_timeout_s,
-            spare=True,
         )
 
     @classmethod
     async def create(
         cls, cfg: R2Config, *, on_request: Callable[[str], None] | None = None
     ) -> R2Client:
-        """Build the client (boto3 session set-up takes ~0.25 s, so it runs in a thread)."""
-        return cls(cfg, await asyncio.to_thread(make_s3, cfg), on_request=on_request)
+        """Build the client in the running loop (its session belongs to it)."""
+        return cls(cfg, on_request=on_request)
 
     async def close(self) -> None:
-        """Stop the executor (waiting for calls in flight) and close connections."""
+        """Close the connections."""
         await self.http.close()
-        await self.gets.close()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
-        self._s3.close()
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn)
 
     def _count(self, op: str) -> None:
         if self._on_request is not None:
             self._on_request(op)
 
-    def _sse(self) -> dict[str, Any]:
-        if self.cfg.sse_c_key is None:
-            return {}
-        # boto3 base64-encodes the key and adds its MD5 itself.
-        return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": self.cfg.sse_c_key}
+    async def _send(
+        self,
+        op: str,
+        method: str,
+        key: str,
+        *,
+        query: Query = (),
+        headers: dict[str, str] | None = None,
+        payload_sha256: str = EMPTY_SHA256,
+        data: Any = None,
+        sse: bool = True,
+        read: bool = False,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """One request, counted; its (released) answer and, with ``read``, its body."""
+        self._count(op)
+        try:
+            resp = await self.http.request(
+                op,
+                method,
+                key,
+                query=query,
+                headers=headers,
+                payload_sha256=payload_sha256,
+                data=data,
+                sse=sse,
+            )
+            try:
+                body = await resp.read() if read else b""
+            finally:
+                resp.release()
+        except _HTTP_ERRORS as exc:
+            raise _http_error(op, key, exc) from exc
+        return resp, body
 
     # -- reads ------------------------------------------------------------------------------------
 
     async def head(self, key: str) -> ObjectInfo | None:
         """Size and checksum of an object; None if it does not exist."""
-        self._count("HeadObject")
-        try:
-            resp = await self.http.request(
-                "HEAD", "HEAD", key, headers={"x-amz-checksum-mode": "ENABLED"}
-            )
-        except _HTTP_ERRORS as exc:
-            raise _http_error("HEAD", key, exc) from exc
-        resp.release()
+        resp, _ = await self._send(
+            "HeadObject", "HEAD", key, headers={"x-amz-checksum-mode": "ENABLED"}
+        )
         if resp.status == 404:
             return None
         h = resp.headers
@@ -309,37 +258,43 @@ class R2Client:
     async def open(self, key: str, chunk: int = CHUNK) -> tuple[int, GetBody] | None:
         """Start a GET: (size, body chunks), or None if the object does not exist.
 
-        The GET goes over :class:`~peerd.replication.s3get.GetPool` (a plain asyncio protocol):
-        its body can be tapped (:meth:`GetBody.tap`) as bytes arrive, in the connection's own
-        callback. Iterated, the first chunk is whatever arrived first (a viewer's first byte
-        waits for nothing more); later ones are gathered to about ``chunk`` bytes. A body that
-        ends early raises :class:`R2Error`. Closing the iterator (or finishing it) releases the
-        connection.
+        A transient failure before the body (see :class:`R2Error`) is retried up to
+        :data:`READ_ATTEMPTS` times in all, with backoff. The first chunk is whatever arrived
+        first (a viewer's first byte waits for nothing more); later ones are gathered to about
+        ``chunk`` bytes. A body cut midway is resumed from where it stopped (a ``Range`` GET,
+        within the same attempts); one that cannot be raises :class:`R2Error`. Closing the
+        iterator (or finishing it) releases the connection.
         """
-        self._count("GetObject")
-        target, headers = self.http.signed_get(key)
-        try:
-            resp = await self.gets.get(target, headers)
-        except GetError as exc:
-            raise R2Error(f"R2 GET {key} failed: {exc}") from exc
-        if resp.status >= 300:
-            code = ""
+        attempt = 1
+        while True:
             try:
-                if resp.length is not None and resp.length <= ERROR_BODY_MAX:
-                    # Read whole, so the connection is kept (every bucket miss is a 404).
-                    m = ERROR_CODE.search(await resp.read(ERROR_BODY_MAX))
-                    code = m.group(1).decode("utf-8", "replace") if m else ""
-            except GetError:
-                pass
-            finally:
-                resp.release()
-            if resp.status == 404:
+                resp = await self._get(key)
+            except R2Error as exc:
+                if not exc.transient or attempt >= READ_ATTEMPTS:
+                    raise
+                await _backoff(attempt)
+                attempt += 1
+                continue
+            if resp is None:
                 return None
-            raise _http_error("GET", key, HttpStatusError(resp.status, code, "GET", key))
-        if resp.length is None:
-            resp.close()
-            raise R2Error(f"R2 GET {key} answered without a Content-Length")
-        return resp.length, GetBody(resp, key, chunk)
+            size = resp.content_length
+            if size is None:
+                resp.close()
+                raise R2Error(f"R2 GET {key} answered without a Content-Length")
+            return size, GetBody(self, resp, key, size, chunk, attempt)
+
+    async def _get(self, key: str, start: int = 0) -> aiohttp.ClientResponse | None:
+        """A GET's answer, its body unread (None for a 404); from ``start`` with a Range."""
+        self._count("GetObject")
+        headers = {"range": f"bytes={start}-"} if start else None
+        try:
+            resp = await self.http.request("GetObject", "GET", key, headers=headers)
+        except _HTTP_ERRORS as exc:
+            raise _http_error("GET", key, exc) from exc
+        if resp.status == 404:
+            resp.release()  # the error body is small: read whole, the connection is kept
+            return None
+        return resp
 
     async def get_bytes(self, key: str, limit: int = 64 * 1024 * 1024) -> bytes | None:
         """A whole (small) object, or None if it does not exist."""
@@ -363,11 +318,10 @@ class R2Client:
         size: int,
         content_type: str,
         *,
-        query: tuple[tuple[str, str], ...] = (),
+        query: Query = (),
         conditional: bool = True,
     ) -> aiohttp.ClientResponse:
         """One signed PUT with an explicit SHA-256; returns the (released) response."""
-        self._count(op)
         headers = {
             "Content-Length": str(size),
             "x-amz-checksum-sha256": b64_digest(digest),
@@ -378,19 +332,15 @@ class R2Client:
             headers["Content-Type"] = content_type
         if conditional:
             headers["If-None-Match"] = "*"
-        try:
-            resp = await self.http.request(
-                op,
-                "PUT",
-                key,
-                query=query,
-                headers=headers,
-                payload_sha256=digest.hex() if size else EMPTY_SHA256,
-                data=body,
-            )
-        except _HTTP_ERRORS as exc:
-            raise _http_error(op, key, exc) from exc
-        resp.release()
+        resp, _ = await self._send(
+            op,
+            "PUT",
+            key,
+            query=query,
+            headers=headers,
+            payload_sha256=digest.hex() if size else EMPTY_SHA256,
+            data=body,
+        )
         return resp
 
     async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
@@ -416,25 +366,24 @@ class R2Client:
         parts = plan_parts(size, self.cfg.part_size)
         check_plan(parts, size)
         part_size = parts[0].size
+        _, created = await self._send(
+            "CreateMultipartUpload",
+            "POST",
+            key,
+            query=(("uploads", ""),),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "x-amz-checksum-algorithm": "SHA256",
+                "x-amz-meta-" + PART_SIZE_META: str(part_size),
+            },
+            read=True,
+        )
+        m = UPLOAD_ID.search(created.decode("utf-8", "replace"))
+        if m is None:
+            raise R2Error(f"R2 CreateMultipartUpload {key} answered without an UploadId")
+        upload_id = unescape(m.group(1))
 
-        def create() -> str:
-            self._count("CreateMultipartUpload")
-            try:
-                r = self._s3.create_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    ContentType="application/octet-stream",
-                    ChecksumAlgorithm="SHA256",
-                    Metadata={PART_SIZE_META: str(part_size)},
-                    **self._sse(),
-                )
-            except (ClientError, BotoCoreError) as exc:
-                raise _error("CreateMultipartUpload", key, exc) from exc
-            return str(r["UploadId"])
-
-        upload_id = await self._call(create)
-
-        async def upload(number: int, offset: int, n: int) -> dict[str, Any]:
+        async def upload(number: int, offset: int, n: int) -> str:
             # Hash the part first (its checksum goes in the signed headers), then stream it;
             # the streaming pass checks the bytes again, so a file changing in between is caught.
             digest = await asyncio.to_thread(_digest_of_range, path, offset, n)
@@ -451,12 +400,15 @@ class R2Client:
             etag = resp.headers.get("ETag")
             if not etag:
                 raise R2Error(f"R2 UploadPart {key} #{number} answered without an ETag")
-            return {"ETag": etag, "PartNumber": number, "ChecksumSHA256": b64_digest(digest)}
+            return (
+                f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(etag)}</ETag>"
+                f"<ChecksumSHA256>{b64_digest(digest)}</ChecksumSHA256></Part>"
+            )
 
         try:
             sem = asyncio.Semaphore(self.cfg.max_concurrency)
 
-            async def bounded(number: int, offset: int, n: int) -> dict[str, Any]:
+            async def bounded(number: int, offset: int, n: int) -> str:
                 async with sem:
                     return await upload(number, offset, n)
 
@@ -468,49 +420,46 @@ class R2Client:
                 while isinstance(first, BaseExceptionGroup):
                     first = first.exceptions[0]
                 raise first from None
-            done = [t.result() for t in tasks]
-
-            def complete() -> None:
-                self._count("CompleteMultipartUpload")
-                try:
-                    self._s3.complete_multipart_upload(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": list(done)},
-                        IfNoneMatch="*",
-                        **self._sse(),
-                    )
-                except (ClientError, BotoCoreError) as exc:
-                    raise _error("CompleteMultipartUpload", key, exc) from exc
-
-            await self._call(complete)
+            doc = (
+                '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                + "".join(t.result() for t in tasks)
+                + "</CompleteMultipartUpload>"
+            ).encode()
+            resp, answer = await self._send(
+                "CompleteMultipartUpload",
+                "POST",
+                key,
+                query=(("uploadId", upload_id),),
+                headers={"Content-Type": "application/xml", "If-None-Match": "*"},
+                payload_sha256=hashlib.sha256(doc).hexdigest(),
+                data=doc,
+                read=True,
+            )
+            # S3 may answer 200 and report the failure in the body (it sends the head early).
+            code = ERROR_CODE.search(answer)
+            if code is not None:
+                err = HttpStatusError(resp.status, code.group(1).decode("utf-8", "replace"), "", "")
+                raise _http_error("CompleteMultipartUpload", key, err)
         except BaseException:
             await asyncio.shield(self._abort(key, upload_id))
             raise
 
     async def _abort(self, key: str, upload_id: str) -> None:
-        def do() -> None:
-            self._count("AbortMultipartUpload")
-            try:
-                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except (ClientError, BotoCoreError) as exc:
-                # R2 aborts stale uploads by itself after 7 days; nothing is lost here.
-                log.info("abort of multipart upload failed", extra={"key": key, "error": str(exc)})
-
-        await self._call(do)
+        try:
+            await self._send(
+                "AbortMultipartUpload",
+                "DELETE",
+                key,
+                query=(("uploadId", upload_id),),
+                sse=False,
+            )
+        except R2Error as exc:
+            # R2 aborts stale uploads by itself after 7 days; nothing is lost here.
+            log.info("abort of multipart upload failed", extra={"key": key, "error": str(exc)})
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
-
-        def do() -> None:
-            self._count("DeleteObject")
-            try:
-                self._s3.delete_object(Bucket=self.bucket, Key=key)
-            except (ClientError, BotoCoreError) as exc:
-                raise _error("DELETE", key, exc) from exc
-
-        await self._call(do)
+        await self._send("DeleteObject", "DELETE", key, sse=False)
 
     # -- verification -----------------------------------------------------------------------------
 
@@ -537,45 +486,67 @@ class R2Client:
         return value == exp_value and (not count or count == exp_count)
 
 
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+
+
 class GetBody:
-    """A GET body: its chunks (gathered, see :meth:`R2Client.open`) and a :meth:`tap`.
+    """A GET body as gathered chunks (see :meth:`R2Client.open`), resumed when cut.
 
     :meth:`aclose` frees the connection whether or not the body was iterated.
     """
 
-    def __init__(self, resp: GetResponse, key: str, chunk: int) -> None:
+    def __init__(
+        self,
+        client: R2Client,
+        resp: aiohttp.ClientResponse,
+        key: str,
+        size: int,
+        chunk: int,
+        attempt: int,
+    ) -> None:
         self._resp = resp
-        self._gen = self._chunks(resp, key, chunk)
+        self._gen = self._chunks(client, key, size, chunk, attempt)
 
-    def tap(self, fn: Callable[[bytes], None]) -> None:
-        """Call ``fn`` with each chunk as it arrives (see :meth:`GetResponse.tap`)."""
-        self._resp.tap(fn)
-
-    @staticmethod
-    async def _chunks(resp: GetResponse, key: str, chunk: int) -> AsyncGenerator[bytes, None]:
-        size = resp.length
+    async def _chunks(
+        self, client: R2Client, key: str, size: int, chunk: int, attempt: int
+    ) -> AsyncGenerator[bytes, None]:
+        got = 0
         buf: list[bytes] = []
         held = 0
-        first = True
-        try:
-            async for data in resp:
-                if first:
-                    first = False
-                    yield data
-                    continue
-                buf.append(data)
-                held += len(data)
-                if held >= chunk:
-                    yield b"".join(buf)
-                    buf, held = [], 0
-        except GetError as exc:
-            raise R2Error(
-                f"R2 GET {key} ended after {resp.received} of {size} bytes: {exc}"
-            ) from exc
+        while True:
+            try:
+                async for data in self._resp.content.iter_any():
+                    got += len(data)
+                    if got == len(data):  # the very first bytes go out at once
+                        yield data
+                        continue
+                    buf.append(data)
+                    held += len(data)
+                    if held >= chunk:
+                        yield b"".join(buf)
+                        buf, held = [], 0
+                if got != size:
+                    raise aiohttp.ClientPayloadError(f"{got} of {size} bytes")
+                break
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                self._resp.close()
+                cut = R2Error(f"R2 GET {key} ended after {got} of {size} bytes: {exc}")
+                if isinstance(exc, TimeoutError) or attempt >= READ_ATTEMPTS:
+                    raise cut from exc
+            # Cut midway: ask for the rest (bytes aiohttp had buffered when the cut came are
+            # lost with it, so "the rest" starts after the last byte handed on).
+            await _backoff(attempt)
+            attempt += 1
+            resp = await client._get(key, got)
+            if resp is None or not _resumes(resp, got, size):
+                if resp is not None:
+                    resp.close()
+                raise R2Error(f"R2 GET {key} could not be resumed at {got} of {size} bytes")
+            self._resp = resp
         if buf:
             yield b"".join(buf)
-        # A body read to its end goes back to the pool; anything else closes the socket.
-        resp.release()
+        self._resp.release()
 
     def __aiter__(self) -> GetBody:
         return self
@@ -584,11 +555,22 @@ class GetBody:
         return await self._gen.__anext__()
 
     async def aclose(self) -> None:
-        """Stop reading and release the connection."""
+        """Stop reading and release the connection (closed unless the body was read whole)."""
         try:
             await self._gen.aclose()
         finally:
-            self._resp.release()
+            if self._resp.content.is_eof():
+                self._resp.release()
+            else:
+                self._resp.close()
+
+
+def _resumes(resp: aiohttp.ClientResponse, start: int, size: int) -> bool:
+    """Whether an answer carries bytes ``start..size-1`` of the ``size``-byte object."""
+    if not start:
+        return resp.status == 200 and resp.content_length == size
+    want = f"bytes {start}-{size - 1}/{size}"
+    return resp.status == 206 and resp.headers.get("Content-Range", "") == want
 
 
 def _digest_of_range(path: Path, offset: int, size: int) -> bytes:

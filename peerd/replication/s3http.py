@@ -1,17 +1,17 @@
-"""The R2 hot path over aiohttp: blob PUT, HEAD and part uploads, and request signing.
+"""Signed S3 requests for one bucket over one aiohttp session: every call the R2 client makes.
 
-boto3 costs a thread hop and a few milliseconds of CPU per request, and its ``Expect:
-100-continue`` on PUT bodies adds a round trip; on the paths that move every blob that dominated
-push time and cold-miss latency. Here one :class:`aiohttp.ClientSession` keeps a pool of
-keep-alive connections (bounded by ``max_concurrency``), requests are signed with the pure
-signer in :mod:`peerd.core.sigv4`, and bodies stream from the blob file in threads. Object
-GETs go over :mod:`peerd.replication.s3get` (signed here, by :meth:`S3Http.signed_get`).
+One :class:`aiohttp.ClientSession` keeps a pool of keep-alive connections (bounded by
+``max_concurrency``), with a connect timeout and a read timeout between any two arrivals of
+bytes. Requests are signed by botocore (``S3SigV4Auth`` on an ``AWSRequest``): the caller states
+the payload hash -- for a blob, the digest inside its cid, so signing costs no hashing -- and
+botocore's own code does the rest. boto3 is not used: its client costs a thread hop and a few
+milliseconds of CPU per request, and its ``Expect: 100-continue`` on PUT bodies a round trip.
 
 R2's rules kept: no ACL or tagging headers; blob PUTs carry ``If-None-Match: *`` and an
 explicit SHA-256 (``x-amz-checksum-sha256``, base64; the signed ``x-amz-content-sha256`` is the
-same digest in hex -- both taken from the cid, no hashing needed). The file is hashed while it
-is sent (in the reading thread) and the last slice is held back until the hash matched: a local
-file that no longer matches its cid never becomes a complete PUT.
+same digest in hex). The file is hashed while it is sent (in the reading thread) and the last
+slice is held back until the hash matched: a local file that no longer matches its cid never
+becomes a complete PUT.
 """
 
 from __future__ import annotations
@@ -20,18 +20,22 @@ import asyncio
 import base64
 import hashlib
 import re
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import yarl
-
-from peerd.core.sigv4 import EMPTY_SHA256, SigningKey, canonical_query, sign, uri_encode
+from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 SEND_CHUNK = 1024 * 1024
 ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+EMPTY_SHA256 = EMPTY_SHA256_HASH
+
+Query = tuple[tuple[str, str], ...]
 
 
 class HttpStatusError(Exception):
@@ -93,6 +97,14 @@ async def file_body(
         yield data
 
 
+class _StatedPayload(S3SigV4Auth):  # type: ignore[misc]  # botocore ships no types
+    """botocore's S3 signer, with the payload hash taken from the request's context instead of
+    hashing the body: bodies stream from files, and their digest is known beforehand."""
+
+    def payload(self, request: AWSRequest) -> str:
+        return str(request.context["payload_sha256"])
+
+
 class S3Http:
     """Signed S3 requests for one bucket over one aiohttp session."""
 
@@ -100,20 +112,20 @@ class S3Http:
         self,
         endpoint: str,
         bucket: str,
-        key: SigningKey,
         *,
+        access_key_id: str,
+        secret_access_key: str,
+        region: str,
         max_concurrency: int,
         connect_timeout_s: float,
         read_timeout_s: float,
         sse_c_key: bytes | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.host = self.endpoint.split("://", 1)[1].split("/", 1)[0]
         self.bucket = bucket
-        self.key = key
+        self._auth = _StatedPayload(Credentials(access_key_id, secret_access_key), "s3", region)
         self._sse = sse_headers(sse_c_key)
-        self._clock = clock
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=max_concurrency * 2, limit_per_host=max_concurrency * 2
@@ -128,37 +140,25 @@ class S3Http:
         """Close the pool."""
         await self._session.close()
 
-    def _url(self, key: str, query: tuple[tuple[str, str], ...]) -> tuple[str, yarl.URL]:
-        path = f"/{self.bucket}/{key}"
-        url = self.endpoint + uri_encode(path, keep_slash=True)
+    def url(self, key: str, query: Query = ()) -> str:
+        """The request URL of ``key`` (path-style), encoded as it is signed and sent."""
+        url = self.endpoint + quote(f"/{self.bucket}/{key}", safe="/-_.~")
         if query:
-            url += "?" + canonical_query(query)
-        # Sent exactly as signed: yarl must not re-encode (a '+' in an upload id, say).
-        return path, yarl.URL(url, encoded=True)
+            url += "?" + "&".join(
+                f"{k}={v}"
+                for k, v in sorted((quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in query)
+            )
+        return url
 
-    def signed(
-        self,
-        method: str,
-        path: str,
-        query: tuple[tuple[str, str], ...] = (),
-        headers: dict[str, str] | None = None,
-        payload_sha256: str = EMPTY_SHA256,
-        sse: bool = True,
+    def sign(
+        self, method: str, url: str, headers: dict[str, str], payload_sha256: str
     ) -> dict[str, str]:
-        """The headers of a request for ``path`` (``/<bucket>/<key>``), signed now."""
-        hdrs = {
-            "host": self.host,
-            # Bytes exactly as stored: a compressed answer would not hash to the cid.
-            "accept-encoding": "identity",
-            **(self._sse if sse else {}),
-            **(headers or {}),
-        }
-        return sign(self.key, method, path, query, hdrs, payload_sha256, self._clock())
-
-    def signed_get(self, key: str) -> tuple[str, dict[str, str]]:
-        """Request target (encoded path) and signed headers of a GET of ``key``."""
-        path = f"/{self.bucket}/{key}"
-        return uri_encode(path, keep_slash=True), self.signed("GET", path)
+        """``headers`` plus ``X-Amz-Date``, ``X-Amz-Content-SHA256`` and ``Authorization``,
+        signed now by botocore for ``method`` on ``url`` (which must be sent exactly so)."""
+        req = AWSRequest(method=method, url=url, headers=headers)
+        req.context["payload_sha256"] = payload_sha256
+        self._auth.add_auth(req)
+        return dict(req.headers.items())
 
     async def request(
         self,
@@ -166,7 +166,7 @@ class S3Http:
         method: str,
         key: str,
         *,
-        query: tuple[tuple[str, str], ...] = (),
+        query: Query = (),
         headers: dict[str, str] | None = None,
         payload_sha256: str = EMPTY_SHA256,
         data: Any = None,
@@ -177,12 +177,19 @@ class S3Http:
         Error statuses (>= 300, except 404 on HEAD/GET which callers test) raise
         :class:`HttpStatusError` with S3's error code.
         """
-        path, url = self._url(key, query)
-        signed = self.signed(method, path, query, headers, payload_sha256, sse)
+        url = self.url(key, query)
+        hdrs = {
+            "host": self.host,
+            # Bytes exactly as stored: a compressed answer would not hash to the cid.
+            "accept-encoding": "identity",
+            **(self._sse if sse else {}),
+            **(headers or {}),
+        }
         resp = await self._session.request(
             method,
-            url,
-            headers=signed,
+            # Sent exactly as signed: yarl must not re-encode (a '+' in an upload id, say).
+            yarl.URL(url, encoded=True),
+            headers=self.sign(method, url, hdrs, payload_sha256),
             data=data,
             allow_redirects=False,
         )

@@ -11,7 +11,11 @@ either forwarded to the upstream on a fresh connection or answered with a fault:
 ``truncate``  forward, then send a *shorter but self-consistent* response (Content-Length
               rewritten), keeping the connection: only a hash check can notice
 ``drop``      forward (the server acts on it), then close without answering
-``delay``     wait ``seconds``, then forward normally (a slow link)
+
+``latency_s`` puts a long link between the client and the server: every request reaches the
+server half of it later and every answer reaches the client half of it later, and the first
+request on a new connection waits one more ``latency_s`` for the TCP handshake (so a kept-alive
+connection saves a round trip, as it does across a WAN). The kernel here has no netem.
 
 Every request is recorded in :attr:`FaultProxy.log` as ``(method, path, fault name or "ok")``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +75,7 @@ class FaultProxy:
     upstream_host: str
     upstream_port: int
     rules: list[Rule] = field(default_factory=list)
+    latency_s: float = 0.0
     log: list[tuple[str, str, str]] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -122,8 +128,9 @@ class FaultProxy:
         assert task is not None
         self._conns.add(task)
         self._writers.add(writer)
+        accepted = asyncio.get_running_loop().time()
         try:
-            while await self._one(reader, writer):
+            while await self._one(reader, writer, accepted):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -134,7 +141,15 @@ class FaultProxy:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _lag(self, until: float) -> None:
+        delay = until - asyncio.get_running_loop().time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+
+    async def _one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted: float
+    ) -> bool:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
@@ -172,9 +187,9 @@ class FaultProxy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), fault.seconds)
             return False
-        if fault is not None and fault.kind == "delay":
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), fault.seconds)
+        if self.latency_s:
+            now = asyncio.get_running_loop().time()
+            await self._lag(max(now, accepted + self.latency_s) + self.latency_s / 2)
         status_line, resp_headers, resp_body = await self._forward(lines, body)
         if fault is not None and fault.kind == "drop":
             return False
@@ -192,6 +207,8 @@ class FaultProxy:
                 continue
             out += f"{k}: {v}\r\n"
         out += "\r\n"
+        if self.latency_s:
+            await self._lag(asyncio.get_running_loop().time() + self.latency_s / 2)
         writer.write(out.encode("latin-1"))
         if fault is not None and fault.kind == "cut":
             await _write_chunked(writer, resp_body[: int(len(resp_body) * fault.fraction)])
@@ -215,10 +232,15 @@ class FaultProxy:
             out += "Connection: close\r\n\r\n"
             up_w.write(out.encode("latin-1"))
             await _write_chunked(up_w, body)
-            parts = []
-            while data := await up_r.read(1 << 18):
-                parts.append(data)
-            raw = b"".join(parts)
+            raw = await up_r.readuntil(b"\r\n\r\n")
+            framed = re.search(rb"\r\ncontent-length: *(\d+)\r\n", raw.lower())
+            if lines[0].startswith("HEAD ") or raw[9:12] in (b"204", b"304"):
+                pass
+            elif framed is not None and b"\r\ntransfer-encoding:" not in raw.lower():
+                # Not read to EOF: moto closes its side ~10 ms after the last byte.
+                raw += await up_r.readexactly(int(framed.group(1)))
+            else:
+                raw += await up_r.read()
         finally:
             up_w.close()
             with contextlib.suppress(Exception):

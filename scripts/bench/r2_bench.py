@@ -22,7 +22,13 @@
 
 Usage (from the repo root)::
 
-    .venv/bin/python scripts/bench/r2_bench.py [--files 40] [--size-mib 2] [--rounds 2]
+    .venv/bin/python scripts/bench/r2_bench.py [--files 40] [--size-mib 2] [--rounds 2] \
+        [--delay-ms 20] [--parts push,daemon]
+
+``--delay-ms`` puts the fault proxy (``latency_s``) between the server and both TTFB paths;
+``--parts`` runs only the named sections (default: all); ``--baseline-tree`` adds, to the daemon
+sections, a daemon run from another checkout (e.g. ``git archive <rev> | tar -x -C DIR``),
+alternated with this one blob by blob: the fair way to compare two versions on a shared machine.
 
 Results: printed, and written to /tmp/peerd-bench/r2.json.
 """
@@ -56,12 +62,13 @@ from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
 from peerd.replication.service import Replicator  # noqa: E402
 from peerd.replication.source import R2Source  # noqa: E402
 from peerd.runtime import Runtime, open_runtime  # noqa: E402
-from peerd.testing.faultproxy import Fault, FaultProxy  # noqa: E402
+from peerd.testing.faultproxy import FaultProxy  # noqa: E402
 from peerd.testing.process import PeerdProcess  # noqa: E402
 from peerd.testing.r2media import hls_url, write_r2_secrets  # noqa: E402
 from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
 
 OUT = Path("/tmp/peerd-bench")
+PARTS = ("push", "ttfb", "flight", "daemon", "daemon-p2p", "daemon-playing")
 CONCURRENCY = 8
 
 
@@ -195,11 +202,8 @@ async def daemon_ttfb(
     cids = [cid_of(b) for b in blobs]
     for c, b in zip(cids, blobs, strict=True):
         await asyncio.to_thread(moto.put, bucket, blob_key(c), b)
-    wan = await FaultProxy("127.0.0.1", moto.port).start()
-    if args.rtt_ms:
-        wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
-    upstream = wan.url if args.rtt_ms else moto.url
-    state = tmp / f"daemon-{prefetch}-{int(p2p)}"
+    wan = await FaultProxy("127.0.0.1", moto.port, latency_s=args.delay_ms / 1000).start()
+    upstream = wan.url if args.delay_ms else moto.url
     r2 = {"endpoint": upstream, "bucket": bucket, "tiering_interval_s": 3600.0}
     config: dict[str, object] = {
         "r2": r2,
@@ -208,13 +212,20 @@ async def daemon_ttfb(
     }
     if p2p:
         config["p2p"] = {"enabled": True, "host": "127.0.0.1", "tcp_port": 0, "ws_port": 0}
-    node = PeerdProcess(state, config=config)
-    await asyncio.to_thread(node.init)
-    write_r2_secrets(state)
-    media_id = await record_synthetic_media(state, cids)
-    await asyncio.to_thread(node.start)
-    res: dict[str, list[float]] = {"direct": [], "daemon": []}
+    trees = (
+        {"daemon": None, "baseline": args.baseline_tree} if args.baseline_tree else {"daemon": None}
+    )
+    nodes: dict[str, tuple[PeerdProcess, Path, str]] = {}
+    res: dict[str, list[float]] = {"direct": [], **{name: [] for name in trees}}
     try:
+        for name, tree in trees.items():
+            state = tmp / f"{name}-{prefetch}-{int(p2p)}"
+            env = {"PYTHONPATH": str(tree)} if tree else {}
+            node = PeerdProcess(state, config=config, env=env)
+            await asyncio.to_thread(node.init)
+            write_r2_secrets(state)
+            nodes[name] = (node, state, await record_synthetic_media(state, cids))
+            await asyncio.to_thread(node.start)
         direct = moto.client()
 
         def presigned(c: Cid) -> str:
@@ -225,19 +236,27 @@ async def daemon_ttfb(
             )
             return url.replace(moto.url, upstream, 1)
 
+        def url(name: str, c: Cid, ext: str) -> str:
+            node, state, media_id = nodes[name]
+            return hls_url(node.base_url, state, media_id, f"b/{c}.{ext}")
+
         async with aiohttp.ClientSession() as session:
-            # Warm both paths' connections on a blob that is not measured (the init segment).
+            # Warm every path's connections on a blob that is not measured (the init segment).
             await ttfb(session, presigned(cids[0]))
-            await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{cids[0]}.mp4"))
-            for c in cids[1:]:
-                d = await ttfb(session, presigned(c))
-                p = await ttfb(session, hls_url(node.base_url, state, media_id, f"b/{c}.m4s"))
-                assert d[2] == tsize, d
-                assert p[2] == tsize, p
-                res["direct"].append(d[0])
-                res["daemon"].append(p[0])
+            for name in nodes:
+                await ttfb(session, url(name, cids[0], "mp4"))
+            order = list(res)
+            for i, c in enumerate(cids[1:]):
+                # Rotated blob by blob, so no path always follows the same one.
+                for who in order[i % len(order) :] + order[: i % len(order)]:
+                    got = await ttfb(
+                        session, presigned(c) if who == "direct" else url(who, c, "m4s")
+                    )
+                    assert got[2] == tsize, (who, got)
+                    res[who].append(got[0])
     finally:
-        await asyncio.to_thread(node.stop)
+        for node, _, _ in nodes.values():
+            await asyncio.to_thread(node.stop)
         await wan.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
     what = "cold misses" if not prefetch else f"in play order, prefetch_segments={prefetch}"
@@ -247,14 +266,24 @@ async def daemon_ttfb(
         f"TTFB through the daemon ({what}): {med['daemon'] * 1000:.2f} ms vs direct "
         f"{med['direct'] * 1000:.2f} ms = {med['daemon'] / med['direct']:.2f}x"
     )
+    if "baseline" in med:
+        print(
+            f"  baseline ({args.baseline_tree}): {med['baseline'] * 1000:.2f} ms = "
+            f"{med['baseline'] / med['direct']:.2f}x"
+        )
     return {
         "blob_bytes": tsize,
         "blobs": len(cids) - 1,
         "prefetch_segments": prefetch,
         "p2p": p2p,
-        "rtt_ms": args.rtt_ms,
+        "delay_ms": args.delay_ms,
         "median_ttfb_s": med,
         "ratio_daemon_over_direct": med["daemon"] / med["direct"],
+        **(
+            {"ratio_baseline_over_direct": med["baseline"] / med["direct"]}
+            if "baseline" in med
+            else {}
+        ),
     }
 
 
@@ -293,12 +322,27 @@ async def main() -> None:
     ap.add_argument("--ttfb-blobs", type=int, default=15)
     ap.add_argument("--ttfb-size-mib", type=float, default=2.0)
     ap.add_argument(
-        "--rtt-ms",
+        "--delay-ms",
         type=float,
         default=0.0,
-        help="TTFB: add this latency to every request on both paths (emulates R2 over a WAN)",
+        help="TTFB: a fault proxy between the server and both paths adds this much to every "
+        "round trip, and one more round trip to a new connection (R2 over a WAN)",
+    )
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="daemon TTFB: also run a daemon from this checkout of peerd, alternated blob by "
+        "blob with this one and the direct GET (an A/B in one session)",
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated sections to run, of {','.join(PARTS)}",
     )
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     OUT.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- before any work starts
     results: dict[str, object] = {"args": vars(args)}
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="peerd-r2-bench-") as tmp:
@@ -315,114 +359,127 @@ async def main() -> None:
                 cids.append(cid)
             total = size * args.files
             # -- push vs rclone --------------------------------------------------------------
-            times: dict[str, list[float]] = {"rclone": [], "peerd": []}
-            for r in range(args.rounds):
-                b1, b2 = f"rclone-{r}", f"peerd-{r}"
-                await asyncio.to_thread(moto.create_bucket, b1)
-                await asyncio.to_thread(moto.create_bucket, b2)
-                order = ["rclone", "peerd"] if r % 2 == 0 else ["peerd", "rclone"]
-                for who in order:
-                    if who == "rclone":
-                        t = await asyncio.to_thread(rclone_copy, moto, lib, b1)
-                    else:
-                        t = await peerd_push(rt, moto, b2, cids)
-                    times[who].append(t)
-                    print(f"push round {r} {who}: {t:.2f} s ({total / t / 1e6:.1f} MB/s)")
-            best = {k: min(v) for k, v in times.items()}
-            results["push"] = {
-                "bytes": total,
-                "files": args.files,
-                "seconds": times,
-                "ratio_rclone_over_peerd": best["rclone"] / best["peerd"],
-            }
+            if "push" in parts:
+                times: dict[str, list[float]] = {"rclone": [], "peerd": []}
+                for r in range(args.rounds):
+                    b1, b2 = f"rclone-{r}", f"peerd-{r}"
+                    await asyncio.to_thread(moto.create_bucket, b1)
+                    await asyncio.to_thread(moto.create_bucket, b2)
+                    order = ["rclone", "peerd"] if r % 2 == 0 else ["peerd", "rclone"]
+                    for who in order:
+                        if who == "rclone":
+                            t = await asyncio.to_thread(rclone_copy, moto, lib, b1)
+                        else:
+                            t = await peerd_push(rt, moto, b2, cids)
+                        times[who].append(t)
+                        print(f"push round {r} {who}: {t:.2f} s ({total / t / 1e6:.1f} MB/s)")
+                best = {k: min(v) for k, v in times.items()}
+                results["push"] = {
+                    "bytes": total,
+                    "files": args.files,
+                    "seconds": times,
+                    "ratio_rclone_over_peerd": best["rclone"] / best["peerd"],
+                }
             # -- TTFB --------------------------------------------------------------------------
-            tsize = int(args.ttfb_size_mib * 1024 * 1024)
-            await asyncio.to_thread(moto.create_bucket, "ttfb")
-            blobs: list[Cid] = []
-            for _ in range(args.ttfb_blobs * 2):
-                data = os.urandom(tsize)
-                c = cid_of(data)
-                await asyncio.to_thread(moto.put, "ttfb", blob_key(c), data)
-                blobs.append(c)
-            wan = await FaultProxy("127.0.0.1", moto.port).start()
-            if args.rtt_ms:
-                wan.add(lambda r: True, Fault("delay", seconds=args.rtt_ms / 1000), times=10**9)
-            upstream = wan.url if args.rtt_ms else moto.url
-            client = await R2Client.create(r2cfg(upstream, "ttfb"))
-            ttfb_res: dict[str, list[float]] = {"direct": [], "stream": [], "store-then-serve": []}
-            total_res: dict[str, list[float]] = {k: [] for k in ttfb_res}
-            try:
-                resolver = Resolver(rt.store, [R2Source(client)])
-                runners = {}
-                for mode in ("stream", "store-then-serve"):
-                    runners[mode] = await serve(blob_app(resolver, mode))
-                direct = moto.client()
+            if "ttfb" in parts:
+                tsize = int(args.ttfb_size_mib * 1024 * 1024)
+                await asyncio.to_thread(moto.create_bucket, "ttfb")
+                blobs: list[Cid] = []
+                for _ in range(args.ttfb_blobs * 2):
+                    data = os.urandom(tsize)
+                    c = cid_of(data)
+                    await asyncio.to_thread(moto.put, "ttfb", blob_key(c), data)
+                    blobs.append(c)
+                wan = await FaultProxy(
+                    "127.0.0.1", moto.port, latency_s=args.delay_ms / 1000
+                ).start()
+                upstream = wan.url if args.delay_ms else moto.url
+                client = await R2Client.create(r2cfg(upstream, "ttfb"))
+                ttfb_res: dict[str, list[float]] = {
+                    "direct": [],
+                    "stream": [],
+                    "store-then-serve": [],
+                }
+                total_res: dict[str, list[float]] = {k: [] for k in ttfb_res}
+                try:
+                    resolver = Resolver(rt.store, [R2Source(client)])
+                    runners = {}
+                    for mode in ("stream", "store-then-serve"):
+                        runners[mode] = await serve(blob_app(resolver, mode))
+                    direct = moto.client()
 
-                def presigned(c: Cid) -> str:
-                    url = str(
-                        direct.generate_presigned_url(
-                            "get_object", Params={"Bucket": "ttfb", "Key": blob_key(c)}
+                    def presigned(c: Cid) -> str:
+                        url = str(
+                            direct.generate_presigned_url(
+                                "get_object", Params={"Bucket": "ttfb", "Key": blob_key(c)}
+                            )
                         )
-                    )
-                    return url.replace(moto.url, upstream, 1)
+                        return url.replace(moto.url, upstream, 1)
 
-                async with aiohttp.ClientSession() as session:
-                    await ttfb(session, presigned(blobs[0]))  # warm up
-                    for i in range(args.ttfb_blobs):
-                        for mode, cid in (
-                            ("stream", blobs[2 * i]),
-                            ("store-then-serve", blobs[2 * i + 1]),
-                        ):
-                            d = await ttfb(session, presigned(cid))
-                            p = await ttfb(session, f"{runners[mode][1]}/blob/{cid}")
-                            assert p[2] == tsize
-                            assert d[2] == tsize
-                            if mode == "stream":
-                                ttfb_res["direct"].append(d[0])
-                                total_res["direct"].append(d[1])
-                            ttfb_res[mode].append(p[0])
-                            total_res[mode].append(p[1])
-                med = {k: statistics.median(v) for k, v in ttfb_res.items()}
-                results["ttfb"] = {
-                    "blob_bytes": tsize,
-                    "rtt_ms": args.rtt_ms,
-                    "median_ttfb_s": med,
-                    "median_total_s": {k: statistics.median(v) for k, v in total_res.items()},
-                    "ratio_stream_over_direct": med["stream"] / med["direct"],
-                    "ratio_store_then_serve_over_direct": med["store-then-serve"] / med["direct"],
-                }
-                for r_, _url in runners.values():
-                    await r_.cleanup()
-            finally:
-                await client.close()
-                await wan.stop()
+                    async with aiohttp.ClientSession() as session:
+                        await ttfb(session, presigned(blobs[0]))  # warm up
+                        for i in range(args.ttfb_blobs):
+                            for mode, cid in (
+                                ("stream", blobs[2 * i]),
+                                ("store-then-serve", blobs[2 * i + 1]),
+                            ):
+                                d = await ttfb(session, presigned(cid))
+                                p = await ttfb(session, f"{runners[mode][1]}/blob/{cid}")
+                                assert p[2] == tsize
+                                assert d[2] == tsize
+                                if mode == "stream":
+                                    ttfb_res["direct"].append(d[0])
+                                    total_res["direct"].append(d[1])
+                                ttfb_res[mode].append(p[0])
+                                total_res[mode].append(p[1])
+                    med = {k: statistics.median(v) for k, v in ttfb_res.items()}
+                    results["ttfb"] = {
+                        "blob_bytes": tsize,
+                        "delay_ms": args.delay_ms,
+                        "median_ttfb_s": med,
+                        "median_total_s": {k: statistics.median(v) for k, v in total_res.items()},
+                        "ratio_stream_over_direct": med["stream"] / med["direct"],
+                        "ratio_store_then_serve_over_direct": med["store-then-serve"]
+                        / med["direct"],
+                    }
+                    for r_, _url in runners.values():
+                        await r_.cleanup()
+                finally:
+                    await client.close()
+                    await wan.stop()
             # -- single flight -----------------------------------------------------------------
-            proxy = await FaultProxy("127.0.0.1", moto.port).start()
-            pclient = await R2Client.create(r2cfg(proxy.url, "ttfb"))
-            try:
-                data = os.urandom(tsize)
-                one = cid_of(data)
-                await asyncio.to_thread(moto.put, "ttfb", blob_key(one), data)
-                resolver = Resolver(rt.store, [R2Source(pclient)])
-                runner, url = await serve(blob_app(resolver, "stream"))
-                conn = aiohttp.TCPConnector(limit=200)
-                async with aiohttp.ClientSession(connector=conn) as session:
-                    got = await asyncio.gather(
-                        *(ttfb(session, f"{url}/blob/{one}") for _ in range(100))
-                    )
-                await runner.cleanup()
-                results["single_flight"] = {
-                    "requests": 100,
-                    "all_complete": all(g[2] == tsize for g in got),
-                    "upstream_gets": proxy.count("GET", "/blobs/"),
-                }
-            finally:
-                await pclient.close()
-                await proxy.stop()
+            if "flight" in parts:
+                proxy = await FaultProxy("127.0.0.1", moto.port).start()
+                pclient = await R2Client.create(r2cfg(proxy.url, "ttfb"))
+                try:
+                    data = os.urandom(tsize)
+                    one = cid_of(data)
+                    await asyncio.to_thread(moto.put, "ttfb", blob_key(one), data)
+                    resolver = Resolver(rt.store, [R2Source(pclient)])
+                    runner, url = await serve(blob_app(resolver, "stream"))
+                    conn = aiohttp.TCPConnector(limit=200)
+                    async with aiohttp.ClientSession(connector=conn) as session:
+                        got = await asyncio.gather(
+                            *(ttfb(session, f"{url}/blob/{one}") for _ in range(100))
+                        )
+                    await runner.cleanup()
+                    results["single_flight"] = {
+                        "requests": 100,
+                        "all_complete": all(g[2] == tsize for g in got),
+                        "upstream_gets": proxy.count("GET", "/blobs/"),
+                    }
+                finally:
+                    await pclient.close()
+                    await proxy.stop()
             # -- TTFB through a real daemon ---------------------------------------------------
-            results["ttfb_daemon"] = await daemon_ttfb(moto, Path(tmp), args)
-            results["ttfb_daemon_p2p"] = await daemon_ttfb(moto, Path(tmp), args, p2p=True)
-            results["ttfb_daemon_playing"] = await daemon_ttfb(moto, Path(tmp), args, prefetch=2)
+            if "daemon" in parts:
+                results["ttfb_daemon"] = await daemon_ttfb(moto, Path(tmp), args)
+            if "daemon-p2p" in parts:
+                results["ttfb_daemon_p2p"] = await daemon_ttfb(moto, Path(tmp), args, p2p=True)
+            if "daemon-playing" in parts:
+                results["ttfb_daemon_playing"] = await daemon_ttfb(
+                    moto, Path(tmp), args, prefetch=2
+                )
         finally:
             await rt.close()
     (OUT / "r2.json").write_text(json.dumps(results, indent=2))

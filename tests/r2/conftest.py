@@ -9,7 +9,7 @@ import pytest
 
 from peerd.core.outbox import RetryPolicy
 from peerd.replication.outbox import Outbox
-from peerd.replication.r2 import R2Client, R2Config, make_s3
+from peerd.replication.r2 import R2Client, R2Config
 from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
 from peerd.testing.faultproxy import FaultProxy
@@ -21,7 +21,6 @@ FAST = RetryPolicy(lease_s=30, base_s=0.01, max_s=0.05, max_attempts=8)
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
     with MotoServer() as server:
-        make_s3(make_config(server.url, "warm-up"))  # parse botocore's models off the loop
         yield server
 
 

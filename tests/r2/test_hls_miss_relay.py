@@ -335,7 +335,7 @@ async def test_upstream_cut_mid_body_closes_the_viewer_short_and_keeps_nothing(
 ) -> None:
     data = await asyncio.to_thread(os.urandom, 2 * MIB)
     cid = await cold.add_blob(data)
-    proxy.add(method_is("GET", f"/blobs/{cid}"), Fault("cut", fraction=0.5))
+    proxy.add(method_is("GET", f"/blobs/{cid}"), Fault("cut", fraction=0.5), times=10**6)
     viewer = await Viewer.open(cold.node)
     before = cold.fast.answered
     with caplog.at_level(logging.WARNING, "peerd.http.hls"):
@@ -345,7 +345,7 @@ async def test_upstream_cut_mid_body_closes_the_viewer_short_and_keeps_nothing(
         assert lower(h)["content-length"] == str(len(data))
         got = await viewer.until_closed()  # the node closes the connection
         await until(lambda: cold.fast.answered == before + 1)
-    assert 0 < len(got) <= len(data) // 2
+    assert 0 < len(got) < len(data)  # (each resume is cut too)
     assert not (wrong := is_prefix(got, data)), wrong
     assert any(r.getMessage() == "blob relay cut" for r in caplog.records)
     await cold.settled()
@@ -557,7 +557,7 @@ async def test_nothing_follows_a_cut_relay_on_its_connection(cold: Cold, proxy: 
     be read as the rest of the blob (and could even complete its Content-Length)."""
     data = await asyncio.to_thread(os.urandom, 12 * MIB)
     cid = await cold.add_blob(data)
-    proxy.add(method_is("GET", f"/blobs/{cid}"), Fault("cut", fraction=0.5))
+    proxy.add(method_is("GET", f"/blobs/{cid}"), Fault("cut", fraction=0.5), times=10**6)
     viewer = await Viewer.open(cold.node, rcvbuf=32 * KIB)
     before = cold.fast.answered
     playlist = cold.node.url("ts", "v0.m3u8").removeprefix(cold.node.base)

@@ -14,11 +14,11 @@ from peerd.delivery import Resolver
 from peerd.errors import IntegrityError, NotFound
 from peerd.replication.media import record_media
 from peerd.replication.outbox import Outbox
-from peerd.replication.r2 import R2Client, R2Error, blob_key, manifest_key
+from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key, manifest_key
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.faultproxy import Fault, FaultProxy, method_is
+from peerd.testing.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
 from peerd.testing.s3server import MotoServer
 from peerd.testing.source_suite import SourceConformance, SourceFactory
 from tests.r2.conftest import FAST
@@ -308,13 +308,14 @@ async def test_hundred_concurrent_misses_make_one_get(
 
 
 @pytest.mark.parametrize(
-    "fault",
+    ("fault", "times"),
     [
-        Fault("cut", fraction=0.4),
-        Fault("truncate", fraction=0.9),
-        Fault("stall", seconds=2.0),
-        Fault("slowdown"),
+        (Fault("cut", fraction=0.4), READ_ATTEMPTS),  # every resume cut too
+        (Fault("truncate", fraction=0.9), 1),  # self-consistent: only the hash can tell
+        (Fault("stall", seconds=2.0), 1),  # a timeout is not retried
+        (Fault("slowdown"), READ_ATTEMPTS),
     ],
+    ids=["cut", "truncate", "stall", "slowdown"],
 )
 async def test_read_through_faults_store_nothing(
     runtime: Runtime,
@@ -323,15 +324,62 @@ async def test_read_through_faults_store_nothing(
     moto: MotoServer,
     bucket: str,
     fault: Fault,
+    times: int,
 ) -> None:
     data = os.urandom(500_000)
     cid = cid_of(data)
     await put_direct(moto, bucket, blob_key(cid), data)
     resolver = Resolver(runtime.store, [R2Source(client, timeout_s=5)], miss_ttl_s=0)
-    proxy.add(method_is("GET", "/blobs/"), fault)
+    proxy.add(method_is("GET", "/blobs/"), fault, times)
     with pytest.raises(NotFound):
         await resolver.ensure_local(cid)
     assert not await runtime.store.has(cid)
     assert (await runtime.store.verify()).ok
+    assert proxy.count("GET", "/blobs/") == times
     path = await resolver.ensure_local(cid)  # the fault is gone: the next miss succeeds
     assert await asyncio.to_thread(path.read_bytes) == data
+
+
+@pytest.mark.parametrize(
+    ("fault", "whole"),
+    [
+        (Fault("slowdown"), True),
+        (Fault("status", status=500), True),
+        (Fault("drop"), True),  # the connection reset before any answer
+        (Fault("cut", fraction=0.4), False),  # resumed with a Range GET
+    ],
+    ids=["slowdown", "500", "reset", "cut"],
+)
+async def test_read_through_retries_a_transient_failure_then_streams(
+    runtime: Runtime,
+    client: R2Client,
+    proxy: FaultProxy,
+    moto: MotoServer,
+    bucket: str,
+    fault: Fault,
+    whole: bool,
+) -> None:
+    data = os.urandom(700_000)
+    cid = cid_of(data)
+    await put_direct(moto, bucket, blob_key(cid), data)
+    resolver = Resolver(runtime.store, [R2Source(client, timeout_s=5)], miss_ttl_s=0)
+    seen: list[str] = []
+
+    def record(r: ProxyRequest) -> bool:
+        seen.append(r.headers.get("range", ""))
+        return False
+
+    proxy.add(record, Fault("status"), times=10**6)
+    proxy.rules.insert(0, proxy.rules.pop())  # records every request, faults none
+    proxy.add(method_is("GET", "/blobs/"), fault)
+    s = await resolver.open_stream(cid)
+    assert s.chunks is not None
+    assert b"".join([c async for c in s.chunks]) == data
+    assert await runtime.store.has(cid)
+    assert seen[0] == ""
+    # Retried whole after a failure before the body; resumed where a cut body stopped.
+    assert len(seen) == 2
+    if whole:
+        assert seen[1] == ""
+    else:  # from the last byte handed on (aiohttp drops what it buffered when the cut came)
+        assert seen[1] == "" or 0 < int(seen[1].removeprefix("bytes=").rstrip("-")) <= 280_000

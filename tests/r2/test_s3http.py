@@ -1,7 +1,8 @@
 """The aiohttp hot path of the R2 client against moto over HTTP.
 
 A dedicated moto server with its auth turned on checks every SigV4 signature (moto recomputes
-it with botocore from what it received): a correct request passes, a wrong secret is refused.
+it from what it received): a correct request passes; a wrong secret, a changed signature or a
+header changed after signing is refused.
 moto checks neither the payload hash nor ``x-amz-checksum-sha256`` against the body (R2 does),
 so the client's own guard is tested instead: a blob file that no longer matches its cid is
 never sent whole.
@@ -18,13 +19,16 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import boto3
 import pytest
+import yarl
 
 from peerd.core.ids import Cid, cid_of
 from peerd.delivery import Resolver
 from peerd.errors import NotFound
-from peerd.replication.r2 import AlreadyExists, R2Client, R2Error, blob_key
+from peerd.replication.r2 import READ_ATTEMPTS, AlreadyExists, R2Client, R2Error, blob_key
+from peerd.replication.s3http import EMPTY_SHA256
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
@@ -112,6 +116,29 @@ async def test_wrong_secret_is_refused(authed: tuple[MotoServer, str, str, str])
         await c.close()
 
 
+async def test_tampered_requests_are_refused(authed_client: R2Client) -> None:
+    """moto recomputes each signature: one changed character of it, or of a signed header
+    after signing, and the request is refused."""
+    data = b"0123456789" * 100
+    key = "media/tamper.json"
+    await authed_client.put_bytes(key, data, content_type="application/json")
+    http = authed_client.http
+    url = http.url(key)
+    signed = http.sign("GET", url, {"host": http.host, "range": "bytes=0-9"}, EMPTY_SHA256)
+    sig = signed["Authorization"]
+    forged_sig = sig[:-1] + ("0" if sig[-1] != "0" else "1")
+    async with aiohttp.ClientSession() as session:
+
+        async def status(headers: dict[str, str]) -> int:
+            async with session.get(yarl.URL(url, encoded=True), headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await status(signed) == 206
+        assert await status({**signed, "Authorization": forged_sig}) == 403
+        assert await status({**signed, "range": "bytes=0-99"}) == 403
+
+
 async def test_local_file_not_matching_its_cid_never_completes(
     client: R2Client, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
@@ -152,16 +179,40 @@ async def test_replicator_treats_412_as_present_after_head(
     assert proxy.count("HEAD", "/blobs/") == 1
 
 
-async def test_cut_and_overlong_get_bodies_raise(
+async def test_cut_body_is_resumed_from_where_it_stopped(
     client: R2Client, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     data = os.urandom(600_000)
     cid, path = write_blob(tmp_path, data)
     await client.put_blob(cid, path, len(data))
+    ranges: list[str] = []
+
+    def record(r: ProxyRequest) -> bool:
+        if r.method == "GET":
+            ranges.append(r.headers.get("range", ""))
+        return False
+
+    proxy.add(record, Fault("status"), times=10**6)
     proxy.add(method_is("GET", "/blobs/"), Fault("cut", fraction=0.4))
-    with pytest.raises(R2Error):
+    got = await client.open(blob_key(cid))
+    assert got is not None
+    size, body = got
+    received = bytearray()
+    async for chunk in body:
+        received += chunk
+        await asyncio.sleep(0)  # a consumer that keeps up, as the store does
+    assert bytes(received) == data
+    assert ranges[0] == ""
+    assert len(ranges) == 2
+    assert ranges[1].startswith("bytes=")
+    assert 0 < int(ranges[1].removeprefix("bytes=").rstrip("-")) <= 240_000
+
+    # Cut on every attempt: the body fails after READ_ATTEMPTS GETs, with what it had.
+    proxy.add(method_is("GET", "/blobs/"), Fault("cut", fraction=0.4), READ_ATTEMPTS)
+    with pytest.raises(R2Error, match=f"ended after .* of {len(data)} bytes"):
         await read_all(client, blob_key(cid))
-    # The connection pool survives a cut: the next GET is whole.
+    assert len(ranges) == 2 + READ_ATTEMPTS
+    # The connection pool survives the cuts: the next GET is whole.
     assert await read_all(client, blob_key(cid)) == data
 
 
