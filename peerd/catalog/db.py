@@ -1,8 +1,6 @@
 """Catalog connection, migrations and the blob table's queries.
 
-The other tables' queries live beside this module, one module per concern (``media``, ``jobs``,
-``peers``, ``outbox``, ``usage``, ``inventory``): functions that take the :class:`Catalog` and
-return typed rows, so no SQL lives outside this package.
+The other tables' queries live beside this module, one module per concern (see the package).
 
 Two aiosqlite connections to one WAL database: a writer, used only inside
 :meth:`Catalog.transaction` (serialised by a lock, ``BEGIN IMMEDIATE``), and a reader for everything
