@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import aiosqlite
+
 from peerd.catalog.db import Catalog, Row, named_rows
 from peerd.core.ids import Cid
 
@@ -72,16 +74,7 @@ async def pin_media(catalog: Catalog, media_id: str, cids: Sequence[Cid]) -> int
     """Pin a media item and its blobs ``cids``; returns how many blob rows were pinned."""
     async with catalog.transaction() as tx:
         await tx.execute("UPDATE media SET pinned=1 WHERE media_id=?", (media_id,))
-        n = 0
-        for i in range(0, len(cids), 500):
-            part = cids[i : i + 500]
-            marks = ",".join("?" * len(part))
-            cur = await tx.execute(
-                f"UPDATE blobs SET pinned=1 WHERE cid IN ({marks})",  # noqa: S608
-                part,
-            )
-            n += cur.rowcount
-    return n
+        return await _set_pins(tx, cids, 1)
 
 
 async def unpin_media(catalog: Catalog, media_id: str, cids: Sequence[Cid]) -> int:
@@ -96,16 +89,19 @@ async def unpin_media(catalog: Catalog, media_id: str, cids: Sequence[Cid]) -> i
     )
     async with catalog.transaction() as tx:
         await tx.execute("UPDATE media SET pinned=0 WHERE media_id=?", (media_id,))
-        n = 0
-        for i in range(0, len(cids), 500):
-            part = cids[i : i + 500]
-            marks = ",".join("?" * len(part))
-            cur = await tx.execute(
-                f"UPDATE blobs SET pinned=0 WHERE cid IN ({marks}) "  # noqa: S608
-                f"AND cid NOT IN ({still})",
-                part,
-            )
-            n += cur.rowcount
+        return await _set_pins(tx, cids, 0, f" AND cid NOT IN ({still})")
+
+
+async def _set_pins(
+    tx: aiosqlite.Connection, cids: Sequence[Cid], pinned: int, where: str = ""
+) -> int:
+    n = 0
+    for i in range(0, len(cids), 500):
+        part = cids[i : i + 500]
+        marks = ",".join("?" * len(part))
+        sql = f"UPDATE blobs SET pinned={pinned} WHERE cid IN ({marks}){where}"  # noqa: S608
+        cur = await tx.execute(sql, part)
+        n += cur.rowcount
     return n
 
 
