@@ -124,19 +124,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog import Catalog
+    from peerd.catalog.media import media_count
+    from peerd.catalog.outbox import job_counts
 
     if not node_exists(settings):
         return 1
     cat = await Catalog.open(settings.catalog_path)
     try:
         count, size = await cat.present_stats()
-        async with cat.conn.execute("SELECT COUNT(*) FROM media") as cur:
-            row = await cur.fetchone()
-        media = int(row[0]) if row else 0
-        async with cat.conn.execute(
-            "SELECT state, COUNT(*) FROM replication_jobs GROUP BY state"
-        ) as cur:
-            jobs = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        media = await media_count(cat)
+        jobs = await job_counts(cat)
     finally:
         await cat.close()
     daemon = await _probe_daemon(settings)

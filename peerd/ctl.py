@@ -39,7 +39,8 @@ _UNREADABLE = (": no such file", ": cannot read", ": cannot open", "ermission de
 
 
 class _ParseError(Exception):
-    pass
+    """Arguments this light path cannot read: a signal to fall through to the full CLI, caught
+    in :func:`light_args` and never raised past it (so not a :class:`peerd.errors.PeerdError`)."""
 
 
 class _Parser(argparse.ArgumentParser):

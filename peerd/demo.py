@@ -9,14 +9,16 @@ foreground until Ctrl-C. Re-running reuses the state (the repeated ingest stores
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from peerd.catalog import Catalog
+from peerd.catalog.media import latest_media_id
 from peerd.cli import main as cli_main
 from peerd.config import load_settings
 from peerd.core import tokens
@@ -24,20 +26,15 @@ from peerd.core import tokens
 STATE = Path(".state/demo")
 
 
-def _media_id(state: Path, source: Path) -> str:
-    con = sqlite3.connect(state / "catalog.sqlite3")
+async def _media_id(catalog_path: Path, source: str) -> str:
+    cat = await Catalog.open_readonly(catalog_path)
     try:
-        row = con.execute(
-            "SELECT media_id FROM media WHERE source_path=? ORDER BY created_at DESC LIMIT 1",
-            (str(source.resolve()),),
-        ).fetchone()
-        if row is None:
-            row = con.execute("SELECT media_id FROM media ORDER BY created_at DESC").fetchone()
+        media_id = await latest_media_id(cat, source) or await latest_media_id(cat)
     finally:
-        con.close()
-    if row is None:
+        await cat.close()
+    if media_id is None:
         raise SystemExit("demo: ingest stored no media")
-    return str(row[0])
+    return media_id
 
 
 def make_sample(path: Path, seconds: int = 20) -> None:
@@ -71,7 +68,7 @@ def main() -> int:
     if cli_main([*base, "ingest", str(sample)]) != 0:
         return 1
     settings = load_settings(None, node={"state_dir": state})
-    media_id = _media_id(state, sample)
+    media_id = asyncio.run(_media_id(settings.catalog_path, str(sample.resolve())))
     secret = settings.secret("hls_signing_key")
     assert secret is not None
     token = tokens.mint(

@@ -15,20 +15,31 @@ that the edges act on, so that no caller has to map exceptions by hand:
     ├── ConfigError (500, stop; exit code 2)
     ├── BadRequest (400)
     │   ├── MediaError (422)          input media that cannot be packaged
+    │   │   └── ManifestError         a malformed manifest (core.manifest)
     │   └── RangeNotSatisfiable (416) a byte range outside the blob
     ├── Unauthorized (401)
+    │   └── SignatureError            a signed body that must be refused (core.signed)
     ├── Forbidden (403)
+    │   └── AccessDenied              no valid Cloudflare Access JWT (http.access)
     ├── NotFound (404)
     ├── Conflict (409)
-    │   └── NotConfigured (409)       needs a subsystem this node does not run
+    │   ├── NotConfigured (409)       needs a subsystem this node does not run
+    │   └── JobStateError             an event the command job's state forbids (core.jobs)
     ├── TooManyRequests (429)
     ├── StoreFull (507)               disk quota or a full disk
     ├── IntegrityError (502)          bytes did not hash to their id
     ├── UpstreamError (502)           a peer or R2 failed
-    └── Unavailable (503)             shutting down, draining, not ready
+    │   ├── R2Error                   a request to R2 failed (replication.r2)
+    │   │   └── AlreadyExists         a conditional put found the key taken
+    │   └── CoordinatorError          the coordinator did not accept a report (coordinator.client)
+    ├── Unavailable (503)             shutting down, draining, not ready
+    │   └── BridgeClosed              libp2p's trio thread is not running (p2p.bridge)
+    ├── Cancelled (500)               a packaging job was cancelled (media.package)
+    └── JobFailed (500)               a replication job given up (replication.service)
 
-Messages are written for the operator reading the log or the client reading the body: they name the
-thing and the reason, and never contain secrets.
+A class defined in another module (named in brackets) keeps the hints of its parent. Messages are
+written for the operator reading the log or the client reading the body: they name the thing and
+the reason, and never contain secrets.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ delivery resolver), ``replicator`` (:class:`Replicator`, R2 replication), ``pull
 
 Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
 (``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
-``UPDATE`` that marks it absent, so a concurrent pin or R2 state change cannot slip in between.
+``UPDATE`` that marks it absent (``Catalog.evict_row``), so a concurrent pin or R2 state change
+cannot slip in between.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from peerd.api.models import (
     MediaCommand,
     PrefetchRequest,
 )
+from peerd.catalog.media import media_blobs, media_exists, pin_media, unpin_media
 from peerd.core.ids import Cid
 from peerd.core.jobs import Job
 from peerd.errors import (
@@ -168,25 +170,9 @@ class Commands:
             raise NotConfigured("R2 replication is not configured on this node")
         return rep
 
-    async def media_exists(self, media_id: str) -> bool:
-        """True if the media item is in the catalog."""
-        sql = "SELECT 1 FROM media WHERE media_id=?"
-        async with self.rt.catalog.conn.execute(sql, (media_id,)) as cur:
-            return await cur.fetchone() is not None
-
     async def _require_media(self, media_id: str) -> None:
-        if not await self.media_exists(media_id):
+        if not await media_exists(self.rt.catalog, media_id):
             raise NotFound(f"media {media_id} is not in this node's catalog")
-
-    async def media_blobs(self, media_id: str) -> list[Cid]:
-        """Every blob of a media item: init segments, segments, and its manifest blob if kept."""
-        sql = (
-            "SELECT init_cid FROM renditions WHERE media_id=? AND init_cid IS NOT NULL "
-            "UNION SELECT cid FROM segments WHERE media_id=? AND cid IS NOT NULL "
-            "UNION SELECT cid FROM blobs WHERE cid=?"
-        )
-        async with self.rt.catalog.conn.execute(sql, (media_id, media_id, media_id)) as cur:
-            return [Cid(str(r[0])) for r in await cur.fetchall()]
 
     # -- prefetch --------------------------------------------------------------------------------
 
@@ -206,7 +192,7 @@ class Commands:
 
             return media_id, from_peer
         resolver = self.parts.resolver
-        known = await self.media_exists(media_id)
+        known = await media_exists(self.rt.catalog, media_id)
         if req.source == "any" and known and resolver is not None:
 
             async def via_resolver(progress: ProgressFn) -> dict[str, Any]:
@@ -224,7 +210,7 @@ class Commands:
     async def _fetch_blobs(
         self, resolver: BlobFetcher, media_id: str, progress: ProgressFn
     ) -> dict[str, Any]:
-        cids = await self.media_blobs(media_id)
+        cids = await media_blobs(self.rt.catalog, media_id)
         rows = await self.rt.catalog.get_blobs(cids)
         missing = [c for c in cids if c not in rows or rows[c].local_state != "present"]
         fetched = 0
@@ -258,18 +244,8 @@ class Commands:
         await self._require_media(req.media_id)
 
         async def work(progress: ProgressFn) -> dict[str, Any]:
-            cids = await self.media_blobs(req.media_id)
-            async with self.rt.catalog.transaction() as tx:
-                await tx.execute("UPDATE media SET pinned=1 WHERE media_id=?", (req.media_id,))
-                n = 0
-                for i in range(0, len(cids), 500):
-                    part = cids[i : i + 500]
-                    marks = ",".join("?" * len(part))
-                    cur = await tx.execute(
-                        f"UPDATE blobs SET pinned=1 WHERE cid IN ({marks})",  # noqa: S608
-                        part,
-                    )
-                    n += cur.rowcount
+            cids = await media_blobs(self.rt.catalog, req.media_id)
+            n = await pin_media(self.rt.catalog, req.media_id, cids)
             return {"blobs_pinned": n}
 
         return req.media_id, work
@@ -280,26 +256,8 @@ class Commands:
         await self._require_media(req.media_id)
 
         async def work(progress: ProgressFn) -> dict[str, Any]:
-            cids = await self.media_blobs(req.media_id)
-            async with self.rt.catalog.transaction() as tx:
-                await tx.execute("UPDATE media SET pinned=0 WHERE media_id=?", (req.media_id,))
-                still = (
-                    "SELECT init_cid FROM renditions r JOIN media m USING (media_id) "
-                    "WHERE m.pinned=1 AND r.init_cid IS NOT NULL "
-                    "UNION SELECT s.cid FROM segments s JOIN media m USING (media_id) "
-                    "WHERE m.pinned=1 AND s.cid IS NOT NULL "
-                    "UNION SELECT media_id FROM media WHERE pinned=1"
-                )
-                n = 0
-                for i in range(0, len(cids), 500):
-                    part = cids[i : i + 500]
-                    marks = ",".join("?" * len(part))
-                    cur = await tx.execute(
-                        f"UPDATE blobs SET pinned=0 WHERE cid IN ({marks}) "  # noqa: S608
-                        f"AND cid NOT IN ({still})",
-                        part,
-                    )
-                    n += cur.rowcount
+            cids = await media_blobs(self.rt.catalog, req.media_id)
+            n = await unpin_media(self.rt.catalog, req.media_id, cids)
             return {"blobs_unpinned": n, "blobs_kept_pinned": len(cids) - n}
 
         return req.media_id, work
@@ -318,7 +276,7 @@ class Commands:
 
         async def work(progress: ProgressFn) -> dict[str, Any]:
             if req.media_id is not None:
-                cids = await self.media_blobs(req.media_id)
+                cids = await media_blobs(self.rt.catalog, req.media_id)
             else:
                 cids = [Cid(c) for c in sorted(set(req.cids or []))]
             return await self._evict(cids, progress)
@@ -338,17 +296,10 @@ class Commands:
                 out["kept_pinned"] += 1
             elif row.r2_state != "present":
                 out["kept_last_copy"] += 1
+            elif not await self.rt.catalog.evict_row(cid):
+                # It changed under us; keep it, the coordinator can retry.
+                out["kept_last_copy"] += 1
             else:
-                async with self.rt.catalog.transaction() as tx:
-                    cur = await tx.execute(
-                        "UPDATE blobs SET local_state='absent' WHERE cid=? "
-                        "AND local_state='present' AND r2_state='present' AND pinned=0",
-                        (cid,),
-                    )
-                    changed = cur.rowcount == 1
-                if not changed:  # it changed under us; keep it, the coordinator can retry
-                    out["kept_last_copy"] += 1
-                    continue
                 # Row first, then the file: a crash leaves an orphan file, never a lie.
                 await asyncio.to_thread(store.path_for(cid).unlink, missing_ok=True)
                 store.used_bytes -= row.size

@@ -10,15 +10,14 @@ Finished jobs beyond ``api.jobs_kept`` are pruned, oldest first.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from peerd.catalog import Catalog
+from peerd.catalog.jobs import fail_open_jobs, get_job, insert_job, open_job, save_job
 from peerd.core.jobs import INTERRUPTED, Event, Fail, Finish, Job, JobKind, Progress, Start
 from peerd.core.jobs import transition as apply
 from peerd.errors import NotFound, PeerdError
@@ -27,22 +26,6 @@ log = logging.getLogger("peerd.api.jobs")
 
 ProgressFn = Callable[[float], None]
 Work = Callable[[ProgressFn], Awaitable[dict[str, Any]]]
-
-_COLS = "job_id, kind, target, state, progress, result, error, created_at, updated_at"
-
-
-def _job(r: tuple[Any, ...]) -> Job:
-    return Job(
-        job_id=str(r[0]),
-        kind=r[1],
-        target=str(r[2]),
-        state=r[3],
-        progress=float(r[4]),
-        result=None if r[5] is None else json.loads(r[5]),
-        error=None if r[6] is None else str(r[6]),
-        created_at=float(r[7]),
-        updated_at=float(r[8]),
-    )
 
 
 class JobRunner:
@@ -70,31 +53,19 @@ class JobRunner:
 
     async def recover(self) -> int:
         """Fail jobs left open by a previous run of the daemon; prune old finished jobs."""
-        now = self._clock()
-        async with self.catalog.transaction() as tx:
-            cur = await tx.execute(
-                "UPDATE api_jobs SET state='failed', error=?, updated_at=? "
-                "WHERE state IN ('queued', 'running') AND created_at < ?",
-                (INTERRUPTED, now, self._boot),
-            )
-            failed = cur.rowcount
-            await tx.execute(
-                "DELETE FROM api_jobs WHERE state IN ('done', 'failed') AND job_id NOT IN "
-                "(SELECT job_id FROM api_jobs ORDER BY updated_at DESC LIMIT ?)",
-                (self.keep,),
-            )
+        failed = await fail_open_jobs(
+            self.catalog, INTERRUPTED, self._clock(), self._boot, self.keep
+        )
         if failed:
             log.info("jobs interrupted by restart marked failed", extra={"jobs": failed})
         return failed
 
     async def get(self, job_id: str) -> Job:
         """The job; :class:`NotFound` if unknown."""
-        sql = f"SELECT {_COLS} FROM api_jobs WHERE job_id=?"  # noqa: S608
-        async with self.catalog.conn.execute(sql, (job_id,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        job = await get_job(self.catalog, job_id)
+        if job is None:
             raise NotFound(f"no job {job_id}")
-        return _job(tuple(row))
+        return job
 
     async def submit(
         self, kind: JobKind, target: str, params: dict[str, Any], work: Work
@@ -103,51 +74,17 @@ class JobRunner:
         target is returned instead of starting a second one."""
         now = self._clock()
         job = Job(secrets.token_hex(16), kind, target, "queued", now, now)
-        try:
-            async with self.catalog.transaction() as tx:
-                await tx.execute(
-                    f"INSERT INTO api_jobs({_COLS}, params) VALUES(?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
-                    (
-                        job.job_id,
-                        kind,
-                        target,
-                        job.state,
-                        job.progress,
-                        None,
-                        None,
-                        now,
-                        now,
-                        json.dumps(params, sort_keys=True),
-                    ),
-                )
-        except sqlite3.IntegrityError:
-            sql = (
-                f"SELECT {_COLS} FROM api_jobs WHERE kind=? AND target=? "  # noqa: S608
-                "AND state IN ('queued', 'running')"
-            )
-            async with self.catalog.conn.execute(sql, (kind, target)) as cur:
-                row = await cur.fetchone()
-            if row is None:  # it finished between our insert and this read: start anew
+        if not await insert_job(self.catalog, job, params):
+            running = await open_job(self.catalog, kind, target)
+            if running is None:  # it finished between our insert and this read: start anew
                 return await self.submit(kind, target, params, work)
-            return _job(tuple(row)), False
+            return running, False
         self._tasks[job.job_id] = asyncio.create_task(self._run(job, work), name=f"job-{kind}")
         return job, True
 
     async def _save(self, job: Job, event: Event) -> Job:
         new = apply(job, event, self._clock())
-        async with self.catalog.transaction() as tx:
-            await tx.execute(
-                "UPDATE api_jobs SET state=?, progress=?, result=?, error=?, updated_at=? "
-                "WHERE job_id=?",
-                (
-                    new.state,
-                    new.progress,
-                    None if new.result is None else json.dumps(new.result, sort_keys=True),
-                    new.error,
-                    new.updated_at,
-                    new.job_id,
-                ),
-            )
+        await save_job(self.catalog, new)
         return new
 
     async def _run(self, job: Job, work: Work) -> None:

@@ -18,7 +18,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from peerd import __version__
 from peerd.api.commands import Subsystems
@@ -33,6 +32,7 @@ from peerd.api.models import (
     Load,
     NodeInfo,
 )
+from peerd.catalog import inventory as inv
 from peerd.core.inventory import EMPTY_DIGEST, RateMeter, digest_of, page_of
 from peerd.runtime import Runtime
 
@@ -156,24 +156,13 @@ class NodeApi:
 
     # -- inventory ---------------------------------------------------------------------------------
 
-    async def high_seq(self) -> int:
-        """The highest change sequence number."""
-        async with self.rt.catalog.conn.execute("SELECT MAX(seq) FROM inventory_seq") as cur:
-            row = await cur.fetchone()
-        return 0 if row is None or row[0] is None else int(row[0])
-
     async def summary(self) -> InventorySummary:
         """Digest, count and high-water mark; recomputed only when something changed."""
         async with self._summary_lock:
-            seq = await self.high_seq()
+            seq = await inv.high_seq(self.rt.catalog)
             if self._summary is not None and self._summary[0] == seq:
                 return self._summary[1]
-            conn = self.rt.catalog.conn
-            entries: list[tuple[str, str]] = []
-            async with conn.execute("SELECT cid FROM blobs WHERE local_state='present'") as cur:
-                entries += [("blob", str(r[0])) for r in await cur.fetchall()]
-            async with conn.execute("SELECT media_id FROM media") as cur:
-                entries += [("media", str(r[0])) for r in await cur.fetchall()]
+            entries = await inv.held(self.rt.catalog)
             # Hashing every entry is ~1 µs each: off the loop for large catalogs.
             digest = await asyncio.to_thread(digest_of, entries) if entries else EMPTY_DIGEST
             summary = InventorySummary(digest=digest, count=len(entries), seq=seq)
@@ -182,68 +171,30 @@ class NodeApi:
 
     async def inventory(self, since: int, limit: int) -> Inventory:
         """One page of changes after ``since`` (see :mod:`peerd.core.inventory`)."""
-        sql = (
-            "SELECT s.kind, s.id, s.seq, b.size, b.kind, b.local_state, b.r2_state, b.pinned, "
-            "m.media_id, m.title, m.duration_s, m.r2_state, m.pinned "
-            "FROM inventory_seq s "
-            "LEFT JOIN blobs b ON s.kind='blob' AND b.cid=s.id "
-            "LEFT JOIN media m ON s.kind='media' AND m.media_id=s.id "
-            "WHERE s.seq > ? ORDER BY s.seq LIMIT ?"
-        )
-        async with self.rt.catalog.conn.execute(sql, (since, limit + 1)) as cur:
-            rows = list(await cur.fetchall())
-        page = page_of(since, [int(r[2]) for r in rows], limit)
-        items = [_item(tuple(r)) for r in rows[:limit]]
+        rows = await inv.changes(self.rt.catalog, since, limit + 1)
+        page = page_of(since, [c.seq for c in rows], limit)
+        items = [_item(c) for c in rows[:limit]]
         return Inventory(
             items=items, next_since=page.next_since, more=page.more, summary=await self.summary()
         )
 
 
-def _item(r: tuple[Any, ...]) -> InventoryItem:
-    kind, ident, seq = str(r[0]), str(r[1]), int(r[2])
-    if kind == "blob":
-        if r[5] is None:
-            return _deleted("blob", ident, seq)
-        return InventoryItem(
-            kind="blob",
-            id=ident,
-            seq=seq,
-            state="present" if r[5] == "present" else "absent",
-            size=int(r[3]),
-            blob_kind=str(r[4]),
-            r2_state=str(r[6]),
-            pinned=bool(r[7]),
-            title=None,
-            duration_s=None,
-        )
-    if r[8] is None:
-        return _deleted("media", ident, seq)
+def _item(c: inv.Change) -> InventoryItem:
+    if c.deleted:
+        state = "deleted"
+    else:
+        state = "present" if c.kind != "blob" or c.local_state == "present" else "absent"
     return InventoryItem(
-        kind="media",
-        id=ident,
-        seq=seq,
-        state="present",
-        size=None,
-        blob_kind=None,
-        r2_state=str(r[11]),
-        pinned=bool(r[12]),
-        title=str(r[9]),
-        duration_s=float(r[10]),
-    )
-
-
-def _deleted(kind: str, ident: str, seq: int) -> InventoryItem:
-    return InventoryItem(
-        kind=kind,  # type: ignore[arg-type]
-        id=ident,
-        seq=seq,
-        state="deleted",
-        size=None,
-        blob_kind=None,
-        r2_state=None,
-        pinned=None,
-        title=None,
-        duration_s=None,
+        kind=c.kind,  # type: ignore[arg-type]
+        id=c.id,
+        seq=c.seq,
+        state=state,  # type: ignore[arg-type]
+        size=c.size,
+        blob_kind=c.blob_kind,
+        r2_state=c.r2_state,
+        pinned=c.pinned,
+        title=c.title,
+        duration_s=c.duration_s,
     )
 
 

@@ -1,5 +1,7 @@
 """Catalog connection, migrations and the blob table's queries.
 
+The other tables' queries live beside this module, one module per concern (see the package).
+
 Two aiosqlite connections to one WAL database: a writer, used only inside
 :meth:`Catalog.transaction` (serialised by a lock, ``BEGIN IMMEDIATE``), and a reader for everything
 else, so reads never see a transaction that has not committed. ``synchronous=FULL``: a committed
@@ -16,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -89,6 +92,17 @@ def _blob(row: aiosqlite.Row | tuple[object, ...]) -> BlobRow:
         last_access=None if r[7] is None else float(r[7]),
         created_at=float(r[8]),
     )
+
+
+Row = dict[str, Any]
+"""A row by column name: the dashboard's read-outs, rendered to JSON as they are."""
+
+
+async def named_rows(conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+    """Every row of ``sql`` as a :data:`Row`."""
+    async with conn.execute(sql, tuple(params)) as cur:
+        names = [d[0] for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
 class Catalog:
@@ -244,6 +258,28 @@ class Catalog:
         async with self.transaction() as tx:
             cur = await tx.execute("DELETE FROM blobs WHERE cid=?", (cid,))
             return cur.rowcount > 0
+
+    async def evict_row(self, cid: str) -> bool:
+        """Mark a blob ``absent`` only if R2 holds it and it is not pinned; True if it was.
+
+        The condition is checked in the ``UPDATE`` itself, so a concurrent pin or R2 state change
+        cannot slip in between a read and this write: the last copy never leaves.
+        """
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE blobs SET local_state='absent' WHERE cid=? "
+                "AND local_state='present' AND r2_state='present' AND pinned=0",
+                (cid,),
+            )
+            return cur.rowcount > 0
+
+    async def blob_groups(self) -> list[Row]:
+        """Blob count, bytes and pinned count by (kind, local_state, r2_state)."""
+        return await named_rows(
+            self.conn,
+            "SELECT kind, local_state, r2_state, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, "
+            "SUM(pinned != 0) AS pinned FROM blobs GROUP BY kind, local_state, r2_state",
+        )
 
     async def present_stats(self) -> tuple[int, int]:
         """(count, bytes) of blobs held locally."""

@@ -18,7 +18,7 @@ from peerd.api.models import CoordinatorReply, NodeReport
 from peerd.api.node import NodeApi
 from peerd.core.backoff import backoff_delay
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
-from peerd.errors import PeerdError
+from peerd.errors import PeerdError, UpstreamError
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.coordinator")
@@ -27,12 +27,13 @@ ReportKind = Literal["register", "heartbeat", "drain"]
 SAMPLE_INTERVAL_S = 5.0
 
 
-class CoordinatorError(Exception):
-    """A report was not accepted; ``status`` is the HTTP status (0 for network errors)."""
+class CoordinatorError(UpstreamError):
+    """A report was not accepted; ``answered`` is the coordinator's HTTP status (0 for network
+    errors)."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, answered: int = 0) -> None:
         super().__init__(message)
-        self.status = status
+        self.answered = answered
 
 
 class CoordinatorService:
@@ -156,12 +157,12 @@ class CoordinatorService:
             kind: ReportKind = "heartbeat" if self.registered else "register"
             try:
                 reply = await self.send(kind)
-            except (CoordinatorError, PeerdError, OSError, ValidationError) as exc:
+            except (PeerdError, OSError, ValidationError) as exc:
                 if not isinstance(exc, CoordinatorError):
                     # Building the report failed (disk, catalog): keep trying, loudly.
                     log.exception("cannot build the coordinator report")
                     exc = CoordinatorError(repr(exc))
-                if exc.status == 404:
+                if exc.answered == 404:
                     # The coordinator lost us (restarted, expired): register again now.
                     self.registered = False
                     continue
@@ -169,7 +170,7 @@ class CoordinatorService:
                 wait = backoff_delay(
                     self.failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s, self._rand()
                 )
-                level = logging.ERROR if 400 <= exc.status < 500 and exc.status != 429 else 0
+                level = logging.ERROR if 400 <= exc.answered < 500 and exc.answered != 429 else 0
                 log.log(
                     level or (logging.WARNING if self.failures == 1 else logging.INFO),
                     "coordinator report failed; backing off",

@@ -20,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from peerd.errors import Conflict
+
 JobKind = Literal["prefetch", "pin", "unpin", "evict", "promote", "ingest"]
 JobStateName = Literal["queued", "running", "done", "failed"]
 FINAL: frozenset[str] = frozenset({"done", "failed"})
 INTERRUPTED = "interrupted by restart"
 
 
-class JobStateError(ValueError):
+class JobStateError(Conflict):
     """An event that is not allowed in the job's state."""
 
 

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from peerd.errors import Unauthorized
+
 PEER_HEADER = "X-Peerd-Peer-Id"
 SIGNATURE_HEADER = "X-Peerd-Signature"
 Verify = Callable[[bytes, bytes, bytes], bool]
@@ -48,7 +50,7 @@ _B58_INDEX = {c: i for i, c in enumerate(_B58)}
 _ED25519_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 
 
-class SignatureError(ValueError):
+class SignatureError(Unauthorized):
     """A signed body that must be refused; the message says why."""
 
 

@@ -8,12 +8,12 @@ operator can list peers with ``sqlite3``. Wall-clock time is used because bans a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 
 from peerd.catalog import Catalog
+from peerd.catalog.peers import banned_peers, save_peer
 from peerd.core.peers import Ban, BanPolicy, Peer, PeerTable
 
 log = logging.getLogger("peerd.discovery")
@@ -41,30 +41,10 @@ class PeerDirectory:
         """Restore bans recorded before a restart; returns how many peers were restored."""
         if self.catalog is None:
             return 0
-        now = self.clock()
-        async with self.catalog.conn.execute(
-            "SELECT peer_id, http_url, addrs, version, first_seen, last_seen, rtt_ms, failures,"
-            " banned_until FROM peers WHERE via = ? AND banned_until > ?",
-            (self.via, now),
-        ) as cur:
-            rows = list(await cur.fetchall())
-        for r in rows:
-            self.table.restore(
-                Peer(
-                    peer_id=str(r[0]),
-                    url=r[1],
-                    addrs=tuple(json.loads(r[2] or "[]")),
-                    version=r[3],
-                    via=self.via,
-                    first_seen=float(r[4]),
-                    last_seen=float(r[5]),
-                    expires_at=0.0,
-                    rtt_ms=r[6],
-                    failures=int(r[7]),
-                    banned_until=r[8],
-                )
-            )
-        return len(rows)
+        peers = await banned_peers(self.catalog, self.via, self.clock())
+        for peer in peers:
+            self.table.restore(peer)
+        return len(peers)
 
     def seen(
         self,
@@ -128,28 +108,7 @@ class PeerDirectory:
     async def _write(self, p: Peer) -> None:
         assert self.catalog is not None
         try:
-            async with self.catalog.transaction() as conn:
-                await conn.execute(
-                    "INSERT INTO peers (peer_id, via, http_url, addrs, version, first_seen,"
-                    " last_seen, rtt_ms, failures, banned_until) VALUES (?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT(peer_id) DO UPDATE SET via=excluded.via,"
-                    " http_url=COALESCE(excluded.http_url, peers.http_url),"
-                    " addrs=excluded.addrs, version=COALESCE(excluded.version, peers.version),"
-                    " last_seen=excluded.last_seen, rtt_ms=excluded.rtt_ms,"
-                    " failures=excluded.failures, banned_until=excluded.banned_until",
-                    (
-                        p.peer_id,
-                        self.via,
-                        p.url,
-                        json.dumps(list(p.addrs)),
-                        p.version,
-                        p.first_seen,
-                        p.last_seen,
-                        p.rtt_ms,
-                        p.failures,
-                        p.banned_until,
-                    ),
-                )
+            await save_peer(self.catalog, p, self.via)
         except Exception as exc:  # the table in memory is authoritative; a lost row is harmless
             log.warning("cannot persist peer", extra={"peer": p.peer_id, "error": repr(exc)})
 

@@ -46,6 +46,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import Counter, Gauge
 
+from peerd.catalog.media import blob_role, init_cid, media_manifest, segment_cid
 from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
@@ -308,13 +309,10 @@ class HlsRoutes:
         return wrapped
 
     async def _load(self, media_id: str) -> _Media:
-        async with self.rt.catalog.conn.execute(
-            "SELECT manifest FROM media WHERE media_id = ?", (media_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        raw = await media_manifest(self.rt.catalog, media_id)
+        if raw is None:
             raise NotFound("no such media")
-        manifest = decode(bytes(row[0]))
+        manifest = decode(raw)
         return _build_media(manifest)
 
     async def media(self, media_id: str) -> _Media:
@@ -402,32 +400,23 @@ class HlsRoutes:
         if r is None:
             raise NotFound("no such rendition")
         if name == "init" and ext == "mp4":
-            sql = "SELECT init_cid FROM renditions WHERE media_id = ? AND rendition_id = ?"
-            args: tuple[object, ...] = (media_id, rid)
+            cid = await init_cid(self.rt.catalog, media_id, rid)
         elif name.isdigit() and ext == _segment_ext(media.manifest):
-            sql = "SELECT cid FROM segments WHERE media_id = ? AND rendition_id = ? AND seq = ?"
-            args = (media_id, rid, int(name))
+            cid = await segment_cid(self.rt.catalog, media_id, rid, int(name))
         else:
             raise NotFound("no such segment")
-        async with self.rt.catalog.conn.execute(sql, args) as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
+        if cid is None:
             # Producing on-demand renditions belongs to the transcode source (another issue).
             raise NotFound("segment not produced yet")
-        return await self._send(request, Cid(row[0]), ext)
+        return await self._send(request, cid, ext)
 
     async def _catalog_blob_ext(self, media_id: str, media: _Media, cid: str) -> str | None:
         # Blobs of on-demand renditions are not in the manifest; the catalog records them once
         # produced. Positive answers are cached (a blob never leaves a media).
-        async with self.rt.catalog.conn.execute(
-            "SELECT 'seg' FROM segments WHERE media_id = ? AND cid = ? "
-            "UNION ALL SELECT 'init' FROM renditions WHERE media_id = ? AND init_cid = ? LIMIT 1",
-            (media_id, cid, media_id, cid),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        role = await blob_role(self.rt.catalog, media_id, cid)
+        if role is None:
             return None
-        ext = "mp4" if row[0] == "init" else _segment_ext(media.manifest)
+        ext = "mp4" if role == "init" else _segment_ext(media.manifest)
         media.blobs[cid] = ext
         return ext
 

@@ -26,13 +26,15 @@ from typing import Any, TypeVar
 
 import trio
 
+from peerd.errors import Unavailable
+
 log = logging.getLogger("peerd.p2p")
 
 T = TypeVar("T")
 
 
-class BridgeClosed(RuntimeError):
-    """The trio thread is not running."""
+class BridgeClosed(Unavailable):
+    """The trio thread is not running (libp2p stopped or never started)."""
 
 
 class TrioThread:

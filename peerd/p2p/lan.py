@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
+from peerd.catalog.media import media_manifest
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy, Peer
 from peerd.core.signing import check, sign_headers
@@ -102,13 +103,9 @@ def install(
     async def get_manifest(request: web.Request) -> web.Response:
         authenticate(request, lambda p: p in trusted or directory.known(p))
         media_id = parse_cid(request.match_info["media_id"])
-        async with rt.catalog.conn.execute(
-            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        body = await media_manifest(rt.catalog, media_id)
+        if body is None:
             raise NotFound(f"media {media_id} is not in this node's catalog")
-        body = row[0] if isinstance(row[0], bytes) else str(row[0]).encode()
         return web.Response(
             body=body,
             headers={"Content-Type": "application/json", "Cache-Control": "no-store"},

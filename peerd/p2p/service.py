@@ -229,7 +229,7 @@ class Libp2pSource:
             started = time.monotonic()
             try:
                 status, size, stream = await svc.bridge.call(node.open_blob, pid, addrs, cid)
-            except (PeerdError, BridgeClosed) as exc:
+            except PeerdError as exc:
                 svc.directory.report(pid, False, type(exc).__name__)
                 log.info("libp2p provider failed", extra={"peer": pid, "error": str(exc)})
                 continue

@@ -1,9 +1,8 @@
 """What the dashboard shows, gathered from the catalog, the store and the metrics.
 
-Every section is read on its own and defensively: the catalog tables belong to other subsystems
-(replication jobs, peers, usage counters) and may grow columns, so rows are read as dicts and only
-the known keys are picked; a section whose query fails reports ``{"error": ...}`` instead of
-taking the whole page down.
+Every section is read on its own (the queries are the catalog's: ``peerd.catalog.media``,
+``peers``, ``outbox``, ``usage``), as rows by column name; a section whose query fails reports
+``{"error": ...}`` instead of taking the whole page down.
 
 Bytes served by source come from the ``peerd_bytes_served{source}`` counter since the daemon
 started (sampled into :class:`BandwidthHistory` for the chart) and from the ``usage`` table
@@ -21,9 +20,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
-
 from peerd import __version__
+from peerd.catalog.media import local_share, media_layout, recent_media, renditions_of
+from peerd.catalog.outbox import recent_jobs
+from peerd.catalog.peers import recent_peers
+from peerd.catalog.usage import daily_bytes_served
 from peerd.runtime import Runtime
 
 SOURCES = ("local", "lan", "libp2p", "r2")
@@ -81,14 +82,6 @@ def savings(totals: dict[str, float]) -> dict[str, Any]:
     }
 
 
-async def _rows(
-    conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()
-) -> list[dict[str, Any]]:
-    async with conn.execute(sql, tuple(params)) as cur:
-        names = [d[0] for d in cur.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
-
-
 def _pick(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return {k: row.get(k) for k in keys}
 
@@ -102,12 +95,7 @@ async def _section(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 async def storage(rt: Runtime) -> dict[str, Any]:
     """Blobs held, by kind and state; quota; disk."""
-    conn = rt.catalog.conn
-    rows = await _rows(
-        conn,
-        "SELECT kind, local_state, r2_state, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, "
-        "SUM(pinned != 0) AS pinned FROM blobs GROUP BY kind, local_state, r2_state",
-    )
+    rows = await rt.catalog.blob_groups()
     by_kind: dict[str, dict[str, int]] = {}
     absent = r2_present = pinned = 0
     for r in rows:
@@ -137,12 +125,7 @@ async def storage(rt: Runtime) -> dict[str, Any]:
 
 async def replication(rt: Runtime, now: float) -> dict[str, Any]:
     """The replication outbox: jobs by state and kind, oldest waiting job, recent failures."""
-    conn = rt.catalog.conn
-    rows = await _rows(
-        conn,
-        "SELECT * FROM replication_jobs WHERE state != 'done' OR updated_at > ?",
-        (now - 86400,),
-    )
+    rows = await recent_jobs(rt.catalog, now - 86400)
     by_state: dict[str, int] = {}
     by_kind: dict[str, int] = {}
     oldest: float | None = None
@@ -170,7 +153,7 @@ async def replication(rt: Runtime, now: float) -> dict[str, Any]:
 
 async def peers(rt: Runtime, now: float) -> dict[str, Any]:
     """Peers seen, grouped by how they were found (mDNS on the LAN, libp2p, coordinator)."""
-    rows = await _rows(rt.catalog.conn, "SELECT * FROM peers ORDER BY last_seen DESC LIMIT 500")
+    rows = await recent_peers(rt.catalog)
     groups: dict[str, list[dict[str, Any]]] = {"lan": [], "libp2p": [], "other": []}
     for r in rows:
         item = _pick(
@@ -185,32 +168,12 @@ async def peers(rt: Runtime, now: float) -> dict[str, Any]:
 
 async def media(rt: Runtime) -> list[dict[str, Any]]:
     """The library, newest first: renditions and how much of each item is on local disk."""
-    conn = rt.catalog.conn
-    items = await _rows(
-        conn,
-        "SELECT media_id, title, duration_s, created_at, pinned, r2_state FROM media "
-        "ORDER BY created_at DESC LIMIT ?",
-        (MEDIA_LIMIT,),
-    )
+    items = await recent_media(rt.catalog, MEDIA_LIMIT)
     if not items:
         return []
     ids = [m["media_id"] for m in items]
-    marks = ",".join("?" * len(ids))
-    rends = await _rows(
-        conn,
-        f"SELECT media_id, rendition_id, kind, container, codecs, bandwidth, width, height, "  # noqa: S608
-        f"produced FROM renditions WHERE media_id IN ({marks}) ORDER BY media_id, position",
-        ids,
-    )
-    local = await _rows(
-        conn,
-        f"SELECT s.media_id, COUNT(*) AS segments, "  # noqa: S608
-        f"SUM(b.local_state = 'present') AS local_segments, "
-        f"COALESCE(SUM(CASE WHEN b.local_state = 'present' THEN b.size END), 0) AS local_bytes "
-        f"FROM segments s LEFT JOIN blobs b ON b.cid = s.cid WHERE s.media_id IN ({marks}) "
-        f"GROUP BY s.media_id",
-        ids,
-    )
+    rends = await renditions_of(rt.catalog, ids)
+    local = await local_share(rt.catalog, ids)
     by_media: dict[str, list[dict[str, Any]]] = {}
     for r in rends:
         by_media.setdefault(r["media_id"], []).append(r)
@@ -247,11 +210,7 @@ async def media(rt: Runtime) -> list[dict[str, Any]]:
 
 async def daily_usage(rt: Runtime) -> list[dict[str, Any]]:
     """Bytes served per day and source from the usage table (last 30 days)."""
-    rows = await _rows(
-        rt.catalog.conn,
-        "SELECT day, label, SUM(value) AS bytes FROM usage WHERE metric LIKE 'bytes_served%' "
-        "GROUP BY day, label ORDER BY day DESC LIMIT 300",
-    )
+    rows = await daily_bytes_served(rt.catalog)
     days: dict[str, dict[str, int]] = {}
     for r in rows:
         label = str(r["label"] or "")
@@ -295,27 +254,4 @@ async def build_summary(
 
 async def media_detail(rt: Runtime, media_id: str) -> dict[str, Any] | None:
     """One item with every rendition's init and segment blob ids (for the in-page player)."""
-    conn = rt.catalog.conn
-    items = await _rows(
-        conn, "SELECT media_id, title, duration_s FROM media WHERE media_id = ?", (media_id,)
-    )
-    if not items:
-        return None
-    rends = await _rows(
-        conn,
-        "SELECT rendition_id, kind, container, codecs, bandwidth, width, height, init_cid "
-        "FROM renditions WHERE media_id = ? ORDER BY position",
-        (media_id,),
-    )
-    segs = await _rows(
-        conn,
-        "SELECT rendition_id, seq, duration_s, cid FROM segments WHERE media_id = ? "
-        "ORDER BY rendition_id, seq",
-        (media_id,),
-    )
-    by_rend: dict[str, list[dict[str, Any]]] = {}
-    for s in segs:
-        by_rend.setdefault(s["rendition_id"], []).append(_pick(s, ("seq", "duration_s", "cid")))
-    for r in rends:
-        r["segments"] = by_rend.get(r["rendition_id"], [])
-    return {**items[0], "renditions": rends}
+    return await media_layout(rt.catalog, media_id)

@@ -40,6 +40,7 @@ import av.container
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from peerd.catalog.media import media_manifest
 from peerd.core.ids import Cid
 from peerd.core.manifest import Container, Manifest, Rendition, decode
 from peerd.core.whep import stream_profile
@@ -98,15 +99,10 @@ async def load_playable(
     ``pool`` (default: the loop's executor), blobs the node lacks come through ``resolver``.
     """
     loop = asyncio.get_running_loop()
-    rows = list(
-        await rt.catalog.conn.execute_fetchall(
-            "SELECT manifest FROM media WHERE media_id = ?", (media_id,)
-        )
-    )
-    if not rows:
+    raw = await media_manifest(rt.catalog, media_id)
+    if raw is None:
         raise NotFound(f"no media {media_id}")
-    raw = rows[0][0]
-    manifest = decode(bytes(raw) if isinstance(raw, bytes | memoryview) else str(raw))
+    manifest = decode(raw)
     r = pick_rendition(manifest, max_height)
     codecs = [c.strip() for c in r.codecs.split(",")]
     first = r.segments[0].cid

@@ -1,0 +1,57 @@
+"""One error root: every exception class peerd defines derives from ``PeerdError``, and the tree
+drawn in ``peerd.errors``' docstring names each of them.
+
+``peerd.testing`` (fakes and harnesses) is left out: its errors never reach a node's caller.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Iterator
+
+import peerd
+from peerd import errors
+from peerd.errors import PeerdError
+
+OUTSIDE = {
+    # A signal inside argparse, caught in ctl.light_args: it never leaves the function.
+    "peerd.ctl._ParseError",
+    # Not yet under the root (their modules are being renovated in other branches).
+    "peerd.media.isobmff.Unsupported",
+    "peerd.media.fmp4.BoxError",
+    "peerd.replication.service.Deferred",
+    "peerd.replication.s3http.HttpStatusError",
+    "peerd.replication.s3http.LocalMismatch",
+    "peerd.replication.s3get.GetError",
+}
+
+
+def _exception_classes() -> Iterator[tuple[str, type[BaseException]]]:
+    for info in pkgutil.walk_packages(peerd.__path__, "peerd."):
+        if info.name.startswith("peerd.testing") or info.name == "peerd.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == module.__name__
+            ):
+                yield f"{module.__name__}.{name}", obj
+
+
+def test_every_error_class_is_under_the_root() -> None:
+    outside = {name for name, cls in _exception_classes() if not issubclass(cls, PeerdError)}
+    assert outside == OUTSIDE
+
+
+def test_the_drawn_tree_names_every_error_class() -> None:
+    doc = errors.__doc__ or ""
+    missing = [
+        name
+        for name, cls in _exception_classes()
+        if issubclass(cls, PeerdError) and f" {cls.__name__} " not in doc
+    ]
+    assert missing == []
