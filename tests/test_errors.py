@@ -24,7 +24,6 @@ OUTSIDE = {
     "peerd.replication.service.Deferred",
     "peerd.replication.s3http.HttpStatusError",
     "peerd.replication.s3http.LocalMismatch",
-    "peerd.replication.s3get.GetError",
 }
 
 
