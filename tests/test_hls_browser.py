@@ -17,7 +17,7 @@ from aiohttp import web
 from hls_node import run_node
 
 from peerd.core.ids import Cid, cid_of
-from peerd.media import package as pkg
+from peerd.media import remux
 from peerd.media.options import PackagingOptions
 from peerd.media.package import package
 from peerd.testing.browser import Browser
@@ -106,7 +106,7 @@ async def test_hlsjs_plays_remuxed_fmp4(
     """The packager's remux, native (peerd.media.isobmff) or PyAV, plays in hls.js/Chromium."""
 
     if not native:
-        monkeypatch.setattr(pkg, "_native_source", lambda job: None)
+        monkeypatch.setattr(remux, "open_native", lambda src, opts: None)
 
     src = await asyncio.to_thread(make_media, tmp_path / "src.mp4", seconds=8, size=(320, 240))
     blobs: dict[str, bytes] = {}

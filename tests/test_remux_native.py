@@ -18,7 +18,7 @@ import pytest
 
 from peerd.core import manifest as mf
 from peerd.errors import MediaError
-from peerd.media import isobmff
+from peerd.media import isobmff, remux
 from peerd.media import package as pkg
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import probe
@@ -68,21 +68,17 @@ def _package(
     sink = MemorySink()
     with monkeypatch.context() as m:
         if not native:
-            m.setattr(pkg, "_native_source", lambda job: None)
+            m.setattr(remux, "open_native", lambda src, opts: None)
         manifest, _, _ = pkg.package(path, opts, sink)
     return manifest, sink
 
 
 def _goes_native(path: Path, **kw: Any) -> bool:
     """Whether the packager would take the native path for `path` with these options."""
-    job = pkg._Job(probe(path), PackagingOptions(**kw), MemorySink(), None, None)
-    try:
-        out = pkg._native_source(job)
-        if out is not None:
-            os.close(out.fd)
-        return out is not None
-    finally:
-        job.close()
+    out = remux.open_native(probe(path), PackagingOptions(**kw))
+    if out is not None:
+        os.close(out.fd)
+    return out is not None
 
 
 def _packets(init: bytes, seg: bytes, out: Path) -> list[tuple[str, str, str, str, bool]]:
@@ -222,91 +218,22 @@ def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path
             rng.shuffle(ranges)  # tracks come in runs order, not file order
             header = rng.randbytes(rng.randint(0, 300))
             total = sum(e - o for o, e in ranges)
-            got = pkg._scatter_read(fd, path, header, ranges, total, bytearray())
+            got = remux.scatter_read(fd, path, header, ranges, total, bytearray())
             assert bytes(got) == header + b"".join(blob[o:e] for o, e in ranges)
         # More ranges (and gaps) than one preadv takes: read in several calls, same bytes.
         many = [(o, o + 100) for o in range(0, 300_000, 150)]
         rng.shuffle(many)
-        got = pkg._scatter_read(fd, path, b"h", many, 100 * len(many), bytearray())
+        got = remux.scatter_read(fd, path, b"h", many, 100 * len(many), bytearray())
         assert bytes(got) == b"h" + b"".join(blob[o:e] for o, e in many)
         with pytest.raises(MediaError, match="truncated"):
-            pkg._scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
+            remux.scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
     finally:
         os.close(fd)
 
 
-class _GivingSink(MemorySink):
-    """A sink that keeps a copy of each blob and gives pooled buffers back at once, as the
-    ingest's sink does once its write is done."""
-
-    def __init__(self, buffers: pkg.SegmentBuffers) -> None:
-        super().__init__()
-        self.buffers = buffers
-        self.pooled = 0
-
-    def __call__(self, data: bytes, kind: str, cid: mf.Cid) -> mf.Cid:
-        pooled = self.buffers.owns(data)
-        self.pooled += pooled
-        got = super().__call__(bytes(data), kind, cid)
-        self.buffers.give(data)
-        if pooled:
-            with pytest.raises(ValueError, match="released"):
-                bytes(data)  # given back: a stray reader fails instead of seeing other bytes
-        return got
-
-
-@pytest.mark.parametrize("ladder", [(), (Rung(72),)])
-def test_pooled_segment_buffers_give_the_same_blobs(
-    tmp_path: Path, ladder: tuple[Rung, ...]
-) -> None:
-    """With a buffer pool, a native remux reads its segments into a few reused buffers and
-    stores exactly the blobs it stores without one. With eager rungs (derived from each top
-    segment after it went to the sink) no pooled buffer is used at all."""
-    src = make_media(tmp_path / "short_gop.mp4", seconds=6.0, gop=15)
-    opts = PackagingOptions(segment_seconds=0.5, ladder=ladder)
-    plain = MemorySink()
-    want, _, _ = pkg.package(src, opts, plain)
-    pool = pkg.SegmentBuffers()
-    sink = _GivingSink(pool)
-    got, _, _ = pkg.package(src, opts, sink, buffers=pool)
-    assert mf.media_id_of(got) == mf.media_id_of(want)
-    assert sink.blobs == plain.blobs
-    segments = len(got.renditions[0].segments)
-    assert segments >= 10
-    if ladder:
-        assert sink.pooled == 0
-        assert pool.allocated == 0
-    else:
-        assert sink.pooled == segments
-        # Only the segments in flight at once (being read and hashed, or waiting for the sink)
-        # hold a buffer; every other segment reused one given back.
-        assert 1 <= pool.allocated <= pkg.MAX_QUEUED + pkg.HASH_THREADS + 1 < segments
-
-
-def test_segment_buffers_reuse_and_ownership() -> None:
-    pool = pkg.SegmentBuffers(keep=1)
-    a = pool.take(10_000)
-    assert len(a) == 10_000
-    assert pool.owns(a)
-    assert not pool.owns(b"x" * 10)
-    assert not pool.owns(memoryview(bytearray(10)))
-    a[:3] = b"abc"
-    pool.give(a)
-    b = pool.take(9_000)  # fits in the buffer just given back: the same memory
-    assert pool.allocated == 1
-    assert bytes(b[:3]) == b"abc"
-    c = pool.take(20_000)  # bigger than anything free: a new buffer
-    assert pool.allocated == 2
-    assert len(c) == 20_000
-    pool.give(b)
-    pool.give(c)  # over `keep`: dropped, not kept
-    pool.give(b"not pooled")  # ignored
-    assert len(pool._free) == 1
-
-
-def test_unpooled_native_remux_keeps_no_segment_alive(tmp_path: Path) -> None:
-    """Without a pool, the packager keeps no reference to segments the sink already has, so a
-    sink that drops them frees them: a long film would otherwise sit in memory until the end."""
+def test_native_remux_keeps_no_segment_alive(tmp_path: Path) -> None:
+    """The packager keeps no reference to segments the sink already has, so a sink that drops
+    them frees them: a long film would otherwise sit in memory until the end."""
     import sys
 
     src = make_media(tmp_path / "clip.mp4", seconds=6.0, gop=15)

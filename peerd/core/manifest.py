@@ -16,6 +16,11 @@ Theory of operation
   recipe's source rendition), but its blobs are produced only when first requested. The blob ids
   of on-demand segments are not part of the manifest, so producing them never changes the media id;
   the catalog records them once produced.
+* `packager` names how the pinned blobs were made: the packager's format version and the path
+  that made the top rendition (`Packager`). Blob bytes are a function of (input bytes, packaging
+  options, packager version) only, and the manifest says which version and path, so a change of
+  either changes the media id instead of hiding behind the same settings. Manifests made before
+  the field existed have none (and keep their ids).
 * `decode` parses and validates untrusted JSON and raises `ManifestError` with the offending path.
 
 This module is pure: no I/O, no clock.
@@ -36,6 +41,7 @@ MANIFEST_VERSION = 1
 
 Container = Literal["fmp4", "ts"]
 RenditionKind = Literal["video", "audio"]
+PackagerPath = Literal["isobmff", "libav"]
 
 _CONTAINERS: frozenset[str] = frozenset({"fmp4", "ts"})
 _KINDS: frozenset[str] = frozenset({"video", "audio"})
@@ -85,6 +91,20 @@ class Recipe:
     threads: int = 4
     audio: bool = True
     bframes: int | None = None
+
+
+@dataclass(frozen=True)
+class Packager:
+    """Which packager made a media item's blobs (see ``peerd.media.package.PACKAGER_VERSION``).
+
+    `version` is the packager format version: the same input and options under the same version
+    give the same bytes on every node. `top` is the path that made the top rendition, decided by
+    that version's rule from the input bytes and options alone: ``isobmff`` (the native MP4/MOV
+    remux) or ``libav`` (the PyAV remux or transcode).
+    """
+
+    version: int
+    top: PackagerPath
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,7 @@ class Manifest:
     container: Container
     renditions: tuple[Rendition, ...]
     version: int = field(default=MANIFEST_VERSION)
+    packager: Packager | None = None
 
     def rendition(self, rendition_id: str) -> Rendition:
         """The rendition named `rendition_id`; ManifestError if there is none."""
@@ -236,11 +257,14 @@ def _rendition_obj(r: Rendition) -> dict[str, Any]:
 
 def to_obj(m: Manifest) -> dict[str, Any]:
     """The manifest as plain JSON-able data (the shape `encode` writes)."""
-    return {
+    obj: dict[str, Any] = {
         "version": m.version,
         "container": m.container,
         "renditions": [_rendition_obj(r) for r in m.renditions],
     }
+    if m.packager is not None:  # absent in older manifests: their bytes (and ids) stay
+        obj["packager"] = {"version": m.packager.version, "top": m.packager.top}
+    return obj
 
 
 def encode(m: Manifest) -> bytes:
@@ -337,7 +361,9 @@ _RENDITION_KEYS = frozenset(
         "segments",
     }
 )
-_MANIFEST_KEYS = frozenset({"version", "container", "renditions"})
+_MANIFEST_KEYS = frozenset({"version", "container", "renditions", "packager"})
+_PACKAGER_KEYS = frozenset({"version", "top"})
+_PACKAGER_PATHS = frozenset({"isobmff", "libav"})
 
 
 def _recipe_from(v: Any, path: str) -> Recipe:
@@ -355,6 +381,17 @@ def _recipe_from(v: Any, path: str) -> Recipe:
         threads=_req_int(_get(o, "threads", path), f"{path}.threads", minimum=1),
         audio=_bool(_get(o, "audio", path), f"{path}.audio"),
         bframes=_int(o.get("bframes"), f"{path}.bframes", minimum=0, optional=True),
+    )
+
+
+def _packager_from(v: Any, path: str) -> Packager:
+    o = _obj(v, path, _PACKAGER_KEYS)
+    top = _str(_get(o, "top", path), f"{path}.top")
+    if top not in _PACKAGER_PATHS:
+        raise ManifestError(f"{path}.top: must be one of {sorted(_PACKAGER_PATHS)}, got {top!r}")
+    return Packager(
+        version=_req_int(_get(o, "version", path), f"{path}.version", minimum=1),
+        top=cast(PackagerPath, top),
     )
 
 
@@ -436,8 +473,10 @@ def from_obj(obj: Any) -> Manifest:
     rends = _get(o, "renditions", "manifest")
     if not isinstance(rends, list):
         raise ManifestError("manifest.renditions: expected a list")
+    pk = o.get("packager")
     m = Manifest(
         version=version,
+        packager=_packager_from(pk, "manifest.packager") if pk is not None else None,
         container=cast(Container, container),
         renditions=tuple(
             _rendition_from(r, f"manifest.renditions[{i}]") for i, r in enumerate(rends)

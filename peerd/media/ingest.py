@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import importlib
 import logging
 import threading
@@ -248,9 +247,8 @@ class Ingestor:
                         self.metrics.ingests.labels(result="unchanged").inc()
                     return IngestResult(path=path, ok=True, media_id=known, skipped=True)
             added = _Added()
-            # Every blob of this job is written to a temp file as it is produced and all of
-            # them are made durable together at the end (one syncfs instead of one fsync per
-            # blob), then committed with the media rows; see BlobBatch.
+            # Every blob of this job is written durably to a temp file as it is produced, and
+            # all of them are committed together with the media rows; see BlobBatch.
             batch = self.store.batch()
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
@@ -258,19 +256,11 @@ class Ingestor:
             passes = [1]
 
             pending: list[concurrent.futures.Future[Cid]] = []
-            buffers: Any = None  # the packager's SegmentBuffers, made in the worker thread
 
             def sink(data: bytes, kind: str, cid: Cid) -> Cid:
                 # Stores run on the loop while the worker goes on packaging; at most
                 # MAX_PENDING_PUTS blobs are in flight (bounded memory), errors surface at once.
-                # A segment in one of the packager's buffers goes past the page cache.
-                direct = buffers.owns(data)
-                put = asyncio.run_coroutine_threadsafe(
-                    batch.add(data, kind=kind, cid=cid, direct=direct), loop
-                )
-                # However add ended, it no longer reads the bytes (its write thread is always
-                # waited for): the segment's buffer can take the next segment.
-                put.add_done_callback(lambda _f: buffers.give(data))
+                put = asyncio.run_coroutine_threadsafe(batch.add(data, kind=kind, cid=cid), loop)
                 pending.append(put)
                 while sum(not f.done() for f in pending) > MAX_PENDING_PUTS:
                     next(f for f in pending if not f.done()).result()
@@ -291,11 +281,8 @@ class Ingestor:
                     progress(done, duration[0] * passes[0])
 
             def work() -> tuple[mf.Manifest, Any, list[tuple[Cid, str]]]:
-                nonlocal buffers
                 from peerd.media import package as pkg
                 from peerd.media.probe import probe
-
-                buffers = pkg.SegmentBuffers()
 
                 info = probe(path)
                 duration[0] = info.duration
@@ -312,7 +299,6 @@ class Ingestor:
                         progress=on_progress,
                         cancel=cancel,
                         info=info,
-                        buffers=buffers,
                     )
                 except BaseException:
                     settle()  # every put has finished before the caller cleans up
@@ -605,7 +591,7 @@ class Ingestor:
                 f"{media_id}/{r.id}/{seq}: source segment {src_cid} of rendition "
                 f"{src.id!r} is not held here"
             ) from None
-        from peerd.media.package import derive_segment
+        from peerd.media.transcode import derive_segment
 
         return await asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
 
@@ -715,18 +701,7 @@ class MediaService:
         # imports out of the first ingest after a start (a watch folder's, say).
         started = time.monotonic()
         await asyncio.to_thread(_warm_up)
-        # Start-up is over: the objects made so far (modules, settings, the application) live
-        # as long as the process. Moved out of the collector's view, they are no longer walked
-        # by every full collection: one of those fell inside nearly every large ingest and cost
-        # it ~40 ms (of ~0.2 s for the 120 s 1080p remux).
-        gc.freeze()
-        log.debug(
-            "packager loaded",
-            extra={
-                "seconds": round(time.monotonic() - started, 3),
-                "frozen_objects": gc.get_freeze_count(),
-            },
-        )
+        log.debug("packager loaded", extra={"seconds": round(time.monotonic() - started, 3)})
         if media.watch_dirs:
             await self.ingestor.watch(
                 media.watch_dirs, settle_s=media.watch_settle_s, interval_s=media.watch_interval_s

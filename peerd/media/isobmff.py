@@ -4,7 +4,7 @@ Why: remuxing through libav costs several Python calls per packet (demux, rescal
 fresh muxer per segment. For an MP4/MOV source everything the packager needs is in the ``moov``
 box: sample sizes and file offsets, decode times, composition offsets and sync samples. This
 module reads those tables from the ``moov`` bytes, decides the segment cuts in integer ticks and
-writes the init segment and each ``moof``+``mdat`` itself; the caller (`peerd.media.package`)
+writes the init segment and each ``moof``+``mdat`` itself; the caller (`peerd.media.remux`)
 only reads byte ranges of the file and hands the blobs to its sink.
 
 Theory of operation
@@ -17,7 +17,7 @@ Theory of operation
   composition time minus the media time of the track's edit, plus the length of a leading empty
   edit; decode times move by the same amount (so a B-frame delay makes the first decode times
   negative and AAC priming puts the first audio frame before zero).
-* **Cutting** (`plan`), the rules of ``package._Cutter`` on integers: video samples before the
+* **Cutting** (`plan`), the rules of ``cut.Cutter`` on integers: video samples before the
   first sync sample are dropped; a segment starts at the first video sync sample whose
   presentation time is at or after the next multiple of `step` after the previous cut; audio
   goes to the segment whose video span contains its presentation time (earlier audio to the

@@ -42,6 +42,9 @@ class AudioInfo:
     sample_rate: int
     channels: int
     bit_rate: int | None
+    config: bool = True
+    """Whether the stream carries its decoder configuration out of band (AAC in MPEG-TS does
+    not: ADTS headers in every frame, which an MP4 sample entry cannot take as they are)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,10 @@ class SourceInfo:
 
     def can_copy_audio(self, container: str) -> bool:
         """True if the audio can be copied as it is into `container`."""
-        return self.audio is not None and self.audio.codec in REMUX_AUDIO[container]
+        a = self.audio
+        if a is None or a.codec not in REMUX_AUDIO[container]:
+            return False
+        return a.config or container != "fmp4"
 
     @property
     def signature(self) -> str:
@@ -148,6 +154,7 @@ def probe(path: Path) -> SourceInfo:
                 sample_rate=ac.sample_rate,
                 channels=ac.channels,
                 bit_rate=ac.bit_rate or None,
+                config=bool(ac.extradata),
             )
         duration = 0.0
         if c.duration is not None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import ctypes
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -213,7 +210,7 @@ class BlobStore:
         return cids
 
     async def _write_and_commit(self, cid: Cid, data: bytes, kind: str) -> None:
-        await asyncio.to_thread(self._write_file, cid, [data])
+        await asyncio.to_thread(self._write_file, cid, data)
         await self._commit(cid, len(data), kind)
 
     async def put_stream(
@@ -270,15 +267,13 @@ class BlobStore:
             return False
         return await asyncio.to_thread(self.path_for(cid).is_file)
 
-    def _write_file(self, cid: Cid, parts: list[bytes]) -> None:
+    def _write_file(self, cid: Cid, data: bytes) -> None:
         shard = self.root / shard_of(cid)
         shard.mkdir(exist_ok=True)
         tmp = shard / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            for part in parts:
-                _write_all(fd, part)
-            os.fsync(fd)
+            _write_synced(fd, data)
         except OSError as exc:
             _close_unlink(fd, tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -422,17 +417,17 @@ class BlobStore:
 
 
 class BlobBatch:
-    """Blobs written as they come and made durable and committed all together.
+    """Blobs written durably as they come and committed all together.
 
-    Why: one ``fsync`` per blob made packaging wait on the disk once per segment. A batch writes
-    every blob to a temp file as it arrives (:meth:`add`, no fsync), then :meth:`commit` makes
-    them all durable with ONE ``syncfs(2)`` on the store's file system (or, where that is not
-    available, fsyncs issued concurrently in threads), renames them into place, fsyncs each
-    touched shard directory once and commits every row in one transaction. The store's rules
-    hold: a row is committed only after its file and directory entry are durable; a crash leaves
-    temp files or row-less files, both swept by :meth:`BlobStore.recover`; :meth:`abort` (or a
-    cancelled :meth:`add`) removes the batch's temp files, and a :meth:`commit`, once started,
-    finishes even if its caller is cancelled, so the batch ends all committed or all gone.
+    Why a batch: a packaging job's blobs must all become rows in one step with its media, or
+    none of them may (a crash in the middle of an ingest must not leave rows of blobs nothing
+    references). :meth:`add` writes and fsyncs each blob to a temp file (in a thread, while the
+    packager goes on); :meth:`commit` renames them into place, fsyncs each touched shard
+    directory once and commits every row in one transaction. The store's rules hold: a row is
+    committed only after its file and directory entry are durable; a crash leaves temp files or
+    row-less files, both swept by :meth:`BlobStore.recover`; :meth:`abort` (or a cancelled
+    :meth:`add`) removes the batch's temp files, and a :meth:`commit`, once started, finishes
+    even if its caller is cancelled, so the batch ends all committed or all gone.
     """
 
     def __init__(self, store: BlobStore) -> None:
@@ -452,16 +447,11 @@ class BlobBatch:
         """Blobs added to this batch that the store already held (nothing written for them)."""
         return list(self._held)
 
-    async def add(
-        self, data: bytes, *, kind: str = "segment", cid: Cid | None = None, direct: bool = False
-    ) -> Cid:
-        """Write ``data`` to a temp file (not yet durable) and return its cid.
+    async def add(self, data: bytes, *, kind: str = "segment", cid: Cid | None = None) -> Cid:
+        """Write ``data`` durably to a temp file (not yet committed) and return its cid.
 
         ``cid`` is for a caller that has just hashed ``data`` itself (the packager does, in its
         worker thread) and must be ``cid_of(data)``; without it the bytes are hashed here.
-        ``direct``: bulk bytes nobody is expected to read soon (a whole file being packaged):
-        written past the page cache where the file system and the buffer allow it (see
-        :func:`_write_direct`), otherwise as usual.
         """
         if self._closed:
             raise RuntimeError("blob batch already committed or aborted")
@@ -482,8 +472,7 @@ class BlobBatch:
         # always waited for.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            write = _write_direct_or_buffered if direct else _write_and_start_writeback
-            await _settle_in_thread(write, fd, data)
+            await _settle_in_thread(_write_synced, fd, data)
         except BaseException as exc:
             _close_unlink(fd, tmp)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -519,7 +508,7 @@ class BlobBatch:
         items = [(cid, tmp, store.path_for(cid)) for cid, (tmp, _, _) in self._temps.items()]
         rows = [(cid, size, kind) for cid, (_, size, kind) in self._temps.items()]
         try:
-            await asyncio.to_thread(_make_durable, store.root, items)
+            await asyncio.to_thread(_rename_all, items)
             before = await store.catalog.get_blobs([c for c, _, _ in rows])
             async with store.catalog.transaction() as tx:
                 await store.catalog.put_blob_rows(tx, rows, store._clock())
@@ -559,130 +548,8 @@ class BlobBatch:
         await asyncio.to_thread(remove)
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-_SFR: Any = None
-_SFR_LOADED = False
-
-
-def _write_and_start_writeback(fd: int, data: bytes) -> None:
-    """Write ``data`` and ask the kernel to start writing it to disk now, without waiting.
-
-    Why: the batch's one syncfs at the end then finds most pages already on their way, so the
-    disk works while the packager goes on instead of all at once at the end. Only a hint: it
-    makes nothing durable (syncfs/fsync does) and is skipped where it is not available.
-    """
-    global _SFR, _SFR_LOADED
-    _write_all(fd, data)
-    if not _SFR_LOADED:
-        try:
-            _SFR = ctypes.CDLL(None, use_errno=True).sync_file_range
-            _SFR.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (AttributeError, OSError):
-            _SFR = None
-        _SFR_LOADED = True
-    if _SFR is not None:
-        _SFR(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors are harmless: syncfs/fsync follows
-
-
-DIRECT_ALIGN = 4096
-"""Offset, length and memory alignment used for O_DIRECT writes: the largest logical block size
-in common use, so it satisfies every device's rule (a stricter one makes the write fall back)."""
-
-
-def _write_direct(fd: int, data: bytes) -> bool:
-    """Write ``data`` (at the file's offset 0) mostly with ``O_DIRECT``; False if it cannot be.
-
-    Why: the blobs of a whole file being packaged are written once and read later, if ever.
-    Through the page cache, each byte is copied into freshly allocated cache pages (here the
-    largest CPU cost of a remux after hashing: 20-150 ms of kernel time for a 92 MB file, most
-    of it first touches of memory) and written back later, which ``syncfs`` then waits for;
-    with ``O_DIRECT`` the device reads the bytes straight from the caller's buffer (~5 ms of
-    CPU for the same file), the write returns once they are on the device, and a big ingest
-    does not push the segments viewers are watching out of the cache.
-
-    The aligned prefix goes direct and the last partial block through the cache (O_DIRECT wants
-    block-aligned offsets and lengths). False, with nothing written, where the file system has
-    no direct I/O (some FUSE and network file systems) or the device refuses this buffer's
-    alignment; the caller then writes normally.
-    Durability is unchanged: the batch's ``syncfs`` still flushes the device cache and the
-    metadata before any row is committed.
-    """
-    whole = len(data) & ~(DIRECT_ALIGN - 1)
-    if not whole:
-        return False
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False  # no direct I/O on this file system
-        raise
-    view = memoryview(data)
-    done = 0
-    try:
-        while done < whole:
-            try:
-                n = os.write(fd, view[done:whole])
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and not done:
-                    return False  # the buffer or the length does not meet the device's rule
-                raise
-            done += n
-            if n % DIRECT_ALIGN:
-                break  # a short write off the block grid: the rest goes through the cache
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    _write_all(fd, view[done:])
-    return True
-
-
-def _write_direct_or_buffered(fd: int, data: bytes) -> None:
-    """:func:`_write_direct` where it can be, else :func:`_write_and_start_writeback`."""
-    if not _write_direct(fd, data):
-        _write_and_start_writeback(fd, data)
-
-
-_SYNCFS: Callable[[int], int] | None = None
-_SYNCFS_LOADED = False
-
-
-def _syncfs(root: Path) -> bool:
-    """One ``syncfs(2)`` on the file system holding ``root``; False if it is not available."""
-    global _SYNCFS, _SYNCFS_LOADED
-    if not _SYNCFS_LOADED:
-        try:
-            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
-        except (AttributeError, OSError):
-            _SYNCFS = None
-        _SYNCFS_LOADED = True
-    if _SYNCFS is None:
-        return False
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _SYNCFS(fd) == 0:
-            return True
-        err = ctypes.get_errno()
-    finally:
-        os.close(fd)
-    if err in (errno.ENOSYS, errno.EPERM):  # blocked (seccomp) or not implemented: fall back
-        return False
-    raise OSError(err, os.strerror(err))
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_durable(root: Path, items: list[tuple[Cid, Path, Path]]) -> None:
-    """Temp files durable (one syncfs, else concurrent fsyncs), renamed, shard dirs fsynced."""
-    if not _syncfs(root):
-        # Concurrent fsyncs let the file system merge them into fewer journal commits.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
-            list(pool.map(_fsync_path, [tmp for _, tmp, _ in items]))
+def _rename_all(items: list[tuple[Cid, Path, Path]]) -> None:
+    """Rename durable temp files into place, then fsync each touched shard directory once."""
     dirs: dict[Path, None] = {}
     for _, tmp, final in items:
         tmp.replace(final)
@@ -712,6 +579,11 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    _write_all(fd, data)
+    os.fsync(fd)
 
 
 async def _settle_in_thread(func: Callable[..., object], *args: object) -> None:

@@ -26,13 +26,16 @@
 # Usage: scripts/bench/package_bench.sh [SRC]   (default: the 120 s 1080p source of
 #        ../shared/bench/make_media.sh, made if missing)
 # Env:   ROUNDS (3)  WHAT ("remux transcode"; "daemon" adds the HTTP API row)  TRANSCODE_SECONDS (cut the transcode source to
-#        its first N s)  PY (/work/venv/bin/python)  OUT (/tmp/peerd-bench/package-<stamp>)
+#        its first N s)  PY (the repository's .venv/bin/python)  OUT (/tmp/peerd-bench/package-<stamp>)
 #        QUIET_THRESH / QUIET_MAX (passed to timerun.py: wait for a quiet machine before each run)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-SHARED=${SHARED_BENCH:-$REPO/../shared/bench}
-[[ -d $SHARED ]] || SHARED=/work/shared/bench
-PY=${PY:-/work/venv/bin/python}
+# ../shared sits next to the main checkout; a git worktree finds the main checkout through its
+# common git directory.
+GITDIR=$(git -C "$REPO" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+MAIN=$(if [[ -n $GITDIR ]]; then dirname "$GITDIR"; else echo "$REPO"; fi)
+SHARED=${SHARED_BENCH:-$MAIN/../shared/bench}
+PY=${PY:-$REPO/.venv/bin/python}
 ROUNDS=${ROUNDS:-3}
 WHAT=${WHAT:-remux transcode}
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -40,7 +43,7 @@ OUT=${OUT:-/tmp/peerd-bench/package-$STAMP}
 W=$OUT/work
 mkdir -p "$OUT" "$W"
 
-SRC=${1:-/tmp/peerd-bench/media/src_1080p.mp4}
+SRC=${1:-/tmp/peerd-bench/src_1080p.mp4}
 if [[ ! -s $SRC ]]; then
   "$SHARED/make_media.sh" "$(dirname "$SRC")"
 fi
