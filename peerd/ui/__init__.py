@@ -12,7 +12,8 @@ JSON endpoints:
 ``GET /ui/api/blob/{cid}``      a blob's bytes, for the in-page player (through the resolver
                                 when the daemon has one, so absent blobs are fetched)
 ``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
-                                with a short-lived ``whep`` token minted for the operator
+                                with a short-lived ``whep`` token minted for the operator by
+                                the viewer authorization (:mod:`peerd.http.access`)
 
 Access control, checked on every request before anything else:
 
@@ -44,9 +45,9 @@ from typing import Any
 
 from aiohttp import web
 
-from peerd.core import tokens
 from peerd.core.ids import parse_cid
 from peerd.errors import Forbidden, NotConfigured, NotFound, Unauthorized, Unavailable
+from peerd.http.access import ViewerAuth, viewer_auth
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, served_totals
@@ -90,8 +91,9 @@ def _secure(resp: web.StreamResponse, *, cache: str = "no-store") -> web.StreamR
 class Dashboard:
     """The routes, bound to one runtime."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, auth: ViewerAuth) -> None:
         self.rt = rt
+        self.auth = auth
         cfg = rt.settings.ui
         self.history = BandwidthHistory(max_points=cfg.history_points)
         rt.extras[HISTORY_KEY] = self.history
@@ -214,7 +216,7 @@ class Dashboard:
         return _secure(resp, cache="private, max-age=31536000, immutable")
 
     async def whep(self, request: web.Request) -> web.StreamResponse:
-        """A link to the WHEP player for one media item, with a token when the node signs."""
+        """A link to the WHEP player for one media item, with a token in token mode."""
         self._require(request)
         if not self.rt.settings.webrtc.enabled:
             raise NotConfigured("WebRTC playback is off ([webrtc] enabled = false)")
@@ -222,10 +224,9 @@ class Dashboard:
         if await media_detail(self.rt, media_id) is None:
             raise NotFound(f"no media {media_id}")
         url = f"/whep/player/{media_id}"
-        key = self.rt.settings.secret("hls_signing_key")
-        if key is not None:
-            expires = int(time.time()) + PLAYER_TOKEN_TTL_S
-            url += "?token=" + tokens.mint(tokens.key_from_secret(key), media_id, "whep", expires)
+        token = self.auth.mint(media_id, "whep", PLAYER_TOKEN_TTL_S)
+        if token is not None:
+            url += "?token=" + token
         return _secure(web.json_response({"player": url}))
 
     # -- bandwidth sampler ------------------------------------------------------------------
@@ -252,7 +253,7 @@ def install(app: web.Application, rt: Runtime) -> None:
     """Add the dashboard's routes (nothing when ``[ui] enabled = false``)."""
     if not rt.settings.ui.enabled:
         return
-    d = Dashboard(rt)
+    d = Dashboard(rt, viewer_auth(app, rt))
     app.router.add_get("/ui", d.page)
     app.router.add_get("/ui/", d.page)
     app.router.add_post("/ui/login", d.login)
