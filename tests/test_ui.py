@@ -18,11 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from peerd.config import Settings, load_settings
+from peerd.core import tokens
 from peerd.core.ids import cid_of
 from peerd.errors import Forbidden
+from peerd.http.access import make_auth
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.browser import Browser
@@ -277,11 +279,8 @@ async def test_blob_and_media_endpoints(served: tuple[Runtime, str, str]) -> Non
 
 
 async def test_whep_player_link(served: tuple[Runtime, str, str]) -> None:
-    """The WebRTC play link: admin only, known media only, a live whep token when the node signs."""
-    import time
-
-    from peerd.core import tokens
-
+    """The WebRTC play link: admin only, known media only; without the signing key it says so
+    (every viewer is refused)."""
     rt, base, media_id = served
     async with aiohttp.ClientSession() as anon, anon.get(f"{base}/ui/api/whep/{media_id}") as r:
         assert r.status == 401
@@ -290,20 +289,37 @@ async def test_whep_player_link(served: tuple[Runtime, str, str]) -> None:
         async with s.get(f"{base}/ui/api/whep/{cid_of(b'nothing')}") as r:
             assert r.status == 404
         async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
-            assert r.status == 200
-            assert (await r.json())["player"] == f"/whep/player/{media_id}"  # node signs nothing
-        key = "k" * 40
-        (rt.settings.secrets_path / "hls_signing_key").write_text(key)
-        async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
-            link = (await r.json())["player"]
-        path, _, token = link.partition("?token=")
-        assert path == f"/whep/player/{media_id}"
-        signing = tokens.key_from_secret(key)
-        assert tokens.verify(signing, token, media_id, "whep", time.time()).ok
-        assert not tokens.verify(signing, token, media_id, "hls", time.time()).ok
+            assert r.status == 409
+            assert "hls_signing_key" in (await r.json())["message"]
         rt.settings.webrtc.enabled = False
         async with s.get(f"{base}/ui/api/whep/{media_id}") as r:
             assert r.status == 409
+            assert "enabled" in (await r.json())["message"]
+
+
+async def test_whep_player_link_token_from_viewer_auth(tmp_path: Path) -> None:
+    """The link's token is minted with the configured signing key, for scope whep only."""
+    settings = _settings(tmp_path)
+    settings.http.signing_key_secret = "viewer_key"
+    key = "k" * 40
+    (settings.secrets_path / "viewer_key").write_text(key)
+    (settings.secrets_path / "hls_signing_key").write_text("x" * 40)
+    rt = await open_runtime(settings)
+    media_id = await populate(rt, tmp_path / "media")
+    server = TestServer(build_app(rt, [install]), host="127.0.0.1")
+    try:
+        async with TestClient(server) as client:
+            r = await client.get(
+                f"/ui/api/whep/{media_id}", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            link = (await r.json())["player"]
+    finally:
+        await rt.close()
+    path, _, token = link.partition("?token=")
+    assert path == f"/whep/player/{media_id}"
+    signing = tokens.key_from_secret(key)
+    assert tokens.verify(signing, token, media_id, "whep", time.time()).ok
+    assert not tokens.verify(signing, token, media_id, "hls", time.time()).ok
 
 
 async def test_login_flow_and_wrong_token(served: tuple[Runtime, str, str]) -> None:
@@ -365,7 +381,7 @@ async def test_loopback_only(
     runtime: Runtime, peer: tuple[str, int], allow_remote: bool, ok: bool
 ) -> None:
     runtime.settings.ui.allow_remote = allow_remote
-    d = Dashboard(runtime)
+    d = Dashboard(runtime, make_auth(runtime))
     req = make_mocked_request("GET", "/ui", transport=_Transport(peer))  # type: ignore[arg-type]
     if ok:
         d._check_origin(req)

@@ -22,7 +22,7 @@ from peerd.config import load_settings
 from peerd.runtime import open_runtime
 from peerd.testing.browser import Browser, Page
 from peerd.testing.process import PeerdProcess
-from peerd.testing.whep_media import add_media, make_hls
+from peerd.testing.whep_media import add_media, make_hls, sign_viewers, whep_url
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,13 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
         transcode_id = await add_media(rt, bframes, title="with b-frames")
     finally:
         await rt.close()
+    sign_viewers(state)
     node = PeerdProcess(state, config={"webrtc": {"loop_playback": True}})
     await asyncio.to_thread(node.start)
     try:
         async with Browser.launch(tmp_path / "chromium", *WEBRTC_FLAGS) as browser:
             page = await browser.new_page()
-            await page.goto(f"{node.base_url}/whep/player/{passthrough_id}")
+            await page.goto(whep_url(node.base_url, passthrough_id, "/whep/player/"))
             samples, stats = await play_and_watch(page)
             await page.screenshot(tmp_path / "player.png")
             assert samples[0] > 0, stats
@@ -91,7 +92,7 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
 
             # A stream with B-frames is not passed through: the node transcodes it (VP8 here).
             page2 = await browser.new_page()
-            await page2.goto(f"{node.base_url}/whep/player/{transcode_id}")
+            await page2.goto(whep_url(node.base_url, transcode_id, "/whep/player/"))
             samples, stats = await play_and_watch(page2, seconds=3)
             assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
             assert stats["codec"].startswith("video/VP8"), stats

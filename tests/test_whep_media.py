@@ -26,7 +26,7 @@ from peerd.core.ids import Cid
 from peerd.core.manifest import decode
 from peerd.runtime import open_runtime
 from peerd.testing.process import PeerdProcess
-from peerd.testing.whep_media import HlsClip, add_media, make_hls
+from peerd.testing.whep_media import HlsClip, add_media, make_hls, sign_viewers, whep_url
 from peerd.testing.whep_viewer import ViewerProcess
 
 
@@ -36,7 +36,7 @@ class Daemon:
     media: dict[str, str]
 
     def url(self, name: str) -> str:
-        return f"{self.node.base_url}/whep/{self.media[name]}"
+        return whep_url(self.node.base_url, self.media[name])
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(self.node.base_url + "/metrics", timeout=5) as r:  # noqa: S310
@@ -72,6 +72,7 @@ async def start_daemon(state: Path, tmp: Path) -> Daemon:
         assert await rt.store.delete(Cid(last))
     finally:
         await rt.close()
+    sign_viewers(state)
     node = PeerdProcess(state, config={"webrtc": {"loop_playback": True, "connect_timeout_s": 5}})
     await asyncio.to_thread(node.start)
     return Daemon(node, media)
@@ -141,10 +142,11 @@ async def test_passthrough_decodes_in_real_time_and_delete_frees(daemon: Daemon)
         assert 18 < rate < 32, rate  # the clip is 25 fps: paced, neither burst nor stalled
         assert st1["widths"] == [320]
         assert st1["audio"] > 150  # 20 ms Opus frames
+        token = daemon.url("plain").partition("?")[2]
         async with aiohttp.ClientSession() as http:
-            async with http.delete(daemon.node.base_url + viewer.location) as r:
+            async with http.delete(f"{daemon.node.base_url}{viewer.location}?{token}") as r:
                 assert r.status == 200
-            async with http.delete(daemon.node.base_url + viewer.location) as r:
+            async with http.delete(f"{daemon.node.base_url}{viewer.location}?{token}") as r:
                 assert r.status == 404
         closed = [e for e in daemon.closed_sessions() if viewer.location.endswith(e["session"])]
         assert closed[0]["reason"] == "delete"

@@ -19,7 +19,7 @@ from peerd.testing.whep_media import HlsClip, make_hls
 from peerd.testing.whep_viewer import make_offer
 from peerd.webrtc import ice
 from peerd.webrtc.ice import CloudflareTurn, StaticIce, build_ice_provider, for_aiortc
-from tests.test_whep import start_node
+from tests.test_whep import SDP, bearer, start_node, with_key
 
 
 @pytest.fixture
@@ -157,8 +157,7 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> HlsClip:
 async def test_whep_hands_minted_servers_to_viewer_and_uses_them(
     tmp_path: Path, fake: FakeCloudflareTurn, clip: HlsClip
 ) -> None:
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
+    secrets = with_key(tmp_path)
     (secrets / "turn_key_id").write_text(fake.key_id)
     (secrets / "turn_api_token").write_text(fake.api_token)
     settings = load_settings(
@@ -167,13 +166,12 @@ async def test_whep_hands_minted_servers_to_viewer_and_uses_them(
         http={"port": 0},
         webrtc={"turn_api_url": fake.base_url, "connect_timeout_s": 5},
     )
-    async for n in start_node(settings, {"c": clip}):
+    async with start_node(settings, {"c": clip}) as n:
         mid = n.media["c"]
         sdp = await make_offer()
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                f"{n.url}/whep/{mid}", data=sdp, headers={"Content-Type": "application/sdp"}
-            ) as r:
+        auth = bearer(mid)
+        async with aiohttp.ClientSession(headers=auth) as http:
+            async with http.post(f"{n.url}/whep/{mid}", data=sdp, headers=SDP) as r:
                 assert r.status == 201
                 links = r.headers.getall("Link")
                 answer = await r.text()

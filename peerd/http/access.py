@@ -1,30 +1,32 @@
-"""Cloudflare Access: validate the ``Cf-Access-Jwt-Assertion`` header Access adds at the edge.
+"""Who may watch: the one viewer authorization of every viewer route, and Access JWTs.
 
-When an Access application protects the tunnel hostname, Cloudflare sends every authenticated
-request with a JWT signed RS256 by the team's keys. The node checks it itself (a request that
-reaches the origin some other way must not pass):
+:class:`ViewerAuth` decides for HLS (playlists and blobs, the fast path's copy of them included),
+WHEP (offer, session, player page) and the dashboard's WHEP link, which mints its token through
+it. :func:`viewer_auth` builds it once per application from ``[http]``:
 
-* the JWT is three base64url parts; the header says ``alg: RS256`` (nothing else is accepted, so
-  ``none`` and HMAC confusion are impossible) and names the key by ``kid``;
-* keys come from ``https://<team>.cloudflareaccess.com/cdn-cgi/access/certs`` (JWKS, ``keys``
-  array of RSA keys); they are cached for ``access_keys_ttl_s`` and fetched again when a token
-  names a ``kid`` the cache does not hold (key rotation), at most once per
-  ``access_refetch_min_s`` so a flood of forged kids cannot hammer the endpoint;
-* the signature is RSASSA-PKCS1-v1_5 with SHA-256 over ``header.payload``;
-* claims: ``iss`` equals the team URL, ``aud`` (a string or an array of AUD tags) contains the
-  configured tag, ``exp`` is in the future and ``nbf``/``iat`` not in the future (with a small
-  leeway for clock skew).
+* ``auth = "token"``: a live ``peerd.core.tokens`` token for the media id and the route's scope
+  (``hls`` or ``whep``), in ``?token=`` or else ``Authorization: Bearer``. The key is the secret
+  named by ``http.signing_key_secret``, read once when the application is built (a rotated key
+  takes effect at restart). Without that secret every viewer is refused.
+* ``auth = "access"``: a valid Cloudflare Access JWT in ``Cf-Access-Jwt-Assertion``; tokens are
+  ignored. Without ``access_team_url`` and ``access_aud`` every viewer is refused.
 
-We implement RS256 with ``cryptography`` (already a dependency) instead of adding PyJWT: the check
-is ~60 lines, accepts one algorithm only and has no configuration surface to get wrong.
+Every refusal is the same bare 403; the reason goes to the log and to
+``peerd_http_denied_total{reason}``.
+
+Access JWTs (:class:`AccessVerifier`, also used by ``/api/v1/`` for service tokens) are checked
+by PyJWT: RS256 only (the key is bound to RS256, so ``none`` and HMAC confusion fail), ``aud``
+holding the application's tag, ``iss`` the team URL, ``exp`` required, ``exp``/``nbf``/``iat``
+with :data:`LEEWAY_S` of clock skew. The keys are the team's JWKS
+(``<team>/cdn-cgi/access/certs``), fetched here with aiohttp (PyJWT's own ``PyJWKClient``
+blocks on urllib), cached for ``access_keys_ttl_s`` and fetched again when a token names an
+unknown ``kid`` (key rotation), at most once per ``access_refetch_min_s`` so a flood of forged
+kids cannot hammer the endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,16 +34,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+import jwt
+from aiohttp import web
+from prometheus_client import Counter
 
-from peerd.errors import Forbidden, Unavailable
+from peerd.core import tokens
+from peerd.errors import Forbidden, NotConfigured, Unavailable
+from peerd.http.clientip import Network, client_ip, parse_networks
+from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http.access")
 
 LEEWAY_S = 60.0
 MAX_JWT_CHARS = 16 * 1024
+ACCESS_HEADER = "Cf-Access-Jwt-Assertion"
 
 
 class AccessDenied(Forbidden):
@@ -59,89 +65,39 @@ class AccessIdentity:
     expires: float
 
 
-def _b64url(data: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise AccessDenied("bad base64") from exc
-
-
-def _b64int(data: str) -> int:
-    return int.from_bytes(_b64url(data), "big")
-
-
-def parse_jwks(doc: Any) -> dict[str, rsa.RSAPublicKey]:
-    """RSA public keys by kid from a JWKS document; entries that are not RSA keys are skipped."""
+def parse_jwks(doc: Any) -> dict[str, jwt.PyJWK]:
+    """RS256 keys by kid from a JWKS document; entries that are not usable RSA keys are skipped."""
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError("JWKS document has no keys array")
-    keys: dict[str, rsa.RSAPublicKey] = {}
+    keys: dict[str, jwt.PyJWK] = {}
     for k in doc["keys"]:
         if not isinstance(k, dict) or k.get("kty") != "RSA" or not isinstance(k.get("kid"), str):
             continue
-        if not isinstance(k.get("n"), str) or not isinstance(k.get("e"), str):
-            continue
-        keys[k["kid"]] = rsa.RSAPublicNumbers(_b64int(k["e"]), _b64int(k["n"])).public_key()
+        try:
+            keys[k["kid"]] = jwt.PyJWK(k, algorithm="RS256")
+        except (jwt.PyJWTError, ValueError, TypeError):
+            log.warning("access key skipped", extra={"kid": k["kid"]})
     return keys
 
 
-def verify_jwt(
-    token: str,
-    keys: dict[str, rsa.RSAPublicKey],
-    *,
-    issuer: str,
-    audience: str,
-    now: float,
-) -> AccessIdentity:
-    """Check an RS256 JWT against ``keys``; AccessDenied (with a log-only reason) if invalid.
-
-    KeyError when the header names a kid not in ``keys`` (the caller refreshes and retries).
-    """
-    if len(token) > MAX_JWT_CHARS:
-        raise AccessDenied("token too long")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AccessDenied("not a JWS compact token")
+def _decode(token: str, key: jwt.PyJWK, issuer: str, audience: str) -> AccessIdentity:
     try:
-        header = json.loads(_b64url(parts[0]))
-        claims = json.loads(_b64url(parts[1]))
-    except ValueError as exc:
-        raise AccessDenied("bad JSON") from exc
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise AccessDenied("bad JWT structure")
-    if header.get("alg") != "RS256":
-        raise AccessDenied("algorithm not allowed")
-    kid = header.get("kid")
-    if not isinstance(kid, str):
-        raise AccessDenied("no kid")
-    key = keys[kid]
-    try:
-        key.verify(
-            _b64url(parts[2]),
-            f"{parts[0]}.{parts[1]}".encode(),
-            padding.PKCS1v15(),
-            hashes.SHA256(),
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["RS256"],
+            audience=audience,
+            issuer=issuer,
+            leeway=LEEWAY_S,
+            options={"require": ["exp", "iss", "aud"], "enforce_minimum_key_length": True},
         )
-    except InvalidSignature as exc:
-        raise AccessDenied("bad signature") from exc
-    if claims.get("iss") != issuer:
-        raise AccessDenied("wrong issuer")
-    aud = claims.get("aud")
-    auds = aud if isinstance(aud, list) else [aud]
-    if audience not in auds:
-        raise AccessDenied("wrong audience")
-    exp = claims.get("exp")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or now >= exp + LEEWAY_S:
-        raise AccessDenied("expired")
-    for claim in ("nbf", "iat"):
-        t = claims.get(claim)
-        if t is not None and (not isinstance(t, (int, float)) or t > now + LEEWAY_S):
-            raise AccessDenied(f"{claim} in the future")
-    sub = claims.get("sub")
-    email = claims.get("email")
+    except jwt.PyJWTError as exc:
+        raise AccessDenied(type(exc).__name__) from None
+    sub, email = claims.get("sub"), claims.get("email")
     return AccessIdentity(
         subject=sub if isinstance(sub, str) else "",
         email=email if isinstance(email, str) else None,
-        expires=float(exp),
+        expires=float(claims["exp"]),
     )
 
 
@@ -164,7 +120,7 @@ class AccessVerifier:
         self.keys_ttl_s = keys_ttl_s
         self.refetch_min_s = refetch_min_s
         self.clock = clock
-        self._keys: dict[str, rsa.RSAPublicKey] = {}
+        self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
@@ -194,13 +150,19 @@ class AccessVerifier:
         self._fetched_at = self.clock()
         log.info("access keys fetched", extra={"kids": sorted(keys)})
 
-    async def _refresh(self, *, force: bool) -> None:
+    async def _key(self, kid: str) -> jwt.PyJWK | None:
         async with self._lock:
-            now = self.clock()
-            fresh = self._fetched_at is not None and now - self._fetched_at < self.keys_ttl_s
-            recent = self._fetched_at is not None and now - self._fetched_at < self.refetch_min_s
-            if (force and not recent) or not fresh:
+            at = self._fetched_at
+            age = self.clock() - at if at is not None else None
+            # An unknown kid may be a rotation since the last fetch: fetch again, unless the
+            # last fetch is too recent (forged kids must not hammer the endpoint).
+            if (
+                age is None
+                or age >= self.keys_ttl_s
+                or (kid not in self._keys and age >= self.refetch_min_s)
+            ):
                 await self._fetch()
+            return self._keys.get(kid)
 
     def cached(self, token: str) -> AccessIdentity | None:
         """The identity of ``token`` if it was verified before and has not expired, else None."""
@@ -213,25 +175,197 @@ class AccessVerifier:
         """The identity in a valid token; AccessDenied otherwise."""
         if not token:
             raise AccessDenied("no Access token")
-        now = self.clock()
-        hit = self._ok.get(token)
-        if hit is not None and now < hit.expires + LEEWAY_S:
+        hit = self.cached(token)
+        if hit is not None:
             return hit
-        await self._refresh(force=False)
+        if len(token) > MAX_JWT_CHARS:
+            raise AccessDenied("token too long")
         try:
-            ident = verify_jwt(
-                token, self._keys, issuer=self.issuer, audience=self.audience, now=now
-            )
-        except KeyError:
-            # Unknown kid: the team may have rotated its keys since we fetched them.
-            await self._refresh(force=True)
-            try:
-                ident = verify_jwt(
-                    token, self._keys, issuer=self.issuer, audience=self.audience, now=now
-                )
-            except KeyError as exc:
-                raise AccessDenied("unknown kid") from exc
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            raise AccessDenied("not a JWT") from None
+        if not isinstance(kid, str):
+            raise AccessDenied("no kid")
+        key = await self._key(kid)
+        if key is None:
+            raise AccessDenied("unknown kid")
+        ident = _decode(token, key, self.issuer, self.audience)
         if len(self._ok) > 4096:
             self._ok.clear()
         self._ok[token] = ident
         return ident
+
+
+def request_token(request: web.BaseRequest) -> str | None:
+    """The viewer token of a request: ``?token=``, else ``Authorization: Bearer`` (WHEP's way).
+
+    The query comes first as the fast path reads only the query: both decide alike.
+    """
+    token = request.query.get("token")
+    if token:
+        return token
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return None
+
+
+class ViewerAuth:
+    """Decides whether a request may read one media item (HLS) or open a session on it (WHEP)."""
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        key: bytes | None,
+        verifier: AccessVerifier | None,
+        trusted: tuple[Network, ...],
+        denied: Counter,
+        key_name: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.mode = mode
+        self.key = key
+        self.key_name = key_name
+        self.verifier = verifier
+        self.trusted = trusted
+        self.denied = denied
+        self.clock = clock
+        self._good: dict[tuple[str, str, str], int] = {}
+
+    async def close(self, _app: web.Application | None = None) -> None:
+        """Close the Access verifier's HTTP client (an aiohttp cleanup callback)."""
+        if self.verifier is not None:
+            await self.verifier.close()
+
+    def _deny(self, request: web.BaseRequest, reason: str) -> Forbidden:
+        self.denied.labels(reason=reason).inc()
+        log.info(
+            "viewer refused",
+            extra={
+                "reason": reason,
+                "path": request.path,
+                "client": client_ip(request, self.trusted),
+            },
+        )
+        return Forbidden("forbidden")
+
+    async def check(self, request: web.BaseRequest, media_id: str, scope: str) -> str | None:
+        """Raise a bare Forbidden unless the request may use ``scope`` on ``media_id``.
+
+        Returns the token to propagate into URLs (None in access mode).
+        """
+        if self.mode == "access":
+            if self.verifier is None:
+                raise self._deny(request, "access-unconfigured")
+            try:
+                await self.verifier.verify(request.headers.get(ACCESS_HEADER))
+            except AccessDenied as exc:
+                raise self._deny(request, f"access:{exc.message}") from None
+            return None
+        return self.check_token(request, media_id, scope)
+
+    def _token_ok(self, token: str | None, media_id: str, scope: str) -> tokens.TokenError | None:
+        # A player repeats one token for every request of a media: remember good ones until
+        # they expire instead of recomputing the HMAC each time.
+        assert self.key is not None
+        now = self.clock()
+        cached = self._good.get((token, media_id, scope)) if token else None
+        if cached is not None and now < cached:
+            return None
+        result = tokens.verify(self.key, token, media_id, scope, now)
+        if result.error is not None or result.expires is None:
+            return result.error or tokens.TokenError.MALFORMED
+        if len(self._good) >= 4096:
+            self._good.clear()
+        self._good[(token or "", media_id, scope)] = result.expires
+        return None
+
+    def check_token(self, request: web.BaseRequest, media_id: str, scope: str) -> str | None:
+        """Token mode's check, synchronous (the hot path of playlists skips a coroutine)."""
+        if self.key is None:
+            raise self._deny(request, "no-signing-key")
+        token = request_token(request)
+        error = self._token_ok(token, media_id, scope)
+        if error is not None:
+            raise self._deny(request, error.value)
+        return token
+
+    def admits(self, token: str | None, jwt: str | None, media_id: str, scope: str) -> bool:
+        """Whether a request passes without refusal, coroutine or I/O (:mod:`peerd.http.fastpath`).
+
+        Token mode verifies ``token``; access mode accepts only a JWT verified before. False
+        sends the request down the full path, which refuses it with its reason (or fetches keys).
+        """
+        if self.mode == "access":
+            if self.verifier is None or not jwt:
+                return False
+            return self.verifier.cached(jwt) is not None
+        return (
+            self.key is not None and bool(token) and self._token_ok(token, media_id, scope) is None
+        )
+
+    def mint(self, media_id: str, scope: str, ttl_s: int) -> str | None:
+        """A token for ``scope`` on ``media_id`` valid ``ttl_s`` (the dashboard's player link).
+
+        None in access mode (Access admits the viewer); NotConfigured in token mode without
+        the key, since every viewer is refused then.
+        """
+        if self.mode == "access":
+            return None
+        if self.key is None:
+            raise NotConfigured(f"no {self.key_name} secret: the node refuses every viewer")
+        return tokens.mint(self.key, media_id, scope, int(self.clock()) + ttl_s)
+
+
+VIEWER_AUTH = web.AppKey("viewer_auth", ViewerAuth)
+
+
+def make_auth(rt: Runtime) -> ViewerAuth:
+    """The viewer authorization configured in ``[http]``."""
+    cfg = rt.settings.http
+    key: bytes | None = None
+    verifier: AccessVerifier | None = None
+    if cfg.auth == "token":
+        secret = rt.settings.secret(cfg.signing_key_secret)
+        if secret is None:
+            log.warning(
+                "no viewer signing key: every viewer request will be refused",
+                extra={"secret": cfg.signing_key_secret},
+            )
+        else:
+            key = tokens.key_from_secret(secret)
+    elif cfg.access_team_url and cfg.access_aud:
+        team = cfg.access_team_url.rstrip("/")
+        verifier = AccessVerifier(
+            certs_url=f"{team}/cdn-cgi/access/certs",
+            issuer=team,
+            audience=cfg.access_aud,
+            keys_ttl_s=cfg.access_keys_ttl_s,
+            refetch_min_s=cfg.access_refetch_min_s,
+        )
+    else:
+        log.warning("access mode without access_team_url/access_aud: refusing every viewer")
+    denied = Counter(
+        "peerd_http_denied",
+        "Viewer requests refused, by reason",
+        ["reason"],
+        registry=rt.metrics.registry,
+    )
+    return ViewerAuth(
+        cfg.auth,
+        key=key,
+        key_name=cfg.signing_key_secret,
+        verifier=verifier,
+        trusted=parse_networks(cfg.trusted_proxies),
+        denied=denied,
+    )
+
+
+def viewer_auth(app: web.Application, rt: Runtime) -> ViewerAuth:
+    """The application's viewer authorization, built by the first route installer that asks."""
+    auth = app.get(VIEWER_AUTH)
+    if auth is None:
+        auth = app[VIEWER_AUTH] = make_auth(rt)
+        app.on_cleanup.append(auth.close)
+    return auth

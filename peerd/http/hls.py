@@ -11,10 +11,8 @@ Playlists use relative URIs with the request's own token, so one signed master U
 everything of that media and nothing else. A blob URL is served only if the blob belongs to the
 media (manifest, or the catalog for on-demand renditions) and its extension matches its role.
 
-Authorization (:class:`ViewerAuth`, shared with WHEP through ``request.config_dict[VIEWER_AUTH]``):
-token mode checks ``peerd.core.tokens`` with the key from the ``hls_signing_key`` secret; access
-mode checks the Cloudflare Access JWT. Every refusal is the same bare 403; the reason goes to the
-log and to ``peerd_http_denied_total{reason}``.
+Authorization is the one viewer authorization of :mod:`peerd.http.access` with scope ``hls``
+(a signed token, or the Cloudflare Access JWT in access mode); every refusal is the same bare 403.
 
 Speed: a parsed manifest and its playlist templates are cached per media id (manifests are
 immutable); a playlist response is the template joined with the token. Blobs go out through
@@ -47,14 +45,12 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import Counter, Gauge
 
 from peerd.catalog.media import blob_role, init_cid, media_manifest, segment_cid
-from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
 from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
-from peerd.http.access import AccessDenied, AccessVerifier
-from peerd.http.clientip import Network, client_ip, parse_networks
+from peerd.http.access import ViewerAuth, viewer_auth
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http.hls")
@@ -67,98 +63,6 @@ CONTENT_TYPES = {
 }
 _PLACEHOLDER = "\x1ftoken\x1f"
 _MAX_MEDIA_CACHED = 256
-
-
-class ViewerAuth:
-    """Decides whether a request may read one media item (HLS) or open a session on it (WHEP)."""
-
-    def __init__(
-        self,
-        mode: str,
-        *,
-        key: bytes | None,
-        verifier: AccessVerifier | None,
-        trusted: tuple[Network, ...],
-        registry_denied: Counter,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.mode = mode
-        self.key = key
-        self.verifier = verifier
-        self.trusted = trusted
-        self.denied = registry_denied
-        self.clock = clock
-        self._good: dict[tuple[str, str, str], int] = {}
-
-    def _deny(self, request: web.Request, reason: str) -> Forbidden:
-        self.denied.labels(reason=reason).inc()
-        log.info(
-            "viewer refused",
-            extra={
-                "reason": reason,
-                "path": request.path,
-                "client": client_ip(request, self.trusted),
-            },
-        )
-        return Forbidden("forbidden")
-
-    async def check(self, request: web.Request, media_id: str, scope: str) -> str | None:
-        """Raise a bare Forbidden unless the request may use ``scope`` on ``media_id``.
-
-        Returns the token to propagate into URLs (None in access mode).
-        """
-        if self.mode == "access":
-            if self.verifier is None:
-                raise self._deny(request, "access-unconfigured")
-            try:
-                await self.verifier.verify(request.headers.get("Cf-Access-Jwt-Assertion"))
-            except AccessDenied as exc:
-                raise self._deny(request, f"access:{exc.message}") from None
-            return None
-        return self.check_token(request, media_id, scope)
-
-    def _token_ok(self, token: str | None, media_id: str, scope: str) -> tokens.TokenError | None:
-        # A player repeats one token for every request of a media: remember good ones until
-        # they expire instead of recomputing the HMAC each time.
-        assert self.key is not None
-        now = self.clock()
-        cached = self._good.get((token, media_id, scope)) if token else None
-        if cached is not None and now < cached:
-            return None
-        result = tokens.verify(self.key, token, media_id, scope, now)
-        if result.error is not None or result.expires is None:
-            return result.error or tokens.TokenError.MALFORMED
-        if len(self._good) >= 4096:
-            self._good.clear()
-        self._good[(token or "", media_id, scope)] = result.expires
-        return None
-
-    def check_token(self, request: web.Request, media_id: str, scope: str) -> str | None:
-        """Token mode's check, synchronous (the hot path of playlists skips a coroutine)."""
-        token = request.query.get("token")
-        if self.key is None:
-            raise self._deny(request, "no-signing-key")
-        error = self._token_ok(token, media_id, scope)
-        if error is not None:
-            raise self._deny(request, error.value)
-        return token
-
-    def admits(self, token: str | None, jwt: str | None, media_id: str, scope: str) -> bool:
-        """Whether a request passes without refusal, coroutine or I/O (:mod:`peerd.http.fastpath`).
-
-        Token mode verifies ``token``; access mode accepts only a JWT verified before. False
-        sends the request down the full path, which refuses it with its reason (or fetches keys).
-        """
-        if self.mode == "access":
-            if self.verifier is None or not jwt:
-                return False
-            return self.verifier.cached(jwt) is not None
-        return (
-            self.key is not None and bool(token) and self._token_ok(token, media_id, scope) is None
-        )
-
-
-VIEWER_AUTH = web.AppKey("viewer_auth", ViewerAuth)
 
 
 @dataclass
@@ -211,7 +115,7 @@ def _build_media(manifest: Manifest) -> _Media:
 class HlsMetrics:
     """Counters of the HLS routes."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, denied: Counter) -> None:
         reg = rt.metrics.registry
         self.active = Gauge("peerd_http_active_streams", "Blob responses being sent", registry=reg)
         self.bytes = Counter(
@@ -220,9 +124,8 @@ class HlsMetrics:
             ["source", "status"],
             registry=reg,
         )
-        self.denied = Counter(
-            "peerd_http_denied", "Viewer requests refused, by reason", ["reason"], registry=reg
-        )
+        # Owned by the viewer authorization; here too so worker processes report it.
+        self.denied = denied
         self.rejected = Counter(
             "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
         )
@@ -564,51 +467,11 @@ class _BlobResponse(web.FileResponse):
 ROUTES_KEY = web.AppKey("hls_routes", HlsRoutes)
 
 
-def make_auth(rt: Runtime, denied: Counter) -> ViewerAuth:
-    """The viewer authorization configured in ``[http]``."""
-    cfg = rt.settings.http
-    key: bytes | None = None
-    verifier: AccessVerifier | None = None
-    if cfg.auth == "token":
-        secret = rt.settings.secret(cfg.signing_key_secret)
-        if secret is None:
-            log.warning("no HLS signing key: every /hls/ request will be refused")
-        else:
-            key = tokens.key_from_secret(secret)
-    elif cfg.access_team_url and cfg.access_aud:
-        team = cfg.access_team_url.rstrip("/")
-        verifier = AccessVerifier(
-            certs_url=f"{team}/cdn-cgi/access/certs",
-            issuer=team,
-            audience=cfg.access_aud,
-            keys_ttl_s=cfg.access_keys_ttl_s,
-            refetch_min_s=cfg.access_refetch_min_s,
-        )
-    else:
-        log.warning("access mode without access_team_url/access_aud: refusing every viewer")
-    return ViewerAuth(
-        cfg.auth,
-        key=key,
-        verifier=verifier,
-        trusted=parse_networks(cfg.trusted_proxies),
-        registry_denied=denied,
-    )
-
-
 def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
-    """Add the HLS routes and the shared viewer authorization to ``app``; blobs the node lacks
-    come through ``resolver`` (none: 404)."""
-    metrics = HlsMetrics(rt)
-    auth = make_auth(rt, metrics.denied)
-    routes = HlsRoutes(rt, auth, metrics, resolver)
-    app[VIEWER_AUTH] = auth
+    """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404)."""
+    auth = viewer_auth(app, rt)
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt, auth.denied), resolver)
     app[ROUTES_KEY] = routes
-
-    async def close_verifier(_app: web.Application) -> None:
-        if auth.verifier is not None:
-            await auth.verifier.close()
-
-    app.on_cleanup.append(close_verifier)
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"
     pl = app.router.add_get(

@@ -4,6 +4,8 @@
 clip into an fMP4 HLS rendition; :func:`add_media` stores its init and media segments as blobs,
 builds the canonical :class:`~peerd.core.manifest.Manifest` and inserts the catalog rows (media,
 renditions, segments) the way ingest does, so the WHEP code reads exactly what a node holds.
+:func:`sign_viewers` gives a node its viewer signing key (without one every viewer is refused)
+and :func:`whep_url` an endpoint URL with a token.
 """
 
 from __future__ import annotations
@@ -16,11 +18,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
 from peerd.runtime import Runtime
 
 TIMESCALE = 90_000
+VIEWER_KEY = b"test-viewer-signing-key-".ljust(32, b"x")
+
+
+def sign_viewers(state_dir: Path) -> None:
+    """Write :data:`VIEWER_KEY` as the secret ``hls_signing_key`` of the node in ``state_dir``."""
+    secrets = state_dir / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    (secrets / "hls_signing_key").write_bytes(VIEWER_KEY)
+
+
+def whep_url(base_url: str, media_id: str, path: str = "/whep/", ttl_s: int = 3600) -> str:
+    """``<base_url><path><media_id>?token=...`` with a ``whep`` token signed by VIEWER_KEY."""
+    token = tokens.mint(VIEWER_KEY, media_id, "whep", int(time.time()) + ttl_s)
+    return f"{base_url}{path}{media_id}?token={token}"
 
 
 @dataclass(frozen=True)

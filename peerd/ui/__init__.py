@@ -12,7 +12,8 @@ JSON endpoints:
 ``GET /ui/api/blob/{cid}``      a blob's bytes, for the in-page player (through the resolver
                                 when the daemon has one, so absent blobs are fetched)
 ``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
-                                with a short-lived ``whep`` token minted for the operator
+                                with a short-lived ``whep`` token minted for the operator by
+                                the viewer authorization (:mod:`peerd.http.access`)
 
 Access control, checked on every request before anything else:
 
@@ -43,10 +44,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from peerd.core import tokens
 from peerd.core.ids import parse_cid
 from peerd.delivery import Resolver
 from peerd.errors import Forbidden, NotConfigured, NotFound, Unauthorized, Unavailable
+from peerd.http.access import ViewerAuth, viewer_auth
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, served_totals
@@ -89,8 +90,9 @@ def _secure(resp: web.StreamResponse, *, cache: str = "no-store") -> web.StreamR
 class Dashboard:
     """The routes, bound to one runtime."""
 
-    def __init__(self, rt: Runtime, resolver: Resolver | None = None) -> None:
+    def __init__(self, rt: Runtime, auth: ViewerAuth, resolver: Resolver | None = None) -> None:
         self.rt = rt
+        self.auth = auth
         self.resolver = resolver
         cfg = rt.settings.ui
         self.history = BandwidthHistory(max_points=cfg.history_points)
@@ -213,7 +215,7 @@ class Dashboard:
         return _secure(resp, cache="private, max-age=31536000, immutable")
 
     async def whep(self, request: web.Request) -> web.StreamResponse:
-        """A link to the WHEP player for one media item, with a token when the node signs."""
+        """A link to the WHEP player for one media item, with a token in token mode."""
         self._require(request)
         if not self.rt.settings.webrtc.enabled:
             raise NotConfigured("WebRTC playback is off ([webrtc] enabled = false)")
@@ -221,10 +223,9 @@ class Dashboard:
         if await media_detail(self.rt, media_id) is None:
             raise NotFound(f"no media {media_id}")
         url = f"/whep/player/{media_id}"
-        key = self.rt.settings.secret("hls_signing_key")
-        if key is not None:
-            expires = int(time.time()) + PLAYER_TOKEN_TTL_S
-            url += "?token=" + tokens.mint(tokens.key_from_secret(key), media_id, "whep", expires)
+        token = self.auth.mint(media_id, "whep", PLAYER_TOKEN_TTL_S)
+        if token is not None:
+            url += "?token=" + token
         return _secure(web.json_response({"player": url}))
 
     # -- bandwidth sampler ------------------------------------------------------------------
@@ -252,7 +253,7 @@ def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None)
     the node lacks come through ``resolver``."""
     if not rt.settings.ui.enabled:
         return
-    d = Dashboard(rt, resolver)
+    d = Dashboard(rt, viewer_auth(app, rt), resolver)
     app.router.add_get("/ui", d.page)
     app.router.add_get("/ui/", d.page)
     app.router.add_post("/ui/login", d.login)

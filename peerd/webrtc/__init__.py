@@ -19,5 +19,6 @@ handed to the viewer in ``Link: <...>; rel="ice-server"`` headers.
       | DELETE /whep/sessions/<sid> --> WhepService.close
 
 Modules: ``routes`` (HTTP), ``session`` (sessions, cap, cleanup), ``media`` (segments -> paced
-tracks), ``ice`` (ICE servers), ``access`` (tokens); policy without I/O in ``peerd.core.whep``.
+tracks), ``ice`` (ICE servers); who may watch is decided by ``peerd.http.access`` (as for HLS);
+policy without I/O in ``peerd.core.whep``.
 """

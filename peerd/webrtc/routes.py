@@ -10,14 +10,14 @@ the answer carries every candidate, so aiohttp answers 405.
 with the same ICE servers, posts its offer, plays the answer, and exposes ``window.whep`` so
 tests and operators can read ``getStats()`` and stop the session.
 
-Access follows the HLS rules (``peerd.webrtc.access``): a token bound to the media id and the
-``whep`` scope, in ``Authorization: Bearer`` or the ``token`` query parameter.
+Every route (offer, session, player page) asks the one viewer authorization of
+:mod:`peerd.http.access` with scope ``whep``: a token bound to the media id in ``?token=`` or
+``Authorization: Bearer``, or the Cloudflare Access JWT in access mode; refusals are a bare 403.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import MutableMapping
 from importlib import resources
 
@@ -25,8 +25,8 @@ from aiohttp import web
 
 from peerd.core.whep import link_headers
 from peerd.errors import BadRequest, NotFound
+from peerd.http.access import viewer_auth
 from peerd.runtime import Runtime
-from peerd.webrtc.access import check_access
 from peerd.webrtc.session import WhepService
 
 SDP = "application/sdp"
@@ -35,11 +35,6 @@ _ALLOW_HEADERS = "Authorization, Content-Type, If-Match"
 _EXPOSE_HEADERS = "Location, Link, ETag, Accept-Patch"
 
 
-def _token(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.query.get("token") or None
 
 
 def _cors(rt: Runtime, request: web.Request, headers: MutableMapping[str, str]) -> None:
@@ -57,10 +52,11 @@ def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
     """Register the WHEP routes, answered by ``whep``."""
     if not rt.settings.webrtc.enabled:
         return
+    auth = viewer_auth(app, rt)
 
     async def post_offer(request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
-        check_access(rt, media_id, _token(request), time.time())
+        await auth.check(request, media_id, "whep")
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != SDP:
             raise web.HTTPUnsupportedMediaType(text=f"send the offer as {SDP}")
@@ -83,7 +79,9 @@ def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
         return resp
 
     async def delete_session(request: web.Request) -> web.Response:
-        if not await whep.close(request.match_info["session_id"], "delete"):
+        session = whep.get(request.match_info["session_id"])
+        await auth.check(request, session.media_id, "whep")
+        if not await whep.close(session.id, "delete"):
             raise NotFound("no such WHEP session")
         return web.Response(status=200)
 
@@ -109,8 +107,7 @@ def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
 
     async def player(request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
-        token = _token(request)
-        check_access(rt, media_id, token, time.time())
+        token = await auth.check(request, media_id, "whep")
         servers = await whep.ice_servers()
         config = {
             "endpoint": f"/whep/{media_id}",

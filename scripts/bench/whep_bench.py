@@ -119,7 +119,7 @@ async def run_viewers(url: str, n: int, seconds: float) -> dict[str, Any]:
         vb1 = [(d.bytes, d.frames) for d in video_decoders]
         elapsed = time.monotonic() - t0
         for loc in locations:
-            async with http.delete(loc) as r:
+            async with http.delete(f"{loc}?{url.partition('?')[2]}") as r:
                 assert r.status == 200, r.status
     for pc in pcs:
         await pc.close()
@@ -190,7 +190,7 @@ def ffmpeg_anchor(clip_mp4: Path, seconds: float) -> float:
 async def prepare(out: Path, height: int, bitrate: int, bframes: int) -> tuple[Path, str, Path]:
     from peerd.config import load_settings
     from peerd.runtime import open_runtime
-    from peerd.testing.whep_media import add_media, make_hls
+    from peerd.testing.whep_media import add_media, make_hls, sign_viewers
 
     width = height * 16 // 9 // 2 * 2
     clip = await asyncio.to_thread(
@@ -208,6 +208,7 @@ async def prepare(out: Path, height: int, bitrate: int, bframes: int) -> tuple[P
         media_id = await add_media(rt, clip)
     finally:
         await rt.close()
+    sign_viewers(state)
     whole = out / "clip.mp4"
     with whole.open("wb") as f:
         for part in (clip.init, *clip.segments):
@@ -237,6 +238,7 @@ def main() -> int:
         return 0
 
     from peerd.testing.process import PeerdProcess
+    from peerd.testing.whep_media import whep_url
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
@@ -259,7 +261,7 @@ def main() -> int:
                 sys.executable,
                 __file__,
                 "--client",
-                f"{node.base_url}/whep/{media_id}",
+                whep_url(node.base_url, media_id),
                 "--sessions",
                 str(args.sessions),
                 "--seconds",
