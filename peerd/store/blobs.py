@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd.catalog import Catalog
+from peerd.catalog.media import dangling_segments, manifests
 from peerd.core.ids import Cid, Hasher, cid_of, digest_of, is_cid, shard_of
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull
 
@@ -401,18 +402,10 @@ class BlobStore:
             if progress is not None:
                 progress(len(batch))
         report.orphans = sorted(n for n in files if n not in seen)
-        sql = (
-            "SELECT s.media_id, s.rendition_id, s.seq, s.cid FROM segments s "
-            "LEFT JOIN blobs b ON b.cid = s.cid WHERE s.cid IS NOT NULL AND b.cid IS NULL"
-        )
-        async with self.catalog.conn.execute(sql) as cur:
-            for m, r, seq, cid in await cur.fetchall():
-                report.dangling_segments.append(f"{m}/{r}/{seq} -> {cid}")
-        async with self.catalog.conn.execute("SELECT media_id, manifest FROM media") as cur:
-            for media_id, manifest in await cur.fetchall():
-                data = manifest.encode() if isinstance(manifest, str) else bytes(manifest)
-                if cid_of(data) != media_id:
-                    report.bad_manifests.append(str(media_id))
+        report.dangling_segments = await dangling_segments(self.catalog)
+        async for media_id, data in manifests(self.catalog):
+            if cid_of(data) != media_id:
+                report.bad_manifests.append(media_id)
         return report
 
 
