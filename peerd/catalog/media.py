@@ -30,12 +30,6 @@ async def media_count(catalog: Catalog) -> int:
     return int(row[0]) if row else 0
 
 
-async def media_ids(catalog: Catalog) -> list[str]:
-    """Every media id."""
-    async with catalog.conn.execute("SELECT media_id FROM media") as cur:
-        return [str(r[0]) for r in await cur.fetchall()]
-
-
 async def latest_media_id(catalog: Catalog, source_path: str | None = None) -> str | None:
     """The newest media item ingested from ``source_path`` (any source if None)."""
     sql = "SELECT media_id FROM media ORDER BY created_at DESC LIMIT 1"

@@ -74,8 +74,7 @@ async def pull_media(
     async def one(cid: Cid) -> None:
         nonlocal fetched, nbytes
         if await store.has(cid):
-            row = await catalog.get_blob(cid) if progress is not None else None
-            if progress is not None and row is not None:
+            if progress is not None and (row := await catalog.get_blob(cid)) is not None:
                 progress(row.size)
             return
         async with sem:

@@ -46,12 +46,14 @@ class _NamedPeer:
     timeout_s: float = 30.0
 
     async def get(self, path: str) -> aiohttp.ClientResponse:
+        """A signed GET of ``path`` on the peer."""
         try:
             return await signed_get(self.puller.client(), self.puller.identity, self.base, path)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamError(f"LAN peer at {self.base} unreachable: {exc!r}") from exc
 
     async def manifest(self, media_id: str) -> bytes:
+        """The peer's manifest bytes of ``media_id`` (checked by the pull)."""
         resp = await self.get(MEDIA_ROUTE.format(media_id=media_id))
         try:
             if resp.status == 404:
@@ -66,6 +68,7 @@ class _NamedPeer:
         return data
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        """The peer's blob ``cid``; anything but 200 is an error (the peer was named)."""
         resp = await self.get(ROUTE.format(cid=cid))
         if resp.status != 200:
             resp.release()

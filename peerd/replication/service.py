@@ -395,12 +395,6 @@ class Replicator:
 
     # -- pull --------------------------------------------------------------------------------------
 
-    async def enqueue_pull(self, media_id: str) -> int:
-        """Queue a durable pull of a media item (resumed after restarts); returns the job id."""
-        job_id = await self.outbox.enqueue("pull_media", media_id)
-        self.wake()
-        return job_id
-
     async def pull_media(self, media_id: str, progress: Progress | None = None) -> PullReport:
         """Fetch a media item from R2 into the local store (see the module doc)."""
 

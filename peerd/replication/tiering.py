@@ -210,7 +210,7 @@ class TieringService:
                 log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})
                 continue
             if confirmed:
-                if await self.evict_replicated(cid):
+                if await store.evict_local(cid, replicated=True):
                     evicted += 1
                 continue
             refused += 1
@@ -219,19 +219,3 @@ class TieringService:
                 await Catalog.set_blob_r2(tx, cid, "none", now, only_from=("present",))
             await self.replicator.push_blob(cid)
         return evicted, refused
-
-    async def evict_replicated(self, cid: Cid) -> bool:
-        """Drop the local copy only if the row still says R2 has it and it is not pinned.
-
-        The row changes first (conditionally, in one transaction), then the file goes, as
-        ``BlobStore.evict_local`` does; a crash in between leaves an orphan file that start-up
-        recovery removes.
-        """
-        row = await self.rt.catalog.get_blob(cid)
-        if row is None or not await self.rt.catalog.evict_row(cid):
-            return False
-        path = self.rt.store.path_for(cid)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        self.rt.store.used_bytes -= row.size
-        self.rt.store.count -= 1
-        return True

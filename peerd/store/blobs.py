@@ -321,22 +321,26 @@ class BlobStore:
             self.count -= 1
         return existed
 
-    async def evict_local(self, cid: Cid) -> None:
-        """Drop the local copy but keep the row as ``absent`` (the blob lives elsewhere, e.g. R2).
+    async def evict_local(self, cid: Cid, *, replicated: bool = False) -> bool:
+        """Drop the local copy but keep the row as ``absent`` (the blob lives elsewhere, e.g. R2);
+        True if it was dropped.
 
-        The row is updated first, so a crash leaves at worst an orphan file, never a row
-        claiming a file that is gone.
+        With ``replicated``, only while the row says R2 holds it and nothing pins it, checked in
+        the write itself (:meth:`Catalog.evict_row`): the last copy never leaves. The row is
+        updated first, so a crash leaves at worst an orphan file, never a row claiming a file
+        that is gone.
         """
         row = await self.catalog.get_blob(cid)
         if row is None or row.local_state != "present":
-            return
-        await self.catalog.mark_absent([cid])
-        try:
-            await asyncio.to_thread(self.path_for(cid).unlink)
-        except FileNotFoundError:
-            pass
+            return False
+        if not replicated:
+            await self.catalog.mark_absent([cid])
+        elif not await self.catalog.evict_row(cid):
+            return False
+        await asyncio.to_thread(self.path_for(cid).unlink, missing_ok=True)
         self.used_bytes -= row.size
         self.count -= 1
+        return True
 
     # -- recovery and verification ----------------------------------------------------------------
 
