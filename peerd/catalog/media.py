@@ -1,7 +1,9 @@
 """Queries on ``media``, ``renditions`` and ``segments``: what a media item is made of.
 
-A manifest is stored as its canonical JSON bytes; a rendition made on demand has segment rows
-whose ``cid`` (and an ``init_cid``) stay NULL until produced.
+A manifest is stored as its canonical JSON bytes and turned into rows in one place,
+:func:`record_media` (ingest, pulls, test fixtures); a rendition made on demand has segment rows
+whose ``cid`` (and an ``init_cid``) stay NULL until produced. A media item's R2 state moves only
+through :func:`set_media_r2`.
 """
 
 from __future__ import annotations
