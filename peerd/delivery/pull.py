@@ -78,7 +78,8 @@ async def pull_media(
                 progress(row.size)
             return
         async with sem:
-            size = await _fetch(store, source, cid, "init" if cid in inits else "segment", progress)
+            kind = "init" if cid in inits else "segment"
+            size = await _fetch(store, source, cid, kind, progress, media_id)
         fetched += 1
         nbytes += size
 
@@ -97,7 +98,7 @@ async def pull_media(
 
 
 async def _fetch(
-    store: BlobStore, source: Source, cid: Cid, kind: str, progress: Progress | None
+    store: BlobStore, source: Source, cid: Cid, kind: str, progress: Progress | None, media_id: str
 ) -> int:
     """Store ``cid`` from the first offer of ``source``; returns its size."""
     offers = source.offers(cid)
@@ -131,4 +132,4 @@ async def _fetch(
         aclose = getattr(offers, "aclose", None)
         if aclose is not None:
             await aclose()
-    raise NotFound(f"{source.name} does not have blob {cid}")
+    raise NotFound(f"{source.name} does not have blob {cid} of media {media_id}")
