@@ -216,12 +216,7 @@ class Catalog:
         tx: aiosqlite.Connection, cid: Cid, size: int, kind: str, now: float
     ) -> None:
         """Insert a present blob, or mark an existing row present again (inside ``tx``)."""
-        await tx.execute(
-            "INSERT INTO blobs(cid, size, kind, local_state, created_at) "
-            "VALUES(?, ?, ?, 'present', ?) "
-            "ON CONFLICT(cid) DO UPDATE SET local_state='present', size=excluded.size",
-            (cid, size, kind, now),
-        )
+        await Catalog.put_blob_rows(tx, [(cid, size, kind)], now)
 
     @staticmethod
     async def put_blob_rows(

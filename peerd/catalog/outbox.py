@@ -14,7 +14,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiosqlite
 
@@ -56,23 +56,6 @@ class Job:
             self.lease_until,
             self.next_attempt_at,
         )
-
-
-def _job(r: tuple[object, ...] | aiosqlite.Row) -> Job:
-    t = tuple(r)
-    return Job(
-        id=int(t[0]),
-        kind=str(t[1]),
-        target=str(t[2]),
-        state=str(t[3]),
-        attempts=int(t[4]),
-        lease_until=None if t[5] is None else float(t[5]),
-        next_attempt_at=float(t[6]),
-        last_error=None if t[7] is None else str(t[7]),
-        lease_owner=None if t[8] is None else str(t[8]),
-        batch_id=None if t[9] is None else str(t[9]),
-        bytes=int(t[10]),
-    )
 
 
 async def enqueue_in(
@@ -158,7 +141,7 @@ class Outbox:
                 "ORDER BY next_attempt_at, id LIMIT ?"
             )
             async with tx.execute(sql, (*sorted(kinds), now, now, limit)) as cur:
-                rows = [_job(r) for r in await cur.fetchall()]
+                rows = [Job(*r) for r in await cur.fetchall()]
             out = []
             for job in rows:
                 c = core.claim(job.view, now, self.policy)
@@ -168,19 +151,7 @@ class Outbox:
                     (c.lease_until, owner, now, job.id),
                 )
                 out.append(
-                    Job(
-                        job.id,
-                        job.kind,
-                        job.target,
-                        "running",
-                        job.attempts,
-                        c.lease_until,
-                        job.next_attempt_at,
-                        job.last_error,
-                        owner,
-                        job.batch_id,
-                        job.bytes,
-                    )
+                    replace(job, state="running", lease_until=c.lease_until, lease_owner=owner)
                 )
         return out
 
@@ -271,13 +242,13 @@ class Outbox:
         sql = f"SELECT {_COLS} FROM replication_jobs WHERE id=?"  # noqa: S608
         async with self.catalog.conn.execute(sql, (job_id,)) as cur:
             row = await cur.fetchone()
-        return None if row is None else _job(row)
+        return None if row is None else Job(*row)
 
     async def batch(self, batch_id: str) -> list[Job]:
         """Every job of a batch."""
         sql = f"SELECT {_COLS} FROM replication_jobs WHERE batch_id=? ORDER BY id"  # noqa: S608
         async with self.catalog.conn.execute(sql, (batch_id,)) as cur:
-            return [_job(r) for r in await cur.fetchall()]
+            return [Job(*r) for r in await cur.fetchall()]
 
     async def next_due(self) -> float | None:
         """When the next queued job becomes due (None if none is queued)."""
