@@ -15,7 +15,9 @@ that the edges act on, so that no caller has to map exceptions by hand:
     ├── ConfigError (500, stop; exit code 2)
     ├── BadRequest (400)
     │   ├── MediaError (422)          input media that cannot be packaged
-    │   │   └── ManifestError         a malformed manifest (core.manifest)
+    │   │   ├── ManifestError         a malformed manifest (core.manifest)
+    │   │   ├── Unsupported           a file the native remuxer cannot read (media.isobmff)
+    │   │   └── BoxError              bytes that are not well-formed ISO-BMFF boxes (media.fmp4)
     │   └── RangeNotSatisfiable (416) a byte range outside the blob
     ├── Unauthorized (401)
     │   └── SignatureError            a signed body that must be refused (core.signed)

@@ -70,18 +70,6 @@ async def test_iter_present_pages(tmp_path: Path) -> None:
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peerd"
 SQL = re.compile(r"SELECT|INSERT INTO|UPDATE .* SET|DELETE FROM")
-# Still running their own SQL until their branches move it into peerd/catalog.
-SQL_NOT_YET_MOVED = {
-    "media/ingest.py",
-    "media/source.py",
-    "replication/cli.py",
-    "replication/media.py",
-    "replication/outbox.py",
-    "replication/service.py",
-    "replication/source.py",
-    "replication/tiering.py",
-    "store/blobs.py",
-}
 
 
 def test_sql_lives_next_to_the_schema() -> None:
@@ -91,4 +79,4 @@ def test_sql_lives_next_to_the_schema() -> None:
         if path.parts[len(PACKAGE.parts)] not in ("catalog", "testing")
         and SQL.search(path.read_text("utf-8"))
     }
-    assert with_sql == SQL_NOT_YET_MOVED
+    assert with_sql == set()

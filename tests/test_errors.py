@@ -18,10 +18,9 @@ from peerd.errors import PeerdError
 OUTSIDE = {
     # A signal inside argparse, caught in ctl.light_args: it never leaves the function.
     "peerd.ctl._ParseError",
-    # Not yet under the root (their modules are being renovated in other branches).
-    "peerd.media.isobmff.Unsupported",
-    "peerd.media.fmp4.BoxError",
+    # A job's "wait for the others", caught in Replicator.execute: not a failure.
     "peerd.replication.service.Deferred",
+    # The R2 client's own, turned into R2Error (replication.r2) before anything else sees them.
     "peerd.replication.s3http.HttpStatusError",
     "peerd.replication.s3http.LocalMismatch",
 }

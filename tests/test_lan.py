@@ -174,8 +174,8 @@ async def test_fetch_route_only_for_operators(stack: AsyncExitStack, tmp_path: P
 
 async def _media_on(rt: Runtime, segments: int = 4) -> tuple[str, dict[Cid, bytes]]:
     """A real (canonical, decodable) manifest whose blobs ``rt`` holds, recorded in its catalog."""
+    from peerd.catalog.media import record_media
     from peerd.core import manifest as mf
-    from peerd.replication.media import record_media
 
     blobs = {cid_of(b): b for b in [os.urandom(300)] + [os.urandom(5000 + i) for i in range(4)]}
     order = list(blobs)
@@ -196,7 +196,7 @@ async def _media_on(rt: Runtime, segments: int = 4) -> tuple[str, dict[Cid, byte
     data = mf.encode(manifest)
     media_id = mf.media_id_of(manifest)
     async with rt.catalog.transaction() as tx:
-        await record_media(tx, media_id, data, manifest, time.time(), r2_state="none")
+        await record_media(tx, media_id, data, manifest, time.time())
     return media_id, blobs
 
 

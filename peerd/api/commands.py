@@ -12,7 +12,7 @@ delivery resolver), ``replicator`` (:class:`Replicator`, R2 replication), ``pull
 
 Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
 (``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
-``UPDATE`` that marks it absent (``Catalog.evict_row``), so a concurrent pin or R2 state change
+``UPDATE`` that marks it absent (``BlobStore.evict_local``), so a concurrent pin or R2 state change
 cannot slip in between.
 """
 
@@ -296,14 +296,10 @@ class Commands:
                 out["kept_pinned"] += 1
             elif row.r2_state != "present":
                 out["kept_last_copy"] += 1
-            elif not await self.rt.catalog.evict_row(cid):
+            elif not await store.evict_local(cid, replicated=True):
                 # It changed under us; keep it, the coordinator can retry.
                 out["kept_last_copy"] += 1
             else:
-                # Row first, then the file: a crash leaves an orphan file, never a lie.
-                await asyncio.to_thread(store.path_for(cid).unlink, missing_ok=True)
-                store.used_bytes -= row.size
-                store.count -= 1
                 out["evicted"] += 1
                 out["bytes_freed"] += row.size
             progress((i + 1) / len(cids))

@@ -216,12 +216,7 @@ class Catalog:
         tx: aiosqlite.Connection, cid: Cid, size: int, kind: str, now: float
     ) -> None:
         """Insert a present blob, or mark an existing row present again (inside ``tx``)."""
-        await tx.execute(
-            "INSERT INTO blobs(cid, size, kind, local_state, created_at) "
-            "VALUES(?, ?, ?, 'present', ?) "
-            "ON CONFLICT(cid) DO UPDATE SET local_state='present', size=excluded.size",
-            (cid, size, kind, now),
-        )
+        await Catalog.put_blob_rows(tx, [(cid, size, kind)], now)
 
     @staticmethod
     async def put_blob_rows(
@@ -272,6 +267,71 @@ class Catalog:
                 (cid,),
             )
             return cur.rowcount > 0
+
+    @staticmethod
+    async def set_blob_r2(
+        tx: aiosqlite.Connection,
+        cid: str,
+        state: str,
+        now: float,
+        *,
+        only_from: tuple[str, ...] = (),
+        held: bool = False,
+    ) -> bool:
+        """Set a blob's R2 state (inside ``tx``), only from the states ``only_from`` (any if
+        empty) and, with ``held``, only while the node holds the blob; True if the row changed.
+
+        ``present`` records when R2 was last seen to hold it; ``none`` forgets that.
+        """
+        sets = {"present": ", r2_checked_at=?", "none": ", r2_checked_at=NULL"}.get(state, "")
+        args: list[object] = [state, *([now] if state == "present" else []), cid, *only_from]
+        where = f" AND r2_state IN ({','.join('?' * len(only_from))})" if only_from else ""
+        where += " AND local_state='present'" if held else ""
+        sql = f"UPDATE blobs SET r2_state=?{sets} WHERE cid=?{where}"  # noqa: S608
+        cur = await tx.execute(sql, args)
+        return cur.rowcount > 0
+
+    async def not_in_r2(self) -> list[Cid]:
+        """Blobs held locally whose R2 state is not ``present``, most wanted first."""
+        sql = (
+            "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present' "
+            "ORDER BY access_score DESC"
+        )
+        async with self.conn.execute(sql) as cur:
+            return [Cid(str(r[0])) for r in await cur.fetchall()]
+
+    async def blobs_by_r2_state(self) -> dict[str, dict[str, int]]:
+        """Blob count and bytes by R2 state."""
+        sql = "SELECT r2_state, COUNT(*), SUM(size) FROM blobs GROUP BY r2_state"
+        async with self.conn.execute(sql) as cur:
+            return {
+                str(r[0]): {"count": int(r[1]), "bytes": int(r[2] or 0)}
+                for r in await cur.fetchall()
+            }
+
+    async def set_access(self, updates: Iterable[tuple[float, float, str]]) -> None:
+        """Store folded access scores: ``(access_score, last_access, cid)`` each."""
+        async with self.transaction() as tx:
+            sql = "UPDATE blobs SET access_score=?, last_access=? WHERE cid=?"
+            await tx.executemany(sql, updates)
+
+    async def evictable(self, limit: int) -> list[tuple[Cid, int, float, float | None]]:
+        """Blobs R2 holds that nothing pins (the blob nor a media item using it), least wanted
+        first: (cid, size, access_score, last_access)."""
+        sql = (
+            "SELECT b.cid, b.size, b.access_score, b.last_access FROM blobs b "
+            "WHERE b.local_state='present' AND b.r2_state='present' AND b.pinned=0 "
+            "AND NOT EXISTS (SELECT 1 FROM segments s JOIN media m ON m.media_id = s.media_id "
+            "  WHERE s.cid = b.cid AND m.pinned = 1) "
+            "AND NOT EXISTS (SELECT 1 FROM renditions r JOIN media m ON m.media_id = r.media_id "
+            "  WHERE r.init_cid = b.cid AND m.pinned = 1) "
+            "ORDER BY b.access_score LIMIT ?"
+        )
+        async with self.conn.execute(sql, (limit,)) as cur:
+            return [
+                (Cid(str(c)), int(n), float(sc), None if la is None else float(la))
+                for c, n, sc, la in await cur.fetchall()
+            ]
 
     async def blob_groups(self) -> list[Row]:
         """Blob count, bytes and pinned count by (kind, local_state, r2_state)."""

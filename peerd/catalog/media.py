@@ -1,18 +1,21 @@
 """Queries on ``media``, ``renditions`` and ``segments``: what a media item is made of.
 
-A manifest is stored as its canonical JSON bytes; a rendition made on demand has segment rows
-whose ``cid`` (and an ``init_cid``) stay NULL until produced.
+A manifest is stored as its canonical JSON bytes and turned into rows in one place,
+:func:`record_media` (ingest, pulls, test fixtures); a rendition made on demand has segment rows
+whose ``cid`` (and an ``init_cid``) stay NULL until produced. A media item's R2 state moves only
+through :func:`set_media_r2`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
 import aiosqlite
 
 from peerd.catalog.db import Catalog, Row, named_rows
 from peerd.core.ids import Cid
+from peerd.core.manifest import Manifest
 
 
 async def media_exists(catalog: Catalog, media_id: str) -> bool:
@@ -27,12 +30,6 @@ async def media_count(catalog: Catalog) -> int:
     async with catalog.conn.execute("SELECT COUNT(*) FROM media") as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-async def media_ids(catalog: Catalog) -> list[str]:
-    """Every media id."""
-    async with catalog.conn.execute("SELECT media_id FROM media") as cur:
-        return [str(r[0]) for r in await cur.fetchall()]
 
 
 async def latest_media_id(catalog: Catalog, source_path: str | None = None) -> str | None:
@@ -132,6 +129,224 @@ async def blob_role(catalog: Catalog, media_id: str, cid: str) -> Literal["init"
     if row is None:
         return None
     return "init" if row[0] == "init" else "seg"
+
+
+async def record_media(
+    tx: aiosqlite.Connection,
+    media_id: str,
+    data: bytes,
+    manifest: Manifest,
+    now: float,
+    *,
+    title: str = "",
+    source: tuple[str, str] | None = None,
+    in_r2: bool = False,
+) -> bool:
+    """Write the media, rendition and segment rows of a manifest (inside ``tx``): the one place
+    that turns a manifest into catalog rows (ingest, a pull from R2 or from a LAN peer).
+
+    ``source`` is the ingested file's ``(path, size:mtime signature)``, so an unchanged file is
+    not packaged again. ``in_r2`` says the manifest and every blob it names are in the node's R2
+    bucket (a pull from R2): the media row and those blob rows say so. The blob rows themselves
+    are the store's (written when a blob's file is durable); the caller commits this after every
+    blob is stored, so a segment row never names a blob the node lacks.
+
+    Returns False when the media item was already catalogued: then only ``source`` (if given)
+    and the R2 state of the blobs are updated.
+    """
+    if in_r2:
+        cids = list(manifest.blob_cids())
+        for i in range(0, len(cids), 500):
+            part = cids[i : i + 500]
+            marks = ",".join("?" * len(part))
+            await tx.execute(
+                f"UPDATE blobs SET r2_state='present', r2_checked_at=? "  # noqa: S608
+                f"WHERE cid IN ({marks}) AND r2_state != 'deleting'",
+                (now, *part),
+            )
+    path, sig = source or (None, None)
+    duration = max((r.duration_seconds for r in manifest.renditions), default=0.0)
+    cur = await tx.execute(
+        "INSERT INTO media(media_id, title, source_path, source_sig, manifest, duration_s, "
+        "created_at, r2_state, r2_since) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(media_id) DO NOTHING",
+        (
+            media_id,
+            title,
+            path,
+            sig,
+            data,
+            duration,
+            now,
+            "present" if in_r2 else "none",
+            now if in_r2 else None,
+        ),
+    )
+    if cur.rowcount == 0:
+        if source is not None:
+            await tx.execute(
+                "UPDATE media SET source_path=?, source_sig=? WHERE media_id=?",
+                (path, sig, media_id),
+            )
+        return False
+    for pos, r in enumerate(manifest.renditions):
+        await tx.execute(
+            "INSERT INTO renditions(media_id, rendition_id, position, kind, container, codecs, "
+            "bandwidth, width, height, init_cid, produced) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                media_id,
+                r.id,
+                pos,
+                r.kind,
+                manifest.container,
+                r.codecs,
+                r.bandwidth,
+                r.width,
+                r.height,
+                r.init,
+                0 if r.on_demand else 1,
+            ),
+        )
+        await tx.executemany(
+            "INSERT INTO segments(media_id, rendition_id, seq, duration_s, cid) VALUES(?,?,?,?,?)",
+            [
+                (media_id, r.id, seq, r.segment_seconds(seq), s.cid)
+                for seq, s in enumerate(r.segments)
+            ],
+        )
+    return True
+
+
+async def media_from(catalog: Catalog, path: str, sig: str) -> Cid | None:
+    """The media item ingested from the file ``path`` while it had signature ``sig``."""
+    sql = "SELECT media_id FROM media WHERE source_path=? AND source_sig=?"
+    async with catalog.conn.execute(sql, (path, sig)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else Cid(str(row[0]))
+
+
+async def is_referenced(catalog: Catalog, cid: str) -> bool:
+    """Whether a segment or init segment row names ``cid``."""
+    sql = "SELECT 1 FROM segments WHERE cid=? UNION ALL SELECT 1 FROM renditions WHERE init_cid=?"
+    async with catalog.conn.execute(sql + " LIMIT 1", (cid, cid)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def record_produced(
+    catalog: Catalog, media_id: str, rendition_id: str, seq: int, cid: Cid, init: Cid | None
+) -> None:
+    """Record an on-demand segment (and its rendition's init segment, if new) once stored."""
+    async with catalog.transaction() as tx:
+        await tx.execute(
+            "UPDATE segments SET cid=? WHERE media_id=? AND rendition_id=? AND seq=?",
+            (cid, media_id, rendition_id, seq),
+        )
+        if init is not None:
+            await tx.execute(
+                "UPDATE renditions SET init_cid=? WHERE media_id=? AND rendition_id=? "
+                "AND init_cid IS NULL",
+                (init, media_id, rendition_id),
+            )
+
+
+async def locate_blob(catalog: Catalog, cid: str) -> list[tuple[str, str, int]]:
+    """Where ``cid`` is used: (media id, rendition id, seq), seq -1 for an init segment."""
+    sql = (
+        "SELECT media_id, rendition_id, seq FROM segments WHERE cid=? "
+        "UNION ALL SELECT media_id, rendition_id, -1 FROM renditions WHERE init_cid=? "
+        "ORDER BY 1, 2, 3"
+    )
+    async with catalog.conn.execute(sql, (cid, cid)) as cur:
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in await cur.fetchall()]
+
+
+async def dangling_segments(catalog: Catalog) -> list[str]:
+    """Segments naming a blob that has no row, as ``media/rendition/seq -> cid``."""
+    sql = (
+        "SELECT s.media_id, s.rendition_id, s.seq, s.cid FROM segments s "
+        "LEFT JOIN blobs b ON b.cid = s.cid WHERE s.cid IS NOT NULL AND b.cid IS NULL"
+    )
+    async with catalog.conn.execute(sql) as cur:
+        return [f"{m}/{r}/{seq} -> {cid}" for m, r, seq, cid in await cur.fetchall()]
+
+
+async def manifests(catalog: Catalog) -> AsyncIterator[tuple[str, bytes]]:
+    """Every (media id, manifest bytes)."""
+    async with catalog.conn.execute("SELECT media_id, manifest FROM media") as cur:
+        async for media_id, raw in cur:
+            yield str(media_id), raw.encode() if isinstance(raw, str) else bytes(raw)
+
+
+# -- R2 state ---------------------------------------------------------------------------------
+
+_MEDIA_R2 = {
+    # Promotion queued: a media item already in R2 stays "present".
+    "queued": "UPDATE media SET r2_state='queued' WHERE media_id=? AND r2_state != 'present'",
+    "deleting": "UPDATE media SET r2_state='deleting' WHERE media_id=?",
+    # Only a demotion under way ends in "none" (a promotion since then wins).
+    "none": "UPDATE media SET r2_state='none', r2_since=NULL WHERE media_id=? "
+    "AND r2_state='deleting'",
+}
+
+
+async def set_media_r2(
+    tx: aiosqlite.Connection,
+    media_id: str,
+    state: Literal["queued", "present", "deleting", "none"],
+    now: float,
+) -> None:
+    """Move a media item's R2 state (inside ``tx``)."""
+    if state == "present":
+        sql = "UPDATE media SET r2_state='present', r2_since=? WHERE media_id=?"
+        await tx.execute(sql, (now, media_id))
+    else:
+        await tx.execute(_MEDIA_R2[state], (media_id,))
+
+
+async def r2_users(catalog: Catalog, cid: str) -> int:
+    """How many media items queued for or present in R2 use ``cid``."""
+    sql = (
+        "SELECT COUNT(*) FROM segments s JOIN media m ON m.media_id = s.media_id "
+        "WHERE s.cid=? AND m.r2_state IN ('queued', 'present') "
+        "UNION ALL SELECT COUNT(*) FROM renditions r JOIN media m ON m.media_id = r.media_id "
+        "WHERE r.init_cid=? AND m.r2_state IN ('queued', 'present')"
+    )
+    async with catalog.conn.execute(sql, (cid, cid)) as cur:
+        return sum(int(r[0]) for r in await cur.fetchall())
+
+
+async def media_not_in_r2(catalog: Catalog) -> list[str]:
+    """Media items whose R2 state is not ``present``."""
+    async with catalog.conn.execute(
+        "SELECT media_id FROM media WHERE r2_state != 'present'"
+    ) as cur:
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def media_by_r2_state(catalog: Catalog) -> dict[str, int]:
+    """Media item count by R2 state."""
+    async with catalog.conn.execute(
+        "SELECT r2_state, COUNT(*) FROM media GROUP BY r2_state"
+    ) as cur:
+        return {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+
+
+_MEDIA_BLOBS = (
+    "SELECT m.media_id, m.r2_state, m.r2_since, b.size, b.access_score, b.last_access, "
+    "b.local_state FROM media m JOIN ("
+    "  SELECT media_id, cid FROM segments WHERE cid IS NOT NULL"
+    "  UNION SELECT media_id, init_cid FROM renditions WHERE init_cid IS NOT NULL"
+    ") x ON x.media_id = m.media_id JOIN blobs b ON b.cid = x.cid"
+)
+
+
+async def media_blob_rows(
+    catalog: Catalog,
+) -> list[tuple[str, str, float | None, int, float, float | None, str]]:
+    """For tiering, one row per (media item, blob): media_id, r2_state, r2_since, size,
+    access_score, last_access, local_state."""
+    async with catalog.conn.execute(_MEDIA_BLOBS) as cur:
+        return [tuple(r) for r in await cur.fetchall()]
 
 
 # -- the dashboard's read-outs ------------------------------------------------------------------

@@ -1,9 +1,271 @@
-"""Read-outs of ``replication_jobs``, the R2 replication outbox (``peerd.replication.outbox``
-runs it)."""
+"""The durable outbox of R2 replication: jobs in ``replication_jobs``, claimed with leases
+(decisions in :mod:`peerd.core.outbox`; the replicator runs them).
+
+Jobs survive restarts because they are rows. A claim is one ``BEGIN IMMEDIATE`` transaction
+that picks due jobs and writes a fresh lease owner token, so two workers -- in one process or in
+two (the daemon and ``peerd replicate push``) -- never hold the same job; a worker killed mid-job
+leaves a lease that expires, after which the job is claimed again. Completion and failure are
+conditional on the owner token.
+"""
 
 from __future__ import annotations
 
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import aiosqlite
+
 from peerd.catalog.db import Catalog, Row, named_rows
+from peerd.core import outbox as core
+from peerd.core.outbox import JOB_KINDS, JobView, RetryPolicy
+
+_COLS = (
+    "id, kind, target, state, attempts, lease_until, next_attempt_at, last_error, "
+    "lease_owner, batch_id, bytes"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed (or inspected) job."""
+
+    id: int
+    kind: str
+    target: str
+    state: str
+    attempts: int
+    lease_until: float | None
+    next_attempt_at: float
+    last_error: str | None
+    lease_owner: str | None
+    batch_id: str | None
+    bytes: int
+
+    @property
+    def view(self) -> JobView:
+        """The fields the pure decisions use."""
+        return JobView(
+            self.id,
+            self.kind,
+            self.target,
+            self.state,
+            self.attempts,
+            self.lease_until,
+            self.next_attempt_at,
+        )
+
+
+async def enqueue_in(
+    tx: aiosqlite.Connection,
+    kind: str,
+    target: str,
+    now: float,
+    *,
+    batch_id: str | None = None,
+    after: float | None = None,
+) -> int:
+    """Queue a job inside an open transaction (e.g. the one that adds a media item).
+
+    An open job of the same kind and target is reused (its id returned), so enqueueing twice is
+    harmless.
+    """
+    if kind not in JOB_KINDS:
+        raise ValueError(f"unknown job kind {kind!r}")
+    cur = await tx.execute(
+        "INSERT INTO replication_jobs(kind, target, state, next_attempt_at, created_at, "
+        "updated_at, batch_id) VALUES(?, ?, 'queued', ?, ?, ?, ?) "
+        "ON CONFLICT(kind, target) WHERE state IN ('queued', 'running') DO NOTHING",
+        (kind, target, now if after is None else after, now, now, batch_id),
+    )
+    if cur.rowcount:
+        return int(cur.lastrowid or 0)
+    async with tx.execute(
+        "SELECT id FROM replication_jobs WHERE kind=? AND target=? "
+        "AND state IN ('queued', 'running')",
+        (kind, target),
+    ) as c:
+        row = await c.fetchone()
+    assert row is not None
+    if batch_id is not None:
+        await tx.execute(
+            "UPDATE replication_jobs SET batch_id=COALESCE(batch_id, ?) WHERE id=?",
+            (batch_id, row[0]),
+        )
+    return int(row[0])
+
+
+class Outbox:
+    """Job queue operations on the catalog."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        policy: RetryPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.catalog = catalog
+        self.policy = policy or RetryPolicy()
+        self._clock = clock
+        self._rand = rand
+
+    async def enqueue(
+        self, kind: str, target: str, *, batch_id: str | None = None, after: float | None = None
+    ) -> int:
+        """Queue a job (or find the open one); returns its id."""
+        async with self.catalog.transaction() as tx:
+            return await enqueue_in(tx, kind, target, self._clock(), batch_id=batch_id, after=after)
+
+    async def enqueue_many(
+        self, kind: str, targets: list[str], *, batch_id: str | None = None
+    ) -> list[int]:
+        """Queue many jobs in one transaction (one commit instead of one per job)."""
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            return [await enqueue_in(tx, kind, t, now, batch_id=batch_id) for t in targets]
+
+    async def claim(self, limit: int = 1, kinds: frozenset[str] = JOB_KINDS) -> list[Job]:
+        """Take up to ``limit`` due jobs (oldest due first) under a fresh lease."""
+        now = self._clock()
+        owner = secrets.token_hex(8)
+        marks = ",".join("?" * len(kinds))
+        async with self.catalog.transaction() as tx:
+            sql = (
+                f"SELECT {_COLS} FROM replication_jobs WHERE kind IN ({marks}) AND ("  # noqa: S608
+                "(state='queued' AND next_attempt_at <= ?) "
+                "OR (state='running' AND (lease_until IS NULL OR lease_until < ?))) "
+                "ORDER BY next_attempt_at, id LIMIT ?"
+            )
+            async with tx.execute(sql, (*sorted(kinds), now, now, limit)) as cur:
+                rows = [Job(*r) for r in await cur.fetchall()]
+            out = []
+            for job in rows:
+                c = core.claim(job.view, now, self.policy)
+                await tx.execute(
+                    "UPDATE replication_jobs SET state='running', lease_until=?, lease_owner=?, "
+                    "updated_at=? WHERE id=?",
+                    (c.lease_until, owner, now, job.id),
+                )
+                out.append(
+                    replace(job, state="running", lease_until=c.lease_until, lease_owner=owner)
+                )
+        return out
+
+    async def renew(self, job: Job) -> bool:
+        """Extend the lease of a job still owned; False if it was lost."""
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE replication_jobs SET lease_until=?, updated_at=? "
+                "WHERE id=? AND lease_owner=? AND state='running'",
+                (now + self.policy.lease_s, now, job.id, job.lease_owner),
+            )
+            return cur.rowcount > 0
+
+    async def complete(
+        self,
+        job: Job,
+        *,
+        nbytes: int = 0,
+        also: Callable[[aiosqlite.Connection], Awaitable[object]] | None = None,
+    ) -> bool:
+        """Mark a job done (conditional on owning it); False if the lease was lost.
+
+        ``also(tx)`` writes in the same transaction (e.g. marking the blob present in R2), so the
+        job's effect and its completion land together or not at all.
+        """
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE replication_jobs SET state='done', lease_until=NULL, last_error=NULL, "
+                "bytes=?, updated_at=? WHERE id=? AND lease_owner=? AND state='running'",
+                (nbytes, now, job.id, job.lease_owner),
+            )
+            if cur.rowcount == 0:
+                return False
+            if also is not None:
+                await also(tx)
+            return True
+
+    async def fail(
+        self, job: Job, error: str, *, retryable: bool = True, throttled: bool = False
+    ) -> core.Retry | core.GiveUp | None:
+        """Record a failed attempt; retry later or give up. None if the lease was lost."""
+        now = self._clock()
+        decision = core.fail(
+            job.view,
+            now,
+            error,
+            min(self._rand(), 0.999999),
+            self.policy,
+            retryable=retryable,
+            throttled=throttled,
+        )
+        return decision if await self._apply(job, decision, now) else None
+
+    async def defer(self, job: Job, delay_s: float, reason: str) -> bool:
+        """Put a job back without counting a failure."""
+        now = self._clock()
+        return await self._apply(job, core.defer(job.view, now, delay_s, reason), now)
+
+    async def _apply(self, job: Job, decision: core.Retry | core.GiveUp, now: float) -> bool:
+        if isinstance(decision, core.Retry):
+            sql = (
+                "UPDATE replication_jobs SET state='queued', lease_until=NULL, lease_owner=NULL, "
+                "attempts=?, next_attempt_at=?, last_error=?, updated_at=? "
+                "WHERE id=? AND lease_owner=? AND state='running'"
+            )
+            args: tuple[object, ...] = (
+                decision.attempts,
+                decision.next_attempt_at,
+                decision.error[:1000],
+                now,
+                job.id,
+                job.lease_owner,
+            )
+        else:
+            sql = (
+                "UPDATE replication_jobs SET state='failed', lease_until=NULL, attempts=?, "
+                "last_error=?, updated_at=? WHERE id=? AND lease_owner=? AND state='running'"
+            )
+            args = (decision.attempts, decision.error[:1000], now, job.id, job.lease_owner)
+        async with self.catalog.transaction() as tx:
+            cur = await tx.execute(sql, args)
+            return cur.rowcount > 0
+
+    async def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+        sql = f"SELECT {_COLS} FROM replication_jobs WHERE id=?"  # noqa: S608
+        async with self.catalog.conn.execute(sql, (job_id,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else Job(*row)
+
+    async def batch(self, batch_id: str) -> list[Job]:
+        """Every job of a batch."""
+        sql = f"SELECT {_COLS} FROM replication_jobs WHERE batch_id=? ORDER BY id"  # noqa: S608
+        async with self.catalog.conn.execute(sql, (batch_id,)) as cur:
+            return [Job(*r) for r in await cur.fetchall()]
+
+    async def next_due(self) -> float | None:
+        """When the next queued job becomes due (None if none is queued)."""
+        sql = (
+            "SELECT MIN(next_attempt_at) FROM replication_jobs WHERE state='queued' "
+            "UNION ALL SELECT MIN(lease_until) FROM replication_jobs WHERE state='running'"
+        )
+        async with self.catalog.conn.execute(sql) as cur:
+            vals = [float(r[0]) for r in await cur.fetchall() if r[0] is not None]
+        return min(vals) if vals else None
+
+    async def open_count(self) -> int:
+        """Jobs queued or running."""
+        sql = "SELECT COUNT(*) FROM replication_jobs WHERE state IN ('queued', 'running')"
+        async with self.catalog.conn.execute(sql) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
 
 async def job_counts(catalog: Catalog) -> dict[str, int]:
@@ -21,4 +283,26 @@ async def recent_jobs(catalog: Catalog, since: float) -> list[Row]:
         "SELECT kind, target, state, attempts, last_error, created_at, updated_at "
         "FROM replication_jobs WHERE state != 'done' OR updated_at > ?",
         (since,),
+    )
+
+
+async def push_backlog(catalog: Catalog) -> tuple[int, int]:
+    """(bytes, count) of the blobs queued or being pushed to R2."""
+    sql = (
+        "SELECT COALESCE(SUM(b.size), 0), COUNT(*) FROM replication_jobs j "
+        "JOIN blobs b ON b.cid = j.target WHERE j.kind='push_blob' "
+        "AND j.state IN ('queued', 'running')"
+    )
+    async with catalog.conn.execute(sql) as cur:
+        row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+async def recent_errors(catalog: Catalog, limit: int = 10) -> list[Row]:
+    """The last jobs that failed an attempt: id, kind, target, attempts, error."""
+    return await named_rows(
+        catalog.conn,
+        "SELECT id, kind, target, attempts, last_error AS error FROM replication_jobs "
+        "WHERE last_error IS NOT NULL ORDER BY updated_at DESC LIMIT ?",
+        (limit,),
     )

@@ -135,10 +135,6 @@ class Rendition:
         """Duration of segment `seq` in seconds."""
         return self.segments[seq].duration / self.timescale
 
-    def segment_start(self, seq: int) -> int:
-        """Presentation time of segment `seq` in timescale ticks."""
-        return self.start + sum(s.duration for s in self.segments[:seq])
-
     @property
     def duration_seconds(self) -> float:
         """Total duration of the rendition in seconds."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Mapping
 
+from peerd.errors import MediaError
+
 _CONTAINERS = frozenset({b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf", b"mvex"})
 
 
-class BoxError(ValueError):
+class BoxError(MediaError):
     """The bytes are not a well-formed sequence of ISO-BMFF boxes."""
 
 

@@ -39,6 +39,15 @@ from typing import Any
 import aiosqlite
 
 from peerd.catalog import Catalog
+from peerd.catalog.media import (
+    init_cid,
+    is_referenced,
+    media_from,
+    media_manifest,
+    record_media,
+    record_produced,
+    segment_cid,
+)
 from peerd.core import manifest as mf
 from peerd.core.ids import Cid
 from peerd.errors import MediaError, NotFound, PeerdError
@@ -357,11 +366,7 @@ class Ingestor:
             st = await asyncio.to_thread(path.stat)
         except OSError:
             return None
-        sig = f"{st.st_size}:{st.st_mtime_ns}"
-        sql = "SELECT media_id FROM media WHERE source_path=? AND source_sig=?"
-        async with self.catalog.conn.execute(sql, (str(path), sig)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else Cid(str(row[0]))
+        return await media_from(self.catalog, str(path), f"{st.st_size}:{st.st_mtime_ns}")
 
     async def _commit(
         self,
@@ -373,9 +378,6 @@ class Ingestor:
         batch: BlobBatch,
         added: _Added,
     ) -> None:
-        data = mf.encode(m)
-        now = time.time()
-        duration = max(r.duration_seconds for r in m.renditions)
         async with self._commit_lock:
             # Under the lock, so a cleanup of another job cannot delete a blob this batch
             # found already held between the batch commit and the media rows.
@@ -385,64 +387,20 @@ class Ingestor:
             # cleanup must see these blobs) or discards them all (then deleting them is a no-op).
             added.cids = batch.new
             await batch.commit()
-            await self._commit_media(m, data, now, duration, media_id, path, info, title)
-
-    async def _commit_media(
-        self,
-        m: mf.Manifest,
-        data: bytes,
-        now: float,
-        duration: float,
-        media_id: Cid,
-        path: Path,
-        info: Any,
-        title: str | None,
-    ) -> None:
-        async with self.catalog.transaction() as tx:
-            cur = await tx.execute("SELECT 1 FROM media WHERE media_id=?", (media_id,))
-            exists = await cur.fetchone() is not None
-            if exists:
-                # Same content again: remember where it came from so an unchanged file is
-                # skipped next time; nothing else changes.
-                await tx.execute(
-                    "UPDATE media SET source_path=?, source_sig=? WHERE media_id=?",
-                    (str(path), info.signature, media_id),
+            async with self.catalog.transaction() as tx:
+                # Same content again: only where it came from is remembered (an unchanged file
+                # is skipped next time); the hooks ran when it was new.
+                new = await record_media(
+                    tx,
+                    media_id,
+                    mf.encode(m),
+                    m,
+                    time.time(),
+                    title=title or path.stem,
+                    source=(str(path), info.signature),
                 )
-                return
-            await tx.execute(
-                "INSERT INTO media(media_id, title, source_path, source_sig, manifest, duration_s,"
-                " created_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                (media_id, title or path.stem, str(path), info.signature, data, duration, now),
-            )
-            for pos, r in enumerate(m.renditions):
-                await tx.execute(
-                    "INSERT INTO renditions(media_id, rendition_id, position, kind, container,"
-                    " codecs, bandwidth, width, height, init_cid, produced)"
-                    " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        media_id,
-                        r.id,
-                        pos,
-                        r.kind,
-                        m.container,
-                        r.codecs,
-                        r.bandwidth,
-                        r.width,
-                        r.height,
-                        r.init,
-                        0 if r.on_demand else 1,
-                    ),
-                )
-                await tx.executemany(
-                    "INSERT INTO segments(media_id, rendition_id, seq, duration_s, cid)"
-                    " VALUES(?, ?, ?, ?, ?)",
-                    [
-                        (media_id, r.id, seq, r.segment_seconds(seq), s.cid)
-                        for seq, s in enumerate(r.segments)
-                    ],
-                )
-            for hook in self.commit_hooks:
-                await hook(tx, m, media_id)
+                for hook in self.commit_hooks if new else ():
+                    await hook(tx, m, media_id)
 
     async def _cleanup(self, cids: list[Cid]) -> None:
         """Delete blobs this job added that no catalog row references."""
@@ -451,13 +409,8 @@ class Ingestor:
         removed = 0
         async with self._commit_lock:
             for cid in reversed(cids):
-                sql = (
-                    "SELECT 1 FROM segments WHERE cid=? UNION ALL "
-                    "SELECT 1 FROM renditions WHERE init_cid=? LIMIT 1"
-                )
-                async with self.catalog.conn.execute(sql, (cid, cid)) as cur:
-                    if await cur.fetchone() is not None:
-                        continue
+                if await is_referenced(self.catalog, cid):
+                    continue
                 await self.store.delete(cid)
                 removed += 1
         log.info("removed blobs of a failed ingest", extra={"blobs": removed})
@@ -466,14 +419,10 @@ class Ingestor:
 
     async def load_manifest(self, media_id: str) -> mf.Manifest:
         """The manifest of a media item in the catalog; NotFound if there is none."""
-        async with self.catalog.conn.execute(
-            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        data = await media_manifest(self.catalog, media_id)
+        if data is None:
             raise NotFound(f"no media {media_id}")
-        raw = row[0]
-        return mf.decode(raw if isinstance(raw, bytes | str) else bytes(raw))
+        return mf.decode(data)
 
     async def produce_init(self, media_id: str, rendition_id: str) -> Cid:
         """The init segment of an fMP4 rendition, producing segment 0 first if needed."""
@@ -484,14 +433,10 @@ class Ingestor:
         if m.container != "fmp4":
             raise NotFound(f"{media_id}/{rendition_id}: MPEG-TS renditions have no init segment")
         await self.produce_segment(media_id, rendition_id, 0)
-        async with self.catalog.conn.execute(
-            "SELECT init_cid FROM renditions WHERE media_id=? AND rendition_id=?",
-            (media_id, rendition_id),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
+        cid = await init_cid(self.catalog, media_id, rendition_id)
+        if cid is None:
             raise MediaError(f"{media_id}/{rendition_id}: init segment was not produced")
-        return Cid(str(row[0]))
+        return cid
 
     async def produce_segment(self, media_id: str, rendition_id: str, seq: int) -> Cid:
         """Segment `seq` of a rendition: its blob id, transcoding it first if not yet produced.
@@ -529,13 +474,9 @@ class Ingestor:
         pinned = r.segments[seq].cid
         if pinned is not None:
             return Cid(pinned)
-        async with self.catalog.conn.execute(
-            "SELECT cid FROM segments WHERE media_id=? AND rendition_id=? AND seq=?",
-            (media_id, rendition_id, seq),
-        ) as cur:
-            row = await cur.fetchone()
-        if row is not None and row[0] is not None and await self.store.has(Cid(str(row[0]))):
-            return Cid(str(row[0]))
+        known = await segment_cid(self.catalog, media_id, rendition_id, seq)
+        if known is not None and await self.store.has(known):
+            return known
         started = time.monotonic()
         out = await self._derive(m, media_id, r, seq)
         seconds = r.segment_seconds(seq)
@@ -546,21 +487,11 @@ class Ingestor:
                 extra={"media_id": media_id, "rendition": rendition_id, "seq": seq, "bps": rate},
             )
         async with self._commit_lock:
-            init_cid = None
+            init = None
             if out.init is not None:
-                init_cid = await self.store.put(out.init, kind="init")
+                init = await self.store.put(out.init, kind="init")
             cid = await self.store.put(out.data, kind="segment")
-            async with self.catalog.transaction() as tx:
-                await tx.execute(
-                    "UPDATE segments SET cid=? WHERE media_id=? AND rendition_id=? AND seq=?",
-                    (cid, media_id, rendition_id, seq),
-                )
-                if init_cid is not None:
-                    await tx.execute(
-                        "UPDATE renditions SET init_cid=? WHERE media_id=? AND rendition_id=?"
-                        " AND init_cid IS NULL",
-                        (init_cid, media_id, rendition_id),
-                    )
+            await record_produced(self.catalog, media_id, rendition_id, seq, cid, init)
         if self.metrics is not None:
             self.metrics.on_demand.inc()
         log.info(

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate
 
+from peerd.errors import MediaError
+
 VIDEO_ENTRIES = frozenset({b"avc1", b"hvc1", b"hev1"})
 AUDIO_ENTRIES = frozenset({b"mp4a", b"Opus"})
 TIMESCALE = 90_000
@@ -58,8 +60,10 @@ _SYNC_FLAGS = 0x02000000  # sample_depends_on = 2 (an I picture)
 _NON_SYNC_FLAGS = 0x01010000  # depends on others, sample_is_non_sync_sample
 
 
-class Unsupported(Exception):
-    """This file cannot be remuxed natively (the reason is the message); use the PyAV path."""
+class Unsupported(MediaError):
+    """This file cannot be remuxed natively (the reason is the message); use the PyAV path.
+
+    :mod:`peerd.media.remux` catches it and falls back; it reaches nobody else."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from peerd.catalog.media import locate_blob
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer
 from peerd.errors import NotFound, UpstreamError
@@ -34,16 +35,7 @@ class TranscodeSource:
 
     async def _locate(self, cid: Cid) -> tuple[str, str, int] | None:
         """(media id, rendition id, seq) of a derived blob; seq -1 for an init segment."""
-        conn = self.ingestor.catalog.conn
-        sql = (
-            "SELECT media_id, rendition_id, seq FROM segments WHERE cid=? "
-            "ORDER BY media_id, rendition_id, seq"
-        )
-        async with conn.execute(sql, (cid,)) as cur:
-            rows = [(str(r[0]), str(r[1]), int(r[2])) for r in await cur.fetchall()]
-        sql = "SELECT media_id, rendition_id FROM renditions WHERE init_cid=? ORDER BY media_id"
-        async with conn.execute(sql, (cid,)) as cur:
-            rows += [(str(r[0]), str(r[1]), -1) for r in await cur.fetchall()]
+        rows = await locate_blob(self.ingestor.catalog, cid)
         for media_id, rendition_id, seq in rows:
             m = await self.ingestor.load_manifest(media_id)
             r = next((x for x in m.renditions if x.id == rendition_id), None)

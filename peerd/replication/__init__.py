@@ -4,8 +4,8 @@ The node's R2 bucket is the hot tier. This package holds
 
 - :mod:`.r2` -- the S3 client configured for R2 (checksums, key layout, read retries); every
   request goes through :mod:`.s3http` (one aiohttp session, SigV4 from botocore's signer);
-- :mod:`.outbox` -- durable jobs in SQLite (decisions in :mod:`peerd.core.outbox`);
-- :mod:`.service` -- :class:`Replicator`: outbox workers, promote/demote/pull, last-copy upload;
+- :mod:`.service` -- :class:`Replicator`: workers of the durable outbox
+  (:mod:`peerd.catalog.outbox`), promote/demote/pull, last-copy upload;
 - :mod:`.source` -- :class:`R2Source`, R2 as a delivery source (read-through);
 - :mod:`.tiering` -- :class:`TieringService`: access folding, policy, local eviction;
 - :mod:`.cli` -- ``peerd replicate push|pull|status``.

@@ -82,36 +82,27 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _push(args: argparse.Namespace, settings: Settings) -> int:
+    from peerd.catalog.media import media_not_in_r2
+    from peerd.catalog.outbox import job_counts, push_backlog
+
     rt, rep = await _open(settings)
     try:
         media = list(args.media)
         if not media:
-            async with rt.catalog.conn.execute(
-                "SELECT media_id FROM media WHERE r2_state != 'present'"
-            ) as cur:
-                media = [str(r[0]) for r in await cur.fetchall()]
+            media = await media_not_in_r2(rt.catalog)
         for m in media:
             await rep.promote_media(m)
         if not args.media:
-            async with rt.catalog.conn.execute(
-                "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present'"
-            ) as cur:
-                stray = [str(r[0]) for r in await cur.fetchall()]
+            stray: list[str] = list(await rt.catalog.not_in_r2())
             await rep.outbox.enqueue_many("push_blob", stray)
-        async with rt.catalog.conn.execute(
-            "SELECT COALESCE(SUM(b.size), 0), COUNT(*) FROM replication_jobs j "
-            "JOIN blobs b ON b.cid = j.target WHERE j.kind='push_blob' "
-            "AND j.state IN ('queued', 'running')"
-        ) as cur:
-            row = await cur.fetchone()
-        total, count = (int(row[0]), int(row[1])) if row else (0, 0)
+        total, count = await push_backlog(rt.catalog)
         bar = _bar(total, f"push {count} blobs", args.no_progress)
         rep.on_progress = bar.update
         started = time.monotonic()
         await rep.run_until_idle()
         bar.close()
         elapsed = time.monotonic() - started
-        counts = await rep.outbox.counts()
+        counts = await job_counts(rt.catalog)
         print(
             f"pushed {bar.n} bytes in {elapsed:.1f} s "
             f"({bar.n / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
@@ -173,7 +164,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog import Catalog
-    from peerd.replication.outbox import Outbox
+    from peerd.catalog.media import media_by_r2_state
+    from peerd.catalog.outbox import Outbox, job_counts, recent_errors
+    from peerd.catalog.usage import usage_since
 
     if not settings.catalog_path.exists():
         print(f"no node at {settings.state_dir} (run `peerd init`)", file=sys.stderr)
@@ -186,32 +179,15 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 
             info: dict[str, Any] = await Replicator.job_status_of(outbox, args.batch)
         else:
-            info = {"configured": settings.r2.configured, "jobs": await outbox.counts()}
-            for table in ("blobs", "media"):
-                size = "SUM(size)" if table == "blobs" else "COUNT(*)"
-                sql = f"SELECT r2_state, COUNT(*), {size} FROM {table} GROUP BY r2_state"  # noqa: S608
-                async with cat.conn.execute(sql) as cur:
-                    info[f"{table}_by_r2_state"] = {
-                        str(r[0]): {"count": int(r[1]), "bytes": int(r[2] or 0)}
-                        if table == "blobs"
-                        else int(r[1])
-                        for r in await cur.fetchall()
-                    }
             month = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-01")
-            async with cat.conn.execute(
-                "SELECT label, SUM(value) FROM usage WHERE metric='r2_requests' AND day >= ? "
-                "GROUP BY label",
-                (month,),
-            ) as cur:
-                info["requests_this_month"] = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
-            async with cat.conn.execute(
-                "SELECT id, kind, target, attempts, last_error FROM replication_jobs "
-                "WHERE last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 10"
-            ) as cur:
-                info["recent_errors"] = [
-                    {"id": r[0], "kind": r[1], "target": r[2], "attempts": r[3], "error": r[4]}
-                    for r in await cur.fetchall()
-                ]
+            info = {
+                "configured": settings.r2.configured,
+                "jobs": await job_counts(cat),
+                "blobs_by_r2_state": await cat.blobs_by_r2_state(),
+                "media_by_r2_state": await media_by_r2_state(cat),
+                "requests_this_month": await usage_since(cat, "r2_requests", month),
+                "recent_errors": await recent_errors(cat),
+            }
     finally:
         await cat.close()
     if args.json:

@@ -39,7 +39,10 @@ Query = tuple[tuple[str, str], ...]
 
 
 class HttpStatusError(Exception):
-    """A non-success answer: ``status`` and S3's error ``code`` (from the XML body, if any)."""
+    """A non-success answer: ``status`` and S3's error ``code`` (from the XML body, if any).
+
+    Internal to the R2 client, hence not under ``PeerdError``: :mod:`peerd.replication.r2` turns
+    it into an :class:`~peerd.replication.r2.R2Error` before anything else sees it."""
 
     def __init__(self, status: int, code: str, op: str, key: str) -> None:
         super().__init__(f"R2 {op} {key} failed: {status} {code}".strip())
@@ -48,7 +51,9 @@ class HttpStatusError(Exception):
 
 
 class LocalMismatch(Exception):
-    """The local file did not hash to what the request promised; the upload was cut short."""
+    """The local file did not hash to what the request promised; the upload was cut short.
+
+    Internal to the R2 client like :class:`HttpStatusError` (it becomes an ``R2Error``)."""
 
 
 def sse_headers(key: bytes | None) -> dict[str, str]:

@@ -35,23 +35,24 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from peerd.core.ids import Cid, cid_of, digest_of
+from peerd.catalog import Catalog
+from peerd.catalog.media import media_manifest, r2_users, set_media_r2
+from peerd.catalog.outbox import Job, Outbox, enqueue_in
+from peerd.core.ids import Cid, digest_of
 from peerd.core.manifest import decode
 from peerd.core.multipart import b64_digest
 from peerd.core.outbox import RetryPolicy
+from peerd.delivery.pull import Progress, PullReport, pull_media
 from peerd.errors import IntegrityError, NotFound, PeerdError
 from peerd.replication.metrics import R2Metrics, r2_metrics
-from peerd.replication.outbox import Job, Outbox
 from peerd.replication.r2 import AlreadyExists, R2Client, R2Error, blob_key, manifest_key
+from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
-
-Progress = Callable[[int], None]
 
 
 class JobFailed(PeerdError):
@@ -60,37 +61,17 @@ class JobFailed(PeerdError):
     code = "replication_failed"
 
 
-class Deferred(Exception):
-    """A job must wait for others (not a failure)."""
+class Deferred(Exception):  # noqa: N818 (a signal, not an error)
+    """A job must wait for others (not a failure).
+
+    An internal control-flow signal, not an error: raised by a job and caught in
+    :meth:`Replicator.execute`, it never leaves this module, hence not under ``PeerdError``.
+    """
 
     def __init__(self, reason: str, delay_s: float = 2.0) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
-
-
-@dataclass(frozen=True)
-class PullReport:
-    """What a pull did."""
-
-    media_id: str
-    blobs: int
-    fetched: int
-    bytes: int
-    recorded: bool
-
-
-async def gather_all(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``coros`` together; on the first failure cancel the rest and raise that error."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            for c in coros:
-                tg.create_task(c)
-    except BaseExceptionGroup as eg:
-        first = eg.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
 
 
 def policy_from_settings(rt: Runtime) -> RetryPolicy:
@@ -300,23 +281,16 @@ class Replicator:
             await self.outbox.complete(job)
             return
         sent = await self.upload_blob(cid)
-        await self.outbox.complete(job, nbytes=sent, also=[self._mark_present_sql(cid)])
-
-    def _mark_present_sql(self, cid: str) -> tuple[str, tuple[object, ...]]:
-        return (
-            "UPDATE blobs SET r2_state='present', r2_checked_at=? WHERE cid=?",
-            (self._clock(), cid),
+        now = self._clock()
+        await self.outbox.complete(
+            job, nbytes=sent, also=lambda tx: Catalog.set_blob_r2(tx, cid, "present", now)
         )
 
     async def _media_manifest(self, media_id: str) -> bytes:
-        async with self.rt.catalog.conn.execute(
-            "SELECT manifest FROM media WHERE media_id=?", (media_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
+        data = await media_manifest(self.rt.catalog, media_id)
+        if data is None:
             raise NotFound(f"media {media_id} is not in the catalog")
-        m = row[0]
-        return m.encode() if isinstance(m, str) else bytes(m)
+        return data
 
     async def _job_push_manifest(self, job: Job) -> None:
         media_id = job.target
@@ -345,14 +319,7 @@ class Replicator:
             raise R2Error(f"manifest {media_id} in R2 did not verify")
         now = self._clock()
         await self.outbox.complete(
-            job,
-            nbytes=len(data),
-            also=[
-                (
-                    "UPDATE media SET r2_state='present', r2_since=? WHERE media_id=?",
-                    (now, media_id),
-                )
-            ],
+            job, nbytes=len(data), also=lambda tx: set_media_r2(tx, media_id, "present", now)
         )
 
     async def push_blob(self, cid: Cid) -> int:
@@ -370,14 +337,9 @@ class Replicator:
         if missing:
             raise JobFailed(f"media {media_id} lacks {len(missing)} blob rows; cannot promote")
         batch = "p-" + secrets.token_hex(8)
-        from peerd.replication.outbox import enqueue_in
-
         now = self._clock()
         async with self.rt.catalog.transaction() as tx:
-            await tx.execute(
-                "UPDATE media SET r2_state='queued' WHERE media_id=? AND r2_state != 'present'",
-                (media_id,),
-            )
+            await set_media_r2(tx, media_id, "queued", now)
             for c in cids:
                 if rows[Cid(c)].r2_state != "present":
                     await enqueue_in(tx, "push_blob", c, now, batch_id=batch)
@@ -391,11 +353,10 @@ class Replicator:
         """Queue removal of a media item from R2 (see the module doc); returns the batch id."""
         await self._media_manifest(media_id)
         batch = "d-" + secrets.token_hex(8)
-        from peerd.replication.outbox import enqueue_in
-
+        now = self._clock()
         async with self.rt.catalog.transaction() as tx:
-            await tx.execute("UPDATE media SET r2_state='deleting' WHERE media_id=?", (media_id,))
-            await enqueue_in(tx, "delete_manifest", media_id, self._clock(), batch_id=batch)
+            await set_media_r2(tx, media_id, "deleting", now)
+            await enqueue_in(tx, "delete_manifest", media_id, now, batch_id=batch)
         self.wake()
         return batch
 
@@ -405,45 +366,24 @@ class Replicator:
         # The manifest goes first: without it nobody starts pulling a half-deleted item.
         await self.client.delete(manifest_key(media_id))
         cids = list(decode(data).blob_cids())
-        from peerd.replication.outbox import enqueue_in
-
         now = self._clock()
         async with self.rt.catalog.transaction() as tx:
             for c in cids:
                 await enqueue_in(tx, "delete_blob", c, now, batch_id=job.batch_id)
-        await self.outbox.complete(
-            job,
-            also=[
-                (
-                    "UPDATE media SET r2_state='none', r2_since=NULL "
-                    "WHERE media_id=? AND r2_state='deleting'",
-                    (media_id,),
-                )
-            ],
-        )
+        await self.outbox.complete(job, also=lambda tx: set_media_r2(tx, media_id, "none", now))
         self.wake()
 
     async def _job_delete_blob(self, job: Job) -> None:
         cid = job.target
         # Shared by another media item still wanted in R2? Then it stays.
-        sql = (
-            "SELECT COUNT(*) FROM segments s JOIN media m ON m.media_id = s.media_id "
-            "WHERE s.cid=? AND m.r2_state IN ('queued', 'present') "
-            "UNION ALL SELECT COUNT(*) FROM renditions r JOIN media m ON m.media_id = r.media_id "
-            "WHERE r.init_cid=? AND m.r2_state IN ('queued', 'present')"
-        )
-        async with self.rt.catalog.conn.execute(sql, (cid, cid)) as cur:
-            users = sum(int(r[0]) for r in await cur.fetchall())
-        if users:
+        if await r2_users(self.rt.catalog, cid):
             await self.outbox.complete(job)
             return
+        now = self._clock()
         async with self.rt.catalog.transaction() as tx:
-            cur = await tx.execute(
-                "UPDATE blobs SET r2_state='deleting' WHERE cid=? AND local_state='present' "
-                "AND r2_state != 'none'",
-                (cid,),
+            marked = await Catalog.set_blob_r2(
+                tx, cid, "deleting", now, only_from=("queued", "present", "deleting"), held=True
             )
-            marked = cur.rowcount > 0
         if not marked:
             row = await self.rt.catalog.get_blob(cid)
             if row is not None and row.r2_state != "none" and row.local_state != "present":
@@ -451,91 +391,37 @@ class Replicator:
             await self.outbox.complete(job)
             return
         await self.client.delete(blob_key(cid))
-        await self.outbox.complete(
-            job,
-            also=[("UPDATE blobs SET r2_state='none', r2_checked_at=NULL WHERE cid=?", (cid,))],
-        )
+        await self.outbox.complete(job, also=lambda tx: Catalog.set_blob_r2(tx, cid, "none", now))
 
     # -- pull --------------------------------------------------------------------------------------
 
-    async def enqueue_pull(self, media_id: str) -> int:
-        """Queue a durable pull of a media item (resumed after restarts); returns the job id."""
-        job_id = await self.outbox.enqueue("pull_media", media_id)
-        self.wake()
-        return job_id
-
     async def pull_media(self, media_id: str, progress: Progress | None = None) -> PullReport:
         """Fetch a media item from R2 into the local store (see the module doc)."""
-        data = await self.client.get_bytes(manifest_key(media_id))
-        if data is None:
-            raise NotFound(f"media {media_id} is not in R2")
-        if cid_of(data) != media_id:
-            raise IntegrityError(f"manifest of {media_id} in R2 does not hash to its id")
-        manifest = decode(data)
-        inits = {r.init for r in manifest.renditions if r.init}
-        cids = [Cid(c) for c in manifest.blob_cids()]
-        sem = asyncio.Semaphore(self.concurrency)
-        fetched = 0
-        nbytes = 0
 
-        async def one(cid: Cid) -> None:
-            nonlocal fetched, nbytes
-            if await self.rt.store.has(cid):
-                row = await self.rt.catalog.get_blob(cid)
-                if progress is not None and row is not None:
-                    progress(row.size)
-                return
-            async with sem:
-                got = await self.client.open(blob_key(cid))
-                if got is None:
-                    raise JobFailed(f"blob {cid} of media {media_id} is missing in R2")
-                size, chunks = got
+        async def manifest() -> bytes:
+            data = await self.client.get_bytes(manifest_key(media_id))
+            if data is None:
+                raise NotFound(f"media {media_id} is not in R2")
+            return data
 
-                async def counted() -> Any:
-                    async for c in chunks:
-                        if progress is not None:
-                            progress(len(c))
-                        yield c
-
-                try:
-                    await self.rt.store.put_stream(
-                        counted(),
-                        expected=cid,
-                        kind="init" if cid in inits else "segment",
-                        max_size=size,
-                    )
-                finally:
-                    await chunks.aclose()
-                fetched += 1
-                nbytes += size
-                self.metrics.bytes.labels(direction="down").inc(size)
-
-        await gather_all([one(c) for c in cids])
-        from peerd.replication.media import record_media
-
-        now = self._clock()
-        async with self.rt.catalog.transaction() as tx:
-            for i in range(0, len(cids), 500):
-                part = cids[i : i + 500]
-                marks = ",".join("?" * len(part))
-                await tx.execute(
-                    f"UPDATE blobs SET r2_state='present', r2_checked_at=? "  # noqa: S608
-                    f"WHERE cid IN ({marks}) AND r2_state != 'deleting'",
-                    (now, *part),
-                )
-            recorded = await record_media(tx, media_id, data, manifest, now)
-        return PullReport(media_id, len(cids), fetched, nbytes, recorded)
+        report = await pull_media(
+            self.rt.catalog,
+            self.rt.store,
+            media_id,
+            manifest,
+            R2Source(self.client),
+            concurrency=self.concurrency,
+            progress=progress,
+            in_r2=True,
+        )
+        self.metrics.bytes.labels(direction="down").inc(report.bytes)
+        return report
 
     # -- drain support -----------------------------------------------------------------------------
 
     async def upload_last_copies(self, deadline_s: float) -> int:
         """Push local blobs R2 lacks, until ``deadline_s`` runs out; returns how many made it."""
-        sql = (
-            "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present' "
-            "ORDER BY access_score DESC"
-        )
-        async with self.rt.catalog.conn.execute(sql) as cur:
-            cids = [Cid(str(r[0])) for r in await cur.fetchall()]
+        cids = await self.rt.catalog.not_in_r2()
         done = 0
         queue = list(reversed(cids))
 
@@ -548,9 +434,8 @@ class Replicator:
                 except PeerdError as exc:
                     log.info("last-copy upload failed", extra={"cid": cid, "error": exc.message})
                     continue
-                sql, args = self._mark_present_sql(cid)
                 async with self.rt.catalog.transaction() as tx:
-                    await tx.execute(sql, args)
+                    await Catalog.set_blob_r2(tx, cid, "present", self._clock())
                 done += 1
 
         try:

@@ -65,8 +65,4 @@ class R2Source:
     async def _confirm(self, cid: str) -> None:
         assert self.catalog is not None
         async with self.catalog.transaction() as tx:
-            await tx.execute(
-                "UPDATE blobs SET r2_state='present', r2_checked_at=? "
-                "WHERE cid=? AND r2_state IN ('none', 'queued')",
-                (time.time(), cid),
-            )
+            await Catalog.set_blob_r2(tx, cid, "present", time.time(), only_from=("none", "queued"))

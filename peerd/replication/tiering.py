@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from peerd.catalog import Catalog
+from peerd.catalog.media import media_blob_rows
+from peerd.catalog.usage import add_usage, usage_since
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
     BlobStat,
@@ -47,24 +50,6 @@ from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
-
-_MEDIA_BLOBS = (
-    "SELECT m.media_id, m.r2_state, m.r2_since, b.cid, b.size, b.access_score, b.last_access, "
-    "b.local_state FROM media m JOIN ("
-    "  SELECT media_id, cid FROM segments WHERE cid IS NOT NULL"
-    "  UNION SELECT media_id, init_cid FROM renditions WHERE init_cid IS NOT NULL"
-    ") x ON x.media_id = m.media_id JOIN blobs b ON b.cid = x.cid"
-)
-
-_EVICTABLE = (
-    "SELECT b.cid, b.size, b.access_score, b.last_access FROM blobs b "
-    "WHERE b.local_state='present' AND b.r2_state='present' AND b.pinned=0 "
-    "AND NOT EXISTS (SELECT 1 FROM segments s JOIN media m ON m.media_id = s.media_id "
-    "  WHERE s.cid = b.cid AND m.pinned = 1) "
-    "AND NOT EXISTS (SELECT 1 FROM renditions r JOIN media m ON m.media_id = r.media_id "
-    "  WHERE r.init_cid = b.cid AND m.pinned = 1) "
-    "ORDER BY b.access_score LIMIT ?"
-)
 
 
 @dataclass(frozen=True)
@@ -156,36 +141,18 @@ class TieringService:
                 continue
             score = fold(row.access_score, row.last_access, float(st.bytes), st.last, hl)
             updates.append((score, st.last, cid))
-        async with self.rt.catalog.transaction() as tx:
-            await tx.executemany(
-                "UPDATE blobs SET access_score=?, last_access=? WHERE cid=?", updates
-            )
+        await self.rt.catalog.set_access(updates)
         return len(updates)
 
     async def account_requests(self, now: float) -> BudgetVerdict:
         """Persist request counts; what this month's counts allow (see the module doc)."""
         a, b = self.replicator.metrics.take_pending()
         day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
-        async with self.rt.catalog.transaction() as tx:
-            for label, n in (("class_a", a), ("class_b", b)):
-                if n:
-                    await tx.execute(
-                        "INSERT INTO usage(day, metric, label, value) "
-                        "VALUES(?, 'r2_requests', ?, ?) ON CONFLICT(day, metric, label) "
-                        "DO UPDATE SET value = value + excluded.value",
-                        (day, label, n),
-                    )
-        used = {"class_a": 0, "class_b": 0}
-        async with self.rt.catalog.conn.execute(
-            "SELECT label, COALESCE(SUM(value), 0) FROM usage WHERE metric='r2_requests' "
-            "AND label IN ('class_a', 'class_b') AND day >= ? GROUP BY label",
-            (day[:8] + "01",),
-        ) as cur:
-            for label, value in await cur.fetchall():
-                used[str(label)] = int(value)
+        await add_usage(self.rt.catalog, day, "r2_requests", {"class_a": a, "class_b": b})
+        used = await usage_since(self.rt.catalog, "r2_requests", day[:8] + "01")
         return request_budget(
-            used["class_a"],
-            used["class_b"],
+            used.get("class_a", 0),
+            used.get("class_b", 0),
             self.cfg.budget_class_a_per_month,
             self.cfg.budget_class_b_per_month,
         )
@@ -196,13 +163,12 @@ class TieringService:
         acc: dict[str, list[float]] = {}
         info: dict[str, tuple[str, float | None]] = {}
         complete: dict[str, bool] = {}
-        async with self.rt.catalog.conn.execute(_MEDIA_BLOBS) as cur:
-            for mid, state, since, _cid, size, score, last, local in await cur.fetchall():
-                a = acc.setdefault(mid, [0.0, 0.0])
-                a[0] += size
-                a[1] += decayed(score, last, now, hl)
-                info[mid] = (state, since)
-                complete[mid] = complete.get(mid, True) and local == "present"
+        for mid, state, since, nbytes, score, last, local in await media_blob_rows(self.rt.catalog):
+            a = acc.setdefault(mid, [0.0, 0.0])
+            a[0] += nbytes
+            a[1] += decayed(score, last, now, hl)
+            info[mid] = (state, since)
+            complete[mid] = complete.get(mid, True) and local == "present"
         out = []
         for mid, (size, score) in acc.items():
             state, since = info[mid]
@@ -228,11 +194,10 @@ class TieringService:
         if not quota or store.used_bytes <= high * quota:
             return 0, 0
         hl = self.cfg.access_half_life_s
-        async with self.rt.catalog.conn.execute(_EVICTABLE, (20_000,)) as cur:
-            blobs = [
-                BlobStat(str(c), int(s), decayed(sc, la, now, hl), la, True, False)
-                for c, s, sc, la in await cur.fetchall()
-            ]
+        blobs = [
+            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False)
+            for c, s, sc, la in await self.rt.catalog.evictable(20_000)
+        ]
         plan = plan_eviction(blobs, store.used_bytes, quota, high=high, low=low)
         evicted = refused = 0
         for ev in plan:
@@ -245,41 +210,12 @@ class TieringService:
                 log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})
                 continue
             if confirmed:
-                if await self.evict_replicated(cid):
+                if await store.evict_local(cid, replicated=True):
                     evicted += 1
                 continue
             refused += 1
             log.warning("R2 copy did not verify; not evicting", extra={"cid": cid})
             async with self.rt.catalog.transaction() as tx:
-                await tx.execute(
-                    "UPDATE blobs SET r2_state='none', r2_checked_at=NULL "
-                    "WHERE cid=? AND r2_state='present'",
-                    (cid,),
-                )
+                await Catalog.set_blob_r2(tx, cid, "none", now, only_from=("present",))
             await self.replicator.push_blob(cid)
         return evicted, refused
-
-    async def evict_replicated(self, cid: Cid) -> bool:
-        """Drop the local copy only if the row still says R2 has it and it is not pinned.
-
-        The row changes first (conditionally, in one transaction), then the file goes, as
-        ``BlobStore.evict_local`` does; a crash in between leaves an orphan file that start-up
-        recovery removes.
-        """
-        row = await self.rt.catalog.get_blob(cid)
-        if row is None:
-            return False
-        async with self.rt.catalog.transaction() as tx:
-            cur = await tx.execute(
-                "UPDATE blobs SET local_state='absent' WHERE cid=? AND local_state='present' "
-                "AND r2_state='present' AND pinned=0",
-                (cid,),
-            )
-            changed = cur.rowcount > 0
-        if not changed:
-            return False
-        path = self.rt.store.path_for(cid)
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        self.rt.store.used_bytes -= row.size
-        self.rt.store.count -= 1
-        return True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd.catalog import Catalog
+from peerd.catalog.media import dangling_segments, manifests
 from peerd.core.ids import Cid, Hasher, cid_of, digest_of, is_cid, shard_of
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull
 
@@ -320,22 +321,26 @@ class BlobStore:
             self.count -= 1
         return existed
 
-    async def evict_local(self, cid: Cid) -> None:
-        """Drop the local copy but keep the row as ``absent`` (the blob lives elsewhere, e.g. R2).
+    async def evict_local(self, cid: Cid, *, replicated: bool = False) -> bool:
+        """Drop the local copy but keep the row as ``absent`` (the blob lives elsewhere, e.g. R2);
+        True if it was dropped.
 
-        The row is updated first, so a crash leaves at worst an orphan file, never a row
-        claiming a file that is gone.
+        With ``replicated``, only while the row says R2 holds it and nothing pins it, checked in
+        the write itself (:meth:`Catalog.evict_row`): the last copy never leaves. The row is
+        updated first, so a crash leaves at worst an orphan file, never a row claiming a file
+        that is gone.
         """
         row = await self.catalog.get_blob(cid)
         if row is None or row.local_state != "present":
-            return
-        await self.catalog.mark_absent([cid])
-        try:
-            await asyncio.to_thread(self.path_for(cid).unlink)
-        except FileNotFoundError:
-            pass
+            return False
+        if not replicated:
+            await self.catalog.mark_absent([cid])
+        elif not await self.catalog.evict_row(cid):
+            return False
+        await asyncio.to_thread(self.path_for(cid).unlink, missing_ok=True)
         self.used_bytes -= row.size
         self.count -= 1
+        return True
 
     # -- recovery and verification ----------------------------------------------------------------
 
@@ -401,18 +406,10 @@ class BlobStore:
             if progress is not None:
                 progress(len(batch))
         report.orphans = sorted(n for n in files if n not in seen)
-        sql = (
-            "SELECT s.media_id, s.rendition_id, s.seq, s.cid FROM segments s "
-            "LEFT JOIN blobs b ON b.cid = s.cid WHERE s.cid IS NOT NULL AND b.cid IS NULL"
-        )
-        async with self.catalog.conn.execute(sql) as cur:
-            for m, r, seq, cid in await cur.fetchall():
-                report.dangling_segments.append(f"{m}/{r}/{seq} -> {cid}")
-        async with self.catalog.conn.execute("SELECT media_id, manifest FROM media") as cur:
-            for media_id, manifest in await cur.fetchall():
-                data = manifest.encode() if isinstance(manifest, str) else bytes(manifest)
-                if cid_of(data) != media_id:
-                    report.bad_manifests.append(str(media_id))
+        report.dangling_segments = await dangling_segments(self.catalog)
+        async for media_id, data in manifests(self.catalog):
+            if cid_of(data) != media_id:
+                report.bad_manifests.append(media_id)
         return report
 
 

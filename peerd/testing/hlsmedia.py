@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from peerd.catalog.media import record_media
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
 from peerd.runtime import Runtime
 
@@ -145,20 +146,6 @@ async def import_hls(rt: Runtime, hls: HlsDir, *, title: str = "test") -> tuple[
     )
     manifest = Manifest(container="fmp4" if hls.init else "ts", renditions=(rendition,))
     media_id = str(media_id_of(manifest))
-    async with rt.catalog.transaction() as conn:
-        await conn.execute(
-            "INSERT OR IGNORE INTO media (media_id, title, manifest, duration_s, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (media_id, title, encode(manifest), total_ticks / TIMESCALE, time.time()),
-        )
-        await conn.execute(
-            "INSERT OR IGNORE INTO renditions (media_id, rendition_id, position, kind, container,"
-            " codecs, bandwidth, init_cid) VALUES (?, 'v0', 0, 'video', ?, ?, ?, ?)",
-            (media_id, manifest.container, codecs, peak, init_cid),
-        )
-        await conn.executemany(
-            "INSERT OR IGNORE INTO segments (media_id, rendition_id, seq, duration_s, cid) "
-            "VALUES (?, 'v0', ?, ?, ?)",
-            [(media_id, i, s.duration / TIMESCALE, s.cid) for i, s in enumerate(segments)],
-        )
+    async with rt.catalog.transaction() as tx:
+        await record_media(tx, media_id, encode(manifest), manifest, time.time(), title=title)
     return media_id, manifest

@@ -12,6 +12,8 @@ import asyncio
 import time
 from pathlib import Path
 
+from peerd.catalog import Catalog
+from peerd.catalog.media import media_blobs
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.ids import Cid
@@ -43,14 +45,14 @@ async def media_in_bucket_only(
     rt = await open_runtime(load_settings(None, node={"state_dir": state_dir}))
     try:
         media_id = await add_media(rt, clip)
-        async with rt.catalog.conn.execute("SELECT cid FROM blobs") as cur:
-            cids = [Cid(str(r[0])) for r in await cur.fetchall()]
+        cids = await media_blobs(rt.catalog, media_id)
+        async with rt.catalog.transaction() as tx:
+            for cid in cids:
+                await Catalog.set_blob_r2(tx, cid, "present", time.time())
         for cid in cids:
             data = await rt.store.read(cid)
             await asyncio.to_thread(moto.put, bucket, blob_key(cid), data)
             await rt.store.evict_local(cid)
-        async with rt.catalog.transaction() as tx:
-            await tx.execute("UPDATE blobs SET r2_state='present', r2_checked_at=?", (time.time(),))
         await rt.catalog.set_state("clean_shutdown", "1")
         return media_id, cids
     finally:

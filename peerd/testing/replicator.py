@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from peerd.catalog import Catalog
+from peerd.catalog.media import media_blobs, set_media_r2
 from peerd.core.ids import Cid
 from peerd.errors import NotFound
 from peerd.runtime import Runtime
@@ -36,19 +39,11 @@ class FakeReplicator:
         self.r2[cid] = await self.rt.store.read(cid)
         self.uploads.append(cid)
         async with self.rt.catalog.transaction() as tx:
-            await tx.execute("UPDATE blobs SET r2_state='present' WHERE cid=?", (cid,))
-
-    async def _blobs_of(self, media_id: str) -> list[Cid]:
-        sql = (
-            "SELECT init_cid FROM renditions WHERE media_id=? AND init_cid IS NOT NULL "
-            "UNION SELECT cid FROM segments WHERE media_id=? AND cid IS NOT NULL"
-        )
-        async with self.rt.catalog.conn.execute(sql, (media_id, media_id)) as cur:
-            return [Cid(str(r[0])) for r in await cur.fetchall()]
+            await Catalog.set_blob_r2(tx, cid, "present", time.time())
 
     async def promote_media(self, media_id: str) -> str:
         """Upload every blob of the item in a background batch; returns the batch id."""
-        cids = await self._blobs_of(media_id)
+        cids = await media_blobs(self.rt.catalog, media_id)
         self.media[media_id] = cids
 
         async def batch() -> None:
@@ -56,9 +51,7 @@ class FakeReplicator:
                 if c not in self.r2:
                     await self._upload(c)
             async with self.rt.catalog.transaction() as tx:
-                await tx.execute(
-                    "UPDATE media SET r2_state='present' WHERE media_id=?", (media_id,)
-                )
+                await set_media_r2(tx, media_id, "present", time.time())
 
         batch_id = "p-" + secrets.token_hex(8)
         self.batches[batch_id] = asyncio.create_task(batch())
@@ -89,9 +82,7 @@ class FakeReplicator:
 
     async def upload_last_copies(self, deadline_s: float) -> int:
         """Upload held blobs that "R2" lacks, until the deadline."""
-        sql = "SELECT cid FROM blobs WHERE local_state='present' AND r2_state != 'present'"
-        async with self.rt.catalog.conn.execute(sql) as cur:
-            cids = [Cid(str(r[0])) for r in await cur.fetchall()]
+        cids = await self.rt.catalog.not_in_r2()
         done = 0
         try:
             async with asyncio.timeout(deadline_s):

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from peerd.catalog.media import record_media
 from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
@@ -156,24 +157,6 @@ async def add_media(rt: Runtime, clip: HlsClip, *, title: str = "test clip") -> 
     )
     manifest = Manifest(container="fmp4" if init_cid else "ts", renditions=(rendition,))
     media_id = media_id_of(manifest)
-    duration = sum(clip.durations)
-    async with rt.catalog.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO media (media_id, title, manifest, duration_s, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (media_id, title, encode(manifest), duration, time.time()),
-        )
-        await conn.execute(
-            "INSERT INTO renditions (media_id, rendition_id, position, kind, container, codecs,"
-            " bandwidth, width, height, init_cid) VALUES (?, ?, 0, 'video', ?, ?, ?, ?, ?, ?)",
-            (media_id, "v0", manifest.container, codecs, peak, clip.width, clip.height, init_cid),
-        )
-        await conn.executemany(
-            "INSERT INTO segments (media_id, rendition_id, seq, duration_s, cid)"
-            " VALUES (?, 'v0', ?, ?, ?)",
-            [
-                (media_id, i, d, s.cid)
-                for i, (d, s) in enumerate(zip(clip.durations, segs, strict=True))
-            ],
-        )
+    async with rt.catalog.transaction() as tx:
+        await record_media(tx, media_id, encode(manifest), manifest, time.time(), title=title)
     return media_id

@@ -51,13 +51,13 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from peerd.catalog.media import record_media  # noqa: E402
+from peerd.catalog.outbox import Outbox  # noqa: E402
 from peerd.config import load_settings  # noqa: E402
 from peerd.core.ids import Cid, cid_of  # noqa: E402
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of  # noqa: E402
 from peerd.core.outbox import RetryPolicy  # noqa: E402
 from peerd.delivery import Resolver  # noqa: E402
-from peerd.replication.media import record_media  # noqa: E402
-from peerd.replication.outbox import Outbox  # noqa: E402
 from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
 from peerd.replication.service import Replicator  # noqa: E402
 from peerd.replication.source import R2Source  # noqa: E402
@@ -307,7 +307,7 @@ async def record_synthetic_media(state: Path, cids: list[Cid]) -> str:
     rt = await open_runtime(load_settings(None, node={"state_dir": state}))
     try:
         async with rt.catalog.transaction() as tx:
-            await record_media(tx, media_id, data, manifest, time.time())
+            await record_media(tx, media_id, data, manifest, time.time(), in_r2=True)
         await rt.catalog.set_state("clean_shutdown", "1")
     finally:
         await rt.close()

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from peerd.catalog.outbox import Outbox
 from peerd.core.outbox import RetryPolicy
-from peerd.replication.outbox import Outbox
 from peerd.replication.r2 import R2Client, R2Config
 from peerd.replication.service import Replicator
 from peerd.runtime import Runtime

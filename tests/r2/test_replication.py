@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from peerd.catalog.media import record_media
+from peerd.catalog.outbox import Outbox
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
 from peerd.delivery import Resolver
 from peerd.errors import IntegrityError, NotFound
-from peerd.replication.media import record_media
-from peerd.replication.outbox import Outbox
 from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key, manifest_key
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
@@ -178,7 +178,6 @@ async def make_media(rt: Runtime, n: int = 4, size: int = 300_000) -> tuple[str,
     media_id = media_id_of(m)
     async with rt.catalog.transaction() as tx:
         await record_media(tx, media_id, encode(m), m, 0.0)
-        await tx.execute("UPDATE media SET r2_state='none', r2_since=NULL")
     return media_id, [init, *segs]
 
 
