@@ -37,7 +37,6 @@ from peerd.delivery import Resolver
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
-from peerd.http.workers import WorkerPool
 from peerd.media.ingest import MediaService, get_ingestor
 from peerd.media.source import TranscodeSource
 from peerd.metrics import Metrics
@@ -274,8 +273,6 @@ def build_services(rt: Runtime) -> list[Service]:
         rt.extras["resolver"] = Resolver(rt.store, [], registry=rt.metrics.registry)
     http = HttpService(rt, route_installers(rt))
     services.append(http)
-    if rt.settings.http.workers > 1:
-        services.append(WorkerPool(rt, http))  # HTTP worker processes on the same port
     services.extend(p2p.wire(rt, lambda: http.port))
     services.extend(build_replication(rt))  # R2 replication, read-through, tiering (issue 5)
     rt.extras["resolver"].add_source(TranscodeSource(get_ingestor(rt)))

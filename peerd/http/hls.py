@@ -36,11 +36,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -54,6 +55,8 @@ from peerd.delivery.resolver import BlobStream
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import AccessDenied, AccessVerifier
 from peerd.http.clientip import Network, client_ip, parse_networks
+from peerd.http.fastpath import HLS_KEY
+from peerd.http.server import HTTP_METRICS_KEY, HttpMetrics
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http.hls")
@@ -233,23 +236,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HlsRoutes:
     """The handlers and their caches."""
 
-    def __init__(self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics) -> None:
+    def __init__(
+        self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics, http_metrics: HttpMetrics
+    ) -> None:
         self.rt = rt
         self.auth = auth
         self.m = metrics
+        self.http_metrics = http_metrics
         cfg = rt.settings.http
         self.cors_origin = cfg.cors_origin
-        # With HTTP worker processes the kernel spreads connections evenly, so each process
-        # holds an equal share of the cap (documented in config/peerd.example.toml).
-        self.max_streams = max(1, cfg.max_streams // cfg.workers)
+        self.max_streams = cfg.max_streams
         self.timeout_s = cfg.request_timeout_s
-        # Connections whose request for a blob already waited ``timeout_s`` for its fetch on
-        # the fast path (the relay timed out before the first byte), with the blob and when:
-        # handed over, that request is answered 503 at once rather than after waiting on the
-        # same fetch once more.
-        self.waited: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, float]] = (
-            weakref.WeakKeyDictionary()
-        )
         self.prefetch_segments = cfg.prefetch_segments
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
@@ -258,17 +255,17 @@ class HlsRoutes:
             else "public, max-age=31536000, immutable"
         )
         self.streams = 0
-        self._playlist_headers = self._cors(
+        self.playlist_headers = self._cors(
             {"Content-Type": MIME_PLAYLIST, "Cache-Control": self.playlist_cache}
         )
         self._rendered: dict[tuple[str, str, str], bytes] = {}
         self._media: dict[str, _Media] = {}
         self._loading: dict[str, asyncio.Future[_Media]] = {}
-        # Set in HTTP worker processes: a blob not on local disk goes to the daemon (which owns
-        # the resolver) instead of being fetched here.
-        self.miss: Handler | None = None
         # (playlist, blob) route labels of peerd_http_requests, set by install()
         self.route_names = ("", "")
+        # Metric children of the fast path's answers, looked up on first use: label lookups
+        # cost more than the increments, and a series appears only once it happened.
+        self._children: dict[tuple[str, bool], Any] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -330,6 +327,92 @@ class HlsRoutes:
         self._media[media_id] = media
         return media
 
+    # -- the fast path's questions (peerd.http.fastpath.Hls) --------------------------------
+
+    def admits(self, media_id: str, token: str | None, headers: Mapping[str, str]) -> bool:
+        """Whether the request passes :class:`ViewerAuth` without refusal, await or I/O."""
+        jwt = headers.get("cf-access-jwt-assertion")
+        return self.auth.admits(token, jwt, media_id, "hls")
+
+    def cached(self, media_id: str) -> bool:
+        """Whether the media's manifest is in memory."""
+        return media_id in self._media
+
+    async def load(self, media_id: str) -> None:
+        """Bring the media's manifest into memory (NotFound if the catalog has none)."""
+        await self.media(media_id)
+
+    def playlist_body(self, media_id: str, name: str, token: str | None) -> bytes | None:
+        """The playlist of a cached media as :meth:`playlist` sends it, or None."""
+        media = self._media.get(media_id)
+        parts = media.templates.get(name) if media is not None else None
+        if parts is None:
+            return None
+        # Access mode puts no token in URLs (as the full path: its check returns None).
+        return self.rendered(media_id, name, token if self.auth.mode == "token" else None, parts)
+
+    def held_blob(self, media_id: str, cid: str, ext: str) -> tuple[str, os.stat_result] | None:
+        """The file and stat of a held blob of the cached media with this extension, or None."""
+        media = self._media.get(media_id)
+        if media is None or media.blobs.get(cid) != ext:
+            return None
+        path = self.rt.store.file_name(Cid(cid))
+        try:
+            # One stat in a warm directory (as :meth:`_send`), cheaper than a thread hop.
+            st = os.stat(path)  # noqa: PTH116
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if media.remote:
+            self.fetch_ahead(media, cid)
+        return path, st
+
+    def open_stream(self) -> bool:
+        """Take a blob stream slot (counted in the gauge); False when all are taken."""
+        if self.streams >= self.max_streams:
+            return False
+        self.streams += 1
+        self.m.active.inc()
+        return True
+
+    def close_stream(self) -> None:
+        """Give back a slot taken by :meth:`open_stream`."""
+        self.streams -= 1
+        self.m.active.dec()
+
+    def answered(self, blob: bool, seconds: float) -> None:
+        """Count a 200 of the fast path under its route, as the metrics middleware does."""
+        route = self.route_names[blob]
+        requests = self._child(
+            ("requests", blob), lambda: self.http_metrics.requests.labels(route=route, status="200")
+        )
+        requests.inc()
+        latency = self._child(
+            ("latency", blob), lambda: self.http_metrics.latency.labels(route=route)
+        )
+        latency.observe(seconds)
+
+    def blob_sent(self, cid: str, nbytes: int, *, ok: bool) -> None:
+        """Count a held blob sent by the fast path, as :meth:`sent` does."""
+        if nbytes:
+            self.rt.access.record(cid, nbytes, time.time())
+            served = self._child(
+                ("served", True), lambda: self.rt.metrics.bytes_served.labels(source="local")
+            )
+            served.inc(nbytes)
+        status = "200" if ok else "cut"
+        sent = self._child(
+            ("bytes", ok), lambda: self.m.bytes.labels(source="local", status=status)
+        )
+        sent.inc(nbytes)
+
+    def _child(self, key: tuple[str, bool], make: Callable[[], Any]) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = make()
+        return child
+
     # -- handlers --------------------------------------------------------------------------
 
     async def preflight(self, request: web.Request) -> web.Response:
@@ -357,7 +440,7 @@ class HlsRoutes:
         if parts is None:
             raise NotFound("no such playlist")
         body = self.rendered(media_id, name, token, parts)
-        return web.Response(body=body, headers=self._playlist_headers)
+        return web.Response(body=body, headers=self.playlist_headers)
 
     def rendered(
         self, media_id: str, name: str, token: str | None, parts: tuple[str, ...]
@@ -448,8 +531,6 @@ class HlsRoutes:
         headers = self.blob_headers(ext)
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
-            if self.miss is not None:
-                return await self.miss(request)
             resolver = self.rt.extras.get("resolver")
             if resolver is None:
                 raise NotFound("blob not held")
@@ -457,10 +538,6 @@ class HlsRoutes:
             # to the viewer while the resolver verifies and stores them (Resolver.open_stream).
             # Range and HEAD requests, and bytes from peers, get the verified, stored file.
             streamable = request.method == "GET" and "Range" not in request.headers
-            transport = request.transport
-            waited = self.waited.pop(transport, None) if transport is not None else None
-            if waited is not None and waited[0] == cid and time.monotonic() - waited[1] < 5.0:
-                raise Unavailable("blob fetch timed out")
             self.streams += 1  # a fetch in progress holds a stream slot too
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -506,13 +583,6 @@ class HlsRoutes:
             await resp.prepare(request)
             async for chunk in got.chunks:
                 await resp.write(chunk)
-                if not sent:
-                    # The first bytes are in the viewer's socket; the process that forwards
-                    # them (cloudflared, or a local player) was just woken, most likely onto
-                    # this CPU. Without a yield it waits until this loop has received, hashed
-                    # and stored more of the blob (or the scheduler's slice ends): 0.7-1.0 ms
-                    # in 2 of 3 cold misses on a 2-core node. One sched_yield lets it run now.
-                    os.sched_yield()
                 sent += len(chunk)
             await resp.write_eof()
             ok = True
@@ -569,9 +639,6 @@ class _BlobResponse(web.FileResponse):
             routes.m.active.dec()
 
 
-ROUTES_KEY = web.AppKey("hls_routes", HlsRoutes)
-
-
 def make_auth(rt: Runtime, denied: Counter) -> ViewerAuth:
     """The viewer authorization configured in ``[http]``."""
     cfg = rt.settings.http
@@ -607,9 +674,9 @@ def install(app: web.Application, rt: Runtime) -> None:
     """Add the HLS routes and the shared viewer authorization to ``app``."""
     metrics = HlsMetrics(rt)
     auth = make_auth(rt, metrics.denied)
-    routes = HlsRoutes(rt, auth, metrics)
+    routes = HlsRoutes(rt, auth, metrics, app[HTTP_METRICS_KEY])
     app[VIEWER_AUTH] = auth
-    app[ROUTES_KEY] = routes
+    app[HLS_KEY] = routes
 
     async def close_verifier(_app: web.Application) -> None:
         if auth.verifier is not None:

@@ -1,0 +1,119 @@
+"""A strict, sans-I/O reader of HTTP/1.1 request heads, for the HLS fast path.
+
+Theory of operation. A connection's received bytes sit in a buffer; :func:`parse` looks at its
+start and gives one of three answers:
+
+* a :class:`Head`: one complete, *plain* request head (and its length: bytes after it are the
+  next pipelined request, since a plain request has no body);
+* ``MORE``: no complete head yet and nothing unusual so far: read more bytes;
+* ``HANDOFF``: anything else. The bytes go, untouched, to aiohttp's parser, which decides:
+  it answers 400 or 431, applies its own limits, or serves the request in full.
+
+Plain means all of this, and nothing in it is repaired or guessed:
+
+* a request line ``GET|HEAD SP target SP HTTP/1.1 CRLF``, at most ``max_line`` bytes, no empty
+  line before it; the target in origin form of only unreserved, sub-delim, ``:``, ``@``,
+  ``/`` and ``?`` characters (no ``%``: percent-encoding is aiohttp's to decode);
+* header lines ``name ":" OWS value OWS CRLF`` with a token name, a value of visible ASCII with
+  inner spaces or tabs, each line at most ``max_field`` bytes and at most ``max_headers - 2``
+  of them (aiohttp counts the request line and the final empty line too); no line folding, no
+  bare CR or LF anywhere; the head within :data:`MAX_HEAD` bytes;
+* exactly one ``Host``, no header name twice, ``Connection`` only ``keep-alive``, and none of
+  :data:`REFUSED` (bodies, upgrades, ranges and conditions are aiohttp's to implement).
+
+Whatever is not plain is a hand-off, never an error: this module cannot refuse a request, so it
+cannot refuse one aiohttp would have served, and it accepts nothing aiohttp would refuse.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+MAX_HEAD = 16 * 1024  # players send ~0.5 KiB; an Access JWT and its cookie ~4 KiB more
+# Header fields that make a request aiohttp's business: message framing, upgrades, and what
+# FileResponse implements (ranges, conditions).
+REFUSED = frozenset(
+    (
+        "content-length", "transfer-encoding", "te", "trailer", "upgrade", "expect",
+        "http2-settings", "range", "if-range", "if-match", "if-none-match",
+        "if-modified-since", "if-unmodified-since",
+    )
+)  # fmt: skip
+_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+
+
+class Verdict(enum.Enum):
+    """:func:`parse`'s answer when it has no :class:`Head`."""
+
+    MORE = "more"
+    HANDOFF = "handoff"
+
+
+MORE = Verdict.MORE
+HANDOFF = Verdict.HANDOFF
+
+
+@dataclass(frozen=True)
+class Limits:
+    """aiohttp's limits for request heads (``[http] max_line_size`` and friends)."""
+
+    max_line: int = 8190
+    max_field: int = 8190
+    max_headers: int = 64
+
+
+@dataclass(frozen=True)
+class Head:
+    """A plain request head."""
+
+    method: str  # "GET" or "HEAD"
+    target: str
+    headers: Mapping[str, str]  # lower-case names; values without surrounding whitespace
+    size: int  # bytes of the head, its final CRLF CRLF included
+
+
+def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
+    """The plain request head at the start of ``buf``, ``MORE`` or ``HANDOFF``."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+    if end < 0:
+        if len(buf) >= MAX_HEAD:
+            return HANDOFF
+        # Only a CR at the very end may still become a CRLF.
+        stray = bytes(buf).removesuffix(b"\r").replace(b"\r\n", b"")
+        return HANDOFF if b"\r" in stray or b"\n" in stray else MORE
+    lines = bytes(buf[:end]).split(b"\r\n")
+    if len(lines) - 1 > limits.max_headers - 2:
+        return HANDOFF
+    line = lines[0]
+    parts = line.split(b" ")
+    if (
+        len(line) > limits.max_line
+        or len(parts) != 3
+        or parts[0] not in (b"GET", b"HEAD")
+        or parts[2] != b"HTTP/1.1"
+        or _TARGET.fullmatch(parts[1]) is None
+    ):
+        return HANDOFF
+    headers: dict[str, str] = {}
+    for h in lines[1:]:
+        name, sep, value = h.partition(b":")
+        value = value.strip(b" \t")
+        if (
+            not sep
+            or len(h) > limits.max_field
+            or _NAME.fullmatch(name) is None
+            or _VALUE.fullmatch(value) is None
+        ):
+            return HANDOFF
+        key = name.decode("ascii").lower()
+        if key in headers or key in REFUSED:
+            return HANDOFF
+        headers[key] = value.decode("ascii")
+    if "host" not in headers or headers.get("connection", "keep-alive").lower() != "keep-alive":
+        return HANDOFF
+    return Head(parts[0].decode("ascii"), parts[1].decode("ascii"), headers, end + 4)
