@@ -31,6 +31,7 @@ class Node:
     media: dict[str, str]  # container -> media id
     routes: hls.HlsRoutes
     fast: fastpath.FastPath | None  # with [http] fast_path, its ``answered`` tells the paths apart
+    plain: str  # the same application on a second port, without the fast path
 
     @property
     def answered(self) -> int:
@@ -66,7 +67,7 @@ async def run_node(
     )
     rt = await open_runtime(settings)
     runner: web.AppRunner | None = None
-    listener: Listener | None = None
+    listeners: list[Listener] = []
     try:
         media = {}
         for container, pl in playlists.items():
@@ -76,12 +77,22 @@ async def run_node(
         app = build_app(rt, [hls.install, *(extra or [])])
         runner = runner_for(app, settings.http)
         await runner.setup()
-        listener = await listen(runner, settings.http)
+        listeners.append(await listen(runner, settings.http))
+        plain = settings.http.model_copy(update={"fast_path": False, "port": 0})
+        listeners.append(await listen(runner, plain))
         routes = app[fastpath.HLS_KEY]
         assert isinstance(routes, hls.HlsRoutes)
-        yield Node(rt, f"http://127.0.0.1:{listener.port}", media, routes, listener.fast)
+        fast, full = listeners
+        yield Node(
+            rt,
+            f"http://127.0.0.1:{fast.port}",
+            media,
+            routes,
+            fast.fast,
+            f"http://127.0.0.1:{full.port}",
+        )
     finally:
-        if listener is not None:
+        for listener in listeners:
             await listener.stop(1.0)
         if runner is not None:
             await runner.cleanup()

@@ -40,8 +40,8 @@ class Conn:
         self.writer = writer
 
     @classmethod
-    async def open(cls, node: Node) -> Conn:
-        host, port = node.base.removeprefix("http://").split(":")
+    async def open(cls, node: Node, base: str | None = None) -> Conn:
+        host, port = (base or node.base).removeprefix("http://").split(":")
         r, w = await asyncio.open_connection(host, int(port))
         return cls(r, w)
 
@@ -153,6 +153,38 @@ async def test_fast_and_full_paths_send_the_same_headers(node: Node) -> None:
         assert h1 == h2
     await fast.close()
     await full.close()
+
+
+async def test_with_and_without_the_fast_path_the_answers_are_the_same(node: Node) -> None:
+    blobs = await _warm(node)
+    forged = tokens.mint(b"not-the-key-0123456789abcdef", node.media["ts"], "hls", 2**31)
+    answered_fast = [
+        _get(_path(node, "master.m3u8")),
+        _get(_path(node, "v0.m3u8")),
+        _get(_path(node, "v0.m3u8"), method="HEAD"),
+        _get(_path(node, blobs[0])),
+        _get(_path(node, blobs[1]), method="HEAD"),
+    ]
+    handed_off = [
+        _get(_path(node, blobs[0]), "Range: bytes=0-9"),
+        _get(_path(node, blobs[0], token=forged)),
+        _get(_path(node, "v9.m3u8")),
+        _get(_path(node, f"b/{cid_of(b'not in the media')}.ts")),
+        _get("/healthz"),
+    ]
+    before = node.answered
+    for raw in answered_fast + handed_off:
+        head = raw.startswith(b"HEAD")
+        answers = []
+        for base in (node.base, node.plain):  # each on a new connection, as a player's first
+            conn = await Conn.open(node, base)
+            conn.send(raw)
+            status, headers, body = await conn.response(head=head)
+            headers.pop("date")
+            answers.append((status, headers, body))
+            await conn.close()
+        assert answers[0] == answers[1], raw
+    assert node.answered == before + len(answered_fast)
 
 
 async def test_refusals_come_from_the_full_path(node: Node) -> None:
