@@ -1,8 +1,8 @@
 """The HLS fast path (peerd.http.fastpath) on raw connections: what it answers itself, what it
 hands to aiohttp mid-connection (and that aiohttp then answers as before), pipelining, limits.
 
-Every test of tests/test_hls.py runs through the fast path too (the test node serves with
-``fastpath.site``); these tests pin down the split and the byte-level behaviour."""
+Every test of tests/test_hls.py runs with the fast path on and off; these tests pin down the
+split, the byte-level behaviour, and that both ways give the same answers."""
 
 from __future__ import annotations
 
