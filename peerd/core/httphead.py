@@ -43,8 +43,14 @@ REFUSED = frozenset(
     )
 )  # fmt: skip
 _TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
-_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+# One header line: a token name, the value of visible ASCII with inner spaces or tabs (the
+# optional whitespace around it is not the value's), CRLF.
+_FIELD = (
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+    rb"((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*\r\n"
+)
+_ONE_FIELD = re.compile(_FIELD)
+_FIELDS = re.compile(b"(?:" + _FIELD + b")*")
 
 
 class Verdict(enum.Enum):
@@ -86,10 +92,9 @@ def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
         # Only a CR at the very end may still become a CRLF.
         stray = bytes(buf).removesuffix(b"\r").replace(b"\r\n", b"")
         return HANDOFF if b"\r" in stray or b"\n" in stray else MORE
-    lines = bytes(buf[:end]).split(b"\r\n")
-    if len(lines) - 1 > limits.max_headers - 2:
-        return HANDOFF
-    line = lines[0]
+    head = bytes(buf[: end + 2])  # the request line and the fields, each with its CRLF
+    at = head.find(b"\r\n")
+    line, block = head[:at], head[at + 2 :]
     parts = line.split(b" ")
     if (
         len(line) > limits.max_line
@@ -97,23 +102,18 @@ def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
         or parts[0] not in (b"GET", b"HEAD")
         or parts[2] != b"HTTP/1.1"
         or _TARGET.fullmatch(parts[1]) is None
+        or block.count(b"\r\n") > limits.max_headers - 2
+        or max(map(len, block.split(b"\r\n"))) > limits.max_field
+        or _FIELDS.fullmatch(block) is None
     ):
         return HANDOFF
-    headers: dict[str, str] = {}
-    for h in lines[1:]:
-        name, sep, value = h.partition(b":")
-        value = value.strip(b" \t")
-        if (
-            not sep
-            or len(h) > limits.max_field
-            or _NAME.fullmatch(name) is None
-            or _VALUE.fullmatch(value) is None
-        ):
-            return HANDOFF
-        key = name.decode("ascii").lower()
-        if key in headers or key in REFUSED:
-            return HANDOFF
-        headers[key] = value.decode("ascii")
-    if "host" not in headers or headers.get("connection", "keep-alive").lower() != "keep-alive":
+    fields = _ONE_FIELD.findall(block)
+    headers = {name.decode("ascii").lower(): value.decode("ascii") for name, value in fields}
+    if (
+        len(headers) != len(fields)  # a name twice
+        or "host" not in headers
+        or not REFUSED.isdisjoint(headers)
+        or headers.get("connection", "keep-alive").lower() != "keep-alive"
+    ):
         return HANDOFF
     return Head(parts[0].decode("ascii"), parts[1].decode("ascii"), headers, end + 4)
