@@ -103,19 +103,6 @@ HLS_KEY = web.AppKey("fast_hls", Hls)
 
 
 @dataclass
-class _Request:
-    """A request the fast path may answer."""
-
-    head_only: bool  # HEAD
-    media_id: str
-    name: str | None  # playlist name, or None for a blob
-    cid: str | None
-    ext: str | None
-    token: str | None
-    headers: Mapping[str, str]
-
-
-@dataclass
 class _Open:
     """A blob file kept open for sendfile, shared by concurrent responses."""
 
@@ -173,34 +160,27 @@ class FastPath:
             return self.handler_factory()
         return _Conn(self)
 
-    @staticmethod
-    def request(head: httphead.Head) -> _Request | None:
-        """The HLS request in ``head`` if it is one the fast path may answer."""
-        target = _TARGET.fullmatch(head.target)
-        if target is None:
-            return None
-        media_id, name, cid, ext, token = target.groups()
-        return _Request(head.method == "HEAD", media_id, name, cid, ext, token, head.headers)
-
     # -- requests --------------------------------------------------------------------------
 
     def handle(self, conn: _Conn, head: httphead.Head) -> bool | Hot | _Load | None:
         """Answer ``head`` (True), start answering it (a coroutine), load its media first
         (``_Load``: ``head`` is handled again afterwards), or None to hand off."""
         started = time.perf_counter()
-        req = self.request(head)
-        if req is None:
+        target = _TARGET.fullmatch(head.target)
+        if target is None:
             return None
+        media_id, name, cid, ext, token = target.groups()
         hls = self.hls
-        if not hls.admits(req.media_id, req.token, req.headers):
+        if not hls.admits(media_id, token, head.headers):
             return None
-        if not hls.cached(req.media_id):
-            if req.media_id in conn.loads:
+        if not hls.cached(media_id):
+            if media_id in conn.loads:
                 return None  # loaded once on this connection and still not cached: aiohttp's
-            conn.loads.add(req.media_id)
-            return _Load(self._load(req.media_id))
-        if req.name is not None:
-            body = hls.playlist_body(req.media_id, req.name, req.token)
+            conn.loads.add(media_id)
+            return _Load(self._load(media_id))
+        head_only = head.method == "HEAD"
+        if name is not None:
+            body = hls.playlist_body(media_id, name, token)
             if body is None:
                 return None
             start = b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n%b\r\n" % (
@@ -209,19 +189,17 @@ class FastPath:
                 self._date_line(),
             )
             assert conn.transport is not None
-            conn.transport.write(start if req.head_only else start + body)
+            conn.transport.write(start if head_only else start + body)
             self.answered += 1
             hls.answered(False, time.perf_counter() - started)
             return True
-        assert req.cid is not None
-        assert req.ext is not None
-        held = hls.held_blob(req.media_id, req.cid, req.ext)
+        held = hls.held_blob(media_id, cid, ext)
         if held is None:
-            self._forget(req.cid)  # an evicted blob's file is not held open
+            self._forget(cid)  # an evicted blob's file is not held open
             return None  # the full path fetches it, or answers 404
         if not hls.open_stream():
             return None  # the full path's 429
-        return self._blob(conn, req, held[0], held[1], started)
+        return self._blob(conn, cid, ext, head_only, held, started)
 
     async def _load(self, media_id: str) -> None:
         # Only for a viewer already admitted for this media (no catalog work for strangers).
@@ -231,22 +209,26 @@ class FastPath:
             await self.hls.load(media_id)
 
     async def _blob(
-        self, conn: _Conn, req: _Request, path: str, st: os.stat_result, started: float
+        self,
+        conn: _Conn,
+        cid: str,
+        ext: str,
+        head_only: bool,
+        held: tuple[str, os.stat_result],
+        started: float,
     ) -> None:
         """Send a held blob (a stream slot is taken)."""
-        assert req.cid is not None
-        assert req.ext is not None
         entry: _Open | None = None
         sent = 0
         ok = False
         try:
-            entry = await self._acquire(req.cid, req.ext, path, st)
+            entry = await self._acquire(cid, ext, *held)
             size = entry.key[3]
             transport = conn.transport
             if transport is None:
                 return  # the client left while the file was being opened
             transport.write(b"HTTP/1.1 200 OK\r\n%b%b\r\n" % (entry.header, self._date_line()))
-            if not req.head_only and size:
+            if not head_only and size:
                 await _sendfile(transport, entry.file, size)
                 sent = size
             ok = True
@@ -259,7 +241,7 @@ class FastPath:
             self.hls.close_stream()
             if entry is not None:
                 self._release(entry)
-            self.hls.blob_sent(req.cid, sent, ok=ok)
+            self.hls.blob_sent(cid, sent, ok=ok)
             self.answered += 1
             self.hls.answered(True, time.perf_counter() - started)
 

@@ -265,7 +265,7 @@ class HlsRoutes:
         self.route_names = ("", "")
         # Metric children of the fast path's answers, looked up on first use: label lookups
         # cost more than the increments, and a series appears only once it happened.
-        self._children: dict[tuple[str, bool], Any] = {}
+        self._children: dict[tuple[str, bool], tuple[Any, Any]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -383,35 +383,37 @@ class HlsRoutes:
 
     def answered(self, blob: bool, seconds: float) -> None:
         """Count a 200 of the fast path under its route, as the metrics middleware does."""
-        route = self.route_names[blob]
-        requests = self._child(
-            ("requests", blob), lambda: self.http_metrics.requests.labels(route=route, status="200")
-        )
+        requests, latency = self._child(("answered", blob))
         requests.inc()
-        latency = self._child(
-            ("latency", blob), lambda: self.http_metrics.latency.labels(route=route)
-        )
         latency.observe(seconds)
 
     def blob_sent(self, cid: str, nbytes: int, *, ok: bool) -> None:
         """Count a held blob sent by the fast path, as :meth:`sent` does."""
+        served, sent = self._child(("sent", ok))
         if nbytes:
             self.rt.access.record(cid, nbytes, time.time())
-            served = self._child(
-                ("served", True), lambda: self.rt.metrics.bytes_served.labels(source="local")
-            )
             served.inc(nbytes)
-        status = "200" if ok else "cut"
-        sent = self._child(
-            ("bytes", ok), lambda: self.m.bytes.labels(source="local", status=status)
-        )
         sent.inc(nbytes)
 
-    def _child(self, key: tuple[str, bool], make: Callable[[], Any]) -> Any:
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = make()
-        return child
+    def _child(self, key: tuple[str, bool]) -> tuple[Any, Any]:
+        children = self._children.get(key)
+        if children is None:
+            kind, flag = key
+            if kind == "answered":
+                route = self.route_names[flag]
+                hm = self.http_metrics
+                children = (
+                    hm.requests.labels(route=route, status="200"),
+                    hm.latency.labels(route=route),
+                )
+            else:
+                status = "200" if flag else "cut"
+                children = (
+                    self.rt.metrics.bytes_served.labels(source="local"),
+                    self.m.bytes.labels(source="local", status=status),
+                )
+            self._children[key] = children
+        return children
 
     # -- handlers --------------------------------------------------------------------------
 

@@ -171,8 +171,8 @@ class Listener:
             await self.fast.shutdown(grace_s)
 
 
-async def listen(runner: web.AppRunner, cfg: HttpSettings, port: int | None = None) -> Listener:
-    """Listen on ``cfg.host`` (and ``port``, default ``cfg.port``) for ``runner``'s application.
+async def listen(runner: web.AppRunner, cfg: HttpSettings) -> Listener:
+    """Listen on ``cfg.host:cfg.port`` for ``runner``'s application.
 
     With ``cfg.fast_path`` and HLS routes in the application, connections start on the fast
     path (:mod:`peerd.http.fastpath`), which hands aiohttp what it does not answer itself;
@@ -182,7 +182,7 @@ async def listen(runner: web.AppRunner, cfg: HttpSettings, port: int | None = No
     aiohttp_protocol = runner.server
     if aiohttp_protocol is None:
         raise RuntimeError("runner.setup() first")
-    hls = runner.app.get(fastpath.HLS_KEY) if isinstance(runner.app, web.Application) else None
+    hls = runner.app.get(fastpath.HLS_KEY)
     fast: fastpath.FastPath | None = None
     factory: Callable[[], asyncio.Protocol] = aiohttp_protocol
     if cfg.fast_path and hls is not None:
@@ -194,9 +194,7 @@ async def listen(runner: web.AppRunner, cfg: HttpSettings, port: int | None = No
         )
         factory = fast.protocol
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        factory, cfg.host, cfg.port if port is None else port, reuse_address=True
-    )
+    server = await loop.create_server(factory, cfg.host, cfg.port, reuse_address=True)
     return Listener(server, fast)
 
 
