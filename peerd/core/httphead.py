@@ -43,7 +43,7 @@ REFUSED = frozenset(
         "if-modified-since", "if-unmodified-since",
     )
 )  # fmt: skip
-_TARGET = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+_LINE = re.compile(rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*) HTTP/1\.1")
 # One header line: a token name, the value of visible ASCII with inner spaces or tabs (the
 # optional whitespace around it is not the value's), CRLF.
 _FIELD = (
@@ -94,16 +94,15 @@ def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
         return HANDOFF if b"\r" in stray or b"\n" in stray else MORE
     head = bytes(buf[: end + 2])  # the request line and the fields, each with its CRLF
     at = head.find(b"\r\n")
-    line, block = head[:at], head[at + 2 :]
-    parts = line.split(b" ")
+    block = head[at + 2 :]
+    line = _LINE.fullmatch(head, 0, at)
     if (
-        len(line) > limits.max_line
-        or len(parts) != 3
-        or parts[0] not in (b"GET", b"HEAD")
-        or parts[2] != b"HTTP/1.1"
-        or _TARGET.fullmatch(parts[1]) is None
+        line is None
+        or at > limits.max_line
         or block.count(b"\r\n") > limits.max_headers - 2
-        or max(map(len, block.split(b"\r\n"))) > limits.max_field
+        or (
+            len(block) > limits.max_field and max(map(len, block.split(b"\r\n"))) > limits.max_field
+        )
         or _FIELDS.fullmatch(block) is None
     ):
         return HANDOFF
@@ -116,4 +115,5 @@ def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
         or headers.get("connection", "keep-alive").lower() != "keep-alive"
     ):
         return HANDOFF
-    return Head(parts[0].decode("ascii"), parts[1].decode("ascii"), headers, end + 4)
+    method, target = line.groups()
+    return Head(method.decode("ascii"), target.decode("ascii"), headers, end + 4)
