@@ -87,6 +87,8 @@ def parse(buf: bytes | bytearray, limits: Limits) -> Head | Verdict:
     """The plain request head at the start of ``buf``, ``MORE`` or ``HANDOFF``."""
     end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
     if end < 0:
+        if not buf:
+            return MORE  # asked after every answer: nothing pipelined, most of the time
         if len(buf) >= MAX_HEAD:
             return HANDOFF
         # Only a CR at the very end may still become a CRLF.
