@@ -89,8 +89,8 @@ class HttpSettings(Section):
     max_field_size: int = Field(default=8190, ge=1024)
     max_headers: int = Field(default=64, ge=8)
     max_streams: int = Field(default=512, ge=1)
-    workers: int = Field(default=1, ge=1, le=64)
     prefetch_segments: int = Field(default=2, ge=0, le=16)
+    fast_path: bool = True
 
 
 class LadderRung(Section):
@@ -392,11 +392,22 @@ class Settings(BaseSettings):
 _CURRENT_TOML: Path | None = None
 
 
+# Keys that existed once, with why they went: a config that still sets one is told so by name
+# (and not merely that the key is unknown).
+REMOVED_KEYS = {
+    "http.workers": "HTTP worker processes: two served no faster than one",
+}
+
+
 def _describe(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        parts.append(f"{key}: {e['msg']}")
+        why = REMOVED_KEYS.get(key) if e["type"] == "extra_forbidden" else None
+        if why is not None:
+            parts.append(f"{key} was removed ({why}); delete it from the configuration")
+        else:
+            parts.append(f"{key}: {e['msg']}")
     return "; ".join(parts)
 
 

@@ -39,9 +39,8 @@ from peerd.coordinator.client import CoordinatorService
 from peerd.delivery import Resolver, Source
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
-from peerd.http import fastpath, hls
+from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
-from peerd.http.workers import WorkerPool
 from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.source import TranscodeSource
 from peerd.metrics import Metrics
@@ -327,10 +326,8 @@ async def build_services(rt: Runtime) -> Services:
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
     api = NodeApi(rt, Subsystems(resolver, replicator, puller, ingestor))
     whep = WhepService(rt, resolver=resolver)
-    http = HttpService(rt, route_installers(resolver, directory, api, whep), site=fastpath.site)
+    http = HttpService(rt, route_installers(resolver, directory, api, whep))
     services: list[Service] = [http]
-    if s.http.workers > 1:
-        services.append(WorkerPool(rt, http))  # HTTP worker processes on the same port
     if p2p is not None:
         services.append(p2p)
     if s.mdns.enabled:

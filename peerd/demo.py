@@ -27,7 +27,7 @@ STATE = Path(".state/demo")
 
 
 async def _media_id(catalog_path: Path, source: str) -> str:
-    cat = await Catalog.open_readonly(catalog_path)
+    cat = await Catalog.open(catalog_path)  # before the daemon starts
     try:
         media_id = await latest_media_id(cat, source) or await latest_media_id(cat)
     finally:

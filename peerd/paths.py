@@ -33,25 +33,6 @@ def short_path(directory: Path) -> Iterator[str]:
         os.close(fd)
 
 
-_LASTING: dict[Path, int] = {}
-SUN_PATH_FITS = 100  # bytes of a socket path that surely fit ``sockaddr_un`` (108 with the NUL)
-
-
-def lasting_short_path(directory: Path) -> str:
-    """Like :func:`short_path` for a process that connects there again and again.
-
-    ``directory`` itself when the paths of sockets in it (names up to 31 bytes) fit; otherwise
-    ``/proc/self/fd/N`` through a descriptor kept open for the rest of the process (one per
-    directory).
-    """
-    if len(str(directory)) + 32 <= SUN_PATH_FITS:
-        return str(directory)
-    fd = _LASTING.get(directory)
-    if fd is None:
-        fd = _LASTING[directory] = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-    return f"/proc/self/fd/{fd}"
-
-
 def listen_unix(directory: Path, name: str, backlog: int = 16) -> socket.socket:
     """A listening, non-blocking Unix socket ``directory/name``, mode 0600.
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.http import fastpath, hls
-from peerd.http.server import RouteInstaller, build_app
+from peerd.http.server import Listener, RouteInstaller, build_app, listen, runner_for
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.hlsmedia import import_hls, read_hls
 
@@ -30,7 +30,13 @@ class Node:
     base: str
     media: dict[str, str]  # container -> media id
     routes: hls.HlsRoutes
-    fast: fastpath.FastPath  # the site's fast path (its ``answered`` tells which path answered)
+    fast: fastpath.FastPath | None  # with [http] fast_path, its ``answered`` tells the paths apart
+    plain: str  # the same application on a second port, without the fast path
+
+    @property
+    def answered(self) -> int:
+        """Responses the fast path sent itself (0 without a fast path)."""
+        return self.fast.answered if self.fast is not None else 0
 
     def url(self, container: str, path: str = "master.m3u8", token: str | None = "") -> str:
         """A URL under the media; token "" means a fresh valid one, None means no token."""
@@ -49,7 +55,6 @@ async def run_node(
     http: dict[str, Any] | None = None,
     extra: list[RouteInstaller] | None = None,
     before_start: Callable[[Runtime], None] | None = None,
-    runner_kwargs: dict[str, Any] | None = None,
 ) -> AsyncIterator[Node]:
     """Open a runtime in ``tmp``, import the media, serve the HLS routes on 127.0.0.1:0."""
     secrets = tmp / "secrets"
@@ -62,6 +67,7 @@ async def run_node(
     )
     rt = await open_runtime(settings)
     runner: web.AppRunner | None = None
+    listeners: list[Listener] = []
     try:
         media = {}
         for container, pl in playlists.items():
@@ -69,14 +75,25 @@ async def run_node(
         if before_start is not None:
             before_start(rt)
         app = build_app(rt, [hls.install, *(extra or [])])
-        runner = web.AppRunner(app, access_log=None, **(runner_kwargs or {}))
+        runner = runner_for(app, settings.http)
         await runner.setup()
-        site = fastpath.site(runner, "127.0.0.1", 0)
-        assert isinstance(site, fastpath.FastSite)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield Node(rt, f"http://127.0.0.1:{port}", media, app[hls.ROUTES_KEY], site.fast)
+        listeners.append(await listen(runner, settings.http))
+        plain = settings.http.model_copy(update={"fast_path": False, "port": 0})
+        listeners.append(await listen(runner, plain))
+        routes = app[fastpath.HLS_KEY]
+        assert isinstance(routes, hls.HlsRoutes)
+        fast, full = listeners
+        yield Node(
+            rt,
+            f"http://127.0.0.1:{fast.port}",
+            media,
+            routes,
+            fast.fast,
+            f"http://127.0.0.1:{full.port}",
+        )
     finally:
+        for listener in listeners:
+            await listener.stop(1.0)
         if runner is not None:
             await runner.cleanup()
         await rt.close()

@@ -61,6 +61,18 @@ def test_cli_exit_code_2_on_bad_config(tmp_path: Path) -> None:
     assert res.stderr.count("\n") <= 2  # one clear message, no traceback
 
 
+def test_a_removed_key_is_named_as_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "p.toml"
+    cfg.write_text("[http]\nworkers = 2\n")
+    res = run_cli("-c", str(cfg), "doctor")
+    assert res.returncode == 2
+    assert "http.workers was removed" in res.stderr
+    assert res.stderr.count("\n") <= 2  # one clear message, no traceback
+    monkeypatch.setenv("PEERD_HTTP__WORKERS", "1")
+    with pytest.raises(ConfigError, match=r"^invalid configuration: http\.workers was removed"):
+        load_settings(None)
+
+
 def test_cli_exit_code_2_on_toml_syntax(tmp_path: Path) -> None:
     cfg = tmp_path / "p.toml"
     cfg.write_text("[http\n")

@@ -31,9 +31,13 @@ def playlists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {c: make_hls(root / c, c) for c in ("fmp4", "ts")}
 
 
-@pytest.fixture
-async def node(tmp_path: Path, playlists: dict[str, Path]) -> AsyncIterator[Node]:
-    async with run_node(tmp_path, playlists) as n:
+@pytest.fixture(params=[True, False], ids=["fast_path", "aiohttp_only"])
+async def node(
+    request: pytest.FixtureRequest, tmp_path: Path, playlists: dict[str, Path]
+) -> AsyncIterator[Node]:
+    """A node serving HLS with ``[http] fast_path`` on and off: every test runs both ways."""
+    async with run_node(tmp_path, playlists, http={"fast_path": request.param}) as n:
+        assert (n.fast is not None) == request.param
         yield n
 
 

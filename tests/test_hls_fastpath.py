@@ -1,8 +1,8 @@
 """The HLS fast path (peerd.http.fastpath) on raw connections: what it answers itself, what it
 hands to aiohttp mid-connection (and that aiohttp then answers as before), pipelining, limits.
 
-Every test of tests/test_hls.py runs through the fast path too (the test node serves with
-``fastpath.site``); these tests pin down the split and the byte-level behaviour."""
+Every test of tests/test_hls.py runs with the fast path on and off; these tests pin down the
+split, the byte-level behaviour, and that both ways give the same answers."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ class Conn:
         self.writer = writer
 
     @classmethod
-    async def open(cls, node: Node) -> Conn:
-        host, port = node.base.removeprefix("http://").split(":")
+    async def open(cls, node: Node, base: str | None = None) -> Conn:
+        host, port = (base or node.base).removeprefix("http://").split(":")
         r, w = await asyncio.open_connection(host, int(port))
         return cls(r, w)
 
@@ -93,7 +93,7 @@ async def _warm(node: Node) -> list[str]:
 async def test_pipelined_requests_then_a_hand_off(node: Node) -> None:
     conn = await Conn.open(node)
     blobs = await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     # Four requests in one write: playlist, blob, HEAD of the blob, then /healthz (not HLS).
     conn.send(
         _get(_path(node, "v0.m3u8"))
@@ -123,13 +123,13 @@ async def test_pipelined_requests_then_a_hand_off(node: Node) -> None:
     status, _, body = await conn.response()
     assert status == 200
     assert body == b'{"status": "ok"}'
-    assert node.fast.answered == before + 3
+    assert node.answered == before + 3
     # The connection is aiohttp's now, and still serves HLS.
     conn.send(_get(_path(node, blobs[1])))
     status, _, body = await conn.response()
     assert status == 200
     assert cid_of(body) == blobs[1][2:-3]
-    assert node.fast.answered == before + 3
+    assert node.answered == before + 3
     await conn.close()
 
 
@@ -142,11 +142,11 @@ async def test_fast_and_full_paths_send_the_same_headers(node: Node) -> None:
         # A percent-encoded letter: the same URL to aiohttp's router, too unusual for the fast
         # path, so aiohttp answers it.
         full.send(_get(path.replace("/hls/b", "/hls/%62", 1)))
-        before = node.fast.answered
+        before = node.answered
         s1, h1, b1 = await fast.response()
-        assert node.fast.answered == before + 1
+        assert node.answered == before + 1
         s2, h2, b2 = await full.response()
-        assert node.fast.answered == before + 1
+        assert node.answered == before + 1
         assert (s1, b1) == (s2, b2)
         h1.pop("date")
         h2.pop("date")
@@ -155,10 +155,42 @@ async def test_fast_and_full_paths_send_the_same_headers(node: Node) -> None:
     await full.close()
 
 
+async def test_with_and_without_the_fast_path_the_answers_are_the_same(node: Node) -> None:
+    blobs = await _warm(node)
+    forged = tokens.mint(b"not-the-key-0123456789abcdef", node.media["ts"], "hls", 2**31)
+    answered_fast = [
+        _get(_path(node, "master.m3u8")),
+        _get(_path(node, "v0.m3u8")),
+        _get(_path(node, "v0.m3u8"), method="HEAD"),
+        _get(_path(node, blobs[0])),
+        _get(_path(node, blobs[1]), method="HEAD"),
+    ]
+    handed_off = [
+        _get(_path(node, blobs[0]), "Range: bytes=0-9"),
+        _get(_path(node, blobs[0], token=forged)),
+        _get(_path(node, "v9.m3u8")),
+        _get(_path(node, f"b/{cid_of(b'not in the media')}.ts")),
+        _get("/healthz"),
+    ]
+    before = node.answered
+    for raw in answered_fast + handed_off:
+        head = raw.startswith(b"HEAD")
+        answers = []
+        for base in (node.base, node.plain):  # each on a new connection, as a player's first
+            conn = await Conn.open(node, base)
+            conn.send(raw)
+            status, headers, body = await conn.response(head=head)
+            headers.pop("date")
+            answers.append((status, headers, body))
+            await conn.close()
+        assert answers[0] == answers[1], raw
+    assert node.answered == before + len(answered_fast)
+
+
 async def test_refusals_come_from_the_full_path(node: Node) -> None:
     conn = await Conn.open(node)
     blobs = await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     denied = node.rt.metrics.registry.get_sample_value(
         "peerd_http_denied_total", {"reason": "signature"}
     )
@@ -172,7 +204,7 @@ async def test_refusals_come_from_the_full_path(node: Node) -> None:
         "peerd_http_denied_total", {"reason": "signature"}
     )
     assert (after or 0) == (denied or 0) + 1
-    assert node.fast.answered == before
+    assert node.answered == before
     await conn.close()
 
 
@@ -188,10 +220,10 @@ async def test_refusals_come_from_the_full_path(node: Node) -> None:
 async def test_unusual_blob_requests_get_the_full_path(node: Node, extra: list[str]) -> None:
     conn = await Conn.open(node)
     blobs = await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     conn.send(_get(_path(node, blobs[0]), *extra))
     status, h, body = await conn.response(head="If-None-Match: *" in extra)
-    assert node.fast.answered == before
+    assert node.answered == before
     if extra == ["Range: bytes=0-9"]:
         assert status == 206
         assert len(body) == 10
@@ -208,19 +240,19 @@ async def test_unusual_blob_requests_get_the_full_path(node: Node, extra: list[s
 async def test_a_head_trickling_in_and_bare_line_feeds(node: Node) -> None:
     conn = await Conn.open(node)
     await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     for byte in _get(_path(node, "v0.m3u8")):
         conn.send(bytes([byte]))
         await conn.writer.drain()
     status, _, body = await conn.response()
     assert status == 200
     assert body.startswith(b"#EXTM3U")
-    assert node.fast.answered == before + 1
+    assert node.answered == before + 1
     # Bare LF line ends: aiohttp's parser decides, as before the fast path existed.
     bare = f"GET {_path(node, 'v0.m3u8')} HTTP/1.1\nHost: node\n\n".encode()
     conn.send(bare)
     status, _, _ = await conn.response()
-    assert node.fast.answered == before + 1
+    assert node.answered == before + 1
     assert status in (200, 400)
     await conn.close()
 
@@ -228,11 +260,11 @@ async def test_a_head_trickling_in_and_bare_line_feeds(node: Node) -> None:
 async def test_header_limits_still_apply(node: Node) -> None:
     conn = await Conn.open(node)
     await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     conn.send(_get(_path(node, "v0.m3u8"), "X-Big: " + "a" * 70_000))
     status, _, _ = await conn.response()
     assert status in (400, 431)
-    assert node.fast.answered == before
+    assert node.answered == before
     await conn.close()
 
 
@@ -259,25 +291,25 @@ async def test_blob_metrics_and_open_files(node: Node) -> None:
     assert node.rt.access.drain()[blobs[0][2:-3]].hits == 2
     # A blob removed from disk is a miss again (the full path's resolver), not the open file.
     node.rt.store.path_for(Cid(blobs[0][2:-3])).unlink()
-    before = node.fast.answered
+    before = node.answered
     conn.send(_get(_path(node, blobs[0])))
     status, _, _ = await conn.response()
     assert status == 404
-    assert node.fast.answered == before
+    assert node.answered == before
     await conn.close()
 
 
 async def test_idle_connections_close_after_the_keepalive_timeout(
     tmp_path: Path, playlists: dict[str, Path]
 ) -> None:
-    async with run_node(tmp_path, playlists, runner_kwargs={"keepalive_timeout": 0.2}) as node:
+    async with run_node(tmp_path, playlists, http={"keepalive_timeout_s": 0.2}) as node:
         blobs = await _warm(node)
-        before = node.fast.answered
+        before = node.answered
         conn = await Conn.open(node)
         conn.send(_get(_path(node, blobs[0])))
         status, _, _ = await conn.response()
         assert status == 200
-        assert node.fast.answered == before + 1
+        assert node.answered == before + 1
         assert await conn.closed()
         await conn.close()
         # A head that never completes is idle too.
@@ -296,23 +328,26 @@ async def test_shutdown_closes_idle_fast_connections(
         conn.send(_get(_path(node, blobs[0])))
         status, _, _ = await conn.response()
         assert status == 200
+        assert node.fast is not None
         assert node.fast.conns
     # run_node stopped the site and cleaned up the runner: the idle connection was closed.
     assert await conn.closed()
+    assert node.fast is not None
     assert not node.fast.conns
     await conn.close()
 
 
 async def test_concurrent_first_requests_open_a_blob_once(node: Node) -> None:
     blobs = await _warm(node)
-    before = node.fast.answered
+    before = node.answered
     conns = [await Conn.open(node) for _ in range(8)]
     for c in conns:
         c.send(_get(_path(node, blobs[2])))
     bodies = [(await c.response())[2] for c in conns]
     assert {cid_of(b) for b in bodies} == {blobs[2][2:-3]}
+    assert node.fast is not None
     assert node.fast.opened == 1
-    assert node.fast.answered == before + 8
+    assert node.answered == before + 8
     for c in conns:
         await c.close()
 
@@ -320,7 +355,7 @@ async def test_concurrent_first_requests_open_a_blob_once(node: Node) -> None:
 async def test_a_media_not_cached_is_loaded_and_the_connection_stays_fast(node: Node) -> None:
     node.routes._media.clear()  # as after a restart: no manifest in memory
     conn = await Conn.open(node)
-    before = node.fast.answered
+    before = node.answered
     conn.send(_get(_path(node, "v0.m3u8")))
     status, _, body = await conn.response()
     assert status == 200
@@ -330,7 +365,7 @@ async def test_a_media_not_cached_is_loaded_and_the_connection_stays_fast(node: 
     status, _, body = await conn.response()
     assert status == 200
     assert cid_of(body) == blob[2:-3]
-    assert node.fast.answered == before + 2  # both answered here: nothing was handed off
+    assert node.answered == before + 2  # both answered here: nothing was handed off
     await conn.close()
     # A media that does not exist (with a token for it) is loaded once, then aiohttp's 404.
     ghost = cid_of(b"no such media")
@@ -339,7 +374,7 @@ async def test_a_media_not_cached_is_loaded_and_the_connection_stays_fast(node: 
     conn.send(_get(f"/hls/{ghost}/v0.m3u8?token={token}"))
     status, _, _ = await conn.response()
     assert status == 404
-    assert node.fast.answered == before + 2
+    assert node.answered == before + 2
     await conn.close()
     # No token, no catalog work: straight to the full path's 403.
     node.routes._media.clear()

@@ -131,24 +131,6 @@ class Catalog:
             await reader.execute(pragma)
         return cls(path, writer, reader)
 
-    @classmethod
-    async def open_readonly(cls, path: Path) -> Catalog:
-        """Open an existing catalog for reading only (HTTP worker processes).
-
-        Both connections are ``mode=ro``: a write attempted through this handle fails instead of
-        racing the daemon's writer; migrations are the daemon's job.
-        """
-        uri = f"{(await asyncio.to_thread(path.resolve)).as_uri()}?mode=ro"
-        writer = await aiosqlite.connect(uri, uri=True, isolation_level=None)
-        try:
-            reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
-        except BaseException:
-            await writer.close()
-            raise
-        for conn in (writer, reader):
-            await conn.execute("PRAGMA busy_timeout=10000")
-        return cls(path, writer, reader)
-
     async def close(self) -> None:
         """Close both connections (checkpointing the WAL)."""
         await self.conn.close()

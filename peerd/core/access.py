@@ -36,17 +36,6 @@ class AccessCounter:
             entry[1] += nbytes
             entry[3] = now
 
-    def add(self, cid: str, hits: int, nbytes: int, first: float, last: float) -> None:
-        """Fold in counts made elsewhere (an HTTP worker process's batch)."""
-        entry = self._hits.get(cid)
-        if entry is None:
-            self._hits[cid] = [hits, nbytes, first, last]
-        else:
-            entry[0] += hits
-            entry[1] += nbytes
-            entry[2] = min(entry[2], first)
-            entry[3] = max(entry[3], last)
-
     def __len__(self) -> int:
         return len(self._hits)
 

@@ -31,12 +31,8 @@ class BlobStream:
 
 
 class Tee:
-    """Bytes of one trusted offer, replayed to any number of readers while being stored.
-
-    Readers either iterate :meth:`reader` or, to act in the very callback that brought the
-    bytes, are *listeners* (:meth:`Resolver.watch`): plain functions called on every change
-    (begun, chunk added, failed, finished), which read :attr:`chunks` up to :meth:`ready`.
-    """
+    """Bytes of one trusted offer, replayed to any number of readers (:meth:`reader`) while
+    being stored."""
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -51,13 +47,10 @@ class Tee:
         self.path: Path | None = None
         self.started = asyncio.Event()
         self._changed = asyncio.Event()
-        self.listeners: list[Callable[[], None]] = []
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-        for wake in list(self.listeners):
-            wake()
 
     def ready(self) -> int:
         """How many of :attr:`chunks` a reader may pass on now.
@@ -100,11 +93,6 @@ class Tee:
         # readers that already got bytes cannot be restarted, so they still see the failure.
         self.started.set()
         self._notify()
-
-    def unwatch(self, wake: Callable[[], None]) -> None:
-        """Stop calling ``wake`` (see :meth:`Resolver.watch`)."""
-        if wake in self.listeners:
-            self.listeners.remove(wake)
 
     async def reader(self) -> AsyncIterator[bytes]:
         """The streamed bytes, each chunk as soon as :meth:`ready` allows it."""
@@ -252,23 +240,6 @@ class Resolver:
             raise tee.error
         assert tee.path is not None
         return BlobStream(path=tee.path, size=None, source=tee.path_source)
-
-    def watch(self, cid: Cid, wake: Callable[[], None]) -> Tee | None:
-        """Join (or start) the streamed fetch of a blob the caller found missing.
-
-        ``wake`` is called, synchronously, on every change of the returned :class:`Tee`
-        (begun, bytes in, failed, finished); the caller reads the tee then, and calls
-        :meth:`Tee.unwatch` when done. Same single flight as :meth:`open_stream`. None when a
-        fetch that does not stream (:meth:`ensure_local`) is already under way: use
-        :meth:`open_stream` then.
-        """
-        tee = self._tees.get(cid)
-        if tee is None:
-            if cid in self._inflight:
-                return None
-            tee, _ = self._start_tee(cid)
-        tee.listeners.append(wake)
-        return tee
 
     def _start_tee(self, cid: Cid) -> tuple[Tee, asyncio.Task[None]]:
         tee = Tee()
@@ -451,14 +422,8 @@ class Resolver:
             and offer.meta.get("trusted") == "1"
             and offer.size is not None
         )
-        # A tappable offer (R2's GET) hands each chunk to the tee in the callback that received
-        # it, so viewers' sockets get bytes without waiting for a task to run; its size is the
-        # framed length of the answer, so the tee cannot be fed more than it announced.
-        tap = getattr(offer.chunks, "tap", None) if stream else None
         if stream:
             assert tee is not None
-            if tap is not None:
-                tap(tee.push)  # replays what already arrived before the tee begins
             tee.begin(offer.size, offer.source)
 
         async def counted() -> AsyncIterator[bytes]:
@@ -467,18 +432,16 @@ class Resolver:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
-                if stream and tap is None:
+                if stream:
                     assert tee is not None
                     tee.push(chunk)
                 yield chunk
             if offer.size is not None and n != offer.size:
                 raise IntegrityError(f"{offer.peer} sent {n} of {offer.size} bytes for {cid}")
 
-        # Streaming an untapped offer: read ahead in a task of its own, so viewers get bytes
-        # while the store is still setting up its temp file (that cost ~1.5 ms of first-byte
-        # latency).
-        ahead = stream and tap is None
-        body: AsyncIterator[bytes] = _ReadAhead(counted()) if ahead else counted()
+        # Streaming: read ahead in a task of its own, so viewers get bytes while the store is
+        # still setting up its temp file (that cost ~1.5 ms of first-byte latency).
+        body: AsyncIterator[bytes] = _ReadAhead(counted()) if stream else counted()
         try:
             if isinstance(body, _ReadAhead):
                 # The viewers' first bytes go out before the store starts: its catalog lookup

@@ -34,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -51,6 +52,8 @@ from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_me
 from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import ViewerAuth, viewer_auth
+from peerd.http.fastpath import HLS_KEY
+from peerd.http.server import HTTP_METRICS_KEY, HttpMetrics
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http.hls")
@@ -138,25 +141,22 @@ class HlsRoutes:
     """The handlers and their caches."""
 
     def __init__(
-        self, rt: Runtime, auth: ViewerAuth, metrics: HlsMetrics, resolver: Resolver | None = None
+        self,
+        rt: Runtime,
+        auth: ViewerAuth,
+        metrics: HlsMetrics,
+        http_metrics: HttpMetrics,
+        resolver: Resolver | None = None,
     ) -> None:
         self.rt = rt
         self.resolver = resolver  # None: only held blobs are served (HTTP worker processes)
         self.auth = auth
         self.m = metrics
+        self.http_metrics = http_metrics
         cfg = rt.settings.http
         self.cors_origin = cfg.cors_origin
-        # With HTTP worker processes the kernel spreads connections evenly, so each process
-        # holds an equal share of the cap (documented in config/peerd.example.toml).
-        self.max_streams = max(1, cfg.max_streams // cfg.workers)
+        self.max_streams = cfg.max_streams
         self.timeout_s = cfg.request_timeout_s
-        # Connections whose request for a blob already waited ``timeout_s`` for its fetch on
-        # the fast path (the relay timed out before the first byte), with the blob and when:
-        # handed over, that request is answered 503 at once rather than after waiting on the
-        # same fetch once more.
-        self.waited: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, float]] = (
-            weakref.WeakKeyDictionary()
-        )
         self.prefetch_segments = cfg.prefetch_segments
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
@@ -165,17 +165,17 @@ class HlsRoutes:
             else "public, max-age=31536000, immutable"
         )
         self.streams = 0
-        self._playlist_headers = self._cors(
+        self.playlist_headers = self._cors(
             {"Content-Type": MIME_PLAYLIST, "Cache-Control": self.playlist_cache}
         )
         self._rendered: dict[tuple[str, str, str], bytes] = {}
         self._media: dict[str, _Media] = {}
         self._loading: dict[str, asyncio.Future[_Media]] = {}
-        # Set in HTTP worker processes: a blob not on local disk goes to the daemon (which owns
-        # the resolver) instead of being fetched here.
-        self.miss: Handler | None = None
         # (playlist, blob) route labels of peerd_http_requests, set by install()
         self.route_names = ("", "")
+        # Metric children of the fast path's answers, looked up on first use: label lookups
+        # cost more than the increments, and a series appears only once it happened.
+        self._children: dict[tuple[str, bool], tuple[Any, Any]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -234,6 +234,94 @@ class HlsRoutes:
         self._media[media_id] = media
         return media
 
+    # -- the fast path's questions (peerd.http.fastpath.Hls) --------------------------------
+
+    def admits(self, media_id: str, token: str | None, headers: Mapping[str, str]) -> bool:
+        """Whether the request passes :class:`ViewerAuth` without refusal, await or I/O."""
+        jwt = headers.get("cf-access-jwt-assertion")
+        return self.auth.admits(token, jwt, media_id, "hls")
+
+    def cached(self, media_id: str) -> bool:
+        """Whether the media's manifest is in memory."""
+        return media_id in self._media
+
+    async def load(self, media_id: str) -> None:
+        """Bring the media's manifest into memory (NotFound if the catalog has none)."""
+        await self.media(media_id)
+
+    def playlist_body(self, media_id: str, name: str, token: str | None) -> bytes | None:
+        """The playlist of a cached media as :meth:`playlist` sends it, or None."""
+        media = self._media.get(media_id)
+        parts = media.templates.get(name) if media is not None else None
+        if parts is None:
+            return None
+        # Access mode puts no token in URLs (as the full path: its check returns None).
+        return self.rendered(media_id, name, token if self.auth.mode == "token" else None, parts)
+
+    def held_blob(self, media_id: str, cid: str, ext: str) -> tuple[str, os.stat_result] | None:
+        """The file and stat of a held blob of the cached media with this extension, or None."""
+        media = self._media.get(media_id)
+        if media is None or media.blobs.get(cid) != ext:
+            return None
+        path = self.rt.store.file_name(Cid(cid))
+        try:
+            # One stat in a warm directory (as :meth:`_send`), cheaper than a thread hop.
+            st = os.stat(path)  # noqa: PTH116
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if media.remote:
+            self.fetch_ahead(media, cid)
+        return path, st
+
+    def open_stream(self) -> bool:
+        """Take a blob stream slot (counted in the gauge); False when all are taken."""
+        if self.streams >= self.max_streams:
+            return False
+        self.streams += 1
+        self.m.active.inc()
+        return True
+
+    def close_stream(self) -> None:
+        """Give back a slot taken by :meth:`open_stream`."""
+        self.streams -= 1
+        self.m.active.dec()
+
+    def answered(self, blob: bool, seconds: float) -> None:
+        """Count a 200 of the fast path under its route, as the metrics middleware does."""
+        requests, latency = self._child(("answered", blob))
+        requests.inc()
+        latency.observe(seconds)
+
+    def blob_sent(self, cid: str, nbytes: int, *, ok: bool) -> None:
+        """Count a held blob sent by the fast path, as :meth:`sent` does."""
+        served, sent = self._child(("sent", ok))
+        if nbytes:
+            self.rt.access.record(cid, nbytes, time.time())
+            served.inc(nbytes)
+        sent.inc(nbytes)
+
+    def _child(self, key: tuple[str, bool]) -> tuple[Any, Any]:
+        children = self._children.get(key)
+        if children is None:
+            kind, flag = key
+            if kind == "answered":
+                route = self.route_names[flag]
+                hm = self.http_metrics
+                children = (
+                    hm.requests.labels(route=route, status="200"),
+                    hm.latency.labels(route=route),
+                )
+            else:
+                status = "200" if flag else "cut"
+                children = (
+                    self.rt.metrics.bytes_served.labels(source="local"),
+                    self.m.bytes.labels(source="local", status=status),
+                )
+            self._children[key] = children
+        return children
+
     # -- handlers --------------------------------------------------------------------------
 
     async def preflight(self, request: web.Request) -> web.Response:
@@ -261,7 +349,7 @@ class HlsRoutes:
         if parts is None:
             raise NotFound("no such playlist")
         body = self.rendered(media_id, name, token, parts)
-        return web.Response(body=body, headers=self._playlist_headers)
+        return web.Response(body=body, headers=self.playlist_headers)
 
     def rendered(
         self, media_id: str, name: str, token: str | None, parts: tuple[str, ...]
@@ -343,8 +431,6 @@ class HlsRoutes:
         headers = self.blob_headers(ext)
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
-            if self.miss is not None:
-                return await self.miss(request)
             resolver = self.resolver
             if resolver is None:
                 raise NotFound("blob not held")
@@ -352,10 +438,6 @@ class HlsRoutes:
             # to the viewer while the resolver verifies and stores them (Resolver.open_stream).
             # Range and HEAD requests, and bytes from peers, get the verified, stored file.
             streamable = request.method == "GET" and "Range" not in request.headers
-            transport = request.transport
-            waited = self.waited.pop(transport, None) if transport is not None else None
-            if waited is not None and waited[0] == cid and time.monotonic() - waited[1] < 5.0:
-                raise Unavailable("blob fetch timed out")
             self.streams += 1  # a fetch in progress holds a stream slot too
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -401,13 +483,6 @@ class HlsRoutes:
             await resp.prepare(request)
             async for chunk in got.chunks:
                 await resp.write(chunk)
-                if not sent:
-                    # The first bytes are in the viewer's socket; the process that forwards
-                    # them (cloudflared, or a local player) was just woken, most likely onto
-                    # this CPU. Without a yield it waits until this loop has received, hashed
-                    # and stored more of the blob (or the scheduler's slice ends): 0.7-1.0 ms
-                    # in 2 of 3 cold misses on a 2-core node. One sched_yield lets it run now.
-                    os.sched_yield()
                 sent += len(chunk)
             await resp.write_eof()
             ok = True
@@ -464,14 +539,11 @@ class _BlobResponse(web.FileResponse):
             routes.m.active.dec()
 
 
-ROUTES_KEY = web.AppKey("hls_routes", HlsRoutes)
-
-
 def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt, auth.denied), resolver)
-    app[ROUTES_KEY] = routes
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt, auth.denied), app[HTTP_METRICS_KEY], resolver)
+    app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"
     pl = app.router.add_get(

@@ -6,27 +6,28 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
+from peerd.config import HttpSettings
+from peerd.core.httphead import Limits
 from peerd.errors import PeerdError
-from peerd.paths import lasting_short_path, listen_unix
+from peerd.http import fastpath
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http")
 
 RouteInstaller = Callable[[web.Application, Runtime], None]
-SiteFactory = Callable[..., web.TCPSite]
 """``(runner, host, port, **kwargs)`` -> the listening site (``peerd.http.fastpath.site``)."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
-WORKER_HEADER = "X-Peerd-Worker"
-INTERNAL_SOCKET = "http-internal.sock"
+SHUTDOWN_GRACE_S = 5.0  # in-flight requests may finish within this on stop
 
 
 @web.middleware
@@ -132,24 +133,6 @@ class HttpMetrics:
 HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
 
 
-WORKER_MARK_KEY = web.AppKey("worker_mark", str)
-
-
-def mark_process(app: web.Application, index: int) -> None:
-    """Name the answering process in ``X-Peerd-Worker`` (0 = daemon) when there are workers.
-
-    A response relayed from the daemon keeps the daemon's mark, so the header tells which
-    process did the work; tests use it to see that every process answered.
-    """
-    mark = str(index)
-    app[WORKER_MARK_KEY] = mark
-
-    async def on_prepare(_request: web.Request, resp: web.StreamResponse) -> None:
-        resp.headers.setdefault(WORKER_HEADER, mark)
-
-    app.on_response_prepare.append(on_prepare)
-
-
 def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
     """The application with the base routes and every subsystem's routes."""
     http_metrics = HttpMetrics(rt)
@@ -159,8 +142,6 @@ def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
     )
     app[RUNTIME_KEY] = rt
     app[HTTP_METRICS_KEY] = http_metrics
-    if rt.settings.http.workers > 1:
-        mark_process(app, 0)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -169,77 +150,106 @@ def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
     return app
 
 
+@dataclass
+class Listener:
+    """A listening socket whose connections aiohttp serves, through the fast path if any."""
+
+    server: asyncio.Server
+    fast: fastpath.FastPath | None
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting; close idle fast-path connections, let busy ones finish (bounded).
+
+        Connections aiohttp holds are its own to close (``AppRunner.cleanup``).
+        """
+        self.server.close()
+        if self.fast is not None:
+            await self.fast.shutdown(grace_s)
+
+
+async def listen(runner: web.AppRunner, cfg: HttpSettings) -> Listener:
+    """Listen on ``cfg.host:cfg.port`` for ``runner``'s application.
+
+    With ``cfg.fast_path`` and HLS routes in the application, connections start on the fast
+    path (:mod:`peerd.http.fastpath`), which hands aiohttp what it does not answer itself;
+    otherwise aiohttp's own protocol (``web.Server``, the documented low-level server) serves
+    every connection.
+    """
+    aiohttp_protocol = runner.server
+    if aiohttp_protocol is None:
+        raise RuntimeError("runner.setup() first")
+    hls = runner.app.get(fastpath.HLS_KEY)
+    fast: fastpath.FastPath | None = None
+    factory: Callable[[], asyncio.Protocol] = aiohttp_protocol
+    if cfg.fast_path and hls is not None:
+        fast = fastpath.FastPath(
+            hls,
+            aiohttp_protocol,
+            keepalive_timeout=cfg.keepalive_timeout_s,
+            limits=Limits(cfg.max_line_size, cfg.max_field_size, cfg.max_headers),
+        )
+        factory = fast.protocol
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, cfg.host, cfg.port, reuse_address=True)
+    return Listener(server, fast)
+
+
+def runner_for(app: web.Application, cfg: HttpSettings) -> web.AppRunner:
+    """An ``AppRunner`` for ``app`` with the ``[http]`` limits and timeouts."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=cfg.keepalive_timeout_s,
+        max_line_size=cfg.max_line_size,
+        max_field_size=cfg.max_field_size,
+        max_headers=cfg.max_headers,
+    )
+
+
 class HttpService:
     """Runs the application on ``http.host:http.port``; drains in-flight requests on stop."""
 
     name = "http"
 
-    def __init__(
-        self, rt: Runtime, installers: list[RouteInstaller], site: SiteFactory = web.TCPSite
-    ) -> None:
+    def __init__(self, rt: Runtime, installers: list[RouteInstaller]) -> None:
         self.rt = rt
         self.installers = installers
-        self.site = site  # the daemon passes peerd.http.fastpath.site
         self.runner: web.AppRunner | None = None
+        self.listener: Listener | None = None
         self.port: int | None = None
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Bind, announce the bound address, serve until cancelled."""
         cfg = self.rt.settings.http
-        app = build_app(self.rt, self.installers)
-        self.runner = web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=5.0,
-            keepalive_timeout=cfg.keepalive_timeout_s,
-            max_line_size=cfg.max_line_size,
-            max_field_size=cfg.max_field_size,
-            max_headers=cfg.max_headers,
-        )
+        self.runner = runner_for(build_app(self.rt, self.installers), cfg)
         await self.runner.setup()
         try:
-            # With worker processes the port is shared (SO_REUSEPORT): the kernel spreads new
-            # connections over every process bound to it.
-            workers = cfg.workers > 1
-            site = self.site(
-                self.runner, cfg.host, cfg.port, reuse_address=True, reuse_port=workers or None
-            )
-            await site.start()
-            server = cast("asyncio.Server | None", site._server)
-            if server is None or not server.sockets:
-                raise RuntimeError("aiohttp site started without a listening socket")
-            self.port = int(server.sockets[0].getsockname()[1])
-            if workers:
-                await self._start_internal()
+            self.listener = await listen(self.runner, cfg)
+            self.port = self.listener.port
             addr_file: Path = self.rt.settings.state_dir / "http.addr"
             await asyncio.to_thread(_write_text, addr_file, f"{cfg.host}:{self.port}\n")
             log.info("http listening", extra={"host": cfg.host, "port": self.port})
             ready()
             await asyncio.Event().wait()
         finally:
-            await asyncio.shield(self.runner.cleanup())
+            await asyncio.shield(self._stop())
 
-    async def _start_internal(self) -> None:
-        # Workers relay what they do not serve themselves over this socket. 0600 in the state
-        # directory: only the node's own user can reach the daemon this way.
+    async def _stop(self) -> None:
+        await self.drain()
         assert self.runner is not None
-        sock = await asyncio.to_thread(
-            listen_unix, self.rt.settings.state_dir, INTERNAL_SOCKET, 128
-        )
-        await web.SockSite(self.runner, sock).start()
+        await self.runner.cleanup()
 
     async def drain(self) -> None:
         """Stop accepting connections and let in-flight requests finish."""
-        if self.runner is not None:
-            for site in list(self.runner.sites):
-                await site.stop()
-
-
-def internal_socket(state_dir: Path) -> str:
-    """The daemon's private HTTP socket that worker processes relay requests to, as a path
-    this process can connect to (short enough for a socket address however long the state
-    directory is: see :func:`peerd.paths.lasting_short_path`)."""
-    return f"{lasting_short_path(state_dir)}/{INTERNAL_SOCKET}"
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            await listener.stop(SHUTDOWN_GRACE_S)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -35,8 +35,6 @@ _ALLOW_HEADERS = "Authorization, Content-Type, If-Match"
 _EXPOSE_HEADERS = "Location, Link, ETag, Accept-Patch"
 
 
-
-
 def _cors(rt: Runtime, request: web.Request, headers: MutableMapping[str, str]) -> None:
     allowed = rt.settings.webrtc.cors_origins
     origin = request.headers.get("Origin")

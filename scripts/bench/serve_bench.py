@@ -1,6 +1,6 @@
 """HLS serving: peerd vs nginx on the same media in the same run, alternating, with wrk.
 
-    /work/venv/bin/python scripts/bench/serve_bench.py [HLSDIR]
+    .venv/bin/python scripts/bench/serve_bench.py [HLSDIR]
 
 HLSDIR is an ffmpeg-written HLS rendition (default ``/tmp/peerd-bench/hls/ts``, made by
 ``../shared/bench/make_media.sh``: 30 segments of ~3 MB). Its files are imported into a fresh
@@ -15,11 +15,10 @@ and records ``other_cores``: CPU used by everything except the server and wrk du
 (cores; >0.2 means a noisy neighbour). Prints a table of medians and the ratios peerd/nginx.
 Raw JSON lines go to /tmp/peerd-bench-serve/results.jsonl.
 
-peerd runs with ``http.workers = WORKERS`` (default 1, the configured default: with the HLS fast
-path a second process on this 2-core machine measured no faster); the count is in every JSON row
-and in the table. ``WORKERS=2`` adds one worker process on the port.
+peerd runs with ``http.fast_path = FAST_PATH`` (default 1, the configured default; 0 lets
+aiohttp serve everything); the setting is in every JSON row and in the table.
 
-Env: REPS (3), D (5s), C (64), T (2), WORKERS (1), QUIET_THRESH (10 %), QUIET_MAX (20 s).
+Env: REPS (3), D (5s), C (64), T (2), FAST_PATH (1), QUIET_THRESH (10 %), QUIET_MAX (20 s).
 """
 
 from __future__ import annotations
@@ -39,9 +38,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = (ROOT / ".." / "shared" / "bench").resolve()
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/bench")
+# The shared bench tools sit in ``shared/bench`` next to the checkout (or next to the folder
+# holding its worktrees); SHARED_BENCH names them elsewhere.
+SHARED = Path(
+    os.environ.get("SHARED_BENCH")
+    or next(
+        (p / "shared" / "bench" for p in ROOT.parents if (p / "shared" / "bench").is_dir()),
+        ROOT.parent / "shared" / "bench",
+    )
+)
 WORK = Path("/tmp/peerd-bench-serve")
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -147,7 +152,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-WORKERS = int(os.environ.get("WORKERS", "1"))
+FAST_PATH = os.environ.get("FAST_PATH", "1") != "0"
 
 
 def measure(
@@ -177,7 +182,7 @@ def measure(
         "server": server,
         "workload": workload,
         "rep": rep,
-        "peerd_workers": WORKERS,
+        "peerd_fast_path": FAST_PATH,
         "server_cpu_s": round(c1 - c0, 2),
         "wrk_cpu_s": round(u + s, 2),
         "other_cores": round(other, 2),
@@ -230,7 +235,7 @@ def main() -> int:
         PEERD_NODE__SECRETS_DIR=str(state / "secrets"),
         PEERD_HTTP__PORT=str(pp),
         PEERD_LOG__LEVEL="warning",
-        PEERD_HTTP__WORKERS=str(WORKERS),
+        PEERD_HTTP__FAST_PATH=str(FAST_PATH).lower(),
     )
     servers = {
         "peerd": lambda: start([sys.executable, "-m", "peerd", "run"], env),
@@ -244,15 +249,14 @@ def main() -> int:
             try:
                 base, pl, paths = urls[name]
                 if name == "peerd":
-                    # Ready only once every worker process listens on the port too.
-                    wait_http(base + "/readyz")
+                    wait_http(base + "/readyz")  # every service started: none busy starting
                 wait_http(base + pl)
                 rows.append(measure(name, "playlist", rep, proc.pid, base + pl, None))
                 rows.append(measure(name, "segments", rep, proc.pid, base, paths))
             finally:
                 stop(proc)
     print()
-    print(f"peerd http.workers = {WORKERS}")
+    print(f"peerd http.fast_path = {FAST_PATH}")
     print("| workload | server | req/s | MB/s | p50 ms | p99 ms | other_cores (max) |")
     print("|---|---|---|---|---|---|---|")
     med: dict[tuple[str, str], dict[str, float]] = {}
