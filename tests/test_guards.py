@@ -49,14 +49,16 @@ async def test_short_steps_on_a_crowded_cpu():
     # The CPU really was crowded: asyncio's wall-time rule would have blamed these steps.
     assert max(walls) > 0.1, walls
 
+BIG = list(range(2_000_000))
+
 async def test_short_steps_waiting_for_the_gil():
-    # A worker thread serialises a big document: json.dumps holds the GIL ~300 ms at a time.
-    big = list(range(3_000_000))
+    # A worker thread serialises a big document: json.dumps holds the GIL ~200 ms at a time
+    # (several times that on a loaded machine, where the worker waits for a CPU holding it).
     stop = threading.Event()
 
     def serialise():
         while not stop.is_set():
-            json.dumps(big)
+            json.dumps(BIG)
 
     worker = threading.Thread(target=serialise)
     worker.start()
@@ -72,8 +74,8 @@ async def test_short_steps_waiting_for_the_gil():
     finally:
         stop.set()
         worker.join()
-    # The steps really waited off the CPU for longer than any CPU limit.
-    assert max(waits) > 0.15, waits
+    # The steps really waited off the CPU for longer than the CPU limit.
+    assert max(waits) > 0.12, waits
 
 WRITER = \'\'\'
 import os, sys, time
