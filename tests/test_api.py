@@ -33,6 +33,7 @@ from peerd.media.ingest import node_ingestor
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.coordinator import FakeCoordinator, NodeApiClient
 from peerd.testing.inventory import seed_media
+from peerd.testing.poll import until
 from peerd.testing.replicator import FakeReplicator
 from peerd.testing.sources import MemorySource
 
@@ -474,9 +475,7 @@ async def test_heartbeats_and_drain_uploads_last_copies(runtime: Runtime) -> Non
         assert "drain:upload" in reg["capabilities"]
         await fake.wait_for(lambda: len(fake.of_kind("heartbeat")) >= 1, 10)
         fake.heartbeat_interval_s = 30
-        async with asyncio.timeout(10):  # the coordinator's answer sets the interval
-            while svc.interval_s != 30:  # noqa: ASYNC110 -- polling the client's state
-                await asyncio.sleep(0.02)
+        await until(lambda: svc.interval_s == 30, timeout_s=10)  # set by the coordinator's answer
         await svc.drain()
         assert rt.draining
         drain = fake.of_kind("drain")

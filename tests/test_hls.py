@@ -21,6 +21,7 @@ from peerd.delivery.source import Offer
 from peerd.http.clientip import client_ip, parse_networks
 from peerd.testing.cf_access import FakeAccessTeam
 from peerd.testing.hlsmedia import make_hls
+from peerd.testing.poll import until
 from peerd.testing.sources import MemorySource
 
 
@@ -57,12 +58,9 @@ async def _get(
 async def _sample(node: Node, name: str, **labels: str) -> float | None:
     """A metric sample; the server counts a blob after its last byte left, which can be a moment
     after the client has read it, so wait (bounded) for it to appear."""
-    for _ in range(200):
-        value = node.rt.metrics.registry.get_sample_value(name, labels)
-        if value is not None:
-            return value
-        await asyncio.sleep(0.01)
-    return None
+    registry = node.rt.metrics.registry
+    await until(lambda: registry.get_sample_value(name, labels) is not None)
+    return registry.get_sample_value(name, labels)
 
 
 async def _ffmpeg_decode(url: str) -> tuple[int, str]:
@@ -292,11 +290,10 @@ async def test_missing_blob_is_fetched_through_the_resolver(
     before = reg.get_sample_value("peerd_http_blob_bytes_total", labels) or 0.0
     status, _, _ = await _get(http, node.url("ts", blob))
     assert status == 200
-    for _ in range(500):  # counted once the last byte left: poll (bounded) for it
-        if reg.get_sample_value("peerd_http_blob_bytes_total", labels) == before + len(data):
-            break
-        await asyncio.sleep(0.01)
-    assert reg.get_sample_value("peerd_http_blob_bytes_total", labels) == before + len(data)
+    # Counted once the last byte left: wait (bounded) for it.
+    await until(
+        lambda: reg.get_sample_value("peerd_http_blob_bytes_total", labels) == before + len(data)
+    )
     assert reg.get_sample_value("peerd_http_blob_bytes_total", {**labels, "source": "lan"}) == len(
         data
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -78,16 +79,17 @@ async def test_bridge_errors_and_cancellation(bridge: TrioThread) -> None:
     with pytest.raises(UpstreamError, match="nope"):
         await bridge.call(boom)
 
-    cancelled = trio.Event()
+    started, cancelled = threading.Event(), trio.Event()
 
     async def forever() -> None:
         try:
+            started.set()
             await trio.sleep_forever()
         finally:
             cancelled.set()
 
     fut = bridge.call(forever)
-    await asyncio.sleep(0.05)
+    await until(started.is_set)  # cancelled while running in trio, not before it got there
     fut.cancel()
 
     async def wait_cancelled() -> bool:
@@ -101,8 +103,14 @@ async def test_bridge_errors_and_cancellation(bridge: TrioThread) -> None:
 async def test_bridge_stop_answers_pending_calls() -> None:
     b = TrioThread()
     await b.start()
-    fut = b.call(trio.sleep_forever)
-    await asyncio.sleep(0.05)
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    fut = b.call(forever)
+    await until(started.is_set)
     assert await b.stop()
     with pytest.raises(BridgeClosed):
         await fut

@@ -9,6 +9,7 @@ from peerd.core.ids import Cid, cid_of
 from peerd.delivery import Resolver
 from peerd.errors import NotFound
 from peerd.runtime import Runtime
+from peerd.testing.poll import until
 from peerd.testing.source_suite import SourceConformance, SourceFactory
 from peerd.testing.sources import MemorySource
 
@@ -138,8 +139,7 @@ async def test_a_viewer_joins_a_prefetch_in_flight(runtime: Runtime) -> None:
     assert stream.path is not None
     assert stream.path.read_bytes() == data
     assert src.requests == [cid]  # one upstream request for both
-    await asyncio.sleep(0)
-    assert resolver.m_prefetch.labels(outcome="ok")._value.get() == 1
+    await until(lambda: resolver.m_prefetch.labels(outcome="ok")._value.get() == 1)
 
 
 async def test_prefetch_is_bounded_and_never_raises(runtime: Runtime) -> None:
@@ -150,24 +150,12 @@ async def test_prefetch_is_bounded_and_never_raises(runtime: Runtime) -> None:
     assert resolver.prefetch(a)
     assert resolver.prefetch(b)  # nowhere to be found: counted as failed, not raised
     assert not resolver.prefetch(c)  # two are running: viewers come first
-    for _ in range(200):
-        if resolver.m_prefetch.labels(outcome="failed")._value.get() == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert resolver.m_prefetch.labels(outcome="failed")._value.get() == 1
+    await until(lambda: resolver.m_prefetch.labels(outcome="failed")._value.get() == 1)
     assert not resolver.prefetch(b)  # its miss is cached for a moment
-    for _ in range(200):
-        if await runtime.store.has(a):
-            break
-        await asyncio.sleep(0.01)
-    assert await runtime.store.has(a)
+    await until(lambda: runtime.store.has(a))
     assert resolver.prefetch(c)  # room again
     assert resolver.m_prefetch.labels(outcome="skipped")._value.get() == 2
-    for _ in range(200):
-        if resolver.m_prefetch.labels(outcome="failed")._value.get() == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert resolver.m_prefetch.labels(outcome="failed")._value.get() == 2
+    await until(lambda: resolver.m_prefetch.labels(outcome="failed")._value.get() == 2)
 
 
 class IdlePeers(MemorySource):

@@ -28,6 +28,7 @@ from peerd.http.access import make_auth
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
 from peerd.testing.browser import Browser
+from peerd.testing.poll import until
 from peerd.testing.process import PeerdProcess
 from peerd.ui import Dashboard, install
 from peerd.ui.auth import make_session, session_valid, token_matches
@@ -424,10 +425,17 @@ async def test_disabled(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_dashboard_in_chromium(served: tuple[Runtime, str, str], tmp_path: Path) -> None:
     rt, base, media_id = served
-    # Two bandwidth samples a second apart, so the chart has a line.
-    await asyncio.sleep(1.2)
-    rt.metrics.bytes_served.labels(source="lan").inc(2 << 20)
-    await asyncio.sleep(1.2)
+    # Three bandwidth samples (one a second), the last after 2 MiB more from a peer, so the chart
+    # has a line.
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
+
+        async def sampled(n: int) -> bool:
+            async with s.get(f"{base}/ui/api/summary") as r:
+                return len((await r.json())["traffic"]["rates"]) >= n
+
+        await until(lambda: sampled(1), timeout_s=10, step_s=0.05)
+        rt.metrics.bytes_served.labels(source="lan").inc(2 << 20)
+        await until(lambda: sampled(2), timeout_s=10, step_s=0.05)
     async with Browser.launch(tmp_path / "chromium") as browser:
         page = await browser.new_page()
         await page.goto(f"{base}/ui")

@@ -13,7 +13,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from peerd.config import load_settings
 from peerd.core.ids import Cid
 from peerd.core.manifest import decode
 from peerd.runtime import open_runtime
+from peerd.testing.poll import until
 from peerd.testing.process import PeerdProcess
 from peerd.testing.whep_media import HlsClip, add_media, make_hls, sign_viewers, whep_url
 from peerd.testing.whep_viewer import ViewerProcess
@@ -99,12 +100,9 @@ async def frames_at_least(viewer: ViewerProcess, kind: str, n: int) -> dict[str,
         await asyncio.sleep(0.1)
 
 
-async def until(cond: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(cond):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.1)
+async def until_in_thread(cond: Callable[[], object]) -> None:
+    """``until`` for a condition that blocks (an HTTP probe, a log read): checked in a thread."""
+    await until(lambda: asyncio.to_thread(cond), timeout_s=10, step_s=0.1)
 
 
 async def closed_reason(daemon: Daemon, viewer: ViewerProcess) -> str:
@@ -119,7 +117,7 @@ async def closed_reason(daemon: Daemon, viewer: ViewerProcess) -> str:
     def own() -> list[dict[str, Any]]:
         return [e for e in daemon.closed_sessions() if location.endswith(e["session"])]
 
-    await until(lambda: bool(own()))
+    await until_in_thread(own)
     return str(own()[0]["reason"])
 
 
@@ -175,7 +173,7 @@ async def test_viewer_closing_frees_session(daemon: Daemon) -> None:
     await frames_at_least(viewer, "video", 1)
     await viewer.close()
     # The viewer's DTLS close ends the node's peer connection.
-    await until(lambda: daemon.metric("peerd_whep_sessions") == 0)
+    await until_in_thread(lambda: daemon.metric("peerd_whep_sessions") == 0)
     assert await closed_reason(daemon, viewer) == "closed"
 
 
@@ -185,7 +183,7 @@ async def test_missing_segment_ends_session(daemon: Daemon) -> None:
         assert viewer.status == 201
         await frames_at_least(viewer, "video", 1)
         # The first segments play; the missing one ends the session instead of stalling it.
-        await until(lambda: daemon.metric("peerd_whep_sessions") == 0)
+        await until_in_thread(lambda: daemon.metric("peerd_whep_sessions") == 0)
         assert await closed_reason(daemon, viewer) == "media_error"
     finally:
         await viewer.close()
