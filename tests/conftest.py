@@ -36,6 +36,13 @@ import pytest
 from peerd.config import Settings, load_settings
 from peerd.runtime import Runtime, open_runtime
 
+# The test harness is ``tests.support`` (outside the package): children the tests start with
+# ``python -m tests.support...`` find it, and this checkout's peerd, through PYTHONPATH.
+_REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_REPO, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _REPO)]
+)
+
 CPU_LIMIT_S = 0.1
 WAIT_LIMIT_S = 1.0
 

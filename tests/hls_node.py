@@ -16,7 +16,7 @@ from peerd.core import tokens
 from peerd.http import fastpath, hls
 from peerd.http.server import Listener, RouteInstaller, build_app, listen, runner_for
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.hlsmedia import import_hls, read_hls
+from tests.support.hlsmedia import import_hls, read_hls
 
 KEY_TEXT = "test-signing-key-0123456789abcdef-0123456789"
 KEY = KEY_TEXT.encode()

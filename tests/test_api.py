@@ -31,11 +31,11 @@ from peerd.http.server import build_app
 from peerd.identity import Identity
 from peerd.media.ingest import node_ingestor
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.coordinator import FakeCoordinator, NodeApiClient
-from peerd.testing.inventory import seed_media
-from peerd.testing.poll import until
-from peerd.testing.replicator import FakeReplicator
-from peerd.testing.sources import MemorySource
+from tests.support.coordinator import FakeCoordinator, NodeApiClient
+from tests.support.inventory import seed_media
+from tests.support.poll import until
+from tests.support.replicator import FakeReplicator
+from tests.support.sources import MemorySource
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ async def test_access_service_token_verified_against_the_team(tmp_path: object) 
     """Access mode wired from config: a real RS256 check against a (fake) team's certs."""
     from pathlib import Path
 
-    from peerd.testing.cf_access import FakeAccessTeam, new_key
+    from tests.support.cf_access import FakeAccessTeam, new_key
 
     assert isinstance(tmp_path, Path)
     team = FakeAccessTeam(audience="api-aud")
@@ -584,7 +584,7 @@ async def test_ingest_command_inside_the_library_only(api: Api, tmp_path: object
     """`POST /commands/ingest`: library folders only, a job that packages and catalogs."""
     from pathlib import Path
 
-    from peerd.testing.media import make_media
+    from tests.support.media import make_media
 
     assert isinstance(tmp_path, Path)
     rt, c = api.rt, api.client

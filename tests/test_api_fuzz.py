@@ -11,8 +11,8 @@ from pathlib import Path
 
 from peerd.config import load_settings
 from peerd.runtime import open_runtime
-from peerd.testing.inventory import seed_media
-from peerd.testing.process import PeerdProcess
+from tests.support.inventory import seed_media
+from tests.support.process import PeerdProcess
 
 # Statuses a schema-valid request may get: 404 for ids this node does not hold, 409 for
 # commands needing a subsystem it does not run, 416 for a range past a blob's end.

@@ -10,7 +10,7 @@ from peerd.api import models
 from peerd.api.openapi import build, committed, render
 from peerd.api.routes import HANDLERS
 from peerd.api.spec import ENDPOINTS, PREFIX
-from peerd.testing.process import run_cli
+from tests.support.process import run_cli
 
 
 def test_committed_document_matches_the_code() -> None:
@@ -44,7 +44,7 @@ def test_component_schemas_are_valid_json_schema() -> None:
 def test_models_and_document_agree_on_examples() -> None:
     # A body built from the models validates against the document's schema, and the schema
     # refuses what the models refuse.
-    from peerd.testing.openapi import OpenApiDocument, SchemaViolation
+    from tests.support.openapi import OpenApiDocument, SchemaViolation
 
     doc = OpenApiDocument()
     cid = "bafkreibnoelefnzgwbcacyt4vh52ymxvzbjq7mmqhtcnwarfq4lzegsiqe"

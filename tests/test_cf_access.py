@@ -1,5 +1,5 @@
 """Cloudflare Access JWT validation against a fake team certs endpoint with generated keys:
-tokens from the Cloudflare-shaped fake (``peerd.testing.cf_access``) and tokens minted by PyJWT
+tokens from the Cloudflare-shaped fake (``tests.support.cf_access``) and tokens minted by PyJWT
 itself with a key made in the test."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from peerd.errors import Unavailable
 from peerd.http.access import LEEWAY_S, AccessDenied, AccessVerifier, parse_jwks
-from peerd.testing.cf_access import FakeAccessTeam, new_key
+from tests.support.cf_access import FakeAccessTeam, new_key
 
 
 @pytest.fixture

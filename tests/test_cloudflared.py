@@ -1,7 +1,7 @@
 """scripts/cloudflared/: shellcheck, argument handling, idempotency, and the generated config.yml
 checked against a JSON schema written from Cloudflare's documented config file format.
 
-cloudflared itself is not installable here; a fake built to its CLI (peerd.testing.fake_cloudflared)
+cloudflared itself is not installable here; a fake built to its CLI (tests.support.fake_cloudflared)
 stands in, recording every call.
 """
 
@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from peerd.testing.fake_cloudflared import install_shims, validate_ingress
-from peerd.testing.process import REPO_ROOT
+from tests.support.fake_cloudflared import install_shims, validate_ingress
+from tests.support.process import REPO_ROOT
 
 SCRIPTS = REPO_ROOT / "scripts" / "cloudflared"
 SCHEMA = json.loads((SCRIPTS / "config.schema.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 
 from peerd.config import Settings, load_settings
 from peerd.errors import ConfigError
-from peerd.testing.process import REPO_ROOT, run_cli
+from tests.support.process import REPO_ROOT, run_cli
 
 EXAMPLE = REPO_ROOT / "config" / "peerd.example.toml"
 

@@ -24,8 +24,8 @@ import pytest
 from peerd import ctl
 from peerd.control import IngestCommand, parse_request
 from peerd.errors import BadRequest
-from peerd.testing.media import make_media
-from peerd.testing.process import REPO_ROOT, PeerdProcess, run_cli
+from tests.support.media import make_media
+from tests.support.process import REPO_ROOT, PeerdProcess, run_cli
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from peerd.core.inventory import digest_of
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.identity import load_pem
 from peerd.runtime import open_runtime
-from peerd.testing.coordinator import FakeCoordinator, NodeApiClient
-from peerd.testing.inventory import seed_media
-from peerd.testing.process import PeerdProcess
+from tests.support.coordinator import FakeCoordinator, NodeApiClient
+from tests.support.inventory import seed_media
+from tests.support.process import PeerdProcess
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from peerd.testing.process import peerd_env, run_cli
+from tests.support.process import peerd_env, run_cli
 
 KILLS = 52
 
@@ -66,7 +66,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     repaired = {"temp_removed": 0, "orphans_removed": 0, "marked_absent": 0}
     for _ in range(KILLS):
         proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "peerd.testing.crashwriter", str(state), str(journal)],
+            [sys.executable, "-m", "tests.support.crashwriter", str(state), str(journal)],
             env=peerd_env(),
             stdout=subprocess.PIPE,
         )

@@ -7,7 +7,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from peerd.testing.process import PeerdProcess, run_cli
+from tests.support.process import PeerdProcess, run_cli
 
 
 def test_start_ready_and_sigterm_exits_zero_fast(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from peerd.testing.process import REPO_ROOT, peerd_env
-from peerd.testing.s3server import free_port
+from tests.support.process import REPO_ROOT, peerd_env
+from tests.support.s3server import free_port
 
 
 def _read_url(proc: subprocess.Popen[str], within_s: float) -> tuple[str, list[str]]:

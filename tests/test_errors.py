@@ -1,7 +1,6 @@
 """One error root: every exception class peerd defines derives from ``PeerdError``, and the tree
 drawn in ``peerd.errors``' docstring names each of them.
 
-``peerd.testing`` (fakes and harnesses) is left out: its errors never reach a node's caller.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ OUTSIDE = {
 
 def _exception_classes() -> Iterator[tuple[str, type[BaseException]]]:
     for info in pkgutil.walk_packages(peerd.__path__, "peerd."):
-        if info.name.startswith("peerd.testing") or info.name == "peerd.__main__":
+        if info.name == "peerd.__main__":
             continue
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from peerd.testing.process import REPO_ROOT, peerd_env
+from tests.support.process import REPO_ROOT, peerd_env
 
 BAD_TESTS = """
 import asyncio, threading, time

@@ -19,10 +19,10 @@ from peerd.core.ids import Cid, cid_of
 from peerd.delivery.resolver import Resolver
 from peerd.delivery.source import Offer
 from peerd.http.clientip import client_ip, parse_networks
-from peerd.testing.cf_access import FakeAccessTeam
-from peerd.testing.hlsmedia import make_hls
-from peerd.testing.poll import until
-from peerd.testing.sources import MemorySource
+from tests.support.cf_access import FakeAccessTeam
+from tests.support.hlsmedia import make_hls
+from tests.support.poll import until
+from tests.support.sources import MemorySource
 
 
 @pytest.fixture(scope="session")

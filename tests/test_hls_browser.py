@@ -20,9 +20,9 @@ from peerd.core.ids import Cid, cid_of
 from peerd.media import remux
 from peerd.media.options import PackagingOptions
 from peerd.media.package import package
-from peerd.testing.browser import Browser
-from peerd.testing.hlsmedia import make_hls
-from peerd.testing.media import export_hls, make_media
+from tests.support.browser import Browser
+from tests.support.hlsmedia import make_hls
+from tests.support.media import export_hls, make_media
 
 ROOT = Path(__file__).resolve().parent.parent
 HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"

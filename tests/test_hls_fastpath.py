@@ -16,7 +16,7 @@ from hls_node import KEY, Node, run_node
 
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
-from peerd.testing.hlsmedia import make_hls
+from tests.support.hlsmedia import make_hls
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peerd.config import load_settings
 from peerd.install import CORE_SECRETS
-from peerd.testing.process import run_cli
+from tests.support.process import run_cli
 
 
 def tree(root: Path) -> dict[str, tuple[int, str]]:

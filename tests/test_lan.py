@@ -23,7 +23,7 @@ from peerd.identity import Identity
 from peerd.p2p import lan
 from peerd.p2p.lan import LanSource, lan_directory
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.source_suite import SourceConformance, SourceFactory
+from tests.support.source_suite import SourceConformance, SourceFactory
 
 
 class Peer:

@@ -22,8 +22,7 @@ The layers, lowest first; a module may import its own layer and the ones below, 
                 ``webrtc``, ``ui``, ``coordinator``, ``control``: one part each, built and
                 handed their parts by the daemon
 9. daemon    -- ``peerd.daemon``: the one place that builds and supervises every service
-10. testing  -- ``peerd.testing``: fakes and harnesses shipped with the package
-11. cli      -- the command line: ``peerd.__main__``, ``ctl``, ``cli``, ``install``, ``demo``
+10. cli      -- the command line: ``peerd.__main__``, ``ctl``, ``cli``, ``install``, ``demo``
                 and each part's ``cli`` module (``media.cli``, ``replication.cli``, ``api.cli``)
 """
 
@@ -72,7 +71,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("daemon", ("peerd.daemon",)),
-    ("testing", ("peerd.testing",)),
     (
         "cli",
         (

@@ -23,8 +23,8 @@ from peerd.errors import UpstreamError
 from peerd.p2p.bridge import BridgeClosed, TrioThread, to_asyncio
 from peerd.p2p.service import Libp2pSource, P2PService
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.poll import until
-from peerd.testing.source_suite import SourceConformance, SourceFactory
+from tests.support.poll import until
+from tests.support.source_suite import SourceConformance, SourceFactory
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from peerd.core.ids import cid_of
-from peerd.testing.p2p import p2p_addrs, seed_blobs
-from peerd.testing.process import PeerdProcess, peerd_env
+from tests.support.p2p import p2p_addrs, seed_blobs
+from tests.support.process import PeerdProcess, peerd_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PeerdProcess]:
 
 def stock(addr: str, cid: str, *extra: str) -> dict[str, object]:
     out = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "peerd.testing.libp2p_stock", addr, cid, *extra],
+        [sys.executable, "-m", "tests.support.libp2p_stock", addr, cid, *extra],
         env=peerd_env(),
         capture_output=True,
         text=True,

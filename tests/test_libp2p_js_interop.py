@@ -33,8 +33,8 @@ import pytest
 
 from peerd.core.ids import cid_of
 from peerd.identity import Identity
-from peerd.testing.p2p import fetch_via, metric, p2p_addrs, seed_blobs, signed_request
-from peerd.testing.process import PeerdProcess
+from tests.support.p2p import fetch_via, metric, p2p_addrs, seed_blobs, signed_request
+from tests.support.process import PeerdProcess
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -16,8 +16,8 @@ from peerd.discovery.mdns import MdnsService, parse_txt, txt_strings
 from peerd.http.server import build_app
 from peerd.p2p.lan import lan_directory
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.p2p import loopback_multicast as multicast_on_loopback
-from peerd.testing.poll import until
+from tests.support.p2p import loopback_multicast as multicast_on_loopback
+from tests.support.poll import until
 
 
 @pytest.fixture(scope="module")

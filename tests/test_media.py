@@ -22,7 +22,7 @@ from peerd.media.options import PackagingOptions, Rung
 from peerd.media.package import package
 from peerd.media.transcode import ahead
 from peerd.store import BlobStore
-from peerd.testing.media import (
+from tests.support.media import (
     MemorySink,
     export_hls,
     ffprobe_json,
@@ -30,7 +30,7 @@ from peerd.testing.media import (
     make_media,
     make_truncated_faststart,
 )
-from peerd.testing.process import run_cli
+from tests.support.process import run_cli
 
 SOURCES: dict[str, dict[str, Any]] = {
     "h264_aac.mp4": {"seconds": 5.0, "size": (160, 120)},

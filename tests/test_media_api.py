@@ -21,7 +21,7 @@ from peerd.config import load_settings
 from peerd.http.server import build_app
 from peerd.media.ingest import node_ingestor
 from peerd.runtime import open_runtime
-from peerd.testing.coordinator import NodeApiClient
+from tests.support.coordinator import NodeApiClient
 
 
 @pytest.fixture(autouse=True)

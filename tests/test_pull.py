@@ -13,7 +13,7 @@ from peerd.core.ids import Cid, cid_of
 from peerd.delivery.pull import PullReport, pull_media
 from peerd.errors import IntegrityError, NotFound
 from peerd.runtime import Runtime
-from peerd.testing.sources import MemorySource
+from tests.support.sources import MemorySource
 
 
 def _media(blobs: list[Cid]) -> tuple[str, bytes]:

@@ -22,7 +22,7 @@ from peerd.media import isobmff, remux
 from peerd.media import package as pkg
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import probe
-from peerd.testing.media import MemorySink, export_hls, ffmpeg_path, ffprobe_json, make_media
+from tests.support.media import MemorySink, export_hls, ffmpeg_path, ffprobe_json, make_media
 
 
 def _ffmpeg(*args: str) -> None:

@@ -9,9 +9,9 @@ from peerd.core.ids import Cid, cid_of
 from peerd.delivery import Resolver
 from peerd.errors import NotFound
 from peerd.runtime import Runtime
-from peerd.testing.poll import until
-from peerd.testing.source_suite import SourceConformance, SourceFactory
-from peerd.testing.sources import MemorySource
+from tests.support.poll import until
+from tests.support.source_suite import SourceConformance, SourceFactory
+from tests.support.sources import MemorySource
 
 
 class TestMemorySource(SourceConformance):

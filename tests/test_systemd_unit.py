@@ -2,7 +2,7 @@
 PyAV and libp2p) runs under the seccomp filters it declares.
 
 There is no systemd PID 1 here, so the unit's seccomp settings (SystemCallFilter=,
-RestrictAddressFamilies=, MemoryDenyWriteExecute=) are applied by peerd.testing.sandbox with
+RestrictAddressFamilies=, MemoryDenyWriteExecute=) are applied by tests.support.sandbox with
 libseccomp exactly as systemd 252 builds them; the notify/watchdog protocol is checked with our
 own $NOTIFY_SOCKET.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from peerd.install import render_unit, shipped_unit
-from peerd.testing.process import REPO_ROOT, peerd_env, write_config
+from tests.support.process import REPO_ROOT, peerd_env, write_config
 
 UNIT = REPO_ROOT / "systemd" / "peerd.service"
 MAX_EXPOSURE = 1.5
@@ -114,7 +114,7 @@ def _sandboxed(unit: Path, *cmd: str, mdwe: str = "unit") -> list[str]:
     return [
         sys.executable,
         "-m",
-        "peerd.testing.sandbox",
+        "tests.support.sandbox",
         "--unit",
         str(unit),
         "--mdwe",

@@ -15,7 +15,7 @@ from peerd.core.tiering import (
     plan_tiering,
     request_budget,
 )
-from peerd.testing.tiering_trace import make_trace, replay_lru, replay_peerd
+from tests.support.tiering_trace import make_trace, replay_lru, replay_peerd
 
 LIM = TieringLimits(uplink_bps=1000, r2_budget_bytes=10_000, headroom=1.0, cold_bps=10)
 

@@ -27,12 +27,12 @@ from peerd.errors import Forbidden
 from peerd.http.access import make_auth
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.browser import Browser
-from peerd.testing.poll import until
-from peerd.testing.process import PeerdProcess
 from peerd.ui import Dashboard, install
 from peerd.ui.auth import make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, savings
+from tests.support.browser import Browser
+from tests.support.poll import until
+from tests.support.process import PeerdProcess
 
 TOKEN = "test-admin-token-" + "x" * 24
 

@@ -25,12 +25,12 @@ from peerd.config import Settings, load_settings
 from peerd.core import tokens
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.cf_access import FakeAccessTeam
-from peerd.testing.poll import until
-from peerd.testing.whep_media import HlsClip, add_media, make_hls
-from peerd.testing.whep_viewer import make_offer
 from peerd.webrtc import routes
 from peerd.webrtc.session import WhepService
+from tests.support.cf_access import FakeAccessTeam
+from tests.support.poll import until
+from tests.support.whep_media import HlsClip, add_media, make_hls
+from tests.support.whep_viewer import make_offer
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import pytest
 
 from peerd.config import load_settings
 from peerd.runtime import open_runtime
-from peerd.testing.browser import Browser, Page
-from peerd.testing.process import PeerdProcess
-from peerd.testing.whep_media import add_media, make_hls, sign_viewers, whep_url
+from tests.support.browser import Browser, Page
+from tests.support.process import PeerdProcess
+from tests.support.whep_media import add_media, make_hls, sign_viewers, whep_url
 
 pytestmark = pytest.mark.slow
 

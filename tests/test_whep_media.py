@@ -25,10 +25,10 @@ from peerd.config import load_settings
 from peerd.core.ids import Cid
 from peerd.core.manifest import decode
 from peerd.runtime import open_runtime
-from peerd.testing.poll import until
-from peerd.testing.process import PeerdProcess
-from peerd.testing.whep_media import HlsClip, add_media, make_hls, sign_viewers, whep_url
-from peerd.testing.whep_viewer import ViewerProcess
+from tests.support.poll import until
+from tests.support.process import PeerdProcess
+from tests.support.whep_media import HlsClip, add_media, make_hls, sign_viewers, whep_url
+from tests.support.whep_viewer import ViewerProcess
 
 
 @dataclass

@@ -14,11 +14,11 @@ import pytest
 from peerd.config import load_settings
 from peerd.core.whep import IceServer
 from peerd.errors import ConfigError
-from peerd.testing.cf_turn import FakeCloudflareTurn
-from peerd.testing.whep_media import HlsClip, make_hls
-from peerd.testing.whep_viewer import make_offer
 from peerd.webrtc import ice
 from peerd.webrtc.ice import CloudflareTurn, StaticIce, build_ice_provider, for_aiortc
+from tests.support.cf_turn import FakeCloudflareTurn
+from tests.support.whep_media import HlsClip, make_hls
+from tests.support.whep_viewer import make_offer
 from tests.test_whep import SDP, bearer, start_node, with_key
 
 

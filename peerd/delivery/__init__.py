@@ -19,7 +19,7 @@ no peer yet asks R2 at once.
 
 A source yields *offers* (one per peer that may have the blob, best first); the resolver takes
 them one at a time until one delivers. Sources share one conformance suite
-(``peerd.testing.source_suite``).
+(``tests.support.source_suite``).
 
 :mod:`~peerd.delivery.pull` fetches a whole media item (manifest, then every missing blob) from
 one named source: R2 (``peerd replicate pull``) or one LAN peer (the coordinator's prefetch).

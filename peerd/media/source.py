@@ -7,7 +7,7 @@ again from the source segment the node holds, and offers the bytes; the resolver
 against the id like any other upstream's. Blobs of top renditions (remuxed or transcoded from a
 file that is gone) cannot be made again and get no offer.
 
-It does not pass `peerd.testing.source_suite` (which feeds arbitrary bytes to a source): a
+It does not pass `tests.support.source_suite` (which feeds arbitrary bytes to a source): a
 transcoder can only make media it can derive; its own tests are in tests/test_media.py.
 """
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerd.config import load_settings  # noqa: E402
 from peerd.runtime import open_runtime  # noqa: E402
-from peerd.testing.process import PeerdProcess  # noqa: E402
+from tests.support.process import PeerdProcess  # noqa: E402
 
 
 async def seed(state: Path, blobs: int) -> tuple[str, bytes]:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerd.catalog import Catalog  # noqa: E402
 from peerd.core.ids import cid_from_digest  # noqa: E402
-from peerd.testing.process import PeerdProcess  # noqa: E402
+from tests.support.process import PeerdProcess  # noqa: E402
 
 SEGS_PER_MEDIA = 1000
 

@@ -41,8 +41,8 @@ from peerd.core.signing import sign_headers  # noqa: E402
 from peerd.identity import Identity  # noqa: E402
 from peerd.p2p.service import P2PService  # noqa: E402
 from peerd.runtime import open_runtime  # noqa: E402
-from peerd.testing.p2p import p2p_addrs, seed_blobs  # noqa: E402
-from peerd.testing.process import PeerdProcess  # noqa: E402
+from tests.support.p2p import p2p_addrs, seed_blobs  # noqa: E402
+from tests.support.process import PeerdProcess  # noqa: E402
 
 OUT = Path("/tmp/peerd-bench/p2p")
 CHUNK = 256 * 1024

@@ -62,10 +62,10 @@ from peerd.replication.r2 import R2Client, R2Config, blob_key  # noqa: E402
 from peerd.replication.service import Replicator  # noqa: E402
 from peerd.replication.source import R2Source  # noqa: E402
 from peerd.runtime import Runtime, open_runtime  # noqa: E402
-from peerd.testing.faultproxy import FaultProxy  # noqa: E402
-from peerd.testing.process import PeerdProcess  # noqa: E402
-from peerd.testing.r2media import hls_url, write_r2_secrets  # noqa: E402
-from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
+from tests.support.faultproxy import FaultProxy  # noqa: E402
+from tests.support.process import PeerdProcess  # noqa: E402
+from tests.support.r2media import hls_url, write_r2_secrets  # noqa: E402
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer  # noqa: E402
 
 OUT = Path("/tmp/peerd-bench")
 PARTS = ("push", "ttfb", "flight", "daemon", "daemon-p2p", "daemon-playing")

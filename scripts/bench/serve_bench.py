@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from peerd.config import load_settings  # noqa: E402
 from peerd.core import tokens  # noqa: E402
 from peerd.runtime import open_runtime  # noqa: E402
-from peerd.testing.hlsmedia import import_hls, read_hls  # noqa: E402
+from tests.support.hlsmedia import import_hls, read_hls  # noqa: E402
 
 
 def free_port() -> int:

@@ -190,7 +190,7 @@ def ffmpeg_anchor(clip_mp4: Path, seconds: float) -> float:
 async def prepare(out: Path, height: int, bitrate: int, bframes: int) -> tuple[Path, str, Path]:
     from peerd.config import load_settings
     from peerd.runtime import open_runtime
-    from peerd.testing.whep_media import add_media, make_hls, sign_viewers
+    from tests.support.whep_media import add_media, make_hls, sign_viewers
 
     width = height * 16 // 9 // 2 * 2
     clip = await asyncio.to_thread(
@@ -237,8 +237,8 @@ def main() -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
-    from peerd.testing.process import PeerdProcess
-    from peerd.testing.whep_media import whep_url
+    from tests.support.process import PeerdProcess
+    from tests.support.whep_media import whep_url
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)

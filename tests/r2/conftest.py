@@ -12,8 +12,8 @@ from peerd.core.outbox import RetryPolicy
 from peerd.replication.r2 import R2Client, R2Config
 from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
-from peerd.testing.faultproxy import FaultProxy
-from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
+from tests.support.faultproxy import FaultProxy
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
 
 FAST = RetryPolicy(lease_s=30, base_s=0.01, max_s=0.05, max_attempts=8)
 

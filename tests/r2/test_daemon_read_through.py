@@ -17,10 +17,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from peerd.testing.process import PeerdProcess, run_cli
-from peerd.testing.r2media import hls_url, media_in_bucket_only, r2_config, write_r2_secrets
-from peerd.testing.s3server import MotoServer
-from peerd.testing.whep_media import make_hls
+from tests.support.process import PeerdProcess, run_cli
+from tests.support.r2media import hls_url, media_in_bucket_only, r2_config, write_r2_secrets
+from tests.support.s3server import MotoServer
+from tests.support.whep_media import make_hls
 
 
 def _metric(base_url: str, pattern: str) -> float:

@@ -16,9 +16,9 @@ from peerd.replication.r2 import R2Client, blob_key
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
 from peerd.store import BlobStore
-from peerd.testing.faultproxy import FaultProxy
-from peerd.testing.s3server import MotoServer
-from peerd.testing.sources import MemorySource
+from tests.support.faultproxy import FaultProxy
+from tests.support.s3server import MotoServer
+from tests.support.sources import MemorySource
 
 
 async def body(s: BlobStream) -> bytes:

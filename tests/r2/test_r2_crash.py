@@ -18,10 +18,10 @@ from peerd.config import load_settings
 from peerd.core.ids import cid_of
 from peerd.replication.r2 import blob_key, manifest_key
 from peerd.runtime import open_runtime
-from peerd.testing.faultproxy import Fault, FaultProxy
-from peerd.testing.process import peerd_env, run_cli
-from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
 from tests.r2.test_replication import make_media
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.process import peerd_env, run_cli
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
 
 MIB = 1024 * 1024
 

@@ -19,10 +19,10 @@ import pytest
 
 from peerd.core.ids import cid_of
 from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key
-from peerd.testing.faultproxy import Fault, FaultProxy, method_is
-from peerd.testing.poll import until
-from peerd.testing.s3server import MotoServer
 from tests.r2.conftest import make_config, read_all
+from tests.support.faultproxy import Fault, FaultProxy, method_is
+from tests.support.poll import until
+from tests.support.s3server import MotoServer
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -18,10 +18,10 @@ from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key, man
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime, open_runtime
-from peerd.testing.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
-from peerd.testing.s3server import MotoServer
-from peerd.testing.source_suite import SourceConformance, SourceFactory
 from tests.r2.conftest import FAST
+from tests.support.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
+from tests.support.s3server import MotoServer
+from tests.support.source_suite import SourceConformance, SourceFactory
 
 MIB = 1024 * 1024
 

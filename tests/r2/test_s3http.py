@@ -32,9 +32,9 @@ from peerd.replication.s3http import EMPTY_SHA256
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
-from peerd.testing.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
-from peerd.testing.s3server import MotoServer
 from tests.r2.conftest import make_config, read_all
+from tests.support.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
+from tests.support.s3server import MotoServer
 
 MIB = 1024 * 1024
 SSE_HEADER = "x-amz-server-side-encryption-customer-key"

@@ -12,9 +12,9 @@ from peerd.replication.r2 import blob_key, manifest_key
 from peerd.replication.service import Replicator
 from peerd.replication.tiering import TieringService
 from peerd.runtime import Runtime
-from peerd.testing.faultproxy import Fault, FaultProxy
-from peerd.testing.s3server import MotoServer
 from tests.r2.test_replication import make_media, r2_state
+from tests.support.faultproxy import Fault, FaultProxy
+from tests.support.s3server import MotoServer
 
 
 def service(runtime: Runtime, replicator: Replicator, **r2: object) -> TieringService:

@@ -8,7 +8,7 @@ import asyncio
 from peerd.daemon import Supervisor, build_services
 from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
-from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
 
 
 async def test_r2_off_when_not_configured(runtime: Runtime) -> None:

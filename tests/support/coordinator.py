@@ -36,7 +36,7 @@ from peerd.core.signed import (
     verify_body,
 )
 from peerd.identity import verify_signature
-from peerd.testing.openapi import OpenApiDocument, SchemaViolation
+from tests.support.openapi import OpenApiDocument, SchemaViolation
 
 
 @dataclass

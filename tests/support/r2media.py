@@ -19,8 +19,8 @@ from peerd.core import tokens
 from peerd.core.ids import Cid
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
-from peerd.testing.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
-from peerd.testing.whep_media import HlsClip, add_media
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
+from tests.support.whep_media import HlsClip, add_media
 
 
 def r2_config(moto: MotoServer, bucket: str) -> dict[str, object]:

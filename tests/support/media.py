@@ -5,7 +5,7 @@ size, frame rate and container asked for, with bit-exact flags so the same call 
 bytes. `make_bad(path, kind)` writes the broken inputs the packager must refuse cleanly. Used by
 the tests, `make demo` and other engineers who need sample media.
 
-    from peerd.testing.media import make_media
+    from tests.support.media import make_media
     clip = make_media(tmp_path / "clip.mp4", seconds=3, size=(160, 120))
 """
 

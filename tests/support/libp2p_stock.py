@@ -2,7 +2,7 @@
 node and checks it speaks the standard protocols: Noise + yamux upgrade, identify, ping, a
 Kad-DHT provider lookup, and the ``/peerd/blob/1.0.0`` exchange as the protocol doc describes.
 
-Run as ``python -m peerd.testing.libp2p_stock <peerd multiaddr> <cid> [plaintext]``; prints one
+Run as ``python -m tests.support.libp2p_stock <peerd multiaddr> <cid> [plaintext]``; prints one
 JSON object. With ``plaintext`` the host offers only the insecure transport, which peerd must
 refuse. Used by the interop tests as a separate process.
 """

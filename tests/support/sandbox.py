@@ -7,7 +7,7 @@ exactly: this module reads ``SystemCallFilter=``, ``SystemCallErrorNumber=``,
 unit file, builds the same filters with libseccomp (the library systemd itself uses) and
 ``exec``\\ s the command under them::
 
-    python -m peerd.testing.sandbox --unit systemd/peerd.service -- python -m peerd run
+    python -m tests.support.sandbox --unit systemd/peerd.service -- python -m peerd run
 
 Semantics follow systemd 252 (Debian 12):
 
@@ -244,8 +244,8 @@ def apply(box: UnitSandbox) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m peerd.testing.sandbox --unit FILE [--mdwe yes|no] -- COMMAND...``."""
-    parser = argparse.ArgumentParser(prog="peerd.testing.sandbox", description=__doc__)
+    """``python -m tests.support.sandbox --unit FILE [--mdwe yes|no] -- COMMAND...``."""
+    parser = argparse.ArgumentParser(prog="tests.support.sandbox", description=__doc__)
     parser.add_argument("--unit", type=Path, required=True, help="systemd unit file")
     parser.add_argument(
         "--mdwe",

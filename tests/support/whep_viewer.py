@@ -1,6 +1,6 @@
 """A WHEP viewer (aiortc) in its own process, driven over stdin/stdout, for tests and benches.
 
-Run as ``python -m peerd.testing.whep_viewer URL [--no-audio] [--header K:V] [--offer-only]``.
+Run as ``python -m tests.support.whep_viewer URL [--no-audio] [--header K:V] [--offer-only]``.
 It creates a receive-only peer connection, posts its offer to ``URL`` and prints one JSON line
 ``{"event": "answer", "status": ..., "location": ..., "links": [...], "sdp": ...}``; then it
 decodes what it receives and answers commands read from stdin, one per line:
@@ -26,7 +26,7 @@ import json
 import sys
 from typing import Any
 
-from peerd.testing.process import peerd_env
+from tests.support.process import peerd_env
 
 
 async def _make_pc(video: bool, audio: bool) -> Any:
@@ -135,7 +135,7 @@ class ViewerProcess:
         headers: dict[str, str] | None = None,
     ) -> ViewerProcess:
         """Post an offer to ``url``; returns once the answer (or the refusal) is in."""
-        cmd = [sys.executable, "-m", "peerd.testing.whep_viewer", url]
+        cmd = [sys.executable, "-m", "tests.support.whep_viewer", url]
         if not audio:
             cmd.append("--no-audio")
         for k, v in (headers or {}).items():
@@ -188,7 +188,7 @@ class ViewerProcess:
 
 async def make_offer(*, audio: bool = True) -> str:
     """An SDP offer from a (closed) aiortc viewer in a subprocess."""
-    cmd = [sys.executable, "-m", "peerd.testing.whep_viewer", "-", "--offer-only"]
+    cmd = [sys.executable, "-m", "tests.support.whep_viewer", "-", "--offer-only"]
     if not audio:
         cmd.append("--no-audio")
     proc = await asyncio.create_subprocess_exec(
@@ -202,7 +202,7 @@ async def make_offer(*, audio: bool = True) -> str:
 
 
 def main() -> int:
-    """Entry point of ``python -m peerd.testing.whep_viewer``."""
+    """Entry point of ``python -m tests.support.whep_viewer``."""
     ap = argparse.ArgumentParser(description="A WHEP viewer driven over stdin/stdout.")
     ap.add_argument("url")
     ap.add_argument("--no-audio", action="store_true")

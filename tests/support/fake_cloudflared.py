@@ -409,7 +409,7 @@ def systemctl(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m peerd.testing.fake_cloudflared [--as systemctl] ARGS...``."""
+    """``python -m tests.support.fake_cloudflared [--as systemctl] ARGS...``."""
     args = list(sys.argv[1:] if argv is None else argv)
     tool = "cloudflared"
     if args[:2] == ["--as", "systemctl"]:
@@ -433,7 +433,7 @@ def install_shims(bin_dir: Path, state_dir: Path, python: str | None = None) -> 
         shim = bin_dir / name
         shim.write_text(
             "#!/bin/sh\n"
-            f'PYTHONPATH="{repo}" exec "{python}" -m peerd.testing.fake_cloudflared {extra}"$@"\n'
+            f'PYTHONPATH="{repo}" exec "{python}" -m tests.support.fake_cloudflared {extra}"$@"\n'
         )
         shim.chmod(0o755)
     return {

@@ -1,4 +1,4 @@
-"""A blob-writing workload for crash tests: ``python -m peerd.testing.crashwriter STATE JOURNAL``.
+"""A blob-writing workload for crash tests: ``python -m tests.support.crashwriter STATE JOURNAL``.
 
 Stores random blobs (whole puts, batches of 1-5 through ``put_many``, streamed puts; 1 KiB -
 2 MiB) and deletes some, forever, through the real runtime. It appends to JOURNAL, fsynced,
