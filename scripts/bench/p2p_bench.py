@@ -12,7 +12,7 @@ Measures, on loopback, one blob of ``--mib`` MiB (default 64), ``--runs`` times 
 Prints a JSON object with MB/s and the ratios; goals: LAN HTTP >= 0.8x nginx, libp2p >= 60 MB/s.
 Output files go under /tmp/peerd-bench/p2p.
 
-Usage: ``/work/venv/bin/python scripts/bench/p2p_bench.py [--mib 64] [--runs 7]``
+Usage: ``.venv/bin/python scripts/bench/p2p_bench.py [--mib 64] [--runs 7]``
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU per WHEP passthrough session, measured on a real daemon.
 
-    /work/venv/bin/python scripts/bench/whep_bench.py [--sessions 10] [--seconds 10]
+    .venv/bin/python scripts/bench/whep_bench.py [--sessions 10] [--seconds 10]
         [--height 720] [--bitrate 2500000] [--bframes 0] [--out /tmp/peerd-bench/whep]
 
 1. Encodes a clip (testsrc2 + tone, H.264 High without B-frames, CBR ``--bitrate``, AAC) to fMP4
