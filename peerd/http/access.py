@@ -126,7 +126,6 @@ class AccessVerifier:
         self._session: aiohttp.ClientSession | None = None
         # Verified tokens until they expire: segment requests repeat the same JWT many times.
         self._ok: dict[str, AccessIdentity] = {}
-        self.fetches = 0
 
     async def close(self) -> None:
         """Close the HTTP client."""
@@ -137,7 +136,6 @@ class AccessVerifier:
     async def _fetch(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self.fetches += 1
         try:
             async with self._session.get(self.certs_url) as resp:
                 if resp.status != 200:

@@ -44,10 +44,8 @@ LocalLookup = Callable[[str], Coroutine[Any, Any, Path | None]]
 class Counters:
     """What the node did, read by the asyncio side for metrics."""
 
-    served_blobs: int = 0
     served_bytes: int = 0
     refused_busy: int = 0
-    refused_not_held: int = 0
 
 
 class _PeerCount:
@@ -341,7 +339,6 @@ class TrioNode:
                 return
             path = await to_asyncio(self.loop, self.lookup(cid))
             if path is None:
-                self.counters.refused_not_held += 1
                 await stream.write(blobwire.encode_answer(Status.NOT_HELD))
                 await stream.close()
                 return
@@ -366,7 +363,6 @@ class TrioNode:
                     raise OSError(f"{path} shrank while being sent")
                 await stream.write(chunk)
                 sent += len(chunk)
-        self.counters.served_blobs += 1
         self.counters.served_bytes += size
 
 
