@@ -541,11 +541,25 @@ def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
         return "size"
     if not deep:
         return None
-    h = hashlib.sha256()
+    return None if hash_file(path) == digest_of(cid) else "hash"
+
+
+def hash_file(
+    path: Path, offset: int = 0, length: int | None = None, h: hashlib._Hash | None = None
+) -> bytes | None:
+    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None), after what the
+    hash ``h`` already holds; None if the file ends before ``length`` bytes."""
+    h = h or hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
+        f.seek(offset)
+        while length is None or length:
+            chunk = f.read(1 << 20 if length is None else min(length, 1 << 20))
+            if not chunk:
+                return None if length else h.digest()
             h.update(chunk)
-    return None if h.digest() == digest_of(cid) else "hash"
+            if length is not None:
+                length -= len(chunk)
+    return h.digest()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -594,4 +608,4 @@ def _rename_durably(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-__all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport"]
+__all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport", "hash_file"]
