@@ -203,31 +203,13 @@ class R2Client:
             self._on_request(op)
 
     async def _send(
-        self,
-        op: str,
-        method: str,
-        key: str,
-        *,
-        query: Query = (),
-        headers: dict[str, str] | None = None,
-        payload_sha256: str = EMPTY_SHA256,
-        data: Any = None,
-        sse: bool = True,
-        read: bool = False,
+        self, op: str, method: str, key: str, *, read: bool = False, **kw: Any
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """One request, counted; its (released) answer and, with ``read``, its body."""
+        """One request (``kw`` as :meth:`S3Http.request` takes them), counted; its (released)
+        answer and, with ``read``, its body."""
         self._count(op)
         try:
-            resp = await self.http.request(
-                op,
-                method,
-                key,
-                query=query,
-                headers=headers,
-                payload_sha256=payload_sha256,
-                data=data,
-                sse=sse,
-            )
+            resp = await self.http.request(op, method, key, **kw)
             try:
                 body = await resp.read() if read else b""
             finally:
