@@ -245,14 +245,7 @@ def _access_verifier(rt: Runtime) -> HttpAccessVerifier:
         raise ConfigError(
             "api.require_access_jwt is on but neither api.access_aud nor http.access_aud is set"
         )
-    team = team.rstrip("/")
-    return HttpAccessVerifier(
-        certs_url=f"{team}/cdn-cgi/access/certs",
-        issuer=team,
-        audience=aud,
-        keys_ttl_s=rt.settings.http.access_keys_ttl_s,
-        refetch_min_s=rt.settings.http.access_refetch_min_s,
-    )
+    return HttpAccessVerifier.for_team(team, aud, rt.settings.http)
 
 
 def install(
