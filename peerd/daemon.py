@@ -286,13 +286,13 @@ async def build_services(rt: Runtime) -> Services:
     s = rt.settings
     sources: list[Source] = []
     directory = lan.lan_directory(rt)
-    puller: lan.LanSource | None = None
+    lan_source: lan.LanSource | None = None
     if s.mdns.enabled:
         # LAN peers come from mDNS only: without it the LAN source would never have a peer.
-        puller = lan.LanSource(
+        lan_source = lan.LanSource(
             rt, directory, timeout_s=s.mdns.fetch_timeout_s, max_peers=s.mdns.max_peers_per_fetch
         )
-        sources.append(puller)
+        sources.append(lan_source)
     p2p: P2PService | None = None
     if s.p2p.enabled:
         from peerd.p2p.service import Libp2pSource, P2PService
@@ -315,16 +315,16 @@ async def build_services(rt: Runtime) -> Services:
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
-    api = NodeApi(rt, Subsystems(resolver, replicator, puller, ingestor))
+    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
     whep = WhepService(rt, resolver=resolver)
     http = HttpService(rt, route_installers(resolver, directory, api, whep))
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
-    if puller is not None:
+    if lan_source is not None:
         from peerd.discovery.mdns import MdnsService
 
-        services.append(MdnsService(rt, directory, lambda: http.port, p2p, [puller.close]))
+        services.append(MdnsService(rt, directory, lambda: http.port, p2p, [lan_source.close]))
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
