@@ -316,8 +316,6 @@ class Settings(BaseSettings):
     webrtc: WebRTCSettings = WebRTCSettings()
     ui: UiSettings = UiSettings()
 
-    _toml_path: Path | None = None
-
     @classmethod
     def settings_customise_sources(
         cls,

@@ -51,7 +51,6 @@ from peerd.webrtc import routes as whep_routes
 from peerd.webrtc.session import WhepService
 
 if TYPE_CHECKING:
-    from peerd.p2p.puller import PeerPuller
     from peerd.p2p.service import P2PService
     from peerd.replication.r2 import R2Client
     from peerd.replication.service import Replicator
@@ -287,21 +286,13 @@ async def build_services(rt: Runtime) -> Services:
     s = rt.settings
     sources: list[Source] = []
     directory = lan.lan_directory(rt)
-    puller: PeerPuller | None = None
-    lan_closers: list[Callable[[], Awaitable[None]]] = []
+    lan_source: lan.LanSource | None = None
     if s.mdns.enabled:
         # LAN peers come from mDNS only: without it the LAN source would never have a peer.
-        from peerd.p2p.puller import PeerPuller
-
         lan_source = lan.LanSource(
-            directory,
-            rt.identity,
-            timeout_s=s.mdns.fetch_timeout_s,
-            max_peers=s.mdns.max_peers_per_fetch,
+            rt, directory, timeout_s=s.mdns.fetch_timeout_s, max_peers=s.mdns.max_peers_per_fetch
         )
         sources.append(lan_source)
-        puller = PeerPuller(rt, directory, rt.identity, timeout_s=s.mdns.fetch_timeout_s)
-        lan_closers = [lan_source.close, puller.close]
     p2p: P2PService | None = None
     if s.p2p.enabled:
         from peerd.p2p.service import Libp2pSource, P2PService
@@ -324,16 +315,16 @@ async def build_services(rt: Runtime) -> Services:
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
-    api = NodeApi(rt, Subsystems(resolver, replicator, puller, ingestor))
+    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
     whep = WhepService(rt, resolver=resolver)
     http = HttpService(rt, route_installers(resolver, directory, api, whep))
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
-    if s.mdns.enabled:
+    if lan_source is not None:
         from peerd.discovery.mdns import MdnsService
 
-        services.append(MdnsService(rt, directory, lambda: http.port, p2p, lan_closers))
+        services.append(MdnsService(rt, directory, lambda: http.port, p2p, [lan_source.close]))
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon

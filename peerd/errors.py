@@ -20,7 +20,6 @@ that the edges act on, so that no caller has to map exceptions by hand:
     │   │   └── BoxError              bytes that are not well-formed ISO-BMFF boxes (media.fmp4)
     │   └── RangeNotSatisfiable (416) a byte range outside the blob
     ├── Unauthorized (401)
-    │   └── SignatureError            a signed body that must be refused (core.signed)
     ├── Forbidden (403)
     │   └── AccessDenied              no valid Cloudflare Access JWT (http.access)
     ├── NotFound (404)

@@ -484,7 +484,6 @@ async def test_heartbeats_and_drain_uploads_last_copies(runtime: Runtime) -> Non
         assert drain[0].payload["drain_deadline_s"] == rt.settings.coordinator.drain_budget_s
         # Every blob R2 lacked went up; the one R2 had did not go again.
         assert sorted(rep.uploads) == sorted(set(m.blobs) - {m.segments[0]})
-        assert svc.last_drain_uploads == 3
         rows = await rt.catalog.get_blobs(m.blobs)
         assert all(r.r2_state == "present" for r in rows.values())
         assert not fake.refused

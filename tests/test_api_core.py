@@ -1,4 +1,5 @@
-"""Pure core of the coordinator contract: signed bodies, replay window, digest, cursor, jobs."""
+"""Pure core of the coordinator contract: signed bodies (and the fake coordinator's check of
+them), replay window, digest, cursor, jobs."""
 
 from __future__ import annotations
 
@@ -16,15 +17,9 @@ from peerd.core.inventory import (
     page_of,
 )
 from peerd.core.jobs import Fail, Finish, Job, JobStateError, Progress, Start, transition
-from peerd.core.signed import (
-    ReplayWindow,
-    SignatureError,
-    b64url,
-    encode_body,
-    public_key_of,
-    verify_body,
-)
+from peerd.core.signed import b64url, encode_body
 from peerd.identity import Identity, verify_signature
+from tests.support.signed import ReplayWindow, SignatureError, public_key_of, verify_body
 
 NONCE = "0123456789abcdef0123456789abcdef"
 

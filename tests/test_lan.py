@@ -81,7 +81,7 @@ class TestLanSource(SourceConformance):
                 await corrupt(peer.rt, cid, wrong)
             directory = lan_directory(runtime)
             directory.seen(peer.rt.identity.peer_id, url=peer.url)
-            source = LanSource(directory, runtime.identity, timeout_s=5)
+            source = LanSource(runtime, directory, timeout_s=5)
             stack.push_async_callback(source.close)
             return source
 
@@ -136,7 +136,7 @@ async def test_fastest_peer_first_and_liar_banned(
     directory.rtt(slow.rt.identity.peer_id, 50.0)
     directory.rtt(liar.rt.identity.peer_id, 1.0)
     assert [p.peer_id for p in directory.order()][0] == liar.rt.identity.peer_id
-    source = LanSource(directory, runtime.identity, timeout_s=5)
+    source = LanSource(runtime, directory, timeout_s=5)
     stack.push_async_callback(source.close)
     resolver = Resolver(runtime.store, [source])
     path = await resolver.ensure_local(cid)
@@ -204,7 +204,6 @@ async def test_pull_media_from_a_named_peer(stack: AsyncExitStack, tmp_path: Pat
     """The coordinator's prefetch by peer: manifest and blobs verified, rows after the last blob."""
     from peerd.core.peers import Peer as PeerRow
     from peerd.errors import IntegrityError, NotFound
-    from peerd.p2p.puller import PeerPuller
 
     me = await start_peer(stack, tmp_path / "me", [])
     holder = await start_peer(stack, tmp_path / "holder", [me.rt.identity.peer_id])
@@ -212,7 +211,7 @@ async def test_pull_media_from_a_named_peer(stack: AsyncExitStack, tmp_path: Pat
     media_id, blobs = await _media_on(holder.rt)
     cids = list(blobs)
     directory = lan_directory(me.rt)
-    puller = PeerPuller(me.rt, directory, me.rt.identity, timeout_s=5)
+    puller = LanSource(me.rt, directory, timeout_s=5)
     stack.push_async_callback(puller.close)
 
     with pytest.raises(NotFound, match="not a live LAN peer"):
@@ -261,7 +260,7 @@ async def test_pull_media_from_a_named_peer(stack: AsyncExitStack, tmp_path: Pat
 async def test_lan_source_looks_idle_without_a_usable_peer(runtime: Runtime) -> None:
     """The resolver's hint (``idle``): with no LAN peer known, a cold miss asks R2 first."""
     directory = lan_directory(runtime)
-    source = LanSource(directory, runtime.identity, timeout_s=5)
+    source = LanSource(runtime, directory, timeout_s=5)
     try:
         assert source.idle()
         directory.seen(runtime.identity.peer_id, url="http://127.0.0.1:1")  # this node itself

@@ -14,7 +14,7 @@ from peerd.core.manifest import Manifest, ManifestError, PlayOrder, Recipe, Rend
 
 
 def _cid(n: int) -> str:
-    return mf.cid_of_bytes(f"blob-{n}".encode())
+    return cid_of(f"blob-{n}".encode())
 
 
 def make_manifest(container: mf.Container = "fmp4") -> Manifest:
@@ -81,7 +81,7 @@ def test_round_trip_and_media_id() -> None:
     back = mf.decode(mf.encode(m))
     assert back == m
     assert mf.media_id_of(back) == mf.media_id_of(m)
-    assert mf.media_id_of(m) == mf.cid_of_bytes(mf.encode(m))
+    assert mf.media_id_of(m) == cid_of(mf.encode(m))
     assert mf.media_id_of(m).startswith("b")
     assert len(mf.media_id_of(m)) == 59
 
@@ -102,7 +102,7 @@ def test_media_id_changes_with_any_blob() -> None:
 def test_cid_format_known_vector() -> None:
     # sha256("") CIDv1 raw, as produced by `ipfs add --raw-leaves --cid-version 1` of an empty
     # file: bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku
-    assert mf.cid_of_bytes(b"") == "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+    assert cid_of(b"") == "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
 
 
 def test_blob_cids_lists_each_pinned_blob_once() -> None:

@@ -113,21 +113,6 @@ async def test_ensure_local_from_names_the_delivering_source(runtime: Runtime) -
     assert (stream.chunks, stream.source) == (None, "lan")
 
 
-async def test_added_sources_take_their_place_in_the_delivery_order(runtime: Runtime) -> None:
-    # Services plug in as they start: the transcoder before R2's client is up, say.
-    resolver = Resolver(runtime.store, [], registry=None)
-    for name in ("transcode", "other", "r2", "lan", "libp2p", "lan"):
-        resolver.add_source(MemorySource(name=name))
-    assert [s.name for s in resolver.sources] == [
-        "lan",
-        "lan",
-        "libp2p",
-        "r2",
-        "transcode",
-        "other",
-    ]
-
-
 async def test_a_viewer_joins_a_prefetch_in_flight(runtime: Runtime) -> None:
     data = os.urandom(300_000)
     cid = cid_of(data)
@@ -175,10 +160,7 @@ async def test_peer_sources_that_look_idle_are_asked_after_the_first_that_does_n
     p2p = IdlePeers(name="libp2p")
     r2 = MemorySource(name="r2", blobs={cid_of(in_r2): in_r2})
     transcode = MemorySource(name="transcode")
-    resolver = Resolver(runtime.store, [])
-    for source in (transcode, r2, p2p, lan):
-        resolver.add_source(source)
-    assert resolver.sources == [lan, p2p, r2, transcode]
+    resolver = Resolver(runtime.store, [lan, p2p, r2, transcode])
     assert resolver._order() == [r2, lan, p2p, transcode]
     # R2 delivers: the idle sources are not asked at all.
     assert (await resolver.ensure_local_from(cid_of(in_r2)))[1] == "r2"

@@ -76,7 +76,7 @@ class Replicator(Protocol):
 
 
 class PeerPuller(Protocol):
-    """Fetches a media item from one named peer (LAN or libp2p)."""
+    """Fetches a media item from one named LAN peer (``peerd.p2p.lan.LanSource``)."""
 
     async def pull_media_from(self, peer_id: str, media_id: str) -> object:
         """Fetch manifest and blobs of ``media_id`` from ``peer_id`` into the store."""

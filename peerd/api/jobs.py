@@ -132,11 +132,6 @@ class JobRunner:
         if not job.final:
             await self._save(job, Fail(error))
 
-    async def wait_idle(self) -> None:
-        """Wait until no job runs (tests, drain)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
-
     async def close(self) -> None:
         """Cancel running jobs (they are recorded as failed)."""
         tasks = list(self._tasks.values())

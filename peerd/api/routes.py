@@ -20,7 +20,6 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
@@ -50,6 +49,7 @@ from peerd.errors import (
 )
 from peerd.http.access import AccessVerifier as HttpAccessVerifier
 from peerd.runtime import Runtime
+from peerd.store import hash_file
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -152,20 +152,6 @@ async def get_inventory(request: web.Request) -> web.Response:
     return _json(await request.app[API].inventory(q.since, q.limit))
 
 
-def _hash_range(path: Path, nonce: bytes, offset: int, length: int) -> bytes:
-    h = hashlib.sha256(nonce)
-    with path.open("rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            chunk = f.read(min(left, 1 << 20))
-            if not chunk:
-                raise BadRequest("blob file is shorter than its catalog size")
-            h.update(chunk)
-            left -= len(chunk)
-    return h.digest()
-
-
 async def post_challenge(request: web.Request) -> web.Response:
     """Possession proof over a byte range of a held blob; the response body is signed."""
     rt = request.app[RT]
@@ -178,9 +164,10 @@ async def post_challenge(request: web.Request) -> web.Response:
             f"range {req.offset}+{req.length} is past the end of the blob ({row.size} bytes)"
         )
     path = await rt.store.open_path(Cid(req.cid))
-    digest = await asyncio.to_thread(
-        _hash_range, path, bytes.fromhex(req.nonce), req.offset, req.length
-    )
+    nonce = hashlib.sha256(bytes.fromhex(req.nonce))
+    digest = await asyncio.to_thread(hash_file, path, req.offset, req.length, nonce)
+    if digest is None:
+        raise BadRequest("blob file is shorter than its catalog size")
     answer = ChallengeResponse(
         peer_id=rt.identity.peer_id,
         cid=req.cid,
@@ -258,14 +245,7 @@ def _access_verifier(rt: Runtime) -> HttpAccessVerifier:
         raise ConfigError(
             "api.require_access_jwt is on but neither api.access_aud nor http.access_aud is set"
         )
-    team = team.rstrip("/")
-    return HttpAccessVerifier(
-        certs_url=f"{team}/cdn-cgi/access/certs",
-        issuer=team,
-        audience=aud,
-        keys_ttl_s=rt.settings.http.access_keys_ttl_s,
-        refetch_min_s=rt.settings.http.access_refetch_min_s,
-    )
+    return HttpAccessVerifier.for_team(team, aud, rt.settings.http)
 
 
 def install(

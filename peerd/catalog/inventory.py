@@ -48,45 +48,29 @@ async def held(catalog: Catalog) -> list[tuple[str, str]]:
 async def changes(catalog: Catalog, since: int, limit: int) -> list[Change]:
     """Up to ``limit`` changes after ``since``, in sequence order."""
     sql = (
-        "SELECT s.kind, s.id, s.seq, b.size, b.kind, b.local_state, b.r2_state, b.pinned, "
-        "m.media_id, m.title, m.duration_s, m.r2_state, m.pinned "
+        "SELECT s.kind, s.id, s.seq, b.cid IS NULL AND m.media_id IS NULL, b.size, b.kind, "
+        "b.local_state, COALESCE(b.r2_state, m.r2_state), COALESCE(b.pinned, m.pinned), "
+        "m.title, m.duration_s "
         "FROM inventory_seq s "
         "LEFT JOIN blobs b ON s.kind='blob' AND b.cid=s.id "
         "LEFT JOIN media m ON s.kind='media' AND m.media_id=s.id "
         "WHERE s.seq > ? ORDER BY s.seq LIMIT ?"
     )
     async with catalog.conn.execute(sql, (since, limit)) as cur:
-        rows = [tuple(r) for r in await cur.fetchall()]
-    out = []
-    for r in rows:
-        kind, ident, seq = str(r[0]), str(r[1]), int(r[2])
-        if kind == "blob" and r[5] is not None:
-            out.append(
-                Change(
-                    kind,
-                    ident,
-                    seq,
-                    deleted=False,
-                    size=int(r[3]),
-                    blob_kind=str(r[4]),
-                    local_state=str(r[5]),
-                    r2_state=str(r[6]),
-                    pinned=bool(r[7]),
-                )
-            )
-        elif kind != "blob" and r[8] is not None:
-            out.append(
-                Change(
-                    kind,
-                    ident,
-                    seq,
-                    deleted=False,
-                    r2_state=str(r[11]),
-                    pinned=bool(r[12]),
-                    title=str(r[9]),
-                    duration_s=float(r[10]),
-                )
-            )
-        else:
-            out.append(Change(kind, ident, seq, deleted=True))
-    return out
+        rows = await cur.fetchall()
+    return [
+        Change(
+            str(r[0]),
+            str(r[1]),
+            int(r[2]),
+            deleted=bool(r[3]),
+            size=r[4],
+            blob_kind=r[5],
+            local_state=r[6],
+            r2_state=r[7],
+            pinned=None if r[8] is None else bool(r[8]),
+            title=r[9],
+            duration_s=r[10],
+        )
+        for r in rows
+    ]

@@ -29,33 +29,13 @@ _COLS = (
 
 
 @dataclass(frozen=True)
-class Job:
-    """A claimed (or inspected) job."""
+class Job(JobView):
+    """A claimed (or inspected) job: the fields the pure decisions use, and the rest of its row."""
 
-    id: int
-    kind: str
-    target: str
-    state: str
-    attempts: int
-    lease_until: float | None
-    next_attempt_at: float
     last_error: str | None
     lease_owner: str | None
     batch_id: str | None
     bytes: int
-
-    @property
-    def view(self) -> JobView:
-        """The fields the pure decisions use."""
-        return JobView(
-            self.id,
-            self.kind,
-            self.target,
-            self.state,
-            self.attempts,
-            self.lease_until,
-            self.next_attempt_at,
-        )
 
 
 async def enqueue_in(
@@ -144,7 +124,7 @@ class Outbox:
                 rows = [Job(*r) for r in await cur.fetchall()]
             out = []
             for job in rows:
-                c = core.claim(job.view, now, self.policy)
+                c = core.claim(job, now, self.policy)
                 await tx.execute(
                     "UPDATE replication_jobs SET state='running', lease_until=?, lease_owner=?, "
                     "updated_at=? WHERE id=?",
@@ -197,7 +177,7 @@ class Outbox:
         """Record a failed attempt; retry later or give up. None if the lease was lost."""
         now = self._clock()
         decision = core.fail(
-            job.view,
+            job,
             now,
             error,
             min(self._rand(), 0.999999),
@@ -210,7 +190,7 @@ class Outbox:
     async def defer(self, job: Job, delay_s: float, reason: str) -> bool:
         """Put a job back without counting a failure."""
         now = self._clock()
-        return await self._apply(job, core.defer(job.view, now, delay_s, reason), now)
+        return await self._apply(job, core.defer(job, now, delay_s, reason), now)
 
     async def _apply(self, job: Job, decision: core.Retry | core.GiveUp, now: float) -> bool:
         if isinstance(decision, core.Retry):

@@ -60,7 +60,6 @@ class CoordinatorService:
         self.interval_s = self.cfg.heartbeat_interval_s
         self.failures = 0
         self.sent: dict[str, int] = {"register": 0, "heartbeat": 0, "drain": 0}
-        self.last_drain_uploads: int | None = None
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Recover jobs, then sample load and heartbeat until cancelled."""
@@ -221,7 +220,6 @@ class CoordinatorService:
             except TimeoutError:
                 log.warning("last-copy upload ran out of drain budget")
             else:
-                self.last_drain_uploads = n
                 log.info("last copies uploaded before exit", extra={"blobs": n})
         elif replicator is None:
             log.info("no replicator; last copies stay on this node only")

@@ -208,11 +208,6 @@ class PlayOrder:
         return cids[i : i + n]
 
 
-def cid_of_bytes(data: bytes) -> Cid:
-    """CIDv1 (raw, sha2-256) of `data`; the same as `peerd.core.ids.cid_of`."""
-    return cid_of(data)
-
-
 def _recipe_obj(r: Recipe) -> dict[str, Any]:
     obj: dict[str, Any] = {
         "source": r.source,
@@ -273,7 +268,7 @@ def encode(m: Manifest) -> bytes:
 
 def media_id_of(m: Manifest) -> Cid:
     """The media id: content id of the manifest's canonical encoding."""
-    return cid_of_bytes(encode(m))
+    return cid_of(encode(m))
 
 
 # ---- decoding untrusted JSON -------------------------------------------------------------------

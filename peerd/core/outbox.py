@@ -28,7 +28,6 @@ from dataclasses import dataclass
 JOB_KINDS = frozenset(
     {"push_blob", "push_manifest", "pull_media", "delete_blob", "delete_manifest"}
 )
-OPEN_STATES = frozenset({"queued", "running"})
 
 
 @dataclass(frozen=True)
@@ -61,13 +60,6 @@ class Claim:
 
     job_id: int
     lease_until: float
-
-
-@dataclass(frozen=True)
-class Done:
-    """The job succeeded."""
-
-    job_id: int
 
 
 @dataclass(frozen=True)
@@ -139,8 +131,3 @@ def fail(
 def defer(job: JobView, now: float, delay_s: float, reason: str) -> Retry:
     """Put the job back for ``delay_s`` without counting a failure."""
     return Retry(job.id, now + delay_s, job.attempts, reason)
-
-
-def succeed(job: JobView) -> Done:
-    """The job is done."""
-    return Done(job.id)

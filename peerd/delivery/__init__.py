@@ -13,9 +13,9 @@ the :class:`Resolver` walks them in order and
 - fetches ahead of viewers on request (:meth:`Resolver.prefetch`, bounded, never raising),
   through the same single flight, so the viewer who then asks joins the fetch in flight.
 
-Sources are tried in ``DELIVERY_ORDER`` (by name), whatever order services plug them in; peer
-sources with no peer to ask (``idle()``) go after the first source that has one, so a node with
-no peer yet asks R2 at once.
+Sources are tried in the order the daemon lists them (the order above); peer sources with no
+peer to ask (``idle()``) go after the first source that has one, so a node with no peer yet asks
+R2 at once.
 
 A source yields *offers* (one per peer that may have the blob, best first); the resolver takes
 them one at a time until one delivers. Sources share one conformance suite

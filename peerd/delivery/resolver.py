@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from peerd.core.ids import Cid
-from peerd.delivery.source import Offer, Source, delivery_rank, looks_idle
+from peerd.delivery.source import Offer, Source, looks_idle
 from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, UpstreamError
 from peerd.store import BlobStore
 
@@ -174,19 +174,6 @@ class Resolver:
             ["outcome"],
             registry=reg,
         )
-
-    def add_source(self, source: Source) -> None:
-        """Add a source at its place in the delivery order (:data:`DELIVERY_ORDER`).
-
-        Services plug their sources in as they start, in no fixed order (R2's appears only once
-        its client is up, long after the transcoder's), so the place comes from the source's
-        name; among equals, earlier additions go first.
-        """
-        rank = delivery_rank(source.name)
-        at = len(self.sources)
-        while at > 0 and delivery_rank(self.sources[at - 1].name) > rank:
-            at -= 1
-        self.sources.insert(at, source)
 
     async def ensure_local(self, cid: Cid) -> Path:
         """The local file of ``cid``, fetching it first if needed. NotFound if no source has it."""

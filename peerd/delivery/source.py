@@ -8,19 +8,6 @@ from typing import Protocol, runtime_checkable
 
 from peerd.core.ids import Cid
 
-DELIVERY_ORDER = ("lan", "libp2p", "r2", "transcode")
-"""Where a missing blob is looked for, by source name, cheapest and nearest first (DESIGN.md):
-peers on the LAN, libp2p providers, the node's R2 bucket, then regenerating it locally. Sources
-with other names come after these."""
-
-
-def delivery_rank(name: str) -> int:
-    """A source's place in :data:`DELIVERY_ORDER` (unknown names rank last)."""
-    try:
-        return DELIVERY_ORDER.index(name)
-    except ValueError:
-        return len(DELIVERY_ORDER)
-
 
 @dataclass
 class Offer:

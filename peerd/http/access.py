@@ -38,6 +38,7 @@ import jwt
 from aiohttp import web
 from prometheus_client import Counter
 
+from peerd.config import HttpSettings
 from peerd.core import tokens
 from peerd.errors import Forbidden, NotConfigured, Unavailable
 from peerd.http.clientip import Network, client_ip, parse_networks
@@ -126,7 +127,18 @@ class AccessVerifier:
         self._session: aiohttp.ClientSession | None = None
         # Verified tokens until they expire: segment requests repeat the same JWT many times.
         self._ok: dict[str, AccessIdentity] = {}
-        self.fetches = 0
+
+    @classmethod
+    def for_team(cls, team_url: str, audience: str, cfg: HttpSettings) -> AccessVerifier:
+        """A verifier of the Access team at ``team_url``, key caching as ``cfg`` (``[http]``)."""
+        team = team_url.rstrip("/")
+        return cls(
+            certs_url=f"{team}/cdn-cgi/access/certs",
+            issuer=team,
+            audience=audience,
+            keys_ttl_s=cfg.access_keys_ttl_s,
+            refetch_min_s=cfg.access_refetch_min_s,
+        )
 
     async def close(self) -> None:
         """Close the HTTP client."""
@@ -137,7 +149,6 @@ class AccessVerifier:
     async def _fetch(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        self.fetches += 1
         try:
             async with self._session.get(self.certs_url) as resp:
                 if resp.status != 200:
@@ -336,14 +347,7 @@ def make_auth(rt: Runtime) -> ViewerAuth:
         else:
             key = tokens.key_from_secret(secret)
     elif cfg.access_team_url and cfg.access_aud:
-        team = cfg.access_team_url.rstrip("/")
-        verifier = AccessVerifier(
-            certs_url=f"{team}/cdn-cgi/access/certs",
-            issuer=team,
-            audience=cfg.access_aud,
-            keys_ttl_s=cfg.access_keys_ttl_s,
-            refetch_min_s=cfg.access_refetch_min_s,
-        )
+        verifier = AccessVerifier.for_team(cfg.access_team_url, cfg.access_aud, cfg)
     else:
         log.warning("access mode without access_team_url/access_aud: refusing every viewer")
     denied = Counter(

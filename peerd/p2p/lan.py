@@ -7,7 +7,7 @@ Routes (installed on the node's HTTP app):
   401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
 - ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
   (same signature rules); the media id is the manifest's CID, so the asker verifies the bytes.
-  Used by :class:`~peerd.p2p.puller.PeerPuller` for the coordinator's prefetch from a named peer.
+  Used by :meth:`LanSource.pull_media_from` for the coordinator's prefetch from a named peer.
 - ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
   libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
   ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
@@ -15,6 +15,13 @@ Routes (installed on the node's HTTP app):
 :class:`LanSource` is the delivery :class:`~peerd.delivery.Source` that asks LAN peers from the
 peer directory, fastest measured round trip first, for a blob; its reports feed the directory's
 bans, so a peer that sent wrong bytes drops out of the order.
+
+:meth:`LanSource.pull_media_from` runs :func:`peerd.delivery.pull.pull_media` against one named
+peer (``POST /api/v1/commands/prefetch`` with ``source: "peer"``): the manifest, then each missing
+blob from that peer only, every byte verified against its id, the rows committed after the last
+blob. A peer that sends bytes not matching their id is banned and the pull fails with
+:class:`~peerd.errors.IntegrityError`; nothing partial is kept. Only live LAN peers (mDNS) with an
+HTTP URL can be named: a libp2p-only peer's blobs arrive through ``source: "any"`` instead.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -30,10 +38,11 @@ from peerd.catalog.media import media_manifest
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy, Peer
 from peerd.core.signing import check, sign_headers
+from peerd.delivery.pull import PullReport, pull_media
 from peerd.delivery.resolver import Resolver
 from peerd.delivery.source import Offer
 from peerd.discovery.directory import PeerDirectory
-from peerd.errors import Forbidden, NotFound, Unauthorized, UpstreamError
+from peerd.errors import Forbidden, IntegrityError, NotFound, Unauthorized, UpstreamError
 from peerd.identity import Identity, peer_id_of, verify_signature
 from peerd.runtime import Runtime
 
@@ -43,11 +52,12 @@ ROUTE = "/p2p/v1/blobs/{cid}"
 MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
 FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
 CHUNK = 256 * 1024
+MAX_MANIFEST = 16 * 1024 * 1024
 
 
 def lan_directory(rt: Runtime) -> PeerDirectory:
     """A LAN peer directory as ``[mdns]`` configures it (the daemon builds one, shared by mDNS,
-    the routes, the LAN source and the puller)."""
+    the routes and the LAN source)."""
     cfg = rt.settings.mdns
     return PeerDirectory(
         rt.catalog,
@@ -125,30 +135,25 @@ def install(
 
 
 class LanSource:
-    """Blobs from LAN peers over signed HTTP, fastest peer first."""
+    """Blobs from LAN peers over signed HTTP, fastest peer first; whole media from a named one."""
 
     name = "lan"
 
     def __init__(
-        self,
-        directory: PeerDirectory,
-        identity: Identity,
-        *,
-        timeout_s: float = 10.0,
-        max_peers: int = 4,
-        self_id: str | None = None,
+        self, rt: Runtime, directory: PeerDirectory, *, timeout_s: float = 10.0, max_peers: int = 4
     ) -> None:
+        self.rt = rt
         self.directory = directory
-        self.identity = identity
+        self.identity = rt.identity
         self.timeout_s = timeout_s
         self.max_peers = max_peers
-        self.self_id = self_id or identity.peer_id
         self._session: aiohttp.ClientSession | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
+    def client(self) -> aiohttp.ClientSession:
+        """The HTTP client to LAN peers (opened on first use)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=10),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=self.timeout_s),
                 auto_decompress=False,
             )
         return self._session
@@ -159,7 +164,7 @@ class LanSource:
             await self._session.close()
 
     def _peers(self) -> list[Peer]:
-        return [p for p in self.directory.order() if p.url and p.peer_id != self.self_id]
+        return [p for p in self.directory.order() if p.url and p.peer_id != self.identity.peer_id]
 
     def idle(self) -> bool:
         """No LAN peer known: :meth:`offers` would ask nobody."""
@@ -173,7 +178,7 @@ class LanSource:
             started = time.monotonic()
             try:
                 resp = await signed_get(
-                    self._client(), self.identity, peer.url, ROUTE.format(cid=cid)
+                    self.client(), self.identity, peer.url, ROUTE.format(cid=cid)
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self.directory.report(peer.peer_id, False, type(exc).__name__)
@@ -196,6 +201,72 @@ class LanSource:
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
         """Feed the outcome into the peer directory (bans on integrity failures)."""
         self.directory.report(offer.peer, ok, reason)
+
+    async def pull_media_from(self, peer_id: str, media_id: str) -> PullReport:
+        """Fetch ``media_id`` (manifest and every blob) from ``peer_id`` into the local store."""
+        peer = self.directory.table.get(peer_id)
+        if peer is None or not peer.url or not self.directory.known(peer_id):
+            raise NotFound(
+                f"peer {peer_id} is not a live LAN peer of this node (only peers seen by mDNS, "
+                "not banned, can be named)"
+            )
+        named = _NamedPeer(peer_id, peer.url, self)
+        try:
+            report = await pull_media(
+                self.rt.catalog, self.rt.store, media_id, lambda: named.manifest(media_id), named
+            )
+        except IntegrityError:
+            self.directory.report(peer_id, False, "integrity")
+            raise
+        self.directory.report(peer_id, True)
+        log.info(
+            "media pulled from peer",
+            extra={"media": media_id, "peer": peer_id, "fetched": report.fetched},
+        )
+        return report
+
+
+@dataclass
+class _NamedPeer:
+    """One LAN peer as a :class:`~peerd.delivery.source.Source` (refusals are errors)."""
+
+    peer_id: str
+    base: str
+    lan: LanSource
+    name: str = "lan"
+    timeout_s: float = 30.0
+
+    async def get(self, path: str) -> aiohttp.ClientResponse:
+        """A signed GET of ``path`` on the peer."""
+        try:
+            return await signed_get(self.lan.client(), self.lan.identity, self.base, path)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UpstreamError(f"LAN peer at {self.base} unreachable: {exc!r}") from exc
+
+    async def manifest(self, media_id: str) -> bytes:
+        """The peer's manifest bytes of ``media_id`` (checked by the pull)."""
+        resp = await self.get(MEDIA_ROUTE.format(media_id=media_id))
+        try:
+            if resp.status == 404:
+                raise NotFound(f"peer {self.peer_id} does not have media {media_id}")
+            if resp.status != 200:
+                raise UpstreamError(f"peer {self.peer_id} refused the manifest: HTTP {resp.status}")
+            return await resp.content.read(MAX_MANIFEST + 1)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UpstreamError(f"manifest transfer from {self.peer_id} broke: {exc!r}") from exc
+        finally:
+            resp.release()
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        """The peer's blob ``cid``; anything but 200 is an error (the peer was named)."""
+        resp = await self.get(ROUTE.format(cid=cid))
+        if resp.status != 200:
+            resp.release()
+            raise UpstreamError(f"peer {self.peer_id} did not serve blob {cid}: HTTP {resp.status}")
+        yield Offer(self.name, self.peer_id, stream_body(resp), size=resp.content_length)
+
+    def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
+        """Nothing: :meth:`LanSource.pull_media_from` reports the whole pull to the directory."""
 
 
 async def signed_get(

@@ -44,10 +44,8 @@ LocalLookup = Callable[[str], Coroutine[Any, Any, Path | None]]
 class Counters:
     """What the node did, read by the asyncio side for metrics."""
 
-    served_blobs: int = 0
     served_bytes: int = 0
     refused_busy: int = 0
-    refused_not_held: int = 0
 
 
 class _PeerCount:
@@ -328,7 +326,7 @@ class TrioNode:
     async def _handle_blob(self, stream: Any) -> None:
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                line = await _read_line(stream, blobwire.MAX_REQUEST)
+                line = await _read_upto(stream, blobwire.MAX_REQUEST, line=True)
             cid = blobwire.decode_request(line)
             if cid is None:
                 await stream.write(blobwire.encode_answer(Status.BAD_REQUEST))
@@ -341,7 +339,6 @@ class TrioNode:
                 return
             path = await to_asyncio(self.loop, self.lookup(cid))
             if path is None:
-                self.counters.refused_not_held += 1
                 await stream.write(blobwire.encode_answer(Status.NOT_HELD))
                 await stream.close()
                 return
@@ -366,33 +363,18 @@ class TrioNode:
                     raise OSError(f"{path} shrank while being sent")
                 await stream.write(chunk)
                 sent += len(chunk)
-        self.counters.served_blobs += 1
         self.counters.served_bytes += size
 
 
-async def _read_upto(stream: Any, n: int) -> bytes:
-    """Read until ``n`` bytes or end of stream (libp2p's read_exactly gives up after 100 reads)."""
+async def _read_upto(stream: Any, n: int, *, line: bool = False) -> bytes:
+    """Read until ``n`` bytes, end of stream or, with ``line``, a newline at the end of what came
+    (libp2p's read_exactly gives up after 100 reads)."""
     from libp2p.network.stream.exceptions import StreamEOF  # noqa: PLC0415
 
     buf = bytearray()
-    while len(buf) < n:
+    while len(buf) < n and not (line and buf.endswith(b"\n")):
         try:
             chunk = await stream.read(n - len(buf))
-        except StreamEOF:
-            break
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-async def _read_line(stream: Any, limit: int) -> bytes:
-    from libp2p.network.stream.exceptions import StreamEOF  # noqa: PLC0415
-
-    buf = bytearray()
-    while not buf.endswith(b"\n") and len(buf) < limit:
-        try:
-            chunk = await stream.read(limit - len(buf))
         except StreamEOF:
             break
         if not chunk:

@@ -18,6 +18,8 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 from peerd.config import Settings
@@ -31,20 +33,29 @@ def register(sub: Any) -> None:
     push = rsub.add_parser("push", help="upload media (default: everything R2 lacks) to R2")
     push.add_argument("media", nargs="*", help="media ids (default: all)")
     push.add_argument("--no-progress", action="store_true")
-    push.set_defaults(func=cmd_push)
+    push.set_defaults(func=_sync(_push))
     pull = rsub.add_parser("pull", help="fetch media from R2 into the local store")
     pull.add_argument("media", nargs="+", help="media ids")
     pull.add_argument("--no-progress", action="store_true")
-    pull.set_defaults(func=cmd_pull)
+    pull.set_defaults(func=_sync(_pull))
     ev = rsub.add_parser("evict", help="one eviction round under [store] quota_bytes")
-    ev.set_defaults(func=cmd_evict)
+    ev.set_defaults(func=_sync(_evict))
     st = rsub.add_parser("status", help="replication jobs, R2 states, request counts")
     st.add_argument("--json", action="store_true")
     st.add_argument("--batch", help="show one job or batch id")
-    st.set_defaults(func=cmd_status)
+    st.set_defaults(func=_sync(_status))
 
 
-async def _open(settings: Settings) -> tuple[Any, Any]:
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
+    return lambda args, settings: asyncio.run(command(args, settings))
+
+
+@asynccontextmanager
+async def _open(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
+    """The node's runtime and a replicator, closed on exit."""
     from peerd.replication.metrics import r2_metrics
     from peerd.replication.r2 import R2Client, config_from_settings
     from peerd.replication.service import Replicator
@@ -58,7 +69,11 @@ async def _open(settings: Settings) -> tuple[Any, Any]:
         )
     rt = await open_runtime(settings)
     client = await R2Client.create(cfg, on_request=r2_metrics(rt.metrics.registry).on_request)
-    return rt, Replicator(rt, client)
+    try:
+        yield rt, Replicator(rt, client)
+    finally:
+        await client.close()
+        await rt.close()
 
 
 def _bar(total: int, desc: str, disable: bool) -> Any:
@@ -76,21 +91,13 @@ def _bar(total: int, desc: str, disable: bool) -> Any:
     )
 
 
-def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
-    """Promote media (or everything) and work the outbox until it is empty."""
-    return asyncio.run(_push(args, settings))
-
-
 async def _push(args: argparse.Namespace, settings: Settings) -> int:
+    """Promote media (or everything) and work the outbox until it is empty."""
     from peerd.catalog.media import media_not_in_r2
     from peerd.catalog.outbox import job_counts, push_backlog
 
-    rt, rep = await _open(settings)
-    try:
-        media = list(args.media)
-        if not media:
-            media = await media_not_in_r2(rt.catalog)
-        for m in media:
+    async with _open(settings) as (rt, rep):
+        for m in args.media or await media_not_in_r2(rt.catalog):
             await rep.promote_media(m)
         if not args.media:
             stray: list[str] = list(await rt.catalog.not_in_r2())
@@ -103,24 +110,16 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
         bar.close()
         elapsed = time.monotonic() - started
         counts = await job_counts(rt.catalog)
-        print(
-            f"pushed {bar.n} bytes in {elapsed:.1f} s "
-            f"({bar.n / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
-        )
-        return 1 if counts.get("failed") else 0
-    finally:
-        await rep.client.close()
-        await rt.close()
-
-
-def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    """Pull media from R2."""
-    return asyncio.run(_pull(args, settings))
+    print(
+        f"pushed {bar.n} bytes in {elapsed:.1f} s "
+        f"({bar.n / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
+    )
+    return 1 if counts.get("failed") else 0
 
 
 async def _pull(args: argparse.Namespace, settings: Settings) -> int:
-    rt, rep = await _open(settings)
-    try:
+    """Pull media from R2."""
+    async with _open(settings) as (_rt, rep):
         for media_id in args.media:
             bar = _bar(0, f"pull {media_id[:16]}", args.no_progress)
             rep_ = await rep.pull_media(media_id, progress=bar.update)
@@ -129,40 +128,24 @@ async def _pull(args: argparse.Namespace, settings: Settings) -> int:
                 f"{media_id}: {rep_.blobs} blobs, {rep_.fetched} fetched "
                 f"({rep_.bytes} bytes), {'recorded' if rep_.recorded else 'already catalogued'}"
             )
-        return 0
-    finally:
-        await rep.client.close()
-        await rt.close()
+    return 0
 
 
-def cmd_evict(args: argparse.Namespace, settings: Settings) -> int:
+async def _evict(args: argparse.Namespace, settings: Settings) -> int:
     """Evict blobs confirmed in R2 until the store is under its low watermark."""
-    return asyncio.run(_evict(settings))
-
-
-async def _evict(settings: Settings) -> int:
     from peerd.replication.tiering import TieringService
 
-    rt, rep = await _open(settings)
-    try:
-        svc = TieringService(rt, rep, rep.client)
-        evicted, refused = await svc.evict(time.time())
+    async with _open(settings) as (rt, rep):
+        evicted, refused = await TieringService(rt, rep, rep.client).evict(time.time())
         print(
             f"evicted {evicted} blobs, {refused} not confirmed in R2; "
             f"store holds {rt.store.used_bytes} bytes (quota {rt.store.quota_bytes})"
         )
-        return 0
-    finally:
-        await rep.client.close()
-        await rt.close()
-
-
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    """Show replication state."""
-    return asyncio.run(_status(args, settings))
+    return 0
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    """Show replication state."""
     from peerd.catalog import Catalog
     from peerd.catalog.media import media_by_r2_state
     from peerd.catalog.outbox import Outbox, job_counts, recent_errors

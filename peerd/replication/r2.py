@@ -48,6 +48,7 @@ from peerd.replication.s3http import (
     S3Http,
     file_body,
 )
+from peerd.store import hash_file
 
 log = logging.getLogger("peerd.replication")
 
@@ -202,31 +203,13 @@ class R2Client:
             self._on_request(op)
 
     async def _send(
-        self,
-        op: str,
-        method: str,
-        key: str,
-        *,
-        query: Query = (),
-        headers: dict[str, str] | None = None,
-        payload_sha256: str = EMPTY_SHA256,
-        data: Any = None,
-        sse: bool = True,
-        read: bool = False,
+        self, op: str, method: str, key: str, *, read: bool = False, **kw: Any
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """One request, counted; its (released) answer and, with ``read``, its body."""
+        """One request (``kw`` as :meth:`S3Http.request` takes them), counted; its (released)
+        answer and, with ``read``, its body."""
         self._count(op)
         try:
-            resp = await self.http.request(
-                op,
-                method,
-                key,
-                query=query,
-                headers=headers,
-                payload_sha256=payload_sha256,
-                data=data,
-                sse=sse,
-            )
+            resp = await self.http.request(op, method, key, **kw)
             try:
                 body = await resp.read() if read else b""
             finally:
@@ -386,7 +369,9 @@ class R2Client:
         async def upload(number: int, offset: int, n: int) -> str:
             # Hash the part first (its checksum goes in the signed headers), then stream it;
             # the streaming pass checks the bytes again, so a file changing in between is caught.
-            digest = await asyncio.to_thread(_digest_of_range, path, offset, n)
+            digest = await asyncio.to_thread(hash_file, path, offset, n)
+            if digest is None:
+                raise R2Error(f"local file {path} shrank while uploading")
             resp = await self._put(
                 "UploadPart",
                 key,
@@ -482,6 +467,8 @@ class R2Client:
             expected = await asyncio.to_thread(_composite_of_file, path, size, part_size)
         except (OSError, ValueError):
             return False
+        if expected is None:  # the file is shorter than the object
+            return False
         exp_value, _, exp_count = expected.partition("-")
         return value == exp_value and (not count or count == exp_count)
 
@@ -573,32 +560,10 @@ def _resumes(resp: aiohttp.ClientResponse, start: int, size: int) -> bool:
     return resp.status == 206 and resp.headers.get("Content-Range", "") == want
 
 
-def _digest_of_range(path: Path, offset: int, size: int) -> bytes:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        f.seek(offset)
-        left = size
-        while left:
-            data = f.read(min(left, 1 << 20))
-            if not data:
-                raise R2Error(f"local file {path} shrank while uploading")
-            h.update(data)
-            left -= len(data)
-    return h.digest()
-
-
-def _composite_of_file(path: Path, size: int, part_size: int) -> str:
-    parts = plan_parts(size, part_size)
+def _composite_of_file(path: Path, size: int, part_size: int) -> str | None:
     digests = []
-    with path.open("rb") as f:
-        for p in parts:
-            h = hashlib.sha256()
-            left = p.size
-            while left:
-                data = f.read(min(left, 1 << 20))
-                if not data:
-                    raise ValueError("file shorter than expected")
-                h.update(data)
-                left -= len(data)
-            digests.append(h.digest())
+    for p in plan_parts(size, part_size):
+        if (digest := hash_file(path, p.offset, p.size)) is None:
+            return None
+        digests.append(digest)
     return composite_checksum(digests)

@@ -20,6 +20,6 @@ recovery
     shutdown marker runs, so start-up stays fast with millions of rows.
 """
 
-from peerd.store.blobs import BlobBatch, BlobStore, RecoveryReport, VerifyReport
+from peerd.store.blobs import BlobBatch, BlobStore, RecoveryReport, VerifyReport, hash_file
 
-__all__ = ["BlobBatch", "BlobStore", "RecoveryReport", "VerifyReport"]
+__all__ = ["BlobBatch", "BlobStore", "RecoveryReport", "VerifyReport", "hash_file"]

@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull
 log = logging.getLogger("peerd.store")
 
 TMP_PREFIX = ".tmp-"
+PUT_CHUNK = 1024 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,16 +169,14 @@ class BlobStore:
 
     async def put(self, data: bytes, *, kind: str = "segment", expected: Cid | None = None) -> Cid:
         """Store ``data`` and return its cid. Idempotent; verifies ``expected`` if given."""
-        cid = await asyncio.to_thread(cid_of, data) if len(data) > 65536 else cid_of(data)
-        if expected is not None and cid != expected:
-            raise IntegrityError(f"bytes hash to {cid}, expected {expected}", expected=expected)
-        if await self._already_held(cid):
-            return cid
-        self._check_room(len(data))
-        # Once started, the write and its catalog row finish together even if the caller is
-        # cancelled: a file renamed into place without its row would be an orphan.
-        await _finish_despite_cancel(self._write_and_commit(cid, data, kind))
-        return cid
+        if expected is None:
+            expected = await asyncio.to_thread(cid_of, data) if len(data) > 65536 else cid_of(data)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(data), PUT_CHUNK):
+                yield data[i : i + PUT_CHUNK]
+
+        return await self.put_stream(chunks(), expected=expected, kind=kind)
 
     def batch(self) -> BlobBatch:
         """A :class:`BlobBatch`: blobs written now, made durable and committed together later."""
@@ -209,10 +208,6 @@ class BlobStore:
             await asyncio.shield(batch.abort())
             raise
         return cids
-
-    async def _write_and_commit(self, cid: Cid, data: bytes, kind: str) -> None:
-        await asyncio.to_thread(self._write_file, cid, data)
-        await self._commit(cid, len(data), kind)
 
     async def put_stream(
         self,
@@ -267,24 +262,6 @@ class BlobStore:
         if row is None or row.local_state != "present":
             return False
         return await asyncio.to_thread(self.path_for(cid).is_file)
-
-    def _write_file(self, cid: Cid, data: bytes) -> None:
-        shard = self.root / shard_of(cid)
-        shard.mkdir(exist_ok=True)
-        tmp = shard / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_synced(fd, data)
-        except OSError as exc:
-            _close_unlink(fd, tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"disk full while writing blob {cid}") from exc
-            raise
-        except BaseException:
-            _close_unlink(fd, tmp)
-            raise
-        os.close(fd)
-        _rename_durably(tmp, self.path_for(cid))
 
     def _count_new(self, rows: list[tuple[Cid, int, str]], before: dict[Cid, Any]) -> None:
         for cid, size, kind in rows:
@@ -564,11 +541,25 @@ def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
         return "size"
     if not deep:
         return None
-    h = hashlib.sha256()
+    return None if hash_file(path) == digest_of(cid) else "hash"
+
+
+def hash_file(
+    path: Path, offset: int = 0, length: int | None = None, h: hashlib._Hash | None = None
+) -> bytes | None:
+    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None), after what the
+    hash ``h`` already holds; None if the file ends before ``length`` bytes."""
+    h = h or hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
+        f.seek(offset)
+        while length is None or length:
+            chunk = f.read(1 << 20 if length is None else min(length, 1 << 20))
+            if not chunk:
+                return None if length else h.digest()
             h.update(chunk)
-    return None if h.digest() == digest_of(cid) else "hash"
+            if length is not None:
+                length -= len(chunk)
+    return h.digest()
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -617,4 +608,4 @@ def _rename_durably(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-__all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport"]
+__all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport", "hash_file"]

@@ -25,9 +25,10 @@ from typing import Any, cast
 
 from aiohttp import ClientSession, web
 
-from peerd.core.signed import (
-    PEER_HEADER,
-    SIGNATURE_HEADER,
+from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER
+from peerd.identity import verify_signature
+from tests.support.openapi import OpenApiDocument, SchemaViolation
+from tests.support.signed import (
     ReplayWindow,
     SignatureError,
     SignedBody,
@@ -35,8 +36,6 @@ from peerd.core.signed import (
     check_signature,
     verify_body,
 )
-from peerd.identity import verify_signature
-from tests.support.openapi import OpenApiDocument, SchemaViolation
 
 
 @dataclass
