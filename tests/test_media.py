@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +18,6 @@ from peerd.media import codecs, fmp4
 from peerd.media.ingest import Ingestor
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.package import package
-from peerd.media.transcode import ahead
 from peerd.store import BlobStore
 from tests.support.media import (
     MemorySink,
@@ -330,7 +327,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 async def test_bad_inputs_fail_cleanly_and_the_batch_continues(
     media_dir: Path, bad_files: list[Path], tmp_path: Path, transcode: Literal["auto", "always"]
 ) -> None:
-    # "always": the decoding errors are raised in the transcode's reader thread.
+    # "always": the decoding errors are raised by the transcode.
     bad = bad_files
     good = media_dir / "odd_44k.mp4"
     cat, store = await open_node(tmp_path / "node")
@@ -379,8 +376,8 @@ async def test_file_removed_mid_ingest_leaves_nothing(tmp_path: Path) -> None:
 async def test_full_disk_leaves_no_orphans(
     media_dir: Path, tmp_path: Path, transcode: Literal["auto", "always"]
 ) -> None:
-    # "always": the store error stops the encoding side while the reader thread is running
-    # (the leaked-thread check of conftest fails the test if it is left behind).
+    # "always": the store error stops a transcode (the leaked-thread check of conftest fails
+    # the test if a codec or packaging thread is left behind).
     cat, store = await open_node(tmp_path / "node", quota=30_000)
     ing = Ingestor(cat, store, PackagingOptions(segment_seconds=1.0, transcode=transcode))
     res = await ing.ingest_result(media_dir / "h264_aac.mp4")
@@ -392,38 +389,6 @@ async def test_full_disk_leaves_no_orphans(
     more = await ing.ingest_many([media_dir / "vfr.mp4"])
     assert more[0].error_code == "store_full"
     await cat.close()
-
-
-def test_read_ahead_keeps_order_raises_in_place_and_stops_its_thread() -> None:
-    """`ahead`: the transcode reader thread's hand-over (order, errors, early stop)."""
-    assert list(ahead(iter(range(50)), 3, "t-order")) == list(range(50))
-
-    def failing() -> Iterator[int]:
-        yield 1
-        yield 2
-        raise MediaError("bad packet")
-
-    got: list[int] = []
-    with pytest.raises(MediaError, match="bad packet"):
-        got.extend(ahead(failing(), 8, "t-error"))  # appends as it goes
-    assert got == [1, 2]
-
-    closed = threading.Event()
-
-    def endless() -> Iterator[int]:
-        try:
-            n = 0
-            while True:
-                yield n
-                n += 1
-        finally:
-            closed.set()  # closed in the reader thread, before ahead returns
-
-    items = ahead(endless(), 2, "t-stop")
-    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
-    items.close()
-    assert closed.is_set()
-    assert not [t for t in threading.enumerate() if t.name.startswith("t-")]
 
 
 async def test_cancelled_ingest_cleans_up(media_dir: Path, tmp_path: Path) -> None:

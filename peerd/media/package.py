@@ -15,8 +15,8 @@ Theory of operation
 2. **Native remux** (`_native_top_pass`): reads the sample tables from the ``moov``, cuts in
    integer ticks by the cutter's rules and writes init segment and fragments itself; each
    segment's bytes are read with one ``preadv`` and hashed at once in a hashing thread.
-3. **libav path** (`_top_pass`): demux (and for a transcode decode, scale and encode, the
-   decoding running ahead in a reader thread), cut, mux each segment.
+3. **libav path** (`_top_pass`): demux (and for a transcode decode, scale and encode), cut,
+   mux each segment.
 4. **Lower rungs and audio-only.** Derived from the top rendition one segment at a time
    (`peerd.media.transcode.derive_segment`), at ingest for eager rungs and later for on-demand
    ones, with the same bytes either way.
@@ -35,7 +35,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,15 +56,9 @@ from peerd.media.mux import SegmentBytes, SegmentMuxer
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 from peerd.media.transcode import (
-    AUDIO_FRAME,
-    AUDIO_PACKET,
-    READ_AHEAD,
-    VIDEO_FRAME,
-    VIDEO_PACKET,
     Scaler,
     SeiFilter,
     add_x264,
-    ahead,
     derive_segment,
     new_holder,
     prepare_frame,
@@ -544,62 +538,37 @@ def _top_pass(
         next_i = [Fraction(0)]
         step = Fraction(opts.segment_seconds).limit_denominator(1000)
 
-        def read() -> Generator[tuple[int, Any], None, None]:
-            # Demux, decode and scale: everything that only depends on the input. Yields the
-            # items in the order the serial loop handled them, so what the encoder and the
-            # cutter see (and the bytes) does not depend on how far ahead this runs.
+        def scale_and_encode(frame: av.VideoFrame | None) -> None:
+            assert scaler is not None
+            for f in scaler(frame):
+                prepare_frame(f, last_pts, next_i, step, tb)
+                if f.pts is not None:
+                    encode_frame(f)
+
+        try:
             for pkt in inp.demux(*streams):
                 job.check()
                 if pkt.stream is ain:
-                    if copy_audio:
-                        if pkt.dts is not None:
-                            yield AUDIO_PACKET, pkt
-                    else:
+                    if not copy_audio:
                         for af in pkt.decode():
-                            yield AUDIO_FRAME, af
+                            feed_audio_frame(af)
+                    elif pkt.dts is not None:
+                        cutter.audio(pkt, t_of(pkt.pts, pkt.time_base) or Fraction(0))
                     continue
                 if remux:
                     if pkt.dts is not None or pkt.pts is not None:
-                        yield VIDEO_PACKET, pkt
+                        feed_video_packet(pkt)
                     continue
-                assert scaler is not None
                 for frame in pkt.decode():
                     assert isinstance(frame, av.VideoFrame)
-                    for f in scaler(frame):
-                        prepare_frame(f, last_pts, next_i, step, tb)
-                        if f.pts is not None:
-                            yield VIDEO_FRAME, f
+                    scale_and_encode(frame)
             if not remux:
-                assert scaler is not None
-                for f in scaler(None):
-                    prepare_frame(f, last_pts, next_i, step, tb)
-                    if f.pts is not None:
-                        yield VIDEO_FRAME, f
-
-        # A transcode decodes and scales in a reader thread while this one encodes, cuts and
-        # muxes (libav releases the GIL), so neither stage waits for the other. Where the codec
-        # threads already keep every core busy (2 cores) this measured neutral; it pays where
-        # cores are spare. A remux has nothing worth overlapping.
-        items = read() if remux else ahead(read(), READ_AHEAD, "peerd-decode")
-        try:
-            for what, item in items:
-                if what == VIDEO_FRAME:
-                    encode_frame(item)
-                elif what == VIDEO_PACKET:
-                    feed_video_packet(item)
-                elif what == AUDIO_PACKET:
-                    cutter.audio(item, t_of(item.pts, item.time_base) or Fraction(0))
-                else:
-                    assert isinstance(item, av.AudioFrame)
-                    feed_audio_frame(item)
-            if not remux:
+                scale_and_encode(None)
                 encode_frame(None)
             if aencoder is not None:
                 feed_audio_frame(None)
         except av.error.FFmpegError as exc:
             raise _wrap_av(path, exc, "while reading") from None
-        finally:
-            items.close()  # stops and joins the reader thread before the input is closed
         if cutter.emitted == 0 and not cutter.segs:
             raise MediaError(f"{path}: no decodable video (no keyframe found)", path=str(path))
         end = float(cutter.video_end - cutter.first_start)
