@@ -14,7 +14,8 @@ Theory of operation
    `PACKAGER_VERSION`: the native remux for every input it accepts, libav for everything else.
 2. **Native remux** (`_native_top_pass`): reads the sample tables from the ``moov``, cuts in
    integer ticks by the cutter's rules and writes init segment and fragments itself; each
-   segment's bytes are read with one ``preadv`` and hashed at once in a hashing thread.
+   segment's samples are read (`peerd.media.remux.read_samples`) and hashed at once in a
+   hashing thread.
 3. **libav path** (`_top_pass`): demux (and for a transcode decode, scale and encode), cut,
    mux each segment.
 4. **Lower rungs and audio-only.** Derived from the top rendition one segment at a time
@@ -140,19 +141,23 @@ class _Job:
         digest = self.hasher.submit(cid_of, data)
         return self._to_sink(lambda: (data, digest.result()), kind)
 
-    def put_read(self, read: remuxer.Read, kind: str) -> Future[Cid]:
+    def put_read(
+        self, read: remuxer.Read, kind: str
+    ) -> tuple[Future[Cid], Future[tuple[bytes, Cid]]]:
         """Like :meth:`put` for a blob that ``read`` makes and hashes in a hashing thread.
 
         Reading a segment and hashing it in the same thread, at once, finds its bytes still in
         the CPU's cache: the 120 s 1080p remux reads and hashes its 92 MB in ~30 ms on two
         threads this way, against ~80 ms when the packaging thread read each segment and a
-        hashing thread hashed it later. Reads not yet finished are kept in :attr:`reads`
-        (finished ones are dropped: their results hold the segments' bytes).
+        hashing thread hashed it later (and the whole remux ~30% slower in this process, measured
+        again for issue 18). Reads not yet finished are kept in :attr:`reads` (finished ones are
+        dropped: their results hold the segments' bytes). Returns the sink's future and the
+        read's, whose bytes derived rungs wait for.
         """
         got = self.hasher.submit(read)
         self.reads = [f for f in self.reads if not f.done()]
         self.reads.append(got)
-        return self._to_sink(got.result, kind)
+        return self._to_sink(got.result, kind), got
 
     def _to_sink(self, ready: Callable[[], tuple[bytes, Cid]], kind: str) -> Future[Cid]:
         def store() -> Cid:
@@ -272,15 +277,10 @@ def _package(job: _Job) -> Manifest:
     if audio_out is not None and audio_out.recipe is not None:
         producers.append((audio_out, audio_out.recipe))
 
-    def on_top_segment(seg: SegmentBytes, duration: int) -> None:
-        job.check()
-        job.still_there()
-        if seg.init is not None and top.init_cid is None:
-            top.init_cid = job.put(seg.init, "init")
-        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
+    def derive(seq: int, duration: int, data: bytes) -> None:
         for o, rec in producers:
             job.check()
-            d = derive_segment(opts.container, top.mux_init, seg.data, rec, seg.seq)
+            d = derive_segment(opts.container, top.mux_init, data, rec, seq)
             if d.init is not None and o.init_cid is None:
                 o.init_cid = job.put(d.init, "init")
             o.segs.append((duration, job.put(d.data, "segment"), len(d.data)))
@@ -288,19 +288,27 @@ def _package(job: _Job) -> Manifest:
                 job.extra_done += duration / TIMESCALE
                 _report(job)
 
+    def on_top_segment(seg: SegmentBytes, duration: int) -> None:
+        job.check()
+        job.still_there()
+        if seg.init is not None and top.init_cid is None:
+            top.init_cid = job.put(seg.init, "init")
+        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
+        derive(seg.seq, duration, seg.data)
+
     def on_top_read(seq: int, init: bytes, duration: int, size: int, read: remuxer.Read) -> None:
         job.check()
         job.still_there()
         if top.init_cid is None:
             top.init_cid = job.put(init, "init")
-        top.segs.append((duration, job.put_read(read, "segment"), size))
+        stored, got = job.put_read(read, "segment")
+        top.segs.append((duration, stored, size))
+        if producers:
+            derive(seq, duration, got.result()[0])
 
     native = remuxer.open_native(src, opts) if remux else None
     if native is not None:
-        # Rungs derived from the top segments need each one's bytes in this thread: read here
-        # then, not in a hashing thread.
-        on_read = None if producers else on_top_read
-        start = _native_top_pass(job, top, native, on_top_segment, on_read)
+        start = _native_top_pass(job, top, native, on_top_read)
     else:
         start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
     renditions = [_finish(top, opts, src, start, rate)]
@@ -603,15 +611,10 @@ def _native_top_pass(
     job: _Job,
     top: _Out,
     native: remuxer.Native,
-    on_segment: Callable[[SegmentBytes, int], None],
-    on_read: Callable[[int, bytes, int, int, remuxer.Read], None] | None = None,
+    on_read: Callable[[int, bytes, int, int, remuxer.Read], None],
 ) -> int:
-    """`_top_pass` for a native remux: sample bytes read straight from the file.
-
-    With ``on_read``, each segment is handed on unread, as a function that reads and hashes it
-    (in a hashing thread); otherwise it is read here and
-    handed to ``on_segment`` with its bytes.
-    """
+    """`_top_pass` for a native remux: each segment is handed on unread, as a function that
+    reads its samples straight from the file and hashes them (run in a hashing thread)."""
     src = job.src
     path = src.path
     try:
@@ -626,7 +629,6 @@ def _native_top_pass(
         init = isobmff.init_segment(tracks)
         top.mux_init = init
         origins = [isobmff.rescale(cuts.origin, t.timescale) for t in tracks]
-        scratch = threading.local()
         for seq, seg in enumerate(cuts.segments):
             job.check()
             runs = [isobmff.TrackRun(video, seg.v0, seg.v1, video.dts[seg.v0] - origins[0])]
@@ -636,17 +638,10 @@ def _native_top_pass(
             ranges = remuxer.sample_ranges(runs)
             last = seg.v1 - 1
             job.top_done = max(job.top_done, (video.dts[last] + video.cto[last]) / video.timescale)
-            if on_read is not None:
-                size = len(header) + sum(e - o for o, e in ranges)
-                read = functools.partial(
-                    remuxer.read_hashed, native.fd, path, header, ranges, scratch
-                )
-                on_read(seq, init, cuts.duration_ticks(seq), size, read)
-                _report(job)
-                continue
-            data = remuxer.read_samples(native.fd, path, header, ranges, scratch)
+            size = len(header) + sum(e - o for o, e in ranges)
+            read = functools.partial(remuxer.read_hashed, native.fd, path, header, ranges)
+            on_read(seq, init, cuts.duration_ticks(seq), size, read)
             _report(job)
-            on_segment(SegmentBytes(seq, init, data), cuts.duration_ticks(seq))
         # Every read has ended (the descriptor is closed below) before the file is checked.
         futures.wait(job.reads)
         job.still_there()
