@@ -101,7 +101,7 @@ def test_package_and_ffprobe_every_rendition(
         ladder=(Rung(72), Rung(64, on_demand=True), Rung(720)),
         audio_only=True,
     )
-    m, info, _ = package(media_dir / name, opts, sink)
+    m, info = package(media_dir / name, opts, sink)
     ids = [r.id for r in m.renditions]
     top = m.renditions[0]
     assert top.height == kw.get("size", (160, 120))[1]
@@ -123,7 +123,7 @@ def test_package_and_ffprobe_every_rendition(
 def test_transcoded_segments_start_on_keyframes(media_dir: Path, tmp_path: Path) -> None:
     sink = MemorySink()
     opts = PackagingOptions(transcode="always", segment_seconds=1.0, ladder=(Rung(64),))
-    m, _, _ = package(media_dir / "vfr.mp4", opts, sink)
+    m, _ = package(media_dir / "vfr.mp4", opts, sink)
     top = m.renditions[0]
     assert len(top.segments) >= 4
     for r in m.renditions:
@@ -240,11 +240,11 @@ async def test_one_canonical_output_per_source_kind(
     if path == "isobmff":
         with monkeypatch.context() as patch:
             patch.setattr(remux, "open_native", lambda src, opts: None)
-            other, _, _ = await asyncio.to_thread(package, src, opts, MemorySink())
+            other, _ = await asyncio.to_thread(package, src, opts, MemorySink())
         assert other.packager == mf.Packager(pkg.PACKAGER_VERSION, "libav")
         assert mf.media_id_of(other) != id_a
         # The rule, not the options' wording, decides: MPEG-TS output is always libav's.
-        ts, _, _ = await asyncio.to_thread(
+        ts, _ = await asyncio.to_thread(
             package, src, PackagingOptions(container="ts"), MemorySink()
         )
         assert ts.packager == mf.Packager(pkg.PACKAGER_VERSION, "libav")
@@ -258,7 +258,7 @@ async def test_remux_ingest_stores_exactly_the_packaged_bytes(tmp_path: Path) ->
     )
     opts = PackagingOptions(segment_seconds=0.5)
     plain = MemorySink()
-    want, _, _ = await asyncio.to_thread(package, src, opts, plain)
+    want, _ = await asyncio.to_thread(package, src, opts, plain)
     cat, store = await open_node(tmp_path / "node")
     res = await Ingestor(cat, store, opts).ingest(src)
     assert res.ok
@@ -546,7 +546,7 @@ def test_media_settings_from_toml_reach_the_packager(tmp_path: Path) -> None:
 
 def test_hevc_is_remuxed_with_the_hvc1_tag(media_dir: Path) -> None:
     sink = MemorySink()
-    m, _, _ = package(media_dir / "hevc_opus.mkv", PackagingOptions(), sink)
+    m, _ = package(media_dir / "hevc_opus.mkv", PackagingOptions(), sink)
     top = m.renditions[0]
     assert top.codecs.startswith("hvc1.")
     assert top.codecs.endswith(",Opus")
@@ -602,7 +602,7 @@ def test_bframe_free_rung_for_webrtc_passthrough(
     )
     src = media_dir / "h264_aac.mp4"
     sink = MemorySink()
-    m, _, _ = package(src, opts, sink)
+    m, _ = package(src, opts, sink)
     ids = [r.id for r in m.renditions]
     assert ids == ["v120", "v120-nobf", "v72-nobf", "v72"]
     by_id = {r.id: r for r in m.renditions}
@@ -625,7 +625,7 @@ def test_bframe_free_rung_for_webrtc_passthrough(
     _check_with_ffprobe(m, sink.blobs, tmp_path / "hls", fps=30)
     # The same input and options give the same bytes (the x264 "bf" option is deterministic).
     again = MemorySink()
-    m2, _, _ = package(src, opts, again)
+    m2, _ = package(src, opts, again)
     assert mf.media_id_of(m2) == mf.media_id_of(m)
     # WebRTC takes the tallest B-frame-free rendition that fits.
     assert pick_rendition(m, 1080).id == "v120-nobf"

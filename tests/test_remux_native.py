@@ -69,7 +69,7 @@ def _package(
     with monkeypatch.context() as m:
         if not native:
             m.setattr(remux, "open_native", lambda src, opts: None)
-        manifest, _, _ = pkg.package(path, opts, sink)
+        manifest, _ = pkg.package(path, opts, sink)
     return manifest, sink
 
 
@@ -244,6 +244,6 @@ def test_native_remux_keeps_no_segment_alive(tmp_path: Path) -> None:
                     held_elsewhere.append(i)
         return cid
 
-    manifest, _, _ = pkg.package(src, PackagingOptions(segment_seconds=0.5), sink)
+    manifest, _ = pkg.package(src, PackagingOptions(segment_seconds=0.5), sink)
     assert len(seen) == len(manifest.renditions[0].segments) >= 12
     assert held_elsewhere == []

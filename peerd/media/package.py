@@ -111,7 +111,7 @@ class _Job:
     cancel: threading.Event | None
     top_done: float = 0.0
     extra_done: float = 0.0
-    blobs: list[tuple[Future[Cid], str]] = field(default_factory=list)
+    blobs: list[Future[Cid]] = field(default_factory=list)
     reads: list[Future[tuple[bytes, Cid]]] = field(default_factory=list)
     # The sink runs in this one helper thread, in call order: hashing and storing a segment
     # (sha256 and the write release the GIL) overlap the demuxing and muxing of the next.
@@ -165,13 +165,13 @@ class _Job:
             return self.sink(data, kind, cid)
 
         fut = self.pool.submit(store)
-        self.blobs.append((fut, kind))
+        self.blobs.append(fut)
         # At most MAX_QUEUED blobs wait for the sink (bounded memory); a sink error (e.g. a
         # full store) stops packaging at the next blob instead of at the end.
-        waiting = [f for f, _ in self.blobs if not f.done()]
+        waiting = [f for f in self.blobs if not f.done()]
         if len(waiting) > MAX_QUEUED:
             waiting[0].result()
-        for f, _ in self.blobs:
+        for f in self.blobs:
             if f.done() and f.exception() is not None:
                 f.result()
         return fut
@@ -210,8 +210,8 @@ def package(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     info: SourceInfo | None = None,
-) -> tuple[Manifest, SourceInfo, list[tuple[Cid, str]]]:
-    """Package `path` into blobs (through `sink`) and return (manifest, source info, blobs put).
+) -> tuple[Manifest, SourceInfo]:
+    """Package `path` into blobs (through `sink`) and return (manifest, source info).
 
     `info` is the caller's `probe(path)` if it already has one (saves opening the file twice).
     Raises MediaError naming the file and the reason for bad input, `Cancelled` when `cancel` is
@@ -233,7 +233,7 @@ def package(
             "renditions": [r.id for r in manifest.renditions],
         },
     )
-    return manifest, src, [(f.result(), kind) for f, kind in job.blobs]
+    return manifest, src
 
 
 def _package(job: _Job) -> Manifest:
