@@ -116,7 +116,7 @@ async def test_hlsjs_plays_remuxed_fmp4(
         blobs[cid] = data
         return cid
 
-    m, _, _ = await asyncio.to_thread(package, src, PackagingOptions(segment_seconds=2.0), sink)
+    m, _ = await asyncio.to_thread(package, src, PackagingOptions(segment_seconds=2.0), sink)
     await asyncio.to_thread(export_hls, m, blobs.__getitem__, tmp_path / "hls")
     base, slot = page_server
     async with run_node(tmp_path / "node", {"fmp4": tmp_path / "hls" / "v240.m3u8"}) as node:

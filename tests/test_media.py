@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +18,6 @@ from peerd.media import codecs, fmp4
 from peerd.media.ingest import Ingestor
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.package import package
-from peerd.media.transcode import ahead
 from peerd.store import BlobStore
 from tests.support.media import (
     MemorySink,
@@ -104,7 +101,7 @@ def test_package_and_ffprobe_every_rendition(
         ladder=(Rung(72), Rung(64, on_demand=True), Rung(720)),
         audio_only=True,
     )
-    m, info, _ = package(media_dir / name, opts, sink)
+    m, info = package(media_dir / name, opts, sink)
     ids = [r.id for r in m.renditions]
     top = m.renditions[0]
     assert top.height == kw.get("size", (160, 120))[1]
@@ -126,7 +123,7 @@ def test_package_and_ffprobe_every_rendition(
 def test_transcoded_segments_start_on_keyframes(media_dir: Path, tmp_path: Path) -> None:
     sink = MemorySink()
     opts = PackagingOptions(transcode="always", segment_seconds=1.0, ladder=(Rung(64),))
-    m, _, _ = package(media_dir / "vfr.mp4", opts, sink)
+    m, _ = package(media_dir / "vfr.mp4", opts, sink)
     top = m.renditions[0]
     assert len(top.segments) >= 4
     for r in m.renditions:
@@ -243,11 +240,11 @@ async def test_one_canonical_output_per_source_kind(
     if path == "isobmff":
         with monkeypatch.context() as patch:
             patch.setattr(remux, "open_native", lambda src, opts: None)
-            other, _, _ = await asyncio.to_thread(package, src, opts, MemorySink())
+            other, _ = await asyncio.to_thread(package, src, opts, MemorySink())
         assert other.packager == mf.Packager(pkg.PACKAGER_VERSION, "libav")
         assert mf.media_id_of(other) != id_a
         # The rule, not the options' wording, decides: MPEG-TS output is always libav's.
-        ts, _, _ = await asyncio.to_thread(
+        ts, _ = await asyncio.to_thread(
             package, src, PackagingOptions(container="ts"), MemorySink()
         )
         assert ts.packager == mf.Packager(pkg.PACKAGER_VERSION, "libav")
@@ -261,7 +258,7 @@ async def test_remux_ingest_stores_exactly_the_packaged_bytes(tmp_path: Path) ->
     )
     opts = PackagingOptions(segment_seconds=0.5)
     plain = MemorySink()
-    want, _, _ = await asyncio.to_thread(package, src, opts, plain)
+    want, _ = await asyncio.to_thread(package, src, opts, plain)
     cat, store = await open_node(tmp_path / "node")
     res = await Ingestor(cat, store, opts).ingest(src)
     assert res.ok
@@ -330,7 +327,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 async def test_bad_inputs_fail_cleanly_and_the_batch_continues(
     media_dir: Path, bad_files: list[Path], tmp_path: Path, transcode: Literal["auto", "always"]
 ) -> None:
-    # "always": the decoding errors are raised in the transcode's reader thread.
+    # "always": the decoding errors are raised by the transcode.
     bad = bad_files
     good = media_dir / "odd_44k.mp4"
     cat, store = await open_node(tmp_path / "node")
@@ -379,8 +376,8 @@ async def test_file_removed_mid_ingest_leaves_nothing(tmp_path: Path) -> None:
 async def test_full_disk_leaves_no_orphans(
     media_dir: Path, tmp_path: Path, transcode: Literal["auto", "always"]
 ) -> None:
-    # "always": the store error stops the encoding side while the reader thread is running
-    # (the leaked-thread check of conftest fails the test if it is left behind).
+    # "always": the store error stops a transcode (the leaked-thread check of conftest fails
+    # the test if a codec or packaging thread is left behind).
     cat, store = await open_node(tmp_path / "node", quota=30_000)
     ing = Ingestor(cat, store, PackagingOptions(segment_seconds=1.0, transcode=transcode))
     res = await ing.ingest_result(media_dir / "h264_aac.mp4")
@@ -392,38 +389,6 @@ async def test_full_disk_leaves_no_orphans(
     more = await ing.ingest_many([media_dir / "vfr.mp4"])
     assert more[0].error_code == "store_full"
     await cat.close()
-
-
-def test_read_ahead_keeps_order_raises_in_place_and_stops_its_thread() -> None:
-    """`ahead`: the transcode reader thread's hand-over (order, errors, early stop)."""
-    assert list(ahead(iter(range(50)), 3, "t-order")) == list(range(50))
-
-    def failing() -> Iterator[int]:
-        yield 1
-        yield 2
-        raise MediaError("bad packet")
-
-    got: list[int] = []
-    with pytest.raises(MediaError, match="bad packet"):
-        got.extend(ahead(failing(), 8, "t-error"))  # appends as it goes
-    assert got == [1, 2]
-
-    closed = threading.Event()
-
-    def endless() -> Iterator[int]:
-        try:
-            n = 0
-            while True:
-                yield n
-                n += 1
-        finally:
-            closed.set()  # closed in the reader thread, before ahead returns
-
-    items = ahead(endless(), 2, "t-stop")
-    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
-    items.close()
-    assert closed.is_set()
-    assert not [t for t in threading.enumerate() if t.name.startswith("t-")]
 
 
 async def test_cancelled_ingest_cleans_up(media_dir: Path, tmp_path: Path) -> None:
@@ -581,7 +546,7 @@ def test_media_settings_from_toml_reach_the_packager(tmp_path: Path) -> None:
 
 def test_hevc_is_remuxed_with_the_hvc1_tag(media_dir: Path) -> None:
     sink = MemorySink()
-    m, _, _ = package(media_dir / "hevc_opus.mkv", PackagingOptions(), sink)
+    m, _ = package(media_dir / "hevc_opus.mkv", PackagingOptions(), sink)
     top = m.renditions[0]
     assert top.codecs.startswith("hvc1.")
     assert top.codecs.endswith(",Opus")
@@ -637,7 +602,7 @@ def test_bframe_free_rung_for_webrtc_passthrough(
     )
     src = media_dir / "h264_aac.mp4"
     sink = MemorySink()
-    m, _, _ = package(src, opts, sink)
+    m, _ = package(src, opts, sink)
     ids = [r.id for r in m.renditions]
     assert ids == ["v120", "v120-nobf", "v72-nobf", "v72"]
     by_id = {r.id: r for r in m.renditions}
@@ -660,7 +625,7 @@ def test_bframe_free_rung_for_webrtc_passthrough(
     _check_with_ffprobe(m, sink.blobs, tmp_path / "hls", fps=30)
     # The same input and options give the same bytes (the x264 "bf" option is deterministic).
     again = MemorySink()
-    m2, _, _ = package(src, opts, again)
+    m2, _ = package(src, opts, again)
     assert mf.media_id_of(m2) == mf.media_id_of(m)
     # WebRTC takes the tallest B-frame-free rendition that fits.
     assert pick_rendition(m, 1080).id == "v120-nobf"

@@ -69,7 +69,7 @@ def _package(
     with monkeypatch.context() as m:
         if not native:
             m.setattr(remux, "open_native", lambda src, opts: None)
-        manifest, _, _ = pkg.package(path, opts, sink)
+        manifest, _ = pkg.package(path, opts, sink)
     return manifest, sink
 
 
@@ -201,9 +201,9 @@ def test_truncated_faststart_mp4_fails_naming_the_file(
         pkg.package(bad, PackagingOptions(), sink)
 
 
-def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path) -> None:
-    """The one-preadv segment read equals header + each range read on its own, in the given
-    order (not file order), with gaps of other bytes between the ranges skipped."""
+def test_read_samples_places_every_range_where_a_plain_read_would(tmp_path: Path) -> None:
+    """A segment read equals header + each range read on its own, in the given order (not file
+    order), with gaps of other bytes between the ranges skipped; a short file is an error."""
     import random
 
     rng = random.Random(7)
@@ -217,16 +217,10 @@ def test_scatter_read_places_every_range_where_a_plain_read_would(tmp_path: Path
             ranges = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
             rng.shuffle(ranges)  # tracks come in runs order, not file order
             header = rng.randbytes(rng.randint(0, 300))
-            total = sum(e - o for o, e in ranges)
-            got = remux.scatter_read(fd, path, header, ranges, total, bytearray())
+            got = remux.read_samples(fd, path, header, ranges)
             assert bytes(got) == header + b"".join(blob[o:e] for o, e in ranges)
-        # More ranges (and gaps) than one preadv takes: read in several calls, same bytes.
-        many = [(o, o + 100) for o in range(0, 300_000, 150)]
-        rng.shuffle(many)
-        got = remux.scatter_read(fd, path, b"h", many, 100 * len(many), bytearray())
-        assert bytes(got) == b"h" + b"".join(blob[o:e] for o, e in many)
         with pytest.raises(MediaError, match="truncated"):
-            remux.scatter_read(fd, path, b"", [(len(blob) - 10, len(blob) + 10)], 20, bytearray())
+            remux.read_samples(fd, path, b"", [(len(blob) - 10, len(blob) + 10)])
     finally:
         os.close(fd)
 
@@ -250,6 +244,6 @@ def test_native_remux_keeps_no_segment_alive(tmp_path: Path) -> None:
                     held_elsewhere.append(i)
         return cid
 
-    manifest, _, _ = pkg.package(src, PackagingOptions(segment_seconds=0.5), sink)
+    manifest, _ = pkg.package(src, PackagingOptions(segment_seconds=0.5), sink)
     assert len(seen) == len(manifest.renditions[0].segments) >= 12
     assert held_elsewhere == []

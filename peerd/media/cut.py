@@ -59,7 +59,6 @@ class Cutter:
         self.emitted = 0
         self.video_end = Fraction(0)
         self.first_start = Fraction(0)
-        self.dropped = 0
 
     def _grid_after(self, t: Fraction) -> Fraction:
         return (math.floor(t / self.step) + 1) * self.step
@@ -67,8 +66,7 @@ class Cutter:
     def video(self, pkt: Any, pts: Fraction, key: bool, dur: Fraction) -> None:
         if not self.segs and self.emitted == 0:
             if not key:
-                self.dropped += 1  # undecodable without the keyframe before it
-                return
+                return  # undecodable without the keyframe before it
             self.segs.append(Seg(start=pts))
             self.first_start = pts
             self.next_cut = self._grid_after(pts)

@@ -289,7 +289,7 @@ class Ingestor:
                 if progress is not None:
                     progress(done, duration[0] * passes[0])
 
-            def work() -> tuple[mf.Manifest, Any, list[tuple[Cid, str]]]:
+            def work() -> tuple[mf.Manifest, Any]:
                 from peerd.media import package as pkg
                 from peerd.media.probe import probe
 
@@ -319,7 +319,7 @@ class Ingestor:
             task = asyncio.ensure_future(asyncio.to_thread(work))
             try:
                 try:
-                    manifest, info, _blobs = await asyncio.shield(task)
+                    manifest, info = await asyncio.shield(task)
                 except asyncio.CancelledError:
                     cancel.set()
                     # Wait for the worker to stop putting blobs before cleaning up after it.

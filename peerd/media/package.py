@@ -14,9 +14,10 @@ Theory of operation
    `PACKAGER_VERSION`: the native remux for every input it accepts, libav for everything else.
 2. **Native remux** (`_native_top_pass`): reads the sample tables from the ``moov``, cuts in
    integer ticks by the cutter's rules and writes init segment and fragments itself; each
-   segment's bytes are read with one ``preadv`` and hashed at once in a hashing thread.
-3. **libav path** (`_top_pass`): demux (and for a transcode decode, scale and encode, the
-   decoding running ahead in a reader thread), cut, mux each segment.
+   segment's samples are read (`peerd.media.remux.read_samples`) and hashed at once in a
+   hashing thread.
+3. **libav path** (`_top_pass`): demux (and for a transcode decode, scale and encode), cut,
+   mux each segment.
 4. **Lower rungs and audio-only.** Derived from the top rendition one segment at a time
    (`peerd.media.transcode.derive_segment`), at ingest for eager rungs and later for on-demand
    ones, with the same bytes either way.
@@ -35,7 +36,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,15 +57,9 @@ from peerd.media.mux import SegmentBytes, SegmentMuxer
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import SourceInfo, file_identity, open_input, probe
 from peerd.media.transcode import (
-    AUDIO_FRAME,
-    AUDIO_PACKET,
-    READ_AHEAD,
-    VIDEO_FRAME,
-    VIDEO_PACKET,
     Scaler,
     SeiFilter,
     add_x264,
-    ahead,
     derive_segment,
     new_holder,
     prepare_frame,
@@ -116,7 +111,7 @@ class _Job:
     cancel: threading.Event | None
     top_done: float = 0.0
     extra_done: float = 0.0
-    blobs: list[tuple[Future[Cid], str]] = field(default_factory=list)
+    blobs: list[Future[Cid]] = field(default_factory=list)
     reads: list[Future[tuple[bytes, Cid]]] = field(default_factory=list)
     # The sink runs in this one helper thread, in call order: hashing and storing a segment
     # (sha256 and the write release the GIL) overlap the demuxing and muxing of the next.
@@ -146,19 +141,23 @@ class _Job:
         digest = self.hasher.submit(cid_of, data)
         return self._to_sink(lambda: (data, digest.result()), kind)
 
-    def put_read(self, read: remuxer.Read, kind: str) -> Future[Cid]:
+    def put_read(
+        self, read: remuxer.Read, kind: str
+    ) -> tuple[Future[Cid], Future[tuple[bytes, Cid]]]:
         """Like :meth:`put` for a blob that ``read`` makes and hashes in a hashing thread.
 
         Reading a segment and hashing it in the same thread, at once, finds its bytes still in
         the CPU's cache: the 120 s 1080p remux reads and hashes its 92 MB in ~30 ms on two
         threads this way, against ~80 ms when the packaging thread read each segment and a
-        hashing thread hashed it later. Reads not yet finished are kept in :attr:`reads`
-        (finished ones are dropped: their results hold the segments' bytes).
+        hashing thread hashed it later (and the whole remux ~30% slower in this process, measured
+        again for issue 18). Reads not yet finished are kept in :attr:`reads` (finished ones are
+        dropped: their results hold the segments' bytes). Returns the sink's future and the
+        read's, whose bytes derived rungs wait for.
         """
         got = self.hasher.submit(read)
         self.reads = [f for f in self.reads if not f.done()]
         self.reads.append(got)
-        return self._to_sink(got.result, kind)
+        return self._to_sink(got.result, kind), got
 
     def _to_sink(self, ready: Callable[[], tuple[bytes, Cid]], kind: str) -> Future[Cid]:
         def store() -> Cid:
@@ -166,13 +165,13 @@ class _Job:
             return self.sink(data, kind, cid)
 
         fut = self.pool.submit(store)
-        self.blobs.append((fut, kind))
+        self.blobs.append(fut)
         # At most MAX_QUEUED blobs wait for the sink (bounded memory); a sink error (e.g. a
         # full store) stops packaging at the next blob instead of at the end.
-        waiting = [f for f, _ in self.blobs if not f.done()]
+        waiting = [f for f in self.blobs if not f.done()]
         if len(waiting) > MAX_QUEUED:
             waiting[0].result()
-        for f, _ in self.blobs:
+        for f in self.blobs:
             if f.done() and f.exception() is not None:
                 f.result()
         return fut
@@ -211,8 +210,8 @@ def package(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     info: SourceInfo | None = None,
-) -> tuple[Manifest, SourceInfo, list[tuple[Cid, str]]]:
-    """Package `path` into blobs (through `sink`) and return (manifest, source info, blobs put).
+) -> tuple[Manifest, SourceInfo]:
+    """Package `path` into blobs (through `sink`) and return (manifest, source info).
 
     `info` is the caller's `probe(path)` if it already has one (saves opening the file twice).
     Raises MediaError naming the file and the reason for bad input, `Cancelled` when `cancel` is
@@ -234,7 +233,7 @@ def package(
             "renditions": [r.id for r in manifest.renditions],
         },
     )
-    return manifest, src, [(f.result(), kind) for f, kind in job.blobs]
+    return manifest, src
 
 
 def _package(job: _Job) -> Manifest:
@@ -278,15 +277,10 @@ def _package(job: _Job) -> Manifest:
     if audio_out is not None and audio_out.recipe is not None:
         producers.append((audio_out, audio_out.recipe))
 
-    def on_top_segment(seg: SegmentBytes, duration: int) -> None:
-        job.check()
-        job.still_there()
-        if seg.init is not None and top.init_cid is None:
-            top.init_cid = job.put(seg.init, "init")
-        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
+    def derive(seq: int, duration: int, data: bytes) -> None:
         for o, rec in producers:
             job.check()
-            d = derive_segment(opts.container, top.mux_init, seg.data, rec, seg.seq)
+            d = derive_segment(opts.container, top.mux_init, data, rec, seq)
             if d.init is not None and o.init_cid is None:
                 o.init_cid = job.put(d.init, "init")
             o.segs.append((duration, job.put(d.data, "segment"), len(d.data)))
@@ -294,19 +288,27 @@ def _package(job: _Job) -> Manifest:
                 job.extra_done += duration / TIMESCALE
                 _report(job)
 
+    def on_top_segment(seg: SegmentBytes, duration: int) -> None:
+        job.check()
+        job.still_there()
+        if seg.init is not None and top.init_cid is None:
+            top.init_cid = job.put(seg.init, "init")
+        top.segs.append((duration, job.put(seg.data, "segment"), len(seg.data)))
+        derive(seg.seq, duration, seg.data)
+
     def on_top_read(seq: int, init: bytes, duration: int, size: int, read: remuxer.Read) -> None:
         job.check()
         job.still_there()
         if top.init_cid is None:
             top.init_cid = job.put(init, "init")
-        top.segs.append((duration, job.put_read(read, "segment"), size))
+        stored, got = job.put_read(read, "segment")
+        top.segs.append((duration, stored, size))
+        if producers:
+            derive(seq, duration, got.result()[0])
 
     native = remuxer.open_native(src, opts) if remux else None
     if native is not None:
-        # Rungs derived from the top segments need each one's bytes in this thread: read here
-        # then, not in a hashing thread.
-        on_read = None if producers else on_top_read
-        start = _native_top_pass(job, top, native, on_top_segment, on_read)
+        start = _native_top_pass(job, top, native, on_top_read)
     else:
         start = _top_pass(job, top, remux, top_w, top_h, on_top_segment)
     renditions = [_finish(top, opts, src, start, rate)]
@@ -544,62 +546,37 @@ def _top_pass(
         next_i = [Fraction(0)]
         step = Fraction(opts.segment_seconds).limit_denominator(1000)
 
-        def read() -> Generator[tuple[int, Any], None, None]:
-            # Demux, decode and scale: everything that only depends on the input. Yields the
-            # items in the order the serial loop handled them, so what the encoder and the
-            # cutter see (and the bytes) does not depend on how far ahead this runs.
+        def scale_and_encode(frame: av.VideoFrame | None) -> None:
+            assert scaler is not None
+            for f in scaler(frame):
+                prepare_frame(f, last_pts, next_i, step, tb)
+                if f.pts is not None:
+                    encode_frame(f)
+
+        try:
             for pkt in inp.demux(*streams):
                 job.check()
                 if pkt.stream is ain:
-                    if copy_audio:
-                        if pkt.dts is not None:
-                            yield AUDIO_PACKET, pkt
-                    else:
+                    if not copy_audio:
                         for af in pkt.decode():
-                            yield AUDIO_FRAME, af
+                            feed_audio_frame(af)
+                    elif pkt.dts is not None:
+                        cutter.audio(pkt, t_of(pkt.pts, pkt.time_base) or Fraction(0))
                     continue
                 if remux:
                     if pkt.dts is not None or pkt.pts is not None:
-                        yield VIDEO_PACKET, pkt
+                        feed_video_packet(pkt)
                     continue
-                assert scaler is not None
                 for frame in pkt.decode():
                     assert isinstance(frame, av.VideoFrame)
-                    for f in scaler(frame):
-                        prepare_frame(f, last_pts, next_i, step, tb)
-                        if f.pts is not None:
-                            yield VIDEO_FRAME, f
+                    scale_and_encode(frame)
             if not remux:
-                assert scaler is not None
-                for f in scaler(None):
-                    prepare_frame(f, last_pts, next_i, step, tb)
-                    if f.pts is not None:
-                        yield VIDEO_FRAME, f
-
-        # A transcode decodes and scales in a reader thread while this one encodes, cuts and
-        # muxes (libav releases the GIL), so neither stage waits for the other. Where the codec
-        # threads already keep every core busy (2 cores) this measured neutral; it pays where
-        # cores are spare. A remux has nothing worth overlapping.
-        items = read() if remux else ahead(read(), READ_AHEAD, "peerd-decode")
-        try:
-            for what, item in items:
-                if what == VIDEO_FRAME:
-                    encode_frame(item)
-                elif what == VIDEO_PACKET:
-                    feed_video_packet(item)
-                elif what == AUDIO_PACKET:
-                    cutter.audio(item, t_of(item.pts, item.time_base) or Fraction(0))
-                else:
-                    assert isinstance(item, av.AudioFrame)
-                    feed_audio_frame(item)
-            if not remux:
+                scale_and_encode(None)
                 encode_frame(None)
             if aencoder is not None:
                 feed_audio_frame(None)
         except av.error.FFmpegError as exc:
             raise _wrap_av(path, exc, "while reading") from None
-        finally:
-            items.close()  # stops and joins the reader thread before the input is closed
         if cutter.emitted == 0 and not cutter.segs:
             raise MediaError(f"{path}: no decodable video (no keyframe found)", path=str(path))
         end = float(cutter.video_end - cutter.first_start)
@@ -634,15 +611,10 @@ def _native_top_pass(
     job: _Job,
     top: _Out,
     native: remuxer.Native,
-    on_segment: Callable[[SegmentBytes, int], None],
-    on_read: Callable[[int, bytes, int, int, remuxer.Read], None] | None = None,
+    on_read: Callable[[int, bytes, int, int, remuxer.Read], None],
 ) -> int:
-    """`_top_pass` for a native remux: sample bytes read straight from the file.
-
-    With ``on_read``, each segment is handed on unread, as a function that reads and hashes it
-    (in a hashing thread); otherwise it is read here and
-    handed to ``on_segment`` with its bytes.
-    """
+    """`_top_pass` for a native remux: each segment is handed on unread, as a function that
+    reads its samples straight from the file and hashes them (run in a hashing thread)."""
     src = job.src
     path = src.path
     try:
@@ -657,7 +629,6 @@ def _native_top_pass(
         init = isobmff.init_segment(tracks)
         top.mux_init = init
         origins = [isobmff.rescale(cuts.origin, t.timescale) for t in tracks]
-        scratch = threading.local()
         for seq, seg in enumerate(cuts.segments):
             job.check()
             runs = [isobmff.TrackRun(video, seg.v0, seg.v1, video.dts[seg.v0] - origins[0])]
@@ -667,17 +638,10 @@ def _native_top_pass(
             ranges = remuxer.sample_ranges(runs)
             last = seg.v1 - 1
             job.top_done = max(job.top_done, (video.dts[last] + video.cto[last]) / video.timescale)
-            if on_read is not None:
-                size = len(header) + sum(e - o for o, e in ranges)
-                read = functools.partial(
-                    remuxer.read_hashed, native.fd, path, header, ranges, scratch
-                )
-                on_read(seq, init, cuts.duration_ticks(seq), size, read)
-                _report(job)
-                continue
-            data = remuxer.read_samples(native.fd, path, header, ranges, scratch)
+            size = len(header) + sum(e - o for o, e in ranges)
+            read = functools.partial(remuxer.read_hashed, native.fd, path, header, ranges)
+            on_read(seq, init, cuts.duration_ticks(seq), size, read)
             _report(job)
-            on_segment(SegmentBytes(seq, init, data), cuts.duration_ticks(seq))
         # Every read has ended (the descriptor is closed below) before the file is checked.
         futures.wait(job.reads)
         job.still_there()

@@ -4,8 +4,8 @@
 `peerd.media.package.PACKAGER_VERSION`): fMP4 output, video remuxed, audio (if any) copied, and
 `peerd.media.isobmff` understands the file. The decision is made from the file's bytes and the
 options alone, so every node makes the same one; I/O errors are errors, never a reason to fall
-back. Each segment (`isobmff.fragment_header` + its samples) is then read with one ``preadv``
-over its byte span (`read_samples`) and hashed at once (`read_hashed`), in a hashing thread.
+back. Each segment (`isobmff.fragment_header` + its samples) is then read (`read_samples`) and
+hashed at once (`read_hashed`), in a hashing thread.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -105,63 +104,6 @@ Read = Callable[[], tuple[bytes, Cid]]
 """Reads one segment and returns its bytes and cid (run in a hashing thread)."""
 
 
-# Reading a segment's whole byte span at once is cheaper than one read per chunk unless the
-# span holds much more than the segment's samples (other tracks interleaved in big chunks).
-_SPAN_SLACK = 1 << 20
-
-
-_MAX_IOV = 1024  # IOV_MAX on Linux: longer scatter lists go in several preadv calls
-
-
-def scatter_read(
-    fd: int,
-    path: Path,
-    header: bytes,
-    ranges: list[tuple[int, int]],
-    total: int,
-    scratch: bytearray,
-) -> bytes:
-    """header + ``ranges`` of the file, in that order, read by ``preadv`` over their span.
-
-    Each range lands straight in its place in the segment (bytes of other tracks between them go
-    to ``scratch``): no copy from a read buffer into the segment afterwards.
-    """
-    own = bytearray(len(header) + total)
-    out = memoryview(own)
-    out[: len(header)] = header
-    at = len(header)
-    placed: list[tuple[int, int, int]] = []  # (file offset, end, offset in out)
-    for o, e in ranges:
-        placed.append((o, e, at))
-        at += e - o
-    placed.sort()
-    gap = max((b[0] - a[1] for a, b in zip(placed, placed[1:], strict=False)), default=0)
-    if len(scratch) < gap:
-        scratch.extend(bytes(gap - len(scratch)))
-    junk = memoryview(scratch)
-    iov: list[memoryview] = []
-    try:
-        pos = start = placed[0][0]
-        for o, e, dst in placed:
-            if o > pos:
-                iov.append(junk[: o - pos])
-            iov.append(out[dst : dst + e - o])
-            pos = e
-        for i in range(0, len(iov), _MAX_IOV):
-            batch = iov[i : i + _MAX_IOV]
-            want = sum(len(v) for v in batch)
-            if os.preadv(fd, batch, start) != want:
-                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
-            start += want
-    finally:
-        for v in iov:
-            v.release()
-        junk.release()
-        out.release()
-    # Bytes that nobody changes from here on (they are hashed and written): no copy to bytes.
-    return cast("bytes", own)
-
-
 def sample_ranges(runs: list[isobmff.TrackRun]) -> list[tuple[int, int]]:
     """The runs' samples as (offset, end) file ranges in segment order, contiguous ones merged."""
     ranges: list[tuple[int, int]] = []
@@ -177,41 +119,23 @@ def sample_ranges(runs: list[isobmff.TrackRun]) -> list[tuple[int, int]]:
     return ranges
 
 
-def read_samples(
-    fd: int,
-    path: Path,
-    header: bytes,
-    ranges: list[tuple[int, int]],
-    scratch: threading.local,
-) -> bytes:
-    """header + the ranges' bytes in order, read with as few preads as possible.
-
-    ``scratch`` holds this thread's buffer for the bytes of other tracks between the ranges.
-    """
-    total = sum(e - o for o, e in ranges)
-    lo = min(o for o, _ in ranges)
-    hi = max(e for _, e in ranges)
-    if hi - lo <= 2 * total + _SPAN_SLACK:
-        junk = getattr(scratch, "buf", None)
-        if junk is None:
-            junk = scratch.buf = bytearray()
-        return scatter_read(fd, path, header, ranges, total, junk)
-    parts: list[bytes] = [header]
-    for o, e in ranges:
-        chunk = os.pread(fd, e - o, o)
-        if len(chunk) != e - o:
-            raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
-        parts.append(chunk)
-    return b"".join(parts)
+def read_samples(fd: int, path: Path, header: bytes, ranges: list[tuple[int, int]]) -> bytes:
+    """header + the ranges' bytes in order, each range read straight into its place."""
+    own = bytearray(len(header) + sum(e - o for o, e in ranges))
+    own[: len(header)] = header
+    at = len(header)
+    with memoryview(own) as out:
+        for o, e in ranges:
+            if os.preadv(fd, [out[at : at + e - o]], o) != e - o:
+                raise MediaError(f"{path}: truncated or changed while reading", path=str(path))
+            at += e - o
+    # Bytes that nobody changes from here on (they are hashed and written): no copy to bytes.
+    return cast("bytes", own)
 
 
 def read_hashed(
-    fd: int,
-    path: Path,
-    header: bytes,
-    ranges: list[tuple[int, int]],
-    scratch: threading.local,
+    fd: int, path: Path, header: bytes, ranges: list[tuple[int, int]]
 ) -> tuple[bytes, Cid]:
     """`read_samples` and the cid of what it read, hashed while it is still in the cache."""
-    data = read_samples(fd, path, header, ranges, scratch)
+    data = read_samples(fd, path, header, ranges)
     return data, cid_of(data)

@@ -3,9 +3,7 @@
 Video is encoded at constant quality (CRF; x264's bit-rate modes are not repeatable with
 threads), with decoder frame threads and encoder frame threads at a *fixed* count, because x264's
 output depends on it, and without macroblock-tree rate control and x264's SEI (see
-`x264_options`, `SeiFilter`). Decoding and scaling run ahead in a reader thread (`ahead`) that
-hands its items on in the order one serial loop would handle them, so the bytes do not depend on
-the threads' timing.
+`x264_options`, `SeiFilter`).
 
 `derive_segment` makes one segment of a ladder rung (or the audio-only rendition) from the same
 segment of the top rendition: decode that segment's blob, scale, encode with a new encoder (so
@@ -18,9 +16,6 @@ from __future__ import annotations
 
 import io
 import math
-import queue
-import threading
-from collections.abc import Generator, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -35,58 +30,6 @@ from peerd.media.cut import TIMESCALE
 from peerd.media.mux import SegmentBytes, SegmentMuxer
 
 SCALE_FLAGS = "bicubic"
-
-READ_AHEAD = 8
-"""Decoded, scaled frames (or audio items) a reader thread may be ahead."""
-
-# What a reader hands on: (kind, packet or frame).
-VIDEO_FRAME, VIDEO_PACKET, AUDIO_PACKET, AUDIO_FRAME = range(4)
-
-
-def ahead(items: Iterator[Any], depth: int, name: str) -> Generator[Any, None, None]:
-    """Yield what `items` yields, in order, with `items` run in its own thread up to `depth` ahead.
-
-    An exception raised by `items` is raised here, where its item would have come. Closing this
-    generator (or leaving it by an exception) stops the thread and joins it before returning, so
-    nothing `items` uses is touched once the caller goes on.
-    """
-    q: queue.Queue[tuple[int, Any]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def run() -> None:
-        end: tuple[int, Any] = (1, None)
-        try:
-            for item in items:
-                q.put((0, item))
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # handed to the consumer, which raises it
-            end = (2, exc)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-        q.put(end)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == 0:
-                yield value
-            elif kind == 1:
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:  # unblock a put waiting for room
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
 
 
 def _even(x: float) -> int:
@@ -313,31 +256,17 @@ def derive_segment(
                 for p in enc.encode(frame):
                     video_pkts.extend(sei_filter.filter(p))
 
-            streams = [vin] + ([ain] if ain is not None else [])
-
-            def read() -> Generator[tuple[int, Any], None, None]:
-                for pkt in inp.demux(*streams):
-                    if pkt.stream is ain:
-                        if pkt.dts is not None:
-                            yield AUDIO_PACKET, pkt
-                        continue
-                    for frame in pkt.decode():
-                        assert isinstance(frame, av.VideoFrame)
-                        for f in scaler(frame):
-                            yield VIDEO_FRAME, f
-                for f in scaler(None):
-                    yield VIDEO_FRAME, f
-
-            # As in the top pass: decode and scale ahead in a thread, same order, same bytes.
-            items = ahead(read(), READ_AHEAD, "peerd-decode")
-            try:
-                for what, item in items:
-                    if what == AUDIO_PACKET:
-                        audio_pkts.append(item)
-                    else:
-                        encode(item)
-            finally:
-                items.close()  # the reader is joined before the input is closed
+            for pkt in inp.demux(*([vin] + ([ain] if ain is not None else []))):
+                if pkt.stream is ain:
+                    if pkt.dts is not None:
+                        audio_pkts.append(pkt)
+                    continue
+                for frame in pkt.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    for f in scaler(frame):
+                        encode(f)
+            for f in scaler(None):
+                encode(f)
             encode(None)
         elif ain is not None:
             audio_pkts = [p for p in inp.demux(ain) if p.dts is not None]
