@@ -11,7 +11,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jwt
@@ -172,17 +172,24 @@ def _hs256(secret: bytes, header: dict[str, Any], claims: dict[str, Any]) -> str
 
 @pytest.mark.parametrize(
     "over",
-    [{}, {"aud": "aud-test-tag"}, {"exp": int(time.time()) - int(LEEWAY_S) // 2}],
+    # Claims made from the time the test runs, not the time the module was collected: a long
+    # suite on a busy machine must not carry a token past its leeway before it is used.
+    [
+        lambda now: {},
+        lambda now: {"aud": "aud-test-tag"},
+        lambda now: {"exp": now - int(LEEWAY_S) // 2},
+    ],
     ids=["aud-array", "aud-string", "expired-within-leeway"],
 )
 async def test_pyjwt_minted_token_accepted(
     team: FakeAccessTeam,
     verifier: AccessVerifier,
     own_key: tuple[str, rsa.RSAPrivateKey],
-    over: dict[str, Any],
+    over: Callable[[int], dict[str, Any]],
 ) -> None:
     kid, key = own_key
-    token = jwt.encode(_claims(team, **over), key, algorithm="RS256", headers={"kid": kid})
+    claims = _claims(team, **over(int(time.time())))
+    token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
     ident = await verifier.verify(token)
     assert ident.subject == "pyjwt-user"
 

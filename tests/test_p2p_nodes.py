@@ -197,13 +197,16 @@ def test_sigterm_with_transfers_in_flight(
         for p in (empty, holder):
             assert p.proc is not None
             p.proc.send_signal(signal.SIGTERM)
-        codes = [p.stop(timeout=12) for p in (empty, holder)]
+        codes = [p.stop(timeout=40) for p in (empty, holder)]
         elapsed = time.monotonic() - t0
     finally:
         stalled.kill()
         stalled.wait()
     assert codes == [0, 0]
-    assert elapsed < 10
+    # The daemon stops within its stop timeout (8 s) however slow the stalled reader (it
+    # would hold the stop for 60 s); a busy machine may add seconds to the exit, so the
+    # bound sits between the two, not at the timeout itself.
+    assert elapsed < 30
     for p in (empty, holder):
         assert '"thread_joined":true' in p.logs().replace(" ", "")
     fetcher.join(15)
