@@ -19,8 +19,9 @@ def test_start_ready_and_sigterm_exits_zero_fast(tmp_path: Path) -> None:
         body = r.read().decode()
     assert "peerd_up 1.0" in body
     t0 = time.monotonic()
-    assert node.stop() == 0
-    assert time.monotonic() - t0 < 10
+    assert node.stop(timeout=30) == 0
+    # Within the stop timeout (8 s) plus what a busy machine adds to a process exit.
+    assert time.monotonic() - t0 < 20
     lines = [json.loads(line) for line in node.logs().splitlines() if line.startswith("{")]
     assert any(e["msg"] == "peerd ready" for e in lines)
     stopped = [e for e in lines if e["msg"] == "stopped"]

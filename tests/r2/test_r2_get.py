@@ -181,8 +181,8 @@ async def test_stalled_answer_times_out_after_the_read_timeout(
     started = time.monotonic()
     with pytest.raises(R2Error, match="Timeout"):
         await client.open(key)
-    took = time.monotonic() - started
-    assert 0.9 <= took < 2.5  # read_timeout_s is 1.0 (tests/r2/conftest.py); not retried
+    assert time.monotonic() - started >= 0.9  # read_timeout_s is 1.0 (tests/r2/conftest.py)
+    assert proxy.count("GET", "/blobs/") == 1  # a timeout is not retried
     assert await read_all(client, key) == data
 
 
@@ -209,10 +209,9 @@ async def test_connection_closed_by_the_server_while_idle_is_not_reused() -> Non
 )
 async def test_malformed_answer_fails_and_the_next_get_is_whole(answer: bytes) -> None:
     async with scripted(answer) as (server, client):
-        started = time.monotonic()
-        with pytest.raises(R2Error):
+        with pytest.raises(R2Error) as refused:
             await client.open("a")
-        assert time.monotonic() - started < 1.0  # not a read timeout
+        assert "Timeout" not in str(refused.value)  # refused at once, not timed out
         assert await read_all(client, "b") == body_of("/bucket/b")
         assert server.requests[-1][0] > 0  # on a new connection
         await until(lambda: server.open_now == 1)  # the malformed one was closed
