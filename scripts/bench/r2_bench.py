@@ -344,7 +344,9 @@ async def main() -> None:
     if parts - set(PARTS):
         ap.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     OUT.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 -- before any work starts
-    results: dict[str, object] = {"args": vars(args)}
+    results: dict[str, object] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    }
     with MotoServer() as moto, tempfile.TemporaryDirectory(prefix="peerd-r2-bench-") as tmp:
         rt = await open_runtime(load_settings(None, node={"state_dir": Path(tmp) / "state"}))
         try:
