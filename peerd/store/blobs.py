@@ -26,14 +26,6 @@ TMP_PREFIX = ".tmp-"
 PUT_CHUNK = 1024 * 1024
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class RecoveryReport:
     """What start-up recovery found and did."""
@@ -139,7 +131,7 @@ class BlobStore:
         if not await asyncio.to_thread(path.is_file):
             log.warning("blob file missing; marking absent", extra={"cid": cid})
             await self.catalog.mark_absent([cid])
-            await self._forget(cid)
+            self.count, self.used_bytes = await self.catalog.present_stats()
             raise NotFound(f"blob {cid} is not held")
         return path
 
@@ -254,7 +246,7 @@ class BlobStore:
     async def _publish(self, fd: int, tmp: Path, cid: Cid, size: int, kind: str) -> None:
         """Close, rename into place and commit the row of a verified, fsynced temp file."""
         os.close(fd)
-        await asyncio.to_thread(_rename_durably, tmp, self.path_for(cid))
+        await asyncio.to_thread(_rename_all, [(cid, tmp, self.path_for(cid))])
         await self._commit(cid, size, kind)
 
     async def _already_held(self, cid: Cid) -> bool:
@@ -275,14 +267,7 @@ class BlobStore:
     async def _commit(self, cid: Cid, size: int, kind: str) -> None:
         before = await self.catalog.get_blob(cid)
         await self.catalog.add_blob(cid, size, kind, self._clock())
-        if before is None or before.local_state != "present":
-            self.used_bytes += size
-            self.count += 1
-        if self._on_write is not None:
-            self._on_write(kind, size)
-
-    async def _forget(self, cid: Cid) -> None:
-        self.count, self.used_bytes = await self.catalog.present_stats()
+        self._count_new([(cid, size, kind)], {cid: before})
 
     async def delete(self, cid: Cid) -> bool:
         """Remove a blob: the row first, then the file. True if it was held."""
@@ -529,7 +514,11 @@ def _rename_all(items: list[tuple[Cid, Path, Path]]) -> None:
         tmp.replace(final)
         dirs[final.parent] = None
     for d in dirs:
-        _fsync_dir(d)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
@@ -544,12 +533,10 @@ def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
     return None if hash_file(path) == digest_of(cid) else "hash"
 
 
-def hash_file(
-    path: Path, offset: int = 0, length: int | None = None, h: hashlib._Hash | None = None
-) -> bytes | None:
-    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None), after what the
-    hash ``h`` already holds; None if the file ends before ``length`` bytes."""
-    h = h or hashlib.sha256()
+def hash_file(path: Path, offset: int = 0, length: int | None = None) -> bytes | None:
+    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None); None if the
+    file ends before ``length`` bytes."""
+    h = hashlib.sha256()
     with path.open("rb") as f:
         f.seek(offset)
         while length is None or length:
@@ -601,11 +588,6 @@ def _close_unlink(fd: int, tmp: Path) -> None:
     except OSError:
         pass
     tmp.unlink(missing_ok=True)
-
-
-def _rename_durably(tmp: Path, final: Path) -> None:
-    tmp.replace(final)
-    _fsync_dir(final.parent)
 
 
 __all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport", "hash_file"]
