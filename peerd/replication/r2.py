@@ -173,7 +173,6 @@ class R2Client:
 
     def __init__(self, cfg: R2Config, *, on_request: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.bucket = cfg.bucket
         self._on_request = on_request
         self.http = S3Http(
             cfg.endpoint,
@@ -186,13 +185,6 @@ class R2Client:
             read_timeout_s=cfg.read_timeout_s,
             sse_c_key=cfg.sse_c_key,
         )
-
-    @classmethod
-    async def create(
-        cls, cfg: R2Config, *, on_request: Callable[[str], None] | None = None
-    ) -> R2Client:
-        """Build the client in the running loop (its session belongs to it)."""
-        return cls(cfg, on_request=on_request)
 
     async def close(self) -> None:
         """Close the connections."""
