@@ -118,7 +118,7 @@ def _build_media(manifest: Manifest) -> _Media:
 class HlsMetrics:
     """Counters of the HLS routes."""
 
-    def __init__(self, rt: Runtime, denied: Counter) -> None:
+    def __init__(self, rt: Runtime) -> None:
         reg = rt.metrics.registry
         self.active = Gauge("peerd_http_active_streams", "Blob responses being sent", registry=reg)
         self.bytes = Counter(
@@ -127,8 +127,6 @@ class HlsMetrics:
             ["source", "status"],
             registry=reg,
         )
-        # Owned by the viewer authorization; here too so worker processes report it.
-        self.denied = denied
         self.rejected = Counter(
             "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
         )
@@ -149,7 +147,7 @@ class HlsRoutes:
         resolver: Resolver | None = None,
     ) -> None:
         self.rt = rt
-        self.resolver = resolver  # None: only held blobs are served (HTTP worker processes)
+        self.resolver = resolver  # None: only held blobs are served
         self.auth = auth
         self.m = metrics
         self.http_metrics = http_metrics
@@ -542,7 +540,7 @@ class _BlobResponse(web.FileResponse):
 def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt, auth.denied), app[HTTP_METRICS_KEY], resolver)
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver)
     app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"
