@@ -533,10 +533,12 @@ def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
     return None if hash_file(path) == digest_of(cid) else "hash"
 
 
-def hash_file(path: Path, offset: int = 0, length: int | None = None) -> bytes | None:
-    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None); None if the
-    file ends before ``length`` bytes."""
-    h = hashlib.sha256()
+def hash_file(
+    path: Path, offset: int = 0, length: int | None = None, h: hashlib._Hash | None = None
+) -> bytes | None:
+    """SHA-256 of ``length`` bytes of ``path`` from ``offset`` (all of it: None), after what the
+    hash ``h`` already holds; None if the file ends before ``length`` bytes."""
+    h = h or hashlib.sha256()
     with path.open("rb") as f:
         f.seek(offset)
         while length is None or length:
