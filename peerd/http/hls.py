@@ -96,7 +96,6 @@ def _build_media(manifest: Manifest) -> _Media:
             if s.cid is not None:
                 blobs.setdefault(s.cid, seg_ext)
     media = _Media(manifest, blobs, PlayOrder.of(manifest))
-    seg_ext_ = seg_ext
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -106,8 +105,8 @@ def _build_media(manifest: Manifest) -> _Media:
                 return f"s/{rendition_id}/init.mp4{_PLACEHOLDER}"
             return f"b/{ref}.mp4{_PLACEHOLDER}"
         if isinstance(ref, int):
-            return f"s/{rendition_id}/{ref}.{seg_ext_}{_PLACEHOLDER}"
-        return f"b/{ref}.{seg_ext_}{_PLACEHOLDER}"
+            return f"s/{rendition_id}/{ref}.{seg_ext}{_PLACEHOLDER}"
+        return f"b/{ref}.{seg_ext}{_PLACEHOLDER}"
 
     media.templates["master"] = tuple(render_master(manifest, uri_for).split(_PLACEHOLDER))
     for r in manifest.renditions:
@@ -213,8 +212,7 @@ class HlsRoutes:
         raw = await media_manifest(self.rt.catalog, media_id)
         if raw is None:
             raise NotFound("no such media")
-        manifest = decode(raw)
-        return _build_media(manifest)
+        return _build_media(decode(raw))
 
     async def media(self, media_id: str) -> _Media:
         """The cached media (manifests are immutable, so entries never go stale)."""
@@ -491,21 +489,15 @@ class HlsRoutes:
         finally:
             self.streams -= 1
             self.m.active.dec()
-            if sent:
-                self.rt.access.record(cid, sent, time.time())
-                self.rt.metrics.bytes_served.labels(source=got.source).inc(sent)
-            self.m.bytes.labels(source=got.source, status="200" if ok else "cut").inc(sent)
+            self.count_sent(cid, got.source, "200" if ok else "cut", sent)
         return resp
 
-    async def sent(self, request: web.BaseRequest, resp: _BlobResponse) -> None:
-        """Account for a blob response once its body went to the kernel."""
-        status = resp.status
-        ok = request.method != "HEAD" and status < 300
-        sent = (resp.content_length or 0) if ok else 0
-        if sent:
-            self.rt.access.record(resp.cid, sent, time.time())
-            self.rt.metrics.bytes_served.labels(source=resp.source).inc(sent)
-        self.m.bytes.labels(source=resp.source, status=str(status)).inc(sent)
+    def count_sent(self, cid: Cid, source: str, status: str, nbytes: int) -> None:
+        """Account for ``nbytes`` of a blob sent to a viewer (``status``: HTTP status or cut)."""
+        if nbytes:
+            self.rt.access.record(cid, nbytes, time.time())
+            self.rt.metrics.bytes_served.labels(source=source).inc(nbytes)
+        self.m.bytes.labels(source=source, status=status).inc(nbytes)
 
 
 class _BlobResponse(web.FileResponse):
@@ -530,7 +522,10 @@ class _BlobResponse(web.FileResponse):
         routes.m.active.inc()
         try:
             writer = await super().prepare(request)
-            await routes.sent(request, self)
+            sent = request.method != "HEAD" and self.status < 300
+            routes.count_sent(
+                self.cid, self.source, str(self.status), (self.content_length or 0) if sent else 0
+            )
             return writer
         finally:
             routes.streams -= 1
