@@ -11,7 +11,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +52,12 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """True when nothing is wrong."""
-        return not (
-            self.missing
-            or self.orphans
-            or self.temp_files
-            or self.size_mismatch
-            or self.corrupt
-            or self.dangling_segments
-            or self.bad_manifests
-        )
+        return not self.problems()
 
     def problems(self) -> dict[str, list[str]]:
-        """Non-empty problem lists by name."""
-        names = (
-            "missing",
-            "orphans",
-            "temp_files",
-            "size_mismatch",
-            "corrupt",
-            "dangling_segments",
-            "bad_manifests",
-        )
-        return {n: getattr(self, n) for n in names if getattr(self, n)}
+        """Non-empty problem lists by name, in field order."""
+        lists = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return {name: v for name, v in lists if isinstance(v, list) and v}
 
 
 class BlobStore:
