@@ -280,7 +280,7 @@ class HlsRoutes:
         return True
 
     def close_stream(self) -> None:
-        """Give back a slot taken by :meth:`open_stream`."""
+        """Give back a stream slot (taken by :meth:`open_stream` or by an answer sending a blob)."""
         self.streams -= 1
         self.m.active.dec()
 
@@ -487,8 +487,7 @@ class HlsRoutes:
             if request.transport is not None:
                 request.transport.close()
         finally:
-            self.streams -= 1
-            self.m.active.dec()
+            self.close_stream()
             self.count_sent(cid, got.source, "200" if ok else "cut", sent)
         return resp
 
@@ -528,8 +527,7 @@ class _BlobResponse(web.FileResponse):
             )
             return writer
         finally:
-            routes.streams -= 1
-            routes.m.active.dec()
+            routes.close_stream()
 
 
 def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
