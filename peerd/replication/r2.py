@@ -454,9 +454,8 @@ class R2Client:
             return value == b64_digest(digest_of(cid))
         if path is None or info.part_size is None:
             return False
-        part_size = info.part_size
         try:
-            expected = await asyncio.to_thread(_composite_of_file, path, size, part_size)
+            expected = await asyncio.to_thread(_composite_of_file, path, size, info.part_size)
         except (OSError, ValueError):
             return False
         if expected is None:  # the file is shorter than the object
