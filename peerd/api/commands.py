@@ -123,18 +123,8 @@ def _ingest_json(res: Any) -> dict[str, Any]:
 
 
 def job_status(job: Job) -> JobStatus:
-    """The API form of a job."""
-    return JobStatus(
-        job_id=job.job_id,
-        kind=job.kind,
-        target=job.target,
-        state=job.state,
-        progress=job.progress,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        result=job.result,
-        error=job.error,
-    )
+    """The API form of a job (the same fields)."""
+    return JobStatus.model_validate(job, from_attributes=True)
 
 
 def _jsonable(report: object) -> dict[str, Any]:
