@@ -250,12 +250,9 @@ def run_doctor_checks(settings: Settings) -> list[Check]:
     key = settings.key_path
     if key.exists():
         mode = key.stat().st_mode & 0o777
+        private = mode & 0o077 == 0
         out.append(
-            (
-                "node key",
-                mode & 0o077 == 0,
-                f"{key} mode {mode:o}" + ("" if mode & 0o077 == 0 else ": run chmod 600"),
-            )
+            ("node key", private, f"{key} mode {mode:o}" + ("" if private else ": run chmod 600"))
         )
     else:
         out.append(("node key", False, f"{key} missing: run `peerd init`"))
@@ -272,17 +269,13 @@ def run_doctor_checks(settings: Settings) -> list[Check]:
         out.append(_check_port(host, port, settings))
     for name in GENERATED_SECRETS:
         present = settings.secret(name) is not None
-        out.append(
-            (
-                f"secret {name}",
-                present,
-                "present" if present else f"missing in {settings.secrets_path}: run `peerd init`",
-            )
-        )
+        why = "present" if present else f"missing in {settings.secrets_path}: run `peerd init`"
+        out.append((f"secret {name}", present, why))
     out += _optional_service_checks(settings)
-    for tool in ("ffprobe",):
-        path = shutil.which(tool)
-        out.append((tool, True, path or "not installed (optional: used by tests and diagnostics)"))
+    ffprobe = shutil.which("ffprobe")
+    out.append(
+        ("ffprobe", True, ffprobe or "not installed (optional: used by tests and diagnostics)")
+    )
     return out
 
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -264,17 +264,17 @@ class Supervisor:
 @dataclass
 class Services:
     """What :func:`build_services` built: the services in start order, the parts they share,
-    and what to close once every service has stopped."""
+    and the R2 client to close once every service has stopped."""
 
     run: list[Service]
     resolver: Resolver
     api: NodeApi
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    r2: R2Client | None = None
 
     async def close(self) -> None:
         """Close what the services shared (the R2 client), after they stopped."""
-        for close in self.closers:
-            await close()
+        if self.r2 is not None:
+            await self.r2.close()
 
 
 async def build_services(rt: Runtime) -> Services:
@@ -330,7 +330,7 @@ async def build_services(rt: Runtime) -> Services:
     services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
     services.append(whep)
     services.append(CoordinatorService(rt, api))
-    return Services(services, resolver, api, [r2.close] if r2 is not None else [])
+    return Services(services, resolver, api, r2)
 
 
 def route_installers(
@@ -358,7 +358,7 @@ async def _r2_client(rt: Runtime) -> R2Client | None:
     from peerd.replication.r2 import R2Client
 
     metrics = r2_metrics(rt.metrics.registry)
-    return await R2Client.create(cfg, on_request=metrics.on_request)
+    return R2Client(cfg, on_request=metrics.on_request)
 
 
 async def run_daemon(settings: Settings) -> int:

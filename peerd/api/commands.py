@@ -63,10 +63,8 @@ class Replicator(Protocol):
     async def promote_media(self, media_id: str) -> str:
         """Queue a media item for R2; returns a batch id for :meth:`job_status`."""
 
-    async def pull_media(
-        self, media_id: str, progress: Callable[[int], None] | None = None
-    ) -> object:
-        """Fetch a media item from R2 into the store; ``progress`` gets byte counts."""
+    async def pull_media(self, media_id: str) -> object:
+        """Fetch a media item from R2 into the store."""
 
     async def upload_last_copies(self, deadline_s: float) -> int:
         """Upload blobs R2 lacks until the deadline; how many made it."""
@@ -125,18 +123,8 @@ def _ingest_json(res: Any) -> dict[str, Any]:
 
 
 def job_status(job: Job) -> JobStatus:
-    """The API form of a job."""
-    return JobStatus(
-        job_id=job.job_id,
-        kind=job.kind,
-        target=job.target,
-        state=job.state,
-        progress=job.progress,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        result=job.result,
-        error=job.error,
-    )
+    """The API form of a job (the same fields)."""
+    return JobStatus.model_validate(job, from_attributes=True)
 
 
 def _jsonable(report: object) -> dict[str, Any]:
@@ -307,14 +295,10 @@ class Commands:
 
     # -- ingest ----------------------------------------------------------------------------------
 
-    def _library(self) -> list[Path]:
-        media = self.rt.settings.media
-        return [*media.library_dirs, *media.watch_dirs]
-
     async def ingest(self, req: IngestRequest) -> tuple[str, Callable[[ProgressFn], Any]]:
         """Package a file or folder inside the library folders (see :class:`IngestRequest`)."""
         self._check_open()
-        roots = self._library()
+        roots = [*self.rt.settings.media.library_dirs, *self.rt.settings.media.watch_dirs]
         if not roots:
             raise NotConfigured(
                 "no library folder: set [media] library_dirs (or watch_dirs) to ingest by API"

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
 from peerd.core.ids import Cid, cid_of
@@ -320,40 +320,11 @@ def _obj(v: Any, path: str, keys: frozenset[str]) -> Mapping[str, Any]:
     return cast(Mapping[str, Any], v)
 
 
-_RECIPE_KEYS = frozenset(
-    {
-        "source",
-        "width",
-        "height",
-        "video_bitrate",
-        "crf",
-        "encoder",
-        "preset",
-        "threads",
-        "audio",
-        "bframes",
-    }
-)
-_RENDITION_KEYS = frozenset(
-    {
-        "id",
-        "kind",
-        "codecs",
-        "bandwidth",
-        "average_bandwidth",
-        "width",
-        "height",
-        "frame_rate",
-        "timescale",
-        "start",
-        "init",
-        "on_demand",
-        "recipe",
-        "segments",
-    }
-)
-_MANIFEST_KEYS = frozenset({"version", "container", "renditions", "packager"})
-_PACKAGER_KEYS = frozenset({"version", "top"})
+# The JSON keys of each object are its dataclass's field names.
+_RECIPE_KEYS = frozenset(f.name for f in fields(Recipe))
+_RENDITION_KEYS = frozenset(f.name for f in fields(Rendition))
+_MANIFEST_KEYS = frozenset(f.name for f in fields(Manifest))
+_PACKAGER_KEYS = frozenset(f.name for f in fields(Packager))
 _PACKAGER_PATHS = frozenset({"isobmff", "libav"})
 
 

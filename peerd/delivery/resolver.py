@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,9 +233,9 @@ class Resolver:
         self._tees[cid] = tee
         task = asyncio.get_running_loop().create_task(self._tee_fetch(cid, tee))
         self._tee_tasks.add(task)
-        task.add_done_callback(self._tee_tasks.discard)
 
         def ended(_task: asyncio.Task[None]) -> None:
+            self._tee_tasks.discard(_task)
             # A task cancelled before it ran (shutdown) never ran _tee_fetch's own ending:
             # the tee must not stay behind for later viewers to wait on.
             if self._tees.get(cid) is tee:
@@ -340,7 +340,7 @@ class Resolver:
             return sources
         return [sources[lead], *sources[:lead], *sources[lead + 1 :]]
 
-    async def _fetch(self, cid: Cid, tee: Tee | None = None) -> tuple[Path, str]:
+    async def _fetch(self, cid: Cid, tee: Tee | None) -> tuple[Path, str]:
         failures: list[str] = []
         for source in self._order():
             started = self._clock()
@@ -365,7 +365,7 @@ class Resolver:
         raise NotFound(f"blob {cid} is not available from any source")
 
     async def _try_source(
-        self, source: Source, cid: Cid, failures: list[str], tee: Tee | None = None
+        self, source: Source, cid: Cid, failures: list[str], tee: Tee | None
     ) -> Path | None:
         gen = source.offers(cid)
         try:
@@ -401,51 +401,42 @@ class Resolver:
                 await aclose()
         return None
 
-    async def _take(self, offer: Offer, cid: Cid, tee: Tee | None = None) -> None:
+    async def _take(self, offer: Offer, cid: Cid, tee: Tee | None) -> None:
         limit = offer.size if offer.size is not None else self.max_blob_bytes
-        stream = (
-            tee is not None
-            and not tee.streaming
-            and offer.meta.get("trusted") == "1"
-            and offer.size is not None
-        )
-        if stream:
-            assert tee is not None
-            tee.begin(offer.size, offer.source)
+        # The tee this offer's bytes stream to viewers through, if any: the first trusted one.
+        live = tee if tee is not None and not tee.streaming else None
+        if offer.meta.get("trusted") != "1" or offer.size is None:
+            live = None
+        if live is not None:
+            live.begin(offer.size, offer.source)
 
-        async def counted() -> AsyncIterator[bytes]:
+        async def counted() -> AsyncGenerator[bytes, None]:
             n = 0
             async for chunk in offer.chunks:
                 n += len(chunk)
                 if n > limit:
                     raise IntegrityError(f"{offer.peer} sent more than {limit} bytes for {cid}")
-                if stream:
-                    assert tee is not None
-                    tee.push(chunk)
+                if live is not None:
+                    live.push(chunk)
                 yield chunk
             if offer.size is not None and n != offer.size:
                 raise IntegrityError(f"{offer.peer} sent {n} of {offer.size} bytes for {cid}")
 
-        # Streaming: read ahead in a task of its own, so viewers get bytes while the store is
-        # still setting up its temp file (that cost ~1.5 ms of first-byte latency).
-        body: AsyncIterator[bytes] = _ReadAhead(counted()) if stream else counted()
+        # Streaming: read ahead in a task of its own, and let the viewers' first bytes out
+        # before the store starts (its catalog lookup and temp file cost thread hops: ~1.5 ms
+        # of first-byte latency). The tee keeps every chunk, so the store loses nothing.
+        body = _ReadAhead(counted()) if live is not None else counted()
         try:
             if isinstance(body, _ReadAhead):
-                # The viewers' first bytes go out before the store starts: its catalog lookup
-                # and temp file cost thread hops that delayed them by ~0.5 ms. The tee keeps
-                # every chunk, so the store loses nothing by starting a moment later.
                 await body.primed.wait()
                 await asyncio.sleep(0)
             await self.store.put_stream(body, expected=cid, kind=offer.meta.get("kind", "segment"))
         except BaseException as exc:
-            if stream:
-                assert tee is not None
-                tee.fail(exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
+            if live is not None:
+                live.fail(exc if isinstance(exc, PeerdError) else UpstreamError(repr(exc)))
             raise
         finally:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await body.aclose()
 
 
 class _ReadAhead:

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import ifaddr
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from peerd import __version__
@@ -161,11 +161,8 @@ class MdnsService:
     async def run(self, ready: Callable[[], None]) -> None:
         """Register, browse, re-announce on address changes; withdraw on stop."""
         await self.directory.load()
-        interfaces: Any = list(self.cfg.interfaces) or None
-        kwargs: dict[str, Any] = {"ip_version": IPVersion.V4Only}
-        if interfaces:
-            kwargs["interfaces"] = interfaces
-        self.aiozc = AsyncZeroconf(**kwargs)
+        interfaces = list(self.cfg.interfaces) or InterfaceChoice.All
+        self.aiozc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
         browser: AsyncServiceBrowser | None = None
         try:

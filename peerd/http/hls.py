@@ -96,7 +96,6 @@ def _build_media(manifest: Manifest) -> _Media:
             if s.cid is not None:
                 blobs.setdefault(s.cid, seg_ext)
     media = _Media(manifest, blobs, PlayOrder.of(manifest))
-    seg_ext_ = seg_ext
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -106,8 +105,8 @@ def _build_media(manifest: Manifest) -> _Media:
                 return f"s/{rendition_id}/init.mp4{_PLACEHOLDER}"
             return f"b/{ref}.mp4{_PLACEHOLDER}"
         if isinstance(ref, int):
-            return f"s/{rendition_id}/{ref}.{seg_ext_}{_PLACEHOLDER}"
-        return f"b/{ref}.{seg_ext_}{_PLACEHOLDER}"
+            return f"s/{rendition_id}/{ref}.{seg_ext}{_PLACEHOLDER}"
+        return f"b/{ref}.{seg_ext}{_PLACEHOLDER}"
 
     media.templates["master"] = tuple(render_master(manifest, uri_for).split(_PLACEHOLDER))
     for r in manifest.renditions:
@@ -118,7 +117,7 @@ def _build_media(manifest: Manifest) -> _Media:
 class HlsMetrics:
     """Counters of the HLS routes."""
 
-    def __init__(self, rt: Runtime, denied: Counter) -> None:
+    def __init__(self, rt: Runtime) -> None:
         reg = rt.metrics.registry
         self.active = Gauge("peerd_http_active_streams", "Blob responses being sent", registry=reg)
         self.bytes = Counter(
@@ -127,8 +126,6 @@ class HlsMetrics:
             ["source", "status"],
             registry=reg,
         )
-        # Owned by the viewer authorization; here too so worker processes report it.
-        self.denied = denied
         self.rejected = Counter(
             "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
         )
@@ -149,7 +146,7 @@ class HlsRoutes:
         resolver: Resolver | None = None,
     ) -> None:
         self.rt = rt
-        self.resolver = resolver  # None: only held blobs are served (HTTP worker processes)
+        self.resolver = resolver  # None: only held blobs are served
         self.auth = auth
         self.m = metrics
         self.http_metrics = http_metrics
@@ -215,8 +212,7 @@ class HlsRoutes:
         raw = await media_manifest(self.rt.catalog, media_id)
         if raw is None:
             raise NotFound("no such media")
-        manifest = decode(raw)
-        return _build_media(manifest)
+        return _build_media(decode(raw))
 
     async def media(self, media_id: str) -> _Media:
         """The cached media (manifests are immutable, so entries never go stale)."""
@@ -284,7 +280,7 @@ class HlsRoutes:
         return True
 
     def close_stream(self) -> None:
-        """Give back a slot taken by :meth:`open_stream`."""
+        """Give back a stream slot (taken by :meth:`open_stream` or by an answer sending a blob)."""
         self.streams -= 1
         self.m.active.dec()
 
@@ -491,23 +487,16 @@ class HlsRoutes:
             if request.transport is not None:
                 request.transport.close()
         finally:
-            self.streams -= 1
-            self.m.active.dec()
-            if sent:
-                self.rt.access.record(cid, sent, time.time())
-                self.rt.metrics.bytes_served.labels(source=got.source).inc(sent)
-            self.m.bytes.labels(source=got.source, status="200" if ok else "cut").inc(sent)
+            self.close_stream()
+            self.count_sent(cid, got.source, "200" if ok else "cut", sent)
         return resp
 
-    async def sent(self, request: web.BaseRequest, resp: _BlobResponse) -> None:
-        """Account for a blob response once its body went to the kernel."""
-        status = resp.status
-        ok = request.method != "HEAD" and status < 300
-        sent = (resp.content_length or 0) if ok else 0
-        if sent:
-            self.rt.access.record(resp.cid, sent, time.time())
-            self.rt.metrics.bytes_served.labels(source=resp.source).inc(sent)
-        self.m.bytes.labels(source=resp.source, status=str(status)).inc(sent)
+    def count_sent(self, cid: Cid, source: str, status: str, nbytes: int) -> None:
+        """Account for ``nbytes`` of a blob sent to a viewer (``status``: HTTP status or cut)."""
+        if nbytes:
+            self.rt.access.record(cid, nbytes, time.time())
+            self.rt.metrics.bytes_served.labels(source=source).inc(nbytes)
+        self.m.bytes.labels(source=source, status=status).inc(nbytes)
 
 
 class _BlobResponse(web.FileResponse):
@@ -532,17 +521,19 @@ class _BlobResponse(web.FileResponse):
         routes.m.active.inc()
         try:
             writer = await super().prepare(request)
-            await routes.sent(request, self)
+            sent = request.method != "HEAD" and self.status < 300
+            routes.count_sent(
+                self.cid, self.source, str(self.status), (self.content_length or 0) if sent else 0
+            )
             return writer
         finally:
-            routes.streams -= 1
-            routes.m.active.dec()
+            routes.close_stream()
 
 
 def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt, auth.denied), app[HTTP_METRICS_KEY], resolver)
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver)
     app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"

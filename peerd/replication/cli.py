@@ -68,7 +68,7 @@ async def _open(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
             "r2_access_key_id and r2_secret_access_key"
         )
     rt = await open_runtime(settings)
-    client = await R2Client.create(cfg, on_request=r2_metrics(rt.metrics.registry).on_request)
+    client = R2Client(cfg, on_request=r2_metrics(rt.metrics.registry).on_request)
     try:
         yield rt, Replicator(rt, client)
     finally:

@@ -173,7 +173,6 @@ class R2Client:
 
     def __init__(self, cfg: R2Config, *, on_request: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.bucket = cfg.bucket
         self._on_request = on_request
         self.http = S3Http(
             cfg.endpoint,
@@ -186,13 +185,6 @@ class R2Client:
             read_timeout_s=cfg.read_timeout_s,
             sse_c_key=cfg.sse_c_key,
         )
-
-    @classmethod
-    async def create(
-        cls, cfg: R2Config, *, on_request: Callable[[str], None] | None = None
-    ) -> R2Client:
-        """Build the client in the running loop (its session belongs to it)."""
-        return cls(cfg, on_request=on_request)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -238,13 +230,13 @@ class R2Client:
             part_size=int(part) if part.isdigit() else None,
         )
 
-    async def open(self, key: str, chunk: int = CHUNK) -> tuple[int, GetBody] | None:
+    async def open(self, key: str) -> tuple[int, GetBody] | None:
         """Start a GET: (size, body chunks), or None if the object does not exist.
 
         A transient failure before the body (see :class:`R2Error`) is retried up to
         :data:`READ_ATTEMPTS` times in all, with backoff. The first chunk is whatever arrived
         first (a viewer's first byte waits for nothing more); later ones are gathered to about
-        ``chunk`` bytes. A body cut midway is resumed from where it stopped (a ``Range`` GET,
+        :data:`CHUNK` bytes. A body cut midway is resumed from where it stopped (a ``Range`` GET,
         within the same attempts); one that cannot be raises :class:`R2Error`. Closing the
         iterator (or finishing it) releases the connection.
         """
@@ -264,7 +256,7 @@ class R2Client:
             if size is None:
                 resp.close()
                 raise R2Error(f"R2 GET {key} answered without a Content-Length")
-            return size, GetBody(self, resp, key, size, chunk, attempt)
+            return size, GetBody(self, resp, key, size, attempt)
 
     async def _get(self, key: str, start: int = 0) -> aiohttp.ClientResponse | None:
         """A GET's answer, its body unread (None for a 404); from ``start`` with a Range."""
@@ -462,9 +454,8 @@ class R2Client:
             return value == b64_digest(digest_of(cid))
         if path is None or info.part_size is None:
             return False
-        part_size = info.part_size
         try:
-            expected = await asyncio.to_thread(_composite_of_file, path, size, part_size)
+            expected = await asyncio.to_thread(_composite_of_file, path, size, info.part_size)
         except (OSError, ValueError):
             return False
         if expected is None:  # the file is shorter than the object
@@ -484,19 +475,13 @@ class GetBody:
     """
 
     def __init__(
-        self,
-        client: R2Client,
-        resp: aiohttp.ClientResponse,
-        key: str,
-        size: int,
-        chunk: int,
-        attempt: int,
+        self, client: R2Client, resp: aiohttp.ClientResponse, key: str, size: int, attempt: int
     ) -> None:
         self._resp = resp
-        self._gen = self._chunks(client, key, size, chunk, attempt)
+        self._gen = self._chunks(client, key, size, attempt)
 
     async def _chunks(
-        self, client: R2Client, key: str, size: int, chunk: int, attempt: int
+        self, client: R2Client, key: str, size: int, attempt: int
     ) -> AsyncGenerator[bytes, None]:
         got = 0
         buf: list[bytes] = []
@@ -510,7 +495,7 @@ class GetBody:
                         continue
                     buf.append(data)
                     held += len(data)
-                    if held >= chunk:
+                    if held >= CHUNK:
                         yield b"".join(buf)
                         buf, held = [], 0
                 if got != size:

@@ -62,27 +62,13 @@ class JobFailed(PeerdError):
 
 
 class Deferred(Exception):  # noqa: N818 (a signal, not an error)
-    """A job must wait for others (not a failure).
-
-    An internal control-flow signal, not an error: raised by a job and caught in
-    :meth:`Replicator.execute`, it never leaves this module, hence not under ``PeerdError``.
-    """
+    """A job must wait for others: a signal caught in :meth:`Replicator.execute` that never
+    leaves this module, hence not under ``PeerdError``."""
 
     def __init__(self, reason: str, delay_s: float = 2.0) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay_s = delay_s
-
-
-def policy_from_settings(rt: Runtime) -> RetryPolicy:
-    """The outbox retry policy from ``[r2]`` settings."""
-    r2 = rt.settings.r2
-    return RetryPolicy(
-        lease_s=r2.job_lease_s,
-        base_s=r2.retry_base_s,
-        max_s=r2.retry_max_s,
-        max_attempts=r2.max_attempts,
-    )
 
 
 class Replicator:
@@ -102,8 +88,15 @@ class Replicator:
     ) -> None:
         self.rt = rt
         self.client = client
-        self.outbox = outbox or Outbox(rt.catalog, policy_from_settings(rt), clock=clock)
-        self.concurrency = concurrency or rt.settings.r2.max_concurrency
+        r2 = rt.settings.r2
+        policy = RetryPolicy(
+            lease_s=r2.job_lease_s,
+            base_s=r2.retry_base_s,
+            max_s=r2.retry_max_s,
+            max_attempts=r2.max_attempts,
+        )
+        self.outbox = outbox or Outbox(rt.catalog, policy, clock=clock)
+        self.concurrency = concurrency or r2.max_concurrency
         self.metrics: R2Metrics = r2_metrics(rt.metrics.registry)
         self._clock = clock
         self._poll_s = poll_s

@@ -11,7 +11,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,6 @@ log = logging.getLogger("peerd.store")
 
 TMP_PREFIX = ".tmp-"
 PUT_CHUNK = 1024 * 1024
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -60,28 +52,12 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """True when nothing is wrong."""
-        return not (
-            self.missing
-            or self.orphans
-            or self.temp_files
-            or self.size_mismatch
-            or self.corrupt
-            or self.dangling_segments
-            or self.bad_manifests
-        )
+        return not self.problems()
 
     def problems(self) -> dict[str, list[str]]:
-        """Non-empty problem lists by name."""
-        names = (
-            "missing",
-            "orphans",
-            "temp_files",
-            "size_mismatch",
-            "corrupt",
-            "dangling_segments",
-            "bad_manifests",
-        )
-        return {n: getattr(self, n) for n in names if getattr(self, n)}
+        """Non-empty problem lists by name, in field order."""
+        lists = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return {name: v for name, v in lists if isinstance(v, list) and v}
 
 
 class BlobStore:
@@ -139,7 +115,7 @@ class BlobStore:
         if not await asyncio.to_thread(path.is_file):
             log.warning("blob file missing; marking absent", extra={"cid": cid})
             await self.catalog.mark_absent([cid])
-            await self._forget(cid)
+            self.count, self.used_bytes = await self.catalog.present_stats()
             raise NotFound(f"blob {cid} is not held")
         return path
 
@@ -254,7 +230,7 @@ class BlobStore:
     async def _publish(self, fd: int, tmp: Path, cid: Cid, size: int, kind: str) -> None:
         """Close, rename into place and commit the row of a verified, fsynced temp file."""
         os.close(fd)
-        await asyncio.to_thread(_rename_durably, tmp, self.path_for(cid))
+        await asyncio.to_thread(_rename_all, [(cid, tmp, self.path_for(cid))])
         await self._commit(cid, size, kind)
 
     async def _already_held(self, cid: Cid) -> bool:
@@ -275,14 +251,7 @@ class BlobStore:
     async def _commit(self, cid: Cid, size: int, kind: str) -> None:
         before = await self.catalog.get_blob(cid)
         await self.catalog.add_blob(cid, size, kind, self._clock())
-        if before is None or before.local_state != "present":
-            self.used_bytes += size
-            self.count += 1
-        if self._on_write is not None:
-            self._on_write(kind, size)
-
-    async def _forget(self, cid: Cid) -> None:
-        self.count, self.used_bytes = await self.catalog.present_stats()
+        self._count_new([(cid, size, kind)], {cid: before})
 
     async def delete(self, cid: Cid) -> bool:
         """Remove a blob: the row first, then the file. True if it was held."""
@@ -529,7 +498,11 @@ def _rename_all(items: list[tuple[Cid, Path, Path]]) -> None:
         tmp.replace(final)
         dirs[final.parent] = None
     for d in dirs:
-        _fsync_dir(d)
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _check_file(path: Path, cid: str, size: int, deep: bool) -> str | None:
@@ -601,11 +574,6 @@ def _close_unlink(fd: int, tmp: Path) -> None:
     except OSError:
         pass
     tmp.unlink(missing_ok=True)
-
-
-def _rename_durably(tmp: Path, final: Path) -> None:
-    tmp.replace(final)
-    _fsync_dir(final.parent)
 
 
 __all__ = ["BlobBatch", "BlobStore", "PeerdError", "RecoveryReport", "VerifyReport", "hash_file"]

@@ -152,8 +152,7 @@ def probe_reorders(container: Container, init: bytes | None, segment: Path) -> b
 async def blob_path(rt: Runtime, resolver: Resolver | None, cid: str) -> Path:
     """A local path for a blob: through the resolver when there is one, else the store alone."""
     if resolver is not None:
-        path: Path = await resolver.ensure_local(Cid(cid))
-        return path
+        return await resolver.ensure_local(Cid(cid))
     return await rt.store.open_path(Cid(cid))
 
 

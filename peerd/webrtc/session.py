@@ -134,6 +134,7 @@ def summarize_offer(offer: str) -> OfferSummary:
     except (ValueError, KeyError, IndexError, AssertionError) as exc:
         raise BadRequest(f"cannot parse the SDP offer: {exc}") from None
     kinds = tuple(m.kind for m in desc.media)
+    video: list[OfferedCodec] | None = None
     for m in desc.media:
         if m.kind not in ("audio", "video"):
             continue
@@ -142,17 +143,14 @@ def summarize_offer(offer: str) -> OfferSummary:
             raise BadRequest(f"the offer's {m.kind} section has no DTLS fingerprint")
         if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
             raise BadRequest(f"the offer's {m.kind} section has no ICE credentials")
-    video: list[OfferedCodec] = []
-    for m in desc.media:
-        if m.kind == "video":
+        if m.kind == "video" and video is None:
             video = [
                 OfferedCodec(c.mimeType, {k: str(v) for k, v in c.parameters.items()})
                 for c in m.rtp.codecs
             ]
-            break
     if "video" not in kinds and "audio" not in kinds:
         raise BadRequest("the offer has no audio or video section")
-    return OfferSummary(kinds=kinds, video_codecs=tuple(video))
+    return OfferSummary(kinds=kinds, video_codecs=tuple(video or ()))
 
 
 @dataclass
@@ -167,7 +165,6 @@ class WhepSession:
     tracks: list[PacedTrack]
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
-    closed: bool = False
 
 
 class WhepMetrics:
@@ -429,9 +426,8 @@ class WhepService:
     async def close(self, session_id: str, reason: str) -> bool:
         """End a session (idempotent); False if it was not open."""
         s = self.sessions.pop(session_id, None)
-        if s is None or s.closed:
+        if s is None:
             return False
-        s.closed = True
         self.metrics.active.set(len(self.sessions))
         self.metrics.closed.labels(reason=reason).inc()
         current = asyncio.current_task()

@@ -115,7 +115,7 @@ def rclone_copy(moto: MotoServer, src: Path, bucket: str) -> float:
 
 
 async def peerd_push(rt: Runtime, moto: MotoServer, bucket: str, cids: list[Cid]) -> float:
-    client = await R2Client.create(r2cfg(moto.url, bucket))
+    client = R2Client(r2cfg(moto.url, bucket))
     try:
         rep = Replicator(
             rt, client, outbox=Outbox(rt.catalog, RetryPolicy(base_s=0.05)), concurrency=CONCURRENCY
@@ -396,7 +396,7 @@ async def main() -> None:
                     "127.0.0.1", moto.port, latency_s=args.delay_ms / 1000
                 ).start()
                 upstream = wan.url if args.delay_ms else moto.url
-                client = await R2Client.create(r2cfg(upstream, "ttfb"))
+                client = R2Client(r2cfg(upstream, "ttfb"))
                 ttfb_res: dict[str, list[float]] = {
                     "direct": [],
                     "stream": [],
@@ -452,7 +452,7 @@ async def main() -> None:
             # -- single flight -----------------------------------------------------------------
             if "flight" in parts:
                 proxy = await FaultProxy("127.0.0.1", moto.port).start()
-                pclient = await R2Client.create(r2cfg(proxy.url, "ttfb"))
+                pclient = R2Client(r2cfg(proxy.url, "ttfb"))
                 try:
                     data = os.urandom(tsize)
                     one = cid_of(data)

@@ -58,7 +58,7 @@ def make_config(url: str, bucket: str, **kw: object) -> R2Config:
 
 @pytest.fixture
 async def client(proxy: FaultProxy, bucket: str) -> AsyncIterator[R2Client]:
-    c = await R2Client.create(make_config(proxy.url, bucket))
+    c = R2Client(make_config(proxy.url, bucket))
     try:
         yield c
     finally:

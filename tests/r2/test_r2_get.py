@@ -112,7 +112,7 @@ async def scripted(
 
     server = Scripted(handler)
     url = await server.start()
-    client = await R2Client.create(make_config(url, "bucket", read_timeout_s=read_timeout_s))
+    client = R2Client(make_config(url, "bucket", read_timeout_s=read_timeout_s))
     try:
         yield server, client
     finally:
@@ -243,7 +243,7 @@ async def test_an_abandoned_get_closes_its_connection() -> None:
             await w.drain()
 
     server = Scripted(slow)
-    client = await R2Client.create(make_config(await server.start(), "bucket"))
+    client = R2Client(make_config(await server.start(), "bucket"))
     try:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.open("a"), 0.05)

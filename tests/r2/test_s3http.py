@@ -74,9 +74,7 @@ def authed() -> Iterator[tuple[MotoServer, str, str, str]]:
 @pytest.fixture
 async def authed_client(authed: tuple[MotoServer, str, str, str]) -> AsyncIterator[R2Client]:
     server, bucket, key_id, secret = authed
-    c = await R2Client.create(
-        make_config(server.url, bucket, access_key_id=key_id, secret_access_key=secret)
-    )
+    c = R2Client(make_config(server.url, bucket, access_key_id=key_id, secret_access_key=secret))
     try:
         yield c
     finally:
@@ -104,9 +102,7 @@ async def test_signed_requests_are_accepted(authed_client: R2Client, tmp_path: P
 
 async def test_wrong_secret_is_refused(authed: tuple[MotoServer, str, str, str]) -> None:
     server, bucket, key_id, _ = authed
-    c = await R2Client.create(
-        make_config(server.url, bucket, access_key_id=key_id, secret_access_key="forged")
-    )
+    c = R2Client(make_config(server.url, bucket, access_key_id=key_id, secret_access_key="forged"))
     try:
         with pytest.raises(R2Error, match="403"):
             await c.put_bytes("media/x.json", b"{}", content_type="application/json")
@@ -255,7 +251,7 @@ async def test_sse_c_headers_on_every_object_request(
         return False
 
     proxy.add(record, Fault("status"), times=10**6)
-    c = await R2Client.create(make_config(proxy.url, bucket, sse_c_key=key))
+    c = R2Client(make_config(proxy.url, bucket, sse_c_key=key))
     try:
         small = os.urandom(2000)
         big = os.urandom(5 * MIB + 10)
