@@ -11,6 +11,7 @@ from peerd.core.ids import cid_of
 from peerd.errors import IntegrityError, StoreFull
 from peerd.runtime import Runtime
 from peerd.store.blobs import TMP_PREFIX
+from tests.support.store import put_many
 
 
 def _temps(root: Path) -> list[Path]:
@@ -30,7 +31,7 @@ async def test_put_many_stores_all_and_dedupes(runtime: Runtime) -> None:
         (b"one", "init"),
         (b"held before", "segment"),
     ]
-    cids = await store.put_many(items)
+    cids = await put_many(store, items)
     assert cids == [cid_of(d) for d, _ in items]
     assert cids[3] == old
     for (data, _), cid in zip(items, cids, strict=True):
@@ -46,7 +47,8 @@ async def test_put_many_stores_all_and_dedupes(runtime: Runtime) -> None:
 async def test_put_many_mismatch_stores_nothing(runtime: Runtime) -> None:
     store = runtime.store
     with pytest.raises(IntegrityError):
-        await store.put_many(
+        await put_many(
+            store,
             [(b"good", "segment"), (b"evil", "segment")],
             expected=[cid_of(b"good"), cid_of(b"other")],
         )
@@ -123,7 +125,7 @@ async def test_cancel_put_many_at_any_moment_is_all_or_nothing(runtime: Runtime)
     store = runtime.store
     for step in range(0, 60, 3):
         items = [(os.urandom(40_000 + step * 7 + i), "segment") for i in range(4)]
-        task = asyncio.ensure_future(store.put_many(items))
+        task = asyncio.ensure_future(put_many(store, items))
         for _ in range(step):
             await asyncio.sleep(0)
         task.cancel()

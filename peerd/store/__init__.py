@@ -9,7 +9,7 @@ write
     temp file ``.tmp-*`` in the shard directory, fsync, rename to the final name, fsync the
     directory, then commit the row;
 batch write
-    (:class:`BlobBatch`, used by ingest; :meth:`BlobStore.put_many`) every blob to a temp file
+    (:class:`BlobBatch`, used by ingest) every blob to a temp file
     and fsynced as it comes; at the commit all renamed, each touched shard directory fsynced
     once, then all rows committed in one transaction;
 delete

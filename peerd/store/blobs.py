@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -157,33 +157,6 @@ class BlobStore:
     def batch(self) -> BlobBatch:
         """A :class:`BlobBatch`: blobs written now, made durable and committed together later."""
         return BlobBatch(self)
-
-    async def put_many(
-        self, items: Sequence[tuple[bytes, str]], *, expected: Sequence[Cid] | None = None
-    ) -> list[Cid]:
-        """Store many ``(data, kind)`` blobs with one durability step and one transaction.
-
-        Returns their cids in order. All of them are committed, or (on an error or a
-        cancellation before the commit started) none of those not already held. ``expected``,
-        if given, is checked like :meth:`put`'s, one cid per item.
-        """
-        if expected is not None and len(expected) != len(items):
-            raise ValueError("put_many: one expected cid per item")
-        batch = self.batch()
-        try:
-            cids = []
-            for i, (data, kind) in enumerate(items):
-                cid = await asyncio.to_thread(cid_of, data) if len(data) > 65536 else cid_of(data)
-                if expected is not None and cid != expected[i]:
-                    raise IntegrityError(
-                        f"bytes hash to {cid}, expected {expected[i]}", expected=expected[i]
-                    )
-                cids.append(await batch.add(data, kind=kind, cid=cid))
-            await batch.commit()
-        except BaseException:
-            await asyncio.shield(batch.abort())
-            raise
-        return cids
 
     async def put_stream(
         self,

@@ -21,6 +21,7 @@ from pathlib import Path
 from peerd.config import load_settings
 from peerd.core.ids import cid_of
 from peerd.runtime import open_runtime
+from tests.support.store import put_many
 
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
@@ -61,7 +62,7 @@ async def main(state: Path, journal: Path) -> None:
             ]
             names = " ".join(cid_of(d) for d, _ in items)
             await asyncio.to_thread(note, f"batch {names}")
-            for cid in await rt.store.put_many(items):
+            for cid in await put_many(rt.store, items):
                 held.append(cid)
                 await asyncio.to_thread(note, f"put {cid}")
             continue
