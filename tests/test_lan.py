@@ -24,6 +24,7 @@ from peerd.p2p import lan
 from peerd.p2p.lan import LanSource, lan_directory
 from peerd.runtime import Runtime, open_runtime
 from tests.support.source_suite import SourceConformance, SourceFactory
+from tests.support.sources import one_rendition
 
 
 class Peer:
@@ -181,20 +182,8 @@ async def _media_on(rt: Runtime, segments: int = 4) -> tuple[str, dict[Cid, byte
     order = list(blobs)
     for n, (cid, data) in enumerate(blobs.items()):
         await rt.store.put(data, expected=cid, kind="init" if n == 0 else "segment")
-    rendition = mf.Rendition(
-        id="v0",
-        kind="video",
-        codecs="avc1.64001f",
-        bandwidth=200_000,
-        timescale=1000,
-        segments=tuple(mf.Segment(duration=4000, cid=c) for c in order[1:]),
-        width=320,
-        height=240,
-        init=order[0],
-    )
-    manifest = mf.Manifest(container="fmp4", renditions=(rendition,))
-    data = mf.encode(manifest)
-    media_id = mf.media_id_of(manifest)
+    media_id, data = one_rendition(order)
+    manifest = mf.decode(data)
     async with rt.catalog.transaction() as tx:
         await record_media(tx, media_id, data, manifest, time.time())
     return media_id, blobs

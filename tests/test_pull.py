@@ -8,34 +8,17 @@ from typing import Any
 import pytest
 
 from peerd.catalog.media import media_exists
-from peerd.core import manifest as mf
-from peerd.core.ids import Cid, cid_of
+from peerd.core.ids import cid_of
 from peerd.delivery.pull import PullReport, pull_media
 from peerd.errors import IntegrityError, NotFound
 from peerd.runtime import Runtime
-from tests.support.sources import MemorySource
-
-
-def _media(blobs: list[Cid]) -> tuple[str, bytes]:
-    rendition = mf.Rendition(
-        id="v0",
-        kind="video",
-        codecs="avc1.64001f",
-        bandwidth=200_000,
-        timescale=1000,
-        segments=tuple(mf.Segment(duration=4000, cid=c) for c in blobs[1:]),
-        width=320,
-        height=240,
-        init=blobs[0],
-    )
-    manifest = mf.Manifest(container="fmp4", renditions=(rendition,))
-    return mf.media_id_of(manifest), mf.encode(manifest)
+from tests.support.sources import MemorySource, one_rendition
 
 
 async def test_pull_verifies_every_byte_records_last_and_resumes(runtime: Runtime) -> None:
     data = [os.urandom(300)] + [os.urandom(5000 + i) for i in range(4)]
     cids = [cid_of(b) for b in data]
-    media_id, manifest = _media(cids)
+    media_id, manifest = one_rendition(cids)
     source = MemorySource(blobs=dict(zip(cids, data, strict=True)), lies={cids[2]: b"not it"})
 
     async def get_manifest() -> bytes:
@@ -75,7 +58,7 @@ async def test_pull_verifies_every_byte_records_last_and_resumes(runtime: Runtim
 async def test_a_blob_the_source_lacks_fails_the_pull(runtime: Runtime) -> None:
     data = [os.urandom(100), os.urandom(200)]
     cids = [cid_of(b) for b in data]
-    media_id, manifest = _media(cids)
+    media_id, manifest = one_rendition(cids)
     source = MemorySource(blobs={cids[0]: data[0]})
 
     async def get_manifest() -> bytes:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from peerd.core import manifest as mf
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer
 from peerd.errors import UpstreamError
@@ -46,3 +47,21 @@ class MemorySource:
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
         """Record the outcome."""
         self.reports.append((offer.peer, ok, reason))
+
+
+def one_rendition(blobs: list[Cid]) -> tuple[str, bytes]:
+    """A canonical manifest of one video rendition (init ``blobs[0]``, the rest segments): its
+    media id and bytes."""
+    rendition = mf.Rendition(
+        id="v0",
+        kind="video",
+        codecs="avc1.64001f",
+        bandwidth=200_000,
+        timescale=1000,
+        segments=tuple(mf.Segment(duration=4000, cid=c) for c in blobs[1:]),
+        width=320,
+        height=240,
+        init=blobs[0],
+    )
+    manifest = mf.Manifest(container="fmp4", renditions=(rendition,))
+    return mf.media_id_of(manifest), mf.encode(manifest)
