@@ -125,6 +125,12 @@ class OnDemand:
         try:
             async with asyncio.timeout(self.timeout_s):
                 cid = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # the viewer went away
+            # The service stopped under a waiting viewer (the node is stopping).
+            raise Unavailable("the node is stopping", retry_after=1) from None
         except TimeoutError:
             self.m.requests.labels(outcome="timeout").inc()
             log.info(
