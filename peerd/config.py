@@ -121,6 +121,8 @@ class MediaSettings(Section):
     library_dirs: list[Path] = Field(default_factory=list)
     watch_settle_s: float = Field(default=5.0, ge=0.0)
     watch_interval_s: float = Field(default=2.0, gt=0.0)
+    on_demand_concurrency: int = Field(default=1, ge=1, le=16)
+    on_demand_ahead: int = Field(default=2, ge=0, le=16)
 
     def overridden(self, update: dict[str, Any]) -> MediaSettings:
         """These settings with ``update`` applied (a command line's overrides), validated.

@@ -42,6 +42,7 @@ from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService, node_ingestor
+from peerd.media.ondemand import OnDemand
 from peerd.media.source import TranscodeSource
 from peerd.metrics import Metrics
 from peerd.p2p import lan
@@ -317,7 +318,14 @@ async def build_services(rt: Runtime) -> Services:
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
     api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
     whep = WhepService(rt, resolver=resolver)
-    http = HttpService(rt, route_installers(resolver, directory, api, whep))
+    ondemand = OnDemand(
+        ingestor,
+        resolver,
+        timeout_s=s.http.request_timeout_s,
+        ahead=s.media.on_demand_ahead,
+        registry=rt.metrics.registry,
+    )
+    http = HttpService(rt, route_installers(resolver, directory, api, whep, ondemand))
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
@@ -327,6 +335,7 @@ async def build_services(rt: Runtime) -> Services:
         services.append(MdnsService(rt, directory, lambda: http.port, p2p, [lan_source.close]))
     services += r2_services
     services.append(MediaService(rt, ingestor))
+    services.append(ondemand)
     services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
     services.append(whep)
     services.append(CoordinatorService(rt, api))
@@ -334,12 +343,16 @@ async def build_services(rt: Runtime) -> Services:
 
 
 def route_installers(
-    resolver: Resolver, directory: PeerDirectory, api: NodeApi, whep: WhepService
+    resolver: Resolver,
+    directory: PeerDirectory,
+    api: NodeApi,
+    whep: WhepService,
+    ondemand: OnDemand,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
         partial(ui.install, resolver=resolver),
-        partial(hls.install, resolver=resolver),
+        partial(hls.install, resolver=resolver, ondemand=ondemand),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),

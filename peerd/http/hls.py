@@ -6,6 +6,10 @@ URL layout (see README "HLS URLs"); every URL carries ``?token=`` in token mode:
     /hls/<media_id>/<rendition_id>.m3u8         media playlist of one rendition
     /hls/<media_id>/b/<cid>.<mp4|m4s|ts>        init (.mp4) or media segment by content id
     /hls/<media_id>/s/<rendition_id>/<seq>.<m4s|ts>   segment of an on-demand rendition by number
+    /hls/<media_id>/s/<rendition_id>/init.mp4         its init segment (fMP4)
+
+A numbered URL whose blob is not produced yet is produced on that request
+(:mod:`peerd.media.ondemand`: single flight, bounded, 503 + ``Retry-After`` past the timeout).
 
 Playlists use relative URIs with the request's own token, so one signed master URL opens
 everything of that media and nothing else. A blob URL is served only if the blob belongs to the
@@ -39,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -134,6 +138,16 @@ class HlsMetrics:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Producer(Protocol):
+    """Makes blobs of on-demand renditions on request (:class:`peerd.media.ondemand.OnDemand`)."""
+
+    async def produce(self, media_id: str, rendition_id: str, seq: int) -> Cid:
+        """The blob id of segment ``seq`` (-1: init), produced now if need be."""
+
+    def played(self, media_id: str, rendition_id: str, seq: int, count: int) -> None:
+        """A viewer asked for segment ``seq`` of ``count``: produce what follows if in order."""
+
+
 class HlsRoutes:
     """The handlers and their caches."""
 
@@ -144,9 +158,11 @@ class HlsRoutes:
         metrics: HlsMetrics,
         http_metrics: HttpMetrics,
         resolver: Resolver | None = None,
+        ondemand: Producer | None = None,
     ) -> None:
         self.rt = rt
         self.resolver = resolver  # None: only held blobs are served
+        self.ondemand = ondemand  # None: on-demand segments are served once produced only
         self.auth = auth
         self.m = metrics
         self.http_metrics = http_metrics
@@ -202,8 +218,8 @@ class HlsRoutes:
                     else exc.to_json()
                 )
                 headers = self._cors()
-                if isinstance(exc, TooManyRequests):
-                    headers["Retry-After"] = "1"
+                if isinstance(exc, TooManyRequests | Unavailable):
+                    headers["Retry-After"] = str(exc.detail.get("retry_after", 1))
                 return web.json_response(body, status=exc.status, headers=headers)
 
         return wrapped
@@ -374,7 +390,7 @@ class HlsRoutes:
         return await self._send(request, Cid(cid), ext, media)
 
     async def numbered(self, request: web.Request) -> web.StreamResponse:
-        """A segment (or init) of an on-demand rendition, once the catalog knows its blob."""
+        """A segment (or init) of an on-demand rendition, produced on its first request."""
         media_id = request.match_info["media"]
         await self.auth.check(request, media_id, "hls")
         rid, name, ext = (
@@ -386,15 +402,23 @@ class HlsRoutes:
         r = next((x for x in media.manifest.renditions if x.id == rid), None)
         if r is None:
             raise NotFound("no such rendition")
-        if name == "init" and ext == "mp4":
+        if name == "init" and ext == "mp4" and media.manifest.container == "fmp4":
+            seq = -1
             cid = await init_cid(self.rt.catalog, media_id, rid)
         elif name.isdigit() and ext == _segment_ext(media.manifest):
-            cid = await segment_cid(self.rt.catalog, media_id, rid, int(name))
+            seq = int(name)
+            if seq >= len(r.segments):
+                raise NotFound("no such segment")
+            cid = await segment_cid(self.rt.catalog, media_id, rid, seq)
         else:
             raise NotFound("no such segment")
+        producer = self.ondemand
         if cid is None:
-            # Producing on-demand renditions belongs to the transcode source (another issue).
-            raise NotFound("segment not produced yet")
+            if producer is None or not r.on_demand:
+                raise NotFound("segment not produced yet")
+            cid = await producer.produce(media_id, rid, seq)
+        if producer is not None and r.on_demand and seq >= 0:
+            producer.played(media_id, rid, seq, len(r.segments))
         return await self._send(request, cid, ext)
 
     async def _catalog_blob_ext(self, media_id: str, media: _Media, cid: str) -> str | None:
@@ -530,10 +554,16 @@ class _BlobResponse(web.FileResponse):
             routes.close_stream()
 
 
-def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
-    """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404)."""
+def install(
+    app: web.Application,
+    rt: Runtime,
+    resolver: Resolver | None = None,
+    ondemand: Producer | None = None,
+) -> None:
+    """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404),
+    on-demand segments not produced yet from ``ondemand`` (none: 404)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver)
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver, ondemand)
     app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"

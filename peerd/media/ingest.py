@@ -170,6 +170,8 @@ class Ingestor:
         store: BlobStore,
         options: PackagingOptions,
         metrics: MediaMetrics | None = None,
+        *,
+        max_transcodes: int = 1,
     ) -> None:
         self.catalog = catalog
         self.metrics = metrics
@@ -180,6 +182,8 @@ class Ingestor:
         # deletes a blob another job is about to reference.
         self._commit_lock = asyncio.Lock()
         self._inflight: dict[tuple[str, str, int], asyncio.Future[Cid]] = {}
+        # Segments derived at once (on demand, ahead, regenerated): each holds a slot.
+        self.transcodes = asyncio.Semaphore(max_transcodes)
         self.commit_hooks: list[CommitHook] = []
 
     # -- ingest --------------------------------------------------------------------------------
@@ -524,7 +528,16 @@ class Ingestor:
             ) from None
         from peerd.media.transcode import derive_segment
 
-        return await asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
+        async with self.transcodes:
+            job = asyncio.ensure_future(
+                asyncio.to_thread(derive_segment, m.container, src_init, src_data, recipe, seq)
+            )
+            # A cancelled caller must not free the slot while the thread still encodes.
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                await asyncio.gather(job, return_exceptions=True)
+                raise
 
     async def regenerate(self, media_id: str, rendition_id: str, seq: int) -> bytes:
         """The bytes of segment `seq` (or the init segment, seq -1) of a derived rendition.
@@ -604,8 +617,15 @@ def node_ingestor(rt: Any) -> Ingestor:
     The daemon builds one and hands it to the media and control services, the API's commands
     and the transcode source (``produce_segment``); its metrics register once per registry.
     """
+    media = rt.settings.media
     metrics = MediaMetrics(rt.metrics.registry)
-    return Ingestor(rt.catalog, rt.store, rt.settings.media.packaging_options(), metrics)
+    return Ingestor(
+        rt.catalog,
+        rt.store,
+        media.packaging_options(),
+        metrics,
+        max_transcodes=media.on_demand_concurrency,
+    )
 
 
 def _warm_up() -> None:

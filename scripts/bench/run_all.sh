@@ -16,3 +16,4 @@ echo "== R2 replication (issue 5)"; "$PY" scripts/bench/r2_bench.py --rounds 3 -
 echo "== P2P transfer (issue 6)";  "$PY" scripts/bench/p2p_bench.py
 echo "== coordinator API (issue 7)"; "$PY" scripts/bench/api_bench.py --blobs 100000 --n 200
 echo "== WHEP (issue 8)";          "$PY" scripts/bench/whep_bench.py --sessions 10 --seconds 10
+echo "== on-demand rungs (issue 19)"; "$PY" scripts/bench/ondemand_bench.py --rounds 3
