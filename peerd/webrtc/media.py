@@ -97,8 +97,8 @@ async def load_playable(
 ) -> Playable:
     """Read the media's manifest from the catalog, pick the rendition to play, and probe its
     first segment for B-frames and its SPS's profile (see :func:`peerd.core.whep.choose_video`);
-    file work runs in
-    ``pool`` (default: the loop's executor), blobs the node lacks come through ``resolver``.
+    file work runs in ``pool`` (default: the loop's executor), blobs the node lacks come through
+    ``resolver``.
     """
     loop = asyncio.get_running_loop()
     raw = await media_manifest(rt.catalog, media_id)
