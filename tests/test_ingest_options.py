@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -80,3 +81,27 @@ def test_other_packaging_options_make_another_media_item(tmp_path: Path) -> None
                 assert ("#EXT-X-MAP" in r.read().decode()) is fmp4_segments
     finally:
         assert node.stop() == 0, node.logs()[-3000:]
+
+
+def test_rows_from_before_options_were_recorded_count_as_the_nodes_options(
+    tmp_path: Path,
+) -> None:
+    """A catalog row written before the options were part of the source signature is taken as
+    packaged with the node's options: not packaged again by an upgrade, but other options still
+    make another item."""
+    clip = make_media(tmp_path / "clip.mp4", seconds=3.0)
+    state = tmp_path / "node"
+    first = ingest(state, clip)
+    db = sqlite3.connect(state / "catalog.sqlite3")
+    try:
+        # What the previous version recorded: size:mtime only.
+        sig = "substr(source_sig, 1, instr(source_sig, '/') - 1)"
+        db.execute(f"UPDATE media SET source_sig = {sig}")  # noqa: S608
+        db.commit()
+    finally:
+        db.close()
+    again = ingest(state, clip)
+    assert (again["skipped"], again["media_id"]) == (True, first["media_id"])
+    ts = ingest(state, clip, "--container", "ts")
+    assert ts["skipped"] is False
+    assert ts["media_id"] != first["media_id"]
