@@ -58,14 +58,33 @@ async def play_and_watch(page: Page, seconds: int = 5) -> tuple[list[int], dict[
     return samples, stats
 
 
+def sps_profile(init: Path) -> str:
+    """PPCCLL of a clip's SPS, read from the avcC box of its init segment."""
+    data = init.read_bytes()
+    at = data.index(b"avcC")
+    return data[at + 5 : at + 8].hex()
+
+
+def h264_labels(sdp: str) -> list[str]:
+    """The profile-level-ids of an SDP's H.264 entries with packetization-mode 1."""
+    return re.findall(r"a=fmtp:\d+ (?=.*packetization-mode=1).*profile-level-id=(\w{6})", sdp)
+
+
 async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
-    plain = await asyncio.to_thread(make_hls, tmp_path / "plain", seconds=6, bframes=0)
+    # Main: a profile every Chromium offers for WebRTC, so the stream passes through.
+    plain = await asyncio.to_thread(
+        make_hls, tmp_path / "plain", seconds=6, bframes=0, profile="main"
+    )
     bframes = await asyncio.to_thread(make_hls, tmp_path / "bf", seconds=4, bframes=3)
+    high = await asyncio.to_thread(
+        make_hls, tmp_path / "high", seconds=4, bframes=0, profile="high", width=256, height=144
+    )
     state = tmp_path / "node"
     rt = await open_runtime(load_settings(None, node={"state_dir": state}))
     try:
         passthrough_id = await add_media(rt, plain)
         transcode_id = await add_media(rt, bframes, title="with b-frames")
+        high_id = await add_media(rt, high, title="high profile")
     finally:
         await rt.close()
     sign_viewers(state)
@@ -82,6 +101,10 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
             # ~25 fps for 5 s, paced (a burst would jump, a stall would not grow).
             assert 80 <= samples[-1] - samples[0] <= 170, samples
             assert stats["codec"].startswith("video/H264"), stats
+            # The answer names the profile sent, as the stream's SPS states it.
+            assert plain.init is not None
+            answer = await page.evaluate("window.whep.pc.remoteDescription.sdp")
+            assert h264_labels(answer) == [sps_profile(plain.init)], answer
             assert stats["audioPackets"] > 100, stats
             assert await asyncio.to_thread(metric, node.base_url, "peerd_whep_sessions") == 1
             assert await page.evaluate("window.whep.stop()") == 200
@@ -98,11 +121,30 @@ async def test_chromium_decodes_whep_and_delete_frees(tmp_path: Path) -> None:
             assert stats["codec"].startswith("video/VP8"), stats
             assert await page2.evaluate("window.whep.stop()") == 200
             assert page2.console_errors == []
+
+            # High: passed through under its own label to a Chromium that offers High (one with
+            # a hardware decoder); transcoded for one that does not, never labelled Main.
+            page3 = await browser.new_page()
+            await page3.goto(whep_url(node.base_url, high_id, "/whep/player/"))
+            samples, stats = await play_and_watch(page3, seconds=3)
+            offer = await page3.evaluate("window.whep.pc.localDescription.sdp")
+            answer = await page3.evaluate("window.whep.pc.remoteDescription.sdp")
+            assert high.init is not None
+            sps = sps_profile(high.init)
+            assert sps.startswith("64"), sps
+            if any(p.startswith("6400") for p in h264_labels(offer)):
+                assert h264_labels(answer) == [sps], answer
+            else:
+                assert stats["codec"].startswith("video/VP8"), (stats, answer)
+            assert samples[0] > 0, stats
+            assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+            assert await page3.evaluate("window.whep.error") is None
+            assert page3.console_errors == []
     finally:
         code = await asyncio.to_thread(node.stop)
     assert code == 0, node.logs()[-3000:]
     opened = node.logs().count('"whep session opened"')
-    assert opened == 2
+    assert opened == 3
 
 
 async def test_dashboard_plays_a_ts_item_over_webrtc(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ import pytest
 from peerd.core.whep import (
     IceServer,
     OfferedCodec,
+    answer_profile,
     choose_video,
     credentials_fresh,
     h264_profile_rank,
@@ -96,17 +97,32 @@ CHROMIUM = [
 ]
 
 
-def test_passthrough_names_the_closest_profile() -> None:
+def test_passthrough_names_the_profile_sent() -> None:
+    # The answer names the stream's own profile-level-id (its SPS), under the lowest offered
+    # profile that decodes it; the level may differ from the offered one.
     plan = choose_video(CHROMIUM, "4d401e", reorders=False, transcode_allowed=True)
-    assert (plan.mode, plan.profile_level_id) == ("passthrough", "4d001f")
+    assert (plan.mode, plan.profile_level_id, plan.offered) == ("passthrough", "4d401e", "4d001f")
     plan = choose_video(CHROMIUM, "42c01e", reorders=False, transcode_allowed=True)
-    assert (plan.mode, plan.profile_level_id) == ("passthrough", "42001f")
-    # High is not offered (and f4 is never used): the highest offered profile is named.
+    assert (plan.mode, plan.profile_level_id) == ("passthrough", "42c01e")
+    offered = [*CHROMIUM, h264("640c1f"), h264("64001f")]
+    plan = choose_video(offered, "640028", reorders=False, transcode_allowed=True)
+    assert (plan.mode, plan.profile_level_id, plan.offered) == ("passthrough", "640028", "64001f")
+    plan = choose_video(offered, "640c15", reorders=False, transcode_allowed=True)
+    assert (plan.profile_level_id, plan.offered) == ("640c15", "640c1f")
+    # Main offered only under High: the High label, at the stream's level.
+    plan = choose_video([h264("64001f")], "4d401e", reorders=False, transcode_allowed=True)
+    assert (plan.mode, plan.profile_level_id) == ("passthrough", "64001e")
+    assert answer_profile("64000d", "64001f") == "64000d"
+
+
+def test_high_stream_to_a_viewer_without_high_is_transcoded() -> None:
+    # Chromium without a hardware decoder offers no High (f4 is never used): naming Main for a
+    # High stream would lie, so the node transcodes.
     plan = choose_video(CHROMIUM, "64001f", reorders=False, transcode_allowed=True)
-    assert (plan.mode, plan.profile_level_id) == ("passthrough", "4d001f")
-    offered = [*CHROMIUM, h264("64001f")]
-    plan = choose_video(offered, "64001f", reorders=False, transcode_allowed=True)
-    assert plan.profile_level_id == "64001f"
+    assert plan.mode == "transcode"
+    assert "64001f" in plan.reason
+    plan = choose_video(CHROMIUM, "64001f", reorders=False, transcode_allowed=False)
+    assert plan.mode == "refuse"
 
 
 def test_transcode_or_refuse() -> None:

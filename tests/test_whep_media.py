@@ -35,6 +35,7 @@ from tests.support.whep_viewer import ViewerProcess
 class Daemon:
     node: PeerdProcess
     media: dict[str, str]
+    clips: dict[str, HlsClip]
 
     def url(self, name: str) -> str:
         return whep_url(self.node.base_url, self.media[name])
@@ -76,7 +77,7 @@ async def start_daemon(state: Path, tmp: Path) -> Daemon:
     sign_viewers(state)
     node = PeerdProcess(state, config={"webrtc": {"loop_playback": True, "connect_timeout_s": 5}})
     await asyncio.to_thread(node.start)
-    return Daemon(node, media)
+    return Daemon(node, media, clips)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,44 @@ async def test_passthrough_decodes_in_real_time_and_delete_frees(daemon: Daemon)
         played, read = closed[0]["played_s"], closed[0]["segments_read"]
         assert played > 4
         assert played <= read <= played + 2.5, closed[0]
+    finally:
+        await viewer.close()
+
+
+def answered_h264(sdp: str) -> list[str]:
+    """The profile-level-ids of the H.264 entries of an SDP answer."""
+    return re.findall(r"a=fmtp:\d+ .*profile-level-id=([0-9a-fA-F]{6})", sdp)
+
+
+def sps_profile(clip: HlsClip) -> str:
+    """PPCCLL of the clip's SPS, read from the avcC box of its init segment."""
+    assert clip.init is not None
+    init = clip.init.read_bytes()
+    at = init.index(b"avcC")
+    return init[at + 5 : at + 8].hex()
+
+
+async def test_answer_names_the_h264_profile_sent(daemon: Daemon) -> None:
+    """A High-profile stream is answered as High at its SPS's level to a viewer that offers
+    High, and decoded; a viewer offering only (Constrained) Baseline gets a transcoded stream,
+    never the High stream under a Baseline label."""
+    sps = sps_profile(daemon.clips["plain"])
+    assert sps.startswith("64"), sps  # x264's default: High
+    viewer = await ViewerProcess.start(daemon.url("plain"), h264="4d001f,64001f")
+    try:
+        assert viewer.status == 201
+        assert answered_h264(viewer.sdp) == [sps], viewer.sdp
+        await frames_at_least(viewer, "video", 10)
+    finally:
+        await viewer.close()
+    before = daemon.metric('peerd_whep_sessions_opened_total{mode="transcode"}')
+    viewer = await ViewerProcess.start(daemon.url("plain"), h264="")
+    try:
+        assert viewer.status == 201
+        # Transcoded: VP8, or H.264 from aiortc's encoder, which is Constrained Baseline.
+        assert all(p.startswith("42") for p in answered_h264(viewer.sdp)), viewer.sdp
+        assert daemon.metric('peerd_whep_sessions_opened_total{mode="transcode"}') == before + 1
+        await frames_at_least(viewer, "video", 10)
     finally:
         await viewer.close()
 

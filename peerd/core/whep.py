@@ -11,8 +11,9 @@
   can still be handed out, keeping a margin so a viewer never receives credentials that die
   during its ICE negotiation.
 * :func:`choose_video` decides, from the codecs a viewer offered and the profile of the stored
-  H.264 stream, whether the stream can be sent as it is (packet passthrough) and under which
-  offered ``profile-level-id``, or must be transcoded.
+  H.264 stream (read from its SPS), whether the stream can be sent as it is (packet passthrough)
+  and under which ``profile-level-id``, or must be transcoded: passthrough only under a profile
+  the viewer offered and whose decoders decode the stream.
 
 Everything here is pure: no clock (``now`` is passed in), no sockets.
 """
@@ -143,7 +144,8 @@ class OfferedCodec:
 class VideoPlan:
     """How video goes to a viewer.
 
-    ``passthrough``: the stored H.264 packets, under the offered ``profile_level_id``.
+    ``passthrough``: the stored H.264 packets, answered as ``profile_level_id`` in place of the
+    viewer's ``offered`` entry (see :func:`answer_profile`).
     ``transcode``: decoded frames, re-encoded by the WebRTC stack in a codec the viewer offered.
     ``refuse``: neither is possible (no common codec, or transcoding disabled).
     """
@@ -151,6 +153,22 @@ class VideoPlan:
     mode: Literal["passthrough", "transcode", "refuse"]
     profile_level_id: str | None = None
     reason: str = ""
+    offered: str | None = None
+
+
+def answer_profile(stored: str, offered: str) -> str:
+    """The ``profile-level-id`` to answer for sending ``stored`` to a viewer that offered
+    ``offered`` (a profile whose decoders decode ``stored``).
+
+    An answer may only name a profile the viewer offered. When that is the stream's own profile,
+    the answer names the stream exactly (profile, constraint flags and level from its SPS);
+    otherwise (a Main stream to a viewer offering High but not Main) it names the offered profile
+    at the stream's level. The level may differ from the offered one: WebRTC endpoints offer
+    ``level-asymmetry-allowed=1``.
+    """
+    if h264_profile_rank(stored) == h264_profile_rank(offered):
+        return stored.lower()
+    return offered[:4].lower() + stored[4:6].lower()
 
 
 def choose_video(
@@ -161,23 +179,25 @@ def choose_video(
     transcode_allowed: bool,
     transcodable: Sequence[str] = ("video/vp8", "video/h264"),
 ) -> VideoPlan:
-    """Pass the stored H.264 through when the viewer accepts H.264 (packetization-mode 1) and the
-    stream has no B-frames; otherwise transcode into a codec the viewer offered.
+    """Pass the stored H.264 through when the viewer accepts (packetization-mode 1) a profile
+    that decodes it and the stream has no B-frames; otherwise transcode into a codec the viewer
+    offered.
 
     ``reorders`` says the stream's decode order differs from presentation order (B-frames):
     browsers' WebRTC receivers decode only its keyframes (measured with Chromium: 1 frame in 12
     decoded, a PLI per GOP), so such a stream is never passed through.
 
-    The answer names the lowest offered profile that can decode the stream; when the viewer
-    offers none that high (browsers offer Constrained Baseline and Main for WebRTC, while their
-    software decoders take High), the highest offered profile is named instead.
+    The answer names the lowest offered profile that decodes the stream, as
+    :func:`answer_profile` words it. A viewer offering no such profile (Chromium without a
+    hardware decoder offers Constrained Baseline, Baseline and Main, not High) is sent a
+    transcoded stream: labelling a High stream as Main would be a lie a strict decoder rejects.
     """
     need = h264_profile_rank(stored_profile) if stored_profile else None
     why = "the stored video is not H.264"
-    if need is not None and reorders:
+    if stored_profile is not None and need is not None and reorders:
         why = "the stored H.264 has B-frames, which WebRTC receivers do not decode"
-    elif need is not None:
-        accepted: list[tuple[int, str]] = []
+    elif stored_profile is not None and need is not None:
+        enough: list[tuple[int, str]] = []
         for c in offered:
             if c.mime.lower() != "video/h264":
                 continue
@@ -185,13 +205,13 @@ def choose_video(
                 continue
             pli = str(c.parameters.get("profile-level-id", "42e01f")).lower()
             rank = h264_profile_rank(pli)
-            if rank is not None:
-                accepted.append((rank, pli))
-        if accepted:
-            enough = [a for a in accepted if a[0] >= need]
-            rank, pli = min(enough) if enough else max(accepted)
-            return VideoPlan("passthrough", profile_level_id=pli)
-        why = "the viewer accepts no H.264 (packetization-mode 1)"
+            if rank is not None and rank >= need:
+                enough.append((rank, pli))
+        if enough:
+            offer = min(enough)[1]
+            pli = answer_profile(stored_profile, offer)
+            return VideoPlan("passthrough", profile_level_id=pli, offered=offer)
+        why = f"the viewer accepts no H.264 profile that decodes the stored {stored_profile}"
     if not transcode_allowed:
         return VideoPlan("refuse", reason=f"{why} and transcoding is disabled")
     if any(c.mime.lower() in transcodable for c in offered):

@@ -39,7 +39,6 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     via_daemon = ctl.ingest_via_daemon(settings.state_dir, args)
     if via_daemon is not None:
         return via_daemon
-    settings.media = settings.media.overridden(ctl.media_overrides(args))
     try:
         return asyncio.run(_ingest(args, settings))
     except KeyboardInterrupt:
@@ -85,7 +84,11 @@ async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     store = await _open_store(settings)
     try:
-        ing = Ingestor(store.catalog, store, settings.media.packaging_options())
+        # The node's options, and this command's overrides for its files (the catalog tells
+        # rows packaged with the node's options before options were recorded from the others).
+        options = settings.media.overridden(ctl.media_overrides(args)).packaging_options()
+        node = settings.media.packaging_options()
+        ing = Ingestor(store.catalog, store, options if args.watch else node)
         bars = _bar_factory(not args.no_progress and not args.json and sys.stderr.isatty())
         if args.watch:
             dirs = [p for p in args.paths if p.is_dir()]
@@ -104,6 +107,7 @@ async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
             force=args.force,
             progress_for=bars,
             on_result=lambda r: _print(r, args.json),
+            options=options,
         )
         if not results:
             print("peerd: no media files found", file=sys.stderr)

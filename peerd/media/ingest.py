@@ -17,7 +17,8 @@ resolver call. Theory of operation:
 * **Idempotence.** Packaging is deterministic, so ingesting the same file twice (or on another
   node) gives the same blobs and the same media id; the second time no blob is new and the media
   row already exists. Unless `force` is set, a file whose path and size:mtime signature are
-  already in the catalog is not even re-packaged.
+  already in the catalog with the same packaging options is not even re-packaged; other options
+  (`--container ts` after fMP4) make another media item, and the first one stays.
 * **On demand.** `produce_segment(media_id, rendition_id, seq)` makes one segment of a ladder
   rendition listed as on demand, from the same segment of its source rendition, stores it and
   records its id in the catalog. Concurrent requests for the same segment share one job.
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import importlib
+import json
 import logging
 import threading
 import time
@@ -254,7 +257,7 @@ class Ingestor:
         async with self._job_lock:
             started = time.monotonic()
             if not force:
-                known = await self._known(path)
+                known = await self._known(path, opts)
                 if known is not None:
                     if self.metrics is not None:
                         self.metrics.ingests.labels(result="unchanged").inc()
@@ -330,7 +333,7 @@ class Ingestor:
                     await asyncio.gather(task, return_exceptions=True)
                     raise
                 media_id = mf.media_id_of(manifest)
-                await self._commit(manifest, media_id, path, info, title, batch, added)
+                await self._commit(manifest, media_id, path, info, title, batch, added, opts)
             except BaseException:
                 await asyncio.shield(batch.abort())
                 await asyncio.shield(self._cleanup(added.cids))
@@ -365,12 +368,17 @@ class Ingestor:
             )
             return res
 
-    async def _known(self, path: Path) -> Cid | None:
+    async def _known(self, path: Path, opts: PackagingOptions) -> Cid | None:
         try:
             st = await asyncio.to_thread(path.stat)
         except OSError:
             return None
-        return await media_from(self.catalog, str(path), f"{st.st_size}:{st.st_mtime_ns}")
+        sig = f"{st.st_size}:{st.st_mtime_ns}"
+        known = await media_from(self.catalog, str(path), _source_sig(sig, opts))
+        if known is None and opts == self.options:
+            # Rows from before the options were recorded: taken as packaged with the node's.
+            known = await media_from(self.catalog, str(path), sig)
+        return known
 
     async def _commit(
         self,
@@ -381,6 +389,7 @@ class Ingestor:
         title: str | None,
         batch: BlobBatch,
         added: _Added,
+        opts: PackagingOptions,
     ) -> None:
         async with self._commit_lock:
             # Under the lock, so a cleanup of another job cannot delete a blob this batch
@@ -401,7 +410,7 @@ class Ingestor:
                     m,
                     time.time(),
                     title=title or path.stem,
-                    source=(str(path), info.signature),
+                    source=(str(path), _source_sig(info.signature, opts)),
                 )
                 for hook in self.commit_hooks if new else ():
                     await hook(tx, m, media_id)
@@ -591,6 +600,13 @@ class Ingestor:
                 seen.pop(path, None)
                 done.pop(path, None)
             await asyncio.sleep(interval_s)
+
+
+def _source_sig(signature: str, opts: PackagingOptions) -> str:
+    """What the catalog records of an ingested file: its ``size:mtime`` signature and a digest
+    of the packaging options, so the same file with other options is packaged again."""
+    canonical = json.dumps(asdict(opts), sort_keys=True, separators=(",", ":"))
+    return f"{signature}/{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
 def _scan(roots: list[Path]) -> dict[Path, tuple[int, int]]:

@@ -13,12 +13,14 @@ routers, and the blob protocol (:mod:`peerd.core.blobwire`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,13 @@ class Counters:
 
     served_bytes: int = 0
     refused_busy: int = 0
+    # DHT messages a peer did not get (announcements, lookups), by reason (see _Unreachable).
+    provide_failures: dict[str, int] = field(default_factory=dict)
 
 
 class _PeerCount:
-    """A libp2p notifee that keeps :attr:`TrioNode.peers` equal to the connected peers.
+    """A libp2p notifee that keeps :attr:`TrioNode.peers` equal to the connected peers, and
+    forgets a peer when its last connection closes (:meth:`TrioNode.forget`).
 
     The swarm adds a connection to its records before it notifies ``connected`` and removes
     it before ``disconnected``, so counting then is exact. Every method of the notifee
@@ -70,6 +75,9 @@ class _PeerCount:
     async def disconnected(self, network: Any, conn: Any) -> None:
         """A connection was removed."""
         self._count()
+        peer = conn.muxed_conn.peer_id
+        if not network.get_connections(peer):
+            self.node.forget(peer)
 
     async def opened_stream(self, network: Any, stream: Any) -> None:
         """Not counted."""
@@ -82,6 +90,43 @@ class _PeerCount:
 
     async def listen_close(self, network: Any, multiaddr: Any) -> None:
         """Not counted."""
+
+
+class _Unreachable(logging.Filter):
+    """Turns py-libp2p's warnings about a DHT peer it could not reach into counted debug lines.
+
+    The Kad-DHT logs a warning for every announcement or lookup message a peer does not get;
+    with a departed peer still known, that was thousands of lines an hour. Peers that leave are
+    forgotten (:meth:`TrioNode.forget`), but a peer that leaves during a round still fails
+    once: that is routine, so it is counted in :attr:`Counters.provide_failures` (reason
+    ``unreachable`` when no connection could be made, ``error`` when the exchange broke) and
+    logged at debug. Only records of this node's trio thread are touched.
+    """
+
+    LOGGERS = ("libp2p.kad_dht.provider_store", "libp2p.kad_dht.peer_routing")
+    COUNTED = ("Error sending ADD_PROVIDER to ", "Failed to open stream to ")
+    # The provide loop logs its own failure again under this name: demoted, not counted twice.
+    REPEATED = "Failed to send ADD_PROVIDER to "
+    GONE = ("unable to connect", "negative cache", "failed all addresses", "no addresses")
+
+    def __init__(self, counters: Counters, thread: int) -> None:
+        super().__init__()
+        self.counters = counters
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Demote (and count) a failure to reach a peer; pass anything else as it is."""
+        if record.thread != self.thread or record.levelno != logging.WARNING:
+            return True
+        msg = str(record.msg)
+        if msg.startswith(self.COUNTED):
+            reason = "unreachable" if any(g in msg for g in self.GONE) else "error"
+            failures = self.counters.provide_failures
+            failures[reason] = failures.get(reason, 0) + 1
+        elif not msg.startswith(self.REPEATED):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 class TrioNode:
@@ -117,6 +162,17 @@ class TrioNode:
         return addrs
 
     async def _serve(self, task_status: Any) -> None:
+        _restore_logging()
+        unreachable = _Unreachable(self.counters, threading.get_ident())
+        for name in _Unreachable.LOGGERS:
+            logging.getLogger(name).addFilter(unreachable)
+        try:
+            await self._run_host(task_status)
+        finally:
+            for name in _Unreachable.LOGGERS:
+                logging.getLogger(name).removeFilter(unreachable)
+
+    async def _run_host(self, task_status: Any) -> None:
         import multiaddr  # noqa: PLC0415 - lazy: see the module doc
         from libp2p import create_yamux_muxer_option, new_host  # noqa: PLC0415
         from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: PLC0415
@@ -128,7 +184,6 @@ class TrioNode:
         from libp2p.security.noise.transport import Transport as Noise  # noqa: PLC0415
         from libp2p.tools.anyio_service import background_trio_service  # noqa: PLC0415
 
-        _restore_logging()
         cfg = self.cfg
         if cfg.tcp_port and cfg.tcp_port == cfg.ws_port:
             raise UpstreamError("p2p.tcp_port and p2p.ws_port must differ")
@@ -208,6 +263,20 @@ class TrioNode:
             log.info("cannot reach libp2p peer", extra={"addr": addr, "error": repr(exc)})
             return None
         return str(info.peer_id)
+
+    def forget(self, peer: Any) -> None:
+        """Drop a peer whose last connection closed from the DHT routing table and the peer
+        store, so announcements and lookups stop dialling a node that left. A peer that is
+        still there comes back when it connects again (it dials us, or discovery or a DHT
+        answer names it)."""
+        from libp2p.peer.peerstore import PeerStoreError  # noqa: PLC0415
+
+        if self.dht is not None:
+            self.dht.routing_table.remove_peer(peer)
+        if self.host is not None:
+            with contextlib.suppress(PeerStoreError):
+                self.host.get_peerstore().clear_peerdata(peer)
+        log.debug("libp2p peer left, forgotten", extra={"peer": str(peer)})
 
     async def addrs(self) -> list[str]:
         """The host's current multiaddrs (with /p2p/<id>)."""

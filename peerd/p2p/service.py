@@ -3,7 +3,9 @@
 :class:`P2PService` starts the trio thread, builds the host in it (:mod:`peerd.p2p.node`), then
 announces held blobs on the DHT on the schedule of :class:`peerd.core.provide.ProvideSchedule`
 (batched, re-announced every ``p2p.reprovide_interval_s``; lag exported as
-``peerd_p2p_provide_lag_seconds``). On stop it cancels the trio nursery and joins the thread.
+``peerd_p2p_provide_lag_seconds``, messages peers did not get as
+``peerd_libp2p_provide_failures_total{reason}``; peers that leave are forgotten at once). On
+stop it cancels the trio nursery and joins the thread.
 
 :class:`Libp2pSource` finds providers of a blob on the DHT and fetches it over
 ``/peerd/blob/1.0.0`` from the best of them; providers that refuse are skipped, providers that
@@ -76,6 +78,12 @@ class P2PService:
         self.m_served = Counter(
             "peerd_p2p_served_bytes", "Blob bytes sent to libp2p peers", registry=reg
         )
+        self.m_provide_failures = Counter(
+            "peerd_libp2p_provide_failures",
+            "DHT messages (announcements, lookups) a peer did not get, by reason",
+            ["reason"],
+            registry=reg,
+        )
 
     async def _lookup(self, cid: str) -> Path | None:
         try:
@@ -114,6 +122,7 @@ class P2PService:
         synced_at = -RESYNC_S
         synced_count = -1
         served_seen = 0
+        failures_seen: dict[str, int] = {}
         rebootstrap_at = time.time()
         while True:
             now = time.time()
@@ -154,6 +163,9 @@ class P2PService:
             served = self.node.counters.served_bytes
             self.m_served.inc(served - served_seen)
             served_seen = served
+            for reason, n in list(self.node.counters.provide_failures.items()):
+                self.m_provide_failures.labels(reason=reason).inc(n - failures_seen.get(reason, 0))
+                failures_seen[reason] = n
             # Go again soon while a backlog remains, otherwise wait one tick.
             backlog = bool(due) and bool(self.schedule.due(time.time()))
             await asyncio.sleep(0.05 if backlog else self.cfg.provide_tick_s)

@@ -46,6 +46,7 @@ from peerd.core.manifest import Container, Manifest, Rendition, decode
 from peerd.core.whep import stream_profile
 from peerd.delivery import Resolver
 from peerd.errors import MediaError, NotFound
+from peerd.media.codecs import avc_codec
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.webrtc")
@@ -95,8 +96,9 @@ async def load_playable(
     resolver: Resolver | None = None,
 ) -> Playable:
     """Read the media's manifest from the catalog, pick the rendition to play, and probe its
-    first segment for B-frames (see :func:`peerd.core.whep.choose_video`); file work runs in
-    ``pool`` (default: the loop's executor), blobs the node lacks come through ``resolver``.
+    first segment for B-frames and its SPS's profile (see :func:`peerd.core.whep.choose_video`);
+    file work runs in ``pool`` (default: the loop's executor), blobs the node lacks come through
+    ``resolver``.
     """
     loop = asyncio.get_running_loop()
     raw = await media_manifest(rt.catalog, media_id)
@@ -112,11 +114,12 @@ async def load_playable(
         init = await loop.run_in_executor(pool, (await blob_path(rt, resolver, r.init)).read_bytes)
     seg = await blob_path(rt, resolver, first)
     reorders = await loop.run_in_executor(pool, probe_reorders, manifest.container, init, seg)
+    sps = await loop.run_in_executor(pool, probe_profile, manifest.container, init, seg)
     return Playable(
         media_id=media_id,
         container=manifest.container,
         rendition=r,
-        profile=stream_profile(r.codecs),
+        profile=sps or stream_profile(r.codecs),
         has_audio=any(c.startswith(("mp4a", "opus", "Opus")) for c in codecs),
         reorders=reorders,
         init=init,
@@ -147,6 +150,19 @@ def probe_reorders(container: Container, init: bytes | None, segment: Path) -> b
     except av.FFmpegError as exc:
         raise MediaError(f"cannot read segment {segment.name}: {exc}") from exc
     return False
+
+
+def probe_profile(container: Container, init: bytes | None, segment: Path) -> str | None:
+    """The H.264 ``profile-level-id`` of the segment's video as its SPS states it (from the avcC
+    of the init segment, or the in-band SPS of MPEG-TS); None if it is not H.264."""
+    try:
+        with _open_segment(container, init, segment.read_bytes()) as c:
+            if not c.streams.video or c.streams.video[0].codec_context.name != "h264":
+                return None
+            extradata = c.streams.video[0].codec_context.extradata
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot read segment {segment.name}: {exc}") from exc
+    return stream_profile(avc_codec(extradata)) if extradata else None
 
 
 async def blob_path(rt: Runtime, resolver: Resolver | None, cid: str) -> Path:

@@ -52,11 +52,11 @@ from peerd.webrtc.media import (
 
 log = logging.getLogger("peerd.webrtc")
 
-# aiortc advertises H.264 Constrained Baseline only and matches H.264 by profile, so a viewer
-# offering Main or High (what packaged media is) would be answered with a Baseline label for a
-# High stream. aiortc's packetizer does not care about the profile, so the profiles peerd passes
-# through are added to its codec table, once, with fresh payload types; aiortc's own encoder
-# (transcode path) still produces Constrained Baseline, which every one of these profiles decodes.
+# aiortc advertises H.264 (Constrained) Baseline only and matches H.264 by profile, so it could not
+# accept a viewer's Main or High entry. aiortc's packetizer does not care about the profile, so the
+# profiles peerd passes through are added to its codec table, once, with fresh payload types; the
+# answer then names the stream's own profile-level-id (:func:`_label_h264`). aiortc's own encoder
+# (transcode path) produces Constrained Baseline, which every one of these profiles decodes.
 _EXTRA_H264 = ("4d001f", "640c1f", "64001f")
 
 
@@ -115,6 +115,17 @@ def _h264_preferences(profile_level_id: str) -> list[RTCRtpCodecCapability]:
     if rtx is not None and prefs:
         prefs.append(rtx)
     return prefs
+
+
+def _label_h264(answer: str, profile_level_id: str) -> str:
+    """``answer`` with its video H.264 entries naming ``profile_level_id`` (the stream sent):
+    aiortc words an answer with the level of its codec table, not the stream's."""
+    desc = rtc_sdp.SessionDescription.parse(answer)
+    for m in desc.media:
+        for c in m.rtp.codecs if m.kind == "video" else ():
+            if c.mimeType.lower() == "video/h264":
+                c.parameters["profile-level-id"] = profile_level_id
+    return str(desc)
 
 
 @dataclass(frozen=True)
@@ -336,8 +347,8 @@ class WhepService:
             if kind == "video" and video is None and plan.mode != "refuse":
                 video = PacedTrack("video", clock)
                 tr = pc.addTransceiver(video, direction="sendonly")
-                if plan.mode == "passthrough" and plan.profile_level_id is not None:
-                    tr.setCodecPreferences(_h264_preferences(plan.profile_level_id))
+                if plan.mode == "passthrough" and plan.offered is not None:
+                    tr.setCodecPreferences(_h264_preferences(plan.offered))
             elif kind == "audio" and audio is None and playable.has_audio:
                 audio = PacedTrack("audio", clock)
                 pc.addTransceiver(audio, direction="sendonly")
@@ -346,6 +357,10 @@ class WhepService:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
             await asyncio.sleep(0)
             answer = await pc.createAnswer()
+            if video is not None and plan.mode == "passthrough" and plan.profile_level_id:
+                answer = RTCSessionDescription(
+                    sdp=_label_h264(answer.sdp, plan.profile_level_id), type=answer.type
+                )
             await asyncio.sleep(0)
             await pc.setLocalDescription(answer)
         except (

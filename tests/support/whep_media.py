@@ -65,11 +65,13 @@ def make_hls(
     audio: bool = True,
     video_bitrate: int | None = None,
     container: str = "fmp4",
+    profile: str | None = None,
 ) -> HlsClip:
     """Encode a test pattern (and a tone) to fMP4 HLS with a 1 s GOP (blocking; needs ffmpeg).
 
     ``video_bitrate`` (bits/s) encodes at a constant rate (x264 CBR with filler), so benchmarks
     send the packet rate of real content rather than of a test pattern that compresses to nothing.
+    ``profile`` is x264's H.264 profile (``main``, ``high``); x264 picks High by default.
     """
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
@@ -81,6 +83,8 @@ def make_hls(
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}"]
     cmd += ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
     cmd += ["-g", str(fps), "-keyint_min", str(fps), "-sc_threshold", "0", "-bf", str(bframes)]
+    if profile is not None:
+        cmd += ["-profile:v", profile]
     if video_bitrate is not None:
         rate = str(video_bitrate)
         cmd += ["-b:v", rate, "-minrate", rate, "-maxrate", rate, "-bufsize", str(video_bitrate)]

@@ -1,7 +1,8 @@
 """A WHEP viewer (aiortc) in its own process, driven over stdin/stdout, for tests and benches.
 
-Run as ``python -m tests.support.whep_viewer URL [--no-audio] [--header K:V] [--offer-only]``.
-It creates a receive-only peer connection, posts its offer to ``URL`` and prints one JSON line
+Run as ``python -m tests.support.whep_viewer URL [--no-audio] [--header K:V] [--offer-only]
+[--h264 PROFILES]``. It creates a receive-only peer connection, posts its offer to ``URL`` and
+prints one JSON line
 ``{"event": "answer", "status": ..., "location": ..., "links": [...], "sdp": ...}``; then it
 decodes what it receives and answers commands read from stdin, one per line:
 
@@ -10,6 +11,11 @@ decodes what it receives and answers commands read from stdin, one per line:
     (frames decoded so far, video frame widths seen, the connection state);
 ``close``
     closes the peer connection (the node sees DTLS close) and exits.
+
+The offer lists H.264 in aiortc's profiles (Constrained Baseline, Baseline) and in those of
+``--h264`` (comma-separated ``profile-level-id``s, default :data:`DECODES`, what aiortc's
+libavcodec decoder takes, as a browser with a hardware decoder offers them; ``--h264 ""`` offers
+aiortc's own only).
 
 ``--offer-only`` prints ``{"event": "offer", "sdp": ...}`` and exits (an offer for tests that
 post it themselves). Keeping aiortc's viewer side out of the test process keeps the test's
@@ -27,6 +33,30 @@ import sys
 from typing import Any
 
 from tests.support.process import peerd_env
+
+DECODES = "4d001f,640c1f,64001f"
+
+
+def _offer_h264(profiles: str) -> None:
+    """Add the H.264 ``profiles`` to aiortc's codec table, so the offer lists them."""
+    from aiortc.codecs import CODECS
+    from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
+
+    video = CODECS["video"]
+    pt = max(c.payloadType or 0 for c in video) + 1
+    for pli in filter(None, profiles.split(",")):
+        feedback = [RTCRtcpFeedback(type="nack"), RTCRtcpFeedback(type="nack", parameter="pli")]
+        params = {"level-asymmetry-allowed": "1", "packetization-mode": "1"}
+        video.append(
+            RTCRtpCodecParameters(
+                mimeType="video/H264",
+                clockRate=90000,
+                payloadType=pt,
+                rtcpFeedback=feedback,
+                parameters={**params, "profile-level-id": pli},
+            )
+        )
+        pt += 1
 
 
 async def _make_pc(video: bool, audio: bool) -> Any:
@@ -52,6 +82,7 @@ async def _main(args: argparse.Namespace) -> int:
     from aiortc import MediaStreamTrack, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
+    _offer_h264(args.h264)
     pc = await _make_pc(not args.no_video, not args.no_audio)
     if args.offer_only:
         _emit({"event": "offer", "sdp": pc.localDescription.sdp})
@@ -133,9 +164,10 @@ class ViewerProcess:
         *,
         audio: bool = True,
         headers: dict[str, str] | None = None,
+        h264: str = DECODES,
     ) -> ViewerProcess:
         """Post an offer to ``url``; returns once the answer (or the refusal) is in."""
-        cmd = [sys.executable, "-m", "tests.support.whep_viewer", url]
+        cmd = [sys.executable, "-m", "tests.support.whep_viewer", url, "--h264", h264]
         if not audio:
             cmd.append("--no-audio")
         for k, v in (headers or {}).items():
@@ -209,6 +241,7 @@ def main() -> int:
     ap.add_argument("--no-video", action="store_true")
     ap.add_argument("--offer-only", action="store_true")
     ap.add_argument("--header", action="append", default=[])
+    ap.add_argument("--h264", default=DECODES)
     return asyncio.run(_main(ap.parse_args()))
 
 
