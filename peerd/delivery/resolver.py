@@ -327,7 +327,7 @@ class Resolver:
 
         def settled(_task: asyncio.Task[None]) -> None:
             self._prefetching -= 1
-            self.m_prefetch.labels(outcome="ok" if tee.error is None else "failed").inc()
+            self.m_prefetch.labels(outcome="ok" if tee.path is not None else "failed").inc()
 
         task.add_done_callback(settled)
         return True
