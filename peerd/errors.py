@@ -10,7 +10,7 @@ that the edges act on, so that no caller has to map exceptions by hand:
     service with backoff (``True``) or stop the daemon with a non-zero exit code (``False``).
 
 An error worth repeating soon (429, 503) also names the ``Retry-After`` the edges send
-(``retry_after_s``).
+(``retry_after_s``; an instance raised with ``retry_after=N`` sends ``N``).
 
 ::
 
@@ -57,13 +57,16 @@ class PeerdError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
     restart: ClassVar[bool] = True
-    # Seconds for the ``Retry-After`` of an answer that is worth repeating soon (None: not sent).
-    retry_after_s: ClassVar[int | None] = None
+    # Seconds for the ``Retry-After`` of an answer that is worth repeating soon (None: not sent);
+    # an instance raised with ``retry_after=`` in its detail says its own.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        if detail.get("retry_after") is not None:
+            self.retry_after_s = int(detail["retry_after"])
 
     def to_json(self) -> dict[str, Any]:
         """The body the HTTP layer returns: machine code plus a human message."""
