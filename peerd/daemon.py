@@ -315,7 +315,10 @@ async def build_services(rt: Runtime) -> Services:
         r2_services = [replicator, TieringService(rt, replicator, r2)]
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
-    resolver = Resolver(rt.store, sources, registry=rt.metrics.registry)
+    # Failing sources are retried within half a viewer's request time: the other half leaves
+    # room for the last round and the answer (503 + Retry-After, not a timeout).
+    retry_s = rt.settings.http.request_timeout_s / 2
+    resolver = Resolver(rt.store, sources, registry=rt.metrics.registry, retry_s=retry_s)
     api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
     whep = WhepService(rt, resolver=resolver)
     ondemand = OnDemand(

@@ -9,6 +9,9 @@ that the edges act on, so that no caller has to map exceptions by hand:
     what the supervisor (``peerd.daemon``) does when the error escapes a service: restart the
     service with backoff (``True``) or stop the daemon with a non-zero exit code (``False``).
 
+An error worth repeating soon (429, 503) also names the ``Retry-After`` the edges send
+(``retry_after_s``; an instance raised with ``retry_after=N`` sends ``N``).
+
 ::
 
     PeerdError (500, restart)
@@ -33,7 +36,7 @@ that the edges act on, so that no caller has to map exceptions by hand:
     │   ├── R2Error                   a request to R2 failed (replication.r2)
     │   │   └── AlreadyExists         a conditional put found the key taken
     │   └── CoordinatorError          the coordinator did not accept a report (coordinator.client)
-    ├── Unavailable (503)             shutting down, draining, not ready
+    ├── Unavailable (503)             shutting down, draining, not ready, upstreams failing
     │   └── BridgeClosed              libp2p's trio thread is not running (p2p.bridge)
     ├── Cancelled (500)               a packaging job was cancelled (media.package)
     └── JobFailed (500)               a replication job given up (replication.service)
@@ -54,11 +57,16 @@ class PeerdError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
     restart: ClassVar[bool] = True
+    # Seconds for the ``Retry-After`` of an answer that is worth repeating soon (None: not sent);
+    # an instance raised with ``retry_after=`` in its detail says its own.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        if detail.get("retry_after") is not None:
+            self.retry_after_s = int(detail["retry_after"])
 
     def to_json(self) -> dict[str, Any]:
         """The body the HTTP layer returns: machine code plus a human message."""
@@ -133,6 +141,7 @@ class TooManyRequests(PeerdError):
 
     status = 429
     code = "too_many_requests"
+    retry_after_s = 1
 
 
 class StoreFull(PeerdError):
@@ -157,7 +166,9 @@ class UpstreamError(PeerdError):
 
 
 class Unavailable(PeerdError):
-    """Not ready, draining or shutting down."""
+    """Not ready, draining or shutting down; or every upstream of a blob failed for now (none
+    said it does not exist), so the same request may well succeed in a moment."""
 
     status = 503
     code = "unavailable"
+    retry_after_s = 2

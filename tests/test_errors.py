@@ -52,3 +52,10 @@ def test_the_drawn_tree_names_every_error_class() -> None:
         if issubclass(cls, PeerdError) and f" {cls.__name__} " not in doc
     ]
     assert missing == []
+
+
+def test_retry_after_by_class_or_by_instance() -> None:
+    assert errors.TooManyRequests("busy").retry_after_s == 1
+    assert errors.Unavailable("down").retry_after_s == 2
+    assert errors.Unavailable("producing", retry_after=7).retry_after_s == 7
+    assert errors.NotFound("gone").retry_after_s is None

@@ -187,11 +187,14 @@ async def test_busy_provider_is_skipped(
     await server.provide_now([cid])
     server.node._serving = 1  # type: ignore[union-attr]  # one transfer in progress
     source = Libp2pSource(client, timeout_s=20, max_providers=4)
-    offers = [o async for o in source.offers(cid)]
-    assert offers == []
+    # Busy is a failure for now, not "not held": no offer, and the resolver is told to retry.
+    with pytest.raises(UpstreamError):
+        [o async for o in source.offers(cid)]
     assert server.node.counters.refused_busy == 1  # type: ignore[union-attr]
+    fetch = asyncio.ensure_future(Resolver(runtime.store, [source], retry_s=60).ensure_local(cid))
+    await until(lambda: server.node.counters.refused_busy >= 2)  # type: ignore[union-attr]
     server.node._serving = 0  # type: ignore[union-attr]
-    path = await Resolver(runtime.store, [source]).ensure_local(cid)
+    path = await fetch
     assert path.read_bytes() == data
 
 

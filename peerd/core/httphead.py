@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 MAX_HEAD = 16 * 1024  # players send ~0.5 KiB; an Access JWT and its cookie ~4 KiB more
 # Header fields that make a request aiohttp's business: message framing, upgrades, and what
-# FileResponse implements (ranges, conditions).
+# the full path's blob answers implement (ranges, conditions: peerd.core.validators).
 REFUSED = frozenset(
     (
         "content-length", "transfer-encoding", "te", "trailer", "upgrade", "expect",

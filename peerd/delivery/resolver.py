@@ -1,4 +1,13 @@
-"""The resolver: single-flight, verified, ordered fetching of missing blobs."""
+"""The resolver: single-flight, verified, ordered fetching of missing blobs.
+
+A source answers a blob in one of two ways that must not be confused: it does not have it (it
+offers nothing), or it failed (it raised, timed out, or its offer broke or sent wrong bytes).
+Only when every source said the first is the blob missing (:class:`NotFound`, remembered for
+``miss_ttl_s``). A failure is retried -- all sources again, with backoff -- for up to
+``retry_s``; if no source delivers by then the answer is :class:`Unavailable` (503 with
+``Retry-After``): a bucket's passing 503 or a reset connection must never tell a viewer the
+segment does not exist.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +22,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer, Source, looks_idle
-from peerd.errors import IntegrityError, NotFound, PeerdError, StoreFull, UpstreamError
+from peerd.errors import (
+    IntegrityError,
+    NotFound,
+    PeerdError,
+    StoreFull,
+    Unavailable,
+    UpstreamError,
+)
 from peerd.store import BlobStore
 
 log = logging.getLogger("peerd.delivery")
+
+RETRY_BASE_S = 0.2  # the first pause before asking the sources again after a failure
+RETRY_MAX_S = 2.0
 
 
 @dataclass
@@ -46,6 +65,7 @@ class Tee:
         self.error: PeerdError | None = None
         self.path: Path | None = None
         self.started = asyncio.Event()
+        self.finished = asyncio.Event()
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -89,17 +109,32 @@ class Tee:
             self.error = exc
         if path is None and self.error is None:
             self.error = NotFound("blob fetch ended without a result")
-        # If the streamed offer failed and another source then delivered, ``error`` stays set:
-        # readers that already got bytes cannot be restarted, so they still see the failure.
+        # If the streamed offer failed and a retry or another source then delivered, ``error``
+        # stays set: readers that already got bytes carry on from the stored file (reader()).
         self.started.set()
+        self.finished.set()
         self._notify()
 
     async def reader(self) -> AsyncIterator[bytes]:
-        """The streamed bytes, each chunk as soon as :meth:`ready` allows it."""
+        """The streamed bytes, each chunk as soon as :meth:`ready` allows it.
+
+        Should the streamed offer break (a body cut for good), the reader waits for the fetch
+        to end: if it stored the blob (retried, or from another source) and the bytes passed
+        on so far are its start, the rest comes from the verified file, so the viewer's
+        response completes; otherwise the error is raised (and the response is cut short).
+        """
         i = 0
         while True:
             if self.error is not None:
-                raise self.error
+                await self.finished.wait()
+                sent = self.ends[i - 1] if i else 0
+                if self.path is None or not await asyncio.to_thread(
+                    _starts_with, self.path, b"".join(self.chunks[:i])
+                ):
+                    raise self.error
+                async for chunk in _file_tail(self.path, sent):
+                    yield chunk
+                return
             if i < self.ready():
                 yield self.chunks[i]
                 i += 1
@@ -113,6 +148,11 @@ class Tee:
                         yield chunk
                 return
             await self._changed.wait()
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(prefix)) == prefix
 
 
 async def _file_tail(path: Path, offset: int, chunk: int = 256 * 1024) -> AsyncIterator[bytes]:
@@ -136,6 +176,7 @@ class Resolver:
         *,
         registry: CollectorRegistry | None = None,
         miss_ttl_s: float = 5.0,
+        retry_s: float = 10.0,
         max_blob_bytes: int = 256 * 1024 * 1024,
         max_prefetches: int = 4,
         clock: Callable[[], float] = time.monotonic,
@@ -143,6 +184,7 @@ class Resolver:
         self.store = store
         self.sources = list(sources)
         self.miss_ttl_s = miss_ttl_s
+        self.retry_s = retry_s
         self.max_blob_bytes = max_blob_bytes
         self._clock = clock
         self._inflight: dict[Cid, asyncio.Future[tuple[Path, str]]] = {}
@@ -168,6 +210,16 @@ class Resolver:
             registry=reg,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.m_retries = Counter(
+            "peerd_fetch_retries",
+            "Rounds over the sources repeated because one failed (none delivered)",
+            registry=reg,
+        )
+        self.m_unavailable = Counter(
+            "peerd_fetch_unavailable",
+            "Fetches given up as unavailable (503): sources kept failing for retry_s",
+            registry=reg,
+        )
         self.m_prefetch = Counter(
             "peerd_prefetches",
             "Background fetches ahead of viewers (started, skipped, ok, failed)",
@@ -176,7 +228,8 @@ class Resolver:
         )
 
     async def ensure_local(self, cid: Cid) -> Path:
-        """The local file of ``cid``, fetching it first if needed. NotFound if no source has it."""
+        """The local file of ``cid``, fetching it first if needed. NotFound if no source has it;
+        Unavailable if a source failed and none delivered within ``retry_s``."""
         return (await self._ensure(cid, None))[0]
 
     async def ensure_local_from(self, cid: Cid) -> tuple[Path, str]:
@@ -203,7 +256,9 @@ class Resolver:
 
         Concurrent calls share one upstream fetch (with each other and with ensure_local); late
         joiners replay the bytes received so far. The fetch runs in its own task, so a viewer
-        that goes away does not abort the store. NotFound if no source has the blob.
+        that goes away does not abort the store. NotFound if no source has the blob,
+        Unavailable if they kept failing. A caller that arrives after the streamed offer broke
+        waits for the fetch's retry and gets the stored file.
 
         ``known_absent``: the caller has just seen that the blob's file is not there (the HLS
         route stats it), so the catalog lookup is skipped: it costs a thread hop on a viewer's
@@ -221,11 +276,12 @@ class Resolver:
                 return BlobStream(path=path, size=None, source=source)
             tee, _ = self._start_tee(cid)
         await tee.started.wait()
-        if tee.streaming:
+        if tee.streaming and tee.error is None:
             return BlobStream(path=None, size=tee.size, source=tee.source, chunks=tee.reader())
-        if tee.error is not None:
+        await tee.finished.wait()
+        if tee.path is None:
+            assert tee.error is not None
             raise tee.error
-        assert tee.path is not None
         return BlobStream(path=tee.path, size=None, source=tee.path_source)
 
     def _start_tee(self, cid: Cid) -> tuple[Tee, asyncio.Task[None]]:
@@ -241,7 +297,7 @@ class Resolver:
             if self._tees.get(cid) is tee:
                 del self._tees[cid]
             if not tee.done:
-                tee.finish(None, UpstreamError(f"fetch of {cid} was cancelled"))
+                tee.finish(None, Unavailable(f"fetch of {cid} was cancelled"))
 
         task.add_done_callback(ended)
         return tee, task
@@ -271,7 +327,7 @@ class Resolver:
 
         def settled(_task: asyncio.Task[None]) -> None:
             self._prefetching -= 1
-            self.m_prefetch.labels(outcome="ok" if tee.error is None else "failed").inc()
+            self.m_prefetch.labels(outcome="ok" if tee.path is not None else "failed").inc()
 
         task.add_done_callback(settled)
         return True
@@ -315,7 +371,7 @@ class Resolver:
                 self._misses[cid] = self._clock() + self.miss_ttl_s
             if not fut.done():
                 if isinstance(exc, asyncio.CancelledError):
-                    fut.set_exception(UpstreamError(f"fetch of {cid} was cancelled"))
+                    fut.set_exception(Unavailable(f"fetch of {cid} was cancelled"))
                 else:
                     fut.set_exception(exc)
                 fut.exception()  # retrieved: waiters re-raise it; nobody else must log it
@@ -341,7 +397,32 @@ class Resolver:
         return [sources[lead], *sources[:lead], *sources[lead + 1 :]]
 
     async def _fetch(self, cid: Cid, tee: Tee | None) -> tuple[Path, str]:
-        failures: list[str] = []
+        give_up = self._clock() + self.retry_s
+        pause = RETRY_BASE_S
+        while True:
+            failures: list[str] = []
+            got = await self._round(cid, tee, failures)
+            if got is not None:
+                return got
+            if not failures:
+                raise NotFound(f"blob {cid} is not available from any source")
+            left = give_up - self._clock()
+            if left <= 0:
+                self.m_unavailable.inc()
+                log.info("blob not fetched", extra={"cid": cid, "failures": failures})
+                # The reasons (peer ids, bucket errors) stay in the log, not in a viewer's body.
+                raise Unavailable(f"blob {cid} cannot be fetched right now; try again")
+            self.m_retries.inc()
+            log.debug("blob fetch retried", extra={"cid": cid, "failures": failures})
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, RETRY_MAX_S)
+
+    async def _round(
+        self, cid: Cid, tee: Tee | None, failures: list[str]
+    ) -> tuple[Path, str] | None:
+        """Ask each source in turn; the stored blob and its source, or None (then ``failures``
+        says which sources failed; empty: each said it does not have the blob, or sent bytes
+        that are not it)."""
         for source in self._order():
             started = self._clock()
             try:
@@ -360,9 +441,7 @@ class Resolver:
             if delivered is not None:
                 self.m_latency.labels(source=source.name).observe(self._clock() - started)
                 return delivered, source.name
-        if failures:
-            log.info("blob not fetched", extra={"cid": cid, "failures": failures})
-        raise NotFound(f"blob {cid} is not available from any source")
+        return None
 
     async def _try_source(
         self, source: Source, cid: Cid, failures: list[str], tee: Tee | None
@@ -375,10 +454,16 @@ class Resolver:
                 except IntegrityError as exc:
                     source.report(offer, False, "integrity")
                     self.m_fetches.labels(source=source.name, outcome="integrity").inc()
-                    failures.append(f"{source.name}/{offer.peer}: {exc.message}")
+                    # Not a failure worth a retry: the source is refused (peers get banned),
+                    # and what it sends is not this blob.
                     log.warning(
                         "peer sent wrong bytes",
-                        extra={"cid": cid, "source": source.name, "peer": offer.peer},
+                        extra={
+                            "cid": cid,
+                            "source": source.name,
+                            "peer": offer.peer,
+                            "error": exc.message,
+                        },
                     )
                     continue
                 except StoreFull:

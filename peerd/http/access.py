@@ -49,6 +49,9 @@ log = logging.getLogger("peerd.http.access")
 LEEWAY_S = 60.0
 MAX_JWT_CHARS = 16 * 1024
 ACCESS_HEADER = "Cf-Access-Jwt-Assertion"
+# The body of every viewer refusal, whatever the reason (README "HLS URLs" quotes it; a test
+# holds the two together).
+DENIED_BODY = {"error": "forbidden", "message": "forbidden"}
 
 
 class AccessDenied(Forbidden):
@@ -259,7 +262,7 @@ class ViewerAuth:
                 "client": client_ip(request, self.trusted),
             },
         )
-        return Forbidden("forbidden")
+        return Forbidden(DENIED_BODY["message"])
 
     async def check(self, request: web.BaseRequest, media_id: str, scope: str) -> str | None:
         """Raise a bare Forbidden unless the request may use ``scope`` on ``media_id``.

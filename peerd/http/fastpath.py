@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import math
 import os
 import re
 import socket
@@ -47,6 +46,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from peerd.core import httphead
+from peerd.core.validators import blob_etag
 
 _TARGET = re.compile(
     r"/hls/(b[a-z2-7]{58})/(?:([a-z0-9][a-z0-9_-]{0,31})\.m3u8|b/(b[a-z2-7]{58})\.(mp4|m4s|ts))"
@@ -268,7 +268,7 @@ class FastPath:
         self.opened += 1
         self._forget(cid)
         key = (fst.st_dev, fst.st_ino, fst.st_mtime_ns, fst.st_size)
-        entry = _Open(f, key, self._blob_header(ext, fst), last_used=time.monotonic())
+        entry = _Open(f, key, self._blob_header(cid, ext, fst), last_used=time.monotonic())
         if len(self._open) >= _MAX_OPEN:
             self._forget(next(iter(self._open)))
         self._open[cid] = entry
@@ -276,13 +276,10 @@ class FastPath:
             self._sweep = loop.call_later(_OPEN_IDLE_S, self._sweep_idle)
         return entry
 
-    def _blob_header(self, ext: str, st: os.stat_result) -> bytes:
+    def _blob_header(self, cid: str, ext: str, st: os.stat_result) -> bytes:
         headers = self.hls.blob_headers(ext)
-        # As aiohttp's FileResponse makes them (clients may hold ETags from either path).
-        headers["Etag"] = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-        headers["Last-Modified"] = time.strftime(
-            "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(math.ceil(st.st_mtime))
-        )
+        # As the full path sends it (clients may hold ETags from either path, or another node).
+        headers["ETag"] = blob_etag(cid)
         headers["Content-Length"] = str(st.st_size)
         headers["Accept-Ranges"] = "bytes"
         return self._headers(headers)

@@ -19,9 +19,10 @@ Authorization is the one viewer authorization of :mod:`peerd.http.access` with s
 (a signed token, or the Cloudflare Access JWT in access mode); every refusal is the same bare 403.
 
 Speed: a parsed manifest and its playlist templates are cached per media id (manifests are
-immutable); a playlist response is the template joined with the token. Blobs go out through
-``web.FileResponse`` (``loop.sendfile`` on the stock loop) with Range, HEAD and conditional
-requests handled by aiohttp, and the Content-Type set here (aiohttp guesses wrong for segments).
+immutable); a playlist response is the template joined with the token. Blobs go out by
+``loop.sendfile`` with a strong ETag that is the content id (the same on every node), and
+Range, If-Range, If-None-Match and If-Match answered by RFC 9110 (:mod:`peerd.core.validators`:
+``bytes=-0`` is 416, an ``If-Range`` that does not match gets the whole body).
 Most viewer requests never reach these handlers: :mod:`peerd.http.fastpath` answers plain
 GET/HEADs of cached playlists and local blobs on the connection, with the same checks and
 headers, and leaves every other case (refusals included) to them.
@@ -53,9 +54,10 @@ from peerd.catalog.media import blob_role, init_cid, media_manifest, segment_cid
 from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
+from peerd.core.validators import blob_etag, precondition, select_range
 from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
-from peerd.http.access import ViewerAuth, viewer_auth
+from peerd.http.access import DENIED_BODY, ViewerAuth, viewer_auth
 from peerd.http.fastpath import HLS_KEY
 from peerd.http.server import HTTP_METRICS_KEY, HttpMetrics
 from peerd.runtime import Runtime
@@ -212,14 +214,10 @@ class HlsRoutes:
             try:
                 return await handler(request)
             except PeerdError as exc:
-                body = (
-                    {"error": "forbidden", "message": "forbidden"}
-                    if isinstance(exc, Forbidden)
-                    else exc.to_json()
-                )
+                body = DENIED_BODY if isinstance(exc, Forbidden) else exc.to_json()
                 headers = self._cors()
-                if isinstance(exc, TooManyRequests | Unavailable):
-                    headers["Retry-After"] = str(exc.detail.get("retry_after", 1))
+                if exc.retry_after_s is not None:
+                    headers["Retry-After"] = str(exc.retry_after_s)
                 return web.json_response(body, status=exc.status, headers=headers)
 
         return wrapped
@@ -443,12 +441,21 @@ class HlsRoutes:
     async def _send(
         self, request: web.Request, cid: Cid, ext: str, media: _Media | None = None
     ) -> web.StreamResponse:
+        headers = self.blob_headers(ext)
+        # The ETag is the content id: a condition is decided before the blob is looked for
+        # (a viewer revalidating a segment the node lacks costs no fetch).
+        etag = headers["ETag"] = blob_etag(cid)
+        h = request.headers
+        stop = precondition(etag, h.get("If-Match"), h.get("If-None-Match"))
+        if stop is not None:
+            if stop == 412:
+                headers = self._cors()
+            return web.Response(status=stop, headers=headers)
         if self.streams >= self.max_streams:
             self.m.rejected.inc()
             raise TooManyRequests("too many concurrent streams")
         path = self.rt.store.path_for(cid)
         source = "local"
-        headers = self.blob_headers(ext)
         # One stat of a file in a warm directory: cheaper than a thread hop on every request.
         if not path.is_file():  # noqa: ASYNC240
             resolver = self.resolver
@@ -495,6 +502,7 @@ class HlsRoutes:
         assert got.chunks is not None
         resp = web.StreamResponse(headers=headers)
         resp.content_length = got.size
+        resp.headers["Accept-Ranges"] = "bytes"
         sent = 0
         ok = False
         self.streams += 1
@@ -523,8 +531,9 @@ class HlsRoutes:
         self.m.bytes.labels(source=source, status=status).inc(nbytes)
 
 
-class _BlobResponse(web.FileResponse):
-    """A FileResponse that counts itself as an active stream while aiohttp sends it.
+class _BlobResponse(web.StreamResponse):
+    """A blob from its file by ``loop.sendfile``: the part a Range asks for (see
+    :func:`peerd.core.validators.select_range`), counted as an active stream while it is sent.
 
     aiohttp prepares (sends) the returned response after the handler returns; counting here keeps
     the stream gauge and the 429 cap true to what is on the wire.
@@ -533,23 +542,49 @@ class _BlobResponse(web.FileResponse):
     def __init__(
         self, routes: HlsRoutes, cid: Cid, source: str, path: Path, headers: dict[str, str]
     ) -> None:
-        super().__init__(path, headers=headers)
+        super().__init__(headers=headers)
         self.routes = routes
         self.cid = cid
         self.source = source
+        self.path = path
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """Send headers and body by sendfile, counted as one active stream."""
+        """Send the head and the (partial) body, counted as one active stream."""
         routes = self.routes
         routes.streams += 1
         routes.m.active.inc()
+        loop = asyncio.get_running_loop()
         try:
-            writer = await super().prepare(request)
-            sent = request.method != "HEAD" and self.status < 300
-            routes.count_sent(
-                self.cid, self.source, str(self.status), (self.content_length or 0) if sent else 0
-            )
-            return writer
+            try:
+                f = await loop.run_in_executor(None, self.path.open, "rb")
+            except OSError:  # evicted since it was found
+                self.set_status(404)
+                return await super().prepare(request)
+            try:
+                size = os.fstat(f.fileno()).st_size
+                h = request.headers
+                get = request.method == "GET"
+                part = select_range(
+                    size, self.headers["ETag"], h.get("Range") if get else None, h.get("If-Range")
+                )
+                self.set_status(part.status)
+                self.headers["Accept-Ranges"] = "bytes"
+                if (content_range := part.content_range(size)) is not None:
+                    self.headers["Content-Range"] = content_range
+                self.content_length = part.length
+                writer = await super().prepare(request)
+                sent = get and part.status < 300
+                if sent and part.length:
+                    if request.transport is None:
+                        raise ConnectionResetError("connection lost")
+                    await loop.sendfile(request.transport, f, part.start, part.length)
+                    await super().write_eof()
+                routes.count_sent(
+                    self.cid, self.source, str(part.status), part.length if sent else 0
+                )
+                return writer
+            finally:
+                loop.run_in_executor(None, f.close)
         finally:
             routes.close_stream()
 

@@ -41,7 +41,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "request failed",
                 extra={"path": request.path, "status": exc.status, "error": exc.message},
             )
-        return web.json_response(exc.to_json(), status=exc.status)
+        retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+        return web.json_response(exc.to_json(), status=exc.status, headers=retry)
     except web.HTTPException:
         raise
     except (asyncio.CancelledError, ConnectionResetError):

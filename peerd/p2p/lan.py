@@ -171,8 +171,13 @@ class LanSource:
         return not self._peers()
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
-        """One offer per LAN peer that answers 200, fastest first."""
+        """One offer per LAN peer that answers 200, fastest first.
+
+        A peer that answers 5xx or 429 failed for now rather than said it lacks the blob: if no
+        offer came, :class:`UpstreamError` tells the resolver to retry instead of answering 404.
+        """
         peers = self._peers()
+        failed = 0
         for peer in peers[: self.max_peers]:
             assert peer.url is not None
             started = time.monotonic()
@@ -189,6 +194,7 @@ class LanSource:
                 if resp.status != 404:
                     # Refusals (401/403/5xx) count against the peer; "not held" does not.
                     self.directory.report(peer.peer_id, False, f"http {resp.status}")
+                failed += resp.status >= 500 or resp.status == 429
                 continue
             yield Offer(
                 self.name,
@@ -197,6 +203,8 @@ class LanSource:
                 size=resp.content_length,
                 meta={"url": peer.url},
             )
+        if failed:
+            raise UpstreamError(f"{failed} LAN peer(s) failed to answer for {cid}")
 
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
         """Feed the outcome into the peer directory (bans on integrity failures)."""

@@ -224,7 +224,11 @@ class Libp2pSource:
         return node is None or not svc.bridge.running or node.peers == 0
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
-        """One offer per provider that answers OK, unbanned providers in directory order."""
+        """One offer per provider that answers OK, unbanned providers in directory order.
+
+        A provider that answers BUSY has the blob but not the time: if no offer came,
+        :class:`UpstreamError` tells the resolver to retry rather than answer 404.
+        """
         svc = self.service
         node = svc.node
         if node is None or not svc.bridge.running:
@@ -237,6 +241,7 @@ class Libp2pSource:
             svc.directory.seen(pid, addrs=tuple(addrs))
         rank = {p.peer_id: i for i, p in enumerate(svc.directory.order())}
         usable = sorted((p for p in providers if p[0] in rank), key=lambda p: rank[p[0]])
+        busy = 0
         for pid, addrs in usable[: self.max_providers]:
             started = time.monotonic()
             try:
@@ -248,8 +253,11 @@ class Libp2pSource:
             svc.directory.rtt(pid, (time.monotonic() - started) * 1000)
             if status != Status.OK:
                 # Busy or no longer held: not the provider's fault, just not this time.
+                busy += status == Status.BUSY
                 continue
             yield Offer(self.name, pid, self._chunks(node, stream, size), size=size)
+        if busy:
+            raise UpstreamError(f"{busy} libp2p provider(s) of {cid} busy")
 
     async def _chunks(self, node: TrioNode, stream: Any, size: int) -> AsyncIterator[bytes]:
         bridge = self.service.bridge
