@@ -76,4 +76,20 @@ def this_process() -> Holder:
 
 def holder_alive(holder: Holder) -> bool:
     """Whether the process ``holder`` names still runs on this machine."""
-    return not holder_gone(holder, boot_id(), process_started(holder.pid))
+    boot = boot_id()
+    started = process_started(holder.pid)
+    if started is None and not Path(f"/proc/{holder.pid}").exists() and _exists(holder.pid):
+        # Alive but hidden from our /proc (systemd's ProtectProc=invisible hides other users'
+        # processes): its start time cannot be compared, so the lease is honoured.
+        return holder.boot == boot
+    return not holder_gone(holder, boot, started)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
