@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,9 @@ async def test_killed_push_does_not_block_the_next(
 
     # Before the fix this waited out the 300 s leases (the timeout is an upper bound for that
     # hang, not a speed figure).
+    started = time.monotonic()
     done = await asyncio.to_thread(run_cli, *PUSH, env=env, timeout=150)
+    print(f"push after a SIGKILLed push: {time.monotonic() - started:.1f} s (job_lease_s 300)")
     assert done.returncode == 0, done.stdout + done.stderr
     await assert_all_in_bucket(state, moto, bucket)
 
@@ -243,6 +246,32 @@ async def test_push_after_an_outage_retries_failed_jobs(
     again = await asyncio.to_thread(run_cli, *PUSH, env=env, timeout=150)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "pushed 0 bytes" in again.stdout, again.stdout
+
+
+@pytest.mark.timeout(300)
+async def test_push_exit_code_and_bytes_tell_the_current_state(
+    tmp_path: Path, moto: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    state = tmp_path / "a"
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        sizes = [
+            len(await rt.store.read(await rt.store.put(os.urandom(n)))) for n in (1000, 70_000)
+        ]
+    finally:
+        await rt.close()
+    env = node_env(proxy.url, bucket, state, PEERD_R2__MAX_ATTEMPTS="1")
+    proxy.add(lambda r: r.method == "PUT", Fault("status", status=503), times=10**9)
+    outage = await asyncio.to_thread(run_cli, *PUSH, env=env, timeout=150)
+    assert outage.returncode == 1, outage.stdout + outage.stderr
+    assert "pushed 0 bytes" in outage.stdout, outage.stdout
+
+    proxy.rules.clear()
+    done = await asyncio.to_thread(run_cli, *PUSH, env=env, timeout=150)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"pushed {sum(sizes)} bytes" in done.stdout, done.stdout
+    objects = await asyncio.to_thread(moto.objects, bucket)
+    assert sorted(len(v) for v in objects.values()) == sorted(sizes)
 
 
 @pytest.mark.timeout(300)
