@@ -364,9 +364,9 @@ class R2Client:
         await self._abort_leftovers(key)
         try:
             await self._multipart(key, path, size)
-        except BaseException:
+        except Exception:
             # Also the upload a lost CreateMultipartUpload answer left behind.
-            await asyncio.shield(self._abort_leftovers(key))
+            await self._abort_leftovers(key)
             raise
 
     async def _abort_leftovers(self, key: str) -> None:
@@ -496,10 +496,11 @@ class R2Client:
                 key, upload_id = _xml_text(block, "Key"), _xml_text(block, "UploadId")
                 if key and upload_id:
                     out.append(OpenUpload(key, upload_id, _xml_time(_xml_text(block, "Initiated"))))
-            if _xml_text(text, "IsTruncated") != "true":
+            next_key = _xml_text(text, "NextKeyMarker")
+            if _xml_text(text, "IsTruncated") != "true" or not next_key:
                 return out
             markers = (
-                ("key-marker", _xml_text(text, "NextKeyMarker")),
+                ("key-marker", next_key),
                 ("upload-id-marker", _xml_text(text, "NextUploadIdMarker")),
             )
 

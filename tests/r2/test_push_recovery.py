@@ -313,3 +313,22 @@ async def test_sigterm_hands_off_blobs_then_manifest(
     assert {str(c) for (c,) in held} >= set(cids)
     verified = await asyncio.to_thread(run_cli, "verify", env=env_b, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_list_and_abort_uploads_under_a_prefix(
+    client: Any, moto: MotoServer, bucket: str
+) -> None:
+    s3 = moto.client()
+
+    def create(key: str) -> str:
+        return str(s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
+
+    ours = [await asyncio.to_thread(create, f"blobs/k{i}") for i in range(3)]
+    other = await asyncio.to_thread(create, "elsewhere/k")
+    listed = await client.list_uploads("blobs/")
+    assert sorted(u.upload_id for u in listed) == sorted(ours)
+    assert all(u.key.startswith("blobs/") and u.initiated > 0 for u in listed)
+    client._live.add(ours[0])  # in progress in this process: never swept
+    assert await client.abort_uploads(listed) == 2
+    left = {u["UploadId"] for u in await asyncio.to_thread(open_uploads, moto, bucket)}
+    assert left == {ours[0], other}
