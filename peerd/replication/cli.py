@@ -8,8 +8,8 @@ a job twice), so an interrupted push resumes where it stopped: the jobs a killed
 are taken over at once, and while another live process holds jobs, push says which process,
 how many and until when. ``pull MEDIA_ID ...`` fetches media from R2,
 verifying every blob. ``evict`` runs one eviction round under ``[store] quota_bytes`` (only
-blobs confirmed in R2 by HEAD, never pinned ones). ``status`` shows jobs, R2 states and this
-month's R2 requests.
+blobs confirmed in R2 by HEAD, never pinned ones). ``status`` shows jobs, the processes holding
+leases on them, R2 states and this month's R2 requests.
 Exit codes: 0 done, 1 some jobs failed (their latest attempt; a later success clears it), 2 R2
 not configured.
 """
@@ -214,6 +214,10 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
             info = {
                 "configured": settings.r2.configured,
                 "jobs": await job_counts(cat),
+                "leases": [
+                    {"pid": lease.holder.pid, "jobs": lease.jobs, "until": lease.until}
+                    for lease in await outbox.leases()
+                ],
                 "blobs_by_r2_state": await cat.blobs_by_r2_state(),
                 "media_by_r2_state": await media_by_r2_state(cat),
                 "requests_this_month": await usage_since(cat, "r2_requests", month),

@@ -14,6 +14,7 @@ checked directly with boto3.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -150,6 +151,14 @@ async def test_waiting_push_names_the_process_holding_jobs(
                     break
         assert "waiting for" in line, line
         assert "leased until" in line, line
+        status = await asyncio.to_thread(
+            run_cli,
+            "replicate",
+            "status",
+            "--json",
+            env=default_lease_env(proxy.url, bucket, state),
+        )
+        assert first.pid in [lease["pid"] for lease in json.loads(status.stdout)["leases"]]
         # Once the holder is gone, its jobs are taken over at once.
         await asyncio.to_thread(kill, first)
         async with asyncio.timeout(120):
