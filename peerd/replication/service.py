@@ -533,7 +533,7 @@ class Replicator:
             if not all(
                 (r := rows.get(Cid(c))) is not None and r.r2_state == "present" for c in cids
             ):
-                log.info("media not handed off: blobs missing in R2", extra={"media": media_id})
+                log.debug("media not handed off: blobs missing in R2", extra={"media": media_id})
                 return
             await self.upload_manifest(media_id, data)
         except PeerdError as exc:
