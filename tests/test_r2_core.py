@@ -63,6 +63,14 @@ def test_fail_retries_then_gives_up() -> None:
     assert d.next_attempt_at == 103
 
 
+def test_a_lease_holder_is_gone_after_reboot_exit_or_pid_reuse() -> None:
+    h = outbox.Holder("boot-1", 42, 1000)
+    assert not outbox.holder_gone(h, "boot-1", 1000)
+    assert outbox.holder_gone(h, "boot-2", 1000)  # rebooted since
+    assert outbox.holder_gone(h, "boot-1", None)  # no process with that pid
+    assert outbox.holder_gone(h, "boot-1", 2000)  # the pid belongs to a newer process
+
+
 @given(st.integers(1, 10**12), st.integers(5, 64))
 def test_plan_parts_follow_r2_rules(size: int, part_mib: int) -> None:
     parts = plan_parts(size, part_mib * MIB)

@@ -2,14 +2,20 @@
 (decisions in :mod:`peerd.core.outbox`; the replicator runs them).
 
 Jobs survive restarts because they are rows. A claim is one ``BEGIN IMMEDIATE`` transaction
-that picks due jobs and writes a fresh lease owner token, so two workers -- in one process or in
-two (the daemon and ``peerd replicate push``) -- never hold the same job; a worker killed mid-job
-leaves a lease that expires, after which the job is claimed again. Completion and failure are
-conditional on the owner token.
+that picks due jobs and writes a fresh lease owner token and the holding process (boot id, pid,
+start time), so two workers -- in one process or in two (the daemon and ``peerd replicate
+push``) -- never hold the same job. The same transaction first reclaims the leases of processes
+that are gone (:func:`peerd.core.outbox.holder_gone`): a process killed mid-job blocks nobody,
+whatever its lease's length. Completion and failure are conditional on the owner token.
+
+A job that failed for good stays ``failed`` until :meth:`Outbox.retry_failed` queues it again
+(an explicit push does, and the daemon at start and then hourly); :meth:`Outbox.failed_count`
+counts only the jobs whose latest attempt at their (kind, target) failed, i.e. the current state.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import time
@@ -20,7 +26,10 @@ import aiosqlite
 
 from peerd.catalog.db import Catalog, Row, named_rows
 from peerd.core import outbox as core
-from peerd.core.outbox import JOB_KINDS, JobView, RetryPolicy
+from peerd.core.outbox import JOB_KINDS, Holder, JobView, RetryPolicy
+from peerd.lock import holder_alive, this_process
+
+log = logging.getLogger("peerd.replication")
 
 _COLS = (
     "id, kind, target, state, attempts, lease_until, next_attempt_at, last_error, "
@@ -36,6 +45,15 @@ class Job(JobView):
     lease_owner: str | None
     batch_id: str | None
     bytes: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Jobs one process holds: how many, and until when (the latest of their leases)."""
+
+    holder: Holder
+    jobs: int
+    until: float
 
 
 async def enqueue_in(
@@ -87,11 +105,15 @@ class Outbox:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        holder: Holder | None = None,
+        alive: Callable[[Holder], bool] = holder_alive,
     ) -> None:
         self.catalog = catalog
         self.policy = policy or RetryPolicy()
         self._clock = clock
         self._rand = rand
+        self.holder = holder or this_process()
+        self._alive = alive
 
     async def enqueue(
         self, kind: str, target: str, *, batch_id: str | None = None, after: float | None = None
@@ -113,7 +135,9 @@ class Outbox:
         now = self._clock()
         owner = secrets.token_hex(8)
         marks = ",".join("?" * len(kinds))
+        h = self.holder
         async with self.catalog.transaction() as tx:
+            await self._reclaim(tx, now)
             sql = (
                 f"SELECT {_COLS} FROM replication_jobs WHERE kind IN ({marks}) AND ("  # noqa: S608
                 "(state='queued' AND next_attempt_at <= ?) "
@@ -127,12 +151,86 @@ class Outbox:
                 c = core.claim(job, now, self.policy)
                 await tx.execute(
                     "UPDATE replication_jobs SET state='running', lease_until=?, lease_owner=?, "
-                    "updated_at=? WHERE id=?",
-                    (c.lease_until, owner, now, job.id),
+                    "lease_boot=?, lease_pid=?, lease_started=?, updated_at=? WHERE id=?",
+                    (c.lease_until, owner, h.boot, h.pid, h.started, now, job.id),
                 )
                 out.append(
                     replace(job, state="running", lease_until=c.lease_until, lease_owner=owner)
                 )
+        return out
+
+    async def _leases(self, conn: aiosqlite.Connection) -> list[Lease]:
+        sql = (
+            "SELECT lease_boot, lease_pid, lease_started, COUNT(*), MAX(lease_until) "
+            "FROM replication_jobs WHERE state='running' AND lease_pid IS NOT NULL "
+            "GROUP BY lease_boot, lease_pid, lease_started"
+        )
+        async with conn.execute(sql) as cur:
+            return [
+                Lease(Holder(str(r[0]), int(r[1]), int(r[2])), int(r[3]), float(r[4] or 0.0))
+                for r in await cur.fetchall()
+            ]
+
+    async def _reclaim(self, tx: aiosqlite.Connection, now: float) -> None:
+        """Queue again, at once and without counting a failure, the jobs of gone holders."""
+        for lease in await self._leases(tx):
+            h = lease.holder
+            if h == self.holder or self._alive(h):
+                continue
+            await tx.execute(
+                "UPDATE replication_jobs SET state='queued', lease_until=NULL, lease_owner=NULL, "
+                "lease_boot=NULL, lease_pid=NULL, lease_started=NULL, next_attempt_at=?, "
+                "updated_at=? WHERE state='running' AND lease_boot=? AND lease_pid=? "
+                "AND lease_started=?",
+                (now, now, h.boot, h.pid, h.started),
+            )
+            log.info(
+                "reclaimed replication jobs of a process that is gone",
+                extra={"jobs": lease.jobs, "pid": h.pid, "boot": h.boot},
+            )
+
+    async def leases(self) -> list[Lease]:
+        """Jobs held by other processes (what a worker with nothing to claim waits for)."""
+        held = await self._leases(self.catalog.conn)
+        return [lease for lease in held if lease.holder != self.holder]
+
+    async def retry_failed(self) -> int:
+        """Queue again, due now with no attempts counted, every (kind, target) whose latest job
+        failed; returns how many."""
+        now = self._clock()
+        async with self.catalog.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE replication_jobs SET state='queued', attempts=0, next_attempt_at=?, "
+                "lease_until=NULL, lease_owner=NULL, updated_at=? WHERE state='failed' AND id IN "
+                "(SELECT MAX(id) FROM replication_jobs GROUP BY kind, target)",
+                (now, now),
+            )
+            return cur.rowcount
+
+    async def failed_count(self) -> int:
+        """(kind, target)s whose latest job failed: what is still wrong now."""
+        sql = (
+            "SELECT COUNT(*) FROM replication_jobs WHERE state='failed' AND id IN "
+            "(SELECT MAX(id) FROM replication_jobs GROUP BY kind, target)"
+        )
+        async with self.catalog.conn.execute(sql) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def failed_of(self, kind: str, targets: list[str]) -> set[str]:
+        """Those of ``targets`` whose latest ``kind`` job failed (and none is open)."""
+        out: set[str] = set()
+        for i in range(0, len(targets), 500):
+            part = targets[i : i + 500]
+            sql = (
+                "SELECT target, state FROM replication_jobs WHERE kind=? "  # noqa: S608
+                f"AND target IN ({','.join('?' * len(part))}) ORDER BY id"
+            )
+            latest: dict[str, str] = {}
+            async with self.catalog.conn.execute(sql, (kind, *part)) as cur:
+                for target, state in await cur.fetchall():
+                    latest[str(target)] = str(state)
+            out.update(t for t, st in latest.items() if st == "failed")
         return out
 
     async def renew(self, job: Job) -> bool:

@@ -10,8 +10,13 @@ A job is a row in ``replication_jobs`` (kind, target) and moves through::
       +---retry (backoff)+   (also: lease expired -> claimable again, as if queued)
 
 * ``claim`` takes a job that is due (``queued`` and ``next_attempt_at <= now``) or whose lease
-  expired (``running`` and ``lease_until < now``: its worker died, or its process was killed). A
-  claim writes a fresh owner token, so a worker that lost its lease can no longer finish the job.
+  expired (``running`` and ``lease_until < now``). A claim writes a fresh owner token, so a worker
+  that lost its lease can no longer finish the job, and names the :class:`Holder` -- the process
+  (boot id, pid, start time) that took it.
+* ``reclaim``: a lease whose holder is gone (:func:`holder_gone`: another boot, no process with
+  that pid, or a process with that pid that started at another time, i.e. the pid was reused) is
+  void at once: its job is queued again without counting a failure, so a killed ``peerd
+  replicate push`` or daemon blocks nobody until its leases expire.
 * ``fail`` decides between :class:`Retry` (jittered exponential backoff, longer when the server
   asked us to slow down) and :class:`GiveUp`. ``attempts`` counts failures, not claims: a job that
   was only interrupted by a crash is not penalised.
@@ -39,6 +44,23 @@ class RetryPolicy:
     max_s: float = 600.0
     max_attempts: int = 12
     throttle_factor: float = 4.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The process holding a lease: ``boot`` id of the machine's current boot, ``pid``, and the
+    process's ``started`` time (clock ticks since boot, which tells a reused pid apart)."""
+
+    boot: str
+    pid: int
+    started: int
+
+
+def holder_gone(holder: Holder, boot: str, started: int | None) -> bool:
+    """True when ``holder`` no longer runs: the machine booted since (``boot`` is the current boot
+    id), or ``started`` -- the start time of the live process with ``holder.pid``, None if there
+    is none -- differs from the holder's."""
+    return holder.boot != boot or started is None or started != holder.started
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,16 @@
 
 ``push [MEDIA_ID ...]`` promotes the named media (default: every media item and every local blob
 R2 lacks) and works the outbox until it is empty, showing bytes verified in R2 and throughput.
-It uses the same durable outbox as the daemon (leases keep the two from doing a job twice), so
-an interrupted push resumes where it stopped. ``pull MEDIA_ID ...`` fetches media from R2,
+It first queues again the jobs that failed for good (an earlier outage), and aborts abandoned
+multipart uploads. It uses the same durable outbox as the daemon (leases keep the two from doing
+a job twice), so an interrupted push resumes where it stopped: the jobs a killed process held
+are taken over at once, and while another live process holds jobs, push says which process,
+how many and until when. ``pull MEDIA_ID ...`` fetches media from R2,
 verifying every blob. ``evict`` runs one eviction round under ``[store] quota_bytes`` (only
-blobs confirmed in R2 by HEAD, never pinned ones). ``status`` shows jobs, R2 states and this
-month's R2 requests.
-Exit codes: 0 done, 1 some jobs failed, 2 R2 not configured.
+blobs confirmed in R2 by HEAD, never pinned ones). ``status`` shows jobs, the processes holding
+leases on them, R2 states and this month's R2 requests.
+Exit codes: 0 done, 1 some jobs failed (their latest attempt; a later success clears it), 2 R2
+not configured.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peerd.config import Settings
 from peerd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peerd.catalog.outbox import Lease
+
+# How often an unchanged "waiting for" line is repeated.
+WAIT_NOTE_S = 30.0
 
 
 def register(sub: Any) -> None:
@@ -97,6 +107,8 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog.outbox import job_counts, push_backlog
 
     async with _open(settings) as (rt, rep):
+        await rep.outbox.retry_failed()
+        await rep.sweep_uploads()
         for m in args.media or await media_not_in_r2(rt.catalog):
             await rep.promote_media(m)
         if not args.media:
@@ -104,17 +116,53 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
             await rep.outbox.enqueue_many("push_blob", stray)
         total, count = await push_backlog(rt.catalog)
         bar = _bar(total, f"push {count} blobs", args.no_progress)
-        rep.on_progress = bar.update
+        pushed = 0
+
+        def progress(n: int) -> None:
+            # Counted here: a disabled bar counts nothing.
+            nonlocal pushed
+            pushed += n
+            bar.update(n)
+
+        rep.on_progress = progress
+        rep.on_wait = _wait_notes()
         started = time.monotonic()
         await rep.run_until_idle()
         bar.close()
         elapsed = time.monotonic() - started
         counts = await job_counts(rt.catalog)
+        failed = await rep.outbox.failed_count()
     print(
-        f"pushed {bar.n} bytes in {elapsed:.1f} s "
-        f"({bar.n / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
+        f"pushed {pushed} bytes in {elapsed:.1f} s "
+        f"({pushed / max(elapsed, 1e-9) / 1e6:.1f} MB/s); jobs: {json.dumps(counts)}"
     )
-    return 1 if counts.get("failed") else 0
+    if failed:
+        print(f"{failed} jobs failed; see `peerd replicate status`", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _wait_notes() -> Callable[[list[Lease]], None]:
+    """A printer of what a push waits for: once per change, and again every WAIT_NOTE_S."""
+    last: list[tuple[int, int]] = []
+    last_at = 0.0
+
+    def note(leases: list[Lease]) -> None:
+        nonlocal last, last_at
+        now = time.monotonic()
+        key = sorted((lease.holder.pid, lease.jobs) for lease in leases)
+        if key == last and now - last_at < WAIT_NOTE_S:
+            return
+        last, last_at = key, now
+        for lease in leases:
+            until = datetime.datetime.fromtimestamp(lease.until, datetime.UTC)
+            print(
+                f"waiting for {lease.jobs} jobs held by process {lease.holder.pid} "
+                f"(another push or the daemon), leased until {until:%H:%M:%S} UTC",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return note
 
 
 async def _pull(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,6 +214,10 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
             info = {
                 "configured": settings.r2.configured,
                 "jobs": await job_counts(cat),
+                "leases": [
+                    {"pid": lease.holder.pid, "jobs": lease.jobs, "until": lease.until}
+                    for lease in await outbox.leases()
+                ],
                 "blobs_by_r2_state": await cat.blobs_by_r2_state(),
                 "media_by_r2_state": await media_by_r2_state(cat),
                 "requests_this_month": await usage_since(cat, "r2_requests", month),

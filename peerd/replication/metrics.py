@@ -9,7 +9,14 @@ from prometheus_client import CollectorRegistry, Counter
 
 # R2 bills "class A" (writes, lists) and "class B" (reads) operations separately.
 CLASS_A = frozenset(
-    {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "ListObjects"}
+    {
+        "PutObject",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "ListObjects",
+        "ListMultipartUploads",
+    }
 )
 CLASS_B = frozenset({"GetObject", "HeadObject"})
 

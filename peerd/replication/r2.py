@@ -16,6 +16,13 @@ answer, a connection reset before the answer) with a short backoff, and resume a
 midway with a ``Range`` request; a blob R2 lacks costs exactly one GET (a 404), and every byte
 is checked against its cid by whoever stores it.
 
+Multipart uploads left open (a process killed mid-upload, an abort that failed, a
+``CreateMultipartUpload`` whose answer was lost) are billed storage until aborted. Before a
+multipart upload of a key -- the outbox lease makes this process its only uploader here -- and
+after one fails, :meth:`R2Client.abort_uploads` aborts every other open upload of that key; the
+replicator sweeps ``blobs/`` at start (:data:`STALE_UPLOAD_S`). A bucket lifecycle rule
+(``AbortIncompleteMultipartUpload``) is the second guard (README).
+
 An upload is *verified* when a HEAD (with ``x-amz-checksum-mode: ENABLED``) reports the expected
 size and checksum: the blob's digest for a single PUT, or the composite checksum of the parts
 (recomputed from the local file with the part size recorded in the object's metadata).
@@ -25,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +65,10 @@ PART_SIZE_META = "peerd-part-size"
 READ_ATTEMPTS = 3
 READ_BACKOFF_S = 0.1
 UPLOAD_ID = re.compile(r"<UploadId>([^<]{1,1024})</UploadId>")
+UPLOAD = re.compile(r"<Upload>(.*?)</Upload>", re.S)
+# An open multipart upload older than this was abandoned: uploading the largest blob over a slow
+# uplink takes hours, not a day.
+STALE_UPLOAD_S = 24 * 3600.0
 
 
 class R2Error(UpstreamError):
@@ -99,6 +111,15 @@ class ObjectInfo:
     size: int
     checksum_sha256: str | None
     part_size: int | None
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """A multipart upload not completed nor aborted: its ``key``, id and start (Unix time)."""
+
+    key: str
+    upload_id: str
+    initiated: float
 
 
 def blob_key(cid: str) -> str:
@@ -185,6 +206,8 @@ class R2Client:
             read_timeout_s=cfg.read_timeout_s,
             sse_c_key=cfg.sse_c_key,
         )
+        # Multipart uploads in progress in this process: never swept.
+        self._live: set[str] = set()
 
     async def close(self) -> None:
         """Close the connections."""
@@ -338,6 +361,22 @@ class R2Client:
         await self._put_multipart(key, path, size)
 
     async def _put_multipart(self, key: str, path: Path, size: int) -> None:
+        await self._abort_leftovers(key)
+        try:
+            await self._multipart(key, path, size)
+        except Exception:
+            # Also the upload a lost CreateMultipartUpload answer left behind.
+            await self._abort_leftovers(key)
+            raise
+
+    async def _abort_leftovers(self, key: str) -> None:
+        """Abort the open uploads of ``key`` not in progress here (best effort)."""
+        try:
+            await self.abort_uploads(u for u in await self.list_uploads(key) if u.key == key)
+        except R2Error as exc:
+            log.info("cannot list open uploads", extra={"key": key, "error": exc.message})
+
+    async def _multipart(self, key: str, path: Path, size: int) -> None:
         parts = plan_parts(size, self.cfg.part_size)
         check_plan(parts, size)
         part_size = parts[0].size
@@ -357,6 +396,7 @@ class R2Client:
         if m is None:
             raise R2Error(f"R2 CreateMultipartUpload {key} answered without an UploadId")
         upload_id = unescape(m.group(1))
+        self._live.add(upload_id)
 
         async def upload(number: int, offset: int, n: int) -> str:
             # Hash the part first (its checksum goes in the signed headers), then stream it;
@@ -420,8 +460,11 @@ class R2Client:
         except BaseException:
             await asyncio.shield(self._abort(key, upload_id))
             raise
+        finally:
+            self._live.discard(upload_id)
 
-    async def _abort(self, key: str, upload_id: str) -> None:
+    async def _abort(self, key: str, upload_id: str) -> bool:
+        """Abort one upload (best effort: False, logged, if R2 did not confirm)."""
         try:
             await self._send(
                 "AbortMultipartUpload",
@@ -431,8 +474,47 @@ class R2Client:
                 sse=False,
             )
         except R2Error as exc:
-            # R2 aborts stale uploads by itself after 7 days; nothing is lost here.
+            if exc.detail.get("status_code") == 404:
+                return True  # gone already (NoSuchUpload)
             log.info("abort of multipart upload failed", extra={"key": key, "error": str(exc)})
+            return False
+        return True
+
+    async def list_uploads(self, prefix: str) -> list[OpenUpload]:
+        """The open multipart uploads under ``prefix`` (every page)."""
+        out: list[OpenUpload] = []
+        markers: Query = ()
+        while True:
+            query: Query = (("prefix", prefix), ("uploads", ""), *markers)
+            resp, body = await self._send(
+                "ListMultipartUploads", "GET", "", query=query, read=True, sse=False
+            )
+            text = body.decode("utf-8", "replace")
+            if resp.status == 404:
+                raise R2Error(f"R2 ListMultipartUploads {prefix} failed: 404", status_code=404)
+            for block in UPLOAD.findall(text):
+                key, upload_id = _xml_text(block, "Key"), _xml_text(block, "UploadId")
+                if key and upload_id:
+                    out.append(OpenUpload(key, upload_id, _xml_time(_xml_text(block, "Initiated"))))
+            next_key = _xml_text(text, "NextKeyMarker")
+            if _xml_text(text, "IsTruncated") != "true" or not next_key:
+                return out
+            markers = (
+                ("key-marker", next_key),
+                ("upload-id-marker", _xml_text(text, "NextUploadIdMarker")),
+            )
+
+    async def abort_uploads(self, uploads: Iterable[OpenUpload]) -> int:
+        """Abort ``uploads`` (from :meth:`list_uploads`), except those in progress in this
+        process; returns how many were aborted. A failed abort is logged and left for the next
+        sweep."""
+        aborted = 0
+        for u in uploads:
+            if u.upload_id not in self._live and await self._abort(u.key, u.upload_id):
+                aborted += 1
+        if aborted:
+            log.info("aborted abandoned multipart uploads", extra={"uploads": aborted})
+        return aborted
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
@@ -462,6 +544,19 @@ class R2Client:
             return False
         exp_value, _, exp_count = expected.partition("-")
         return value == exp_value and (not count or count == exp_count)
+
+
+def _xml_text(xml: str, tag: str) -> str:
+    m = re.search(f"<{tag}>([^<]*)</{tag}>", xml)
+    return unescape(m.group(1)) if m else ""
+
+
+def _xml_time(value: str) -> float:
+    """An S3 timestamp as Unix time (0.0, i.e. "long ago", if unreadable)."""
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return 0.0
 
 
 async def _backoff(attempt: int) -> None:

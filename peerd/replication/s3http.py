@@ -146,8 +146,11 @@ class S3Http:
         await self._session.close()
 
     def url(self, key: str, query: Query = ()) -> str:
-        """The request URL of ``key`` (path-style), encoded as it is signed and sent."""
-        url = self.endpoint + quote(f"/{self.bucket}/{key}", safe="/-_.~")
+        """The request URL of ``key`` (path-style; the bucket itself for ``""``), encoded as it
+        is signed and sent."""
+        url = self.endpoint + quote(
+            f"/{self.bucket}/{key}" if key else f"/{self.bucket}", safe="/-_.~"
+        )
         if query:
             url += "?" + "&".join(
                 f"{k}={v}"

@@ -16,8 +16,14 @@ Public surface (the daemon builds one and hands it to the API, the coordinator a
     already held are skipped, so re-running after a crash resumes. ``progress(nbytes)`` is called
     as bytes arrive. The media rows are committed after the last blob.
 ``await upload_last_copies(deadline_s) -> int``
-    push every local blob whose R2 state is not ``present``, as far as ``deadline_s`` allows
-    (for a node about to leave); returns how many were verified in R2.
+    hand off to R2 what only this node holds, as far as ``deadline_s`` allows (for a node about
+    to leave): media item by media item, its blobs R2 lacks and then its manifest (last, so the
+    bucket never names a media item it cannot serve); then stray blobs. Returns how many blobs
+    were verified in R2.
+``await sweep_uploads() -> int``
+    abort abandoned multipart uploads under ``blobs/`` (older than
+    :data:`~peerd.replication.r2.STALE_UPLOAD_S`, or of a blob already in R2); the service and
+    ``peerd replicate push`` run it at start.
 ``await job_status(job_id) -> dict``
     one job (numeric id) or one batch (the id from promote/demote).
 
@@ -39,8 +45,14 @@ from collections.abc import Callable
 from typing import Any
 
 from peerd.catalog import Catalog
-from peerd.catalog.media import media_manifest, r2_users, set_media_r2
-from peerd.catalog.outbox import Job, Outbox, enqueue_in
+from peerd.catalog.media import (
+    media_blobs,
+    media_manifest,
+    media_not_in_r2,
+    r2_users,
+    set_media_r2,
+)
+from peerd.catalog.outbox import Job, Lease, Outbox, enqueue_in
 from peerd.core.ids import Cid, digest_of
 from peerd.core.manifest import decode
 from peerd.core.multipart import b64_digest
@@ -48,11 +60,22 @@ from peerd.core.outbox import RetryPolicy
 from peerd.delivery.pull import Progress, PullReport, pull_media
 from peerd.errors import IntegrityError, NotFound, PeerdError
 from peerd.replication.metrics import R2Metrics, r2_metrics
-from peerd.replication.r2 import AlreadyExists, R2Client, R2Error, blob_key, manifest_key
+from peerd.replication.r2 import (
+    STALE_UPLOAD_S,
+    AlreadyExists,
+    R2Client,
+    R2Error,
+    blob_key,
+    manifest_key,
+)
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
+
+# The daemon queues jobs that failed for good again this often (an outage longer than a job's
+# attempts has usually ended by then).
+FAILED_RETRY_S = 3600.0
 
 
 class JobFailed(PeerdError):
@@ -109,6 +132,9 @@ class Replicator:
         # instead of sleeping until the next due time (a running job's lease is ~30 s out).
         self._finished = asyncio.Event()
         self.on_progress: Progress | None = None
+        # Told, while run_until_idle has nothing to claim, which other processes hold the jobs
+        # still open.
+        self.on_wait: Callable[[list[Lease]], None] | None = None
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -117,8 +143,40 @@ class Replicator:
         self._stopping = False
         ready()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._housekeeping(), name="r2-housekeeping")
             for i in range(self.concurrency):
                 tg.create_task(self._worker(), name=f"r2-worker-{i}")
+
+    async def _housekeeping(self) -> None:
+        """Sweep abandoned uploads once; queue failed jobs again now and every
+        :data:`FAILED_RETRY_S`."""
+        await self.sweep_uploads()
+        while not self._stopping:
+            if n := await self.outbox.retry_failed():
+                log.info("queued failed replication jobs again", extra={"jobs": n})
+                self.wake()
+            await asyncio.sleep(FAILED_RETRY_S)
+
+    async def sweep_uploads(self) -> int:
+        """Abort abandoned multipart uploads (see the module doc); best effort."""
+        now = self._clock()
+        try:
+            uploads = await self.client.list_uploads("blobs/")
+            if not uploads:
+                return 0
+            rows = await self.rt.catalog.get_blobs(u.key.removeprefix("blobs/") for u in uploads)
+            return await self.client.abort_uploads(
+                u
+                for u in uploads
+                if u.initiated < now - STALE_UPLOAD_S
+                or (
+                    (row := rows.get(Cid(u.key.removeprefix("blobs/")))) is not None
+                    and row.r2_state == "present"
+                )
+            )
+        except R2Error as exc:
+            log.info("cannot sweep open multipart uploads", extra={"error": exc.message})
+            return 0
 
     async def drain(self) -> None:
         """Stop claiming jobs and let the ones in flight finish (leases cover the rest)."""
@@ -162,6 +220,8 @@ class Replicator:
                 finished = self._finished
                 if await self.outbox.open_count() == 0:
                     return
+                if self.on_wait is not None and (held := await self.outbox.leases()):
+                    self.on_wait(held)
                 due = await self.outbox.next_due()
                 wait = 0.05 if due is None else max(0.01, min(1.0, due - self._clock()))
                 with contextlib.suppress(TimeoutError):
@@ -292,10 +352,23 @@ class Replicator:
         rows = await self.rt.catalog.get_blobs(cids)
         waiting = [c for c in cids if c not in rows or rows[Cid(c)].r2_state != "present"]
         if waiting:
+            # A blob whose upload gave up would be queued again here for ever (a long outage):
+            # the manifest gives up with it, and a later push retries both.
+            if gave_up := await self.outbox.failed_of("push_blob", waiting):
+                raise JobFailed(f"the upload of {len(gave_up)} of its blobs failed")
             for c in waiting:
                 if c in rows:
                     await self.outbox.enqueue("push_blob", c, batch_id=job.batch_id)
             raise Deferred(f"waiting for {len(waiting)} blobs", delay_s=1.0)
+        await self.upload_manifest(media_id, data)
+        now = self._clock()
+        await self.outbox.complete(
+            job, nbytes=len(data), also=lambda tx: set_media_r2(tx, media_id, "present", now)
+        )
+
+    async def upload_manifest(self, media_id: str, data: bytes) -> None:
+        """Put a media item's manifest and verify it (size and checksum); the caller makes sure
+        its blobs are in R2 first and commits the media item's ``r2_state``."""
         key = manifest_key(media_id)
         try:
             await self.client.put_bytes(key, data, content_type="application/json")
@@ -310,10 +383,6 @@ class Replicator:
             if info is not None:
                 await self.client.delete(key)
             raise R2Error(f"manifest {media_id} in R2 did not verify")
-        now = self._clock()
-        await self.outbox.complete(
-            job, nbytes=len(data), also=lambda tx: set_media_r2(tx, media_id, "present", now)
-        )
 
     async def push_blob(self, cid: Cid) -> int:
         """Queue an upload of ``cid``; returns the job id."""
@@ -413,10 +482,31 @@ class Replicator:
     # -- drain support -----------------------------------------------------------------------------
 
     async def upload_last_copies(self, deadline_s: float) -> int:
-        """Push local blobs R2 lacks, until ``deadline_s`` runs out; returns how many made it."""
-        cids = await self.rt.catalog.not_in_r2()
+        """Hand off media and blobs R2 lacks until ``deadline_s`` runs out (see the module
+        doc); returns how many blobs made it."""
         done = 0
-        queue = list(reversed(cids))
+        media = await media_not_in_r2(self.rt.catalog)
+        try:
+            async with asyncio.timeout(deadline_s):
+                for media_id in media:
+                    done += await self._upload_held(await media_blobs(self.rt.catalog, media_id))
+                    await self._hand_off_manifest(media_id)
+                done += await self._upload_held(await self.rt.catalog.not_in_r2())
+        except TimeoutError:
+            log.warning("last-copy upload ran out of time", extra={"blobs": done})
+        return done
+
+    async def _upload_held(self, cids: list[Cid]) -> int:
+        """Upload those of ``cids`` held here and not in R2; returns how many were verified."""
+        rows = await self.rt.catalog.get_blobs(cids)
+        queue = [
+            c
+            for c in reversed(cids)
+            if (row := rows.get(c)) is not None
+            and row.local_state == "present"
+            and row.r2_state != "present"
+        ]
+        done = 0
 
         async def worker() -> None:
             nonlocal done
@@ -431,12 +521,27 @@ class Replicator:
                     await Catalog.set_blob_r2(tx, cid, "present", self._clock())
                 done += 1
 
-        try:
-            async with asyncio.timeout(deadline_s):
-                await asyncio.gather(*(worker() for _ in range(self.concurrency)))
-        except TimeoutError:
-            log.warning("last-copy upload ran out of time", extra={"left": len(queue)})
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         return done
+
+    async def _hand_off_manifest(self, media_id: str) -> None:
+        """Upload the manifest of ``media_id`` if every one of its blobs is in R2."""
+        try:
+            data = await self._media_manifest(media_id)
+            cids = list(decode(data).blob_cids())
+            rows = await self.rt.catalog.get_blobs(cids)
+            if not all(
+                (r := rows.get(Cid(c))) is not None and r.r2_state == "present" for c in cids
+            ):
+                log.debug("media not handed off: blobs missing in R2", extra={"media": media_id})
+                return
+            await self.upload_manifest(media_id, data)
+        except PeerdError as exc:
+            log.info("manifest hand-off failed", extra={"media": media_id, "error": exc.message})
+            return
+        now = self._clock()
+        async with self.rt.catalog.transaction() as tx:
+            await set_media_r2(tx, media_id, "present", now)
 
     # -- status ------------------------------------------------------------------------------------
 
