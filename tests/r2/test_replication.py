@@ -13,7 +13,7 @@ from peerd.catalog.outbox import Outbox
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
 from peerd.delivery import Resolver
-from peerd.errors import IntegrityError, NotFound
+from peerd.errors import IntegrityError, NotFound, Unavailable
 from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key, manifest_key
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
@@ -307,12 +307,13 @@ async def test_hundred_concurrent_misses_make_one_get(
 
 
 @pytest.mark.parametrize(
-    ("fault", "times"),
+    ("fault", "times", "error"),
     [
-        (Fault("cut", fraction=0.4), READ_ATTEMPTS),  # every resume cut too
-        (Fault("truncate", fraction=0.9), 1),  # self-consistent: only the hash can tell
-        (Fault("stall", seconds=2.0), 1),  # a timeout is not retried
-        (Fault("slowdown"), READ_ATTEMPTS),
+        (Fault("cut", fraction=0.4), READ_ATTEMPTS, Unavailable),  # every resume cut too
+        # self-consistent: only the hash can tell, and wrong bytes are refused, not retried
+        (Fault("truncate", fraction=0.9), 1, NotFound),
+        (Fault("stall", seconds=2.0), 1, Unavailable),  # a timeout is not retried by the client
+        (Fault("slowdown"), READ_ATTEMPTS, Unavailable),
     ],
     ids=["cut", "truncate", "stall", "slowdown"],
 )
@@ -324,13 +325,16 @@ async def test_read_through_faults_store_nothing(
     bucket: str,
     fault: Fault,
     times: int,
+    error: type[Exception],
 ) -> None:
     data = os.urandom(500_000)
     cid = cid_of(data)
     await put_direct(moto, bucket, blob_key(cid), data)
-    resolver = Resolver(runtime.store, [R2Source(client, timeout_s=5)], miss_ttl_s=0)
+    # retry_s=0: one round, so the failure itself is seen (a failing source is "unavailable",
+    # never "missing"); the resolver's retries within a deadline are tested elsewhere
+    resolver = Resolver(runtime.store, [R2Source(client, timeout_s=5)], miss_ttl_s=0, retry_s=0)
     proxy.add(method_is("GET", "/blobs/"), fault, times)
-    with pytest.raises(NotFound):
+    with pytest.raises(error):
         await resolver.ensure_local(cid)
     assert not await runtime.store.has(cid)
     assert (await runtime.store.verify()).ok
