@@ -31,12 +31,13 @@ under a deadline (slowloris: a client holding connections open with a head that 
 A connection is closed without an answer when its head is not whole ``header_timeout`` after
 the accept, or after the first byte that follows a response, and when no byte of a next request
 comes ``keepalive_timeout`` after a response. A head handed to aiohttp before its end keeps
-its deadline (aiohttp's ``RequestHandler.close`` then: at once while it still waits for the
-head, after the response otherwise); after a whole request, aiohttp's keep-alive timer bounds
-the connection (aiohttp closes one whose next head is not whole by then). At most
-``max_connections`` are open: a new one past it sheds the connection waiting longest for a head
-here, else asks aiohttp to close its oldest (at once if idle, after its response if busy), else
-is closed at once; so an attacker's connections make room for a newcomer, never the reverse.
+its deadline: the connection stays with this protocol, which relays the bytes to aiohttp until
+the head's end has passed (aiohttp has no public way to close a handler only if it still waits
+for a head). After a whole request, aiohttp's keep-alive timer bounds the connection (aiohttp
+closes one whose next head is not whole by then). At most ``max_connections`` are open
+(counting aiohttp's): a new one past it sheds the connection that has waited longest for a head
+here, or is closed at once if there is none; so an attacker's slow connections make room for a
+newcomer, never the reverse, and a connection being answered is never cut for a newcomer.
 On shutdown idle connections close at once and busy ones after their current response (bounded
 by the grace time).
 """
@@ -138,7 +139,7 @@ class FastPath:
         limits: httphead.Limits,
         answer: bool = True,
         header_timeout: float = 10.0,
-        max_connections: int = 1000,
+        max_connections: int = 4096,
         count_closed: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.hls = hls
@@ -347,12 +348,6 @@ class FastPath:
         if self.waiting:
             next(iter(self.waiting)).shed()
             return True
-        if self.handed:
-            handler = next(iter(self.handed))
-            del self.handed[handler]
-            handler.close()
-            self.count_closed("shed")
-            return True
         return False
 
     def forget(self, conn: _Conn) -> None:
@@ -446,6 +441,8 @@ class _Conn(asyncio.Protocol):
         self.closing = False
         self.idle: asyncio.TimerHandle | None = None  # the head or keep-alive deadline
         self.awaits_head = True  # what ``idle`` waits for: a head's end, or its first byte
+        self.relay: web.RequestHandler | None = None  # aiohttp's, fed until a head's end
+        self.tail = b""  # the last bytes relayed (a head's end may straddle two reads)
         self.loads: set[str] = set()  # media ids this connection had loaded
         self.task: asyncio.Task[None] | None = None  # a response being sent, or a load
         self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
@@ -467,12 +464,17 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection (a response being sent fails on its own)."""
+        if self.relay is not None:
+            self.relay.connection_lost(exc)
         self.fast.forget(self)
         self._disarm_idle()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         """Buffer, and answer what is complete unless a response is being sent."""
+        if self.relay is not None:
+            self._relay(data)
+            return
         self.buf += data
         if self.busy or self.write_paused:
             if len(self.buf) > _MAX_BUFFER and not self.read_paused and self.transport:
@@ -483,10 +485,15 @@ class _Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slowly: stop answering pipelined requests."""
+        if self.relay is not None:
+            self.relay.pause_writing()
         self.write_paused = True
 
     def resume_writing(self) -> None:
         """Carry on with buffered requests."""
+        if self.relay is not None:
+            self.relay.resume_writing()
+            return
         self.write_paused = False
         if not self.busy:
             self._process()
@@ -594,18 +601,34 @@ class _Conn(asyncio.Protocol):
         self.fast.forget(self)
         handler = self.fast.handler_factory()
         self.fast.handed[handler] = transport
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if b"\r\n\r\n" not in self.buf:
+        data = bytes(self.buf)
+        self.buf.clear()
+        if b"\r\n\r\n" in data:
+            transport.set_protocol(handler)
+            self.transport = None
+        else:
             # Handed before the head's end (too long, or bytes this parser leaves to aiohttp):
-            # the head keeps its deadline. close() ends the connection at once while aiohttp
-            # still waits for the head, after the response if the request has come.
-            self.loop.call_at(deadline, handler.close)
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
+            # relay until the end has passed, under the head's deadline.
+            self.relay = handler
+            self.tail = data[-3:]
+            self.awaits_head = True
+            self.idle = self.loop.call_at(deadline, self._idle_timeout)
+        handler.connection_made(transport)
+        if data:
             handler.data_received(data)
         if self.read_paused:
             self.read_paused = False
             transport.resume_reading()
-        self.transport = None
+
+    def _relay(self, data: bytes) -> None:
+        handler = self.relay
+        assert handler is not None
+        seen = self.tail + data
+        self.tail = seen[-3:]
+        if b"\r\n\r\n" in seen and self.transport is not None:
+            # The head is whole: aiohttp's from here on (its keep-alive timer bounds the rest).
+            self._disarm_idle()
+            self.relay = None
+            self.transport.set_protocol(handler)
+            self.transport = None
+        handler.data_received(data)
