@@ -85,6 +85,8 @@ class HttpSettings(Section):
     playlist_max_age_s: int = Field(default=2, ge=0)
     request_timeout_s: float = Field(default=30.0, gt=0)
     keepalive_timeout_s: float = Field(default=75.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=4096, ge=1)
     max_line_size: int = Field(default=8190, ge=1024)
     max_field_size: int = Field(default=8190, ge=1024)
     max_headers: int = Field(default=64, ge=8)

@@ -88,7 +88,7 @@ async def run_node(
             f"http://127.0.0.1:{fast.port}",
             media,
             routes,
-            fast.fast,
+            fast.fast if settings.http.fast_path else None,  # it reads every head either way
             f"http://127.0.0.1:{full.port}",
         )
     finally:

@@ -302,7 +302,8 @@ async def test_blob_metrics_and_open_files(node: Node) -> None:
 async def test_idle_connections_close_after_the_keepalive_timeout(
     tmp_path: Path, playlists: dict[str, Path]
 ) -> None:
-    async with run_node(tmp_path, playlists, http={"keepalive_timeout_s": 0.2}) as node:
+    http = {"keepalive_timeout_s": 0.2, "header_timeout_s": 0.2}
+    async with run_node(tmp_path, playlists, http=http) as node:
         blobs = await _warm(node)
         before = node.answered
         conn = await Conn.open(node)
@@ -312,7 +313,7 @@ async def test_idle_connections_close_after_the_keepalive_timeout(
         assert node.answered == before + 1
         assert await conn.closed()
         await conn.close()
-        # A head that never completes is idle too.
+        # A head that never completes: closed by the header timeout.
         conn = await Conn.open(node)
         conn.send(b"GET /hls/")
         assert await conn.closed()

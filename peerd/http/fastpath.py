@@ -24,9 +24,22 @@ and counters the full path would have.
 Blobs go out with ``loop.sendfile`` from file objects kept open per blob (an open and close per
 request costs a thread hop each): the stat that tells whether the blob is held also tells
 whether the open file is still that blob's, and files unused for ``_OPEN_IDLE_S`` are closed,
-so an evicted blob's disk space is not held for long. Idle connections close after the
-keep-alive timeout; on shutdown idle connections close at once and busy ones after their
-current response (bounded by the grace time).
+so an evicted blob's disk space is not held for long.
+
+Every connection starts here, fast path on or off, because this is where request heads are read
+under a deadline (slowloris: a client holding connections open with a head that never ends).
+A connection is closed without an answer when its head is not whole ``header_timeout`` after
+the accept, or after the first byte that follows a response, and when no byte of a next request
+comes ``keepalive_timeout`` after a response. A head handed to aiohttp before its end keeps
+its deadline: the connection stays with this protocol, which relays the bytes to aiohttp until
+the head's end has passed (aiohttp has no public way to close a handler only if it still waits
+for a head). After a whole request, aiohttp's keep-alive timer bounds the connection (aiohttp
+closes one whose next head is not whole by then). At most ``max_connections`` are open
+(counting aiohttp's): a new one past it sheds the connection that has waited longest for a head
+here, or is closed at once if there is none; so an attacker's slow connections make room for a
+newcomer, never the reverse, and a connection being answered is never cut for a newcomer.
+On shutdown idle connections close at once and busy ones after their current response (bounded
+by the grace time).
 """
 
 from __future__ import annotations
@@ -120,16 +133,28 @@ class FastPath:
     def __init__(
         self,
         hls: Hls,
-        handler_factory: Callable[[], asyncio.Protocol],
+        handler_factory: Callable[[], web.RequestHandler],
         *,
         keepalive_timeout: float,
         limits: httphead.Limits,
+        answer: bool = True,
+        header_timeout: float = 10.0,
+        max_connections: int = 4096,
+        count_closed: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.hls = hls
         self.handler_factory = handler_factory
         self.keepalive_timeout = keepalive_timeout
         self.limits = limits
+        self.answer = answer  # False: hand every request to aiohttp (heads still read here)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.count_closed = count_closed  # why a connection was closed before a request
         self.conns: set[_Conn] = set()
+        # Connections waiting for a head, longest first, and those handed to aiohttp (oldest
+        # first; closed ones are dropped when the count matters).
+        self.waiting: dict[_Conn, None] = {}
+        self.handed: dict[web.RequestHandler, asyncio.BaseTransport] = {}
         self.answered = 0  # responses sent here (tests tell the paths apart by it)
         self.opened = 0  # blob files opened
         self.closing = False
@@ -308,8 +333,23 @@ class FastPath:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def room(self) -> bool:
+        """Whether a new connection may stay open, once the cap is enforced (see module doc)."""
+        if len(self.conns) + len(self.handed) < self.max_connections:
+            return True
+        for handler, transport in list(self.handed.items()):
+            if transport.is_closing():
+                del self.handed[handler]
+        if len(self.conns) + len(self.handed) < self.max_connections:
+            return True
+        if self.waiting:
+            next(iter(self.waiting)).shed()
+            return True
+        return False
+
     def forget(self, conn: _Conn) -> None:
         """``conn`` is closed or handed to aiohttp."""
+        self.waiting.pop(conn, None)
         self.conns.discard(conn)
         if not self.conns:
             self._no_conns.set()
@@ -396,30 +436,42 @@ class _Conn(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.closing = False
-        self.idle: asyncio.TimerHandle | None = None
+        self.idle: asyncio.TimerHandle | None = None  # the head or keep-alive deadline
+        self.awaits_head = True  # what ``idle`` waits for: a head's end, or its first byte
+        self.relay: web.RequestHandler | None = None  # aiohttp's, fed until a head's end
+        self.tail = b""  # the last bytes relayed (a head's end may straddle two reads)
         self.loads: set[str] = set()  # media ids this connection had loaded
         self.task: asyncio.Task[None] | None = None  # a response being sent, or a load
         self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start the keep-alive timer."""
+        """Admit the connection (or close it, past the cap) and start its head deadline."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if not self.fast.room():
+            self.fast.count_closed("refused")
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.fast.conns.add(self)
-        self._arm_idle()
+        self._wait(head=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection (a response being sent fails on its own)."""
+        if self.relay is not None:
+            self.relay.connection_lost(exc)
         self.fast.forget(self)
         self._disarm_idle()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
         """Buffer, and answer what is complete unless a response is being sent."""
+        if self.relay is not None:
+            self._relay(data)
+            return
         self.buf += data
         if self.busy or self.write_paused:
             if len(self.buf) > _MAX_BUFFER and not self.read_paused and self.transport:
@@ -430,10 +482,15 @@ class _Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slowly: stop answering pipelined requests."""
+        if self.relay is not None:
+            self.relay.pause_writing()
         self.write_paused = True
 
     def resume_writing(self) -> None:
         """Carry on with buffered requests."""
+        if self.relay is not None:
+            self.relay.resume_writing()
+            return
         self.write_paused = False
         if not self.busy:
             self._process()
@@ -444,9 +501,22 @@ class _Conn(asyncio.Protocol):
         if not self.busy and self.transport is not None:
             self.transport.close()
 
-    def _arm_idle(self) -> None:
+    def shed(self) -> None:
+        """Close now to make room for a new connection (this one waits for a head)."""
+        self.fast.count_closed("shed")
+        self.fast.forget(self)  # counted out now, not when the loop reports the close
         self._disarm_idle()
-        self.idle = self.loop.call_later(self.fast.keepalive_timeout, self._idle_timeout)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wait(self, *, head: bool) -> None:
+        """Start waiting for the end of a head (``head``) or for a next request's first byte."""
+        self._disarm_idle()
+        self.awaits_head = head
+        delay = self.fast.header_timeout if head else self.fast.keepalive_timeout
+        self.idle = self.loop.call_later(delay, self._idle_timeout)
+        self.fast.waiting.pop(self, None)
+        self.fast.waiting[self] = None
 
     def _disarm_idle(self) -> None:
         if self.idle is not None:
@@ -456,7 +526,9 @@ class _Conn(asyncio.Protocol):
     def _idle_timeout(self) -> None:
         self.idle = None
         if not self.busy and self.transport is not None:
-            self.transport.close()
+            # abort: a client that neither sends nor reads would hold a graceful close open.
+            self.fast.count_closed("header_timeout" if self.awaits_head else "idle_timeout")
+            self.transport.abort()
 
     def _process(self) -> None:
         while not self.busy and not self.write_paused and self.transport is not None:
@@ -471,15 +543,19 @@ class _Conn(asyncio.Protocol):
             head = httphead.parse(self.buf, self.fast.limits)
             if head is httphead.MORE:
                 if self.idle is None:
-                    # Idle since the last response: bytes trickling in do not extend it.
-                    self._arm_idle()
+                    self._wait(head=bool(self.buf))
+                elif self.buf and not self.awaits_head:
+                    # A next request begins: its head has header_timeout from its first byte
+                    # (bytes trickling in later do not extend it).
+                    self._wait(head=True)
                 return
             if head is httphead.HANDOFF:
                 self._handoff()
                 return
             assert isinstance(head, httphead.Head)
             self._disarm_idle()
-            outcome = self.fast.handle(self, head)
+            self.fast.waiting.pop(self, None)
+            outcome = self.fast.handle(self, head) if self.fast.answer else None
             if outcome is None:
                 self._handoff()
                 return
@@ -496,7 +572,7 @@ class _Conn(asyncio.Protocol):
                 self.task = self.loop.create_task(self._run(outcome))
                 return
         if not self.busy and self.transport is not None and self.idle is None:
-            self._arm_idle()  # paused by a client that does not read: idle too
+            self._wait(head=False)  # paused by a client that does not read: idle too
 
     async def _run(self, coro: Hot) -> None:
         try:
@@ -513,16 +589,43 @@ class _Conn(asyncio.Protocol):
         # aiohttp's handler takes the transport and every byte from this request on.
         transport = self.transport
         assert transport is not None
+        deadline = (
+            self.idle.when()
+            if self.idle is not None and self.awaits_head
+            else self.loop.time() + self.fast.header_timeout
+        )
         self._disarm_idle()
         self.fast.forget(self)
         handler = self.fast.handler_factory()
-        transport.set_protocol(handler)
+        self.fast.handed[handler] = transport
+        data = bytes(self.buf)
+        self.buf.clear()
+        if b"\r\n\r\n" in data:
+            transport.set_protocol(handler)
+            self.transport = None
+        else:
+            # Handed before the head's end (too long, or bytes this parser leaves to aiohttp):
+            # relay until the end has passed, under the head's deadline.
+            self.relay = handler
+            self.tail = data[-3:]
+            self.awaits_head = True
+            self.idle = self.loop.call_at(deadline, self._idle_timeout)
         handler.connection_made(transport)
-        if self.buf:
-            data = bytes(self.buf)
-            self.buf.clear()
+        if data:
             handler.data_received(data)
         if self.read_paused:
             self.read_paused = False
             transport.resume_reading()
-        self.transport = None
+
+    def _relay(self, data: bytes) -> None:
+        handler = self.relay
+        assert handler is not None
+        seen = self.tail + data
+        self.tail = seen[-3:]
+        if b"\r\n\r\n" in seen and self.transport is not None:
+            # The head is whole: aiohttp's from here on (its keep-alive timer bounds the rest).
+            self._disarm_idle()
+            self.relay = None
+            self.transport.set_protocol(handler)
+            self.transport = None
+        handler.data_received(data)

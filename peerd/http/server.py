@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from prometheus_client import Counter, Histogram
 
@@ -94,6 +98,19 @@ class HttpMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=reg,
         )
+        self.malformed = Counter(
+            "peerd_http_malformed_requests",
+            "Requests aiohttp could not parse (answered 400/431 and closed), by reason",
+            ["reason"],
+            registry=reg,
+        )
+        self.closed = Counter(
+            "peerd_http_connections_closed",
+            "Connections the server closed before a request: header_timeout, idle_timeout, "
+            "shed (the oldest waiting one, for a new one past max_connections), refused",
+            ["reason"],
+            registry=reg,
+        )
 
     def middleware(self) -> Middleware:
         """The aiohttp middleware recording every request."""
@@ -132,6 +149,48 @@ class HttpMetrics:
 
 
 HTTP_METRICS_KEY = web.AppKey("http_metrics", HttpMetrics)
+MALFORMED_LOG_INTERVAL_S = 60.0
+
+
+class ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger (``RequestHandler(logger=...)``), on ``peerd.http.server``.
+
+    aiohttp logs every request it cannot parse with a traceback at ERROR, quoting the request
+    line: anyone could fill the journal (600 bytes per 19 sent) and put tokens in it. Here such
+    a request is counted (``peerd_http_malformed_requests{reason}``) and logged as one INFO
+    line per reason per :data:`MALFORMED_LOG_INTERVAL_S`, without traceback or request bytes.
+    Anything else aiohttp logs (a handler's unhandled exception) passes through as it is.
+    """
+
+    def __init__(self, counter: Counter, interval_s: float = MALFORMED_LOG_INTERVAL_S) -> None:
+        super().__init__(logging.getLogger("peerd.http.server"), {})
+        self.counter = counter
+        self.interval_s = interval_s
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log as aiohttp asked, except for malformed requests (counted, rate-limited)."""
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, HttpProcessingError):
+            self.logger.log(level, msg, *args, **kwargs)
+            return
+        reason = type(exc).__name__
+        self.counter.labels(reason=reason).inc()
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -math.inf) < self.interval_s:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._logged_at[reason] = now
+        self.logger.info(
+            "malformed request",
+            extra={
+                "reason": reason,
+                "status": exc.code,
+                "remote": args[0] if args else None,
+                "suppressed": self._unlogged.pop(reason, 0),
+            },
+        )
 
 
 def build_app(rt: Runtime, installers: list[RouteInstaller]) -> web.Application:
@@ -176,10 +235,12 @@ class Listener:
 async def listen(runner: web.AppRunner, cfg: HttpSettings) -> Listener:
     """Listen on ``cfg.host:cfg.port`` for ``runner``'s application.
 
-    With ``cfg.fast_path`` and HLS routes in the application, connections start on the fast
-    path (:mod:`peerd.http.fastpath`), which hands aiohttp what it does not answer itself;
-    otherwise aiohttp's own protocol (``web.Server``, the documented low-level server) serves
-    every connection.
+    With HLS routes in the application, every connection starts on the fast path's protocol
+    (:mod:`peerd.http.fastpath`): it reads request heads under ``[http] header_timeout_s``,
+    closes idle connections after ``keepalive_timeout_s``, keeps at most ``max_connections``
+    open, and hands aiohttp what it does not answer itself (with ``fast_path = false``, every
+    request). An application without HLS routes is served by aiohttp's own protocol
+    (``web.Server``), whose only guard is its keep-alive timeout.
     """
     aiohttp_protocol = runner.server
     if aiohttp_protocol is None:
@@ -187,24 +248,50 @@ async def listen(runner: web.AppRunner, cfg: HttpSettings) -> Listener:
     hls = runner.app.get(fastpath.HLS_KEY)
     fast: fastpath.FastPath | None = None
     factory: Callable[[], asyncio.Protocol] = aiohttp_protocol
-    if cfg.fast_path and hls is not None:
+    if hls is not None:
+        closed = runner.app[HTTP_METRICS_KEY].closed
         fast = fastpath.FastPath(
             hls,
             aiohttp_protocol,
             keepalive_timeout=cfg.keepalive_timeout_s,
             limits=Limits(cfg.max_line_size, cfg.max_field_size, cfg.max_headers),
+            answer=cfg.fast_path,
+            header_timeout=cfg.header_timeout_s,
+            max_connections=cfg.max_connections,
+            count_closed=lambda reason: closed.labels(reason=reason).inc(),
         )
         factory = fast.protocol
+    _raise_nofile(cfg.max_connections)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(factory, cfg.host, cfg.port, reuse_address=True)
+    server = await loop.create_server(
+        factory, cfg.host, cfg.port, reuse_address=True, backlog=min(cfg.max_connections, 1024)
+    )
     return Listener(server, fast)
 
 
+def _raise_nofile(connections: int) -> None:
+    # Each connection is a descriptor; the store, catalog and libp2p need some more. A soft
+    # limit below that makes accept() fail (EMFILE) for everyone, not just the newest client.
+    want = connections + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning(
+                "open file limit below max_connections",
+                extra={"nofile": new, "max_connections": connections},
+            )
+
+
 def runner_for(app: web.Application, cfg: HttpSettings) -> web.AppRunner:
-    """An ``AppRunner`` for ``app`` with the ``[http]`` limits and timeouts."""
+    """An ``AppRunner`` for ``app`` (from :func:`build_app`) with the ``[http]`` limits and
+    timeouts, and its malformed requests logged by :class:`ServerLog`."""
     return web.AppRunner(
         app,
         access_log=None,
+        logger=ServerLog(app[HTTP_METRICS_KEY].malformed),
         shutdown_timeout=SHUTDOWN_GRACE_S,
         keepalive_timeout=cfg.keepalive_timeout_s,
         max_line_size=cfg.max_line_size,
