@@ -48,7 +48,7 @@ def run_cli(
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write a small TOML config (strings, numbers, bools, lists of those)."""
+    """Write a small TOML config (strings, numbers, bools, lists and inline tables of those)."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
@@ -57,6 +57,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
             return repr(v)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = []
