@@ -5,7 +5,7 @@ strict demuxers (ffmpeg ``-xerror``) drop the frame in flight as corrupt. Checke
 the counters of every rendition's segments, concatenated, read packet by packet here; ffmpeg
 ``-xerror`` decoding those concatenations (top rendition remuxed and transcoded, an eager ladder
 rung, the audio-only rendition, and an on-demand rung produced out of order); and a real daemon
-whose every media playlist ffmpeg ``-xerror`` decodes over HTTP.
+whose every media playlist ffmpeg ``-xerror`` decodes over HTTP. hls.js plays them in Chromium.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from hls_node import run_node
+from test_hls_browser import page_server  # noqa: F401 - the fixture, shared
 
 from peerd.catalog import Catalog
 from peerd.core import tokens
 from peerd.media.ingest import Ingestor
 from peerd.media.mpegts import pad_continuity
 from peerd.media.options import PackagingOptions, Rung
+from peerd.media.package import package
 from peerd.store import BlobStore
-from tests.support.media import ffmpeg_path, make_media
+from tests.support.browser import Browser
+from tests.support.media import MemorySink, export_hls, ffmpeg_path, make_media
 from tests.support.process import PeerdProcess, run_cli
 
 PACKET = 188
@@ -200,3 +204,34 @@ def test_ffmpeg_xerror_plays_every_rendition_from_a_daemon(clip: Path, tmp_path:
             assert_continuous([_get(f"{base}/{u}") for u in uris])
     finally:
         daemon.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_hlsjs_plays_padded_ts(
+    clip: Path,
+    tmp_path: Path,
+    page_server: tuple[str, dict[str, str]],  # noqa: F811 - the fixture imported above
+) -> None:
+    """hls.js (its own TS demuxer) in Chromium plays the padded segments: split PES packets and
+    repeated tables are ordinary MPEG-TS to it."""
+    sink = MemorySink()
+    opts = PackagingOptions(container="ts", segment_seconds=1.0)
+    m, _ = await asyncio.to_thread(package, clip, opts, sink)
+    await asyncio.to_thread(export_hls, m, sink.blobs.__getitem__, tmp_path / "hls")
+    base, slot = page_server
+    async with run_node(tmp_path / "node", {"ts": tmp_path / "hls" / "v240.m3u8"}) as node:
+        slot["src"] = node.url("ts")
+        async with Browser.launch(tmp_path / "profile") as browser:
+            page = await browser.new_page()
+            await page.goto(base.replace("127.0.0.1", "localhost") + "/player.html")
+            fatal = "window.hlsErrors.filter(e => !e.endsWith(':false'))"
+            await page.wait_for(
+                "document.getElementById('v').currentTime >= 4"
+                f" || {fatal}.length > 0 || window.mediaErrors.length > 0",
+                timeout_s=60,
+            )
+            errors = await page.evaluate("window.hlsErrors")
+            assert set(errors) <= {"mediaError:bufferSeekOverHole:false"}, errors
+            assert await page.evaluate("window.mediaErrors") == []
+            assert await page.evaluate("document.getElementById('v').currentTime") >= 4
+            assert page.console_errors == []
