@@ -225,12 +225,11 @@ def pad_continuity(data: bytes) -> bytes:
     if not changes:
         return data
     view = memoryview(data)
-    out = bytearray()
+    parts: list[bytes | memoryview] = []
     done = 0
     for i in sorted(changes):
-        out += view[done * PACKET : i * PACKET]
-        for q in changes[i]:
-            out += q
+        parts.append(view[done * PACKET : i * PACKET])
+        parts += changes[i]
         done = i + 1
-    out += view[done * PACKET :]
-    return bytes(out)
+    parts.append(view[done * PACKET :])
+    return b"".join(parts)  # one copy of the segment (a bytearray and bytes() made two)
