@@ -127,19 +127,25 @@ async def test_every_rendition_joins_as_one_stream(
 
 
 def test_padding_keeps_the_elementary_streams(tmp_path: Path) -> None:
-    """Low-rate mono audio puts every PES in one packet (nothing to split but the PES itself),
-    and a PCR packet leads the video: padding keeps every demuxed packet's bytes, gives whole
-    cycles, and padding twice changes nothing."""
+    """Low-rate mono audio, one frame per PES, puts every audio PES in one packet that starts
+    with its PES header and random-access flag (only the PES itself can be cut); a PCR leads the
+    video: padding keeps every demuxed packet's bytes, gives whole cycles, and padding twice
+    changes nothing."""
     src = tmp_path / "in.ts"
     subprocess.run(  # noqa: S603 - fixed argument list
         [ffmpeg_path(), "-nostdin", "-v", "error", "-y"]
         + ["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10:duration=0.7"]
-        + ["-f", "lavfi", "-i", "sine=sample_rate=8000:duration=0.7"]
+        + ["-f", "lavfi", "-i", "sine=sample_rate=16000:duration=0.7"]
         + ["-c:v", "libx264", "-c:a", "aac", "-b:a", "8k", "-ac", "1"]
-        + ["-fflags", "+bitexact", "-f", "mpegts", str(src)],
+        + ["-fflags", "+bitexact", "-pes_payload_size", "0", "-f", "mpegts", str(src)],
         check=True,
     )
     data = src.read_bytes()
+    # The case meant: audio to pad, and every audio packet (PID 0x101) starts a PES.
+    offsets = range(0, len(data), PACKET)
+    starts = [data[o + 1] & 0x40 for o in offsets if data[o + 1] & 0x1F == 1 and data[o + 2] == 1]
+    assert len(starts) % 16
+    assert all(starts)
     padded = pad_continuity(data)
     assert len(padded) > len(data)
     assert pad_continuity(padded) == padded
