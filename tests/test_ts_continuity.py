@@ -25,6 +25,7 @@ from test_hls_browser import page_server  # noqa: F401 - the fixture, shared
 
 from peerd.catalog import Catalog
 from peerd.core import tokens
+from peerd.errors import MediaError
 from peerd.media.ingest import Ingestor
 from peerd.media.mpegts import pad_continuity
 from peerd.media.options import PackagingOptions, Rung
@@ -165,6 +166,21 @@ def test_padding_keeps_the_elementary_streams(tmp_path: Path) -> None:
 
     assert frames(src) == frames(out)
     assert len(frames(out).splitlines()) > 10
+
+
+def test_what_is_not_a_fresh_muxers_segment_is_refused() -> None:
+    """Not whole packets, or counters that did not start at 0: an error, never wrong bytes."""
+    with pytest.raises(MediaError, match="not whole packets"):
+        pad_continuity(b"\x47" + bytes(200))
+    pat = (
+        bytes.fromhex("474000")
+        + bytes([0x10 | 5])
+        + bytes.fromhex("0000b00d0001c100000001f0002ab104b2")
+    )
+    pat += b"\xff" * (PACKET - len(pat))
+    with pytest.raises(MediaError, match="did not start at 0"):
+        pad_continuity(pat)
+    assert_continuous([pad_continuity(pat[:3] + b"\x10" + pat[4:])])
 
 
 def _get(url: str) -> bytes:

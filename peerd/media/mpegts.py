@@ -137,7 +137,8 @@ _PAYLOAD = bytes(0x60 | ((b >> 4) & 1) for b in range(256))
 
 
 def _indices(rec: bytearray, key: bytes, backwards: bool) -> Iterator[int]:
-    """Indices of the packets whose record starts with `key` (PID), first or last first."""
+    """Indices of the packets whose record starts with `key` (a PID, or a whole record), in
+    order or from the last."""
     lo, hi = 0, len(rec)
     while True:
         pos = rec.rfind(key, 0, hi) if backwards else rec.find(key, lo)
@@ -158,8 +159,9 @@ def _pad_pid(data: bytes, rec: bytearray, key: bytes, need: int) -> dict[int, li
         return data[i * PACKET : (i + 1) * PACKET]
 
     pid = _pid(b"\x47" + key)
-    first = packet(next(_indices(rec, key, backwards=False)))
-    pes = _is_pes(first)
+    # What the PID carries, from its first packet with a payload (one with only a PCR says
+    # nothing); the caller found payload packets, so there is one.
+    pes = _is_pes(packet(next(_indices(rec, key + b"\x61", backwards=False))))
     plan: dict[int, int] = {}  # packet index -> packets to add after it
     walked: list[int] = []
     for i in _indices(rec, key, backwards=True):
@@ -232,4 +234,4 @@ def pad_continuity(data: bytes) -> bytes:
         parts += changes[i]
         done = i + 1
     parts.append(view[done * PACKET :])
-    return b"".join(parts)  # one copy of the segment (a bytearray and bytes() made two)
+    return b"".join(parts)  # the segment copied once
