@@ -3,7 +3,8 @@
 Each segment gets a fresh muxer (``mp4`` with an empty moov and one fragment, or ``mpegts``) with
 ``+bitexact`` and no metadata, so there are no clocks or version strings in the bytes. For fMP4
 the init segment (ftyp+moov) is split off and the fragment's ``mfhd``/``tfdt`` are rewritten to
-the rendition's sequence and decode time (`peerd.media.fmp4`).
+the rendition's sequence and decode time (`peerd.media.fmp4`). MPEG-TS segments are padded to
+whole continuity-counter cycles per PID, so they join as one stream (`peerd.media.mpegts`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import av
 
 from peerd.errors import MediaError
-from peerd.media import fmp4
+from peerd.media import fmp4, mpegts
 from peerd.media.cut import rescale
 
 # mp4: an empty moov up front and one fragment per segment (written at close); no mfra trailer.
@@ -102,7 +103,7 @@ class SegmentMuxer:
         finally:
             out.close()
         if fmt == "mpegts":
-            return SegmentBytes(seq, None, buf.getvalue())
+            return SegmentBytes(seq, None, mpegts.pad_continuity(buf.getvalue()))
         # The fragment is patched inside the muxer's buffer and copied out once (a segment is
         # megabytes; getvalue + split + rebuild copied it three times).
         view = buf.getbuffer()

@@ -69,13 +69,15 @@ from peerd.media.transcode import (
 
 log = logging.getLogger("peerd.media")
 
-PACKAGER_VERSION = 1
+PACKAGER_VERSION = 2
 """The packager's format version, recorded in every manifest it makes (`Manifest.packager`).
 
 Version 1: the top rendition of a source whose video is remuxed into fMP4, whose audio (if any)
 is copied and whose file `peerd.media.isobmff` accepts is made by the native remux
 (`peerd.media.remux.open_native`); every other top rendition, and every derived rendition, by
-libav. Raise it whenever a change makes different bytes from the same input and options."""
+libav. Version 2: MPEG-TS segments are padded to whole continuity-counter cycles per PID
+(`peerd.media.mpegts`). Raise it whenever a change makes different bytes from the same input and
+options."""
 
 AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 8000})
 
