@@ -194,7 +194,7 @@ def test_ffmpeg_xerror_plays_every_rendition_from_a_daemon(clip: Path, tmp_path:
         "container": "ts",
         "segment_seconds": 1.0,
         "transcode": "always",
-        "ladder": [{"height": 120}],
+        "ladder": [{"height": 120}, {"height": 96, "on_demand": True}],
         "audio_only": True,
     }
     daemon = PeerdProcess(tmp_path / "node", config={"webrtc": {"enabled": False}, "media": media})
@@ -214,7 +214,7 @@ def test_ffmpeg_xerror_plays_every_rendition_from_a_daemon(clip: Path, tmp_path:
         base = f"{daemon.base_url}/hls/{media_id[1]}"
         master = _get(f"{base}/master.m3u8?token={token}").decode()
         names = sorted(set(re.findall(r"([a-z0-9_-]+)\.m3u8", master)))
-        assert names == ["audio", "v120", "v240"], master
+        assert names == ["audio", "v120", "v240", "v96"], master
         # Audio PES have a length, so ffmpeg passes a jump in the audio-only rendition; the
         # counters are checked below for every rendition.
         decoded = {name: ffmpeg_xerror(f"{base}/{name}.m3u8?token={token}") for name in names}
