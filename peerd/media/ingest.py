@@ -58,6 +58,7 @@ log = logging.getLogger("peerd.media")
 
 MEDIA_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mpg", ".mpeg", ".flv"}
+    | {".m4a", ".mp3", ".aac", ".flac", ".ogg", ".opus", ".wav", ".mka"}
 )
 
 MAX_PENDING_PUTS = 4
@@ -85,6 +86,8 @@ class IngestResult:
     wall_s: float = 0.0
     skipped: bool = False
     renditions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    """Streams of the file that were not packaged, and why (e.g. bitmap subtitles)."""
 
     @property
     def speed(self) -> float:
@@ -96,6 +99,7 @@ class IngestResult:
         out = asdict(self)
         out["path"] = str(self.path)
         out["renditions"] = list(self.renditions)
+        out["warnings"] = list(self.warnings)
         return out
 
 
@@ -295,9 +299,8 @@ class Ingestor:
 
                 info = probe(path)
                 duration[0] = info.duration
-                passes[0] = 1 + sum(
-                    1 for r in opts.ladder if not r.on_demand and r.height < info.video.height
-                )
+                height = info.video.height if info.video is not None else 0
+                passes[0] = 1 + sum(1 for r in opts.ladder if not r.on_demand and r.height < height)
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
                 try:
@@ -344,6 +347,7 @@ class Ingestor:
                 duration_s=info.duration,
                 wall_s=wall,
                 renditions=tuple(r.id for r in manifest.renditions),
+                warnings=info.warnings,
             )
             if self.metrics is not None:
                 self.metrics.ingests.labels(result="ok").inc()

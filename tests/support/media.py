@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from peerd.core.ids import Cid, cid_of
 
-BadKind = Literal["empty", "text", "truncated", "audio_only", "unknown_codec"]
+BadKind = Literal["empty", "text", "truncated", "subtitles_only", "unknown_codec"]
 
 _VCODEC_ARGS: dict[str, list[str]] = {
     "h264": ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-threads", "1"],
@@ -46,6 +46,13 @@ _ACODEC_ARGS: dict[str, list[str]] = {
     "mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
     "pcm": ["-c:a", "pcm_s16le"],
 }
+
+
+def _ffmpeg(*args: str) -> None:
+    """Run the ffmpeg CLI quietly with bit-exact output; raise if it fails."""
+    cmd = [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args[:-1]]
+    cmd += ["-fflags", "+bitexact", args[-1]]
+    subprocess.run(cmd, check=True)  # noqa: S603 - argument list built here
 
 
 def ffmpeg_path() -> str:
@@ -125,25 +132,12 @@ def make_bad(path: Path, kind: BadKind) -> Path:
         data = full.read_bytes()
         full.unlink()
         path.write_bytes(data[: len(data) // 2])
-    elif kind == "audio_only":
-        args = [
-            ffmpeg_path(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=48000:duration=2",
-            "-c:a",
-            "aac",
-            "-fflags",
-            "+bitexact",
-            str(path),
-        ]
-        subprocess.run(args, check=True)  # noqa: S603 - fixed argument list
+    elif kind == "subtitles_only":
+        # A subtitle track and nothing to play: neither video nor audio.
+        srt = path.with_name(path.stem + ".srt")
+        srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nalone\n")
+        _ffmpeg("-i", str(srt), "-c:s", "mov_text", str(path))
+        srt.unlink()
     elif kind == "unknown_codec":
         # A Matroska file whose CodecID names no codec libavcodec knows.
         mkv = make_media(path.with_name(path.stem + ".ok.mkv"), seconds=2, acodec=None)
@@ -191,8 +185,9 @@ def make_truncated_faststart(path: Path) -> Path:
 def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Path:
     """Write a manifest's playlists and pinned blobs as a plain HLS tree; returns master path.
 
-    Blobs are named ``<cid>.m4s`` / ``<cid>.ts``, playlists ``<rendition>.m3u8``, the master
-    ``master.m3u8``; on-demand renditions are left out. ffprobe/ffmpeg/nginx can read the tree.
+    Blobs are named ``<cid>.m4s`` / ``<cid>.ts`` (``<cid>.vtt`` for subtitles), playlists
+    ``<rendition>.m3u8``, the master ``master.m3u8``; on-demand renditions are left
+    out. ffprobe/ffmpeg/nginx can read the tree.
     """
     from peerd.core import playlist
     from peerd.core.manifest import Manifest
@@ -202,15 +197,19 @@ def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Pat
         container=manifest.container,
         renditions=tuple(r for r in manifest.renditions if not r.on_demand),
         version=manifest.version,
+        muxed_audio=manifest.muxed_audio,
     )
     ext = "m4s" if ready.container == "fmp4" else "ts"
     outdir.mkdir(parents=True, exist_ok=True)
 
     def uri(kind: str, rid: str, ref: str | int | None) -> str:
-        return f"{rid}.m3u8" if kind == "playlist" else f"{ref}.{ext}"
+        if kind == "playlist":
+            return f"{rid}.m3u8"
+        return f"{ref}.vtt" if kind == "subtitle" else f"{ref}.{ext}"
 
+    text = {s.cid for r in ready.renditions if r.kind == "subtitles" for s in r.segments}
     for cid in ready.blob_cids():
-        (outdir / f"{cid}.{ext}").write_bytes(blob(cid))
+        (outdir / f"{cid}.{'vtt' if cid in text else ext}").write_bytes(blob(cid))
     for r in ready.renditions:
         (outdir / f"{r.id}.m3u8").write_text(playlist.render_media(ready, r.id, uri))
     master = outdir / "master.m3u8"
