@@ -23,10 +23,9 @@ Theory of operation
   the field existed have none (and keep their ids).
 * Alternate renditions (HLS ``EXT-X-MEDIA``): an audio or subtitles rendition with an
   `Alternate` (name, language, default and forced flags from the source's stream metadata) is a
-  track of a group the video variants refer to, not a variant of its own. `Manifest.muxed_audio`
-  describes the audio muxed into the video renditions when the file has more audio tracks, so
-  it can be listed with them. A ``subtitles`` rendition is segmented WebVTT: no init segment,
-  one segment per segment of the top rendition. Manifests without these fields keep their bytes.
+  track of a group the video variants refer to, not a variant of its own. A ``subtitles``
+  rendition is segmented WebVTT: no init segment, one segment per segment of the top rendition.
+  Manifests without these fields keep their bytes.
 * `decode` parses and validates untrusted JSON and raises `ManifestError` with the offending path.
 
 This module is pure: no I/O, no clock.
@@ -182,8 +181,6 @@ class Manifest:
     renditions: tuple[Rendition, ...]
     version: int = field(default=MANIFEST_VERSION)
     packager: Packager | None = None
-    muxed_audio: Alternate | None = None
-    """The audio muxed into the video renditions, listed with the alternate audio tracks."""
 
     def rendition(self, rendition_id: str) -> Rendition:
         """The rendition named `rendition_id`; ManifestError if there is none."""
@@ -290,8 +287,6 @@ def to_obj(m: Manifest) -> dict[str, Any]:
     }
     if m.packager is not None:  # absent in older manifests: their bytes (and ids) stay
         obj["packager"] = {"version": m.packager.version, "top": m.packager.top}
-    if m.muxed_audio is not None:
-        obj["muxed_audio"] = _alternate_obj(m.muxed_audio)
     return obj
 
 
@@ -491,7 +486,6 @@ def from_obj(obj: Any) -> Manifest:
     m = Manifest(
         version=version,
         packager=_packager_from(pk, "manifest.packager") if pk is not None else None,
-        muxed_audio=_alternate_from(o.get("muxed_audio"), "manifest.muxed_audio"),
         container=cast(Container, container),
         renditions=tuple(
             _rendition_from(r, f"manifest.renditions[{i}]") for i, r in enumerate(rends)
@@ -591,12 +585,8 @@ def validate(m: Manifest) -> None:
         raise ManifestError("manifest.renditions: at least one rendition must be ready")
     for i, r in enumerate(m.renditions):
         _validate_rendition(m, r, f"manifest.renditions[{i}]")
-    if m.muxed_audio is not None:
-        _validate_alternate(m.muxed_audio, "manifest.muxed_audio")
     for kind in ("audio", "subtitles"):
         alts = [r.alternate for r in m.renditions if r.kind == kind and r.alternate is not None]
-        if kind == "audio" and m.muxed_audio is not None:
-            alts.append(m.muxed_audio)
         names = [a.name for a in alts]
         if len(set(names)) != len(names):
             raise ManifestError(f"manifest.renditions: duplicate {kind} track names in {names}")

@@ -19,8 +19,8 @@ RFC 8216 rules applied here:
 * EXT-X-INDEPENDENT-SEGMENTS in master and media playlists: every segment starts with a keyframe.
 * Every EXT-X-STREAM-INF has BANDWIDTH, AVERAGE-BANDWIDTH when known, CODECS, and RESOLUTION and
   FRAME-RATE for video.
-* Alternate tracks (4.3.4.1): one EXT-X-MEDIA per alternate audio track (group ``aud``; the audio
-  muxed into the video variants is listed without URI) and per subtitles track (group ``sub``),
+* Alternate tracks (4.3.4.1): one EXT-X-MEDIA per alternate audio track (group ``aud``) and per
+  subtitles track (group ``sub``),
   AUTOSELECT=YES on every one (DEFAULT=YES requires it); every variant names the groups, and
   its CODECS include the alternate audio codecs. A file with several audio tracks and no video
   has one variant: its first track, whose playlist is also that track's URI.
@@ -87,7 +87,7 @@ def _stream_inf(r: Rendition, groups: list[str], alt_codecs: list[str]) -> str:
     return "#EXT-X-STREAM-INF:" + ",".join(attrs)
 
 
-def _media(kind: str, group: str, a: Alternate, uri: str | None) -> str:
+def _media(kind: str, group: str, a: Alternate, uri: str) -> str:
     attrs = [f"TYPE={kind}", f'GROUP-ID="{group}"', f'NAME="{a.name}"']
     if a.language is not None:
         attrs.append(f'LANGUAGE="{a.language}"')
@@ -95,8 +95,7 @@ def _media(kind: str, group: str, a: Alternate, uri: str | None) -> str:
     attrs.append("AUTOSELECT=YES")
     if kind == "SUBTITLES" and a.forced:
         attrs.append("FORCED=YES")
-    if uri is not None:
-        attrs.append(f'URI="{_checked(uri)}"')
+    attrs.append(f'URI="{_checked(uri)}"')
     return "#EXT-X-MEDIA:" + ",".join(attrs)
 
 
@@ -106,8 +105,6 @@ def render_master(manifest: Manifest, uri_for: UriFor) -> str:
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{hls_version(manifest)}", "#EXT-X-INDEPENDENT-SEGMENTS"]
     audio = [r for r in manifest.renditions if r.kind == "audio" and r.alternate is not None]
     subs = [r for r in manifest.renditions if r.kind == "subtitles" and r.alternate is not None]
-    if manifest.muxed_audio is not None:
-        lines.append(_media("AUDIO", AUDIO_GROUP, manifest.muxed_audio, None))
     for r in audio:
         assert r.alternate is not None
         lines.append(_media("AUDIO", AUDIO_GROUP, r.alternate, uri_for("playlist", r.id, None)))

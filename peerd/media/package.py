@@ -21,12 +21,12 @@ Theory of operation
 4. **Lower rungs and audio-only.** Derived from the top rendition one segment at a time
    (`peerd.media.transcode.derive_segment`), at ingest for eager rungs and later for on-demand
    ones, with the same bytes either way.
-5. **Alternate tracks** (`peerd.media.tracks`): the audio streams after the first (which stays
-   muxed into the video renditions, so a file with one audio stream is packaged as before) and
-   the text subtitles, cut along the top rendition's segments and listed as ``EXT-X-MEDIA``
-   tracks with their language and default flags. A file without video becomes audio-only
-   renditions on a ``segment_seconds`` grid. Streams that cannot be packaged (bitmap subtitles)
-   are logged and reported (`SourceInfo.warnings`).
+5. **Alternate tracks** (`peerd.media.tracks`): when a file has several audio streams, every
+   one of them (the video renditions then carry none; a file with one audio stream is packaged
+   as before), and the text subtitles, cut along the top rendition's segments and listed as
+   ``EXT-X-MEDIA`` tracks with their language and default flags. A file without video becomes
+   audio-only renditions on a ``segment_seconds`` grid. Streams that cannot be packaged (bitmap
+   subtitles) are logged and reported (`SourceInfo.warnings`).
 
 Blob bytes, and so the media id, are a function of (input bytes, `PackagingOptions`,
 `PACKAGER_VERSION`) only; the manifest records the version and the path that made the top
@@ -36,6 +36,7 @@ silent difference between nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -261,6 +262,11 @@ def _package(job: _Job) -> Manifest:
     v = src.video
     if v is None:
         return _package_audio(job)
+    if len(src.audios) > 1:
+        # Every audio track becomes an alternate rendition and the video renditions carry none:
+        # hls.js cannot play alternate audio beside audio muxed into fMP4 video segments (both
+        # would feed audio to the browser's buffers).
+        job.src = src = dataclasses.replace(src, audio=None)
     remux = opts.transcode == "auto" and src.can_remux()
     if remux and opts.max_height is not None and v.height > opts.max_height:
         remux = False
@@ -342,8 +348,7 @@ def _package(job: _Job) -> Manifest:
     if audio_out is not None:
         renditions.append(_finish(audio_out, opts, src, start, None))
     packager = Packager(PACKAGER_VERSION, "isobmff" if native is not None else "libav")
-    alternates = src.audios[1:]
-    muxed: Alternate | None = None
+    alternates = src.audios if len(src.audios) > 1 else ()
     if alternates or src.subtitles:
         durations = tuple(d for d, _, _ in top.segs)
         timeline = Timeline(top.origin, start, durations, _step(opts))
@@ -358,16 +363,12 @@ def _package(job: _Job) -> Manifest:
             job.check,
         )
         labels = _alternates(src.audios, src.subtitles)
-        if alternates:
-            assert src.audio is not None
-            muxed = labels[src.audio.index]
         renditions += [_track_rendition(t, labels[t.info.index]) for t in tracks]
         job.still_there()
     return Manifest(
         container=opts.container,
         renditions=tuple(renditions),
         packager=packager,
-        muxed_audio=muxed,
     )
 
 

@@ -267,9 +267,14 @@ def _cut(t: _Audio, pkts: list[Any], timeline: Timeline, put: Put, *, final: boo
     done = len(t.track.segs)
     for p in pkts:
         pts = t_of(p.pts, p.time_base) or t_of(p.dts, p.time_base) or Fraction(0)
+        end = pts + (t_of(p.duration, p.time_base) or Fraction(0))
+        if end <= timeline.origin:
+            # Before the video's timeline (an AAC priming frame when the video starts at 0):
+            # it would need a negative timestamp, which fMP4 decode times cannot hold.
+            continue
         # Never into a segment already muxed (timestamps run forwards; this is a guard).
         t.pending.setdefault(max(done, timeline.index(pts)), []).append(p)
-        t.last_end = max(t.last_end, pts + (t_of(p.duration, p.time_base) or Fraction(0)))
+        t.last_end = max(t.last_end, end)
     if not final:
         upto = max(t.pending, default=done)  # a packet of a later segment closes the ones before
     elif timeline.durations is not None:

@@ -197,7 +197,6 @@ def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Pat
         container=manifest.container,
         renditions=tuple(r for r in manifest.renditions if not r.on_demand),
         version=manifest.version,
-        muxed_audio=manifest.muxed_audio,
     )
     ext = "m4s" if ready.container == "fmp4" else "ts"
     outdir.mkdir(parents=True, exist_ok=True)
@@ -248,3 +247,87 @@ class MemorySink:
         assert cid == cid_of(data)  # noqa: S101 -- a test fake: a wrong cid is a packager bug
         self.blobs[cid] = data
         return cid
+
+
+SRT_CUES = (
+    (0.5, 1.5, "Hello <i>world</i>", "Hello world"),
+    (2.0, 3.2, "Second & line\ntwo", "Second &amp; line\ntwo"),
+    (4.5, 5.5, "Third cue", "Third cue"),
+)
+"""(start s, end s, SRT text, WebVTT text) of the subtitles `make_multitrack` writes."""
+
+TONES = {"eng": 440, "fra": 880}
+"""Frequency (Hz) of the sine tone of each audio track of `make_multitrack`, by language."""
+
+
+def _srt(path: Path, cues: tuple[tuple[float, float, str, str], ...]) -> Path:
+    def stamp(t: float) -> str:
+        ms = round(t * 1000)
+        return (
+            f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+        )
+
+    blocks = [
+        f"{i}\n{stamp(a)} --> {stamp(b)}\n{text}\n" for i, (a, b, text, _) in enumerate(cues, 1)
+    ]
+    path.write_text("\n".join(blocks))
+    return path
+
+
+def make_multitrack(path: Path, *, seconds: float = 6.0, bitmap: bool = True) -> Path:
+    """A clip with H.264 video, two AAC tracks (English, then French marked default) playing
+    `TONES`, an English text subtitle track with `SRT_CUES` (SRT in Matroska, mov_text in MP4)
+    and, with `bitmap`, a DVD (bitmap) subtitle track (Matroska only). Returns the path.
+
+    ffmpeg cannot make bitmap subtitles from text, so the second text track's CodecID is
+    rewritten to ``S_VOBSUB`` (the padding kept as an EBML Void): a stream peerd must report as
+    skipped, never decoded.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    srt = _srt(path.with_name(path.stem + ".srt"), SRT_CUES)
+    mkv = path.suffix == ".mkv"
+    args = [
+        *("-f", "lavfi", "-i", f"testsrc2=size=160x120:rate=30:duration={seconds}"),
+        *(
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={TONES['eng']}:sample_rate=48000:duration={seconds}",
+        ),
+        *(
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={TONES['fra']}:sample_rate=48000:duration={seconds}",
+        ),
+        *("-i", str(srt)),
+    ]
+    args += ["-map", "0:v", "-map", "1:a", "-map", "2:a", "-map", "3:s"]
+    if bitmap:
+        if not mkv:
+            raise ValueError("bitmap subtitles are written to Matroska only")
+        args += ["-map", "3:s"]
+    args += [*_VCODEC_ARGS["h264"], "-g", "30", *_ACODEC_ARGS["aac"]]
+    args += ["-c:s", "srt" if mkv else "mov_text"]
+    args += ["-metadata:s:a:0", "language=eng", "-metadata:s:a:1", "language=fra"]
+    args += ["-metadata:s:s", "language=eng", "-disposition:s", "0"]
+    args += ["-disposition:a:0", "0", "-disposition:a:1", "default"]
+    _ffmpeg(*args, str(path))
+    srt.unlink()
+    if bitmap:
+        data = path.read_bytes()
+        text_id = b"\x86\x8bS_TEXT/UTF8"
+        at = data.rfind(text_id)
+        if at < 0 or data.count(text_id) != 2:
+            raise RuntimeError("unexpected Matroska layout from ffmpeg")
+        vobsub = b"\x86\x88S_VOBSUB" + b"\xec\x81\x00"  # same length: a 3-byte EBML Void
+        path.write_bytes(data[:at] + vobsub + data[at + len(text_id) :])
+    return path
+
+
+def make_audio(path: Path, *, seconds: float = 6.0, acodec: str = "aac") -> Path:
+    """An audio-only file (a 440 Hz tone; container from the suffix, e.g. .m4a or .mp3)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tone = f"sine=frequency=440:sample_rate=48000:duration={seconds}"
+    _ffmpeg("-f", "lavfi", "-i", tone, *_ACODEC_ARGS[acodec], str(path))
+    return path
