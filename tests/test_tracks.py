@@ -89,8 +89,8 @@ def _ingest(daemon: PeerdProcess, *args: str) -> subprocess.CompletedProcess[str
     )
 
 
-def _ingested(daemon: PeerdProcess, path: Path) -> dict[str, object]:
-    out = _ingest(daemon, "--json", str(path))
+def _ingested(daemon: PeerdProcess, path: Path, *args: str) -> dict[str, object]:
+    out = _ingest(daemon, "--json", *args, str(path))
     assert out.returncode == 0, out.stdout + out.stderr
     res: dict[str, object] = json.loads(out.stdout)
     return res
@@ -206,11 +206,12 @@ async def _plays_on(page: Page, seconds: float) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("container", ["fmp4", "ts"])
 async def test_hlsjs_lists_and_switches_audio_tracks_and_shows_subtitles(
-    daemon: PeerdProcess, tmp_path: Path, page_server: tuple[str, dict[str, str]]
+    daemon: PeerdProcess, tmp_path: Path, page_server: tuple[str, dict[str, str]], container: str
 ) -> None:
     src = await asyncio.to_thread(make_multitrack, tmp_path / "multi.mkv", seconds=8.0)
-    res = await asyncio.to_thread(_ingested, daemon, src)
+    res = await asyncio.to_thread(_ingested, daemon, src, "--container", container)
     base, slot = page_server
     slot["src"] = hls_url(daemon.base_url, daemon.state_dir, str(res["media_id"]))
     async with Browser.launch(tmp_path / "profile") as browser:
