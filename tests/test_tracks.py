@@ -21,8 +21,18 @@ from typing import Any
 import pytest
 import test_hls_browser
 
+from peerd.media.options import PackagingOptions
+from peerd.media.package import package
 from tests.support.browser import Browser, Page
-from tests.support.media import SRT_CUES, TONES, ffmpeg_path, make_audio, make_multitrack
+from tests.support.media import (
+    SRT_CUES,
+    TONES,
+    MemorySink,
+    export_hls,
+    ffmpeg_path,
+    make_audio,
+    make_multitrack,
+)
 from tests.support.process import PeerdProcess, run_cli
 from tests.support.r2media import hls_url
 
@@ -285,3 +295,30 @@ async def test_audio_only_files_become_audio_only_hls(
         await _plays_on(page, 3.0)
         assert await page.evaluate("hls.levels.length") == 1
         assert page.console_errors == []
+
+
+def test_a_track_shorter_than_the_video_ends_early_without_empty_segments(
+    tmp_path: Path,
+) -> None:
+    """An audio track that ends after 2 s of a 6 s clip, and one that starts 3 s in: their
+    renditions hold only segments with audio, and ffmpeg decodes every rendition."""
+    src = tmp_path / "short.mkv"
+    args = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=6"]
+    args += ["-f", "lavfi", "-i", "sine=frequency=440:duration=6"]
+    args += ["-f", "lavfi", "-i", "sine=frequency=880:duration=2"]
+    args += ["-itsoffset", "3", "-f", "lavfi", "-i", "sine=frequency=660:duration=3"]
+    args += ["-map", "0", "-map", "1", "-map", "2", "-map", "3", "-c:v", "libx264", "-g", "30"]
+    out = _ffmpeg(*args, "-c:a", "aac", str(src))
+    assert out.returncode == 0, out.stderr.decode()
+    sink = MemorySink()
+    opts = PackagingOptions(segment_seconds=2.0, ladder=())
+    m, _ = package(src, opts, sink)
+    top, *audio = m.renditions
+    assert [r.kind for r in audio] == ["audio"] * 3
+    assert len(top.segments) == 3
+    assert [len(r.segments) for r in audio] == [3, 1, 2]
+    assert audio[2].start == top.start + top.segments[0].duration  # starts with its sound
+    assert all(sink.blobs[s.cid] for r in audio for s in r.segments if s.cid)
+    master = export_hls(m, sink.blobs.__getitem__, tmp_path / "hls")
+    decoded = _ffmpeg("-i", str(master), "-map", "0", "-f", "null", "-")
+    assert decoded.returncode == 0, decoded.stderr.decode()

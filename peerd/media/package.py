@@ -363,13 +363,21 @@ def _package(job: _Job) -> Manifest:
             job.check,
         )
         labels = _alternates(src.audios, src.subtitles)
-        renditions += [_track_rendition(t, labels[t.info.index]) for t in tracks]
+        renditions += [_track_rendition(t, labels[t.info.index]) for t in _played(tracks)]
         job.still_there()
     return Manifest(
         container=opts.container,
         renditions=tuple(renditions),
         packager=packager,
     )
+
+
+def _played(tracks: list[Track]) -> list[Track]:
+    """The tracks that hold anything (a stream without a single packet has nothing to play)."""
+    for t in tracks:
+        if not t.segs:
+            log.warning("empty stream", extra={"stream": t.info.index})
+    return [t for t in tracks if t.segs]
 
 
 def _step(opts: PackagingOptions) -> Fraction:
@@ -396,6 +404,9 @@ def _package_audio(job: _Job) -> Manifest:
     job.top_done = src.duration
     _report(job)
     labels = _alternates(src.audios, src.subtitles)
+    tracks = _played(tracks)
+    if not any(isinstance(t.info, AudioInfo) for t in tracks):
+        raise MediaError(f"{src.path}: no decodable audio", path=str(src.path))
     if len(src.audios) == 1 and not src.subtitles:
         # One track and nothing to choose from: a plain audio-only variant.
         renditions = [_track_rendition(tracks[0], None)]

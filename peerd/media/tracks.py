@@ -26,6 +26,8 @@ Everything is a function of the input bytes and the options: the same file gives
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 from bisect import bisect_right
@@ -75,25 +77,19 @@ class Timeline:
         rel = (t - self.origin) * TIMESCALE
         if self.durations is None:
             return max(0, math.floor(rel / (self.step * TIMESCALE)))
-        return max(0, min(len(self.durations) - 1, bisect_right(self._bounds, rel) - 1))
+        return max(0, min(len(self.durations) - 1, bisect_right(self._starts, rel) - 1))
 
-    @property
-    def _bounds(self) -> list[int]:
-        # Start of every segment after the first (ticks from the origin); segment 0 takes all
-        # that comes before segment 1.
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """Start of every segment (ticks from the origin), computed once."""
         assert self.durations is not None
-        out = [-(10**18)]
-        at = self.start
-        for d in self.durations[:-1]:
-            at += d
-            out.append(at)
-        return out
+        return list(itertools.accumulate(self.durations[:-1], initial=self.start))
 
     def begin(self, seq: int) -> int:
         """Start of segment `seq` in ticks from the origin."""
         if self.durations is None:
             return ticks(seq * self.step)
-        return self.start + sum(self.durations[:seq])
+        return self._starts[seq]
 
 
 @dataclass
@@ -111,7 +107,13 @@ class _Audio:
     """Cuts, (re-encodes) and muxes one audio stream along the timeline."""
 
     def __init__(
-        self, src: SourceInfo, info: AudioInfo, stream: Any, container: str, bitrate: int
+        self,
+        src: SourceInfo,
+        info: AudioInfo,
+        stream: Any,
+        container: str,
+        bitrate: int,
+        start: int,
     ) -> None:
         self.info = info
         self.stream = stream
@@ -138,8 +140,10 @@ class _Audio:
             self.holder.start_encoding()
             template = self.encoder
         self.muxer = SegmentMuxer(container, None, template)
-        self.track = Track(info, name)
+        self.track = Track(info, name, start=start)
         self.pending: dict[int, list[Any]] = {}
+        self.next_seq = 0  # the first timeline segment not yet muxed
+        self.gap = 0  # ticks of empty segments since the last one muxed
         self.last_end = Fraction(0)
 
     def packets(self, pkt: Any | None) -> list[Any]:
@@ -219,7 +223,8 @@ def track_pass(
     tracks: list[_Audio] = []
     try:
         for a in audios:
-            tracks.append(_Audio(src, a, inp.streams[a.index], container, audio_bitrate))
+            stream = inp.streams[a.index]
+            tracks.append(_Audio(src, a, stream, container, audio_bitrate, timeline.begin(0)))
         by_stream: dict[int, _Audio] = {t.info.index: t for t in tracks}
         cues: dict[int, list[_Cue]] = {s.index: [] for s in subtitles}
         streams = [t.stream for t in tracks] + [inp.streams[s.index] for s in subtitles]
@@ -264,7 +269,7 @@ def _add_cues(pkt: Any, into: list[_Cue]) -> None:
 
 def _cut(t: _Audio, pkts: list[Any], timeline: Timeline, put: Put, *, final: bool) -> None:
     """Place packets in their segments and mux every segment that can no longer grow."""
-    done = len(t.track.segs)
+    done = t.next_seq
     for p in pkts:
         pts = t_of(p.pts, p.time_base) or t_of(p.dts, p.time_base) or Fraction(0)
         end = pts + (t_of(p.duration, p.time_base) or Fraction(0))
@@ -281,19 +286,33 @@ def _cut(t: _Audio, pkts: list[Any], timeline: Timeline, put: Put, *, final: boo
         upto = len(timeline.durations)
     else:
         upto = max(t.pending, default=done - 1) + 1
-    for seq in range(done, upto):
-        data = t.muxer.mux(seq, [], t.pending.pop(seq, []), timeline.origin)
-        if data.init is not None and t.track.init is None:
-            t.track.init = put(data.init, "init")
+    for seq in range(t.next_seq, upto):
+        pkts = t.pending.pop(seq, [])
         if timeline.durations is not None:
             duration = timeline.durations[seq]
         elif final and seq == upto - 1:
             duration = ticks(t.last_end - timeline.origin) - timeline.begin(seq)
         else:
             duration = timeline.begin(seq + 1) - timeline.begin(seq)
-        t.track.segs.append((max(duration, 1), put(data.data, "segment"), len(data.data)))
-    if timeline.durations is not None:
-        t.track.start = timeline.start
+        duration = max(duration, 1)
+        segs = t.track.segs
+        if not pkts:
+            # No audio in this span: no empty segment. A track that starts late starts later;
+            # a pause is covered by the segment before it; a track that ends early ends.
+            if segs:
+                t.gap += duration
+            elif timeline.durations is None or seq + 1 < len(timeline.durations):
+                t.track.start = timeline.begin(seq + 1)
+            continue
+        if t.gap:
+            d, cid, size = segs[-1]
+            segs[-1] = (d + t.gap, cid, size)
+            t.gap = 0
+        data = t.muxer.mux(len(segs), [], pkts, timeline.origin)
+        if data.init is not None and t.track.init is None:
+            t.track.init = put(data.init, "init")
+        t.track.segs.append((duration, put(data.data, "segment"), len(data.data)))
+    t.next_seq = max(t.next_seq, upto)
 
 
 def _subtitle_track(
