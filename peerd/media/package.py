@@ -72,7 +72,7 @@ from peerd.media.cut import TIMESCALE, Cutter, Seg, fill_dts, rescale, t_of, tic
 from peerd.media.mux import SegmentBytes, SegmentMuxer
 from peerd.media.options import PackagingOptions, Rung
 from peerd.media.probe import AudioInfo, SourceInfo, SubtitleInfo, file_identity, open_input, probe
-from peerd.media.tracks import Timeline, Track, track_pass
+from peerd.media.tracks import AAC_RATES, Timeline, Track, track_pass
 from peerd.media.transcode import (
     Scaler,
     SeiFilter,
@@ -93,8 +93,6 @@ Version 1: the top rendition of a source whose video is remuxed into fMP4, whose
 is copied and whose file `peerd.media.isobmff` accepts is made by the native remux
 (`peerd.media.remux.open_native`); every other top rendition, and every derived rendition, by
 libav. Raise it whenever a change makes different bytes from the same input and options."""
-
-AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 8000})
 
 Sink = Callable[[bytes, str, Cid], Cid]
 """Stores one blob (bytes, kind "init" | "segment", its content id) and returns the id; may block.

@@ -49,6 +49,7 @@ from peerd.media.probe import AudioInfo, SourceInfo, SubtitleInfo, open_input
 from peerd.media.transcode import new_holder
 
 AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 8000})
+"""Sample rates the AAC encoder takes as they are (others are resampled to 48 kHz)."""
 
 Put = Callable[[bytes, str], "Future[Cid]"]
 """Hands one blob (bytes, kind "init" | "segment") to the sink; the future gives its id."""
@@ -243,7 +244,7 @@ def track_pass(
             raise MediaError(f"{path}: corrupt or truncated media while reading: {exc}") from None
         out = [t.track for t in tracks]
         for s in subtitles:
-            out.append(_subtitle_track(s, cues[s.index], timeline, put, audio_end(tracks)))
+            out.append(_subtitle_track(s, cues[s.index], timeline, put, _audio_end(tracks)))
         return out
     finally:
         inp.close()
@@ -251,7 +252,7 @@ def track_pass(
             t.close()
 
 
-def audio_end(tracks: Sequence[_Audio]) -> Fraction:
+def _audio_end(tracks: Sequence[_Audio]) -> Fraction:
     """Where the last audio ends (source seconds): how long subtitles of an audio-only file run."""
     return max((t.last_end for t in tracks), default=Fraction(0))
 
@@ -271,7 +272,9 @@ def _cut(t: _Audio, pkts: list[Any], timeline: Timeline, put: Put, *, final: boo
     """Place packets in their segments and mux every segment that can no longer grow."""
     done = t.next_seq
     for p in pkts:
-        pts = t_of(p.pts, p.time_base) or t_of(p.dts, p.time_base) or Fraction(0)
+        pts = t_of(p.pts if p.pts is not None else p.dts, p.time_base)
+        if pts is None:
+            continue
         end = pts + (t_of(p.duration, p.time_base) or Fraction(0))
         if end <= timeline.origin:
             # Before the video's timeline (an AAC priming frame when the video starts at 0):
