@@ -117,6 +117,7 @@ def test_every_audio_track_and_text_subtitles_reach_the_master(
     # The bitmap subtitle track is not dropped silently: the command says so, and the log.
     assert f"warn {src}: subtitle stream #4 (dvdsub) skipped" in out.stdout, out.stdout
     assert "stream not packaged" in daemon.logs()
+    assert "peerd_media_streams_skipped_total 1.0" in _get(daemon.base_url + "/metrics").decode()
     media_id = out.stdout.split(" -> ")[1].split()[0]
 
     master_url = hls_url(daemon.base_url, daemon.state_dir, media_id)

@@ -123,6 +123,11 @@ class MediaMetrics:
             "Wall-clock seconds spent packaging (speed = packaged / wall)",
             registry=registry,
         )
+        self.skipped_streams = Counter(
+            "peerd_media_streams_skipped",
+            "Streams of ingested files that were not packaged (e.g. bitmap subtitles)",
+            registry=registry,
+        )
         self.on_demand = Counter(
             "peerd_media_on_demand_segments",
             "Segments of on-demand renditions produced",
@@ -353,6 +358,7 @@ class Ingestor:
                 self.metrics.ingests.labels(result="ok").inc()
                 self.metrics.media_seconds.inc(res.duration_s)
                 self.metrics.wall_seconds.inc(wall)
+                self.metrics.skipped_streams.inc(len(res.warnings))
             log.info(
                 "ingested",
                 extra={
