@@ -157,6 +157,8 @@ def test_every_audio_track_and_text_subtitles_reach_the_master(
     segs = [ln for ln in playlist.splitlines() if ln and not ln.startswith("#")]
     assert all(".vtt?" in s for s in segs)
     cues: list[tuple[float, float, str]] = []
+    with urllib.request.urlopen(base + segs[0], timeout=30) as r:  # noqa: S310 -- loopback
+        assert r.headers["Content-Type"] == "text/vtt"
     for seg in segs:
         text = _get(base + seg).decode()
         lines = text.split("\n")
