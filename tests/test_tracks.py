@@ -325,3 +325,27 @@ def test_a_track_shorter_than_the_video_ends_early_without_empty_segments(
     master = export_hls(m, sink.blobs.__getitem__, tmp_path / "hls")
     decoded = _ffmpeg("-i", str(master), "-map", "0", "-f", "null", "-")
     assert decoded.returncode == 0, decoded.stderr.decode()
+
+
+def test_track_names_are_unique_and_safe_in_a_playlist(tmp_path: Path) -> None:
+    """Two audio tracks with the same title holding quotes, no default among them: the names
+    lose the quotes and become unique, the first track is the default, and no language is
+    invented."""
+    src = tmp_path / "titled.mkv"
+    title = 'Commentary "director" ' + "x" * 80
+    args = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=2"]
+    args += ["-f", "lavfi", "-i", "sine=frequency=440:duration=2"] * 2
+    args += ["-map", "0", "-map", "1", "-map", "2", "-c:v", "libx264", "-c:a", "aac"]
+    args += ["-metadata:s:a", f"title={title}", "-disposition:a", "0"]
+    out = _ffmpeg(*args, str(src))
+    assert out.returncode == 0, out.stderr.decode()
+    m, _ = package(src, PackagingOptions(segment_seconds=2.0, ladder=()), MemorySink())
+    alts = [r.alternate for r in m.renditions if r.alternate is not None]
+    names = [a.name for a in alts]
+    assert len(set(names)) == 2, names
+    assert all('"' not in n and len(n) <= 64 for n in names), names
+    assert names[0].startswith("Commentary director")
+    assert [a.default for a in alts] == [True, False]
+    assert [a.language for a in alts] == [None, None]
+    text = export_hls(m, lambda c: b"", tmp_path / "hls").read_text()
+    assert text.count("#EXT-X-MEDIA:TYPE=AUDIO") == 2

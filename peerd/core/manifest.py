@@ -59,7 +59,8 @@ _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._+:-]{1,64}$")
 # Written inside a quoted attribute (NAME="..."): no quote, no control character.
 _NAME_RE = re.compile(r'^[^"\x00-\x1f\x7f]{1,64}$')
-_LANGUAGE_RE = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*$")
+LANGUAGE_RE = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*$")
+"""A language tag as `Alternate.language` takes it (BCP 47 / ISO 639 shape)."""
 
 
 class ManifestError(MediaError, ValueError):
@@ -397,7 +398,7 @@ def _alternate_from(v: Any, path: str) -> Alternate | None:
     lang = _get(o, "language", path)
     return Alternate(
         name=_str(_get(o, "name", path), f"{path}.name", _NAME_RE),
-        language=None if lang is None else _str(lang, f"{path}.language", _LANGUAGE_RE),
+        language=None if lang is None else _str(lang, f"{path}.language", LANGUAGE_RE),
         default=_bool(_get(o, "default", path), f"{path}.default"),
         forced=_bool(_get(o, "forced", path), f"{path}.forced"),
     )
@@ -597,5 +598,5 @@ def validate(m: Manifest) -> None:
 def _validate_alternate(a: Alternate, path: str) -> None:
     if not _NAME_RE.match(a.name):
         raise ManifestError(f"{path}.name: invalid name {a.name!r}")
-    if a.language is not None and not _LANGUAGE_RE.match(a.language):
+    if a.language is not None and not LANGUAGE_RE.match(a.language):
         raise ManifestError(f"{path}.language: invalid language {a.language!r}")

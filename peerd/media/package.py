@@ -41,7 +41,6 @@ import functools
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ import av.error
 
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import (
+    LANGUAGE_RE,
     Alternate,
     Manifest,
     Packager,
@@ -434,24 +434,22 @@ def _alternates(
         if default is None and kind == "audio" and streams:
             default = streams[0].index
         for n, s in enumerate(streams, 1):
-            name = _clean_name(s.title) or s.language or f"{kind} {n}"
+            name = _clean_name(s.title) or _clean_name(s.language) or f"{kind} {n}"
             if name in names:
                 name = f"{name} ({n})"
             names.add(name)
-            lang = s.language if s.language and _LANGUAGE.match(s.language) else None
+            lang = s.language if s.language and LANGUAGE_RE.match(s.language) else None
             forced = isinstance(s, SubtitleInfo) and s.forced
             out[s.index] = Alternate(name, lang, s.index == default, forced)
     return out
 
 
-_LANGUAGE = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*$")
-
-
 def _clean_name(title: str | None) -> str | None:
-    """A stream title usable as an HLS NAME: no quotes or control characters, 64 at most."""
+    """A stream title usable as an HLS NAME: no quotes or control characters, and short enough
+    (56) that a " (n)" making it unique keeps it within the manifest's 64."""
     if not title:
         return None
-    kept = "".join(c for c in title if c != '"' and c.isprintable()).strip()[:64]
+    kept = "".join(c for c in title if c != '"' and c.isprintable()).strip()[:56]
     return kept or None
 
 
