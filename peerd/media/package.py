@@ -388,6 +388,11 @@ def _package_audio(job: _Job) -> Manifest:
     with open_input(src.path) as c:
         origin = Fraction(c.start_time, av.time_base) if c.start_time is not None else Fraction(0)
     timeline = Timeline(origin, 0, None, _step(opts))
+
+    def progress(done: float) -> None:
+        job.top_done = max(job.top_done, done)
+        _report(job)
+
     tracks = track_pass(
         src,
         opts.container,
@@ -397,6 +402,7 @@ def _package_audio(job: _Job) -> Manifest:
         src.subtitles,
         job.put,
         job.check,
+        progress,
     )
     job.still_there()
     job.top_done = src.duration

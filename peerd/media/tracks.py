@@ -217,8 +217,11 @@ def track_pass(
     subtitles: Sequence[SubtitleInfo],
     put: Put,
     check: Callable[[], None],
+    progress: Callable[[float], None] | None = None,
 ) -> list[Track]:
-    """Package `audios` and `subtitles` of `src` along `timeline`; see the module doc."""
+    """Package `audios` and `subtitles` of `src` along `timeline`; see the module doc.
+
+    `progress` is called with the seconds of the timeline read so far."""
     path = src.path
     inp = open_input(path)
     tracks: list[_Audio] = []
@@ -238,6 +241,8 @@ def track_pass(
                     continue
                 t = by_stream[index]
                 _cut(t, t.packets(pkt), timeline, put, final=False)
+                if progress is not None and pkt.pts is not None and pkt.time_base is not None:
+                    progress(max(0.0, float(pkt.pts * pkt.time_base - timeline.origin)))
             for t in tracks:
                 _cut(t, t.packets(None), timeline, put, final=True)
         except av.error.FFmpegError as exc:
