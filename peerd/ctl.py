@@ -181,12 +181,13 @@ def format_result(res: dict[str, Any]) -> str:
     wall = float(res.get("wall_s") or 0.0)
     duration = float(res.get("duration_s") or 0.0)
     speed = duration / wall if wall > 0 else 0.0
-    return (
+    line = (
         f"ok   {res['path']} -> {res['media_id']} [{','.join(res.get('renditions') or ())}] "
         f"{res.get('new_blobs', 0)} new / {res.get('reused_blobs', 0)} reused blobs, "
         f"{float(res.get('bytes_added') or 0) / 1e6:.1f} MB, {duration:.1f} s of media in "
         f"{wall:.2f} s ({speed:.1f}x real time)"
     )
+    return "".join([line] + [f"\nwarn {res['path']}: {w}" for w in res.get("warnings") or ()])
 
 
 def print_result(res: dict[str, Any], as_json: bool) -> None:

@@ -263,3 +263,108 @@ def test_play_order_follows_each_rendition_front_to_back() -> None:
     assert order.after(seg[4], 2) == (seg[5],)
     assert order.after(seg[1], 0) == ()
     assert order.after(cid_of(b"stranger"), 2) == ()
+
+
+def _with_tracks() -> Manifest:
+    """The test manifest with its audio as two alternate tracks and one subtitles track."""
+    m = make_manifest()
+    top = dataclasses.replace(m.renditions[0], codecs="avc1.64001f")
+    segs = top.segments
+    eng = Rendition(
+        id="a1",
+        kind="audio",
+        codecs="mp4a.40.2",
+        bandwidth=130_000,
+        timescale=90000,
+        init=_cid(20),
+        segments=tuple(Segment(s.duration, _cid(21 + i)) for i, s in enumerate(segs)),
+        alternate=mf.Alternate("English", "en", default=True),
+    )
+    fra = dataclasses.replace(eng, id="a2", init=_cid(30), alternate=mf.Alternate("Français", "fr"))
+    subs = Rendition(
+        id="t3",
+        kind="subtitles",
+        codecs="wvtt",
+        bandwidth=1_000,
+        timescale=90000,
+        segments=tuple(Segment(s.duration, _cid(40 + i)) for i, s in enumerate(segs)),
+        alternate=mf.Alternate("English (forced)", "en", forced=True),
+    )
+    return Manifest(container="fmp4", renditions=(top, eng, fra, subs))
+
+
+def test_alternate_tracks_round_trip_and_old_manifests_keep_their_bytes() -> None:
+    m = _with_tracks()
+    assert mf.decode(mf.encode(m)) == m
+    assert b'"alternate"' not in mf.encode(make_manifest())  # absent unless set: same ids
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda rs: (rs[0], rs[1], dataclasses.replace(rs[2], alternate=rs[1].alternate), rs[3]),
+            "duplicate audio track names",
+        ),
+        (
+            lambda rs: (
+                rs[0],
+                rs[1],
+                dataclasses.replace(rs[2], alternate=mf.Alternate("x", default=True)),
+                rs[3],
+            ),
+            "more than one default",
+        ),
+        (
+            lambda rs: (rs[0], rs[1], rs[2], dataclasses.replace(rs[3], init=_cid(50))),
+            "without init",
+        ),
+        (
+            lambda rs: (dataclasses.replace(rs[0], alternate=mf.Alternate("v")), *rs[1:]),
+            "a video rendition is a variant",
+        ),
+        (
+            lambda rs: (
+                rs[0],
+                rs[1],
+                rs[2],
+                dataclasses.replace(rs[3], alternate=mf.Alternate('say "hi"')),
+            ),
+            "invalid name",
+        ),
+    ],
+)
+def test_bad_alternate_tracks_are_refused(change: object, message: str) -> None:
+    m = _with_tracks()
+    bad = dataclasses.replace(m, renditions=change(m.renditions))  # type: ignore[operator]
+    with pytest.raises(ManifestError, match=message):
+        mf.encode(bad)
+
+
+def test_master_lists_alternate_tracks_and_variants_name_their_groups() -> None:
+    text = pl.render_master(_with_tracks(), uri_for)
+    assert text.splitlines()[3:] == [
+        '#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="aud",NAME="English",LANGUAGE="en",DEFAULT=YES,'
+        'AUTOSELECT=YES,URI="/playlist/a1/None"',
+        '#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="aud",NAME="Français",LANGUAGE="fr",DEFAULT=NO,'
+        'AUTOSELECT=YES,URI="/playlist/a2/None"',
+        '#EXT-X-MEDIA:TYPE=SUBTITLES,GROUP-ID="sub",NAME="English (forced)",LANGUAGE="en",'
+        'DEFAULT=NO,AUTOSELECT=YES,FORCED=YES,URI="/playlist/t3/None"',
+        "#EXT-X-STREAM-INF:BANDWIDTH=3200000,AVERAGE-BANDWIDTH=2900000,"
+        'CODECS="avc1.64001f,mp4a.40.2",RESOLUTION=1280x720,FRAME-RATE=29.970,AUDIO="aud",'
+        'SUBTITLES="sub"',
+        "/playlist/v720/None",
+    ]
+    subs = pl.render_media(_with_tracks(), "t3", uri_for)
+    assert "#EXT-X-MAP" not in subs
+    assert f"/subtitle/t3/{_cid(40)}" in subs
+
+
+def test_audio_only_tracks_play_through_their_first_track() -> None:
+    m = _with_tracks()
+    audio_only = dataclasses.replace(m, renditions=m.renditions[1:3])
+    lines = pl.render_master(audio_only, uri_for).splitlines()
+    assert lines[-2:] == [
+        '#EXT-X-STREAM-INF:BANDWIDTH=130000,CODECS="mp4a.40.2",AUDIO="aud"',
+        "/playlist/a1/None",
+    ]

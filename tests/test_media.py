@@ -304,12 +304,12 @@ async def test_on_demand_segments_equal_eager_ones(media_dir: Path, tmp_path: Pa
     await cat_l.close()
 
 
-BAD = ["empty", "text", "truncated", "audio_only", "unknown_codec"]
+BAD = ["empty", "text", "truncated", "subtitles_only", "unknown_codec"]
 REASONS = {
     "empty": "empty file",
     "text": "not a media file",
     "truncated": "truncated",
-    "audio_only": "no video stream",
+    "subtitles_only": "no video or audio stream",
     "unknown_codec": "unsupported video codec",
     "truncated_faststart": "truncated: video ends",
 }

@@ -119,6 +119,7 @@ def _ingest_json(res: Any) -> dict[str, Any]:
         "bytes_added": res.bytes_added,
         "duration_s": round(res.duration_s, 3),
         "renditions": list(res.renditions),
+        "warnings": list(res.warnings),
     }
 
 

@@ -21,6 +21,11 @@ Theory of operation
   options, packager version) only, and the manifest says which version and path, so a change of
   either changes the media id instead of hiding behind the same settings. Manifests made before
   the field existed have none (and keep their ids).
+* Alternate renditions (HLS ``EXT-X-MEDIA``): an audio or subtitles rendition with an
+  `Alternate` (name, language, default and forced flags from the source's stream metadata) is a
+  track of a group the video variants refer to, not a variant of its own. A ``subtitles``
+  rendition is segmented WebVTT: no init segment, one segment per segment of the top rendition.
+  Manifests without these fields keep their bytes.
 * `decode` parses and validates untrusted JSON and raises `ManifestError` with the offending path.
 
 This module is pure: no I/O, no clock.
@@ -40,11 +45,11 @@ from peerd.errors import MediaError
 MANIFEST_VERSION = 1
 
 Container = Literal["fmp4", "ts"]
-RenditionKind = Literal["video", "audio"]
+RenditionKind = Literal["video", "audio", "subtitles"]
 PackagerPath = Literal["isobmff", "libav"]
 
 _CONTAINERS: frozenset[str] = frozenset({"fmp4", "ts"})
-_KINDS: frozenset[str] = frozenset({"video", "audio"})
+_KINDS: frozenset[str] = frozenset({"video", "audio", "subtitles"})
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_IDS: frozenset[str] = frozenset({"master"})
 # RFC 6381 codec strings: letters, digits, dots, commas (a list); never quotes or spaces, so they
@@ -52,6 +57,10 @@ RESERVED_IDS: frozenset[str] = frozenset({"master"})
 _CODECS_RE = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._+:-]{1,64}$")
+# Written inside a quoted attribute (NAME="..."): no quote, no control character.
+_NAME_RE = re.compile(r'^[^"\x00-\x1f\x7f]{1,64}$')
+LANGUAGE_RE = re.compile(r"^[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*$")
+"""A language tag as `Alternate.language` takes it (BCP 47 / ISO 639 shape)."""
 
 
 class ManifestError(MediaError, ValueError):
@@ -94,6 +103,21 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class Alternate:
+    """How a track is listed in the master playlist (``EXT-X-MEDIA``).
+
+    `name` is unique among the tracks of its kind; `language` a BCP 47 / ISO 639 tag (None if
+    the source does not say); at most one track of a kind is the `default`. `forced` marks
+    subtitles shown even when the viewer did not ask for subtitles.
+    """
+
+    name: str
+    language: str | None = None
+    default: bool = False
+    forced: bool = False
+
+
+@dataclass(frozen=True)
 class Packager:
     """Which packager made a media item's blobs (see ``peerd.media.package.PACKAGER_VERSION``).
 
@@ -130,6 +154,8 @@ class Rendition:
     init: str | None = None
     on_demand: bool = False
     recipe: Recipe | None = None
+    alternate: Alternate | None = None
+    """Set on a track listed with ``EXT-X-MEDIA`` (alternate audio, subtitles)."""
 
     def segment_seconds(self, seq: int) -> float:
         """Duration of segment `seq` in seconds."""
@@ -227,8 +253,12 @@ def _recipe_obj(r: Recipe) -> dict[str, Any]:
     return obj
 
 
+def _alternate_obj(a: Alternate) -> dict[str, Any]:
+    return {"name": a.name, "language": a.language, "default": a.default, "forced": a.forced}
+
+
 def _rendition_obj(r: Rendition) -> dict[str, Any]:
-    return {
+    obj: dict[str, Any] = {
         "id": r.id,
         "kind": r.kind,
         "codecs": r.codecs,
@@ -244,6 +274,9 @@ def _rendition_obj(r: Rendition) -> dict[str, Any]:
         "recipe": _recipe_obj(r.recipe) if r.recipe is not None else None,
         "segments": [[s.duration, s.cid] for s in r.segments],
     }
+    if r.alternate is not None:  # absent in older manifests: their bytes (and ids) stay
+        obj["alternate"] = _alternate_obj(r.alternate)
+    return obj
 
 
 def to_obj(m: Manifest) -> dict[str, Any]:
@@ -326,6 +359,7 @@ _RENDITION_KEYS = frozenset(f.name for f in fields(Rendition))
 _MANIFEST_KEYS = frozenset(f.name for f in fields(Manifest))
 _PACKAGER_KEYS = frozenset(f.name for f in fields(Packager))
 _PACKAGER_PATHS = frozenset({"isobmff", "libav"})
+_ALTERNATE_KEYS = frozenset(f.name for f in fields(Alternate))
 
 
 def _recipe_from(v: Any, path: str) -> Recipe:
@@ -354,6 +388,19 @@ def _packager_from(v: Any, path: str) -> Packager:
     return Packager(
         version=_req_int(_get(o, "version", path), f"{path}.version", minimum=1),
         top=cast(PackagerPath, top),
+    )
+
+
+def _alternate_from(v: Any, path: str) -> Alternate | None:
+    if v is None:
+        return None
+    o = _obj(v, path, _ALTERNATE_KEYS)
+    lang = _get(o, "language", path)
+    return Alternate(
+        name=_str(_get(o, "name", path), f"{path}.name", _NAME_RE),
+        language=None if lang is None else _str(lang, f"{path}.language", LANGUAGE_RE),
+        default=_bool(_get(o, "default", path), f"{path}.default"),
+        forced=_bool(_get(o, "forced", path), f"{path}.forced"),
     )
 
 
@@ -409,6 +456,7 @@ def _rendition_from(v: Any, path: str) -> Rendition:
         on_demand=_bool(_get(o, "on_demand", path), f"{path}.on_demand"),
         recipe=_recipe_from(rec, f"{path}.recipe") if rec is not None else None,
         segments=tuple(_segment_from(s, f"{path}.segments[{i}]") for i, s in enumerate(segs)),
+        alternate=_alternate_from(o.get("alternate"), f"{path}.alternate"),
     )
 
 
@@ -467,7 +515,15 @@ def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
         if r.width is None or r.height is None or r.width < 1 or r.height < 1:
             raise ManifestError(f"{path}: a video rendition needs width and height")
     elif r.width is not None or r.height is not None:
-        raise ManifestError(f"{path}: an audio rendition has no width/height")
+        raise ManifestError(f"{path}: an {r.kind} rendition has no width/height")
+    if r.alternate is not None:
+        _validate_alternate(r.alternate, f"{path}.alternate")
+        if r.kind == "video":
+            raise ManifestError(f"{path}.alternate: a video rendition is a variant, not a track")
+    if r.kind == "subtitles" and (
+        r.alternate is None or r.on_demand or r.recipe is not None or r.init is not None
+    ):
+        raise ManifestError(f"{path}: a subtitles rendition is a ready track without init")
     if r.frame_rate is not None and (r.frame_rate[0] < 1 or r.frame_rate[1] < 1):
         raise ManifestError(f"{path}.frame_rate: must be positive")
     if not r.segments:
@@ -487,7 +543,7 @@ def _validate_rendition(m: Manifest, r: Rendition, path: str) -> None:
         missing = [i for i, s in enumerate(r.segments) if s.cid is None]
         if missing:
             raise ManifestError(f"{path}.segments[{missing[0]}]: missing blob id")
-        if m.container == "fmp4" and r.init is None:
+        if m.container == "fmp4" and r.init is None and r.kind != "subtitles":
             raise ManifestError(f"{path}.init: an fMP4 rendition needs an init segment")
     if m.container == "ts" and r.init is not None:
         raise ManifestError(f"{path}.init: MPEG-TS renditions have no init segment")
@@ -530,3 +586,17 @@ def validate(m: Manifest) -> None:
         raise ManifestError("manifest.renditions: at least one rendition must be ready")
     for i, r in enumerate(m.renditions):
         _validate_rendition(m, r, f"manifest.renditions[{i}]")
+    for kind in ("audio", "subtitles"):
+        alts = [r.alternate for r in m.renditions if r.kind == kind and r.alternate is not None]
+        names = [a.name for a in alts]
+        if len(set(names)) != len(names):
+            raise ManifestError(f"manifest.renditions: duplicate {kind} track names in {names}")
+        if sum(a.default for a in alts) > 1:
+            raise ManifestError(f"manifest.renditions: more than one default {kind} track")
+
+
+def _validate_alternate(a: Alternate, path: str) -> None:
+    if not _NAME_RE.match(a.name):
+        raise ManifestError(f"{path}.name: invalid name {a.name!r}")
+    if a.language is not None and not LANGUAGE_RE.match(a.language):
+        raise ManifestError(f"{path}.language: invalid language {a.language!r}")

@@ -8,6 +8,7 @@ insert signed, expiring URLs without this module knowing about keys or clocks:
   rendition whose init segment has not been pinned by the manifest.
 * `("segment", rendition_id, cid_or_seq)` - a media segment by blob content id, or by its
   sequence number (int) for an on-demand rendition whose blobs are produced when first requested.
+* `("subtitle", rendition_id, cid)` - a WebVTT segment of a subtitles rendition.
 
 RFC 8216 rules applied here:
 
@@ -18,6 +19,11 @@ RFC 8216 rules applied here:
 * EXT-X-INDEPENDENT-SEGMENTS in master and media playlists: every segment starts with a keyframe.
 * Every EXT-X-STREAM-INF has BANDWIDTH, AVERAGE-BANDWIDTH when known, CODECS, and RESOLUTION and
   FRAME-RATE for video.
+* Alternate tracks (4.3.4.1): one EXT-X-MEDIA per alternate audio track (group ``aud``) and per
+  subtitles track (group ``sub``),
+  AUTOSELECT=YES on every one (DEFAULT=YES requires it); every variant names the groups, and
+  its CODECS include the alternate audio codecs. A file with several audio tracks and no video
+  has one variant: its first track, whose playlist is also that track's URI.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Literal
 
-from peerd.core.manifest import Manifest, ManifestError, Rendition
+from peerd.core.manifest import Alternate, Manifest, ManifestError, Rendition
 
-UriKind = Literal["playlist", "init", "segment"]
+UriKind = Literal["playlist", "init", "segment", "subtitle"]
 UriFor = Callable[[UriKind, str, str | int | None], str]
 
 MIME_PLAYLIST = "application/vnd.apple.mpegurl"
+AUDIO_GROUP = "aud"
+SUBTITLES_GROUP = "sub"
 
 
 def hls_version(manifest: Manifest) -> int:
@@ -62,25 +70,55 @@ def _checked(uri: str) -> str:
     return uri
 
 
-def _stream_inf(r: Rendition) -> str:
+def _stream_inf(r: Rendition, groups: list[str], alt_codecs: list[str]) -> str:
     attrs = [f"BANDWIDTH={r.bandwidth}"]
     if r.average_bandwidth is not None:
         attrs.append(f"AVERAGE-BANDWIDTH={r.average_bandwidth}")
-    attrs.append(f'CODECS="{r.codecs}"')
+    codecs = r.codecs.split(",")
+    codecs += [c for c in alt_codecs if c not in codecs]
+    attrs.append(f'CODECS="{",".join(codecs)}"')
     if r.resolution is not None:
         attrs.append(f"RESOLUTION={r.resolution}")
     if r.kind == "video" and r.frame_rate is not None:
         num, den = r.frame_rate
         rate = (Decimal(num) / Decimal(den)).quantize(Decimal("0.001"))
         attrs.append(f"FRAME-RATE={rate}")
+    attrs += groups
     return "#EXT-X-STREAM-INF:" + ",".join(attrs)
 
 
+def _media(kind: str, group: str, a: Alternate, uri: str) -> str:
+    attrs = [f"TYPE={kind}", f'GROUP-ID="{group}"', f'NAME="{a.name}"']
+    if a.language is not None:
+        attrs.append(f'LANGUAGE="{a.language}"')
+    attrs.append(f"DEFAULT={'YES' if a.default else 'NO'}")
+    attrs.append("AUTOSELECT=YES")
+    if kind == "SUBTITLES" and a.forced:
+        attrs.append("FORCED=YES")
+    attrs.append(f'URI="{_checked(uri)}"')
+    return "#EXT-X-MEDIA:" + ",".join(attrs)
+
+
 def render_master(manifest: Manifest, uri_for: UriFor) -> str:
-    """The master playlist: one EXT-X-STREAM-INF per rendition, in manifest order."""
+    """The master playlist: alternate tracks (EXT-X-MEDIA), then one EXT-X-STREAM-INF per
+    variant rendition, in manifest order."""
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{hls_version(manifest)}", "#EXT-X-INDEPENDENT-SEGMENTS"]
-    for r in manifest.renditions:
-        lines.append(_stream_inf(r))
+    audio = [r for r in manifest.renditions if r.kind == "audio" and r.alternate is not None]
+    subs = [r for r in manifest.renditions if r.kind == "subtitles" and r.alternate is not None]
+    for r in audio:
+        assert r.alternate is not None
+        lines.append(_media("AUDIO", AUDIO_GROUP, r.alternate, uri_for("playlist", r.id, None)))
+    for r in subs:
+        assert r.alternate is not None
+        lines.append(
+            _media("SUBTITLES", SUBTITLES_GROUP, r.alternate, uri_for("playlist", r.id, None))
+        )
+    groups = [f'AUDIO="{AUDIO_GROUP}"'] if audio else []
+    groups += [f'SUBTITLES="{SUBTITLES_GROUP}"'] if subs else []
+    alt_codecs = list(dict.fromkeys(r.codecs for r in audio))
+    variants = [r for r in manifest.renditions if r.alternate is None and r.kind != "subtitles"]
+    for r in variants or audio[:1]:
+        lines.append(_stream_inf(r, groups, alt_codecs if r.kind == "video" else []))
         lines.append(_checked(uri_for("playlist", r.id, None)))
     return "\n".join(lines) + "\n"
 
@@ -96,6 +134,13 @@ def render_media(manifest: Manifest, rendition_id: str, uri_for: UriFor) -> str:
         "#EXT-X-PLAYLIST-TYPE:VOD",
         "#EXT-X-INDEPENDENT-SEGMENTS",
     ]
+    if r.kind == "subtitles":
+        for seg in r.segments:
+            lines.append(f"#EXTINF:{_extinf(seg.duration, r.timescale)},")
+            assert seg.cid is not None
+            lines.append(_checked(uri_for("subtitle", r.id, seg.cid)))
+        lines.append("#EXT-X-ENDLIST")
+        return "\n".join(lines) + "\n"
     if manifest.container == "fmp4":
         if r.init is None and not r.on_demand:
             raise ManifestError(f"rendition {r.id!r} has no init segment")

@@ -62,7 +62,7 @@ from peerd.core import httphead
 from peerd.core.validators import blob_etag
 
 _TARGET = re.compile(
-    r"/hls/(b[a-z2-7]{58})/(?:([a-z0-9][a-z0-9_-]{0,31})\.m3u8|b/(b[a-z2-7]{58})\.(mp4|m4s|ts))"
+    r"/hls/(b[a-z2-7]{58})/(?:([a-z0-9][a-z0-9_-]{0,31})\.m3u8|b/(b[a-z2-7]{58})\.(mp4|m4s|ts|vtt))"
     r"(?:\?token=([A-Za-z0-9._-]{1,512}))?"
 )
 _MAX_BUFFER = 64 * 1024

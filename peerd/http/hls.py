@@ -4,7 +4,7 @@ URL layout (see README "HLS URLs"); every URL carries ``?token=`` in token mode:
 
     /hls/<media_id>/master.m3u8                 master playlist
     /hls/<media_id>/<rendition_id>.m3u8         media playlist of one rendition
-    /hls/<media_id>/b/<cid>.<mp4|m4s|ts>        init (.mp4) or media segment by content id
+    /hls/<media_id>/b/<cid>.<mp4|m4s|ts|vtt>    init (.mp4), media or WebVTT segment by content id
     /hls/<media_id>/s/<rendition_id>/<seq>.<m4s|ts>   segment of an on-demand rendition by number
     /hls/<media_id>/s/<rendition_id>/init.mp4         its init segment (fMP4)
 
@@ -69,6 +69,7 @@ CONTENT_TYPES = {
     "m4s": "video/iso.segment",
     "ts": "video/mp2t",
     "mp4": "video/mp4",
+    "vtt": "text/vtt",
 }
 _PLACEHOLDER = "\x1ftoken\x1f"
 _MAX_MEDIA_CACHED = 256
@@ -100,7 +101,7 @@ def _build_media(manifest: Manifest) -> _Media:
             blobs[r.init] = "mp4"
         for s in r.segments:
             if s.cid is not None:
-                blobs.setdefault(s.cid, seg_ext)
+                blobs.setdefault(s.cid, "vtt" if r.kind == "subtitles" else seg_ext)
     media = _Media(manifest, blobs, PlayOrder.of(manifest))
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
@@ -110,6 +111,8 @@ def _build_media(manifest: Manifest) -> _Media:
             if ref is None:
                 return f"s/{rendition_id}/init.mp4{_PLACEHOLDER}"
             return f"b/{ref}.mp4{_PLACEHOLDER}"
+        if kind == "subtitle":
+            return f"b/{ref}.vtt{_PLACEHOLDER}"
         if isinstance(ref, int):
             return f"s/{rendition_id}/{ref}.{seg_ext}{_PLACEHOLDER}"
         return f"b/{ref}.{seg_ext}{_PLACEHOLDER}"
@@ -606,7 +609,7 @@ def install(
         f"/hls/{media}/{{name:[a-z0-9][a-z0-9_-]{{0,31}}}}.m3u8", w(routes.playlist)
     )
     blob = app.router.add_get(
-        f"/hls/{media}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s|ts}}", w(routes.blob)
+        f"/hls/{media}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s|ts|vtt}}", w(routes.blob)
     )
     # The fast path (peerd.http.fastpath) counts its requests under the same route labels.
     assert pl.resource is not None

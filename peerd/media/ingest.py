@@ -61,6 +61,7 @@ log = logging.getLogger("peerd.media")
 
 MEDIA_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mpg", ".mpeg", ".flv"}
+    | {".m4a", ".mp3", ".aac", ".flac", ".ogg", ".opus", ".wav", ".mka"}
 )
 
 MAX_PENDING_PUTS = 4
@@ -88,6 +89,8 @@ class IngestResult:
     wall_s: float = 0.0
     skipped: bool = False
     renditions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    """Streams of the file that were not packaged, and why (e.g. bitmap subtitles)."""
 
     @property
     def speed(self) -> float:
@@ -99,6 +102,7 @@ class IngestResult:
         out = asdict(self)
         out["path"] = str(self.path)
         out["renditions"] = list(self.renditions)
+        out["warnings"] = list(self.warnings)
         return out
 
 
@@ -120,6 +124,11 @@ class MediaMetrics:
         self.wall_seconds = Counter(
             "peerd_media_packaging_wall_seconds",
             "Wall-clock seconds spent packaging (speed = packaged / wall)",
+            registry=registry,
+        )
+        self.skipped_streams = Counter(
+            "peerd_media_streams_skipped",
+            "Streams of ingested files that were not packaged (e.g. bitmap subtitles)",
             registry=registry,
         )
         self.on_demand = Counter(
@@ -302,9 +311,8 @@ class Ingestor:
 
                 info = probe(path)
                 duration[0] = info.duration
-                passes[0] = 1 + sum(
-                    1 for r in opts.ladder if not r.on_demand and r.height < info.video.height
-                )
+                height = info.video.height if info.video is not None else 0
+                passes[0] = 1 + sum(1 for r in opts.ladder if not r.on_demand and r.height < height)
                 if progress is not None:
                     progress(0.0, duration[0] * passes[0])
                 try:
@@ -351,11 +359,13 @@ class Ingestor:
                 duration_s=info.duration,
                 wall_s=wall,
                 renditions=tuple(r.id for r in manifest.renditions),
+                warnings=info.warnings,
             )
             if self.metrics is not None:
                 self.metrics.ingests.labels(result="ok").inc()
                 self.metrics.media_seconds.inc(res.duration_s)
                 self.metrics.wall_seconds.inc(wall)
+                self.metrics.skipped_streams.inc(len(res.warnings))
             log.info(
                 "ingested",
                 extra={

@@ -21,6 +21,12 @@ Theory of operation
 4. **Lower rungs and audio-only.** Derived from the top rendition one segment at a time
    (`peerd.media.transcode.derive_segment`), at ingest for eager rungs and later for on-demand
    ones, with the same bytes either way.
+5. **Alternate tracks** (`peerd.media.tracks`): when a file has several audio streams, every
+   one of them (the video renditions then carry none; a file with one audio stream is packaged
+   as before), and the text subtitles, cut along the top rendition's segments and listed as
+   ``EXT-X-MEDIA`` tracks with their language and default flags. A file without video becomes
+   audio-only renditions on a ``segment_seconds`` grid. Streams that cannot be packaged (bitmap
+   subtitles) are logged and reported (`SourceInfo.warnings`).
 
 Blob bytes, and so the media id, are a function of (input bytes, `PackagingOptions`,
 `PACKAGER_VERSION`) only; the manifest records the version and the path that made the top
@@ -30,13 +36,14 @@ silent difference between nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,14 +55,24 @@ import av
 import av.error
 
 from peerd.core.ids import Cid, cid_of
-from peerd.core.manifest import Manifest, Packager, Recipe, Rendition, RenditionKind, Segment
+from peerd.core.manifest import (
+    LANGUAGE_RE,
+    Alternate,
+    Manifest,
+    Packager,
+    Recipe,
+    Rendition,
+    RenditionKind,
+    Segment,
+)
 from peerd.errors import MediaError, PeerdError
 from peerd.media import codecs, fmp4, isobmff
 from peerd.media import remux as remuxer
 from peerd.media.cut import TIMESCALE, Cutter, Seg, fill_dts, rescale, t_of, ticks
 from peerd.media.mux import SegmentBytes, SegmentMuxer
 from peerd.media.options import PackagingOptions, Rung
-from peerd.media.probe import SourceInfo, file_identity, open_input, probe
+from peerd.media.probe import AudioInfo, SourceInfo, SubtitleInfo, file_identity, open_input, probe
+from peerd.media.tracks import AAC_RATES, Timeline, Track, track_pass
 from peerd.media.transcode import (
     Scaler,
     SeiFilter,
@@ -78,8 +95,6 @@ is copied and whose file `peerd.media.isobmff` accepts is made by the native rem
 libav. Version 2: MPEG-TS segments are padded to whole continuity-counter cycles per PID
 (`peerd.media.mpegts`). Raise it whenever a change makes different bytes from the same input and
 options."""
-
-AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 8000})
 
 Sink = Callable[[bytes, str, Cid], Cid]
 """Stores one blob (bytes, kind "init" | "segment", its content id) and returns the id; may block.
@@ -198,6 +213,8 @@ class _Out:
     height: int | None = None
     recipe: Recipe | None = None
     mux_init: bytes | None = None
+    origin: Fraction = Fraction(0)
+    """Source time (seconds) of tick 0 of the top rendition's timeline."""
 
 
 def _wrap_av(path: Path, exc: Exception, where: str) -> MediaError:
@@ -220,6 +237,8 @@ def package(
     set, and whatever `sink` raises (e.g. StoreFull).
     """
     src = info if info is not None else probe(path)
+    for warning in src.warnings:
+        log.warning("stream not packaged", extra={"path": str(path), "reason": warning})
     job = _Job(src, opts, sink, progress, cancel)
     started = time.monotonic()
     try:
@@ -241,6 +260,13 @@ def package(
 def _package(job: _Job) -> Manifest:
     src, opts = job.src, job.opts
     v = src.video
+    if v is None:
+        return _package_audio(job)
+    if len(src.audios) > 1:
+        # Every audio track becomes an alternate rendition and the video renditions carry none:
+        # hls.js cannot play alternate audio beside audio muxed into fMP4 video segments (both
+        # would feed audio to the browser's buffers).
+        job.src = src = dataclasses.replace(src, audio=None)
     remux = opts.transcode == "auto" and src.can_remux()
     if remux and opts.max_height is not None and v.height > opts.max_height:
         remux = False
@@ -322,7 +348,137 @@ def _package(job: _Job) -> Manifest:
     if audio_out is not None:
         renditions.append(_finish(audio_out, opts, src, start, None))
     packager = Packager(PACKAGER_VERSION, "isobmff" if native is not None else "libav")
-    return Manifest(container=opts.container, renditions=tuple(renditions), packager=packager)
+    alternates = src.audios if len(src.audios) > 1 else ()
+    if alternates or src.subtitles:
+        durations = tuple(d for d, _, _ in top.segs)
+        timeline = Timeline(top.origin, start, durations, _step(opts))
+        tracks = track_pass(
+            src,
+            opts.container,
+            opts.audio_bitrate,
+            timeline,
+            alternates,
+            src.subtitles,
+            job.put,
+            job.check,
+        )
+        labels = _alternates(src.audios, src.subtitles)
+        renditions += [_track_rendition(t, labels[t.info.index]) for t in _played(tracks)]
+        job.still_there()
+    return Manifest(
+        container=opts.container,
+        renditions=tuple(renditions),
+        packager=packager,
+    )
+
+
+def _played(tracks: list[Track]) -> list[Track]:
+    """The tracks that hold anything (a stream without a single packet has nothing to play)."""
+    for t in tracks:
+        if not t.segs:
+            log.warning("empty stream", extra={"stream": t.info.index})
+    return [t for t in tracks if t.segs]
+
+
+def _step(opts: PackagingOptions) -> Fraction:
+    return Fraction(opts.segment_seconds).limit_denominator(1000)
+
+
+def _package_audio(job: _Job) -> Manifest:
+    """An audio-only file: every audio stream (and text subtitles) on a segment grid."""
+    src, opts = job.src, job.opts
+    with open_input(src.path) as c:
+        origin = Fraction(c.start_time, av.time_base) if c.start_time is not None else Fraction(0)
+    timeline = Timeline(origin, 0, None, _step(opts))
+
+    def progress(done: float) -> None:
+        job.top_done = max(job.top_done, done)
+        _report(job)
+
+    tracks = track_pass(
+        src,
+        opts.container,
+        opts.audio_bitrate,
+        timeline,
+        src.audios,
+        src.subtitles,
+        job.put,
+        job.check,
+        progress,
+    )
+    job.still_there()
+    job.top_done = src.duration
+    _report(job)
+    labels = _alternates(src.audios, src.subtitles)
+    tracks = _played(tracks)
+    if not any(isinstance(t.info, AudioInfo) for t in tracks):
+        raise MediaError(f"{src.path}: no decodable audio", path=str(src.path))
+    if len(src.audios) == 1 and not src.subtitles:
+        # One track and nothing to choose from: a plain audio-only variant.
+        renditions = [_track_rendition(tracks[0], None)]
+    else:
+        renditions = [_track_rendition(t, labels[t.info.index]) for t in tracks]
+    return Manifest(
+        container=opts.container,
+        renditions=tuple(renditions),
+        packager=Packager(PACKAGER_VERSION, "libav"),
+    )
+
+
+def _alternates(
+    audios: tuple[AudioInfo, ...], subtitles: tuple[SubtitleInfo, ...]
+) -> dict[int, Alternate]:
+    """The EXT-X-MEDIA label of every track by stream index: a name unique among the tracks of
+    its kind (title, else language, else a number), and one default per kind (audio: the
+    source's default, else the first track; subtitles: the source's default, if any)."""
+    out: dict[int, Alternate] = {}
+    groups: tuple[tuple[str, Sequence[AudioInfo | SubtitleInfo]], ...] = (
+        ("audio", audios),
+        ("subtitles", subtitles),
+    )
+    for kind, streams in groups:
+        names: set[str] = set()
+        default = next((s.index for s in streams if s.default), None)
+        if default is None and kind == "audio" and streams:
+            default = streams[0].index
+        for n, s in enumerate(streams, 1):
+            name = _clean_name(s.title) or _clean_name(s.language) or f"{kind} {n}"
+            if name in names:
+                name = f"{name} ({n})"
+            names.add(name)
+            lang = s.language if s.language and LANGUAGE_RE.match(s.language) else None
+            forced = isinstance(s, SubtitleInfo) and s.forced
+            out[s.index] = Alternate(name, lang, s.index == default, forced)
+    return out
+
+
+def _clean_name(title: str | None) -> str | None:
+    """A stream title usable as an HLS NAME: no quotes or control characters, and short enough
+    (56) that a " (n)" making it unique keeps it within the manifest's 64."""
+    if not title:
+        return None
+    kept = "".join(c for c in title if c != '"' and c.isprintable()).strip()[:56]
+    return kept or None
+
+
+def _track_rendition(t: Track, label: Alternate | None) -> Rendition:
+    info = t.info
+    kind: RenditionKind = "audio" if isinstance(info, AudioInfo) else "subtitles"
+    # Stream indexes: unique in the file, and the same on every node.
+    rid = f"a{info.index}" if kind == "audio" else f"t{info.index}"
+    peak, avg = _bandwidth(t.segs)
+    return Rendition(
+        id=rid,
+        kind=kind,
+        codecs=t.codecs,
+        bandwidth=peak,
+        average_bandwidth=avg,
+        timescale=TIMESCALE,
+        start=t.start,
+        init=None if t.init is None else t.init.result(),
+        segments=tuple(Segment(d, c.result()) for d, c, _ in t.segs),
+        alternate=label,
+    )
 
 
 def _audio_codecs(src: SourceInfo, opts: PackagingOptions) -> str:
@@ -427,10 +583,12 @@ def _top_pass(
     """Produce the top rendition; returns the start time (ticks) of its first segment."""
     src, opts = job.src, job.opts
     path = src.path
+    vi = src.video
+    assert vi is not None
     inp = open_input(path)
     holder: av.container.OutputContainer | None = None
     try:
-        vin: Any = inp.streams[src.video.index]
+        vin: Any = inp.streams[vi.index]
         ain: Any = inp.streams[src.audio.index] if src.audio is not None else None
         tb: Fraction = vin.time_base or Fraction(1, TIMESCALE)
         copy_audio = ain is not None and src.can_copy_audio(opts.container)
@@ -449,7 +607,7 @@ def _top_pass(
                 holder,
                 width,
                 height,
-                src.video.frame_rate,
+                vi.frame_rate,
                 tb,
                 opts.crf,
                 opts.preset,
@@ -477,7 +635,7 @@ def _top_pass(
             opts.container,
             vtemplate,
             atemplate,
-            hevc=remux and src.video.codec == "hevc",
+            hevc=remux and vi.codec == "hevc",
             size=None if remux else (width, height),
         )
         state: dict[str, Any] = {"origin": None, "start": 0}
@@ -499,6 +657,7 @@ def _top_pass(
                 first = min([seg.start] + [t for t in lead if t is not None])
                 state["start"] = ticks(max(first, first_origin) - first_origin)
             origin: Fraction = state["origin"]
+            top.origin = origin
             assert seg.end is not None
             begin = state["start"] if seq == 0 else ticks(seg.start - origin)
             duration = ticks(seg.end - origin) - begin
@@ -507,7 +666,7 @@ def _top_pass(
             on_segment(out, max(duration, 1))
 
         cutter = Cutter(opts.segment_seconds, atemplate is not None, emit)
-        vdur_default = Fraction(1) / (src.video.frame_rate or 30)
+        vdur_default = Fraction(1) / (vi.frame_rate or 30)
         last_pts: list[int | None] = [None]
         audio_next: list[int | None] = [None]
 
@@ -593,12 +752,12 @@ def _top_pass(
         extradata = coder.codec_context.extradata
         if not extradata:
             extradata = state.get("first_video")  # Annex B SPS in the first keyframe (TS)
-        vcodec = codecs.video_codec(src.video.codec if remux else "h264", extradata)
+        vcodec = codecs.video_codec(vi.codec if remux else "h264", extradata)
         if muxer.init is not None and remux:
-            box = b"hvcC" if src.video.codec == "hevc" else b"avcC"
+            box = b"hvcC" if vi.codec == "hevc" else b"avcC"
             cfg = fmp4.codec_config(muxer.init, box)
             if cfg:
-                vcodec = codecs.video_codec(src.video.codec, cfg)
+                vcodec = codecs.video_codec(vi.codec, cfg)
         top.codecs = vcodec
         if src.audio is not None:
             top.codecs += "," + _audio_codecs(src, opts)
@@ -619,6 +778,8 @@ def _native_top_pass(
     reads its samples straight from the file and hashes them (run in a hashing thread)."""
     src = job.src
     path = src.path
+    vi = src.video
+    assert vi is not None
     try:
         video, audio, cuts = native.video, native.audio, native.plan
         end = float(cuts.video_end - cuts.first_start)
@@ -627,6 +788,7 @@ def _native_top_pass(
                 f"{path}: truncated: video ends at {end:.1f} s of {src.duration:.1f} s",
                 path=str(path),
             )
+        top.origin = cuts.origin
         tracks = [video] + ([audio] if audio is not None else [])
         init = isobmff.init_segment(tracks)
         top.mux_init = init
@@ -647,8 +809,8 @@ def _native_top_pass(
         # Every read has ended (the descriptor is closed below) before the file is checked.
         futures.wait(job.reads)
         job.still_there()
-        entry = b"hvcC" if src.video.codec == "hevc" else b"avcC"
-        top.codecs = codecs.video_codec(src.video.codec, fmp4.codec_config(init, entry))
+        entry = b"hvcC" if vi.codec == "hevc" else b"avcC"
+        top.codecs = codecs.video_codec(vi.codec, fmp4.codec_config(init, entry))
         if src.audio is not None:
             top.codecs += "," + _audio_codecs(src, job.opts)
         return cuts.start_ticks

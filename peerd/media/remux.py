@@ -75,6 +75,7 @@ def open_native(src: SourceInfo, opts: PackagingOptions) -> Native | None:
     """
     if opts.container != "fmp4" or (src.audio is not None and not src.can_copy_audio("fmp4")):
         return None
+    assert src.video is not None
     try:
         fd = os.open(src.path, os.O_RDONLY)
     except OSError as exc:

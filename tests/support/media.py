@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from peerd.core.ids import Cid, cid_of
 
-BadKind = Literal["empty", "text", "truncated", "audio_only", "unknown_codec"]
+BadKind = Literal["empty", "text", "truncated", "subtitles_only", "unknown_codec"]
 
 _VCODEC_ARGS: dict[str, list[str]] = {
     "h264": ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-threads", "1"],
@@ -46,6 +46,13 @@ _ACODEC_ARGS: dict[str, list[str]] = {
     "mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
     "pcm": ["-c:a", "pcm_s16le"],
 }
+
+
+def _ffmpeg(*args: str) -> None:
+    """Run the ffmpeg CLI quietly with bit-exact output; raise if it fails."""
+    cmd = [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args[:-1]]
+    cmd += ["-fflags", "+bitexact", args[-1]]
+    subprocess.run(cmd, check=True)  # noqa: S603 - argument list built here
 
 
 def ffmpeg_path() -> str:
@@ -125,25 +132,12 @@ def make_bad(path: Path, kind: BadKind) -> Path:
         data = full.read_bytes()
         full.unlink()
         path.write_bytes(data[: len(data) // 2])
-    elif kind == "audio_only":
-        args = [
-            ffmpeg_path(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:sample_rate=48000:duration=2",
-            "-c:a",
-            "aac",
-            "-fflags",
-            "+bitexact",
-            str(path),
-        ]
-        subprocess.run(args, check=True)  # noqa: S603 - fixed argument list
+    elif kind == "subtitles_only":
+        # A subtitle track and nothing to play: neither video nor audio.
+        srt = path.with_name(path.stem + ".srt")
+        srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nalone\n")
+        _ffmpeg("-i", str(srt), "-c:s", "mov_text", str(path))
+        srt.unlink()
     elif kind == "unknown_codec":
         # A Matroska file whose CodecID names no codec libavcodec knows.
         mkv = make_media(path.with_name(path.stem + ".ok.mkv"), seconds=2, acodec=None)
@@ -191,8 +185,9 @@ def make_truncated_faststart(path: Path) -> Path:
 def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Path:
     """Write a manifest's playlists and pinned blobs as a plain HLS tree; returns master path.
 
-    Blobs are named ``<cid>.m4s`` / ``<cid>.ts``, playlists ``<rendition>.m3u8``, the master
-    ``master.m3u8``; on-demand renditions are left out. ffprobe/ffmpeg/nginx can read the tree.
+    Blobs are named ``<cid>.m4s`` / ``<cid>.ts`` (``<cid>.vtt`` for subtitles), playlists
+    ``<rendition>.m3u8``, the master ``master.m3u8``; on-demand renditions are left
+    out. ffprobe/ffmpeg/nginx can read the tree.
     """
     from peerd.core import playlist
     from peerd.core.manifest import Manifest
@@ -207,10 +202,13 @@ def export_hls(manifest: Any, blob: Callable[[str], bytes], outdir: Path) -> Pat
     outdir.mkdir(parents=True, exist_ok=True)
 
     def uri(kind: str, rid: str, ref: str | int | None) -> str:
-        return f"{rid}.m3u8" if kind == "playlist" else f"{ref}.{ext}"
+        if kind == "playlist":
+            return f"{rid}.m3u8"
+        return f"{ref}.vtt" if kind == "subtitle" else f"{ref}.{ext}"
 
+    text = {s.cid for r in ready.renditions if r.kind == "subtitles" for s in r.segments}
     for cid in ready.blob_cids():
-        (outdir / f"{cid}.{ext}").write_bytes(blob(cid))
+        (outdir / f"{cid}.{'vtt' if cid in text else ext}").write_bytes(blob(cid))
     for r in ready.renditions:
         (outdir / f"{r.id}.m3u8").write_text(playlist.render_media(ready, r.id, uri))
     master = outdir / "master.m3u8"
@@ -249,3 +247,87 @@ class MemorySink:
         assert cid == cid_of(data)  # noqa: S101 -- a test fake: a wrong cid is a packager bug
         self.blobs[cid] = data
         return cid
+
+
+SRT_CUES = (
+    (0.5, 1.5, "Hello <i>world</i>", "Hello world"),
+    (2.0, 3.2, "Second & line\ntwo", "Second &amp; line\ntwo"),
+    (4.5, 5.5, "Third cue", "Third cue"),
+)
+"""(start s, end s, SRT text, WebVTT text) of the subtitles `make_multitrack` writes."""
+
+TONES = {"eng": 440, "fra": 880}
+"""Frequency (Hz) of the sine tone of each audio track of `make_multitrack`, by language."""
+
+
+def _srt(path: Path, cues: tuple[tuple[float, float, str, str], ...]) -> Path:
+    def stamp(t: float) -> str:
+        ms = round(t * 1000)
+        return (
+            f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+        )
+
+    blocks = [
+        f"{i}\n{stamp(a)} --> {stamp(b)}\n{text}\n" for i, (a, b, text, _) in enumerate(cues, 1)
+    ]
+    path.write_text("\n".join(blocks))
+    return path
+
+
+def make_multitrack(path: Path, *, seconds: float = 6.0, bitmap: bool = True) -> Path:
+    """A clip with H.264 video, two AAC tracks (English, then French marked default) playing
+    `TONES`, an English text subtitle track with `SRT_CUES` (SRT in Matroska, mov_text in MP4)
+    and, with `bitmap`, a DVD (bitmap) subtitle track (Matroska only). Returns the path.
+
+    ffmpeg cannot make bitmap subtitles from text, so the second text track's CodecID is
+    rewritten to ``S_VOBSUB`` (the padding kept as an EBML Void): a stream peerd must report as
+    skipped, never decoded.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    srt = _srt(path.with_name(path.stem + ".srt"), SRT_CUES)
+    mkv = path.suffix == ".mkv"
+    args = [
+        *("-f", "lavfi", "-i", f"testsrc2=size=160x120:rate=30:duration={seconds}"),
+        *(
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={TONES['eng']}:sample_rate=48000:duration={seconds}",
+        ),
+        *(
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={TONES['fra']}:sample_rate=48000:duration={seconds}",
+        ),
+        *("-i", str(srt)),
+    ]
+    args += ["-map", "0:v", "-map", "1:a", "-map", "2:a", "-map", "3:s"]
+    if bitmap:
+        if not mkv:
+            raise ValueError("bitmap subtitles are written to Matroska only")
+        args += ["-map", "3:s"]
+    args += [*_VCODEC_ARGS["h264"], "-g", "30", *_ACODEC_ARGS["aac"]]
+    args += ["-c:s", "srt" if mkv else "mov_text"]
+    args += ["-metadata:s:a:0", "language=eng", "-metadata:s:a:1", "language=fra"]
+    args += ["-metadata:s:s", "language=eng", "-disposition:s", "0"]
+    args += ["-disposition:a:0", "0", "-disposition:a:1", "default"]
+    _ffmpeg(*args, str(path))
+    srt.unlink()
+    if bitmap:
+        data = path.read_bytes()
+        text_id = b"\x86\x8bS_TEXT/UTF8"
+        at = data.rfind(text_id)
+        if at < 0 or data.count(text_id) != 2:
+            raise RuntimeError("unexpected Matroska layout from ffmpeg")
+        vobsub = b"\x86\x88S_VOBSUB" + b"\xec\x81\x00"  # same length: a 3-byte EBML Void
+        path.write_bytes(data[:at] + vobsub + data[at + len(text_id) :])
+    return path
+
+
+def make_audio(path: Path, *, seconds: float = 6.0, acodec: str = "aac") -> Path:
+    """An audio-only file (a 440 Hz tone; container from the suffix, e.g. .m4a or .mp3)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tone = f"sine=frequency=440:sample_rate=48000:duration={seconds}"
+    _ffmpeg("-f", "lavfi", "-i", tone, *_ACODEC_ARGS[acodec], str(path))
+    return path
