@@ -288,7 +288,7 @@ class WhepService:
         summary = summarize_offer(offer)
         playable = await self._playable(media_id)
         plan = VideoPlan("refuse", reason="the offer has no video section")
-        if "video" in summary.kinds:
+        if "video" in summary.kinds and playable.rendition is not None:
             plan = choose_video(
                 summary.video_codecs,
                 playable.profile,
@@ -298,6 +298,12 @@ class WhepService:
             if plan.mode == "refuse":
                 self.metrics.rejected.labels(reason="codec").inc()
                 raise BadRequest(f"cannot send this media to the viewer: {plan.reason}")
+        if plan.mode == "refuse" and not ("audio" in summary.kinds and playable.has_audio):
+            # A session that would send nothing at all is refused rather than left silent.
+            self.metrics.rejected.labels(reason="kind").inc()
+            if playable.rendition is None:
+                raise BadRequest("the media is audio-only and the offer has no audio section")
+            raise BadRequest("the media has no sound and the offer has no video section")
         servers = await self.ice.servers()
         # Negotiation is a few milliseconds of synchronous aiortc work; yield between its stages
         # so that many offers arriving at once never hold the loop in one long step.
