@@ -25,6 +25,12 @@ async def media_exists(catalog: Catalog, media_id: str) -> bool:
         return await cur.fetchone() is not None
 
 
+async def media_ids(catalog: Catalog) -> list[str]:
+    """Every media id in the catalog (announced on the DHT beside the blob ids)."""
+    async with catalog.conn.execute("SELECT media_id FROM media") as cur:
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
 async def media_count(catalog: Catalog) -> int:
     """How many media items the catalog holds."""
     async with catalog.conn.execute("SELECT COUNT(*) FROM media") as cur:
