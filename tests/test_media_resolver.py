@@ -34,6 +34,9 @@ async def test_concurrent_requests_make_one_lookup_and_record_the_manifest(
     assert await finder.ensure_media(media_id) == data
     assert src.requests == [media_id]
     assert finder.m_lookups.labels(source="libp2p", outcome="ok")._value.get() == 1
+    # Its blobs come on demand: the catalog is consistent without them.
+    report = await runtime.store.verify()
+    assert report.ok, report.problems()
 
 
 async def test_unknown_media_is_not_found_and_remembered_briefly(runtime: Runtime) -> None:
