@@ -2,16 +2,17 @@
 play it to ffmpeg from whichever source has it (issue 20, item 1).
 
 Nodes (loopback):
-- ``holder`` (A): mDNS + libp2p, holds every clip below; the only holder of ``lib``, ``lan``
-  and ``pre``.
+- ``holder`` (A): mDNS + libp2p, holds every clip below; the only holder of ``lib``, ``lan``,
+  ``pre`` and ``whep``.
 - ``dht`` (B): libp2p only (no mDNS, no R2), bootstraps to A: A is a libp2p-only holder to it.
 - ``lan`` (C): mDNS + R2 (moto), no libp2p: A is a LAN holder to it; the bucket holds the
   ``r2`` clip (manifest under ``media/<id>.json``, blobs under ``blobs/<cid>``) and a forged
   manifest.
 
-Neither B nor C has any media in its catalog at start. ffmpeg plays a signed master URL of B or
-C (``-xerror``: any decoding error fails it); the node finds the manifest through its sources,
-checks it hashes to the id, records it and fetches the segments on demand.
+Neither B nor C has any media in its catalog at start. ffmpeg plays a signed master URL of B
+or C (``-xerror``: any decoding error fails it); the node finds the manifest through its
+sources, checks it hashes to the id, records it and fetches the segments on demand. A fourth
+node whose only source (R2) refuses every connection shows the 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pytest
 
 from peerd.catalog.media import media_blobs, media_manifest
 from peerd.config import load_settings
+from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
 from peerd.replication.r2 import blob_key, manifest_key
 from peerd.runtime import open_runtime
@@ -39,15 +41,22 @@ from tests.support.coordinator import NodeApiClient
 from tests.support.p2p import loopback_multicast, metric, p2p_addrs
 from tests.support.process import PeerdProcess
 from tests.support.r2media import hls_url, r2_config, write_r2_secrets
-from tests.support.s3server import MotoServer
+from tests.support.s3server import MotoServer, free_port
 from tests.support.whep_media import HlsClip, add_media, make_hls
+from tests.support.whep_viewer import ViewerProcess
 
 pytestmark = pytest.mark.timeout(300)
 
 P2P = {"enabled": True, "host": "127.0.0.1", "tcp_port": 0, "ws_port": 0, "provide_tick_s": 0.5}
 MDNS = {"enabled": True, "interfaces": ["127.0.0.1"], "recheck_s": 2.0}
 # Distinct frame sizes: no blob is shared between clips, so each plays from its own source.
-CLIPS = {"lib": (320, 240), "lan": (256, 192), "r2": (352, 288), "pre": (288, 224)}
+CLIPS = {
+    "lib": (320, 240),
+    "lan": (256, 192),
+    "r2": (352, 288),
+    "pre": (288, 224),
+    "whep": (240, 176),
+}
 
 
 @dataclass
@@ -246,6 +255,41 @@ async def test_prefetch_of_media_held_by_a_libp2p_peer(net: Net) -> None:
         await client.close()
     held = {p.name for p in (net.dht.state_dir / "blobs").rglob("b*") if p.is_file()}
     assert set(net.blobs["pre"]) <= held
+
+
+async def test_whep_offer_for_media_held_by_a_libp2p_peer(net: Net) -> None:
+    await asyncio.to_thread(_wait_provided, net)
+    media_id = net.media["whep"]
+    before = await asyncio.to_thread(_lookups, net.dht, "libp2p", "ok")
+    secret = (net.dht.state_dir / "secrets" / "hls_signing_key").read_text()
+    token = tokens.mint(tokens.key_from_secret(secret), media_id, "whep", int(time.time()) + 600)
+    viewer = await ViewerProcess.start(f"{net.dht.base_url}/whep/{media_id}?token={token}")
+    try:
+        assert viewer.status == 201, net.dht.logs()[-3000:]
+        deadline = time.monotonic() + 30
+        while (await viewer.stats())["video"] < 1:
+            assert time.monotonic() < deadline, "no video frame decoded"
+            await asyncio.sleep(0.1)
+    finally:
+        await viewer.close()
+    assert await asyncio.to_thread(_lookups, net.dht, "libp2p", "ok") == before + 1
+
+
+def test_failing_sources_answer_503_with_retry_after(tmp_path: Path, net: Net) -> None:
+    # R2 that refuses every connection: the lookup fails (not "not found"), so 503.
+    r2 = {"endpoint": f"http://127.0.0.1:{free_port()}", "bucket": "gone"}
+    node = PeerdProcess(tmp_path / "down", config={"r2": r2, "http": {"request_timeout_s": 4.0}})
+    node.init()
+    write_r2_secrets(node.state_dir)
+    node.start()
+    try:
+        status, retry_after = _status(node, net.media["r2"])
+        assert status == 503, node.logs()[-3000:]
+        assert retry_after is not None
+        assert _lookups(node, "all", "unavailable") >= 1
+        assert not _catalogued(node, net.media["r2"])
+    finally:
+        assert node.stop() == 0, node.logs()[-3000:]
 
 
 def test_plays_from_r2_when_the_holder_is_gone(net: Net) -> None:
