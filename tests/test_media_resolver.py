@@ -52,6 +52,10 @@ async def test_unknown_media_is_not_found_and_remembered_briefly(runtime: Runtim
     with pytest.raises(NotFound):
         await finder.ensure_media(unknown)
     assert src.requests == [unknown, unknown]
+    # Not a content id: no manifest can hash to it, so no source is asked.
+    with pytest.raises(NotFound):
+        await finder.ensure_media("not-a-cid")
+    assert src.requests == [unknown, unknown]
 
 
 async def test_failing_sources_are_unavailable_not_missing(runtime: Runtime) -> None:

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from peerd.catalog import Catalog
 from peerd.catalog.media import media_manifest, record_media
-from peerd.core.ids import Cid, cid_of
+from peerd.core.ids import Cid, cid_of, is_cid
 from peerd.core.manifest import decode
 from peerd.delivery.resolver import RETRY_BASE_S, RETRY_MAX_S, source_order
 from peerd.delivery.source import Offer, Source
@@ -37,6 +37,7 @@ from peerd.errors import IntegrityError, NotFound, PeerdError, Unavailable
 log = logging.getLogger("peerd.delivery")
 
 MAX_MANIFEST = 16 * 1024 * 1024
+MAX_MISSES = 4096  # remembered misses before expired ones are dropped
 
 
 class MediaResolver:
@@ -76,6 +77,8 @@ class MediaResolver:
         held = await media_manifest(self.catalog, media_id)
         if held is not None:
             return held
+        if not is_cid(media_id):
+            raise NotFound("no such media")  # no manifest hashes to it: nothing to ask
         fut = self._inflight.get(media_id)
         if fut is not None:
             return await asyncio.shield(fut)
@@ -90,7 +93,11 @@ class MediaResolver:
             data = await self._lookup(Cid(media_id))
         except BaseException as exc:
             if isinstance(exc, NotFound):
-                self._misses[media_id] = self._clock() + self.miss_ttl_s
+                now = self._clock()
+                if len(self._misses) >= MAX_MISSES:
+                    # Ids asked for once and never again must not pile up.
+                    self._misses = {k: t for k, t in self._misses.items() if t > now}
+                self._misses[media_id] = now + self.miss_ttl_s
             if isinstance(exc, asyncio.CancelledError):
                 fut.set_exception(Unavailable(f"lookup of media {media_id} was cancelled"))
             else:
