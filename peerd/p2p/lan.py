@@ -23,7 +23,8 @@ peer (``POST /api/v1/commands/prefetch`` with ``source: "peer"``): the manifest,
 blob from that peer only, every byte verified against its id, the rows committed after the last
 blob. A peer that sends bytes not matching their id is banned and the pull fails with
 :class:`~peerd.errors.IntegrityError`; nothing partial is kept. Only live LAN peers (mDNS) with an
-HTTP URL can be named: a libp2p-only peer's blobs arrive through ``source: "any"`` instead.
+HTTP URL can be named: a libp2p-only peer's media (manifest and blobs) arrives through
+``source: "any"`` instead.
 """
 
 from __future__ import annotations
