@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
@@ -60,14 +61,27 @@ async def test_unknown_media_is_not_found_and_remembered_briefly(runtime: Runtim
 
 async def test_failing_sources_are_unavailable_not_missing(runtime: Runtime) -> None:
     media_id, data = _media()
+    skew = [0.0]
     down = MemorySource(name="r2", fail=True)
-    finder = MediaResolver(runtime.catalog, [down], retry_s=0.3)
+    finder = MediaResolver(
+        runtime.catalog,
+        [down],
+        retry_s=0.3,
+        fail_ttl_s=2.0,
+        clock=lambda: time.monotonic() + skew[0],
+    )
     with pytest.raises(Unavailable) as info:
         await finder.ensure_media(media_id)
     assert info.value.status == 503
     assert info.value.retry_after_s is not None
-    assert len(down.requests) > 1  # retried within retry_s
-    # Not remembered as missing: once the source is back, the next request finds it.
+    asked = len(down.requests)
+    assert asked > 1  # retried within retry_s
+    # Remembered briefly: the next request is answered at once, without asking again.
+    with pytest.raises(Unavailable):
+        await finder.ensure_media(media_id)
+    assert len(down.requests) == asked
+    # Not remembered as missing: once the source is back, a later request finds it.
+    skew[0] += 2.5
     down.fail = False
     down.blobs[media_id] = data
     assert await finder.ensure_media(media_id) == data

@@ -13,8 +13,9 @@ and announces its media ids on the DHT beside its blob ids), then the bucket's
 Bounded as the blob resolver is: one lookup per id at a time (single flight), a short negative
 cache (``miss_ttl_s``) when every source said it lacks the id (:class:`NotFound`, 404), and
 failing sources retried for up to ``retry_s`` before :class:`Unavailable` (503 with
-``Retry-After``). Wrong bytes are refused, reported to the source (its peer gets banned) and
-never recorded. Lookups are counted as ``peerd_manifest_lookups_total{source, outcome}``.
+``Retry-After``, itself remembered for ``fail_ttl_s``). Wrong bytes are refused, reported to
+the source (its peer gets banned) and never recorded. Lookups are counted as
+``peerd_manifest_lookups_total{source, outcome}``.
 """
 
 from __future__ import annotations
@@ -50,16 +51,19 @@ class MediaResolver:
         *,
         registry: CollectorRegistry | None = None,
         miss_ttl_s: float = 5.0,
+        fail_ttl_s: float = 2.0,
         retry_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.catalog = catalog
         self.sources = list(sources)
         self.miss_ttl_s = miss_ttl_s
+        self.fail_ttl_s = fail_ttl_s
         self.retry_s = retry_s
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
-        self._misses: dict[str, float] = {}
+        # media id -> (until, missing): a recent NotFound (True) or Unavailable (False)
+        self._misses: dict[str, tuple[float, bool]] = {}
         self.m_lookups = Counter(
             "peerd_manifest_lookups",
             "Manifest lookups of media the catalog lacked, by source and outcome "
@@ -72,7 +76,8 @@ class MediaResolver:
         """The manifest bytes of ``media_id``, recorded in the catalog first if it lacked them.
 
         NotFound if no source has it (remembered for ``miss_ttl_s``); Unavailable if a source
-        failed and none delivered within ``retry_s``.
+        failed and none delivered within ``retry_s`` (remembered for ``fail_ttl_s``, about a
+        player's ``Retry-After``, so a storm of requests does not start a lookup each).
         """
         held = await media_manifest(self.catalog, media_id)
         if held is not None:
@@ -82,22 +87,27 @@ class MediaResolver:
         fut = self._inflight.get(media_id)
         if fut is not None:
             return await asyncio.shield(fut)
-        until = self._misses.get(media_id)
-        if until is not None:
+        recent = self._misses.get(media_id)
+        if recent is not None:
+            until, missing = recent
             if until > self._clock():
-                raise NotFound("no such media")
+                if missing:
+                    raise NotFound("no such media")
+                raise Unavailable(f"media {media_id} cannot be looked up right now; try again")
             del self._misses[media_id]
         fut = asyncio.get_running_loop().create_future()
         self._inflight[media_id] = fut
         try:
             data = await self._lookup(Cid(media_id))
         except BaseException as exc:
-            if isinstance(exc, NotFound):
+            if isinstance(exc, NotFound | Unavailable):
                 now = self._clock()
                 if len(self._misses) >= MAX_MISSES:
                     # Ids asked for once and never again must not pile up.
-                    self._misses = {k: t for k, t in self._misses.items() if t > now}
-                self._misses[media_id] = now + self.miss_ttl_s
+                    self._misses = {k: v for k, v in self._misses.items() if v[0] > now}
+                missing = isinstance(exc, NotFound)
+                ttl = self.miss_ttl_s if missing else self.fail_ttl_s
+                self._misses[media_id] = (now + ttl, missing)
             if isinstance(exc, asyncio.CancelledError):
                 fut.set_exception(Unavailable(f"lookup of media {media_id} was cancelled"))
             else:
