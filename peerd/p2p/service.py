@@ -71,10 +71,10 @@ class P2PService:
             registry=reg,
         )
         self.m_provided = Counter(
-            "peerd_p2p_provided", "Blob ids announced on the DHT", registry=reg
+            "peerd_p2p_provided", "Blob and media ids announced on the DHT", registry=reg
         )
         self.m_providing = Gauge(
-            "peerd_p2p_providing", "Blob ids this node announces on the DHT", registry=reg
+            "peerd_p2p_providing", "Blob and media ids this node announces on the DHT", registry=reg
         )
         self.m_peers = Gauge("peerd_p2p_connected_peers", "Connected libp2p peers", registry=reg)
         self.m_served = Counter(
