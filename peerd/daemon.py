@@ -37,6 +37,7 @@ from peerd.config import Settings
 from peerd.control import ControlService
 from peerd.coordinator.client import CoordinatorService
 from peerd.delivery import Resolver, Source
+from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
@@ -302,15 +303,19 @@ async def build_services(rt: Runtime) -> Services:
         sources.append(
             Libp2pSource(p2p, timeout_s=s.p2p.fetch_timeout_s, max_providers=s.p2p.max_providers)
         )
+    # Peers answer a media id on their blob protocols with its manifest; R2 keeps manifests
+    # under their own key.
+    manifest_sources = list(sources)
     r2 = await _r2_client(rt)
     replicator: Replicator | None = None
     r2_services: list[Service] = []
     if r2 is not None:
         from peerd.replication.service import Replicator
-        from peerd.replication.source import R2Source
+        from peerd.replication.source import R2ManifestSource, R2Source
         from peerd.replication.tiering import TieringService
 
         sources.append(R2Source(r2, catalog=rt.catalog, timeout_s=s.r2.fetch_timeout_s))
+        manifest_sources.append(R2ManifestSource(r2, timeout_s=s.r2.fetch_timeout_s))
         replicator = Replicator(rt, r2)
         r2_services = [replicator, TieringService(rt, replicator, r2)]
     ingestor = node_ingestor(rt)
@@ -319,8 +324,11 @@ async def build_services(rt: Runtime) -> Services:
     # room for the last round and the answer (503 + Retry-After, not a timeout).
     retry_s = rt.settings.http.request_timeout_s / 2
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry, retry_s=retry_s)
-    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
-    whep = WhepService(rt, resolver=resolver)
+    finder = MediaResolver(
+        rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
+    )
+    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder))
+    whep = WhepService(rt, resolver=resolver, finder=finder)
     ondemand = OnDemand(
         ingestor,
         resolver,
@@ -328,7 +336,7 @@ async def build_services(rt: Runtime) -> Services:
         ahead=s.media.on_demand_ahead,
         registry=rt.metrics.registry,
     )
-    http = HttpService(rt, route_installers(resolver, directory, api, whep, ondemand))
+    http = HttpService(rt, route_installers(resolver, directory, api, whep, ondemand, finder))
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
@@ -351,11 +359,12 @@ def route_installers(
     api: NodeApi,
     whep: WhepService,
     ondemand: OnDemand,
+    finder: MediaResolver,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
         partial(ui.install, resolver=resolver),
-        partial(hls.install, resolver=resolver, ondemand=ondemand),
+        partial(hls.install, resolver=resolver, ondemand=ondemand, finder=finder),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),

@@ -255,8 +255,8 @@ class PrefetchRequest(Request):
     source: Literal["r2", "peer", "any"] = Field(
         default="any",
         description="r2: pull manifest and blobs from R2; peer: from `peer_id` (LAN/libp2p); "
-        "any: the node's delivery order (local, LAN, libp2p, R2) for a media item whose "
-        "manifest it has, else R2.",
+        "any: the node's delivery order (local, LAN, libp2p, R2), for the manifest too when "
+        "the catalog lacks it (404 if no source has it).",
     )
     peer_id: Annotated[str | None, WithJsonSchema(_PEER_SCHEMA)] = Field(
         default=None,

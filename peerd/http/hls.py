@@ -55,6 +55,7 @@ from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
 from peerd.core.validators import blob_etag, precondition, select_range
+from peerd.delivery.media import MediaResolver
 from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import DENIED_BODY, ViewerAuth, viewer_auth
@@ -164,8 +165,10 @@ class HlsRoutes:
         http_metrics: HttpMetrics,
         resolver: Resolver | None = None,
         ondemand: Producer | None = None,
+        finder: MediaResolver | None = None,
     ) -> None:
         self.rt = rt
+        self.finder = finder  # media the catalog lacks; None: 404
         self.resolver = resolver  # None: only held blobs are served
         self.ondemand = ondemand  # None: on-demand segments are served once produced only
         self.auth = auth
@@ -228,7 +231,9 @@ class HlsRoutes:
     async def _load(self, media_id: str) -> _Media:
         raw = await media_manifest(self.rt.catalog, media_id)
         if raw is None:
-            raise NotFound("no such media")
+            if self.finder is None:
+                raise NotFound("no such media")
+            raw = await self.finder.ensure_media(media_id)  # from the network (404/503)
         return _build_media(decode(raw))
 
     async def media(self, media_id: str) -> _Media:
@@ -597,11 +602,13 @@ def install(
     rt: Runtime,
     resolver: Resolver | None = None,
     ondemand: Producer | None = None,
+    finder: MediaResolver | None = None,
 ) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404),
-    on-demand segments not produced yet from ``ondemand`` (none: 404)."""
+    on-demand segments not produced yet from ``ondemand`` (none: 404), media the catalog lacks
+    through ``finder`` (none: 404)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver, ondemand)
+    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver, ondemand, finder)
     app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"
