@@ -104,6 +104,7 @@ def install(
         path = await rt.store.open_path(cid)  # NotFound -> 404
         size = path.stat().st_size
         rt.access.record(cid, size, time.time())
+        rt.uplink.sent(size, time.monotonic())
         served.inc(size)
         return web.FileResponse(
             path,
