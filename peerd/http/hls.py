@@ -32,6 +32,12 @@ Once a media item had a miss, each blob request also starts fetching the next
 ``http.prefetch_segments`` segments of that rendition that the node lacks
 (:meth:`Resolver.prefetch`), so a viewer playing media the node does not hold finds the next
 segments held or on their way (joining a fetch in flight costs no second upstream request).
+
+Uplink admission (``[uplink] budget_mbps``, :mod:`peerd.core.uplink`): after the viewer check,
+a blob request of a stream (media, client, token) not admitted under the budget is answered
+with a 302 to the bucket (``bucket_url``: presigned or the public domain) when R2 holds the
+blob, else 503 + ``Retry-After``; admitted streams are served as above. Blob bytes sent on
+either path are counted into the uplink meter.
 """
 
 from __future__ import annotations
