@@ -9,7 +9,10 @@ rule, set by ``peerd replicate cors``) follow to the right bytes; a media the bu
 expire; the heartbeat carries the admission state and spare uplink.
 
 The bucket is moto behind :class:`tests.support.bucketfront.BucketFront`, which refuses expired
-or forged presigned URLs as R2 does (moto checks neither); moto answers CORS itself.
+or forged presigned URLs as R2 does (moto checks neither). moto answers CORS itself from the
+bucket's rule (PutBucketCors), once its global ``Access-Control-Allow-Origin: *`` is turned off
+(``MOTO_DISABLE_GLOBAL_CORS``): as on R2, a bucket without the rule fails hls.js
+(``fragLoadError``; checked by hand with the ``replicate cors`` step removed).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,14 @@ HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.
 # 125 bytes/s: the first segment a viewer gets uses the budget up for the whole window.
 BUDGET_MBPS = 0.001
 WINDOW_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    """moto as R2 answers browsers: no CORS header unless the bucket has a CORS rule (moto_server
+    otherwise adds ``Access-Control-Allow-Origin: *`` to every answer)."""
+    with MotoServer(env={"MOTO_DISABLE_GLOBAL_CORS": "1"}) as server:
+        yield server
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ query is checked first -- ``X-Amz-Date`` + ``X-Amz-Expires`` must not have passe
 signature must be the one botocore computes for the URL with the test credentials -- then every
 request goes to moto unchanged (method, path, query, headers, body), and moto's answer comes
 back as is. CORS is moto's own (it implements PutBucketCors, preflights and
-``Access-Control-Allow-Origin`` on GET), so the front adds no header of its own.
+``Access-Control-Allow-Origin`` on GET; start moto with ``MOTO_DISABLE_GLOBAL_CORS=1``, or
+moto_server allows every origin on every bucket, which R2 does not), so the front adds none.
 """
 
 from __future__ import annotations
