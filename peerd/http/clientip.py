@@ -7,6 +7,7 @@ from one of the configured proxy networks; otherwise the TCP peer address is the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -33,8 +34,10 @@ def client_ip(request: web.BaseRequest, trusted: tuple[Network, ...]) -> str:
     return client_of(request.remote or "", request.headers.get("CF-Connecting-IP"), trusted)
 
 
+@functools.lru_cache(maxsize=4096)
 def client_of(peer: str, cf_connecting_ip: str | None, trusted: tuple[Network, ...]) -> str:
-    """The client address from the TCP ``peer`` and its ``CF-Connecting-IP`` header."""
+    """The client address from the TCP ``peer`` and its ``CF-Connecting-IP`` header (cached:
+    the uplink admission asks on every blob request, and parsing addresses costs microseconds)."""
     if trusted and _in(peer, trusted):
         forwarded = (cf_connecting_ip or "").strip()
         if forwarded:
