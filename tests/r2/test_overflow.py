@@ -408,3 +408,43 @@ async def test_hlsjs_follows_overflow_redirects_to_the_bucket(
         code = await asyncio.to_thread(node.stop)
         await runner.cleanup()
     assert code == 0, node.logs()[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_public_domain_redirects_without_signature(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """With ``[r2] public_base_url`` the redirect names the bucket's public domain (here moto's
+    path-style bucket URL with public-read objects, as an R2 custom domain serves a bucket)."""
+    clip = await asyncio.to_thread(make_hls, tmp_path / "clip", seconds=4, bframes=0)
+    node = await start_node(tmp_path, front, bucket)
+    public = f"{front.url}/{bucket}"
+    node.config["r2"]["public_base_url"] = public
+    media_id, cids = await catalog_media(node.state_dir, clip, moto, bucket, in_bucket=True)
+    for cid in cids:
+        data = await asyncio.to_thread(next((node.state_dir / "blobs").rglob(cid)).read_bytes)
+        await asyncio.to_thread(
+            moto.client().put_object, Bucket=bucket, Key=blob_key(cid), Body=data, ACL="public-read"
+        )
+    await asyncio.to_thread(node.start)
+    try:
+        a = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        paths = await asyncio.to_thread(a.segments)
+        for p in paths[:2]:
+            assert (await asyncio.to_thread(a.get, p))[0] == 200
+        b = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        status, headers, _ = await asyncio.to_thread(b.get, paths[1])
+        cid = paths[1].split("/")[1].split(".")[0]
+        assert status == 302
+        assert headers["location"] == f"{public}/blobs/{cid}"
+
+        def fetch(url: str) -> bytes:
+            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310
+                return bytes(r.read())
+
+        assert cid_of(await asyncio.to_thread(fetch, headers["location"])) == cid
+        a.close()
+        b.close()
+    finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
