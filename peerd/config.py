@@ -208,6 +208,7 @@ class UplinkSettings(Section):
     window_s: float = Field(default=5.0, gt=0, le=300)
     resume_ratio: float = Field(default=0.8, gt=0, le=1)
     stream_idle_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_mbps: float = Field(default=3.0, ge=0)
     presign_expiry_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
 

@@ -84,6 +84,7 @@ async def open_runtime(settings: Settings, *, metrics: Metrics | None = None) ->
         window_s=up.window_s,
         resume_ratio=up.resume_ratio,
         stream_idle_s=up.stream_idle_s,
+        stream_bps=up.stream_mbps * 1e6 / 8,
     )
     return Runtime(
         settings=settings, identity=identity, catalog=catalog, store=store, metrics=m, uplink=uplink

@@ -72,3 +72,15 @@ def test_report_figures() -> None:
         700,
         1,
     )
+
+
+def test_a_burst_of_new_streams_is_admitted_only_up_to_the_budget() -> None:
+    """Bytes are counted once sent: streams admitted a moment ago count as what they will send."""
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_bps=100.0)
+    admitted = [u.admit(i, 5.0) for i in range(20)]
+    assert admitted == [True] * 10 + [False] * 10
+    # A window later their bytes are measured instead (here: 50 B/s each), and more fit in.
+    for i in range(10):
+        assert u.admit(i, 15.5)
+    u.sent(5000, 15.5)
+    assert u.admit(10, 16.0)

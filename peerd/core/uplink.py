@@ -10,20 +10,26 @@ Theory of operation (``budget_bps`` > 0; 0 turns all of this off and admits ever
         k admitted and seen within stream_idle_s ─► served by the node (always: no admitted
         │                                           stream starves, whatever the rate)
         ▼ a new stream
-    projected = rate + rate / admitted streams   (the new stream costs what an average one does)
+    no stream admitted: projected = rate      (an idle node takes one viewer if it has room)
+    else: per = max(rate / admitted streams, stream_bps)    (what one stream costs)
+          projected = rate + per + per * sum over streams admitted less than a window ago
+                      of (1 - age / window_s)               (what they will send but did not yet)
         open:      projected <= budget               ─► admitted (remembered), else overflow
         overflow:  projected <= budget * resume_ratio ─► open again and admitted, else refused
 
 A refused stream is not remembered: its next request is decided again, so it comes back to the
 node once the uplink has room. The gap between ``budget`` and ``budget * resume_ratio`` is the
 hysteresis that keeps the state from flapping at the edge. What a refusal means (a redirect to
-the bucket, or 503) is the caller's business (:mod:`peerd.http.hls`). Streams unseen for
+the bucket, or 503) is the caller's business (:mod:`peerd.http.hls`). Bytes are counted once
+sent, so a stream admitted a moment ago is not in the rate yet: the ``unseen`` term keeps a
+burst of arrivals (a cold start, a premiere) from being admitted all at once, and
+``stream_bps`` is what a stream is assumed to cost before any is measured. Streams unseen for
 ``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,12 +58,14 @@ class Uplink:
     window_s: float = 5.0
     resume_ratio: float = 0.8
     stream_idle_s: float = 60.0
+    stream_bps: float = 0.0
     max_streams: int = 10_000
     overflow: bool = False
     _slot: int = 0
     _current: int = 0
     _past: list[tuple[int, int]] = field(default_factory=list)  # (slot, bytes), oldest first
     _streams: OrderedDict[Hashable, float] = field(default_factory=OrderedDict)
+    _recent: deque[float] = field(default_factory=deque)  # admission times, last window
 
     # -- the meter -------------------------------------------------------------------------
 
@@ -103,6 +111,7 @@ class Uplink:
         if self._update(now):
             return False
         self._streams[key] = now
+        self._recent.append(now)
         if len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
         return True
@@ -119,10 +128,17 @@ class Uplink:
     def _update(self, now: float) -> bool:
         """Decide the state for a new stream now (True: overflow)."""
         rate = self.rate(now)
-        n = len(self._streams)
-        projected = rate + (rate / n if n else 0.0)
         limit = self.budget_bps * (self.resume_ratio if self.overflow else 1.0)
-        self.overflow = projected > limit
+        n = len(self._streams)
+        if not n:
+            self.overflow = rate > limit
+            return self.overflow
+        per = max(rate / n, self.stream_bps)
+        recent, window = self._recent, self.window_s
+        while recent and recent[0] <= now - window:
+            recent.popleft()
+        unseen = per * sum(1.0 - (now - t) / window for t in recent)
+        self.overflow = rate + unseen + per > limit
         return self.overflow
 
     def report(self, now: float) -> UplinkReport:
