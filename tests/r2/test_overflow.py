@@ -6,7 +6,8 @@ a new stream's segments are answered with a 302 to a presigned URL of the bucket
 ffmpeg (the whole master, exit 0) and hls.js in Chromium (another origin: the bucket's CORS
 rule, set by ``peerd replicate cors``) follow to the right bytes; a media the bucket lacks gets
 503 + ``Retry-After``; a forged or expired token gets 403, never a redirect; presigned URLs
-expire; the heartbeat carries the admission state and spare uplink.
+expire; the heartbeat carries the admission state and spare uplink. Last, the same with a real
+cap: the node in a network namespace whose uplink ``tc tbf`` holds at 4 Mbit/s.
 
 The bucket is moto behind :class:`tests.support.bucketfront.BucketFront`, which refuses expired
 or forged presigned URLs as R2 does (moto checks neither). moto answers CORS itself from the
@@ -18,12 +19,14 @@ bucket's rule (PutBucketCors), once its global ``Access-Control-Allow-Origin: *`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -104,7 +107,7 @@ class Viewer:
         self.node = node
         self.media_id = media_id
         self.token = token
-        self.conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+        self.conn = http.client.HTTPConnection(node.host, node.port, timeout=60)
 
     def get(self, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
         """GET ``/hls/<media>/<path>?token=`` without following redirects."""
@@ -141,13 +144,18 @@ def metric(node: PeerdProcess, name: str) -> float:
 
 
 async def start_node(
-    tmp_path: Path, front: BucketFront, bucket: str, **uplink: Any
+    tmp_path: Path, front: BucketFront, bucket: str, *, ns: str = "", host: str = "", **uplink: Any
 ) -> PeerdProcess:
+    """A daemon using the bucket through ``front`` (in network namespace ``ns`` at ``host``)."""
     config: dict[str, dict[str, Any]] = {
         "r2": {"endpoint": front.url, "bucket": bucket, "tiering_interval_s": 3600.0},
         "uplink": {"budget_mbps": BUDGET_MBPS, "window_s": WINDOW_S, **uplink},
     }
     node = PeerdProcess(tmp_path / "node", config=config)
+    if ns:
+        config["http"] = {"host": host, "port": 0}
+        node.host = host
+        node.prefix = ["ip", "netns", "exec", ns]
     await asyncio.to_thread(node.init)
     write_r2_secrets(node.state_dir)
     return node
@@ -447,4 +455,110 @@ async def test_public_domain_redirects_without_signature(
         b.close()
     finally:
         code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)  # noqa: S603, S607
+
+
+@pytest.fixture
+def capped_link() -> Iterator[dict[str, str]]:
+    """A network namespace joined to the host by a veth pair, its uplink (the namespace side's
+    egress) capped by ``tc tbf`` at 4 Mbit/s; the namespace is 10.207.N.1, the host .254."""
+    tag = secrets.token_hex(3)
+    net = f"10.207.{int(tag[:2], 16)}"
+    ns, outer, inner = f"peerdup-{tag}", f"puo{tag}", f"pui{tag}"
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", inner, "netns", ns)
+        ip("addr", "add", f"{net}.254/24", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("-n", ns, "addr", "add", f"{net}.1/24", "dev", inner)
+        ip("-n", ns, "link", "set", inner, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        subprocess.run(  # noqa: S603
+            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", inner, "root", "tbf"]  # noqa: S607
+            + ["rate", "4mbit", "burst", "32kb", "latency", "100ms"],
+            check=True,
+            capture_output=True,
+        )
+        yield {"ns": ns, "node": f"{net}.1", "host": f"{net}.254"}
+    finally:
+        subprocess.run(["ip", "link", "del", outer], check=False)  # noqa: S603, S607
+        subprocess.run(["ip", "netns", "del", ns], check=False)  # noqa: S603, S607
+
+
+@pytest.mark.timeout(180)
+async def test_real_uplink_cap_overflows_new_streams_and_keeps_the_admitted_one(
+    tmp_path: Path, moto: MotoServer, bucket: str, capped_link: dict[str, str]
+) -> None:
+    """The node in a namespace whose uplink ``tc tbf`` caps at 4 Mbit/s, its budget 3 Mbit/s:
+    one viewer downloading as fast as the link allows fills the budget; a new viewer is then
+    redirected to the bucket, while the first is served by the node to the end of every pass."""
+    front = await BucketFront(moto.url, host=capped_link["host"]).start()
+    clip = await asyncio.to_thread(
+        make_hls, tmp_path / "clip", seconds=12, bframes=0, video_bitrate=2_000_000
+    )
+    node = await start_node(
+        tmp_path,
+        front,
+        bucket,
+        ns=capped_link["ns"],
+        host=capped_link["node"],
+        budget_mbps=3.0,
+        window_s=3.0,
+        stream_mbps=0.5,
+    )
+    media_id, _ = await catalog_media(node.state_dir, clip, moto, bucket, in_bucket=True)
+    stop = threading.Event()
+    player: asyncio.Task[None] | None = None
+    try:
+        await asyncio.to_thread(node.start)
+        a = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        paths = await asyncio.to_thread(a.segments)
+        statuses: list[tuple[str, int, bool]] = []
+
+        def play_a() -> None:
+            # Pass after pass over every segment, as fast as the capped link carries them.
+            while True:
+                for p in paths:
+                    status, _, body = a.get(p)
+                    statuses.append((p, status, cid_of(body) == p.split("/")[1].split(".")[0]))
+                if stop.is_set():
+                    return
+
+        player = asyncio.create_task(asyncio.to_thread(play_a))
+        budget = 3e6 / 8
+
+        rates: list[float] = []
+
+        async def filled() -> bool:
+            rate = await asyncio.to_thread(metric, node, "peerd_uplink_send_bytes_per_second")
+            rates.append(rate)
+            return rate > budget / 2  # two streams like this one would exceed the budget
+
+        await until(filled, timeout_s=60, step_s=0.2)
+        b = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        status, headers, _ = await asyncio.to_thread(b.get, paths[1])
+        assert status == 302, (status, headers)
+        assert headers["location"].startswith(front.url + f"/{bucket}/blobs/")
+        b.close()
+        passes = len(statuses) // len(paths)
+        await until(lambda: len(statuses) >= (passes + 1) * len(paths), timeout_s=60, step_s=0.2)
+        stop.set()
+        await player
+        a.close()
+        # The cap was real: what the node measured never got far past 4 Mbit/s.
+        assert max(rates) < 4e6 / 8 * 1.5, rates
+        assert statuses
+        assert all(s == 200 and ok for _, s, ok in statuses), statuses
+    finally:
+        stop.set()
+        code = await asyncio.to_thread(node.stop)
+        if player is not None and not player.done():
+            with contextlib.suppress(Exception):
+                await player
+        await front.stop()
     assert code == 0, node.logs()[-3000:]

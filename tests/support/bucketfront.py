@@ -59,8 +59,9 @@ def presign_problem(method: str, host: str, path: str, raw_query: str) -> str | 
 class BucketFront:
     """The proxy: ``url`` is the S3 endpoint clients (peerd included) use."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, host: str = "127.0.0.1") -> None:
         self.upstream = upstream.rstrip("/")
+        self.host = host  # where it listens (e.g. a veth address a daemon in a netns reaches)
         self.url = ""
         self.refused: list[str] = []  # why each presigned request was refused
         self.presigned_ok = 0  # presigned requests passed to moto
@@ -74,8 +75,8 @@ class BucketFront:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        await web.TCPSite(self._runner, self.host, 0).start()
+        self.url = f"http://{self.host}:{self._runner.addresses[0][1]}"
         return self
 
     async def stop(self) -> None:
