@@ -188,6 +188,7 @@ class R2Settings(Section):
     retry_max_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=12, ge=1)
     sse_c: bool = False
+    public_base_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
 
     @property
     def configured(self) -> bool:
@@ -198,6 +199,18 @@ class R2Settings(Section):
     def endpoint_url(self) -> str:
         """The S3 endpoint: the override, or R2's per-account endpoint."""
         return self.endpoint or f"https://{self.account_id}.r2.cloudflarestorage.com"
+
+
+class UplinkSettings(Section):
+    """Uplink admission and overflow to R2 (:mod:`peerd.core.uplink`)."""
+
+    budget_mbps: float = Field(default=0.0, ge=0)
+    window_s: float = Field(default=5.0, gt=0, le=300)
+    resume_ratio: float = Field(default=0.8, gt=0, le=1)
+    stream_idle_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_mbps: float = Field(default=3.0, ge=0)
+    presign_expiry_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
+    retry_after_s: int = Field(default=5, ge=1, le=3600)
 
 
 class MdnsSettings(Section):
@@ -313,6 +326,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     media: MediaSettings = MediaSettings()
     r2: R2Settings = R2Settings()
+    uplink: UplinkSettings = UplinkSettings()
     mdns: MdnsSettings = MdnsSettings()
     p2p: P2PSettings = P2PSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()

@@ -336,7 +336,9 @@ async def build_services(rt: Runtime) -> Services:
         ahead=s.media.on_demand_ahead,
         registry=rt.metrics.registry,
     )
-    http = HttpService(rt, route_installers(resolver, directory, api, whep, ondemand, finder))
+    http = HttpService(
+        rt, route_installers(resolver, directory, api, whep, ondemand, finder, _bucket_url(rt, r2))
+    )
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
@@ -360,15 +362,39 @@ def route_installers(
     whep: WhepService,
     ondemand: OnDemand,
     finder: MediaResolver,
+    bucket_url: hls.BlobUrl | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
         partial(ui.install, resolver=resolver),
-        partial(hls.install, resolver=resolver, ondemand=ondemand, finder=finder),
+        partial(
+            hls.install,
+            resolver=resolver,
+            ondemand=ondemand,
+            finder=finder,
+            bucket_url=bucket_url,
+        ),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),
     ]
+
+
+def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
+    """Where streams over the uplink budget get a blob the bucket holds: the bucket's public
+    domain (``[r2] public_base_url``) or a presigned URL; None without R2 (they get 503)."""
+    if r2 is None:
+        return None
+    from peerd.replication.r2 import blob_key
+
+    public = rt.settings.r2.public_base_url
+    if public:
+        base = public.rstrip("/")
+        return lambda cid, _content_type: f"{base}/{blob_key(cid)}"
+    expires_s = rt.settings.uplink.presign_expiry_s
+    return lambda cid, content_type: r2.blob_url(
+        cid, expires_s=expires_s, content_type=content_type
+    )
 
 
 async def _r2_client(rt: Runtime) -> R2Client | None:

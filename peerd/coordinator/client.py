@@ -109,6 +109,7 @@ class CoordinatorService:
             capabilities=info.capabilities,
             capacity=await api.capacity(load),
             load=load,
+            admission=api.admission(),
             inventory=await api.summary(),
             draining=self.rt.draining or kind == "drain",
             drain_deadline_s=drain_deadline_s,

@@ -117,6 +117,7 @@ def install(
             )
         size = path.stat().st_size
         rt.access.record(cid, size, time.time())
+        rt.uplink.sent(size, time.monotonic())
         served.inc(size)
         return web.FileResponse(
             path,

@@ -170,6 +170,7 @@ class P2PService:
             self.m_lag.set(self.schedule.lag(time.time(), started))
             served = self.node.counters.served_bytes
             self.m_served.inc(served - served_seen)
+            self.rt.uplink.sent(served - served_seen, time.monotonic())
             served_seen = served
             for reason, n in list(self.node.counters.provide_failures.items()):
                 self.m_provide_failures.labels(reason=reason).inc(n - failures_seen.get(reason, 0))

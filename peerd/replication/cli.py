@@ -54,6 +54,15 @@ def register(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     st.add_argument("--batch", help="show one job or batch id")
     st.set_defaults(func=_sync(_status))
+    cors = rsub.add_parser(
+        "cors", help="set the bucket's CORS rule so players follow overflow redirects to it"
+    )
+    cors.add_argument(
+        "--origin",
+        action="append",
+        help="allowed origin (repeatable; default *: a redirected request's Origin is null)",
+    )
+    cors.set_defaults(func=_sync(_cors))
 
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -189,6 +198,22 @@ async def _evict(args: argparse.Namespace, settings: Settings) -> int:
             f"evicted {evicted} blobs, {refused} not confirmed in R2; "
             f"store holds {rt.store.used_bytes} bytes (quota {rt.store.quota_bytes})"
         )
+    return 0
+
+
+async def _cors(args: argparse.Namespace, settings: Settings) -> int:
+    """PutBucketCors on the node's bucket (README "Uplink budget and overflow to R2")."""
+    from peerd.replication.r2 import R2Client, config_from_settings
+
+    cfg = config_from_settings(settings)
+    if cfg is None:
+        raise ConfigError("R2 is not configured (see `peerd replicate push`)")
+    client = R2Client(cfg)
+    try:
+        await client.put_cors(args.origin or ["*"])
+    finally:
+        await client.close()
+    print(f"CORS set on bucket {cfg.bucket}: GET/HEAD from {', '.join(args.origin or ['*'])}")
     return 0
 
 

@@ -516,6 +516,39 @@ class R2Client:
             log.info("aborted abandoned multipart uploads", extra={"uploads": aborted})
         return aborted
 
+    def blob_url(self, cid: Cid, *, expires_s: int, content_type: str) -> str | None:
+        """A presigned GET URL of the blob for a viewer (valid ``expires_s``, answered with
+        ``content_type``); None with SSE-C, whose key a viewer must never hold. No request."""
+        if self.cfg.sse_c_key is not None:
+            return None
+        return self.http.presign(
+            blob_key(cid), expires_s, (("response-content-type", content_type),)
+        )
+
+    async def put_cors(self, origins: list[str], max_age_s: int = 3600) -> None:
+        """Set the bucket's CORS rule (PutBucketCors): GET/HEAD from ``origins`` with the
+        headers players send, so a player follows the node's redirects to the bucket."""
+        rule = "".join(f"<AllowedOrigin>{escape(o)}</AllowedOrigin>" for o in origins)
+        body = (
+            '<CORSConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><CORSRule>'
+            f"{rule}<AllowedMethod>GET</AllowedMethod><AllowedMethod>HEAD</AllowedMethod>"
+            "<AllowedHeader>*</AllowedHeader>"
+            "<ExposeHeader>Content-Length</ExposeHeader><ExposeHeader>Content-Range</ExposeHeader>"
+            "<ExposeHeader>ETag</ExposeHeader>"
+            f"<MaxAgeSeconds>{max_age_s}</MaxAgeSeconds></CORSRule></CORSConfiguration>"
+        ).encode()
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 -- S3's rule
+        await self._send(
+            "PutBucketCors",
+            "PUT",
+            "",
+            query=(("cors", ""),),
+            headers={"content-md5": md5, "content-type": "application/xml"},
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            data=body,
+            sse=False,
+        )
+
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
         await self._send("DeleteObject", "DELETE", key, sse=False)
