@@ -188,6 +188,13 @@ class R2Settings(Section):
     retry_max_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=12, ge=1)
     sse_c: bool = False
+    watch_uploads: bool = False
+    uploads_prefix: str = Field(default="uploads/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_done: Literal["archive", "delete"] = "archive"
+    archive_prefix: str = Field(default="archive/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_interval_s: float = Field(default=60.0, ge=0.1)
+    claim_lease_s: float = Field(default=300.0, ge=1.0)
+    uploads_max_bytes: int = Field(default=64 * 1024**3, ge=1)
 
     @property
     def configured(self) -> bool:

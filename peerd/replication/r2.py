@@ -40,6 +40,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape, unescape
 
 import aiohttp
@@ -55,6 +56,7 @@ from peerd.replication.s3http import (
     Query,
     S3Http,
     file_body,
+    sse_headers,
 )
 from peerd.store import hash_file
 
@@ -66,6 +68,7 @@ READ_ATTEMPTS = 3
 READ_BACKOFF_S = 0.1
 UPLOAD_ID = re.compile(r"<UploadId>([^<]{1,1024})</UploadId>")
 UPLOAD = re.compile(r"<Upload>(.*?)</Upload>", re.S)
+CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
 # An open multipart upload older than this was abandoned: uploading the largest blob over a slow
 # uplink takes hours, not a day.
 STALE_UPLOAD_S = 24 * 3600.0
@@ -111,6 +114,16 @@ class ObjectInfo:
     size: int
     checksum_sha256: str | None
     part_size: int | None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One object of a listing: its ``key``, ``size`` and ``etag`` (quotes stripped)."""
+
+    key: str
+    size: int
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,7 @@ class R2Client:
             size=int(length),
             checksum_sha256=h.get("x-amz-checksum-sha256"),
             part_size=int(part) if part.isdigit() else None,
+            etag=h.get("ETag", "").strip('"') or None,
         )
 
     async def open(self, key: str) -> tuple[int, GetBody] | None:
@@ -341,10 +355,16 @@ class R2Client:
         )
         return resp
 
-    async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
-        """Create ``key`` with ``data`` (If-None-Match: *). :class:`AlreadyExists` if present."""
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str, conditional: bool = True
+    ) -> None:
+        """Create ``key`` with ``data`` (If-None-Match: *). :class:`AlreadyExists` if present.
+
+        ``conditional=False`` replaces whatever the key holds."""
         digest = hashlib.sha256(data).digest()
-        await self._put("PutObject", key, data, digest, len(data), content_type)
+        await self._put(
+            "PutObject", key, data, digest, len(data), content_type, conditional=conditional
+        )
 
     async def put_blob(self, cid: Cid, path: Path, size: int) -> None:
         """Upload a blob file; single PUT below the multipart threshold, else multipart.
@@ -515,6 +535,37 @@ class R2Client:
         if aborted:
             log.info("aborted abandoned multipart uploads", extra={"uploads": aborted})
         return aborted
+
+    async def list_objects(self, prefix: str) -> list[ListedObject]:
+        """The objects under ``prefix`` (ListObjectsV2, every page), in key order."""
+        out: list[ListedObject] = []
+        token: Query = ()
+        while True:
+            query: Query = (("list-type", "2"), ("prefix", prefix), *token)
+            _, body = await self._send(
+                "ListObjectsV2", "GET", "", query=query, read=True, sse=False
+            )
+            text = body.decode("utf-8", "replace")
+            for block in CONTENTS.findall(text):
+                size = _xml_text(block, "Size")
+                etag = _xml_text(block, "ETag").strip('"')
+                out.append(ListedObject(_xml_text(block, "Key"), int(size or 0), etag))
+            nxt = _xml_text(text, "NextContinuationToken")
+            if _xml_text(text, "IsTruncated") != "true" or not nxt:
+                return out
+            token = (("continuation-token", nxt),)
+
+    async def copy(self, source: str, key: str) -> None:
+        """Copy the object ``source`` to ``key`` inside the bucket (CopyObject: up to 5 GiB)."""
+        headers = {"x-amz-copy-source": quote(f"/{self.cfg.bucket}/{source}", safe="/-_.~")}
+        for name, value in sse_headers(self.cfg.sse_c_key).items():
+            # An encrypted source is read with the same key the copy is written with.
+            headers[name.replace("x-amz-", "x-amz-copy-source-", 1)] = value
+        _, body = await self._send("CopyObject", "PUT", key, headers=headers, read=True)
+        # Like CompleteMultipartUpload, a copy may answer 200 and report a failure in the body.
+        code = ERROR_CODE.search(body)
+        if code is not None:
+            raise R2Error(f"R2 CopyObject {source} -> {key} failed: {code.group(1).decode()}")
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
