@@ -123,10 +123,16 @@ class Uploads:
             registry=rt.metrics.registry,
         )
 
+    @property
+    def _work_root(self) -> Path:
+        return self.rt.settings.cache_dir / "uploads"
+
     # -- service -----------------------------------------------------------------------------------
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Watch the uploads prefix (when configured) until cancelled; back off on outages."""
+        # Downloads a killed process left behind (this daemon holds the state directory).
+        await asyncio.to_thread(shutil.rmtree, self._work_root, ignore_errors=True)
         ready()
         if not self.cfg.watch_uploads:
             await asyncio.Event().wait()
@@ -272,9 +278,7 @@ class Uploads:
                 f"({self.cfg.uploads_max_bytes})"
             )
         name = PurePosixPath(key).name or "upload"
-        work = (
-            self.rt.settings.cache_dir / "uploads" / hashlib.sha256(key.encode()).hexdigest()[:16]
-        )
+        work = self._work_root / hashlib.sha256(key.encode()).hexdigest()[:16]
         path = work / name
         try:
             await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)

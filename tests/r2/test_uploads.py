@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +178,7 @@ async def test_two_watchers_package_each_upload_once_and_report_it(
             assert len(media) == n_ok
             assert {m["title"] for m in media} <= {"one", "two"}
             digest = inv.body["summary"]["digest"]
-            await fake.wait_for(
-                lambda d=digest: any(  # type: ignore[misc]
-                    r.payload["inventory"]["digest"] == d for r in fake.of_kind("heartbeat")
-                )
-            )
+            await fake.wait_for(partial(_heartbeat_with, fake, digest))
     finally:
         for node in nodes:
             assert await asyncio.to_thread(node.stop) == 0, node.logs()[-3000:]
@@ -253,6 +250,53 @@ async def test_a_corrupt_upload_is_marked_failed_once_and_never_retried(
     finally:
         for node in (a, b):
             await asyncio.to_thread(node.stop)
+    # Nothing of it kept: no blob, no media row, no download.
+    assert not [f for f in (a.state_dir / "blobs").rglob("*") if f.is_file()]
+    assert not list((a.state_dir / "cache" / "uploads").glob("*/*"))
+    status = await asyncio.to_thread(_cli, a, "status", "--json")
+    assert json.loads(status.stdout)["media"] == 0
+
+
+async def test_a_bucket_outage_is_retried_with_backoff(
+    tmp_path: Path, moto: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    src = await asyncio.to_thread(make_media, tmp_path / "film.mp4", seconds=2)
+    await asyncio.to_thread(moto.put, bucket, UPLOAD, src.read_bytes())
+    path = f"/{bucket}/{UPLOAD}"
+
+    def listing(r: ProxyRequest) -> bool:
+        return r.method == "GET" and "list-type=2" in r.path and "prefix=uploads" in r.path
+
+    def download(r: ProxyRequest) -> bool:
+        return r.method == "GET" and r.path.split("?")[0] == path
+
+    def manifest_put(r: ProxyRequest) -> bool:
+        return r.method == "PUT" and f"/{bucket}/media/" in r.path
+
+    proxy.add(listing, Fault("slowdown"), times=3)
+    proxy.add(download, Fault("status", status=500), times=4)  # past one read's own retries
+    proxy.add(manifest_put, Fault("status", status=503), times=2)
+    r2 = {
+        **r2_config(moto, bucket),
+        "endpoint": proxy.url,
+        "watch_uploads": True,
+        "uploads_interval_s": 0.2,
+        "retry_base_s": 0.1,
+    }
+    a = await _node(tmp_path, "a", r2)
+    await asyncio.to_thread(a.start)
+    try:
+        await until(lambda: _ok(a) == 1, timeout_s=120, step_s=0.1)
+        faults = [(m, f) for m, _, f in proxy.log if f != "ok"]
+        assert len(faults) == 9, faults
+        assert "cannot list bucket uploads; backing off" in a.logs()
+        assert "upload download failed; retrying" in a.logs()
+        assert _metric(a.base_url, r'peerd_media_ingests_total\{result="ok"\}') == 1
+    finally:
+        assert await asyncio.to_thread(a.stop) == 0, a.logs()[-3000:]
+    found = await keys(moto, bucket)
+    assert "archive/film.mp4" in found
+    assert len([k for k in found if k.startswith("media/")]) == 1
 
 
 async def test_a_claimant_killed_mid_ingest_is_taken_over_after_its_claim_expires(
@@ -316,3 +360,7 @@ def _skipped(node: PeerdProcess) -> float:
 
 def _ok(node: PeerdProcess) -> float:
     return _metric(node.base_url, r'peerd_uploads_total\{result="ok"\}')
+
+
+def _heartbeat_with(fake: FakeCoordinator, digest: str) -> bool:
+    return any(r.payload["inventory"]["digest"] == digest for r in fake.of_kind("heartbeat"))
