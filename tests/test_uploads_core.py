@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from peerd.config import load_settings
 from peerd.core import uploads as up
+from peerd.errors import ConfigError
 
 
 def _claim(gen: int, until: float, peer: str = "12D3KooWA") -> up.Claim:
@@ -43,3 +47,9 @@ def test_claim_and_marker_bodies_round_trip() -> None:
     # A re-upload (another ETag) is a new upload: the marker does not hold it back.
     assert up.is_failed(marker, "etag2") is None
     assert up.is_failed(None, "etag1") is None
+
+
+def test_an_archive_inside_the_watched_prefix_is_refused() -> None:
+    with pytest.raises(ConfigError, match="archive_prefix and uploads_prefix"):
+        load_settings(None, r2={"archive_prefix": "uploads/done/"})
+    assert load_settings(None, r2={"archive_prefix": "done/"}).r2.archive_prefix == "done/"

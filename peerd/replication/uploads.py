@@ -45,7 +45,7 @@ from prometheus_client import Counter
 
 from peerd.core import uploads as up
 from peerd.core.backoff import backoff_delay
-from peerd.errors import MediaError, NotFound, PeerdError
+from peerd.errors import MediaError, NotFound, PeerdError, StoreFull
 from peerd.media.ingest import Ingestor, IngestResult
 from peerd.media.options import PackagingOptions
 from peerd.replication.r2 import AlreadyExists, ObjectInfo, R2Client, R2Error
@@ -282,6 +282,10 @@ class Uploads:
         path = work / name
         try:
             await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+            free = (await asyncio.to_thread(shutil.disk_usage, work)).free
+            if free < info.size + self.rt.settings.store.min_free_bytes:
+                # Not the upload's fault: another node (or this one, later) may have the room.
+                raise StoreFull(f"no room to download {key} ({info.size} bytes, {free} free)")
             await self._download(key, info.size, path)
             res = await self.ingestor.ingest(
                 path, force=True, title=PurePosixPath(name).stem, options=options
