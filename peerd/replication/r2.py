@@ -72,6 +72,8 @@ CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
 # An open multipart upload older than this was abandoned: uploading the largest blob over a slow
 # uplink takes hours, not a day.
 STALE_UPLOAD_S = 24 * 3600.0
+# CopyObject copies at most 5 GiB in one request (S3 and R2); larger objects go by parts.
+COPY_LIMIT = 5 * 1024**3
 
 
 class R2Error(UpstreamError):
@@ -555,17 +557,64 @@ class R2Client:
                 return out
             token = (("continuation-token", nxt),)
 
-    async def copy(self, source: str, key: str) -> None:
-        """Copy the object ``source`` to ``key`` inside the bucket (CopyObject: up to 5 GiB)."""
+    async def copy(self, source: str, key: str, size: int) -> None:
+        """Copy the ``size``-byte object ``source`` to ``key`` inside the bucket: CopyObject up to
+        :data:`COPY_LIMIT`, UploadPartCopy in equal parts above it."""
         headers = {"x-amz-copy-source": quote(f"/{self.cfg.bucket}/{source}", safe="/-_.~")}
         for name, value in sse_headers(self.cfg.sse_c_key).items():
             # An encrypted source is read with the same key the copy is written with.
             headers[name.replace("x-amz-", "x-amz-copy-source-", 1)] = value
+        if size > COPY_LIMIT:
+            await self._copy_parts(source, key, size, headers)
+            return
         _, body = await self._send("CopyObject", "PUT", key, headers=headers, read=True)
-        # Like CompleteMultipartUpload, a copy may answer 200 and report a failure in the body.
-        code = ERROR_CODE.search(body)
-        if code is not None:
-            raise R2Error(f"R2 CopyObject {source} -> {key} failed: {code.group(1).decode()}")
+        _copy_failed("CopyObject", source, key, body)
+
+    async def _copy_parts(self, source: str, key: str, size: int, headers: dict[str, str]) -> None:
+        _, created = await self._send(
+            "CreateMultipartUpload", "POST", key, query=(("uploads", ""),), read=True
+        )
+        m = UPLOAD_ID.search(created.decode("utf-8", "replace"))
+        if m is None:
+            raise R2Error(f"R2 CreateMultipartUpload {key} answered without an UploadId")
+        upload_id = unescape(m.group(1))
+        self._live.add(upload_id)
+        try:
+            done = []
+            for p in plan_parts(size, self.cfg.part_size):
+                rng = {"x-amz-copy-source-range": f"bytes={p.offset}-{p.offset + p.size - 1}"}
+                query = (("partNumber", str(p.number)), ("uploadId", upload_id))
+                _, body = await self._send(
+                    "UploadPartCopy", "PUT", key, query=query, headers={**headers, **rng}, read=True
+                )
+                _copy_failed("UploadPartCopy", source, key, body)
+                etag = _xml_text(body.decode("utf-8", "replace"), "ETag")
+                if not etag:
+                    raise R2Error(f"R2 UploadPartCopy {key} #{p.number} answered without an ETag")
+                done.append(
+                    f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+                )
+            doc = (
+                '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                + "".join(done)
+                + "</CompleteMultipartUpload>"
+            ).encode()
+            _, answer = await self._send(
+                "CompleteMultipartUpload",
+                "POST",
+                key,
+                query=(("uploadId", upload_id),),
+                headers={"Content-Type": "application/xml"},
+                payload_sha256=hashlib.sha256(doc).hexdigest(),
+                data=doc,
+                read=True,
+            )
+            _copy_failed("CompleteMultipartUpload", source, key, answer)
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+        finally:
+            self._live.discard(upload_id)
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
@@ -595,6 +644,13 @@ class R2Client:
             return False
         exp_value, _, exp_count = expected.partition("-")
         return value == exp_value and (not count or count == exp_count)
+
+
+def _copy_failed(op: str, source: str, key: str, body: bytes) -> None:
+    """Raise if a copy answered 200 with an error in its body (S3 sends the head early)."""
+    code = ERROR_CODE.search(body)
+    if code is not None:
+        raise R2Error(f"R2 {op} {source} -> {key} failed: {code.group(1).decode()}")
 
 
 def _xml_text(xml: str, tag: str) -> str:

@@ -57,9 +57,6 @@ log = logging.getLogger("peerd.uploads")
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_BACKOFF_S = 1.0
 RETRY_MAX_S = 600.0
-# CopyObject copies at most 5 GiB in one request (S3 and R2); larger uploads are deleted
-# instead of archived (their packaged media is in the bucket either way).
-COPY_LIMIT = 5 * 1024**3
 CLAIM_LIMIT = 64 * 1024
 
 
@@ -349,9 +346,9 @@ class Uploads:
 
     async def _finish(self, key: str, info: ObjectInfo) -> None:
         """Archive (or delete) the packaged upload, then drop its claims and any stale marker."""
-        if self.cfg.uploads_done == "archive" and info.size <= COPY_LIMIT:
+        if self.cfg.uploads_done == "archive":
             dest = up.archive_key(key, self.cfg.uploads_prefix, self.cfg.archive_prefix)
-            await self.client.copy(key, dest)
+            await self.client.copy(key, dest, info.size)
         await self.client.delete(key)
         await self.client.delete(up.failed_key(key))
         await self._release(key)

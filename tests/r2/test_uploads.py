@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,6 +23,8 @@ from typing import Any
 
 from peerd.core import manifest as mf
 from peerd.core import uploads as up
+from peerd.replication import r2 as r2_module
+from peerd.replication.r2 import R2Client
 from tests.support.coordinator import FakeCoordinator, NodeApiClient
 from tests.support.faultproxy import Fault, FaultProxy, ProxyRequest
 from tests.support.media import make_bad, make_media
@@ -364,3 +367,17 @@ def _ok(node: PeerdProcess) -> float:
 
 def _heartbeat_with(fake: FakeCoordinator, digest: str) -> bool:
     return any(r.payload["inventory"]["digest"] == digest for r in fake.of_kind("heartbeat"))
+
+
+async def test_archiving_copies_an_object_over_the_copy_limit_by_parts(
+    client: R2Client, moto: MotoServer, bucket: str, proxy: FaultProxy, monkeypatch: Any
+) -> None:
+    # R2 and S3 copy at most 5 GiB in one request: here the limit is lowered to 5 MiB.
+    monkeypatch.setattr(r2_module, "COPY_LIMIT", 5 * 1024 * 1024)
+    data = os.urandom(11 * 1024 * 1024 + 3)
+    await asyncio.to_thread(moto.put, bucket, "uploads/big.bin", data)
+    await client.copy("uploads/big.bin", "archive/big.bin", len(data))
+    assert await asyncio.to_thread(_get, moto, bucket, "archive/big.bin") == data
+    assert sum(1 for m, p, _ in proxy.log if m == "PUT" and "partNumber=" in p) == 3
+    await client.copy("uploads/big.bin", "archive/small.bin", 5 * 1024 * 1024)  # one request
+    assert proxy.count("PUT", "/archive/small.bin") == 1
