@@ -251,14 +251,9 @@ class Uploads:
             if renew is not None:
                 renew.cancel()
                 await asyncio.gather(renew, return_exceptions=True)
-        assert res.media_id is not None
-        try:
-            await self._finish(key, info)
-        except R2Error as exc:
-            # Published, but the upload is still there: the next pass packages it again (to the
-            # same media id) and retries the archive.
-            await self._release_quietly(key, gen)
-            return UploadResult(key, "retry", res.media_id, exc.message, res)
+        # Released after the renewals stopped, so none outlives the upload. A release that
+        # fails leaves claims naming a key that is gone; they expire.
+        await self._release_quietly(key, gen)
         if self._report is not None:
             self._report()
         return UploadResult(key, "ok", res.media_id, ingest=res)
@@ -266,7 +261,7 @@ class Uploads:
     async def _package(
         self, key: str, info: ObjectInfo, options: PackagingOptions | None
     ) -> IngestResult:
-        """Download, package and publish; raises MediaError for an upload that cannot be media."""
+        """Download, package, publish, archive; MediaError for an upload that cannot be media."""
         if info.size == 0:
             raise MediaError(f"{key} is empty")
         if info.size > self.cfg.uploads_max_bytes:
@@ -291,6 +286,9 @@ class Uploads:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, ignore_errors=True))
         assert res.media_id is not None
         await self._publish(res.media_id)
+        # Under the claim still: if this fails, the upload stays and the next pass packages it
+        # again (to the same media id, nothing new to push) and archives it.
+        await self._finish(key, info)
         return res
 
     async def _download(self, key: str, size: int, path: Path) -> None:
@@ -345,13 +343,12 @@ class Uploads:
             await asyncio.sleep(0.2)
 
     async def _finish(self, key: str, info: ObjectInfo) -> None:
-        """Archive (or delete) the packaged upload, then drop its claims and any stale marker."""
+        """Archive (or delete) the packaged upload and drop any stale failure marker."""
         if self.cfg.uploads_done == "archive":
             dest = up.archive_key(key, self.cfg.uploads_prefix, self.cfg.archive_prefix)
             await self.client.copy(key, dest, info.size)
         await self.client.delete(key)
         await self.client.delete(up.failed_key(key))
-        await self._release(key)
 
     # -- claims ------------------------------------------------------------------------------------
 
