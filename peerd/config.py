@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -189,6 +189,21 @@ class R2Settings(Section):
     max_attempts: int = Field(default=12, ge=1)
     sse_c: bool = False
     public_base_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
+    watch_uploads: bool = False
+    uploads_prefix: str = Field(default="uploads/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_done: Literal["archive", "delete"] = "archive"
+    archive_prefix: str = Field(default="archive/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_interval_s: float = Field(default=60.0, ge=0.1)
+    claim_lease_s: float = Field(default=300.0, ge=1.0)
+    uploads_max_bytes: int = Field(default=64 * 1024**3, ge=1)
+
+    @model_validator(mode="after")
+    def _archive_outside_uploads(self) -> R2Settings:
+        # An archive inside the watched prefix would be ingested again, and again.
+        a, u = self.archive_prefix, self.uploads_prefix
+        if a.startswith(u) or u.startswith(a):
+            raise ValueError("archive_prefix and uploads_prefix must not contain one another")
+        return self
 
     @property
     def configured(self) -> bool:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from peerd.p2p.service import P2PService
     from peerd.replication.r2 import R2Client
     from peerd.replication.service import Replicator
+    from peerd.replication.uploads import Uploads
 
 log = logging.getLogger("peerd.daemon")
 
@@ -349,9 +350,18 @@ async def build_services(rt: Runtime) -> Services:
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ondemand)
-    services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
+    coordinator = CoordinatorService(rt, api)
+    uploads: Uploads | None = None
+    if r2 is not None and replicator is not None:
+        from peerd.replication.uploads import Uploads
+
+        # Media enters through the bucket; a published upload is reported by a heartbeat now.
+        uploads = Uploads(rt, r2, replicator, ingestor, report=coordinator.report_soon)
+        services.append(uploads)
+    # `peerd ingest` (files, or uploads in the bucket) handed to the daemon
+    services.append(ControlService(rt, ingestor, uploads))
     services.append(whep)
-    services.append(CoordinatorService(rt, api))
+    services.append(coordinator)
     return Services(services, resolver, api, r2)
 
 

@@ -73,7 +73,7 @@ def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
 
 
 @asynccontextmanager
-async def _open(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
+async def open_replication(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
     """The node's runtime and a replicator, closed on exit."""
     from peerd.replication.metrics import r2_metrics
     from peerd.replication.r2 import R2Client, config_from_settings
@@ -115,7 +115,7 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog.media import media_not_in_r2
     from peerd.catalog.outbox import job_counts, push_backlog
 
-    async with _open(settings) as (rt, rep):
+    async with open_replication(settings) as (rt, rep):
         await rep.outbox.retry_failed()
         await rep.sweep_uploads()
         for m in args.media or await media_not_in_r2(rt.catalog):
@@ -176,7 +176,7 @@ def _wait_notes() -> Callable[[list[Lease]], None]:
 
 async def _pull(args: argparse.Namespace, settings: Settings) -> int:
     """Pull media from R2."""
-    async with _open(settings) as (_rt, rep):
+    async with open_replication(settings) as (_rt, rep):
         for media_id in args.media:
             bar = _bar(0, f"pull {media_id[:16]}", args.no_progress)
             rep_ = await rep.pull_media(media_id, progress=bar.update)
@@ -192,7 +192,7 @@ async def _evict(args: argparse.Namespace, settings: Settings) -> int:
     """Evict blobs confirmed in R2 until the store is under its low watermark."""
     from peerd.replication.tiering import TieringService
 
-    async with _open(settings) as (rt, rep):
+    async with open_replication(settings) as (rt, rep):
         evicted, refused = await TieringService(rt, rep, rep.client).evict(time.time())
         print(
             f"evicted {evicted} blobs, {refused} not confirmed in R2; "
