@@ -260,7 +260,9 @@ class WhepService:
             while True:
                 await asyncio.sleep(_SENT_EVERY_S)
                 for s in list(self.sessions.values()):
-                    await self._count_sent(s)
+                    # A session closing meanwhile must not end the service (and every session).
+                    with contextlib.suppress(Exception):
+                        await self._count_sent(s)
         finally:
             self._accepting = False
             await asyncio.shield(self._close_all("stop"))
