@@ -239,7 +239,9 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_doctor_checks(settings: Settings) -> list[Check]:
     """Every doctor check, as (name, ok, explanation)."""
-    out: list[Check] = [("config", True, "loaded and valid")]
+    ignored = settings.uplink_keys_ignored()
+    note = f"; {', '.join(ignored)} ignored: [uplink] budget_mbps is set" if ignored else ""
+    out: list[Check] = [("config", True, "loaded and valid" + note)]
     state = settings.state_dir
     if not state.exists():
         out.append(("state dir", False, f"{state} does not exist: run `peerd init`"))

@@ -227,6 +227,11 @@ class UplinkSettings(Section):
     presign_expiry_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
 
+    @property
+    def budget_bps(self) -> float:
+        """The budget in bytes/s (0: off)."""
+        return self.budget_mbps * 1e6 / 8
+
 
 class MdnsSettings(Section):
     """LAN discovery and node-to-node HTTP transfers. Owned by issue 6."""
@@ -397,6 +402,22 @@ class Settings(BaseSettings):
         """The node's ed25519 private key (PEM, 0600)."""
         return self.state_dir / "node.key"
 
+    def uplink_keys_ignored(self) -> list[str]:
+        """The older uplink keys this configuration sets that ``[uplink] budget_mbps`` overrides
+        (:data:`UPLINK_FALLBACKS`); none when the budget is 0."""
+        if self.uplink.budget_mbps <= 0:
+            return []
+        ignored = []
+        for section, key in UPLINK_FALLBACKS:
+            sub = getattr(self, section)
+            # Set to its default, a key says nothing (a copy of the example configuration).
+            if (
+                key in sub.model_fields_set
+                and getattr(sub, key) != type(sub).model_fields[key].default
+            ):
+                ignored.append(f"{section}.{key}")
+        return ignored
+
     def secret(self, name: str) -> str | None:
         """Read a secret by name; ``None`` when it is not provided. Never logged."""
         if not name.replace("_", "").replace("-", "").isalnum():
@@ -421,6 +442,11 @@ class Settings(BaseSettings):
 
 
 _CURRENT_TOML: Path | None = None
+
+# The uplink figures from before ``[uplink] budget_mbps``: the budget, when set, is the uplink for
+# tiering and for the capacity reported to the coordinator; these count only when it is 0, so a
+# configuration written before it keeps its meaning (and a node can tier without admission).
+UPLINK_FALLBACKS = (("r2", "uplink_bytes_per_s"), ("api", "uplink_bps"))
 
 
 # Keys that existed once, with why they went: a config that still sets one is told so by name

@@ -430,6 +430,8 @@ async def run_daemon(settings: Settings) -> int:
     except PeerdError as exc:
         log.error("cannot start", extra={"error": exc.message})
         return getattr(exc, "exit_code", 1)
+    for key in settings.uplink_keys_ignored():
+        log.warning("config key ignored: [uplink] budget_mbps is set", extra={"key": key})
     try:
         if await rt.catalog.get_state(CLEAN_KEY) != "1":
             notify("STATUS=recovering store after an unclean stop")

@@ -33,6 +33,13 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.uplink_overflow = Counter(
+            "peerd_uplink_overflow",
+            "Streams not admitted under the uplink budget, by answer (redirect: an HLS blob "
+            "request sent to the bucket; refused: 503, a blob the bucket lacks or a WHEP offer)",
+            ["answer"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

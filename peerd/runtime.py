@@ -80,7 +80,7 @@ async def open_runtime(settings: Settings, *, metrics: Metrics | None = None) ->
         raise
     up = settings.uplink
     uplink = Uplink(
-        budget_bps=up.budget_mbps * 1e6 / 8,
+        budget_bps=up.budget_bps,
         window_s=up.window_s,
         resume_ratio=up.resume_ratio,
         stream_idle_s=up.stream_idle_s,

@@ -73,6 +73,30 @@ def test_a_removed_key_is_named_as_removed(tmp_path: Path, monkeypatch: pytest.M
         load_settings(None)
 
 
+def test_the_uplink_budget_overrides_the_older_uplink_keys(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.toml"
+    old = "[r2]\nuplink_bytes_per_s = 1000\n[api]\nuplink_bps = 2000\n"
+    cfg.write_text(old)
+    s = load_settings(cfg)
+    assert s.uplink.budget_bps == 0
+    assert s.uplink_keys_ignored() == []  # no budget: they are the node's uplink, as before
+    cfg.write_text(old + "[uplink]\nbudget_mbps = 8\n")
+    s = load_settings(cfg)
+    assert s.uplink.budget_bps == 1_000_000
+    assert s.uplink_keys_ignored() == ["r2.uplink_bytes_per_s", "api.uplink_bps"]
+    res = run_cli("-c", str(cfg), "doctor")
+    assert "r2.uplink_bytes_per_s, api.uplink_bps ignored: [uplink] budget_mbps is set" in (
+        res.stdout
+    )
+    # Keys left at their defaults (a copy of the example configuration) say nothing.
+    cfg.write_text(
+        "[r2]\nuplink_bytes_per_s = 2500000\n[api]\nuplink_bps = 0\n[uplink]\nbudget_mbps = 8\n"
+    )
+    assert load_settings(cfg).uplink_keys_ignored() == []
+    s = load_settings(EXAMPLE, uplink={"budget_mbps": 8})
+    assert s.uplink_keys_ignored() == []
+
+
 def test_cli_exit_code_2_on_toml_syntax(tmp_path: Path) -> None:
     cfg = tmp_path / "p.toml"
     cfg.write_text("[http\n")

@@ -84,3 +84,14 @@ def test_a_burst_of_new_streams_is_admitted_only_up_to_the_budget() -> None:
         assert u.admit(i, 15.5)
     u.sent(5000, 15.5)
     assert u.admit(10, 16.0)
+
+
+def test_held_streams_stay_admitted_and_released_ones_stop_counting() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_idle_s=30.0)
+    assert u.admit("whep", 0.0)
+    u.sent(9000, 0.5)
+    u.hold("whep", 40.0)  # an open session, past the idle time: still one of the streams
+    assert u.report(40.0).streams == 1
+    u.release("whep")
+    assert u.report(40.0).streams == 0
+    u.release("whep")  # ended twice: nothing to forget

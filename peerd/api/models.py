@@ -129,9 +129,15 @@ class Admission(Response):
         ge=0, description="Bytes/s sent to viewers and peers over the last window."
     )
     spare_bps: int = Field(ge=0, description="budget_bps minus send_bps, floored at 0.")
-    streams: int = Field(ge=0, description="Viewer streams admitted and active.")
+    streams: int = Field(
+        ge=0, description="Viewer streams admitted and active (HLS streams, WHEP sessions)."
+    )
     redirects: int = Field(ge=0, description="Requests redirected to the bucket since start.")
-    refusals: int = Field(ge=0, description="Requests refused (503) over budget since start.")
+    refusals: int = Field(
+        ge=0,
+        description="Requests refused (503) over budget since start (HLS blob requests the "
+        "bucket lacks, WHEP offers).",
+    )
 
 
 class Health(Response):

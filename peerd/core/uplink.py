@@ -1,8 +1,9 @@
 """Uplink admission: what the node sends, and which viewer streams it takes on.
 
 A home uplink is the node's scarce resource. Every byte written to a viewer or a peer (HLS full
-and fast path, LAN and libp2p blob serving) is counted here at the send side, into a sliding
-window of ``window_s`` split in ten slots: counting is one slot comparison and an addition.
+and fast path, WHEP sessions, LAN and libp2p blob serving) is counted here at the send side, into
+a sliding window of ``window_s`` split in ten slots: counting is one slot comparison and an
+addition.
 
 Theory of operation (``budget_bps`` > 0; 0 turns all of this off and admits everything)::
 
@@ -24,7 +25,9 @@ the bucket, or 503) is the caller's business (:mod:`peerd.http.hls`). Bytes are 
 sent, so a stream admitted a moment ago is not in the rate yet: the ``unseen`` term keeps a
 burst of arrivals (a cold start, a premiere) from being admitted all at once, and
 ``stream_bps`` is what a stream is assumed to cost before any is measured. Streams unseen for
-``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept.
+``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept. A
+stream the node knows is open (a WHEP session) is held (:meth:`Uplink.hold`) until it ends
+(:meth:`Uplink.release`), whatever the rate.
 """
 
 from __future__ import annotations
@@ -115,6 +118,17 @@ class Uplink:
         if len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
         return True
+
+    def hold(self, key: Hashable, now: float) -> None:
+        """Keep stream ``key`` admitted at ``now`` without deciding again (a stream the node
+        already serves, such as a WHEP session, stays admitted as long as it is open)."""
+        if self.budget_bps > 0:
+            self._streams[key] = now
+            self._streams.move_to_end(key)
+
+    def release(self, key: Hashable) -> None:
+        """Forget stream ``key`` (it ended): it no longer counts among the admitted streams."""
+        self._streams.pop(key, None)
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.stream_idle_s

@@ -146,13 +146,7 @@ class HlsMetrics:
         self.rejected = Counter(
             "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
         )
-        self.overflow = Counter(
-            "peerd_uplink_overflow",
-            "Blob requests of streams not admitted under the uplink budget, by answer "
-            "(redirect: to the bucket; refused: 503, the bucket lacks the blob)",
-            ["answer"],
-            registry=reg,
-        )
+        self.overflow = rt.metrics.uplink_overflow
         uplink = rt.uplink
         Gauge(
             "peerd_uplink_send_bytes_per_second",

@@ -117,9 +117,9 @@ class TieringService:
         return TickReport(folded, tuple(promoted), tuple(demoted), evicted, refused)
 
     def limits(self, promotions_allowed: bool = True) -> TieringLimits:
-        """The policy limits from ``[r2]``."""
+        """The policy limits from ``[r2]``; the uplink is ``[uplink] budget_mbps`` when set."""
         return TieringLimits(
-            uplink_bps=self.cfg.uplink_bytes_per_s,
+            uplink_bps=self.rt.settings.uplink.budget_bps or self.cfg.uplink_bytes_per_s,
             r2_budget_bytes=self.cfg.budget_bytes,
             headroom=self.cfg.uplink_headroom,
             cold_bps=self.cfg.cold_bytes_per_s,

@@ -6,6 +6,12 @@ fills them (``peerd.webrtc.media``). It ends when the viewer sends ``DELETE``, w
 connection fails or closes (ICE consent lost, DTLS closed), when it does not connect within
 ``connect_timeout_s``, or when the daemon stops; ending closes the peer connection, stops the
 feeder and frees the slot.
+
+A session is a stream of the uplink admission (:class:`peerd.core.uplink.Uplink`, ``[uplink]
+budget_mbps``): a new one is decided as a new HLS stream is, and refused with 503 and
+``Retry-After`` when the node is over its budget (there is no bucket to send a WHEP viewer to);
+an admitted one is held until it ends, never cut. Every second, the RTP bytes each session's
+senders sent since the last look (aiortc's ``bytesSent``) are counted into the uplink meter.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 
 from aiortc import (
     RTCConfiguration,
+    RTCOutboundRtpStreamStats,
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
@@ -129,6 +136,14 @@ def _label_h264(answer: str, profile_level_id: str) -> str:
     return str(desc)
 
 
+_SENT_EVERY_S = 1.0
+
+
+def _stream(session_id: str) -> tuple[str, str]:
+    """The session's stream key in the uplink admission (apart from HLS streams' keys)."""
+    return ("whep", session_id)
+
+
 @dataclass(frozen=True)
 class OfferSummary:
     """What the viewer's offer asks for."""
@@ -177,6 +192,7 @@ class WhepSession:
     tracks: list[PacedTrack]
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
+    sent: int = 0  # RTP bytes already counted into the uplink meter
 
 
 class WhepMetrics:
@@ -241,12 +257,31 @@ class WhepService:
         self._accepting = self.cfg.enabled
         ready()
         try:
-            await asyncio.Event().wait()
+            while True:
+                await asyncio.sleep(_SENT_EVERY_S)
+                for s in list(self.sessions.values()):
+                    # A session closing meanwhile must not end the service (and every session).
+                    with contextlib.suppress(Exception):
+                        await self._count_sent(s)
         finally:
             self._accepting = False
             await asyncio.shield(self._close_all("stop"))
             await asyncio.shield(self.ice.close())
             await asyncio.shield(asyncio.to_thread(self.pool.shutdown, True, cancel_futures=True))
+
+    async def _count_sent(self, s: WhepSession) -> None:
+        """Count what ``s`` sent since the last call into the uplink meter; hold its stream."""
+        total = 0
+        for sender in s.pc.getSenders():
+            for st in (await sender.getStats()).values():
+                if isinstance(st, RTCOutboundRtpStreamStats):
+                    total += st.bytesSent
+        now = time.monotonic()
+        if total > s.sent:
+            self.rt.uplink.sent(total - s.sent, now)
+            s.sent = total
+        if s.id in self.sessions:  # not ended meanwhile
+            self.rt.uplink.hold(_stream(s.id), now)
 
     def _start_threads(self) -> None:
         n = self.cfg.media_threads
@@ -281,15 +316,25 @@ class WhepService:
             raise TooManyRequests(
                 f"the node is at its limit of {self.cfg.max_sessions} WHEP sessions"
             )
+        session_id = secrets.token_urlsafe(16)
+        if not self.rt.uplink.admit(_stream(session_id), time.monotonic()):
+            self.metrics.rejected.labels(reason="uplink").inc()
+            self.rt.metrics.uplink_overflow.labels(answer="refused").inc()
+            raise Unavailable(
+                "uplink budget reached", retry_after=self.rt.settings.uplink.retry_after_s
+            )
         # Hold the slot across the awaits below, so concurrent offers cannot overshoot the cap.
         self._reserved += 1
         try:
-            return await self._open(media_id, offer)
+            return await self._open(session_id, media_id, offer)
+        except BaseException:
+            self.rt.uplink.release(_stream(session_id))
+            raise
         finally:
             self._reserved -= 1
 
     async def _open(
-        self, media_id: str, offer: str
+        self, session_id: str, media_id: str, offer: str
     ) -> tuple[WhepSession, str, tuple[IceServer, ...]]:
         summary = summarize_offer(offer)
         playable = await self._playable(media_id)
@@ -316,7 +361,7 @@ class WhepService:
         await asyncio.sleep(0)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=for_aiortc(servers)))
         try:
-            session = await self._negotiate(pc, playable, summary, plan, offer)
+            session = await self._negotiate(session_id, pc, playable, summary, plan, offer)
         except BaseException:
             await pc.close()
             raise
@@ -348,6 +393,7 @@ class WhepService:
 
     async def _negotiate(
         self,
+        session_id: str,
         pc: RTCPeerConnection,
         playable: Playable,
         summary: OfferSummary,
@@ -402,7 +448,7 @@ class WhepService:
             resolver=self.resolver,
         )
         session = WhepSession(
-            id=secrets.token_urlsafe(16),
+            id=session_id,
             media_id=playable.media_id,
             mode=mode if video is not None else "audio",
             pc=pc,
@@ -467,6 +513,9 @@ class WhepService:
                 await s.task
         for t in s.tracks:
             t.stop()
+        with contextlib.suppress(Exception):
+            await self._count_sent(s)  # the last second's bytes
+        self.rt.uplink.release(_stream(session_id))
         await s.pc.close()
         log.info(
             "whep session closed",

@@ -72,6 +72,27 @@ async def test_hot_media_is_promoted_and_cold_media_demoted(
     assert not any(blob_key(c) in objects for c in cold_cids)
 
 
+async def test_the_uplink_budget_is_the_uplink_tiering_plans_for(
+    runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str
+) -> None:
+    """With ``[uplink] budget_mbps`` set, tiering plans for it, not ``r2.uplink_bytes_per_s``."""
+    hot, hot_cids = await make_media(runtime, n=3, size=20_000)
+    runtime.settings.uplink = runtime.settings.uplink.model_copy(update={"budget_mbps": 0.008})
+    # As the older key alone, this uplink would carry the demand: nothing would be promoted.
+    svc = service(runtime, replicator, uplink_bytes_per_s=10**12, uplink_headroom=1.0)
+    assert svc.limits().uplink_bps == 1000
+    now = time.time() + 10
+    for c in hot_cids:
+        runtime.access.record(c, 5_000_000, now)  # ~1 MB/s of demand for a 1 kB/s budget
+    report = await svc.tick(now=now)
+    assert report.promoted == (hot,)
+    await replicator.run_until_idle(max_wait_s=30)
+    objects = await asyncio.to_thread(moto.objects, bucket)
+    assert manifest_key(hot) in objects
+    runtime.settings.uplink = runtime.settings.uplink.model_copy(update={"budget_mbps": 0.0})
+    assert svc.limits().uplink_bps == 10**12  # no budget: the older key is the uplink
+
+
 async def test_eviction_removes_only_blobs_r2_confirms(
     runtime: Runtime,
     replicator: Replicator,

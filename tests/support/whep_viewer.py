@@ -3,7 +3,8 @@
 Run as ``python -m tests.support.whep_viewer URL [--no-audio] [--header K:V] [--offer-only]
 [--h264 PROFILES]``. It creates a receive-only peer connection, posts its offer to ``URL`` and
 prints one JSON line
-``{"event": "answer", "status": ..., "location": ..., "links": [...], "sdp": ...}``; then it
+``{"event": "answer", "status": ..., "location": ..., "retry_after": ..., "links": [...],
+"sdp": ...}``; then it
 decodes what it receives and answers commands read from stdin, one per line:
 
 ``stats``
@@ -158,6 +159,7 @@ async def _main(args: argparse.Namespace) -> int:
                 "event": "answer",
                 "status": r.status,
                 "location": r.headers.get("Location"),
+                "retry_after": r.headers.get("Retry-After"),
                 "links": r.headers.getall("Link", []),
                 "sdp": body,
             }
@@ -196,6 +198,7 @@ class ViewerProcess:
         self.proc = proc
         self.status = 0
         self.location: str | None = None
+        self.retry_after: str | None = None
         self.links: list[str] = []
         self.sdp = ""
 
@@ -224,6 +227,7 @@ class ViewerProcess:
         answer = await viewer._read("answer")
         viewer.status = answer["status"]
         viewer.location = answer["location"]
+        viewer.retry_after = answer["retry_after"]
         viewer.links = answer["links"]
         viewer.sdp = answer["sdp"]
         return viewer
