@@ -658,17 +658,21 @@ class R2Client:
     async def verify_blob(self, cid: Cid, size: int, path: Path | None) -> bool:
         """True when ``blobs/<cid>`` is whole: HEAD size and SHA-256 checksum match.
 
-        A multipart object's composite checksum is recomputed from ``path`` (the local copy);
-        without it, only a single-PUT object can be verified.
+        A multipart object's composite checksum is recomputed from ``path`` (the local copy).
+        An object whose head gives no checksum to check (written by another tool, such as rclone
+        or a bucket copy, or multipart without its part size or a local copy) is read and every
+        byte hashed: one more GET, never a false "wrong", which would delete a good object.
         """
         info = await self.head(blob_key(cid))
-        if info is None or info.size != size or not info.checksum_sha256:
+        if info is None or info.size != size:
             return False
+        if not info.checksum_sha256:
+            return await self._hashes_to(cid, size)
         value, _, count = info.checksum_sha256.partition("-")
         if info.part_size is None and not count:
             return value == b64_digest(digest_of(cid))
         if path is None or info.part_size is None:
-            return False
+            return await self._hashes_to(cid, size)
         try:
             expected = await asyncio.to_thread(_composite_of_file, path, size, info.part_size)
         except (OSError, ValueError):
@@ -677,6 +681,25 @@ class R2Client:
             return False
         exp_value, _, exp_count = expected.partition("-")
         return value == exp_value and (not count or count == exp_count)
+
+    async def _hashes_to(self, cid: Cid, size: int) -> bool:
+        """Whether ``blobs/<cid>`` read whole is ``size`` bytes that hash to ``cid``."""
+        opened = await self.open(blob_key(cid))
+        if opened is None:
+            return False
+        got, body = opened
+        h = hashlib.sha256()
+        n = 0
+        try:
+            if got != size:
+                return False
+            async for chunk in body:
+                n += len(chunk)
+                # large chunks hash off the loop (hashlib releases the GIL)
+                await asyncio.to_thread(h.update, chunk)
+        finally:
+            await body.aclose()
+        return n == size and h.digest() == digest_of(cid)
 
 
 def _copy_failed(op: str, source: str, key: str, body: bytes) -> None:

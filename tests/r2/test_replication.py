@@ -124,6 +124,28 @@ async def test_partial_object_in_bucket_is_replaced(
     assert proxy.count("DELETE") == 1
 
 
+async def test_a_whole_object_written_by_another_tool_is_kept(
+    runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str, proxy: FaultProxy
+) -> None:
+    """An object put without a SHA-256 checksum (rclone, a bucket copy, another node's tool) is
+    read and hashed, not taken for a wrong one and deleted; one of the wrong bytes still is."""
+    data = os.urandom(80_000)
+    cid = await runtime.store.put(data)
+    await put_direct(moto, bucket, blob_key(cid), data)
+    await replicator.push_blob(cid)
+    await replicator.run_until_idle(max_wait_s=30)
+    assert await r2_state(runtime, cid) == "present"
+    assert proxy.count("DELETE") == 0
+    assert proxy.count("GET", "/blobs/") == 1  # the whole object, hashed
+    wrong = await runtime.store.put(os.urandom(80_000))
+    await put_direct(moto, bucket, blob_key(wrong), os.urandom(80_000))  # same size, other bytes
+    await replicator.push_blob(wrong)
+    await replicator.run_until_idle(max_wait_s=30)
+    assert await r2_state(runtime, wrong) == "present"
+    assert proxy.count("DELETE") == 1
+    assert await assert_replicated_are_whole(runtime, moto, bucket) == 2
+
+
 async def test_restart_does_no_duplicate_work(
     runtime: Runtime, client: R2Client, proxy: FaultProxy, moto: MotoServer, bucket: str
 ) -> None:
