@@ -162,8 +162,11 @@ def plan_tiering(
     def settled(m: MediaStat) -> bool:
         return m.r2_since is not None and now - m.r2_since < limits.min_residence_s
 
-    kept = [m for m in media if m.in_r2 and (m.demand_bps >= limits.cold_bps or settled(m))]
-    cold = [m for m in media if m.in_r2 and m not in kept]
+    kept: list[MediaStat] = []
+    cold: list[MediaStat] = []
+    for m in media:  # one pass: a membership test on the list was quadratic in the library
+        if m.in_r2:
+            (kept if m.demand_bps >= limits.cold_bps or settled(m) else cold).append(m)
     kept.sort(key=_density, reverse=True)
     stored = 0
     keep_ids = set()
