@@ -139,3 +139,25 @@ async def test_node_registers_heartbeats_backs_off_and_drains(
     assert drain[0].payload["drain_deadline_s"] > 0
     # Only refusals the test provoked: 503 while down, one 404 after the coordinator forgot us.
     assert [r.status for r in fake.refused if r.status != 503] == [404]
+
+
+async def test_a_reply_not_understood_is_logged_once(
+    tmp_path: Path, coordinator: FakeCoordinator
+) -> None:
+    """A coordinator that answers every heartbeat in a shape the node cannot read (here an
+    interval below the contract's 5 s) gets one warning naming the problem, not one a beat."""
+    coordinator.heartbeat_interval_s = 1.0
+    node = PeerdProcess(
+        tmp_path / "node",
+        config={"coordinator": {"url": coordinator.url, "heartbeat_interval_s": 1.0}},
+    )
+    await asyncio.to_thread(node.start)
+    try:
+        await coordinator.wait_for(lambda: len(coordinator.of_kind("heartbeat")) >= 4)
+    finally:
+        assert await asyncio.to_thread(node.stop) == 0
+    lines = [json.loads(x) for x in node.logs().splitlines() if "not understood" in x]
+    warned = [x for x in lines if x["level"] == "warning"]
+    assert [x["kind"] for x in warned] == ["register", "heartbeat", "drain"]  # once per kind
+    assert "heartbeat_interval_s" in warned[-1]["problems"]
+    assert len(lines) >= 4  # the later ones at debug

@@ -61,6 +61,7 @@ class CoordinatorService:
         self.interval_s = self.cfg.heartbeat_interval_s
         self.failures = 0
         self.sent: dict[str, int] = {"register": 0, "heartbeat": 0, "drain": 0}
+        self._odd_replies: set[str] = set()  # report kinds whose reply was not understood
         self._soon = asyncio.Event()
 
     def report_soon(self) -> None:
@@ -155,8 +156,19 @@ class CoordinatorService:
         self.sent[kind] += 1
         try:
             return CoordinatorReply.model_validate_json(text or "{}")
-        except ValidationError:
-            log.warning("coordinator reply not understood; ignored", extra={"kind": kind})
+        except ValidationError as exc:
+            # Said once per kind (a coordinator that answers oddly does so on every heartbeat),
+            # then at debug: the log must not fill with one line every interval.
+            level = logging.DEBUG if kind in self._odd_replies else logging.WARNING
+            self._odd_replies.add(kind)
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            log.log(
+                level,
+                "coordinator reply not understood; ignored",
+                extra={"kind": kind, "problems": problems[:300]},
+            )
             return CoordinatorReply()
 
     async def _heartbeat_loop(self) -> None:
