@@ -1,0 +1,193 @@
+"""The reference coordinator of the testbed: the node contract's fake plus routing.
+
+Built on ``tests.support.coordinator.FakeCoordinator`` (signed register/heartbeat/drain, schema
+checked). On every accepted heartbeat whose inventory ``seq`` moved, it pages through the node's
+``GET /api/v1/inventory`` (bearer ``api_token``, answers validated against the OpenAPI document)
+and keeps the set of blobs each node holds. A node is alive while its heartbeats keep coming
+(``3 x`` the interval) and until a viewer reports it failed.
+
+:meth:`RoutingCoordinator.route` sends a viewer, by policy:
+
+* ``peerd`` (and ``lru``): a live node that holds every blob of the item and has spare uplink
+  (its configured uplink minus the larger of its reported egress and the streams the coordinator
+  sent it); else the LAN partner of a holder (it fetches over the LAN); else any node with spare
+  uplink (it reads through from R2); else the bucket directly (overflow);
+* ``no_r2``: holders, then LAN partners, then any node, never the bucket (over budget if need be);
+* ``all_r2``: always the bucket.
+
+A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
+``hls_signing_key``), as the Worker would mint it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from peerd.core import tokens
+from scripts.testbed.player import Route
+from tests.support.coordinator import FakeCoordinator, NodeApiClient
+
+
+@dataclass
+class NodeView:
+    """What the coordinator knows of one node."""
+
+    index: int
+    base_url: str
+    uplink_Bps: float
+    rtt_s: float
+    lan_peer: int | None
+    peer_id: str = ""
+    last_seen: float = 0.0
+    egress_Bps: float = 0.0
+    assigned_Bps: float = 0.0
+    held: set[str] = field(default_factory=set)
+    since: int = 0
+    seq: int = -1
+    failed_at: float = 0.0
+    api: NodeApiClient | None = None
+    syncing: asyncio.Task[None] | None = None
+    streams: int = 0
+
+
+@dataclass
+class RoutingCoordinator(FakeCoordinator):
+    """See the module doc."""
+
+    views: dict[str, NodeView] = field(default_factory=dict)
+    by_index: dict[int, NodeView] = field(default_factory=dict)
+    api_token: str = ""
+    signing_key: bytes = b""
+    r2_base: str = ""
+    policy: str = "peerd"
+    items: list[tuple[str, frozenset[str], float]] = field(default_factory=list)
+    admit_fraction: float = 0.85
+    interval_s: float = 2.0
+    routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
+
+    def add_node(self, view: NodeView, name: str) -> None:
+        """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
+        self.views[name] = view
+        self.by_index[view.index] = view
+
+    async def _report(self, request: web.Request) -> web.Response:
+        resp = await super()._report(request)
+        if resp.status == 200 and self.reports:
+            payload: dict[str, Any] = self.reports[-1].payload
+            view = self.views.get(payload["name"])
+            if view is not None:
+                view.peer_id = payload["peer_id"]
+                view.last_seen = time.monotonic()
+                view.egress_Bps = float(payload["load"]["egress_bps"])
+                seq = int(payload["inventory"]["seq"])
+                if seq != view.seq and (view.syncing is None or view.syncing.done()):
+                    view.syncing = asyncio.create_task(self._sync(view, seq))
+        # The node does not need every heartbeat's reports kept (memory over a long run).
+        del self.reports[:-1]
+        del self.raw[:]
+        return resp
+
+    async def _sync(self, view: NodeView, seq: int) -> None:
+        if view.api is None:
+            view.api = NodeApiClient(view.base_url, self.api_token)
+        with contextlib.suppress(Exception):
+            while True:
+                ans = await view.api.call(
+                    "GET", "/api/v1/inventory", params={"since": view.since, "limit": 1000}
+                )
+                for it in ans.body["items"]:
+                    if it["kind"] != "blob":
+                        continue
+                    if it["state"] == "present":
+                        view.held.add(it["id"])
+                    else:
+                        view.held.discard(it["id"])
+                view.since = ans.body["next_since"]
+                if not ans.body["more"]:
+                    break
+            view.seq = seq
+
+    async def close(self) -> None:
+        """Stop listening and close the node API clients."""
+        for v in self.views.values():
+            if v.syncing is not None:
+                v.syncing.cancel()
+            if v.api is not None:
+                await v.api.close()
+        await super().close()
+
+    def synced(self) -> bool:
+        """True once every node reported and its inventory was read."""
+        return all(v.seq >= 0 for v in self.views.values())
+
+    def alive(self, v: NodeView) -> bool:
+        """Heartbeats recent, and no viewer reported it failed since its last heartbeat."""
+        now = time.monotonic()
+        return now - v.last_seen < 3 * self.interval_s + 1 and v.failed_at < v.last_seen - 1e-9
+
+    def holds(self, v: NodeView, item: int) -> bool:
+        """The node has every blob of the item."""
+        return self.items[item][1] <= v.held
+
+    def spare(self, v: NodeView) -> float:
+        """Uplink the coordinator may still give away on ``v`` (bytes/s)."""
+        return v.uplink_Bps * self.admit_fraction - max(v.egress_Bps, v.assigned_Bps)
+
+    def _node_route(self, v: NodeView, item: int, need: float) -> Route:
+        media_id = self.items[item][0]
+        expires = int(time.time()) + 3600
+        token = tokens.mint(self.signing_key, media_id, "hls", expires)
+        v.assigned_Bps += need
+        v.streams += 1
+        return Route(
+            "node", f"{v.base_url}/hls/{media_id}/master.m3u8?token={token}", v.index, v.rtt_s
+        )
+
+    async def route(self, item: int, avoid: set[int]) -> Route:
+        """Pick a source for a viewer of ``item`` (see the module doc)."""
+        now = time.monotonic()
+        for i in avoid:
+            v = self.by_index[i]
+            v.failed_at = max(v.failed_at, v.last_seen)
+        media_id, _, need = self.items[item]
+        r2 = Route("r2", f"{self.r2_base}/media/{media_id}.json")
+        if self.policy == "all_r2":
+            self.routes.append((now, item, "r2", None))
+            return r2
+        live = [v for v in self.by_index.values() if self.alive(v) and v.index not in avoid]
+        holders = [v for v in live if self.holds(v, item)]
+        partners = [
+            v
+            for v in live
+            if v.lan_peer is not None and self.holds(self.by_index[v.lan_peer], item)
+        ]
+        # Without R2 a node that neither holds the item nor has a LAN holder cannot serve it.
+        tiers = [holders, partners] if self.policy == "no_r2" else [holders, partners, live]
+        for tier in tiers:
+            fit = [v for v in tier if self.spare(v) >= need]
+            if fit:
+                best = max(fit, key=self.spare)
+                self.routes.append((now, item, "node", best.index))
+                return self._node_route(best, item, need)
+        if self.policy == "no_r2":
+            for tier in tiers:
+                if tier:
+                    best = max(tier, key=self.spare)
+                    self.routes.append((now, item, "node", best.index))
+                    return self._node_route(best, item, need)
+        self.routes.append((now, item, "r2", None))
+        return r2
+
+    def release(self, route: Route | None, item: int) -> None:
+        """A viewer left ``route`` (finished, or moved elsewhere)."""
+        if route is None or route.node is None:
+            return
+        v = self.by_index[route.node]
+        v.assigned_Bps = max(0.0, v.assigned_Bps - self.items[item][2])
+        v.streams = max(0, v.streams - 1)
