@@ -36,12 +36,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import boto3
 from aiohttp import web
+from botocore.config import Config as BotoConfig
 
 from peerd.catalog.media import record_media
 from peerd.config import load_settings
@@ -58,7 +61,7 @@ from tests.support.browser import Browser
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.process import PeerdProcess
 from tests.support.r2media import write_r2_secrets
-from tests.support.s3server import MotoServer
+from tests.support.s3server import ACCESS_KEY, SECRET_KEY, MotoServer
 
 ROOT = Path(__file__).resolve().parents[2]
 HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
@@ -227,6 +230,27 @@ class Testbed:
                     c.put_object(Bucket=BUCKET, Key=f"blobs/{cid}", Body=data)
                     done.add(cid)
 
+    def presigner(self) -> Callable[[str], str]:
+        """Presigned GET URLs through the R2 proxy (what the coordinator hands a viewer)."""
+        assert self.proxy is not None
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.proxy.url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+            config=BotoConfig(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+
+        def sign(key: str) -> str:
+            return str(
+                client.generate_presigned_url(
+                    "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=3600
+                )
+            )
+
+        return sign
+
     def bucket_bytes(self) -> int:
         """Bytes stored in the bucket now."""
         total = 0
@@ -272,7 +296,7 @@ class Testbed:
                     "advertise_addresses": [h.lan_addr],
                     "recheck_s": 2.0,
                 }
-            if policy != "no_r2":
+            if policy not in ("no_r2", "all_r2"):
                 cfg["r2"] = {
                     "endpoint": self.proxy.url,
                     "bucket": BUCKET,
@@ -291,7 +315,7 @@ class Testbed:
             (sec / "hls_signing_key").write_text(self.signing_secret)
             (sec / "api_token").write_text(self.api_token)
             write_r2_secrets(state)
-            await seed_node(state, self.library, place[h.index], policy != "no_r2")
+            await seed_node(state, self.library, place[h.index], policy not in ("no_r2", "all_r2"))
             self.nodes.append(node)
         for n in self.nodes:
             n.start(wait=False)
@@ -318,7 +342,7 @@ class Testbed:
             heartbeat_interval_s=2.0,
             api_token=self.api_token,
             signing_key=tokens.key_from_secret(self.signing_secret),
-            r2_base=f"{self.proxy.url}/{BUCKET}",
+            presign=self.presigner(),
             policy=policy,
         )
         need = [max(r.bandwidth for r in i.manifest.renditions) / 8 for i in self.library]
@@ -351,7 +375,8 @@ class Testbed:
             ops = self.proxy.log[proxy_mark:]
             bucket_after = await asyncio.to_thread(self.bucket_bytes)
         finally:
-            self.stop_nodes()
+            # In a thread: the daemons' drain notices need the coordinator answering meanwhile.
+            await asyncio.to_thread(self.stop_nodes)
             await coord.close()
         result["bucket_bytes_before"] = bucket_before
         result["bucket_bytes_after"] = bucket_after
@@ -453,7 +478,7 @@ class Testbed:
     async def sanity(self, coord: RoutingCoordinator, checks: dict[str, Any], t0: float) -> None:
         """One ffmpeg and one hls.js in Chromium play routed URLs a third of the way in."""
         await asyncio.sleep(self.sc.duration_s / 3)
-        route = await coord.route(0, set())
+        route = await coord.route(0, set(), force_node=True)
         try:
             url = route.url if route.kind == "node" else ""
             if url:
@@ -470,7 +495,7 @@ class Testbed:
                 checks["ffmpeg"] = {"rc": None, "note": "routed to the bucket"}
         finally:
             coord.release(route, 0)
-        route = await coord.route(1, set())
+        route = await coord.route(1, set(), force_node=True)
         try:
             checks["hlsjs"] = await self.hlsjs(route.url) if route.kind == "node" else {}
         finally:

@@ -33,7 +33,7 @@ import aiohttp
 from peerd.core.ids import cid_of
 from peerd.core.manifest import decode
 
-CID_IN_PATH = re.compile(r"/(b[a-z2-7]{58})(?:\.[a-z0-9]+)?(?:\?|$)")
+CID_IN_PATH = re.compile(r"/(b[a-z2-7]{58})(?:\.[a-z0-9]+)?(?:\?|$)")  # node and bucket URLs
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Route:
     url: str
     node: int | None = None
     rtt_s: float = 0.0
+    urls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +90,9 @@ class PlayerConfig:
     give_up_s: float = 30.0
     request_timeout_s: float = 10.0
 
+
+R2_FAILED = -1
+"""Put in ``avoid`` when the bucket failed (the coordinator stops sending this item there)."""
 
 Router = Callable[[int, set[int]], Awaitable[Route]]
 """``(viewer's item, nodes to avoid) -> Route``."""
@@ -152,14 +156,14 @@ class Player:
         if self.route.kind == "r2":
             body, _ = await self._get(self.route.url, self.media_id)
             m = decode(body)
-            base = self.route.url.rsplit("/media/", 1)[0] + "/blobs/"
+            urls = self.route.urls
             self.rungs = sorted(
                 (
                     Rung(
                         r.id,
                         r.bandwidth,
-                        base + r.init if r.init else None,
-                        [(base + s.cid, s.duration / r.timescale) for s in r.segments],
+                        urls[f"blobs/{r.init}"] if r.init else None,
+                        [(urls[f"blobs/{s.cid}"], s.duration / r.timescale) for s in r.segments],
                     )
                     for r in m.renditions
                 ),
@@ -210,8 +214,7 @@ class Player:
             except Failed:
                 if time.monotonic() - last_progress > self.cfg.give_up_s:
                     raise
-                if self.route is not None and self.route.node is not None:
-                    self.avoid.add(self.route.node)
+                self._avoid_current()
                 self.st.reroutes += 1
                 self.rungs = []
                 inits.clear()
@@ -269,6 +272,10 @@ class Player:
         finally:
             self.done(self.route)
 
+    def _avoid_current(self) -> None:
+        if self.route is not None:
+            self.avoid.add(self.route.node if self.route.node is not None else R2_FAILED)
+
     async def _open_first(self) -> None:
         last = time.monotonic()
         while True:
@@ -278,8 +285,7 @@ class Player:
             except Failed:
                 if time.monotonic() - last > self.cfg.give_up_s:
                     raise
-                if self.route is not None and self.route.node is not None:
-                    self.avoid.add(self.route.node)
+                self._avoid_current()
                 self.st.reroutes += 1
                 await asyncio.sleep(0.2)
 

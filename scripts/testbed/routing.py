@@ -12,11 +12,15 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
   (its configured uplink minus the larger of its reported egress and the streams the coordinator
   sent it); else the LAN partner of a holder (it fetches over the LAN); else any node with spare
   uplink (it reads through from R2); else the bucket directly (overflow);
-* ``no_r2``: holders, then LAN partners, then any node, never the bucket (over budget if need be);
+* ``no_r2``: holders, then LAN partners, never the bucket (over budget if need be);
+
+The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
+the inventories (tiering removes cold media from the bucket) and what viewers report.
 * ``all_r2``: always the bucket.
 
 A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
-``hls_signing_key``), as the Worker would mint it.
+``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
+object of the item (the bucket is private, as R2's are).
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from peerd.core import tokens
-from scripts.testbed.player import Route
+from scripts.testbed.player import R2_FAILED, Route
 from tests.support.coordinator import FakeCoordinator, NodeApiClient
 
 
@@ -64,12 +69,14 @@ class RoutingCoordinator(FakeCoordinator):
     by_index: dict[int, NodeView] = field(default_factory=dict)
     api_token: str = ""
     signing_key: bytes = b""
-    r2_base: str = ""
+    presign: Callable[[str], str] | None = None
     policy: str = "peerd"
     items: list[tuple[str, frozenset[str], float]] = field(default_factory=list)
     admit_fraction: float = 0.85
     interval_s: float = 2.0
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
+    r2_state: dict[str, str] = field(default_factory=dict)
+    r2_missing: set[int] = field(default_factory=set)
 
     def add_node(self, view: NodeView, name: str) -> None:
         """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
@@ -104,6 +111,10 @@ class RoutingCoordinator(FakeCoordinator):
                 for it in ans.body["items"]:
                     if it["kind"] != "blob":
                         continue
+                    if it.get("r2_state") is not None:
+                        # Latest report wins: a node that removed a blob from the bucket says so
+                        # after the others last said it was there.
+                        self.r2_state[it["id"]] = it["r2_state"]
                     if it["state"] == "present":
                         view.held.add(it["id"])
                     else:
@@ -135,6 +146,13 @@ class RoutingCoordinator(FakeCoordinator):
         """The node has every blob of the item."""
         return self.items[item][1] <= v.held
 
+    def in_r2(self, item: int) -> bool:
+        """The bucket holds every blob of the item, as far as the nodes' inventories say (and no
+        viewer found otherwise)."""
+        if self.policy == "no_r2" or item in self.r2_missing:
+            return False
+        return all(self.r2_state.get(c, "present") == "present" for c in self.items[item][1])
+
     def spare(self, v: NodeView) -> float:
         """Uplink the coordinator may still give away on ``v`` (bytes/s)."""
         return v.uplink_Bps * self.admit_fraction - max(v.egress_Bps, v.assigned_Bps)
@@ -149,17 +167,27 @@ class RoutingCoordinator(FakeCoordinator):
             "node", f"{v.base_url}/hls/{media_id}/master.m3u8?token={token}", v.index, v.rtt_s
         )
 
-    async def route(self, item: int, avoid: set[int]) -> Route:
-        """Pick a source for a viewer of ``item`` (see the module doc)."""
+    def _r2_route(self, media_id: str, cids: frozenset[str]) -> Route:
+        """The bucket: presigned GET URLs of the manifest and of every blob of the item."""
+        assert self.presign is not None
+        keys = [f"media/{media_id}.json", *(f"blobs/{c}" for c in cids)]
+        return Route("r2", self.presign(keys[0]), urls={k: self.presign(k) for k in keys})
+
+    async def route(self, item: int, avoid: set[int], *, force_node: bool = False) -> Route:
+        """Pick a source for a viewer of ``item`` (see the module doc); ``force_node``: a node
+        even past its budget (the sanity players check what nodes serve)."""
         now = time.monotonic()
         for i in avoid:
+            if i == R2_FAILED:
+                self.r2_missing.add(item)
+                continue
             v = self.by_index[i]
             v.failed_at = max(v.failed_at, v.last_seen)
-        media_id, _, need = self.items[item]
-        r2 = Route("r2", f"{self.r2_base}/media/{media_id}.json")
-        if self.policy == "all_r2":
+        media_id, cids, need = self.items[item]
+        if self.policy == "all_r2" and not force_node:
             self.routes.append((now, item, "r2", None))
-            return r2
+            return self._r2_route(media_id, cids)
+        r2_ok = self.in_r2(item)
         live = [v for v in self.by_index.values() if self.alive(v) and v.index not in avoid]
         holders = [v for v in live if self.holds(v, item)]
         partners = [
@@ -167,22 +195,25 @@ class RoutingCoordinator(FakeCoordinator):
             for v in live
             if v.lan_peer is not None and self.holds(self.by_index[v.lan_peer], item)
         ]
-        # Without R2 a node that neither holds the item nor has a LAN holder cannot serve it.
-        tiers = [holders, partners] if self.policy == "no_r2" else [holders, partners, live]
+        # A node that neither holds the item nor has a LAN holder reads it through from R2.
+        tiers = [holders, partners, live] if r2_ok else [holders, partners]
         for tier in tiers:
             fit = [v for v in tier if self.spare(v) >= need]
             if fit:
                 best = max(fit, key=self.spare)
                 self.routes.append((now, item, "node", best.index))
                 return self._node_route(best, item, need)
-        if self.policy == "no_r2":
-            for tier in tiers:
-                if tier:
-                    best = max(tier, key=self.spare)
-                    self.routes.append((now, item, "node", best.index))
-                    return self._node_route(best, item, need)
+        if r2_ok and not force_node:
+            self.routes.append((now, item, "r2", None))
+            return self._r2_route(media_id, cids)
+        # No budget left anywhere and the bucket cannot take it: the least loaded holder.
+        for tier in tiers:
+            if tier:
+                best = max(tier, key=self.spare)
+                self.routes.append((now, item, "node", best.index))
+                return self._node_route(best, item, need)
         self.routes.append((now, item, "r2", None))
-        return r2
+        return self._r2_route(media_id, cids)
 
     def release(self, route: Route | None, item: int) -> None:
         """A viewer left ``route`` (finished, or moved elsewhere)."""
