@@ -112,10 +112,10 @@ def quick() -> Scenario:
 
 
 def full() -> Scenario:
-    """8 nodes (two LAN pairs), 60 items, ~4 minutes of arrivals per policy."""
+    """8 nodes (two LAN pairs), 60 items, 4 minutes of arrivals per policy."""
     return Scenario(
         nodes=8,
-        uplinks_mbit=[10, 20, 30, 50, 15, 25, 40, 12],
+        uplinks_mbit=[10, 6, 8, 12, 5, 9, 7, 11],
         rtts_ms=[20, 28, 36, 44, 52, 60, 70, 80],
         lan_pairs=[(0, 1), (2, 3)],
         items=60,
@@ -722,6 +722,7 @@ async def amain(sc: Scenario, out: Path) -> int:
         log(f"trace: {len(trace)} viewers over {sc.duration_s:.0f} s")
         summary: dict[str, Any] = {
             "scenario": asdict(sc),
+            "bridge": tb.net.bridge,
             "total_uplink_mbit": sum(sc.uplinks_mbit),
             "peak_demand_mbit": _peak_demand(tb.library, trace, sc),
             "policies": {},
