@@ -94,6 +94,12 @@ class Scenario:
     tiering_interval_s: float = 5.0
     faults: bool = False
     policies: list[str] = field(default_factory=lambda: ["peerd"])
+    # Passthrough for node features built elsewhere: extra config per node (``{uplink_mbit}``
+    # in a value is that node's uplink), whether catalogs hold only their own items' manifests,
+    # and whether the coordinator may send a viewer to a node that does not hold the item.
+    node_set: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifests: str = "all"
+    route: str = "holders"
 
 
 def quick() -> Scenario:
@@ -156,12 +162,17 @@ def by_label(metrics: dict[str, float], name: str, label: str) -> dict[str, floa
     return out
 
 
-async def seed_node(state_dir: Path, library: list[Item], placed: set[int], in_r2: bool) -> None:
-    """Every manifest in the catalog; blobs of ``placed`` items local, the rest absent."""
+async def seed_node(
+    state_dir: Path, library: list[Item], placed: set[int], in_r2: bool, manifests: str = "all"
+) -> None:
+    """Every manifest in the catalog (``manifests="placed"``: only those of ``placed``); blobs of
+    ``placed`` items local, the rest absent."""
     rt = await open_runtime(load_settings(None, node={"state_dir": state_dir}))
     try:
         now = time.time()
         for k, item in enumerate(library):
+            if manifests == "placed" and k not in placed:
+                continue
             for cid, data in item.blobs.items():
                 kind = "init" if item.manifest.renditions[0].init == cid else "segment"
                 if any(r.init == cid for r in item.manifest.renditions):
@@ -307,6 +318,15 @@ class Testbed:
                     "access_half_life_s": 60.0,
                     "fetch_timeout_s": 10.0,
                 }
+            for section, values in self.sc.node_set.items():
+                cfg.setdefault(section, {}).update(
+                    {
+                        k: v.replace("{uplink_mbit}", f"{h.uplink_mbit:g}")
+                        if isinstance(v, str)
+                        else v
+                        for k, v in values.items()
+                    }
+                )
             node = PeerdProcess(
                 state, config=cfg, host=h.addr, prefix=["ip", "netns", "exec", h.ns]
             )
@@ -315,7 +335,13 @@ class Testbed:
             (sec / "hls_signing_key").write_text(self.signing_secret)
             (sec / "api_token").write_text(self.api_token)
             write_r2_secrets(state)
-            await seed_node(state, self.library, place[h.index], policy not in ("no_r2", "all_r2"))
+            await seed_node(
+                state,
+                self.library,
+                place[h.index],
+                policy not in ("no_r2", "all_r2"),
+                self.sc.manifests,
+            )
             self.nodes.append(node)
         for n in self.nodes:
             n.start(wait=False)
@@ -344,6 +370,7 @@ class Testbed:
             signing_key=tokens.key_from_secret(self.signing_secret),
             presign=self.presigner(),
             policy=policy,
+            any_node=self.sc.route == "any",
         )
         need = [max(r.bandwidth for r in i.manifest.renditions) / 8 for i in self.library]
         coord.items = [
@@ -620,7 +647,9 @@ class Testbed:
             + by_source.get("r2", 0)
             + by_source.get("r2_redirect", 0)
         )
-        bound = self.bound(coord, trace)
+        bound = self.bound(
+            coord, nodes_served.get("fetched_r2", 0.0) + nodes_served.get("fetched_lan", 0.0)
+        )
         out = {
             "policy": policy,
             "viewers": len(stats),
@@ -660,6 +689,7 @@ class Testbed:
             },
             "bound": bound,
             "faults": res["faults"],
+            "fault_impact": _fault_impact(stats, res["faults"]),
             "checks": res["checks"],
             "wall_s": round(wall, 1),
         }
@@ -671,10 +701,15 @@ class Testbed:
         )
         return out
 
-    def bound(self, coord: RoutingCoordinator, trace: list[Arrival]) -> dict[str, Any]:
-        """R2 bytes each node had to read for the viewers it was sent, replayed offline on a
-        cache of its quota from its initial placement: LRU vs Belady (the optimum's bound)."""
-        sizes = [i.size for i in self.library]
+    def bound(self, coord: RoutingCoordinator, measured: float) -> dict[str, Any]:
+        """What nodes had to fetch (from R2 or a LAN peer) for the viewers they were sent,
+        replayed offline per node on a cache of its store quota from its initial placement, at
+        item granularity (an item's top rendition): LRU against Belady's furthest-next-use, the
+        bound of the optimal cache decisions; ``measured`` is what the nodes fetched."""
+        sizes = [
+            max(sum(len(i.blobs[s.cid]) for s in r.segments) for r in i.manifest.renditions)
+            for i in self.library
+        ]
         place = self.placement()
         seqs: dict[int, list[int]] = {}
         for _, item, kind, node in coord.routes:
@@ -684,13 +719,48 @@ class Testbed:
         for node, seq in seqs.items():
             for pol in out:
                 out[pol] += cache_misses(seq, sizes, self.quota(), sorted(place[node]), pol)
-        return {"node_r2_bytes_" + k: v for k, v in out.items()}
+        return {
+            "node_fetch_bytes_measured": measured,
+            "node_fetch_bytes_lru": out["lru"],
+            "node_fetch_bytes_belady": out["belady"],
+            "measured_over_belady": round(measured / max(out["belady"], 1), 3),
+        }
 
     def close(self) -> None:
         """Stop everything and remove the network."""
         self.stop_nodes()
         self.moto.stop()
         self.net.close()
+
+
+def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fault: stalls that ended in its window (20 s after it; an outage: until it ends),
+    and for a SIGKILL the viewers of the node then playing and their longest stall."""
+    out = []
+    for k, f in enumerate(faults):
+        if f["fault"] in ("heal", "r2_up"):
+            continue
+        end = f["t"] + 20.0
+        if f["fault"] in ("partition", "r2_down"):
+            end = next((g["t"] for g in faults[k + 1 :] if g["fault"] in ("heal", "r2_up")), end)
+            end += 10.0
+        window = [(t, d) for s in stats for t, d in s.stall_times if f["t"] <= t <= end]
+        row: dict[str, Any] = {
+            **f,
+            "window_s": round(end - f["t"], 1),
+            "stalls": len(window),
+            "stall_s": round(sum(d for _, d in window), 2),
+            "corrupt_bytes": sum(s.corrupt_bytes for s in stats),
+        }
+        if f["fault"] == "sigkill":
+            hit = [s for s in stats if f["node"] in s.nodes and s.arrived <= f["t"] <= s.ended]
+            worst = [max((d for t, d in s.stall_times if t >= f["t"]), default=0.0) for s in hit]
+            row["viewers_on_node"] = len(hit)
+            row["moved"] = sum(1 for s in hit if s.reroutes > 0)
+            row["gave_up"] = sum(1 for s in hit if s.gave_up)
+            row["longest_stall_s"] = round(max(worst, default=0.0), 2)
+        out.append(row)
+    return out
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -762,6 +832,15 @@ def main() -> int:
     ap.add_argument("--policies", help="comma-separated: peerd,no_r2,all_r2")
     ap.add_argument("--faults", action="store_true", help="SIGKILL, partition, R2 outage")
     ap.add_argument("--duration", type=float, help="seconds of arrivals per policy")
+    ap.add_argument(
+        "--node-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra node config (JSON value, else a string; {uplink_mbit} is the node's)",
+    )
+    ap.add_argument("--manifests", choices=["all", "placed"], help="manifests in each catalog")
+    ap.add_argument("--route", choices=["holders", "any"], help="coordinator: holders only")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("the testbed needs root (network namespaces, tc)", file=sys.stderr)
@@ -773,6 +852,16 @@ def main() -> int:
         sc.faults = True
     if args.duration:
         sc.duration_s = args.duration
+    for item in args.node_set:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sc.node_set.setdefault(section, {})[name] = value
+    sc.manifests = args.manifests or sc.manifests
+    sc.route = args.route or sc.route
     args.out.mkdir(parents=True, exist_ok=True)
     return asyncio.run(amain(sc, args.out.resolve()))
 

@@ -73,7 +73,8 @@ class ViewerStats:
     reroutes: int = 0
     gave_up: bool = False
     nodes: list[int] = field(default_factory=list)
-    stall_times: list[float] = field(default_factory=list)
+    stall_times: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
+    ended: float = 0.0
 
 
 class Failed(Exception):
@@ -242,7 +243,9 @@ class Player:
                     if dt > buffer:
                         self.st.stall_s += dt - buffer
                         self.st.stalls += 1
-                        self.st.stall_times.append(time.monotonic() - t0 + self.st.arrived)
+                        self.st.stall_times.append(
+                            (time.monotonic() - t0 + self.st.arrived, dt - buffer)
+                        )
                         self.st.played_s += buffer
                         buffer = 0.0
                     else:
@@ -270,6 +273,7 @@ class Player:
         except Failed:
             self.st.gave_up = True
         finally:
+            self.st.ended = time.monotonic() - t0 + self.st.arrived
             self.done(self.route)
 
     def _avoid_current(self) -> None:

@@ -13,10 +13,12 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
   sent it); else the LAN partner of a holder (it fetches over the LAN); else any node with spare
   uplink (it reads through from R2); else the bucket directly (overflow);
 * ``no_r2``: holders, then LAN partners, never the bucket (over budget if need be);
+* ``all_r2``: always the bucket.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
 the inventories (tiering removes cold media from the bucket) and what viewers report.
-* ``all_r2``: always the bucket.
+``any_node`` (``--route any``, for nodes that resolve media they never heard of) lets the last
+tier be any live node even when the bucket lacks the item.
 
 A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
 ``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
@@ -77,6 +79,7 @@ class RoutingCoordinator(FakeCoordinator):
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
     r2_state: dict[str, str] = field(default_factory=dict)
     r2_missing: set[int] = field(default_factory=set)
+    any_node: bool = False
 
     def add_node(self, view: NodeView, name: str) -> None:
         """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
@@ -196,7 +199,7 @@ class RoutingCoordinator(FakeCoordinator):
             if v.lan_peer is not None and self.holds(self.by_index[v.lan_peer], item)
         ]
         # A node that neither holds the item nor has a LAN holder reads it through from R2.
-        tiers = [holders, partners, live] if r2_ok else [holders, partners]
+        tiers = [holders, partners, live] if r2_ok or self.any_node else [holders, partners]
         for tier in tiers:
             fit = [v for v in tier if self.spare(v) >= need]
             if fit:
