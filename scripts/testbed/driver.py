@@ -1,7 +1,7 @@
 """The multi-node testbed (``scripts/testbed/run.sh``): real peerd daemons, one per network
 namespace, a real S3 server as R2, a routing coordinator and hundreds of modelled viewers.
 
-    scripts/testbed/run.sh [--quick] --out DIR [--policies peerd,no_r2,all_r2] [--faults]
+    scripts/testbed/run.sh [--quick] --out DIR [--policies peerd,lru,no_r2,all_r2] [--faults]
 
 What one run does, per policy on the same trace (see README "Testbed"):
 
@@ -129,7 +129,7 @@ def full() -> Scenario:
         duration_s=240,
         mean_per_s=4.0,
         peak_ratio=1.9,
-        policies=["peerd", "no_r2", "all_r2"],
+        policies=["peerd", "lru", "no_r2", "all_r2"],
     )
 
 
@@ -318,6 +318,9 @@ class Testbed:
                     "access_half_life_s": 60.0,
                     "fetch_timeout_s": 10.0,
                 }
+                if policy == "lru":
+                    # Plain LRU: nothing leaves the bucket for being cold; disks evict by recency.
+                    cfg["r2"].update({"eviction": "lru", "cold_bytes_per_s": 0.0})
             for section, values in self.sc.node_set.items():
                 cfg.setdefault(section, {}).update(
                     {
@@ -829,7 +832,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 nodes, one policy, a few minutes")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--policies", help="comma-separated: peerd,no_r2,all_r2")
+    ap.add_argument("--policies", help="comma-separated: peerd,lru,no_r2,all_r2")
     ap.add_argument("--faults", action="store_true", help="SIGKILL, partition, R2 outage")
     ap.add_argument("--duration", type=float, help="seconds of arrivals per policy")
     ap.add_argument(
