@@ -174,9 +174,7 @@ async def seed_node(
             if manifests == "placed" and k not in placed:
                 continue
             for cid, data in item.blobs.items():
-                kind = "init" if item.manifest.renditions[0].init == cid else "segment"
-                if any(r.init == cid for r in item.manifest.renditions):
-                    kind = "init"
+                kind = "init" if any(r.init == cid for r in item.manifest.renditions) else "segment"
                 await rt.store.put(data, kind=kind, expected=parse_cid(cid))
             async with rt.catalog.transaction() as tx:
                 await record_media(
@@ -736,6 +734,26 @@ class Testbed:
         self.net.close()
 
 
+def table(summary: dict[str, Any]) -> str:
+    """The summary as a Markdown table, one row per policy (README's figures)."""
+    rows = [
+        "| policy | viewers | startup p50 / p95 (s) | rebuffer | bytes from nodes | "
+        "from R2 | R2 class A / B | corrupt | R2 cost ($) | Stream ($) | fetched / Belady |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["policies"].items():
+        by = s["bytes_by_source"]
+        r2 = by.get("r2", 0) + by.get("r2_redirect", 0)
+        rows.append(
+            f"| {name} | {s['viewers']} | {s['startup_p50_s']:.2f} / {s['startup_p95_s']:.2f} "
+            f"| {s['rebuffer_ratio']:.2%} | {by.get('node', 0) / 1e6:.0f} MB "
+            f"({s['node_share']:.0%}) | {r2 / 1e6:.0f} MB | {s['r2_class_a']} / "
+            f"{s['r2_class_b']} | {s['corrupt_bytes']} | {s['cost_usd']:.4f} | "
+            f"{s['stream_cost_usd']:.4f} | {s['bound']['measured_over_belady']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per fault: stalls that ended in its window (20 s after it; an outage: until it ends),
     and for a SIGKILL the viewers of the node then playing and their longest stall."""
@@ -777,6 +795,13 @@ def _pct(xs: list[float], p: float) -> float:
 async def amain(sc: Scenario, out: Path) -> int:
     """Run every policy; write the summary and plots."""
     tb = Testbed(sc, out)
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Stopped early (even from a background shell, where SIGINT is ignored): cancel, so the
+        # daemons stop and the namespaces go.
+        loop.add_signal_handler(sig, main.cancel)
     try:
         await asyncio.to_thread(tb.setup)
         tb.proxy = FaultProxy(
@@ -804,6 +829,7 @@ async def amain(sc: Scenario, out: Path) -> int:
             summary["policies"][policy] = await tb.run_policy(policy, trace)
             (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         plots.write_all(out, sc.policies)
+        (out / "table.md").write_text(table(summary))
         log(f"wrote {out / 'summary.json'}")
         return 0
     finally:

@@ -16,7 +16,8 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
 * ``all_r2``: always the bucket.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
-the inventories (tiering removes cold media from the bucket) and what viewers report.
+the inventories (tiering removes cold media from the bucket) and what viewers report (an item
+a viewer could not get from the bucket is not sent there for ``r2_retry_s``).
 ``any_node`` (``--route any``, for nodes that resolve media they never heard of) lets the last
 tier be any live node even when the bucket lacks the item.
 
@@ -78,7 +79,8 @@ class RoutingCoordinator(FakeCoordinator):
     interval_s: float = 2.0
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
     r2_state: dict[str, str] = field(default_factory=dict)
-    r2_missing: set[int] = field(default_factory=set)
+    r2_missing: dict[int, float] = field(default_factory=dict)  # item -> when a viewer failed
+    r2_retry_s: float = 20.0
     any_node: bool = False
 
     def add_node(self, view: NodeView, name: str) -> None:
@@ -152,8 +154,10 @@ class RoutingCoordinator(FakeCoordinator):
     def in_r2(self, item: int) -> bool:
         """The bucket holds every blob of the item, as far as the nodes' inventories say (and no
         viewer found otherwise)."""
-        if self.policy == "no_r2" or item in self.r2_missing:
+        if self.policy == "no_r2":
             return False
+        if time.monotonic() - self.r2_missing.get(item, -1e9) < self.r2_retry_s:
+            return False  # a viewer just failed there (an outage, or tiering removed it)
         return all(self.r2_state.get(c, "present") == "present" for c in self.items[item][1])
 
     def spare(self, v: NodeView) -> float:
@@ -182,7 +186,7 @@ class RoutingCoordinator(FakeCoordinator):
         now = time.monotonic()
         for i in avoid:
             if i == R2_FAILED:
-                self.r2_missing.add(item)
+                self.r2_missing[item] = now
                 continue
             v = self.by_index[i]
             v.failed_at = max(v.failed_at, v.last_seen)
