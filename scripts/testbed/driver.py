@@ -649,7 +649,7 @@ class Testbed:
             + by_source.get("r2_redirect", 0)
         )
         bound = self.bound(
-            coord, nodes_served.get("fetched_r2", 0.0) + nodes_served.get("fetched_lan", 0.0)
+            stats, nodes_served.get("fetched_r2", 0.0) + nodes_served.get("fetched_lan", 0.0)
         )
         out = {
             "policy": policy,
@@ -696,30 +696,36 @@ class Testbed:
         }
         (self.out / f"{policy}.json").write_text(
             json.dumps(
-                {"summary": out, "series": res["series"], "viewers": [asdict(s) for s in stats]},
+                {
+                    "summary": out,
+                    "series": res["series"],
+                    "viewers": [{**asdict(s), "blobs": len(s.blobs)} for s in stats],
+                },
                 default=float,
             )
         )
         return out
 
-    def bound(self, coord: RoutingCoordinator, measured: float) -> dict[str, Any]:
-        """What nodes had to fetch (from R2 or a LAN peer) for the viewers they were sent,
-        replayed offline per node on a cache of its store quota from its initial placement, at
-        item granularity (an item's top rendition): LRU against Belady's furthest-next-use, the
-        bound of the optimal cache decisions; ``measured`` is what the nodes fetched."""
-        sizes = [
-            max(sum(len(i.blobs[s.cid]) for s in r.segments) for r in i.manifest.renditions)
-            for i in self.library
-        ]
+    def bound(self, stats: list[ViewerStats], measured: float) -> dict[str, Any]:
+        """What nodes had to fetch (from R2 or a LAN peer) for the blobs viewers asked them for,
+        replayed offline per node, in the order asked, on a cache of its store quota holding its
+        initial placement: LRU, and Belady's furthest-next-use (the bound of the best cache
+        decisions for that trace). ``measured`` is what the nodes fetched (prefetch included)."""
+        size: dict[str, int] = {}
+        for i in self.library:
+            size.update({c: len(b) for c, b in i.blobs.items()})
+        index = {c: k for k, c in enumerate(size)}
+        sizes = list(size.values())
         place = self.placement()
+        asked = sorted((t, node, cid) for s in stats for t, node, cid in s.blobs)
         seqs: dict[int, list[int]] = {}
-        for _, item, kind, node in coord.routes:
-            if kind == "node" and node is not None:
-                seqs.setdefault(node, []).append(item)
+        for _, node, cid in asked:
+            seqs.setdefault(node, []).append(index[cid])
         out = {"lru": 0, "belady": 0}
         for node, seq in seqs.items():
+            initial = sorted({index[c] for k in place[node] for c in self.library[k].blobs})
             for pol in out:
-                out[pol] += cache_misses(seq, sizes, self.quota(), sorted(place[node]), pol)
+                out[pol] += cache_misses(seq, sizes, self.quota(), initial, pol)
         return {
             "node_fetch_bytes_measured": measured,
             "node_fetch_bytes_lru": out["lru"],

@@ -75,6 +75,7 @@ class ViewerStats:
     nodes: list[int] = field(default_factory=list)
     stall_times: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
     ended: float = 0.0
+    blobs: list[tuple[float, int, str]] = field(default_factory=list)  # (when, node, cid)
 
 
 class Failed(Exception):
@@ -143,6 +144,8 @@ class Player:
             self.st.corrupt_bytes += len(body)
             raise Failed(f"wrong bytes for {want}")
         self.st.bytes_by_source[source] = self.st.bytes_by_source.get(source, 0) + len(body)
+        if want is not None and self.route.node is not None:
+            self.st.blobs.append((time.monotonic(), self.route.node, want))
         self.on_bytes(source, len(body))
         return body, source
 

@@ -6,7 +6,7 @@ each picks a media item by Zipf popularity (rank ``r`` has weight ``1 / r**s``).
 gives the same trace, so every policy sees the same viewers.
 
 Bound: :func:`cache_misses` replays the requests one node saw against a cache of ``capacity``
-bytes, starting from the items placed on it, evicting by LRU or by Belady's rule (the item whose
+bytes, starting from what was placed on it, evicting by LRU or by Belady's rule (the item whose
 next use is furthest away; with unequal sizes this is the classic approximation of the optimum).
 The bytes missed are what that node had to read from R2.
 """
@@ -73,7 +73,8 @@ def cache_misses(
     initial: Sequence[int],
     policy: str,
 ) -> int:
-    """Bytes missed replaying ``requests`` (item indexes) on a cache (see the module doc)."""
+    """Bytes missed replaying ``requests`` (indexes into ``sizes``: items or blobs) on a cache
+    (see the module doc)."""
     held: OrderedDict[int, None] = OrderedDict()
     used = 0
     for i in initial:
