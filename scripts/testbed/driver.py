@@ -184,7 +184,8 @@ async def seed_node(
             if k not in placed:
                 for r in item.manifest.renditions:
                     for s in r.segments:
-                        await rt.store.evict_local(parse_cid(s.cid))
+                        if s.cid is not None:  # None only for on-demand renditions
+                            await rt.store.evict_local(parse_cid(s.cid))
         await rt.catalog.set_state("clean_shutdown", "1")
     finally:
         await rt.close()
@@ -574,8 +575,8 @@ class Testbed:
     async def faults(
         self, coord: RoutingCoordinator, faults: list[dict[str, Any]], t0: float
     ) -> None:
-        """SIGKILL the busiest node at 40% of the run, partition the first LAN pair at 55% for
-        20 s, and take R2 down for 60 s at 65%."""
+        """SIGKILL the busiest node at 40% of the run (restarted 10 s later, as systemd does),
+        partition the first LAN pair at 55% for 20 s, and take R2 down for 60 s at 65%."""
         at = self.sc.duration_s
 
         def now() -> float:
@@ -591,6 +592,10 @@ class Testbed:
             {"t": now(), "fault": "sigkill", "node": victim.index, "streams": victim.streams}
         )
         log(f"fault: SIGKILL node{victim.index} with {victim.streams} streams")
+        # systemd restarts a killed daemon (Restart=on-failure); items only it holds come back.
+        await asyncio.sleep(10)
+        await asyncio.to_thread(node.start, wait=False)
+        faults.append({"t": now(), "fault": "restart", "node": victim.index})
         if self.sc.lan_pairs:
             await asyncio.sleep(max(0.0, 0.55 * at - (time.monotonic() - t0)))
             a = self.sc.lan_pairs[0][0]
@@ -765,7 +770,7 @@ def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> lis
     and for a SIGKILL the viewers of the node then playing and their longest stall."""
     out = []
     for k, f in enumerate(faults):
-        if f["fault"] in ("heal", "r2_up"):
+        if f["fault"] in ("heal", "r2_up", "restart"):
             continue
         end = f["t"] + 20.0
         if f["fault"] in ("partition", "r2_down"):

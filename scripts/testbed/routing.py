@@ -200,7 +200,9 @@ class RoutingCoordinator(FakeCoordinator):
         partners = [
             v
             for v in live
-            if v.lan_peer is not None and self.holds(self.by_index[v.lan_peer], item)
+            if v.lan_peer is not None
+            and self.alive(self.by_index[v.lan_peer])
+            and self.holds(self.by_index[v.lan_peer], item)
         ]
         # A node that neither holds the item nor has a LAN holder reads it through from R2.
         tiers = [holders, partners, live] if r2_ok or self.any_node else [holders, partners]
