@@ -11,7 +11,8 @@ manifest and checks that it hashes to the media id. It then fetches segments in 
 * buffer: it drains in real time while playing; a download that outlasts the buffer is a stall
   (until that segment arrives); fetching pauses while ``max_buffer_s`` is buffered;
 * faults: a refused, failed or wrong answer makes it ask the coordinator again (the failed node
-  excluded) and continue at the same segment; after ``give_up_s`` without progress it leaves.
+  excluded for ``avoid_s``) and continue at the same segment; after ``give_up_s`` without
+  progress it leaves.
 
 Every body is hashed and compared with the content id in its URL (the segment's cid, or the
 media id for a manifest); a mismatch counts its bytes in ``corrupt_bytes`` and is refetched.
@@ -91,6 +92,7 @@ class PlayerConfig:
     abr_safety: float = 0.7
     give_up_s: float = 30.0
     request_timeout_s: float = 10.0
+    avoid_s: float = 5.0
 
 
 R2_FAILED = -1
@@ -122,7 +124,7 @@ class Player:
         self.on_bytes = on_bytes
         self.route: Route | None = None
         self.rungs: list[Rung] = []
-        self.avoid: set[int] = set()
+        self.avoid: dict[int, float] = {}  # node (or R2_FAILED) -> until when
 
     async def _get(self, url: str, want: str | None) -> tuple[bytes, str]:
         """GET ``url``; check the body against ``want`` (a cid); returns (body, source)."""
@@ -154,7 +156,10 @@ class Player:
         if self.route is not None:
             self.done(self.route)
         self.route = None
-        self.route = await self.route_fn(self.st.item, self.avoid)
+        now = time.monotonic()
+        self.route = await self.route_fn(
+            self.st.item, {n for n, until in self.avoid.items() if until > now}
+        )
         if self.route.node is not None:
             self.st.nodes.append(self.route.node)
         if self.route.kind == "r2":
@@ -281,7 +286,9 @@ class Player:
 
     def _avoid_current(self) -> None:
         if self.route is not None:
-            self.avoid.add(self.route.node if self.route.node is not None else R2_FAILED)
+            # For a while only: a restarted node, or the bucket after an outage, serves again.
+            key = self.route.node if self.route.node is not None else R2_FAILED
+            self.avoid[key] = time.monotonic() + self.cfg.avoid_s
 
     async def _open_first(self) -> None:
         last = time.monotonic()
