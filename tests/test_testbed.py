@@ -48,7 +48,8 @@ def test_quick_testbed_meets_its_goals(tmp_path: Path) -> None:
         assert key in s
     assert s["checks"]["ffmpeg"]["rc"] == 0, s["checks"]
     hlsjs = s["checks"]["hlsjs"]
-    assert hlsjs.get("errors") == [], hlsjs
+    # hls.js retries a segment that failed once (a node past its budget); no error is fatal.
+    assert not [e for e in hlsjs["errors"] if e.endswith(":true")], hlsjs
     assert hlsjs["current_time_s"] >= 5, hlsjs
     for plot in ("bytes_peerd.png", "startup_cdf.png", "stalls.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
