@@ -87,6 +87,18 @@ def test_eviction_only_confirmed_unpinned_coldest_first() -> None:
     assert plan_eviction(blobs, 100, 0) == []  # no quota
 
 
+def test_lru_eviction_ignores_demand() -> None:
+    blobs = [
+        BlobStat("recent", 30, 1.0, 9.0, True, False),
+        BlobStat("busy-long-ago", 30, 500.0, 0.5, True, False),
+        BlobStat("middle", 30, 10.0, 3.0, True, False),
+    ]
+    ev = plan_eviction(blobs, 100, 100, low=0.5)
+    assert [e.cid for e in ev] == ["recent", "middle"]
+    ev = plan_eviction(blobs, 100, 100, low=0.5, order="lru")
+    assert [e.cid for e in ev] == ["busy-long-ago", "middle"]
+
+
 def test_trace_replay_against_lru() -> None:
     """Zipf popularity, diurnal load peaking above the uplink: peerd's policy serves about as
     much as LRU while storing a fraction of the bytes and uploading far less."""

@@ -206,15 +206,19 @@ def plan_eviction(
     *,
     high: float = 0.95,
     low: float = 0.85,
+    order: str = "demand",
 ) -> list[Evict]:
-    """Blobs to evict so local usage falls to ``low * quota`` once it passed ``high * quota``."""
+    """Blobs to evict so local usage falls to ``low * quota`` once it passed ``high * quota``;
+    ``order`` ``"lru"`` ignores scores (least recently used first)."""
     if quota_bytes <= 0 or used_bytes <= high * quota_bytes:
         return []
     target = low * quota_bytes
-    candidates = sorted(
-        (b for b in blobs if b.r2_confirmed and not b.pinned),
-        key=lambda b: (b.score, b.last_access if b.last_access is not None else -math.inf, b.cid),
-    )
+
+    def key(b: BlobStat) -> tuple[float, float, str]:
+        last = b.last_access if b.last_access is not None else -math.inf
+        return (0.0 if order == "lru" else b.score, last, b.cid)
+
+    candidates = sorted((b for b in blobs if b.r2_confirmed and not b.pinned), key=key)
     out = []
     for b in candidates:
         if used_bytes <= target:

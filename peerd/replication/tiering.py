@@ -198,7 +198,9 @@ class TieringService:
             BlobStat(c, s, decayed(sc, la, now, hl), la, True, False)
             for c, s, sc, la in await self.rt.catalog.evictable(20_000)
         ]
-        plan = plan_eviction(blobs, store.used_bytes, quota, high=high, low=low)
+        plan = plan_eviction(
+            blobs, store.used_bytes, quota, high=high, low=low, order=self.cfg.eviction
+        )
         evicted = refused = 0
         for ev in plan:
             cid = Cid(ev.cid)

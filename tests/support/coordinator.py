@@ -60,24 +60,25 @@ class FakeCoordinator:
     refused: list[Refusal] = field(default_factory=list)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     url: str = ""
+    host: str = "127.0.0.1"
     _runner: web.AppRunner | None = None
     _replay: ReplayWindow | None = None
     _doc: OpenApiDocument = field(default_factory=OpenApiDocument)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> str:
-        """Listen on 127.0.0.1 (ephemeral port); returns the base URL."""
+        """Listen on :attr:`host` (loopback unless set; ephemeral port); returns the base URL."""
         self._replay = ReplayWindow(self.window_s)
         app = web.Application()
         app.router.add_post("/v1/nodes/{kind}", self._report)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0)
         await site.start()
         server = cast("asyncio.Server | None", site._server)
         assert server is not None
         port = server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{self.host}:{port}"
         return self.url
 
     async def close(self) -> None:

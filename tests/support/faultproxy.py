@@ -77,6 +77,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     latency_s: float = 0.0
     log: list[tuple[str, str, str]] = field(default_factory=list)
+    host: str = "127.0.0.1"
     port: int = 0
     _server: asyncio.Server | None = None
     _count: int = 0
@@ -87,11 +88,11 @@ class FaultProxy:
     @property
     def url(self) -> str:
         """Where clients connect."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def start(self) -> FaultProxy:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        """Listen on a free port of :attr:`host` (loopback unless set)."""
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 

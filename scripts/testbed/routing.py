@@ -1,0 +1,233 @@
+"""The reference coordinator of the testbed: the node contract's fake plus routing.
+
+Built on ``tests.support.coordinator.FakeCoordinator`` (signed register/heartbeat/drain, schema
+checked). On every accepted heartbeat whose inventory ``seq`` moved, it pages through the node's
+``GET /api/v1/inventory`` (bearer ``api_token``, answers validated against the OpenAPI document)
+and keeps the set of blobs each node holds. A node is alive while its heartbeats keep coming
+(``3 x`` the interval) and until a viewer reports it failed.
+
+:meth:`RoutingCoordinator.route` sends a viewer, by policy:
+
+* ``peerd`` (and ``lru``): a live node that holds every blob of the item and has spare uplink
+  (its configured uplink minus the larger of its reported egress and the streams the coordinator
+  sent it); else the LAN partner of a holder (it fetches over the LAN); else any node with spare
+  uplink (it reads through from R2); else the bucket directly (overflow);
+* ``no_r2``: holders, then LAN partners, never the bucket (over budget if need be);
+* ``all_r2``: always the bucket.
+
+The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
+the inventories (tiering removes cold media from the bucket) and what viewers report (an item
+a viewer could not get from the bucket is not sent there for ``r2_retry_s``).
+``any_node`` (``--route any``, for nodes that resolve media they never heard of) lets the last
+tier be any live node even when the bucket lacks the item.
+
+A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
+``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
+object of the item (the bucket is private, as R2's are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from peerd.core import tokens
+from scripts.testbed.player import R2_FAILED, Route
+from tests.support.coordinator import FakeCoordinator, NodeApiClient
+
+
+@dataclass
+class NodeView:
+    """What the coordinator knows of one node."""
+
+    index: int
+    base_url: str
+    uplink_Bps: float
+    rtt_s: float
+    lan_peer: int | None
+    peer_id: str = ""
+    last_seen: float = 0.0
+    egress_Bps: float = 0.0
+    assigned_Bps: float = 0.0
+    held: set[str] = field(default_factory=set)
+    since: int = 0
+    seq: int = -1
+    failed_at: float = 0.0
+    api: NodeApiClient | None = None
+    syncing: asyncio.Task[None] | None = None
+    streams: int = 0
+
+
+@dataclass
+class RoutingCoordinator(FakeCoordinator):
+    """See the module doc."""
+
+    views: dict[str, NodeView] = field(default_factory=dict)
+    by_index: dict[int, NodeView] = field(default_factory=dict)
+    api_token: str = ""
+    signing_key: bytes = b""
+    presign: Callable[[str], str] | None = None
+    policy: str = "peerd"
+    items: list[tuple[str, frozenset[str], float]] = field(default_factory=list)
+    admit_fraction: float = 0.85
+    interval_s: float = 2.0
+    routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
+    r2_state: dict[str, str] = field(default_factory=dict)
+    r2_missing: dict[int, float] = field(default_factory=dict)  # item -> when a viewer failed
+    r2_retry_s: float = 20.0
+    any_node: bool = False
+
+    def add_node(self, view: NodeView, name: str) -> None:
+        """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
+        self.views[name] = view
+        self.by_index[view.index] = view
+
+    async def _report(self, request: web.Request) -> web.Response:
+        resp = await super()._report(request)
+        if resp.status == 200 and self.reports:
+            payload: dict[str, Any] = self.reports[-1].payload
+            view = self.views.get(payload["name"])
+            if view is not None:
+                view.peer_id = payload["peer_id"]
+                view.last_seen = time.monotonic()
+                view.egress_Bps = float(payload["load"]["egress_bps"])
+                seq = int(payload["inventory"]["seq"])
+                if seq != view.seq and (view.syncing is None or view.syncing.done()):
+                    view.syncing = asyncio.create_task(self._sync(view, seq))
+        # The node does not need every heartbeat's reports kept (memory over a long run).
+        del self.reports[:-1]
+        del self.raw[:]
+        return resp
+
+    async def _sync(self, view: NodeView, seq: int) -> None:
+        if view.api is None:
+            view.api = NodeApiClient(view.base_url, self.api_token)
+        with contextlib.suppress(Exception):
+            while True:
+                ans = await view.api.call(
+                    "GET", "/api/v1/inventory", params={"since": view.since, "limit": 1000}
+                )
+                for it in ans.body["items"]:
+                    if it["kind"] != "blob":
+                        continue
+                    if it.get("r2_state") is not None:
+                        # Latest report wins: a node that removed a blob from the bucket says so
+                        # after the others last said it was there.
+                        self.r2_state[it["id"]] = it["r2_state"]
+                    if it["state"] == "present":
+                        view.held.add(it["id"])
+                    else:
+                        view.held.discard(it["id"])
+                view.since = ans.body["next_since"]
+                if not ans.body["more"]:
+                    break
+            view.seq = seq
+
+    async def close(self) -> None:
+        """Stop listening and close the node API clients."""
+        for v in self.views.values():
+            if v.syncing is not None:
+                v.syncing.cancel()
+            if v.api is not None:
+                await v.api.close()
+        await super().close()
+
+    def synced(self) -> bool:
+        """True once every node reported and its inventory was read."""
+        return all(v.seq >= 0 for v in self.views.values())
+
+    def alive(self, v: NodeView) -> bool:
+        """Heartbeats recent, and no viewer reported it failed since its last heartbeat."""
+        now = time.monotonic()
+        return now - v.last_seen < 3 * self.interval_s + 1 and v.failed_at < v.last_seen - 1e-9
+
+    def holds(self, v: NodeView, item: int) -> bool:
+        """The node has every blob of the item."""
+        return self.items[item][1] <= v.held
+
+    def in_r2(self, item: int) -> bool:
+        """The bucket holds every blob of the item, as far as the nodes' inventories say (and no
+        viewer found otherwise)."""
+        if self.policy == "no_r2":
+            return False
+        if time.monotonic() - self.r2_missing.get(item, -1e9) < self.r2_retry_s:
+            return False  # a viewer just failed there (an outage, or tiering removed it)
+        return all(self.r2_state.get(c, "present") == "present" for c in self.items[item][1])
+
+    def spare(self, v: NodeView) -> float:
+        """Uplink the coordinator may still give away on ``v`` (bytes/s)."""
+        return v.uplink_Bps * self.admit_fraction - max(v.egress_Bps, v.assigned_Bps)
+
+    def _node_route(self, v: NodeView, item: int, need: float) -> Route:
+        media_id = self.items[item][0]
+        expires = int(time.time()) + 3600
+        token = tokens.mint(self.signing_key, media_id, "hls", expires)
+        v.assigned_Bps += need
+        v.streams += 1
+        return Route(
+            "node", f"{v.base_url}/hls/{media_id}/master.m3u8?token={token}", v.index, v.rtt_s
+        )
+
+    def _r2_route(self, media_id: str, cids: frozenset[str]) -> Route:
+        """The bucket: presigned GET URLs of the manifest and of every blob of the item."""
+        assert self.presign is not None
+        keys = [f"media/{media_id}.json", *(f"blobs/{c}" for c in cids)]
+        return Route("r2", self.presign(keys[0]), urls={k: self.presign(k) for k in keys})
+
+    async def route(self, item: int, avoid: set[int], *, force_node: bool = False) -> Route:
+        """Pick a source for a viewer of ``item`` (see the module doc); ``force_node``: a node
+        even past its budget (the sanity players check what nodes serve)."""
+        now = time.monotonic()
+        for i in avoid:
+            if i == R2_FAILED:
+                self.r2_missing[item] = now
+                continue
+            v = self.by_index[i]
+            v.failed_at = max(v.failed_at, v.last_seen)
+        media_id, cids, need = self.items[item]
+        if self.policy == "all_r2" and not force_node:
+            self.routes.append((now, item, "r2", None))
+            return self._r2_route(media_id, cids)
+        r2_ok = self.in_r2(item)
+        live = [v for v in self.by_index.values() if self.alive(v) and v.index not in avoid]
+        holders = [v for v in live if self.holds(v, item)]
+        partners = [
+            v
+            for v in live
+            if v.lan_peer is not None
+            and self.alive(self.by_index[v.lan_peer])
+            and self.holds(self.by_index[v.lan_peer], item)
+        ]
+        # A node that neither holds the item nor has a LAN holder reads it through from R2.
+        tiers = [holders, partners, live] if r2_ok or self.any_node else [holders, partners]
+        for tier in tiers:
+            fit = [v for v in tier if self.spare(v) >= need]
+            if fit:
+                best = max(fit, key=self.spare)
+                self.routes.append((now, item, "node", best.index))
+                return self._node_route(best, item, need)
+        if r2_ok and not force_node:
+            self.routes.append((now, item, "r2", None))
+            return self._r2_route(media_id, cids)
+        # No budget left anywhere and the bucket cannot take it: the least loaded holder.
+        for tier in tiers:
+            if tier:
+                best = max(tier, key=self.spare)
+                self.routes.append((now, item, "node", best.index))
+                return self._node_route(best, item, need)
+        self.routes.append((now, item, "r2", None))
+        return self._r2_route(media_id, cids)
+
+    def release(self, route: Route | None, item: int) -> None:
+        """A viewer left ``route`` (finished, or moved elsewhere)."""
+        if route is None or route.node is None:
+            return
+        v = self.by_index[route.node]
+        v.assigned_Bps = max(0.0, v.assigned_Bps - self.items[item][2])
+        v.streams = max(0, v.streams - 1)
