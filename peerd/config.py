@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -189,6 +189,22 @@ class R2Settings(Section):
     retry_max_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=12, ge=1)
     sse_c: bool = False
+    public_base_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
+    watch_uploads: bool = False
+    uploads_prefix: str = Field(default="uploads/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_done: Literal["archive", "delete"] = "archive"
+    archive_prefix: str = Field(default="archive/", pattern=r"^[^/\s][^\s]*/$")
+    uploads_interval_s: float = Field(default=60.0, ge=0.1)
+    claim_lease_s: float = Field(default=300.0, ge=1.0)
+    uploads_max_bytes: int = Field(default=64 * 1024**3, ge=1)
+
+    @model_validator(mode="after")
+    def _archive_outside_uploads(self) -> R2Settings:
+        # An archive inside the watched prefix would be ingested again, and again.
+        a, u = self.archive_prefix, self.uploads_prefix
+        if a.startswith(u) or u.startswith(a):
+            raise ValueError("archive_prefix and uploads_prefix must not contain one another")
+        return self
 
     @property
     def configured(self) -> bool:
@@ -199,6 +215,18 @@ class R2Settings(Section):
     def endpoint_url(self) -> str:
         """The S3 endpoint: the override, or R2's per-account endpoint."""
         return self.endpoint or f"https://{self.account_id}.r2.cloudflarestorage.com"
+
+
+class UplinkSettings(Section):
+    """Uplink admission and overflow to R2 (:mod:`peerd.core.uplink`)."""
+
+    budget_mbps: float = Field(default=0.0, ge=0)
+    window_s: float = Field(default=5.0, gt=0, le=300)
+    resume_ratio: float = Field(default=0.8, gt=0, le=1)
+    stream_idle_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_mbps: float = Field(default=3.0, ge=0)
+    presign_expiry_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
+    retry_after_s: int = Field(default=5, ge=1, le=3600)
 
 
 class MdnsSettings(Section):
@@ -314,6 +342,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     media: MediaSettings = MediaSettings()
     r2: R2Settings = R2Settings()
+    uplink: UplinkSettings = UplinkSettings()
     mdns: MdnsSettings = MdnsSettings()
     p2p: P2PSettings = P2PSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()

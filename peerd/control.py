@@ -12,6 +12,10 @@ Protocol (JSON lines, one request per connection; the client is :mod:`peerd.ctl`
     <- {"event": "progress", "path": "...", "done": 12.0, "total": 120.0}   (if asked, <= 10/s)
     <- {"event": "result", "result": {IngestResult fields}}                 (one per file)
     <- {"event": "end", "files": 1, "failed": 0}
+    -> {"op": "ingest_upload", "keys": ["uploads/film.mkv", ...], "media": {...}}
+    <- {"event": "result", "result": {...}}   (one per key: an IngestResult's fields, the key as
+                                             path, and "upload": ok|failed|retry|gone|...)
+    <- {"event": "end", "files": 1, "failed": 0}
     -> {"op": "ping"}
     <- {"event": "pong", "pid": 123, "version": "0.1.0", "state_dir": "..."}
 
@@ -42,6 +46,7 @@ from peerd.runtime import Runtime
 
 if TYPE_CHECKING:
     from peerd.media.ingest import Ingestor
+    from peerd.replication.uploads import Uploads
 
 log = logging.getLogger("peerd.control")
 
@@ -60,8 +65,17 @@ class IngestCommand:
     progress: bool
 
 
-def parse_request(line: bytes) -> IngestCommand | str:
-    """The command in one request line: an :class:`IngestCommand`, or ``"ping"``.
+@dataclass(frozen=True)
+class UploadCommand:
+    """A validated ``ingest_upload`` request: object keys of uploads in the node's bucket."""
+
+    keys: tuple[str, ...]
+    media: dict[str, Any]
+
+
+def parse_request(line: bytes) -> IngestCommand | UploadCommand | str:
+    """The command in one request line: an :class:`IngestCommand`, an :class:`UploadCommand`,
+    or ``"ping"``.
 
     Raises :class:`BadRequest` naming what is wrong.
     """
@@ -74,6 +88,8 @@ def parse_request(line: bytes) -> IngestCommand | str:
     op = obj.get("op")
     if op == "ping":
         return "ping"
+    if op == "ingest_upload":
+        return _parse_upload(obj)
     if op != "ingest":
         raise BadRequest(f"unknown op {op!r}")
     unknown = set(obj) - {"op", "paths", "force", "media", "progress"}
@@ -97,6 +113,24 @@ def parse_request(line: bytes) -> IngestCommand | str:
     return IngestCommand(tuple(Path(p) for p in paths), force, media, progress)
 
 
+def _parse_upload(obj: dict[str, Any]) -> UploadCommand:
+    unknown = set(obj) - {"op", "keys", "media"}
+    if unknown:
+        raise BadRequest(f"unknown request keys: {', '.join(sorted(unknown))}")
+    keys = obj.get("keys")
+    if (
+        not isinstance(keys, list)
+        or not keys
+        or len(keys) > MAX_PATHS
+        or not all(isinstance(k, str) and 0 < len(k) <= 1024 and "\0" not in k for k in keys)
+    ):
+        raise BadRequest(f"keys must be a list of 1 to {MAX_PATHS} object keys")
+    media = obj.get("media", {})
+    if not isinstance(media, dict) or not set(media) <= OVERRIDABLE:
+        raise BadRequest(f"media may only override {', '.join(sorted(OVERRIDABLE))}")
+    return UploadCommand(tuple(keys), media)
+
+
 def _event(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
@@ -118,9 +152,10 @@ class ControlService:
 
     name = "control"
 
-    def __init__(self, rt: Runtime, ingestor: Ingestor) -> None:
+    def __init__(self, rt: Runtime, ingestor: Ingestor, uploads: Uploads | None = None) -> None:
         self.rt = rt
         self.ingestor = ingestor
+        self.uploads = uploads
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
@@ -191,8 +226,29 @@ class ControlService:
             }
             await _send(writer, pong)
             return
+        if isinstance(cmd, UploadCommand):
+            await self._ingest_uploads(cmd, writer)
+            return
         assert isinstance(cmd, IngestCommand)
         await self._ingest(cmd, reader, writer)
+
+    async def _ingest_uploads(self, cmd: UploadCommand, writer: asyncio.StreamWriter) -> None:
+        if self.uploads is None:
+            message = "R2 is not configured on this node: no bucket to ingest from"
+            await _send(writer, {"event": "error", "message": message, "exit_code": 2})
+            return
+        try:
+            options = self.rt.settings.media.overridden(cmd.media).packaging_options()
+        except ConfigError as exc:
+            await _send(writer, {"event": "error", "message": exc.message, "exit_code": 2})
+            return
+        log.info("control ingest from the bucket", extra={"keys": len(cmd.keys)})
+        failed = 0
+        for key in cmd.keys:
+            res = await self.uploads.ingest_key(key, options=options)
+            failed += 0 if res.ok else 1
+            await _send(writer, {"event": "result", "result": res.as_json()})
+        await _send(writer, {"event": "end", "files": len(cmd.keys), "failed": failed})
 
     async def _ingest(
         self, cmd: IngestCommand, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

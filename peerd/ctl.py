@@ -58,7 +58,19 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``peerd ingest`` (shared by the full CLI and the light entry)."""
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="files or folders (object keys with --from-bucket)",
+    )
+    p.add_argument(
+        "--from-bucket",
+        action="store_true",
+        help="PATHs are object keys of uploads in the [r2] bucket (e.g. uploads/film.mkv): "
+        "download, package, push to R2, archive or delete the upload",
+    )
     p.add_argument("--watch", action="store_true", help="keep watching the folders")
     p.add_argument("--force", action="store_true", help="re-package files already ingested")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
@@ -251,7 +263,7 @@ def ingest_via_daemon(state_dir: Path, args: argparse.Namespace) -> int | None:
         return None
     show = not args.no_progress and not args.json and sys.stderr.isatty()
     bars = bar_factory(show)
-    request = {
+    request: dict[str, Any] = {
         "op": "ingest",
         # As the local ingest records them (Path.absolute), so "unchanged" is recognised.
         "paths": [str(Path(p).absolute()) for p in args.paths],
@@ -259,6 +271,9 @@ def ingest_via_daemon(state_dir: Path, args: argparse.Namespace) -> int | None:
         "media": media_overrides(args),
         "progress": show,
     }
+    if args.from_bucket:
+        keys = [p.as_posix() for p in args.paths]
+        request = {"op": "ingest_upload", "keys": keys, "media": request["media"]}
     failed = files = 0
     current: tuple[str, ProgressFn | None] | None = None
     try:

@@ -37,6 +37,7 @@ from peerd.config import Settings
 from peerd.control import ControlService
 from peerd.coordinator.client import CoordinatorService
 from peerd.delivery import Resolver, Source
+from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from peerd.p2p.service import P2PService
     from peerd.replication.r2 import R2Client
     from peerd.replication.service import Replicator
+    from peerd.replication.uploads import Uploads
 
 log = logging.getLogger("peerd.daemon")
 
@@ -302,15 +304,19 @@ async def build_services(rt: Runtime) -> Services:
         sources.append(
             Libp2pSource(p2p, timeout_s=s.p2p.fetch_timeout_s, max_providers=s.p2p.max_providers)
         )
+    # Peers answer a media id on their blob protocols with its manifest; R2 keeps manifests
+    # under their own key.
+    manifest_sources = list(sources)
     r2 = await _r2_client(rt)
     replicator: Replicator | None = None
     r2_services: list[Service] = []
     if r2 is not None:
         from peerd.replication.service import Replicator
-        from peerd.replication.source import R2Source
+        from peerd.replication.source import R2ManifestSource, R2Source
         from peerd.replication.tiering import TieringService
 
         sources.append(R2Source(r2, catalog=rt.catalog, timeout_s=s.r2.fetch_timeout_s))
+        manifest_sources.append(R2ManifestSource(r2, timeout_s=s.r2.fetch_timeout_s))
         replicator = Replicator(rt, r2)
         r2_services = [replicator, TieringService(rt, replicator, r2)]
     ingestor = node_ingestor(rt)
@@ -319,8 +325,11 @@ async def build_services(rt: Runtime) -> Services:
     # room for the last round and the answer (503 + Retry-After, not a timeout).
     retry_s = rt.settings.http.request_timeout_s / 2
     resolver = Resolver(rt.store, sources, registry=rt.metrics.registry, retry_s=retry_s)
-    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor))
-    whep = WhepService(rt, resolver=resolver)
+    finder = MediaResolver(
+        rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
+    )
+    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder))
+    whep = WhepService(rt, resolver=resolver, finder=finder)
     ondemand = OnDemand(
         ingestor,
         resolver,
@@ -328,7 +337,9 @@ async def build_services(rt: Runtime) -> Services:
         ahead=s.media.on_demand_ahead,
         registry=rt.metrics.registry,
     )
-    http = HttpService(rt, route_installers(resolver, directory, api, whep, ondemand))
+    http = HttpService(
+        rt, route_installers(resolver, directory, api, whep, ondemand, finder, _bucket_url(rt, r2))
+    )
     services: list[Service] = [http]
     if p2p is not None:
         services.append(p2p)
@@ -339,9 +350,18 @@ async def build_services(rt: Runtime) -> Services:
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ondemand)
-    services.append(ControlService(rt, ingestor))  # `peerd ingest` handed to the daemon
+    coordinator = CoordinatorService(rt, api)
+    uploads: Uploads | None = None
+    if r2 is not None and replicator is not None:
+        from peerd.replication.uploads import Uploads
+
+        # Media enters through the bucket; a published upload is reported by a heartbeat now.
+        uploads = Uploads(rt, r2, replicator, ingestor, report=coordinator.report_soon)
+        services.append(uploads)
+    # `peerd ingest` (files, or uploads in the bucket) handed to the daemon
+    services.append(ControlService(rt, ingestor, uploads))
     services.append(whep)
-    services.append(CoordinatorService(rt, api))
+    services.append(coordinator)
     return Services(services, resolver, api, r2)
 
 
@@ -351,15 +371,40 @@ def route_installers(
     api: NodeApi,
     whep: WhepService,
     ondemand: OnDemand,
+    finder: MediaResolver,
+    bucket_url: hls.BlobUrl | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
         partial(ui.install, resolver=resolver),
-        partial(hls.install, resolver=resolver, ondemand=ondemand),
+        partial(
+            hls.install,
+            resolver=resolver,
+            ondemand=ondemand,
+            finder=finder,
+            bucket_url=bucket_url,
+        ),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),
     ]
+
+
+def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
+    """Where streams over the uplink budget get a blob the bucket holds: the bucket's public
+    domain (``[r2] public_base_url``) or a presigned URL; None without R2 (they get 503)."""
+    if r2 is None:
+        return None
+    from peerd.replication.r2 import blob_key
+
+    public = rt.settings.r2.public_base_url
+    if public:
+        base = public.rstrip("/")
+        return lambda cid, _content_type: f"{base}/{blob_key(cid)}"
+    expires_s = rt.settings.uplink.presign_expiry_s
+    return lambda cid, content_type: r2.blob_url(
+        cid, expires_s=expires_s, content_type=content_type
+    )
 
 
 async def _r2_client(rt: Runtime) -> R2Client | None:

@@ -2,7 +2,7 @@
 
 Services do not find each other through the runtime: :func:`peerd.daemon.build_services` builds
 each one and hands it what it uses. The runtime holds only what every part needs (settings,
-identity, catalog, store, metrics, the access counter) and the node's own facts
+identity, catalog, store, metrics, the access counter, the uplink meter) and the node's own facts
 (:class:`NodeState`), which one part learns and others report.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from peerd.catalog import Catalog
 from peerd.config import Settings
 from peerd.core.access import AccessCounter
+from peerd.core.uplink import Uplink
 from peerd.identity import Identity, load_or_create
 from peerd.metrics import Metrics
 from peerd.store import BlobStore
@@ -46,6 +47,8 @@ class Runtime:
     draining: bool = False
     access: AccessCounter = field(default_factory=AccessCounter)
     node: NodeState = field(default_factory=NodeState)
+    uplink: Uplink = field(default_factory=Uplink)
+    """Bytes sent to viewers and peers, and stream admission under ``[uplink] budget_mbps``."""
 
     async def close(self) -> None:
         """Close the catalog."""
@@ -75,4 +78,14 @@ async def open_runtime(settings: Settings, *, metrics: Metrics | None = None) ->
     except BaseException:
         await catalog.close()
         raise
-    return Runtime(settings=settings, identity=identity, catalog=catalog, store=store, metrics=m)
+    up = settings.uplink
+    uplink = Uplink(
+        budget_bps=up.budget_mbps * 1e6 / 8,
+        window_s=up.window_s,
+        resume_ratio=up.resume_ratio,
+        stream_idle_s=up.stream_idle_s,
+        stream_bps=up.stream_mbps * 1e6 / 8,
+    )
+    return Runtime(
+        settings=settings, identity=identity, catalog=catalog, store=store, metrics=m, uplink=uplink
+    )

@@ -69,7 +69,8 @@ async def test_iter_present_pages(tmp_path: Path) -> None:
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peerd"
-SQL = re.compile(r"SELECT|INSERT INTO|UPDATE .* SET|DELETE FROM")
+# whole words: an HLS playlist's AUTOSELECT is not SQL
+SQL = re.compile(r"\bSELECT\b|\bINSERT INTO\b|\bUPDATE\b .* \bSET\b|\bDELETE FROM\b")
 
 
 def test_sql_lives_next_to_the_schema() -> None:

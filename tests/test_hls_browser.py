@@ -13,19 +13,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from hls_node import run_node
 
 from peerd.core.ids import Cid, cid_of
 from peerd.media import remux
 from peerd.media.options import PackagingOptions
 from peerd.media.package import package
-from tests.support.browser import Browser
+from tests.support.browser import Browser, player_origin
 from tests.support.hlsmedia import make_hls
 from tests.support.media import export_hls, make_media
 
 ROOT = Path(__file__).resolve().parent.parent
-HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>hls test</title><link rel="icon" href="data:,">
@@ -49,27 +47,9 @@ hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
 async def page_server() -> AsyncIterator[tuple[str, dict[str, str]]]:
     """A second origin serving the player page and hls.js; returns its base URL and a slot for
     the source URL."""
-    if not HLS_JS.is_file():
-        pytest.fail(f"hls.js is not installed at {HLS_JS}: run `make web-deps`")
     slot: dict[str, str] = {}
-
-    async def page(_r: web.Request) -> web.Response:
-        html = PAGE.replace("SRC", json.dumps(slot["src"]))
-        return web.Response(text=html, content_type="text/html")
-
-    async def script(_r: web.Request) -> web.FileResponse:
-        return web.FileResponse(HLS_JS, headers={"Content-Type": "text/javascript"})
-
-    app = web.Application()
-    app.router.add_get("/player.html", page)
-    app.router.add_get("/hls.min.js", script)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", slot
-    finally:
-        await runner.cleanup()
+    async with player_origin(lambda: PAGE.replace("SRC", json.dumps(slot["src"]))) as base:
+        yield base.replace("localhost", "127.0.0.1"), slot
 
 
 @pytest.mark.timeout(120)

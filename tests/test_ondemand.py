@@ -39,12 +39,11 @@ from peerd.media.ingest import Ingestor, node_ingestor
 from peerd.media.ondemand import OnDemand
 from peerd.media.source import TranscodeSource
 from peerd.runtime import Runtime, open_runtime
-from tests.support.browser import Browser
+from tests.support.browser import Browser, player_origin
 from tests.support.media import ffmpeg_path, make_media
 from tests.support.poll import until
-from tests.support.process import REPO_ROOT, PeerdProcess, run_cli
+from tests.support.process import PeerdProcess, run_cli
 
-HLS_JS = REPO_ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 SECONDS = 6.0
 RATE = 30
 LADDER = [{"height": 120, "on_demand": True}]
@@ -199,24 +198,8 @@ hls.attachMedia(v);
 async def test_hlsjs_pinned_to_the_on_demand_level_plays_to_the_end(
     tmp_path: Path, daemon: Daemon
 ) -> None:
-    if not HLS_JS.is_file():
-        pytest.fail(f"hls.js is not installed at {HLS_JS}: run `make web-deps`")
-
-    async def page(_r: web.Request) -> web.Response:
-        html = PAGE.replace("SRC", json.dumps(daemon.url("master.m3u8")))
-        return web.Response(text=html.replace("HEIGHT", "120"), content_type="text/html")
-
-    async def script(_r: web.Request) -> web.FileResponse:
-        return web.FileResponse(HLS_JS, headers={"Content-Type": "text/javascript"})
-
-    app = web.Application()
-    app.router.add_get("/player.html", page)
-    app.router.add_get("/hls.min.js", script)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        base = f"http://localhost:{runner.addresses[0][1]}"  # another origin than the node's
+    html = PAGE.replace("SRC", json.dumps(daemon.url("master.m3u8"))).replace("HEIGHT", "120")
+    async with player_origin(lambda: html) as base:  # another origin than the node's
         async with Browser.launch(tmp_path / "profile") as browser:
             tab = await browser.new_page()
             await tab.goto(base + "/player.html")
@@ -237,8 +220,6 @@ async def test_hlsjs_pinned_to_the_on_demand_level_plays_to_the_end(
             assert pinned >= 0
             assert set(levels) == {pinned}, levels
             assert tab.console_errors == []
-    finally:
-        await runner.cleanup()
     produced = daemon.metrics()["peerd_media_on_demand_segments_total"]
     assert produced == SECONDS / SEGMENT_S  # every segment of the rung, each once
 

@@ -7,6 +7,7 @@ import pytest
 
 from peerd.core.ids import Cid, cid_of
 from peerd.delivery import Resolver
+from peerd.delivery.resolver import source_order
 from peerd.errors import NotFound
 from peerd.runtime import Runtime
 from tests.support.poll import until
@@ -161,7 +162,7 @@ async def test_peer_sources_that_look_idle_are_asked_after_the_first_that_does_n
     r2 = MemorySource(name="r2", blobs={cid_of(in_r2): in_r2})
     transcode = MemorySource(name="transcode")
     resolver = Resolver(runtime.store, [lan, p2p, r2, transcode])
-    assert resolver._order() == [r2, lan, p2p, transcode]
+    assert source_order(resolver.sources) == [r2, lan, p2p, transcode]
     # R2 delivers: the idle sources are not asked at all.
     assert (await resolver.ensure_local_from(cid_of(in_r2)))[1] == "r2"
     assert lan.requests == p2p.requests == []
@@ -171,8 +172,8 @@ async def test_peer_sources_that_look_idle_are_asked_after_the_first_that_does_n
     assert p2p.requests == transcode.requests == []
     # A peer source with a peer keeps its place; so does an all-idle list.
     busy = MemorySource(name="lan")
-    assert Resolver(runtime.store, [busy, p2p, r2])._order() == [busy, p2p, r2]
-    assert Resolver(runtime.store, [lan, p2p])._order() == [lan, p2p]
+    assert source_order([busy, p2p, r2]) == [busy, p2p, r2]
+    assert source_order([lan, p2p]) == [lan, p2p]
 
 
 async def test_a_fetch_cancelled_before_it_ran_leaves_no_tee_behind(runtime: Runtime) -> None:

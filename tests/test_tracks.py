@@ -138,7 +138,7 @@ def test_every_audio_track_and_text_subtitles_reach_the_master(
         s.get("tags", {}).get("language", "") for s in streams if s["codec_type"] == "audio"
     )
     assert "fra" in langs, streams
-    decoded = _ffmpeg("-i", master_url, "-map", "0", "-f", "null", "-")
+    decoded = _ffmpeg("-xerror", "-i", master_url, "-map", "0", "-f", "null", "-")
     assert decoded.returncode == 0, decoded.stderr.decode()
     # Each audio rendition plays its own track; the video variants carry none of them.
     base = master_url.split("master.m3u8")[0]
@@ -323,7 +323,7 @@ def test_a_track_shorter_than_the_video_ends_early_without_empty_segments(
     assert audio[2].start == top.start + top.segments[0].duration  # starts with its sound
     assert all(sink.blobs[s.cid] for r in audio for s in r.segments if s.cid)
     master = export_hls(m, sink.blobs.__getitem__, tmp_path / "hls")
-    decoded = _ffmpeg("-i", str(master), "-map", "0", "-f", "null", "-")
+    decoded = _ffmpeg("-xerror", "-i", str(master), "-map", "0", "-f", "null", "-")
     assert decoded.returncode == 0, decoded.stderr.decode()
 
 

@@ -7,8 +7,9 @@ Every command is idempotent: running it twice leaves the same state.
 The subsystems commands need arrive as :class:`Subsystems` (built by the daemon), typed here as
 protocols, so this module depends on no implementation: ``resolver`` (:class:`BlobFetcher`, the
 delivery resolver), ``replicator`` (:class:`Replicator`, R2 replication), ``puller``
-(:class:`PeerPuller`, fetching a media item from one named peer) and ``ingestor``
-(:class:`Ingester`, the packager).
+(:class:`PeerPuller`, fetching a media item from one named peer), ``ingestor``
+(:class:`Ingester`, the packager) and ``finder`` (:class:`MediaFinder`: a prefetch with
+``source: "any"`` of a media item the catalog lacks finds its manifest in the network first).
 
 Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
 (``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
@@ -55,6 +56,13 @@ class BlobFetcher(Protocol):
 
     async def ensure_local(self, cid: Cid) -> Path:
         """Fetch ``cid`` from the first source that has it, verified; its local path."""
+
+
+class MediaFinder(Protocol):
+    """Finds a media item the catalog lacks in the network (``peerd.delivery.media``)."""
+
+    async def ensure_media(self, media_id: str) -> bytes:
+        """Its manifest, recorded in the catalog first; NotFound if no source has it."""
 
 
 class Replicator(Protocol):
@@ -104,6 +112,7 @@ class Subsystems:
     replicator: Replicator | None = None
     puller: PeerPuller | None = None
     ingestor: Ingester | None = None
+    finder: MediaFinder | None = None
 
 
 def _ingest_json(res: Any) -> dict[str, Any]:
@@ -182,6 +191,11 @@ class Commands:
             return media_id, from_peer
         resolver = self.parts.resolver
         known = await media_exists(self.rt.catalog, media_id)
+        if req.source == "any" and not known and resolver is not None and self.parts.finder:
+            # The manifest from the network (LAN, libp2p, R2), then its blobs the same way:
+            # 404 now if no source has it, 503 if they keep failing.
+            await self.parts.finder.ensure_media(media_id)
+            known = True
         if req.source == "any" and known and resolver is not None:
 
             async def via_resolver(progress: ProgressFn) -> dict[str, Any]:

@@ -107,11 +107,31 @@ class Capacity(Response):
     store_quota_bytes: int = Field(ge=0, description="Store quota; 0 = none (disk reserve only).")
     uplink_bps: int = Field(ge=0, description="Uplink capacity in bytes/s; 0 = unknown.")
     uplink_source: Literal["configured", "unknown"] = Field(
-        description="Where uplink_bps comes from (`api.uplink_bps` in the config)."
+        description="Where uplink_bps comes from (`uplink.budget_mbps` in the config, else "
+        "`api.uplink_bps`)."
     )
     spare_uplink_bps: int | None = Field(
-        description="uplink_bps minus egress, floored at 0; null when the uplink is unknown."
+        description="uplink_bps minus what the node sends (the admission's send rate when "
+        "`uplink.budget_mbps` is set, else egress), floored at 0; null when the uplink is unknown."
     )
+
+
+class Admission(Response):
+    """Uplink admission: whether the node takes on new viewer streams (route new viewers to a
+    node in `open`; one in `overflow` sends new streams' segments to the bucket or answers 503)."""
+
+    state: Literal["off", "open", "overflow"] = Field(
+        description="off: no uplink budget; open: new streams are served by the node; "
+        "overflow: new streams are redirected to R2 (or refused with 503)."
+    )
+    budget_bps: int = Field(ge=0, description="The uplink budget in bytes/s (0 when off).")
+    send_bps: int = Field(
+        ge=0, description="Bytes/s sent to viewers and peers over the last window."
+    )
+    spare_bps: int = Field(ge=0, description="budget_bps minus send_bps, floored at 0.")
+    streams: int = Field(ge=0, description="Viewer streams admitted and active.")
+    redirects: int = Field(ge=0, description="Requests redirected to the bucket since start.")
+    refusals: int = Field(ge=0, description="Requests refused (503) over budget since start.")
 
 
 class Health(Response):
@@ -122,6 +142,7 @@ class Health(Response):
     uptime_s: float = Field(ge=0)
     load: Load
     capacity: Capacity
+    admission: Admission
     jobs_active: int = Field(ge=0, description="Command jobs queued or running.")
 
 
@@ -255,8 +276,8 @@ class PrefetchRequest(Request):
     source: Literal["r2", "peer", "any"] = Field(
         default="any",
         description="r2: pull manifest and blobs from R2; peer: from `peer_id` (LAN/libp2p); "
-        "any: the node's delivery order (local, LAN, libp2p, R2) for a media item whose "
-        "manifest it has, else R2.",
+        "any: the node's delivery order (local, LAN, libp2p, R2), for the manifest too when "
+        "the catalog lacks it (404 if no source has it).",
     )
     peer_id: Annotated[str | None, WithJsonSchema(_PEER_SCHEMA)] = Field(
         default=None,
@@ -356,6 +377,7 @@ class NodeReport(Response):
     capabilities: list[str]
     capacity: Capacity
     load: Load
+    admission: Admission
     inventory: InventorySummary
     draining: bool
     drain_deadline_s: float | None = Field(

@@ -24,6 +24,7 @@ from peerd.api.commands import Subsystems
 from peerd.api.jobs import JobRunner
 from peerd.api.models import (
     Addresses,
+    Admission,
     Capacity,
     Health,
     Inventory,
@@ -40,6 +41,7 @@ log = logging.getLogger("peerd.api")
 
 ACTIVE_STREAMS_METRIC = "peerd_http_active_streams"
 EGRESS_METRIC = "peerd_bytes_served_total"
+OVERFLOW_METRIC = "peerd_uplink_overflow_total"
 
 
 class NodeApi:
@@ -82,8 +84,13 @@ class NodeApi:
         """Disk, store and uplink figures."""
         store = self.rt.store
         usage = await asyncio.to_thread(shutil.disk_usage, store.root)
-        uplink = self.rt.settings.api.uplink_bps
-        spare = max(0, int(uplink - load.egress_bps)) if uplink else None
+        meter = self.rt.uplink
+        if meter.enabled:
+            uplink = int(meter.budget_bps)
+            spare: int | None = meter.report(time.monotonic()).spare_bps
+        else:
+            uplink = self.rt.settings.api.uplink_bps
+            spare = max(0, int(uplink - load.egress_bps)) if uplink else None
         return Capacity(
             disk_free_bytes=usage.free,
             disk_total_bytes=usage.total,
@@ -93,6 +100,25 @@ class NodeApi:
             uplink_bps=uplink,
             uplink_source="configured" if uplink else "unknown",
             spare_uplink_bps=spare,
+        )
+
+    def admission(self) -> Admission:
+        """The uplink admission state and figures (:mod:`peerd.core.uplink`)."""
+        r = self.rt.uplink.report(time.monotonic())
+        reg = self.rt.metrics.registry
+
+        def count(answer: str) -> int:
+            n = reg.get_sample_value(OVERFLOW_METRIC, {"answer": answer})
+            return int(n or 0)
+
+        return Admission(
+            state=r.state,
+            budget_bps=r.budget_bps,
+            send_bps=r.send_bps,
+            spare_bps=r.spare_bps,
+            streams=r.streams,
+            redirects=count("redirect"),
+            refusals=count("refused"),
         )
 
     # -- identity ----------------------------------------------------------------------------------
@@ -151,6 +177,7 @@ class NodeApi:
             uptime_s=max(0.0, round(time.time() - self.rt.started_at, 3)),
             load=load,
             capacity=await self.capacity(load),
+            admission=self.admission(),
             jobs_active=self.jobs.active,
         )
 

@@ -25,6 +25,12 @@ async def media_exists(catalog: Catalog, media_id: str) -> bool:
         return await cur.fetchone() is not None
 
 
+async def media_ids(catalog: Catalog) -> list[str]:
+    """Every media id in the catalog (announced on the DHT beside the blob ids)."""
+    async with catalog.conn.execute("SELECT media_id FROM media") as cur:
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
 async def media_count(catalog: Catalog) -> int:
     """How many media items the catalog holds."""
     async with catalog.conn.execute("SELECT COUNT(*) FROM media") as cur:
@@ -261,9 +267,12 @@ async def locate_blob(catalog: Catalog, cid: str) -> list[tuple[str, str, int]]:
 
 
 async def dangling_segments(catalog: Catalog) -> list[str]:
-    """Segments naming a blob that has no row, as ``media/rendition/seq -> cid``."""
+    """Segments of ingested media naming a blob that has no row, as ``media/rendition/seq ->
+    cid``. Media found in the network (``peerd.delivery.media``) are recorded before any of
+    their blobs, which come on demand: theirs are not dangling."""
     sql = (
         "SELECT s.media_id, s.rendition_id, s.seq, s.cid FROM segments s "
+        "JOIN media m ON m.media_id = s.media_id AND m.source_path IS NOT NULL "
         "LEFT JOIN blobs b ON b.cid = s.cid WHERE s.cid IS NOT NULL AND b.cid IS NULL"
     )
     async with catalog.conn.execute(sql) as cur:

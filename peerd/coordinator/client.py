@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -60,6 +61,12 @@ class CoordinatorService:
         self.interval_s = self.cfg.heartbeat_interval_s
         self.failures = 0
         self.sent: dict[str, int] = {"register": 0, "heartbeat": 0, "drain": 0}
+        self._soon = asyncio.Event()
+
+    def report_soon(self) -> None:
+        """Send the next heartbeat now, not at the end of the interval: the inventory changed in
+        a way the coordinator should learn at once (an upload was published)."""
+        self._soon.set()
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Recover jobs, then sample load and heartbeat until cancelled."""
@@ -109,6 +116,7 @@ class CoordinatorService:
             capabilities=info.capabilities,
             capacity=await api.capacity(load),
             load=load,
+            admission=api.admission(),
             inventory=await api.summary(),
             draining=self.rt.draining or kind == "drain",
             drain_deadline_s=drain_deadline_s,
@@ -186,7 +194,9 @@ class CoordinatorService:
             if reply.heartbeat_interval_s is not None:
                 self.interval_s = reply.heartbeat_interval_s
             if self.registered:
-                await asyncio.sleep(self.interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._soon.wait(), self.interval_s)
+                self._soon.clear()
 
     # -- drain -----------------------------------------------------------------------------------
 

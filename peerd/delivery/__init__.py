@@ -21,6 +21,9 @@ A source yields *offers* (one per peer that may have the blob, best first); the 
 them one at a time until one delivers. Sources share one conformance suite
 (``tests.support.source_suite``).
 
+:mod:`~peerd.delivery.media` (:class:`MediaResolver`) finds the manifest of a media id the catalog
+lacks through the same sources (a manifest is the blob of its media id), verifies and records it.
+
 :mod:`~peerd.delivery.pull` fetches a whole media item (manifest, then every missing blob) from
 one named source: R2 (``peerd replicate pull``) or one LAN peer (the coordinator's prefetch).
 """

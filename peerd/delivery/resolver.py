@@ -166,6 +166,20 @@ async def _file_tail(path: Path, offset: int, chunk: int = 256 * 1024) -> AsyncI
         await asyncio.to_thread(f.close)
 
 
+def source_order(sources: list[Source]) -> list[Source]:
+    """The sources in the order to ask them now: ``sources``, except that when the first ones
+    all look idle (no peer to ask, :func:`looks_idle`), the first that does not goes before
+    them. A node with no peer yet asks R2 at once, not after a lookup that cannot find anything
+    (a libp2p provider search is a hop to its thread); the idle sources are still asked, after
+    it, should it not deliver."""
+    lead = 0
+    while lead < len(sources) and looks_idle(sources[lead]):
+        lead += 1
+    if not lead or lead == len(sources):
+        return sources
+    return [sources[lead], *sources[:lead], *sources[lead + 1 :]]
+
+
 class Resolver:
     """Makes a blob local, from the first source that delivers it whole and correct."""
 
@@ -382,20 +396,6 @@ class Resolver:
         finally:
             self._inflight.pop(cid, None)
 
-    def _order(self) -> list[Source]:
-        """The sources in the order to ask them now: :attr:`sources`, except that when the
-        first ones all look idle (no peer to ask, :func:`looks_idle`), the first that does not
-        goes before them. A node with no peer yet asks R2 at once, not after a lookup that
-        cannot find anything (a libp2p provider search is a hop to its thread); the idle
-        sources are still asked, after it, should it not deliver."""
-        sources = self.sources
-        lead = 0
-        while lead < len(sources) and looks_idle(sources[lead]):
-            lead += 1
-        if not lead or lead == len(sources):
-            return sources
-        return [sources[lead], *sources[:lead], *sources[lead + 1 :]]
-
     async def _fetch(self, cid: Cid, tee: Tee | None) -> tuple[Path, str]:
         give_up = self._clock() + self.retry_s
         pause = RETRY_BASE_S
@@ -423,7 +423,7 @@ class Resolver:
         """Ask each source in turn; the stored blob and its source, or None (then ``failures``
         says which sources failed; empty: each said it does not have the blob, or sent bytes
         that are not it)."""
-        for source in self._order():
+        for source in source_order(self.sources):
             started = self._clock()
             try:
                 async with asyncio.timeout(source.timeout_s):

@@ -7,6 +7,7 @@ from one of the configured proxy networks; otherwise the TCP peer address is the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -30,9 +31,15 @@ def _in(addr: str, networks: tuple[Network, ...]) -> bool:
 
 def client_ip(request: web.BaseRequest, trusted: tuple[Network, ...]) -> str:
     """The client address of ``request`` as far as it can be trusted."""
-    peer = request.remote or ""
+    return client_of(request.remote or "", request.headers.get("CF-Connecting-IP"), trusted)
+
+
+@functools.lru_cache(maxsize=4096)
+def client_of(peer: str, cf_connecting_ip: str | None, trusted: tuple[Network, ...]) -> str:
+    """The client address from the TCP ``peer`` and its ``CF-Connecting-IP`` header (cached:
+    the uplink admission asks on every blob request, and parsing addresses costs microseconds)."""
     if trusted and _in(peer, trusted):
-        forwarded = request.headers.get("CF-Connecting-IP", "").strip()
+        forwarded = (cf_connecting_ip or "").strip()
         if forwarded:
             try:
                 return str(ipaddress.ip_address(forwarded))

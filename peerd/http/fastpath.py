@@ -16,7 +16,8 @@ gives everything else to aiohttp (``[http] fast_path = false`` gives it everythi
 Only a target of exactly ``/hls/<media>/<name>.m3u8`` or ``/hls/<media>/b/<cid>.<ext>``, with no
 query or exactly ``?token=``, is answered here, and only when :meth:`Hls.admits` lets it through
 without a refusal, the media is cached (a media not cached yet is loaded first, for an admitted
-viewer, and the request handled again), the playlist or blob belongs to it, a blob is held and
+viewer, and the request handled again), the playlist or blob belongs to it, a blob is held,
+its stream is admitted under the uplink budget (:meth:`Hls.admit_stream`) and
 a stream slot is free. A refusal, a 404, a 429, a blob to fetch: all come from the full path,
 with its log line, reason counter and body; the fast path only ever says 200, with the headers
 and counters the full path would have.
@@ -98,6 +99,11 @@ class Hls(Protocol):
 
     def blob_headers(self, ext: str) -> dict[str, str]:
         """The header fields of every answer with a blob of this extension (a new dict)."""
+
+    def admit_stream(
+        self, media_id: str, token: str | None, headers: Mapping[str, str], peer: str
+    ) -> bool:
+        """Whether the viewer's stream is served by the node under the uplink budget."""
 
     def open_stream(self) -> bool:
         """Take one of the blob stream slots, False when none is free."""
@@ -222,6 +228,8 @@ class FastPath:
         if held is None:
             self._forget(cid)  # an evicted blob's file is not held open
             return None  # the full path fetches it, or answers 404
+        if not hls.admit_stream(media_id, token, head.headers, conn.peer):
+            return None  # the full path's redirect to the bucket, or 503
         if not hls.open_stream():
             return None  # the full path's 429
         return self._blob(conn, cid, ext, head_only, held, started)
@@ -443,6 +451,7 @@ class _Conn(asyncio.Protocol):
         self.loads: set[str] = set()  # media ids this connection had loaded
         self.task: asyncio.Task[None] | None = None  # a response being sent, or a load
         self.loop = asyncio.get_running_loop()  # the server calls the factory in its loop
+        self.peer = ""  # the client's address (a stream of the uplink admission)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit the connection (or close it, past the cap) and start its head deadline."""
@@ -452,6 +461,8 @@ class _Conn(asyncio.Protocol):
             self.fast.count_closed("refused")
             transport.abort()
             return
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if peername else ""
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

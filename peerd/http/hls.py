@@ -32,6 +32,12 @@ Once a media item had a miss, each blob request also starts fetching the next
 ``http.prefetch_segments`` segments of that rendition that the node lacks
 (:meth:`Resolver.prefetch`), so a viewer playing media the node does not hold finds the next
 segments held or on their way (joining a fetch in flight costs no second upstream request).
+
+Uplink admission (``[uplink] budget_mbps``, :mod:`peerd.core.uplink`): after the viewer check,
+a blob request of a stream (media, client, token) not admitted under the budget is answered
+with a 302 to the bucket (``bucket_url``: presigned or the public domain) when R2 holds the
+blob, else 503 + ``Retry-After``; admitted streams are served as above. Blob bytes sent on
+either path are counted into the uplink meter.
 """
 
 from __future__ import annotations
@@ -55,9 +61,11 @@ from peerd.core.ids import Cid
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
 from peerd.core.validators import blob_etag, precondition, select_range
+from peerd.delivery.media import MediaResolver
 from peerd.delivery.resolver import BlobStream, Resolver
 from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unavailable
 from peerd.http.access import DENIED_BODY, ViewerAuth, viewer_auth
+from peerd.http.clientip import client_of
 from peerd.http.fastpath import HLS_KEY
 from peerd.http.server import HTTP_METRICS_KEY, HttpMetrics
 from peerd.runtime import Runtime
@@ -138,9 +146,29 @@ class HlsMetrics:
         self.rejected = Counter(
             "peerd_http_streams_rejected", "Blob requests refused with 429", registry=reg
         )
+        self.overflow = Counter(
+            "peerd_uplink_overflow",
+            "Blob requests of streams not admitted under the uplink budget, by answer "
+            "(redirect: to the bucket; refused: 503, the bucket lacks the blob)",
+            ["answer"],
+            registry=reg,
+        )
+        uplink = rt.uplink
+        Gauge(
+            "peerd_uplink_send_bytes_per_second",
+            "Bytes/s sent to viewers and peers over the uplink window",
+            registry=reg,
+        ).set_function(lambda: uplink.rate(time.monotonic()))
+        Gauge(
+            "peerd_uplink_budget_bytes_per_second",
+            "The uplink budget ([uplink] budget_mbps; 0: admission off)",
+            registry=reg,
+        ).set(uplink.budget_bps)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BlobUrl = Callable[[Cid, str], str | None]
+"""Where a viewer may GET a blob the bucket holds (given its Content-Type), or None."""
 
 
 class Producer(Protocol):
@@ -164,8 +192,12 @@ class HlsRoutes:
         http_metrics: HttpMetrics,
         resolver: Resolver | None = None,
         ondemand: Producer | None = None,
+        finder: MediaResolver | None = None,
+        bucket_url: BlobUrl | None = None,
     ) -> None:
         self.rt = rt
+        self.finder = finder  # media the catalog lacks; None: 404
+        self.bucket_url = bucket_url  # None: streams over the uplink budget get 503
         self.resolver = resolver  # None: only held blobs are served
         self.ondemand = ondemand  # None: on-demand segments are served once produced only
         self.auth = auth
@@ -228,7 +260,9 @@ class HlsRoutes:
     async def _load(self, media_id: str) -> _Media:
         raw = await media_manifest(self.rt.catalog, media_id)
         if raw is None:
-            raise NotFound("no such media")
+            if self.finder is None:
+                raise NotFound("no such media")
+            raw = await self.finder.ensure_media(media_id)  # from the network (404/503)
         return _build_media(decode(raw))
 
     async def media(self, media_id: str) -> _Media:
@@ -288,6 +322,35 @@ class HlsRoutes:
             self.fetch_ahead(media, cid)
         return path, st
 
+    def admit_stream(
+        self, media_id: str, token: str | None, headers: Mapping[str, str], peer: str
+    ) -> bool:
+        """Whether this viewer's stream of the media is served by the node under the uplink
+        budget (:class:`peerd.core.uplink.Uplink`); a stream is media, client and token."""
+        uplink = self.rt.uplink
+        if not uplink.enabled:
+            return True
+        client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
+        return uplink.admit((media_id, client, token), time.monotonic())
+
+    async def overflow(self, cid: Cid | None, ext: str) -> web.Response:
+        """The answer to a stream not admitted: a redirect to the bucket when it holds the
+        blob, else 503 with ``Retry-After`` (the player or coordinator goes elsewhere)."""
+        url = None
+        if cid is not None and self.bucket_url is not None:
+            row = await self.rt.catalog.get_blob(cid)
+            if row is not None and row.r2_state == "present":
+                url = self.bucket_url(cid, CONTENT_TYPES[ext])
+        if url is None:
+            self.m.overflow.labels(answer="refused").inc()
+            raise Unavailable(
+                "uplink budget reached", retry_after=self.rt.settings.uplink.retry_after_s
+            )
+        self.m.overflow.labels(answer="redirect").inc()
+        # Never cached: the URL expires, and the node may have room for the stream later.
+        headers = self._cors({"Location": url, "Cache-Control": "no-store"})
+        return web.Response(status=302, headers=headers)
+
     def open_stream(self) -> bool:
         """Take a blob stream slot (counted in the gauge); False when all are taken."""
         if self.streams >= self.max_streams:
@@ -312,6 +375,7 @@ class HlsRoutes:
         served, sent = self._child(("sent", ok))
         if nbytes:
             self.rt.access.record(cid, nbytes, time.time())
+            self.rt.uplink.sent(nbytes, time.monotonic())
             served.inc(nbytes)
         sent.inc(nbytes)
 
@@ -380,7 +444,7 @@ class HlsRoutes:
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """An init or media segment of the media, by content id."""
         media_id = request.match_info["media"]
-        await self.auth.check(request, media_id, "hls")
+        token = await self.auth.check(request, media_id, "hls")
         cid, ext = request.match_info["cid"], request.match_info["ext"]
         media = await self.media(media_id)
         expected = media.blobs.get(cid)
@@ -388,12 +452,14 @@ class HlsRoutes:
             expected = await self._catalog_blob_ext(media_id, media, cid)
         if expected != ext:
             raise NotFound("no such blob in this media")
+        if not self.admit_stream(media_id, token, request.headers, request.remote or ""):
+            return await self.overflow(Cid(cid), ext)
         return await self._send(request, Cid(cid), ext, media)
 
     async def numbered(self, request: web.Request) -> web.StreamResponse:
         """A segment (or init) of an on-demand rendition, produced on its first request."""
         media_id = request.match_info["media"]
-        await self.auth.check(request, media_id, "hls")
+        token = await self.auth.check(request, media_id, "hls")
         rid, name, ext = (
             request.match_info["rendition"],
             request.match_info["seq"],
@@ -413,6 +479,8 @@ class HlsRoutes:
             cid = await segment_cid(self.rt.catalog, media_id, rid, seq)
         else:
             raise NotFound("no such segment")
+        if not self.admit_stream(media_id, token, request.headers, request.remote or ""):
+            return await self.overflow(cid, ext)  # a segment not produced yet: 503
         producer = self.ondemand
         if cid is None:
             if producer is None or not r.on_demand:
@@ -530,6 +598,7 @@ class HlsRoutes:
         """Account for ``nbytes`` of a blob sent to a viewer (``status``: HTTP status or cut)."""
         if nbytes:
             self.rt.access.record(cid, nbytes, time.time())
+            self.rt.uplink.sent(nbytes, time.monotonic())
             self.rt.metrics.bytes_served.labels(source=source).inc(nbytes)
         self.m.bytes.labels(source=source, status=status).inc(nbytes)
 
@@ -597,11 +666,24 @@ def install(
     rt: Runtime,
     resolver: Resolver | None = None,
     ondemand: Producer | None = None,
+    finder: MediaResolver | None = None,
+    bucket_url: BlobUrl | None = None,
 ) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404),
-    on-demand segments not produced yet from ``ondemand`` (none: 404)."""
+    on-demand segments not produced yet from ``ondemand`` (none: 404), media the catalog lacks
+    through ``finder`` (none: 404); streams over the uplink budget are sent to ``bucket_url``
+    (none: 503)."""
     auth = viewer_auth(app, rt)
-    routes = HlsRoutes(rt, auth, HlsMetrics(rt), app[HTTP_METRICS_KEY], resolver, ondemand)
+    routes = HlsRoutes(
+        rt,
+        auth,
+        HlsMetrics(rt),
+        app[HTTP_METRICS_KEY],
+        resolver,
+        ondemand,
+        finder,
+        bucket_url,
+    )
     app[HLS_KEY] = routes
     w = routes.wrap
     media = r"{media:b[a-z2-7]{58}}"

@@ -82,6 +82,8 @@ async def _open_store(settings: Settings) -> Any:
 async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.media.ingest import Ingestor
 
+    if args.from_bucket:
+        return await _ingest_uploads(args, settings)
     store = await _open_store(settings)
     try:
         # The node's options, and this command's overrides for its files (the catalog tells
@@ -115,3 +117,26 @@ async def _ingest(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if all(r.ok for r in results) else 1
     finally:
         await store.catalog.close()
+
+
+async def _ingest_uploads(args: argparse.Namespace, settings: Settings) -> int:
+    """``peerd ingest --from-bucket KEY...`` with no daemon: this process downloads, packages
+    and publishes each upload (working the replication outbox itself)."""
+    from peerd.media.ingest import node_ingestor
+    from peerd.replication.cli import open_replication
+    from peerd.replication.uploads import Uploads
+
+    if args.watch:
+        print(
+            "peerd: --watch watches folders; set [r2] watch_uploads for the bucket", file=sys.stderr
+        )
+        return 2
+    options = settings.media.overridden(ctl.media_overrides(args)).packaging_options()
+    async with open_replication(settings) as (rt, rep):
+        uploads = Uploads(rt, rep.client, rep, node_ingestor(rt), run_outbox=True)
+        failed = 0
+        for key in args.paths:
+            res = await uploads.ingest_key(key.as_posix(), options=options)
+            failed += 0 if res.ok else 1
+            ctl.print_result(res.as_json(), args.json)
+    return 0 if not failed else 1

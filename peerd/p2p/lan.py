@@ -5,6 +5,8 @@ Routes (installed on the node's HTTP app):
 - ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
   the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
   401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+  For a media id in this node's catalog it serves the manifest (a media id is the manifest's
+  CID), so :class:`LanSource` finds manifests for :mod:`peerd.delivery.media` as it finds blobs.
 - ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
   (same signature rules); the media id is the manifest's CID, so the asker verifies the bytes.
   Used by :meth:`LanSource.pull_media_from` for the coordinator's prefetch from a named peer.
@@ -21,7 +23,8 @@ peer (``POST /api/v1/commands/prefetch`` with ``source: "peer"``): the manifest,
 blob from that peer only, every byte verified against its id, the rows committed after the last
 blob. A peer that sends bytes not matching their id is banned and the pull fails with
 :class:`~peerd.errors.IntegrityError`; nothing partial is kept. Only live LAN peers (mDNS) with an
-HTTP URL can be named: a libp2p-only peer's blobs arrive through ``source: "any"`` instead.
+HTTP URL can be named: a libp2p-only peer's media (manifest and blobs) arrives through
+``source: "any"`` instead.
 """
 
 from __future__ import annotations
@@ -101,9 +104,20 @@ def install(
     async def get_blob(request: web.Request) -> web.StreamResponse:
         authenticate(request, lambda p: p in trusted or directory.known(p))
         cid = parse_cid(request.match_info["cid"])
-        path = await rt.store.open_path(cid)  # NotFound -> 404
+        try:
+            path = await rt.store.open_path(cid)
+        except NotFound:
+            # A media id is the CID of its manifest: the manifest is served as that blob.
+            body = await media_manifest(rt.catalog, cid)
+            if body is None:
+                raise
+            return web.Response(
+                body=body,
+                headers={"Content-Type": "application/octet-stream", "Cache-Control": "no-store"},
+            )
         size = path.stat().st_size
         rt.access.record(cid, size, time.time())
+        rt.uplink.sent(size, time.monotonic())
         served.inc(size)
         return web.FileResponse(
             path,

@@ -38,8 +38,9 @@ CHUNK = 256 * 1024
 ADDR_TTL_S = 3600
 REQUEST_TIMEOUT_S = 10.0
 
-# Looks a blob up in the local store from trio; returns its path or None.
-LocalLookup = Callable[[str], Coroutine[Any, Any, Path | None]]
+# Looks a blob up in the local store from trio; returns its path, the bytes of a manifest
+# (asked for by its media id), or None.
+LocalLookup = Callable[[str], Coroutine[Any, Any, Path | bytes | None]]
 
 
 @dataclass
@@ -413,7 +414,11 @@ class TrioNode:
                 return
             self._serving += 1
             try:
-                await self._send_file(stream, path)
+                if isinstance(path, bytes):
+                    await stream.write(blobwire.encode_answer(Status.OK, len(path)) + path)
+                    self.counters.served_bytes += len(path)
+                else:
+                    await self._send_file(stream, path)
             finally:
                 self._serving -= 1
             await stream.close()

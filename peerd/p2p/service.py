@@ -1,7 +1,8 @@
 """The asyncio side of libp2p: the daemon service and the delivery source.
 
 :class:`P2PService` starts the trio thread, builds the host in it (:mod:`peerd.p2p.node`), then
-announces held blobs on the DHT on the schedule of :class:`peerd.core.provide.ProvideSchedule`
+announces held blobs and catalogued media ids (whose manifests it serves as blobs) on the
+DHT on the schedule of :class:`peerd.core.provide.ProvideSchedule`
 (batched, re-announced every ``p2p.reprovide_interval_s``; lag exported as
 ``peerd_p2p_provide_lag_seconds``, messages peers did not get as
 ``peerd_libp2p_provide_failures_total{reason}``; peers that leave are forgotten at once). On
@@ -23,6 +24,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from peerd.catalog.media import media_count, media_ids, media_manifest
 from peerd.core.blobwire import Status
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy
@@ -69,10 +71,10 @@ class P2PService:
             registry=reg,
         )
         self.m_provided = Counter(
-            "peerd_p2p_provided", "Blob ids announced on the DHT", registry=reg
+            "peerd_p2p_provided", "Blob and media ids announced on the DHT", registry=reg
         )
         self.m_providing = Gauge(
-            "peerd_p2p_providing", "Blob ids this node announces on the DHT", registry=reg
+            "peerd_p2p_providing", "Blob and media ids this node announces on the DHT", registry=reg
         )
         self.m_peers = Gauge("peerd_p2p_connected_peers", "Connected libp2p peers", registry=reg)
         self.m_served = Counter(
@@ -85,10 +87,13 @@ class P2PService:
             registry=reg,
         )
 
-    async def _lookup(self, cid: str) -> Path | None:
+    async def _lookup(self, cid: str) -> Path | bytes | None:
         try:
             return await self.rt.store.open_path(parse_cid(cid))
-        except (NotFound, BadRequest):
+        except NotFound:
+            # A media id is the CID of its manifest: the manifest is served as that blob.
+            return await media_manifest(self.rt.catalog, cid)
+        except BadRequest:
             return None
 
     async def run(self, ready: Callable[[], None]) -> None:
@@ -120,20 +125,23 @@ class P2PService:
         assert self.node is not None
         started = time.time()
         synced_at = -RESYNC_S
-        synced_count = -1
+        synced_count = (-1, -1)
         served_seen = 0
         failures_seen: dict[str, int] = {}
         rebootstrap_at = time.time()
         while True:
             now = time.time()
-            if self.cfg.provide and (
-                self.rt.store.count != synced_count or now - synced_at >= RESYNC_S
-            ):
+            # Media rows land after their blobs (ingest) or without any (a manifest found in
+            # the network), so their count is part of what a change looks like.
+            counts = (self.rt.store.count, await media_count(self.rt.catalog))
+            if self.cfg.provide and (counts != synced_count or now - synced_at >= RESYNC_S):
                 held: list[str] = []
                 async for batch in self.rt.catalog.iter_present():
                     held.extend(cid for cid, _ in batch)
+                # Media ids too: any node can then find a manifest as it finds a blob.
+                held.extend(await media_ids(self.rt.catalog))
                 self.schedule.sync(held)
-                synced_at, synced_count = now, self.rt.store.count
+                synced_at, synced_count = now, counts
                 self.m_providing.set(len(self.schedule))
             connected = await self.bridge.call(self.node.connected)
             if connected == 0 and self.cfg.bootstrap and now - rebootstrap_at >= REBOOTSTRAP_S:
@@ -162,6 +170,7 @@ class P2PService:
             self.m_lag.set(self.schedule.lag(time.time(), started))
             served = self.node.counters.served_bytes
             self.m_served.inc(served - served_seen)
+            self.rt.uplink.sent(served - served_seen, time.monotonic())
             served_seen = served
             for reason, n in list(self.node.counters.provide_failures.items()):
                 self.m_provide_failures.labels(reason=reason).inc(n - failures_seen.get(reason, 0))

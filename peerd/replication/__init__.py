@@ -8,6 +8,8 @@ The node's R2 bucket is the hot tier. This package holds
   (:mod:`peerd.catalog.outbox`), promote/demote/pull, last-copy upload;
 - :mod:`.source` -- :class:`R2Source`, R2 as a delivery source (read-through);
 - :mod:`.tiering` -- :class:`TieringService`: access folding, policy, local eviction;
+- :mod:`.uploads` -- :class:`Uploads`: media entering through bucket uploads (claims in
+  :mod:`peerd.core.uploads`), ``peerd ingest --from-bucket`` and ``[r2] watch_uploads``;
 - :mod:`.cli` -- ``peerd replicate push|pull|status``.
 
 The daemon (:func:`peerd.daemon.build_services`) builds the client, the R2 source, the

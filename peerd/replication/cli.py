@@ -54,6 +54,15 @@ def register(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     st.add_argument("--batch", help="show one job or batch id")
     st.set_defaults(func=_sync(_status))
+    cors = rsub.add_parser(
+        "cors", help="set the bucket's CORS rule so players follow overflow redirects to it"
+    )
+    cors.add_argument(
+        "--origin",
+        action="append",
+        help="allowed origin (repeatable; default *: a redirected request's Origin is null)",
+    )
+    cors.set_defaults(func=_sync(_cors))
 
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -64,7 +73,7 @@ def _sync(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
 
 
 @asynccontextmanager
-async def _open(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
+async def open_replication(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
     """The node's runtime and a replicator, closed on exit."""
     from peerd.replication.metrics import r2_metrics
     from peerd.replication.r2 import R2Client, config_from_settings
@@ -106,7 +115,7 @@ async def _push(args: argparse.Namespace, settings: Settings) -> int:
     from peerd.catalog.media import media_not_in_r2
     from peerd.catalog.outbox import job_counts, push_backlog
 
-    async with _open(settings) as (rt, rep):
+    async with open_replication(settings) as (rt, rep):
         await rep.outbox.retry_failed()
         await rep.sweep_uploads()
         for m in args.media or await media_not_in_r2(rt.catalog):
@@ -167,7 +176,7 @@ def _wait_notes() -> Callable[[list[Lease]], None]:
 
 async def _pull(args: argparse.Namespace, settings: Settings) -> int:
     """Pull media from R2."""
-    async with _open(settings) as (_rt, rep):
+    async with open_replication(settings) as (_rt, rep):
         for media_id in args.media:
             bar = _bar(0, f"pull {media_id[:16]}", args.no_progress)
             rep_ = await rep.pull_media(media_id, progress=bar.update)
@@ -183,12 +192,28 @@ async def _evict(args: argparse.Namespace, settings: Settings) -> int:
     """Evict blobs confirmed in R2 until the store is under its low watermark."""
     from peerd.replication.tiering import TieringService
 
-    async with _open(settings) as (rt, rep):
+    async with open_replication(settings) as (rt, rep):
         evicted, refused = await TieringService(rt, rep, rep.client).evict(time.time())
         print(
             f"evicted {evicted} blobs, {refused} not confirmed in R2; "
             f"store holds {rt.store.used_bytes} bytes (quota {rt.store.quota_bytes})"
         )
+    return 0
+
+
+async def _cors(args: argparse.Namespace, settings: Settings) -> int:
+    """PutBucketCors on the node's bucket (README "Uplink budget and overflow to R2")."""
+    from peerd.replication.r2 import R2Client, config_from_settings
+
+    cfg = config_from_settings(settings)
+    if cfg is None:
+        raise ConfigError("R2 is not configured (see `peerd replicate push`)")
+    client = R2Client(cfg)
+    try:
+        await client.put_cors(args.origin or ["*"])
+    finally:
+        await client.close()
+    print(f"CORS set on bucket {cfg.bucket}: GET/HEAD from {', '.join(args.origin or ['*'])}")
     return 0
 
 

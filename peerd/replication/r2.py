@@ -40,6 +40,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape, unescape
 
 import aiohttp
@@ -55,6 +56,7 @@ from peerd.replication.s3http import (
     Query,
     S3Http,
     file_body,
+    sse_headers,
 )
 from peerd.store import hash_file
 
@@ -66,9 +68,12 @@ READ_ATTEMPTS = 3
 READ_BACKOFF_S = 0.1
 UPLOAD_ID = re.compile(r"<UploadId>([^<]{1,1024})</UploadId>")
 UPLOAD = re.compile(r"<Upload>(.*?)</Upload>", re.S)
+CONTENTS = re.compile(r"<Contents>(.*?)</Contents>", re.S)
 # An open multipart upload older than this was abandoned: uploading the largest blob over a slow
 # uplink takes hours, not a day.
 STALE_UPLOAD_S = 24 * 3600.0
+# CopyObject copies at most 5 GiB in one request (S3 and R2); larger objects go by parts.
+COPY_LIMIT = 5 * 1024**3
 
 
 class R2Error(UpstreamError):
@@ -111,6 +116,16 @@ class ObjectInfo:
     size: int
     checksum_sha256: str | None
     part_size: int | None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One object of a listing: its ``key``, ``size`` and ``etag`` (quotes stripped)."""
+
+    key: str
+    size: int
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,7 @@ class R2Client:
             size=int(length),
             checksum_sha256=h.get("x-amz-checksum-sha256"),
             part_size=int(part) if part.isdigit() else None,
+            etag=h.get("ETag", "").strip('"') or None,
         )
 
     async def open(self, key: str) -> tuple[int, GetBody] | None:
@@ -341,10 +357,16 @@ class R2Client:
         )
         return resp
 
-    async def put_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
-        """Create ``key`` with ``data`` (If-None-Match: *). :class:`AlreadyExists` if present."""
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str, conditional: bool = True
+    ) -> None:
+        """Create ``key`` with ``data`` (If-None-Match: *). :class:`AlreadyExists` if present.
+
+        ``conditional=False`` replaces whatever the key holds."""
         digest = hashlib.sha256(data).digest()
-        await self._put("PutObject", key, data, digest, len(data), content_type)
+        await self._put(
+            "PutObject", key, data, digest, len(data), content_type, conditional=conditional
+        )
 
     async def put_blob(self, cid: Cid, path: Path, size: int) -> None:
         """Upload a blob file; single PUT below the multipart threshold, else multipart.
@@ -516,6 +538,117 @@ class R2Client:
             log.info("aborted abandoned multipart uploads", extra={"uploads": aborted})
         return aborted
 
+    def blob_url(self, cid: Cid, *, expires_s: int, content_type: str) -> str | None:
+        """A presigned GET URL of the blob for a viewer (valid ``expires_s``, answered with
+        ``content_type``); None with SSE-C, whose key a viewer must never hold. No request."""
+        if self.cfg.sse_c_key is not None:
+            return None
+        return self.http.presign(
+            blob_key(cid), expires_s, (("response-content-type", content_type),)
+        )
+
+    async def put_cors(self, origins: list[str], max_age_s: int = 3600) -> None:
+        """Set the bucket's CORS rule (PutBucketCors): GET/HEAD from ``origins`` with the
+        headers players send, so a player follows the node's redirects to the bucket."""
+        rule = "".join(f"<AllowedOrigin>{escape(o)}</AllowedOrigin>" for o in origins)
+        body = (
+            '<CORSConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><CORSRule>'
+            f"{rule}<AllowedMethod>GET</AllowedMethod><AllowedMethod>HEAD</AllowedMethod>"
+            "<AllowedHeader>*</AllowedHeader>"
+            "<ExposeHeader>Content-Length</ExposeHeader><ExposeHeader>Content-Range</ExposeHeader>"
+            "<ExposeHeader>ETag</ExposeHeader>"
+            f"<MaxAgeSeconds>{max_age_s}</MaxAgeSeconds></CORSRule></CORSConfiguration>"
+        ).encode()
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 -- S3's rule
+        await self._send(
+            "PutBucketCors",
+            "PUT",
+            "",
+            query=(("cors", ""),),
+            headers={"content-md5": md5, "content-type": "application/xml"},
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+            data=body,
+            sse=False,
+        )
+
+    async def list_objects(self, prefix: str) -> list[ListedObject]:
+        """The objects under ``prefix`` (ListObjectsV2, every page), in key order."""
+        out: list[ListedObject] = []
+        token: Query = ()
+        while True:
+            query: Query = (("list-type", "2"), ("prefix", prefix), *token)
+            _, body = await self._send(
+                "ListObjectsV2", "GET", "", query=query, read=True, sse=False
+            )
+            text = body.decode("utf-8", "replace")
+            for block in CONTENTS.findall(text):
+                size = _xml_text(block, "Size")
+                etag = _xml_text(block, "ETag").strip('"')
+                out.append(ListedObject(_xml_text(block, "Key"), int(size or 0), etag))
+            nxt = _xml_text(text, "NextContinuationToken")
+            if _xml_text(text, "IsTruncated") != "true" or not nxt:
+                return out
+            token = (("continuation-token", nxt),)
+
+    async def copy(self, source: str, key: str, size: int) -> None:
+        """Copy the ``size``-byte object ``source`` to ``key`` inside the bucket: CopyObject up to
+        :data:`COPY_LIMIT`, UploadPartCopy in equal parts above it."""
+        headers = {"x-amz-copy-source": quote(f"/{self.cfg.bucket}/{source}", safe="/-_.~")}
+        for name, value in sse_headers(self.cfg.sse_c_key).items():
+            # An encrypted source is read with the same key the copy is written with.
+            headers[name.replace("x-amz-", "x-amz-copy-source-", 1)] = value
+        if size > COPY_LIMIT:
+            await self._copy_parts(source, key, size, headers)
+            return
+        _, body = await self._send("CopyObject", "PUT", key, headers=headers, read=True)
+        _copy_failed("CopyObject", source, key, body)
+
+    async def _copy_parts(self, source: str, key: str, size: int, headers: dict[str, str]) -> None:
+        _, created = await self._send(
+            "CreateMultipartUpload", "POST", key, query=(("uploads", ""),), read=True
+        )
+        m = UPLOAD_ID.search(created.decode("utf-8", "replace"))
+        if m is None:
+            raise R2Error(f"R2 CreateMultipartUpload {key} answered without an UploadId")
+        upload_id = unescape(m.group(1))
+        self._live.add(upload_id)
+        try:
+            done = []
+            for p in plan_parts(size, self.cfg.part_size):
+                rng = {"x-amz-copy-source-range": f"bytes={p.offset}-{p.offset + p.size - 1}"}
+                query = (("partNumber", str(p.number)), ("uploadId", upload_id))
+                _, body = await self._send(
+                    "UploadPartCopy", "PUT", key, query=query, headers={**headers, **rng}, read=True
+                )
+                _copy_failed("UploadPartCopy", source, key, body)
+                etag = _xml_text(body.decode("utf-8", "replace"), "ETag")
+                if not etag:
+                    raise R2Error(f"R2 UploadPartCopy {key} #{p.number} answered without an ETag")
+                done.append(
+                    f"<Part><PartNumber>{p.number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+                )
+            doc = (
+                '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                + "".join(done)
+                + "</CompleteMultipartUpload>"
+            ).encode()
+            _, answer = await self._send(
+                "CompleteMultipartUpload",
+                "POST",
+                key,
+                query=(("uploadId", upload_id),),
+                headers={"Content-Type": "application/xml"},
+                payload_sha256=hashlib.sha256(doc).hexdigest(),
+                data=doc,
+                read=True,
+            )
+            _copy_failed("CompleteMultipartUpload", source, key, answer)
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+        finally:
+            self._live.discard(upload_id)
+
     async def delete(self, key: str) -> None:
         """Delete ``key`` (deleting a missing key succeeds)."""
         await self._send("DeleteObject", "DELETE", key, sse=False)
@@ -544,6 +677,13 @@ class R2Client:
             return False
         exp_value, _, exp_count = expected.partition("-")
         return value == exp_value and (not count or count == exp_count)
+
+
+def _copy_failed(op: str, source: str, key: str, body: bytes) -> None:
+    """Raise if a copy answered 200 with an error in its body (S3 sends the head early)."""
+    code = ERROR_CODE.search(body)
+    if code is not None:
+        raise R2Error(f"R2 {op} {source} -> {key} failed: {code.group(1).decode()}")
 
 
 def _xml_text(xml: str, tag: str) -> str:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import aiohttp
 import yarl
-from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth
+from botocore.auth import EMPTY_SHA256_HASH, S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
@@ -129,7 +129,9 @@ class S3Http:
         self.endpoint = endpoint.rstrip("/")
         self.host = self.endpoint.split("://", 1)[1].split("/", 1)[0]
         self.bucket = bucket
-        self._auth = _StatedPayload(Credentials(access_key_id, secret_access_key), "s3", region)
+        self._credentials = Credentials(access_key_id, secret_access_key)
+        self._region = region
+        self._auth = _StatedPayload(self._credentials, "s3", region)
         self._sse = sse_headers(sse_c_key)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -167,6 +169,13 @@ class S3Http:
         req.context["payload_sha256"] = payload_sha256
         self._auth.add_auth(req)
         return dict(req.headers.items())
+
+    def presign(self, key: str, expires_s: int, query: Query = ()) -> str:
+        """A GET URL of ``key`` anyone may use for ``expires_s`` seconds (SigV4 query auth,
+        signed by botocore; ``query``: e.g. ``response-content-type``). No I/O."""
+        req = AWSRequest(method="GET", url=self.url(key, query), headers={"host": self.host})
+        S3SigV4QueryAuth(self._credentials, "s3", self._region, expires=expires_s).add_auth(req)
+        return str(req.url)
 
     async def request(
         self,

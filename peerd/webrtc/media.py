@@ -5,9 +5,14 @@ Theory of operation
 A session plays one ready video rendition of a media item (the best one within
 ``webrtc.max_height``), segment after segment, from the node's blob store (through the delivery
 resolver when the daemon has one, so a segment the node lacks is fetched like any other blob).
+Its sound is the audio muxed in that rendition; a media item packaged with alternate audio
+renditions (several audio tracks: its video renditions carry none) plays its default audio
+rendition beside the video, and audio-only media plays that rendition alone. The viewer cannot
+pick another track over WHEP.
 
 A :class:`Feeder` task reads each segment in a worker thread (:class:`SegmentDemuxer`, PyAV) and
-queues what the tracks send:
+queues what the tracks send, one reading loop per rendition played (video with its muxed audio,
+or video and alternate audio side by side, on the same media timeline):
 
 * video, **passthrough**: the H.264 packets as stored, turned from length-prefixed (MP4) to Annex B
   with in-band SPS/PPS (``h264_mp4toannexb``), timestamps on a 90 kHz clock; aiortc packetizes
@@ -20,8 +25,9 @@ Both tracks share one :class:`PlayoutClock`: the first ``recv()`` of either trac
 to the event loop's clock, and each track then releases an item when its media time comes (video
 by decode time, audio by presentation time), so the two stay in sync and the sender never bursts.
 The feeder stays at most ``read_ahead_s`` of media ahead of the clock, so memory per session stays
-small whatever the length of the media. With ``loop_playback`` the rendition restarts at its end
-with timestamps that keep increasing; otherwise both tracks end.
+small whatever the length of the media. With ``loop_playback`` the renditions restart at the
+end of the video (of the audio for audio-only media) with timestamps that keep increasing;
+otherwise each track ends with its rendition.
 """
 
 from __future__ import annotations
@@ -59,15 +65,22 @@ VideoMode = Literal["passthrough", "transcode"]
 
 @dataclass(frozen=True)
 class Playable:
-    """The rendition a session plays, with what the WHEP negotiation needs to know about it."""
+    """The renditions a session plays, with what the WHEP negotiation needs to know about them.
+
+    ``rendition`` is the video (None for audio-only media), ``audio`` the alternate audio
+    rendition played beside it (None when the video carries its own sound, or there is none);
+    ``has_audio`` says whether there is any sound to send.
+    """
 
     media_id: str
     container: Container
-    rendition: Rendition
+    rendition: Rendition | None
     profile: str | None
     has_audio: bool
     reorders: bool
     init: bytes | None  # the init segment (a few KiB), read once for every session
+    audio: Rendition | None = None
+    audio_init: bytes | None = None
 
 
 def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
@@ -88,6 +101,18 @@ def pick_rendition(manifest: Manifest, max_height: int) -> Rendition:
     return min(ready, key=lambda r: (r.height or 0, r.bandwidth))
 
 
+def pick_audio(manifest: Manifest) -> Rendition | None:
+    """The audio rendition to play: the default track (``Alternate.default``), else the first
+    ready one; None if the media has no audio rendition of its own."""
+    ready = [r for r in manifest.renditions if r.kind == "audio" and not r.on_demand]
+    default = [r for r in ready if r.alternate is not None and r.alternate.default]
+    return next(iter(default or ready), None)
+
+
+def _carries_audio(r: Rendition) -> bool:
+    return any(c.strip().startswith(("mp4a", "opus", "Opus")) for c in r.codecs.split(","))
+
+
 async def load_playable(
     rt: Runtime,
     media_id: str,
@@ -95,8 +120,9 @@ async def load_playable(
     pool: Executor | None = None,
     resolver: Resolver | None = None,
 ) -> Playable:
-    """Read the media's manifest from the catalog, pick the rendition to play, and probe its
-    first segment for B-frames and its SPS's profile (see :func:`peerd.core.whep.choose_video`);
+    """Read the media's manifest from the catalog, pick the renditions to play (video, and the
+    default audio rendition when the video carries no sound), and probe the video's first
+    segment for B-frames and its SPS's profile (see :func:`peerd.core.whep.choose_video`);
     file work runs in ``pool`` (default: the loop's executor), blobs the node lacks come through
     ``resolver``.
     """
@@ -105,24 +131,36 @@ async def load_playable(
     if raw is None:
         raise NotFound(f"no media {media_id}")
     manifest = decode(raw)
-    r = pick_rendition(manifest, max_height)
-    codecs = [c.strip() for c in r.codecs.split(",")]
-    first = r.segments[0].cid
-    assert first is not None  # a ready rendition pins every segment
-    init = None
-    if r.init is not None:
-        init = await loop.run_in_executor(pool, (await blob_path(rt, resolver, r.init)).read_bytes)
-    seg = await blob_path(rt, resolver, first)
-    reorders = await loop.run_in_executor(pool, probe_reorders, manifest.container, init, seg)
-    sps = await loop.run_in_executor(pool, probe_profile, manifest.container, init, seg)
+
+    async def read_init(r: Rendition) -> bytes | None:
+        if r.init is None:
+            return None
+        return await loop.run_in_executor(pool, (await blob_path(rt, resolver, r.init)).read_bytes)
+
+    r = None
+    init = sps = None
+    reorders = False
+    if any(v.kind == "video" for v in manifest.renditions):
+        r = pick_rendition(manifest, max_height)
+        first = r.segments[0].cid
+        assert first is not None  # a ready rendition pins every segment
+        init = await read_init(r)
+        seg = await blob_path(rt, resolver, first)
+        reorders = await loop.run_in_executor(pool, probe_reorders, manifest.container, init, seg)
+        sps = await loop.run_in_executor(pool, probe_profile, manifest.container, init, seg)
+    audio = None if r is not None and _carries_audio(r) else pick_audio(manifest)
+    if r is None and audio is None:
+        raise MediaError("media has no ready video or audio rendition to play")
     return Playable(
         media_id=media_id,
         container=manifest.container,
         rendition=r,
-        profile=sps or stream_profile(r.codecs),
-        has_audio=any(c.startswith(("mp4a", "opus", "Opus")) for c in codecs),
+        profile=sps or (stream_profile(r.codecs) if r is not None else None),
+        has_audio=audio is not None or (r is not None and _carries_audio(r)),
         reorders=reorders,
         init=init,
+        audio=audio,
+        audio_init=await read_init(audio) if audio is not None else None,
     )
 
 
@@ -357,6 +395,17 @@ class PacedTrack(MediaStreamTrack):
         return item.payload
 
 
+@dataclass
+class _Lane:
+    """One rendition read by the feeder, and the tracks its segments feed."""
+
+    rendition: Rendition
+    init: bytes | None
+    demuxer: SegmentDemuxer
+    video: PacedTrack | None
+    audio: PacedTrack | None
+
+
 class Feeder:
     """Reads segments ahead of the clock and fills the tracks' queues."""
 
@@ -383,17 +432,36 @@ class Feeder:
         self.clock = clock
         self.read_ahead_s = read_ahead_s
         self.loop_playback = loop_playback
-        self.demuxer = SegmentDemuxer(
-            playable.container,
-            video_mode if video is not None else None,
-            audio is not None and playable.has_audio,
-        )
+        self.lanes: list[_Lane] = []
+        r, alt = playable.rendition, playable.audio
+        # Sound muxed in the video rendition comes with it; an alternate one is read beside it.
+        muxed = audio if alt is None and playable.has_audio else None
+        if r is not None and (video is not None or muxed is not None):
+            mode = video_mode if video is not None else None
+            demuxer = SegmentDemuxer(playable.container, mode, muxed is not None)
+            self.lanes.append(_Lane(r, playable.init, demuxer, video, muxed))
+        if alt is not None and audio is not None:
+            demuxer = SegmentDemuxer(playable.container, None, True)
+            self.lanes.append(_Lane(alt, playable.audio_init, demuxer, None, audio))
+        # Every lane restarts after the same span (the video's), so sound and picture stay in
+        # step however many times the media loops.
+        main = r or alt
+        assert main is not None  # load_playable refuses media with nothing to play
+        self.period = main.duration_seconds
         self.segments_read = 0
 
     async def run(self) -> None:
         """Feed until the media ends (or forever when looping); ends the tracks at the end."""
-        r = self.playable.rendition
-        init = self.playable.init
+        tasks = [asyncio.create_task(self._play(lane)) for lane in self.lanes]
+        try:
+            await asyncio.gather(*tasks)  # the first failure is the session's
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _play(self, lane: _Lane) -> None:
+        r = lane.rendition
         loop = asyncio.get_running_loop()
         offset = 0.0
         try:
@@ -401,34 +469,34 @@ class Feeder:
                 t = r.start / r.timescale
                 for seg in r.segments:
                     assert seg.cid is not None  # a ready rendition pins every segment
-                    await self._wait_room(offset + t)
+                    await self._wait_room(r, offset + t)
                     path = await blob_path(self.rt, self.resolver, seg.cid)
                     vitems, aitems = await loop.run_in_executor(
-                        self.pool, self.demuxer.demux, init, path, offset
+                        self.pool, lane.demuxer.demux, lane.init, path, offset
                     )
                     self.segments_read += 1
-                    if self.video is not None:
+                    if lane.video is not None:
                         for it in vitems:
-                            self.video.offer(it)
-                    if self.audio is not None:
+                            lane.video.offer(it)
+                    if lane.audio is not None:
                         for it in aitems:
-                            self.audio.offer(it)
+                            lane.audio.offer(it)
                     t += seg.duration / r.timescale
                 if not self.loop_playback:
                     break
-                offset += r.duration_seconds
+                offset += self.period
         finally:
-            for track in (self.video, self.audio):
+            for track in (lane.video, lane.audio):
                 if track is not None:
                     track.end()
 
-    async def _wait_room(self, next_start: float) -> None:
+    async def _wait_room(self, r: Rendition, next_start: float) -> None:
         """Wait until the segment starting at media time ``next_start`` is due within reach."""
         while True:
             now = self.clock.media_now()
             if now is None:
                 # Before playout: read ahead from the start of the rendition only.
-                first = self.playable.rendition.start / self.playable.rendition.timescale
+                first = r.start / r.timescale
                 if next_start - first < self.read_ahead_s:
                     return
                 await self.clock.started.wait()

@@ -38,6 +38,7 @@ from prometheus_client import Counter, Gauge
 
 from peerd.core.whep import IceServer, OfferedCodec, VideoPlan, choose_video
 from peerd.delivery import Resolver
+from peerd.delivery.media import MediaResolver
 from peerd.errors import BadRequest, NotFound, TooManyRequests, Unavailable
 from peerd.runtime import Runtime
 from peerd.webrtc.ice import IceProvider, build_ice_provider, for_aiortc
@@ -207,10 +208,15 @@ class WhepService:
     name = "webrtc"
 
     def __init__(
-        self, rt: Runtime, ice: IceProvider | None = None, resolver: Resolver | None = None
+        self,
+        rt: Runtime,
+        ice: IceProvider | None = None,
+        resolver: Resolver | None = None,
+        finder: MediaResolver | None = None,
     ) -> None:
         self.rt = rt
         self.resolver = resolver  # blobs the node lacks; None: the store alone
+        self.finder = finder  # media the catalog lacks; None: 404
         self.cfg = rt.settings.webrtc
         self.metrics = WhepMetrics(rt)
         self.ice = ice or build_ice_provider(rt.settings, on_fetch=self._count_fetch)
@@ -288,7 +294,7 @@ class WhepService:
         summary = summarize_offer(offer)
         playable = await self._playable(media_id)
         plan = VideoPlan("refuse", reason="the offer has no video section")
-        if "video" in summary.kinds:
+        if "video" in summary.kinds and playable.rendition is not None:
             plan = choose_video(
                 summary.video_codecs,
                 playable.profile,
@@ -298,6 +304,12 @@ class WhepService:
             if plan.mode == "refuse":
                 self.metrics.rejected.labels(reason="codec").inc()
                 raise BadRequest(f"cannot send this media to the viewer: {plan.reason}")
+        if plan.mode == "refuse" and not ("audio" in summary.kinds and playable.has_audio):
+            # A session that would send nothing at all is refused rather than left silent.
+            self.metrics.rejected.labels(reason="kind").inc()
+            if playable.rendition is None:
+                raise BadRequest("the media is audio-only and the offer has no audio section")
+            raise BadRequest("the media has no sound and the offer has no video section")
         servers = await self.ice.servers()
         # Negotiation is a few milliseconds of synchronous aiortc work; yield between its stages
         # so that many offers arriving at once never hold the loop in one long step.
@@ -320,9 +332,7 @@ class WhepService:
         task = self._loading.get(media_id)
         if task is None:
             # One load per media item however many viewers ask at once.
-            task = asyncio.create_task(
-                load_playable(self.rt, media_id, self.cfg.max_height, self.pool, self.resolver)
-            )
+            task = asyncio.create_task(self._load_playable(media_id))
             self._loading[media_id] = task
             task.add_done_callback(lambda _: self._loading.pop(media_id, None))
         p = await asyncio.shield(task)
@@ -330,6 +340,11 @@ class WhepService:
             self._playables.pop(next(iter(self._playables)))
         self._playables[media_id] = p
         return p
+
+    async def _load_playable(self, media_id: str) -> Playable:
+        if self.finder is not None:
+            await self.finder.ensure_media(media_id)  # from the network if the catalog lacks it
+        return await load_playable(self.rt, media_id, self.cfg.max_height, self.pool, self.resolver)
 
     async def _negotiate(
         self,

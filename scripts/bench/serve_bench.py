@@ -18,7 +18,10 @@ Raw JSON lines go to /tmp/peerd-bench-serve/results.jsonl.
 peerd runs with ``http.fast_path = FAST_PATH`` (default 1, the configured default; 0 lets
 aiohttp serve everything); the setting is in every JSON row and in the table.
 
-Env: REPS (3), D (5s), C (64), T (2), FAST_PATH (1), QUIET_THRESH (10 %), QUIET_MAX (20 s).
+Env: REPS (3), D (5s), C (64), T (2), FAST_PATH (1), QUIET_THRESH (10 %), QUIET_MAX (20 s),
+SERVERS (``peerd,nginx``). ``peerd-budget`` in SERVERS adds peerd with an uplink budget it never
+reaches (``[uplink] budget_mbps`` = 10^6): every request pays the send-side rate accounting and
+the stream admission, no request is redirected; the ratio peerd-budget/peerd is its cost.
 """
 
 from __future__ import annotations
@@ -220,6 +223,7 @@ def main() -> int:
     nginx_paths.write_text("".join(f"/{p.name}\n" for p, _ in segs))
     urls = {
         "peerd": (f"http://127.0.0.1:{pp}", f"/hls/{mid}/v0.m3u8?token={tok}", peerd_paths),
+        "peerd-budget": (f"http://127.0.0.1:{pp}", f"/hls/{mid}/v0.m3u8?token={tok}", peerd_paths),
         "nginx": (f"http://127.0.0.1:{np_}", "/index.m3u8", nginx_paths),
     }
     conf = subprocess.run(  # noqa: S603
@@ -237,18 +241,20 @@ def main() -> int:
         PEERD_LOG__LEVEL="warning",
         PEERD_HTTP__FAST_PATH=str(FAST_PATH).lower(),
     )
+    budget_env = dict(env, PEERD_UPLINK__BUDGET_MBPS="1000000")
     servers = {
         "peerd": lambda: start([sys.executable, "-m", "peerd", "run"], env),
+        "peerd-budget": lambda: start([sys.executable, "-m", "peerd", "run"], budget_env),
         "nginx": lambda: start(["nginx", "-p", str(WORK / "nginx"), "-c", conf]),
     }
     rows: list[dict[str, object]] = []
-    order = ["peerd", "nginx"]
+    order = os.environ.get("SERVERS", "peerd,nginx").split(",")
     for rep in range(reps):
         for name in order if rep % 2 == 0 else order[::-1]:
             proc = servers[name]()
             try:
                 base, pl, paths = urls[name]
-                if name == "peerd":
+                if name.startswith("peerd"):
                     wait_http(base + "/readyz")  # every service started: none busy starting
                 wait_http(base + pl)
                 rows.append(measure(name, "playlist", rep, proc.pid, base + pl, None))
@@ -276,6 +282,11 @@ def main() -> int:
             )
     print()
     for wl in ("playlist", "segments"):
+        if "peerd-budget" in order and "peerd" in order:
+            b, p = med[(wl, "peerd-budget")], med[(wl, "peerd")]
+            print(f"{wl}: peerd with uplink budget / without, req/s = {b['rps'] / p['rps']:.3f}x")
+        if "nginx" not in order or "peerd" not in order:
+            continue
         p, n = med[(wl, "peerd")], med[(wl, "nginx")]
         print(
             f"{wl}: peerd/nginx req/s = {p['rps'] / n['rps']:.2f}x, "

@@ -29,12 +29,18 @@ import json
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+
+from tests.support.process import REPO_ROOT
+
+# hls.js as `make web-deps` pins it, outside the package.
+HLS_JS = REPO_ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -311,3 +317,30 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def player_origin(page: Callable[[], str]) -> AsyncIterator[str]:
+    """A second origin (``localhost``, not the node's ``127.0.0.1``) serving ``/player.html``
+    (``page()``, made at each request) and ``/hls.min.js``; yields its base URL.
+
+    Fails the test if hls.js is not installed: a player test never skips."""
+    if not HLS_JS.is_file():
+        raise AssertionError(f"hls.js is not installed at {HLS_JS}: run `make web-deps`")
+
+    async def html(_r: web.Request) -> web.Response:
+        return web.Response(text=page(), content_type="text/html")
+
+    async def script(_r: web.Request) -> web.FileResponse:
+        return web.FileResponse(HLS_JS, headers={"Content-Type": "text/javascript"})
+
+    app = web.Application()
+    app.router.add_get("/player.html", html)
+    app.router.add_get("/hls.min.js", script)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://localhost:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

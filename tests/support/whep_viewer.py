@@ -7,8 +7,9 @@ prints one JSON line
 decodes what it receives and answers commands read from stdin, one per line:
 
 ``stats``
-    prints ``{"event": "stats", "video": n, "audio": n, "widths": [...], "state": ...}``
-    (frames decoded so far, video frame widths seen, the connection state);
+    prints ``{"event": "stats", "video": n, "audio": n, "widths": [...], "tone": hz,
+    "state": ...}`` (frames decoded so far, video frame widths seen, the dominant frequency of
+    the last second of sound received (0 before any), the connection state);
 ``close``
     closes the peer connection (the node sees DTLS close) and exits.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import sys
 from typing import Any
@@ -71,6 +73,42 @@ async def _make_pc(video: bool, audio: bool) -> Any:
     return pc
 
 
+class ToneMeter:
+    """The frequency of a tone from its decoded samples: upward zero crossings per second.
+
+    A crossing counts only from below ``-floor`` to above ``floor``, so codec noise around zero
+    adds none; silent frames are left out. Kept over the last ``frames`` frames with sound.
+    """
+
+    def __init__(self, floor: int = 500, frames: int = 50) -> None:
+        self.floor = floor
+        self._last: collections.deque[tuple[int, int]] = collections.deque(maxlen=frames)
+        self._rate = 48000
+        self._low = False
+
+    def add(self, frame: Any) -> None:
+        """Count one ``av.AudioFrame`` (s16, interleaved: the first channel is read)."""
+        channels = len(frame.layout.channels)
+        pcm = memoryview(bytes(frame.planes[0])).cast("h")[: frame.samples * channels]
+        samples = pcm[::channels].tolist()
+        if max(map(abs, samples), default=0) < self.floor:
+            return
+        self._rate = frame.sample_rate
+        ups = 0
+        for x in samples:
+            if x < -self.floor:
+                self._low = True
+            elif x > self.floor and self._low:
+                self._low = False
+                ups += 1
+        self._last.append((ups, len(samples)))
+
+    def hz(self) -> float:
+        """The tone's frequency over the frames kept; 0.0 before any sound."""
+        n = sum(s for _, s in self._last)
+        return sum(u for u, _ in self._last) * self._rate / n if n else 0.0
+
+
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -90,6 +128,7 @@ async def _main(args: argparse.Namespace) -> int:
         return 0
     counts = {"video": 0, "audio": 0}
     widths: set[int] = set()
+    tone = ToneMeter()
     tasks: list[asyncio.Task[None]] = []
 
     async def consume(track: MediaStreamTrack) -> None:
@@ -101,6 +140,8 @@ async def _main(args: argparse.Namespace) -> int:
             counts[track.kind] += 1
             if isinstance(frame, av.VideoFrame):
                 widths.add(frame.width)
+            elif isinstance(frame, av.AudioFrame):
+                tone.add(frame)
 
     pc.on("track", lambda t: tasks.append(asyncio.ensure_future(consume(t))))
     headers = {"Content-Type": "application/sdp"}
@@ -134,6 +175,7 @@ async def _main(args: argparse.Namespace) -> int:
                     "video": counts["video"],
                     "audio": counts["audio"],
                     "widths": sorted(widths),
+                    "tone": tone.hz(),
                     "state": pc.connectionState,
                 }
             )

@@ -1,0 +1,86 @@
+"""The uplink meter and stream admission (peerd.core.uplink), driven with a fake clock."""
+
+from __future__ import annotations
+
+from peerd.core.uplink import Uplink
+
+
+def test_rate_is_bytes_over_the_window_and_forgets_old_bytes() -> None:
+    u = Uplink(window_s=10.0)
+    u.sent(5000, 100.0)
+    u.sent(5000, 104.0)
+    assert u.rate(105.0) == 1000.0
+    assert u.rate(113.5) == 500.0  # the first slot left the window
+    assert u.rate(130.0) == 0.0
+
+
+def test_without_a_budget_everything_is_admitted() -> None:
+    u = Uplink()
+    u.sent(10**9, 1.0)
+    assert u.admit("a", 1.0)
+    assert u.report(1.0).state == "off"
+
+
+def test_admitted_streams_stay_admitted_and_new_ones_overflow() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0)
+    assert u.admit("a", 0.0)
+    u.sent(6000, 1.0)  # 600 B/s; a second stream like it would make 1200 > 1000
+    assert not u.admit("b", 2.0)
+    assert u.report(2.0).state == "overflow"
+    u.sent(20000, 3.0)  # far over budget: "a" is still served
+    assert u.admit("a", 3.0)
+    assert not u.admit("b", 3.0)  # a refused stream is decided again, not remembered
+    assert u.report(3.0).streams == 1
+
+
+def test_hysteresis_reopens_only_below_the_resume_level() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0, resume_ratio=0.5)
+    assert u.admit("a", 0.0)
+    u.sent(6000, 0.0)
+    assert not u.admit("b", 1.0)  # 600 + 600 > 1000
+    # The first slot left the window; 450 B/s now: 900 would fit the budget, but not half of it.
+    u.sent(4500, 5.0)
+    assert u.rate(11.0) == 450.0
+    assert not u.admit("b", 11.0)
+    # Below the resume level (200 + 200 <= 500): open again, and "b" is admitted.
+    u.sent(2000, 12.0)
+    assert u.rate(16.0) == 200.0
+    assert u.admit("b", 16.0)
+    assert u.report(16.0).state == "open"
+
+
+def test_idle_streams_are_forgotten() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_idle_s=30.0)
+    assert u.admit("a", 0.0)
+    u.sent(9000, 0.5)
+    assert u.admit("a", 20.0)  # seen again within the idle time: still admitted
+    u.sent(20000, 45.0)
+    # "a" was last seen at 20: gone at 51, and as a new stream it overflows.
+    assert not u.admit("a", 51.0)
+    assert u.report(51.0).streams == 0
+
+
+def test_report_figures() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0)
+    assert u.admit("a", 0.0)
+    u.sent(3000, 0.0)
+    r = u.report(1.0)
+    assert (r.state, r.budget_bps, r.send_bps, r.spare_bps, r.streams) == (
+        "open",
+        1000,
+        300,
+        700,
+        1,
+    )
+
+
+def test_a_burst_of_new_streams_is_admitted_only_up_to_the_budget() -> None:
+    """Bytes are counted once sent: streams admitted a moment ago count as what they will send."""
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_bps=100.0)
+    admitted = [u.admit(i, 5.0) for i in range(20)]
+    assert admitted == [True] * 10 + [False] * 10
+    # A window later their bytes are measured instead (here: 50 B/s each), and more fit in.
+    for i in range(10):
+        assert u.admit(i, 15.5)
+    u.sent(5000, 15.5)
+    assert u.admit(10, 16.0)
