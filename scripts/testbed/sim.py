@@ -201,8 +201,15 @@ class SimParams:
     r2_request_s: float = 0.035  # a bucket GET through the proxy: 30 ms + moto's answer
     r2_flow_Bps: float = 50e6  # a GET's body on loopback
     lan_request_s: float = 0.004  # a signed LAN HTTP fetch
-    node_request_s: float = 0.035  # mean of a node's own time per request (exponential)
-    client_request_s: float = 0.015  # mean of the player's own time per request (exponential)
+    node_request_s: float = 0.007  # mean of a node's own time per request
+    client_request_s: float = 0.005  # mean of the player's own time per request
+    busy_sigma: float = 1.25  # their spread (lognormal)
+    # CPU contention: those times grow by 1 + (load / cpu_viewers) ** cpu_power; the load is
+    # every viewer when the whole testbed shares one machine's CPUs (calibration), else the
+    # node's own streams (a home has its own CPU).
+    cpu_viewers: float = 35.0
+    cpu_power: float = 3.0
+    one_machine: bool = True
     prefetch_segments: int = 2  # [http] prefetch_segments
     playlist_bytes: int = 400
     player: PlayerConfig = field(default_factory=PlayerConfig)
@@ -236,6 +243,7 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
         mean_per_s=viewers / duration_s,
         peak_ratio=1.9,
         policies=["peerd", "lru", "no_r2", "all_r2"],
+        one_machine=False,
     )
 
 
@@ -352,6 +360,7 @@ class Sim:
         )  # item -> r2_since
         # Blobs in the bucket (an item is there when its manifest is: ``r2_items``).
         self.bucket: set[int] = {b for k in self.r2_items for b in lib.items[k].blobs}
+        self.bucket_size = sum(lib.sizes[b] for b in self.bucket)
         self.nodes_use_r2 = policy in ("peerd", "lru")
         self.class_a = 0
         self.class_b = 0
@@ -384,7 +393,19 @@ class Sim:
 
     def bucket_bytes(self) -> int:
         """Bytes in the bucket: every blob some item in it names."""
-        return sum(self.lib.sizes[b] for b in self.bucket)
+        return self.bucket_size
+
+    def bucket_put(self, b: int) -> None:
+        """A PUT of blob ``b``."""
+        if b not in self.bucket:
+            self.bucket.add(b)
+            self.bucket_size += self.lib.sizes[b]
+
+    def bucket_delete(self, b: int) -> None:
+        """A DELETE of blob ``b``."""
+        if b in self.bucket:
+            self.bucket.discard(b)
+            self.bucket_size -= self.lib.sizes[b]
 
     def _stored(self) -> None:
         self.stored_integral += self.stored_now * (self.now - self.stored_at)
@@ -435,8 +456,17 @@ class Sim:
             return
         if kind == "wait":
             self.at(self.now + max(0.0, arg), 0, proc)
-        elif kind == "busy":  # a random service time of mean ``arg``
-            self.at(self.now + (self.rng.expovariate(1 / arg) if arg > 0 else 0.0), 0, proc)
+        elif kind == "busy":  # CPU time: ``(mean, node or None)``, lognormal, slowed by load
+            mean, node = arg
+            if self.p.one_machine:
+                load = self.active  # every daemon and every player on one machine's CPUs
+            else:
+                load = self.nodes[node].streams if node is not None else 0  # a home's own CPU
+            if self.p.cpu_viewers:
+                mean *= 1.0 + (load / self.p.cpu_viewers) ** self.p.cpu_power
+            sg = self.p.busy_sigma
+            t = self.rng.lognormvariate(math.log(mean) - sg * sg / 2, sg) if mean > 0 else 0.0
+            self.at(self.now + t, 0, proc)
         else:  # ("flow", (node, bytes))
             node, size = arg
             link = self.nodes[node].link
@@ -521,7 +551,7 @@ class Sim:
             raise Fail("503")
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
-        yield "busy", self.p.node_request_s
+        yield "busy", (self.p.node_request_s, n.index)
         origin = "local"
         if blob not in n.held:
             origin = self.resolve(n, blob)
@@ -583,7 +613,7 @@ class Sim:
     def get_blob(self, v: Viewer, n: Node | None, blob: int) -> Proc:
         """One GET of a blob from the route (node or bucket); counts its bytes."""
         size = self.lib.sizes[blob]
-        yield "busy", self.p.client_request_s
+        yield "busy", (self.p.client_request_s, None)
         if n is None:
             if not any(k in self.r2_items for k in self.blob_items[blob]):
                 raise Fail("404 from the bucket")
@@ -605,7 +635,7 @@ class Sim:
         if n is None:
             if not self.in_r2(v.item):
                 raise Fail("nowhere")
-            yield "busy", self.p.client_request_s
+            yield "busy", (self.p.client_request_s, None)
             yield "wait", self.p.r2_request_s
             self.class_b += 1
             return None
@@ -613,9 +643,9 @@ class Sim:
         n.assigned_Bps += self.lib.items[v.item].need_Bps
         n.streams += 1
         for _ in range(1 + len(self.lib.items[v.item].rungs)):
-            yield "busy", self.p.client_request_s
+            yield "busy", (self.p.client_request_s, None)
             yield "wait", n.rtt_s
-            yield "busy", self.p.node_request_s
+            yield "busy", (self.p.node_request_s, n.index)
             yield "flow", (n.index, self.p.playlist_bytes)
         return n
 
@@ -720,13 +750,23 @@ class Sim:
         now = self.now
         if self.policy == "peerd":
             demand: dict[int, float] = {}
+            shared = 0.0  # the init segments every item of a rung names (library.py)
             for b, (sc, at) in n.score.items():
                 d = decayed(sc, at, now, hl)
+                if b < 0:
+                    shared += d
+                    continue
                 for k in self.blob_items[b]:
                     demand[k] = demand.get(k, 0.0) + d
-            # Items with neither demand nor a local copy change nothing in the plan but the
-            # bytes counted against the R2 budget; the budget (10 GiB) never binds here.
-            mine = set(demand) | {k for k, c in n.have.items() if c}
+            # Only items the node holds a segment of or served: the others (in the bucket, not
+            # held, no demand but the shared inits') are kept where they are by plan_tiering
+            # and change nothing but the bytes counted against the R2 budget, which never binds
+            # here (10 GiB); leaving them out keeps a round linear in what the node touches.
+            mine = set(demand) | {
+                b // p.segments_per_item // len(self.lib.items[0].rungs) for b in n.held if b >= 0
+            }
+            for k in mine:
+                demand[k] = demand.get(k, 0.0) + shared
             stats = [
                 MediaStat(
                     str(k),
@@ -751,7 +791,7 @@ class Sim:
                     for b in self.lib.items[k].blobs:
                         if b in n.r2_gone or b not in self.bucket:
                             self.class_a += 1  # PUT
-                            self.bucket.add(b)
+                            self.bucket_put(b)
                             n.r2_gone.discard(b)
                     self.class_a += 1  # the manifest
                     self.r2_items[k] = now
@@ -760,7 +800,7 @@ class Sim:
                     for b in self.lib.items[k].blobs:
                         # DELETE (free), unless another item in the bucket names it (the inits)
                         if not any(j in self.r2_items for j in self.blob_items[b]):
-                            self.bucket.discard(b)
+                            self.bucket_delete(b)
                             n.r2_gone.add(b)
             self._stored()
         if self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
@@ -791,7 +831,7 @@ class Sim:
                 else:
                     # Another node took it out of the bucket: not evicted, pushed back (PUT).
                     self.class_a += 1
-                    self.bucket.add(b)
+                    self.bucket_put(b)
             self._stored()
 
     def ticker(self, n: Node) -> Proc:
@@ -966,7 +1006,35 @@ def load_library(run_dir: Path, sc: dict[str, Any]) -> Library:
     return library_from_rungs(rungs, int(sc["items"]), int(sc["segments_per_item"]))
 
 
-def calibrate(run_dir: Path) -> dict[str, Any]:
+def replicated(p: SimParams, lib: Library, policy: str, replicas: int) -> dict[str, Any]:
+    """The summary of one run (the first seed) with its headline figures averaged over
+    ``replicas`` runs of the model's own randomness (service times, sampled nodes) on the same
+    trace: a quick run has a few hundred viewers, and one draw of the model is as noisy."""
+    runs = []
+    for r in range(replicas):
+        sim = Sim(p, lib, policy)
+        sim.rng.seed(p.seed + 1 + r)
+        sim.play(_trace(p))
+        runs.append(sim.summary())
+    out = dict(runs[0])
+    for k in HEADLINE:
+        out[k] = round(statistics.fmean(float(x[k]) for x in runs), 6)
+    out["replicas"] = replicas
+    return out
+
+
+def _trace(p: SimParams) -> list[Any]:
+    return make_trace(
+        seed=p.seed,
+        duration_s=p.duration_s,
+        mean_per_s=p.mean_per_s,
+        peak_ratio=p.peak_ratio,
+        items=p.items,
+        zipf_s=p.zipf_s,
+    )
+
+
+def calibrate(run_dir: Path, replicas: int = 5) -> dict[str, Any]:
     """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
     ``sim_compare.md``."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -979,7 +1047,7 @@ def calibrate(run_dir: Path) -> dict[str, Any]:
         "|---|---|---|---|---|",
     ]
     for name, tb in summary["policies"].items():
-        s = simulate(p, lib, name).summary()
+        s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
         for k, c in cmp.items():
@@ -1003,6 +1071,9 @@ def run_scaled(args: argparse.Namespace) -> int:
     p = scaled(args.nodes, args.viewers, args.duration)
     if args.policies:
         p.policies = args.policies.split(",")
+    if args.admission:
+        p.admission_fraction = args.admission
+        p.admission_stream_mbit = 1.0
     rungs = json.loads(Path(args.library).read_text())["rungs"]
     lib = library_from_rungs(rungs, p.items, p.segments_per_item)
     summary: dict[str, Any] = {
@@ -1083,6 +1154,13 @@ def main() -> int:
     ap.add_argument("--policies", help="comma-separated: peerd,lru,no_r2,all_r2")
     ap.add_argument("--library", default=str(DEFAULT_LIBRARY), help="library.json (rungs)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--admission",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="[uplink] budget as a fraction of each node's uplink (default 0: off, as the testbed)",
+    )
     args = ap.parse_args()
     if args.calibrate:
         res = calibrate(args.calibrate)
