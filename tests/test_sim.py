@@ -71,7 +71,8 @@ def test_no_r2_costs_nothing_in_r2() -> None:
 
 
 def test_infinite_uplink_never_stalls() -> None:
-    p = small(uplinks_mbit=[math.inf] * 4)
+    """Infinite uplinks (and no CPU time, whose long tail alone can stall a viewer)."""
+    p = small(uplinks_mbit=[math.inf] * 4, node_request_s=0.0, client_request_s=0.0)
     sim, s = run(p, "peerd")
     assert s["stalls"] == 0
     assert s["rebuffer_ratio"] == 0
@@ -123,12 +124,12 @@ def test_admission_keeps_the_send_rate_within_the_budget() -> None:
     assert unchecked > one_stream
 
 
-# What the model reproduces of a real quick run, and how closely. Two identical quick runs of
-# the testbed itself differ by ~12% in startup p50 and ~10% in class B operations. Not claimed:
-# startup p95 (-24%: the testbed's tail is its one machine's CPU at the peak), class A
-# operations and so cost (the testbed's come from evictions refused after another node emptied
-# the bucket, pushed back, and those pushes' retries; the model has fewer of them).
-TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.15, "r2_class_b": 0.20}
+# What the model reproduces of a real quick run, and how closely (two identical quick runs of
+# the testbed itself differ by ~12% in startup p50 and ~10% in class B operations). Not claimed:
+# startup p95 (-27% here, though +0.3% on the full run), the rebuffer ratio beyond 0.1 point,
+# class A operations and so cost (the testbed's come from evictions refused after another node
+# emptied the bucket, pushed back, and those pushes' retries; the model has fewer of them).
+TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.10, "r2_class_b": 0.15}
 
 
 def test_calibration_against_a_real_quick_run(tmp_path: Path) -> None:

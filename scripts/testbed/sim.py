@@ -184,7 +184,10 @@ class SimParams:
     # routing.py
     admit_fraction: float = 0.85
     heartbeat_s: float = 2.0
-    seeded_before_s: float = 10.0  # catalogs seeded (r2_since) this long before the first viewer
+    # The driver seeds the nodes' catalogs (r2_since) one after the other, then starts them all:
+    # node i's catalog is seeded (N - i) * seed_s_per_node before the first viewer (the quick
+    # run's log: 11 s for 4 nodes; the full run's: 69 s for 8).
+    seed_s_per_node: float = 2.75
     any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
     # [r2] as driver.py writes it
     min_residence_s: float = 30.0
@@ -201,14 +204,14 @@ class SimParams:
     r2_request_s: float = 0.035  # a bucket GET through the proxy: 30 ms + moto's answer
     r2_flow_Bps: float = 50e6  # a GET's body on loopback
     lan_request_s: float = 0.004  # a signed LAN HTTP fetch
-    node_request_s: float = 0.007  # mean of a node's own time per request
+    node_request_s: float = 0.01  # mean of a node's own time per request
     client_request_s: float = 0.005  # mean of the player's own time per request
-    busy_sigma: float = 1.25  # their spread (lognormal)
+    busy_sigma: float = 2.1  # their spread (lognormal)
     # CPU contention: those times grow by 1 + (load / cpu_viewers) ** cpu_power; the load is
     # every viewer when the whole testbed shares one machine's CPUs (calibration), else the
     # node's own streams (a home has its own CPU).
-    cpu_viewers: float = 35.0
-    cpu_power: float = 3.0
+    cpu_viewers: float = 10.0
+    cpu_power: float = 1.0
     one_machine: bool = True
     prefetch_segments: int = 2  # [http] prefetch_segments
     playlist_bytes: int = 400
@@ -356,7 +359,7 @@ class Sim:
                 self.blob_items.setdefault(b, []).append(k)
         uses_r2 = policy not in ("no_r2",)
         self.r2_items: dict[int, float | None] = (
-            {k: -p.seeded_before_s for k in range(len(lib.items))} if uses_r2 else {}
+            {k: None for k in range(len(lib.items))} if uses_r2 else {}
         )  # item -> r2_since
         # Blobs in the bucket (an item is there when its manifest is: ``r2_items``).
         self.bucket: set[int] = {b for k in self.r2_items for b in lib.items[k].blobs}
@@ -373,6 +376,7 @@ class Sim:
         self.series: list[dict[str, Any]] = []
         self.active = 0
         self.stall_count = 0
+        self.streams = 0  # viewers attached to nodes, all nodes
         self.routes: list[tuple[float, int, str, int | None]] = []
         self.flow_owner: dict[int, int] = {}
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
@@ -433,6 +437,13 @@ class Sim:
             n.have[k] -= 1
             self.holders[k].discard(n.index)
 
+    def r2_since(self, item: int, n: Node) -> float | None:
+        """The item's ``r2_since`` in ``n``'s catalog: when promoted, else when seeded."""
+        if item not in self.r2_items:
+            return None
+        since = self.r2_items[item]
+        return since if since is not None else -(self.p.nodes - n.index) * self.p.seed_s_per_node
+
     def in_r2(self, item: int) -> bool:
         """The bucket holds the item (the coordinator's ``in_r2``)."""
         return self.policy != "no_r2" and item in self.r2_items
@@ -458,10 +469,12 @@ class Sim:
             self.at(self.now + max(0.0, arg), 0, proc)
         elif kind == "busy":  # CPU time: ``(mean, node or None)``, lognormal, slowed by load
             mean, node = arg
-            if self.p.one_machine:
-                load = self.active  # every daemon and every player on one machine's CPUs
+            if node is None:
+                load = 0  # the player's own time: not what grows with the load
+            elif self.p.one_machine:
+                load = self.streams  # every daemon on one machine's CPUs
             else:
-                load = self.nodes[node].streams if node is not None else 0  # a home's own CPU
+                load = self.nodes[node].streams  # a home's own CPU
             if self.p.cpu_viewers:
                 mean *= 1.0 + (load / self.p.cpu_viewers) ** self.p.cpu_power
             sg = self.p.busy_sigma
@@ -642,6 +655,7 @@ class Sim:
         v.nodes.append(n.index)
         n.assigned_Bps += self.lib.items[v.item].need_Bps
         n.streams += 1
+        self.streams += 1
         for _ in range(1 + len(self.lib.items[v.item].rungs)):
             yield "busy", (self.p.client_request_s, None)
             yield "wait", n.rtt_s
@@ -654,6 +668,7 @@ class Sim:
         if n is not None:
             n.assigned_Bps = max(0.0, n.assigned_Bps - self.lib.items[v.item].need_Bps)
             n.streams = max(0, n.streams - 1)
+            self.streams -= 1
 
     def viewer(self, v: Viewer) -> Proc:
         """``player.Player.run`` as a process."""
@@ -773,7 +788,7 @@ class Sim:
                     self.lib.items[k].size,
                     demand_bps(demand.get(k, 0.0), hl),
                     k in self.r2_items,
-                    self.r2_items.get(k),
+                    self.r2_since(k, n),
                     n.index in self.holders[k],
                 )
                 for k in sorted(mine)
@@ -1034,12 +1049,16 @@ def _trace(p: SimParams) -> list[Any]:
     )
 
 
-def calibrate(run_dir: Path, replicas: int = 5) -> dict[str, Any]:
+def calibrate(
+    run_dir: Path, replicas: int = 5, seed_s_per_node: float | None = None
+) -> dict[str, Any]:
     """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
     ``sim_compare.md``."""
     summary = json.loads((run_dir / "summary.json").read_text())
     sc = summary["scenario"]
     p = params_from_scenario(sc)
+    if seed_s_per_node is not None:
+        p.seed_s_per_node = seed_s_per_node
     lib = load_library(run_dir, sc)
     result: dict[str, Any] = {"params": _jsonable(asdict(p)), "policies": {}}
     rows = [
@@ -1161,9 +1180,15 @@ def main() -> int:
         metavar="FRACTION",
         help="[uplink] budget as a fraction of each node's uplink (default 0: off, as the testbed)",
     )
+    ap.add_argument(
+        "--seed-s-per-node",
+        type=float,
+        help="seconds the driver took to seed one node's catalog (its log: policy starting to "
+        "daemons ready, over the nodes); default 2.75, the quick run's",
+    )
     args = ap.parse_args()
     if args.calibrate:
-        res = calibrate(args.calibrate)
+        res = calibrate(args.calibrate, seed_s_per_node=args.seed_s_per_node)
         print((args.calibrate / "sim_compare.md").read_text())
         bad = [
             (pol, k)
