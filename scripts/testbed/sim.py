@@ -247,6 +247,7 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
         peak_ratio=1.9,
         policies=["peerd", "lru", "no_r2", "all_r2"],
         one_machine=False,
+        seed_s_per_node=0.0,
     )
 
 
@@ -445,8 +446,9 @@ class Sim:
         return since if since is not None else -(self.p.nodes - n.index) * self.p.seed_s_per_node
 
     def in_r2(self, item: int) -> bool:
-        """The bucket holds the item (the coordinator's ``in_r2``)."""
-        return self.policy != "no_r2" and item in self.r2_items
+        """The bucket holds every blob of the item (the coordinator's ``in_r2``: the blobs'
+        ``r2_state``, not the manifest)."""
+        return self.policy != "no_r2" and self.lib.items[item].blobs <= self.bucket
 
     # -- the event loop ------------------------------------------------------------------------
 
@@ -555,8 +557,7 @@ class Sim:
         """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
         if n.meter.enabled and not n.meter.admit(v.viewer, self.now):
-            items = self.blob_items[blob]
-            if any(k in self.r2_items for k in items) and self.nodes_use_r2:
+            if blob in self.bucket and self.nodes_use_r2:
                 src["via"] = "r2_redirect"
                 yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
                 self.class_b += 1
@@ -628,7 +629,7 @@ class Sim:
         size = self.lib.sizes[blob]
         yield "busy", (self.p.client_request_s, None)
         if n is None:
-            if not any(k in self.r2_items for k in self.blob_items[blob]):
+            if blob not in self.bucket:
                 raise Fail("404 from the bucket")
             yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
             self.class_b += 1
