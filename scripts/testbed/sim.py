@@ -200,22 +200,29 @@ class SimParams:
     # [uplink] budget as a fraction of each node's uplink (0: off, as in the testbed)
     admission_fraction: float = 0.0
     admission_stream_mbit: float = 0.0
-    # latencies and rates measured on the quick run (see README)
-    r2_request_s: float = 0.035  # a bucket GET through the proxy: 30 ms + moto's answer
+    # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
+    # bucket-routed startups: three GETs in 0.14 s, CPU time included).
+    r2_server_s: float = 0.005
     r2_flow_Bps: float = 50e6  # a GET's body on loopback
     lan_request_s: float = 0.004  # a signed LAN HTTP fetch
+    # CPU time per request, fitted to the quick run's startups and checked on the full run's:
     node_request_s: float = 0.01  # mean of a node's own time per request
     client_request_s: float = 0.005  # mean of the player's own time per request
     busy_sigma: float = 2.1  # their spread (lognormal)
-    # CPU contention: those times grow by 1 + (load / cpu_viewers) ** cpu_power; the load is
-    # every viewer when the whole testbed shares one machine's CPUs (calibration), else the
-    # node's own streams (a home has its own CPU).
+    # CPU contention: a node's time grows by 1 + (load / cpu_viewers) ** cpu_power; the load is
+    # every viewer on a node when the whole testbed shares one machine's CPUs (calibration),
+    # else the node's own streams (a home has its own CPU).
     cpu_viewers: float = 10.0
     cpu_power: float = 1.0
     one_machine: bool = True
     prefetch_segments: int = 2  # [http] prefetch_segments
     playlist_bytes: int = 400
     player: PlayerConfig = field(default_factory=PlayerConfig)
+
+    @property
+    def r2_request_s(self) -> float:
+        """A bucket request's latency, before its body."""
+        return self.r2_latency_s + self.r2_server_s
 
 
 def params_from_scenario(sc: dict[str, Any]) -> SimParams:
