@@ -1,0 +1,1214 @@
+"""Past one machine, by simulation: a discrete-event model of the testbed (issue 20, item 7).
+
+    python -m scripts.testbed.sim --calibrate DIR          # DIR: a testbed run (run.sh --out DIR)
+    python -m scripts.testbed.sim --nodes 1000 --viewers 100000 --out DIR2
+
+What is *the same code* as the testbed and peerd, imported, not rewritten:
+
+* the workload: :func:`scripts.testbed.workload.make_trace` (Zipf items, Poisson arrivals over a
+  compressed day), the player's knobs :class:`scripts.testbed.player.PlayerConfig`;
+* tiering: :func:`peerd.core.tiering.plan_tiering` / :func:`plan_eviction` with
+  :func:`decayed` / :func:`fold` / :func:`demand_bps`, every ``tiering_interval_s`` per node, with
+  the testbed's ``[r2]`` settings (what leaves the bucket, what is promoted, what a disk evicts);
+* source order: :func:`peerd.delivery.resolver.source_order` over the node's sources (LAN
+  partner, libp2p, R2; an idle peer source goes after R2);
+* uplink admission: :class:`peerd.core.uplink.Uplink` per node (its meter always, its admission
+  when a budget is set: a refused new stream is redirected to the bucket or refused);
+* the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
+
+What is modelled: the coordinator's routing rule (``routing.py``: holder with spare uplink, else
+its LAN partner, else any node reading through from R2, else the bucket), the player's loop
+(``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
+ABR, stalls when the buffer empties, pause at ``max_buffer_s``) as a generator per viewer, and
+the network as flows: each segment a node sends is a flow on that node's uplink, shared max-min
+fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`; each request
+waits the home's RTT; a read-through waits the LAN or the bucket's latency; a bucket GET waits
+the bucket's latency and moves at ``r2_flow_Bps``. No sockets, no processes, no clock: 100,000
+viewers on 1,000 nodes run in a few minutes on one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from peerd.core.tiering import (
+    BlobStat,
+    Demote,
+    MediaStat,
+    Promote,
+    TieringLimits,
+    decayed,
+    demand_bps,
+    fold,
+    plan_eviction,
+    plan_tiering,
+)
+from peerd.core.uplink import Uplink
+from peerd.delivery.resolver import source_order
+from scripts.testbed.fluid import Link
+from scripts.testbed.player import PlayerConfig
+from scripts.testbed.workload import make_trace
+
+PRICE_STORAGE_GB_MONTH = 0.015
+PRICE_CLASS_A = 4.50 / 1e6
+PRICE_CLASS_B = 0.36 / 1e6
+PRICE_STREAM_MINUTE = 1.0 / 1000
+MONTH_S = 30 * 86400.0
+TIMESCALE = 90000
+
+# -- the library ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimRung:
+    """One rendition of an item: its BANDWIDTH, init segment key and (key, bytes, seconds)."""
+
+    bandwidth: int
+    init: int
+    segments: tuple[tuple[int, int, float], ...]
+
+
+@dataclass(frozen=True)
+class SimItem:
+    """One media item: its rungs (lowest first) and every blob key it names."""
+
+    rungs: tuple[SimRung, ...]
+    blobs: frozenset[int]
+    size: int
+    need_Bps: float
+    duration_s: float
+
+
+@dataclass
+class Library:
+    """Items and the size of every blob (init segments are shared between items, as in
+    ``library.py``)."""
+
+    items: list[SimItem]
+    sizes: dict[int, int]
+
+
+def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -> Library:
+    """Items as ``library.make_library`` cuts them: item ``k`` is segments ``[k n, (k+1) n)``
+    of every rung (cycling when the rungs are shorter); ``rungs``: ``{"init": bytes,
+    "segments": [[bytes, seconds], ...]}`` per rendition."""
+    sizes: dict[int, int] = {}
+    for r, rung in enumerate(rungs):
+        sizes[-(r + 1)] = int(rung["init"])
+    out = []
+    for k in range(items):
+        sim_rungs = []
+        blobs = {-(r + 1) for r in range(len(rungs))}
+        for r, rung in enumerate(rungs):
+            segs = rung["segments"]
+            chunk = []
+            peak = 1
+            for j in range(per_item):
+                nbytes, secs = segs[(k * per_item + j) % len(segs)]
+                key = (k * len(rungs) + r) * per_item + j
+                sizes[key] = int(nbytes)
+                blobs.add(key)
+                chunk.append((key, int(nbytes), float(secs)))
+                ticks = int(Decimal(str(secs)) * TIMESCALE)
+                peak = max(peak, int(nbytes * 8 * TIMESCALE / max(ticks, 1)))
+            sim_rungs.append(SimRung(peak, -(r + 1), tuple(chunk)))
+        sim_rungs.sort(key=lambda g: g.bandwidth)
+        out.append(
+            SimItem(
+                tuple(sim_rungs),
+                frozenset(blobs),
+                sum(sizes[b] for b in blobs),
+                max(g.bandwidth for g in sim_rungs) / 8,
+                sum(s for _, _, s in sim_rungs[0].segments),
+            )
+        )
+    return Library(out, sizes)
+
+
+def read_rungs(media_dir: Path) -> list[dict[str, Any]]:
+    """The rungs of a testbed library on disk (``DIR/work/media``): sizes and durations only."""
+    out = []
+    for playlist in sorted(media_dir.glob("v*.m3u8")):
+        if playlist.name.endswith(".tmp.m3u8"):
+            continue
+        init = 0
+        segs: list[list[float]] = []
+        secs = 0.0
+        for line in playlist.read_text().splitlines():
+            if line.startswith("#EXT-X-MAP:"):
+                name = line.split('URI="', 1)[1].split('"', 1)[0]
+                init = (media_dir / name).stat().st_size
+            elif line.startswith("#EXTINF:"):
+                secs = float(line[8:].split(",", 1)[0])
+            elif line and not line.startswith("#"):
+                segs.append([(media_dir / line).stat().st_size, secs])
+        out.append({"name": playlist.stem, "init": init, "segments": segs})
+    return out
+
+
+# -- the scenario --------------------------------------------------------------------------------
+
+
+@dataclass
+class SimParams:
+    """Everything the model needs. Defaults: the testbed's (``driver.py``, ``routing.py``,
+    ``netns.py``, the ``[r2]`` section it writes) and what the quick run measured."""
+
+    nodes: int
+    uplinks_mbit: list[float]
+    rtts_ms: list[float]
+    lan_pairs: list[tuple[int, int]]
+    items: int
+    segments_per_item: int
+    duration_s: float
+    mean_per_s: float
+    peak_ratio: float
+    zipf_s: float = 0.9
+    seed: int = 20
+    r2_latency_s: float = 0.03
+    quota_factor: float = 1.6
+    tiering_interval_s: float = 5.0
+    policies: list[str] = field(default_factory=lambda: ["peerd"])
+    # routing.py
+    admit_fraction: float = 0.85
+    heartbeat_s: float = 2.0
+    # The driver seeds the nodes' catalogs (r2_since) one after the other, then starts them all:
+    # node i's catalog is seeded (N - i) * seed_s_per_node before the first viewer (the quick
+    # run's log: 11 s for 4 nodes; the full run's: 69 s for 8).
+    seed_s_per_node: float = 2.75
+    any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
+    # [r2] as driver.py writes it
+    min_residence_s: float = 30.0
+    access_half_life_s: float = 60.0
+    cold_bytes_per_s: float = 2000.0
+    uplink_headroom: float = 0.6
+    r2_budget_bytes: int = 10 * 1024**3
+    evict_high: float = 0.95
+    evict_low: float = 0.85
+    # [uplink] budget as a fraction of each node's uplink (0: off, as in the testbed)
+    admission_fraction: float = 0.0
+    admission_stream_mbit: float = 0.0
+    # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
+    # bucket-routed startups: three GETs in 0.14 s, CPU time included).
+    r2_server_s: float = 0.005
+    r2_flow_Bps: float = 50e6  # a GET's body on loopback
+    lan_request_s: float = 0.004  # a signed LAN HTTP fetch
+    # CPU time per request, fitted to the quick run's startups and checked on the full run's:
+    node_request_s: float = 0.01  # mean of a node's own time per request
+    client_request_s: float = 0.005  # mean of the player's own time per request
+    busy_sigma: float = 2.1  # their spread (lognormal)
+    # CPU contention: a node's time grows by 1 + (load / cpu_viewers) ** cpu_power; the load is
+    # every viewer on a node when the whole testbed shares one machine's CPUs (calibration),
+    # else the node's own streams (a home has its own CPU).
+    cpu_viewers: float = 10.0
+    cpu_power: float = 1.0
+    one_machine: bool = True
+    prefetch_segments: int = 2  # [http] prefetch_segments
+    playlist_bytes: int = 400
+    player: PlayerConfig = field(default_factory=PlayerConfig)
+
+    @property
+    def r2_request_s(self) -> float:
+        """A bucket request's latency, before its body."""
+        return self.r2_latency_s + self.r2_server_s
+
+
+def params_from_scenario(sc: dict[str, Any]) -> SimParams:
+    """The testbed's ``summary.json`` ``scenario`` object as model parameters."""
+    keys = {f for f in SimParams.__dataclass_fields__}
+    return SimParams(
+        **{k: v for k, v in sc.items() if k in keys and k != "lan_pairs"},
+        lan_pairs=[(int(a), int(b)) for a, b in sc.get("lan_pairs", [])],
+    )
+
+
+def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
+    """The full testbed scenario grown to ``nodes`` nodes and about ``viewers`` viewers: the same
+    uplink and RTT mix, a quarter of the homes in LAN pairs, 7.5 items per node, the same
+    Zipf exponent and peak-to-mean day."""
+    ups = [10, 6, 8, 12, 5, 9, 7, 11]
+    rtts = [20, 28, 36, 44, 52, 60, 70, 80]
+    pairs = [(k, k + 1) for k in range(0, nodes - 1, 8)]
+    pairs += [(k + 2, k + 3) for k in range(0, nodes - 3, 8)]
+    return SimParams(
+        nodes=nodes,
+        uplinks_mbit=[ups[i % 8] for i in range(nodes)],
+        rtts_ms=[rtts[i % 8] for i in range(nodes)],
+        lan_pairs=sorted(pairs),
+        items=max(40, int(7.5 * nodes)),
+        segments_per_item=6,
+        duration_s=duration_s,
+        mean_per_s=viewers / duration_s,
+        peak_ratio=1.9,
+        policies=["peerd", "lru", "no_r2", "all_r2"],
+        one_machine=False,
+        seed_s_per_node=0.0,
+    )
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+class Fail(Exception):  # noqa: N818 (a request the player retries elsewhere, as player.Failed)
+    """A request that failed (refused, or the blob nowhere)."""
+
+
+@dataclass
+class PeerSource:
+    """A resolver source as :func:`source_order` sees it (``idle()``: no peer to ask)."""
+
+    name: str
+    has_peer: bool
+
+    def idle(self) -> bool:
+        """No peer known."""
+        return not self.has_peer
+
+
+@dataclass
+class BucketSource:
+    """The bucket: never idle."""
+
+    name: str = "r2"
+
+
+@dataclass
+class Node:
+    """One home node."""
+
+    index: int
+    uplink_Bps: float
+    rtt_s: float
+    lan_peer: int | None
+    quota: int
+    link: Link
+    meter: Uplink
+    held: dict[int, float] = field(default_factory=dict)  # blob -> last access
+    score: dict[int, tuple[float, float]] = field(default_factory=dict)  # blob -> (score, at)
+    used: int = 0
+    have: dict[int, int] = field(default_factory=dict)  # item -> blobs held
+    assigned_Bps: float = 0.0
+    streams: int = 0
+    served: dict[str, float] = field(default_factory=dict)
+    fetched: dict[str, float] = field(default_factory=dict)
+    missed: set[int] = field(default_factory=set)  # items that had a miss (prefetch them)
+    r2_gone: set[int] = field(default_factory=set)  # blobs this node knows left the bucket
+    egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
+    reported_Bps: float = 0.0  # egress as of its last heartbeat
+
+
+@dataclass
+class Viewer:
+    """What one viewer experienced (the keys of ``player.ViewerStats``)."""
+
+    viewer: int
+    item: int
+    arrived: float
+    startup_s: float | None = None
+    stall_s: float = 0.0
+    stalls: int = 0
+    played_s: float = 0.0
+    bytes_by_source: dict[str, int] = field(default_factory=dict)
+    corrupt_bytes: int = 0
+    reroutes: int = 0
+    gave_up: bool = False
+    nodes: list[int] = field(default_factory=list)
+    stall_times: list[tuple[float, float]] = field(default_factory=list)
+    ended: float = 0.0
+
+
+Step = tuple[str, Any]
+Proc = Generator[Step, None, None]
+
+
+class Sim:
+    """One policy on one trace (see the module doc)."""
+
+    def __init__(self, p: SimParams, lib: Library, policy: str) -> None:
+        self.p = p
+        self.lib = lib
+        self.policy = policy
+        self.now = 0.0
+        self.events: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.waiting: dict[int, Proc] = {}
+        self.rng = random.Random(p.seed + 1)
+        lib_bytes = sum(i.size for i in lib.items)
+        quota = int(lib_bytes / p.nodes * p.quota_factor)
+        peers: dict[int, int] = {}
+        for a, b in p.lan_pairs:
+            peers[a], peers[b] = b, a
+        self.nodes = []
+        for i in range(p.nodes):
+            up = p.uplinks_mbit[i] * 1e6 / 8
+            meter = Uplink(
+                budget_bps=up * p.admission_fraction,
+                stream_bps=p.admission_stream_mbit * 1e6 / 8,
+            )
+            self.nodes.append(
+                Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, Link(up), meter)
+            )
+        self.holders: dict[int, set[int]] = {k: set() for k in range(len(lib.items))}
+        self.blob_items: dict[int, list[int]] = {}
+        for k, it in enumerate(lib.items):
+            for b in it.blobs:
+                self.blob_items.setdefault(b, []).append(k)
+        uses_r2 = policy not in ("no_r2",)
+        self.r2_items: dict[int, float | None] = (
+            {k: None for k in range(len(lib.items))} if uses_r2 else {}
+        )  # item -> r2_since
+        # Blobs in the bucket (an item is there when its manifest is: ``r2_items``).
+        self.bucket: set[int] = {b for k in self.r2_items for b in lib.items[k].blobs}
+        self.bucket_size = sum(lib.sizes[b] for b in self.bucket)
+        self.nodes_use_r2 = policy in ("peerd", "lru")
+        self.class_a = 0
+        self.class_b = 0
+        self.bucket_before = self.bucket_bytes()
+        self.stored_integral = 0.0
+        self.stored_at = 0.0
+        self.stored_now = self.bucket_before
+        self.viewers: list[Viewer] = []
+        self.totals: dict[str, int] = {}
+        self.series: list[dict[str, Any]] = []
+        self.active = 0
+        self.stall_count = 0
+        self.streams = 0  # viewers attached to nodes, all nodes
+        self.routes: list[tuple[float, int, str, int | None]] = []
+        self.flow_owner: dict[int, int] = {}
+        self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
+        self.next_flow = 0
+        for node, items in self.placement().items():
+            for k in items:
+                for b in lib.items[k].blobs:
+                    self.put(self.nodes[node], b, 0.0)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def placement(self) -> dict[int, list[int]]:
+        """Item ``k`` on node ``k mod N`` (``driver.placement``)."""
+        out: dict[int, list[int]] = {i: [] for i in range(self.p.nodes)}
+        for k in range(len(self.lib.items)):
+            out[k % self.p.nodes].append(k)
+        return out
+
+    def bucket_bytes(self) -> int:
+        """Bytes in the bucket: every blob some item in it names."""
+        return self.bucket_size
+
+    def bucket_put(self, b: int) -> None:
+        """A PUT of blob ``b``."""
+        if b not in self.bucket:
+            self.bucket.add(b)
+            self.bucket_size += self.lib.sizes[b]
+
+    def bucket_delete(self, b: int) -> None:
+        """A DELETE of blob ``b``."""
+        if b in self.bucket:
+            self.bucket.discard(b)
+            self.bucket_size -= self.lib.sizes[b]
+
+    def _stored(self) -> None:
+        self.stored_integral += self.stored_now * (self.now - self.stored_at)
+        self.stored_at = self.now
+        self.stored_now = self.bucket_bytes()
+
+    def put(self, n: Node, blob: int, at: float) -> None:
+        """``n`` now holds ``blob``."""
+        if blob in n.held:
+            return
+        n.held[blob] = at
+        n.used += self.lib.sizes[blob]
+        for k in self.blob_items[blob]:
+            c = n.have.get(k, 0) + 1
+            n.have[k] = c
+            if c == len(self.lib.items[k].blobs):
+                self.holders[k].add(n.index)
+
+    def drop(self, n: Node, blob: int) -> None:
+        """``n`` evicted ``blob``."""
+        if n.held.pop(blob, None) is None:
+            return
+        n.used -= self.lib.sizes[blob]
+        for k in self.blob_items[blob]:
+            n.have[k] -= 1
+            self.holders[k].discard(n.index)
+
+    def r2_since(self, item: int, n: Node) -> float | None:
+        """The item's ``r2_since`` in ``n``'s catalog: when promoted, else when seeded."""
+        if item not in self.r2_items:
+            return None
+        since = self.r2_items[item]
+        return since if since is not None else -(self.p.nodes - n.index) * self.p.seed_s_per_node
+
+    def in_r2(self, item: int) -> bool:
+        """The bucket holds every blob of the item (the coordinator's ``in_r2``: the blobs'
+        ``r2_state``, not the manifest)."""
+        return self.policy != "no_r2" and self.lib.items[item].blobs <= self.bucket
+
+    # -- the event loop ------------------------------------------------------------------------
+
+    def at(self, t: float, kind: int, what: Any) -> None:
+        """Schedule an event."""
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, what))
+
+    def start(self, proc: Proc) -> None:
+        """Run a process until its first step."""
+        self.step(proc)
+
+    def step(self, proc: Proc) -> None:
+        """Resume ``proc`` and schedule what it asks for."""
+        try:
+            kind, arg = next(proc)
+        except StopIteration:
+            return
+        if kind == "wait":
+            self.at(self.now + max(0.0, arg), 0, proc)
+        elif kind == "busy":  # CPU time: ``(mean, node or None)``, lognormal, slowed by load
+            mean, node = arg
+            if node is None:
+                load = 0  # the player's own time: not what grows with the load
+            elif self.p.one_machine:
+                load = self.streams  # every daemon on one machine's CPUs
+            else:
+                load = self.nodes[node].streams  # a home's own CPU
+            if self.p.cpu_viewers:
+                mean *= 1.0 + (load / self.p.cpu_viewers) ** self.p.cpu_power
+            sg = self.p.busy_sigma
+            t = self.rng.lognormvariate(math.log(mean) - sg * sg / 2, sg) if mean > 0 else 0.0
+            self.at(self.now + t, 0, proc)
+        else:  # ("flow", (node, bytes))
+            node, size = arg
+            link = self.nodes[node].link
+            if size <= 0 or math.isinf(link.capacity):
+                self.at(self.now, 0, proc)
+                return
+            fid = self.next_flow
+            self.next_flow += 1
+            self.waiting[fid] = proc
+            link.add(fid, size, self.now)
+            self.at(link.next_done(), 1, (node, link.version))
+
+    def run(self, until: float) -> None:
+        """Process events until none is left (or ``until``)."""
+        while self.events:
+            t, _, kind, what = heapq.heappop(self.events)
+            if t > until:
+                break
+            self.now = t
+            if kind == 0:
+                self.step(what)
+            elif kind == 1:
+                node, version = what
+                link = self.nodes[node].link
+                if version != link.version:
+                    continue
+                for fid in link.pop_done(t):
+                    self.step(self.waiting.pop(fid))
+                if link.flows:
+                    self.at(link.next_done(), 1, (node, link.version))
+            else:
+                what()
+
+    # -- the coordinator (routing.py) ----------------------------------------------------------
+
+    def spare(self, n: Node) -> float:
+        """``routing.spare``: uplink the coordinator may still give away."""
+        return n.uplink_Bps * self.p.admit_fraction - max(n.reported_Bps, n.assigned_Bps)
+
+    def route(self, item: int, avoid: set[int]) -> Node | None:
+        """A node for a viewer of ``item``, or None for the bucket (``routing.route``)."""
+        if self.policy == "all_r2":
+            return None
+        need = self.lib.items[item].need_Bps
+        r2_ok = self.in_r2(item)
+        holders = [self.nodes[i] for i in self.holders[item] if i not in avoid]
+        partners = [
+            self.nodes[j]
+            for j in (self.nodes[i].lan_peer for i in self.holders[item])
+            if j is not None and j not in avoid
+        ]
+        tiers: list[list[Node]] = [holders, partners]
+        if r2_ok:
+            if self.p.nodes <= self.p.any_sample:
+                tiers.append([n for n in self.nodes if n.index not in avoid])
+            else:
+                pick = self.rng.sample(self.nodes, self.p.any_sample)
+                tiers.append([n for n in pick if n.index not in avoid])
+        for tier in tiers:
+            fit = [n for n in tier if self.spare(n) >= need]
+            if fit:
+                return max(fit, key=self.spare)
+        if r2_ok:
+            return None
+        for tier in tiers:
+            if tier:
+                return max(tier, key=self.spare)
+        return None
+
+    # -- a node serving a blob -----------------------------------------------------------------
+
+    def serve(self, n: Node, v: Viewer, blob: int, src: dict[str, str]) -> Proc:
+        """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
+        size = self.lib.sizes[blob]
+        if n.meter.enabled and not n.meter.admit(v.viewer, self.now):
+            if blob in self.bucket and self.nodes_use_r2:
+                src["via"] = "r2_redirect"
+                yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
+                self.class_b += 1
+                return
+            raise Fail("503")
+        if n.meter.enabled:
+            self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
+        yield "busy", (self.p.node_request_s, n.index)
+        origin = "local"
+        if blob not in n.held:
+            origin = self.resolve(n, blob)
+            if origin == "":
+                raise Fail("404")
+            yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
+            n.missed.update(self.blob_items[blob])
+        if blob >= 0 and self.p.prefetch_segments:
+            per = self.p.segments_per_item
+            item = self.blob_items[blob][0]
+            if item in n.missed:
+                for nxt in range(
+                    blob + 1, min(blob + 1 + self.p.prefetch_segments, (blob // per + 1) * per)
+                ):
+                    if nxt not in n.held:
+                        self.resolve(n, nxt)
+        self.access(n, blob, size)
+        yield "flow", (n.index, size)
+        n.meter.sent(size, self.now)
+        n.egress.sent(size, self.now)
+        n.served[origin] = n.served.get(origin, 0.0) + size
+        src["via"] = "node"
+
+    def access(self, n: Node, blob: int, size: int) -> None:
+        """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
+        n.held[blob] = self.now
+        sc, at = n.score.get(blob, (0.0, self.now))
+        n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
+
+    def resolve(self, n: Node, blob: int) -> str:
+        """Fetch ``blob`` into ``n`` from the first source of :func:`source_order` that has it;
+        its origin (``lan``, ``r2``), or "" when none has it."""
+        size = self.lib.sizes[blob]
+        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        sources: list[Any] = [
+            PeerSource("lan", peer is not None),
+            PeerSource("p2p", False),  # the testbed's nodes fetch nothing over libp2p
+        ]
+        if self.nodes_use_r2:
+            sources.append(BucketSource())
+        for s in source_order(sources):
+            if s.name == "lan" and peer is not None and blob in peer.held:
+                peer.served["lan-peer"] = peer.served.get("lan-peer", 0.0) + size
+                self.access(peer, blob, size)
+                origin = "lan"
+                break
+            if s.name == "r2" and blob in self.bucket:
+                self.class_b += 1
+                origin = "r2"
+                break
+        else:
+            return ""
+        n.fetched[origin] = n.fetched.get(origin, 0.0) + size
+        self.put(n, blob, self.now)
+        return origin
+
+    # -- a viewer (player.py) ------------------------------------------------------------------
+
+    def get_blob(self, v: Viewer, n: Node | None, blob: int) -> Proc:
+        """One GET of a blob from the route (node or bucket); counts its bytes."""
+        size = self.lib.sizes[blob]
+        yield "busy", (self.p.client_request_s, None)
+        if n is None:
+            if blob not in self.bucket:
+                raise Fail("404 from the bucket")
+            yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
+            self.class_b += 1
+            via = "r2"
+        else:
+            yield "wait", n.rtt_s
+            src: dict[str, str] = {}
+            yield from self.serve(n, v, blob, src)
+            via = src["via"]
+        v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
+        self.totals[via] = self.totals.get(via, 0) + size
+
+    def open_route(self, v: Viewer, avoid: set[int]) -> Generator[Step, None, Node | None]:
+        """Ask the coordinator; read the playlists (a node) or the manifest (the bucket)."""
+        n = self.route(v.item, avoid)
+        self.routes.append((self.now, v.item, "node" if n else "r2", n.index if n else None))
+        if n is None:
+            if not self.in_r2(v.item):
+                raise Fail("nowhere")
+            yield "busy", (self.p.client_request_s, None)
+            yield "wait", self.p.r2_request_s
+            self.class_b += 1
+            return None
+        v.nodes.append(n.index)
+        n.assigned_Bps += self.lib.items[v.item].need_Bps
+        n.streams += 1
+        self.streams += 1
+        for _ in range(1 + len(self.lib.items[v.item].rungs)):
+            yield "busy", (self.p.client_request_s, None)
+            yield "wait", n.rtt_s
+            yield "busy", (self.p.node_request_s, n.index)
+            yield "flow", (n.index, self.p.playlist_bytes)
+        return n
+
+    def release(self, v: Viewer, n: Node | None) -> None:
+        """``routing.release``."""
+        if n is not None:
+            n.assigned_Bps = max(0.0, n.assigned_Bps - self.lib.items[v.item].need_Bps)
+            n.streams = max(0, n.streams - 1)
+            self.streams -= 1
+
+    def viewer(self, v: Viewer) -> Proc:
+        """``player.Player.run`` as a process."""
+        cfg = self.p.player
+        item = self.lib.items[v.item]
+        t0 = self.now
+        buffer = 0.0
+        playing = False
+        estimate = 0.0
+        rung = 0
+        inits: set[int] = set()
+        avoid: set[int] = set()
+        node: Node | None = None
+        opened = False
+        self.active += 1
+        try:
+            n_segs = len(item.rungs[0].segments)
+            for seq in range(n_segs):
+                if playing and buffer > cfg.max_buffer_s:
+                    yield "wait", buffer - cfg.max_buffer_s
+                    buffer = cfg.max_buffer_s
+                t = self.now
+                last_progress = self.now
+                while True:
+                    try:
+                        if not opened:
+                            node = yield from self.open_route(v, avoid)
+                            opened = True
+                        r = item.rungs[min(rung, len(item.rungs) - 1)]
+                        size = 0
+                        if r.init not in inits:
+                            yield from self.get_blob(v, node, r.init)
+                            inits.add(r.init)
+                            size += self.lib.sizes[r.init]
+                        key, nbytes, secs = r.segments[seq]
+                        yield from self.get_blob(v, node, key)
+                        size += nbytes
+                        break
+                    except Fail:
+                        if self.now - last_progress > cfg.give_up_s:
+                            raise
+                        if opened:
+                            self.release(v, node)
+                        avoid.add(node.index if node is not None else -1)
+                        v.reroutes += 1
+                        opened = False
+                        node = None
+                        inits.clear()
+                        yield "wait", 0.2
+                dt = max(self.now - t, 1e-3)
+                if playing:
+                    if dt > buffer:
+                        v.stall_s += dt - buffer
+                        v.stalls += 1
+                        self.stall_count += 1
+                        v.stall_times.append((self.now, dt - buffer))
+                        v.played_s += buffer
+                        buffer = 0.0
+                    else:
+                        buffer -= dt
+                        v.played_s += dt
+                buffer += secs
+                bps = size * 8 / dt
+                estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
+                rung = max(
+                    (
+                        i
+                        for i, g in enumerate(item.rungs)
+                        if g.bandwidth <= estimate * cfg.abr_safety
+                    ),
+                    default=0,
+                )
+                if not playing and buffer >= cfg.start_buffer_s:
+                    playing = True
+                    v.startup_s = self.now - t0
+            if not playing:
+                v.startup_s = self.now - t0
+            yield "wait", buffer
+            v.played_s += buffer
+        except Fail:
+            v.gave_up = True
+        finally:
+            v.ended = self.now
+            self.active -= 1
+            if opened:
+                self.release(v, node)
+
+    # -- tiering (peerd/replication/tiering.py on the pure policy) -----------------------------
+
+    def tier(self, n: Node) -> None:
+        """One tiering round of ``n``: plan_tiering, then plan_eviction."""
+        p = self.p
+        hl = p.access_half_life_s
+        now = self.now
+        if self.policy == "peerd":
+            demand: dict[int, float] = {}
+            shared = 0.0  # the init segments every item of a rung names (library.py)
+            for b, (sc, at) in n.score.items():
+                d = decayed(sc, at, now, hl)
+                if b < 0:
+                    shared += d
+                    continue
+                for k in self.blob_items[b]:
+                    demand[k] = demand.get(k, 0.0) + d
+            # Only items the node holds a segment of or served: the others (in the bucket, not
+            # held, no demand but the shared inits') are kept where they are by plan_tiering
+            # and change nothing but the bytes counted against the R2 budget, which never binds
+            # here (10 GiB); leaving them out keeps a round linear in what the node touches.
+            mine = set(demand) | {
+                b // p.segments_per_item // len(self.lib.items[0].rungs) for b in n.held if b >= 0
+            }
+            for k in mine:
+                demand[k] = demand.get(k, 0.0) + shared
+            stats = [
+                MediaStat(
+                    str(k),
+                    self.lib.items[k].size,
+                    demand_bps(demand.get(k, 0.0), hl),
+                    k in self.r2_items,
+                    self.r2_since(k, n),
+                    n.index in self.holders[k],
+                )
+                for k in sorted(mine)
+            ]
+            limits = TieringLimits(
+                uplink_bps=n.uplink_Bps,
+                r2_budget_bytes=p.r2_budget_bytes,
+                headroom=p.uplink_headroom,
+                cold_bps=p.cold_bytes_per_s,
+                min_residence_s=p.min_residence_s,
+            )
+            for act in plan_tiering(stats, limits, now):
+                k = int(act.media_id)
+                if isinstance(act, Promote) and k not in self.r2_items:
+                    for b in self.lib.items[k].blobs:
+                        if b in n.r2_gone or b not in self.bucket:
+                            self.class_a += 1  # PUT
+                            self.bucket_put(b)
+                            n.r2_gone.discard(b)
+                    self.class_a += 1  # the manifest
+                    self.r2_items[k] = now
+                elif isinstance(act, Demote) and k in self.r2_items:
+                    del self.r2_items[k]
+                    for b in self.lib.items[k].blobs:
+                        # DELETE (free), unless another item in the bucket names it (the inits)
+                        if not any(j in self.r2_items for j in self.blob_items[b]):
+                            self.bucket_delete(b)
+                            n.r2_gone.add(b)
+            self._stored()
+        if self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
+            blobs = [
+                BlobStat(
+                    str(b),
+                    self.lib.sizes[b],
+                    decayed(*n.score.get(b, (0.0, 0.0)), now, hl),
+                    last,
+                    b not in n.r2_gone,  # the catalog's r2_state: what this node last knew
+                    False,
+                )
+                for b, last in n.held.items()
+            ]
+            plan = plan_eviction(
+                blobs,
+                n.used,
+                n.quota,
+                high=p.evict_high,
+                low=p.evict_low,
+                order="lru" if self.policy == "lru" else "demand",
+            )
+            for ev in plan:
+                b = int(ev.cid)
+                self.class_b += 1  # the HEAD that confirms the R2 copy
+                if b in self.bucket:
+                    self.drop(n, b)
+                else:
+                    # Another node took it out of the bucket: not evicted, pushed back (PUT).
+                    self.class_a += 1
+                    self.bucket_put(b)
+            self._stored()
+
+    def ticker(self, n: Node) -> Proc:
+        """Tiering rounds of ``n`` every interval (staggered)."""
+        yield "wait", self.rng.random() * self.p.tiering_interval_s
+        while self.active or self.now < self.p.duration_s:
+            yield "wait", self.p.tiering_interval_s
+            self.tier(n)
+
+    def heartbeats(self) -> Proc:
+        """Every node's heartbeat every 2 s: the egress the coordinator routes on."""
+        while self.active or self.now < self.p.duration_s:
+            for n in self.nodes:
+                n.reported_Bps = n.egress.rate(self.now)
+            yield "wait", self.p.heartbeat_s
+
+    def sampler(self) -> Proc:
+        """The driver's 2 s series (viewer bytes, node bytes, active, stalls)."""
+        while self.active or self.now < self.p.duration_s:
+            node_bytes: dict[str, float] = {}
+            for n in self.nodes:
+                for k, val in n.served.items():
+                    node_bytes[k] = node_bytes.get(k, 0.0) + val
+            self.series.append(
+                {
+                    "t": round(self.now, 1),
+                    "viewer_bytes": dict(self.totals),
+                    "node_bytes": node_bytes,
+                    "active": self.active,
+                    "stalls": self.stall_count,
+                }
+            )
+            yield "wait", 2.0
+
+    def arrivals(self, trace: list[Any]) -> Proc:
+        """Start each viewer at its time."""
+        for a in trace:
+            yield "wait", a.at_s - self.now
+            v = Viewer(a.viewer, a.item, self.now)
+            self.viewers.append(v)
+            self.start(self.viewer(v))
+
+    def play(self, trace: list[Any]) -> dict[str, Any]:
+        """Replay ``trace``; the summary object (``driver.summarise``'s keys)."""
+        self.start(self.arrivals(trace))
+        if self.policy in ("peerd", "lru"):
+            for n in self.nodes:
+                self.start(self.ticker(n))
+        self.start(self.sampler())
+        self.start(self.heartbeats())
+        self.run(math.inf)
+        self._stored()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """The same keys as ``driver.summarise``."""
+        stats = self.viewers
+        startups = sorted(s.startup_s for s in stats if s.startup_s is not None and not s.gave_up)
+        stall = sum(s.stall_s for s in stats)
+        played = sum(s.played_s for s in stats)
+        by_source: dict[str, int] = {}
+        for s in stats:
+            for k, val in s.bytes_by_source.items():
+                by_source[k] = by_source.get(k, 0) + val
+        origin: dict[str, float] = {}
+        for n in self.nodes:
+            for k, x in n.served.items():
+                origin[f"served_{k}"] = origin.get(f"served_{k}", 0.0) + x
+            for k, x in n.fetched.items():
+                origin[f"fetched_{k}"] = origin.get(f"fetched_{k}", 0.0) + x
+        wall = self.now
+        stored = self.stored_integral / max(wall, 1e-9)
+        gb_months = stored / 1e9 * wall / MONTH_S
+        cost = (
+            self.class_a * PRICE_CLASS_A
+            + self.class_b * PRICE_CLASS_B
+            + gb_months * PRICE_STORAGE_GB_MONTH
+        )
+        total = sum(by_source.values())
+        minutes = played / 60
+        return {
+            "policy": self.policy,
+            "viewers": len(stats),
+            "gave_up": sum(1 for s in stats if s.gave_up),
+            "startup_p50_s": round(_pct(startups, 50), 3),
+            "startup_p95_s": round(_pct(startups, 95), 3),
+            "rebuffer_ratio": round(stall / max(stall + played, 1e-9), 5),
+            "stalls": sum(s.stalls for s in stats),
+            "stall_s": round(stall, 2),
+            "played_s": round(played, 1),
+            "reroutes": sum(s.reroutes for s in stats),
+            "bytes_by_source": by_source,
+            "node_share": round(by_source.get("node", 0) / max(total, 1), 4),
+            "node_bytes_by_origin": origin,
+            "r2_read_bytes": origin.get("fetched_r2", 0.0)
+            + by_source.get("r2", 0)
+            + by_source.get("r2_redirect", 0),
+            "r2_class_a": self.class_a,
+            "r2_class_b": self.class_b,
+            "r2_gb_months": gb_months,
+            "r2_bucket_bytes": {"before": self.bucket_before, "after": self.bucket_bytes()},
+            "corrupt_bytes": 0,
+            "cost_usd": round(cost, 6),
+            "minutes_delivered": round(minutes, 2),
+            "stream_cost_usd": round(minutes * PRICE_STREAM_MINUTE, 6),
+            "prices": {
+                "r2_storage_gb_month": PRICE_STORAGE_GB_MONTH,
+                "r2_class_a_per_million": 4.50,
+                "r2_class_b_per_million": 0.36,
+                "r2_egress": 0.0,
+                "stream_per_1000_minutes": 1.0,
+                "read": "2026-12-06",
+            },
+            "bound": {"measured_over_belady": float("nan")},
+            "faults": [],
+            "wall_s": round(wall, 1),
+        }
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(p) - 1]
+
+
+def simulate(p: SimParams, lib: Library, policy: str) -> Sim:
+    """Run one policy on the scenario's trace; the finished model (``.summary()``)."""
+    trace = make_trace(
+        seed=p.seed,
+        duration_s=p.duration_s,
+        mean_per_s=p.mean_per_s,
+        peak_ratio=p.peak_ratio,
+        items=p.items,
+        zipf_s=p.zipf_s,
+    )
+    sim = Sim(p, lib, policy)
+    sim.play(trace)
+    return sim
+
+
+# -- calibration and the command line ------------------------------------------------------------
+
+HEADLINE = (
+    "startup_p50_s",
+    "startup_p95_s",
+    "rebuffer_ratio",
+    "node_share",
+    "r2_class_a",
+    "r2_class_b",
+    "cost_usd",
+)
+
+
+def compare(testbed: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per headline figure: testbed, sim and the relative error (None when the testbed's is 0)."""
+    out = {}
+    for k in HEADLINE:
+        a, b = float(testbed[k]), float(sim[k])
+        out[k] = {"testbed": a, "sim": b, "rel_err": None if a == 0 else round((b - a) / a, 4)}
+    return out
+
+
+def load_library(run_dir: Path, sc: dict[str, Any]) -> Library:
+    """The run's library: ``DIR/library.json`` (written here from ``DIR/work/media`` the first
+    time)."""
+    path = run_dir / "library.json"
+    if not path.exists():
+        path.write_text(json.dumps({"rungs": read_rungs(run_dir / "work" / "media")}))
+    rungs = json.loads(path.read_text())["rungs"]
+    return library_from_rungs(rungs, int(sc["items"]), int(sc["segments_per_item"]))
+
+
+def replicated(p: SimParams, lib: Library, policy: str, replicas: int) -> dict[str, Any]:
+    """The summary of one run (the first seed) with its headline figures averaged over
+    ``replicas`` runs of the model's own randomness (service times, sampled nodes) on the same
+    trace: a quick run has a few hundred viewers, and one draw of the model is as noisy."""
+    runs = []
+    for r in range(replicas):
+        sim = Sim(p, lib, policy)
+        sim.rng.seed(p.seed + 1 + r)
+        sim.play(_trace(p))
+        runs.append(sim.summary())
+    out = dict(runs[0])
+    for k in HEADLINE:
+        out[k] = round(statistics.fmean(float(x[k]) for x in runs), 6)
+    out["replicas"] = replicas
+    return out
+
+
+def _trace(p: SimParams) -> list[Any]:
+    return make_trace(
+        seed=p.seed,
+        duration_s=p.duration_s,
+        mean_per_s=p.mean_per_s,
+        peak_ratio=p.peak_ratio,
+        items=p.items,
+        zipf_s=p.zipf_s,
+    )
+
+
+def calibrate(
+    run_dir: Path, replicas: int = 5, seed_s_per_node: float | None = None
+) -> dict[str, Any]:
+    """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
+    ``sim_compare.md``."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sc = summary["scenario"]
+    p = params_from_scenario(sc)
+    if seed_s_per_node is not None:
+        p.seed_s_per_node = seed_s_per_node
+    lib = load_library(run_dir, sc)
+    result: dict[str, Any] = {"params": _jsonable(asdict(p)), "policies": {}}
+    rows = [
+        "| policy | figure | testbed | sim | error |",
+        "|---|---|---|---|---|",
+    ]
+    for name, tb in summary["policies"].items():
+        s = replicated(p, lib, name, replicas)
+        cmp = compare(tb, s)
+        result["policies"][name] = {"compare": cmp, "sim": s}
+        for k, c in cmp.items():
+            err = "n/a" if c["rel_err"] is None else f"{c['rel_err']:+.1%}"
+            rows.append(f"| {name} | {k} | {c['testbed']:.6g} | {c['sim']:.6g} | {err} |")
+    (run_dir / "sim_compare.json").write_text(json.dumps(result, indent=1, default=float))
+    (run_dir / "sim_compare.md").write_text("\n".join(rows) + "\n")
+    return result
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(
+        json.dumps(x, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    )
+
+
+def run_scaled(args: argparse.Namespace) -> int:
+    """The ``--nodes/--viewers`` run: summary.json, per-policy files, table and plots."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    p = scaled(args.nodes, args.viewers, args.duration)
+    if args.policies:
+        p.policies = args.policies.split(",")
+    if args.admission:
+        p.admission_fraction = args.admission
+        p.admission_stream_mbit = 1.0
+    rungs = json.loads(Path(args.library).read_text())["rungs"]
+    lib = library_from_rungs(rungs, p.items, p.segments_per_item)
+    summary: dict[str, Any] = {
+        "scenario": _jsonable(asdict(p)) | {"lan_pairs": len(p.lan_pairs), "sim": True},
+        "total_uplink_mbit": sum(p.uplinks_mbit),
+        "policies": {},
+    }
+    for policy in p.policies:
+        t = time.monotonic()
+        sim = simulate(p, lib, policy)
+        s = sim.summary()
+        s["sim_cpu_s"] = round(time.monotonic() - t, 1)
+        summary["policies"][policy] = s
+        print(f"[sim] {policy}: {len(sim.viewers)} viewers, {s['sim_cpu_s']} s", file=sys.stderr)
+        (out / f"{policy}.json").write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "series": sim.series,
+                    "viewers": [
+                        {"startup_s": v.startup_s, "stall_times": v.stall_times}
+                        for v in sim.viewers
+                    ],
+                },
+                default=float,
+            )
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    (out / "table.md").write_text(table(summary))
+    plots_written = write_plots(out, p.policies)
+    print(f"[sim] wrote {out / 'summary.json'}; plots: {plots_written}", file=sys.stderr)
+    return 0
+
+
+def table(summary: dict[str, Any]) -> str:
+    """``driver.table`` without the bound column (the sim keeps no Belady replay)."""
+    rows = [
+        "| policy | viewers | startup p50 / p95 (s) | rebuffer | bytes from nodes | "
+        "from R2 | R2 class A / B | R2 cost ($) | Stream ($) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["policies"].items():
+        by = s["bytes_by_source"]
+        r2 = by.get("r2", 0) + by.get("r2_redirect", 0)
+        rows.append(
+            f"| {name} | {s['viewers']} | {s['startup_p50_s']:.2f} / {s['startup_p95_s']:.2f} "
+            f"| {s['rebuffer_ratio']:.2%} | {by.get('node', 0) / 1e9:.1f} GB "
+            f"({s['node_share']:.0%}) | {r2 / 1e9:.1f} GB | {s['r2_class_a']} / "
+            f"{s['r2_class_b']} | {s['cost_usd']:.4f} | {s['stream_cost_usd']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def write_plots(out: Path, policies: list[str]) -> str:
+    """The testbed's own plots (``plots.py``: matplotlib is not in the venv, so SVG rendered to
+    PNG by headless Chromium) from the per-policy files written here in its format."""
+    from scripts.testbed import plots
+
+    try:
+        plots.write_all(out, policies)
+    except Exception as exc:  # noqa: BLE001 (plots are a by-product of the figures)
+        return f"none ({type(exc).__name__}: {exc})"
+    return "bytes_<policy>.png, startup_cdf.png, stalls.png"
+
+
+DEFAULT_LIBRARY = (
+    Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "testbed_quick" / "library.json"
+)
+
+
+def main() -> int:
+    """Command line (see the module doc)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calibrate", type=Path, metavar="DIR", help="a testbed run's --out")
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--viewers", type=int, default=100_000)
+    ap.add_argument("--duration", type=float, default=240.0, help="seconds of arrivals")
+    ap.add_argument("--policies", help="comma-separated: peerd,lru,no_r2,all_r2")
+    ap.add_argument("--library", default=str(DEFAULT_LIBRARY), help="library.json (rungs)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--admission",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="[uplink] budget as a fraction of each node's uplink (default 0: off, as the testbed)",
+    )
+    ap.add_argument(
+        "--seed-s-per-node",
+        type=float,
+        help="seconds the driver took to seed one node's catalog (its log: policy starting to "
+        "daemons ready, over the nodes); default 2.75, the quick run's",
+    )
+    args = ap.parse_args()
+    if args.calibrate:
+        res = calibrate(args.calibrate, seed_s_per_node=args.seed_s_per_node)
+        print((args.calibrate / "sim_compare.md").read_text())
+        bad = [
+            (pol, k)
+            for pol, r in res["policies"].items()
+            for k, c in r["compare"].items()
+            if c["rel_err"] is not None and abs(c["rel_err"]) > 0.10
+        ]
+        return 1 if bad else 0
+    if args.out is None:
+        ap.error("--out DIR (or --calibrate DIR)")
+    return run_scaled(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
