@@ -58,7 +58,7 @@ from peerd.core.tiering import (
 from peerd.core.uplink import Uplink
 from peerd.delivery.resolver import source_order
 from scripts.testbed.fluid import Link
-from scripts.testbed.player import PlayerConfig
+from scripts.testbed.player import PlayerConfig, ViewerStats
 from scripts.testbed.workload import make_trace
 
 PRICE_STORAGE_GB_MONTH = 0.015
@@ -309,26 +309,6 @@ class Node:
     reported_Bps: float = 0.0  # egress as of its last heartbeat
 
 
-@dataclass
-class Viewer:
-    """What one viewer experienced (the keys of ``player.ViewerStats``)."""
-
-    viewer: int
-    item: int
-    arrived: float
-    startup_s: float | None = None
-    stall_s: float = 0.0
-    stalls: int = 0
-    played_s: float = 0.0
-    bytes_by_source: dict[str, int] = field(default_factory=dict)
-    corrupt_bytes: int = 0
-    reroutes: int = 0
-    gave_up: bool = False
-    nodes: list[int] = field(default_factory=list)
-    stall_times: list[tuple[float, float]] = field(default_factory=list)
-    ended: float = 0.0
-
-
 Step = tuple[str, Any]
 Proc = Generator[Step, None, None]
 
@@ -379,7 +359,7 @@ class Sim:
         self.stored_integral = 0.0
         self.stored_at = 0.0
         self.stored_now = self.bucket_before
-        self.viewers: list[Viewer] = []
+        self.viewers: list[ViewerStats] = []
         self.totals: dict[str, int] = {}
         self.series: list[dict[str, Any]] = []
         self.active = 0
@@ -560,7 +540,7 @@ class Sim:
 
     # -- a node serving a blob -----------------------------------------------------------------
 
-    def serve(self, n: Node, v: Viewer, blob: int, src: dict[str, str]) -> Proc:
+    def serve(self, n: Node, v: ViewerStats, blob: int, src: dict[str, str]) -> Proc:
         """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
         if n.meter.enabled and not n.meter.admit(v.viewer, self.now):
@@ -631,7 +611,7 @@ class Sim:
 
     # -- a viewer (player.py) ------------------------------------------------------------------
 
-    def get_blob(self, v: Viewer, n: Node | None, blob: int) -> Proc:
+    def get_blob(self, v: ViewerStats, n: Node | None, blob: int) -> Proc:
         """One GET of a blob from the route (node or bucket); counts its bytes."""
         size = self.lib.sizes[blob]
         yield "busy", (self.p.client_request_s, None)
@@ -649,7 +629,7 @@ class Sim:
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
         self.totals[via] = self.totals.get(via, 0) + size
 
-    def open_route(self, v: Viewer, avoid: set[int]) -> Generator[Step, None, Node | None]:
+    def open_route(self, v: ViewerStats, avoid: set[int]) -> Generator[Step, None, Node | None]:
         """Ask the coordinator; read the playlists (a node) or the manifest (the bucket)."""
         n = self.route(v.item, avoid)
         self.routes.append((self.now, v.item, "node" if n else "r2", n.index if n else None))
@@ -671,14 +651,14 @@ class Sim:
             yield "flow", (n.index, self.p.playlist_bytes)
         return n
 
-    def release(self, v: Viewer, n: Node | None) -> None:
+    def release(self, v: ViewerStats, n: Node | None) -> None:
         """``routing.release``."""
         if n is not None:
             n.assigned_Bps = max(0.0, n.assigned_Bps - self.lib.items[v.item].need_Bps)
             n.streams = max(0, n.streams - 1)
             self.streams -= 1
 
-    def viewer(self, v: Viewer) -> Proc:
+    def viewer(self, v: ViewerStats) -> Proc:
         """``player.Player.run`` as a process."""
         cfg = self.p.player
         item = self.lib.items[v.item]
@@ -893,7 +873,7 @@ class Sim:
         """Start each viewer at its time."""
         for a in trace:
             yield "wait", a.at_s - self.now
-            v = Viewer(a.viewer, a.item, self.now)
+            v = ViewerStats(a.viewer, a.item, self.now)
             self.viewers.append(v)
             self.start(self.viewer(v))
 
