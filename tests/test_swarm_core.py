@@ -190,6 +190,7 @@ def test_rate_limit_token_expiry_and_idle_expiry() -> None:
     t.receive(1, announce("j" * 20, pid(1)), 20)
     closes = t.expire(31)
     assert [(c.conn, c.why) for c in closes] == [(2, Reject.IDLE)]
+    assert t.receive(2, announce(IH, pid(2)), 31) == []  # read before the edge closed it
     assert list(t.conns[1].joined) == ["j" * 20]
     assert (len(t.swarms), t.peers) == (1, 1)
 

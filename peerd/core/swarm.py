@@ -217,8 +217,11 @@ class Tracker:
         return closes
 
     def receive(self, conn: int, data: str | bytes, now: float) -> list[Action]:
-        """What to do about one frame from ``conn`` (the connection must be open)."""
-        c = self.conns[conn]
+        """What to do about one frame from ``conn``; nothing once the connection was closed
+        (a frame read after an expiry or a close the edge has not carried out yet)."""
+        c = self.conns.get(conn)
+        if c is None:
+            return []
         if not isinstance(data, str):
             return [self._reject(conn, POLICY, "binary frames are not tracker messages")]
         # A string's length in characters bounds its UTF-8 size from below: the exact check
