@@ -228,7 +228,8 @@ class Tracker:
         # (the edge's frame limit) is in bytes.
         if len(data) > self.limits.max_message_bytes:
             return [self._reject(conn, TOO_BIG, "message too big", Reject.OVERSIZED)]
-        c.tokens = min(self._burst, c.tokens + (now - c.at) * self.limits.messages_per_s)
+        # max(): a wall clock stepped back must not drain the bucket
+        c.tokens = min(self._burst, c.tokens + max(0.0, now - c.at) * self.limits.messages_per_s)
         c.at = now
         if c.tokens < 1:
             rate = f"{self.limits.messages_per_s:g}"
