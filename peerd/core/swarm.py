@@ -9,8 +9,9 @@ Theory of operation
 -------------------
 The edge opens a *connection* (:meth:`Tracker.open`) once the viewer's token for one media item
 passed at the WebSocket upgrade, with the token's expiry. Every text frame goes to
-:meth:`Tracker.receive` with ``now``; it returns :class:`Send` (a JSON text to one connection)
-and at most one :class:`Close` (the frame broke a rule: the connection is closed with a reason).
+:meth:`Tracker.receive` with ``now``; it returns :class:`Send` (a JSON text to one connection),
+:class:`Failure` (a request refused, to count and log) and at most one :class:`Close` (the frame
+broke a rule: the connection is closed with a reason).
 The edge calls :meth:`Tracker.close` when a socket ends and :meth:`Tracker.expire` now and then.
 
 The wire is the WebTorrent tracker protocol (bittorrent-tracker's WebSocket client, which
@@ -35,7 +36,8 @@ P2P Media Loader derives one info_hash per stream (rendition or audio track) of 
 ``base64(sha1("v2-<swarmId>-<type>-<index>")[:15])`` (:func:`pml_info_hash`), so renditions
 are separate swarms by themselves. A connection holds one peer id per swarm: an announce with
 another peer id on the same info_hash replaces the first (bittorrent-tracker's client shares
-one socket among its clients of one URL; two viewers have two tokens, so two URLs).
+one socket among the clients of one page that use the same URL; other viewers have sockets of
+their own).
 
 Only tracker messages are relayed, and each is rebuilt from checked fields (nothing a client
 adds travels on): an offer goes to peers the tracker picks in the sender's swarm, an answer
