@@ -234,6 +234,18 @@ class UplinkSettings(Section):
         return self.budget_mbps * 1e6 / 8
 
 
+class SwarmSettings(Section):
+    """The viewer swarm's tracker (:mod:`peerd.core.swarm`, :mod:`peerd.http.swarm`)."""
+
+    enabled: bool = True
+    max_peers_per_swarm: int = Field(default=200, ge=2, le=100_000)
+    max_swarms_per_connection: int = Field(default=8, ge=1, le=64)
+    messages_per_s: float = Field(default=5.0, gt=0, le=1000)
+    max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    idle_s: float = Field(default=150.0, gt=0, le=3600)
+    announce_interval_s: int = Field(default=60, ge=5, le=3600)
+
+
 class MdnsSettings(Section):
     """LAN discovery and node-to-node HTTP transfers. Owned by issue 6."""
 
@@ -348,6 +360,7 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     r2: R2Settings = R2Settings()
     uplink: UplinkSettings = UplinkSettings()
+    swarm: SwarmSettings = SwarmSettings()
     mdns: MdnsSettings = MdnsSettings()
     p2p: P2PSettings = P2PSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()

@@ -40,7 +40,7 @@ from peerd.delivery import Resolver, Source
 from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
-from peerd.http import hls
+from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.ondemand import OnDemand
@@ -387,6 +387,7 @@ def route_installers(
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),
+        swarm.install,
     ]
 
 

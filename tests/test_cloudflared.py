@@ -158,7 +158,7 @@ def test_setup_end_to_end_and_idempotent(env: Env) -> None:
     assert (env.etc / "peerd.json").stat().st_mode & 0o777 == 0o600
     assert acct["dns"] == {HOST: f"{tid}.cfargotunnel.com"}
     rules = cfg["ingress"]
-    assert [r.get("path") for r in rules] == ["^/hls/", "^/api/v1/", "^/whep/", None]
+    assert [r.get("path") for r in rules] == ["^/hls/", "^/api/v1/", "^/whep/", "^/swarm/", None]
     assert all(r["service"] == "http://127.0.0.1:9000" for r in rules[:-1])
     assert all(r["hostname"] == HOST for r in rules[:-1])
     assert rules[-1] == {"service": "http_status:404"}

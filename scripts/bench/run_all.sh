@@ -17,3 +17,4 @@ echo "== P2P transfer (issue 6)";  "$PY" scripts/bench/p2p_bench.py
 echo "== coordinator API (issue 7)"; "$PY" scripts/bench/api_bench.py --blobs 100000 --n 200
 echo "== WHEP (issue 8)";          "$PY" scripts/bench/whep_bench.py --sessions 10 --seconds 10
 echo "== on-demand rungs (issue 19)"; "$PY" scripts/bench/ondemand_bench.py --rounds 3
+echo "== viewer swarm tracker (issue 21)"; "$PY" scripts/bench/swarm_bench.py --peers 1000

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Write cloudflared's config.yml for a peerd node: the viewer-facing paths (HLS, the coordinator
-# API, WHEP) of HOSTNAME go to peerd on loopback, everything else (the /ui dashboard, /metrics)
-# gets a 404 from the required catch-all rule. Optional Access mode makes cloudflared itself
-# require a valid Cloudflare Access token on every request. Idempotent: an unchanged config is
-# left alone (prints "kept"), a changed one is replaced atomically ("updated").
+# API, WHEP, the swarm tracker) of HOSTNAME go to peerd on loopback, everything else (the /ui
+# dashboard, /metrics) gets a 404 from the required catch-all rule. Optional Access mode makes
+# cloudflared itself require a valid Cloudflare Access token on every request. Idempotent: an
+# unchanged config is left alone (prints "kept"), a changed one is replaced atomically
+# ("updated").
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DEFAULT_PATHS=('^/hls/' '^/api/v1/' '^/whep/')
+DEFAULT_PATHS=('^/hls/' '^/api/v1/' '^/whep/' '^/swarm/')
 # A Go regexp anchored at the start of the path, without quotes, spaces or control characters,
 # so that it can be written as a single-quoted YAML scalar as is.
 PATH_RE='^\^/[][A-Za-z0-9_./*+?()|{},$\\-]*$'
