@@ -314,7 +314,7 @@ async def build_services(rt: Runtime) -> Services:
         from peerd.replication.metrics import r2_metrics
         from peerd.replication.service import Replicator
         from peerd.replication.source import R2ManifestSource, R2Source
-        from peerd.replication.tiering import TieringService
+        from peerd.replication.tiering import CopyFinder, TieringService
 
         sources.append(
             R2Source(
@@ -326,7 +326,7 @@ async def build_services(rt: Runtime) -> Services:
         )
         manifest_sources.append(R2ManifestSource(r2, timeout_s=s.r2.fetch_timeout_s))
         replicator = Replicator(rt, r2)
-        finders = [lan_source] if lan_source is not None else []
+        finders: list[CopyFinder] = [f for f in (lan_source, p2p) if f is not None]
         r2_services = [replicator, TieringService(rt, replicator, r2, finders=finders)]
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
