@@ -49,9 +49,9 @@ class R2Metrics:
         )
         self.demotions = Counter(
             "peerd_tiering_demotions",
-            "Media items tiering would remove from R2, by outcome: queued, or kept because "
-            "too few full copies are known elsewhere (kept_copies) or they could not be "
-            "learnt (kept_unknown)",
+            "Removals from R2 tiering planned, one per media item and round, by outcome: "
+            "queued, or kept because too few full copies are known elsewhere (kept_copies) "
+            "or they could not be learnt (kept_unknown)",
             ["outcome"],
             registry=self.registry,
         )

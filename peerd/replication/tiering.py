@@ -148,7 +148,9 @@ class TieringService:
                 kept.append(act.media_id)
                 demotions.labels(outcome=f"kept_{act.reason}").inc()
         if promoted or demoted or kept:
-            log.info(
+            # Items kept for want of copies come up again every round: not news on their own.
+            log.log(
+                logging.INFO if promoted or demoted else logging.DEBUG,
                 "tiering",
                 extra={"promoted": promoted, "demoted": demoted, "kept_for_copies": kept},
             )
@@ -166,8 +168,9 @@ class TieringService:
         """Full copies other nodes hold of each of ``candidates``, for those known well enough
         to decide (enough found, or every peer answered). Those asked least recently go
         first, :data:`MAX_LOOKUPS` of them; the rest stay unknown until a later round."""
-        order = sorted(candidates, key=lambda m: self._looked_up.get(m, 0.0))[:MAX_LOOKUPS]
-        self._looked_up = {m: t for m, t in self._looked_up.items() if m in candidates}
+        wanted = set(candidates)
+        order = sorted(wanted, key=lambda m: self._looked_up.get(m, 0.0))[:MAX_LOOKUPS]
+        self._looked_up = {m: t for m, t in self._looked_up.items() if m in wanted}
         gate = asyncio.Semaphore(4)
 
         async def one(media_id: str) -> int | None:
