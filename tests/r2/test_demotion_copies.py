@@ -11,7 +11,8 @@ Real daemons, moto as R2, ffmpeg as the independent player.
 2. One node over its uplink budget sends a new viewer's segments to the bucket, after a HEAD
    showed the bucket has them. Once the objects are deleted behind its back (another node's
    demotion), the next new viewer gets 503 + ``Retry-After``, not a 302 to a missing object,
-   and the node's catalog no longer has the blobs in R2.
+   and the node's catalog no longer has the blobs in R2. The same correction on a read-through
+   404 (in process).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from typing import Any
 import pytest
 
 from peerd.catalog import Catalog
-from peerd.catalog.media import media_blobs, media_manifest, set_media_r2
+from peerd.catalog.media import media_blobs, media_by_r2_state, media_manifest, set_media_r2
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
-from peerd.replication.r2 import blob_key, manifest_key
-from peerd.runtime import open_runtime
+from peerd.replication.metrics import r2_metrics
+from peerd.replication.r2 import R2Client, blob_key, manifest_key
+from peerd.replication.source import R2Source
+from peerd.runtime import Runtime, open_runtime
+from tests.r2.test_replication import make_media
 from tests.support.p2p import loopback_multicast, metric
 from tests.support.poll import until
 from tests.support.process import PeerdProcess
@@ -235,3 +239,25 @@ async def test_no_redirect_to_an_object_another_node_removed(
     finally:
         code = await asyncio.to_thread(node.stop)
     assert code == 0, node.logs()[-3000:]
+
+
+async def test_a_read_through_404_corrects_the_catalog(
+    runtime: Runtime, client: R2Client, moto: MotoServer, bucket: str
+) -> None:
+    """The catalog has an item in R2, another node removed it: the resolver's GET of a blob
+    answers 404, and the blob and the item stop claiming R2 (tiering may promote it again)."""
+    media_id, cids = await make_media(runtime, n=2, size=1000)
+    async with runtime.catalog.transaction() as tx:
+        for cid in cids:
+            await Catalog.set_blob_r2(tx, cid, "present", 1.0)
+        await set_media_r2(tx, media_id, "present", 1.0)
+    metrics = r2_metrics(runtime.metrics.registry)
+    source = R2Source(client, catalog=runtime.catalog, metrics=metrics)
+    assert [o async for o in source.offers(cids[0])] == []
+    rows = await runtime.catalog.get_blobs(cids)
+    assert [rows[c].r2_state for c in cids] == ["none", "present", "present"]
+    assert await media_by_r2_state(runtime.catalog) == {"none": 1}
+    assert metrics.stale.labels(found="read_through")._value.get() == 1
+    # A blob the catalog never had in R2: nothing to correct.
+    assert [o async for o in source.offers(cids[0])] == []
+    assert metrics.stale.labels(found="read_through")._value.get() == 1
