@@ -179,6 +179,7 @@ class R2Settings(Section):
     uplink_headroom: float = Field(default=0.6, gt=0, le=1)
     cold_bytes_per_s: float = Field(default=2000.0, ge=0)
     min_residence_s: float = Field(default=3600.0, ge=0)
+    min_copies: int = Field(default=2, ge=1, le=16)
     access_half_life_s: float = Field(default=3600.0, gt=0)
     tiering_interval_s: float = Field(default=60.0, gt=0)
     evict_high_watermark: float = Field(default=0.95, gt=0, le=1)

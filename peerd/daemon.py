@@ -311,14 +311,23 @@ async def build_services(rt: Runtime) -> Services:
     replicator: Replicator | None = None
     r2_services: list[Service] = []
     if r2 is not None:
+        from peerd.replication.metrics import r2_metrics
         from peerd.replication.service import Replicator
         from peerd.replication.source import R2ManifestSource, R2Source
-        from peerd.replication.tiering import TieringService
+        from peerd.replication.tiering import CopyFinder, TieringService
 
-        sources.append(R2Source(r2, catalog=rt.catalog, timeout_s=s.r2.fetch_timeout_s))
+        sources.append(
+            R2Source(
+                r2,
+                catalog=rt.catalog,
+                timeout_s=s.r2.fetch_timeout_s,
+                metrics=r2_metrics(rt.metrics.registry),
+            )
+        )
         manifest_sources.append(R2ManifestSource(r2, timeout_s=s.r2.fetch_timeout_s))
         replicator = Replicator(rt, r2)
-        r2_services = [replicator, TieringService(rt, replicator, r2)]
+        finders: list[CopyFinder] = [f for f in (lan_source, p2p) if f is not None]
+        r2_services = [replicator, TieringService(rt, replicator, r2, finders=finders)]
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
     # Failing sources are retried within half a viewer's request time: the other half leaves
@@ -396,15 +405,15 @@ def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
     domain (``[r2] public_base_url``) or a presigned URL; None without R2 (they get 503)."""
     if r2 is None:
         return None
-    from peerd.replication.r2 import blob_key
+    from peerd.replication.metrics import r2_metrics
+    from peerd.replication.source import BucketLink
 
-    public = rt.settings.r2.public_base_url
-    if public:
-        base = public.rstrip("/")
-        return lambda cid, _content_type: f"{base}/{blob_key(cid)}"
-    expires_s = rt.settings.uplink.presign_expiry_s
-    return lambda cid, content_type: r2.blob_url(
-        cid, expires_s=expires_s, content_type=content_type
+    return BucketLink(
+        r2,
+        rt.catalog,
+        expires_s=rt.settings.uplink.presign_expiry_s,
+        public_base_url=rt.settings.r2.public_base_url,
+        metrics=r2_metrics(rt.metrics.registry),
     )
 
 

@@ -23,6 +23,7 @@ from peerd.errors import UpstreamError
 from peerd.p2p.bridge import BridgeClosed, TrioThread, to_asyncio
 from peerd.p2p.service import Libp2pSource, P2PService
 from peerd.runtime import Runtime, open_runtime
+from tests.r2.test_replication import make_media
 from tests.support.poll import until
 from tests.support.source_suite import SourceConformance, SourceFactory
 
@@ -196,6 +197,23 @@ async def test_busy_provider_is_skipped(
     server.node._serving = 0  # type: ignore[union-attr]
     path = await fetch
     assert path.read_bytes() == data
+
+
+async def test_providers_say_whether_they_hold_a_full_copy(
+    runtime: Runtime, stack: AsyncExitStack, tmp_path: Path
+) -> None:
+    """``/peerd/held/1.0.0``: a provider of a media id holding every blob counts as a copy
+    (tiering's question before it removes the item from the bucket); one missing a blob does
+    not; an id nobody provides has no holder, and every provider found answered."""
+    peer_rt = await open_peer(stack, tmp_path / "peer")
+    media_id, cids = await make_media(peer_rt, n=2, size=1000)
+    server = await start_node(stack, peer_rt)
+    client = await start_node(stack, runtime, [a for a in server.addrs if "/ws" not in a])
+    assert await server.provide_now([media_id]) == [media_id]
+    assert await client.full_copies(media_id) == ({peer_rt.identity.peer_id}, True)
+    await peer_rt.store.delete(cids[-1])
+    assert await client.full_copies(media_id) == (set(), True)
+    assert await client.full_copies(str(cids[0])) == (set(), True)
 
 
 async def test_ws_and_tcp_listen_on_separate_ports(runtime: Runtime, stack: AsyncExitStack) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from peerd.core.tiering import (
     BlobStat,
     Demote,
+    Keep,
     MediaStat,
     Promote,
     TieringLimits,
@@ -60,6 +63,30 @@ def test_demotes_cold_media_but_never_the_last_copy_and_respects_residence() -> 
     ]
     acts = plan_tiering(media, LIM, 10_000)
     assert acts == [Demote("cold", 100, "cold")]
+
+
+def test_demotion_needs_min_copies_in_the_network() -> None:
+    """min_copies counts this node's copy: 2 needs one more elsewhere; unknown is none."""
+    media = [
+        MediaStat("alone", 100, 1, True, r2_since=0, copies=0),
+        MediaStat("unknown", 100, 1, True, r2_since=0),
+        MediaStat("shared", 100, 1, True, r2_since=0, copies=1),
+        MediaStat("cold-not-local", 100, 1, True, r2_since=0, local_complete=False, copies=5),
+    ]
+    two = replace(LIM, min_copies=2)
+    assert plan_tiering(media, two, 10_000) == [
+        Keep("alone", 100, "copies"),
+        Keep("unknown", 100, "unknown"),
+        Demote("shared", 100, "cold"),
+    ]
+    three = replace(LIM, min_copies=3)
+    assert [a for a in plan_tiering(media, three, 10_000) if isinstance(a, Demote)] == []
+    # One copy is enough: today's single-node rule, copies never asked.
+    assert [a.media_id for a in plan_tiering(media, LIM, 10_000)] == ["alone", "unknown", "shared"]
+    # Kept items still count as stored: a promotion that no longer fits waits.
+    full = TieringLimits(10, 250, headroom=1.0, cold_bps=10, min_copies=2)
+    hot = [*media[:2], MediaStat("hot", 100, 500, False)]
+    assert not [a for a in plan_tiering(hot, full, 10_000) if isinstance(a, Promote)]
 
 
 def test_over_budget_demotes_least_dense() -> None:

@@ -358,6 +358,39 @@ async def media_blob_rows(
         return [tuple(r) for r in await cur.fetchall()]
 
 
+async def holds_media(catalog: Catalog, media_id: str) -> bool:
+    """Whether this node holds every blob of ``media_id`` (a full copy; False if unknown)."""
+    sql = (
+        "SELECT COUNT(*), SUM(b.local_state = 'present') FROM ("
+        "  SELECT cid FROM segments WHERE media_id=? AND cid IS NOT NULL"
+        "  UNION SELECT init_cid FROM renditions WHERE media_id=? AND init_cid IS NOT NULL"
+        ") x LEFT JOIN blobs b ON b.cid = x.cid"
+    )
+    async with catalog.conn.execute(sql, (media_id, media_id)) as cur:
+        row = await cur.fetchone()
+    return row is not None and int(row[0]) > 0 and int(row[1] or 0) == int(row[0])
+
+
+async def forget_r2_copy(tx: aiosqlite.Connection, cid: str) -> bool:
+    """The bucket was found to lack ``cid`` while the catalog had it there (another node
+    removed it): the blob, and every media item using it, stop claiming R2 (``present`` ->
+    ``none``), so the node no longer sends viewers there and tiering may promote it again.
+    True if the blob's row changed."""
+    cur = await tx.execute(
+        "UPDATE blobs SET r2_state='none', r2_checked_at=NULL WHERE cid=? AND r2_state='present'",
+        (cid,),
+    )
+    if cur.rowcount == 0:
+        return False
+    await tx.execute(
+        "UPDATE media SET r2_state='none', r2_since=NULL WHERE r2_state='present' AND media_id IN "
+        "(SELECT media_id FROM segments WHERE cid=? "
+        "UNION SELECT media_id FROM renditions WHERE init_cid=?)",
+        (cid, cid),
+    )
+    return True
+
+
 # -- the dashboard's read-outs ------------------------------------------------------------------
 
 

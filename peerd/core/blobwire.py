@@ -11,6 +11,11 @@ blob, and closes its side. Any other status carries size 0 and no body:
 - ``BAD_REQUEST`` (3): the request was not a canonical CID line.
 
 The dialer checks every byte against the CID before storing or serving (the resolver does).
+
+``/peerd/held/1.0.0`` (:data:`HELD_PROTOCOL_ID`) uses the same framing to ask whether the
+listener holds a *full copy* of a media item: the request line is the media id, the answer a
+header with size 0, ``OK`` when it holds every blob of the item, ``NOT_HELD`` otherwise. A
+peer's tiering asks it before it removes the item from the shared bucket.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import struct
 from dataclasses import dataclass
 
 PROTOCOL_ID = "/peerd/blob/1.0.0"
+HELD_PROTOCOL_ID = "/peerd/held/1.0.0"
 MAX_REQUEST = 128
 HEADER = struct.Struct(">BQ")
 

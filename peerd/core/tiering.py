@@ -17,6 +17,13 @@ The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
 3. Media in R2 that went cold (and are old enough) are demoted -- but only if the node still
    holds all their blobs, so demotion never deletes the last copy. When the budget shrank below
    what is stored, the least dense warm media are demoted too.
+4. The bucket is shared by every node, so a demotion also needs the network to keep the item
+   without it: with ``min_copies`` above 1, an item leaves R2 only when this node's copy plus
+   the full copies other nodes are known to hold (``MediaStat.copies``) reach ``min_copies``.
+   Copies not known (``None``: never looked up, or the lookup failed) count as none: the item
+   stays (:class:`Keep`) and its bytes count as stored. Looking copies up is I/O, so the
+   caller plans once with ``min_copies=1`` to learn the candidates, looks up their copies, and
+   plans again with them.
 
 :func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
 evicts blobs, coldest first, down to the low watermark, choosing only blobs whose R2 copy is
@@ -74,6 +81,7 @@ class MediaStat:
     in_r2: bool
     r2_since: float | None = None
     local_complete: bool = True
+    copies: int | None = None  # full copies other nodes hold, as far as known (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class TieringLimits:
     cold_bps: float = 1000.0
     min_residence_s: float = 3600.0
     promotions_allowed: bool = True
+    min_copies: int = 1
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,22 @@ class Demote:
     media_id: str
     size: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A media item that would be demoted but stays in R2: too few full copies are known
+    elsewhere (``reason`` ``"copies"``, or ``"unknown"`` when they could not be learnt)."""
+
+    media_id: str
+    size: int
+    reason: str
+
+
+def enough_copies(others: int | None, min_copies: int) -> bool:
+    """Whether this node's copy and ``others`` full copies elsewhere reach ``min_copies``
+    (``None``: not known, which never does unless one copy is enough)."""
+    return min_copies <= 1 or (others is not None and others + 1 >= min_copies)
 
 
 @dataclass(frozen=True)
@@ -154,10 +179,11 @@ def _density(m: MediaStat) -> float:
 
 def plan_tiering(
     media: Sequence[MediaStat], limits: TieringLimits, now: float
-) -> list[Promote | Demote]:
-    """Promotions and demotions for this round (see the module doc)."""
+) -> list[Promote | Demote | Keep]:
+    """Promotions and demotions for this round, and demotions held back (see the module
+    doc)."""
     capacity = max(0.0, limits.uplink_bps * limits.headroom)
-    actions: list[Promote | Demote] = []
+    actions: list[Promote | Demote | Keep] = []
 
     def settled(m: MediaStat) -> bool:
         return m.r2_since is not None and now - m.r2_since < limits.min_residence_s
@@ -177,12 +203,14 @@ def plan_tiering(
         else:
             cold.append(m)
     for m in cold:
-        if m.local_complete:
+        if m.local_complete and enough_copies(m.copies, limits.min_copies):
             reason = "over budget" if m.demand_bps >= limits.cold_bps else "cold"
             actions.append(Demote(m.media_id, m.size, reason))
-        else:
-            stored += m.size  # cannot leave R2 before the node holds it again
-            keep_ids.add(m.media_id)
+            continue
+        if m.local_complete:
+            actions.append(Keep(m.media_id, m.size, "unknown" if m.copies is None else "copies"))
+        stored += m.size  # cannot leave R2 before the node (and the network) holds it again
+        keep_ids.add(m.media_id)
     local_demand = sum(m.demand_bps for m in media if m.media_id not in keep_ids)
     if local_demand > capacity and limits.promotions_allowed:
         candidates = sorted(

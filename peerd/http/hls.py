@@ -161,8 +161,9 @@ class HlsMetrics:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BlobUrl = Callable[[Cid, str], str | None]
-"""Where a viewer may GET a blob the bucket holds (given its Content-Type), or None."""
+BlobUrl = Callable[[Cid, str], Awaitable[str | None]]
+"""Where a viewer may GET a blob the bucket holds (given its Content-Type), or None (the
+bucket lacks it after all, or cannot be asked)."""
 
 
 class Producer(Protocol):
@@ -334,7 +335,7 @@ class HlsRoutes:
         if cid is not None and self.bucket_url is not None:
             row = await self.rt.catalog.get_blob(cid)
             if row is not None and row.r2_state == "present":
-                url = self.bucket_url(cid, CONTENT_TYPES[ext])
+                url = await self.bucket_url(cid, CONTENT_TYPES[ext])
         if url is None:
             self.m.overflow.labels(answer="refused").inc()
             raise Unavailable(

@@ -10,6 +10,9 @@ Routes (installed on the node's HTTP app):
 - ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
   (same signature rules); the media id is the manifest's CID, so the asker verifies the bytes.
   Used by :meth:`LanSource.pull_media_from` for the coordinator's prefetch from a named peer.
+- ``GET /p2p/v1/held/<media id>`` answers ``{"media_id", "complete"}``: whether this node holds
+  every blob of the media item (a full copy), for a peer's tiering deciding whether the bucket's
+  copy may go (:meth:`LanSource.full_copies`; same signature rules).
 - ``POST /p2p/v1/fetch/<cid>`` makes the node get a blob through its resolver (local, LAN,
   libp2p, R2, transcode) and answers ``{"cid", "size"}``; only the node's own key or a
   ``mdns.trusted_peers`` key may sign it (operator tooling and tests, a prefetch by hand).
@@ -29,6 +32,7 @@ HTTP URL can be named: a libp2p-only peer's media (manifest and blobs) arrives t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from peerd.catalog.media import media_manifest
+from peerd.catalog.media import holds_media, media_manifest
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy, Peer
 from peerd.core.signing import check, sign_headers
@@ -53,6 +57,7 @@ log = logging.getLogger("peerd.p2p.lan")
 
 ROUTE = "/p2p/v1/blobs/{cid}"
 MEDIA_ROUTE = "/p2p/v1/media/{media_id}"
+HELD_ROUTE = "/p2p/v1/held/{media_id}"
 FETCH_ROUTE = "/p2p/v1/fetch/{cid}"
 CHUNK = 256 * 1024
 MAX_MANIFEST = 16 * 1024 * 1024
@@ -135,6 +140,14 @@ def install(
             headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
         )
 
+    async def held(request: web.Request) -> web.Response:
+        authenticate(request, lambda p: p in trusted or directory.known(p))
+        media_id = parse_cid(request.match_info["media_id"])
+        complete = await holds_media(rt.catalog, media_id)
+        return web.json_response(
+            {"media_id": media_id, "complete": complete}, headers={"Cache-Control": "no-store"}
+        )
+
     async def fetch(request: web.Request) -> web.Response:
         authenticate(request, operators.__contains__)
         cid = parse_cid(request.match_info["cid"])
@@ -145,6 +158,7 @@ def install(
 
     app.router.add_get(ROUTE, get_blob)
     app.router.add_get(MEDIA_ROUTE, get_manifest)
+    app.router.add_get(HELD_ROUTE, held)
     app.router.add_post(FETCH_ROUTE, fetch)
 
 
@@ -223,6 +237,32 @@ class LanSource:
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
         """Feed the outcome into the peer directory (bans on integrity failures)."""
         self.directory.report(offer.peer, ok, reason)
+
+    async def full_copies(self, media_id: str) -> tuple[set[str], bool]:
+        """The LAN peers that hold every blob of ``media_id`` (``GET /p2p/v1/held/<id>``,
+        all known peers asked at once), and whether every one of them answered."""
+
+        async def ask(peer: Peer) -> bool | None:
+            assert peer.url is not None
+            try:
+                resp = await signed_get(
+                    self.client(), self.identity, peer.url, HELD_ROUTE.format(media_id=media_id)
+                )
+                async with resp:
+                    if resp.status == 404:
+                        return False  # a node without the route holds nothing it can vouch for
+                    if resp.status != 200:
+                        return None
+                    body = await resp.json(content_type=None)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.info("copy lookup failed", extra={"peer": peer.peer_id, "error": repr(exc)})
+                return None
+            return isinstance(body, dict) and body.get("complete") is True
+
+        peers = self._peers()
+        answers = await asyncio.gather(*(ask(p) for p in peers))
+        holders = {p.peer_id for p, a in zip(peers, answers, strict=True) if a}
+        return holders, all(a is not None for a in answers)
 
     async def pull_media_from(self, peer_id: str, media_id: str) -> PullReport:
         """Fetch ``media_id`` (manifest and every blob) from ``peer_id`` into the local store."""

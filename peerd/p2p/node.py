@@ -7,7 +7,8 @@ plain values or opaque stream handles back. libp2p is imported lazily, inside th
 Host: TCP and WebSocket listeners on separate ports, Noise as the only security transport (no
 plaintext, no secio, no TLS fallback), yamux as the only muxer, identify and ping (libp2p's
 defaults), Kad-DHT (``/ipfs/kad/1.0.0``) in server or client mode, connection caps for home
-routers, and the blob protocol (:mod:`peerd.core.blobwire`).
+routers, and the blob protocol (:mod:`peerd.core.blobwire`) with its full-copy question
+(``/peerd/held/1.0.0``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ REQUEST_TIMEOUT_S = 10.0
 # Looks a blob up in the local store from trio; returns its path, the bytes of a manifest
 # (asked for by its media id), or None.
 LocalLookup = Callable[[str], Coroutine[Any, Any, Path | bytes | None]]
+# Whether this node holds every blob of a media id (``/peerd/held/1.0.0``), from trio.
+HeldLookup = Callable[[str], Coroutine[Any, Any, bool]]
 
 
 @dataclass
@@ -140,10 +143,12 @@ class TrioNode:
         lookup: LocalLookup,
         loop: asyncio.AbstractEventLoop,
         bridge: TrioThread,
+        held: HeldLookup | None = None,
     ) -> None:
         self.cfg = cfg
         self.seed = seed
         self.lookup = lookup
+        self.held = held
         self.loop = loop
         self.bridge = bridge
         self.host: Any = None
@@ -223,6 +228,8 @@ class TrioNode:
             await swarm.auto_connector.stop()
             swarm.register_notifee(_PeerCount(self, host))
             host.set_stream_handler(TProtocol(blobwire.PROTOCOL_ID), self._handle_blob)
+            if self.held is not None:
+                host.set_stream_handler(TProtocol(blobwire.HELD_PROTOCOL_ID), self._handle_held)
             dht = KadDHT(host, mode)
             async with background_trio_service(dht):
                 self.host, self.dht = host, dht
@@ -379,6 +386,33 @@ class TrioNode:
             return int(answer.status), 0, None
         return int(answer.status), answer.size, stream
 
+    async def ask_held(self, peer: str, addrs: list[str], media_id: str) -> bool:
+        """Whether ``peer`` holds every blob of ``media_id`` (``/peerd/held/1.0.0``)."""
+        import multiaddr  # noqa: PLC0415
+        from libp2p.custom_types import TProtocol  # noqa: PLC0415
+        from libp2p.peer.id import ID  # noqa: PLC0415
+        from libp2p.peer.peerinfo import PeerInfo  # noqa: PLC0415
+
+        host, _ = self._require()
+        stream = None
+        try:
+            pid = ID.from_base58(peer)
+            mas = [multiaddr.Multiaddr(a) for a in addrs]
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                if mas:
+                    host.get_peerstore().add_addrs(pid, mas, ADDR_TTL_S)
+                if pid not in host.get_connected_peers():
+                    await host.connect(PeerInfo(pid, mas))
+                stream = await host.new_stream(pid, [TProtocol(blobwire.HELD_PROTOCOL_ID)])
+                await stream.write(blobwire.encode_request(media_id))
+                answer = blobwire.decode_answer(await _read_upto(stream, blobwire.HEADER.size))
+        except Exception as exc:
+            raise UpstreamError(f"libp2p held request to {peer} failed: {exc!r}") from exc
+        finally:
+            if stream is not None:
+                await _reset(stream)
+        return answer.status == Status.OK
+
     async def read(self, stream: Any, n: int) -> bytes:
         """Up to ``n`` bytes of a blob stream (fewer only at the end); b"" at the end."""
         try:
@@ -424,6 +458,23 @@ class TrioNode:
             await stream.close()
         except Exception as exc:
             log.debug("blob stream ended early", extra={"error": repr(exc)})
+            await _reset(stream)
+
+    async def _handle_held(self, stream: Any) -> None:
+        assert self.held is not None
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                line = await _read_upto(stream, blobwire.MAX_REQUEST, line=True)
+            media_id = blobwire.decode_request(line)
+            if media_id is None:
+                status = Status.BAD_REQUEST
+            else:
+                full = await to_asyncio(self.loop, self.held(media_id))
+                status = Status.OK if full else Status.NOT_HELD
+            await stream.write(blobwire.encode_answer(status))
+            await stream.close()
+        except Exception as exc:
+            log.debug("held stream ended early", extra={"error": repr(exc)})
             await _reset(stream)
 
     async def _send_file(self, stream: Any, path: Path) -> None:

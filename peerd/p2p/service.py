@@ -11,6 +11,8 @@ stop it cancels the trio nursery and joins the thread.
 :class:`Libp2pSource` finds providers of a blob on the DHT and fetches it over
 ``/peerd/blob/1.0.0`` from the best of them; providers that refuse are skipped, providers that
 fail or lie are reported to the libp2p peer directory and banned by its policy.
+:meth:`P2PService.full_copies` asks the providers of a media id which of them hold every blob
+of it (``/peerd/held/1.0.0``), for tiering deciding whether the shared bucket's copy may go.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from peerd.catalog.media import media_count, media_ids, media_manifest
+from peerd.catalog.media import holds_media, media_count, media_ids, media_manifest
 from peerd.core.blobwire import Status
 from peerd.core.ids import Cid, parse_cid
 from peerd.core.peers import BanPolicy
@@ -104,7 +106,12 @@ class P2PService:
         await self.bridge.start()
         try:
             self.node = TrioNode(
-                self.cfg, self.rt.identity.private_bytes, self._lookup, loop, self.bridge
+                self.cfg,
+                self.rt.identity.private_bytes,
+                self._lookup,
+                loop,
+                self.bridge,
+                held=lambda media_id: holds_media(self.rt.catalog, media_id),
             )
             self.addrs = await self.bridge.call(self.node.start)
             log.info("libp2p listening", extra={"addrs": self.addrs})
@@ -200,6 +207,31 @@ class P2PService:
             return await self.bridge.call(self.node.connect_addr, addr)
         except BridgeClosed:
             return None
+
+    async def full_copies(self, media_id: str) -> tuple[set[str], bool]:
+        """The providers of ``media_id`` on the DHT that say they hold every blob of it, and
+        whether every provider found answered (a failed DHT lookup raises
+        :class:`UpstreamError`)."""
+        node = self.node
+        if node is None or not self.bridge.running:
+            return set(), False
+        try:
+            providers = await self.bridge.call(
+                node.find_providers, media_id, self.cfg.max_providers
+            )
+        except BridgeClosed as exc:
+            raise UpstreamError("libp2p is stopping") from exc
+
+        async def ask(pid: str, addrs: list[str]) -> bool | None:
+            try:
+                return bool(await self.bridge.call(node.ask_held, pid, addrs, media_id))
+            except (PeerdError, BridgeClosed) as exc:
+                log.info("copy lookup failed", extra={"peer": pid, "error": str(exc)})
+                return None
+
+        answers = await asyncio.gather(*(ask(pid, addrs) for pid, addrs in providers))
+        holders = {pid for (pid, _), a in zip(providers, answers, strict=True) if a}
+        return holders, all(a is not None for a in answers)
 
     async def provide_now(self, cids: list[str]) -> list[str]:
         """Announce some ids at once (tests and the CLI); returns those announced."""

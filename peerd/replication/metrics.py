@@ -29,6 +29,8 @@ class R2Metrics:
     requests: Counter = field(init=False)
     jobs: Counter = field(init=False)
     bytes: Counter = field(init=False)
+    demotions: Counter = field(init=False)
+    stale: Counter = field(init=False)
     pending_class_a: int = 0
     pending_class_b: int = 0
 
@@ -43,6 +45,21 @@ class R2Metrics:
             "peerd_r2_bytes",
             "Bytes moved to or from R2",
             ["direction"],
+            registry=self.registry,
+        )
+        self.demotions = Counter(
+            "peerd_tiering_demotions",
+            "Removals from R2 tiering planned, one per media item and round, by outcome: "
+            "queued, or kept because too few full copies are known elsewhere (kept_copies) "
+            "or they could not be learnt (kept_unknown)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.stale = Counter(
+            "peerd_r2_stale",
+            "Blobs the catalog had in R2 that the bucket was found to lack (another node "
+            "removed them), by where it was found (read_through, redirect)",
+            ["found"],
             registry=self.registry,
         )
 

@@ -7,6 +7,12 @@ against the cid while storing them. Offers are marked ``trusted`` (``meta["trust
 R2 is the node's own bucket and every object was checksummed on upload, so
 :meth:`Resolver.open_stream` may pass its bytes to a viewer while they are being verified (see
 ``peerd.delivery.resolver`` for the trade-off).
+
+The bucket is shared: another node may remove an object this node's catalog still has there
+(its tiering demoted the media item). A 404 on read-through for a blob the catalog marks
+``present`` corrects the catalog (:func:`forget_stale`); :class:`BucketLink`, which gives
+viewers over the uplink budget a URL in the bucket, checks with a HEAD first, so a viewer is
+never redirected to an object that is gone.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import time
 from collections.abc import AsyncIterator
 
 from peerd.catalog import Catalog
+from peerd.catalog.media import forget_r2_copy
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer
-from peerd.replication.r2 import R2Client, blob_key, manifest_key
+from peerd.replication.metrics import R2Metrics
+from peerd.replication.r2 import R2Client, R2Error, blob_key, manifest_key
 
 log = logging.getLogger("peerd.replication")
 
@@ -30,17 +38,26 @@ class R2Source:
     name = "r2"
 
     def __init__(
-        self, client: R2Client, *, catalog: Catalog | None = None, timeout_s: float = 30.0
+        self,
+        client: R2Client,
+        *,
+        catalog: Catalog | None = None,
+        timeout_s: float = 30.0,
+        metrics: R2Metrics | None = None,
     ) -> None:
         self.client = client
         self.catalog = catalog
         self.timeout_s = timeout_s
+        self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
-        """One offer if ``blobs/<cid>`` exists."""
+        """One offer if ``blobs/<cid>`` exists (if not, a catalog that had it there is
+        corrected)."""
         got = await self.client.open(blob_key(cid))
         if got is None:
+            if self.catalog is not None:
+                await forget_stale(self.catalog, cid, self.metrics, "read_through")
             return
         size, chunks = got
         yield Offer(
@@ -67,6 +84,65 @@ class R2Source:
         assert self.catalog is not None
         async with self.catalog.transaction() as tx:
             await Catalog.set_blob_r2(tx, cid, "present", time.time(), only_from=("none", "queued"))
+
+
+async def forget_stale(catalog: Catalog, cid: Cid, metrics: R2Metrics | None, found: str) -> bool:
+    """The bucket answered 404 for ``cid``: if the catalog had it there, correct it
+    (:func:`peerd.catalog.media.forget_r2_copy`); True if it did."""
+    row = await catalog.get_blob(cid)
+    if row is None or row.r2_state != "present":
+        return False
+    async with catalog.transaction() as tx:
+        changed = await forget_r2_copy(tx, cid)
+    if changed:
+        if metrics is not None:
+            metrics.stale.labels(found=found).inc()
+        log.warning("the bucket no longer has a blob; catalog corrected", extra={"cid": cid})
+    return changed
+
+
+class BucketLink:
+    """A URL of a blob in the bucket for a viewer over the uplink budget (the bucket's public
+    domain, or a presigned URL), or None.
+
+    The catalog may be stale (see the module doc), so every link is checked with a HEAD (one
+    class B request, beside the viewer's GET it spares the uplink): a 404 corrects the catalog
+    and gives None, as does a bucket that does not answer -- the viewer then gets 503 with
+    ``Retry-After``, never a redirect to a missing object.
+    """
+
+    def __init__(
+        self,
+        client: R2Client,
+        catalog: Catalog,
+        *,
+        expires_s: int,
+        public_base_url: str | None = None,
+        metrics: R2Metrics | None = None,
+    ) -> None:
+        self.client = client
+        self.catalog = catalog
+        self.expires_s = expires_s
+        self.public = public_base_url.rstrip("/") if public_base_url else None
+        self.metrics = metrics
+
+    async def __call__(self, cid: Cid, content_type: str) -> str | None:
+        """The URL of ``cid`` once the bucket confirmed it holds it, else None."""
+        if self.public is not None:
+            url: str | None = f"{self.public}/{blob_key(cid)}"
+        else:
+            url = self.client.blob_url(cid, expires_s=self.expires_s, content_type=content_type)
+        if url is None:
+            return None  # SSE-C: a viewer must never hold the key
+        try:
+            info = await self.client.head(blob_key(cid))
+        except R2Error as exc:
+            log.info("cannot check the bucket before a redirect", extra={"error": exc.message})
+            return None
+        if info is None:
+            await forget_stale(self.catalog, cid, self.metrics, "redirect")
+            return None
+        return url
 
 
 class R2ManifestSource:

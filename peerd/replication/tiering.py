@@ -9,7 +9,13 @@ Every ``r2.tiering_interval_s`` it
    month's counts allow against ``r2.budget_class_a_per_month``/``budget_class_b_per_month``:
    no promotions once either is used up, no eviction once class B is;
 3. asks :func:`peerd.core.tiering.plan_tiering` what to promote or demote and queues it through
-   the :class:`~peerd.replication.service.Replicator`;
+   the :class:`~peerd.replication.service.Replicator`. The bucket is shared by every node, so
+   with ``r2.min_copies`` above 1 the media items it would demote are first looked up in the
+   network (:meth:`TieringService.count_copies`: which peers hold a full copy, asked through
+   each :class:`CopyFinder` -- LAN peers, libp2p providers -- at most
+   :data:`MAX_LOOKUPS` items a round, each within :data:`LOOKUP_TIMEOUT_S`), and an item
+   leaves R2 only if enough copies were found; what could not be learnt counts as no copy
+   (counted in ``peerd_tiering_demotions_total{outcome}``);
 4. when the store passes ``evict_high_watermark`` of its quota, evicts blobs chosen by
    :func:`peerd.core.tiering.plan_eviction` -- each one only after a HEAD confirms its R2 copy
    (size and checksum), and with a conditional update (``r2_state='present'``, not pinned) in the
@@ -23,8 +29,9 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from peerd.catalog import Catalog
 from peerd.catalog.media import media_blob_rows
@@ -34,6 +41,7 @@ from peerd.core.tiering import (
     BlobStat,
     BudgetVerdict,
     Demote,
+    Keep,
     MediaStat,
     Promote,
     TieringLimits,
@@ -50,6 +58,18 @@ from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.replication")
+
+MAX_LOOKUPS = 16  # demotion candidates whose copies are looked up per round
+LOOKUP_TIMEOUT_S = 5.0  # per candidate; a finder that has not answered by then knows nothing
+
+
+class CopyFinder(Protocol):
+    """Who else holds a full copy of a media item (LAN peers, libp2p providers)."""
+
+    async def full_copies(self, media_id: str) -> tuple[set[str], bool]:
+        """The peer ids that said they hold every blob of ``media_id``, and whether every
+        peer asked answered (False: some could not be asked, so there may be more)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -74,13 +94,16 @@ class TieringService:
         replicator: Replicator,
         client: R2Client,
         *,
+        finders: Sequence[CopyFinder] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rt = rt
         self.replicator = replicator
         self.client = client
+        self.finders = list(finders)
         self.cfg = rt.settings.r2
         self._clock = clock
+        self._looked_up: dict[str, float] = {}  # media id -> when its copies were last asked
 
     async def run(self, ready: Callable[[], None]) -> None:
         """Run a round every interval until cancelled."""
@@ -99,15 +122,38 @@ class TieringService:
         budget = await self.account_requests(now)
         promoted: list[str] = []
         demoted: list[str] = []
-        for act in plan_tiering(await self.media_stats(now), self.limits(budget.promote), now):
+        kept: list[str] = []
+        limits = self.limits(budget.promote)
+        stats = await self.media_stats(now)
+        if limits.min_copies > 1:
+            # Only items the plan would demote are worth a lookup in the network.
+            candidates = [
+                a.media_id
+                for a in plan_tiering(stats, replace(limits, min_copies=1), now)
+                if isinstance(a, Demote)
+            ]
+            if candidates:
+                copies = await self.count_copies(candidates, limits.min_copies, now)
+                stats = [replace(m, copies=copies.get(m.media_id)) for m in stats]
+        demotions = self.replicator.metrics.demotions
+        for act in plan_tiering(stats, limits, now):
             if isinstance(act, Promote):
                 await self.replicator.promote_media(act.media_id)
                 promoted.append(act.media_id)
             elif isinstance(act, Demote):
                 await self.replicator.demote_media(act.media_id)
                 demoted.append(act.media_id)
-        if promoted or demoted:
-            log.info("tiering", extra={"promoted": promoted, "demoted": demoted})
+                demotions.labels(outcome="queued").inc()
+            elif isinstance(act, Keep):
+                kept.append(act.media_id)
+                demotions.labels(outcome=f"kept_{act.reason}").inc()
+        if promoted or demoted or kept:
+            # Items kept for want of copies come up again every round: not news on their own.
+            log.log(
+                logging.INFO if promoted or demoted else logging.DEBUG,
+                "tiering",
+                extra={"promoted": promoted, "demoted": demoted, "kept_for_copies": kept},
+            )
         if not (budget.promote and budget.evict):
             log.warning(
                 "R2 request budget used up this month",
@@ -115,6 +161,42 @@ class TieringService:
             )
         evicted, refused = await self.evict(now) if budget.evict else (0, 0)
         return TickReport(folded, tuple(promoted), tuple(demoted), evicted, refused)
+
+    async def count_copies(
+        self, candidates: Collection[str], min_copies: int, now: float
+    ) -> dict[str, int]:
+        """Full copies other nodes hold of each of ``candidates``, for those known well enough
+        to decide (enough found, or every peer answered). Those asked least recently go
+        first, :data:`MAX_LOOKUPS` of them; the rest stay unknown until a later round."""
+        wanted = set(candidates)
+        order = sorted(wanted, key=lambda m: self._looked_up.get(m, 0.0))[:MAX_LOOKUPS]
+        self._looked_up = {m: t for m, t in self._looked_up.items() if m in wanted}
+        gate = asyncio.Semaphore(4)
+
+        async def one(media_id: str) -> int | None:
+            async with gate:
+                self._looked_up[media_id] = now
+                holders: set[str] = set()
+                complete = True
+                for finder in self.finders:
+                    try:
+                        async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                            found, answered = await finder.full_copies(media_id)
+                    except (TimeoutError, PeerdError, OSError) as exc:
+                        log.info(
+                            "copy lookup failed", extra={"media": media_id, "error": repr(exc)}
+                        )
+                        complete = False
+                        continue
+                    holders |= found
+                    complete = complete and answered
+                holders.discard(self.rt.identity.peer_id)
+                if complete or len(holders) + 1 >= min_copies:
+                    return len(holders)
+                return None
+
+        counts = await asyncio.gather(*(one(m) for m in order))
+        return {m: n for m, n in zip(order, counts, strict=True) if n is not None}
 
     def limits(self, promotions_allowed: bool = True) -> TieringLimits:
         """The policy limits from ``[r2]``; the uplink is ``[uplink] budget_mbps`` when set."""
@@ -125,6 +207,7 @@ class TieringService:
             cold_bps=self.cfg.cold_bytes_per_s,
             min_residence_s=self.cfg.min_residence_s,
             promotions_allowed=promotions_allowed,
+            min_copies=self.cfg.min_copies,
         )
 
     async def fold_access(self, now: float) -> int:

@@ -193,6 +193,9 @@ class SimParams:
     min_residence_s: float = 30.0
     access_half_life_s: float = 60.0
     cold_bytes_per_s: float = 2000.0
+    # full copies the network must hold before an item leaves the bucket (peerd's default);
+    # a node learns of its LAN partner's only: the testbed's nodes run no libp2p
+    min_copies: int = 2
     uplink_headroom: float = 0.6
     r2_budget_bytes: int = 10 * 1024**3
     evict_high: float = 0.95
@@ -778,6 +781,7 @@ class Sim:
                     k in self.r2_items,
                     self.r2_since(k, n),
                     n.index in self.holders[k],
+                    int(n.lan_peer is not None and n.lan_peer in self.holders[k]),
                 )
                 for k in sorted(mine)
             ]
@@ -787,6 +791,7 @@ class Sim:
                 headroom=p.uplink_headroom,
                 cold_bps=p.cold_bytes_per_s,
                 min_residence_s=p.min_residence_s,
+                min_copies=p.min_copies,
             )
             for act in plan_tiering(stats, limits, now):
                 k = int(act.media_id)

@@ -6,20 +6,73 @@ import asyncio
 import datetime
 import os
 import time
+from collections.abc import Sequence
 
 from peerd.core.ids import Cid
+from peerd.errors import UpstreamError
 from peerd.replication.r2 import blob_key, manifest_key
 from peerd.replication.service import Replicator
-from peerd.replication.tiering import TieringService
+from peerd.replication.tiering import CopyFinder, TieringService
 from peerd.runtime import Runtime
 from tests.r2.test_replication import make_media, r2_state
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.s3server import MotoServer
 
 
-def service(runtime: Runtime, replicator: Replicator, **r2: object) -> TieringService:
+def service(
+    runtime: Runtime, replicator: Replicator, finders: Sequence[CopyFinder] = (), **r2: object
+) -> TieringService:
+    # One node's own policy unless a test asks for copies elsewhere (min_copies 1: the node's
+    # copy is enough).
+    r2.setdefault("min_copies", 1)
     runtime.settings.r2 = runtime.settings.r2.model_copy(update=r2)
-    return TieringService(runtime, replicator, replicator.client)
+    return TieringService(runtime, replicator, replicator.client, finders=finders)
+
+
+class Finder:
+    """A :class:`CopyFinder` with canned answers (None: the lookup fails)."""
+
+    def __init__(self, holders: set[str] | None, answered: bool = True) -> None:
+        self.holders = holders
+        self.answered = answered
+        self.asked: list[str] = []
+
+    async def full_copies(self, media_id: str) -> tuple[set[str], bool]:
+        self.asked.append(media_id)
+        if self.holders is None:
+            raise UpstreamError("peer unreachable")
+        return set(self.holders), self.answered
+
+
+async def test_cold_media_leave_r2_only_with_enough_copies_elsewhere(
+    runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str
+) -> None:
+    """min_copies 2: kept while no other full copy is known (no finder, none found, a lookup
+    failing or incomplete, or only this node itself named); demoted once a peer holds one."""
+    cold, cold_cids = await make_media(runtime, n=2, size=20_000)
+    await replicator.promote_media(cold)
+    await replicator.run_until_idle(max_wait_s=30)
+    limits = {"cold_bytes_per_s": 10.0, "min_residence_s": 0.0, "min_copies": 2}
+    now = time.time() + 10
+    me = runtime.identity.peer_id
+    for finders in ([], [Finder(set())], [Finder(None)], [Finder(set(), False)], [Finder({me})]):
+        svc = service(runtime, replicator, finders, **limits)
+        report = await svc.tick(now=now)
+        assert report.demoted == (), finders
+        assert all(cold in f.asked for f in finders)
+    kept = replicator.metrics.demotions
+    assert kept.labels(outcome="kept_copies")._value.get() == 3
+    assert kept.labels(outcome="kept_unknown")._value.get() == 2
+    objects = await asyncio.to_thread(moto.objects, bucket)
+    assert manifest_key(cold) in objects
+    # One peer holds it (another could not be asked: enough is known anyway).
+    svc = service(runtime, replicator, [Finder({"peer-b"}), Finder(None)], **limits)
+    report = await svc.tick(now=now)
+    assert report.demoted == (cold,)
+    await replicator.run_until_idle(max_wait_s=30)
+    objects = await asyncio.to_thread(moto.objects, bucket)
+    assert manifest_key(cold) not in objects
+    assert not any(blob_key(c) in objects for c in cold_cids)
 
 
 async def test_access_is_folded_into_scores(runtime: Runtime, replicator: Replicator) -> None:
