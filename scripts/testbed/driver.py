@@ -418,6 +418,7 @@ class Testbed:
                 ),
                 f"node{h.index}",
             )
+        start_mark = len(self.proxy.log)  # a node's month starts with its state dir
         await self.start_nodes(policy, coord.url)
         try:
             deadline = time.monotonic() + 60
@@ -439,6 +440,7 @@ class Testbed:
         result["bucket_bytes_before"] = bucket_before
         result["bucket_bytes_after"] = bucket_after
         result["r2_clients"] = r2_clients
+        result["r2_since_start"] = (self.proxy.log[start_mark:], self.proxy.clients[start_mark:])
         return self.summarise(policy, result, ops, coord, trace)
 
     async def replay(
@@ -692,6 +694,7 @@ class Testbed:
             nodes_served.get("fetched_lan", 0.0),
             by_source.get("r2", 0) + by_source.get("r2_redirect", 0),
         )
+        bound["viewer_bytes_over_uplinks"] = self.over_uplinks(res["series"])
         out = {
             "policy": policy,
             "viewers": len(stats),
@@ -731,7 +734,7 @@ class Testbed:
             },
             "bound": bound,
             "fetch_waste": self.fetch_waste(stats, ops, res["r2_clients"]),
-            "r2_budget": self.r2_budget_check(policy, ops, res["r2_clients"]),
+            "r2_budget": self.r2_budget_check(policy, *res["r2_since_start"]),
             "node_counters": res["node_counters"],
             "faults": res["faults"],
             "fault_impact": _fault_impact(stats, res["faults"]),
@@ -798,6 +801,22 @@ class Testbed:
             "r2_bytes_bound": r2_bound,
             "r2_over_bound": round(r2_measured / max(r2_bound, 1), 3),
         }
+
+    def over_uplinks(self, series: list[dict[str, Any]], window_s: float = 10.0) -> float:
+        """Bytes viewers received beyond what every node's uplink together could have sent in
+        the same ``window_s`` (from the run's samples): what no routing could have kept off
+        the bucket, were players unable to shift bytes by more than a window (their buffer
+        holds at most ``PlayerConfig.max_buffer_s``); a yardstick for ``viewer_r2_bytes``."""
+        rate = sum(self.sc.uplinks_mbit) * 1e6 / 8
+        over = 0.0
+        last_t, last_b = 0.0, 0.0
+        for row in series:
+            if row["t"] - last_t < window_s and row is not series[-1]:
+                continue
+            got = float(sum(row["viewer_bytes"].values()))
+            over += max(0.0, got - last_b - rate * (row["t"] - last_t))
+            last_t, last_b = row["t"], got
+        return over
 
     def blob_roles(self) -> dict[str, tuple[int, str, int]]:
         """Every blob of the library: (item, rendition id, segment number; -1 for an init)."""
@@ -866,10 +885,10 @@ class Testbed:
     def r2_budget_check(
         self, policy: str, ops: list[tuple[str, str, str]], clients: list[str]
     ) -> dict[str, Any]:
-        """Per node, the R2 operations it made (seen at the bucket's proxy from its address)
-        against the budgets it was configured with (:func:`run_budgets`), and whether every
-        node kept within them. Viewers' own reads (sent to the bucket, or redirected there by
-        a node) are no node's operations: listed apart, outside the verdict."""
+        """Per node, the R2 operations it made since it started (seen at the bucket's proxy
+        from its address) against the budgets it was configured with (:func:`run_budgets`),
+        and whether every node kept within them. Viewers' own reads (sent to the bucket, or
+        redirected there by a node) are no node's operations: listed apart, outside it."""
         configured = policy not in ("no_r2", "all_r2")
         budget = run_budgets(self.sc)
         limit_a = budget["budget_class_a_per_month"] if configured else 0
