@@ -432,6 +432,7 @@ class Testbed:
             result = await self.replay(policy, coord, trace)
             ops = self.proxy.log[proxy_mark:]
             r2_clients = self.proxy.clients[proxy_mark:]
+            day_end = proxy_mark + len(ops)
             bucket_after = await asyncio.to_thread(self.bucket_bytes)
         finally:
             # In a thread: the daemons' drain notices need the coordinator answering meanwhile.
@@ -440,7 +441,9 @@ class Testbed:
         result["bucket_bytes_before"] = bucket_before
         result["bucket_bytes_after"] = bucket_after
         result["r2_clients"] = r2_clients
-        result["r2_since_start"] = (self.proxy.log[start_mark:], self.proxy.clients[start_mark:])
+        log_, clients = self.proxy.log, self.proxy.clients
+        result["r2_since_start"] = (log_[start_mark:day_end], clients[start_mark:day_end])
+        result["r2_at_stop"] = (log_[day_end:], clients[day_end:])
         return self.summarise(policy, result, ops, coord, trace)
 
     async def replay(
@@ -734,7 +737,7 @@ class Testbed:
             },
             "bound": bound,
             "fetch_waste": self.fetch_waste(stats, ops, res["r2_clients"]),
-            "r2_budget": self.r2_budget_check(policy, *res["r2_since_start"]),
+            "r2_budget": self.r2_budget_check(policy, *res["r2_since_start"], res["r2_at_stop"]),
             "node_counters": res["node_counters"],
             "faults": res["faults"],
             "fault_impact": _fault_impact(stats, res["faults"]),
@@ -883,30 +886,40 @@ class Testbed:
         return {"total": total, "per_node": {f"node{n}": r for n, r in sorted(per.items())}}
 
     def r2_budget_check(
-        self, policy: str, ops: list[tuple[str, str, str]], clients: list[str]
+        self,
+        policy: str,
+        ops: list[tuple[str, str, str]],
+        clients: list[str],
+        at_stop: tuple[list[tuple[str, str, str]], list[str]],
     ) -> dict[str, Any]:
-        """Per node, the R2 operations it made since it started (seen at the bucket's proxy
-        from its address) against the budgets it was configured with (:func:`run_budgets`),
-        and whether every node kept within them. Viewers' own reads (sent to the bucket, or
-        redirected there by a node) are no node's operations: listed apart, outside it."""
+        """Per node, the R2 operations it made over the day (from its start to the last
+        viewer's end, seen at the bucket's proxy from its address) against the budgets it was
+        configured with (:func:`run_budgets`), and whether every node kept within them.
+        Viewers' own reads (sent to the bucket, or redirected there by a node) are no node's
+        operations: listed apart. So are those of the run's end, when every node stops and
+        uploads the last copies it holds (``at_stop``: a restart's cost, not the day's)."""
         configured = policy not in ("no_r2", "all_r2")
-        budget = run_budgets(self.sc)
+        budget = {**run_budgets(self.sc), **self.sc.node_set.get("r2", {})}  # as start_nodes
         limit_a = budget["budget_class_a_per_month"] if configured else 0
         limit_b = budget["budget_class_b_per_month"] if configured else 0
         by_addr = {h.addr: h.index for h in self.net.homes}
         used = {n: [0, 0] for n in range(self.sc.nodes)}
+        stop = {n: [0, 0] for n in range(self.sc.nodes)}
         viewers = [0, 0]
-        for (method, path, _), addr in zip(ops, clients, strict=True):
-            cls = _r2_class(method, path)
-            if cls is None:
-                continue
-            node = by_addr.get(addr)
-            (used[node] if node is not None else viewers)[cls] += 1
+        for tally, (log_, addrs) in ((used, (ops, clients)), (stop, at_stop)):
+            for (method, path, _), addr in zip(log_, addrs, strict=True):
+                cls = _r2_class(method, path)
+                if cls is None:
+                    continue
+                node = by_addr.get(addr)
+                (tally[node] if node is not None else viewers)[cls] += 1
         per_node = {
             f"node{n}": {
                 "class_a": a,
                 "class_b": b,
                 "ok": a <= limit_a and b <= limit_b,
+                "at_stop_class_a": stop[n][0],
+                "at_stop_class_b": stop[n][1],
             }
             for n, (a, b) in used.items()
         }
