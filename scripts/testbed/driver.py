@@ -892,12 +892,12 @@ class Testbed:
         clients: list[str],
         at_stop: tuple[list[tuple[str, str, str]], list[str]],
     ) -> dict[str, Any]:
-        """Per node, the R2 operations it made over the day (from its start to the last
-        viewer's end, seen at the bucket's proxy from its address) against the budgets it was
-        configured with (:func:`run_budgets`), and whether every node kept within them.
-        Viewers' own reads (sent to the bucket, or redirected there by a node) are no node's
-        operations: listed apart. So are those of the run's end, when every node stops and
-        uploads the last copies it holds (``at_stop``: a restart's cost, not the day's)."""
+        """Per node, the R2 operations it made from its start to its stop (seen at the bucket's
+        proxy from its address) against the budgets it was configured with
+        (:func:`run_budgets`), and whether every node kept within them; those of the stop at
+        the run's end, when each node uploads the last copies it holds, are also given apart
+        (``at_stop_*``). Viewers' own reads (sent to the bucket, or redirected there by a node)
+        are no node's operations: listed apart, outside the verdict."""
         configured = policy not in ("no_r2", "all_r2")
         budget = {**run_budgets(self.sc), **self.sc.node_set.get("r2", {})}  # as start_nodes
         limit_a = budget["budget_class_a_per_month"] if configured else 0
@@ -915,9 +915,9 @@ class Testbed:
                 (tally[node] if node is not None else viewers)[cls] += 1
         per_node = {
             f"node{n}": {
-                "class_a": a,
-                "class_b": b,
-                "ok": a <= limit_a and b <= limit_b,
+                "class_a": a + stop[n][0],
+                "class_b": b + stop[n][1],
+                "ok": a + stop[n][0] <= limit_a and b + stop[n][1] <= limit_b,
                 "at_stop_class_a": stop[n][0],
                 "at_stop_class_b": stop[n][1],
             }
