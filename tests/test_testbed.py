@@ -46,6 +46,12 @@ def test_quick_testbed_meets_its_goals(tmp_path: Path) -> None:
     assert s["bytes_by_source"].get("r2", 0) > 0
     for key in ("r2_class_a", "r2_class_b", "r2_gb_months", "cost_usd", "startup_p50_s"):
         assert key in s
+    # Every node configured with an R2 request budget for the run, and kept within it.
+    budget = s["r2_budget"]
+    assert budget["budget_class_a"] > 0, budget
+    assert budget["budget_class_b"] > 0, budget
+    assert budget["pass"], budget
+    assert s["bound"]["r2_bytes_bound"] > 0, s["bound"]
     assert s["checks"]["ffmpeg"]["rc"] == 0, s["checks"]
     hlsjs = s["checks"]["hlsjs"]
     # hls.js retries a segment that failed once (a node past its budget); no error is fatal.

@@ -93,7 +93,9 @@ class Hls(Protocol):
     def playlist_body(self, media_id: str, name: str, token: str | None) -> bytes | None:
         """The playlist's body for a viewer with ``token``, None if the media has no such one."""
 
-    def held_blob(self, media_id: str, cid: str, ext: str) -> tuple[str, os.stat_result] | None:
+    def held_blob(
+        self, media_id: str, cid: str, ext: str, token: str | None = None
+    ) -> tuple[str, os.stat_result] | None:
         """The file of a held blob of the (cached) media with that extension and its stat;
         None if the blob is not the media's, has another extension, or is not held."""
 
@@ -224,7 +226,7 @@ class FastPath:
             self.answered += 1
             hls.answered(False, time.perf_counter() - started)
             return True
-        held = hls.held_blob(media_id, cid, ext)
+        held = hls.held_blob(media_id, cid, ext, token)
         if held is None:
             self._forget(cid)  # an evicted blob's file is not held open
             return None  # the full path fetches it, or answers 404

@@ -31,7 +31,9 @@ bucket is relayed while it is being stored, so the viewer's first byte waits for
 Once a media item had a miss, each blob request also starts fetching the next
 ``http.prefetch_segments`` segments of that rendition that the node lacks
 (:meth:`Resolver.prefetch`), so a viewer playing media the node does not hold finds the next
-segments held or on their way (joining a fetch in flight costs no second upstream request).
+segments held or on their way (joining a fetch in flight costs no second upstream request);
+which ones follows the viewer's stream (:mod:`peerd.core.lookahead`), so nothing is fetched
+in a rendition its ABR is leaving.
 
 Uplink admission (``[uplink] budget_mbps``, :mod:`peerd.core.uplink`): after the viewer check,
 a blob request of a stream (media, client, token) not admitted under the budget is answered
@@ -58,6 +60,7 @@ from prometheus_client import Counter, Gauge
 
 from peerd.catalog.media import blob_role, init_cid, media_manifest, segment_cid
 from peerd.core.ids import Cid
+from peerd.core.lookahead import Lookahead
 from peerd.core.manifest import Manifest, PlayOrder, decode
 from peerd.core.playlist import MIME_PLAYLIST, UriKind, render_master, render_media
 from peerd.core.validators import blob_etag, precondition, select_range
@@ -95,6 +98,11 @@ class _Media:
     # Set once one of its blobs had to be fetched: from then on viewers' next segments are
     # fetched ahead of them (HlsRoutes.fetch_ahead).
     remote: bool = False
+
+
+def _stream(media_id: str, token: str | None) -> tuple[str, str] | None:
+    """A viewer's stream of a media item, named by its token (None without one)."""
+    return (media_id, token) if token else None
 
 
 def _segment_ext(m: Manifest) -> str:
@@ -203,6 +211,7 @@ class HlsRoutes:
         self.max_streams = cfg.max_streams
         self.timeout_s = cfg.request_timeout_s
         self.prefetch_segments = cfg.prefetch_segments
+        self.lookahead = Lookahead(cfg.prefetch_segments)
         self.playlist_cache = f"max-age={cfg.playlist_max_age_s}"
         self.blob_cache = (
             "private, max-age=31536000, immutable"
@@ -300,8 +309,11 @@ class HlsRoutes:
         # Access mode puts no token in URLs (as the full path: its check returns None).
         return self.rendered(media_id, name, token if self.auth.mode == "token" else None, parts)
 
-    def held_blob(self, media_id: str, cid: str, ext: str) -> tuple[str, os.stat_result] | None:
-        """The file and stat of a held blob of the cached media with this extension, or None."""
+    def held_blob(
+        self, media_id: str, cid: str, ext: str, token: str | None = None
+    ) -> tuple[str, os.stat_result] | None:
+        """The file and stat of a held blob of the cached media with this extension, or None
+        (``token``: the viewer's, naming its stream for :meth:`fetch_ahead`)."""
         media = self._media.get(media_id)
         if media is None or media.blobs.get(cid) != ext:
             return None
@@ -314,7 +326,7 @@ class HlsRoutes:
         if not stat.S_ISREG(st.st_mode):
             return None
         if media.remote:
-            self.fetch_ahead(media, cid)
+            self.fetch_ahead(media, cid, _stream(media_id, token))
         return path, st
 
     def admit_stream(
@@ -449,7 +461,7 @@ class HlsRoutes:
             raise NotFound("no such blob in this media")
         if not self.admit_stream(media_id, token, request.headers, request.remote or ""):
             return await self.overflow(Cid(cid), ext)
-        return await self._send(request, Cid(cid), ext, media)
+        return await self._send(request, Cid(cid), ext, media, _stream(media_id, token))
 
     async def numbered(self, request: web.Request) -> web.StreamResponse:
         """A segment (or init) of an on-demand rendition, produced on its first request."""
@@ -495,17 +507,23 @@ class HlsRoutes:
         media.blobs[cid] = ext
         return ext
 
-    def fetch_ahead(self, media: _Media, cid: str) -> None:
-        """Fetch the segments a viewer of ``media`` will ask for after ``cid``, if not held."""
+    def fetch_ahead(self, media: _Media, cid: str, stream: tuple[str, str] | None = None) -> None:
+        """Fetch the segments a viewer of ``media`` will ask for after ``cid``, if not held;
+        ``stream`` names the viewer's stream (:mod:`peerd.core.lookahead`; None: unknown)."""
         resolver = self.resolver
         if resolver is None:
             return
-        for nxt in media.order.after(cid, self.prefetch_segments):
+        for nxt in self.lookahead.ahead(media.order, cid, stream):
             if not self.rt.store.path_for(Cid(nxt)).is_file():  # noqa: ASYNC240 -- one stat
                 resolver.prefetch(Cid(nxt))
 
     async def _send(
-        self, request: web.Request, cid: Cid, ext: str, media: _Media | None = None
+        self,
+        request: web.Request,
+        cid: Cid,
+        ext: str,
+        media: _Media | None = None,
+        stream: tuple[str, str] | None = None,
     ) -> web.StreamResponse:
         headers = self.blob_headers(ext)
         # The ETag is the content id: a condition is decided before the blob is looked for
@@ -545,7 +563,7 @@ class HlsRoutes:
                 self.streams -= 1
             if media is not None and self.prefetch_segments:
                 media.remote = True
-                self.fetch_ahead(media, cid)
+                self.fetch_ahead(media, cid, stream)
             if got.chunks is not None:
                 return await self._stream(request, cid, got, headers)
             assert got.path is not None
@@ -553,7 +571,7 @@ class HlsRoutes:
             # reads bytes served by source).
             path, source = got.path, got.source
         elif media is not None and media.remote:
-            self.fetch_ahead(media, cid)
+            self.fetch_ahead(media, cid, stream)
         return _BlobResponse(self, cid, source, path, headers=headers)
 
     async def _stream(

@@ -16,10 +16,11 @@ Public surface (the daemon builds one and hands it to the API, the coordinator a
     already held are skipped, so re-running after a crash resumes. ``progress(nbytes)`` is called
     as bytes arrive. The media rows are committed after the last blob.
 ``await upload_last_copies(deadline_s) -> int``
-    hand off to R2 what only this node holds, as far as ``deadline_s`` allows (for a node about
-    to leave): media item by media item, its blobs R2 lacks and then its manifest (last, so the
-    bucket never names a media item it cannot serve); then stray blobs. Returns how many blobs
-    were verified in R2.
+    hand off to R2 what only this node holds, as far as ``deadline_s`` and this month's class A
+    request budget (``r2.budget_class_a_per_month``) allow (for a node about to leave): media
+    item by media item, its blobs R2 lacks and then its manifest (last, so the bucket never
+    names a media item it cannot serve); then stray blobs. Returns how many blobs were
+    verified in R2.
 ``await sweep_uploads() -> int``
     abort abandoned multipart uploads under ``blobs/`` (older than
     :data:`~peerd.replication.r2.STALE_UPLOAD_S`, or of a blob already in R2); the service and
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import secrets
 import time
@@ -53,6 +55,7 @@ from peerd.catalog.media import (
     set_media_r2,
 )
 from peerd.catalog.outbox import Job, Lease, Outbox, enqueue_in
+from peerd.catalog.usage import usage_since
 from peerd.core.ids import Cid, digest_of
 from peerd.core.manifest import decode
 from peerd.core.multipart import b64_digest
@@ -490,14 +493,25 @@ class Replicator:
             async with asyncio.timeout(deadline_s):
                 for media_id in media:
                     done += await self._upload_held(await media_blobs(self.rt.catalog, media_id))
+                    if await self.class_a_left() <= 0:
+                        break  # no manifest PUT either; its blobs may be in R2 for later
                     await self._hand_off_manifest(media_id)
                 done += await self._upload_held(await self.rt.catalog.not_in_r2())
         except TimeoutError:
             log.warning("last-copy upload ran out of time", extra={"blobs": done})
         return done
 
+    async def class_a_left(self) -> int:
+        """Class A requests ``r2.budget_class_a_per_month`` still allows this month: those the
+        tiering service recorded, and those made since (not recorded yet)."""
+        day = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime("%Y-%m-%d")
+        used = await usage_since(self.rt.catalog, "r2_requests", day[:8] + "01")
+        budget = self.rt.settings.r2.budget_class_a_per_month
+        return budget - used.get("class_a", 0) - self.metrics.pending_class_a
+
     async def _upload_held(self, cids: list[Cid]) -> int:
-        """Upload those of ``cids`` held here and not in R2; returns how many were verified."""
+        """Upload those of ``cids`` held here and not in R2; returns how many were verified.
+        Stops when the month's class A budget is used up (the node keeps its copies)."""
         rows = await self.rt.catalog.get_blobs(cids)
         queue = [
             c
@@ -508,15 +522,32 @@ class Replicator:
         ]
         done = 0
 
+        in_flight = 0
+
         async def worker() -> None:
-            nonlocal done
+            nonlocal done, in_flight
             while queue:
-                cid = queue.pop()
+                in_flight += 1  # before the await: the other workers count this one
                 try:
-                    await self.upload_blob(cid)
-                except PeerdError as exc:
-                    log.info("last-copy upload failed", extra={"cid": cid, "error": exc.message})
-                    continue
+                    # Uploads under way count once more than needed: a conservative check.
+                    if await self.class_a_left() - (in_flight - 1) <= 0:
+                        if queue:
+                            log.warning(
+                                "R2 request budget used up; last copies stay on this node",
+                                extra={"blobs": len(queue)},
+                            )
+                        queue.clear()
+                        return
+                    cid = queue.pop()
+                    try:
+                        await self.upload_blob(cid)
+                    except PeerdError as exc:
+                        log.info(
+                            "last-copy upload failed", extra={"cid": cid, "error": exc.message}
+                        )
+                        continue
+                finally:
+                    in_flight -= 1
                 async with self.rt.catalog.transaction() as tx:
                     await Catalog.set_blob_r2(tx, cid, "present", self._clock())
                 done += 1

@@ -27,7 +27,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -100,6 +102,11 @@ class Scenario:
     node_set: dict[str, dict[str, Any]] = field(default_factory=dict)
     manifests: str = "all"
     route: str = "holders"
+    # R2 request budgets of one node for a month (class A, class B): R2's free tier (1M class A,
+    # 10M class B) shared by 1,000 homes. A run is one day of a 30-day month, so each node is
+    # configured with a thirtieth (see :func:`run_budgets`) and must stay within it.
+    r2_budget_per_month: tuple[int, int] = (1000, 10000)
+    days_per_month: int = 30
 
 
 def quick() -> Scenario:
@@ -159,6 +166,26 @@ def by_label(metrics: dict[str, float], name: str, label: str) -> dict[str, floa
                 k, _, val = part.partition("=")
                 if k == label:
                     out[val.strip('"')] = out.get(val.strip('"'), 0.0) + v
+    return out
+
+
+def node_counters(metrics: dict[str, float]) -> dict[str, float]:
+    """The counters of one node that explain what it fetched and what it asked of R2:
+    R2 requests by operation, prefetches by outcome, fetches by source and outcome, store
+    writes, replication jobs, requests sent to the bucket or refused over the uplink budget."""
+    out: dict[str, float] = {}
+    for name in (
+        "peerd_r2_requests_total",
+        "peerd_prefetches_total",
+        "peerd_fetches_total",
+        "peerd_store_writes_total",
+        "peerd_r2_jobs_total",
+        "peerd_uplink_overflow_total",
+    ):
+        for key, v in metrics.items():
+            if key == name or key.startswith(name + "{"):
+                labels = key[len(name) :].strip("{}").replace('"', "").replace(",", ";")
+                out[name.removeprefix("peerd_").removesuffix("_total") + ":" + labels] = v
     return out
 
 
@@ -316,6 +343,7 @@ class Testbed:
                     "min_residence_s": 30.0,
                     "access_half_life_s": 60.0,
                     "fetch_timeout_s": 10.0,
+                    **run_budgets(self.sc),
                 }
                 if policy == "lru":
                     # Plain LRU: nothing leaves the bucket for being cold; disks evict by recency.
@@ -390,6 +418,7 @@ class Testbed:
                 ),
                 f"node{h.index}",
             )
+        start_mark = len(self.proxy.log)  # a node's month starts with its state dir
         await self.start_nodes(policy, coord.url)
         try:
             deadline = time.monotonic() + 60
@@ -402,6 +431,8 @@ class Testbed:
             bucket_before = await asyncio.to_thread(self.bucket_bytes)
             result = await self.replay(policy, coord, trace)
             ops = self.proxy.log[proxy_mark:]
+            r2_clients = self.proxy.clients[proxy_mark:]
+            day_end = proxy_mark + len(ops)
             bucket_after = await asyncio.to_thread(self.bucket_bytes)
         finally:
             # In a thread: the daemons' drain notices need the coordinator answering meanwhile.
@@ -409,6 +440,10 @@ class Testbed:
             await coord.close()
         result["bucket_bytes_before"] = bucket_before
         result["bucket_bytes_after"] = bucket_after
+        result["r2_clients"] = r2_clients
+        log_, clients = self.proxy.log, self.proxy.clients
+        result["r2_since_start"] = (log_[start_mark:day_end], clients[start_mark:day_end])
+        result["r2_at_stop"] = (log_[day_end:], clients[day_end:])
         return self.summarise(policy, result, ops, coord, trace)
 
     async def replay(
@@ -480,9 +515,11 @@ class Testbed:
                 t.cancel()
             await http.close()
         node_metrics: dict[str, dict[str, float]] = {}
+        counters: dict[str, dict[str, float]] = {}
         for n in self.nodes:
             with contextlib.suppress(Exception):
                 m = await asyncio.to_thread(scrape, n.base_url)
+                counters[n.config["node"]["name"]] = node_counters(m)
                 node_metrics[n.config["node"]["name"]] = {
                     **{
                         f"served_{k}": v
@@ -499,6 +536,7 @@ class Testbed:
             "faults": faults,
             "checks": checks,
             "node_metrics": node_metrics,
+            "node_counters": counters,
             "wall_s": time.monotonic() - t0,
         }
 
@@ -637,10 +675,8 @@ class Testbed:
         for m in res["node_metrics"].values():
             for k, v in m.items():
                 nodes_served[k] = nodes_served.get(k, 0.0) + v
-        class_a = sum(
-            1 for m, p, _ in ops if m in ("PUT", "POST") or (m == "GET" and "list-type" in p)
-        )
-        class_b = sum(1 for m, p, _ in ops if m in ("GET", "HEAD") and "list-type" not in p)
+        class_a = sum(1 for m, p, _ in ops if _r2_class(m, p) == 0)
+        class_b = sum(1 for m, p, _ in ops if _r2_class(m, p) == 1)
         stored = (res["bucket_bytes_before"] + res["bucket_bytes_after"]) / 2
         wall = res["wall_s"]
         gb_months = stored / 1e9 * wall / MONTH_S
@@ -656,8 +692,12 @@ class Testbed:
             + by_source.get("r2_redirect", 0)
         )
         bound = self.bound(
-            stats, nodes_served.get("fetched_r2", 0.0) + nodes_served.get("fetched_lan", 0.0)
+            stats,
+            nodes_served.get("fetched_r2", 0.0),
+            nodes_served.get("fetched_lan", 0.0),
+            by_source.get("r2", 0) + by_source.get("r2_redirect", 0),
         )
+        bound["viewer_bytes_over_uplinks"] = self.over_uplinks(res["series"])
         out = {
             "policy": policy,
             "viewers": len(stats),
@@ -696,6 +736,9 @@ class Testbed:
                 "read": "2026-12-06",
             },
             "bound": bound,
+            "fetch_waste": self.fetch_waste(stats, ops, res["r2_clients"]),
+            "r2_budget": self.r2_budget_check(policy, *res["r2_since_start"], res["r2_at_stop"]),
+            "node_counters": res["node_counters"],
             "faults": res["faults"],
             "fault_impact": _fault_impact(stats, res["faults"]),
             "checks": res["checks"],
@@ -713,11 +756,19 @@ class Testbed:
         )
         return out
 
-    def bound(self, stats: list[ViewerStats], measured: float) -> dict[str, Any]:
-        """What nodes had to fetch (from R2 or a LAN peer) for the blobs viewers asked them for,
-        replayed offline per node, in the order asked, on a cache of its store quota holding its
-        initial placement: LRU, and Belady's furthest-next-use (the bound of the best cache
-        decisions for that trace). ``measured`` is what the nodes fetched (prefetch included)."""
+    def bound(
+        self, stats: list[ViewerStats], fetched_r2: float, fetched_lan: float, viewer_r2: float
+    ) -> dict[str, Any]:
+        """Offline bounds on what the nodes fetched, from the blobs viewers asked them for,
+        replayed in the order asked on caches of the store quota holding the initial placement.
+
+        * Per node (LRU, and Belady's furthest-next-use): the bytes a node had to fetch from R2
+          or a LAN peer, against ``fetched_r2 + fetched_lan`` (prefetch included).
+        * R2 bytes (README "Testbed"): every byte read out of the bucket, by nodes
+          (``fetched_r2``) and by viewers sent there or redirected (``viewer_r2``). The bound
+          keeps the viewers' requests and routing as they were (the same renditions, so the
+          same stall rate) and replaces the nodes' cache decisions by Belady's, with a LAN pair
+          as one cache of both quotas (a blob either holds costs the other no R2 read)."""
         size: dict[str, int] = {}
         for i in self.library:
             size.update({c: len(b) for c, b in i.blobs.items()})
@@ -725,19 +776,161 @@ class Testbed:
         sizes = list(size.values())
         place = self.placement()
         asked = sorted((t, node, cid) for s in stats for t, node, cid in s.blobs)
-        seqs: dict[int, list[int]] = {}
-        for _, node, cid in asked:
-            seqs.setdefault(node, []).append(index[cid])
-        out = {"lru": 0, "belady": 0}
-        for node, seq in seqs.items():
-            initial = sorted({index[c] for k in place[node] for c in self.library[k].blobs})
-            for pol in out:
-                out[pol] += cache_misses(seq, sizes, self.quota(), initial, pol)
+
+        def replay(nodes: set[int], pol: str) -> int:
+            seq = [index[c] for _, node, c in asked if node in nodes]
+            initial = sorted(
+                {index[c] for n in nodes for k in place[n] for c in self.library[k].blobs}
+            )
+            return cache_misses(seq, sizes, self.quota() * len(nodes), initial, pol)
+
+        groups = [set(p) for p in self.sc.lan_pairs]
+        groups += [{n} for n in range(self.sc.nodes) if not any(n in g for g in groups)]
+        lru = sum(replay({n}, "lru") for n in range(self.sc.nodes))
+        belady = sum(replay({n}, "belady") for n in range(self.sc.nodes))
+        r2_belady = sum(replay(g, "belady") for g in groups)
+        measured = fetched_r2 + fetched_lan
+        r2_measured = fetched_r2 + viewer_r2
+        r2_bound = r2_belady + viewer_r2
         return {
             "node_fetch_bytes_measured": measured,
-            "node_fetch_bytes_lru": out["lru"],
-            "node_fetch_bytes_belady": out["belady"],
-            "measured_over_belady": round(measured / max(out["belady"], 1), 3),
+            "node_fetch_bytes_lru": lru,
+            "node_fetch_bytes_belady": belady,
+            "measured_over_belady": round(measured / max(belady, 1), 3),
+            "node_r2_fetch_bytes_measured": fetched_r2,
+            "node_r2_fetch_bytes_belady": r2_belady,
+            "viewer_r2_bytes": viewer_r2,
+            "r2_bytes_measured": r2_measured,
+            "r2_bytes_bound": r2_bound,
+            "r2_over_bound": round(r2_measured / max(r2_bound, 1), 3),
+        }
+
+    def over_uplinks(self, series: list[dict[str, Any]], window_s: float = 10.0) -> float:
+        """Bytes viewers received beyond what every node's uplink together could have sent in
+        the same ``window_s`` (from the run's samples): what no routing could have kept off
+        the bucket, were players unable to shift bytes by more than a window (their buffer
+        holds at most ``PlayerConfig.max_buffer_s``); a yardstick for ``viewer_r2_bytes``."""
+        rate = sum(self.sc.uplinks_mbit) * 1e6 / 8
+        over = 0.0
+        last_t, last_b = 0.0, 0.0
+        for row in series:
+            if row["t"] - last_t < window_s and row is not series[-1]:
+                continue
+            got = float(sum(row["viewer_bytes"].values()))
+            over += max(0.0, got - last_b - rate * (row["t"] - last_t))
+            last_t, last_b = row["t"], got
+        return over
+
+    def blob_roles(self) -> dict[str, tuple[int, str, int]]:
+        """Every blob of the library: (item, rendition id, segment number; -1 for an init)."""
+        out: dict[str, tuple[int, str, int]] = {}
+        for k, item in enumerate(self.library):
+            for r in item.manifest.renditions:
+                if r.init:
+                    out[r.init] = (k, r.id, -1)
+                for n, seg in enumerate(r.segments):
+                    if seg.cid is not None:
+                        out[seg.cid] = (k, r.id, n)
+        return out
+
+    def fetch_waste(
+        self, stats: list[ViewerStats], ops: list[tuple[str, str, str]], clients: list[str]
+    ) -> dict[str, Any]:
+        """Where the nodes' R2 reads of blobs went. Each blob GET a node made (seen at the
+        bucket's proxy from the node's address) is one of: ``needed`` (first read of a blob a
+        viewer asked that node for, not placed on it), ``refetch_placed`` (placed on it at the
+        start, so evicted and read back), ``repeat`` (read again by the same node),
+        ``unasked_other_rendition`` (no viewer asked that node for it, but for the same segment
+        of another rendition: a prefetch the player's ABR switch left unused), ``unasked``.
+        Bytes per kind, per node and in all; HEADs (eviction checks) and PUTs (pushes) counted."""
+        size = {c: len(b) for i in self.library for c, b in i.blobs.items()}
+        roles = self.blob_roles()
+        place = self.placement()
+        by_addr = {h.addr: h.index for h in self.net.homes}
+        asked: dict[int, set[str]] = {}
+        for s in stats:
+            for _, node, cid in s.blobs:
+                asked.setdefault(node, set()).add(cid)
+        sibling: dict[int, set[tuple[int, int]]] = {
+            n: {(roles[c][0], roles[c][2]) for c in cids} for n, cids in asked.items()
+        }
+        kinds = ("needed", "refetch_placed", "repeat", "unasked_other_rendition", "unasked")
+        per: dict[int, dict[str, float]] = {}
+        seen: set[tuple[int, str]] = set()
+        for (method, path, fault), addr in zip(ops, clients, strict=True):
+            node = by_addr.get(addr)
+            if node is None or fault != "ok" or "/blobs/" not in path:
+                continue
+            row = per.setdefault(node, {**dict.fromkeys(kinds, 0.0), "heads": 0, "puts": 0})
+            cid = path.rsplit("/", 1)[1].split("?", 1)[0]
+            if method == "HEAD":
+                row["heads"] += 1
+            elif method == "PUT":
+                row["puts"] += 1
+            if method != "GET" or cid not in size:
+                continue
+            k, _, seg = roles[cid]
+            if (node, cid) in seen:
+                kind = "repeat"
+            elif k in place[node]:
+                kind = "refetch_placed"
+            elif cid in asked.get(node, set()):
+                kind = "needed"
+            elif (k, seg) in sibling.get(node, set()):
+                kind = "unasked_other_rendition"
+            else:
+                kind = "unasked"
+            seen.add((node, cid))
+            row[kind] += size[cid]
+        total = {key: sum(r[key] for r in per.values()) for key in (*kinds, "heads", "puts")}
+        return {"total": total, "per_node": {f"node{n}": r for n, r in sorted(per.items())}}
+
+    def r2_budget_check(
+        self,
+        policy: str,
+        ops: list[tuple[str, str, str]],
+        clients: list[str],
+        at_stop: tuple[list[tuple[str, str, str]], list[str]],
+    ) -> dict[str, Any]:
+        """Per node, the R2 operations it made from its start to its stop (seen at the bucket's
+        proxy from its address) against the budgets it was configured with
+        (:func:`run_budgets`), and whether every node kept within them; those of the stop at
+        the run's end, when each node uploads the last copies it holds, are also given apart
+        (``at_stop_*``). Viewers' own reads (sent to the bucket, or redirected there by a node)
+        are no node's operations: listed apart, outside the verdict."""
+        configured = policy not in ("no_r2", "all_r2")
+        budget = {**run_budgets(self.sc), **self.sc.node_set.get("r2", {})}  # as start_nodes
+        limit_a = budget["budget_class_a_per_month"] if configured else 0
+        limit_b = budget["budget_class_b_per_month"] if configured else 0
+        by_addr = {h.addr: h.index for h in self.net.homes}
+        used = {n: [0, 0] for n in range(self.sc.nodes)}
+        stop = {n: [0, 0] for n in range(self.sc.nodes)}
+        viewers = [0, 0]
+        for tally, (log_, addrs) in ((used, (ops, clients)), (stop, at_stop)):
+            for (method, path, _), addr in zip(log_, addrs, strict=True):
+                cls = _r2_class(method, path)
+                if cls is None:
+                    continue
+                node = by_addr.get(addr)
+                (tally[node] if node is not None else viewers)[cls] += 1
+        per_node = {
+            f"node{n}": {
+                "class_a": a + stop[n][0],
+                "class_b": b + stop[n][1],
+                "ok": a + stop[n][0] <= limit_a and b + stop[n][1] <= limit_b,
+                "at_stop_class_a": stop[n][0],
+                "at_stop_class_b": stop[n][1],
+            }
+            for n, (a, b) in used.items()
+        }
+        return {
+            "per_month": list(self.sc.r2_budget_per_month) if configured else None,
+            "days_per_month": self.sc.days_per_month,
+            "budget_class_a": limit_a,
+            "budget_class_b": limit_b,
+            "per_node": per_node,
+            "viewers_class_b": viewers[1],
+            "pass": all(r["ok"] for r in per_node.values()),
         }
 
     def close(self) -> None:
@@ -751,8 +944,9 @@ def table(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table, one row per policy (README's figures)."""
     rows = [
         "| policy | viewers | startup p50 / p95 (s) | rebuffer | bytes from nodes | "
-        "from R2 | R2 class A / B | corrupt | R2 cost ($) | Stream ($) | fetched / Belady |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "from R2 | R2 class A / B | R2 budget | corrupt | R2 cost ($) | Stream ($) | "
+        "fetched / Belady | R2 bytes / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["policies"].items():
         by = s["bytes_by_source"]
@@ -761,10 +955,44 @@ def table(summary: dict[str, Any]) -> str:
             f"| {name} | {s['viewers']} | {s['startup_p50_s']:.2f} / {s['startup_p95_s']:.2f} "
             f"| {s['rebuffer_ratio']:.2%} | {by.get('node', 0) / 1e6:.0f} MB "
             f"({s['node_share']:.0%}) | {r2 / 1e6:.0f} MB | {s['r2_class_a']} / "
-            f"{s['r2_class_b']} | {s['corrupt_bytes']} | {s['cost_usd']:.4f} | "
-            f"{s['stream_cost_usd']:.4f} | {s['bound']['measured_over_belady']:.2f} |"
+            f"{s['r2_class_b']} | {_budget_cell(s.get('r2_budget'))} | {s['corrupt_bytes']} | "
+            f"{s['cost_usd']:.4f} | {s['stream_cost_usd']:.4f} | "
+            f"{s['bound']['measured_over_belady']:.2f} | "
+            f"{s['bound'].get('r2_over_bound', float('nan')):.2f} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def run_budgets(sc: Scenario) -> dict[str, int]:
+    """The ``[r2]`` request budgets of every node in one run: a month's over the month's days,
+    because a run is one compressed day and its fresh state dir starts the node's month."""
+    a, b = sc.r2_budget_per_month
+    return {
+        "budget_class_a_per_month": math.ceil(a / sc.days_per_month),
+        "budget_class_b_per_month": math.ceil(b / sc.days_per_month),
+    }
+
+
+def _r2_class(method: str, path: str) -> int | None:
+    """0 for a class A operation (writes, lists), 1 for class B (reads), None if free."""
+    listing = "list-type" in path or re.search(r"[?&]uploads(?:[=&]|$)", path) is not None
+    if method in ("PUT", "POST") or (method == "GET" and listing):
+        return 0
+    if method in ("GET", "HEAD"):
+        return 1
+    return None
+
+
+def _budget_cell(b: dict[str, Any] | None) -> str:
+    """Most class A / B operations one node made against its run's budget, and the verdict."""
+    if not b:
+        return "-"
+    most_a = max((r["class_a"] for r in b["per_node"].values()), default=0)
+    most_b = max((r["class_b"] for r in b["per_node"].values()), default=0)
+    if b["per_month"] is None:
+        return f"{most_a} / {most_b}, none set"
+    verdict = "pass" if b["pass"] else "FAIL"
+    return f"{most_a} / {most_b} of {b['budget_class_a']} / {b['budget_class_b']}: {verdict}"
 
 
 def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import pytest
 
 from peerd.catalog.media import record_media
 from peerd.catalog.outbox import Outbox
+from peerd.catalog.usage import add_usage
+from peerd.config import load_settings
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Rendition, Segment, encode, media_id_of
 from peerd.delivery import Resolver
 from peerd.errors import IntegrityError, NotFound, Unavailable
+from peerd.replication.metrics import r2_metrics
 from peerd.replication.r2 import READ_ATTEMPTS, R2Client, R2Error, blob_key, manifest_key
 from peerd.replication.service import Replicator
 from peerd.replication.source import R2Source
 from peerd.runtime import Runtime, open_runtime
-from tests.r2.conftest import FAST
+from tests.r2.conftest import FAST, make_config
 from tests.support.faultproxy import Fault, FaultProxy, ProxyRequest, method_is
 from tests.support.s3server import MotoServer
 from tests.support.source_suite import SourceConformance, SourceFactory
@@ -293,6 +297,34 @@ async def test_upload_last_copies(
     assert await replicator.upload_last_copies(30) == 5
     assert await replicator.upload_last_copies(30) == 0
     assert await assert_replicated_are_whole(runtime, moto, bucket) == len(cids)
+
+
+async def test_upload_last_copies_stays_within_the_class_a_budget(
+    tmp_path: Any, proxy: FaultProxy, bucket: str
+) -> None:
+    # A node leaving with 5 blobs only it holds, whose month allows 4 class A requests, of
+    # which it made 1 already (recorded by tiering): 3 PUTs, then its copies stay local.
+    settings = load_settings(
+        None, node={"state_dir": tmp_path / "state"}, r2={"budget_class_a_per_month": 4}
+    )
+    rt = await open_runtime(settings)
+    client = R2Client(
+        make_config(proxy.url, bucket), on_request=r2_metrics(rt.metrics.registry).on_request
+    )
+    try:
+        replicator = Replicator(rt, client, outbox=Outbox(rt.catalog, FAST), concurrency=2)
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        await add_usage(rt.catalog, day, "r2_requests", {"class_a": 1, "class_b": 0})
+        for _ in range(5):
+            await rt.store.put(os.urandom(30_000))
+        assert await replicator.upload_last_copies(30) == 3
+        assert proxy.count("PUT") == 3
+        assert await replicator.class_a_left() == 0
+        assert await replicator.upload_last_copies(30) == 0
+        assert proxy.count("PUT") == 3
+    finally:
+        await client.close()
+        await rt.close()
 
 
 # -- read-through -------------------------------------------------------------------------------

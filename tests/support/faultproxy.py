@@ -77,6 +77,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     latency_s: float = 0.0
     log: list[tuple[str, str, str]] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)  # the client's address of each log entry
     host: str = "127.0.0.1"
     port: int = 0
     _server: asyncio.Server | None = None
@@ -166,6 +167,7 @@ class FaultProxy:
         req = ProxyRequest(method, path, headers, self._count)
         fault = self._pick(req)
         self.log.append((method, path, fault.kind if fault else "ok"))
+        self.clients.append(str((writer.get_extra_info("peername") or ("",))[0]))
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
