@@ -34,10 +34,11 @@ Once a media item had a miss, each blob request also starts fetching the next
 segments held or on their way (joining a fetch in flight costs no second upstream request).
 
 Uplink admission (``[uplink] budget_mbps``, :mod:`peerd.core.uplink`): after the viewer check,
-a blob request of a stream (media, client, token) not admitted under the budget is answered
-with a 302 to the bucket (``bucket_url``: presigned or the public domain) when R2 holds the
-blob, else 503 + ``Retry-After``; admitted streams are served as above. Blob bytes sent on
-either path are counted into the uplink meter.
+a blob request of a stream (media, client, token; costing the media's bit rate) not admitted
+under the budget is answered with a 302 to the bucket (``bucket_url``: presigned or the public
+domain) when R2 holds the blob, else 503 + ``Retry-After``; admitted streams are served as
+above. Blob bytes sent on either path are counted into the uplink meter, and the blobs of
+answers not sent into the access counts (tiering sees the demand the uplink could not take).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class _Media:
     # Set once one of its blobs had to be fetched: from then on viewers' next segments are
     # fetched ahead of them (HlsRoutes.fetch_ahead).
     remote: bool = False
+    # What one viewer's stream sends (bytes/s): its top rendition of each kind, for admission.
+    rate_Bps: float = 0.0
 
 
 def _segment_ext(m: Manifest) -> str:
@@ -110,7 +113,11 @@ def _build_media(manifest: Manifest) -> _Media:
         for s in r.segments:
             if s.cid is not None:
                 blobs.setdefault(s.cid, "vtt" if r.kind == "subtitles" else seg_ext)
-    media = _Media(manifest, blobs, PlayOrder.of(manifest))
+    top: dict[str, int] = {}
+    for r in manifest.renditions:
+        bps = r.average_bandwidth or r.bandwidth
+        top[r.kind] = max(top.get(r.kind, 0), bps)
+    media = _Media(manifest, blobs, PlayOrder.of(manifest), rate_Bps=sum(top.values()) / 8)
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -320,21 +327,27 @@ class HlsRoutes:
         self, media_id: str, token: str | None, headers: Mapping[str, str], peer: str
     ) -> bool:
         """Whether this viewer's stream of the media is served by the node under the uplink
-        budget (:class:`peerd.core.uplink.Uplink`); a stream is media, client and token."""
+        budget (:class:`peerd.core.uplink.Uplink`); a stream is media, client and token, and
+        costs its media's bit rate."""
         uplink = self.rt.uplink
         if not uplink.enabled:
             return True
         client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
-        return uplink.admit((media_id, client, token), time.monotonic())
+        media = self._media.get(media_id)
+        cost = media.rate_Bps if media is not None else 0.0
+        return uplink.admit((media_id, client, token), time.monotonic(), cost)
 
     async def overflow(self, cid: Cid | None, ext: str) -> web.Response:
         """The answer to a stream not admitted: a redirect to the bucket when it holds the
         blob, else 503 with ``Retry-After`` (the player or coordinator goes elsewhere)."""
+        row = await self.rt.catalog.get_blob(cid) if cid is not None else None
+        if row is not None:
+            # Demand turned away is demand all the same: tiering counts it, so media wanted
+            # past the uplink reach the bucket, and stay there while its viewers are sent to it.
+            self.rt.access.record(row.cid, row.size, time.time())
         url = None
-        if cid is not None and self.bucket_url is not None:
-            row = await self.rt.catalog.get_blob(cid)
-            if row is not None and row.r2_state == "present":
-                url = self.bucket_url(cid, CONTENT_TYPES[ext])
+        if row is not None and self.bucket_url is not None and row.r2_state == "present":
+            url = self.bucket_url(row.cid, CONTENT_TYPES[ext])
         if url is None:
             self.m.overflow.labels(answer="refused").inc()
             raise Unavailable(
