@@ -449,6 +449,8 @@ class Testbed:
         async def sampler() -> None:
             while True:
                 node_bytes: dict[str, float] = {}
+                # node -> [send rate (bytes/s), redirects, refusals] of its uplink admission
+                uplink: dict[str, list[float]] = {}
                 for n in self.nodes:
                     if n.proc is None or n.proc.poll() is not None:
                         continue
@@ -456,11 +458,18 @@ class Testbed:
                         m = await asyncio.to_thread(scrape, n.base_url)
                         for k, v in by_label(m, "peerd_bytes_served_total", "source").items():
                             node_bytes[k] = node_bytes.get(k, 0.0) + v
+                        over = by_label(m, "peerd_uplink_overflow_total", "answer")
+                        uplink[n.config["node"]["name"]] = [
+                            m.get("peerd_uplink_send_bytes_per_second", 0.0),
+                            over.get("redirect", 0.0),
+                            over.get("refused", 0.0),
+                        ]
                 series.append(
                     {
                         "t": round(time.monotonic() - t0, 1),
                         "viewer_bytes": dict(totals),
                         "node_bytes": node_bytes,
+                        "uplink": uplink,
                         "active": active[0],
                         "stalls": sum(s.stalls for s in stats),
                     }
@@ -507,7 +516,7 @@ class Testbed:
     async def sanity(self, coord: RoutingCoordinator, checks: dict[str, Any], t0: float) -> None:
         """One ffmpeg and one hls.js in Chromium play routed URLs a third of the way in."""
         await asyncio.sleep(self.sc.duration_s / 3)
-        route = await coord.route(0, set(), force_node=True)
+        route = await coord.route(0, force_node=True)
         try:
             url = route.url if route.kind == "node" else ""
             if url:
@@ -524,7 +533,7 @@ class Testbed:
                 checks["ffmpeg"] = {"rc": None, "note": "routed to the bucket"}
         finally:
             coord.release(route, 0)
-        route = await coord.route(1, set(), force_node=True)
+        route = await coord.route(1, force_node=True)
         try:
             checks["hlsjs"] = await self.hlsjs(route.url) if route.kind == "node" else {}
         finally:
