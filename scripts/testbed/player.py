@@ -85,12 +85,20 @@ class ViewerStats:
 class Failed(Exception):
     """A request the viewer must retry elsewhere: ``why`` is ``down`` (no answer, or wrong
     bytes), ``refused`` (503; ``retry_after_s`` from its header) or ``missing`` (another
-    status: the source lacks the item)."""
+    status: the source lacks the item); ``bucket``: the answer came from the bucket a node
+    redirected to."""
 
-    def __init__(self, msg: str, why: str = "down", retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        msg: str,
+        why: str = "down",
+        retry_after_s: float | None = None,
+        bucket: bool = False,
+    ) -> None:
         super().__init__(msg)
         self.why = why
         self.retry_after_s = retry_after_s
+        self.bucket = bucket
 
 
 @dataclass
@@ -148,12 +156,15 @@ class Player:
             async with self.http.get(
                 url, timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s)
             ) as r:
+                # A node's redirect that fails is the bucket's failure (an outage), not the
+                # node's: the coordinator stops sending this item to the bucket for a while.
+                bucket = bool(r.history)
                 if r.status == 503:
                     after = r.headers.get("Retry-After", "")
                     wait = float(after) if after.isdigit() else None
-                    raise Failed(f"503 from {url[:80]}", "refused", wait)
+                    raise Failed(f"503 from {url[:80]}", "refused", wait, bucket)
                 if r.status != 200:
-                    raise Failed(f"{r.status} from {url[:80]}", "missing")
+                    raise Failed(f"{r.status} from {url[:80]}", "missing", bucket=bucket)
                 body = await r.read()
                 redirected = bool(r.history)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -313,7 +324,7 @@ class Player:
         if self.route is not None:
             # For a while only: a restarted node, or the bucket after an outage, serves again;
             # a node that refused says when to come back.
-            key = self.route.node if self.route.node is not None else R2_FAILED
+            key = R2_FAILED if exc.bucket or self.route.node is None else self.route.node
             wait = self.cfg.avoid_s
             if exc.why == "refused" and exc.retry_after_s is not None:
                 wait = exc.retry_after_s

@@ -24,8 +24,8 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
 
 What a viewer met comes back with its next request (:data:`scripts.testbed.player.Avoid`): a node
 that did not answer or sent wrong bytes counts as down until its next heartbeat; one that
-answered 503 is not sent new viewers until its ``Retry-After`` ends; one that lacked the item
-is skipped for that viewer.
+answered 503 is not sent new viewers until its ``Retry-After`` ends; one that could not get an
+item it lacks (its LAN partner cut off) is not sent that item's viewers for ``r2_retry_s``.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
 the inventories (tiering removes cold media from the bucket) and what viewers report (an item
@@ -93,6 +93,9 @@ class RoutingCoordinator(FakeCoordinator):
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
     r2_state: dict[str, str] = field(default_factory=dict)
     r2_missing: dict[int, float] = field(default_factory=dict)  # item -> when a viewer failed
+    # (node, item) -> when a viewer found the node could not get the item it lacks (its LAN
+    # partner cut off, the bucket without it)
+    node_missing: dict[tuple[int, int], float] = field(default_factory=dict)
     r2_retry_s: float = 20.0
     any_node: bool = False
     r2_reserve: float = 0.15
@@ -244,14 +247,23 @@ class RoutingCoordinator(FakeCoordinator):
                 v.failed_at = max(v.failed_at, v.last_seen)
             elif why == "refused":
                 v.refusing_until = max(v.refusing_until, until)
+            elif why == "missing":
+                self.node_missing[(i, item)] = now
         media_id, cids, need = self.items[item]
         if self.policy == "all_r2" and not force_node:
             self.routes.append((now, item, "r2", None))
             return self._r2_route(media_id, cids)
         r2_ok = self.in_r2(item)
         alive = [v for v in self.by_index.values() if self.alive(v)]
-        live = [v for v in alive if v.index not in shunned]
         holders = [v for v in alive if self.holds(v, item)]
+        live = [
+            v
+            for v in alive
+            if v.index not in shunned
+            and (
+                v in holders or now - self.node_missing.get((v.index, item), -1e9) > self.r2_retry_s
+            )
+        ]
         # Holders, their LAN partners, then any node that can get the item (R2, libp2p).
         tiers = [
             [v for v in live if v in holders],
