@@ -109,3 +109,13 @@ def test_streams_of_known_bit_rate_cost_it_once() -> None:
     assert not u.admit(6, 1.0, 250.0)  # max(800, 600) + 250 does not
     # Streams not seen for a window no longer count (the bytes left the window too).
     assert u.admit(6, 20.0, 250.0)
+
+
+def test_streams_the_bucket_can_take_leave_the_last_of_the_budget_to_the_others() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0, resume_ratio=0.8)
+    assert all(u.admit(i, 0.0, 100.0) for i in range(7))  # 700 committed
+    assert not u.admit("spill", 1.0, 150.0, spill=True)  # 850 > 800: to the bucket
+    assert u.report(1.0).state == "open"  # not an overflow: the node still takes others
+    assert u.admit("only-here", 1.0, 150.0)  # 850 <= 1000
+    assert u.admitted("only-here", 2.0)
+    assert not u.admitted("spill", 2.0)

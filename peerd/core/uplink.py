@@ -23,6 +23,14 @@ Theory of operation (``budget_bps`` > 0; 0 turns all of this off and admits ever
                        their per * (1 - age / window_s)  (what they will send but did not yet)
         open:      projected <= budget               ─► admitted (remembered), else overflow
         overflow:  projected <= budget * resume_ratio ─► open again and admitted, else refused
+        a stream the bucket can take (spill): admitted only while
+                   projected <= budget * resume_ratio (the rest is kept for streams only
+                   the node can serve), whatever the state
+
+A stream the bucket can serve costs the node nothing to turn away (a redirect), one it cannot
+costs its viewer a wait (503 + ``Retry-After``): so the last ``1 - resume_ratio`` of the budget
+goes to the second kind only. :meth:`Uplink.admitted` answers for streams already admitted
+without deciding (a caller that must look up whether the bucket holds the media first).
 
 A refused stream is not remembered: its next request is decided again, so it comes back to the
 node once the uplink has room. The gap between ``budget`` and ``budget * resume_ratio`` is the
@@ -114,9 +122,8 @@ class Uplink:
         """Whether a budget is set (admission is on)."""
         return self.budget_bps > 0
 
-    def admit(self, key: Hashable, now: float, cost_bps: float = 0.0) -> bool:
-        """Whether stream ``key``'s request is served by the node (see the module doc);
-        ``cost_bps``: what the stream will send (its media's bit rate, bytes/s), 0 if unknown."""
+    def admitted(self, key: Hashable, now: float) -> bool:
+        """Whether ``key`` is an admitted stream (then seen at ``now``), or admission is off."""
         if self.budget_bps <= 0:
             return True
         known = self._streams.get(key)
@@ -124,9 +131,17 @@ class Uplink:
             self._streams[key] = (now, known[1])
             self._streams.move_to_end(key)
             return True
+        return False
+
+    def admit(self, key: Hashable, now: float, cost_bps: float = 0.0, spill: bool = False) -> bool:
+        """Whether stream ``key``'s request is served by the node (see the module doc);
+        ``cost_bps``: what the stream will send (its media's bit rate, bytes/s), 0 if unknown;
+        ``spill``: the bucket can serve it instead."""
+        if self.admitted(key, now):
+            return True
         self._expire(now)
-        per = self._update(now, cost_bps)
-        if self.overflow:
+        per, projected = self._update(now, cost_bps)
+        if self.overflow or (spill and projected > self.budget_bps * self.resume_ratio):
             return False
         self._streams[key] = (now, cost_bps)
         self._streams.move_to_end(key)
@@ -158,16 +173,16 @@ class Uplink:
                 break
             del streams[key]
 
-    def _update(self, now: float, cost_bps: float = 0.0) -> float:
+    def _update(self, now: float, cost_bps: float = 0.0) -> tuple[float, float]:
         """Decide the state (:attr:`overflow`) for a new stream costing ``cost_bps`` (0:
-        unknown) now; returns what that stream is taken to cost."""
+        unknown) now; returns what that stream is taken to cost and the projected rate."""
         rate = self.rate(now)
         limit = self.budget_bps * (self.resume_ratio if self.overflow else 1.0)
         n = len(self._streams)
         per = cost_bps if cost_bps > 0 else max(rate / max(n, 1), self.stream_bps)
         if not n:
             self.overflow = rate > limit
-            return per
+            return per, rate
         recent, window = self._recent, self.window_s
         while recent and recent[0][0] <= now - window:
             recent.popleft()
@@ -177,8 +192,9 @@ class Uplink:
             if seen <= now - window:
                 break
             committed += cost
-        self.overflow = max(rate, committed) + unseen + per > limit
-        return per
+        projected = max(rate, committed) + unseen + per
+        self.overflow = projected > limit
+        return per, projected
 
     def report(self, now: float) -> UplinkReport:
         """The current figures and state (a new stream like the last one admitted would be

@@ -39,10 +39,11 @@ import pytest
 from aiohttp import web
 
 from peerd.catalog import Catalog
-from peerd.catalog.media import media_blobs
+from peerd.catalog.media import media_blobs, media_manifest
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
+from peerd.core.manifest import decode
 from peerd.identity import Identity
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
@@ -679,5 +680,75 @@ async def test_blobs_sent_to_a_lan_peer_leave_the_uplink_budget_alone(
         rate = await asyncio.to_thread(metric, node, "peerd_uplink_send_bytes_per_second")
         assert rate * WINDOW_S == pytest.approx(len(body), rel=0.01)
     finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+
+
+async def stream_cost(state: Path, media_id: str) -> float:
+    """What a viewer's stream of the media costs (bytes/s): its top rendition of each kind."""
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        raw = await media_manifest(rt.catalog, media_id)
+        assert raw is not None
+        top: dict[str, int] = {}
+        for r in decode(raw).renditions:
+            top[r.kind] = max(top.get(r.kind, 0), r.average_bandwidth or r.bandwidth)
+        return sum(top.values()) / 8
+    finally:
+        await rt.close()
+
+
+@pytest.mark.timeout(120)
+async def test_streams_the_bucket_can_take_are_redirected_before_the_others(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """With one viewer playing, a new viewer of media the bucket holds is redirected there
+    once the node would pass ``resume_ratio`` of its budget, while a new viewer of media only
+    the node has is still served: the last of the uplink goes to those who cannot go elsewhere.
+    (Both were served alike: the uplink then full, the next viewer of local-only media got 503.)"""
+    in_bucket = await asyncio.to_thread(
+        make_hls, tmp_path / "b", seconds=6, bframes=0, audio=False, video_bitrate=600_000
+    )
+    local = await asyncio.to_thread(
+        make_hls,
+        tmp_path / "l",
+        seconds=6,
+        bframes=0,
+        audio=False,
+        video_bitrate=400_000,
+        width=256,
+        height=192,
+    )
+    node = await start_node(tmp_path, front, bucket)
+    state = node.state_dir
+    bucket_id, _ = await catalog_media(state, in_bucket, moto, bucket, in_bucket=True)
+    local_id, _ = await catalog_media(state, local, moto, bucket, in_bucket=False)
+    c_bucket, c_local = await stream_cost(state, bucket_id), await stream_cost(state, local_id)
+    assert c_bucket >= c_local
+    # A viewer of the local media plus one more of either fits the budget; a viewer of the
+    # bucket's media on top of the first passes resume_ratio (0.8) of it.
+    budget = 1.1 * (c_local + c_bucket)
+    node.config["uplink"].update(budget_mbps=budget * 8 / 1e6, stream_mbps=0.0)
+    await asyncio.to_thread(node.start)
+    viewers: list[Viewer] = []
+    try:
+        a = Viewer(node, local_id, token_for(state, local_id))
+        viewers.append(a)
+        local_paths = await asyncio.to_thread(a.segments)
+        assert (await asyncio.to_thread(a.get, local_paths[1]))[0] == 200
+        b = Viewer(node, bucket_id, token_for(state, bucket_id))
+        viewers.append(b)
+        bucket_paths = await asyncio.to_thread(b.segments)
+        status, headers, _ = await asyncio.to_thread(b.get, bucket_paths[1])
+        assert status == 302, (status, headers)
+        assert headers["location"].startswith(front.url + f"/{bucket}/blobs/")
+        c = Viewer(node, local_id, token_for(state, local_id))
+        viewers.append(c)
+        status, headers, body = await asyncio.to_thread(c.get, local_paths[1])
+        assert status == 200, (status, headers)
+        assert cid_of(body) == local_paths[1].split("/")[1].split(".")[0]
+    finally:
+        for v in viewers:
+            v.close()
         code = await asyncio.to_thread(node.stop)
     assert code == 0, node.logs()[-3000:]
