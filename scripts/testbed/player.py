@@ -80,6 +80,7 @@ class ViewerStats:
     stall_times: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
     ended: float = 0.0
     blobs: list[tuple[float, int, str]] = field(default_factory=list)  # (when, node, cid)
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (when, what failed)
 
 
 class Failed(Exception):
@@ -117,7 +118,8 @@ R2_FAILED = -1
 """Key of ``Avoid`` for the bucket (the coordinator stops sending this item there)."""
 
 Avoid = dict[int, tuple[float, str]]
-"""What a viewer met lately: node (or :data:`R2_FAILED`) -> (until when, ``Failed.why``)."""
+"""What a viewer met lately: node (or :data:`R2_FAILED`) -> (until when, ``Failed.why``, or
+``redirected``: the node sent it to the bucket, which failed)."""
 
 Router = Callable[[int, Avoid], Awaitable[Route]]
 """``(viewer's item, what it avoids) -> Route``."""
@@ -146,6 +148,7 @@ class Player:
         self.route: Route | None = None
         self.rungs: list[Rung] = []
         self.avoid: Avoid = {}
+        self.t0 = time.monotonic()
 
     async def _get(self, url: str, want: str | None) -> tuple[bytes, str]:
         """GET ``url``; check the body against ``want`` (a cid); returns (body, source)."""
@@ -328,7 +331,13 @@ class Player:
             wait = self.cfg.avoid_s
             if exc.why == "refused" and exc.retry_after_s is not None:
                 wait = exc.retry_after_s
-            self.avoid[key] = (time.monotonic() + wait, exc.why)
+            now = time.monotonic()
+            where = "bucket " if exc.bucket else ""
+            self.st.failures.append((round(now - self.t0, 2), f"{where}{exc}"[:120]))
+            self.avoid[key] = (now + wait, exc.why)
+            if exc.bucket and self.route.node is not None:
+                # It would redirect this viewer there again.
+                self.avoid[self.route.node] = (now + wait, "redirected")
 
     async def _open_first(self) -> None:
         last = time.monotonic()

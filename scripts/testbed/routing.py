@@ -99,6 +99,7 @@ class RoutingCoordinator(FakeCoordinator):
     r2_retry_s: float = 20.0
     any_node: bool = False
     r2_reserve: float = 0.15
+    minted: int = 0
 
     def add_node(self, view: NodeView, name: str) -> None:
         """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
@@ -211,7 +212,10 @@ class RoutingCoordinator(FakeCoordinator):
 
     def _node_route(self, v: NodeView, item: int, need: float) -> Route:
         media_id = self.items[item][0]
-        expires = int(time.time()) + 3600
+        # One token per viewer: a node tells streams apart by media, client address and token,
+        # and every modelled viewer comes from the same address (real ones do not).
+        self.minted += 1
+        expires = int(time.time()) + 3600 + self.minted % 1800
         token = tokens.mint(self.signing_key, media_id, "hls", expires)
         v.assigned_Bps += need
         v.streams += 1
