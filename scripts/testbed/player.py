@@ -15,7 +15,8 @@ manifest and checks that it hashes to the media id. It then fetches segments in 
   node answering 503: avoided for its ``Retry-After``; the bucket lacking the item), and
   continue at the same segment on the lowest rendition (its throughput estimate was of the
   source it left); if the coordinator has nothing but a node still refusing, it waits out that
-  node's ``Retry-After`` first. After ``give_up_s`` without progress it leaves.
+  node's ``Retry-After`` first (nothing but the bucket that just failed: a second). After
+  ``give_up_s`` without progress it leaves.
 
 Every body is hashed and compared with the content id in its URL (the segment's cid, or the
 media id for a manifest); a mismatch counts its bytes in ``corrupt_bytes`` and is refetched.
@@ -192,10 +193,15 @@ class Player:
         self.route = await self.route_fn(self.st.item, dict(self.avoid))
         if self.route.node is not None:
             self.st.nodes.append(self.route.node)
-            until, why = self.avoid.get(self.route.node, (0.0, ""))
-            if why == "refused" and until > now:
-                # Nowhere else to go: come back when the node said to.
-                await asyncio.sleep(until - now)
+        until, why = self.avoid.get(
+            R2_FAILED if self.route.node is None else self.route.node, (0, "")
+        )
+        if until > now and self.route.node is None:
+            # Nowhere else to go but the bucket that just failed: not at once again.
+            await asyncio.sleep(min(until - now, 1.0))
+        elif until > now and why == "refused":
+            # Nowhere else to go: back when the node said to.
+            await asyncio.sleep(until - now)
         if self.route.kind == "r2":
             body, _ = await self._get(self.route.url, self.media_id)
             m = decode(body)
