@@ -95,3 +95,27 @@ def test_held_streams_stay_admitted_and_released_ones_stop_counting() -> None:
     u.release("whep")
     assert u.report(40.0).streams == 0
     u.release("whep")  # ended twice: nothing to forget
+
+
+def test_streams_of_known_bit_rate_cost_it_once() -> None:
+    """A stream whose bit rate the caller knows costs that rate, not ``stream_bps``; bytes its
+    player already fetched ahead count once (in the rate or in the committed rates, not both)."""
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_bps=500.0)
+    assert [u.admit(i, 0.0, 100.0) for i in range(12)] == [True] * 10 + [False] * 2
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_bps=500.0)
+    assert all(u.admit(i, 0.0, 100.0) for i in range(5))
+    u.sent(8000, 0.5)  # their players filled their buffers: 800 B/s over the window
+    assert u.admit(5, 1.0, 100.0)  # max(800, 500) + 100 fits
+    assert not u.admit(6, 1.0, 250.0)  # max(800, 600) + 250 does not
+    # Streams not seen for a window no longer count (the bytes left the window too).
+    assert u.admit(6, 20.0, 250.0)
+
+
+def test_streams_the_bucket_can_take_leave_the_last_of_the_budget_to_the_others() -> None:
+    u = Uplink(budget_bps=1000.0, window_s=10.0, resume_ratio=0.8)
+    assert all(u.admit(i, 0.0, 100.0) for i in range(7))  # 700 committed
+    assert not u.admit("spill", 1.0, 150.0, spill=True)  # 850 > 800: to the bucket
+    assert u.report(1.0).state == "open"  # not an overflow: the node still takes others
+    assert u.admit("only-here", 1.0, 150.0)  # 850 <= 1000
+    assert u.admitted("only-here", 2.0)
+    assert not u.admitted("spill", 2.0)

@@ -1,7 +1,8 @@
 """Uplink admission: what the node sends, and which viewer streams it takes on.
 
-A home uplink is the node's scarce resource. Every byte written to a viewer or a peer (HLS full
-and fast path, WHEP sessions, LAN and libp2p blob serving) is counted here at the send side, into
+A home uplink is the node's scarce resource. Every byte written to a viewer or a remote peer
+(HLS full and fast path, WHEP sessions, libp2p blob serving; not LAN peers, whose bytes never
+leave the home's network) is counted here at the send side, into
 a sliding window of ``window_s`` split in ten slots: counting is one slot comparison and an
 addition.
 
@@ -12,20 +13,37 @@ Theory of operation (``budget_bps`` > 0; 0 turns all of this off and admits ever
         │                                           stream starves, whatever the rate)
         ▼ a new stream
     no stream admitted: projected = rate      (an idle node takes one viewer if it has room)
-    else: per = max(rate / admitted streams, stream_bps)    (what one stream costs)
-          projected = rate + per + per * sum over streams admitted less than a window ago
-                      of (1 - age / window_s)               (what they will send but did not yet)
+    else: per = the stream's bit rate when the caller knows it (its media's), else
+                max(rate / admitted streams, stream_bps)   (what one stream costs)
+          projected = max(rate, committed) + unseen + per
+            committed: sum of the bit rates of known-rate streams seen within window_s
+                       (what they go on sending, though a player filling its buffer sent
+                       more than that in its first seconds, and one between segments less)
+            unseen:    sum over unknown-rate streams admitted less than a window ago of
+                       their per * (1 - age / window_s)  (what they will send but did not yet)
         open:      projected <= budget               ─► admitted (remembered), else overflow
         overflow:  projected <= budget * resume_ratio ─► open again and admitted, else refused
+        a stream the bucket can take (spill): admitted only while
+                   projected <= budget * resume_ratio (the rest is kept for streams only
+                   the node can serve), whatever the state
+
+A stream the bucket can serve costs the node nothing to turn away (a redirect), one it cannot
+costs its viewer a wait (503 + ``Retry-After``): so the last ``1 - resume_ratio`` of the budget
+goes to the second kind only. :meth:`Uplink.admitted` answers for streams already admitted
+without deciding (a caller that must look up whether the bucket holds the media first).
 
 A refused stream is not remembered: its next request is decided again, so it comes back to the
 node once the uplink has room. The gap between ``budget`` and ``budget * resume_ratio`` is the
 hysteresis that keeps the state from flapping at the edge. What a refusal means (a redirect to
 the bucket, or 503) is the caller's business (:mod:`peerd.http.hls`). Bytes are counted once
-sent, so a stream admitted a moment ago is not in the rate yet: the ``unseen`` term keeps a
-burst of arrivals (a cold start, a premiere) from being admitted all at once, and
-``stream_bps`` is what a stream is assumed to cost before any is measured. Streams unseen for
-``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept. A
+sent, so a stream admitted a moment ago is not in the rate yet: the ``committed`` and
+``unseen`` terms keep a burst of arrivals (a cold start, a premiere) from being admitted all at
+once, and ``stream_bps`` is what a stream of unknown bit rate is assumed to cost before any is
+measured. A stream's own bit rate is the better guess: a node sending 0.8 Mbit/s streams under
+a 6 Mbit/s budget that assumed 3 Mbit/s each turned viewers away with half its uplink idle, and
+one that added the new streams' bit rates on top of a rate already holding their first
+segments (players fetch a buffer ahead at once) did so with a third of it idle. Streams unseen
+for ``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept. A
 stream the node knows is open (a WHEP session) is held (:meth:`Uplink.hold`) until it ends
 (:meth:`Uplink.release`), whatever the rate.
 """
@@ -67,8 +85,11 @@ class Uplink:
     _slot: int = 0
     _current: int = 0
     _past: list[tuple[int, int]] = field(default_factory=list)  # (slot, bytes), oldest first
-    _streams: OrderedDict[Hashable, float] = field(default_factory=OrderedDict)
-    _recent: deque[float] = field(default_factory=deque)  # admission times, last window
+    # stream -> (last seen, bit rate in bytes/s or 0 if unknown), least recently seen first
+    _streams: OrderedDict[Hashable, tuple[float, float]] = field(default_factory=OrderedDict)
+    _last_cost: float = 0.0  # the bit rate of the last stream admitted (0: unknown)
+    # (when, per) of unknown-rate streams admitted within the last window
+    _recent: deque[tuple[float, float]] = field(default_factory=deque)
 
     # -- the meter -------------------------------------------------------------------------
 
@@ -101,20 +122,32 @@ class Uplink:
         """Whether a budget is set (admission is on)."""
         return self.budget_bps > 0
 
-    def admit(self, key: Hashable, now: float) -> bool:
-        """Whether stream ``key``'s request is served by the node (see the module doc)."""
+    def admitted(self, key: Hashable, now: float) -> bool:
+        """Whether ``key`` is an admitted stream (then seen at ``now``), or admission is off."""
         if self.budget_bps <= 0:
             return True
-        seen = self._streams.get(key)
-        if seen is not None and now - seen <= self.stream_idle_s:
-            self._streams[key] = now
+        known = self._streams.get(key)
+        if known is not None and now - known[0] <= self.stream_idle_s:
+            self._streams[key] = (now, known[1])
             self._streams.move_to_end(key)
             return True
+        return False
+
+    def admit(self, key: Hashable, now: float, cost_bps: float = 0.0, spill: bool = False) -> bool:
+        """Whether stream ``key``'s request is served by the node (see the module doc);
+        ``cost_bps``: what the stream will send (its media's bit rate, bytes/s), 0 if unknown;
+        ``spill``: the bucket can serve it instead."""
+        if self.admitted(key, now):
+            return True
         self._expire(now)
-        if self._update(now):
+        per, projected = self._update(now, cost_bps)
+        if self.overflow or (spill and projected > self.budget_bps * self.resume_ratio):
             return False
-        self._streams[key] = now
-        self._recent.append(now)
+        self._streams[key] = (now, cost_bps)
+        self._streams.move_to_end(key)
+        if cost_bps <= 0:
+            self._recent.append((now, per))
+        self._last_cost = cost_bps
         if len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
         return True
@@ -123,7 +156,8 @@ class Uplink:
         """Keep stream ``key`` admitted at ``now`` without deciding again (a stream the node
         already serves, such as a WHEP session, stays admitted as long as it is open)."""
         if self.budget_bps > 0:
-            self._streams[key] = now
+            known = self._streams.get(key)
+            self._streams[key] = (now, known[1] if known is not None else 0.0)
             self._streams.move_to_end(key)
 
     def release(self, key: Hashable) -> None:
@@ -134,36 +168,44 @@ class Uplink:
         cutoff = now - self.stream_idle_s
         streams = self._streams
         while streams:
-            key, seen = next(iter(streams.items()))
+            key, (seen, _) = next(iter(streams.items()))
             if seen >= cutoff:
                 break
             del streams[key]
 
-    def _update(self, now: float) -> bool:
-        """Decide the state for a new stream now (True: overflow)."""
+    def _update(self, now: float, cost_bps: float = 0.0) -> tuple[float, float]:
+        """Decide the state (:attr:`overflow`) for a new stream costing ``cost_bps`` (0:
+        unknown) now; returns what that stream is taken to cost and the projected rate."""
         rate = self.rate(now)
         limit = self.budget_bps * (self.resume_ratio if self.overflow else 1.0)
         n = len(self._streams)
+        per = cost_bps if cost_bps > 0 else max(rate / max(n, 1), self.stream_bps)
         if not n:
             self.overflow = rate > limit
-            return self.overflow
-        per = max(rate / n, self.stream_bps)
+            return per, rate
         recent, window = self._recent, self.window_s
-        while recent and recent[0] <= now - window:
+        while recent and recent[0][0] <= now - window:
             recent.popleft()
-        unseen = per * sum(1.0 - (now - t) / window for t in recent)
-        self.overflow = rate + unseen + per > limit
-        return self.overflow
+        unseen = sum(c * (1.0 - (now - t) / window) for t, c in recent)
+        committed = 0.0
+        for seen, cost in reversed(self._streams.values()):  # most recently seen first
+            if seen <= now - window:
+                break
+            committed += cost
+        projected = max(rate, committed) + unseen + per
+        self.overflow = projected > limit
+        return per, projected
 
     def report(self, now: float) -> UplinkReport:
-        """The current figures and state (a new stream would be refused in ``overflow``)."""
+        """The current figures and state (a new stream like the last one admitted would be
+        refused in ``overflow``)."""
         rate = self.rate(now)
         if self.budget_bps <= 0:
             return UplinkReport("off", 0, int(rate), 0, 0)
         self._expire(now)
-        overflow = self._update(now)
+        self._update(now, self._last_cost)
         return UplinkReport(
-            "overflow" if overflow else "open",
+            "overflow" if self.overflow else "open",
             int(self.budget_bps),
             int(rate),
             max(0, int(self.budget_bps - rate)),

@@ -17,7 +17,8 @@ Only a target of exactly ``/hls/<media>/<name>.m3u8`` or ``/hls/<media>/b/<cid>.
 query or exactly ``?token=``, is answered here, and only when :meth:`Hls.admits` lets it through
 without a refusal, the media is cached (a media not cached yet is loaded first, for an admitted
 viewer, and the request handled again), the playlist or blob belongs to it, a blob is held,
-its stream is admitted under the uplink budget (:meth:`Hls.admit_stream`) and
+its stream is admitted already under the uplink budget (:meth:`Hls.admitted_stream`; a new
+stream is decided on the full path, which looks up whether the bucket could take it) and
 a stream slot is free. A refusal, a 404, a 429, a blob to fetch: all come from the full path,
 with its log line, reason counter and body; the fast path only ever says 200, with the headers
 and counters the full path would have.
@@ -102,10 +103,10 @@ class Hls(Protocol):
     def blob_headers(self, ext: str) -> dict[str, str]:
         """The header fields of every answer with a blob of this extension (a new dict)."""
 
-    def admit_stream(
+    def admitted_stream(
         self, media_id: str, token: str | None, headers: Mapping[str, str], peer: str
     ) -> bool:
-        """Whether the viewer's stream is served by the node under the uplink budget."""
+        """Whether the viewer's stream is admitted already under the uplink budget."""
 
     def open_stream(self) -> bool:
         """Take one of the blob stream slots, False when none is free."""
@@ -230,8 +231,8 @@ class FastPath:
         if held is None:
             self._forget(cid)  # an evicted blob's file is not held open
             return None  # the full path fetches it, or answers 404
-        if not hls.admit_stream(media_id, token, head.headers, conn.peer):
-            return None  # the full path's redirect to the bucket, or 503
+        if not hls.admitted_stream(media_id, token, head.headers, conn.peer):
+            return None  # a new stream: the full path admits it, redirects it, or 503
         if not hls.open_stream():
             return None  # the full path's 429
         return self._blob(conn, cid, ext, head_only, held, started)

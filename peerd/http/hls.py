@@ -36,10 +36,13 @@ which ones follows the viewer's stream (:mod:`peerd.core.lookahead`), so nothing
 in a rendition its ABR is leaving.
 
 Uplink admission (``[uplink] budget_mbps``, :mod:`peerd.core.uplink`): after the viewer check,
-a blob request of a stream (media, client, token) not admitted under the budget is answered
-with a 302 to the bucket (``bucket_url``: presigned or the public domain) when R2 holds the
-blob, else 503 + ``Retry-After``; admitted streams are served as above. Blob bytes sent on
-either path are counted into the uplink meter.
+a blob request of a stream (media, client, token; costing the media's bit rate) not admitted
+under the budget is answered with a 302 to the bucket (``bucket_url``: presigned or the public
+domain) when R2 holds the blob, else 503 + ``Retry-After``; admitted streams are served as
+above. A stream the bucket can take is redirected before the budget is reached (at its
+``resume_ratio``), so the rest goes to viewers of media only the node can serve. Blob bytes
+sent on either path are counted into the uplink meter, and the blobs of answers not sent into
+the access counts (tiering sees the demand the uplink could not take).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import Counter, Gauge
 
+from peerd.catalog.db import BlobRow
 from peerd.catalog.media import blob_role, init_cid, media_manifest, segment_cid
 from peerd.core.ids import Cid
 from peerd.core.lookahead import Lookahead
@@ -98,6 +102,8 @@ class _Media:
     # Set once one of its blobs had to be fetched: from then on viewers' next segments are
     # fetched ahead of them (HlsRoutes.fetch_ahead).
     remote: bool = False
+    # What one viewer's stream sends (bytes/s): its top rendition of each kind, for admission.
+    rate_Bps: float = 0.0
 
 
 def _stream(media_id: str, token: str | None) -> tuple[str, str] | None:
@@ -118,7 +124,11 @@ def _build_media(manifest: Manifest) -> _Media:
         for s in r.segments:
             if s.cid is not None:
                 blobs.setdefault(s.cid, "vtt" if r.kind == "subtitles" else seg_ext)
-    media = _Media(manifest, blobs, PlayOrder.of(manifest))
+    top: dict[str, int] = {}
+    for r in manifest.renditions:
+        bps = r.average_bandwidth or r.bandwidth
+        top[r.kind] = max(top.get(r.kind, 0), bps)
+    media = _Media(manifest, blobs, PlayOrder.of(manifest), rate_Bps=sum(top.values()) / 8)
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -329,25 +339,46 @@ class HlsRoutes:
             self.fetch_ahead(media, cid, _stream(media_id, token))
         return path, st
 
-    def admit_stream(
+    def admitted_stream(
         self, media_id: str, token: str | None, headers: Mapping[str, str], peer: str
     ) -> bool:
-        """Whether this viewer's stream of the media is served by the node under the uplink
-        budget (:class:`peerd.core.uplink.Uplink`); a stream is media, client and token."""
+        """Whether this viewer's stream of the media is admitted already under the uplink
+        budget (:class:`peerd.core.uplink.Uplink`; a stream is media, client and token), or
+        admission is off. A new stream is decided by :meth:`_admit` (full path)."""
         uplink = self.rt.uplink
         if not uplink.enabled:
             return True
         client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
-        return uplink.admit((media_id, client, token), time.monotonic())
+        return uplink.admitted((media_id, client, token), time.monotonic())
 
-    async def overflow(self, cid: Cid | None, ext: str) -> web.Response:
+    async def _admit(
+        self, request: web.Request, media_id: str, token: str | None, cid: Cid | None, ext: str
+    ) -> web.Response | None:
+        """None when the viewer's stream is served by the node, else the overflow answer. A
+        new stream costs its media's bit rate, and one the bucket can take is redirected first
+        (:class:`peerd.core.uplink.Uplink`, ``spill``)."""
+        headers, peer = request.headers, request.remote or ""
+        if self.admitted_stream(media_id, token, headers, peer):
+            return None
+        row = await self.rt.catalog.get_blob(cid) if cid is not None else None
+        spill = row is not None and row.r2_state == "present" and self.bucket_url is not None
+        client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
+        media = self._media.get(media_id)
+        cost = media.rate_Bps if media is not None else 0.0
+        if self.rt.uplink.admit((media_id, client, token), time.monotonic(), cost, spill):
+            return None
+        return await self.overflow(row, ext)
+
+    async def overflow(self, row: BlobRow | None, ext: str) -> web.Response:
         """The answer to a stream not admitted: a redirect to the bucket when it holds the
         blob, else 503 with ``Retry-After`` (the player or coordinator goes elsewhere)."""
+        if row is not None:
+            # Demand turned away is demand all the same: tiering counts it, so media wanted
+            # past the uplink reach the bucket, and stay there while its viewers are sent to it.
+            self.rt.access.record(row.cid, row.size, time.time())
         url = None
-        if cid is not None and self.bucket_url is not None:
-            row = await self.rt.catalog.get_blob(cid)
-            if row is not None and row.r2_state == "present":
-                url = await self.bucket_url(cid, CONTENT_TYPES[ext])
+        if row is not None and self.bucket_url is not None and row.r2_state == "present":
+            url = await self.bucket_url(row.cid, CONTENT_TYPES[ext])
         if url is None:
             self.m.overflow.labels(answer="refused").inc()
             raise Unavailable(
@@ -459,8 +490,9 @@ class HlsRoutes:
             expected = await self._catalog_blob_ext(media_id, media, cid)
         if expected != ext:
             raise NotFound("no such blob in this media")
-        if not self.admit_stream(media_id, token, request.headers, request.remote or ""):
-            return await self.overflow(Cid(cid), ext)
+        refused = await self._admit(request, media_id, token, Cid(cid), ext)
+        if refused is not None:
+            return refused
         return await self._send(request, Cid(cid), ext, media, _stream(media_id, token))
 
     async def numbered(self, request: web.Request) -> web.StreamResponse:
@@ -486,8 +518,9 @@ class HlsRoutes:
             cid = await segment_cid(self.rt.catalog, media_id, rid, seq)
         else:
             raise NotFound("no such segment")
-        if not self.admit_stream(media_id, token, request.headers, request.remote or ""):
-            return await self.overflow(cid, ext)  # a segment not produced yet: 503
+        refused = await self._admit(request, media_id, token, cid, ext)
+        if refused is not None:
+            return refused  # a segment not produced yet: 503
         producer = self.ondemand
         if cid is None:
             if producer is None or not r.on_demand:

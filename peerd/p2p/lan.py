@@ -5,6 +5,8 @@ Routes (installed on the node's HTTP app):
 - ``GET /p2p/v1/blobs/<cid>`` serves a blob this node holds, with sendfile, to a peer that signed
   the request (``peerd.core.signing``); unsigned, stale, forged or unknown-peer requests get
   401/403. It never fetches on a peer's behalf (no loops between nodes): not held is 404.
+  These bytes stay on the home's network: the uplink budget (:mod:`peerd.core.uplink`) does
+  not count them.
   For a media id in this node's catalog it serves the manifest (a media id is the manifest's
   CID), so :class:`LanSource` finds manifests for :mod:`peerd.delivery.media` as it finds blobs.
 - ``GET /p2p/v1/media/<media id>`` serves the manifest of a media item in this node's catalog
@@ -122,7 +124,9 @@ def install(
             )
         size = path.stat().st_size
         rt.access.record(cid, size, time.time())
-        rt.uplink.sent(size, time.monotonic())
+        # Not counted into the uplink meter: a LAN peer is on the home's own network, so these
+        # bytes never cross the uplink the budget protects (counted, the node turned its own
+        # viewers away while its partner filled the LAN link).
         served.inc(size)
         return web.FileResponse(
             path,

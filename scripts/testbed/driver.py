@@ -2,6 +2,7 @@
 namespace, a real S3 server as R2, a routing coordinator and hundreds of modelled viewers.
 
     scripts/testbed/run.sh [--quick] --out DIR [--policies peerd,lru,no_r2,all_r2] [--faults]
+        [--route any|holders] [--manifests placed|all] [--node-set SECTION.KEY=VALUE ...]
 
 What one run does, per policy on the same trace (see README "Testbed"):
 
@@ -9,8 +10,9 @@ What one run does, per policy on the same trace (see README "Testbed"):
    manifest to the bucket (moto_server) once; the nodes reach the bucket through a delaying
    proxy (``FaultProxy(latency_s=...)``), which also counts R2 operations and plays the outage;
 2. builds the network (``netns.py``: a namespace per node, ``tbf`` uplinks, LAN pairs);
-3. seeds each node's catalog with every manifest (blobs absent, in R2) and the blobs of the items
-   placed on it (round robin by popularity), starts ``peerd run`` in each namespace;
+3. seeds each node's catalog with the manifests and blobs of the items placed on it (round
+   robin by popularity; ``--manifests all``: every manifest, blobs absent, in R2), starts
+   ``peerd run`` in each namespace with its uplink budget set to its uplink;
 4. starts the coordinator (``routing.py``), waits until it has read every node's inventory;
 5. replays the trace (``workload.py``) with the player model (``player.py``); mid-run, one
    ffmpeg and one hls.js in Chromium play a routed URL as sanity checks; with ``--faults``, a
@@ -96,12 +98,15 @@ class Scenario:
     tiering_interval_s: float = 5.0
     faults: bool = False
     policies: list[str] = field(default_factory=lambda: ["peerd"])
-    # Passthrough for node features built elsewhere: extra config per node (``{uplink_mbit}``
-    # in a value is that node's uplink), whether catalogs hold only their own items' manifests,
-    # and whether the coordinator may send a viewer to a node that does not hold the item.
-    node_set: dict[str, dict[str, Any]] = field(default_factory=dict)
-    manifests: str = "all"
-    route: str = "holders"
+    # The network as it runs: extra config per node (``{uplink_mbit}`` in a value is that
+    # node's uplink; by default each node's uplink budget is its uplink), catalogs holding only
+    # their own items' manifests (any node resolves the others from the network), and a
+    # coordinator that may send a viewer to a node that does not hold the item.
+    node_set: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"uplink": {"budget_mbps": "{uplink_mbit}"}}
+    )
+    manifests: str = "placed"
+    route: str = "any"
     # R2 request budgets of one node for a month (class A, class B): R2's free tier (1M class A,
     # 10M class B) shared by 1,000 homes. A run is one day of a 30-day month, so each node is
     # configured with a thirtieth (see :func:`run_budgets`) and must stay within it.
@@ -484,6 +489,8 @@ class Testbed:
         async def sampler() -> None:
             while True:
                 node_bytes: dict[str, float] = {}
+                # node -> [send rate (bytes/s), redirects, refusals] of its uplink admission
+                uplink: dict[str, list[float]] = {}
                 for n in self.nodes:
                     if n.proc is None or n.proc.poll() is not None:
                         continue
@@ -491,11 +498,18 @@ class Testbed:
                         m = await asyncio.to_thread(scrape, n.base_url)
                         for k, v in by_label(m, "peerd_bytes_served_total", "source").items():
                             node_bytes[k] = node_bytes.get(k, 0.0) + v
+                        over = by_label(m, "peerd_uplink_overflow_total", "answer")
+                        uplink[n.config["node"]["name"]] = [
+                            m.get("peerd_uplink_send_bytes_per_second", 0.0),
+                            over.get("redirect", 0.0),
+                            over.get("refused", 0.0),
+                        ]
                 series.append(
                     {
                         "t": round(time.monotonic() - t0, 1),
                         "viewer_bytes": dict(totals),
                         "node_bytes": node_bytes,
+                        "uplink": uplink,
                         "active": active[0],
                         "stalls": sum(s.stalls for s in stats),
                     }
@@ -545,7 +559,7 @@ class Testbed:
     async def sanity(self, coord: RoutingCoordinator, checks: dict[str, Any], t0: float) -> None:
         """One ffmpeg and one hls.js in Chromium play routed URLs a third of the way in."""
         await asyncio.sleep(self.sc.duration_s / 3)
-        route = await coord.route(0, set(), force_node=True)
+        route = await coord.route(0, force_node=True)
         try:
             url = route.url if route.kind == "node" else ""
             if url:
@@ -562,7 +576,7 @@ class Testbed:
                 checks["ffmpeg"] = {"rc": None, "note": "routed to the bucket"}
         finally:
             coord.release(route, 0)
-        route = await coord.route(1, set(), force_node=True)
+        route = await coord.route(1, force_node=True)
         try:
             checks["hlsjs"] = await self.hlsjs(route.url) if route.kind == "node" else {}
         finally:
@@ -1107,10 +1121,20 @@ def main() -> int:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="extra node config (JSON value, else a string; {uplink_mbit} is the node's)",
+        help="extra node config (JSON value, else a string; {uplink_mbit} is the node's); "
+        "the default sets uplink.budget_mbps={uplink_mbit} (uplink.budget_mbps=0: no admission)",
     )
-    ap.add_argument("--manifests", choices=["all", "placed"], help="manifests in each catalog")
-    ap.add_argument("--route", choices=["holders", "any"], help="coordinator: holders only")
+    ap.add_argument(
+        "--manifests",
+        choices=["all", "placed"],
+        help="manifests in each catalog: every item's, or (default) its own items' only",
+    )
+    ap.add_argument(
+        "--route",
+        choices=["holders", "any"],
+        help="coordinator: (default) any node that can get the item, or holders and their "
+        "LAN partners (and any node only for items in the bucket)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("the testbed needs root (network namespaces, tc)", file=sys.stderr)

@@ -10,9 +10,13 @@ manifest and checks that it hashes to the media id. It then fetches segments in 
   the throughput estimate (an EWMA of the segments' bits / download time);
 * buffer: it drains in real time while playing; a download that outlasts the buffer is a stall
   (until that segment arrives); fetching pauses while ``max_buffer_s`` is buffered;
-* faults: a refused, failed or wrong answer makes it ask the coordinator again (the failed node
-  excluded for ``avoid_s``) and continue at the same segment; after ``give_up_s`` without
-  progress it leaves.
+* faults: a refused, failed or wrong answer makes it ask the coordinator again, telling it what
+  it met (a node down or sending wrong bytes, or lacking the item: avoided for ``avoid_s``; a
+  node answering 503: avoided for its ``Retry-After``; the bucket lacking the item), and
+  continue at the same segment on the lowest rendition (its throughput estimate was of the
+  source it left); if the coordinator has nothing but a node still refusing, it waits out that
+  node's ``Retry-After`` first (nothing but the bucket that just failed: a second). After
+  ``give_up_s`` without progress it leaves.
 
 Every body is hashed and compared with the content id in its URL (the segment's cid, or the
 media id for a manifest); a mismatch counts its bytes in ``corrupt_bytes`` and is refetched.
@@ -77,10 +81,26 @@ class ViewerStats:
     stall_times: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
     ended: float = 0.0
     blobs: list[tuple[float, int, str]] = field(default_factory=list)  # (when, node, cid)
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (when, what failed)
 
 
 class Failed(Exception):
-    """A request the viewer must retry elsewhere."""
+    """A request the viewer must retry elsewhere: ``why`` is ``down`` (no answer, or wrong
+    bytes), ``refused`` (503; ``retry_after_s`` from its header) or ``missing`` (another
+    status: the source lacks the item); ``bucket``: the answer came from the bucket a node
+    redirected to."""
+
+    def __init__(
+        self,
+        msg: str,
+        why: str = "down",
+        retry_after_s: float | None = None,
+        bucket: bool = False,
+    ) -> None:
+        super().__init__(msg)
+        self.why = why
+        self.retry_after_s = retry_after_s
+        self.bucket = bucket
 
 
 @dataclass
@@ -96,10 +116,14 @@ class PlayerConfig:
 
 
 R2_FAILED = -1
-"""Put in ``avoid`` when the bucket failed (the coordinator stops sending this item there)."""
+"""Key of ``Avoid`` for the bucket (the coordinator stops sending this item there)."""
 
-Router = Callable[[int, set[int]], Awaitable[Route]]
-"""``(viewer's item, nodes to avoid) -> Route``."""
+Avoid = dict[int, tuple[float, str]]
+"""What a viewer met lately: node (or :data:`R2_FAILED`) -> (until when, ``Failed.why``, or
+``redirected``: the node sent it to the bucket, which failed)."""
+
+Router = Callable[[int, Avoid], Awaitable[Route]]
+"""``(viewer's item, what it avoids) -> Route``."""
 
 
 class Player:
@@ -124,7 +148,8 @@ class Player:
         self.on_bytes = on_bytes
         self.route: Route | None = None
         self.rungs: list[Rung] = []
-        self.avoid: dict[int, float] = {}  # node (or R2_FAILED) -> until when
+        self.avoid: Avoid = {}
+        self.t0 = time.monotonic()
 
     async def _get(self, url: str, want: str | None) -> tuple[bytes, str]:
         """GET ``url``; check the body against ``want`` (a cid); returns (body, source)."""
@@ -135,8 +160,15 @@ class Player:
             async with self.http.get(
                 url, timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s)
             ) as r:
+                # A node's redirect that fails is the bucket's failure (an outage), not the
+                # node's: the coordinator stops sending this item to the bucket for a while.
+                bucket = bool(r.history)
+                if r.status == 503:
+                    after = r.headers.get("Retry-After", "")
+                    wait = float(after) if after.isdigit() else None
+                    raise Failed(f"503 from {url[:80]}", "refused", wait, bucket)
                 if r.status != 200:
-                    raise Failed(f"{r.status} from {url[:80]}")
+                    raise Failed(f"{r.status} from {url[:80]}", "missing", bucket=bucket)
                 body = await r.read()
                 redirected = bool(r.history)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -144,7 +176,7 @@ class Player:
         source = "r2_redirect" if redirected else ("node" if self.route.kind == "node" else "r2")
         if want is not None and str(cid_of(body)) != want:
             self.st.corrupt_bytes += len(body)
-            raise Failed(f"wrong bytes for {want}")
+            raise Failed(f"wrong bytes for {want}", "down")
         self.st.bytes_by_source[source] = self.st.bytes_by_source.get(source, 0) + len(body)
         if want is not None and self.route.node is not None:
             self.st.blobs.append((time.monotonic(), self.route.node, want))
@@ -157,11 +189,19 @@ class Player:
             self.done(self.route)
         self.route = None
         now = time.monotonic()
-        self.route = await self.route_fn(
-            self.st.item, {n for n, until in self.avoid.items() if until > now}
-        )
+        self.avoid = {k: v for k, v in self.avoid.items() if v[0] > now}
+        self.route = await self.route_fn(self.st.item, dict(self.avoid))
         if self.route.node is not None:
             self.st.nodes.append(self.route.node)
+        until, why = self.avoid.get(
+            R2_FAILED if self.route.node is None else self.route.node, (0, "")
+        )
+        if until > now and self.route.node is None:
+            # Nowhere else to go but the bucket that just failed: not at once again.
+            await asyncio.sleep(min(until - now, 1.0))
+        elif until > now and why == "refused":
+            # Nowhere else to go: back when the node said to.
+            await asyncio.sleep(until - now)
         if self.route.kind == "r2":
             body, _ = await self._get(self.route.url, self.media_id)
             m = decode(body)
@@ -203,15 +243,16 @@ class Player:
             rungs.append(Rung(url.rsplit("/", 1)[1].split(".")[0], bw, init, segs))
         self.rungs = rungs
 
-    async def _fetch(self, rung: int, seq: int, inits: dict[str, bool]) -> tuple[int, float]:
+    async def _fetch(self, rung: int, seq: int, inits: dict[str, bool]) -> tuple[int, float, bool]:
         """One segment (and its rendition's init segment if not fetched yet), with failover.
-        Returns (bytes, seconds of media)."""
+        Returns (bytes, seconds of media, whether it came from another source than asked)."""
         last_progress = time.monotonic()
+        moved = False
         while True:
             try:
                 if not self.rungs:
                     await self._open()
-                r = self.rungs[min(rung, len(self.rungs) - 1)]
+                r = self.rungs[0 if moved else min(rung, len(self.rungs) - 1)]
                 total = 0
                 if r.init_url and not inits.get(r.name):
                     body, _ = await self._get(r.init_url, _cid(r.init_url))
@@ -219,14 +260,15 @@ class Player:
                     total += len(body)
                 url, secs = r.segments[seq]
                 body, _ = await self._get(url, _cid(url))
-                return total + len(body), secs
-            except Failed:
+                return total + len(body), secs, moved
+            except Failed as exc:
                 if time.monotonic() - last_progress > self.cfg.give_up_s:
                     raise
-                self._avoid_current()
+                self._avoid_current(exc)
                 self.st.reroutes += 1
                 self.rungs = []
                 inits.clear()
+                moved = True
                 await asyncio.sleep(0.2)
 
     async def run(self) -> None:
@@ -245,8 +287,10 @@ class Player:
                     await asyncio.sleep(buffer - self.cfg.max_buffer_s)
                     buffer = self.cfg.max_buffer_s
                 t = time.monotonic()
-                size, secs = await self._fetch(rung, seq, inits)
+                size, secs, moved = await self._fetch(rung, seq, inits)
                 dt = max(time.monotonic() - t, 1e-3)
+                if moved:
+                    rung, estimate = 0, 0.0  # a new source: measured anew, from the bottom
                 if playing:
                     if dt > buffer:
                         self.st.stall_s += dt - buffer
@@ -261,7 +305,8 @@ class Player:
                         self.st.played_s += dt
                 buffer += secs
                 bps = size * 8 / dt
-                estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
+                if not moved:  # the time spent failing over is not the new source's throughput
+                    estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
                 rung = max(
                     (
                         i
@@ -284,11 +329,21 @@ class Player:
             self.st.ended = time.monotonic() - t0 + self.st.arrived
             self.done(self.route)
 
-    def _avoid_current(self) -> None:
+    def _avoid_current(self, exc: Failed) -> None:
         if self.route is not None:
-            # For a while only: a restarted node, or the bucket after an outage, serves again.
-            key = self.route.node if self.route.node is not None else R2_FAILED
-            self.avoid[key] = time.monotonic() + self.cfg.avoid_s
+            # For a while only: a restarted node, or the bucket after an outage, serves again;
+            # a node that refused says when to come back.
+            key = R2_FAILED if exc.bucket or self.route.node is None else self.route.node
+            wait = self.cfg.avoid_s
+            if exc.why == "refused" and exc.retry_after_s is not None:
+                wait = exc.retry_after_s
+            now = time.monotonic()
+            where = "bucket " if exc.bucket else ""
+            self.st.failures.append((round(now - self.t0, 2), f"{where}{exc}"[:120]))
+            self.avoid[key] = (now + wait, exc.why)
+            if exc.bucket and self.route.node is not None:
+                # It would redirect this viewer there again.
+                self.avoid[self.route.node] = (now + wait, "redirected")
 
     async def _open_first(self) -> None:
         last = time.monotonic()
@@ -296,10 +351,10 @@ class Player:
             try:
                 await self._open()
                 return
-            except Failed:
+            except Failed as exc:
                 if time.monotonic() - last > self.cfg.give_up_s:
                     raise
-                self._avoid_current()
+                self._avoid_current(exc)
                 self.st.reroutes += 1
                 await asyncio.sleep(0.2)
 

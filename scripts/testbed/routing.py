@@ -8,18 +8,28 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
 
 :meth:`RoutingCoordinator.route` sends a viewer, by policy:
 
-* ``peerd`` (and ``lru``): a live node that holds every blob of the item and has spare uplink
-  (its configured uplink minus the larger of its reported egress and the streams the coordinator
-  sent it); else the LAN partner of a holder (it fetches over the LAN); else any node with spare
-  uplink (it reads through from R2); else the bucket directly (overflow);
-* ``no_r2``: holders, then LAN partners, never the bucket (over budget if need be);
+* ``peerd`` (and ``lru``): a live node that takes a new stream -- spare uplink (its budget, or
+  configured uplink, times ``admit_fraction``, minus the larger of its reported send rate and
+  the streams the coordinator sent it), not in ``overflow`` at its last heartbeat (the node's
+  own admission state), no 503 whose ``Retry-After`` still runs; for an item the bucket holds
+  it must keep ``r2_reserve`` of its uplink free besides (for viewers of items only nodes can
+  serve). In order: a node holding every blob of the item; else the LAN partner of a holder
+  (it fetches over the LAN); else any node that can get it (from the bucket, or, both speaking
+  libp2p, from a holder; ``any_node`` only, or for items in the bucket). When none takes it and
+  the bucket holds the item: a holder in ``overflow`` (it redirects the segments to the bucket,
+  counting the demand for its tiering), else the bucket directly (overflow). When the bucket
+  lacks it: the node whose ``Retry-After`` ends first (the viewer waits for it);
+* ``no_r2``: the same, never the bucket;
 * ``all_r2``: always the bucket.
+
+What a viewer met comes back with its next request (:data:`scripts.testbed.player.Avoid`): a node
+that did not answer or sent wrong bytes counts as down until its next heartbeat; one that
+answered 503 is not sent new viewers until its ``Retry-After`` ends; one that could not get an
+item it lacks (its LAN partner cut off) is not sent that item's viewers for ``r2_retry_s``.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
 the inventories (tiering removes cold media from the bucket) and what viewers report (an item
 a viewer could not get from the bucket is not sent there for ``r2_retry_s``).
-``any_node`` (``--route any``, for nodes that resolve media they never heard of) lets the last
-tier be any live node even when the bucket lacks the item.
 
 A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
 ``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
@@ -38,7 +48,7 @@ from typing import Any
 from aiohttp import web
 
 from peerd.core import tokens
-from scripts.testbed.player import R2_FAILED, Route
+from scripts.testbed.player import R2_FAILED, Avoid, Route
 from tests.support.coordinator import FakeCoordinator, NodeApiClient
 
 
@@ -62,6 +72,9 @@ class NodeView:
     api: NodeApiClient | None = None
     syncing: asyncio.Task[None] | None = None
     streams: int = 0
+    admission: str = "off"  # the heartbeat's admission state: off, open, overflow
+    refusing_until: float = 0.0  # a viewer got 503 + Retry-After from it
+    libp2p: bool = False  # it reports libp2p addresses (it can fetch from, and serve, others)
 
 
 @dataclass
@@ -80,8 +93,13 @@ class RoutingCoordinator(FakeCoordinator):
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
     r2_state: dict[str, str] = field(default_factory=dict)
     r2_missing: dict[int, float] = field(default_factory=dict)  # item -> when a viewer failed
+    # (node, item) -> when a viewer found the node could not get the item it lacks (its LAN
+    # partner cut off, the bucket without it)
+    node_missing: dict[tuple[int, int], float] = field(default_factory=dict)
     r2_retry_s: float = 20.0
     any_node: bool = False
+    r2_reserve: float = 0.15
+    minted: int = 0
 
     def add_node(self, view: NodeView, name: str) -> None:
         """Tell the coordinator a node's name, its base URL and uplink (from its config)."""
@@ -96,7 +114,15 @@ class RoutingCoordinator(FakeCoordinator):
             if view is not None:
                 view.peer_id = payload["peer_id"]
                 view.last_seen = time.monotonic()
-                view.egress_Bps = float(payload["load"]["egress_bps"])
+                adm = payload["admission"]
+                view.admission = adm["state"]
+                # With a budget the node's own meter (and its budget) is what admits viewers.
+                if adm["state"] == "off":
+                    view.egress_Bps = float(payload["load"]["egress_bps"])
+                else:
+                    view.egress_Bps = float(adm["send_bps"])
+                    view.uplink_Bps = float(adm["budget_bps"])
+                view.libp2p = bool(payload["addresses"]["libp2p"])
                 seq = int(payload["inventory"]["seq"])
                 if seq != view.seq and (view.syncing is None or view.syncing.done()):
                     view.syncing = asyncio.create_task(self._sync(view, seq))
@@ -164,9 +190,32 @@ class RoutingCoordinator(FakeCoordinator):
         """Uplink the coordinator may still give away on ``v`` (bytes/s)."""
         return v.uplink_Bps * self.admit_fraction - max(v.egress_Bps, v.assigned_Bps)
 
+    def takes(self, v: NodeView, need: float, now: float, in_r2: bool = False) -> bool:
+        """Whether ``v`` takes a new stream of ``need`` bytes/s: room in the coordinator's
+        count, not in overflow at its last heartbeat, no 503 whose Retry-After still runs. A
+        stream the bucket can serve leaves ``r2_reserve`` of the uplink to streams it cannot
+        (a viewer of those refused by a full holder waits out a ``Retry-After``; one of these
+        sent to the bucket waits for nothing)."""
+        reserve = self.r2_reserve * v.uplink_Bps if in_r2 else 0.0
+        return (
+            self.spare(v) >= need + reserve
+            and v.admission != "overflow"
+            and v.refusing_until <= now
+        )
+
+    def reaches(self, v: NodeView, item: int, holders: list[NodeView], r2_ok: bool) -> bool:
+        """Whether ``v`` can get the item it lacks: from the bucket, its LAN partner, or (both
+        speaking libp2p) a live holder."""
+        if r2_ok or (v.lan_peer is not None and self.by_index[v.lan_peer] in holders):
+            return True
+        return v.libp2p and any(h.libp2p for h in holders)
+
     def _node_route(self, v: NodeView, item: int, need: float) -> Route:
         media_id = self.items[item][0]
-        expires = int(time.time()) + 3600
+        # One token per viewer: a node tells streams apart by media, client address and token,
+        # and every modelled viewer comes from the same address (real ones do not).
+        self.minted += 1
+        expires = int(time.time()) + 3600 + self.minted % 1800
         token = tokens.mint(self.signing_key, media_id, "hls", expires)
         v.assigned_Bps += need
         v.streams += 1
@@ -180,49 +229,83 @@ class RoutingCoordinator(FakeCoordinator):
         keys = [f"media/{media_id}.json", *(f"blobs/{c}" for c in cids)]
         return Route("r2", self.presign(keys[0]), urls={k: self.presign(k) for k in keys})
 
-    async def route(self, item: int, avoid: set[int], *, force_node: bool = False) -> Route:
-        """Pick a source for a viewer of ``item`` (see the module doc); ``force_node``: a node
-        even past its budget (the sanity players check what nodes serve)."""
+    async def route(
+        self, item: int, avoid: Avoid | None = None, *, force_node: bool = False
+    ) -> Route:
+        """Pick a source for a viewer of ``item`` (see the module doc); ``avoid``: what the
+        viewer met lately (a node down, refusing or lacking the item; the bucket lacking it);
+        ``force_node``: a node even past its budget (the sanity players check what nodes
+        serve)."""
         now = time.monotonic()
-        for i in avoid:
-            if i == R2_FAILED:
-                self.r2_missing[item] = now
+        avoid = avoid or {}
+        shunned = set()
+        for i, (until, why) in avoid.items():
+            if until <= now:
                 continue
+            if i == R2_FAILED:
+                self.r2_missing[item] = max(self.r2_missing.get(item, 0.0), now)
+                continue
+            shunned.add(i)
             v = self.by_index[i]
-            v.failed_at = max(v.failed_at, v.last_seen)
+            if why == "down":
+                v.failed_at = max(v.failed_at, v.last_seen)
+            elif why == "refused":
+                v.refusing_until = max(v.refusing_until, until)
+            elif why == "missing":
+                self.node_missing[(i, item)] = now
         media_id, cids, need = self.items[item]
         if self.policy == "all_r2" and not force_node:
             self.routes.append((now, item, "r2", None))
             return self._r2_route(media_id, cids)
         r2_ok = self.in_r2(item)
-        live = [v for v in self.by_index.values() if self.alive(v) and v.index not in avoid]
-        holders = [v for v in live if self.holds(v, item)]
-        partners = [
+        alive = [v for v in self.by_index.values() if self.alive(v)]
+        holders = [v for v in alive if self.holds(v, item)]
+        live = [
             v
-            for v in live
-            if v.lan_peer is not None
-            and self.alive(self.by_index[v.lan_peer])
-            and self.holds(self.by_index[v.lan_peer], item)
+            for v in alive
+            if v.index not in shunned
+            and (
+                v in holders or now - self.node_missing.get((v.index, item), -1e9) > self.r2_retry_s
+            )
         ]
-        # A node that neither holds the item nor has a LAN holder reads it through from R2.
-        tiers = [holders, partners, live] if r2_ok or self.any_node else [holders, partners]
+        # Holders, their LAN partners, then any node that can get the item (R2, libp2p).
+        tiers = [
+            [v for v in live if v in holders],
+            [v for v in live if v.lan_peer is not None and self.by_index[v.lan_peer] in holders],
+        ]
+        if self.any_node or r2_ok:
+            tiers.append([v for v in live if self.reaches(v, item, holders, r2_ok)])
         for tier in tiers:
-            fit = [v for v in tier if self.spare(v) >= need]
+            fit = [v for v in tier if self.takes(v, need, now, r2_ok)]
             if fit:
-                best = max(fit, key=self.spare)
-                self.routes.append((now, item, "node", best.index))
-                return self._node_route(best, item, need)
+                return self._pick(max(fit, key=self.spare), item, need, now)
         if r2_ok and not force_node:
+            # No room. A holder in overflow redirects the segments to the bucket: it sees the
+            # demand (its tiering keeps the item in R2), and serves the viewer itself if it has
+            # room by then. Otherwise (a holder keeping its reserve, or none up): the bucket.
+            redirecting = [
+                v for v in tiers[0] if v.admission == "overflow" and v.refusing_until <= now
+            ]
+            if redirecting:
+                return self._pick(max(redirecting, key=self.spare), item, need, now)
             self.routes.append((now, item, "r2", None))
             return self._r2_route(media_id, cids)
-        # No budget left anywhere and the bucket cannot take it: the least loaded holder.
+        # No room anywhere and the bucket cannot take it: the node that refuses for the least
+        # time (its Retry-After), then the least loaded; the viewer waits for it.
         for tier in tiers:
             if tier:
-                best = max(tier, key=self.spare)
-                self.routes.append((now, item, "node", best.index))
-                return self._node_route(best, item, need)
+                best = min(tier, key=lambda v: (v.refusing_until, -self.spare(v)))
+                return self._pick(best, item, need, now)
+        fallback = [v for v in holders if v.index not in shunned] or holders
+        if fallback and not r2_ok:
+            best = min(fallback, key=lambda v: (v.refusing_until, -self.spare(v)))
+            return self._pick(best, item, need, now)
         self.routes.append((now, item, "r2", None))
         return self._r2_route(media_id, cids)
+
+    def _pick(self, v: NodeView, item: int, need: float, now: float) -> Route:
+        self.routes.append((now, item, "node", v.index))
+        return self._node_route(v, item, need)
 
     def release(self, route: Route | None, item: int) -> None:
         """A viewer left ``route`` (finished, or moved elsewhere)."""

@@ -39,15 +39,18 @@ import pytest
 from aiohttp import web
 
 from peerd.catalog import Catalog
-from peerd.catalog.media import media_blobs
+from peerd.catalog.media import media_blobs, media_manifest
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.ids import Cid, cid_of
+from peerd.core.manifest import decode
+from peerd.identity import Identity
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
 from tests.support.browser import Browser
 from tests.support.bucketfront import BucketFront
 from tests.support.coordinator import FakeCoordinator
+from tests.support.p2p import signed_request
 from tests.support.poll import until
 from tests.support.process import PeerdProcess, run_cli
 from tests.support.r2media import write_r2_secrets
@@ -561,4 +564,191 @@ async def test_real_uplink_cap_overflows_new_streams_and_keeps_the_admitted_one(
             with contextlib.suppress(Exception):
                 await player
         await front.stop()
+    assert code == 0, node.logs()[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_a_stream_costs_its_media_bit_rate_not_a_fixed_guess(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """Under a 2 Mbit/s budget, three viewers of a ~0.4 Mbit/s media item are all served by the
+    node: each new stream is taken to cost its media's bit rate (the node used to assume
+    ``stream_mbps``, 3 Mbit/s, for every stream, and turned the second viewer away with most of
+    its uplink idle)."""
+    clip = await asyncio.to_thread(
+        make_hls, tmp_path / "clip", seconds=6, bframes=0, audio=False, video_bitrate=400_000
+    )
+    node = await start_node(tmp_path, front, bucket, budget_mbps=2.0, window_s=5.0)
+    media_id, _ = await catalog_media(node.state_dir, clip, moto, bucket, in_bucket=False)
+    await asyncio.to_thread(node.start)
+    viewers: list[Viewer] = []
+    try:
+        for _ in range(3):
+            v = Viewer(node, media_id, token_for(node.state_dir, media_id))
+            viewers.append(v)
+            paths = await asyncio.to_thread(v.segments)
+            status, headers, body = await asyncio.to_thread(v.get, paths[1])
+            assert status == 200, (len(viewers), status, headers)
+            assert cid_of(body) == paths[1].split("/")[1].split(".")[0]
+        refused = await asyncio.to_thread(
+            metric, node, 'peerd_uplink_overflow_total{answer="refused"}'
+        )
+        assert refused == 0
+    finally:
+        for v in viewers:
+            v.close()
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+
+
+@pytest.mark.timeout(150)
+async def test_demand_turned_away_brings_the_media_to_the_bucket(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """A media item the bucket lacks, wanted by more viewers than the uplink budget takes: the
+    new viewers get 503 at first, and the demand they bring counts for tiering all the same, so
+    the node promotes the item and the next new viewer is redirected to the bucket. (Counting
+    only the bytes the node sent, one admitted viewer's demand stays under the promotion
+    threshold however many are turned away: they got 503 for as long as the item was wanted.)"""
+    clip = await asyncio.to_thread(make_hls, tmp_path / "clip", seconds=8, bframes=0)
+    node = await start_node(tmp_path, front, bucket, window_s=120.0)
+    node.config["r2"]["tiering_interval_s"] = 1.0
+    media_id, cids = await catalog_media(node.state_dir, clip, moto, bucket, in_bucket=False)
+    await asyncio.to_thread(node.start)
+    viewers: list[Viewer] = []
+    try:
+        a = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        viewers.append(a)
+        paths = await asyncio.to_thread(a.segments)
+        for p in paths[:2]:  # admitted: the budget is used up for the whole window
+            assert (await asyncio.to_thread(a.get, p))[0] == 200
+        answers: list[int] = []
+
+        def new_viewer() -> bool:
+            v = Viewer(node, media_id, token_for(node.state_dir, media_id))
+            try:
+                status, headers, _ = v.get(paths[1 + len(answers) % (len(paths) - 1)])
+            finally:
+                v.close()
+            answers.append(status)
+            assert status in (302, 503), (status, headers)
+            if status == 302:
+                assert headers["location"].startswith(front.url + f"/{bucket}/blobs/")
+            return status == 302
+
+        await until(lambda: asyncio.to_thread(new_viewer), timeout_s=90, step_s=0.2)
+        assert answers[0] == 503, answers  # the bucket lacked it at first
+        stored = await asyncio.to_thread(moto.client().list_objects_v2, Bucket=bucket)
+        keys = {o["Key"] for o in stored.get("Contents", [])}
+        assert {blob_key(c) for c in cids} <= keys
+    finally:
+        for v in viewers:
+            v.close()
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_blobs_sent_to_a_lan_peer_leave_the_uplink_budget_alone(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """A LAN peer fetching the node's blobs (signed ``GET /p2p/v1/blobs``) uses the home's own
+    network, not its uplink: the node's next viewer is still served by it. (Counted against the
+    budget, those bytes turned the viewer away: 503, the bucket lacking the item.)"""
+    clip = await asyncio.to_thread(make_hls, tmp_path / "clip", seconds=6, bframes=0)
+    node = await start_node(tmp_path, front, bucket)
+    peer = Identity.generate()
+    node.config["mdns"] = {"trusted_peers": [peer.peer_id]}
+    media_id, cids = await catalog_media(node.state_dir, clip, moto, bucket, in_bucket=False)
+    await asyncio.to_thread(node.start)
+    try:
+        for cid in cids:
+            status, body = await asyncio.to_thread(
+                signed_request, peer, node.base_url, "GET", f"/p2p/v1/blobs/{cid}"
+            )
+            assert status == 200
+            assert cid_of(body) == cid
+        v = Viewer(node, media_id, token_for(node.state_dir, media_id))
+        try:
+            paths = await asyncio.to_thread(v.segments)
+            status, headers, body = await asyncio.to_thread(v.get, paths[1])
+        finally:
+            v.close()
+        assert status == 200, (status, headers)
+        assert cid_of(body) == paths[1].split("/")[1].split(".")[0]
+        # The meter holds the viewer's segment only.
+        rate = await asyncio.to_thread(metric, node, "peerd_uplink_send_bytes_per_second")
+        assert rate * WINDOW_S == pytest.approx(len(body), rel=0.01)
+    finally:
+        code = await asyncio.to_thread(node.stop)
+    assert code == 0, node.logs()[-3000:]
+
+
+async def stream_cost(state: Path, media_id: str) -> float:
+    """What a viewer's stream of the media costs (bytes/s): its top rendition of each kind."""
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        raw = await media_manifest(rt.catalog, media_id)
+        assert raw is not None
+        top: dict[str, int] = {}
+        for r in decode(raw).renditions:
+            top[r.kind] = max(top.get(r.kind, 0), r.average_bandwidth or r.bandwidth)
+        return sum(top.values()) / 8
+    finally:
+        await rt.close()
+
+
+@pytest.mark.timeout(120)
+async def test_streams_the_bucket_can_take_are_redirected_before_the_others(
+    tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
+) -> None:
+    """With one viewer playing, a new viewer of media the bucket holds is redirected there
+    once the node would pass ``resume_ratio`` of its budget, while a new viewer of media only
+    the node has is still served: the last of the uplink goes to those who cannot go elsewhere.
+    (Both were served alike: the uplink then full, the next viewer of local-only media got 503.)"""
+    in_bucket = await asyncio.to_thread(
+        make_hls, tmp_path / "b", seconds=6, bframes=0, audio=False, video_bitrate=600_000
+    )
+    local = await asyncio.to_thread(
+        make_hls,
+        tmp_path / "l",
+        seconds=6,
+        bframes=0,
+        audio=False,
+        video_bitrate=400_000,
+        width=256,
+        height=192,
+    )
+    node = await start_node(tmp_path, front, bucket)
+    state = node.state_dir
+    bucket_id, _ = await catalog_media(state, in_bucket, moto, bucket, in_bucket=True)
+    local_id, _ = await catalog_media(state, local, moto, bucket, in_bucket=False)
+    c_bucket, c_local = await stream_cost(state, bucket_id), await stream_cost(state, local_id)
+    assert c_bucket >= c_local
+    # A viewer of the local media plus one more of either fits the budget; a viewer of the
+    # bucket's media on top of the first passes resume_ratio (0.8) of it.
+    budget = 1.1 * (c_local + c_bucket)
+    node.config["uplink"].update(budget_mbps=budget * 8 / 1e6, stream_mbps=0.0)
+    await asyncio.to_thread(node.start)
+    viewers: list[Viewer] = []
+    try:
+        a = Viewer(node, local_id, token_for(state, local_id))
+        viewers.append(a)
+        local_paths = await asyncio.to_thread(a.segments)
+        assert (await asyncio.to_thread(a.get, local_paths[1]))[0] == 200
+        b = Viewer(node, bucket_id, token_for(state, bucket_id))
+        viewers.append(b)
+        bucket_paths = await asyncio.to_thread(b.segments)
+        status, headers, _ = await asyncio.to_thread(b.get, bucket_paths[1])
+        assert status == 302, (status, headers)
+        assert headers["location"].startswith(front.url + f"/{bucket}/blobs/")
+        c = Viewer(node, local_id, token_for(state, local_id))
+        viewers.append(c)
+        status, headers, body = await asyncio.to_thread(c.get, local_paths[1])
+        assert status == 200, (status, headers)
+        assert cid_of(body) == local_paths[1].split("/")[1].split(".")[0]
+    finally:
+        for v in viewers:
+            v.close()
+        code = await asyncio.to_thread(node.stop)
     assert code == 0, node.logs()[-3000:]
