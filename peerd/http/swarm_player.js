@@ -83,6 +83,9 @@ export function startPlayer(video, opts) {
 
   const HlsP2P = HlsJsP2PEngine.injectMixin(window.Hls);
   const hls = new HlsP2P({
+    // hls.js hands segments to its worker by transferring their buffers, which empties the
+    // very buffers P2P Media Loader keeps to verify and to share: no worker with a swarm.
+    enableWorker: !p2p,
     ...(opts.hls || {}),
     p2p: {
       core: {
