@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hls_node import KEY, Node, run_node
 
 from peerd.core import tokens
+from peerd.core.ids import digest_of
 from peerd.http import swarm
 from tests.support.browser import Browser, Page
 from tests.support.hlsmedia import make_hls
@@ -37,6 +39,23 @@ FLAGS = (
     "--disable-backgrounding-occluded-windows",
 )
 
+# An independent check on what reaches hls.js: each fragment's SHA-256, with its URL.
+CHECK_FRAGS = """
+window.fragChecks = [];
+window.peerdPlayerHook = (hls) => hls.on("hlsFragLoaded", (_e, d) => {
+  const url = d.frag.url, bytes = d.payload.slice(0);
+  crypto.subtle.digest("SHA-256", bytes).then((h) => window.fragChecks.push([url, Array.from(
+    new Uint8Array(h)).map((b) => b.toString(16).padStart(2, "0")).join("")]));
+});
+"""
+# A viewer whose tracker socket carries a forged token (its playlists and segments do not).
+FORGED = """
+const WS = window.WebSocket;
+window.WebSocket = function (url, ...rest) {
+  return new WS(String(url).replace(/token=[^&]*/, "token=forged"), ...rest);
+};
+window.WebSocket.prototype = WS.prototype;
+"""
 # A lying viewer: every large message its data channels send (segment data) has a byte flipped.
 LIAR = """
 const send = RTCDataChannel.prototype.send;
@@ -151,8 +170,7 @@ async def test_later_viewers_get_most_segment_bytes_from_peers(tmp_path: Path, n
             f"later viewers: {share:.0%} of segment bytes from peers; node sent {alone:.0f} "
             f"segment bytes for the first viewer, {together:.0f} for the next three "
             f"({together / (3 * alone):.0%} of three times the first); stalls "
-            f"{[r['stalls'] for r in [s1, *results]]}; peers connected "
-            f"{[r['peersConnected'] for r in [s1, *results]]}, refused {[r['refusedSegments'] for r in [s1, *results]]}"
+            f"{[r['stalls'] for r in [s1, *results]]}"
         )
         for r in [s1, *results]:
             assert r["ended"], r
@@ -165,3 +183,57 @@ async def test_later_viewers_get_most_segment_bytes_from_peers(tmp_path: Path, n
         assert viewer_bytes(node, "http") == http + s1["httpBytes"]
         for p in [first, *later]:
             assert p.console_errors == []
+
+
+async def seeded_first(browser: Browser, base: str, media: str, *scripts: str) -> Page:
+    """A first viewer that has loaded the whole media and still plays."""
+    first = await open_viewer(browser, base, media, scripts=scripts)
+    await first.wait_for(
+        "(v => v.currentTime > 0 && v.buffered.length > 0 && v.duration > 0 &&"
+        " v.buffered.end(v.buffered.length - 1) >= v.duration - 0.1)"
+        "(document.querySelector('video'))",
+        timeout_s=120,
+    )
+    return first
+
+
+@pytest.mark.timeout(600)
+async def test_lying_viewer_is_caught_by_hash_and_dropped(tmp_path: Path, node: Node) -> None:
+    media = node.media["fmp4"]
+    async with Browser.launch(tmp_path / "profile", *FLAGS) as browser:
+        await seeded_first(browser, node.base, media, LIAR)
+        honest = await open_viewer(browser, node.base, media, scripts=(CHECK_FRAGS,))
+        s = await played_out(honest)
+        print(f"honest viewer: refused {s['refusedSegments']} segments from {s['refusedPeers']}")
+        assert s["refusedSegments"] >= 1, s
+        assert s["refusedPeers"], s
+        assert set(s["refusedPeers"]) <= set(s["peersClosed"]), s  # dropped
+        assert s["ended"], s
+        assert s["errors"] == [], s
+        assert all(stall <= 1.0 for stall in s["stalls"]), s
+        checks = await honest.evaluate("window.fragChecks")
+        assert checks
+        for url, digest in checks:  # every byte hls.js got is the content its URL names
+            cid = url.split("/b/")[1].split(".")[0]
+            assert digest == digest_of(cid).hex(), url
+        assert honest.console_errors == []
+
+
+@pytest.mark.timeout(600)
+async def test_viewer_without_valid_token_cannot_join(tmp_path: Path, node: Node) -> None:
+    media = node.media["fmp4"]
+    registry = node.rt.metrics.registry
+    refused0 = registry.get_sample_value("peerd_swarm_rejects_total", {"reason": "token"}) or 0
+    async with Browser.launch(tmp_path / "profile", *FLAGS) as browser:
+        first = await seeded_first(browser, node.base, media)
+        intruder = await open_viewer(browser, node.base, media, scripts=(FORGED,))
+        s = await played_out(intruder)  # plays, over HTTP only
+        refused = registry.get_sample_value("peerd_swarm_rejects_total", {"reason": "token"})
+        assert (refused or 0) > refused0
+        assert s["peersConnected"] == 0, s
+        assert s["peerBytes"] == 0, s
+        assert (await stats(first))["peersConnected"] == 0
+        async with aiohttp.ClientSession() as http:
+            url = f"{node.base}/swarm/player/{media}?token=forged"
+            async with http.get(url) as r:
+                assert r.status == 403
