@@ -64,7 +64,11 @@ class Node:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     proc = PeerdProcess(
         tmp_path_factory.mktemp("swarm") / "node",
-        config={"swarm": SWARM, "log": {"level": "info"}},
+        config={
+            "swarm": SWARM,
+            "log": {"level": "info"},
+            "webrtc": {"ice_servers": ["stun:stun.example.org:3478"]},
+        },
     )
     proc.start()
     try:
@@ -286,6 +290,7 @@ async def test_player_page_scripts_and_byte_beacon(node: Node) -> None:
             page = await r.text()
         assert "/swarm/lib/swarm_player.js" in page
         assert f'"media": "{MEDIA}"' in page
+        assert '"iceServers": [{"urls": ["stun:stun.example.org:3478"]}]' in page  # [webrtc]
         async with s.get(f"{base}/swarm/lib/swarm_player.js") as r:
             assert r.status == 200
             assert r.headers["Access-Control-Allow-Origin"] == "*"
