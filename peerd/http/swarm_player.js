@@ -5,8 +5,8 @@
 // CIDv1 (raw codec, sha2-256) in base32. A segment from a peer is hashed here (WebCrypto
 // SHA-256) and compared with that cid before hls.js sees it; on a mismatch P2P Media Loader
 // closes the connection to that peer and the segment is fetched again (from another peer or
-// over HTTP); stats.refusedPeers names such peers. Segments whose URL names no cid
-// (on-demand renditions) cannot be checked, so they are never taken from peers.
+// over HTTP); stats.refusedPeers names such peers. A rendition whose segment URLs name no
+// cid (on-demand) cannot be checked: a viewer that loads one leaves the swarm.
 //
 // Needs a secure context (https, or http on localhost) for WebCrypto; elsewhere it plays over
 // HTTP only. Load hls.js (window.Hls) and an import map for "p2p-media-loader-core" first, as
@@ -134,6 +134,15 @@ export function startPlayer(video, opts) {
     waitingSince = null;
   });
   video.addEventListener("ended", () => { stats.ended = true; });
+  // A rendition whose segment URLs name no content id (on-demand) cannot be checked: rather
+  // than refuse (and drop) every honest peer's copy, this viewer leaves the swarm.
+  hls.on(window.Hls.Events.LEVEL_LOADED, (_e, d) => {
+    const frags = (d.details && d.details.fragments) || [];
+    if (p2p && frags.length && !frags.every((f) => urlDigest(f.url) !== null)) {
+      hls.p2pEngine.applyDynamicConfig({ core: { isP2PDisabled: true } });
+      stats.p2pOff = "segments without content ids";
+    }
+  });
   hls.on(window.Hls.Events.MANIFEST_PARSED, () => { video.play().catch(() => {}); });
   hls.loadSource(src);
   hls.attachMedia(video);
