@@ -248,6 +248,7 @@ class SwarmSettings(Section):
     # tracker refuses them, the player fetches over HTTP only); where `make web-deps` put hls.js
     # and P2P Media Loader ("" = <venv>/web); how often a player reports its bytes.
     disabled_media: list[str] = Field(default_factory=list)
+    relay_only: bool = False  # the player offers only TURN-relayed candidates (hides viewer IPs)
     web_dir: str = ""
     report_interval_s: float = Field(default=10.0, ge=1, le=3600)
 

@@ -290,6 +290,8 @@ async def test_player_page_scripts_and_byte_beacon(node: Node) -> None:
             page = await r.text()
         assert "/swarm/lib/swarm_player.js" in page
         assert f'"media": "{MEDIA}"' in page
+        assert '"p2p": true' in page
+        assert '"relayOnly": false' in page
         assert '"iceServers": [{"urls": ["stun:stun.example.org:3478"]}]' in page  # [webrtc]
         async with s.get(f"{base}/swarm/lib/swarm_player.js") as r:
             assert r.status == 200
@@ -309,4 +311,7 @@ async def test_player_page_scripts_and_byte_beacon(node: Node) -> None:
                 assert r.status == 400
         async with s.get(f"{base}/swarm/{DISABLED}?token={node.token(DISABLED)}") as r:
             assert r.status == 403
+        async with s.get(f"{base}/swarm/player/{DISABLED}?token={node.token(DISABLED)}") as r:
+            assert r.status == 200
+            assert '"p2p": false' in await r.text()  # plays over HTTP only
     assert await node.metric("peerd_swarm_viewer_bytes_total", '{source="peer"}') == peer0 + 5000

@@ -26,7 +26,7 @@ Beside the tracker (same prefix, so the tunnel publishes them with it):
   installed (``[swarm] web_dir``), for this page or any site's player (CORS ``*``);
 * ``POST /swarm/<media id>/report?token=`` -- a player's beacon ``{"peer": n, "http": n}``
   (segment bytes since its last one): the token must be the media's viewer token, one beacon
-  per half ``report_interval_s`` per viewer (else 429), each value at most
+  per half ``report_interval_s`` per viewer (token and address; else 429), each value at most
   :data:`MAX_REPORT_BYTES`; counted in ``peerd_swarm_viewer_bytes_total{source}``.
 
 ``[swarm] disabled_media`` turns the swarm off for single media: their tracker upgrade is a 403
@@ -288,6 +288,7 @@ class SwarmRoutes:
             "token": token,
             "p2p": media not in self.disabled,
             "iceServers": [s.to_json() for s in servers],
+            "relayOnly": self.cfg.relay_only,
             "reportIntervalS": self.cfg.report_interval_s,
         }
         # JSON inside a <script> element: escape "<" so no value can close the element.
@@ -322,7 +323,8 @@ class SwarmRoutes:
         media = request.match_info["media"]
         token = await self.auth.check(request, media, SCOPE)
         cors = {"Access-Control-Allow-Origin": "*"}
-        viewer = token or client_ip(request, self.auth.trusted)
+        # One token may be shared by a site's viewers: a viewer is a token at an address.
+        viewer = f"{token or ''} {client_ip(request, self.auth.trusted)}"
         now = time.monotonic()
         if now - self._reported.get(viewer, -math.inf) < self.cfg.report_interval_s / 2:
             self.metrics.reports.labels(result="rate").inc()

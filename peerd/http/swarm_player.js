@@ -54,7 +54,8 @@ function trackerUrl(base, media, token) {
 
 /**
  * Play ``opts.media`` from the node at ``opts.node`` (default: this page's origin) in ``video``.
- * opts: media, token, iceServers ([{urls, username?, credential?}]), p2p (false: HTTP only),
+ * opts: media, token, iceServers ([{urls, username?, credential?}]), relayOnly (TURN-relayed
+ * candidates only), p2p (false: HTTP only),
  * reportIntervalS, core (P2P Media Loader core overrides), hls (hls.js config overrides).
  * Returns {hls, stats, report, urlDigest}: ``stats`` counts bytes by source, refused segments and peers,
  * and playback stalls (seconds from "waiting" to "playing" after playback began).
@@ -91,7 +92,10 @@ export function startPlayer(video, opts) {
       core: {
         swarmId: opts.media,
         announceTrackers: [trackerUrl(base, opts.media, opts.token)],
-        rtcConfig: { iceServers: opts.iceServers || [] },
+        rtcConfig: {
+          iceServers: opts.iceServers || [],
+          ...(opts.relayOnly ? { iceTransportPolicy: "relay" } : {}),
+        },
         validateP2PSegment: validate,
         isP2PDisabled: !p2p,
         // Segments within highDemandTimeWindow of the playhead come over HTTP when no peer
