@@ -251,3 +251,20 @@ async def test_viewer_without_valid_token_cannot_join(tmp_path: Path, node: Node
             url = f"{node.base}/swarm/player/{media}?token=forged"
             async with http.get(url) as r:
                 assert r.status == 403
+
+
+@pytest.mark.timeout(600)
+async def test_relay_only_viewers_never_connect_directly(tmp_path: Path, node: Node) -> None:
+    """``[swarm] relay_only``: candidates only through TURN, so without a TURN server viewers
+    never reach each other (nobody learns another's address) and play over HTTP."""
+    node.rt.settings.swarm.relay_only = True  # the running node's player reads it per page
+    media = node.media["fmp4"]
+    async with Browser.launch(tmp_path / "profile", *FLAGS) as browser:
+        first = await seeded_first(browser, node.base, media)
+        second = await open_viewer(browser, node.base, media)
+        s = await played_out(second)
+        assert s["ended"], s
+        assert s["errors"] == [], s
+        assert s["peersConnected"] == 0, s
+        assert s["peerBytes"] == 0, s
+        assert (await stats(first))["peersConnected"] == 0
