@@ -10,7 +10,7 @@
 //
 // Needs a secure context (https, or http on localhost) for WebCrypto; elsewhere it plays over
 // HTTP only. Load hls.js (window.Hls) and an import map for "p2p-media-loader-core" first, as
-// the node's page /swarm/player/<media id> does (README "Viewer swarm").
+// the node's page /swarm/player/<media id> does (README "Viewer swarm player").
 
 import { HlsJsP2PEngine } from "./p2p-media-loader-hlsjs.es.min.js";
 
