@@ -34,14 +34,20 @@ $(STAMP_PIP): pyproject.toml $(STAMP_APT)
 	@touch $@
 
 # Browser-side test dependencies (hls.js for the HLS playback test), pinned, outside the package.
+# The node serves hls.js and P2P Media Loader from here to its swarm player (/swarm/lib/).
+# --ignore-scripts: the browser bundles need none, and a Node WebRTC build step would download.
 HLSJS_VERSION := 1.7.4
+P2PML_VERSION := 2.3.1
 WEB_DIR := $(VENV)/web
-web-deps: $(WEB_DIR)/node_modules/hls.js/dist/hls.min.js
+WEB_PKGS := hls.js@$(HLSJS_VERSION) p2p-media-loader-core@$(P2PML_VERSION) \
+	p2p-media-loader-hlsjs@$(P2PML_VERSION)
+web-deps: $(WEB_DIR)/.installed-$(HLSJS_VERSION)-$(P2PML_VERSION)
 
-$(WEB_DIR)/node_modules/hls.js/dist/hls.min.js: $(STAMP_APT)
+$(WEB_DIR)/.installed-$(HLSJS_VERSION)-$(P2PML_VERSION): $(STAMP_APT)
 	mkdir -p $(WEB_DIR)
-	npm install --prefix $(WEB_DIR) --no-audit --no-fund --no-save hls.js@$(HLSJS_VERSION)
-	@test -f $@ && touch $@
+	npm install --prefix $(WEB_DIR) --ignore-scripts --no-audit --no-fund --no-save $(WEB_PKGS)
+	@test -f $(WEB_DIR)/node_modules/p2p-media-loader-hlsjs/dist/p2p-media-loader-hlsjs.es.min.js
+	@touch $@
 
 # js-libp2p 2.x (the reference libp2p) for the interop test, exactly as locked in
 # tests/js/package-lock.json, with its own Node 20 binary on x64 (Debian 12's nodejs is 18).

@@ -245,6 +245,13 @@ class SwarmSettings(Section):
     max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     idle_s: float = Field(default=150.0, gt=0, le=3600)
     announce_interval_s: int = Field(default=60, ge=5, le=3600)
+    # The player page and beacons (peerd.http.swarm): media ids whose viewers get no swarm (the
+    # tracker refuses them, the player fetches over HTTP only); where `make web-deps` put hls.js
+    # and P2P Media Loader ("" = <venv>/web); how often a player reports its bytes.
+    disabled_media: list[str] = Field(default_factory=list)
+    relay_only: bool = False  # the player offers only TURN-relayed candidates (hides viewer IPs)
+    web_dir: str = ""
+    report_interval_s: float = Field(default=10.0, ge=1, le=3600)
 
 
 class MdnsSettings(Section):

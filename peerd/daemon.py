@@ -396,7 +396,7 @@ def route_installers(
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),
-        swarm.install,
+        partial(swarm.install, ice=whep.ice_servers),
     ]
 
 

@@ -33,6 +33,15 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        # Reported by the viewers' players (peerd.http.swarm beacons): "peer" bytes are uplink
+        # bytes the node did not send.
+        self.swarm_viewer_bytes = Counter(
+            "peerd_swarm_viewer_bytes",
+            "Segment bytes viewers' players received, by source (peer: from another viewer over "
+            "WebRTC, verified; http: from the node or its origin), as the players report them",
+            ["source"],
+            registry=self.registry,
+        )
         self.uplink_overflow = Counter(
             "peerd_uplink_overflow",
             "Streams not admitted under the uplink budget, by answer (redirect: an HLS blob "

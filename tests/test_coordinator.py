@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from peerd.config import load_settings
+from peerd.core import tokens
 from peerd.core.inventory import digest_of
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.identity import load_pem
@@ -161,3 +162,36 @@ async def test_a_reply_not_understood_is_logged_once(
     assert [x["kind"] for x in warned] == ["register", "heartbeat", "drain"]  # once per kind
     assert "heartbeat_interval_s" in warned[-1]["problems"]
     assert len(lines) >= 4  # the later ones at debug
+
+
+async def test_heartbeat_carries_viewer_swarm_bytes(
+    tmp_path: Path, coordinator: FakeCoordinator
+) -> None:
+    """Bytes the players report (the swarm beacon) reach the coordinator in the heartbeat."""
+    fake = coordinator
+    node = PeerdProcess(
+        tmp_path / "node",
+        config={"coordinator": {"url": fake.url, "heartbeat_interval_s": 1.0}},
+    )
+    await asyncio.to_thread(node.start)
+    try:
+        media = "b" + "m" * 58
+        key = (node.state_dir / "secrets" / "hls_signing_key").read_text().strip().encode()
+        tok = tokens.mint(key, media, "hls", int(time.time()) + 600)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{node.base_url}/swarm/{media}/report?token={tok}",
+                data=b'{"peer": 700000, "http": 300000}',
+            ) as r,
+        ):
+            assert r.status == 204
+        await fake.wait_for(
+            lambda: any(
+                h.payload["load"]["swarm_peer_bytes"] == 700000 for h in fake.of_kind("heartbeat")
+            )
+        )
+        beat = [h for h in fake.of_kind("heartbeat") if h.payload["load"]["swarm_peer_bytes"]]
+        assert beat[-1].payload["load"]["swarm_http_bytes"] == 300000
+    finally:
+        assert await asyncio.to_thread(node.stop) == 0

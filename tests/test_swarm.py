@@ -26,12 +26,14 @@ from tests.test_libp2p_js_interop import BUNDLED_NODE, JS_DIR
 
 MEDIA = "b" + "a" * 58
 OTHER = "b" + "q" * 58
+DISABLED = "b" + "d" * 58
 SWARM = {
     "max_peers_per_swarm": 10,
     "max_message_bytes": 256 * 1024,  # 5 offers with every candidate of this host
     "messages_per_s": 5.0,
     "announce_interval_s": 5,
     "idle_s": 8.0,
+    "disabled_media": [DISABLED],
 }
 
 
@@ -62,7 +64,11 @@ class Node:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     proc = PeerdProcess(
         tmp_path_factory.mktemp("swarm") / "node",
-        config={"swarm": SWARM, "log": {"level": "info"}},
+        config={
+            "swarm": SWARM,
+            "log": {"level": "info"},
+            "webrtc": {"ice_servers": ["stun:stun.example.org:3478"]},
+        },
     )
     proc.start()
     try:
@@ -267,3 +273,45 @@ async def test_a_hundred_simulated_peers_announce_and_every_offer_is_answered(
     assert totals.answers == totals.offers
     relayed = await node.metric("peerd_swarm_relayed_total", '{kind="offer"}') - before
     assert relayed == totals.offers
+
+
+async def test_player_page_scripts_and_byte_beacon(node: Node) -> None:
+    """The player page needs the token; its scripts are served; a beacon counts bytes once per
+    half interval per viewer, within bounds; a disabled media has no tracker."""
+    base = node.proc.base_url
+    tok = node.token(ttl=3602)
+    report = f"{base}/swarm/{MEDIA}/report?token={tok}"
+    peer0 = await node.metric("peerd_swarm_viewer_bytes_total", '{source="peer"}')
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/swarm/player/{MEDIA}") as r:
+            assert r.status == 403
+        async with s.get(f"{base}/swarm/player/{MEDIA}?token={tok}") as r:
+            assert r.status == 200
+            page = await r.text()
+        assert "/swarm/lib/swarm_player.js" in page
+        assert f'"media": "{MEDIA}"' in page
+        assert '"p2p": true' in page
+        assert '"relayOnly": false' in page
+        assert '"iceServers": [{"urls": ["stun:stun.example.org:3478"]}]' in page  # [webrtc]
+        async with s.get(f"{base}/swarm/lib/swarm_player.js") as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "validateP2PSegment" in await r.text()
+        async with s.get(f"{base}/swarm/lib/p2p-media-loader-core.es.min.js") as r:
+            assert r.status == 200
+        async with s.post(f"{base}/swarm/{MEDIA}/report?token={node.token(OTHER)}") as r:
+            assert r.status == 403
+        async with s.post(report, data=b'{"peer": 5000, "http": 1000}') as r:
+            assert r.status == 204
+        async with s.post(report, data=b'{"peer": 5000, "http": 1000}') as r:
+            assert r.status == 429  # the same viewer again within half an interval
+        other = f"{base}/swarm/{MEDIA}/report?token={node.token(ttl=3603)}"
+        for bad in (b'{"peer": -1, "http": 0}', b'{"peer": 1099511627776, "http": 0}', b"x"):
+            async with s.post(other, data=bad) as r:
+                assert r.status == 400
+        async with s.get(f"{base}/swarm/{DISABLED}?token={node.token(DISABLED)}") as r:
+            assert r.status == 403
+        async with s.get(f"{base}/swarm/player/{DISABLED}?token={node.token(DISABLED)}") as r:
+            assert r.status == 200
+            assert '"p2p": false' in await r.text()  # plays over HTTP only
+    assert await node.metric("peerd_swarm_viewer_bytes_total", '{source="peer"}') == peer0 + 5000

@@ -436,6 +436,9 @@ async def test_dashboard_in_chromium(served: tuple[Runtime, str, str], tmp_path:
         await until(lambda: sampled(1), timeout_s=10, step_s=0.05)
         rt.metrics.bytes_served.labels(source="lan").inc(2 << 20)
         await until(lambda: sampled(2), timeout_s=10, step_s=0.05)
+    # Viewers' players reported 3 MiB from each other and 1 MiB over HTTP (swarm beacons).
+    rt.metrics.swarm_viewer_bytes.labels(source="peer").inc(3 << 20)
+    rt.metrics.swarm_viewer_bytes.labels(source="http").inc(1 << 20)
     async with Browser.launch(tmp_path / "chromium") as browser:
         page = await browser.new_page()
         await page.goto(f"{base}/ui")
@@ -463,6 +466,7 @@ async def test_dashboard_in_chromium(served: tuple[Runtime, str, str], tmp_path:
         # P2P share of fetched bytes: (12 + 2 + 3) MiB from peers, 5 MiB from R2.
         share = await page.evaluate("document.getElementById('savings-share').textContent")
         assert share == "77.3 %"
+        assert "Viewers got 3.0 MiB from each other (75.0 % of their segment bytes)" in text
         assert "R2 unreachable: timeout" in text
         assert "192.168.1.20" in text
         assert "2026-11-21" in text

@@ -95,6 +95,18 @@ class Load(Response):
     )
     egress_bps: float = Field(ge=0, description="Bytes/s served, averaged over ~30 s.")
     egress_measured: bool = Field(description="False until two samples of the byte counter exist.")
+    swarm_peer_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Segment bytes the viewers' players reported getting from other viewers "
+        "(the viewer swarm, WebRTC, verified) since the node started: uplink bytes it did not "
+        "send.",
+    )
+    swarm_http_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Segment bytes the same players reported getting over HTTP since start.",
+    )
 
 
 class Capacity(Response):

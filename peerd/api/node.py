@@ -78,7 +78,16 @@ class NodeApi:
             active_streams_measured=streams is not None,
             egress_bps=max(0.0, round(self.egress.rate(), 1)),
             egress_measured=self.egress.measured,
+            swarm_peer_bytes=self._swarm_bytes("peer"),
+            swarm_http_bytes=self._swarm_bytes("http"),
         )
+
+    def _swarm_bytes(self, source: str) -> int:
+        """Viewer swarm bytes by source the players reported (peerd.http.swarm beacons)."""
+        value = self.rt.metrics.registry.get_sample_value(
+            "peerd_swarm_viewer_bytes_total", {"source": source}
+        )
+        return max(0, int(value or 0))
 
     async def capacity(self, load: Load) -> Capacity:
         """Disk, store and uplink figures."""

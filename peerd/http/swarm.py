@@ -16,6 +16,22 @@ read (1008 policy: not a tracker message, over the rate, token expired; 1009: ov
 ``peerd_swarm_rejects_total{reason}`` and logged once per reason per :data:`LOG_INTERVAL_S`
 (with the count of the ones not logged; never the token or the message).
 
+Beside the tracker (same prefix, so the tunnel publishes them with it):
+
+* ``GET /swarm/player/<media id>?token=`` -- the node's player page: hls.js with P2P Media Loader
+  (``swarmId`` = the media id, this tracker with the viewer's token, the node's ICE servers),
+  which checks every segment a peer sends against the content id in its URL before hls.js gets
+  it (``swarm_player.js``);
+* ``GET /swarm/lib/<file>`` -- that module and the pinned npm bundles ``make web-deps``
+  installed (``[swarm] web_dir``), for this page or any site's player (CORS ``*``);
+* ``POST /swarm/<media id>/report?token=`` -- a player's beacon ``{"peer": n, "http": n}``
+  (segment bytes since its last one): the token must be the media's viewer token, one beacon
+  per half ``report_interval_s`` per viewer (token and address; else 429), each value at most
+  :data:`MAX_REPORT_BYTES`; counted in ``peerd_swarm_viewer_bytes_total{source}``.
+
+``[swarm] disabled_media`` turns the swarm off for single media: their tracker upgrade is a 403
+and their player page fetches over HTTP only.
+
 Offers and answers for other viewers are written by tasks of their own, so a viewer whose
 socket does not drain delays nobody else; one still not written after :data:`SEND_TIMEOUT_S`
 closes that viewer's socket.
@@ -25,10 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
+import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -36,6 +56,7 @@ from prometheus_client import Counter, Gauge
 
 from peerd.config import SwarmSettings
 from peerd.core import swarm, tokens
+from peerd.core.whep import IceServer
 from peerd.errors import Forbidden
 from peerd.http.access import ACCESS_HEADER, ViewerAuth, request_token, viewer_auth
 from peerd.http.clientip import client_ip
@@ -46,6 +67,19 @@ log = logging.getLogger("peerd.http.swarm")
 LOG_INTERVAL_S = 60.0
 SEND_TIMEOUT_S = 10.0
 SCOPE = "hls"
+# A beacon's value past this is a lie or a bug (a player reports every few seconds).
+MAX_REPORT_BYTES = 1 << 30
+MAX_REPORT_BODY = 256
+# The files /swarm/lib/ serves: ours from the package, the rest from `make web-deps`.
+PLAYER_MODULE = "swarm_player.js"
+WEB_FILES = {
+    "hls.min.js": "hls.js/dist/hls.min.js",
+    "p2p-media-loader-core.es.min.js": "p2p-media-loader-core/dist/p2p-media-loader-core.es.min.js",
+    "p2p-media-loader-hlsjs.es.min.js": (
+        "p2p-media-loader-hlsjs/dist/p2p-media-loader-hlsjs.es.min.js"
+    ),
+}
+IceSource = Callable[[], Awaitable[tuple[IceServer, ...]]]
 
 
 def limits(cfg: SwarmSettings) -> swarm.Limits:
@@ -89,6 +123,13 @@ class SwarmMetrics:
             ["reason"],
             registry=reg,
         )
+        self.viewer_bytes = rt.metrics.swarm_viewer_bytes
+        self.reports = Counter(
+            "peerd_swarm_reports",
+            "Player byte beacons, by result (ok, rate: too soon after the last, bad: malformed)",
+            ["result"],
+            registry=reg,
+        )
 
 
 class RejectLog:
@@ -127,10 +168,15 @@ class SwarmRoutes:
         auth: ViewerAuth,
         *,
         clock: Callable[[], float] = time.time,
+        ice: IceSource | None = None,
     ) -> None:
         self.cfg = rt.settings.swarm
         self.auth = auth
         self.clock = clock
+        self.ice = ice
+        self.web_dir = Path(self.cfg.web_dir or Path(sys.prefix) / "web") / "node_modules"
+        self.disabled = frozenset(self.cfg.disabled_media)
+        self._reported: dict[str, float] = {}  # viewer -> monotonic time of its last beacon
         self.tracker = swarm.Tracker(limits(self.cfg))
         self.metrics = SwarmMetrics(rt, self.tracker)
         self.rejects = RejectLog()
@@ -156,6 +202,9 @@ class SwarmRoutes:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Upgrade to a tracker WebSocket after the viewer check; serve it until it ends."""
         media = request.match_info["media"]
+        if media in self.disabled:
+            self.metrics.rejects.labels(reason="disabled").inc()
+            raise web.HTTPForbidden(text="the viewer swarm is off for this media\n")
         try:
             await self.auth.check(request, media, SCOPE)
         except Forbidden:
@@ -229,6 +278,71 @@ class SwarmRoutes:
         except ConnectionError:
             self.tracker.close(conn)
 
+    async def player(self, request: web.Request) -> web.Response:
+        """The node's player page for one media (the viewer's token checked first)."""
+        media = request.match_info["media"]
+        token = await self.auth.check(request, media, SCOPE)
+        servers = await self.ice() if self.ice is not None else ()
+        config = {
+            "media": media,
+            "token": token,
+            "p2p": media not in self.disabled,
+            "iceServers": [s.to_json() for s in servers],
+            "relayOnly": self.cfg.relay_only,
+            "reportIntervalS": self.cfg.report_interval_s,
+        }
+        # JSON inside a <script> element: escape "<" so no value can close the element.
+        page = _PLAYER.replace("{{CONFIG}}", json.dumps(config).replace("<", "\\u003c"))
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+        )
+
+    async def lib(self, request: web.Request) -> web.StreamResponse:
+        """A script of the player: ours, or one of the pinned npm bundles."""
+        name = request.match_info["name"]
+        headers = {
+            "Access-Control-Allow-Origin": "*",
+            "Cache-Control": "public, max-age=3600",
+            "Content-Type": "text/javascript; charset=utf-8",
+        }
+        if name == PLAYER_MODULE:
+            return web.Response(body=_MODULE, headers=headers)
+        rel = WEB_FILES.get(name)
+        if rel is None:
+            raise web.HTTPNotFound()
+        path = self.web_dir / rel
+        if not path.is_file():
+            log.warning("swarm player bundle missing: run `make web-deps`", extra={"path": path})
+            raise web.HTTPNotFound(text="not installed on this node (make web-deps)\n")
+        return web.FileResponse(path, headers=headers)
+
+    async def report(self, request: web.Request) -> web.Response:
+        """A player's beacon: segment bytes from peers and over HTTP since its last one."""
+        media = request.match_info["media"]
+        token = await self.auth.check(request, media, SCOPE)
+        cors = {"Access-Control-Allow-Origin": "*"}
+        # One token may be shared by a site's viewers: a viewer is a token at an address.
+        viewer = f"{token or ''} {client_ip(request, self.auth.trusted)}"
+        now = time.monotonic()
+        if now - self._reported.get(viewer, -math.inf) < self.cfg.report_interval_s / 2:
+            self.metrics.reports.labels(result="rate").inc()
+            return web.Response(status=429, headers=cors)
+        body = await request.content.read(MAX_REPORT_BODY + 1)
+        values = _report_values(body)
+        if values is None:
+            self.metrics.reports.labels(result="bad").inc()
+            return web.Response(status=400, headers=cors)
+        if len(self._reported) > 100_000:  # forget viewers silent for two intervals
+            horizon = now - 2 * self.cfg.report_interval_s
+            self._reported = {v: t for v, t in self._reported.items() if t > horizon}
+        self._reported[viewer] = now
+        for source, n in values.items():
+            self.metrics.viewer_bytes.labels(source=source).inc(n)
+        self.metrics.reports.labels(result="ok").inc()
+        return web.Response(status=204, headers=cors)
+
     async def sweep(self) -> None:
         """Close idle sockets and drop stale memberships, every quarter of ``idle_s``."""
         every = min(self.cfg.idle_s / 4, 15.0)
@@ -256,14 +370,39 @@ class SwarmRoutes:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
 
 
+def _report_values(body: bytes) -> dict[str, int] | None:
+    """``{"peer": n, "http": n}`` of a beacon, or None if it is not one (or out of bounds)."""
+    if len(body) > MAX_REPORT_BODY:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or set(doc) != {"peer", "http"}:
+        return None
+    out: dict[str, int] = {}
+    for k, v in doc.items():
+        if type(v) is not int or not 0 <= v <= MAX_REPORT_BYTES:
+            return None
+        out[k] = v
+    return out
+
+
+_PLAYER = resources.files("peerd.http").joinpath("swarm_player.html").read_text(encoding="utf-8")
+_MODULE = resources.files("peerd.http").joinpath(PLAYER_MODULE).read_bytes()
+
 SWARM_KEY = web.AppKey("swarm", SwarmRoutes)
 
 
-def install(app: web.Application, rt: Runtime) -> None:
-    """Add ``/swarm/<media id>`` (the viewer swarm's tracker) when ``[swarm] enabled``."""
+def install(app: web.Application, rt: Runtime, ice: IceSource | None = None) -> None:
+    """Add ``/swarm/<media id>`` (the viewer swarm's tracker), the player page, its scripts and
+    the byte beacon when ``[swarm] enabled``; ``ice`` gives the ICE servers players get."""
     if not rt.settings.swarm.enabled:
         return
-    routes = app[SWARM_KEY] = SwarmRoutes(rt, viewer_auth(app, rt))
+    routes = app[SWARM_KEY] = SwarmRoutes(rt, viewer_auth(app, rt), ice=ice)
     app.router.add_get(r"/swarm/{media:b[a-z2-7]{58}}", routes.handle)
+    app.router.add_get(r"/swarm/player/{media:b[a-z2-7]{58}}", routes.player)
+    app.router.add_get(r"/swarm/lib/{name:[a-z0-9][a-z0-9._-]{0,63}}", routes.lib)
+    app.router.add_post(r"/swarm/{media:b[a-z2-7]{58}}/report", routes.report)
     app.on_startup.append(routes.start)
     app.on_shutdown.append(routes.stop)

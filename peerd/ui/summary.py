@@ -82,6 +82,26 @@ def savings(totals: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def viewer_swarm(rt: Runtime) -> dict[str, Any]:
+    """Segment bytes viewers' players got from each other (uplink bytes the node did not send)
+    and over HTTP, as their beacons reported them (:mod:`peerd.http.swarm`)."""
+    got = {
+        source: float(
+            rt.metrics.registry.get_sample_value(
+                "peerd_swarm_viewer_bytes_total", {"source": source}
+            )
+            or 0.0
+        )
+        for source in ("peer", "http")
+    }
+    total = got["peer"] + got["http"]
+    return {
+        "peer_bytes": got["peer"],
+        "http_bytes": got["http"],
+        "share_from_peers": got["peer"] / total if total else None,
+    }
+
+
 def _pick(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return {k: row.get(k) for k in keys}
 
@@ -244,6 +264,7 @@ async def build_summary(
         "traffic": {
             "bytes_by_source": totals,
             "savings": savings(totals),
+            "viewer_swarm": viewer_swarm(rt),
             "rates": history.rates(),
             "sample_interval_s": settings.ui.sample_interval_s,
             "daily": await _section(lambda: daily_usage(rt)),

@@ -113,6 +113,12 @@ function renderSavings(t) {
   document.getElementById("savings-text").textContent =
     `${fmtBytes(s.p2p_bytes)} came from LAN and libp2p peers instead of R2 ` +
     `(${fmtPct(s.share_of_served)} of all ${fmtBytes(s.total_bytes)} served since start).`;
+  const vs = t.viewer_swarm;
+  if (vs && vs.peer_bytes + vs.http_bytes > 0) {
+    document.getElementById("savings-text").textContent +=
+      ` Viewers got ${fmtBytes(vs.peer_bytes)} from each other (${fmtPct(vs.share_from_peers)} ` +
+      `of their segment bytes): uplink bytes this node did not send.`;
+  }
   const max = Math.max(1, ...Object.values(t.bytes_by_source));
   fillTable("sources", Object.entries(t.bytes_by_source).map(([src, n]) => {
     const bar = el("div", { class: "bar" });
