@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import inspect
 import json
 import math
 import random
@@ -69,6 +70,7 @@ PRICE_CLASS_B = 0.36 / 1e6
 PRICE_STREAM_MINUTE = 1.0 / 1000
 MONTH_S = 30 * 86400.0
 TIMESCALE = 90000
+_ADMIT_TAKES_COST = "cost_bps" in inspect.signature(Uplink.admit).parameters
 
 # -- the library ---------------------------------------------------------------------------------
 
@@ -219,6 +221,9 @@ class SimParams:
     # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
     # its peers say they hold reach it (peerd's default; 1 where peerd has no such key)
     min_copies: int = getattr(R2Settings(), "min_copies", 1)
+    # A request the uplink turned away counts as demand for tiering (the routing branch's
+    # peerd.http.hls: media wanted past the uplink reach the bucket)
+    refused_access: bool = False
     # Objects the driver put in the bucket never pass a node's check in the testbed (see Sim)
     seeded_unverified: bool = True
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
@@ -617,7 +622,9 @@ class Sim:
         # peerd's stream key is (media id, client address, token): the testbed's players share
         # one address, and the coordinator mints one token per item and second
         key = (v.item, self.stream_key.get(v.viewer, 0))
-        if n.meter.enabled and not n.meter.admit(key, self.now):
+        if n.meter.enabled and not self.admit(n, key, v.item):
+            if self.p.refused_access:
+                self.access(n, blob, size)
             if blob in n.r2_rows and self.nodes_use_r2:
                 # 302 to the bucket (what the node's catalog says it holds): the player follows
                 src["via"] = "r2_redirect"
@@ -653,6 +660,13 @@ class Sim:
         n.egress.sent(size, self.now)
         n.served[origin] = n.served.get(origin, 0.0) + size
         src["via"] = "node"
+
+    def admit(self, n: Node, key: tuple[int, int], item: int) -> bool:
+        """``Uplink.admit`` as ``peerd.http.hls`` calls it (with the media's bit rate where
+        peerd's admission takes one)."""
+        if _ADMIT_TAKES_COST:
+            return n.meter.admit(key, self.now, self.lib.items[item].need_Bps)
+        return n.meter.admit(key, self.now)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
