@@ -30,6 +30,7 @@ viewers on 1,000 nodes run in a few minutes on one core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import inspect
 import json
@@ -195,6 +196,9 @@ class SimParams:
     # Or measured per node (what --calibrate reads from a run's catalogs and logs): how long
     # before the first viewer each node's catalog was seeded
     seed_ages_s: list[float] | None = None
+    # and how long before it each daemon was ready (its first tiering round comes one interval
+    # after that); None: a random phase
+    ready_ages_s: list[float] | None = None
     any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
     # [r2] as driver.py writes it
     min_residence_s: float = 30.0
@@ -224,8 +228,9 @@ class SimParams:
     # A request the uplink turned away counts as demand for tiering (the routing branch's
     # peerd.http.hls: media wanted past the uplink reach the bucket)
     refused_access: bool = False
-    # Objects the driver put in the bucket never pass a node's check in the testbed (see Sim)
-    seeded_unverified: bool = True
+    # Objects the driver put in the bucket (no SHA-256 checksum) fail a node's check: peerd
+    # before 27d9b58 (its check then read no body), see Sim
+    seeded_unverified: bool = False
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -420,11 +425,12 @@ class Sim:
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
         self.next_flow = 0
         self.stream_key: dict[int, int] = {}  # viewer -> the second its route was minted
-        # Blobs in the bucket written by the driver (boto3), not by a node: in the testbed no
-        # node's check (HEAD, then a whole GET when there is no SHA-256 checksum) ever confirmed
-        # one -- /tmp/tbq2: 67 of the 69 blobs whose eviction was refused though never deleted
-        # met an object on the push (412), failed the check again and were deleted and put a
-        # second time; 16 of the 18 a demotion had deleted were put once.
+        # Blobs in the bucket written by the driver (boto3, no SHA-256 checksum), not by a node.
+        # Before peerd 27d9b58 a node's check never confirmed one: in a quick run of then
+        # (/tmp/tbq2), 67 of the 69 blobs whose eviction was refused though no demotion had
+        # deleted them met an object on the push (412), failed the check again and were
+        # deleted and put a second time (16 of the 18 a demotion had deleted were put once).
+        # Since, the check reads and hashes such an object (a HEAD and a GET).
         self.seeded: set[int] = set(self.bucket) if p.seeded_unverified else set()
         self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
         self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
@@ -1027,8 +1033,13 @@ class Sim:
         yield "flow", (n.index, size)
 
     def ticker(self, n: Node) -> Proc:
-        """Tiering rounds of ``n`` every interval (staggered)."""
-        yield "wait", self.rng.random() * self.p.tiering_interval_s
+        """Tiering rounds of ``n`` every interval, one interval after the daemon was ready."""
+        iv = self.p.tiering_interval_s
+        if self.p.ready_ages_s is not None:
+            yield "wait", (iv - self.p.ready_ages_s[n.index]) % iv
+        else:
+            yield "wait", self.rng.random() * iv
+        self.tier(n)
         while self.active or self.now < self.p.duration_s:
             yield "wait", self.p.tiering_interval_s
             self.tier(n)
@@ -1270,11 +1281,13 @@ def calibrate(
     replicas: int = 5,
     seed_s_per_node: float | None = None,
     ages: dict[str, list[float]] | None = None,
+    unverified: bool | None = None,
 ) -> dict[str, Any]:
     """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
     ``sim_compare.md``. The nodes' seed ages are read from the run (:func:`seed_ages`), or
     given per policy in ``ages`` (a run whose work directory is gone), else
-    ``seed_s_per_node``."""
+    ``seed_s_per_node``; whether the nodes' check failed on the driver's objects
+    (:attr:`SimParams.seeded_unverified`) from the run (:func:`checks_failed`) unless given."""
     summary = json.loads((run_dir / "summary.json").read_text())
     sc = summary["scenario"]
     p = params_from_scenario(sc)
@@ -1287,9 +1300,10 @@ def calibrate(
         "|---|---|---|---|---|---|---|",
     ]
     for name, tb in summary["policies"].items():
-        p.seed_ages_s = (ages or {}).get(name) or (
-            None if seed_s_per_node is not None else seed_ages(run_dir, name)
-        )
+        clocks = None if seed_s_per_node is not None else node_clocks(run_dir, name)
+        p.seeded_unverified = unverified if unverified is not None else checks_failed(run_dir, name)
+        p.seed_ages_s = (ages or {}).get(name) or (clocks[0] if clocks else None)
+        p.ready_ages_s = clocks[1] if clocks else None
         s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
@@ -1303,39 +1317,63 @@ def calibrate(
     return result
 
 
-def seed_ages(run_dir: Path, policy: str) -> list[float] | None:
-    """Per node, how long before the first viewer its catalog was seeded, as the run left it:
-    the earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes
-    them all at once) against the last node's registration with the coordinator in its
-    ``daemon.log`` (the driver starts the viewers once every node registered and its inventory
-    was read, a second or so later). None when the run's work directory is gone."""
+def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] | None:
+    """Per node, how long before the first viewer (a) its catalog was seeded and (b) the daemon
+    was ready (its tiering rounds run every interval from then), as the run left them: the
+    earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes them
+    all at once) and the ``peerd ready`` line of its ``daemon.log``, against the last node's
+    registration with the coordinator (the driver starts the viewers once every node registered
+    and its inventory was read, a second or so later). None when the work directory is gone."""
     import datetime
     import sqlite3
 
-    ages = []
-    starts = []
-    for node_dir in sorted(
-        (run_dir / "work" / policy).glob("node*"), key=lambda d: int(d.name[4:])
-    ):
+    def ts_of(line: str) -> float:
+        ts = json.loads(line)["ts"].replace("Z", "+00:00")
+        return datetime.datetime.fromisoformat(ts).timestamp()
+
+    seeded_at, ready_at, registered = [], [], []
+    nodes = sorted((run_dir / "work" / policy).glob("node*"), key=lambda d: int(d.name[4:]))
+    for node_dir in nodes:
         try:
             con = sqlite3.connect(f"file:{node_dir / 'catalog.sqlite3'}?mode=ro", uri=True)
             try:
                 (seeded,) = con.execute("SELECT min(created_at) FROM media").fetchone()
             finally:
                 con.close()
-            log_text = (node_dir / "daemon.log").read_text()
+            lines = (node_dir / "daemon.log").read_text().splitlines()
         except (OSError, sqlite3.Error):
             return None
-        for line in log_text.splitlines():
-            if '"registered with the coordinator"' in line:
-                ts = json.loads(line)["ts"].replace("Z", "+00:00")
-                starts.append(datetime.datetime.fromisoformat(ts).timestamp())
-                break
-        ages.append(float(seeded))
-    if not ages or not starts:
+        ready = [ts_of(x) for x in lines if '"peerd ready"' in x]
+        reg = [ts_of(x) for x in lines if '"registered with the coordinator"' in x]
+        if seeded is None or not ready or not reg:
+            return None
+        seeded_at.append(float(seeded))
+        ready_at.append(ready[0])
+        registered.append(reg[0])
+    if not nodes:
         return None
-    first_viewer = max(starts)
-    return [round(first_viewer - a, 2) for a in ages]
+    first_viewer = max(registered)
+    return (
+        [round(first_viewer - a, 2) for a in seeded_at],
+        [round(first_viewer - a, 2) for a in ready_at],
+    )
+
+
+def checks_failed(run_dir: Path, policy: str) -> bool:
+    """Whether the run's nodes deleted objects of the bucket as failing their check (a push
+    job's error in a ``daemon.log``): the peerd of before 27d9b58, whose check of an object
+    without a SHA-256 checksum always failed."""
+    for log_path in (run_dir / "work" / policy).glob("node*/daemon.log"):
+        with contextlib.suppress(OSError), log_path.open() as f:
+            if any("failed verification; deleted it" in line for line in f):
+                return True
+    return False
+
+
+def seed_ages(run_dir: Path, policy: str) -> list[float] | None:
+    """:func:`node_clocks`' seed ages."""
+    clocks = node_clocks(run_dir, policy)
+    return clocks[0] if clocks else None
 
 
 def calibrate_repeats(run_dirs: list[Path], replicas: int = 5) -> str:
@@ -1354,8 +1392,14 @@ def calibrate_repeats(run_dirs: list[Path], replicas: int = 5) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sums[0]["policies"]:
-        ages = [a for d in run_dirs if (a := seed_ages(d, name)) is not None]
-        p.seed_ages_s = [statistics.fmean(x) for x in zip(*ages, strict=True)] if ages else None
+        clocks = [c for d in run_dirs if (c := node_clocks(d, name)) is not None]
+        p.seeded_unverified = any(checks_failed(d, name) for d in run_dirs)
+        p.seed_ages_s = p.ready_ages_s = None
+        if clocks:
+            p.seed_ages_s = [statistics.fmean(x) for x in zip(*(c[0] for c in clocks), strict=True)]
+            p.ready_ages_s = [
+                statistics.fmean(x) for x in zip(*(c[1] for c in clocks), strict=True)
+            ]
         s = replicated(p, lib, name, replicas)
         vals = {k: [float(x["policies"][name][k]) for x in sums] for k in HEADLINE}
         mean = {k: statistics.fmean(v) for k, v in vals.items()}
