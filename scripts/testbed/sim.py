@@ -288,28 +288,31 @@ def params_from_scenario(sc: dict[str, Any]) -> SimParams:
 
 
 def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
-    """The full testbed scenario grown to ``nodes`` nodes and about ``viewers`` viewers: the same
+    """The testbed's full scenario (``driver.full()``, with its defaults: routing, catalogs,
+    the nodes' extra config) grown to ``nodes`` nodes and about ``viewers`` viewers: the same
     uplink and RTT mix, a quarter of the homes in LAN pairs, 7.5 items per node, the same
-    Zipf exponent and peak-to-mean day."""
+    Zipf exponent and peak-to-mean day. Homes have their own CPUs, and their bucket holds what
+    nodes put there."""
+    from scripts.testbed.driver import full
+
     ups = [10, 6, 8, 12, 5, 9, 7, 11]
     rtts = [20, 28, 36, 44, 52, 60, 70, 80]
     pairs = [(k, k + 1) for k in range(0, nodes - 1, 8)]
     pairs += [(k + 2, k + 3) for k in range(0, nodes - 3, 8)]
-    return SimParams(
-        nodes=nodes,
-        uplinks_mbit=[ups[i % 8] for i in range(nodes)],
-        rtts_ms=[rtts[i % 8] for i in range(nodes)],
-        lan_pairs=sorted(pairs),
-        items=max(40, int(7.5 * nodes)),
-        segments_per_item=6,
-        duration_s=duration_s,
-        mean_per_s=viewers / duration_s,
-        peak_ratio=1.9,
-        policies=["peerd", "lru", "no_r2", "all_r2"],
-        one_machine=False,
-        seed_s_per_node=0.0,
-        seeded_unverified=False,  # a real bucket's objects are the nodes' own (checksummed)
-    )
+    sc = asdict(full()) | {
+        "nodes": nodes,
+        "uplinks_mbit": [ups[i % 8] for i in range(nodes)],
+        "rtts_ms": [rtts[i % 8] for i in range(nodes)],
+        "lan_pairs": sorted(pairs),
+        "items": max(40, int(7.5 * nodes)),
+        "duration_s": duration_s,
+        "mean_per_s": viewers / duration_s,
+    }
+    p = params_from_scenario(sc)
+    p.one_machine = False
+    p.seed_s_per_node = 0.0
+    p.seeded_unverified = False  # a real bucket's objects are the nodes' own (checksummed)
+    return p
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -1436,9 +1439,10 @@ def run_scaled(args: argparse.Namespace) -> int:
     p = scaled(args.nodes, args.viewers, args.duration)
     if args.policies:
         p.policies = args.policies.split(",")
-    if args.admission:
+    p.route = args.route or p.route
+    p.manifests = args.manifests or p.manifests
+    if args.admission is not None:
         p.admission_fraction = args.admission
-        p.admission_stream_mbit = 1.0
     rungs = json.loads(Path(args.library).read_text())["rungs"]
     lib = library_from_rungs(rungs, p.items, p.segments_per_item)
     summary: dict[str, Any] = {
@@ -1529,10 +1533,12 @@ def main() -> int:
     ap.add_argument(
         "--admission",
         type=float,
-        default=0.0,
         metavar="FRACTION",
-        help="[uplink] budget as a fraction of each node's uplink (default 0: off, as the testbed)",
+        help="[uplink] budget as a fraction of each node's uplink (0: off; default: the "
+        "testbed's, from its node_set)",
     )
+    ap.add_argument("--route", choices=["holders", "any"], help="default: the testbed's")
+    ap.add_argument("--manifests", choices=["all", "placed"], help="default: the testbed's")
     ap.add_argument(
         "--seed-s-per-node",
         type=float,
