@@ -124,22 +124,100 @@ def test_admission_keeps_the_send_rate_within_the_budget() -> None:
     assert unchecked > one_stream
 
 
-# What the model reproduces of a real quick run, and how closely (two identical quick runs of
-# the testbed itself differ by ~12% in startup p50 and ~10% in class B operations). Not claimed:
-# startup p95 (-27% here, though +0.3% on the full run), the rebuffer ratio beyond 0.1 point,
-# class A operations and so cost (the testbed's come from evictions refused after another node
-# emptied the bucket, pushed back, and those pushes' retries; the model has fewer of them).
-TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.10, "r2_class_b": 0.15}
+# What the model reproduces of the fixture's quick run (the old defaults: holders routing, every
+# manifest in every catalog), and how closely. Two identical quick runs of the testbed itself
+# differ by 7% in startup p50, 12% in class B and 37% in class A operations (/tmp/tbq2: 156,
+# the fixture's run: 107), so those two are held to their own spread; startup p95 is not
+# claimed, and the rebuffer ratio of a quick run is a handful of stalls (one 3 s stall is
+# 0.15%): held within half the 1% goal.
+TOLERANCE = {"node_share": 0.10, "startup_p50_s": 0.10, "r2_class_a": 0.35, "r2_class_b": 0.20}
+# How long before the first viewer each node's catalog was seeded in that run (its catalogs and
+# logs, read by S.seed_ages while the run's work directory existed).
+FIXTURE_AGES = {"peerd": [10.36, 8.81, 6.87, 4.88]}
 
 
 def test_calibration_against_a_real_quick_run(tmp_path: Path) -> None:
     """The fixture is the summary of one real ``run.sh --quick`` and its library's sizes."""
     for name in ("summary.json", "library.json"):
         (tmp_path / name).write_text((FIXTURE / name).read_text())
-    res = S.calibrate(tmp_path)
+    # That run's peerd predates 27d9b58: its nodes' check failed on every object the driver put
+    # in the bucket (its daemon.log: "failed verification; deleted it").
+    res = S.calibrate(tmp_path, ages=FIXTURE_AGES, unverified=True)
     assert (tmp_path / "sim_compare.md").is_file()
     cmp = res["policies"]["peerd"]["compare"]
     for k, tol in TOLERANCE.items():
         assert cmp[k]["rel_err"] is not None, k
         assert abs(cmp[k]["rel_err"]) <= tol, (k, cmp[k])
-    assert abs(cmp["rebuffer_ratio"]["sim"] - cmp["rebuffer_ratio"]["testbed"]) <= 0.001
+    # the testbed's class A operations are refused evictions' pushes: without them (the model
+    # before) it made 8 where the run made 107
+    assert cmp["r2_class_a"]["sim"] > 50
+    assert abs(cmp["rebuffer_ratio"]["abs_err"]) <= 0.005
+
+
+def test_near_zero_figures_are_judged_by_absolute_difference() -> None:
+    """0.03% against 0.01% rebuffering is +200% yet both are far within the 1% goal: the
+    rebuffer ratio passes within 0.1 point; a large relative error on a large figure fails."""
+    tb = dict.fromkeys(S.HEADLINE, 1.0) | {"rebuffer_ratio": 0.0001, "r2_class_a": 0}
+    sim = dict.fromkeys(S.HEADLINE, 1.05) | {"rebuffer_ratio": 0.0003, "r2_class_a": 3}
+    cmp = S.compare(tb, sim)
+    assert cmp["rebuffer_ratio"]["pass"]
+    assert cmp["rebuffer_ratio"]["rel_err"] == 2.0
+    assert cmp["r2_class_a"]["pass"]
+    assert cmp["r2_class_a"]["rel_err"] is None
+    assert cmp["startup_p50_s"]["pass"]
+    assert not S.compare(tb, dict(sim, startup_p95_s=1.2))["startup_p95_s"]["pass"]
+    assert not S.compare(tb, dict(sim, rebuffer_ratio=0.0012))["rebuffer_ratio"]["pass"]
+
+
+def test_new_defaults_are_read_from_the_scenario() -> None:
+    """The testbed's --route any --manifests placed --node-set 'uplink.budget_mbps=...'."""
+    sc = json.loads((FIXTURE / "summary.json").read_text())["scenario"]
+    sc = dict(
+        sc, route="any", manifests="placed", node_set={"uplink": {"budget_mbps": "{uplink_mbit}"}}
+    )
+    p = S.params_from_scenario(sc)
+    assert (p.route, p.manifests, p.admission_fraction) == ("any", "placed", 1.0)
+    assert p.admission_stream_mbit > 0
+    sim = S.Sim(p, library(p), "peerd")
+    # a catalog holds its own items' manifests only, all marked in the bucket
+    assert all(n.known == set(range(n.index, p.items, p.nodes)) for n in sim.nodes)
+    assert all(n.known == set(n.media_r2) for n in sim.nodes)
+    assert all(n.meter.enabled for n in sim.nodes)
+
+
+def test_a_refused_eviction_pushes_the_blob_back() -> None:
+    """What the testbed's class A operations are: a node evicting a blob whose bucket copy it
+    cannot confirm pushes it instead (one PUT when a demotion deleted it; when the object is
+    there but fails the check -- the driver's, in the quick runs -- a PUT refused with 412, a
+    DELETE and the retry's PUT)."""
+    p = small()
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[0]
+    sim.seeded = set(sim.bucket)  # the peerd of before 27d9b58 (see SimParams)
+    seeded = next(iter(sim.seeded))
+    absent = next(b for b in sim.lib.items[1].blobs if b >= 0)
+    sim.bucket_delete(absent)
+    a0 = sim.class_a
+    sim.push(n, absent)
+    assert sim.class_a == a0 + 1
+    assert absent in sim.bucket
+    assert absent in n.r2_rows
+    sim.push(n, seeded)
+    assert sim.class_a == a0 + 3
+    assert seeded in sim.written
+    assert sim.verify(seeded)  # the object a node wrote carries its checksum
+
+
+def test_a_shared_shaper_carries_less_than_its_rate() -> None:
+    """Three flows or more on a shaped link carry its measured goodput, not its rate."""
+    from scripts.testbed.fluid import Link
+
+    for goodput, done_at in ((1.0, 1.5), (0.5, 3.0)):
+        link = Link(100.0, contended=3, contended_goodput=goodput)
+        for f in range(3):
+            link.add(f, 50.0, 0.0)
+        assert link.next_done() == pytest.approx(done_at)
+    two = Link(100.0, contended=3, contended_goodput=0.5)
+    two.add(0, 50.0, 0.0)
+    two.add(1, 50.0, 0.0)
+    assert two.next_done() == pytest.approx(1.0)

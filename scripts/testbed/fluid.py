@@ -22,16 +22,27 @@ class Link:
     """One uplink: ``capacity`` bytes/s shared equally by its flows."""
 
     capacity: float
+    # A token-bucket shaper dropping what waits past its queue loses goodput once several TCP
+    # flows share it: from ``contended`` flows on, the link carries ``contended_goodput`` of
+    # its capacity (scripts/bench/tbf_goodput.py measures the testbed's tbf).
+    contended: int = 0
+    contended_goodput: float = 1.0
     v: float = 0.0
     at: float = 0.0
     version: int = 0
     flows: list[tuple[float, int]] = field(default_factory=list)  # (finish V, flow id)
     sent: float = 0.0
 
+    def rate(self, n: int) -> float:
+        """Bytes/s the link carries with ``n`` flows."""
+        if self.contended and n >= self.contended:
+            return self.capacity * self.contended_goodput
+        return self.capacity
+
     def _advance(self, now: float) -> None:
         n = len(self.flows)
         if n and now > self.at:
-            dv = (now - self.at) * self.capacity / n
+            dv = (now - self.at) * self.rate(n) / n
             self.v += dv
             self.sent += dv * n
         self.at = now
@@ -59,4 +70,4 @@ class Link:
         if math.isinf(self.capacity):
             return self.at
         left = max(0.0, self.flows[0][0] - self.v)
-        return self.at + left * len(self.flows) / self.capacity
+        return self.at + left * len(self.flows) / self.rate(len(self.flows))

@@ -30,7 +30,9 @@ viewers on 1,000 nodes run in a few minutes on one core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
+import inspect
 import json
 import math
 import random
@@ -39,10 +41,12 @@ import sys
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dc_replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from peerd.config import R2Settings, UplinkSettings
 from peerd.core.tiering import (
     BlobStat,
     Demote,
@@ -67,6 +71,7 @@ PRICE_CLASS_B = 0.36 / 1e6
 PRICE_STREAM_MINUTE = 1.0 / 1000
 MONTH_S = 30 * 86400.0
 TIMESCALE = 90000
+_ADMIT_TAKES_COST = "cost_bps" in inspect.signature(Uplink.admit).parameters
 
 # -- the library ---------------------------------------------------------------------------------
 
@@ -188,6 +193,12 @@ class SimParams:
     # node i's catalog is seeded (N - i) * seed_s_per_node before the first viewer (the quick
     # run's log: 11 s for 4 nodes; the full run's: 69 s for 8).
     seed_s_per_node: float = 2.75
+    # Or measured per node (what --calibrate reads from a run's catalogs and logs): how long
+    # before the first viewer each node's catalog was seeded
+    seed_ages_s: list[float] | None = None
+    # and how long before it each daemon was ready (its first tiering round comes one interval
+    # after that); None: a random phase
+    ready_ages_s: list[float] | None = None
     any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
     # [r2] as driver.py writes it
     min_residence_s: float = 30.0
@@ -200,9 +211,29 @@ class SimParams:
     r2_budget_bytes: int = 10 * 1024**3
     evict_high: float = 0.95
     evict_low: float = 0.85
-    # [uplink] budget as a fraction of each node's uplink (0: off, as in the testbed)
+    # [uplink] budget as a fraction of each node's uplink (0: off; the testbed's ``--node-set
+    # 'uplink.budget_mbps={uplink_mbit}'`` is 1.0) and what a stream is assumed to cost before
+    # one is measured (peerd's default ``[uplink] stream_mbps``)
     admission_fraction: float = 0.0
-    admission_stream_mbit: float = 0.0
+    admission_stream_mbit: float = UplinkSettings().stream_mbps
+    admission_window_s: float = UplinkSettings().window_s
+    # The testbed's --manifests: "all" (every catalog holds every manifest, its blobs marked in
+    # R2) or "placed" (only its own items'; media it resolves are recorded not in R2)
+    manifests: str = "all"
+    # The testbed's --route: "holders", or "any" (the last tier is any node even when the
+    # coordinator believes the bucket lacks the item: nodes resolve unknown media)
+    route: str = "holders"
+    # routing.py: an item a viewer could not get from the bucket is not sent there for this long
+    r2_retry_s: float = 20.0
+    # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
+    # its peers say they hold reach it (peerd's default; 1 where peerd has no such key)
+    min_copies: int = getattr(R2Settings(), "min_copies", 1)
+    # A request the uplink turned away counts as demand for tiering (the routing branch's
+    # peerd.http.hls: media wanted past the uplink reach the bucket)
+    refused_access: bool = False
+    # Objects the driver put in the bucket (no SHA-256 checksum) fail a node's check: peerd
+    # before 27d9b58 (its check then read no body), see Sim
+    seeded_unverified: bool = False
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -219,6 +250,13 @@ class SimParams:
     cpu_power: float = 1.0
     one_machine: bool = True
     prefetch_segments: int = 2  # [http] prefetch_segments
+    # What a tbf uplink (50 ms of queue) carries with 3 or more segment transfers at once, as a
+    # fraction of its rate: 1 (not modelled) by default. scripts/bench/tbf_goodput.py measures
+    # it on the testbed's shaper, but no one figure holds: the median over 3 to 24 concurrent
+    # 62 kB transfers was 0.75 and 0.85 at 6 Mbit/s and 0.61 at 12 Mbit/s (0.31 with 8 at once)
+    # on the busy 2-core machine, and 0.8 put the full run's startups 11-42% long.
+    contended_flows: int = 3
+    contended_goodput: float = 1.0
     playlist_bytes: int = 400
     player: PlayerConfig = field(default_factory=PlayerConfig)
 
@@ -229,36 +267,56 @@ class SimParams:
 
 
 def params_from_scenario(sc: dict[str, Any]) -> SimParams:
-    """The testbed's ``summary.json`` ``scenario`` object as model parameters."""
+    """The testbed's ``summary.json`` ``scenario`` object as model parameters (its
+    ``node_set`` too: ``uplink.budget_mbps`` of ``{uplink_mbit}`` turns admission on at each
+    node's uplink, a number at that many Mbit/s for every node)."""
     keys = {f for f in SimParams.__dataclass_fields__}
-    return SimParams(
+    p = SimParams(
         **{k: v for k, v in sc.items() if k in keys and k != "lan_pairs"},
         lan_pairs=[(int(a), int(b)) for a, b in sc.get("lan_pairs", [])],
     )
+    up = sc.get("node_set", {}).get("uplink", {})
+    budget = up.get("budget_mbps")
+    if budget == "{uplink_mbit}":
+        p.admission_fraction = 1.0
+    elif budget:
+        p.admission_fraction = float(budget) / (sum(p.uplinks_mbit) / len(p.uplinks_mbit))
+    if "stream_mbps" in up:
+        p.admission_stream_mbit = float(up["stream_mbps"])
+    if "window_s" in up:
+        p.admission_window_s = float(up["window_s"])
+    r2 = sc.get("node_set", {}).get("r2", {})
+    if "min_copies" in r2:
+        p.min_copies = int(r2["min_copies"])
+    return p
 
 
 def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
-    """The full testbed scenario grown to ``nodes`` nodes and about ``viewers`` viewers: the same
+    """The testbed's full scenario (``driver.full()``, with its defaults: routing, catalogs,
+    the nodes' extra config) grown to ``nodes`` nodes and about ``viewers`` viewers: the same
     uplink and RTT mix, a quarter of the homes in LAN pairs, 7.5 items per node, the same
-    Zipf exponent and peak-to-mean day."""
+    Zipf exponent and peak-to-mean day. Homes have their own CPUs, and their bucket holds what
+    nodes put there."""
+    from scripts.testbed.driver import full
+
     ups = [10, 6, 8, 12, 5, 9, 7, 11]
     rtts = [20, 28, 36, 44, 52, 60, 70, 80]
     pairs = [(k, k + 1) for k in range(0, nodes - 1, 8)]
     pairs += [(k + 2, k + 3) for k in range(0, nodes - 3, 8)]
-    return SimParams(
-        nodes=nodes,
-        uplinks_mbit=[ups[i % 8] for i in range(nodes)],
-        rtts_ms=[rtts[i % 8] for i in range(nodes)],
-        lan_pairs=sorted(pairs),
-        items=max(40, int(7.5 * nodes)),
-        segments_per_item=6,
-        duration_s=duration_s,
-        mean_per_s=viewers / duration_s,
-        peak_ratio=1.9,
-        policies=["peerd", "lru", "no_r2", "all_r2"],
-        one_machine=False,
-        seed_s_per_node=0.0,
-    )
+    sc = asdict(full()) | {
+        "nodes": nodes,
+        "uplinks_mbit": [ups[i % 8] for i in range(nodes)],
+        "rtts_ms": [rtts[i % 8] for i in range(nodes)],
+        "lan_pairs": sorted(pairs),
+        "items": max(40, int(7.5 * nodes)),
+        "duration_s": duration_s,
+        "mean_per_s": viewers / duration_s,
+    }
+    p = params_from_scenario(sc)
+    p.one_machine = False
+    p.seed_s_per_node = 0.0
+    p.seeded_unverified = False  # a real bucket's objects are the nodes' own (checksummed)
+    return p
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -307,7 +365,14 @@ class Node:
     served: dict[str, float] = field(default_factory=dict)
     fetched: dict[str, float] = field(default_factory=dict)
     missed: set[int] = field(default_factory=set)  # items that had a miss (prefetch them)
-    r2_gone: set[int] = field(default_factory=set)  # blobs this node knows left the bucket
+    # Its catalog: media rows (manifests), those it believes in the bucket (-> r2_since), and
+    # blob rows whose r2_state is 'present' (what it may evict, or redirect a viewer to)
+    known: set[int] = field(default_factory=set)
+    media_r2: dict[int, float] = field(default_factory=dict)
+    r2_rows: set[int] = field(default_factory=set)
+    # Blob rows changed since its last heartbeat (the coordinator reads them from its
+    # inventory then): blob -> r2_state is 'present'
+    changed: dict[int, bool] = field(default_factory=dict)
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
 
@@ -340,9 +405,8 @@ class Sim:
                 budget_bps=up * p.admission_fraction,
                 stream_bps=p.admission_stream_mbit * 1e6 / 8,
             )
-            self.nodes.append(
-                Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, Link(up), meter)
-            )
+            link = Link(up, contended=p.contended_flows, contended_goodput=p.contended_goodput)
+            self.nodes.append(Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, link, meter))
         self.holders: dict[int, set[int]] = {k: set() for k in range(len(lib.items))}
         self.blob_items: dict[int, list[int]] = {}
         for k, it in enumerate(lib.items):
@@ -372,10 +436,32 @@ class Sim:
         self.flow_owner: dict[int, int] = {}
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
         self.next_flow = 0
-        for node, items in self.placement().items():
+        self.stream_key: dict[int, int] = {}  # viewer -> the second its route was minted
+        # Blobs in the bucket written by the driver (boto3, no SHA-256 checksum), not by a node.
+        # Before peerd 27d9b58 a node's check never confirmed one: in a quick run of then
+        # (/tmp/tbq2), 67 of the 69 blobs whose eviction was refused though no demotion had
+        # deleted them met an object on the push (412), failed the check again and were
+        # deleted and put a second time (16 of the 18 a demotion had deleted were put once).
+        # Since, the check reads and hashes such an object (a HEAD and a GET).
+        self.seeded: set[int] = set(self.bucket) if p.seeded_unverified else set()
+        self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
+        self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
+        self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
+        place = self.placement()
+        for node, items in place.items():
+            n = self.nodes[node]
             for k in items:
                 for b in lib.items[k].blobs:
-                    self.put(self.nodes[node], b, 0.0)
+                    self.put(n, b, 0.0)
+            n.known = set(range(len(lib.items))) if p.manifests == "all" else set(items)
+            if self.nodes_use_r2:
+                since = (
+                    -p.seed_ages_s[node]
+                    if p.seed_ages_s is not None
+                    else -(p.nodes - node) * p.seed_s_per_node
+                )
+                n.media_r2 = {k: since for k in n.known}
+                n.r2_rows = {b for k in n.known for b in lib.items[k].blobs}
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -428,17 +514,20 @@ class Sim:
             n.have[k] -= 1
             self.holders[k].discard(n.index)
 
-    def r2_since(self, item: int, n: Node) -> float | None:
-        """The item's ``r2_since`` in ``n``'s catalog: when promoted, else when seeded."""
-        if item not in self.r2_items:
-            return None
-        since = self.r2_items[item]
-        return since if since is not None else -(self.p.nodes - n.index) * self.p.seed_s_per_node
+    def row_changed(self, n: Node, blob: int) -> None:
+        """A blob row of ``n`` changed: its inventory reports its r2_state at the next
+        heartbeat."""
+        n.changed[blob] = blob in n.r2_rows
 
     def in_r2(self, item: int) -> bool:
-        """The bucket holds every blob of the item (the coordinator's ``in_r2``: the blobs'
-        ``r2_state``, not the manifest)."""
-        return self.policy != "no_r2" and self.lib.items[item].blobs <= self.bucket
+        """``routing.in_r2``: every blob of the item ``present`` as the nodes' inventories last
+        said (and no viewer failed at the bucket for it in the last ``r2_retry_s``)."""
+        if self.policy == "no_r2":
+            return False
+        if self.now - self.r2_missing.get(item, -1e9) < self.p.r2_retry_s:
+            return False
+        get = self.coord_r2.get
+        return all(get(b, True) for b in self.lib.items[item].blobs)
 
     # -- the event loop ------------------------------------------------------------------------
 
@@ -513,6 +602,8 @@ class Sim:
 
     def route(self, item: int, avoid: set[int]) -> Node | None:
         """A node for a viewer of ``item``, or None for the bucket (``routing.route``)."""
+        if -1 in avoid:
+            self.r2_missing[item] = self.now  # R2_FAILED: the player failed at the bucket
         if self.policy == "all_r2":
             return None
         need = self.lib.items[item].need_Bps
@@ -524,7 +615,7 @@ class Sim:
             if j is not None and j not in avoid
         ]
         tiers: list[list[Node]] = [holders, partners]
-        if r2_ok:
+        if r2_ok or self.p.route == "any":
             if self.p.nodes <= self.p.any_sample:
                 tiers.append([n for n in self.nodes if n.index not in avoid])
             else:
@@ -546,11 +637,20 @@ class Sim:
     def serve(self, n: Node, v: ViewerStats, blob: int, src: dict[str, str]) -> Proc:
         """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
-        if n.meter.enabled and not n.meter.admit(v.viewer, self.now):
-            if blob in self.bucket and self.nodes_use_r2:
+        # peerd's stream key is (media id, client address, token): the testbed's players share
+        # one address, and the coordinator mints one token per item and second
+        key = (v.item, self.stream_key.get(v.viewer, 0))
+        if n.meter.enabled and not self.admit(n, key, v.item):
+            if self.p.refused_access:
+                self.access(n, blob, size)
+            if blob in n.r2_rows and self.nodes_use_r2:
+                # 302 to the bucket (what the node's catalog says it holds): the player follows
                 src["via"] = "r2_redirect"
-                yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
+                yield "wait", self.p.r2_request_s
                 self.class_b += 1
+                if blob not in self.bucket:
+                    raise Fail("404 from the bucket after a redirect")
+                yield "wait", size / self.p.r2_flow_Bps
                 return
             raise Fail("503")
         if n.meter.enabled:
@@ -578,6 +678,13 @@ class Sim:
         n.egress.sent(size, self.now)
         n.served[origin] = n.served.get(origin, 0.0) + size
         src["via"] = "node"
+
+    def admit(self, n: Node, key: tuple[int, int], item: int) -> bool:
+        """``Uplink.admit`` as ``peerd.http.hls`` calls it (with the media's bit rate where
+        peerd's admission takes one)."""
+        if _ADMIT_TAKES_COST:
+            return n.meter.admit(key, self.now, self.lib.items[item].need_Bps)
+        return n.meter.admit(key, self.now)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
@@ -610,7 +717,28 @@ class Sim:
             return ""
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
+        self.row_changed(n, blob)
         return origin
+
+    def resolve_media(self, n: Node, item: int) -> Generator[Step, None, None]:
+        """``n`` is asked for an item its catalog lacks (``--route any``): the manifest from the
+        first source of :func:`source_order` that has it, recorded as not in R2."""
+        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        sources: list[Any] = [PeerSource("lan", peer is not None), PeerSource("p2p", False)]
+        if self.nodes_use_r2:
+            sources.append(BucketSource())
+        for s in source_order(sources):
+            if s.name == "lan" and peer is not None and item in peer.known:
+                yield "wait", self.p.lan_request_s
+                break
+            if s.name == "r2":
+                yield "wait", self.p.r2_request_s
+                self.class_b += 1
+                if item in self.r2_items:
+                    break
+        else:
+            raise Fail("404: no source has the media")
+        n.known.add(item)
 
     # -- a viewer (player.py) ------------------------------------------------------------------
 
@@ -619,10 +747,11 @@ class Sim:
         size = self.lib.sizes[blob]
         yield "busy", (self.p.client_request_s, None)
         if n is None:
+            yield "wait", self.p.r2_request_s
+            self.class_b += 1
             if blob not in self.bucket:
                 raise Fail("404 from the bucket")
-            yield "wait", self.p.r2_request_s + size / self.p.r2_flow_Bps
-            self.class_b += 1
+            yield "wait", size / self.p.r2_flow_Bps
             via = "r2"
         else:
             yield "wait", n.rtt_s
@@ -632,27 +761,36 @@ class Sim:
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
         self.totals[via] = self.totals.get(via, 0) + size
 
-    def open_route(self, v: ViewerStats, avoid: set[int]) -> Generator[Step, None, Node | None]:
-        """Ask the coordinator; read the playlists (a node) or the manifest (the bucket)."""
+    def open_route(self, v: ViewerStats, avoid: set[int]) -> Node | None:
+        """Ask the coordinator (``routing.route``; a node route counts against the node at
+        once)."""
         n = self.route(v.item, avoid)
         self.routes.append((self.now, v.item, "node" if n else "r2", n.index if n else None))
+        self.stream_key[v.viewer] = int(self.now)
+        if n is not None:
+            v.nodes.append(n.index)
+            n.assigned_Bps += self.lib.items[v.item].need_Bps
+            n.streams += 1
+            self.streams += 1
+        return n
+
+    def read_start(self, v: ViewerStats, n: Node | None) -> Proc:
+        """What the player reads to start: the master and media playlists from a node (which
+        resolves an item its catalog lacks first), or the manifest from the bucket."""
         if n is None:
-            if not self.in_r2(v.item):
-                raise Fail("nowhere")
             yield "busy", (self.p.client_request_s, None)
             yield "wait", self.p.r2_request_s
             self.class_b += 1
-            return None
-        v.nodes.append(n.index)
-        n.assigned_Bps += self.lib.items[v.item].need_Bps
-        n.streams += 1
-        self.streams += 1
-        for _ in range(1 + len(self.lib.items[v.item].rungs)):
+            if v.item not in self.r2_items:
+                raise Fail("404: the manifest is not in the bucket")
+            return
+        for i in range(1 + len(self.lib.items[v.item].rungs)):
             yield "busy", (self.p.client_request_s, None)
             yield "wait", n.rtt_s
             yield "busy", (self.p.node_request_s, n.index)
+            if i == 0 and v.item not in n.known:
+                yield from self.resolve_media(n, v.item)
             yield "flow", (n.index, self.p.playlist_bytes)
-        return n
 
     def release(self, v: ViewerStats, n: Node | None) -> None:
         """``routing.release``."""
@@ -671,7 +809,7 @@ class Sim:
         estimate = 0.0
         rung = 0
         inits: set[int] = set()
-        avoid: set[int] = set()
+        avoid: dict[int, float] = {}  # node (or -1, the bucket) -> until when (player.avoid_s)
         node: Node | None = None
         opened = False
         self.active += 1
@@ -686,8 +824,11 @@ class Sim:
                 while True:
                     try:
                         if not opened:
-                            node = yield from self.open_route(v, avoid)
+                            node = self.open_route(
+                                v, {k for k, until in avoid.items() if until > self.now}
+                            )
                             opened = True
+                            yield from self.read_start(v, node)
                         r = item.rungs[min(rung, len(item.rungs) - 1)]
                         size = 0
                         if r.init not in inits:
@@ -703,7 +844,7 @@ class Sim:
                             raise
                         if opened:
                             self.release(v, node)
-                        avoid.add(node.index if node is not None else -1)
+                        avoid[node.index if node is not None else -1] = self.now + cfg.avoid_s
                         v.reroutes += 1
                         opened = False
                         node = None
@@ -768,9 +909,14 @@ class Sim:
             # held, no demand but the shared inits') are kept where they are by plan_tiering
             # and change nothing but the bytes counted against the R2 budget, which never binds
             # here (10 GiB); leaving them out keeps a round linear in what the node touches.
-            mine = set(demand) | {
-                b // p.segments_per_item // len(self.lib.items[0].rungs) for b in n.held if b >= 0
-            }
+            # The items in its catalog it holds a segment of, served, or holds as not in R2
+            # (their demand counts as local): the others (believed in the bucket, not held, no
+            # demand but the shared inits') are kept where they are by plan_tiering and change
+            # nothing but the bytes counted against the R2 budget, which never binds here
+            # (10 GiB); leaving them out keeps a round linear in what the node touches.
+            per_item = p.segments_per_item * len(self.lib.items[0].rungs)
+            mine = set(demand) | {b // per_item for b in n.held if b >= 0}
+            mine = (mine | (n.known - n.media_r2.keys())) & n.known
             for k in mine:
                 demand[k] = demand.get(k, 0.0) + shared
             stats = [
@@ -778,8 +924,8 @@ class Sim:
                     str(k),
                     self.lib.items[k].size,
                     demand_bps(demand.get(k, 0.0), hl),
-                    k in self.r2_items,
-                    self.r2_since(k, n),
+                    k in n.media_r2,
+                    n.media_r2.get(k),
                     n.index in self.holders[k],
                     int(n.lan_peer is not None and n.lan_peer in self.holders[k]),
                 )
@@ -793,23 +939,38 @@ class Sim:
                 min_residence_s=p.min_residence_s,
                 min_copies=p.min_copies,
             )
-            for act in plan_tiering(stats, limits, now):
+            plan = plan_tiering(stats, limits, now)
+            if p.min_copies > 1 and "min_copies" in TieringLimits.__dataclass_fields__:
+                # peerd's TieringService: the candidates' full copies as its peers report them
+                # (the testbed's homes reach only their LAN partner: mDNS, no libp2p bootstrap)
+                peer = n.lan_peer
+                copies = {
+                    a.media_id: int(peer is not None and peer in self.holders[int(a.media_id)])
+                    for a in plan
+                    if isinstance(a, Demote)
+                }
+                stats = [dc_replace(m, copies=copies.get(m.media_id)) for m in stats]  # type: ignore[call-arg]
+                limits = dc_replace(limits, min_copies=p.min_copies)  # type: ignore[call-arg]
+                plan = plan_tiering(stats, limits, now)
+            for act in plan:
                 k = int(act.media_id)
-                if isinstance(act, Promote) and k not in self.r2_items:
+                if isinstance(act, Promote) and k not in n.media_r2:
                     for b in self.lib.items[k].blobs:
-                        if b in n.r2_gone or b not in self.bucket:
-                            self.class_a += 1  # PUT
-                            self.bucket_put(b)
-                            n.r2_gone.discard(b)
+                        if b not in n.r2_rows:
+                            self.push(n, b)
                     self.class_a += 1  # the manifest
                     self.r2_items[k] = now
-                elif isinstance(act, Demote) and k in self.r2_items:
-                    del self.r2_items[k]
+                    n.media_r2[k] = now
+                elif isinstance(act, Demote) and k in n.media_r2:
+                    del n.media_r2[k]
+                    self.r2_items.pop(k, None)  # DELETE of the manifest (free)
                     for b in self.lib.items[k].blobs:
-                        # DELETE (free), unless another item in the bucket names it (the inits)
-                        if not any(j in self.r2_items for j in self.blob_items[b]):
+                        # DELETE (free), unless an item this node's catalog has in the bucket
+                        # names it (r2_users: the inits)
+                        if not any(j in n.media_r2 for j in self.blob_items[b]):
                             self.bucket_delete(b)
-                            n.r2_gone.add(b)
+                            n.r2_rows.discard(b)
+                            self.row_changed(n, b)
             self._stored()
         if self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
             blobs = [
@@ -818,7 +979,7 @@ class Sim:
                     self.lib.sizes[b],
                     decayed(*n.score.get(b, (0.0, 0.0)), now, hl),
                     last,
-                    b not in n.r2_gone,  # the catalog's r2_state: what this node last knew
+                    b in n.r2_rows,  # the catalog's r2_state: what this node last knew
                     False,
                 )
                 for b, last in n.held.items()
@@ -833,18 +994,66 @@ class Sim:
             )
             for ev in plan:
                 b = int(ev.cid)
-                self.class_b += 1  # the HEAD that confirms the R2 copy
-                if b in self.bucket:
+                if self.verify(b):
                     self.drop(n, b)
+                    self.row_changed(n, b)
                 else:
-                    # Another node took it out of the bucket: not evicted, pushed back (PUT).
-                    self.class_a += 1
-                    self.bucket_put(b)
+                    # Not confirmed (another node deleted it, or the driver wrote it): not
+                    # evicted; marked not in R2 and pushed again.
+                    n.r2_rows.discard(b)
+                    self.push(n, b)
             self._stored()
 
+    def verify(self, b: int) -> bool:
+        """``R2Client.verify_blob``: a HEAD, and a whole GET when the object has no SHA-256
+        checksum (the driver's); whether the copy is confirmed."""
+        self.class_b += 1
+        if b not in self.bucket:
+            return False
+        if b in self.seeded:
+            self.class_b += 1
+            return False
+        if b not in self.written:
+            self.class_b += 1
+        return True
+
+    def push(self, n: Node, b: int) -> None:
+        """A ``push_blob`` job (``Replicator.upload_blob``): a PUT ``If-None-Match: *``; on an
+        object already there (412) its check, and when that fails a DELETE and the job's
+        retry; then the check of the object written."""
+        self.class_a += 1
+        puts = 1
+        if b in self.bucket:
+            if not self.verify(b):
+                self.bucket_delete(b)
+                self.seeded.discard(b)
+                self.class_a += 1  # the retry's PUT
+                puts = 2
+                self.bucket_put(b)
+                self.written.add(b)
+                self.class_b += 1
+        else:
+            self.bucket_put(b)
+            self.written.add(b)
+            self.class_b += 1  # the HEAD after the PUT (its SHA-256 checksum)
+        n.r2_rows.add(b)
+        self.row_changed(n, b)
+        self.start(self.upload(n, self.lib.sizes[b] * puts))
+
+    def upload(self, n: Node, size: int) -> Proc:
+        """A PUT's body leaves by the home's uplink, beside the viewers' segments (a PUT
+        refused with 412 sends its body too: ``If-None-Match`` is checked on the whole
+        request)."""
+        yield "flow", (n.index, size)
+
     def ticker(self, n: Node) -> Proc:
-        """Tiering rounds of ``n`` every interval (staggered)."""
-        yield "wait", self.rng.random() * self.p.tiering_interval_s
+        """Tiering rounds of ``n`` every interval, one interval after the daemon was ready."""
+        iv = self.p.tiering_interval_s
+        if self.p.ready_ages_s is not None:
+            yield "wait", (iv - self.p.ready_ages_s[n.index]) % iv
+        else:
+            yield "wait", self.rng.random() * iv
+        self.tier(n)
         while self.active or self.now < self.p.duration_s:
             yield "wait", self.p.tiering_interval_s
             self.tier(n)
@@ -854,6 +1063,9 @@ class Sim:
         while self.active or self.now < self.p.duration_s:
             for n in self.nodes:
                 n.reported_Bps = n.egress.rate(self.now)
+                # the inventory the coordinator pages through after a heartbeat whose seq moved
+                self.coord_r2.update(n.changed)
+                n.changed.clear()
             yield "wait", self.p.heartbeat_s
 
     def sampler(self) -> Proc:
@@ -995,13 +1207,49 @@ HEADLINE = (
 )
 
 
+TOLERANCE_REL = 0.10
+# Figures whose testbed values can sit near 0, where a relative error says nothing (0.03%
+# against 0.01% is "+200%" yet both meet the 1% goal thirty times over): they also pass within
+# an absolute difference -- the rebuffer ratio within 0.1 percentage point (a tenth of the
+# issue's 1% goal), R2 operations within 10 of either class (the new-default quick runs make 0
+# to 3 class A, `no_r2` 9 class B: the sanity players'), the cost within $0.00005 (ten class A
+# operations). Two zeros agree.
+TOLERANCE_ABS = {
+    "rebuffer_ratio": 0.001,
+    "r2_class_a": 10.0,
+    "r2_class_b": 10.0,
+    "cost_usd": 0.00005,
+}
+
+
 def compare(testbed: dict[str, Any], sim: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per headline figure: testbed, sim and the relative error (None when the testbed's is 0)."""
+    """Per headline figure: testbed, sim, the relative error (None when the testbed's is 0),
+    the absolute difference, and whether it passes (within :data:`TOLERANCE_REL`, or for the
+    figures of :data:`TOLERANCE_ABS` within that absolute difference)."""
     out = {}
     for k in HEADLINE:
         a, b = float(testbed[k]), float(sim[k])
-        out[k] = {"testbed": a, "sim": b, "rel_err": None if a == 0 else round((b - a) / a, 4)}
+        rel = None if a == 0 else round((b - a) / a, 4)
+        ok = a == b or (rel is not None and abs(rel) <= TOLERANCE_REL)
+        tol = f"±{TOLERANCE_REL:.0%}"
+        if k in TOLERANCE_ABS:
+            ok = ok or abs(b - a) <= TOLERANCE_ABS[k]
+            tol += f" or ±{TOLERANCE_ABS[k]:g}"
+        out[k] = {
+            "testbed": a,
+            "sim": b,
+            "rel_err": rel,
+            "abs_err": round(b - a, 6),
+            "tolerance": tol,
+            "pass": ok,
+        }
     return out
+
+
+def _err(k: str, c: dict[str, Any]) -> str:
+    if k == "rebuffer_ratio" or c["rel_err"] is None:
+        return f"{c['abs_err']:+.4g}"
+    return f"{c['rel_err']:+.1%}"
 
 
 def load_library(run_dir: Path, sc: dict[str, Any]) -> Library:
@@ -1043,10 +1291,17 @@ def _trace(p: SimParams) -> list[Any]:
 
 
 def calibrate(
-    run_dir: Path, replicas: int = 5, seed_s_per_node: float | None = None
+    run_dir: Path,
+    replicas: int = 5,
+    seed_s_per_node: float | None = None,
+    ages: dict[str, list[float]] | None = None,
+    unverified: bool | None = None,
 ) -> dict[str, Any]:
     """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
-    ``sim_compare.md``."""
+    ``sim_compare.md``. The nodes' seed ages are read from the run (:func:`seed_ages`), or
+    given per policy in ``ages`` (a run whose work directory is gone), else
+    ``seed_s_per_node``; whether the nodes' check failed on the driver's objects
+    (:attr:`SimParams.seeded_unverified`) from the run (:func:`checks_failed`) unless given."""
     summary = json.loads((run_dir / "summary.json").read_text())
     sc = summary["scenario"]
     p = params_from_scenario(sc)
@@ -1055,19 +1310,126 @@ def calibrate(
     lib = load_library(run_dir, sc)
     result: dict[str, Any] = {"params": _jsonable(asdict(p)), "policies": {}}
     rows = [
-        "| policy | figure | testbed | sim | error |",
-        "|---|---|---|---|---|",
+        "| policy | figure | testbed | sim | error | tolerance | within |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, tb in summary["policies"].items():
+        clocks = None if seed_s_per_node is not None else node_clocks(run_dir, name)
+        p.seeded_unverified = unverified if unverified is not None else checks_failed(run_dir, name)
+        p.seed_ages_s = (ages or {}).get(name) or (clocks[0] if clocks else None)
+        p.ready_ages_s = clocks[1] if clocks else None
         s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
         for k, c in cmp.items():
-            err = "n/a" if c["rel_err"] is None else f"{c['rel_err']:+.1%}"
-            rows.append(f"| {name} | {k} | {c['testbed']:.6g} | {c['sim']:.6g} | {err} |")
+            rows.append(
+                f"| {name} | {k} | {c['testbed']:.6g} | {c['sim']:.6g} | {_err(k, c)} "
+                f"| {c['tolerance']} | {'yes' if c['pass'] else 'no'} |"
+            )
     (run_dir / "sim_compare.json").write_text(json.dumps(result, indent=1, default=float))
     (run_dir / "sim_compare.md").write_text("\n".join(rows) + "\n")
     return result
+
+
+def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] | None:
+    """Per node, how long before the first viewer (a) its catalog was seeded and (b) the daemon
+    was ready (its tiering rounds run every interval from then), as the run left them: the
+    earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes them
+    all at once) and the ``peerd ready`` line of its ``daemon.log``, against the last node's
+    registration with the coordinator (the driver starts the viewers once every node registered
+    and its inventory was read, a second or so later). None when the work directory is gone."""
+    import datetime
+    import sqlite3
+
+    def ts_of(line: str) -> float:
+        ts = json.loads(line)["ts"].replace("Z", "+00:00")
+        return datetime.datetime.fromisoformat(ts).timestamp()
+
+    seeded_at, ready_at, registered = [], [], []
+    nodes = sorted((run_dir / "work" / policy).glob("node*"), key=lambda d: int(d.name[4:]))
+    for node_dir in nodes:
+        try:
+            con = sqlite3.connect(f"file:{node_dir / 'catalog.sqlite3'}?mode=ro", uri=True)
+            try:
+                (seeded,) = con.execute("SELECT min(created_at) FROM media").fetchone()
+            finally:
+                con.close()
+            lines = (node_dir / "daemon.log").read_text().splitlines()
+        except (OSError, sqlite3.Error):
+            return None
+        ready = [ts_of(x) for x in lines if '"peerd ready"' in x]
+        reg = [ts_of(x) for x in lines if '"registered with the coordinator"' in x]
+        if seeded is None or not ready or not reg:
+            return None
+        seeded_at.append(float(seeded))
+        ready_at.append(ready[0])
+        registered.append(reg[0])
+    if not nodes:
+        return None
+    first_viewer = max(registered)
+    return (
+        [round(first_viewer - a, 2) for a in seeded_at],
+        [round(first_viewer - a, 2) for a in ready_at],
+    )
+
+
+def checks_failed(run_dir: Path, policy: str) -> bool:
+    """Whether the run's nodes deleted objects of the bucket as failing their check (a push
+    job's error in a ``daemon.log``): the peerd of before 27d9b58, whose check of an object
+    without a SHA-256 checksum always failed."""
+    for log_path in (run_dir / "work" / policy).glob("node*/daemon.log"):
+        with contextlib.suppress(OSError), log_path.open() as f:
+            if any("failed verification; deleted it" in line for line in f):
+                return True
+    return False
+
+
+def seed_ages(run_dir: Path, policy: str) -> list[float] | None:
+    """:func:`node_clocks`' seed ages."""
+    clocks = node_clocks(run_dir, policy)
+    return clocks[0] if clocks else None
+
+
+def calibrate_repeats(run_dirs: list[Path], replicas: int = 5) -> str:
+    """Runs of one scenario (the same ``scenario`` object): the testbed's own spread per figure
+    next to the model's error against their mean -- a figure two identical testbed runs put
+    further apart than the tolerance cannot be reproduced within it by any model. A markdown
+    table."""
+    sums = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    sc = sums[0]["scenario"]
+    if any(x["scenario"] != sc for x in sums):
+        raise SystemExit("--repeats: the runs' scenarios differ")
+    p = params_from_scenario(sc)
+    lib = load_library(run_dirs[0], sc)
+    rows = [
+        "| policy | figure | testbed runs | mean | spread | sim | error | tolerance | within |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sums[0]["policies"]:
+        clocks = [c for d in run_dirs if (c := node_clocks(d, name)) is not None]
+        p.seeded_unverified = any(checks_failed(d, name) for d in run_dirs)
+        p.seed_ages_s = p.ready_ages_s = None
+        if clocks:
+            p.seed_ages_s = [statistics.fmean(x) for x in zip(*(c[0] for c in clocks), strict=True)]
+            p.ready_ages_s = [
+                statistics.fmean(x) for x in zip(*(c[1] for c in clocks), strict=True)
+            ]
+        s = replicated(p, lib, name, replicas)
+        vals = {k: [float(x["policies"][name][k]) for x in sums] for k in HEADLINE}
+        mean = {k: statistics.fmean(v) for k, v in vals.items()}
+        for k, c in compare(mean, s).items():
+            v = vals[k]
+            spread = (
+                f"{(max(v) - min(v)) / c['testbed']:.0%}"
+                if c["testbed"] and k != "rebuffer_ratio"
+                else f"{max(v) - min(v):.4g}"
+            )
+            rows.append(
+                f"| {name} | {k} | {' / '.join(f'{x:.4g}' for x in v)} | {c['testbed']:.4g} "
+                f"| {spread} | {c['sim']:.4g} | {_err(k, c)} | {c['tolerance']} "
+                f"| {'yes' if c['pass'] else 'no'} |"
+            )
+    return "\n".join(rows) + "\n"
 
 
 def _jsonable(x: Any) -> Any:
@@ -1083,9 +1445,10 @@ def run_scaled(args: argparse.Namespace) -> int:
     p = scaled(args.nodes, args.viewers, args.duration)
     if args.policies:
         p.policies = args.policies.split(",")
-    if args.admission:
+    p.route = args.route or p.route
+    p.manifests = args.manifests or p.manifests
+    if args.admission is not None:
         p.admission_fraction = args.admission
-        p.admission_stream_mbit = 1.0
     rungs = json.loads(Path(args.library).read_text())["rungs"]
     lib = library_from_rungs(rungs, p.items, p.segments_per_item)
     summary: dict[str, Any] = {
@@ -1160,6 +1523,13 @@ def main() -> int:
     """Command line (see the module doc)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calibrate", type=Path, metavar="DIR", help="a testbed run's --out")
+    ap.add_argument(
+        "--repeats",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="testbed runs of one scenario: their spread and the model's error on their mean",
+    )
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--viewers", type=int, default=100_000)
     ap.add_argument("--duration", type=float, default=240.0, help="seconds of arrivals")
@@ -1169,10 +1539,12 @@ def main() -> int:
     ap.add_argument(
         "--admission",
         type=float,
-        default=0.0,
         metavar="FRACTION",
-        help="[uplink] budget as a fraction of each node's uplink (default 0: off, as the testbed)",
+        help="[uplink] budget as a fraction of each node's uplink (0: off; default: the "
+        "testbed's, from its node_set)",
     )
+    ap.add_argument("--route", choices=["holders", "any"], help="default: the testbed's")
+    ap.add_argument("--manifests", choices=["all", "placed"], help="default: the testbed's")
     ap.add_argument(
         "--seed-s-per-node",
         type=float,
@@ -1180,6 +1552,9 @@ def main() -> int:
         "daemons ready, over the nodes); default 2.75, the quick run's",
     )
     args = ap.parse_args()
+    if args.repeats:
+        print(calibrate_repeats(args.repeats))
+        return 0
     if args.calibrate:
         res = calibrate(args.calibrate, seed_s_per_node=args.seed_s_per_node)
         print((args.calibrate / "sim_compare.md").read_text())
@@ -1187,7 +1562,7 @@ def main() -> int:
             (pol, k)
             for pol, r in res["policies"].items()
             for k, c in r["compare"].items()
-            if c["rel_err"] is not None and abs(c["rel_err"]) > 0.10
+            if not c["pass"]
         ]
         return 1 if bad else 0
     if args.out is None:
