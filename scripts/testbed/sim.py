@@ -226,11 +226,11 @@ class SimParams:
     # routing.py: an item a viewer could not get from the bucket is not sent there for this long
     r2_retry_s: float = 20.0
     # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
-    # its peers say they hold reach it (peerd's default; 1 where peerd has no such key)
-    min_copies: int = getattr(R2Settings(), "min_copies", 1)
-    # A request the uplink turned away counts as demand for tiering (the routing branch's
-    # peerd.http.hls: media wanted past the uplink reach the bucket)
-    refused_access: bool = False
+    # its peers say they hold reach it (peerd's default)
+    min_copies: int = R2Settings().min_copies
+    # A request the uplink turned away counts as demand for tiering (peerd.http.hls since
+    # 77754bb: media wanted past the uplink reach the bucket)
+    refused_access: bool = True
     # Objects the driver put in the bucket (no SHA-256 checksum) fail a node's check: peerd
     # before 27d9b58 (its check then read no body), see Sim
     seeded_unverified: bool = False
