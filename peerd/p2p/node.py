@@ -356,8 +356,11 @@ class TrioNode:
 
     # -- blob protocol: dialer -----------------------------------------------------------------
 
-    async def open_blob(self, peer: str, addrs: list[str], cid: str) -> tuple[int, int, Any]:
-        """Ask ``peer`` for ``cid``: (status, size, stream); the stream is None unless OK."""
+    async def _request(
+        self, peer: str, addrs: list[str], protocol: str, key: str, what: str
+    ) -> tuple[Any, blobwire.Answer]:
+        """Open ``protocol`` to ``peer``, send ``key`` and read the answer's header: (stream,
+        answer). A failure resets the stream and raises :class:`UpstreamError`."""
         import multiaddr  # noqa: PLC0415
         from libp2p.custom_types import TProtocol  # noqa: PLC0415
         from libp2p.peer.id import ID  # noqa: PLC0415
@@ -373,14 +376,18 @@ class TrioNode:
                     host.get_peerstore().add_addrs(pid, mas, ADDR_TTL_S)
                 if pid not in host.get_connected_peers():
                     await host.connect(PeerInfo(pid, mas))
-                stream = await host.new_stream(pid, [TProtocol(blobwire.PROTOCOL_ID)])
-                await stream.write(blobwire.encode_request(cid))
+                stream = await host.new_stream(pid, [TProtocol(protocol)])
+                await stream.write(blobwire.encode_request(key))
                 head = await _read_upto(stream, blobwire.HEADER.size)
-            answer = blobwire.decode_answer(head)
+            return stream, blobwire.decode_answer(head)
         except Exception as exc:
             if stream is not None:
                 await _reset(stream)
-            raise UpstreamError(f"libp2p request to {peer} failed: {exc!r}") from exc
+            raise UpstreamError(f"libp2p {what} request to {peer} failed: {exc!r}") from exc
+
+    async def open_blob(self, peer: str, addrs: list[str], cid: str) -> tuple[int, int, Any]:
+        """Ask ``peer`` for ``cid``: (status, size, stream); the stream is None unless OK."""
+        stream, answer = await self._request(peer, addrs, blobwire.PROTOCOL_ID, cid, "blob")
         if answer.status != Status.OK:
             await _reset(stream)
             return int(answer.status), 0, None
@@ -388,29 +395,10 @@ class TrioNode:
 
     async def ask_held(self, peer: str, addrs: list[str], media_id: str) -> bool:
         """Whether ``peer`` holds every blob of ``media_id`` (``/peerd/held/1.0.0``)."""
-        import multiaddr  # noqa: PLC0415
-        from libp2p.custom_types import TProtocol  # noqa: PLC0415
-        from libp2p.peer.id import ID  # noqa: PLC0415
-        from libp2p.peer.peerinfo import PeerInfo  # noqa: PLC0415
-
-        host, _ = self._require()
-        stream = None
-        try:
-            pid = ID.from_base58(peer)
-            mas = [multiaddr.Multiaddr(a) for a in addrs]
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                if mas:
-                    host.get_peerstore().add_addrs(pid, mas, ADDR_TTL_S)
-                if pid not in host.get_connected_peers():
-                    await host.connect(PeerInfo(pid, mas))
-                stream = await host.new_stream(pid, [TProtocol(blobwire.HELD_PROTOCOL_ID)])
-                await stream.write(blobwire.encode_request(media_id))
-                answer = blobwire.decode_answer(await _read_upto(stream, blobwire.HEADER.size))
-        except Exception as exc:
-            raise UpstreamError(f"libp2p held request to {peer} failed: {exc!r}") from exc
-        finally:
-            if stream is not None:
-                await _reset(stream)
+        stream, answer = await self._request(
+            peer, addrs, blobwire.HELD_PROTOCOL_ID, media_id, "held"
+        )
+        await _reset(stream)
         return answer.status == Status.OK
 
     async def read(self, stream: Any, n: int) -> bytes:
