@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
-import inspect
 import json
 import math
 import random
@@ -71,7 +70,6 @@ PRICE_CLASS_B = 0.36 / 1e6
 PRICE_STREAM_MINUTE = 1.0 / 1000
 MONTH_S = 30 * 86400.0
 TIMESCALE = 90000
-_ADMIT_TAKES_COST = "cost_bps" in inspect.signature(Uplink.admit).parameters
 
 # -- the library ---------------------------------------------------------------------------------
 
@@ -225,6 +223,11 @@ class SimParams:
     route: str = "holders"
     # routing.py: an item a viewer could not get from the bucket is not sent there for this long
     r2_retry_s: float = 20.0
+    # routing.py: an item the bucket holds is sent to a node only if this much of its uplink
+    # stays free besides
+    r2_reserve: float = 0.15
+    # [uplink] retry_after_s: what a node's 503 tells the player
+    retry_after_s: float = UplinkSettings().retry_after_s
     # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
     # its peers say they hold reach it (peerd's default)
     min_copies: int = R2Settings().min_copies
@@ -323,7 +326,21 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
 
 
 class Fail(Exception):  # noqa: N818 (a request the player retries elsewhere, as player.Failed)
-    """A request that failed (refused, or the blob nowhere)."""
+    """A request that failed (refused, or the blob nowhere): ``why`` as ``player.Failed``
+    (``refused``: a 503, ``missing``: another status), ``retry_after_s`` its header, ``bucket``
+    a node's redirect that failed at the bucket."""
+
+    def __init__(
+        self,
+        msg: str,
+        why: str = "missing",
+        retry_after_s: float | None = None,
+        bucket: bool = False,
+    ) -> None:
+        super().__init__(msg)
+        self.why = why
+        self.retry_after_s = retry_after_s
+        self.bucket = bucket
 
 
 @dataclass
@@ -375,6 +392,11 @@ class Node:
     changed: dict[int, bool] = field(default_factory=dict)
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
+    # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
+    # state of its last heartbeat, until when a viewer's 503 said to stay away
+    coord_uplink_Bps: float = 0.0
+    admission: str = "off"
+    refusing_until: float = 0.0
 
 
 Step = tuple[str, Any]
@@ -407,6 +429,7 @@ class Sim:
             )
             link = Link(up, contended=p.contended_flows, contended_goodput=p.contended_goodput)
             self.nodes.append(Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, link, meter))
+            self.nodes[-1].coord_uplink_Bps = up
         self.holders: dict[int, set[int]] = {k: set() for k in range(len(lib.items))}
         self.blob_items: dict[int, list[int]] = {}
         for k, it in enumerate(lib.items):
@@ -447,6 +470,8 @@ class Sim:
         self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
         self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
         self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
+        # (node, item) -> when a viewer found the node could not get the item it lacks
+        self.node_missing: dict[tuple[int, int], float] = {}
         place = self.placement()
         for node, items in place.items():
             n = self.nodes[node]
@@ -598,38 +623,87 @@ class Sim:
 
     def spare(self, n: Node) -> float:
         """``routing.spare``: uplink the coordinator may still give away."""
-        return n.uplink_Bps * self.p.admit_fraction - max(n.reported_Bps, n.assigned_Bps)
+        return n.coord_uplink_Bps * self.p.admit_fraction - max(n.reported_Bps, n.assigned_Bps)
 
-    def route(self, item: int, avoid: set[int]) -> Node | None:
-        """A node for a viewer of ``item``, or None for the bucket (``routing.route``)."""
-        if -1 in avoid:
-            self.r2_missing[item] = self.now  # R2_FAILED: the player failed at the bucket
+    def takes(self, n: Node, need: float, in_r2: bool) -> bool:
+        """``routing.takes``: room in the coordinator's count (less ``r2_reserve`` of the uplink
+        for an item the bucket holds), not in overflow at its last heartbeat, no 503 whose
+        Retry-After still runs."""
+        reserve = self.p.r2_reserve * n.coord_uplink_Bps if in_r2 else 0.0
+        return (
+            self.spare(n) >= need + reserve
+            and n.admission != "overflow"
+            and n.refusing_until <= self.now
+        )
+
+    def route(self, item: int, avoid: dict[int, tuple[float, str]]) -> Node | None:
+        """A node for a viewer of ``item``, or None for the bucket (``routing.route``);
+        ``avoid``: what the viewer met (node or -1, the bucket -> until when, why)."""
+        now = self.now
+        shunned: set[int] = set()
+        for i, (until, why) in avoid.items():
+            if until <= now:
+                continue
+            if i == -1:
+                self.r2_missing[item] = max(self.r2_missing.get(item, 0.0), now)
+                continue
+            shunned.add(i)
+            if why == "refused":
+                self.nodes[i].refusing_until = max(self.nodes[i].refusing_until, until)
+            elif why == "missing":
+                self.node_missing[(i, item)] = now
         if self.policy == "all_r2":
             return None
         need = self.lib.items[item].need_Bps
         r2_ok = self.in_r2(item)
-        holders = [self.nodes[i] for i in self.holders[item] if i not in avoid]
-        partners = [
-            self.nodes[j]
-            for j in (self.nodes[i].lan_peer for i in self.holders[item])
-            if j is not None and j not in avoid
+        held = self.holders[item]
+        retry = self.p.r2_retry_s
+
+        def live(n: Node) -> bool:
+            return n.index not in shunned and (
+                n.index in held or now - self.node_missing.get((n.index, item), -1e9) > retry
+            )
+
+        holders = [self.nodes[i] for i in held]
+        tiers: list[list[Node]] = [
+            [n for n in holders if live(n)],
+            [
+                self.nodes[j]
+                for j in sorted({n.lan_peer for n in holders if n.lan_peer is not None})
+                if live(self.nodes[j])
+            ],
         ]
-        tiers: list[list[Node]] = [holders, partners]
         if r2_ok or self.p.route == "any":
-            if self.p.nodes <= self.p.any_sample:
-                tiers.append([n for n in self.nodes if n.index not in avoid])
-            else:
-                pick = self.rng.sample(self.nodes, self.p.any_sample)
-                tiers.append([n for n in pick if n.index not in avoid])
+            # routing.reaches: the bucket, or a LAN partner holding it (no libp2p here)
+            pool = (
+                self.nodes
+                if self.p.nodes <= self.p.any_sample
+                else self.rng.sample(self.nodes, self.p.any_sample)
+            )
+            tiers.append(
+                [
+                    n
+                    for n in pool
+                    if live(n) and (r2_ok or (n.lan_peer is not None and n.lan_peer in held))
+                ]
+            )
         for tier in tiers:
-            fit = [n for n in tier if self.spare(n) >= need]
+            fit = [n for n in tier if self.takes(n, need, r2_ok)]
             if fit:
                 return max(fit, key=self.spare)
         if r2_ok:
+            redirecting = [
+                n for n in tiers[0] if n.admission == "overflow" and n.refusing_until <= now
+            ]
+            if redirecting:
+                return max(redirecting, key=self.spare)
             return None
         for tier in tiers:
             if tier:
-                return max(tier, key=self.spare)
+                return min(tier, key=lambda n: (n.refusing_until, -self.spare(n)))
+        fallback = [n for n in holders if n.index not in shunned] or holders
+        if fallback:
+            return min(fallback, key=lambda n: (n.refusing_until, -self.spare(n)))
         return None
 
     # -- a node serving a blob -----------------------------------------------------------------
@@ -640,19 +714,22 @@ class Sim:
         # peerd's stream key is (media id, client address, token): the testbed's players share
         # one address, and the coordinator mints one token per item and second
         key = (v.item, self.stream_key.get(v.viewer, 0))
-        if n.meter.enabled and not self.admit(n, key, v.item):
-            if self.p.refused_access:
-                self.access(n, blob, size)
+        if n.meter.enabled and not self.admit(n, key, v.item, blob):
+            # peerd records it where its catalog has the blob's row (held, or of media it knows)
+            if self.p.refused_access and (
+                blob in n.held or any(k in n.known for k in self.blob_items[blob])
+            ):
+                self.record(n, blob, size)
             if blob in n.r2_rows and self.nodes_use_r2:
                 # 302 to the bucket (what the node's catalog says it holds): the player follows
                 src["via"] = "r2_redirect"
                 yield "wait", self.p.r2_request_s
                 self.class_b += 1
                 if blob not in self.bucket:
-                    raise Fail("404 from the bucket after a redirect")
+                    raise Fail("404 from the bucket after a redirect", bucket=True)
                 yield "wait", size / self.p.r2_flow_Bps
                 return
-            raise Fail("503")
+            raise Fail("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
         yield "busy", (self.p.node_request_s, n.index)
@@ -679,16 +756,19 @@ class Sim:
         n.served[origin] = n.served.get(origin, 0.0) + size
         src["via"] = "node"
 
-    def admit(self, n: Node, key: tuple[int, int], item: int) -> bool:
-        """``Uplink.admit`` as ``peerd.http.hls`` calls it (with the media's bit rate where
-        peerd's admission takes one)."""
-        if _ADMIT_TAKES_COST:
-            return n.meter.admit(key, self.now, self.lib.items[item].need_Bps)
-        return n.meter.admit(key, self.now)
+    def admit(self, n: Node, key: tuple[int, int], item: int, blob: int) -> bool:
+        """``Uplink.admit`` as ``peerd.http.hls._admit`` calls it: the media's bit rate, and
+        ``spill`` when the node's row says the bucket holds the blob (and it has a bucket)."""
+        spill = self.nodes_use_r2 and blob in n.r2_rows
+        return n.meter.admit(key, self.now, self.lib.items[item].need_Bps, spill)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
         n.held[blob] = self.now
+        self.record(n, blob, size)
+
+    def record(self, n: Node, blob: int, size: int) -> None:
+        """``rt.access.record``: the blob's decayed score (demand, served or turned away)."""
         sc, at = n.score.get(blob, (0.0, self.now))
         n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
 
@@ -761,7 +841,7 @@ class Sim:
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
         self.totals[via] = self.totals.get(via, 0) + size
 
-    def open_route(self, v: ViewerStats, avoid: set[int]) -> Node | None:
+    def open_route(self, v: ViewerStats, avoid: dict[int, tuple[float, str]]) -> Node | None:
         """Ask the coordinator (``routing.route``; a node route counts against the node at
         once)."""
         n = self.route(v.item, avoid)
@@ -773,6 +853,18 @@ class Sim:
             n.streams += 1
             self.streams += 1
         return n
+
+    def avoid_current(
+        self, avoid: dict[int, tuple[float, str]], node: Node | None, exc: Fail
+    ) -> None:
+        """``player.Player._avoid_current``: what the viewer tells the coordinator next."""
+        key = -1 if exc.bucket or node is None else node.index
+        wait = self.p.player.avoid_s
+        if exc.why == "refused" and exc.retry_after_s is not None:
+            wait = exc.retry_after_s
+        avoid[key] = (self.now + wait, exc.why)
+        if exc.bucket and node is not None:
+            avoid[node.index] = (self.now + wait, "redirected")  # it would redirect it again
 
     def read_start(self, v: ViewerStats, n: Node | None) -> Proc:
         """What the player reads to start: the master and media playlists from a node (which
@@ -809,9 +901,11 @@ class Sim:
         estimate = 0.0
         rung = 0
         inits: set[int] = set()
-        avoid: dict[int, float] = {}  # node (or -1, the bucket) -> until when (player.avoid_s)
+        # node (or -1, the bucket) -> (until when, why): player.Player.avoid
+        avoid: dict[int, tuple[float, str]] = {}
         node: Node | None = None
         opened = False
+        started = False
         self.active += 1
         try:
             n_segs = len(item.rungs[0].segments)
@@ -821,15 +915,23 @@ class Sim:
                     buffer = cfg.max_buffer_s
                 t = self.now
                 last_progress = self.now
+                moved = False
                 while True:
                     try:
                         if not opened:
-                            node = self.open_route(
-                                v, {k for k, until in avoid.items() if until > self.now}
-                            )
+                            avoid = {k: a for k, a in avoid.items() if a[0] > self.now}
+                            node = self.open_route(v, dict(avoid))
                             opened = True
+                            until, why = avoid.get(-1 if node is None else node.index, (0.0, ""))
+                            if until > self.now and node is None:
+                                # nothing but the bucket that just failed: not at once again
+                                yield "wait", min(until - self.now, 1.0)
+                            elif until > self.now and why == "refused":
+                                yield "wait", until - self.now  # back when the node said to
                             yield from self.read_start(v, node)
-                        r = item.rungs[min(rung, len(item.rungs) - 1)]
+                            started = True
+                        # after a failover: the lowest rendition (player._fetch)
+                        r = item.rungs[0 if moved else min(rung, len(item.rungs) - 1)]
                         size = 0
                         if r.init not in inits:
                             yield from self.get_blob(v, node, r.init)
@@ -839,18 +941,23 @@ class Sim:
                         yield from self.get_blob(v, node, key)
                         size += nbytes
                         break
-                    except Fail:
+                    except Fail as exc:
                         if self.now - last_progress > cfg.give_up_s:
                             raise
                         if opened:
                             self.release(v, node)
-                        avoid[node.index if node is not None else -1] = self.now + cfg.avoid_s
+                        if opened:
+                            self.avoid_current(avoid, node, exc)
                         v.reroutes += 1
                         opened = False
                         node = None
                         inits.clear()
+                        # a failed first open is retried before the first segment (_open_first)
+                        moved = started
                         yield "wait", 0.2
                 dt = max(self.now - t, 1e-3)
+                if moved:
+                    rung, estimate = 0, 0.0  # a new source: measured anew, from the bottom
                 if playing:
                     if dt > buffer:
                         v.stall_s += dt - buffer
@@ -864,7 +971,8 @@ class Sim:
                         v.played_s += dt
                 buffer += secs
                 bps = size * 8 / dt
-                estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
+                if not moved:  # the time spent failing over is not the new source's throughput
+                    estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
                 rung = max(
                     (
                         i
@@ -1062,7 +1170,14 @@ class Sim:
         """Every node's heartbeat every 2 s: the egress the coordinator routes on."""
         while self.active or self.now < self.p.duration_s:
             for n in self.nodes:
-                n.reported_Bps = n.egress.rate(self.now)
+                # routing._report: with a budget, the node's own meter, state and budget
+                if n.meter.enabled:
+                    rep = n.meter.report(self.now)
+                    n.admission = rep.state
+                    n.reported_Bps = float(rep.send_bps)
+                    n.coord_uplink_Bps = float(rep.budget_bps)
+                else:
+                    n.reported_Bps = n.egress.rate(self.now)
                 # the inventory the coordinator pages through after a heartbeat whose seq moved
                 self.coord_r2.update(n.changed)
                 n.changed.clear()
