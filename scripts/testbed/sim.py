@@ -57,6 +57,7 @@ from peerd.core.tiering import (
     fold,
     plan_eviction,
     plan_tiering,
+    request_budget,
 )
 from peerd.core.uplink import Uplink
 from peerd.delivery.resolver import source_order
@@ -92,6 +93,9 @@ class SimItem:
     size: int
     need_Bps: float
     duration_s: float
+    # what peerd's admission takes a stream to cost (hls._Media.rate_Bps: the top
+    # AVERAGE-BANDWIDTH), where the coordinator counts ``need_Bps`` (the top BANDWIDTH, a peak)
+    rate_Bps: float = 0.0
 
 
 @dataclass
@@ -113,11 +117,13 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
     out = []
     for k in range(items):
         sim_rungs = []
+        top_avg = 0
         blobs = {-(r + 1) for r in range(len(rungs))}
         for r, rung in enumerate(rungs):
             segs = rung["segments"]
             chunk = []
             peak = 1
+            ticks_total = 0
             for j in range(per_item):
                 nbytes, secs = segs[(k * per_item + j) % len(segs)]
                 key = (k * len(rungs) + r) * per_item + j
@@ -125,7 +131,10 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 blobs.add(key)
                 chunk.append((key, int(nbytes), float(secs)))
                 ticks = int(Decimal(str(secs)) * TIMESCALE)
+                ticks_total += ticks
                 peak = max(peak, int(nbytes * 8 * TIMESCALE / max(ticks, 1)))
+            avg = int(sum(c[1] for c in chunk) * 8 * TIMESCALE / max(ticks_total, 1))
+            top_avg = max(top_avg, avg)
             sim_rungs.append(SimRung(peak, -(r + 1), tuple(chunk)))
         sim_rungs.sort(key=lambda g: g.bandwidth)
         out.append(
@@ -135,6 +144,7 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 sum(sizes[b] for b in blobs),
                 max(g.bandwidth for g in sim_rungs) / 8,
                 sum(s for _, _, s in sim_rungs[0].segments),
+                top_avg / 8,
             )
         )
     return Library(out, sizes)
@@ -207,6 +217,10 @@ class SimParams:
     min_copies: int = 2
     uplink_headroom: float = 0.6
     r2_budget_bytes: int = 10 * 1024**3
+    # [r2] budget_class_a/b_per_month: a month's requests over the month's days, as the driver
+    # writes them (a run is one compressed day); peerd's defaults when the scenario has none
+    budget_class_a_per_month: int = R2Settings().budget_class_a_per_month
+    budget_class_b_per_month: int = R2Settings().budget_class_b_per_month
     evict_high: float = 0.95
     evict_low: float = 0.85
     # [uplink] budget as a fraction of each node's uplink (0: off; the testbed's ``--node-set
@@ -288,6 +302,11 @@ def params_from_scenario(sc: dict[str, Any]) -> SimParams:
         p.admission_stream_mbit = float(up["stream_mbps"])
     if "window_s" in up:
         p.admission_window_s = float(up["window_s"])
+    if "r2_budget_per_month" in sc:
+        a, b = sc["r2_budget_per_month"]
+        days = sc.get("days_per_month", 30)
+        p.budget_class_a_per_month = math.ceil(a / days)
+        p.budget_class_b_per_month = math.ceil(b / days)
     r2 = sc.get("node_set", {}).get("r2", {})
     if "min_copies" in r2:
         p.min_copies = int(r2["min_copies"])
@@ -392,6 +411,10 @@ class Node:
     changed: dict[int, bool] = field(default_factory=dict)
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
+    # its own R2 requests (R2Client.on_request: class A, class B), against its [r2] budgets
+    req_a: int = 0
+    req_b: int = 0
+    down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
     # state of its last heartbeat, until when a viewer's 503 said to stay away
     coord_uplink_Bps: float = 0.0
@@ -459,7 +482,9 @@ class Sim:
         self.flow_owner: dict[int, int] = {}
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
         self.next_flow = 0
-        self.stream_key: dict[int, int] = {}  # viewer -> the second its route was minted
+        # viewer -> the token of its route (routing mints one per route)
+        self.stream_key: dict[int, int] = {}
+        self.tokens = 0
         # Blobs in the bucket written by the driver (boto3, no SHA-256 checksum), not by a node.
         # Before peerd 27d9b58 a node's check never confirmed one: in a quick run of then
         # (/tmp/tbq2), 67 of the 69 blobs whose eviction was refused though no demotion had
@@ -648,7 +673,9 @@ class Sim:
                 self.r2_missing[item] = max(self.r2_missing.get(item, 0.0), now)
                 continue
             shunned.add(i)
-            if why == "refused":
+            if why == "down":
+                self.nodes[i].down = True  # not alive until its next heartbeat
+            elif why == "refused":
                 self.nodes[i].refusing_until = max(self.nodes[i].refusing_until, until)
             elif why == "missing":
                 self.node_missing[(i, item)] = now
@@ -660,11 +687,11 @@ class Sim:
         retry = self.p.r2_retry_s
 
         def live(n: Node) -> bool:
-            return n.index not in shunned and (
+            return not n.down and n.index not in shunned and (
                 n.index in held or now - self.node_missing.get((n.index, item), -1e9) > retry
             )
 
-        holders = [self.nodes[i] for i in held]
+        holders = [self.nodes[i] for i in held if not self.nodes[i].down]
         tiers: list[list[Node]] = [
             [n for n in holders if live(n)],
             [
@@ -712,7 +739,7 @@ class Sim:
         """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
         # peerd's stream key is (media id, client address, token): the testbed's players share
-        # one address, and the coordinator mints one token per item and second
+        # one address, and the coordinator mints one token per route
         key = (v.item, self.stream_key.get(v.viewer, 0))
         if n.meter.enabled and not self.admit(n, key, v.item, blob):
             # peerd records it where its catalog has the blob's row (held, or of media it knows)
@@ -738,6 +765,10 @@ class Sim:
             origin = self.resolve(n, blob)
             if origin == "":
                 raise Fail("404")
+            if origin == "full":
+                # a relay from the bucket is cut after its headers; a LAN fetch answers 507
+                yield "wait", self.p.r2_request_s if self.nodes_use_r2 else self.p.lan_request_s
+                raise Fail("StoreFull", "down" if self.nodes_use_r2 else "missing")
             yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
             n.missed.update(self.blob_items[blob])
         if blob >= 0 and self.p.prefetch_segments:
@@ -760,7 +791,8 @@ class Sim:
         """``Uplink.admit`` as ``peerd.http.hls._admit`` calls it: the media's bit rate, and
         ``spill`` when the node's row says the bucket holds the blob (and it has a bucket)."""
         spill = self.nodes_use_r2 and blob in n.r2_rows
-        return n.meter.admit(key, self.now, self.lib.items[item].need_Bps, spill)
+        it = self.lib.items[item]
+        return n.meter.admit(key, self.now, it.rate_Bps or it.need_Bps, spill)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
@@ -791,10 +823,15 @@ class Sim:
                 break
             if s.name == "r2" and blob in self.bucket:
                 self.class_b += 1
+                n.req_b += 1
                 origin = "r2"
                 break
         else:
             return ""
+        if n.used + size > n.quota:
+            # BlobStore._check_room: the fetched bytes cannot be stored (StoreFull); the
+            # viewer's relay is cut (``down``), a prefetch fails
+            return "full"
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
         self.row_changed(n, blob)
@@ -814,6 +851,7 @@ class Sim:
             if s.name == "r2":
                 yield "wait", self.p.r2_request_s
                 self.class_b += 1
+                n.req_b += 1
                 if item in self.r2_items:
                     break
         else:
@@ -846,7 +884,8 @@ class Sim:
         once)."""
         n = self.route(v.item, avoid)
         self.routes.append((self.now, v.item, "node" if n else "r2", n.index if n else None))
-        self.stream_key[v.viewer] = int(self.now)
+        self.tokens += 1
+        self.stream_key[v.viewer] = self.tokens
         if n is not None:
             v.nodes.append(n.index)
             n.assigned_Bps += self.lib.items[v.item].need_Bps
@@ -1001,6 +1040,19 @@ class Sim:
     def tier(self, n: Node) -> None:
         """One tiering round of ``n``: plan_tiering, then plan_eviction."""
         p = self.p
+        # TieringService.account_requests: the node's requests so far against its budgets
+        budget = request_budget(
+            n.req_a, n.req_b, p.budget_class_a_per_month, p.budget_class_b_per_month
+        )
+        a0, b0 = self.class_a, self.class_b
+        try:
+            self._tier(n, budget.promote, budget.evict)
+        finally:
+            n.req_a += self.class_a - a0
+            n.req_b += self.class_b - b0
+
+    def _tier(self, n: Node, promote: bool, evict: bool) -> None:
+        p = self.p
         hl = p.access_half_life_s
         now = self.now
         if self.policy == "peerd":
@@ -1045,6 +1097,7 @@ class Sim:
                 headroom=p.uplink_headroom,
                 cold_bps=p.cold_bytes_per_s,
                 min_residence_s=p.min_residence_s,
+                promotions_allowed=promote,
                 min_copies=p.min_copies,
             )
             plan = plan_tiering(stats, limits, now)
@@ -1080,7 +1133,7 @@ class Sim:
                             n.r2_rows.discard(b)
                             self.row_changed(n, b)
             self._stored()
-        if self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
+        if evict and self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
             blobs = [
                 BlobStat(
                     str(b),
@@ -1170,6 +1223,7 @@ class Sim:
         """Every node's heartbeat every 2 s: the egress the coordinator routes on."""
         while self.active or self.now < self.p.duration_s:
             for n in self.nodes:
+                n.down = False
                 # routing._report: with a budget, the node's own meter, state and budget
                 if n.meter.enabled:
                     rep = n.meter.report(self.now)
