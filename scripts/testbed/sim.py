@@ -687,8 +687,10 @@ class Sim:
         retry = self.p.r2_retry_s
 
         def live(n: Node) -> bool:
-            return not n.down and n.index not in shunned and (
-                n.index in held or now - self.node_missing.get((n.index, item), -1e9) > retry
+            return (
+                not n.down
+                and n.index not in shunned
+                and (n.index in held or now - self.node_missing.get((n.index, item), -1e9) > retry)
             )
 
         holders = [self.nodes[i] for i in held if not self.nodes[i].down]
@@ -748,14 +750,19 @@ class Sim:
             ):
                 self.record(n, blob, size)
             if blob in n.r2_rows and self.nodes_use_r2:
-                # 302 to the bucket (what the node's catalog says it holds): the player follows
-                src["via"] = "r2_redirect"
+                # BucketLink: a HEAD first (the node's own class B request); a 404 corrects
+                # its catalog and the viewer gets 503, else a 302 the player follows
                 yield "wait", self.p.r2_request_s
                 self.class_b += 1
-                if blob not in self.bucket:
-                    raise Fail("404 from the bucket after a redirect", bucket=True)
-                yield "wait", size / self.p.r2_flow_Bps
-                return
+                n.req_b += 1
+                if blob in self.bucket:
+                    src["via"] = "r2_redirect"
+                    yield "wait", self.p.r2_request_s
+                    self.class_b += 1
+                    yield "wait", size / self.p.r2_flow_Bps
+                    return
+                n.r2_rows.discard(blob)
+                self.row_changed(n, blob)
             raise Fail("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
