@@ -13,13 +13,19 @@ What is *the same code* as the testbed and peerd, imported, not rewritten:
 * source order: :func:`peerd.delivery.resolver.source_order` over the node's sources (LAN
   partner, libp2p, R2; an idle peer source goes after R2);
 * uplink admission: :class:`peerd.core.uplink.Uplink` per node (its meter always, its admission
-  when a budget is set: a refused new stream is redirected to the bucket or refused);
+  when a budget is set, as ``peerd.http.hls`` calls it: the media's cost, ``spill`` for blobs the
+  catalog has in the bucket; a refused new stream is redirected after a HEAD, or answered 503);
+* the request budget: :func:`peerd.core.tiering.request_budget` on each node's own R2 requests
+  (past it no promotion, no eviction; a relay past the store quota is cut, StoreFull);
 * the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
 
-What is modelled: the coordinator's routing rule (``routing.py``: holder with spare uplink, else
-its LAN partner, else any node reading through from R2, else the bucket), the player's loop
+What is modelled: the coordinator's routing rule (``routing.py``: a node takes a stream with
+spare uplink, less ``r2_reserve`` for items in the bucket, not in overflow at its last heartbeat,
+no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it, else a
+holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's loop
 (``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
-ABR, stalls when the buffer empties, pause at ``max_buffer_s``) as a generator per viewer, and
+ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
+the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
 the network as flows: each segment a node sends is a flow on that node's uplink, shared max-min
 fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`; each request
 waits the home's RTT; a read-through waits the LAN or the bucket's latency; a bucket GET waits
