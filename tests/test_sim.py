@@ -62,8 +62,15 @@ def test_bytes_conserved_and_bounded(policy: str) -> None:
         assert by.get("r2", 0) == by.get("r2_redirect", 0) == 0
 
 
-def test_no_r2_costs_nothing_in_r2() -> None:
-    _, s = run(small(), "no_r2")
+@pytest.mark.parametrize("crowded", [False, True])
+def test_no_r2_costs_nothing_in_r2(crowded: bool) -> None:
+    """``no_r2`` nodes have no bucket, and its coordinator never routes there: also when every
+    node refuses (admission on narrow uplinks: 503s, viewers sent back to a refusing holder)."""
+    p = small(admission_fraction=1.0, uplinks_mbit=[3, 4, 3, 2]) if crowded else small()
+    sim, s = run(p, "no_r2")
+    if crowded:
+        assert s["reroutes"] > 0  # refusals happened
+        assert all(r[2] == "node" for r in sim.routes)
     assert s["r2_class_a"] == s["r2_class_b"] == 0
     assert s["r2_gb_months"] == 0
     assert s["cost_usd"] == 0
@@ -138,8 +145,12 @@ FIXTURE_AGES = {"peerd": [10.36, 8.81, 6.87, 4.88]}
 
 def test_calibration_against_a_real_quick_run(tmp_path: Path) -> None:
     """The fixture is the summary of one real ``run.sh --quick`` and its library's sizes."""
-    for name in ("summary.json", "library.json"):
-        (tmp_path / name).write_text((FIXTURE / name).read_text())
+    (tmp_path / "library.json").write_text((FIXTURE / "library.json").read_text())
+    # That run's coordinator kept no uplink in reserve for items the bucket holds (routing.py
+    # since: r2_reserve 0.15), and its nodes no budget (admission off: no spill, no overflow).
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    summary["scenario"]["r2_reserve"] = 0.0
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     # That run's peerd predates 27d9b58: its nodes' check failed on every object the driver put
     # in the bucket (its daemon.log: "failed verification; deleted it").
     res = S.calibrate(tmp_path, ages=FIXTURE_AGES, unverified=True)
@@ -221,3 +232,19 @@ def test_a_shared_shaper_carries_less_than_its_rate() -> None:
     two.add(0, 50.0, 0.0)
     two.add(1, 50.0, 0.0)
     assert two.next_done() == pytest.approx(1.0)
+
+
+def test_a_node_past_its_request_budget_evicts_nothing() -> None:
+    """peerd's tiering evicts only while its month's class B budget lasts (``[r2]
+    budget_class_b_per_month``): with none left, stores fill to the quota and relays that
+    would pass it are cut (StoreFull: the viewer goes elsewhere); with the budget, eviction
+    keeps every store below it."""
+    fullest, reroutes = {}, {}
+    for budget in (0, 10**9):
+        p = small(budget_class_b_per_month=budget, quota_factor=1.2, duration_s=60.0)
+        sim, s = run(p, "peerd")
+        fullest[budget] = max(n.used / n.quota for n in sim.nodes)
+        reroutes[budget] = s["reroutes"]
+    assert fullest[10**9] <= 0.96  # evict_high, less what arrived since the last round
+    assert fullest[0] > 0.99
+    assert reroutes[0] > 2 * reroutes[10**9]

@@ -13,13 +13,19 @@ What is *the same code* as the testbed and peerd, imported, not rewritten:
 * source order: :func:`peerd.delivery.resolver.source_order` over the node's sources (LAN
   partner, libp2p, R2; an idle peer source goes after R2);
 * uplink admission: :class:`peerd.core.uplink.Uplink` per node (its meter always, its admission
-  when a budget is set: a refused new stream is redirected to the bucket or refused);
+  when a budget is set, as ``peerd.http.hls`` calls it: the media's cost, ``spill`` for blobs the
+  catalog has in the bucket; a refused new stream is redirected after a HEAD, or answered 503);
+* the request budget: :func:`peerd.core.tiering.request_budget` on each node's own R2 requests
+  (past it no promotion, no eviction; a relay past the store quota is cut, StoreFull);
 * the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
 
-What is modelled: the coordinator's routing rule (``routing.py``: holder with spare uplink, else
-its LAN partner, else any node reading through from R2, else the bucket), the player's loop
+What is modelled: the coordinator's routing rule (``routing.py``: a node takes a stream with
+spare uplink, less ``r2_reserve`` for items in the bucket, not in overflow at its last heartbeat,
+no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it, else a
+holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's loop
 (``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
-ABR, stalls when the buffer empties, pause at ``max_buffer_s``) as a generator per viewer, and
+ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
+the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
 the network as flows: each segment a node sends is a flow on that node's uplink, shared max-min
 fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`; each request
 waits the home's RTT; a read-through waits the LAN or the bucket's latency; a bucket GET waits
@@ -32,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
-import inspect
 import json
 import math
 import random
@@ -58,6 +63,7 @@ from peerd.core.tiering import (
     fold,
     plan_eviction,
     plan_tiering,
+    request_budget,
 )
 from peerd.core.uplink import Uplink
 from peerd.delivery.resolver import source_order
@@ -71,7 +77,6 @@ PRICE_CLASS_B = 0.36 / 1e6
 PRICE_STREAM_MINUTE = 1.0 / 1000
 MONTH_S = 30 * 86400.0
 TIMESCALE = 90000
-_ADMIT_TAKES_COST = "cost_bps" in inspect.signature(Uplink.admit).parameters
 
 # -- the library ---------------------------------------------------------------------------------
 
@@ -94,6 +99,9 @@ class SimItem:
     size: int
     need_Bps: float
     duration_s: float
+    # what peerd's admission takes a stream to cost (hls._Media.rate_Bps: the top
+    # AVERAGE-BANDWIDTH), where the coordinator counts ``need_Bps`` (the top BANDWIDTH, a peak)
+    rate_Bps: float = 0.0
 
 
 @dataclass
@@ -115,11 +123,13 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
     out = []
     for k in range(items):
         sim_rungs = []
+        top_avg = 0
         blobs = {-(r + 1) for r in range(len(rungs))}
         for r, rung in enumerate(rungs):
             segs = rung["segments"]
             chunk = []
             peak = 1
+            ticks_total = 0
             for j in range(per_item):
                 nbytes, secs = segs[(k * per_item + j) % len(segs)]
                 key = (k * len(rungs) + r) * per_item + j
@@ -127,7 +137,10 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 blobs.add(key)
                 chunk.append((key, int(nbytes), float(secs)))
                 ticks = int(Decimal(str(secs)) * TIMESCALE)
+                ticks_total += ticks
                 peak = max(peak, int(nbytes * 8 * TIMESCALE / max(ticks, 1)))
+            avg = int(sum(c[1] for c in chunk) * 8 * TIMESCALE / max(ticks_total, 1))
+            top_avg = max(top_avg, avg)
             sim_rungs.append(SimRung(peak, -(r + 1), tuple(chunk)))
         sim_rungs.sort(key=lambda g: g.bandwidth)
         out.append(
@@ -137,6 +150,7 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 sum(sizes[b] for b in blobs),
                 max(g.bandwidth for g in sim_rungs) / 8,
                 sum(s for _, _, s in sim_rungs[0].segments),
+                top_avg / 8,
             )
         )
     return Library(out, sizes)
@@ -209,6 +223,10 @@ class SimParams:
     min_copies: int = 2
     uplink_headroom: float = 0.6
     r2_budget_bytes: int = 10 * 1024**3
+    # [r2] budget_class_a/b_per_month: a month's requests over the month's days, as the driver
+    # writes them (a run is one compressed day); peerd's defaults when the scenario has none
+    budget_class_a_per_month: int = R2Settings().budget_class_a_per_month
+    budget_class_b_per_month: int = R2Settings().budget_class_b_per_month
     evict_high: float = 0.95
     evict_low: float = 0.85
     # [uplink] budget as a fraction of each node's uplink (0: off; the testbed's ``--node-set
@@ -225,6 +243,11 @@ class SimParams:
     route: str = "holders"
     # routing.py: an item a viewer could not get from the bucket is not sent there for this long
     r2_retry_s: float = 20.0
+    # routing.py: an item the bucket holds is sent to a node only if this much of its uplink
+    # stays free besides
+    r2_reserve: float = 0.15
+    # [uplink] retry_after_s: what a node's 503 tells the player
+    retry_after_s: float = UplinkSettings().retry_after_s
     # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
     # its peers say they hold reach it (peerd's default)
     min_copies: int = R2Settings().min_copies
@@ -285,6 +308,11 @@ def params_from_scenario(sc: dict[str, Any]) -> SimParams:
         p.admission_stream_mbit = float(up["stream_mbps"])
     if "window_s" in up:
         p.admission_window_s = float(up["window_s"])
+    if "r2_budget_per_month" in sc:
+        a, b = sc["r2_budget_per_month"]
+        days = sc.get("days_per_month", 30)
+        p.budget_class_a_per_month = math.ceil(a / days)
+        p.budget_class_b_per_month = math.ceil(b / days)
     r2 = sc.get("node_set", {}).get("r2", {})
     if "min_copies" in r2:
         p.min_copies = int(r2["min_copies"])
@@ -323,7 +351,21 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
 
 
 class Fail(Exception):  # noqa: N818 (a request the player retries elsewhere, as player.Failed)
-    """A request that failed (refused, or the blob nowhere)."""
+    """A request that failed (refused, or the blob nowhere): ``why`` as ``player.Failed``
+    (``refused``: a 503, ``missing``: another status), ``retry_after_s`` its header, ``bucket``
+    a node's redirect that failed at the bucket."""
+
+    def __init__(
+        self,
+        msg: str,
+        why: str = "missing",
+        retry_after_s: float | None = None,
+        bucket: bool = False,
+    ) -> None:
+        super().__init__(msg)
+        self.why = why
+        self.retry_after_s = retry_after_s
+        self.bucket = bucket
 
 
 @dataclass
@@ -375,6 +417,15 @@ class Node:
     changed: dict[int, bool] = field(default_factory=dict)
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
+    # its own R2 requests (R2Client.on_request: class A, class B), against its [r2] budgets
+    req_a: int = 0
+    req_b: int = 0
+    down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
+    # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
+    # state of its last heartbeat, until when a viewer's 503 said to stay away
+    coord_uplink_Bps: float = 0.0
+    admission: str = "off"
+    refusing_until: float = 0.0
 
 
 Step = tuple[str, Any]
@@ -407,6 +458,7 @@ class Sim:
             )
             link = Link(up, contended=p.contended_flows, contended_goodput=p.contended_goodput)
             self.nodes.append(Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, link, meter))
+            self.nodes[-1].coord_uplink_Bps = up
         self.holders: dict[int, set[int]] = {k: set() for k in range(len(lib.items))}
         self.blob_items: dict[int, list[int]] = {}
         for k, it in enumerate(lib.items):
@@ -436,7 +488,9 @@ class Sim:
         self.flow_owner: dict[int, int] = {}
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
         self.next_flow = 0
-        self.stream_key: dict[int, int] = {}  # viewer -> the second its route was minted
+        # viewer -> the token of its route (routing mints one per route)
+        self.stream_key: dict[int, int] = {}
+        self.tokens = 0
         # Blobs in the bucket written by the driver (boto3, no SHA-256 checksum), not by a node.
         # Before peerd 27d9b58 a node's check never confirmed one: in a quick run of then
         # (/tmp/tbq2), 67 of the 69 blobs whose eviction was refused though no demotion had
@@ -447,6 +501,8 @@ class Sim:
         self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
         self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
         self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
+        # (node, item) -> when a viewer found the node could not get the item it lacks
+        self.node_missing: dict[tuple[int, int], float] = {}
         place = self.placement()
         for node, items in place.items():
             n = self.nodes[node]
@@ -598,38 +654,91 @@ class Sim:
 
     def spare(self, n: Node) -> float:
         """``routing.spare``: uplink the coordinator may still give away."""
-        return n.uplink_Bps * self.p.admit_fraction - max(n.reported_Bps, n.assigned_Bps)
+        return n.coord_uplink_Bps * self.p.admit_fraction - max(n.reported_Bps, n.assigned_Bps)
 
-    def route(self, item: int, avoid: set[int]) -> Node | None:
-        """A node for a viewer of ``item``, or None for the bucket (``routing.route``)."""
-        if -1 in avoid:
-            self.r2_missing[item] = self.now  # R2_FAILED: the player failed at the bucket
+    def takes(self, n: Node, need: float, in_r2: bool) -> bool:
+        """``routing.takes``: room in the coordinator's count (less ``r2_reserve`` of the uplink
+        for an item the bucket holds), not in overflow at its last heartbeat, no 503 whose
+        Retry-After still runs."""
+        reserve = self.p.r2_reserve * n.coord_uplink_Bps if in_r2 else 0.0
+        return (
+            self.spare(n) >= need + reserve
+            and n.admission != "overflow"
+            and n.refusing_until <= self.now
+        )
+
+    def route(self, item: int, avoid: dict[int, tuple[float, str]]) -> Node | None:
+        """A node for a viewer of ``item``, or None for the bucket (``routing.route``);
+        ``avoid``: what the viewer met (node or -1, the bucket -> until when, why)."""
+        now = self.now
+        shunned: set[int] = set()
+        for i, (until, why) in avoid.items():
+            if until <= now:
+                continue
+            if i == -1:
+                self.r2_missing[item] = max(self.r2_missing.get(item, 0.0), now)
+                continue
+            shunned.add(i)
+            if why == "down":
+                self.nodes[i].down = True  # not alive until its next heartbeat
+            elif why == "refused":
+                self.nodes[i].refusing_until = max(self.nodes[i].refusing_until, until)
+            elif why == "missing":
+                self.node_missing[(i, item)] = now
         if self.policy == "all_r2":
             return None
         need = self.lib.items[item].need_Bps
         r2_ok = self.in_r2(item)
-        holders = [self.nodes[i] for i in self.holders[item] if i not in avoid]
-        partners = [
-            self.nodes[j]
-            for j in (self.nodes[i].lan_peer for i in self.holders[item])
-            if j is not None and j not in avoid
+        held = self.holders[item]
+        retry = self.p.r2_retry_s
+
+        def live(n: Node) -> bool:
+            return (
+                not n.down
+                and n.index not in shunned
+                and (n.index in held or now - self.node_missing.get((n.index, item), -1e9) > retry)
+            )
+
+        holders = [self.nodes[i] for i in held if not self.nodes[i].down]
+        tiers: list[list[Node]] = [
+            [n for n in holders if live(n)],
+            [
+                self.nodes[j]
+                for j in sorted({n.lan_peer for n in holders if n.lan_peer is not None})
+                if live(self.nodes[j])
+            ],
         ]
-        tiers: list[list[Node]] = [holders, partners]
         if r2_ok or self.p.route == "any":
-            if self.p.nodes <= self.p.any_sample:
-                tiers.append([n for n in self.nodes if n.index not in avoid])
-            else:
-                pick = self.rng.sample(self.nodes, self.p.any_sample)
-                tiers.append([n for n in pick if n.index not in avoid])
+            # routing.reaches: the bucket, or a LAN partner holding it (no libp2p here)
+            pool = (
+                self.nodes
+                if self.p.nodes <= self.p.any_sample
+                else self.rng.sample(self.nodes, self.p.any_sample)
+            )
+            tiers.append(
+                [
+                    n
+                    for n in pool
+                    if live(n) and (r2_ok or (n.lan_peer is not None and n.lan_peer in held))
+                ]
+            )
         for tier in tiers:
-            fit = [n for n in tier if self.spare(n) >= need]
+            fit = [n for n in tier if self.takes(n, need, r2_ok)]
             if fit:
                 return max(fit, key=self.spare)
         if r2_ok:
+            redirecting = [
+                n for n in tiers[0] if n.admission == "overflow" and n.refusing_until <= now
+            ]
+            if redirecting:
+                return max(redirecting, key=self.spare)
             return None
         for tier in tiers:
             if tier:
-                return max(tier, key=self.spare)
+                return min(tier, key=lambda n: (n.refusing_until, -self.spare(n)))
+        fallback = [n for n in holders if n.index not in shunned] or holders
+        if fallback:
+            return min(fallback, key=lambda n: (n.refusing_until, -self.spare(n)))
         return None
 
     # -- a node serving a blob -----------------------------------------------------------------
@@ -638,21 +747,29 @@ class Sim:
         """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
         # peerd's stream key is (media id, client address, token): the testbed's players share
-        # one address, and the coordinator mints one token per item and second
+        # one address, and the coordinator mints one token per route
         key = (v.item, self.stream_key.get(v.viewer, 0))
-        if n.meter.enabled and not self.admit(n, key, v.item):
-            if self.p.refused_access:
-                self.access(n, blob, size)
+        if n.meter.enabled and not self.admit(n, key, v.item, blob):
+            # peerd records it where its catalog has the blob's row (held, or of media it knows)
+            if self.p.refused_access and (
+                blob in n.held or any(k in n.known for k in self.blob_items[blob])
+            ):
+                self.record(n, blob, size)
             if blob in n.r2_rows and self.nodes_use_r2:
-                # 302 to the bucket (what the node's catalog says it holds): the player follows
-                src["via"] = "r2_redirect"
+                # BucketLink: a HEAD first (the node's own class B request); a 404 corrects
+                # its catalog and the viewer gets 503, else a 302 the player follows
                 yield "wait", self.p.r2_request_s
                 self.class_b += 1
-                if blob not in self.bucket:
-                    raise Fail("404 from the bucket after a redirect")
-                yield "wait", size / self.p.r2_flow_Bps
-                return
-            raise Fail("503")
+                n.req_b += 1
+                if blob in self.bucket:
+                    src["via"] = "r2_redirect"
+                    yield "wait", self.p.r2_request_s
+                    self.class_b += 1
+                    yield "wait", size / self.p.r2_flow_Bps
+                    return
+                n.r2_rows.discard(blob)
+                self.row_changed(n, blob)
+            raise Fail("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
         yield "busy", (self.p.node_request_s, n.index)
@@ -661,6 +778,10 @@ class Sim:
             origin = self.resolve(n, blob)
             if origin == "":
                 raise Fail("404")
+            if origin == "full":
+                # a relay from the bucket is cut after its headers; a LAN fetch answers 507
+                yield "wait", self.p.r2_request_s if self.nodes_use_r2 else self.p.lan_request_s
+                raise Fail("StoreFull", "down" if self.nodes_use_r2 else "missing")
             yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
             n.missed.update(self.blob_items[blob])
         if blob >= 0 and self.p.prefetch_segments:
@@ -679,16 +800,20 @@ class Sim:
         n.served[origin] = n.served.get(origin, 0.0) + size
         src["via"] = "node"
 
-    def admit(self, n: Node, key: tuple[int, int], item: int) -> bool:
-        """``Uplink.admit`` as ``peerd.http.hls`` calls it (with the media's bit rate where
-        peerd's admission takes one)."""
-        if _ADMIT_TAKES_COST:
-            return n.meter.admit(key, self.now, self.lib.items[item].need_Bps)
-        return n.meter.admit(key, self.now)
+    def admit(self, n: Node, key: tuple[int, int], item: int, blob: int) -> bool:
+        """``Uplink.admit`` as ``peerd.http.hls._admit`` calls it: the media's bit rate, and
+        ``spill`` when the node's row says the bucket holds the blob (and it has a bucket)."""
+        spill = self.nodes_use_r2 and blob in n.r2_rows
+        it = self.lib.items[item]
+        return n.meter.admit(key, self.now, it.rate_Bps or it.need_Bps, spill)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
         n.held[blob] = self.now
+        self.record(n, blob, size)
+
+    def record(self, n: Node, blob: int, size: int) -> None:
+        """``rt.access.record``: the blob's decayed score (demand, served or turned away)."""
         sc, at = n.score.get(blob, (0.0, self.now))
         n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
 
@@ -711,10 +836,15 @@ class Sim:
                 break
             if s.name == "r2" and blob in self.bucket:
                 self.class_b += 1
+                n.req_b += 1
                 origin = "r2"
                 break
         else:
             return ""
+        if n.used + size > n.quota:
+            # BlobStore._check_room: the fetched bytes cannot be stored (StoreFull); the
+            # viewer's relay is cut (``down``), a prefetch fails
+            return "full"
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
         self.row_changed(n, blob)
@@ -734,6 +864,7 @@ class Sim:
             if s.name == "r2":
                 yield "wait", self.p.r2_request_s
                 self.class_b += 1
+                n.req_b += 1
                 if item in self.r2_items:
                     break
         else:
@@ -761,18 +892,31 @@ class Sim:
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
         self.totals[via] = self.totals.get(via, 0) + size
 
-    def open_route(self, v: ViewerStats, avoid: set[int]) -> Node | None:
+    def open_route(self, v: ViewerStats, avoid: dict[int, tuple[float, str]]) -> Node | None:
         """Ask the coordinator (``routing.route``; a node route counts against the node at
         once)."""
         n = self.route(v.item, avoid)
         self.routes.append((self.now, v.item, "node" if n else "r2", n.index if n else None))
-        self.stream_key[v.viewer] = int(self.now)
+        self.tokens += 1
+        self.stream_key[v.viewer] = self.tokens
         if n is not None:
             v.nodes.append(n.index)
             n.assigned_Bps += self.lib.items[v.item].need_Bps
             n.streams += 1
             self.streams += 1
         return n
+
+    def avoid_current(
+        self, avoid: dict[int, tuple[float, str]], node: Node | None, exc: Fail
+    ) -> None:
+        """``player.Player._avoid_current``: what the viewer tells the coordinator next."""
+        key = -1 if exc.bucket or node is None else node.index
+        wait = self.p.player.avoid_s
+        if exc.why == "refused" and exc.retry_after_s is not None:
+            wait = exc.retry_after_s
+        avoid[key] = (self.now + wait, exc.why)
+        if exc.bucket and node is not None:
+            avoid[node.index] = (self.now + wait, "redirected")  # it would redirect it again
 
     def read_start(self, v: ViewerStats, n: Node | None) -> Proc:
         """What the player reads to start: the master and media playlists from a node (which
@@ -809,9 +953,11 @@ class Sim:
         estimate = 0.0
         rung = 0
         inits: set[int] = set()
-        avoid: dict[int, float] = {}  # node (or -1, the bucket) -> until when (player.avoid_s)
+        # node (or -1, the bucket) -> (until when, why): player.Player.avoid
+        avoid: dict[int, tuple[float, str]] = {}
         node: Node | None = None
         opened = False
+        started = False
         self.active += 1
         try:
             n_segs = len(item.rungs[0].segments)
@@ -821,15 +967,23 @@ class Sim:
                     buffer = cfg.max_buffer_s
                 t = self.now
                 last_progress = self.now
+                moved = False
                 while True:
                     try:
                         if not opened:
-                            node = self.open_route(
-                                v, {k for k, until in avoid.items() if until > self.now}
-                            )
+                            avoid = {k: a for k, a in avoid.items() if a[0] > self.now}
+                            node = self.open_route(v, dict(avoid))
                             opened = True
+                            until, why = avoid.get(-1 if node is None else node.index, (0.0, ""))
+                            if until > self.now and node is None:
+                                # nothing but the bucket that just failed: not at once again
+                                yield "wait", min(until - self.now, 1.0)
+                            elif until > self.now and why == "refused":
+                                yield "wait", until - self.now  # back when the node said to
                             yield from self.read_start(v, node)
-                        r = item.rungs[min(rung, len(item.rungs) - 1)]
+                            started = True
+                        # after a failover: the lowest rendition (player._fetch)
+                        r = item.rungs[0 if moved else min(rung, len(item.rungs) - 1)]
                         size = 0
                         if r.init not in inits:
                             yield from self.get_blob(v, node, r.init)
@@ -839,18 +993,23 @@ class Sim:
                         yield from self.get_blob(v, node, key)
                         size += nbytes
                         break
-                    except Fail:
+                    except Fail as exc:
                         if self.now - last_progress > cfg.give_up_s:
                             raise
                         if opened:
                             self.release(v, node)
-                        avoid[node.index if node is not None else -1] = self.now + cfg.avoid_s
+                        if opened:
+                            self.avoid_current(avoid, node, exc)
                         v.reroutes += 1
                         opened = False
                         node = None
                         inits.clear()
+                        # a failed first open is retried before the first segment (_open_first)
+                        moved = started
                         yield "wait", 0.2
                 dt = max(self.now - t, 1e-3)
+                if moved:
+                    rung, estimate = 0, 0.0  # a new source: measured anew, from the bottom
                 if playing:
                     if dt > buffer:
                         v.stall_s += dt - buffer
@@ -864,7 +1023,8 @@ class Sim:
                         v.played_s += dt
                 buffer += secs
                 bps = size * 8 / dt
-                estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
+                if not moved:  # the time spent failing over is not the new source's throughput
+                    estimate = bps if estimate == 0 else 0.5 * estimate + 0.5 * bps
                 rung = max(
                     (
                         i
@@ -892,6 +1052,19 @@ class Sim:
 
     def tier(self, n: Node) -> None:
         """One tiering round of ``n``: plan_tiering, then plan_eviction."""
+        p = self.p
+        # TieringService.account_requests: the node's requests so far against its budgets
+        budget = request_budget(
+            n.req_a, n.req_b, p.budget_class_a_per_month, p.budget_class_b_per_month
+        )
+        a0, b0 = self.class_a, self.class_b
+        try:
+            self._tier(n, budget.promote, budget.evict)
+        finally:
+            n.req_a += self.class_a - a0
+            n.req_b += self.class_b - b0
+
+    def _tier(self, n: Node, promote: bool, evict: bool) -> None:
         p = self.p
         hl = p.access_half_life_s
         now = self.now
@@ -937,6 +1110,7 @@ class Sim:
                 headroom=p.uplink_headroom,
                 cold_bps=p.cold_bytes_per_s,
                 min_residence_s=p.min_residence_s,
+                promotions_allowed=promote,
                 min_copies=p.min_copies,
             )
             plan = plan_tiering(stats, limits, now)
@@ -972,7 +1146,7 @@ class Sim:
                             n.r2_rows.discard(b)
                             self.row_changed(n, b)
             self._stored()
-        if self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
+        if evict and self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
             blobs = [
                 BlobStat(
                     str(b),
@@ -1062,7 +1236,15 @@ class Sim:
         """Every node's heartbeat every 2 s: the egress the coordinator routes on."""
         while self.active or self.now < self.p.duration_s:
             for n in self.nodes:
-                n.reported_Bps = n.egress.rate(self.now)
+                n.down = False
+                # routing._report: with a budget, the node's own meter, state and budget
+                if n.meter.enabled:
+                    rep = n.meter.report(self.now)
+                    n.admission = rep.state
+                    n.reported_Bps = float(rep.send_bps)
+                    n.coord_uplink_Bps = float(rep.budget_bps)
+                else:
+                    n.reported_Bps = n.egress.rate(self.now)
                 # the inventory the coordinator pages through after a heartbeat whose seq moved
                 self.coord_r2.update(n.changed)
                 n.changed.clear()
