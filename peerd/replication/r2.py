@@ -368,6 +368,13 @@ class R2Client:
             "PutObject", key, data, digest, len(data), content_type, conditional=conditional
         )
 
+    def put_requests(self, size: int) -> int:
+        """The class A requests :meth:`put_blob` makes for ``size`` bytes when nothing fails:
+        one PUT, or list (leftovers), create, the parts and complete."""
+        if size < self.cfg.multipart_threshold:
+            return 1
+        return len(plan_parts(size, self.cfg.part_size)) + 3
+
     async def put_blob(self, cid: Cid, path: Path, size: int) -> None:
         """Upload a blob file; single PUT below the multipart threshold, else multipart.
 

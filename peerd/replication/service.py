@@ -514,40 +514,35 @@ class Replicator:
         Stops when the month's class A budget is used up (the node keeps its copies)."""
         rows = await self.rt.catalog.get_blobs(cids)
         queue = [
-            c
+            row
             for c in reversed(cids)
             if (row := rows.get(c)) is not None
             and row.local_state == "present"
             and row.r2_state != "present"
         ]
         done = 0
-
-        in_flight = 0
+        # Each upload takes its class A requests from what the month still allows before it
+        # starts (no await in between), so concurrent workers never overrun the budget.
+        left = await self.class_a_left()
 
         async def worker() -> None:
-            nonlocal done, in_flight
+            nonlocal done, left
             while queue:
-                in_flight += 1  # before the await: the other workers count this one
+                cost = self.client.put_requests(queue[-1].size)
+                if left < cost:
+                    log.warning(
+                        "R2 request budget used up; last copies stay on this node",
+                        extra={"blobs": len(queue)},
+                    )
+                    queue.clear()
+                    return
+                left -= cost
+                cid = queue.pop().cid
                 try:
-                    # Uploads under way count once more than needed: a conservative check.
-                    if await self.class_a_left() - (in_flight - 1) <= 0:
-                        if queue:
-                            log.warning(
-                                "R2 request budget used up; last copies stay on this node",
-                                extra={"blobs": len(queue)},
-                            )
-                        queue.clear()
-                        return
-                    cid = queue.pop()
-                    try:
-                        await self.upload_blob(cid)
-                    except PeerdError as exc:
-                        log.info(
-                            "last-copy upload failed", extra={"cid": cid, "error": exc.message}
-                        )
-                        continue
-                finally:
-                    in_flight -= 1
+                    await self.upload_blob(cid)
+                except PeerdError as exc:
+                    log.info("last-copy upload failed", extra={"cid": cid, "error": exc.message})
+                    continue
                 async with self.rt.catalog.transaction() as tx:
                     await Catalog.set_blob_r2(tx, cid, "present", self._clock())
                 done += 1
