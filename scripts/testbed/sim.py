@@ -68,7 +68,7 @@ from peerd.core.tiering import (
 from peerd.core.uplink import Uplink
 from peerd.delivery.resolver import source_order
 from scripts.testbed.fluid import Link
-from scripts.testbed.player import PlayerConfig, ViewerStats
+from scripts.testbed.player import Failed, PlayerConfig, ViewerStats
 from scripts.testbed.workload import make_trace
 
 PRICE_STORAGE_GB_MONTH = 0.015
@@ -348,24 +348,6 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
 
 
 # -- the model -----------------------------------------------------------------------------------
-
-
-class Fail(Exception):  # noqa: N818 (a request the player retries elsewhere, as player.Failed)
-    """A request that failed (refused, or the blob nowhere): ``why`` as ``player.Failed``
-    (``refused``: a 503, ``missing``: another status), ``retry_after_s`` its header, ``bucket``
-    a node's redirect that failed at the bucket."""
-
-    def __init__(
-        self,
-        msg: str,
-        why: str = "missing",
-        retry_after_s: float | None = None,
-        bucket: bool = False,
-    ) -> None:
-        super().__init__(msg)
-        self.why = why
-        self.retry_after_s = retry_after_s
-        self.bucket = bucket
 
 
 @dataclass
@@ -769,7 +751,7 @@ class Sim:
                     return
                 n.r2_rows.discard(blob)
                 self.row_changed(n, blob)
-            raise Fail("503", "refused", self.p.retry_after_s)
+            raise Failed("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
         yield "busy", (self.p.node_request_s, n.index)
@@ -777,11 +759,11 @@ class Sim:
         if blob not in n.held:
             origin = self.resolve(n, blob)
             if origin == "":
-                raise Fail("404")
+                raise Failed("404", "missing")
             if origin == "full":
                 # a relay from the bucket is cut after its headers; a LAN fetch answers 507
                 yield "wait", self.p.r2_request_s if self.nodes_use_r2 else self.p.lan_request_s
-                raise Fail("StoreFull", "down" if self.nodes_use_r2 else "missing")
+                raise Failed("StoreFull", "down" if self.nodes_use_r2 else "missing")
             yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
             n.missed.update(self.blob_items[blob])
         if blob >= 0 and self.p.prefetch_segments:
@@ -868,7 +850,7 @@ class Sim:
                 if item in self.r2_items:
                     break
         else:
-            raise Fail("404: no source has the media")
+            raise Failed("404: no source has the media", "missing")
         n.known.add(item)
 
     # -- a viewer (player.py) ------------------------------------------------------------------
@@ -881,7 +863,7 @@ class Sim:
             yield "wait", self.p.r2_request_s
             self.class_b += 1
             if blob not in self.bucket:
-                raise Fail("404 from the bucket")
+                raise Failed("404 from the bucket", "missing")
             yield "wait", size / self.p.r2_flow_Bps
             via = "r2"
         else:
@@ -907,7 +889,7 @@ class Sim:
         return n
 
     def avoid_current(
-        self, avoid: dict[int, tuple[float, str]], node: Node | None, exc: Fail
+        self, avoid: dict[int, tuple[float, str]], node: Node | None, exc: Failed
     ) -> None:
         """``player.Player._avoid_current``: what the viewer tells the coordinator next."""
         key = -1 if exc.bucket or node is None else node.index
@@ -926,7 +908,7 @@ class Sim:
             yield "wait", self.p.r2_request_s
             self.class_b += 1
             if v.item not in self.r2_items:
-                raise Fail("404: the manifest is not in the bucket")
+                raise Failed("404: the manifest is not in the bucket", "missing")
             return
         for i in range(1 + len(self.lib.items[v.item].rungs)):
             yield "busy", (self.p.client_request_s, None)
@@ -993,7 +975,7 @@ class Sim:
                         yield from self.get_blob(v, node, key)
                         size += nbytes
                         break
-                    except Fail as exc:
+                    except Failed as exc:
                         if self.now - last_progress > cfg.give_up_s:
                             raise
                         if opened:
@@ -1040,7 +1022,7 @@ class Sim:
                 v.startup_s = self.now - t0
             yield "wait", buffer
             v.played_s += buffer
-        except Fail:
+        except Failed:
             v.gave_up = True
         finally:
             v.ended = self.now
