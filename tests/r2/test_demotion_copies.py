@@ -79,7 +79,7 @@ async def stock(state: Path, clip: HlsClip, moto: MotoServer, bucket: str) -> tu
 def in_bucket(moto: MotoServer, bucket: str, media_id: str, cids: list[Cid]) -> set[str]:
     """Which of the item's keys (manifest, blobs) the bucket lists."""
     keys = {manifest_key(media_id), *(blob_key(c) for c in cids)}
-    return keys & set(moto.objects(bucket))
+    return keys & moto.keys(bucket)
 
 
 def held(state: Path) -> set[str]:
@@ -116,7 +116,7 @@ async def test_a_last_copy_stays_in_the_bucket_until_another_node_holds_one(
             # (B answers that it holds nothing), and keeps it. Unfixed, it deletes it.
             def decided() -> bool:
                 kept = metric(a.base_url, "peerd_tiering_demotions_total", outcome="kept_copies")
-                return kept >= 3 or manifest_key(media_id) not in moto.objects(bucket)
+                return kept >= 3 or manifest_key(media_id) not in moto.keys(bucket)
 
             await until(lambda: asyncio.to_thread(decided), timeout_s=60, step_s=0.2)
             assert await asyncio.to_thread(in_bucket, moto, bucket, media_id, cids) == keys

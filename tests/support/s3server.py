@@ -110,12 +110,27 @@ class MotoServer:
         """Write an object directly (bypassing peerd)."""
         self.client().put_object(Bucket=bucket, Key=key, Body=body)
 
+    def keys(self, bucket: str) -> set[str]:
+        """Every key a bucket lists now (every page), without reading the objects."""
+        c = self.client()
+        out: set[str] = set()
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            out.update(o["Key"] for o in page.get("Contents", []))
+        return out
+
     def objects(self, bucket: str) -> dict[str, bytes]:
-        """Every object of a bucket, read directly."""
+        """Every object of a bucket, read directly.
+
+        A running node may delete an object between the listing and the read; such an object
+        is left out, as if the listing had come a moment later.
+        """
         c = self.client()
         out = {}
-        for o in c.list_objects_v2(Bucket=bucket).get("Contents", []):
-            out[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for key in sorted(self.keys(bucket)):
+            try:
+                out[key] = c.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except c.exceptions.NoSuchKey:
+                continue
         return out
 
     def __enter__(self) -> MotoServer:
