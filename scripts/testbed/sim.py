@@ -215,6 +215,11 @@ class SimParams:
     # and how long before it each daemon was ready (its first tiering round comes one interval
     # after that); None: a random phase
     ready_ages_s: list[float] | None = None
+    # And when each node's LAN directory lost its partner, seconds after the first viewer (the
+    # run's peerd expired an mDNS entry ``[mdns] peer_ttl_s`` after its one announcement):
+    # from then its LAN source is idle (after R2 in the source order) and tiering counts no
+    # copy of the partner's; None: never
+    lan_lost_s: list[float] | None = None
     any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
     # [r2] as driver.py writes it
     min_residence_s: float = 30.0
@@ -837,11 +842,20 @@ class Sim:
         sc, at = n.score.get(blob, (0.0, self.now))
         n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
 
+    def lan(self, n: Node) -> Node | None:
+        """The LAN partner ``n``'s directory knows now (:attr:`SimParams.lan_lost_s`)."""
+        if n.lan_peer is None:
+            return None
+        lost = self.p.lan_lost_s
+        if lost is not None and self.now >= lost[n.index]:
+            return None
+        return self.nodes[n.lan_peer]
+
     def fetch_source(self, n: Node, blob: int) -> str:
         """The first source of :func:`source_order` that has ``blob`` for ``n`` (``lan``,
         ``r2``; its request counted), or "" when none has it."""
         size = self.lib.sizes[blob]
-        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        peer = self.lan(n)
         sources: list[Any] = [
             PeerSource("lan", peer is not None),
             PeerSource("p2p", False),  # the testbed's nodes fetch nothing over libp2p
@@ -853,11 +867,15 @@ class Sim:
                 peer.served["lan-peer"] = peer.served.get("lan-peer", 0.0) + size
                 self.access(peer, blob, size)
                 return "lan"
-            if s.name == "r2" and blob in self.bucket:
+            if s.name == "r2":
                 self.op_b("node_get")
                 n.req_b += 1
-                self.node_gets.append((n.index, blob))
-                return "r2"
+                if blob in self.bucket:
+                    self.node_gets.append((n.index, blob))
+                    return "r2"
+                if blob in n.r2_rows:  # replication.source.forget_stale: a 404 corrects it
+                    n.r2_rows.discard(blob)
+                    self.row_changed(n, blob)
         return ""
 
     def store(self, n: Node, blob: int, origin: str) -> bool:
@@ -870,6 +888,10 @@ class Sim:
             return False
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
+        if origin == "r2":
+            # R2Source.report: a verified fetch from the bucket confirms its copy (the row's
+            # r2_state becomes 'present', which the inventory tells the coordinator)
+            n.r2_rows.add(blob)
         self.row_changed(n, blob)
         return True
 
@@ -910,7 +932,7 @@ class Sim:
     def resolve_media(self, n: Node, item: int) -> Generator[Step, None, None]:
         """``n`` is asked for an item its catalog lacks (``--route any``): the manifest from the
         first source of :func:`source_order` that has it, recorded as not in R2."""
-        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        peer = self.lan(n)
         sources: list[Any] = [PeerSource("lan", peer is not None), PeerSource("p2p", False)]
         if self.nodes_use_r2:
             sources.append(BucketSource())
@@ -1145,6 +1167,7 @@ class Sim:
             # demand but the shared inits') are kept where they are by plan_tiering and change
             # nothing but the bytes counted against the R2 budget, which never binds here
             # (10 GiB); leaving them out keeps a round linear in what the node touches.
+            lan = self.lan(n)
             per_item = p.segments_per_item * len(self.lib.items[0].rungs)
             mine = set(demand) | {b // per_item for b in n.held if b >= 0}
             mine = (mine | (n.known - n.media_r2.keys())) & n.known
@@ -1158,7 +1181,7 @@ class Sim:
                     k in n.media_r2,
                     n.media_r2.get(k),
                     n.index in self.holders[k],
-                    int(n.lan_peer is not None and n.lan_peer in self.holders[k]),
+                    int(lan is not None and lan.index in self.holders[k]),
                 )
                 for k in sorted(mine)
             ]
@@ -1175,7 +1198,7 @@ class Sim:
             if p.min_copies > 1 and "min_copies" in TieringLimits.__dataclass_fields__:
                 # peerd's TieringService: the candidates' full copies as its peers report them
                 # (the testbed's homes reach only their LAN partner: mDNS, no libp2p bootstrap)
-                peer = n.lan_peer
+                peer = lan.index if lan is not None else None
                 copies = {
                     a.media_id: int(peer is not None and peer in self.holders[int(a.media_id)])
                     for a in plan
@@ -1627,6 +1650,7 @@ def calibrate(
         p.seeded_unverified = unverified if unverified is not None else checks_failed(run_dir, name)
         p.seed_ages_s = (ages or {}).get(name) or (clocks[0] if clocks else None)
         p.ready_ages_s = clocks[1] if clocks else None
+        p.lan_lost_s = clocks[2] if clocks else None
         s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
@@ -1663,13 +1687,17 @@ def mechanisms(
     return rows
 
 
-def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] | None:
+def node_clocks(
+    run_dir: Path, policy: str
+) -> tuple[list[float], list[float], list[float]] | None:
     """Per node, how long before the first viewer (a) its catalog was seeded and (b) the daemon
     was ready (its tiering rounds run every interval from then), as the run left them: the
     earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes them
     all at once) and the ``peerd ready`` line of its ``daemon.log``, against the last node's
     registration with the coordinator (the driver starts the viewers once every node registered
-    and its inventory was read, a second or so later). None when the work directory is gone."""
+    and its inventory was read, a second or so later); and (c) how long after it the node's
+    LAN directory lost its partner (its first ``peer expired`` or ``peer withdrew`` line; inf:
+    never). None when the work directory is gone."""
     import datetime
     import sqlite3
 
@@ -1677,7 +1705,7 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
         ts = json.loads(line)["ts"].replace("Z", "+00:00")
         return datetime.datetime.fromisoformat(ts).timestamp()
 
-    seeded_at, ready_at, registered = [], [], []
+    seeded_at, ready_at, registered, lost_at = [], [], [], []
     nodes = sorted((run_dir / "work" / policy).glob("node*"), key=lambda d: int(d.name[4:]))
     for node_dir in nodes:
         try:
@@ -1691,8 +1719,10 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
             return None
         ready = [ts_of(x) for x in lines if '"peerd ready"' in x]
         reg = [ts_of(x) for x in lines if '"registered with the coordinator"' in x]
+        lost = [ts_of(x) for x in lines if '"peer expired"' in x or '"peer withdrew"' in x]
         if seeded is None or not ready or not reg:
             return None
+        lost_at.append(lost[0] if lost else math.inf)
         seeded_at.append(float(seeded))
         ready_at.append(ready[0])
         registered.append(reg[0])
@@ -1702,6 +1732,7 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
     return (
         [round(first_viewer - a, 2) for a in seeded_at],
         [round(first_viewer - a, 2) for a in ready_at],
+        [round(a - first_viewer, 2) for a in lost_at],
     )
 
 
@@ -1740,8 +1771,9 @@ def calibrate_repeats(run_dirs: list[Path], replicas: int = 5) -> str:
     for name in sums[0]["policies"]:
         clocks = [cl for d in run_dirs if (cl := node_clocks(d, name)) is not None]
         p.seeded_unverified = any(checks_failed(d, name) for d in run_dirs)
-        p.seed_ages_s = p.ready_ages_s = None
+        p.seed_ages_s = p.ready_ages_s = p.lan_lost_s = None
         if clocks:
+            p.lan_lost_s = [min(x) for x in zip(*(c[2] for c in clocks), strict=True)]
             p.seed_ages_s = [statistics.fmean(x) for x in zip(*(c[0] for c in clocks), strict=True)]
             p.ready_ages_s = [
                 statistics.fmean(x) for x in zip(*(c[1] for c in clocks), strict=True)
