@@ -294,3 +294,38 @@ def _served(proc: S.Proc, got: dict[str, str]) -> S.Proc:
         yield from proc
     except S.Failed as exc:
         got["failed"] = str(exc.args[0])
+
+
+def test_a_blob_read_from_the_bucket_is_recorded_there() -> None:
+    """peerd's R2 source confirms the copy of a blob it read (``r2_state`` 'present'), which the
+    node's inventory tells the coordinator: an item a node resolved stays routable to the
+    bucket. A 404 corrects the row (``forget_stale``)."""
+    p = small(manifests="placed")
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[2]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
+    blob = next(b for b in sim.lib.items[item].blobs if b >= 0)
+    assert blob not in n.r2_rows
+    assert sim.fetch_source(n, blob) == "r2"
+    assert sim.store(n, blob, "r2")
+    assert blob in n.r2_rows
+    assert n.changed[blob] is True  # the next heartbeat's inventory: present
+    other = next(b for b in sim.lib.items[item].blobs if b >= 0 and b != blob)
+    n.r2_rows.add(other)
+    sim.bucket_delete(other)
+    assert sim.fetch_source(n, other) == ""
+    assert other not in n.r2_rows
+    assert n.changed[other] is False
+
+
+def test_a_node_that_lost_its_lan_partner_reads_from_the_bucket() -> None:
+    """The run's nodes lost their LAN partner when its mDNS entry expired (their logs' ``peer
+    expired``): from then the LAN source is idle and goes after R2 (``source_order``)."""
+    p = small()
+    for lost, want in ((None, "lan"), ([0.0] * p.nodes, "r2")):
+        p.lan_lost_s = lost
+        sim = S.Sim(p, library(p), "peerd")
+        n = sim.nodes[0]
+        assert n.lan_peer is not None
+        blob = next(b for b in sim.nodes[n.lan_peer].held if b >= 0 and b not in n.held)
+        assert sim.fetch_source(n, blob) == want

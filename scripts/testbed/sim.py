@@ -1687,9 +1687,7 @@ def mechanisms(
     return rows
 
 
-def node_clocks(
-    run_dir: Path, policy: str
-) -> tuple[list[float], list[float], list[float]] | None:
+def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float], list[float]] | None:
     """Per node, how long before the first viewer (a) its catalog was seeded and (b) the daemon
     was ready (its tiering rounds run every interval from then), as the run left them: the
     earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes them
