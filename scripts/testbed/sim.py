@@ -616,18 +616,16 @@ class Sim:
         """Run a process until its first step."""
         self.step(proc)
 
-    def step(self, proc: Proc, throw: Failed | None = None) -> None:
-        """Resume ``proc`` (raising ``throw`` in it) and schedule what it asks for."""
+    def step(self, proc: Proc) -> None:
+        """Resume ``proc`` and schedule what it asks for."""
         try:
-            kind, arg = proc.throw(throw) if throw is not None else next(proc)
+            kind, arg = next(proc)
         except StopIteration:
             return
         if kind == "wait":
             self.at(self.now + max(0.0, arg), 0, proc)
-        elif kind == "busy":
-            # CPU time: ``(mean, node or None, the request's deadline or None)``, lognormal,
-            # slowed by load; past the deadline the player's timeout fails the request
-            mean, node, deadline = arg
+        elif kind == "busy":  # CPU time: ``(mean, node or None)``, lognormal, slowed by load
+            mean, node = arg
             if node is None:
                 load = 0  # the player's own time: not what grows with the load
             elif self.p.one_machine:
@@ -638,11 +636,7 @@ class Sim:
                 mean *= 1.0 + (load / self.p.cpu_viewers) ** self.p.cpu_power
             sg = self.p.busy_sigma
             t = self.rng.lognormvariate(math.log(mean) - sg * sg / 2, sg) if mean > 0 else 0.0
-            if deadline is not None and self.now + t > deadline:
-                exc = Failed("TimeoutError")
-                self.at(max(deadline, self.now), 2, lambda: self.step(proc, exc))
-            else:
-                self.at(self.now + t, 0, proc)
+            self.at(self.now + t, 0, proc)
         else:  # ("flow", (node, bytes))
             node, size = arg
             link = self.nodes[node].link
@@ -769,16 +763,8 @@ class Sim:
 
     # -- a node serving a blob -----------------------------------------------------------------
 
-    def serve(
-        self,
-        n: Node,
-        v: ViewerStats,
-        blob: int,
-        src: dict[str, str],
-        deadline: float | None = None,
-    ) -> Proc:
-        """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow
-        (``deadline``: when the player's request times out)."""
+    def serve(self, n: Node, v: ViewerStats, blob: int, src: dict[str, str]) -> Proc:
+        """``n`` sends ``blob`` to ``v``: admission, resolution (source order), the flow."""
         size = self.lib.sizes[blob]
         # peerd's stream key is (media id, client address, token): the testbed's players share
         # one address, and the coordinator mints one token per route
@@ -806,7 +792,7 @@ class Sim:
             raise Failed("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
-        yield "busy", (self.p.node_request_s, n.index, deadline)
+        yield "busy", (self.p.node_request_s, n.index)
         origin = "local"
         item = v.item
         if blob not in n.held:
@@ -969,8 +955,7 @@ class Sim:
     def get_blob(self, v: ViewerStats, n: Node | None, blob: int) -> Proc:
         """One GET of a blob from the route (node or bucket); counts its bytes."""
         size = self.lib.sizes[blob]
-        deadline = self.now + self.p.player.request_timeout_s
-        yield "busy", (self.p.client_request_s, None, deadline)
+        yield "busy", (self.p.client_request_s, None)
         if n is None:
             yield "wait", self.p.r2_request_s
             self.op_b("viewer_get")
@@ -981,7 +966,7 @@ class Sim:
         else:
             yield "wait", n.rtt_s
             src: dict[str, str] = {}
-            yield from self.serve(n, v, blob, src, deadline)
+            yield from self.serve(n, v, blob, src)
             via = src["via"]
             self.asked.setdefault(n.index, set()).add(blob)
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
@@ -1017,17 +1002,16 @@ class Sim:
         """What the player reads to start: the master and media playlists from a node (which
         resolves an item its catalog lacks first), or the manifest from the bucket."""
         if n is None:
-            yield "busy", (self.p.client_request_s, None, None)
+            yield "busy", (self.p.client_request_s, None)
             yield "wait", self.p.r2_request_s
             self.op_b("viewer_manifest")
             if v.item not in self.r2_items:
                 raise Failed("404: the manifest is not in the bucket", "missing")
             return
         for i in range(1 + len(self.lib.items[v.item].rungs)):
-            deadline = self.now + self.p.player.request_timeout_s
-            yield "busy", (self.p.client_request_s, None, deadline)
+            yield "busy", (self.p.client_request_s, None)
             yield "wait", n.rtt_s
-            yield "busy", (self.p.node_request_s, n.index, deadline)
+            yield "busy", (self.p.node_request_s, n.index)
             if i == 0 and v.item not in n.known:
                 yield from self.resolve_media(n, v.item)
             yield "flow", (n.index, self.p.playlist_bytes)
