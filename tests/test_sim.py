@@ -216,7 +216,7 @@ def test_a_refused_eviction_pushes_the_blob_back() -> None:
     sim.push(n, seeded)
     assert sim.class_a == a0 + 3
     assert seeded in sim.written
-    assert sim.verify(seeded)  # the object a node wrote carries its checksum
+    assert sim.verify(n, seeded)  # the object a node wrote carries its checksum
 
 
 def test_a_shared_shaper_carries_less_than_its_rate() -> None:
@@ -248,3 +248,84 @@ def test_a_node_past_its_request_budget_evicts_nothing() -> None:
     assert fullest[10**9] <= 0.96  # evict_high, less what arrived since the last round
     assert fullest[0] > 0.99
     assert reroutes[0] > 2 * reroutes[10**9]
+
+
+def test_a_node_fetches_ahead_where_the_stream_is_and_a_viewer_joins_the_fetch() -> None:
+    """A node serving media it lacks fetches ahead as peerd does (``peerd.core.lookahead``):
+    nothing after a stream's first segment, the next ``prefetch_segments`` after its second;
+    a fetch ahead costs one bucket GET, its blob is stored when its body is in, and a viewer
+    asking meanwhile joins it (no second GET). Into a full store the GETs are still made
+    (StoreFull drops the bytes): the run's ``repeat`` fetches."""
+    p = small()
+    for full in (False, True):
+        sim = S.Sim(p, library(p), "peerd")
+        n = sim.nodes[0]
+        item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (0, n.lan_peer))
+        segs = [b for b, _, _ in sim.lib.items[item].rungs[0].segments]
+        if full:
+            n.quota = n.used
+        stream = (item, 1)
+        sim.fetch_ahead(n, item, segs[0], stream)
+        assert sim.node_gets == []
+        sim.fetch_ahead(n, item, segs[1], stream)
+        assert sim.node_gets == [(0, segs[2]), (0, segs[3])]
+        assert set(n.inflight) == {segs[2], segs[3]}
+        sim.fetch_ahead(n, item, segs[1], stream)  # under way: skipped
+        assert len(sim.node_gets) == 2
+        assert sim.counters["prefetch_skipped"] == 2
+        v = S.ViewerStats(0, item, 0.0)
+        sim.stream_key[0] = 1
+        got: dict[str, str] = {}
+        sim.start(_served(sim.serve(n, v, segs[2], got), got))
+        sim.run(10.0)
+        assert len([g for g in sim.node_gets if g[1] == segs[2]]) == 1
+        assert n.inflight == {}
+        if full:
+            assert got == {"failed": "StoreFull"}
+            assert sim.counters["prefetch_failed"] == 2
+            assert segs[2] not in n.held
+        else:
+            assert got["via"] == "node"
+            assert {segs[2], segs[3]} <= set(n.held)
+
+
+def _served(proc: S.Proc, got: dict[str, str]) -> S.Proc:
+    try:
+        yield from proc
+    except S.Failed as exc:
+        got["failed"] = str(exc.args[0])
+
+
+def test_a_blob_read_from_the_bucket_is_recorded_there() -> None:
+    """peerd's R2 source confirms the copy of a blob it read (``r2_state`` 'present'), which the
+    node's inventory tells the coordinator: an item a node resolved stays routable to the
+    bucket. A 404 corrects the row (``forget_stale``)."""
+    p = small(manifests="placed")
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[2]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
+    blob = next(b for b in sim.lib.items[item].blobs if b >= 0)
+    assert blob not in n.r2_rows
+    assert sim.fetch_source(n, blob) == "r2"
+    assert sim.store(n, blob, "r2")
+    assert blob in n.r2_rows
+    assert n.changed[blob] is True  # the next heartbeat's inventory: present
+    other = next(b for b in sim.lib.items[item].blobs if b >= 0 and b != blob)
+    n.r2_rows.add(other)
+    sim.bucket_delete(other)
+    assert sim.fetch_source(n, other) == ""
+    assert other not in n.r2_rows
+    assert n.changed[other] is False
+
+
+def test_a_node_that_lost_its_lan_partner_reads_from_the_bucket() -> None:
+    """The run's nodes lost their LAN partner when its mDNS entry expired (their logs' ``peer
+    expired``): from then the LAN source is idle and goes after R2 (``source_order``)."""
+    p = small()
+    for lost, want in ((None, "lan"), ([0.0] * p.nodes, "r2")):
+        p.lan_lost_s = lost
+        sim = S.Sim(p, library(p), "peerd")
+        n = sim.nodes[0]
+        assert n.lan_peer is not None
+        blob = next(b for b in sim.nodes[n.lan_peer].held if b >= 0 and b not in n.held)
+        assert sim.fetch_source(n, blob) == want

@@ -751,7 +751,9 @@ class Testbed:
             },
             "bound": bound,
             "fetch_waste": self.fetch_waste(stats, ops, res["r2_clients"]),
-            "r2_budget": self.r2_budget_check(policy, *res["r2_since_start"], res["r2_at_stop"]),
+            "r2_budget": self.r2_budget_check(
+                policy, res["r2_since_start"][0], res["r2_since_start"][1], res["r2_at_stop"]
+            ),
             "node_counters": res["node_counters"],
             "faults": res["faults"],
             "fault_impact": _fault_impact(stats, res["faults"]),
@@ -872,9 +874,10 @@ class Testbed:
         per: dict[int, dict[str, float]] = {}
         seen: set[tuple[int, str]] = set()
         for (method, path, fault), addr in zip(ops, clients, strict=True):
-            node = by_addr.get(addr)
-            if node is None or fault != "ok" or "/blobs/" not in path:
+            home = by_addr.get(addr)
+            if home is None or fault != "ok" or "/blobs/" not in path:
                 continue
+            node = home
             row = per.setdefault(node, {**dict.fromkeys(kinds, 0.0), "heads": 0, "puts": 0})
             cid = path.rsplit("/", 1)[1].split("?", 1)[0]
             if method == "HEAD":

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from peerd.config import R2Settings, UplinkSettings
+from peerd.core.lookahead import Lookahead
+from peerd.core.manifest import PlayOrder
 from peerd.core.tiering import (
     BlobStat,
     Demote,
@@ -213,14 +215,16 @@ class SimParams:
     # and how long before it each daemon was ready (its first tiering round comes one interval
     # after that); None: a random phase
     ready_ages_s: list[float] | None = None
+    # And when each node's LAN directory lost its partner, seconds after the first viewer (the
+    # run's peerd expired an mDNS entry ``[mdns] peer_ttl_s`` after its one announcement):
+    # from then its LAN source is idle (after R2 in the source order) and tiering counts no
+    # copy of the partner's; None: never
+    lan_lost_s: list[float] | None = None
     any_sample: int = 64  # the "any node" tier looks at this many random nodes (all when fewer)
     # [r2] as driver.py writes it
     min_residence_s: float = 30.0
     access_half_life_s: float = 60.0
     cold_bytes_per_s: float = 2000.0
-    # full copies the network must hold before an item leaves the bucket (peerd's default);
-    # a node learns of its LAN partner's only: the testbed's nodes run no libp2p
-    min_copies: int = 2
     uplink_headroom: float = 0.6
     r2_budget_bytes: int = 10 * 1024**3
     # [r2] budget_class_a/b_per_month: a month's requests over the month's days, as the driver
@@ -249,7 +253,8 @@ class SimParams:
     # [uplink] retry_after_s: what a node's 503 tells the player
     retry_after_s: float = UplinkSettings().retry_after_s
     # [r2] min_copies: an item leaves the bucket only when this node's copy and the full copies
-    # its peers say they hold reach it (peerd's default)
+    # its peers say they hold reach it (peerd's default); a node learns of its LAN partner's
+    # only: the testbed's nodes run no libp2p
     min_copies: int = R2Settings().min_copies
     # A request the uplink turned away counts as demand for tiering (peerd.http.hls since
     # 77754bb: media wanted past the uplink reach the bucket)
@@ -273,6 +278,7 @@ class SimParams:
     cpu_power: float = 1.0
     one_machine: bool = True
     prefetch_segments: int = 2  # [http] prefetch_segments
+    max_prefetches: int = 4  # Resolver.max_prefetches
     # What a tbf uplink (50 ms of queue) carries with 3 or more segment transfers at once, as a
     # fraction of its rate: 1 (not modelled) by default. scripts/bench/tbf_goodput.py measures
     # it on the testbed's shaper, but no one figure holds: the median over 3 to 24 concurrent
@@ -388,7 +394,12 @@ class Node:
     streams: int = 0
     served: dict[str, float] = field(default_factory=dict)
     fetched: dict[str, float] = field(default_factory=dict)
-    missed: set[int] = field(default_factory=set)  # items that had a miss (prefetch them)
+    # hls._Media.remote: items that had a miss here (their requests fetch ahead), the
+    # lookahead's streams, prefetches under way (blob -> when its body is in, its source)
+    remote: set[int] = field(default_factory=set)
+    lookahead: Lookahead = field(default_factory=lambda: Lookahead(0))
+    inflight: dict[int, tuple[float, str]] = field(default_factory=dict)
+    prefetching: int = 0
     # Its catalog: media rows (manifests), those it believes in the bucket (-> r2_since), and
     # blob rows whose r2_state is 'present' (what it may evict, or redirect a viewer to)
     known: set[int] = field(default_factory=set)
@@ -441,6 +452,18 @@ class Sim:
             link = Link(up, contended=p.contended_flows, contended_goodput=p.contended_goodput)
             self.nodes.append(Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, link, meter))
             self.nodes[-1].coord_uplink_Bps = up
+        for n in self.nodes:
+            n.lookahead = Lookahead(p.prefetch_segments)
+        # PlayOrder.of each item's manifest: a rendition's init, then its segments in order
+        self.orders: dict[int, PlayOrder] = {}
+        for k, it in enumerate(lib.items):
+            at: dict[str, tuple[tuple[str, ...], int]] = {}
+            for g in it.rungs:
+                cids = tuple(str(b) for b, _, _ in g.segments)
+                at.setdefault(str(g.init), (cids, 0))
+                for j, c in enumerate(cids):
+                    at.setdefault(c, (cids, j + 1))
+            self.orders[k] = PlayOrder(at)
         self.holders: dict[int, set[int]] = {k: set() for k in range(len(lib.items))}
         self.blob_items: dict[int, list[int]] = {}
         for k, it in enumerate(lib.items):
@@ -469,6 +492,12 @@ class Sim:
         self.routes: list[tuple[float, int, str, int | None]] = []
         self.flow_owner: dict[int, int] = {}
         self.admission_log: list[tuple[int, float, float]] = []  # (node, t, projected rate)
+        # Every blob GET a node made at the bucket, in order (node, blob), the blobs viewers got
+        # through each node, and the counters the testbed's nodes keep (relay cuts, prefetches):
+        # the driver's ``fetch_waste`` and ``node_counters`` made of the same events
+        self.node_gets: list[tuple[int, int]] = []
+        self.asked: dict[int, set[int]] = {}
+        self.counters: dict[str, int] = {}
         self.next_flow = 0
         # viewer -> the token of its route (routing mints one per route)
         self.stream_key: dict[int, int] = {}
@@ -485,7 +514,7 @@ class Sim:
         self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
         # (node, item) -> when a viewer found the node could not get the item it lacks
         self.node_missing: dict[tuple[int, int], float] = {}
-        place = self.placement()
+        self.place = place = self.placement()
         for node, items in place.items():
             n = self.nodes[node]
             for k in items:
@@ -551,6 +580,15 @@ class Sim:
         for k in self.blob_items[blob]:
             n.have[k] -= 1
             self.holders[k].discard(n.index)
+
+    def op_b(self, what: str) -> None:
+        """A class B request at the bucket, by what made it (``node_counters``)."""
+        self.class_b += 1
+        self.count(f"class_b:{what}")
+
+    def count(self, what: str) -> None:
+        """One more of a node-side event (``summary()['node_counters']``)."""
+        self.counters[what] = self.counters.get(what, 0) + 1
 
     def row_changed(self, n: Node, blob: int) -> None:
         """A blob row of ``n`` changed: its inventory reports its r2_state at the next
@@ -741,12 +779,12 @@ class Sim:
                 # BucketLink: a HEAD first (the node's own class B request); a 404 corrects
                 # its catalog and the viewer gets 503, else a 302 the player follows
                 yield "wait", self.p.r2_request_s
-                self.class_b += 1
+                self.op_b("head_redirect")
                 n.req_b += 1
                 if blob in self.bucket:
                     src["via"] = "r2_redirect"
                     yield "wait", self.p.r2_request_s
-                    self.class_b += 1
+                    self.op_b("viewer_redirect")
                     yield "wait", size / self.p.r2_flow_Bps
                     return
                 n.r2_rows.discard(blob)
@@ -756,25 +794,30 @@ class Sim:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
         yield "busy", (self.p.node_request_s, n.index)
         origin = "local"
+        item = v.item
         if blob not in n.held:
-            origin = self.resolve(n, blob)
-            if origin == "":
-                raise Failed("404", "missing")
-            if origin == "full":
-                # a relay from the bucket is cut after its headers; a LAN fetch answers 507
-                yield "wait", self.p.r2_request_s if self.nodes_use_r2 else self.p.lan_request_s
+            done = n.inflight.get(blob)
+            if done is not None:
+                # Resolver single flight: the viewer joins the fetch ahead under way
+                yield "wait", done[0] - self.now
+                origin = done[1]
+                stored = blob in n.held
+            else:
+                origin = self.fetch_source(n, blob)
+                if origin == "":
+                    raise Failed("404", "missing")
+                yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
+                stored = self.store(n, blob, origin)
+            # hls._send: the fetch opened, the media is remote and the next segments are
+            # fetched ahead, before the relay that StoreFull may cut
+            n.remote.add(item)
+            self.fetch_ahead(n, item, blob, key)
+            if not stored:
+                self.count("relay_cut")
+                # a relay from the bucket is cut before its last bytes; a LAN fetch answers 507
                 raise Failed("StoreFull", "down" if self.nodes_use_r2 else "missing")
-            yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
-            n.missed.update(self.blob_items[blob])
-        if blob >= 0 and self.p.prefetch_segments:
-            per = self.p.segments_per_item
-            item = self.blob_items[blob][0]
-            if item in n.missed:
-                for nxt in range(
-                    blob + 1, min(blob + 1 + self.p.prefetch_segments, (blob // per + 1) * per)
-                ):
-                    if nxt not in n.held:
-                        self.resolve(n, nxt)
+        elif item in n.remote:
+            self.fetch_ahead(n, item, blob, key)
         self.access(n, blob, size)
         yield "flow", (n.index, size)
         n.meter.sent(size, self.now)
@@ -799,11 +842,20 @@ class Sim:
         sc, at = n.score.get(blob, (0.0, self.now))
         n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
 
-    def resolve(self, n: Node, blob: int) -> str:
-        """Fetch ``blob`` into ``n`` from the first source of :func:`source_order` that has it;
-        its origin (``lan``, ``r2``), or "" when none has it."""
+    def lan(self, n: Node) -> Node | None:
+        """The LAN partner ``n``'s directory knows now (:attr:`SimParams.lan_lost_s`)."""
+        if n.lan_peer is None:
+            return None
+        lost = self.p.lan_lost_s
+        if lost is not None and self.now >= lost[n.index]:
+            return None
+        return self.nodes[n.lan_peer]
+
+    def fetch_source(self, n: Node, blob: int) -> str:
+        """The first source of :func:`source_order` that has ``blob`` for ``n`` (``lan``,
+        ``r2``; its request counted), or "" when none has it."""
         size = self.lib.sizes[blob]
-        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        peer = self.lan(n)
         sources: list[Any] = [
             PeerSource("lan", peer is not None),
             PeerSource("p2p", False),  # the testbed's nodes fetch nothing over libp2p
@@ -814,28 +866,73 @@ class Sim:
             if s.name == "lan" and peer is not None and blob in peer.held:
                 peer.served["lan-peer"] = peer.served.get("lan-peer", 0.0) + size
                 self.access(peer, blob, size)
-                origin = "lan"
-                break
-            if s.name == "r2" and blob in self.bucket:
-                self.class_b += 1
+                return "lan"
+            if s.name == "r2":
+                self.op_b("node_get")
                 n.req_b += 1
-                origin = "r2"
-                break
-        else:
-            return ""
+                if blob in self.bucket:
+                    self.node_gets.append((n.index, blob))
+                    return "r2"
+                if blob in n.r2_rows:  # replication.source.forget_stale: a 404 corrects it
+                    n.r2_rows.discard(blob)
+                    self.row_changed(n, blob)
+        return ""
+
+    def store(self, n: Node, blob: int, origin: str) -> bool:
+        """``n`` stores ``blob`` fetched from ``origin``; False when ``BlobStore._check_room``
+        refuses it (StoreFull: the bytes were read, and are dropped)."""
+        size = self.lib.sizes[blob]
+        if blob in n.held:
+            return True
         if n.used + size > n.quota:
-            # BlobStore._check_room: the fetched bytes cannot be stored (StoreFull); the
-            # viewer's relay is cut (``down``), a prefetch fails
-            return "full"
+            return False
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
+        if origin == "r2":
+            # R2Source.report: a verified fetch from the bucket confirms its copy (the row's
+            # r2_state becomes 'present', which the inventory tells the coordinator)
+            n.r2_rows.add(blob)
         self.row_changed(n, blob)
-        return origin
+        return True
+
+    def fetch_ahead(self, n: Node, item: int, blob: int, stream: tuple[int, int]) -> None:
+        """``HlsRoutes.fetch_ahead``: the segments :class:`peerd.core.lookahead.Lookahead`
+        names after ``blob`` for ``stream``, each not held a ``Resolver.prefetch``."""
+        if not self.p.prefetch_segments:
+            return
+        for nxt in n.lookahead.ahead(self.orders[item], str(blob), stream):
+            b = int(nxt)
+            if b not in n.held:
+                self.prefetch(n, b)
+
+    def prefetch(self, n: Node, blob: int) -> None:
+        """``Resolver.prefetch``: skipped when the blob is being fetched or
+        ``max_prefetches`` fetches run; else a fetch in the background, stored when its body
+        has arrived (or failed by StoreFull then)."""
+        if blob in n.inflight or n.prefetching >= self.p.max_prefetches:
+            self.count("prefetch_skipped")
+            return
+        origin = self.fetch_source(n, blob)
+        if origin == "":
+            return
+        self.count("prefetch_started")
+        latency = self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
+        done = self.now + latency + self.lib.sizes[blob] / self.p.r2_flow_Bps
+        n.inflight[blob] = (done, origin)
+        n.prefetching += 1
+        self.start(self._prefetched(n, blob, origin, done))
+
+    def _prefetched(self, n: Node, blob: int, origin: str, done: float) -> Proc:
+        yield "wait", done - self.now
+        n.prefetching -= 1
+        n.inflight.pop(blob, None)
+        if not self.store(n, blob, origin):
+            self.count("prefetch_failed")
 
     def resolve_media(self, n: Node, item: int) -> Generator[Step, None, None]:
         """``n`` is asked for an item its catalog lacks (``--route any``): the manifest from the
         first source of :func:`source_order` that has it, recorded as not in R2."""
-        peer = self.nodes[n.lan_peer] if n.lan_peer is not None else None
+        peer = self.lan(n)
         sources: list[Any] = [PeerSource("lan", peer is not None), PeerSource("p2p", False)]
         if self.nodes_use_r2:
             sources.append(BucketSource())
@@ -845,7 +942,7 @@ class Sim:
                 break
             if s.name == "r2":
                 yield "wait", self.p.r2_request_s
-                self.class_b += 1
+                self.op_b("node_manifest")
                 n.req_b += 1
                 if item in self.r2_items:
                     break
@@ -861,7 +958,7 @@ class Sim:
         yield "busy", (self.p.client_request_s, None)
         if n is None:
             yield "wait", self.p.r2_request_s
-            self.class_b += 1
+            self.op_b("viewer_get")
             if blob not in self.bucket:
                 raise Failed("404 from the bucket", "missing")
             yield "wait", size / self.p.r2_flow_Bps
@@ -871,6 +968,7 @@ class Sim:
             src: dict[str, str] = {}
             yield from self.serve(n, v, blob, src)
             via = src["via"]
+            self.asked.setdefault(n.index, set()).add(blob)
         v.bytes_by_source[via] = v.bytes_by_source.get(via, 0) + size
         self.totals[via] = self.totals.get(via, 0) + size
 
@@ -906,7 +1004,7 @@ class Sim:
         if n is None:
             yield "busy", (self.p.client_request_s, None)
             yield "wait", self.p.r2_request_s
-            self.class_b += 1
+            self.op_b("viewer_manifest")
             if v.item not in self.r2_items:
                 raise Failed("404: the manifest is not in the bucket", "missing")
             return
@@ -1069,6 +1167,7 @@ class Sim:
             # demand but the shared inits') are kept where they are by plan_tiering and change
             # nothing but the bytes counted against the R2 budget, which never binds here
             # (10 GiB); leaving them out keeps a round linear in what the node touches.
+            lan = self.lan(n)
             per_item = p.segments_per_item * len(self.lib.items[0].rungs)
             mine = set(demand) | {b // per_item for b in n.held if b >= 0}
             mine = (mine | (n.known - n.media_r2.keys())) & n.known
@@ -1082,7 +1181,7 @@ class Sim:
                     k in n.media_r2,
                     n.media_r2.get(k),
                     n.index in self.holders[k],
-                    int(n.lan_peer is not None and n.lan_peer in self.holders[k]),
+                    int(lan is not None and lan.index in self.holders[k]),
                 )
                 for k in sorted(mine)
             ]
@@ -1099,14 +1198,14 @@ class Sim:
             if p.min_copies > 1 and "min_copies" in TieringLimits.__dataclass_fields__:
                 # peerd's TieringService: the candidates' full copies as its peers report them
                 # (the testbed's homes reach only their LAN partner: mDNS, no libp2p bootstrap)
-                peer = n.lan_peer
+                peer = lan.index if lan is not None else None
                 copies = {
                     a.media_id: int(peer is not None and peer in self.holders[int(a.media_id)])
                     for a in plan
                     if isinstance(a, Demote)
                 }
-                stats = [dc_replace(m, copies=copies.get(m.media_id)) for m in stats]  # type: ignore[call-arg]
-                limits = dc_replace(limits, min_copies=p.min_copies)  # type: ignore[call-arg]
+                stats = [dc_replace(m, copies=copies.get(m.media_id)) for m in stats]
+                limits = dc_replace(limits, min_copies=p.min_copies)
                 plan = plan_tiering(stats, limits, now)
             for act in plan:
                 k = int(act.media_id)
@@ -1140,7 +1239,7 @@ class Sim:
                 )
                 for b, last in n.held.items()
             ]
-            plan = plan_eviction(
+            evictions = plan_eviction(
                 blobs,
                 n.used,
                 n.quota,
@@ -1148,9 +1247,9 @@ class Sim:
                 low=p.evict_low,
                 order="lru" if self.policy == "lru" else "demand",
             )
-            for ev in plan:
+            for ev in evictions:
                 b = int(ev.cid)
-                if self.verify(b):
+                if self.verify(n, b):
                     self.drop(n, b)
                     self.row_changed(n, b)
                 else:
@@ -1160,18 +1259,16 @@ class Sim:
                     self.push(n, b)
             self._stored()
 
-    def verify(self, b: int) -> bool:
-        """``R2Client.verify_blob``: a HEAD, and a whole GET when the object has no SHA-256
-        checksum (the driver's); whether the copy is confirmed."""
-        self.class_b += 1
+    def verify(self, n: Node, b: int) -> bool:
+        """``R2Client.verify_blob`` by ``n``: a HEAD, and a whole GET when the object has no
+        SHA-256 checksum (the driver's); whether the copy is confirmed."""
+        self.op_b("check_head")
         if b not in self.bucket:
             return False
-        if b in self.seeded:
-            self.class_b += 1
-            return False
-        if b not in self.written:
-            self.class_b += 1
-        return True
+        if b in self.seeded or b not in self.written:
+            self.op_b("check_get")
+            self.node_gets.append((n.index, b))
+        return b not in self.seeded
 
     def push(self, n: Node, b: int) -> None:
         """A ``push_blob`` job (``Replicator.upload_blob``): a PUT ``If-None-Match: *``; on an
@@ -1180,18 +1277,18 @@ class Sim:
         self.class_a += 1
         puts = 1
         if b in self.bucket:
-            if not self.verify(b):
+            if not self.verify(n, b):
                 self.bucket_delete(b)
                 self.seeded.discard(b)
                 self.class_a += 1  # the retry's PUT
                 puts = 2
                 self.bucket_put(b)
                 self.written.add(b)
-                self.class_b += 1
+                self.op_b("put_check")
         else:
             self.bucket_put(b)
             self.written.add(b)
-            self.class_b += 1  # the HEAD after the PUT (its SHA-256 checksum)
+            self.op_b("put_check")  # the HEAD after the PUT (its SHA-256 checksum)
         n.r2_rows.add(b)
         self.row_changed(n, b)
         self.start(self.upload(n, self.lib.sizes[b] * puts))
@@ -1270,6 +1367,40 @@ class Sim:
         self._stored()
         return self.summary()
 
+    def fetch_waste(self) -> dict[str, Any]:
+        """``driver.fetch_waste`` on the model's events: each blob GET a node made is
+        ``needed``, ``refetch_placed``, ``repeat``, ``unasked_other_rendition`` or ``unasked``
+        (bytes per kind, in all and per node)."""
+        kinds = ("needed", "refetch_placed", "repeat", "unasked_other_rendition", "unasked")
+        per_item = self.p.segments_per_item
+        rungs = len(self.lib.items[0].rungs)
+
+        def role(b: int) -> tuple[int, int]:  # (item, segment number; -1 for an init)
+            if b < 0:
+                return (-1, -1)
+            return (b // (per_item * rungs), b % per_item)
+
+        sibling = {n: {role(b) for b in bs} for n, bs in self.asked.items()}
+        per: dict[int, dict[str, float]] = {}
+        seen: set[tuple[int, int]] = set()
+        for node, b in self.node_gets:
+            row = per.setdefault(node, dict.fromkeys(kinds, 0.0))
+            k, _ = role(b)
+            if (node, b) in seen:
+                kind = "repeat"
+            elif k in self.place[node] or b < 0:
+                kind = "refetch_placed"
+            elif b in self.asked.get(node, set()):
+                kind = "needed"
+            elif role(b) in sibling.get(node, set()):
+                kind = "unasked_other_rendition"
+            else:
+                kind = "unasked"
+            seen.add((node, b))
+            row[kind] += self.lib.sizes[b]
+        total = {key: sum(r[key] for r in per.values()) for key in kinds}
+        return {"total": total, "per_node": {f"node{n}": r for n, r in sorted(per.items())}}
+
     def summary(self) -> dict[str, Any]:
         """The same keys as ``driver.summarise``."""
         stats = self.viewers
@@ -1330,9 +1461,39 @@ class Sim:
                 "read": "2026-12-06",
             },
             "bound": {"measured_over_belady": float("nan")},
+            "fetch_waste": self.fetch_waste(),
+            "first_routes": first_routes(
+                [(v.item, v.nodes[0] if v.nodes else None) for v in stats],
+                self.p.nodes,
+                self.p.lan_pairs,
+            ),
+            "node_counters": dict(sorted(self.counters.items())),
             "faults": [],
             "wall_s": round(wall, 1),
         }
+
+
+def first_routes(
+    firsts: list[tuple[int, int | None]], nodes: int, lan_pairs: list[tuple[int, int]]
+) -> dict[str, int]:
+    """Where the coordinator first sent each viewer (item, node or None): the item's
+    ``holder`` (its placement), that node's LAN ``partner``, an ``other`` node, or the
+    ``bucket``."""
+    peer: dict[int, int] = {}
+    for a, b in lan_pairs:
+        peer[a], peer[b] = b, a
+    out = dict.fromkeys(("holder", "partner", "other", "bucket"), 0)
+    for item, node in firsts:
+        if node is None:
+            kind = "bucket"
+        elif node == item % nodes:
+            kind = "holder"
+        elif peer.get(item % nodes) == node:
+            kind = "partner"
+        else:
+            kind = "other"
+        out[kind] += 1
+    return out
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -1477,11 +1638,19 @@ def calibrate(
         "| policy | figure | testbed | sim | error | tolerance | within |",
         "|---|---|---|---|---|---|---|",
     ]
+    mech = [
+        "Not judged, the mechanisms behind the figures (the model's first replica): node GETs "
+        "at the bucket by cause (MB, as `fetch_waste`), first routes by tier (viewers).",
+        "",
+        "| policy | what | testbed | sim |",
+        "|---|---|---|---|",
+    ]
     for name, tb in summary["policies"].items():
         clocks = None if seed_s_per_node is not None else node_clocks(run_dir, name)
         p.seeded_unverified = unverified if unverified is not None else checks_failed(run_dir, name)
         p.seed_ages_s = (ages or {}).get(name) or (clocks[0] if clocks else None)
         p.ready_ages_s = clocks[1] if clocks else None
+        p.lan_lost_s = clocks[2] if clocks else None
         s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
@@ -1490,18 +1659,43 @@ def calibrate(
                 f"| {name} | {k} | {c['testbed']:.6g} | {c['sim']:.6g} | {_err(k, c)} "
                 f"| {c['tolerance']} | {'yes' if c['pass'] else 'no'} |"
             )
+        mech.extend(mechanisms(run_dir, name, tb, s, p))
+    rows += ["", *mech]
     (run_dir / "sim_compare.json").write_text(json.dumps(result, indent=1, default=float))
     (run_dir / "sim_compare.md").write_text("\n".join(rows) + "\n")
     return result
 
 
-def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] | None:
+def mechanisms(
+    run_dir: Path, policy: str, tb: dict[str, Any], sim: dict[str, Any], p: SimParams
+) -> list[str]:
+    """Rows comparing what the run's nodes and coordinator did with the model's: the nodes'
+    bucket GETs by cause (``fetch_waste``) and the viewers' first routes by tier (from the
+    run's per-viewer records, ``DIR/<policy>.json``, when kept)."""
+    rows = []
+    tw = tb.get("fetch_waste", {}).get("total", {})
+    for k, x in sim["fetch_waste"]["total"].items():
+        if k in tw:
+            rows.append(f"| {policy} | GET {k} | {tw[k] / 1e6:.1f} | {x / 1e6:.1f} |")
+    path = run_dir / f"{policy}.json"
+    if path.exists():
+        viewers = json.loads(path.read_text()).get("viewers", [])
+        firsts = [(int(v["item"]), v["nodes"][0] if v["nodes"] else None) for v in viewers]
+        got = first_routes(firsts, p.nodes, p.lan_pairs)
+        for k, n in got.items():
+            rows.append(f"| {policy} | first route: {k} | {n} | {sim['first_routes'][k]} |")
+    return rows
+
+
+def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float], list[float]] | None:
     """Per node, how long before the first viewer (a) its catalog was seeded and (b) the daemon
     was ready (its tiering rounds run every interval from then), as the run left them: the
     earliest media row of ``DIR/work/<policy>/node<i>/catalog.sqlite3`` (the seeding writes them
     all at once) and the ``peerd ready`` line of its ``daemon.log``, against the last node's
     registration with the coordinator (the driver starts the viewers once every node registered
-    and its inventory was read, a second or so later). None when the work directory is gone."""
+    and its inventory was read, a second or so later); and (c) how long after it the node's
+    LAN directory lost its partner (its first ``peer expired`` or ``peer withdrew`` line; inf:
+    never). None when the work directory is gone."""
     import datetime
     import sqlite3
 
@@ -1509,7 +1703,7 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
         ts = json.loads(line)["ts"].replace("Z", "+00:00")
         return datetime.datetime.fromisoformat(ts).timestamp()
 
-    seeded_at, ready_at, registered = [], [], []
+    seeded_at, ready_at, registered, lost_at = [], [], [], []
     nodes = sorted((run_dir / "work" / policy).glob("node*"), key=lambda d: int(d.name[4:]))
     for node_dir in nodes:
         try:
@@ -1523,8 +1717,10 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
             return None
         ready = [ts_of(x) for x in lines if '"peerd ready"' in x]
         reg = [ts_of(x) for x in lines if '"registered with the coordinator"' in x]
+        lost = [ts_of(x) for x in lines if '"peer expired"' in x or '"peer withdrew"' in x]
         if seeded is None or not ready or not reg:
             return None
+        lost_at.append(lost[0] if lost else math.inf)
         seeded_at.append(float(seeded))
         ready_at.append(ready[0])
         registered.append(reg[0])
@@ -1534,6 +1730,7 @@ def node_clocks(run_dir: Path, policy: str) -> tuple[list[float], list[float]] |
     return (
         [round(first_viewer - a, 2) for a in seeded_at],
         [round(first_viewer - a, 2) for a in ready_at],
+        [round(a - first_viewer, 2) for a in lost_at],
     )
 
 
@@ -1570,10 +1767,11 @@ def calibrate_repeats(run_dirs: list[Path], replicas: int = 5) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in sums[0]["policies"]:
-        clocks = [c for d in run_dirs if (c := node_clocks(d, name)) is not None]
+        clocks = [cl for d in run_dirs if (cl := node_clocks(d, name)) is not None]
         p.seeded_unverified = any(checks_failed(d, name) for d in run_dirs)
-        p.seed_ages_s = p.ready_ages_s = None
+        p.seed_ages_s = p.ready_ages_s = p.lan_lost_s = None
         if clocks:
+            p.lan_lost_s = [min(x) for x in zip(*(c[2] for c in clocks), strict=True)]
             p.seed_ages_s = [statistics.fmean(x) for x in zip(*(c[0] for c in clocks), strict=True)]
             p.ready_ages_s = [
                 statistics.fmean(x) for x in zip(*(c[1] for c in clocks), strict=True)
