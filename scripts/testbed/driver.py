@@ -411,6 +411,7 @@ class Testbed:
         coord.items = [
             (i.media_id, frozenset(i.blobs), need[k]) for k, i in enumerate(self.library)
         ]
+        coord.floors = [min(r.bandwidth for r in i.manifest.renditions) / 8 for i in self.library]
         await coord.start()
         for h in self.net.homes:
             coord.add_node(
