@@ -18,9 +18,9 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
   libp2p, from a holder; ``any_node`` only, or for items in the bucket). When none takes it and
   the bucket holds the item: a holder in ``overflow`` (it redirects the segments to the bucket,
   counting the demand for its tiering), else the bucket directly (overflow). When the bucket
-  lacks it (or a viewer just found it down): in the same order, a node with room for the item
-  at its lowest rendition (the heartbeat's ``floor_spare_bps``, less the floors of viewers sent
-  there since; the node admits such a stream at its floor), else the node whose
+  lacks it (or a viewer just found it down): a holder, else a holder's LAN partner, with room
+  for the item at its lowest rendition (the heartbeat's ``floor_spare_bps``, less the floors of
+  viewers sent there since; the node admits such a stream at its floor), else the node whose
   ``Retry-After`` ends first (the viewer waits for it);
 * ``no_r2``: the same, never the bucket;
 * ``all_r2``: always the bucket.
@@ -300,7 +300,7 @@ class RoutingCoordinator(FakeCoordinator):
         # rendition, else the node that refuses for the least time (its Retry-After), then the
         # least loaded; the viewer waits for it.
         floor = self.floors[item] if item < len(self.floors) else need
-        for tier in tiers:
+        for tier in tiers[:2]:  # not one that must pull the item through another uplink
             fit = [v for v in tier if v.refusing_until <= now and v.floor_spare_Bps >= floor]
             if fit:
                 best = max(fit, key=lambda v: v.floor_spare_Bps)
