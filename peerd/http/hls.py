@@ -405,6 +405,7 @@ class HlsRoutes:
         stream = (media_id, client, token)
         uplink = self.rt.uplink
         if uplink.admit(stream, time.monotonic(), cost, spill, floor):
+            self._admitted()
             return None
         if spill:
             assert row is not None
@@ -414,8 +415,14 @@ class HlsRoutes:
             # The bucket could not take it after all (down, or without the blob): decided
             # again as a stream only the node can serve.
             if uplink.admit(stream, time.monotonic(), cost, False, floor):
+                self._admitted()
                 return None
         self.refuse(row)
+
+    def _admitted(self) -> None:
+        # Admitted in overflow: at its floor (at full cost the state would be open).
+        if self.rt.uplink.overflow:
+            self.m.overflow.labels(answer="floor").inc()
 
     async def overflow(self, row: BlobRow, ext: str) -> web.Response | None:
         """A redirect to the bucket for a stream not admitted whose blob the bucket holds, or

@@ -37,7 +37,7 @@ from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import Manifest, Rendition, Segment, decode, encode, media_id_of
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
-from tests.r2.test_overflow import Viewer, token_for
+from tests.r2.test_overflow import Viewer, metric, token_for
 from tests.support.browser import Browser, player_origin
 from tests.support.coordinator import FakeCoordinator
 from tests.support.faultproxy import Fault, FaultProxy
@@ -248,6 +248,13 @@ async def test_a_new_viewer_is_taken_at_its_lowest_rendition_when_the_bucket_is_
         # The node tried the bucket, found it down, and did not ask again for each viewer.
         heads = [e for e in proxy.log if e[0] == "HEAD" and "/blobs/" in e[1]]
         assert 1 <= len(heads) <= 2, proxy.log
+        floor = await asyncio.to_thread(
+            metric, o.node, 'peerd_uplink_overflow_total{answer="floor"}'
+        )
+        refused = await asyncio.to_thread(
+            metric, o.node, 'peerd_uplink_overflow_total{answer="refused"}'
+        )
+        assert (floor, refused) == (1, 1)
 
 
 PAGE = """<!doctype html>
