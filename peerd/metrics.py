@@ -45,7 +45,8 @@ class Metrics:
         self.uplink_overflow = Counter(
             "peerd_uplink_overflow",
             "Streams not admitted under the uplink budget, by answer (redirect: an HLS blob "
-            "request sent to the bucket; refused: 503, a blob the bucket lacks or a WHEP offer)",
+            "request sent to the bucket; refused: 503, a blob the bucket lacks or a WHEP offer; "
+            "floor: a new HLS stream the bucket cannot take, served at its lowest rendition)",
             ["answer"],
             registry=self.registry,
         )

@@ -164,6 +164,15 @@ def test_master_playlist() -> None:
     assert text.endswith("\n")
 
 
+def test_master_playlist_lowest_first() -> None:
+    """Players start with the first variant listed: the node lists the lowest video first
+    when it takes a new viewer only at its lowest rendition (peerd.core.uplink)."""
+    lines = pl.render_master(make_manifest(), uri_for, lowest_first=True).splitlines()
+    order = [ln.split("/")[2] for ln in lines if ln.startswith("/playlist/")]
+    assert order == ["v480", "v720", "audio"]
+    assert pl.render_master(make_manifest(), uri_for).count("\n") == len(lines)
+
+
 def test_media_playlist_fmp4() -> None:
     m = make_manifest()
     text = pl.render_media(m, "v720", uri_for)

@@ -119,3 +119,41 @@ def test_streams_the_bucket_can_take_leave_the_last_of_the_budget_to_the_others(
     assert u.admit("only-here", 1.0, 150.0)  # 850 <= 1000
     assert u.admitted("only-here", 2.0)
     assert not u.admitted("spill", 2.0)
+
+
+def test_a_stream_the_bucket_cannot_take_is_admitted_at_its_floor_while_the_floors_fit() -> None:
+    """Over the budget at full cost, a stream with nowhere else to go (no spill) is admitted at
+    its lowest rendition as long as every stream could still play at its own: the floors of
+    the streams playing, plus its own, within the budget."""
+    u = Uplink(budget_bps=1000.0, window_s=10.0)
+    assert u.admit("a", 0.0, 800.0, floor_bps=400.0)
+    u.sent(8000, 0.5)  # "a" plays its top rendition: 800 B/s
+    assert not u.takes(1.0, 800.0)  # 800 + 800 > 1000: not at full cost
+    assert not u.admit("b", 1.0, 800.0, spill=True, floor_bps=400.0)  # the bucket takes it
+    assert not u.admit("b", 1.0, 800.0, floor_bps=0.0)  # no floor known: refused, as before
+    assert u.admit("b", 1.0, 800.0, floor_bps=400.0)  # floors 400 + 400 <= 1000
+    r = u.report(1.0)
+    assert (r.state, r.streams, r.floor_spare_bps) == ("overflow", 2, 200)
+    # A third would make the floors 1200: refused (503), whatever "a" and "b" send now.
+    assert not u.admit("c", 2.0, 800.0, floor_bps=400.0)
+    assert u.admitted("a", 2.0)
+    assert u.admitted("b", 2.0)
+    # "b" left (unseen for two windows), "a" plays on: room at the floor again.
+    assert u.admitted("a", 15.0)
+    u.sent(8000, 15.0)
+    assert u.floors(23.0) == 400.0
+    assert u.admit("c", 23.0, 800.0, floor_bps=400.0)
+    assert u.report(23.0).floor_spare_bps == 200
+
+
+def test_floors_of_streams_of_unknown_rendition_count_their_cost() -> None:
+    """A stream admitted without a known floor counts its cost among the floors, and one of
+    unknown cost (a WHEP session) ``stream_bps``: room at the floor is never overstated."""
+    u = Uplink(budget_bps=1000.0, window_s=10.0, stream_bps=300.0)
+    assert u.admit("hls", 0.0, 500.0)
+    u.hold("whep", 0.0)
+    assert u.floors(1.0) == 800.0
+    assert u.report(1.0).floor_spare_bps == 200
+    assert not u.admit("new", 1.0, 600.0, floor_bps=250.0)  # 800 + 250 > 1000
+    assert u.admit("new", 1.0, 600.0, floor_bps=200.0)
+    assert Uplink().report(0.0).floor_spare_bps == 0  # admission off

@@ -134,7 +134,8 @@ class Admission(Response):
 
     state: Literal["off", "open", "overflow"] = Field(
         description="off: no uplink budget; open: new streams are served by the node; "
-        "overflow: new streams are redirected to R2 (or refused with 503)."
+        "overflow: new streams are redirected to R2, or, when R2 cannot take them, served at "
+        "their lowest rendition while floor_spare_bps has room for it (else refused with 503)."
     )
     budget_bps: int = Field(ge=0, description="The uplink budget in bytes/s (0 when off).")
     send_bps: int = Field(
@@ -143,6 +144,12 @@ class Admission(Response):
     spare_bps: int = Field(ge=0, description="budget_bps minus send_bps, floored at 0.")
     streams: int = Field(
         ge=0, description="Viewer streams admitted and active (HLS streams, WHEP sessions)."
+    )
+    floor_spare_bps: int = Field(
+        default=0,
+        ge=0,
+        description="budget_bps minus the lowest-rendition bit rates of the streams playing, "
+        "floored at 0: room for new streams R2 cannot take, served at their lowest rendition.",
     )
     redirects: int = Field(ge=0, description="Requests redirected to the bucket since start.")
     refusals: int = Field(

@@ -126,6 +126,7 @@ class NodeApi:
             send_bps=r.send_bps,
             spare_bps=r.spare_bps,
             streams=r.streams,
+            floor_spare_bps=r.floor_spare_bps,
             redirects=count("redirect"),
             refusals=count("refused"),
         )

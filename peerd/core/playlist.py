@@ -99,9 +99,11 @@ def _media(kind: str, group: str, a: Alternate, uri: str) -> str:
     return "#EXT-X-MEDIA:" + ",".join(attrs)
 
 
-def render_master(manifest: Manifest, uri_for: UriFor) -> str:
+def render_master(manifest: Manifest, uri_for: UriFor, *, lowest_first: bool = False) -> str:
     """The master playlist: alternate tracks (EXT-X-MEDIA), then one EXT-X-STREAM-INF per
-    variant rendition, in manifest order."""
+    variant rendition, in manifest order, or with ``lowest_first`` video variants by BANDWIDTH
+    from the lowest, then the others (players start with the variant listed first: hls.js
+    takes its bit rate as the first throughput estimate, Apple's players play it first)."""
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{hls_version(manifest)}", "#EXT-X-INDEPENDENT-SEGMENTS"]
     audio = [r for r in manifest.renditions if r.kind == "audio" and r.alternate is not None]
     subs = [r for r in manifest.renditions if r.kind == "subtitles" and r.alternate is not None]
@@ -117,6 +119,8 @@ def render_master(manifest: Manifest, uri_for: UriFor) -> str:
     groups += [f'SUBTITLES="{SUBTITLES_GROUP}"'] if subs else []
     alt_codecs = list(dict.fromkeys(r.codecs for r in audio))
     variants = [r for r in manifest.renditions if r.alternate is None and r.kind != "subtitles"]
+    if lowest_first:  # video first all the same: an audio-only variant is no place to start
+        variants.sort(key=lambda r: (r.kind != "video", r.bandwidth))
     for r in variants or audio[:1]:
         lines.append(_stream_inf(r, groups, alt_codecs if r.kind == "video" else []))
         lines.append(_checked(uri_for("playlist", r.id, None)))

@@ -26,11 +26,28 @@ Theory of operation (``budget_bps`` > 0; 0 turns all of this off and admits ever
         a stream the bucket can take (spill): admitted only while
                    projected <= budget * resume_ratio (the rest is kept for streams only
                    the node can serve), whatever the state
+        not admitted, and the bucket cannot take it (no spill: the bucket lacks the media,
+        is unreachable, or there is none): admitted at its lowest rendition (``floor_bps``)
+                   while floors + floor_bps <= budget, else refused
+            floors: sum of the lowest-rendition bit rates of the streams seen within two
+                    windows (a stream of unknown floor: its bit rate, else ``stream_bps``)
 
 A stream the bucket can serve costs the node nothing to turn away (a redirect), one it cannot
 costs its viewer a wait (503 + ``Retry-After``): so the last ``1 - resume_ratio`` of the budget
 goes to the second kind only. :meth:`Uplink.admitted` answers for streams already admitted
 without deciding (a caller that must look up whether the bucket holds the media first).
+
+A viewer refused for want of room has nowhere to go but a wait (503) when the bucket cannot
+take it (an R2 outage at the peak): the node then takes it at the cost of its media's lowest
+rendition rather than its top one, as long as every stream it serves could still play at its
+own lowest rendition (``floors`` within the budget). Admitted streams are never cut: those
+playing higher renditions get less of the uplink, and their players' ABR steps down, to their
+floor at worst; the newcomer's player starts at the lowest rendition (the HLS master lists it
+first, :mod:`peerd.http.hls`) and steps up only when its share allows. Streams unseen for two
+windows do not count among the floors: a playing stream fetches a segment at least every
+segment duration, and those still admitted but silent (a paused or departed player) would
+otherwise keep the floor room for ``stream_idle_s``. :attr:`UplinkReport.floor_spare_bps` is
+the room left at lowest renditions, for the coordinator.
 
 A refused stream is not remembered: its next request is decided again, so it comes back to the
 node once the uplink has room. The gap between ``budget`` and ``budget * resume_ratio`` is the
@@ -69,6 +86,7 @@ class UplinkReport:
     send_bps: int
     spare_bps: int
     streams: int
+    floor_spare_bps: int = 0  # budget minus the floors: room for streams at their lowest rendition
 
 
 @dataclass
@@ -85,8 +103,9 @@ class Uplink:
     _slot: int = 0
     _current: int = 0
     _past: list[tuple[int, int]] = field(default_factory=list)  # (slot, bytes), oldest first
-    # stream -> (last seen, bit rate in bytes/s or 0 if unknown), least recently seen first
-    _streams: OrderedDict[Hashable, tuple[float, float]] = field(default_factory=OrderedDict)
+    # stream -> (last seen, bit rate, lowest-rendition bit rate; bytes/s, 0 if unknown), least
+    # recently seen first
+    _streams: OrderedDict[Hashable, tuple[float, float, float]] = field(default_factory=OrderedDict)
     _last_cost: float = 0.0  # the bit rate of the last stream admitted (0: unknown)
     # (when, per) of unknown-rate streams admitted within the last window
     _recent: deque[tuple[float, float]] = field(default_factory=deque)
@@ -128,36 +147,70 @@ class Uplink:
             return True
         known = self._streams.get(key)
         if known is not None and now - known[0] <= self.stream_idle_s:
-            self._streams[key] = (now, known[1])
+            self._streams[key] = (now, known[1], known[2])
             self._streams.move_to_end(key)
             return True
         return False
 
-    def admit(self, key: Hashable, now: float, cost_bps: float = 0.0, spill: bool = False) -> bool:
+    def admit(
+        self,
+        key: Hashable,
+        now: float,
+        cost_bps: float = 0.0,
+        spill: bool = False,
+        floor_bps: float = 0.0,
+    ) -> bool:
         """Whether stream ``key``'s request is served by the node (see the module doc);
         ``cost_bps``: what the stream will send (its media's bit rate, bytes/s), 0 if unknown;
-        ``spill``: the bucket can serve it instead."""
+        ``spill``: the bucket can serve it instead; ``floor_bps``: what it sends at its lowest
+        rendition (0: unknown, never admitted at its floor)."""
         if self.admitted(key, now):
             return True
         self._expire(now)
         per, projected = self._update(now, cost_bps)
-        if self.overflow or (spill and projected > self.budget_bps * self.resume_ratio):
+        if not self.overflow and not (spill and projected > self.budget_bps * self.resume_ratio):
+            self._remember(key, now, cost_bps, floor_bps)
+            self._last_cost = cost_bps
+            if cost_bps <= 0:
+                self._recent.append((now, per))
+            return True
+        if spill or floor_bps <= 0 or self.floors(now) + floor_bps > self.budget_bps:
             return False
-        self._streams[key] = (now, cost_bps)
+        # It starts at its lowest rendition: that is what it is counted to send.
+        self._remember(key, now, floor_bps, floor_bps)
+        return True
+
+    def takes(self, now: float, cost_bps: float) -> bool:
+        """Whether a new stream costing ``cost_bps`` would be admitted at that cost now (not
+        only at its floor), the bucket aside; always with admission off."""
+        if self.budget_bps <= 0:
+            return True
+        self._expire(now)
+        self._update(now, cost_bps)
+        return not self.overflow
+
+    def floors(self, now: float) -> float:
+        """The lowest-rendition bit rates of the streams seen within two windows (bytes/s)."""
+        total = 0.0
+        for seen, cost, floor in reversed(self._streams.values()):  # most recently seen first
+            if seen < now - 2 * self.window_s:
+                break
+            total += floor or cost or self.stream_bps
+        return total
+
+    def _remember(self, key: Hashable, now: float, cost_bps: float, floor_bps: float) -> None:
+        self._streams[key] = (now, cost_bps, floor_bps)
         self._streams.move_to_end(key)
-        if cost_bps <= 0:
-            self._recent.append((now, per))
-        self._last_cost = cost_bps
         if len(self._streams) > self.max_streams:
             self._streams.popitem(last=False)
-        return True
 
     def hold(self, key: Hashable, now: float) -> None:
         """Keep stream ``key`` admitted at ``now`` without deciding again (a stream the node
         already serves, such as a WHEP session, stays admitted as long as it is open)."""
         if self.budget_bps > 0:
             known = self._streams.get(key)
-            self._streams[key] = (now, known[1] if known is not None else 0.0)
+            cost, floor = (known[1], known[2]) if known is not None else (0.0, 0.0)
+            self._streams[key] = (now, cost, floor)
             self._streams.move_to_end(key)
 
     def release(self, key: Hashable) -> None:
@@ -168,7 +221,7 @@ class Uplink:
         cutoff = now - self.stream_idle_s
         streams = self._streams
         while streams:
-            key, (seen, _) = next(iter(streams.items()))
+            key, (seen, _, _) = next(iter(streams.items()))
             if seen >= cutoff:
                 break
             del streams[key]
@@ -188,7 +241,7 @@ class Uplink:
             recent.popleft()
         unseen = sum(c * (1.0 - (now - t) / window) for t, c in recent)
         committed = 0.0
-        for seen, cost in reversed(self._streams.values()):  # most recently seen first
+        for seen, cost, _ in reversed(self._streams.values()):  # most recently seen first
             if seen <= now - window:
                 break
             committed += cost
@@ -210,4 +263,5 @@ class Uplink:
             int(rate),
             max(0, int(self.budget_bps - rate)),
             len(self._streams),
+            max(0, int(self.budget_bps - self.floors(now))),
         )

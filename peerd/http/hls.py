@@ -40,7 +40,11 @@ a blob request of a stream (media, client, token; costing the media's bit rate) 
 under the budget is answered with a 302 to the bucket (``bucket_url``: presigned or the public
 domain) when R2 holds the blob, else 503 + ``Retry-After``; admitted streams are served as
 above. A stream the bucket can take is redirected before the budget is reached (at its
-``resume_ratio``), so the rest goes to viewers of media only the node can serve. Blob bytes
+``resume_ratio``), so the rest goes to viewers of media only the node can serve. A stream the
+bucket cannot take (it lacks the blob, has not answered the HEAD before a redirect within
+``retry_after_s``, or there is none) is taken at its lowest rendition's bit rate while the
+floors of the streams playing fit the budget (503 past that); meanwhile the master playlist
+lists the lowest video variant first, so a new viewer's player starts there. Blob bytes
 sent on either path are counted into the uplink meter, and the blobs of answers not sent into
 the access counts (tiering sees the demand the uplink could not take).
 """
@@ -55,7 +59,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -88,6 +92,7 @@ CONTENT_TYPES = {
 }
 _PLACEHOLDER = "\x1ftoken\x1f"
 _MAX_MEDIA_CACHED = 256
+_LOW_FIRST = "master.low"  # the master playlist listing the lowest video variant first
 
 
 @dataclass
@@ -102,8 +107,10 @@ class _Media:
     # Set once one of its blobs had to be fetched: from then on viewers' next segments are
     # fetched ahead of them (HlsRoutes.fetch_ahead).
     remote: bool = False
-    # What one viewer's stream sends (bytes/s): its top rendition of each kind, for admission.
+    # What one viewer's stream sends (bytes/s): its top rendition of each kind, for admission,
+    # and its lowest (a stream admitted at its floor, peerd.core.uplink).
     rate_Bps: float = 0.0
+    floor_Bps: float = 0.0
 
 
 def _stream(media_id: str, token: str | None) -> tuple[str, str] | None:
@@ -125,10 +132,18 @@ def _build_media(manifest: Manifest) -> _Media:
             if s.cid is not None:
                 blobs.setdefault(s.cid, "vtt" if r.kind == "subtitles" else seg_ext)
     top: dict[str, int] = {}
+    low: dict[str, int] = {}
     for r in manifest.renditions:
         bps = r.average_bandwidth or r.bandwidth
         top[r.kind] = max(top.get(r.kind, 0), bps)
-    media = _Media(manifest, blobs, PlayOrder.of(manifest), rate_Bps=sum(top.values()) / 8)
+        low[r.kind] = min(low.get(r.kind, bps), bps)
+    media = _Media(
+        manifest,
+        blobs,
+        PlayOrder.of(manifest),
+        rate_Bps=sum(top.values()) / 8,
+        floor_Bps=sum(low.values()) / 8,
+    )
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -144,6 +159,9 @@ def _build_media(manifest: Manifest) -> _Media:
         return f"b/{ref}.{seg_ext}{_PLACEHOLDER}"
 
     media.templates["master"] = tuple(render_master(manifest, uri_for).split(_PLACEHOLDER))
+    low_first = tuple(render_master(manifest, uri_for, lowest_first=True).split(_PLACEHOLDER))
+    if low_first != media.templates["master"]:
+        media.templates[_LOW_FIRST] = low_first  # not a URL's name: it has a dot
     for r in manifest.renditions:
         media.templates[r.id] = tuple(render_media(manifest, r.id, uri_for).split(_PLACEHOLDER))
     return media
@@ -211,6 +229,7 @@ class HlsRoutes:
         self.rt = rt
         self.finder = finder  # media the catalog lacks; None: 404
         self.bucket_url = bucket_url  # None: streams over the uplink budget get 503
+        self.bucket_down_until = 0.0  # no redirect is tried before (the bucket did not answer)
         self.resolver = resolver  # None: only held blobs are served
         self.ondemand = ondemand  # None: on-demand segments are served once produced only
         self.auth = auth
@@ -313,11 +332,23 @@ class HlsRoutes:
     def playlist_body(self, media_id: str, name: str, token: str | None) -> bytes | None:
         """The playlist of a cached media as :meth:`playlist` sends it, or None."""
         media = self._media.get(media_id)
-        parts = media.templates.get(name) if media is not None else None
-        if parts is None:
+        found = self._template(media, name) if media is not None else None
+        if found is None:
             return None
         # Access mode puts no token in URLs (as the full path: its check returns None).
+        name, parts = found
         return self.rendered(media_id, name, token if self.auth.mode == "token" else None, parts)
+
+    def _template(self, media: _Media, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """Playlist ``name``'s cache name and template. The master lists the lowest video
+        variant first while the node would not take a new viewer of the media at its full
+        bit rate (players start with the variant listed first; peerd.core.uplink)."""
+        if name == "master" and _LOW_FIRST in media.templates:
+            uplink = self.rt.uplink
+            if uplink.enabled and not uplink.takes(time.monotonic(), media.rate_Bps):
+                name = _LOW_FIRST
+        parts = media.templates.get(name)
+        return None if parts is None else (name, parts)
 
     def held_blob(
         self, media_id: str, cid: str, ext: str, token: str | None = None
@@ -355,39 +386,76 @@ class HlsRoutes:
         self, request: web.Request, media_id: str, token: str | None, cid: Cid | None, ext: str
     ) -> web.Response | None:
         """None when the viewer's stream is served by the node, else the overflow answer. A
-        new stream costs its media's bit rate, and one the bucket can take is redirected first
-        (:class:`peerd.core.uplink.Uplink`, ``spill``)."""
+        new stream costs its media's bit rate, one the bucket can take is redirected first,
+        and one it cannot may be taken at its lowest rendition's bit rate
+        (:class:`peerd.core.uplink.Uplink`, ``spill`` and ``floor_bps``)."""
         headers, peer = request.headers, request.remote or ""
         if self.admitted_stream(media_id, token, headers, peer):
             return None
         row = await self.rt.catalog.get_blob(cid) if cid is not None else None
-        spill = row is not None and row.r2_state == "present" and self.bucket_url is not None
+        spill = (
+            row is not None
+            and row.r2_state == "present"
+            and self.bucket_url is not None
+            and time.monotonic() >= self.bucket_down_until
+        )
         client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
         media = self._media.get(media_id)
-        cost = media.rate_Bps if media is not None else 0.0
-        if self.rt.uplink.admit((media_id, client, token), time.monotonic(), cost, spill):
+        cost, floor = (media.rate_Bps, media.floor_Bps) if media is not None else (0.0, 0.0)
+        stream = (media_id, client, token)
+        uplink = self.rt.uplink
+        if uplink.admit(stream, time.monotonic(), cost, spill, floor):
+            self._admitted()
             return None
-        return await self.overflow(row, ext)
+        if spill:
+            assert row is not None
+            redirect = await self.overflow(row, ext)
+            if redirect is not None:
+                return redirect
+            # The bucket could not take it after all (down, or without the blob): decided
+            # again as a stream only the node can serve.
+            if uplink.admit(stream, time.monotonic(), cost, False, floor):
+                self._admitted()
+                return None
+        self.refuse(row)
 
-    async def overflow(self, row: BlobRow | None, ext: str) -> web.Response:
-        """The answer to a stream not admitted: a redirect to the bucket when it holds the
-        blob, else 503 with ``Retry-After`` (the player or coordinator goes elsewhere)."""
-        if row is not None:
-            # Demand turned away is demand all the same: tiering counts it, so media wanted
-            # past the uplink reach the bucket, and stay there while its viewers are sent to it.
-            self.rt.access.record(row.cid, row.size, time.time())
-        url = None
-        if row is not None and self.bucket_url is not None and row.r2_state == "present":
-            url = await self.bucket_url(row.cid, CONTENT_TYPES[ext])
+    def _admitted(self) -> None:
+        # Admitted in overflow: at its floor (at full cost the state would be open).
+        if self.rt.uplink.overflow:
+            self.m.overflow.labels(answer="floor").inc()
+
+    async def overflow(self, row: BlobRow, ext: str) -> web.Response | None:
+        """A redirect to the bucket for a stream not admitted whose blob the bucket holds, or
+        None when the bucket cannot be sent the viewer (it does not answer: no redirect is
+        tried again for ``retry_after_s``; or it lacks the blob: the catalog is corrected)."""
+        assert self.bucket_url is not None
+        url = await self.bucket_url(row.cid, CONTENT_TYPES[ext])
         if url is None:
-            self.m.overflow.labels(answer="refused").inc()
-            raise Unavailable(
-                "uplink budget reached", retry_after=self.rt.settings.uplink.retry_after_s
-            )
+            now = time.monotonic()
+            found = await self.rt.catalog.get_blob(row.cid)
+            if found is not None and found.r2_state == "present":
+                self.bucket_down_until = now + self.rt.settings.uplink.retry_after_s
+            return None
+        self.demand(row)
         self.m.overflow.labels(answer="redirect").inc()
         # Never cached: the URL expires, and the node may have room for the stream later.
         headers = self._cors({"Location": url, "Cache-Control": "no-store"})
         return web.Response(status=302, headers=headers)
+
+    def refuse(self, row: BlobRow | None) -> NoReturn:
+        """503 with ``Retry-After`` for a stream not admitted that the bucket cannot take (the
+        player or coordinator goes elsewhere)."""
+        self.demand(row)
+        self.m.overflow.labels(answer="refused").inc()
+        raise Unavailable(
+            "uplink budget reached", retry_after=self.rt.settings.uplink.retry_after_s
+        )
+
+    def demand(self, row: BlobRow | None) -> None:
+        """Demand turned away is demand all the same: tiering counts it, so media wanted past
+        the uplink reach the bucket, and stay there while its viewers are sent to it."""
+        if row is not None:
+            self.rt.access.record(row.cid, row.size, time.time())
 
     def open_stream(self) -> bool:
         """Take a blob stream slot (counted in the gauge); False when all are taken."""
@@ -459,11 +527,10 @@ class HlsRoutes:
         else:
             token = await auth.check(request, media_id, "hls")
         media = self._media.get(media_id) or await self.media(media_id)
-        name = match["name"]
-        parts = media.templates.get(name)
-        if parts is None:
+        found = self._template(media, match["name"])
+        if found is None:
             raise NotFound("no such playlist")
-        body = self.rendered(media_id, name, token, parts)
+        body = self.rendered(media_id, found[0], token, found[1])
         return web.Response(body=body, headers=self.playlist_headers)
 
     def rendered(

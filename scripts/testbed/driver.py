@@ -411,6 +411,7 @@ class Testbed:
         coord.items = [
             (i.media_id, frozenset(i.blobs), need[k]) for k, i in enumerate(self.library)
         ]
+        coord.floors = [min(r.bandwidth for r in i.manifest.renditions) / 8 for i in self.library]
         await coord.start()
         for h in self.net.homes:
             coord.add_node(
@@ -1014,7 +1015,8 @@ def _budget_cell(b: dict[str, Any] | None) -> str:
 
 def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per fault: stalls that ended in its window (20 s after it; an outage: until it ends),
-    and for a SIGKILL the viewers of the node then playing and their longest stall."""
+    the viewers who arrived in it (how many gave up, startup p95 of the others), and for a
+    SIGKILL the viewers of the node then playing and their longest stall."""
     out = []
     for k, f in enumerate(faults):
         if f["fault"] in ("heal", "r2_up", "restart"):
@@ -1031,6 +1033,11 @@ def _fault_impact(stats: list[ViewerStats], faults: list[dict[str, Any]]) -> lis
             "stall_s": round(sum(d for _, d in window), 2),
             "corrupt_bytes": sum(s.corrupt_bytes for s in stats),
         }
+        arrived = [s for s in stats if f["t"] <= s.arrived <= end]
+        started = [s.startup_s for s in arrived if s.startup_s is not None and not s.gave_up]
+        row["arrived"] = len(arrived)
+        row["arrived_gave_up"] = sum(1 for s in arrived if s.gave_up)
+        row["arrived_startup_p95_s"] = round(_pct(sorted(started), 95), 3)
         if f["fault"] == "sigkill":
             hit = [s for s in stats if f["node"] in s.nodes and s.arrived <= f["t"] <= s.ended]
             worst = [max((d for t, d in s.stall_times if t >= f["t"]), default=0.0) for s in hit]

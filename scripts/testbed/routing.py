@@ -18,7 +18,10 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
   libp2p, from a holder; ``any_node`` only, or for items in the bucket). When none takes it and
   the bucket holds the item: a holder in ``overflow`` (it redirects the segments to the bucket,
   counting the demand for its tiering), else the bucket directly (overflow). When the bucket
-  lacks it: the node whose ``Retry-After`` ends first (the viewer waits for it);
+  lacks it (or a viewer just found it down): a holder, else a holder's LAN partner, with room
+  for the item at its lowest rendition (the heartbeat's ``floor_spare_bps``, less the floors of
+  viewers sent there since; the node admits such a stream at its floor), else the node whose
+  ``Retry-After`` ends first (the viewer waits for it);
 * ``no_r2``: the same, never the bucket;
 * ``all_r2``: always the bucket.
 
@@ -74,6 +77,7 @@ class NodeView:
     streams: int = 0
     admission: str = "off"  # the heartbeat's admission state: off, open, overflow
     refusing_until: float = 0.0  # a viewer got 503 + Retry-After from it
+    floor_spare_Bps: float = 0.0  # room at lowest renditions (heartbeat), less floors sent since
     libp2p: bool = False  # it reports libp2p addresses (it can fetch from, and serve, others)
 
 
@@ -88,6 +92,7 @@ class RoutingCoordinator(FakeCoordinator):
     presign: Callable[[str], str] | None = None
     policy: str = "peerd"
     items: list[tuple[str, frozenset[str], float]] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)  # item -> its lowest rendition (bytes/s)
     admit_fraction: float = 0.85
     interval_s: float = 2.0
     routes: list[tuple[float, int, str, int | None]] = field(default_factory=list)
@@ -116,6 +121,7 @@ class RoutingCoordinator(FakeCoordinator):
                 view.last_seen = time.monotonic()
                 adm = payload["admission"]
                 view.admission = adm["state"]
+                view.floor_spare_Bps = float(adm.get("floor_spare_bps", 0))
                 # With a budget the node's own meter (and its budget) is what admits viewers.
                 if adm["state"] == "off":
                     view.egress_Bps = float(payload["load"]["egress_bps"])
@@ -290,8 +296,16 @@ class RoutingCoordinator(FakeCoordinator):
                 return self._pick(max(redirecting, key=self.spare), item, need, now)
             self.routes.append((now, item, "r2", None))
             return self._r2_route(media_id, cids)
-        # No room anywhere and the bucket cannot take it: the node that refuses for the least
-        # time (its Retry-After), then the least loaded; the viewer waits for it.
+        # No room anywhere and the bucket cannot take it: a node that takes it at its lowest
+        # rendition, else the node that refuses for the least time (its Retry-After), then the
+        # least loaded; the viewer waits for it.
+        floor = self.floors[item] if item < len(self.floors) else need
+        for tier in tiers[:2]:  # not one that must pull the item through another uplink
+            fit = [v for v in tier if v.refusing_until <= now and v.floor_spare_Bps >= floor]
+            if fit:
+                best = max(fit, key=lambda v: v.floor_spare_Bps)
+                best.floor_spare_Bps -= floor
+                return self._pick(best, item, need, now)
         for tier in tiers:
             if tier:
                 best = min(tier, key=lambda v: (v.refusing_until, -self.spare(v)))
