@@ -27,9 +27,11 @@ holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's l
 ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
 the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
 the network as flows: each segment a node sends is a flow on that node's uplink, shared max-min
-fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`; each request
-waits the home's RTT; a read-through waits the LAN or the bucket's latency; a bucket GET waits
-the bucket's latency and moves at ``r2_flow_Bps``. No sockets, no processes, no clock: 100,000
+fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`, then waits
+what TCP's recovery at the testbed's ``tbf`` adds, drawn from a measured table
+(:class:`ShaperExcess`); each request waits the home's RTT and a measured CPU time; a
+read-through waits the LAN or the bucket's latency; a bucket GET waits the bucket's latency and
+moves at ``r2_flow_Bps``. No sockets, no processes, no clock: 100,000
 viewers on 1,000 nodes run in a few minutes on one core.
 """
 
