@@ -27,9 +27,11 @@ holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's l
 ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
 the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
 the network as flows: each segment a node sends is a flow on that node's uplink, shared max-min
-fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`; each request
-waits the home's RTT; a read-through waits the LAN or the bucket's latency; a bucket GET waits
-the bucket's latency and moves at ``r2_flow_Bps``. No sockets, no processes, no clock: 100,000
+fairly (equal shares: one bottleneck per flow) by :mod:`scripts.testbed.fluid`, then waits
+what TCP's recovery at the testbed's ``tbf`` adds, drawn from a measured table
+(:class:`ShaperExcess`); each request waits the home's RTT and a measured CPU time; a
+read-through waits the LAN or the bucket's latency; a bucket GET waits the bucket's latency and
+moves at ``r2_flow_Bps``. No sockets, no processes, no clock: 100,000
 viewers on 1,000 nodes run in a few minutes on one core.
 """
 
@@ -179,6 +181,55 @@ def read_rungs(media_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+# -- the shaped uplink ---------------------------------------------------------------------------
+
+EXCESS_TABLE = Path(__file__).with_name("tbf_excess.json")
+MIN_CELL = 30  # transfers a cell of the table needs to be drawn from
+
+
+@dataclass(frozen=True)
+class ShaperExcess:
+    """What TCP's loss recovery at the testbed's ``tbf`` adds to a transfer, past its equal
+    share of the link, as measured by ``scripts/bench/tbf_goodput.py`` (``tbf_excess.json``:
+    quantiles of the excess per rate, size class and others in flight when it started)."""
+
+    cells: dict[str, list[float]]
+    quantiles: list[float]
+    sizes: dict[str, int]
+    rows: list[int]
+    rates: list[float]
+
+    @classmethod
+    def load(cls, path: Path = EXCESS_TABLE) -> ShaperExcess:
+        """The table the bench wrote."""
+        t = json.loads(path.read_text())
+        # a rate's own cell where it holds enough transfers for its tail, else every rate's
+        cells = {k: list(v["q"]) for k, v in t["cells"].items() if v["n"] >= MIN_CELL}
+        rates = sorted({float(k.split("/", 1)[0]) for k in cells if not k.startswith("*")})
+        return cls(cells, list(t["quantiles"]), dict(t["sizes"]), list(t["others_rows"]), rates)
+
+    def draw(self, mbit: float, size: float, others: int, u: float) -> float:
+        """The excess (seconds) at quantile ``u`` for a transfer of ``size`` bytes starting
+        with ``others`` in flight on a ``mbit`` Mbit/s link: the nearest rate and size class
+        measured, its others row (a row with too few transfers: the rates pooled, then the
+        row below)."""
+        klass = min(self.sizes, key=lambda k: abs(self.sizes[k] - size))
+        rate = min(self.rates, key=lambda r: abs(r - mbit))
+        rows = [r for r in self.rows if r <= others][::-1]
+        q: list[float] | None = None
+        for row in rows:
+            q = self.cells.get(f"{rate:g}/{klass}/{row}") or self.cells.get(f"*/{klass}/{row}")
+            if q:
+                break
+        if not q:
+            return 0.0
+        qs = self.quantiles
+        i = min(len(qs) - 2, max(0, next((j for j, x in enumerate(qs) if x > u), len(qs)) - 1))
+        span = qs[i + 1] - qs[i]
+        f = (u - qs[i]) / span if span > 0 else 0.0
+        return q[i] + (q[i + 1] - q[i]) * min(1.0, max(0.0, f))
+
+
 # -- the scenario --------------------------------------------------------------------------------
 
 
@@ -267,25 +318,19 @@ class SimParams:
     r2_server_s: float = 0.005
     r2_flow_Bps: float = 50e6  # a GET's body on loopback
     lan_request_s: float = 0.004  # a signed LAN HTTP fetch
-    # CPU time per request, fitted to the quick run's startups and checked on the full run's:
-    node_request_s: float = 0.01  # mean of a node's own time per request
-    client_request_s: float = 0.005  # mean of the player's own time per request
-    busy_sigma: float = 2.1  # their spread (lognormal)
-    # CPU contention: a node's time grows by 1 + (load / cpu_viewers) ** cpu_power; the load is
-    # every viewer on a node when the whole testbed shares one machine's CPUs (calibration),
-    # else the node's own streams (a home has its own CPU).
-    cpu_viewers: float = 10.0
-    cpu_power: float = 1.0
-    one_machine: bool = True
+    # CPU time per request, measured: peerd's for a 360p segment with an uplink budget set
+    # (scripts/bench/serve_bench.py on the testbed's rendition, 4 connections: 0.45 ms; a
+    # playlist 0.03 ms), the player's for a GET and the hash of its body
+    # (scripts/bench/tbf_goodput.py --player-cpu: 0.18-0.40 ms). At the testbed's ~60 GETs a
+    # second that is a few percent of one core: no contention is modelled.
+    node_request_s: float = 0.00045
+    client_request_s: float = 0.0003
     prefetch_segments: int = 2  # [http] prefetch_segments
     max_prefetches: int = 4  # Resolver.max_prefetches
-    # What a tbf uplink (50 ms of queue) carries with 3 or more segment transfers at once, as a
-    # fraction of its rate: 1 (not modelled) by default. scripts/bench/tbf_goodput.py measures
-    # it on the testbed's shaper, but no one figure holds: the median over 3 to 24 concurrent
-    # 62 kB transfers was 0.75 and 0.85 at 6 Mbit/s and 0.61 at 12 Mbit/s (0.31 with 8 at once)
-    # on the busy 2-core machine, and 0.8 put the full run's startups 11-42% long.
-    contended_flows: int = 3
-    contended_goodput: float = 1.0
+    # What TCP's recovery at the tbf adds to each transfer past its equal share, drawn from
+    # the bench's measured table (:class:`ShaperExcess`; a median goodput per batch was no one
+    # figure: 0.31-0.96 of the rate); False: the ideal shared link only
+    shaper_excess: bool = True
     playlist_bytes: int = 400
     player: PlayerConfig = field(default_factory=PlayerConfig)
 
@@ -347,7 +392,6 @@ def scaled(nodes: int, viewers: int, duration_s: float = 240.0) -> SimParams:
         "mean_per_s": viewers / duration_s,
     }
     p = params_from_scenario(sc)
-    p.one_machine = False
     p.seed_s_per_node = 0.0
     p.seeded_unverified = False  # a real bucket's objects are the nodes' own (checksummed)
     return p
@@ -437,6 +481,9 @@ class Sim:
         self.seq = 0
         self.waiting: dict[int, Proc] = {}
         self.rng = random.Random(p.seed + 1)
+        self.excess = ShaperExcess.load() if p.shaper_excess else None
+        self.net_rng = random.Random(p.seed + 2)  # the transfers' draws, apart from the rest
+        self.extra: dict[int, float] = {}  # flow -> its excess, waited after its bytes
         lib_bytes = sum(i.size for i in lib.items)
         quota = int(lib_bytes / p.nodes * p.quota_factor)
         peers: dict[int, int] = {}
@@ -449,7 +496,7 @@ class Sim:
                 budget_bps=up * p.admission_fraction,
                 stream_bps=p.admission_stream_mbit * 1e6 / 8,
             )
-            link = Link(up, contended=p.contended_flows, contended_goodput=p.contended_goodput)
+            link = Link(up)
             self.nodes.append(Node(i, up, p.rtts_ms[i] / 1000, peers.get(i), quota, link, meter))
             self.nodes[-1].coord_uplink_Bps = up
         for n in self.nodes:
@@ -624,19 +671,6 @@ class Sim:
             return
         if kind == "wait":
             self.at(self.now + max(0.0, arg), 0, proc)
-        elif kind == "busy":  # CPU time: ``(mean, node or None)``, lognormal, slowed by load
-            mean, node = arg
-            if node is None:
-                load = 0  # the player's own time: not what grows with the load
-            elif self.p.one_machine:
-                load = self.streams  # every daemon on one machine's CPUs
-            else:
-                load = self.nodes[node].streams  # a home's own CPU
-            if self.p.cpu_viewers:
-                mean *= 1.0 + (load / self.p.cpu_viewers) ** self.p.cpu_power
-            sg = self.p.busy_sigma
-            t = self.rng.lognormvariate(math.log(mean) - sg * sg / 2, sg) if mean > 0 else 0.0
-            self.at(self.now + t, 0, proc)
         else:  # ("flow", (node, bytes))
             node, size = arg
             link = self.nodes[node].link
@@ -646,6 +680,10 @@ class Sim:
             fid = self.next_flow
             self.next_flow += 1
             self.waiting[fid] = proc
+            if self.excess is not None:
+                mbit = link.capacity * 8 / 1e6
+                u = self.net_rng.random()
+                self.extra[fid] = self.excess.draw(mbit, size, len(link.flows), u)
             link.add(fid, size, self.now)
             self.at(link.next_done(), 1, (node, link.version))
 
@@ -664,7 +702,11 @@ class Sim:
                 if version != link.version:
                     continue
                 for fid in link.pop_done(t):
-                    self.step(self.waiting.pop(fid))
+                    extra = self.extra.pop(fid, 0.0)
+                    if extra > 0:
+                        self.at(t + extra, 0, self.waiting.pop(fid))
+                    else:
+                        self.step(self.waiting.pop(fid))
                 if link.flows:
                     self.at(link.next_done(), 1, (node, link.version))
             else:
@@ -792,7 +834,7 @@ class Sim:
             raise Failed("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
-        yield "busy", (self.p.node_request_s, n.index)
+        yield "wait", self.p.node_request_s
         origin = "local"
         item = v.item
         if blob not in n.held:
@@ -955,7 +997,7 @@ class Sim:
     def get_blob(self, v: ViewerStats, n: Node | None, blob: int) -> Proc:
         """One GET of a blob from the route (node or bucket); counts its bytes."""
         size = self.lib.sizes[blob]
-        yield "busy", (self.p.client_request_s, None)
+        yield "wait", self.p.client_request_s
         if n is None:
             yield "wait", self.p.r2_request_s
             self.op_b("viewer_get")
@@ -1002,16 +1044,16 @@ class Sim:
         """What the player reads to start: the master and media playlists from a node (which
         resolves an item its catalog lacks first), or the manifest from the bucket."""
         if n is None:
-            yield "busy", (self.p.client_request_s, None)
+            yield "wait", self.p.client_request_s
             yield "wait", self.p.r2_request_s
             self.op_b("viewer_manifest")
             if v.item not in self.r2_items:
                 raise Failed("404: the manifest is not in the bucket", "missing")
             return
         for i in range(1 + len(self.lib.items[v.item].rungs)):
-            yield "busy", (self.p.client_request_s, None)
+            yield "wait", self.p.client_request_s
             yield "wait", n.rtt_s
-            yield "busy", (self.p.node_request_s, n.index)
+            yield "wait", self.p.node_request_s
             if i == 0 and v.item not in n.known:
                 yield from self.resolve_media(n, v.item)
             yield "flow", (n.index, self.p.playlist_bytes)
@@ -1595,6 +1637,7 @@ def replicated(p: SimParams, lib: Library, policy: str, replicas: int) -> dict[s
     for r in range(replicas):
         sim = Sim(p, lib, policy)
         sim.rng.seed(p.seed + 1 + r)
+        sim.net_rng.seed(p.seed + 2 + 1000 * r)
         sim.play(_trace(p))
         runs.append(sim.summary())
     out = dict(runs[0])
@@ -1621,11 +1664,13 @@ def calibrate(
     seed_s_per_node: float | None = None,
     ages: dict[str, list[float]] | None = None,
     unverified: bool | None = None,
+    clocks: dict[str, tuple[list[float], list[float], list[float]]] | None = None,
 ) -> dict[str, Any]:
     """Simulate every policy of the testbed run in ``run_dir``; write ``sim_compare.json`` and
     ``sim_compare.md``. The nodes' seed ages are read from the run (:func:`seed_ages`), or
     given per policy in ``ages`` (a run whose work directory is gone), else
-    ``seed_s_per_node``; whether the nodes' check failed on the driver's objects
+    ``seed_s_per_node`` (every clock :func:`node_clocks` reads, given per policy in
+    ``clocks``); whether the nodes' check failed on the driver's objects
     (:attr:`SimParams.seeded_unverified`) from the run (:func:`checks_failed`) unless given."""
     summary = json.loads((run_dir / "summary.json").read_text())
     sc = summary["scenario"]
@@ -1646,11 +1691,13 @@ def calibrate(
         "|---|---|---|---|",
     ]
     for name, tb in summary["policies"].items():
-        clocks = None if seed_s_per_node is not None else node_clocks(run_dir, name)
+        clock = (clocks or {}).get(name)
+        if clock is None and seed_s_per_node is None:
+            clock = node_clocks(run_dir, name)
         p.seeded_unverified = unverified if unverified is not None else checks_failed(run_dir, name)
-        p.seed_ages_s = (ages or {}).get(name) or (clocks[0] if clocks else None)
-        p.ready_ages_s = clocks[1] if clocks else None
-        p.lan_lost_s = clocks[2] if clocks else None
+        p.seed_ages_s = (ages or {}).get(name) or (clock[0] if clock else None)
+        p.ready_ages_s = clock[1] if clock else None
+        p.lan_lost_s = clock[2] if clock else None
         s = replicated(p, lib, name, replicas)
         cmp = compare(tb, s)
         result["policies"][name] = {"compare": cmp, "sim": s}
