@@ -111,7 +111,7 @@ Purpose = Literal["optional", "evict", "viewer"]
 RESERVE: dict[str, float] = {"optional": 0.25, "evict": 0.10, "viewer": 0.0}
 
 # How long the bucket's holding a blob, once seen, stands in for a HEAD before eviction.
-CONFIRM_FRESH_S = 86400.0
+CONFIRM_FRESH_S = 3600.0
 
 
 def spendable(left: int, budget: int, purpose: Purpose) -> int:

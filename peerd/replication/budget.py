@@ -55,20 +55,28 @@ class RequestLedger:
         self,
         catalog: Catalog,
         metrics: R2Metrics,
-        budget_a: int,
-        budget_b: int,
+        budgets: Callable[[], tuple[int, int]],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
         self.metrics = metrics
-        self.budget_a = budget_a
-        self.budget_b = budget_b
+        self._budgets = budgets  # (class A, class B) a month, read at each use: settings change
         self._clock = clock
         self._month: str | None = None  # None: not loaded yet
         self._used_a = 0
         self._used_b = 0
         self._told: set[tuple[str, str]] = set()  # (month, purpose) refusals already logged
+
+    @property
+    def budget_a(self) -> int:
+        """Class A requests allowed a month."""
+        return self._budgets()[0]
+
+    @property
+    def budget_b(self) -> int:
+        """Class B requests allowed a month."""
+        return self._budgets()[1]
 
     async def load(self) -> None:
         """Read the month's recorded counts from the catalog (once; later calls do nothing)."""
@@ -143,12 +151,11 @@ def request_ledger(rt: Runtime) -> RequestLedger:
     registry = rt.metrics.registry
     ledger = _BY_REGISTRY.get(registry)
     if ledger is None:
-        cfg = rt.settings.r2
-        ledger = RequestLedger(
-            rt.catalog,
-            r2_metrics(registry),
-            cfg.budget_class_a_per_month,
-            cfg.budget_class_b_per_month,
-        )
+
+        def budgets() -> tuple[int, int]:
+            cfg = rt.settings.r2
+            return cfg.budget_class_a_per_month, cfg.budget_class_b_per_month
+
+        ledger = RequestLedger(rt.catalog, r2_metrics(registry), budgets)
         _BY_REGISTRY[registry] = ledger
     return ledger

@@ -18,7 +18,8 @@ Every ``r2.tiering_interval_s`` it
    :data:`MAX_LOOKUPS` items a round, each within :data:`LOOKUP_TIMEOUT_S`), and an item
    leaves R2 only if enough copies were found; what could not be learnt counts as no copy
    (counted in ``peerd_tiering_demotions_total{outcome}``);
-4. when the store passes ``evict_high_watermark`` of its quota, evicts blobs chosen by
+4. when the store passes ``evict_high_watermark`` of its quota (checked in the round, and as
+   soon as the store grows past it between rounds), evicts blobs chosen by
    :func:`peerd.core.tiering.plan_eviction` -- each one after a HEAD confirms its R2 copy (size
    and checksum), unless the bucket was seen to hold it a short while ago (read from it and
    verified, uploaded, or HEAD-confirmed: see :mod:`peerd.core.tiering` for why that is safe);
@@ -68,6 +69,7 @@ log = logging.getLogger("peerd.replication")
 
 MAX_LOOKUPS = 16  # demotion candidates whose copies are looked up per round
 LOOKUP_TIMEOUT_S = 5.0  # per candidate; a finder that has not answered by then knows nothing
+EVICT_PAUSE_S = 0.25  # least time between evictions started by a store passing its mark
 
 
 class CopyFinder(Protocol):
@@ -112,15 +114,40 @@ class TieringService:
         self._clock = clock
         self._looked_up: dict[str, float] = {}  # media id -> when its copies were last asked
         self.ledger = replicator.ledger
-        self._told_spent: str | None = None  # the day "budget used up" was last logged
+        self._told_spent: str | None = None  # the month "budget used up" was last logged
+        # Set when the store passes its high watermark between rounds: evict at once.
+        self._full = asyncio.Event()
+        rt.store.on_grow = self._grown
+
+    def _grown(self, used: int) -> None:
+        quota = self.rt.store.quota_bytes
+        if quota and used > self.cfg.evict_high_watermark * quota:
+            self._full.set()
 
     async def run(self, ready: Callable[[], None]) -> None:
-        """Run a round every interval until cancelled."""
+        """Run a round every interval until cancelled; between rounds, evict as soon as the
+        store passes its high watermark."""
         ready()
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.cfg.tiering_interval_s
         while True:
-            await asyncio.sleep(self.cfg.tiering_interval_s)
             try:
-                await self.tick()
+                async with asyncio.timeout_at(due):
+                    await self._full.wait()
+            except TimeoutError:
+                pass
+            self._full.clear()
+            try:
+                if loop.time() >= due:
+                    due = loop.time() + self.cfg.tiering_interval_s
+                    await self.tick()
+                else:
+                    now = self._clock()
+                    await self.fold_access(now)
+                    await self.evict(now)
+                    # A store that cannot get below the mark (nothing evictable) would wake this
+                    # on every blob stored: at most a few such rounds a second.
+                    await asyncio.sleep(EVICT_PAUSE_S)
             except PeerdError as exc:
                 log.warning("tiering round failed", extra={"error": exc.message})
 
