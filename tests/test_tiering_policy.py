@@ -192,3 +192,15 @@ def test_eviction_needs_heads_only_for_blobs_not_confirmed_lately() -> None:
     assert [e.cid for e in ev] == ["cold-old", "cold-fresh", "warm-fresh"]
     # Without ``now`` nothing counts as fresh (every eviction is checked).
     assert all(e.head for e in plan_eviction(blobs, 120, 100, low=0.5))
+
+
+def test_eviction_spares_blobs_stored_for_a_viewer_not_asked_for_yet() -> None:
+    blobs = [
+        BlobStat("prefetched", 30, 0.0, 9.0, True, False),
+        BlobStat("placed-unseen", 30, 0.0, 1.0, True, False),
+        BlobStat("seen", 30, 5.0, 8.0, True, False),
+    ]
+    ev = plan_eviction(blobs, 100, 100, low=0.5)
+    assert [e.cid for e in ev] == ["placed-unseen", "prefetched"]
+    ev = plan_eviction(blobs, 100, 100, low=0.5, spare={"prefetched"})
+    assert [e.cid for e in ev] == ["placed-unseen", "seen"]

@@ -67,7 +67,7 @@ Pure: no I/O, ``now`` is passed in, results are frozen dataclasses.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +112,9 @@ RESERVE: dict[str, float] = {"optional": 0.25, "evict": 0.10, "viewer": 0.0}
 
 # How long the bucket's holding a blob, once seen, stands in for a HEAD before eviction.
 CONFIRM_FRESH_S = 3600.0
+# How long a blob just stored and not asked for yet is spared by eviction (a prefetch reaches
+# its viewer within seconds).
+SPARE_STORED_S = 30.0
 
 
 def spendable(left: int, budget: int, purpose: Purpose) -> int:
@@ -275,11 +278,14 @@ def plan_eviction(
     order: str = "demand",
     now: float | None = None,
     heads: int | None = None,
+    spare: Collection[str] = (),
 ) -> list[Evict]:
     """Blobs to evict so local usage falls to ``low * quota`` once it passed ``high * quota``;
     ``order`` ``"lru"`` ignores scores (least recently used first). A blob confirmed in the
     bucket since ``now - CONFIRM_FRESH_S`` needs no HEAD; at most ``heads`` others are chosen
-    (None: any number; see the module doc)."""
+    (None: any number; see the module doc). ``spare``: blobs stored a moment ago and not asked
+    for since, on their way to a viewer (a prefetch): not evicted yet (their score is 0, which
+    would make them the first to go, and each would be fetched again)."""
     if quota_bytes <= 0 or used_bytes <= high * quota_bytes:
         return []
     target = low * quota_bytes
@@ -288,7 +294,9 @@ def plan_eviction(
         last = b.last_access if b.last_access is not None else -math.inf
         return (0.0 if order == "lru" else b.score, last, b.cid)
 
-    candidates = sorted((b for b in blobs if b.r2_confirmed and not b.pinned), key=key)
+    candidates = sorted(
+        (b for b in blobs if b.r2_confirmed and not b.pinned and b.cid not in spare), key=key
+    )
     out = []
     for b in candidates:
         if used_bytes <= target:

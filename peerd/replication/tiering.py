@@ -45,6 +45,7 @@ from peerd.catalog.media import media_blob_rows
 from peerd.catalog.usage import add_usage
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
+    SPARE_STORED_S,
     BlobStat,
     BudgetVerdict,
     Demote,
@@ -117,9 +118,11 @@ class TieringService:
         self._told_spent: str | None = None  # the month "budget used up" was last logged
         # Set when the store passes its high watermark between rounds: evict at once.
         self._full = asyncio.Event()
+        self._stored: dict[str, float] = {}  # blob -> when stored, for SPARE_STORED_S
         rt.store.on_grow = self._grown
 
-    def _grown(self, used: int) -> None:
+    def _grown(self, cid: Cid, used: int) -> None:
+        self._stored[cid] = self._clock()
         quota = self.rt.store.quota_bytes
         if quota and used > self.cfg.evict_high_watermark * quota:
             self._full.set()
@@ -308,6 +311,17 @@ class TieringService:
             )
         return out
 
+    def _unseen(self, blobs: list[BlobStat], now: float) -> set[str]:
+        """Of ``blobs``, those stored less than :data:`SPARE_STORED_S` ago that nobody has
+        asked for since (prefetches on their way to a viewer); older stores are forgotten."""
+        self._stored = {c: t for c, t in self._stored.items() if now - t < SPARE_STORED_S}
+        return {
+            b.cid
+            for b in blobs
+            if (t := self._stored.get(b.cid)) is not None
+            and (b.last_access is None or b.last_access < t)
+        }
+
     async def evict(self, now: float) -> tuple[int, int]:
         """Evict under the quota; returns (evicted, refused because R2 did not confirm)."""
         store = self.rt.store
@@ -329,6 +343,7 @@ class TieringService:
             order=self.cfg.eviction,
             now=now,
             heads=self.ledger.spendable("evict"),
+            spare=self._unseen(blobs, now),
         )
         evicted = refused = 0
         for ev in plan:

@@ -221,6 +221,8 @@ async def test_class_b_budget_stops_promotion_and_eviction_heads(
         await tx.execute("UPDATE blobs SET r2_checked_at=? WHERE r2_state='present'", (1.0,))
     for c in hot_cids:
         runtime.access.record(c, 5_000_000, now)
+    for c in blobs:  # viewers had them (a blob stored and not asked for yet is spared)
+        runtime.access.record(c, 1, now)
     report = await svc.tick(now=now)
     assert (report.promoted, report.evicted, report.refused) == ((), 0, 0)
     assert proxy.count("HEAD") == heads  # no eviction HEADs were spent
