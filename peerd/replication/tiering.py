@@ -23,7 +23,9 @@ Every ``r2.tiering_interval_s`` it
    :func:`peerd.core.tiering.plan_eviction` -- each one after a HEAD confirms its R2 copy (size
    and checksum), unless the bucket was seen to hold it a short while ago (read from it and
    verified, uploaded, or HEAD-confirmed: see :mod:`peerd.core.tiering` for why that is safe);
-   HEADs only as far as the class B budget allows for eviction. Always with a conditional
+   HEADs only as far as the class B budget allows for eviction; never a blob stored in the last
+   :data:`~peerd.core.tiering.SPARE_STORED_S` that nobody has asked for yet (a prefetch on its
+   way to a viewer: evicted, it would be fetched again). Always with a conditional
    update (``r2_state='present'``, not pinned) in the same transaction that marks it absent, so
    a concurrent demotion can never leave a blob in neither place. Eviction never stops
    altogether for want of budget: a full store keeps no blob it fetches, and every later viewer
@@ -122,9 +124,11 @@ class TieringService:
         rt.store.on_grow = self._grown
 
     def _grown(self, cid: Cid, used: int) -> None:
-        self._stored[cid] = self._clock()
         quota = self.rt.store.quota_bytes
-        if quota and used > self.cfg.evict_high_watermark * quota:
+        if not quota:
+            return  # nothing is ever evicted
+        self._stored[cid] = self._clock()
+        if used > self.cfg.evict_high_watermark * quota:
             self._full.set()
 
     async def run(self, ready: Callable[[], None]) -> None:
@@ -311,10 +315,9 @@ class TieringService:
             )
         return out
 
-    def _unseen(self, blobs: list[BlobStat], now: float) -> set[str]:
+    def _unseen(self, blobs: list[BlobStat]) -> set[str]:
         """Of ``blobs``, those stored less than :data:`SPARE_STORED_S` ago that nobody has
-        asked for since (prefetches on their way to a viewer); older stores are forgotten."""
-        self._stored = {c: t for c, t in self._stored.items() if now - t < SPARE_STORED_S}
+        asked for since (prefetches on their way to a viewer)."""
         return {
             b.cid
             for b in blobs
@@ -327,6 +330,7 @@ class TieringService:
         store = self.rt.store
         quota = store.quota_bytes
         high, low = self.cfg.evict_high_watermark, self.cfg.evict_low_watermark
+        self._stored = {c: t for c, t in self._stored.items() if now - t < SPARE_STORED_S}
         if not quota or store.used_bytes <= high * quota:
             return 0, 0
         hl = self.cfg.access_half_life_s
@@ -343,7 +347,7 @@ class TieringService:
             order=self.cfg.eviction,
             now=now,
             heads=self.ledger.spendable("evict"),
-            spare=self._unseen(blobs, now),
+            spare=self._unseen(blobs),
         )
         evicted = refused = 0
         for ev in plan:
