@@ -310,7 +310,9 @@ async def build_services(rt: Runtime) -> Services:
     r2 = await _r2_client(rt)
     replicator: Replicator | None = None
     r2_services: list[Service] = []
+    may_prefetch: Callable[[], bool] | None = None
     if r2 is not None:
+        from peerd.replication.budget import request_ledger
         from peerd.replication.metrics import r2_metrics
         from peerd.replication.service import Replicator
         from peerd.replication.source import R2ManifestSource, R2Source
@@ -322,9 +324,12 @@ async def build_services(rt: Runtime) -> Services:
                 catalog=rt.catalog,
                 timeout_s=s.r2.fetch_timeout_s,
                 metrics=r2_metrics(rt.metrics.registry),
+                ledger=request_ledger(rt),
             )
         )
         manifest_sources.append(R2ManifestSource(r2, timeout_s=s.r2.fetch_timeout_s))
+        # Prefetching is optional spending: it stops first when the R2 budget runs low.
+        may_prefetch = partial(request_ledger(rt).allows, "optional")
         replicator = Replicator(rt, r2)
         finders: list[CopyFinder] = [f for f in (lan_source, p2p) if f is not None]
         r2_services = [replicator, TieringService(rt, replicator, r2, finders=finders)]
@@ -333,7 +338,13 @@ async def build_services(rt: Runtime) -> Services:
     # Failing sources are retried within half a viewer's request time: the other half leaves
     # room for the last round and the answer (503 + Retry-After, not a timeout).
     retry_s = rt.settings.http.request_timeout_s / 2
-    resolver = Resolver(rt.store, sources, registry=rt.metrics.registry, retry_s=retry_s)
+    resolver = Resolver(
+        rt.store,
+        sources,
+        registry=rt.metrics.registry,
+        retry_s=retry_s,
+        may_prefetch=may_prefetch,
+    )
     finder = MediaResolver(
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
     )
@@ -405,6 +416,7 @@ def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
     domain (``[r2] public_base_url``) or a presigned URL; None without R2 (they get 503)."""
     if r2 is None:
         return None
+    from peerd.replication.budget import request_ledger
     from peerd.replication.metrics import r2_metrics
     from peerd.replication.source import BucketLink
 
@@ -414,6 +426,7 @@ def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
         expires_s=rt.settings.uplink.presign_expiry_s,
         public_base_url=rt.settings.r2.public_base_url,
         metrics=r2_metrics(rt.metrics.registry),
+        ledger=request_ledger(rt),
     )
 
 
@@ -425,11 +438,14 @@ async def _r2_client(rt: Runtime) -> R2Client | None:
     if cfg is None:
         log.info("R2 is not configured; replication and tiering are off")
         return None
-    from peerd.replication.metrics import r2_metrics
+    from peerd.replication.budget import request_ledger
     from peerd.replication.r2 import R2Client
 
-    metrics = r2_metrics(rt.metrics.registry)
-    return R2Client(cfg, on_request=metrics.on_request)
+    # Every request is counted against the month's budgets, and no class B request goes out
+    # past its budget (the ledger raises BudgetSpent); the month's counts so far come first.
+    ledger = request_ledger(rt)
+    await ledger.load()
+    return R2Client(cfg, on_request=ledger.on_request)
 
 
 async def run_daemon(settings: Settings) -> int:

@@ -37,7 +37,8 @@ An error worth repeating soon (429, 503) also names the ``Retry-After`` the edge
     │   │   └── AlreadyExists         a conditional put found the key taken
     │   └── CoordinatorError          the coordinator did not accept a report (coordinator.client)
     ├── Unavailable (503)             shutting down, draining, not ready, upstreams failing
-    │   └── BridgeClosed              libp2p's trio thread is not running (p2p.bridge)
+    │   ├── BridgeClosed              libp2p's trio thread is not running (p2p.bridge)
+    │   └── BudgetSpent               the month's R2 class B budget allows no more requests
     ├── Cancelled (500)               a packaging job was cancelled (media.package)
     └── JobFailed (500)               a replication job given up (replication.service)
 
@@ -172,3 +173,12 @@ class Unavailable(PeerdError):
     status = 503
     code = "unavailable"
     retry_after_s = 2
+
+
+class BudgetSpent(Unavailable):
+    """The month's R2 class B request budget allows no more requests for this purpose
+    (``peerd.replication.budget``): the blob exists, so a viewer is told to come back later or
+    go to another node, never that it is missing."""
+
+    code = "r2_budget"
+    retry_after_s = 60  # it stays so until the month ends: another node is the better bet

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from peerd.core.tiering import (
+    CONFIRM_FRESH_S,
     BlobStat,
     Demote,
     Keep,
@@ -17,6 +18,7 @@ from peerd.core.tiering import (
     plan_eviction,
     plan_tiering,
     request_budget,
+    spendable,
 )
 from tests.support.tiering_trace import make_trace, replay_lru, replay_peerd
 
@@ -154,3 +156,51 @@ def test_request_budget() -> None:
     assert (no_a.promote, no_a.evict, no_a.class_a_left) == (False, True, 0)
     no_b = request_budget(10, 150, 100, 100)
     assert (no_b.promote, no_b.evict, no_b.class_b_left) == (False, False, 0)
+
+
+def test_class_b_is_shared_out_by_purpose_in_degradation_order() -> None:
+    """Optional spending stops first, eviction HEADs next, viewers use the rest; never past
+    the budget."""
+    budget = 100
+    assert [spendable(100, budget, p) for p in ("optional", "evict", "viewer")] == [75, 90, 100]
+    assert [spendable(20, budget, p) for p in ("optional", "evict", "viewer")] == [0, 10, 20]
+    assert [spendable(5, budget, p) for p in ("optional", "evict", "viewer")] == [0, 0, 5]
+    assert [spendable(0, budget, p) for p in ("optional", "evict", "viewer")] == [0, 0, 0]
+    assert spendable(-3, budget, "viewer") == 0  # overrun elsewhere: nothing more
+    assert spendable(1, 3, "optional") == 0  # a tiny budget keeps a whole request back
+
+
+def test_eviction_needs_heads_only_for_blobs_not_confirmed_lately() -> None:
+    now = 10_000.0
+    old = now - CONFIRM_FRESH_S - 1
+    blobs = [
+        BlobStat("cold-old", 30, 1.0, 1.0, True, False, checked_at=old),
+        BlobStat("cold-fresh", 30, 2.0, 1.0, True, False, checked_at=now - 5),
+        BlobStat("warm-never", 30, 3.0, 1.0, True, False, checked_at=None),
+        BlobStat("warm-fresh", 30, 4.0, 1.0, True, False, checked_at=now - 60),
+    ]
+    ev = plan_eviction(blobs, 120, 100, low=0.5, now=now)
+    assert [(e.cid, e.head) for e in ev] == [
+        ("cold-old", True),
+        ("cold-fresh", False),
+        ("warm-never", True),
+    ]
+    # No HEAD allowed: only blobs confirmed lately go, the others are passed over.
+    ev = plan_eviction(blobs, 120, 100, low=0.5, now=now, heads=0)
+    assert [(e.cid, e.head) for e in ev] == [("cold-fresh", False), ("warm-fresh", False)]
+    ev = plan_eviction(blobs, 120, 100, low=0.5, now=now, heads=1)
+    assert [e.cid for e in ev] == ["cold-old", "cold-fresh", "warm-fresh"]
+    # Without ``now`` nothing counts as fresh (every eviction is checked).
+    assert all(e.head for e in plan_eviction(blobs, 120, 100, low=0.5))
+
+
+def test_eviction_spares_blobs_stored_for_a_viewer_not_asked_for_yet() -> None:
+    blobs = [
+        BlobStat("prefetched", 30, 0.0, 9.0, True, False),
+        BlobStat("placed-unseen", 30, 0.0, 1.0, True, False),
+        BlobStat("seen", 30, 5.0, 8.0, True, False),
+    ]
+    ev = plan_eviction(blobs, 100, 100, low=0.5)
+    assert [e.cid for e in ev] == ["placed-unseen", "prefetched"]
+    ev = plan_eviction(blobs, 100, 100, low=0.5, spare={"prefetched"})
+    assert [e.cid for e in ev] == ["placed-unseen", "seen"]

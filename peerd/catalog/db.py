@@ -297,11 +297,16 @@ class Catalog:
             sql = "UPDATE blobs SET access_score=?, last_access=? WHERE cid=?"
             await tx.executemany(sql, updates)
 
-    async def evictable(self, limit: int) -> list[tuple[Cid, int, float, float | None]]:
+    async def evictable(
+        self, limit: int
+    ) -> list[tuple[Cid, int, float, float | None, float | None]]:
         """Blobs R2 holds that nothing pins (the blob nor a media item using it), least wanted
-        first: (cid, size, access_score, last_access)."""
+        first: (cid, size, access_score, last_access, r2_checked_at). A blob never accessed
+        counts as accessed when it was stored: one fetched ahead of a viewer must not be the
+        first to go before the viewer asks for it (it would be fetched again)."""
         sql = (
-            "SELECT b.cid, b.size, b.access_score, b.last_access FROM blobs b "
+            "SELECT b.cid, b.size, b.access_score, COALESCE(b.last_access, b.created_at), "
+            "b.r2_checked_at FROM blobs b "
             "WHERE b.local_state='present' AND b.r2_state='present' AND b.pinned=0 "
             "AND NOT EXISTS (SELECT 1 FROM segments s JOIN media m ON m.media_id = s.media_id "
             "  WHERE s.cid = b.cid AND m.pinned = 1) "
@@ -311,8 +316,14 @@ class Catalog:
         )
         async with self.conn.execute(sql, (limit,)) as cur:
             return [
-                (Cid(str(c)), int(n), float(sc), None if la is None else float(la))
-                for c, n, sc, la in await cur.fetchall()
+                (
+                    Cid(str(c)),
+                    int(n),
+                    float(sc),
+                    None if la is None else float(la),
+                    None if ck is None else float(ck),
+                )
+                for c, n, sc, la, ck in await cur.fetchall()
             ]
 
     async def blob_groups(self) -> list[Row]:

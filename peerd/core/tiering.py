@@ -27,19 +27,39 @@ The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
 
 :func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
 evicts blobs, coldest first, down to the low watermark, choosing only blobs whose R2 copy is
-confirmed and that are not pinned. The caller re-checks each candidate with a HEAD before it
-deletes anything.
+confirmed and that are not pinned. The caller re-checks a candidate with a HEAD before it
+deletes anything -- unless the bucket was seen to hold it a short while ago
+(``BlobStat.checked_at`` within :data:`CONFIRM_FRESH_S`: the node read it from the bucket and it
+hashed to its cid, uploaded and verified it, or HEAD-confirmed it). Objects under ``blobs/`` are
+immutable (content-addressed keys), so what a fresh confirmation can miss is only a deletion,
+and the only deleter is a demotion (``min_copies``), made by a node that keeps a full copy
+itself: an eviction after a stale confirmation can leave the network a copy short of
+``min_copies``, never without the blob. ``heads`` caps the HEADs a plan may need (what the class
+B budget still allows for eviction, :func:`spendable`); candidates that would need one more are
+passed over for fresh ones.
 
 :func:`request_budget` turns this month's request counts into what may go on. R2 bills class A
 (writes, lists) and class B (reads: GET, HEAD) requests:
 
 * class A used up: no promotions (each one is a PUT per blob);
 * class B used up: no promotions either (each upload is verified by a HEAD, and media in R2 are
-  there to be read), and no local eviction (each eviction is confirmed by a HEAD, and every later
-  local miss of the evicted blob becomes a GET);
-* read-through GETs of blobs the node lacks are *not* refused: the bucket may hold the only copy,
-  and refusing would turn a cost overrun into content that cannot be played. Demotions go on too
-  (DELETE is free and lowers what is stored).
+  there to be read), and ``evict`` is False: no eviction that needs a HEAD (the tiering service
+  still evicts blobs confirmed a short while ago, which cost none: a full store relays every
+  later miss without keeping it, one GET per viewer);
+* demotions go on (DELETE is free and lowers what is stored).
+
+Class B is spent on the viewers' behalf too, so the month's class B budget is shared out by
+purpose (:func:`spendable`), and the node degrades in a fixed order as it runs low, never past
+it:
+
+1. ``optional`` (prefetching segments a viewer has not asked for yet) stops first, once less
+   than :data:`RESERVE` ``["optional"]`` of the budget is left;
+2. ``evict`` (the HEAD before evicting a blob not confirmed a short while ago) stops next,
+   below ``RESERVE["evict"]``; evictions that need no HEAD go on;
+3. ``viewer`` (a read-through GET, or the HEAD before redirecting a viewer to the bucket) uses
+   the rest. Once that is gone too, a viewer's read of a blob only the bucket holds is answered
+   503 with ``Retry-After`` (never 404: the blob exists), so the player or the coordinator goes
+   to another node.
 
 Pure: no I/O, ``now`` is passed in, results are frozen dataclasses.
 """
@@ -47,8 +67,9 @@ Pure: no I/O, ``now`` is passed in, results are frozen dataclasses.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 LN2 = math.log(2.0)
 
@@ -82,6 +103,24 @@ class MediaStat:
     r2_since: float | None = None
     local_complete: bool = True
     copies: int | None = None  # full copies other nodes hold, as far as known (None: unknown)
+
+
+Purpose = Literal["optional", "evict", "viewer"]
+
+# Share of the month's class B budget kept back from each purpose (see the module doc).
+RESERVE: dict[str, float] = {"optional": 0.25, "evict": 0.10, "viewer": 0.0}
+
+# How long the bucket's holding a blob, once seen, stands in for a HEAD before eviction.
+CONFIRM_FRESH_S = 3600.0
+# How long a blob just stored and not asked for yet is spared by eviction (a prefetch reaches
+# its viewer within seconds).
+SPARE_STORED_S = 30.0
+
+
+def spendable(left: int, budget: int, purpose: Purpose) -> int:
+    """Class B requests ``purpose`` may still make when ``left`` of the month's ``budget``
+    remain: what is left above the share kept back for the purposes that come after it."""
+    return max(0, left - math.ceil(RESERVE[purpose] * budget))
 
 
 @dataclass(frozen=True)
@@ -163,14 +202,16 @@ class BlobStat:
     last_access: float | None
     r2_confirmed: bool
     pinned: bool
+    checked_at: float | None = None  # when the bucket was last seen to hold it
 
 
 @dataclass(frozen=True)
 class Evict:
-    """Drop the local copy of a blob (its R2 copy stays)."""
+    """Drop the local copy of a blob (its R2 copy stays); ``head``: confirm that copy first."""
 
     cid: str
     size: int
+    head: bool = True
 
 
 def _density(m: MediaStat) -> float:
@@ -235,9 +276,16 @@ def plan_eviction(
     high: float = 0.95,
     low: float = 0.85,
     order: str = "demand",
+    now: float | None = None,
+    heads: int | None = None,
+    spare: Collection[str] = (),
 ) -> list[Evict]:
     """Blobs to evict so local usage falls to ``low * quota`` once it passed ``high * quota``;
-    ``order`` ``"lru"`` ignores scores (least recently used first)."""
+    ``order`` ``"lru"`` ignores scores (least recently used first). A blob confirmed in the
+    bucket since ``now - CONFIRM_FRESH_S`` needs no HEAD; at most ``heads`` others are chosen
+    (None: any number; see the module doc). ``spare``: blobs stored a moment ago and not asked
+    for since, on their way to a viewer (a prefetch): not evicted yet (their score is 0, which
+    would make them the first to go, and each would be fetched again)."""
     if quota_bytes <= 0 or used_bytes <= high * quota_bytes:
         return []
     target = low * quota_bytes
@@ -246,11 +294,20 @@ def plan_eviction(
         last = b.last_access if b.last_access is not None else -math.inf
         return (0.0 if order == "lru" else b.score, last, b.cid)
 
-    candidates = sorted((b for b in blobs if b.r2_confirmed and not b.pinned), key=key)
+    candidates = sorted(
+        (b for b in blobs if b.r2_confirmed and not b.pinned and b.cid not in spare), key=key
+    )
     out = []
     for b in candidates:
         if used_bytes <= target:
             break
-        out.append(Evict(b.cid, b.size))
+        fresh = (
+            now is not None and b.checked_at is not None and now - b.checked_at < CONFIRM_FRESH_S
+        )
+        if not fresh and heads is not None:
+            if heads <= 0:
+                continue
+            heads -= 1
+        out.append(Evict(b.cid, b.size, head=not fresh))
         used_bytes -= b.size
     return out

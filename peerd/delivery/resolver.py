@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer, Source, looks_idle
 from peerd.errors import (
+    BudgetSpent,
     IntegrityError,
     NotFound,
     PeerdError,
@@ -194,8 +195,11 @@ class Resolver:
         max_blob_bytes: int = 256 * 1024 * 1024,
         max_prefetches: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        may_prefetch: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
+        # Whether optional fetches may go on (False once the R2 request budget runs low).
+        self.may_prefetch = may_prefetch
         self.sources = list(sources)
         self.miss_ttl_s = miss_ttl_s
         self.retry_s = retry_s
@@ -322,7 +326,9 @@ class Resolver:
         The fetch is the one :meth:`open_stream` makes, so a viewer who asks while it is under
         way joins it and streams the bytes received so far: no second upstream request. Does
         nothing (returns False) if the blob is being fetched already, missed a moment ago, or
-        ``max_prefetches`` fetches are running (prefetching must never crowd out viewers).
+        ``max_prefetches`` fetches are running (prefetching must never crowd out viewers), or
+        ``may_prefetch`` says no (the month's R2 request budget is running low: optional
+        spending stops first).
         The caller checks that the blob is not held. Errors are counted, never raised: a
         viewer who then asks gets the ordinary miss path.
         """
@@ -332,6 +338,7 @@ class Resolver:
             or cid in self._inflight
             or (until is not None and until > self._clock())
             or self._prefetching >= self.max_prefetches
+            or (self.may_prefetch is not None and not self.may_prefetch())
         ):
             self.m_prefetch.labels(outcome="skipped").inc()
             return False
@@ -423,6 +430,7 @@ class Resolver:
         """Ask each source in turn; the stored blob and its source, or None (then ``failures``
         says which sources failed; empty: each said it does not have the blob, or sent bytes
         that are not it)."""
+        spent: BudgetSpent | None = None
         for source in source_order(self.sources):
             started = self._clock()
             try:
@@ -434,6 +442,12 @@ class Resolver:
                 continue
             except StoreFull:
                 raise
+            except BudgetSpent as exc:
+                # Asking again within this request cannot help (the month's R2 budget is used
+                # up): 503 with its Retry-After once the other sources had their turn.
+                self.m_fetches.labels(source=source.name, outcome="budget").inc()
+                spent = exc
+                continue
             except PeerdError as exc:
                 self.m_fetches.labels(source=source.name, outcome="error").inc()
                 failures.append(f"{source.name}: {exc.message}")
@@ -441,6 +455,8 @@ class Resolver:
             if delivered is not None:
                 self.m_latency.labels(source=source.name).observe(self._clock() - started)
                 return delivered, source.name
+        if spent is not None:
+            raise spent
         return None
 
     async def _try_source(

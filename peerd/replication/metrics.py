@@ -31,6 +31,7 @@ class R2Metrics:
     bytes: Counter = field(init=False)
     demotions: Counter = field(init=False)
     stale: Counter = field(init=False)
+    budget_refusals: Counter = field(init=False)
     pending_class_a: int = 0
     pending_class_b: int = 0
 
@@ -60,6 +61,16 @@ class R2Metrics:
             "Blobs the catalog had in R2 that the bucket was found to lack (another node "
             "removed them), by where it was found (read_through, redirect)",
             ["found"],
+            registry=self.registry,
+        )
+
+        self.budget_refusals = Counter(
+            "peerd_r2_budget_refusals",
+            "Class B requests not made because the month's budget is running out, by purpose "
+            "(optional: prefetches; evict: HEADs before eviction; viewer: read-through GETs and "
+            "HEADs before redirects, answered 503 + Retry-After instead; any: the client's last "
+            "guard)",
+            ["purpose"],
             registry=self.registry,
         )
 

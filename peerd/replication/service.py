@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import secrets
 import time
@@ -55,13 +54,13 @@ from peerd.catalog.media import (
     set_media_r2,
 )
 from peerd.catalog.outbox import Job, Lease, Outbox, enqueue_in
-from peerd.catalog.usage import usage_since
 from peerd.core.ids import Cid, digest_of
 from peerd.core.manifest import decode
 from peerd.core.multipart import b64_digest
 from peerd.core.outbox import RetryPolicy
 from peerd.delivery.pull import Progress, PullReport, pull_media
 from peerd.errors import IntegrityError, NotFound, PeerdError
+from peerd.replication.budget import request_ledger
 from peerd.replication.metrics import R2Metrics, r2_metrics
 from peerd.replication.r2 import (
     STALE_UPLOAD_S,
@@ -124,6 +123,7 @@ class Replicator:
         self.outbox = outbox or Outbox(rt.catalog, policy, clock=clock)
         self.concurrency = concurrency or r2.max_concurrency
         self.metrics: R2Metrics = r2_metrics(rt.metrics.registry)
+        self.ledger = request_ledger(rt)
         self._clock = clock
         self._poll_s = poll_s
         self._wake = asyncio.Event()
@@ -503,11 +503,10 @@ class Replicator:
 
     async def class_a_left(self) -> int:
         """Class A requests ``r2.budget_class_a_per_month`` still allows this month: those the
-        tiering service recorded, and those made since (not recorded yet)."""
-        day = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).strftime("%Y-%m-%d")
-        used = await usage_since(self.rt.catalog, "r2_requests", day[:8] + "01")
-        budget = self.rt.settings.r2.budget_class_a_per_month
-        return budget - used.get("class_a", 0) - self.metrics.pending_class_a
+        tiering service recorded, and those made since (not recorded yet), as the node's
+        :class:`~peerd.replication.budget.RequestLedger` counts them."""
+        await self.ledger.load()
+        return self.ledger.left_a()
 
     async def _upload_held(self, cids: list[Cid]) -> int:
         """Upload those of ``cids`` held here and not in R2; returns how many were verified.

@@ -12,7 +12,14 @@ The bucket is shared: another node may remove an object this node's catalog stil
 (its tiering demoted the media item). A 404 on read-through for a blob the catalog marks
 ``present`` corrects the catalog (:func:`forget_stale`); :class:`BucketLink`, which gives
 viewers over the uplink budget a URL in the bucket, checks with a HEAD first, so a viewer is
-never redirected to an object that is gone.
+never redirected to an object that is gone. That HEAD stays even for a blob confirmed a moment
+ago: a demotion by any node may delete it in between, and a viewer sent to a 404 is not
+retried by hls.js (a 4xx), so a saved class B request would cost a broken playback.
+
+Both spend the month's class B budget on a viewer's behalf: each asks the
+:class:`~peerd.replication.budget.RequestLedger` first (purpose ``viewer``). Past the budget the
+read-through raises :class:`~peerd.errors.BudgetSpent` (503 with ``Retry-After``) and the link
+is None (the uplink admission answers 503 too): never a 404 for a blob that exists.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from peerd.catalog import Catalog
 from peerd.catalog.media import forget_r2_copy
 from peerd.core.ids import Cid
 from peerd.delivery.source import Offer
+from peerd.errors import BudgetSpent
+from peerd.replication.budget import RequestLedger
 from peerd.replication.metrics import R2Metrics
 from peerd.replication.r2 import R2Client, R2Error, blob_key, manifest_key
 
@@ -44,16 +53,20 @@ class R2Source:
         catalog: Catalog | None = None,
         timeout_s: float = 30.0,
         metrics: R2Metrics | None = None,
+        ledger: RequestLedger | None = None,
     ) -> None:
         self.client = client
         self.catalog = catalog
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.ledger = ledger
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
         """One offer if ``blobs/<cid>`` exists (if not, a catalog that had it there is
-        corrected)."""
+        corrected); :class:`BudgetSpent` if the month's class B budget allows no more GETs."""
+        if self.ledger is not None and not self.ledger.allows("viewer"):
+            raise BudgetSpent("the month's R2 read budget is used up; try another node")
         got = await self.client.open(blob_key(cid))
         if got is None:
             if self.catalog is not None:
@@ -69,7 +82,8 @@ class R2Source:
         )
 
     def report(self, offer: Offer, ok: bool, reason: str = "") -> None:
-        """A verified fetch confirms the R2 copy; a wrong one means our bucket is damaged."""
+        """A verified fetch confirms the R2 copy (and when: a blob confirmed a short while ago
+        is evicted without another HEAD); a wrong one means our bucket is damaged."""
         cid = offer.meta.get("cid", "")
         if not ok:
             if reason == "integrity":
@@ -83,7 +97,9 @@ class R2Source:
     async def _confirm(self, cid: str) -> None:
         assert self.catalog is not None
         async with self.catalog.transaction() as tx:
-            await Catalog.set_blob_r2(tx, cid, "present", time.time(), only_from=("none", "queued"))
+            await Catalog.set_blob_r2(
+                tx, cid, "present", time.time(), only_from=("none", "queued", "present")
+            )
 
 
 async def forget_stale(catalog: Catalog, cid: Cid, metrics: R2Metrics | None, found: str) -> bool:
@@ -107,8 +123,8 @@ class BucketLink:
 
     The catalog may be stale (see the module doc), so every link is checked with a HEAD (one
     class B request, beside the viewer's GET it spares the uplink): a 404 corrects the catalog
-    and gives None, as does a bucket that does not answer -- the viewer then gets 503 with
-    ``Retry-After``, never a redirect to a missing object.
+    and gives None, as does a bucket that does not answer or a class B budget used up -- the
+    viewer then gets 503 with ``Retry-After``, never a redirect to a missing object.
     """
 
     def __init__(
@@ -119,12 +135,14 @@ class BucketLink:
         expires_s: int,
         public_base_url: str | None = None,
         metrics: R2Metrics | None = None,
+        ledger: RequestLedger | None = None,
     ) -> None:
         self.client = client
         self.catalog = catalog
         self.expires_s = expires_s
         self.public = public_base_url.rstrip("/") if public_base_url else None
         self.metrics = metrics
+        self.ledger = ledger
 
     async def __call__(self, cid: Cid, content_type: str) -> str | None:
         """The URL of ``cid`` once the bucket confirmed it holds it, else None."""
@@ -134,9 +152,11 @@ class BucketLink:
             url = self.client.blob_url(cid, expires_s=self.expires_s, content_type=content_type)
         if url is None:
             return None  # SSE-C: a viewer must never hold the key
+        if self.ledger is not None and not self.ledger.allows("viewer"):
+            return None  # the month's class B budget is used up: 503, never an unchecked link
         try:
             info = await self.client.head(blob_key(cid))
-        except R2Error as exc:
+        except (R2Error, BudgetSpent) as exc:
             log.info("cannot check the bucket before a redirect", extra={"error": exc.message})
             return None
         if info is None:

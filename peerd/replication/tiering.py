@@ -5,9 +5,11 @@ Every ``r2.tiering_interval_s`` it
 1. drains ``rt.access`` (the hot path only bumps an in-memory counter) and folds the counts into
    ``blobs.access_score``/``last_access`` in one transaction;
 2. adds the R2 requests made since the last round to the ``usage`` table (``r2_requests``,
-   labels ``class_a``/``class_b``) and asks :func:`peerd.core.tiering.request_budget` what this
-   month's counts allow against ``r2.budget_class_a_per_month``/``budget_class_b_per_month``:
-   no promotions once either is used up, no eviction once class B is;
+   labels ``class_a``/``class_b``) and to the node's
+   :class:`~peerd.replication.budget.RequestLedger`, and asks
+   :func:`peerd.core.tiering.request_budget` what this month's counts allow against
+   ``r2.budget_class_a_per_month``/``budget_class_b_per_month``: no promotions once either is
+   used up;
 3. asks :func:`peerd.core.tiering.plan_tiering` what to promote or demote and queues it through
    the :class:`~peerd.replication.service.Replicator`. The bucket is shared by every node, so
    with ``r2.min_copies`` above 1 the media items it would demote are first looked up in the
@@ -16,11 +18,18 @@ Every ``r2.tiering_interval_s`` it
    :data:`MAX_LOOKUPS` items a round, each within :data:`LOOKUP_TIMEOUT_S`), and an item
    leaves R2 only if enough copies were found; what could not be learnt counts as no copy
    (counted in ``peerd_tiering_demotions_total{outcome}``);
-4. when the store passes ``evict_high_watermark`` of its quota, evicts blobs chosen by
-   :func:`peerd.core.tiering.plan_eviction` -- each one only after a HEAD confirms its R2 copy
-   (size and checksum), and with a conditional update (``r2_state='present'``, not pinned) in the
-   same transaction that marks it absent, so a concurrent demotion can never leave a blob in
-   neither place.
+4. when the store passes ``evict_high_watermark`` of its quota (checked in the round, and as
+   soon as the store grows past it between rounds), evicts blobs chosen by
+   :func:`peerd.core.tiering.plan_eviction` -- each one after a HEAD confirms its R2 copy (size
+   and checksum), unless the bucket was seen to hold it a short while ago (read from it and
+   verified, uploaded, or HEAD-confirmed: see :mod:`peerd.core.tiering` for why that is safe);
+   HEADs only as far as the class B budget allows for eviction; never a blob stored in the last
+   :data:`~peerd.core.tiering.SPARE_STORED_S` that nobody has asked for yet (a prefetch on its
+   way to a viewer: evicted, it would be fetched again). Always with a conditional
+   update (``r2_state='present'``, not pinned) in the same transaction that marks it absent, so
+   a concurrent demotion can never leave a blob in neither place. Eviction never stops
+   altogether for want of budget: a full store keeps no blob it fetches, and every later viewer
+   of it costs another GET.
 """
 
 from __future__ import annotations
@@ -35,9 +44,10 @@ from typing import Protocol
 
 from peerd.catalog import Catalog
 from peerd.catalog.media import media_blob_rows
-from peerd.catalog.usage import add_usage, usage_since
+from peerd.catalog.usage import add_usage
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
+    SPARE_STORED_S,
     BlobStat,
     BudgetVerdict,
     Demote,
@@ -52,7 +62,8 @@ from peerd.core.tiering import (
     plan_tiering,
     request_budget,
 )
-from peerd.errors import PeerdError
+from peerd.errors import BudgetSpent, PeerdError
+from peerd.replication.budget import month_of
 from peerd.replication.r2 import R2Client, R2Error
 from peerd.replication.service import Replicator
 from peerd.runtime import Runtime
@@ -61,6 +72,7 @@ log = logging.getLogger("peerd.replication")
 
 MAX_LOOKUPS = 16  # demotion candidates whose copies are looked up per round
 LOOKUP_TIMEOUT_S = 5.0  # per candidate; a finder that has not answered by then knows nothing
+EVICT_PAUSE_S = 0.25  # least time between evictions started by a store passing its mark
 
 
 class CopyFinder(Protocol):
@@ -104,14 +116,45 @@ class TieringService:
         self.cfg = rt.settings.r2
         self._clock = clock
         self._looked_up: dict[str, float] = {}  # media id -> when its copies were last asked
+        self.ledger = replicator.ledger
+        self._told_spent: str | None = None  # the month "budget used up" was last logged
+        # Set when the store passes its high watermark between rounds: evict at once.
+        self._full = asyncio.Event()
+        self._stored: dict[str, float] = {}  # blob -> when stored, for SPARE_STORED_S
+        rt.store.on_grow = self._grown
+
+    def _grown(self, cid: Cid, used: int) -> None:
+        quota = self.rt.store.quota_bytes
+        if not quota:
+            return  # nothing is ever evicted
+        self._stored[cid] = self._clock()
+        if used > self.cfg.evict_high_watermark * quota:
+            self._full.set()
 
     async def run(self, ready: Callable[[], None]) -> None:
-        """Run a round every interval until cancelled."""
+        """Run a round every interval until cancelled; between rounds, evict as soon as the
+        store passes its high watermark."""
         ready()
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.cfg.tiering_interval_s
         while True:
-            await asyncio.sleep(self.cfg.tiering_interval_s)
             try:
-                await self.tick()
+                async with asyncio.timeout_at(due):
+                    await self._full.wait()
+            except TimeoutError:
+                pass
+            self._full.clear()
+            try:
+                if loop.time() >= due:
+                    due = loop.time() + self.cfg.tiering_interval_s
+                    await self.tick()
+                else:
+                    now = self._clock()
+                    await self.fold_access(now)
+                    await self.evict(now)
+                    # A store that cannot get below the mark (nothing evictable) would wake this
+                    # on every blob stored: at most a few such rounds a second.
+                    await asyncio.sleep(EVICT_PAUSE_S)
             except PeerdError as exc:
                 log.warning("tiering round failed", extra={"error": exc.message})
 
@@ -154,12 +197,13 @@ class TieringService:
                 "tiering",
                 extra={"promoted": promoted, "demoted": demoted, "kept_for_copies": kept},
             )
-        if not (budget.promote and budget.evict):
+        if not budget.promote and self._told_spent != month_of(now):
+            self._told_spent = month_of(now)  # once a month, not every round
             log.warning(
-                "R2 request budget used up this month",
+                "R2 request budget used up this month; no promotions",
                 extra={"class_a_left": budget.class_a_left, "class_b_left": budget.class_b_left},
             )
-        evicted, refused = await self.evict(now) if budget.evict else (0, 0)
+        evicted, refused = await self.evict(now)
         return TickReport(folded, tuple(promoted), tuple(demoted), evicted, refused)
 
     async def count_copies(
@@ -229,15 +273,17 @@ class TieringService:
 
     async def account_requests(self, now: float) -> BudgetVerdict:
         """Persist request counts; what this month's counts allow (see the module doc)."""
+        ledger = self.ledger
+        await ledger.load()  # before taking: a first load reads what is recorded so far
         a, b = self.replicator.metrics.take_pending()
+        ledger.recorded(a, b, now)  # no await in between: the ledger never misses them
         day = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%d")
         await add_usage(self.rt.catalog, day, "r2_requests", {"class_a": a, "class_b": b})
-        used = await usage_since(self.rt.catalog, "r2_requests", day[:8] + "01")
         return request_budget(
-            used.get("class_a", 0),
-            used.get("class_b", 0),
-            self.cfg.budget_class_a_per_month,
-            self.cfg.budget_class_b_per_month,
+            ledger.budget_a - ledger.left_a(),
+            ledger.budget_b - ledger.left_b(),
+            ledger.budget_a,
+            ledger.budget_b,
         )
 
     async def media_stats(self, now: float) -> list[MediaStat]:
@@ -269,27 +315,50 @@ class TieringService:
             )
         return out
 
+    def _unseen(self, blobs: list[BlobStat]) -> set[str]:
+        """Of ``blobs``, those stored less than :data:`SPARE_STORED_S` ago that nobody has
+        asked for since (prefetches on their way to a viewer)."""
+        return {
+            b.cid
+            for b in blobs
+            if (t := self._stored.get(b.cid)) is not None
+            and (b.last_access is None or b.last_access < t)
+        }
+
     async def evict(self, now: float) -> tuple[int, int]:
         """Evict under the quota; returns (evicted, refused because R2 did not confirm)."""
         store = self.rt.store
         quota = store.quota_bytes
         high, low = self.cfg.evict_high_watermark, self.cfg.evict_low_watermark
+        self._stored = {c: t for c, t in self._stored.items() if now - t < SPARE_STORED_S}
         if not quota or store.used_bytes <= high * quota:
             return 0, 0
         hl = self.cfg.access_half_life_s
         blobs = [
-            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False)
-            for c, s, sc, la in await self.rt.catalog.evictable(20_000)
+            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck)
+            for c, s, sc, la, ck in await self.rt.catalog.evictable(20_000)
         ]
         plan = plan_eviction(
-            blobs, store.used_bytes, quota, high=high, low=low, order=self.cfg.eviction
+            blobs,
+            store.used_bytes,
+            quota,
+            high=high,
+            low=low,
+            order=self.cfg.eviction,
+            now=now,
+            heads=self.ledger.spendable("evict"),
+            spare=self._unseen(blobs),
         )
         evicted = refused = 0
         for ev in plan:
             cid = Cid(ev.cid)
+            if not ev.head:
+                if await store.evict_local(cid, replicated=True):
+                    evicted += 1
+                continue
             try:
                 confirmed = await self.client.verify_blob(cid, ev.size, store.path_for(cid))
-            except R2Error as exc:
+            except (R2Error, BudgetSpent) as exc:
                 # R2 did not answer: nothing is known, so nothing is evicted or changed.
                 refused += 1
                 log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})

@@ -82,6 +82,10 @@ class BlobStore:
         self.count = 0
         self._on_write = on_write
         self._clock = clock
+        # Told the blob stored and the new usage whenever it grows, so eviction can start at once
+        # rather than at its next round (a store at its quota cuts every blob it is fetching for
+        # a viewer), and spare what was just stored.
+        self.on_grow: Callable[[Cid, int], None] | None = None
 
     async def open(self) -> None:
         """Create the directory and load the usage counters from the catalog."""
@@ -218,6 +222,8 @@ class BlobStore:
             if row is None or row.local_state != "present":
                 self.used_bytes += size
                 self.count += 1
+                if self.on_grow is not None:
+                    self.on_grow(cid, self.used_bytes)
             if self._on_write is not None:
                 self._on_write(kind, size)
 

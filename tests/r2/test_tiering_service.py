@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from peerd.core.ids import Cid
+from peerd.core.tiering import CONFIRM_FRESH_S
 from peerd.errors import UpstreamError
 from peerd.replication.r2 import blob_key, manifest_key
 from peerd.replication.service import Replicator
@@ -168,7 +169,8 @@ async def test_eviction_removes_only_blobs_r2_confirms(
     proxy.add(lambda r: r.method == "HEAD" and head_fails in r.path, Fault("status", status=500), 5)
     runtime.store.quota_bytes = 20_000  # 60 kB held: far over quota
     svc = service(runtime, replicator)
-    evicted, refused = await svc.evict(now=1.0)
+    # Long after the uploads confirmed them: every eviction is checked with a HEAD again.
+    evicted, refused = await svc.evict(now=time.time() + CONFIRM_FRESH_S + 60)
     assert evicted == 2  # blobs[3], blobs[4]
     assert refused == 2  # lost (404) and head_fails (500)
     states = {c: (await runtime.catalog.get_blob(c)) for c in blobs}
@@ -187,9 +189,11 @@ async def test_eviction_removes_only_blobs_r2_confirms(
     assert (await runtime.store.verify()).ok
 
 
-async def test_class_b_budget_stops_eviction_and_promotion(
+async def test_class_b_budget_stops_promotion_and_eviction_heads(
     runtime: Runtime, replicator: Replicator, proxy: FaultProxy
 ) -> None:
+    """Past the class B budget: no promotion, no HEAD before eviction; blobs the bucket was
+    seen to hold a short while ago are still evicted (they need no HEAD)."""
     hot, hot_cids = await make_media(runtime, n=2, size=10_000)
     svc = service(
         runtime,
@@ -213,12 +217,22 @@ async def test_class_b_budget_stops_eviction_and_promotion(
             "INSERT INTO usage(day, metric, label, value) VALUES(?, 'r2_requests', 'class_b', 3)",
             (day,),
         )
+        # confirmed long ago: each eviction would need a HEAD
+        await tx.execute("UPDATE blobs SET r2_checked_at=? WHERE r2_state='present'", (1.0,))
     for c in hot_cids:
         runtime.access.record(c, 5_000_000, now)
+    for c in blobs:  # viewers had them (a blob stored and not asked for yet is spared)
+        runtime.access.record(c, 1, now)
     report = await svc.tick(now=now)
     assert (report.promoted, report.evicted, report.refused) == ((), 0, 0)
     assert proxy.count("HEAD") == heads  # no eviction HEADs were spent
     assert all([await runtime.store.has(c) for c in blobs])
+    async with runtime.catalog.transaction() as tx:  # the node read blobs[0] from the bucket
+        await tx.execute("UPDATE blobs SET r2_checked_at=? WHERE cid=?", (now, blobs[0]))
+    report = await svc.tick(now=now)
+    assert (report.promoted, report.evicted, report.refused) == ((), 1, 0)
+    assert proxy.count("HEAD") == heads
+    assert not await runtime.store.has(blobs[0])
     # A new month starts with a fresh budget: eviction and promotion resume.
     later = now + 32 * 86400
     for c in hot_cids:
