@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import shutil
 import subprocess
@@ -38,7 +37,7 @@ from peerd.core.manifest import Manifest, Rendition, Segment, decode, encode, me
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
 from tests.r2.test_overflow import Viewer, metric, token_for
-from tests.support.browser import Browser, player_origin
+from tests.support.browser import Browser, hls_page, player_origin
 from tests.support.coordinator import FakeCoordinator
 from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.process import PeerdProcess
@@ -257,24 +256,6 @@ async def test_a_new_viewer_is_taken_at_its_lowest_rendition_when_the_bucket_is_
         assert (floor, refused) == (1, 1)
 
 
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>outage</title><link rel="icon" href="data:,">
-<script src="/hls.min.js"></script></head>
-<body><video id="v" muted playsinline></video>
-<script>
-window.hlsErrors = [];
-window.frags = [];
-const v = document.getElementById("v");
-const hls = new Hls({enableWorker: false});
-hls.on(Hls.Events.ERROR, (_e, d) => window.hlsErrors.push(`${d.type}:${d.details}:${d.fatal}`));
-hls.on(Hls.Events.FRAG_LOADED, (_e, d) => window.frags.push(d.networkDetails.responseURL));
-hls.loadSource(SRC);
-hls.attachMedia(v);
-hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
-</script></body></html>
-"""
-
-
 @pytest.mark.timeout(240)
 async def test_hlsjs_starts_at_the_lowest_rendition_and_plays_when_the_bucket_is_down(
     tmp_path: Path, moto: MotoServer, bucket: str, proxy: FaultProxy
@@ -284,7 +265,7 @@ async def test_hlsjs_starts_at_the_lowest_rendition_and_plays_when_the_bucket_is
     async with outage(tmp_path, moto, bucket, proxy) as o:
         b = o.viewer()
         src = f"{o.node.base_url}/hls/{o.media_id}/master.m3u8?token={b.token}"
-        page = PAGE.replace("SRC", json.dumps(src))
+        page = hls_page(src, "outage")
         async with player_origin(lambda: page) as base, Browser.launch(tmp_path / "p") as browser:
             pg = await browser.new_page()
             await pg.goto(base + "/player.html")
@@ -293,7 +274,7 @@ async def test_hlsjs_starts_at_the_lowest_rendition_and_plays_when_the_bucket_is
                 timeout_s=90,
             )
             assert await pg.evaluate("window.hlsErrors") == []
-            frags = await pg.evaluate("window.frags")
+            frags = await pg.evaluate("window.fragUrls")
             assert frags, "no fragment loaded"
             assert all(u.startswith(o.node.base_url) for u in frags), frags  # from the node
             first = re.search(r"/b/(\w+)\.m4s", frags[0])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import json
 import re
 import secrets
 import shutil
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from peerd.catalog import Catalog
 from peerd.catalog.media import media_blobs, media_manifest
@@ -47,7 +45,7 @@ from peerd.core.manifest import decode
 from peerd.identity import Identity
 from peerd.replication.r2 import blob_key
 from peerd.runtime import open_runtime
-from tests.support.browser import Browser
+from tests.support.browser import Browser, hls_page, player_origin
 from tests.support.bucketfront import BucketFront
 from tests.support.coordinator import FakeCoordinator
 from tests.support.p2p import signed_request
@@ -58,7 +56,6 @@ from tests.support.s3server import MotoServer
 from tests.support.whep_media import HlsClip, add_media, make_hls
 
 ROOT = Path(__file__).resolve().parents[2]
-HLS_JS = ROOT / ".venv" / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 # 125 bytes/s: the first segment a viewer gets uses the budget up for the whole window.
 BUDGET_MBPS = 0.001
 WINDOW_S = 60.0
@@ -340,32 +337,10 @@ async def test_presigned_urls_expire(
     assert code == 0, node.logs()[-3000:]
 
 
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>overflow</title><link rel="icon" href="data:,">
-<script src="/hls.min.js"></script></head>
-<body><video id="v" muted playsinline></video>
-<script>
-window.hlsErrors = [];
-window.mediaErrors = [];
-window.fragUrls = [];
-const v = document.getElementById("v");
-v.addEventListener("error", () => window.mediaErrors.push(String(v.error && v.error.code)));
-const hls = new Hls({enableWorker: false});
-hls.on(Hls.Events.ERROR, (_e, d) => window.hlsErrors.push(`${d.type}:${d.details}:${d.fatal}`));
-hls.on(Hls.Events.FRAG_LOADED, (_e, d) => window.fragUrls.push(d.networkDetails.responseURL));
-hls.loadSource(SRC);
-hls.attachMedia(v);
-hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
-</script></body></html>
-"""
-
-
 @pytest.mark.timeout(180)
 async def test_hlsjs_follows_overflow_redirects_to_the_bucket(
     tmp_path: Path, moto: MotoServer, bucket: str, front: BucketFront
 ) -> None:
-    if not HLS_JS.is_file():
-        pytest.fail(f"hls.js is not installed at {HLS_JS}: run `make web-deps`")
     clip = await asyncio.to_thread(make_hls, tmp_path / "clip", seconds=8, bframes=0)
     node = await start_node(tmp_path, front, bucket)
     state = node.state_dir
@@ -375,21 +350,6 @@ async def test_hlsjs_follows_overflow_redirects_to_the_bucket(
     assert res.returncode == 0, res.stdout + res.stderr
     slot: dict[str, str] = {}
 
-    async def page(_r: web.Request) -> web.Response:
-        return web.Response(
-            text=PAGE.replace("SRC", json.dumps(slot["src"])), content_type="text/html"
-        )
-
-    async def script(_r: web.Request) -> web.FileResponse:
-        return web.FileResponse(HLS_JS, headers={"Content-Type": "text/javascript"})
-
-    app = web.Application()
-    app.router.add_get("/player.html", page)
-    app.router.add_get("/hls.min.js", script)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://localhost:{runner.addresses[0][1]}"
     await asyncio.to_thread(node.start)
     try:
         a = Viewer(node, media_id, token_for(state, media_id))
@@ -400,7 +360,10 @@ async def test_hlsjs_follows_overflow_redirects_to_the_bucket(
         slot["src"] = f"{node.base_url}/hls/{media_id}/master.m3u8?token=" + token_for(
             state, media_id
         )
-        async with Browser.launch(tmp_path / "profile") as browser:
+        async with (
+            player_origin(lambda: hls_page(slot["src"], "overflow")) as base,
+            Browser.launch(tmp_path / "profile") as browser,
+        ):
             pg = await browser.new_page()
             await pg.goto(base + "/player.html")
             await pg.wait_for(
@@ -417,7 +380,6 @@ async def test_hlsjs_follows_overflow_redirects_to_the_bucket(
             assert pg.console_errors == []
     finally:
         code = await asyncio.to_thread(node.stop)
-        await runner.cleanup()
     assert code == 0, node.logs()[-3000:]
 
 

@@ -319,6 +319,34 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
+def hls_page(src: str, title: str = "player") -> str:
+    """A page that plays ``src`` with hls.js (no worker) into ``<video id="v">`` and records
+    what a test checks: ``window.hlsErrors`` (``type:details:fatal``), ``window.mediaErrors``
+    (the video element's error codes) and ``window.fragUrls`` (each loaded fragment's final
+    URL, after redirects)."""
+    return _HLS_PAGE.replace("TITLE", title).replace("SRC", json.dumps(src))
+
+
+_HLS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>TITLE</title><link rel="icon" href="data:,">
+<script src="/hls.min.js"></script></head>
+<body><video id="v" muted playsinline></video>
+<script>
+window.hlsErrors = [];
+window.mediaErrors = [];
+window.fragUrls = [];
+const v = document.getElementById("v");
+v.addEventListener("error", () => window.mediaErrors.push(String(v.error && v.error.code)));
+const hls = new Hls({enableWorker: false});
+hls.on(Hls.Events.ERROR, (_e, d) => window.hlsErrors.push(`${d.type}:${d.details}:${d.fatal}`));
+hls.on(Hls.Events.FRAG_LOADED, (_e, d) => window.fragUrls.push(d.networkDetails.responseURL));
+hls.loadSource(SRC);
+hls.attachMedia(v);
+hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
+</script></body></html>
+"""
+
+
 @contextlib.asynccontextmanager
 async def player_origin(page: Callable[[], str]) -> AsyncIterator[str]:
     """A second origin (``localhost``, not the node's ``127.0.0.1``) serving ``/player.html``
