@@ -55,7 +55,6 @@ from tests.support.r2media import write_r2_secrets
 from tests.support.s3server import MotoServer
 from tests.support.whep_media import HlsClip, add_media, make_hls
 
-ROOT = Path(__file__).resolve().parents[2]
 # 125 bytes/s: the first segment a viewer gets uses the budget up for the whole window.
 BUDGET_MBPS = 0.001
 WINDOW_S = 60.0
