@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import ifaddr
+from prometheus_client import Gauge
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -85,6 +86,11 @@ class MdnsService:
         self._names: dict[str, str] = {}  # service name -> peer id
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        Gauge(
+            "peerd_lan_peers",
+            "LAN peers this node fetches from: found by mDNS, still answering, not banned",
+            registry=rt.metrics.registry,
+        ).set_function(lambda: len(directory.order()))
 
     # -- addresses -------------------------------------------------------------------------------
 
