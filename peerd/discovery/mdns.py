@@ -286,7 +286,7 @@ class MdnsService:
         if pid is None:
             return
         if self.directory.known(pid):
-            log.info("peer gone", extra={"peer": pid, "reason": "records expired, no answer"})
+            log.info("peer expired", extra={"peer": pid, "reason": "records expired, no answer"})
         self.directory.gone(pid)
 
     async def _resolve(self, service_type: str, name: str) -> None:
