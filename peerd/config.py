@@ -260,7 +260,7 @@ class MdnsSettings(Section):
     enabled: bool = True
     interfaces: list[str] = Field(default_factory=list)
     advertise_addresses: list[str] = Field(default_factory=list)
-    peer_ttl_s: float = Field(default=120.0, gt=0)
+    peer_ttl_s: float = Field(default=120.0, ge=1)  # TTL of the announced records (whole s)
     recheck_s: float = Field(default=30.0, gt=0)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     max_peers_per_fetch: int = Field(default=4, ge=1)

@@ -79,6 +79,20 @@ def test_expiry_and_goodbye_keep_bans() -> None:
     assert p.rtt_ms is None
 
 
+def test_gone_while_banned_is_not_live_when_the_ban_ends() -> None:
+    """The LAN table has no timer (mDNS decides liveness): a banned peer that leaves keeps its
+    ban but does not come back as live when the ban ends; it does once it is seen again."""
+    t = PeerTable(ttl_s=float("inf"), policy=BanPolicy(ban_integrity_s=100))
+    t.seen("b", 0.0)
+    t.report("b", False, "integrity", 1.0)
+    t.gone("b")
+    assert t.get("b") is not None
+    assert t.order(200.0) == []
+    assert t.expire(200.0) == ["b"]
+    t.seen("b", 300.0)
+    assert [p.peer_id for p in t.order(1e9)] == ["b"]
+
+
 def test_signed_request_round_trip() -> None:
     ident = Identity.generate()
     h = sign_headers(

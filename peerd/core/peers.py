@@ -109,10 +109,15 @@ class PeerTable:
         self._peers[peer.peer_id] = peer
 
     def gone(self, peer_id: str) -> None:
-        """The peer withdrew (mDNS goodbye): forget it unless it is banned."""
+        """The peer left (mDNS goodbye, or it stopped answering): forget it; a banned one keeps
+        its ban, no longer live (:meth:`expire` drops it when the ban ends)."""
         peer = self._peers.get(peer_id)
-        if peer is not None and peer.banned_until is None:
+        if peer is None:
+            return
+        if peer.banned_until is None:
             del self._peers[peer_id]
+        else:
+            self._peers[peer_id] = replace(peer, expires_at=0.0)
 
     def get(self, peer_id: str) -> Peer | None:
         """The entry, if known."""

@@ -66,7 +66,7 @@ class PeerDirectory:
         return changed
 
     def gone(self, peer_id: str) -> None:
-        """The peer withdrew its announcement."""
+        """The peer left: it withdrew its announcement, or stopped answering mDNS."""
         self.table.gone(peer_id)
 
     def rtt(self, peer_id: str, rtt_ms: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import ifaddr
+from prometheus_client import Gauge
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -85,6 +87,11 @@ class MdnsService:
         self._names: dict[str, str] = {}  # service name -> peer id
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        Gauge(
+            "peerd_lan_peers",
+            "LAN peers this node fetches from: found by mDNS, still answering, not banned",
+            registry=rt.metrics.registry,
+        ).set_function(lambda: len(directory.order()))
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -125,6 +132,9 @@ class MdnsService:
         port = self.http_port() or 0
         packed = [socket.inet_aton(a) for a in addrs]
         server = f"peerd-{self.peer_id[-12:].lower()}.local."
+        # How long peers' caches keep these records once this node stops answering: the bound
+        # on how long a node that dies without a goodbye stays in its peers' tables.
+        ttl = math.ceil(self.cfg.peer_ttl_s)
         props: dict[str, str] = {"id": self.peer_id, "v": __version__, "port": str(port)}
         if self.rt.settings.node.public_url:
             props["url"] = self.rt.settings.node.public_url
@@ -138,6 +148,8 @@ class MdnsService:
                     port=port,
                     properties=props,
                     server=server,
+                    host_ttl=ttl,
+                    other_ttl=ttl,
                 )
             )
         if dnsaddrs:
@@ -152,6 +164,8 @@ class MdnsService:
                     port=p2p_port,
                     properties=txt_strings([f"dnsaddr={m}".encode() for m in dnsaddrs]),
                     server="p2p-" + server,
+                    host_ttl=ttl,
+                    other_ttl=ttl,
                 )
             )
         return infos
@@ -159,7 +173,8 @@ class MdnsService:
     # -- run ---------------------------------------------------------------------------------------
 
     async def run(self, ready: Callable[[], None]) -> None:
-        """Register, browse, re-announce on address changes; withdraw on stop."""
+        """Register, browse, re-announce on address changes, check that peers still answer;
+        withdraw on stop."""
         await self.directory.load()
         interfaces = list(self.cfg.interfaces) or InterfaceChoice.All
         self.aiozc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
@@ -174,11 +189,9 @@ class MdnsService:
             while True:
                 await asyncio.sleep(self.cfg.recheck_s)
                 await self._announce()
-                for pid in self.directory.expire():
-                    log.info("peer expired", extra={"peer": pid})
-                for peer in self.directory.order():
-                    if peer.url:
-                        self._spawn(self._probe(peer.peer_id, peer.url))
+                self.directory.expire()  # ended bans of peers that are gone
+                names = [n for n in self._names if n.endswith("." + PEERD_TYPE)]
+                await asyncio.gather(*(self._check(n) for n in names))
         finally:
             await asyncio.shield(self._close(browser))
 
@@ -257,6 +270,24 @@ class MdnsService:
                 self.directory.gone(pid)
             return
         self._spawn(self._resolve(service_type, name))
+
+    async def _check(self, name: str) -> None:
+        """Is the peer behind ``name`` still there? zeroconf answers from its cache while the
+        peer's records live, and asks the peer once they expired: a live peer answers and
+        stays (its records refreshed, its RTT probed); one that does not is dropped. Its name is
+        kept until the browser reports it Removed, so a peer back within that time is found
+        again here."""
+        assert self.aiozc is not None
+        info = AsyncServiceInfo(PEERD_TYPE, name)
+        if await info.async_request(self.aiozc.zeroconf, RESOLVE_MS):
+            await self._peerd_seen(name, info)
+            return
+        pid = self._names.get(name)
+        if pid is None:
+            return
+        if self.directory.known(pid):
+            log.info("peer expired", extra={"peer": pid, "reason": "records expired, no answer"})
+        self.directory.gone(pid)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         assert self.aiozc is not None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ def lan_directory(rt: Runtime) -> PeerDirectory:
     return PeerDirectory(
         rt.catalog,
         via="mdns",
-        ttl_s=cfg.peer_ttl_s,
+        # No timer of its own: a peer leaves when mDNS says so (discovery/mdns).
+        ttl_s=math.inf,
         policy=BanPolicy(cfg.max_failures, cfg.ban_failure_s, cfg.ban_integrity_s),
     )
 
