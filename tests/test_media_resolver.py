@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from peerd.catalog.media import media_exists, media_manifest
 from peerd.core.ids import Cid, cid_of
 from peerd.delivery.media import MediaResolver
-from peerd.errors import NotFound, Unavailable
+from peerd.delivery.source import Offer
+from peerd.errors import BudgetSpent, NotFound, Unavailable
 from peerd.runtime import Runtime
 from tests.support.sources import MemorySource, one_rendition
 
@@ -111,3 +113,33 @@ async def test_bytes_that_are_not_the_media_are_refused_and_never_recorded(
     finder = MediaResolver(runtime.catalog, [liar, honest])
     assert await finder.ensure_media(media_id) == data
     assert await media_manifest(runtime.catalog, media_id) == data
+
+
+class _SpentBucket(MemorySource):
+    """The bucket source of a node whose month's class B budget is used up."""
+
+    async def offers(self, cid: Cid) -> AsyncIterator[Offer]:
+        self.requests.append(cid)
+        raise BudgetSpent("class B budget used up")
+        yield  # pragma: no cover - an async generator that raises at its first step
+
+
+async def test_a_spent_budget_is_503_at_once_with_its_retry_after(runtime: Runtime) -> None:
+    """The bucket cannot be asked this month: no wait of retry_s (it outlasted the player's
+    own timeout), the budget's Retry-After, and remembered as such."""
+    media_id, _ = _media()
+    lan = MemorySource(name="lan")
+    bucket = _SpentBucket(name="r2")
+    finder = MediaResolver(runtime.catalog, [lan, bucket], retry_s=30.0, fail_ttl_s=5.0)
+    started = time.monotonic()
+    with pytest.raises(BudgetSpent) as info:
+        await finder.ensure_media(media_id)
+    assert time.monotonic() - started < 25.0  # not retried until retry_s ran out
+    assert info.value.status == 503
+    assert info.value.retry_after_s == BudgetSpent.retry_after_s
+    assert bucket.requests == [media_id]  # asked once
+    assert lan.requests == [media_id]  # the other source had its turn
+    with pytest.raises(BudgetSpent):
+        await finder.ensure_media(media_id)
+    assert bucket.requests == [media_id]
+    assert finder.m_lookups.labels(source="r2", outcome="budget")._value.get() == 1

@@ -13,8 +13,10 @@ and announces its media ids on the DHT beside its blob ids), then the bucket's
 Bounded as the blob resolver is: one lookup per id at a time (single flight), a short negative
 cache (``miss_ttl_s``) when every source said it lacks the id (:class:`NotFound`, 404), and
 failing sources retried for up to ``retry_s`` before :class:`Unavailable` (503 with
-``Retry-After``, itself remembered for ``fail_ttl_s``). Wrong bytes are refused, reported to
-the source (its peer gets banned) and never recorded. Lookups are counted as
+``Retry-After``, itself remembered for ``fail_ttl_s``). A bucket past this month's class B
+budget (:class:`~peerd.errors.BudgetSpent`) is not retried: once the other sources had their
+turn the answer is 503 with the budget's longer ``Retry-After``. Wrong bytes are refused,
+reported to the source (its peer gets banned) and never recorded. Lookups are counted as
 ``peerd_manifest_lookups_total{source, outcome}``.
 """
 
@@ -33,7 +35,7 @@ from peerd.core.ids import Cid, cid_of, is_cid
 from peerd.core.manifest import decode
 from peerd.delivery.resolver import RETRY_BASE_S, RETRY_MAX_S, source_order
 from peerd.delivery.source import Offer, Source
-from peerd.errors import IntegrityError, NotFound, PeerdError, Unavailable
+from peerd.errors import BudgetSpent, IntegrityError, NotFound, PeerdError, Unavailable
 
 log = logging.getLogger("peerd.delivery")
 
@@ -62,8 +64,8 @@ class MediaResolver:
         self.retry_s = retry_s
         self._clock = clock
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
-        # media id -> (until, missing): a recent NotFound (True) or Unavailable (False)
-        self._misses: dict[str, tuple[float, bool]] = {}
+        # media id -> (until, kind): a recent NotFound, Unavailable or BudgetSpent
+        self._misses: dict[str, tuple[float, type[PeerdError]]] = {}
         self.m_lookups = Counter(
             "peerd_manifest_lookups",
             "Manifest lookups of media the catalog lacked, by source and outcome "
@@ -89,11 +91,11 @@ class MediaResolver:
             return await asyncio.shield(fut)
         recent = self._misses.get(media_id)
         if recent is not None:
-            until, missing = recent
+            until, kind = recent
             if until > self._clock():
-                if missing:
+                if kind is NotFound:
                     raise NotFound("no such media")
-                raise Unavailable(f"media {media_id} cannot be looked up right now; try again")
+                raise kind(f"media {media_id} cannot be looked up right now; try again")
             del self._misses[media_id]
         fut = asyncio.get_running_loop().create_future()
         self._inflight[media_id] = fut
@@ -105,9 +107,8 @@ class MediaResolver:
                 if len(self._misses) >= MAX_MISSES:
                     # Ids asked for once and never again must not pile up.
                     self._misses = {k: v for k, v in self._misses.items() if v[0] > now}
-                missing = isinstance(exc, NotFound)
-                ttl = self.miss_ttl_s if missing else self.fail_ttl_s
-                self._misses[media_id] = (now + ttl, missing)
+                ttl = self.miss_ttl_s if isinstance(exc, NotFound) else self.fail_ttl_s
+                self._misses[media_id] = (now + ttl, type(exc))
             if isinstance(exc, asyncio.CancelledError):
                 fut.set_exception(Unavailable(f"lookup of media {media_id} was cancelled"))
             else:
@@ -125,6 +126,7 @@ class MediaResolver:
         pause = RETRY_BASE_S
         while True:
             failures: list[str] = []
+            spent: BudgetSpent | None = None
             for source in source_order(self.sources):
                 try:
                     async with asyncio.timeout(source.timeout_s):
@@ -133,12 +135,21 @@ class MediaResolver:
                     self.m_lookups.labels(source=source.name, outcome="timeout").inc()
                     failures.append(f"{source.name}: timed out after {source.timeout_s}s")
                     continue
+                except BudgetSpent as exc:
+                    # Asking the bucket again cannot help this month: once the other sources
+                    # had their turn, 503 with the budget's Retry-After, not a wait of retry_s
+                    # that outlasts the player's own timeout.
+                    self.m_lookups.labels(source=source.name, outcome="budget").inc()
+                    spent = exc
+                    continue
                 except PeerdError as exc:
                     self.m_lookups.labels(source=source.name, outcome="error").inc()
                     failures.append(f"{source.name}: {exc.message}")
                     continue
                 if data is not None:
                     return data
+            if spent is not None:
+                raise spent
             if not failures:
                 self.m_lookups.labels(source="all", outcome="not_found").inc()
                 raise NotFound("no such media")
@@ -175,6 +186,8 @@ class MediaResolver:
                         },
                     )
                     continue
+                except BudgetSpent:
+                    raise
                 except (PeerdError, OSError) as exc:
                     source.report(offer, False, type(exc).__name__)
                     self.m_lookups.labels(source=source.name, outcome="error").inc()
