@@ -324,6 +324,9 @@ class SimParams:
     # Objects the driver put in the bucket (no SHA-256 checksum) fail a node's check: peerd
     # before 27d9b58 (its check then read no body), see Sim
     seeded_unverified: bool = False
+    # A blob the bucket was seen to hold within CONFIRM_FRESH_S is evicted without a HEAD (peerd
+    # since ddf77c4); False: a HEAD before every eviction, as the nodes of runs before it did
+    head_free_eviction: bool = True
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -1399,7 +1402,7 @@ class Sim:
             high=p.evict_high,
             low=p.evict_low,
             order="lru" if self.policy == "lru" else "demand",
-            now=now,
+            now=now if p.head_free_eviction else None,
             heads=spendable(left, p.budget_class_b_per_month, "evict"),
             spare={str(b) for b in n.unasked},
         )
