@@ -53,7 +53,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from peerd.config import R2Settings, UplinkSettings
+from peerd.config import HttpSettings, R2Settings, UplinkSettings
 from peerd.core.lookahead import Lookahead
 from peerd.core.manifest import PlayOrder
 from peerd.core.tiering import (
@@ -340,6 +340,10 @@ class SimParams:
     node_request_s: float = 0.00045
     client_request_s: float = 0.0003
     prefetch_segments: int = 2  # [http] prefetch_segments
+    # MediaResolver: failing sources retried for [http] request_timeout_s / 2 (peerd.daemon),
+    # the failure then remembered for fail_ttl_s
+    resolve_retry_s: float = HttpSettings().request_timeout_s / 2
+    resolve_fail_ttl_s: float = 2.0
     max_prefetches: int = 4  # Resolver.max_prefetches
     # What TCP's recovery at the tbf adds to each transfer past its equal share, drawn from
     # the bench's measured table (:class:`ShaperExcess`; a median goodput per batch was no one
@@ -483,6 +487,9 @@ class Node:
     evict_ready: float = 0.0
     # hls.HlsRoutes.bucket_down_until: no redirect is tried before (BucketLink gave none)
     bucket_down_until: float = 0.0
+    # MediaResolver: item -> when its lookup under way fails, until when a failure is remembered
+    lookups: dict[int, float] = field(default_factory=dict)
+    lookup_failed: dict[int, float] = field(default_factory=dict)
     down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
     # state of its last heartbeat, until when a viewer's 503 said to stay away
@@ -1084,8 +1091,7 @@ class Sim:
                 break
             if s.name == "r2":
                 if not self.allows(n, "viewer"):
-                    # R2Client.on_request: BudgetSpent, a source failure: 503 (Unavailable)
-                    raise Failed("503: R2 budget", "refused", float(Unavailable.retry_after_s))
+                    yield from self.lookup_fails(n, item)
                 yield "wait", self.p.r2_request_s
                 self.op_b("node_manifest", n)
                 if item in self.r2_items:
@@ -1093,6 +1099,26 @@ class Sim:
         else:
             raise Failed("404: no source has the media", "missing")
         n.known.add(item)
+
+    def lookup_fails(self, n: Node, item: int) -> Proc:
+        """``MediaResolver`` with the bucket its only source and ``n``'s class B budget spent:
+        the R2 client's BudgetSpent is a source failure, retried for ``resolve_retry_s`` (a
+        viewer asking meanwhile joins the lookup), then 503 remembered for ``fail_ttl_s``; a
+        player gives up on its request first when that is past its ``request_timeout_s``."""
+        now = self.now
+        if n.lookup_failed.get(item, -1.0) > now:
+            raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
+        ends = n.lookups.get(item)
+        if ends is None or ends <= now:
+            ends = now + self.p.resolve_retry_s
+            n.lookups[item] = ends
+        timeout = self.p.player.request_timeout_s
+        if ends - now > timeout:
+            yield "wait", timeout
+            raise Failed("TimeoutError", "down")
+        yield "wait", ends - now
+        n.lookup_failed[item] = ends + self.p.resolve_fail_ttl_s
+        raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
 
     # -- a viewer (player.py) ------------------------------------------------------------------
 
