@@ -14,15 +14,23 @@ What is *the same code* as the testbed and peerd, imported, not rewritten:
   partner, libp2p, R2; an idle peer source goes after R2);
 * uplink admission: :class:`peerd.core.uplink.Uplink` per node (its meter always, its admission
   when a budget is set, as ``peerd.http.hls`` calls it: the media's cost, ``spill`` for blobs the
-  catalog has in the bucket; a refused new stream is redirected after a HEAD, or answered 503);
-* the request budget: :func:`peerd.core.tiering.request_budget` on each node's own R2 requests
-  (past it no promotion, no eviction; a relay past the store quota is cut, StoreFull);
+  catalog has in the bucket, the lowest rendition's cost as ``floor_bps``; a refused new stream
+  is redirected after a HEAD, else decided again without ``spill``: taken at its floor while the
+  floors fit, or answered 503);
+* the request budget: :func:`peerd.core.tiering.request_budget` (past class A or B no
+  promotion) and :func:`peerd.core.tiering.spendable` by purpose on each node's own R2 requests
+  as ``RequestLedger`` counts them: no fetch ahead below a quarter of the class B budget, no
+  more eviction HEADs than it allows (eviction itself never stops: blobs confirmed in the
+  bucket within the hour need none), past it a bucket-only read is 503 + ``Retry-After`` and
+  no redirect is given; eviction as soon as the store passes its high watermark, sparing what
+  was fetched ahead and not asked for yet (``plan_eviction`` with ``now``, ``heads``, ``spare``);
 * the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
 
 What is modelled: the coordinator's routing rule (``routing.py``: a node takes a stream with
 spare uplink, less ``r2_reserve`` for items in the bucket, not in overflow at its last heartbeat,
 no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it, else a
-holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's loop
+holder in overflow, else the bucket; when the bucket cannot take the item a holder or LAN
+partner with ``floor_spare_bps`` for it; ``no_r2`` never the bucket), the player's loop
 (``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
 ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
 the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
