@@ -476,3 +476,25 @@ def test_a_node_that_lost_its_lan_partner_reads_from_the_bucket() -> None:
         assert n.lan_peer is not None
         blob = next(b for b in sim.nodes[n.lan_peer].held if b >= 0 and b not in n.held)
         assert sim.fetch_source(n, blob) == want
+
+
+def test_a_node_past_its_budget_times_out_a_lookup_of_media_it_lacks() -> None:
+    """``MediaResolver`` retries the R2 source's BudgetSpent for ``[http] request_timeout_s / 2``
+    (15 s): the player's request times out first (10 s; the run's node0 past its budget), and
+    once the lookup failed, the next viewer gets 503 at once for ``fail_ttl_s``."""
+    p = small(manifests="placed", budget_class_b_per_month=10)
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[2]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
+    assert item not in n.known
+    n.req_b = 10
+    got: dict[str, str] = {}
+    sim.start(_served(sim.resolve_media(n, item), got))
+    sim.run(60.0)
+    assert got == {"failed": "TimeoutError"}
+    assert sim.now == pytest.approx(p.player.request_timeout_s)
+    assert sim.class_b == 0
+    sim.now = p.resolve_retry_s + 1.0  # the lookup failed a second ago
+    got = {}
+    sim.start(_served(sim.resolve_media(n, item), got))
+    assert got == {"failed": "503: media lookup failed"}

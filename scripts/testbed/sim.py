@@ -495,9 +495,8 @@ class Node:
     evict_ready: float = 0.0
     # hls.HlsRoutes.bucket_down_until: no redirect is tried before (BucketLink gave none)
     bucket_down_until: float = 0.0
-    # MediaResolver: item -> when its lookup under way fails, until when a failure is remembered
+    # MediaResolver: item -> when its last lookup failed or will (then remembered fail_ttl_s)
     lookups: dict[int, float] = field(default_factory=dict)
-    lookup_failed: dict[int, float] = field(default_factory=dict)
     down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
     # state of its last heartbeat, until when a viewer's 503 said to stay away
@@ -1114,9 +1113,9 @@ class Sim:
         viewer asking meanwhile joins the lookup), then 503 remembered for ``fail_ttl_s``; a
         player gives up on its request first when that is past its ``request_timeout_s``."""
         now = self.now
-        if n.lookup_failed.get(item, -1.0) > now:
-            raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
         ends = n.lookups.get(item)
+        if ends is not None and ends <= now < ends + self.p.resolve_fail_ttl_s:
+            raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
         if ends is None or ends <= now:
             ends = now + self.p.resolve_retry_s
             n.lookups[item] = ends
@@ -1125,7 +1124,6 @@ class Sim:
             yield "wait", timeout
             raise Failed("TimeoutError", "down")
         yield "wait", ends - now
-        n.lookup_failed[item] = ends + self.p.resolve_fail_ttl_s
         raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
 
     # -- a viewer (player.py) ------------------------------------------------------------------
