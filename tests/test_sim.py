@@ -159,6 +159,9 @@ def test_calibration_against_a_real_quick_run(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     # That run's peerd predates 27d9b58: its nodes' check failed on every object the driver put
     # in the bucket (its daemon.log: "failed verification; deleted it").
+    # Its peerd also predates ddf77c4: a HEAD before every eviction.
+    summary["scenario"]["head_free_eviction"] = False
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     res = S.calibrate(tmp_path, ages=FIXTURE_AGES, unverified=True)
     assert (tmp_path / "sim_compare.md").is_file()
     cmp = res["policies"]["peerd"]["compare"]
@@ -298,20 +301,100 @@ def test_a_transfer_waits_what_the_shaper_measured_past_its_share() -> None:
             assert max(done.values()) == pytest.approx(share)
 
 
-def test_a_node_past_its_request_budget_evicts_nothing() -> None:
-    """peerd's tiering evicts only while its month's class B budget lasts (``[r2]
-    budget_class_b_per_month``): with none left, stores fill to the quota and relays that
-    would pass it are cut (StoreFull: the viewer goes elsewhere); with the budget, eviction
-    keeps every store below it."""
-    fullest, reroutes = {}, {}
-    for budget in (0, 10**9):
+def test_a_node_past_its_request_budget_still_evicts_what_the_bucket_confirmed() -> None:
+    """peerd's eviction never stops for want of class B budget (a full store cuts every relay):
+    blobs the bucket confirmed within the hour (seeded, read from it) go without a HEAD, so with
+    little budget left stores stay below the quota as with a budget, and no HEAD is made."""
+    fullest, heads = {}, {}
+    for budget in (40, 10**9):  # 40: spent within the run by two of the four nodes
         p = small(budget_class_b_per_month=budget, quota_factor=1.2, duration_s=60.0)
         sim, s = run(p, "peerd")
         fullest[budget] = max(n.used / n.quota for n in sim.nodes)
-        reroutes[budget] = s["reroutes"]
-    assert fullest[10**9] <= 0.96  # evict_high, less what arrived since the last round
-    assert fullest[0] > 0.99
-    assert reroutes[0] > 2 * reroutes[10**9]
+        heads[budget] = sim.counters.get("class_b:check_head", 0)
+        assert sim.counters.get("evict_fresh", 0) > 0
+    assert fullest[40] <= 0.96
+    assert fullest[10**9] <= 0.96
+    assert heads[40] == heads[10**9] == 0
+
+
+def test_eviction_starts_as_soon_as_the_store_passes_its_mark_and_spares_a_fetch_ahead() -> None:
+    """``BlobStore.on_grow``: a blob stored past the high watermark starts an eviction at once,
+    not at the next round; it evicts down to the low watermark without a HEAD (every blob was
+    confirmed at the seeding), never the blob just stored that nobody asked for yet."""
+    p = small(tiering_interval_s=10**6)  # no round: only the store's growth evicts
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[0]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (0, n.lan_peer))
+    blob = next(b for b in sim.lib.items[item].rungs[-1].segments)[0]
+    n.quota = int((n.used + sim.lib.sizes[blob]) / 0.96)
+    assert sim.store(n, blob, "r2")  # a fetch ahead's body: stored, not asked for
+    sim.run(1.0)
+    assert n.used <= 0.85 * n.quota
+    assert blob in n.held
+    assert sim.counters.get("class_b:check_head", 0) == 0
+    assert sim.counters["evict_fresh"] > 0
+
+
+def test_the_class_b_budget_stops_prefetch_first_then_answers_503() -> None:
+    """The ledger by purpose (``peerd.core.tiering.spendable``): with less than a quarter of the
+    class B budget left a node fetches nothing ahead, but still reads for a viewer; with none
+    left a viewer's read of a blob only the bucket holds is 503 + Retry-After 60 (BudgetSpent),
+    and a stream over the uplink is not redirected (no HEAD) but taken at its floor."""
+    p = small(manifests="placed", budget_class_b_per_month=100)
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[2]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
+    segs = [b for b, _, _ in sim.lib.items[item].rungs[0].segments]
+    n.req_b = 80  # 20 left: under the 25 kept back from prefetching
+    sim.fetch_ahead(n, item, segs[0], (item, 1))
+    sim.fetch_ahead(n, item, segs[1], (item, 1))
+    assert sim.node_gets == []
+    assert n.inflight == {}
+    assert sim.counters["budget_refused:optional"] == 2
+    assert sim.fetch_source(n, segs[2]) == "r2"  # a viewer's read still goes
+    n.req_b = 100
+    assert sim.fetch_source(n, segs[3]) == "budget"
+    v = S.ViewerStats(0, item, 0.0)
+    got: dict[str, str] = {}
+    sim.start(_served(sim.serve(n, v, segs[3], got), got))
+    sim.run(10.0)
+    assert got == {"failed": "503: R2 budget"}
+    # over the uplink, a blob the row says the bucket holds: no link, the floor instead
+    own = next(k for k in range(len(sim.lib.items)) if k % p.nodes == 2)
+    blob = sim.lib.items[own].rungs[0].segments[0][0]
+    assert blob in n.r2_rows
+    n.meter.budget_bps = sim.lib.items[own].floor_Bps * 1.5
+    n.meter.sent(int(n.meter.budget_bps * n.meter.window_s), sim.now)  # at its budget
+    got = {}
+    sim.start(_served(sim.serve(n, S.ViewerStats(1, own, sim.now), blob, got), got))
+    sim.run(20.0)
+    assert got == {"via": "node"}
+    assert sim.counters.get("class_b:head_redirect", 0) == 0
+    assert n.bucket_down_until > 0  # no redirect tried for Retry-After
+
+
+def test_the_coordinator_sends_a_viewer_the_bucket_cannot_take_to_a_holder_with_floor_room() -> (
+    None
+):
+    """``RoutingCoordinator.floors``: when no node takes the item at its full rate and the
+    bucket cannot take it, a holder whose heartbeat reported room at lowest renditions gets the
+    viewer (its floor taken off that room), before the node whose Retry-After ends first."""
+    p = small(admission_fraction=1.0)
+    sim = S.Sim(p, library(p), "no_r2")
+    item = 3
+    holder = sim.nodes[item % p.nodes]
+    assert holder.index in sim.holders[item]
+    for n in sim.nodes:
+        n.assigned_Bps = n.coord_uplink_Bps  # no room at full rate anywhere
+        n.floor_spare_Bps = 0.0
+    floor = sim.lib.items[item].rungs[0].bandwidth / 8
+    holder.floor_spare_Bps = 2.5 * floor
+    assert sim.route(item, {}) is holder
+    assert holder.floor_spare_Bps == pytest.approx(1.5 * floor)
+    assert sim.route(item, {}) is holder
+    other = sim.route(item, {})  # no floor room left: the least refusing, as before
+    assert holder.floor_spare_Bps < floor
+    assert other is not None
 
 
 def test_a_node_fetches_ahead_where_the_stream_is_and_a_viewer_joins_the_fetch() -> None:
@@ -393,3 +476,25 @@ def test_a_node_that_lost_its_lan_partner_reads_from_the_bucket() -> None:
         assert n.lan_peer is not None
         blob = next(b for b in sim.nodes[n.lan_peer].held if b >= 0 and b not in n.held)
         assert sim.fetch_source(n, blob) == want
+
+
+def test_a_node_past_its_budget_times_out_a_lookup_of_media_it_lacks() -> None:
+    """``MediaResolver`` retries the R2 source's BudgetSpent for ``[http] request_timeout_s / 2``
+    (15 s): the player's request times out first (10 s; the run's node0 past its budget), and
+    once the lookup failed, the next viewer gets 503 at once for ``fail_ttl_s``."""
+    p = small(manifests="placed", budget_class_b_per_month=10)
+    sim = S.Sim(p, library(p), "peerd")
+    n = sim.nodes[2]
+    item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
+    assert item not in n.known
+    n.req_b = 10
+    got: dict[str, str] = {}
+    sim.start(_served(sim.resolve_media(n, item), got))
+    sim.run(60.0)
+    assert got == {"failed": "TimeoutError"}
+    assert sim.now == pytest.approx(p.player.request_timeout_s)
+    assert sim.class_b == 0
+    sim.now = p.resolve_retry_s + 1.0  # the lookup failed a second ago
+    got = {}
+    sim.start(_served(sim.resolve_media(n, item), got))
+    assert got == {"failed": "503: media lookup failed"}

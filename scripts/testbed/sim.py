@@ -14,15 +14,23 @@ What is *the same code* as the testbed and peerd, imported, not rewritten:
   partner, libp2p, R2; an idle peer source goes after R2);
 * uplink admission: :class:`peerd.core.uplink.Uplink` per node (its meter always, its admission
   when a budget is set, as ``peerd.http.hls`` calls it: the media's cost, ``spill`` for blobs the
-  catalog has in the bucket; a refused new stream is redirected after a HEAD, or answered 503);
-* the request budget: :func:`peerd.core.tiering.request_budget` on each node's own R2 requests
-  (past it no promotion, no eviction; a relay past the store quota is cut, StoreFull);
+  catalog has in the bucket, the lowest rendition's cost as ``floor_bps``; a refused new stream
+  is redirected after a HEAD, else decided again without ``spill``: taken at its floor while the
+  floors fit, or answered 503);
+* the request budget: :func:`peerd.core.tiering.request_budget` (past class A or B no
+  promotion) and :func:`peerd.core.tiering.spendable` by purpose on each node's own R2 requests
+  as ``RequestLedger`` counts them: no fetch ahead below a quarter of the class B budget, no
+  more eviction HEADs than it allows (eviction itself never stops: blobs confirmed in the
+  bucket within the hour need none), past it a bucket-only read is 503 + ``Retry-After`` and
+  no redirect is given; eviction as soon as the store passes its high watermark, sparing what
+  was fetched ahead and not asked for yet (``plan_eviction`` with ``now``, ``heads``, ``spare``);
 * the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
 
 What is modelled: the coordinator's routing rule (``routing.py``: a node takes a stream with
 spare uplink, less ``r2_reserve`` for items in the bucket, not in overflow at its last heartbeat,
 no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it, else a
-holder in overflow, else the bucket; ``no_r2`` never the bucket), the player's loop
+holder in overflow, else the bucket; when the bucket cannot take the item a holder or LAN
+partner with ``floor_spare_bps`` for it; ``no_r2`` never the bucket), the player's loop
 (``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
 ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
 the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
@@ -53,14 +61,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from peerd.config import R2Settings, UplinkSettings
+from peerd.config import HttpSettings, R2Settings, UplinkSettings
 from peerd.core.lookahead import Lookahead
 from peerd.core.manifest import PlayOrder
 from peerd.core.tiering import (
+    SPARE_STORED_S,
     BlobStat,
     Demote,
     MediaStat,
     Promote,
+    Purpose,
     TieringLimits,
     decayed,
     demand_bps,
@@ -68,9 +78,12 @@ from peerd.core.tiering import (
     plan_eviction,
     plan_tiering,
     request_budget,
+    spendable,
 )
 from peerd.core.uplink import Uplink
 from peerd.delivery.resolver import source_order
+from peerd.errors import BudgetSpent, Unavailable
+from peerd.replication.tiering import EVICT_PAUSE_S
 from scripts.testbed.fluid import Link
 from scripts.testbed.player import Failed, PlayerConfig, ViewerStats
 from scripts.testbed.workload import make_trace
@@ -106,6 +119,9 @@ class SimItem:
     # what peerd's admission takes a stream to cost (hls._Media.rate_Bps: the top
     # AVERAGE-BANDWIDTH), where the coordinator counts ``need_Bps`` (the top BANDWIDTH, a peak)
     rate_Bps: float = 0.0
+    # what a stream admitted at its floor costs (hls._Media.floor_Bps: the lowest
+    # AVERAGE-BANDWIDTH; 0: unknown, never admitted at its floor)
+    floor_Bps: float = 0.0
 
 
 @dataclass
@@ -128,6 +144,7 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
     for k in range(items):
         sim_rungs = []
         top_avg = 0
+        low_avg = 0
         blobs = {-(r + 1) for r in range(len(rungs))}
         for r, rung in enumerate(rungs):
             segs = rung["segments"]
@@ -145,6 +162,7 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 peak = max(peak, int(nbytes * 8 * TIMESCALE / max(ticks, 1)))
             avg = int(sum(c[1] for c in chunk) * 8 * TIMESCALE / max(ticks_total, 1))
             top_avg = max(top_avg, avg)
+            low_avg = min(low_avg, avg) if low_avg else avg
             sim_rungs.append(SimRung(peak, -(r + 1), tuple(chunk)))
         sim_rungs.sort(key=lambda g: g.bandwidth)
         out.append(
@@ -155,6 +173,7 @@ def library_from_rungs(rungs: list[dict[str, Any]], items: int, per_item: int) -
                 max(g.bandwidth for g in sim_rungs) / 8,
                 sum(s for _, _, s in sim_rungs[0].segments),
                 top_avg / 8,
+                low_avg / 8,
             )
         )
     return Library(out, sizes)
@@ -313,6 +332,9 @@ class SimParams:
     # Objects the driver put in the bucket (no SHA-256 checksum) fail a node's check: peerd
     # before 27d9b58 (its check then read no body), see Sim
     seeded_unverified: bool = False
+    # A blob the bucket was seen to hold within CONFIRM_FRESH_S is evicted without a HEAD (peerd
+    # since ddf77c4); False: a HEAD before every eviction, as the nodes of runs before it did
+    head_free_eviction: bool = True
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -326,6 +348,10 @@ class SimParams:
     node_request_s: float = 0.00045
     client_request_s: float = 0.0003
     prefetch_segments: int = 2  # [http] prefetch_segments
+    # MediaResolver: failing sources retried for [http] request_timeout_s / 2 (peerd.daemon),
+    # the failure then remembered for fail_ttl_s
+    resolve_retry_s: float = HttpSettings().request_timeout_s / 2
+    resolve_fail_ttl_s: float = 2.0
     max_prefetches: int = 4  # Resolver.max_prefetches
     # What TCP's recovery at the tbf adds to each transfer past its equal share, drawn from
     # the bench's measured table (:class:`ShaperExcess`; a median goodput per batch was no one
@@ -455,14 +481,29 @@ class Node:
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
     # its own R2 requests (R2Client.on_request: class A, class B), against its [r2] budgets
+    # (RequestLedger: counted as each is sent)
     req_a: int = 0
     req_b: int = 0
+    # blob -> when the bucket was last seen to hold it (r2_checked_at: read from it, uploaded,
+    # HEAD-confirmed), and blobs stored and not asked for since (-> when stored; eviction
+    # spares them for SPARE_STORED_S)
+    checked: dict[int, float] = field(default_factory=dict)
+    unasked: dict[int, float] = field(default_factory=dict)
+    # TieringService: an eviction due since the store passed its high watermark, and when the
+    # next such one may run (EVICT_PAUSE_S after the last)
+    evict_due: bool = False
+    evict_ready: float = 0.0
+    # hls.HlsRoutes.bucket_down_until: no redirect is tried before (BucketLink gave none)
+    bucket_down_until: float = 0.0
+    # MediaResolver: item -> when its last lookup failed or will (then remembered fail_ttl_s)
+    lookups: dict[int, float] = field(default_factory=dict)
     down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
     # state of its last heartbeat, until when a viewer's 503 said to stay away
     coord_uplink_Bps: float = 0.0
     admission: str = "off"
     refusing_until: float = 0.0
+    floor_spare_Bps: float = 0.0  # room at lowest renditions (heartbeat), less floors sent since
 
 
 Step = tuple[str, Any]
@@ -576,6 +617,8 @@ class Sim:
                 )
                 n.media_r2 = {k: since for k in n.known}
                 n.r2_rows = {b for k in n.known for b in lib.items[k].blobs}
+                # record_media(in_r2=True): each row confirmed at the seeding
+                n.checked = dict.fromkeys(n.r2_rows, since)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -628,10 +671,22 @@ class Sim:
             n.have[k] -= 1
             self.holders[k].discard(n.index)
 
-    def op_b(self, what: str) -> None:
-        """A class B request at the bucket, by what made it (``node_counters``)."""
+    def op_b(self, what: str, n: Node | None = None) -> None:
+        """A class B request at the bucket, by what made it (``node_counters``); ``n``: the
+        node that made it (its ledger counts it at once), None: a viewer."""
         self.class_b += 1
         self.count(f"class_b:{what}")
+        if n is not None:
+            n.req_b += 1
+
+    def allows(self, n: Node, purpose: Purpose) -> bool:
+        """``RequestLedger.allows``: whether one more class B request for ``purpose`` fits
+        ``n``'s budget (:func:`spendable`); a refusal is counted."""
+        left = self.p.budget_class_b_per_month - n.req_b
+        if spendable(left, self.p.budget_class_b_per_month, purpose) >= 1:
+            return True
+        self.count(f"budget_refused:{purpose}")
+        return False
 
     def count(self, what: str) -> None:
         """One more of a node-side event (``summary()['node_counters']``)."""
@@ -795,6 +850,15 @@ class Sim:
             if redirecting:
                 return max(redirecting, key=self.spare)
             return None
+        # The bucket cannot take it: a holder or its LAN partner that takes it at its lowest
+        # rendition (not one that must pull it through another uplink)
+        floor = self.lib.items[item].rungs[0].bandwidth / 8
+        for tier in tiers[:2]:
+            fit = [n for n in tier if n.refusing_until <= now and n.floor_spare_Bps >= floor]
+            if fit:
+                best = max(fit, key=lambda n: n.floor_spare_Bps)
+                best.floor_spare_Bps -= floor
+                return best
         for tier in tiers:
             if tier:
                 return min(tier, key=lambda n: (n.refusing_until, -self.spare(n)))
@@ -811,27 +875,39 @@ class Sim:
         # peerd's stream key is (media id, client address, token): the testbed's players share
         # one address, and the coordinator mints one token per route
         key = (v.item, self.stream_key.get(v.viewer, 0))
-        if n.meter.enabled and not self.admit(n, key, v.item, blob):
-            # peerd records it where its catalog has the blob's row (held, or of media it knows)
-            if self.p.refused_access and (
+        spill = self.spills(n, blob)
+        if n.meter.enabled and not self.admit(n, key, v.item, spill):
+            # hls.demand, on a redirect or a 503: peerd records it where its catalog has the
+            # blob's row (held, or of media it knows)
+            demand = self.p.refused_access and (
                 blob in n.held or any(k in n.known for k in self.blob_items[blob])
-            ):
-                self.record(n, blob, size)
-            if blob in n.r2_rows and self.nodes_use_r2:
-                # BucketLink: a HEAD first (the node's own class B request); a 404 corrects
-                # its catalog and the viewer gets 503, else a 302 the player follows
-                yield "wait", self.p.r2_request_s
-                self.op_b("head_redirect")
-                n.req_b += 1
-                if blob in self.bucket:
-                    src["via"] = "r2_redirect"
+            )
+            admitted = False
+            if spill:
+                # BucketLink: a HEAD first (the node's own class B request, if its budget
+                # allows one); a 404 corrects its catalog, else a 302 the player follows
+                if self.allows(n, "viewer"):
                     yield "wait", self.p.r2_request_s
-                    self.op_b("viewer_redirect")
-                    yield "wait", size / self.p.r2_flow_Bps
-                    return
-                n.r2_rows.discard(blob)
-                self.row_changed(n, blob)
-            raise Failed("503", "refused", self.p.retry_after_s)
+                    self.op_b("head_redirect", n)
+                    if blob in self.bucket:
+                        if demand:
+                            self.record(n, blob, size)
+                        src["via"] = "r2_redirect"
+                        yield "wait", self.p.r2_request_s
+                        self.op_b("viewer_redirect")
+                        yield "wait", size / self.p.r2_flow_Bps
+                        return
+                    n.r2_rows.discard(blob)
+                    self.row_changed(n, blob)
+                else:
+                    # no link, the row still 'present': no redirect tried for a while
+                    n.bucket_down_until = self.now + self.p.retry_after_s
+                # decided again as a stream only the node can serve (at its floor, if any)
+                admitted = self.admit(n, key, v.item, False)
+            if not admitted:
+                if demand:
+                    self.record(n, blob, size)
+                raise Failed("503", "refused", self.p.retry_after_s)
         if n.meter.enabled:
             self.admission_log.append((n.index, self.now, n.meter.rate(self.now)))
         yield "wait", self.p.node_request_s
@@ -848,6 +924,9 @@ class Sim:
                 origin = self.fetch_source(n, blob)
                 if origin == "":
                     raise Failed("404", "missing")
+                if origin == "budget":
+                    # Resolver: BudgetSpent once the other sources had their turn: 503
+                    raise Failed("503: R2 budget", "refused", float(BudgetSpent.retry_after_s))
                 yield "wait", self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
                 stored = self.store(n, blob, origin)
             # hls._send: the fetch opened, the media is remote and the next segments are
@@ -867,12 +946,16 @@ class Sim:
         n.served[origin] = n.served.get(origin, 0.0) + size
         src["via"] = "node"
 
-    def admit(self, n: Node, key: tuple[int, int], item: int, blob: int) -> bool:
-        """``Uplink.admit`` as ``peerd.http.hls._admit`` calls it: the media's bit rate, and
-        ``spill`` when the node's row says the bucket holds the blob (and it has a bucket)."""
-        spill = self.nodes_use_r2 and blob in n.r2_rows
+    def spills(self, n: Node, blob: int) -> bool:
+        """``hls._admit``'s ``spill``: the node's row says the bucket holds the blob (and it
+        has a bucket), and no redirect failed within its ``Retry-After``."""
+        return self.nodes_use_r2 and blob in n.r2_rows and self.now >= n.bucket_down_until
+
+    def admit(self, n: Node, key: tuple[int, int], item: int, spill: bool) -> bool:
+        """``Uplink.admit`` as ``peerd.http.hls._admit`` calls it: the media's bit rate, its
+        lowest rendition's, and ``spill``."""
         it = self.lib.items[item]
-        return n.meter.admit(key, self.now, it.rate_Bps or it.need_Bps, spill)
+        return n.meter.admit(key, self.now, it.rate_Bps or it.need_Bps, spill, it.floor_Bps)
 
     def access(self, n: Node, blob: int, size: int) -> None:
         """``n`` sent ``blob``: its last access and decayed score (``rt.access.record``)."""
@@ -880,7 +963,9 @@ class Sim:
         self.record(n, blob, size)
 
     def record(self, n: Node, blob: int, size: int) -> None:
-        """``rt.access.record``: the blob's decayed score (demand, served or turned away)."""
+        """``rt.access.record``: the blob's decayed score (demand, served or turned away); a
+        blob asked for is no longer spared by eviction."""
+        n.unasked.pop(blob, None)
         sc, at = n.score.get(blob, (0.0, self.now))
         n.score[blob] = (fold(sc, at, size, self.now, self.p.access_half_life_s), self.now)
 
@@ -895,7 +980,9 @@ class Sim:
 
     def fetch_source(self, n: Node, blob: int) -> str:
         """The first source of :func:`source_order` that has ``blob`` for ``n`` (``lan``,
-        ``r2``; its request counted), or "" when none has it."""
+        ``r2``; its request counted), "budget" when only the bucket could have it and ``n``'s
+        class B budget allows no read (``R2Source.offers``: BudgetSpent), or "" when none has
+        it."""
         size = self.lib.sizes[blob]
         peer = self.lan(n)
         sources: list[Any] = [
@@ -910,8 +997,9 @@ class Sim:
                 self.access(peer, blob, size)
                 return "lan"
             if s.name == "r2":
-                self.op_b("node_get")
-                n.req_b += 1
+                if not self.allows(n, "viewer"):
+                    return "budget"
+                self.op_b("node_get", n)
                 if blob in self.bucket:
                     self.node_gets.append((n.index, blob))
                     return "r2"
@@ -930,12 +1018,34 @@ class Sim:
             return False
         n.fetched[origin] = n.fetched.get(origin, 0.0) + size
         self.put(n, blob, self.now)
+        n.unasked[blob] = self.now
         if origin == "r2":
             # R2Source.report: a verified fetch from the bucket confirms its copy (the row's
-            # r2_state becomes 'present', which the inventory tells the coordinator)
+            # r2_state becomes 'present', which the inventory tells the coordinator, and its
+            # r2_checked_at now)
             n.r2_rows.add(blob)
+            n.checked[blob] = self.now
         self.row_changed(n, blob)
+        self.grown(n)
         return True
+
+    def grown(self, n: Node) -> None:
+        """``BlobStore.on_grow``: past its high watermark the tiering service evicts at once
+        (then pauses ``EVICT_PAUSE_S``), not at its next round."""
+        if (
+            self.policy not in ("peerd", "lru")
+            or n.evict_due
+            or n.used <= self.p.evict_high * n.quota
+        ):
+            return
+        n.evict_due = True
+        self.at(max(self.now, n.evict_ready), 2, lambda: self.evict_now(n))
+
+    def evict_now(self, n: Node) -> None:
+        """The tiering service's wake-up between rounds: fold the accesses, evict."""
+        n.evict_due = False
+        self.evict(n)
+        n.evict_ready = self.now + EVICT_PAUSE_S
 
     def fetch_ahead(self, n: Node, item: int, blob: int, stream: tuple[int, int]) -> None:
         """``HlsRoutes.fetch_ahead``: the segments :class:`peerd.core.lookahead.Lookahead`
@@ -951,11 +1061,15 @@ class Sim:
         """``Resolver.prefetch``: skipped when the blob is being fetched or
         ``max_prefetches`` fetches run; else a fetch in the background, stored when its body
         has arrived (or failed by StoreFull then)."""
-        if blob in n.inflight or n.prefetching >= self.p.max_prefetches:
+        if (
+            blob in n.inflight
+            or n.prefetching >= self.p.max_prefetches
+            or (self.nodes_use_r2 and not self.allows(n, "optional"))
+        ):
             self.count("prefetch_skipped")
             return
         origin = self.fetch_source(n, blob)
-        if origin == "":
+        if origin in ("", "budget"):
             return
         self.count("prefetch_started")
         latency = self.p.lan_request_s if origin == "lan" else self.p.r2_request_s
@@ -983,14 +1097,34 @@ class Sim:
                 yield "wait", self.p.lan_request_s
                 break
             if s.name == "r2":
+                if not self.allows(n, "viewer"):
+                    yield from self.lookup_fails(n, item)
                 yield "wait", self.p.r2_request_s
-                self.op_b("node_manifest")
-                n.req_b += 1
+                self.op_b("node_manifest", n)
                 if item in self.r2_items:
                     break
         else:
             raise Failed("404: no source has the media", "missing")
         n.known.add(item)
+
+    def lookup_fails(self, n: Node, item: int) -> Proc:
+        """``MediaResolver`` with the bucket its only source and ``n``'s class B budget spent:
+        the R2 client's BudgetSpent is a source failure, retried for ``resolve_retry_s`` (a
+        viewer asking meanwhile joins the lookup), then 503 remembered for ``fail_ttl_s``; a
+        player gives up on its request first when that is past its ``request_timeout_s``."""
+        now = self.now
+        ends = n.lookups.get(item)
+        if ends is not None and ends <= now < ends + self.p.resolve_fail_ttl_s:
+            raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
+        if ends is None or ends <= now:
+            ends = now + self.p.resolve_retry_s
+            n.lookups[item] = ends
+        timeout = self.p.player.request_timeout_s
+        if ends - now > timeout:
+            yield "wait", timeout
+            raise Failed("TimeoutError", "down")
+        yield "wait", ends - now
+        raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
 
     # -- a viewer (player.py) ------------------------------------------------------------------
 
@@ -1179,14 +1313,13 @@ class Sim:
         budget = request_budget(
             n.req_a, n.req_b, p.budget_class_a_per_month, p.budget_class_b_per_month
         )
-        a0, b0 = self.class_a, self.class_b
+        a0 = self.class_a
         try:
-            self._tier(n, budget.promote, budget.evict)
+            self._tier(n, budget.promote)
         finally:
             n.req_a += self.class_a - a0
-            n.req_b += self.class_b - b0
 
-    def _tier(self, n: Node, promote: bool, evict: bool) -> None:
+    def _tier(self, n: Node, promote: bool) -> None:
         p = self.p
         hl = p.access_half_life_s
         now = self.now
@@ -1269,48 +1402,71 @@ class Sim:
                             n.r2_rows.discard(b)
                             self.row_changed(n, b)
             self._stored()
-        if evict and self.policy in ("peerd", "lru") and n.used > p.evict_high * n.quota:
-            blobs = [
-                BlobStat(
-                    str(b),
-                    self.lib.sizes[b],
-                    decayed(*n.score.get(b, (0.0, 0.0)), now, hl),
-                    last,
-                    b in n.r2_rows,  # the catalog's r2_state: what this node last knew
-                    False,
-                )
-                for b, last in n.held.items()
-            ]
-            evictions = plan_eviction(
-                blobs,
-                n.used,
-                n.quota,
-                high=p.evict_high,
-                low=p.evict_low,
-                order="lru" if self.policy == "lru" else "demand",
+        self.evict(n)
+
+    def evict(self, n: Node) -> None:
+        """``TieringService.evict``: past the high watermark, :func:`plan_eviction` with the
+        HEADs ``n``'s class B budget allows for eviction, blobs confirmed in the bucket within
+        an hour evicted without one, blobs stored a moment ago that nobody asked for spared."""
+        p = self.p
+        now = self.now
+        n.unasked = {b: t for b, t in n.unasked.items() if now - t < SPARE_STORED_S}
+        if self.policy not in ("peerd", "lru") or n.used <= p.evict_high * n.quota:
+            return
+        hl = p.access_half_life_s
+        blobs = [
+            BlobStat(
+                str(b),
+                self.lib.sizes[b],
+                decayed(*n.score.get(b, (0.0, 0.0)), now, hl),
+                last,  # a blob never asked for: when it was stored (Catalog.evictable)
+                b in n.r2_rows,  # the catalog's r2_state: what this node last knew
+                False,
+                n.checked.get(b),
             )
-            for ev in evictions:
-                b = int(ev.cid)
-                if self.verify(n, b):
-                    self.drop(n, b)
-                    self.row_changed(n, b)
-                else:
-                    # Not confirmed (another node deleted it, or the driver wrote it): not
-                    # evicted; marked not in R2 and pushed again.
-                    n.r2_rows.discard(b)
-                    self.push(n, b)
-            self._stored()
+            for b, last in n.held.items()
+        ]
+        left = p.budget_class_b_per_month - n.req_b
+        evictions = plan_eviction(
+            blobs,
+            n.used,
+            n.quota,
+            high=p.evict_high,
+            low=p.evict_low,
+            order="lru" if self.policy == "lru" else "demand",
+            now=now if p.head_free_eviction else None,
+            heads=spendable(left, p.budget_class_b_per_month, "evict"),
+            spare={str(b) for b in n.unasked},
+        )
+        for ev in evictions:
+            b = int(ev.cid)
+            if not ev.head:
+                self.count("evict_fresh")
+                self.drop(n, b)
+                self.row_changed(n, b)
+            elif self.verify(n, b):
+                self.drop(n, b)
+                self.row_changed(n, b)
+            else:
+                # Not confirmed (another node deleted it, or the driver wrote it): not
+                # evicted; marked not in R2 and pushed again.
+                n.r2_rows.discard(b)
+                self.push(n, b)
+        self._stored()
 
     def verify(self, n: Node, b: int) -> bool:
         """``R2Client.verify_blob`` by ``n``: a HEAD, and a whole GET when the object has no
         SHA-256 checksum (the driver's); whether the copy is confirmed."""
-        self.op_b("check_head")
+        self.op_b("check_head", n)
         if b not in self.bucket:
             return False
         if b in self.seeded or b not in self.written:
-            self.op_b("check_get")
+            self.op_b("check_get", n)
             self.node_gets.append((n.index, b))
-        return b not in self.seeded
+        if b in self.seeded:
+            return False
+        n.checked[b] = self.now
+        return True
 
     def push(self, n: Node, b: int) -> None:
         """A ``push_blob`` job (``Replicator.upload_blob``): a PUT ``If-None-Match: *``; on an
@@ -1326,12 +1482,13 @@ class Sim:
                 puts = 2
                 self.bucket_put(b)
                 self.written.add(b)
-                self.op_b("put_check")
+                self.op_b("put_check", n)
         else:
             self.bucket_put(b)
             self.written.add(b)
-            self.op_b("put_check")  # the HEAD after the PUT (its SHA-256 checksum)
+            self.op_b("put_check", n)  # the HEAD after the PUT (its SHA-256 checksum)
         n.r2_rows.add(b)
+        n.checked[b] = self.now
         self.row_changed(n, b)
         self.start(self.upload(n, self.lib.sizes[b] * puts))
 
@@ -1364,6 +1521,7 @@ class Sim:
                     n.admission = rep.state
                     n.reported_Bps = float(rep.send_bps)
                     n.coord_uplink_Bps = float(rep.budget_bps)
+                    n.floor_spare_Bps = float(rep.floor_spare_bps)
                 else:
                     n.reported_Bps = n.egress.rate(self.now)
                 # the inventory the coordinator pages through after a heartbeat whose seq moved
