@@ -26,8 +26,8 @@ The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
    plans again with them.
 
 :func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
-evicts blobs, coldest first, down to the low watermark, choosing only blobs whose R2 copy is
-confirmed and that are not pinned. The caller re-checks a candidate with a HEAD before it
+evicts blobs, coldest first (lowest demand per stored byte), down to the low watermark,
+choosing only blobs whose R2 copy is confirmed and that are not pinned. The caller re-checks a candidate with a HEAD before it
 deletes anything -- unless the bucket was seen to hold it a short while ago
 (``BlobStat.checked_at`` within :data:`CONFIRM_FRESH_S`: the node read it from the bucket and it
 hashed to its cid, uploaded and verified it, or HEAD-confirmed it). Objects under ``blobs/`` are
@@ -292,7 +292,11 @@ def plan_eviction(
 
     def key(b: BlobStat) -> tuple[float, float, str]:
         last = b.last_access if b.last_access is not None else -math.inf
-        return (0.0 if order == "lru" else b.score, last, b.cid)
+        # Demand per stored byte: a blob's score is the bytes it served, so ranking by the
+        # score itself kept a large segment watched once over a small one watched often, the
+        # wrong way round for the bytes fetched again (each byte of room is worth the reads
+        # of it it saves).
+        return (0.0 if order == "lru" else b.score / max(b.size, 1), last, b.cid)
 
     candidates = sorted(
         (b for b in blobs if b.r2_confirmed and not b.pinned and b.cid not in spare), key=key
