@@ -27,7 +27,14 @@ Every ``r2.tiering_interval_s`` it
    :data:`~peerd.core.tiering.SPARE_STORED_S` that nobody has asked for yet (a prefetch on its
    way to a viewer: evicted, it would be fetched again). Always with a conditional
    update (``r2_state='present'``, not pinned) in the same transaction that marks it absent, so
-   a concurrent demotion can never leave a blob in neither place. Eviction never stops
+   a concurrent demotion can never leave a blob in neither place. A blob fetched from a peer
+   (LAN or libp2p) is stored with ``r2_state='none'``: this node never saw it in the bucket,
+   so the last-copy rule kept it for good, and such blobs filled a LAN node's quota while the
+   rest of its store churned (every blob read again from R2). The service remembers those
+   (:meth:`TieringService.fetched`, in memory: after a restart they are kept, the safe side)
+   and offers them to eviction as candidates that always need a HEAD: a bucket that confirms
+   the blob makes it ``present`` like any other (then evicted); one that lacks it leaves it
+   held, and not uploaded (the peer holds it). Eviction never stops
    altogether for want of budget: a full store keeps no blob it fetches, and every later viewer
    of it costs another GET.
 """
@@ -42,7 +49,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from peerd.catalog import Catalog
+from peerd.catalog import BlobRow, Catalog
 from peerd.catalog.media import media_blob_rows
 from peerd.catalog.usage import add_usage
 from peerd.core.ids import Cid
@@ -73,6 +80,7 @@ log = logging.getLogger("peerd.replication")
 MAX_LOOKUPS = 16  # demotion candidates whose copies are looked up per round
 LOOKUP_TIMEOUT_S = 5.0  # per candidate; a finder that has not answered by then knows nothing
 EVICT_PAUSE_S = 0.25  # least time between evictions started by a store passing its mark
+PEER_SOURCES = frozenset({"lan", "libp2p"})  # resolver sources that are other nodes
 
 
 class CopyFinder(Protocol):
@@ -121,7 +129,14 @@ class TieringService:
         # Set when the store passes its high watermark between rounds: evict at once.
         self._full = asyncio.Event()
         self._stored: dict[str, float] = {}  # blob -> when stored, for SPARE_STORED_S
+        self._from_peers: set[str] = set()  # held blobs a peer sent (see the module doc)
         rt.store.on_grow = self._grown
+
+    def fetched(self, cid: Cid, source: str) -> None:
+        """The resolver stored ``cid`` from ``source``: one a peer sent may be evicted once the
+        bucket confirms it holds it too (see the module doc)."""
+        if source in PEER_SOURCES and self.rt.store.quota_bytes:
+            self._from_peers.add(cid)
 
     def _grown(self, cid: Cid, used: int) -> None:
         quota = self.rt.store.quota_bytes
@@ -325,6 +340,18 @@ class TieringService:
             and (b.last_access is None or b.last_access < t)
         }
 
+    async def _peer_copies(self) -> dict[Cid, BlobRow]:
+        """The rows of held blobs a peer sent that the catalog still does not know in the
+        bucket; the others (evicted, read from the bucket or uploaded since) are forgotten."""
+        if not self._from_peers:
+            return {}
+        rows = await self.rt.catalog.get_blobs(self._from_peers)
+        found = {
+            c: r for c, r in rows.items() if r.local_state == "present" and r.r2_state == "none"
+        }
+        self._from_peers = set(found)
+        return found
+
     async def evict(self, now: float) -> tuple[int, int]:
         """Evict under the quota; returns (evicted, refused because R2 did not confirm)."""
         store = self.rt.store
@@ -337,6 +364,18 @@ class TieringService:
         blobs = [
             BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck)
             for c, s, sc, la, ck in await self.rt.catalog.evictable(20_000)
+        ]
+        unconfirmed = await self._peer_copies()
+        blobs += [
+            BlobStat(
+                r.cid,
+                r.size,
+                decayed(r.access_score, r.last_access, now, hl),
+                r.last_access,
+                True,
+                r.pinned,
+            )
+            for r in unconfirmed.values()
         ]
         plan = plan_eviction(
             blobs,
@@ -363,6 +402,13 @@ class TieringService:
                 refused += 1
                 log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})
                 continue
+            if cid in unconfirmed:
+                self._from_peers.discard(cid)
+                if not confirmed:
+                    refused += 1  # the peer's copy is not ours to upload: it stays held
+                    continue
+                async with self.rt.catalog.transaction() as tx:
+                    await Catalog.set_blob_r2(tx, cid, "present", now, only_from=("none",))
             if confirmed:
                 if await store.evict_local(cid, replicated=True):
                     evicted += 1
