@@ -25,18 +25,18 @@ The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
    caller plans once with ``min_copies=1`` to learn the candidates, looks up their copies, and
    plans again with them.
 
-:func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
-evicts blobs, coldest first (lowest demand per stored byte), down to the low watermark,
-choosing only blobs whose R2 copy is confirmed and that are not pinned. The caller re-checks a candidate with a HEAD before it
-deletes anything -- unless the bucket was seen to hold it a short while ago
+:func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it evicts
+blobs, coldest first (lowest demand per stored byte), down to the low watermark, choosing only
+blobs whose R2 copy is confirmed and that are not pinned. The caller re-checks a candidate with a
+HEAD before it deletes anything -- unless the bucket was seen to hold it a short while ago
 (``BlobStat.checked_at`` within :data:`CONFIRM_FRESH_S`: the node read it from the bucket and it
 hashed to its cid, uploaded and verified it, or HEAD-confirmed it). Objects under ``blobs/`` are
-immutable (content-addressed keys), so what a fresh confirmation can miss is only a deletion,
-and the only deleter is a demotion (``min_copies``), made by a node that keeps a full copy
-itself: an eviction after a stale confirmation can leave the network a copy short of
-``min_copies``, never without the blob. ``heads`` caps the HEADs a plan may need (what the class
-B budget still allows for eviction, :func:`spendable`); candidates that would need one more are
-passed over for fresh ones.
+immutable (content-addressed keys), so what a fresh confirmation can miss is only a deletion, and
+the only deleter is a demotion (``min_copies``), made by a node that keeps a full copy itself: an
+eviction after a stale confirmation can leave the network a copy short of ``min_copies``, never
+without the blob. ``heads`` caps the HEADs a plan may need (what the class B budget still allows
+for eviction, :func:`spendable`); candidates that would need one more are passed over for fresh
+ones.
 
 :func:`request_budget` turns this month's request counts into what may go on. R2 bills class A
 (writes, lists) and class B (reads: GET, HEAD) requests:
