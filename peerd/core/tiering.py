@@ -203,6 +203,9 @@ class BlobStat:
     r2_confirmed: bool
     pinned: bool
     checked_at: float | None = None  # when the bucket was last seen to hold it
+    # Reads per stored byte of the rendition it belongs to (its blobs' decayed scores over
+    # their bytes): what a blob not read yet, or read once, is likely to see.
+    prior: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -295,8 +298,10 @@ def plan_eviction(
         # Demand per stored byte: a blob's score is the bytes it served, so ranking by the
         # score itself kept a large segment watched once over a small one watched often, the
         # wrong way round for the bytes fetched again (each byte of room is worth the reads
-        # of it it saves).
-        return (0.0 if order == "lru" else b.score / max(b.size, 1), last, b.cid)
+        # of it it saves). A blob's own reads are few (a segment is read once per viewer),
+        # so its rendition's reads per byte are added: the segments of a rendition being
+        # watched, read yet or not, outrank those of one nobody watches.
+        return (0.0 if order == "lru" else b.score / max(b.size, 1) + b.prior, last, b.cid)
 
     candidates = sorted(
         (b for b in blobs if b.r2_confirmed and not b.pinned and b.cid not in spare), key=key

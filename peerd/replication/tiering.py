@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from peerd.catalog import BlobRow, Catalog
-from peerd.catalog.media import media_blob_rows
+from peerd.catalog.media import media_blob_rows, rendition_blob_rows
 from peerd.catalog.usage import add_usage
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
@@ -340,6 +340,24 @@ class TieringService:
             and (b.last_access is None or b.last_access < t)
         }
 
+    async def rendition_rates(self, now: float) -> dict[str, float]:
+        """Per blob, the reads per stored byte of the rendition it belongs to (the highest, for
+        an init several media share): the decayed scores of the rendition's catalogued blobs,
+        held or evicted, over their bytes (:attr:`BlobStat.prior`)."""
+        hl = self.cfg.access_half_life_s
+        groups: dict[tuple[str, str], list[float]] = {}
+        members: list[tuple[str, tuple[str, str]]] = []
+        for mid, rid, cid, size, score, last in await rendition_blob_rows(self.rt.catalog):
+            acc = groups.setdefault((mid, rid), [0.0, 0.0])
+            acc[0] += decayed(score, last, now, hl)
+            acc[1] += size
+            members.append((cid, (mid, rid)))
+        rates: dict[str, float] = {}
+        for cid, key in members:
+            served, nbytes = groups[key]
+            rates[cid] = max(rates.get(cid, 0.0), served / max(nbytes, 1.0))
+        return rates
+
     async def _peer_copies(self) -> dict[Cid, BlobRow]:
         """The rows of held blobs a peer sent that the catalog still does not know in the
         bucket; the others (evicted, read from the bucket or uploaded since) are forgotten."""
@@ -361,8 +379,9 @@ class TieringService:
         if not quota or store.used_bytes <= high * quota:
             return 0, 0
         hl = self.cfg.access_half_life_s
+        prior = await self.rendition_rates(now)
         blobs = [
-            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck)
+            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck, prior.get(c, 0.0))
             for c, s, sc, la, ck in await self.rt.catalog.evictable(20_000)
         ]
         unconfirmed = await self._peer_copies()
@@ -374,6 +393,7 @@ class TieringService:
                 r.last_access,
                 True,
                 r.pinned,
+                prior=prior.get(r.cid, 0.0),
             )
             for r in unconfirmed.values()
         ]

@@ -273,3 +273,26 @@ async def test_a_blob_a_peer_sent_is_evicted_once_the_bucket_confirms_it(
     assert blob_key(only_here) not in objects
     # Asked once: the next round does not HEAD the one the bucket lacks again.
     assert await svc.evict(now=time.time()) == (0, 0)
+
+
+async def test_eviction_keeps_the_rendition_being_watched(
+    runtime: Runtime, replicator: Replicator
+) -> None:
+    """Two items held whole (placed on the node), both in the bucket: a viewer has read the
+    first segment of one. Its other segments, unread, stay; the item nobody watches goes
+    (before, every unread blob scored 0 and the older ones went first: the watched item's,
+    read again from the bucket a moment later)."""
+    watched = (await make_media(runtime, n=3, size=10_000))[1]
+    cold = (await make_media(runtime, n=3, size=10_000))[1]
+    now = time.time()
+    async with runtime.catalog.transaction() as tx:
+        await tx.execute("UPDATE blobs SET r2_state='present', r2_checked_at=?", (now,))
+        await tx.execute(
+            "UPDATE blobs SET access_score=10000, last_access=? WHERE cid=?", (now, watched[1])
+        )
+    runtime.store.quota_bytes = 40_000  # 62 kB held: down to 34 kB
+    evicted, _ = await service(runtime, replicator).evict(now=now)
+    assert evicted >= 3
+    for c in watched:
+        assert await runtime.store.has(c)
+    assert sum([await runtime.store.has(c) for c in cold]) <= 1
