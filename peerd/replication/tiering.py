@@ -34,7 +34,8 @@ Every ``r2.tiering_interval_s`` it
    (:meth:`TieringService.fetched`, in memory: after a restart they are kept, the safe side)
    and offers them to eviction as candidates that always need a HEAD: a bucket that confirms
    the blob makes it ``present`` like any other (then evicted); one that lacks it leaves it
-   held, and not uploaded (the peer holds it). Eviction never stops
+   held, and not uploaded (the peer holds it). They go first: while the peer holds one,
+   reading it again costs a LAN transfer, not a bucket read. Eviction never stops
    altogether for want of budget: a full store keeps no blob it fetches, and every later viewer
    of it costs another GET.
 """
@@ -385,16 +386,10 @@ class TieringService:
             for c, s, sc, la, ck in await self.rt.catalog.evictable(20_000)
         ]
         unconfirmed = await self._peer_copies()
+        # Scored as unwanted: while the peer that sent one holds it, reading it again costs no
+        # bucket read, so it is the cheapest room there is.
         blobs += [
-            BlobStat(
-                r.cid,
-                r.size,
-                decayed(r.access_score, r.last_access, now, hl),
-                r.last_access,
-                True,
-                r.pinned,
-                prior=prior.get(r.cid, 0.0),
-            )
+            BlobStat(r.cid, r.size, 0.0, r.last_access, True, r.pinned)
             for r in unconfirmed.values()
         ]
         plan = plan_eviction(

@@ -296,3 +296,31 @@ async def test_eviction_keeps_the_rendition_being_watched(
     for c in watched:
         assert await runtime.store.has(c)
     assert sum([await runtime.store.has(c) for c in cold]) <= 1
+
+
+async def test_a_blob_a_peer_sent_goes_before_one_only_the_bucket_has_again(
+    runtime: Runtime, replicator: Replicator
+) -> None:
+    """Read again, a blob the LAN peer holds costs a LAN transfer; one read from the bucket
+    costs another bucket read: the peer's goes first, however often it was read."""
+    peer, own = [await runtime.store.put(os.urandom(10_000)) for _ in range(2)]
+    await replicator.push_blob(peer)
+    await replicator.run_until_idle(max_wait_s=30)
+    now = time.time()
+    async with runtime.catalog.transaction() as tx:
+        await tx.execute(
+            "UPDATE blobs SET r2_state='none', r2_checked_at=NULL, access_score=50000, "
+            "last_access=? WHERE cid=?",
+            (now, peer),
+        )
+        await tx.execute(
+            "UPDATE blobs SET r2_state='present', r2_checked_at=?, access_score=10000, "
+            "last_access=? WHERE cid=?",
+            (now, now, own),
+        )
+    runtime.store.quota_bytes = 15_000  # 20 kB held: one must go
+    svc = service(runtime, replicator)
+    svc.fetched(peer, "lan")
+    assert await svc.evict(now=now) == (1, 0)
+    assert not await runtime.store.has(peer)
+    assert await runtime.store.has(own)
