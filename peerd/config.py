@@ -183,7 +183,7 @@ class R2Settings(Section):
     access_half_life_s: float = Field(default=3600.0, gt=0)
     tiering_interval_s: float = Field(default=60.0, gt=0)
     evict_high_watermark: float = Field(default=0.95, gt=0, le=1)
-    evict_low_watermark: float = Field(default=0.85, gt=0, le=1)
+    evict_low_watermark: float = Field(default=0.92, gt=0, le=1)
     eviction: Literal["demand", "lru"] = "demand"
     job_lease_s: float = Field(default=300.0, gt=0)
     retry_base_s: float = Field(default=2.0, gt=0)

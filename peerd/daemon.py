@@ -36,6 +36,7 @@ from peerd.api.node import NodeApi
 from peerd.config import Settings
 from peerd.control import ControlService
 from peerd.coordinator.client import CoordinatorService
+from peerd.core.ids import Cid
 from peerd.delivery import Resolver, Source
 from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
@@ -311,6 +312,7 @@ async def build_services(rt: Runtime) -> Services:
     replicator: Replicator | None = None
     r2_services: list[Service] = []
     may_prefetch: Callable[[], bool] | None = None
+    on_fetched: Callable[[Cid, str], None] | None = None
     if r2 is not None:
         from peerd.replication.budget import request_ledger
         from peerd.replication.metrics import r2_metrics
@@ -332,7 +334,9 @@ async def build_services(rt: Runtime) -> Services:
         may_prefetch = partial(request_ledger(rt).allows, "optional")
         replicator = Replicator(rt, r2)
         finders: list[CopyFinder] = [f for f in (lan_source, p2p) if f is not None]
-        r2_services = [replicator, TieringService(rt, replicator, r2, finders=finders)]
+        tiering = TieringService(rt, replicator, r2, finders=finders)
+        on_fetched = tiering.fetched
+        r2_services = [replicator, tiering]
     ingestor = node_ingestor(rt)
     sources.append(TranscodeSource(ingestor))
     # Failing sources are retried within half a viewer's request time: the other half leaves
@@ -344,6 +348,7 @@ async def build_services(rt: Runtime) -> Services:
         registry=rt.metrics.registry,
         retry_s=retry_s,
         may_prefetch=may_prefetch,
+        on_fetched=on_fetched,
     )
     finder = MediaResolver(
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s

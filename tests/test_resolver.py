@@ -189,3 +189,16 @@ async def test_a_fetch_cancelled_before_it_ran_leaves_no_tee_behind(runtime: Run
     s = await asyncio.wait_for(resolver.open_stream(cid), 5)
     assert s.path is not None  # (an untrusted source: verified and stored first)
     assert await asyncio.to_thread(s.path.read_bytes) == data
+
+
+async def test_the_source_of_a_stored_blob_is_told(runtime: Runtime) -> None:
+    """Tiering learns which blobs a peer sent (peerd.replication.tiering); a blob already held
+    is no fetch."""
+    data = os.urandom(10_000)
+    cid = cid_of(data)
+    told: list[tuple[Cid, str]] = []
+    lan = MemorySource(name="lan", blobs={cid: data})
+    resolver = Resolver(runtime.store, [lan], on_fetched=lambda c, s: told.append((c, s)))
+    await resolver.ensure_local(cid)
+    await resolver.ensure_local(cid)
+    assert told == [(cid, "lan")]

@@ -204,3 +204,26 @@ def test_eviction_spares_blobs_stored_for_a_viewer_not_asked_for_yet() -> None:
     assert [e.cid for e in ev] == ["placed-unseen", "prefetched"]
     ev = plan_eviction(blobs, 100, 100, low=0.5, spare={"prefetched"})
     assert [e.cid for e in ev] == ["placed-unseen", "seen"]
+
+
+def test_eviction_ranks_demand_per_stored_byte() -> None:
+    """A score is bytes served: a large segment served once outscores a small one served three
+    times, yet keeping the small one saves more reads per byte of room."""
+    blobs = [
+        BlobStat("big-once", 400, 400.0, 5.0, True, False),
+        BlobStat("small-thrice", 100, 300.0, 4.0, True, False),
+    ]
+    ev = plan_eviction(blobs, 500, 500, low=0.5)
+    assert [e.cid for e in ev] == ["big-once"]
+
+
+def test_eviction_keeps_the_unread_segments_of_a_rendition_being_watched() -> None:
+    """A segment not read yet scores 0, as one nobody will ask for; its rendition's reads per
+    byte (``prior``) tell them apart."""
+    blobs = [
+        BlobStat("next-of-watched", 100, 0.0, None, True, False, prior=0.5),
+        BlobStat("read-once-long-ago", 100, 10.0, 1.0, True, False),
+        BlobStat("nobody-watches", 100, 0.0, None, True, False),
+    ]
+    ev = plan_eviction(blobs, 300, 300, low=0.5)
+    assert [e.cid for e in ev] == ["nobody-watches", "read-once-long-ago"]

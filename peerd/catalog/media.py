@@ -358,6 +358,23 @@ async def media_blob_rows(
         return [tuple(r) for r in await cur.fetchall()]
 
 
+_RENDITION_BLOBS = (
+    "SELECT x.media_id, x.rendition_id, b.cid, b.size, b.access_score, b.last_access FROM ("
+    "  SELECT media_id, rendition_id, cid FROM segments WHERE cid IS NOT NULL"
+    "  UNION SELECT media_id, rendition_id, init_cid FROM renditions WHERE init_cid IS NOT NULL"
+    ") x JOIN blobs b ON b.cid = x.cid"
+)
+
+
+async def rendition_blob_rows(
+    catalog: Catalog,
+) -> list[tuple[str, str, str, int, float, float | None]]:
+    """For eviction, one row per (rendition, catalogued blob, held or not): media_id,
+    rendition_id, cid, size, access_score, last_access."""
+    async with catalog.conn.execute(_RENDITION_BLOBS) as cur:
+        return [tuple(r) for r in await cur.fetchall()]
+
+
 async def holds_media(catalog: Catalog, media_id: str) -> bool:
     """Whether this node holds every blob of ``media_id`` (a full copy; False if unknown)."""
     sql = (

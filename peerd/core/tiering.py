@@ -25,18 +25,18 @@ The node's uplink serves ``uplink_bps * headroom``. :func:`plan_tiering`:
    caller plans once with ``min_copies=1`` to learn the candidates, looks up their copies, and
    plans again with them.
 
-:func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it
-evicts blobs, coldest first, down to the low watermark, choosing only blobs whose R2 copy is
-confirmed and that are not pinned. The caller re-checks a candidate with a HEAD before it
-deletes anything -- unless the bucket was seen to hold it a short while ago
+:func:`plan_eviction` keeps local disk under quota: when usage passes the high watermark it evicts
+blobs, coldest first (lowest demand per stored byte), down to the low watermark, choosing only
+blobs whose R2 copy is confirmed and that are not pinned. The caller re-checks a candidate with a
+HEAD before it deletes anything -- unless the bucket was seen to hold it a short while ago
 (``BlobStat.checked_at`` within :data:`CONFIRM_FRESH_S`: the node read it from the bucket and it
 hashed to its cid, uploaded and verified it, or HEAD-confirmed it). Objects under ``blobs/`` are
-immutable (content-addressed keys), so what a fresh confirmation can miss is only a deletion,
-and the only deleter is a demotion (``min_copies``), made by a node that keeps a full copy
-itself: an eviction after a stale confirmation can leave the network a copy short of
-``min_copies``, never without the blob. ``heads`` caps the HEADs a plan may need (what the class
-B budget still allows for eviction, :func:`spendable`); candidates that would need one more are
-passed over for fresh ones.
+immutable (content-addressed keys), so what a fresh confirmation can miss is only a deletion, and
+the only deleter is a demotion (``min_copies``), made by a node that keeps a full copy itself: an
+eviction after a stale confirmation can leave the network a copy short of ``min_copies``, never
+without the blob. ``heads`` caps the HEADs a plan may need (what the class B budget still allows
+for eviction, :func:`spendable`); candidates that would need one more are passed over for fresh
+ones.
 
 :func:`request_budget` turns this month's request counts into what may go on. R2 bills class A
 (writes, lists) and class B (reads: GET, HEAD) requests:
@@ -203,6 +203,9 @@ class BlobStat:
     r2_confirmed: bool
     pinned: bool
     checked_at: float | None = None  # when the bucket was last seen to hold it
+    # Reads per stored byte of the rendition it belongs to (its blobs' decayed scores over
+    # their bytes): what a blob not read yet, or read once, is likely to see.
+    prior: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,13 @@ def plan_eviction(
 
     def key(b: BlobStat) -> tuple[float, float, str]:
         last = b.last_access if b.last_access is not None else -math.inf
-        return (0.0 if order == "lru" else b.score, last, b.cid)
+        # Demand per stored byte: a blob's score is the bytes it served, so ranking by the
+        # score itself kept a large segment watched once over a small one watched often, the
+        # wrong way round for the bytes fetched again (each byte of room is worth the reads
+        # of it it saves). A blob's own reads are few (a segment is read once per viewer),
+        # so its rendition's reads per byte are added: the segments of a rendition being
+        # watched, read yet or not, outrank those of one nobody watches.
+        return (0.0 if order == "lru" else b.score / max(b.size, 1) + b.prior, last, b.cid)
 
     candidates = sorted(
         (b for b in blobs if b.r2_confirmed and not b.pinned and b.cid not in spare), key=key

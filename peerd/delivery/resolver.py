@@ -196,8 +196,12 @@ class Resolver:
         max_prefetches: int = 4,
         clock: Callable[[], float] = time.monotonic,
         may_prefetch: Callable[[], bool] | None = None,
+        on_fetched: Callable[[Cid, str], None] | None = None,
     ) -> None:
         self.store = store
+        # Told of every blob stored from a source, with the source's name (tiering remembers
+        # those a peer sent: the bucket may hold them too, see peerd.replication.tiering).
+        self.on_fetched = on_fetched
         # Whether optional fetches may go on (False once the R2 request budget runs low).
         self.may_prefetch = may_prefetch
         self.sources = list(sources)
@@ -387,6 +391,8 @@ class Resolver:
         self._inflight[cid] = fut
         try:
             got = await self._fetch(cid, tee)
+            if self.on_fetched is not None:
+                self.on_fetched(cid, got[1])
         except BaseException as exc:
             if isinstance(exc, NotFound):
                 self._misses[cid] = self._clock() + self.miss_ttl_s

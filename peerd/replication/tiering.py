@@ -27,7 +27,15 @@ Every ``r2.tiering_interval_s`` it
    :data:`~peerd.core.tiering.SPARE_STORED_S` that nobody has asked for yet (a prefetch on its
    way to a viewer: evicted, it would be fetched again). Always with a conditional
    update (``r2_state='present'``, not pinned) in the same transaction that marks it absent, so
-   a concurrent demotion can never leave a blob in neither place. Eviction never stops
+   a concurrent demotion can never leave a blob in neither place. A blob fetched from a peer
+   (LAN or libp2p) is stored with ``r2_state='none'``: this node never saw it in the bucket,
+   so the last-copy rule kept it for good, and such blobs filled a LAN node's quota while the
+   rest of its store churned (every blob read again from R2). The service remembers those
+   (:meth:`TieringService.fetched`, in memory: after a restart they are kept, the safe side)
+   and offers them to eviction as candidates that always need a HEAD: a bucket that confirms
+   the blob makes it ``present`` like any other (then evicted); one that lacks it leaves it
+   held, and not uploaded (the peer holds it). They go first: while the peer holds one,
+   reading it again costs a LAN transfer, not a bucket read. Eviction never stops
    altogether for want of budget: a full store keeps no blob it fetches, and every later viewer
    of it costs another GET.
 """
@@ -42,8 +50,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from peerd.catalog import Catalog
-from peerd.catalog.media import media_blob_rows
+from peerd.catalog import BlobRow, Catalog
+from peerd.catalog.media import media_blob_rows, rendition_blob_rows
 from peerd.catalog.usage import add_usage
 from peerd.core.ids import Cid
 from peerd.core.tiering import (
@@ -73,6 +81,7 @@ log = logging.getLogger("peerd.replication")
 MAX_LOOKUPS = 16  # demotion candidates whose copies are looked up per round
 LOOKUP_TIMEOUT_S = 5.0  # per candidate; a finder that has not answered by then knows nothing
 EVICT_PAUSE_S = 0.25  # least time between evictions started by a store passing its mark
+PEER_SOURCES = frozenset({"lan", "libp2p"})  # resolver sources that are other nodes
 
 
 class CopyFinder(Protocol):
@@ -121,7 +130,14 @@ class TieringService:
         # Set when the store passes its high watermark between rounds: evict at once.
         self._full = asyncio.Event()
         self._stored: dict[str, float] = {}  # blob -> when stored, for SPARE_STORED_S
+        self._from_peers: set[str] = set()  # held blobs a peer sent (see the module doc)
         rt.store.on_grow = self._grown
+
+    def fetched(self, cid: Cid, source: str) -> None:
+        """The resolver stored ``cid`` from ``source``: one a peer sent may be evicted once the
+        bucket confirms it holds it too (see the module doc)."""
+        if source in PEER_SOURCES and self.rt.store.quota_bytes:
+            self._from_peers.add(cid)
 
     def _grown(self, cid: Cid, used: int) -> None:
         quota = self.rt.store.quota_bytes
@@ -325,6 +341,36 @@ class TieringService:
             and (b.last_access is None or b.last_access < t)
         }
 
+    async def rendition_rates(self, now: float) -> dict[str, float]:
+        """Per blob, the reads per stored byte of the rendition it belongs to (the highest, for
+        an init several media share): the decayed scores of the rendition's catalogued blobs,
+        held or evicted, over their bytes (:attr:`BlobStat.prior`)."""
+        hl = self.cfg.access_half_life_s
+        groups: dict[tuple[str, str], list[float]] = {}
+        members: list[tuple[str, tuple[str, str]]] = []
+        for mid, rid, cid, size, score, last in await rendition_blob_rows(self.rt.catalog):
+            acc = groups.setdefault((mid, rid), [0.0, 0.0])
+            acc[0] += decayed(score, last, now, hl)
+            acc[1] += size
+            members.append((cid, (mid, rid)))
+        rates: dict[str, float] = {}
+        for cid, key in members:
+            served, nbytes = groups[key]
+            rates[cid] = max(rates.get(cid, 0.0), served / max(nbytes, 1.0))
+        return rates
+
+    async def _peer_copies(self) -> dict[Cid, BlobRow]:
+        """The rows of held blobs a peer sent that the catalog still does not know in the
+        bucket; the others (evicted, read from the bucket or uploaded since) are forgotten."""
+        if not self._from_peers:
+            return {}
+        rows = await self.rt.catalog.get_blobs(self._from_peers)
+        found = {
+            c: r for c, r in rows.items() if r.local_state == "present" and r.r2_state == "none"
+        }
+        self._from_peers = set(found)
+        return found
+
     async def evict(self, now: float) -> tuple[int, int]:
         """Evict under the quota; returns (evicted, refused because R2 did not confirm)."""
         store = self.rt.store
@@ -334,9 +380,17 @@ class TieringService:
         if not quota or store.used_bytes <= high * quota:
             return 0, 0
         hl = self.cfg.access_half_life_s
+        prior = await self.rendition_rates(now)
         blobs = [
-            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck)
+            BlobStat(c, s, decayed(sc, la, now, hl), la, True, False, ck, prior.get(c, 0.0))
             for c, s, sc, la, ck in await self.rt.catalog.evictable(20_000)
+        ]
+        unconfirmed = await self._peer_copies()
+        # Scored as unwanted: while the peer that sent one holds it, reading it again costs no
+        # bucket read, so it is the cheapest room there is.
+        blobs += [
+            BlobStat(r.cid, r.size, 0.0, r.last_access, True, r.pinned)
+            for r in unconfirmed.values()
         ]
         plan = plan_eviction(
             blobs,
@@ -363,6 +417,13 @@ class TieringService:
                 refused += 1
                 log.info("cannot confirm R2 copy", extra={"cid": cid, "error": exc.message})
                 continue
+            if cid in unconfirmed:
+                self._from_peers.discard(cid)
+                if not confirmed:
+                    refused += 1  # the peer's copy is not ours to upload: it stays held
+                    continue
+                async with self.rt.catalog.transaction() as tx:
+                    await Catalog.set_blob_r2(tx, cid, "present", now, only_from=("none",))
             if confirmed:
                 if await store.evict_local(cid, replicated=True):
                     evicted += 1

@@ -269,7 +269,10 @@ class Testbed:
             c.put_object(Bucket=BUCKET, Key=f"media/{item.media_id}.json", Body=item.manifest_bytes)
             for cid, data in item.blobs.items():
                 if cid not in done:
-                    c.put_object(Bucket=BUCKET, Key=f"blobs/{cid}", Body=data)
+                    # Checksummed as a node's push leaves it: a HEAD confirms it (no GET).
+                    c.put_object(
+                        Bucket=BUCKET, Key=f"blobs/{cid}", Body=data, ChecksumAlgorithm="SHA256"
+                    )
                     done.add(cid)
 
     def presigner(self) -> Callable[[str], str]:

@@ -240,3 +240,87 @@ async def test_class_b_budget_stops_promotion_and_eviction_heads(
     report = await svc.tick(now=later)
     assert report.promoted == (hot,)
     assert report.evicted > 0
+
+
+async def test_a_blob_a_peer_sent_is_evicted_once_the_bucket_confirms_it(
+    runtime: Runtime, replicator: Replicator, moto: MotoServer, bucket: str
+) -> None:
+    """A blob fetched from a LAN peer is stored with ``r2_state='none'`` (this node never saw it
+    in the bucket), so the last-copy rule kept it for good and such blobs filled the quota.
+    Remembered as a peer's, it is evicted after a HEAD confirms the bucket's copy; one the
+    bucket lacks stays held and is not uploaded (the peer holds it); one stored from the
+    bucket or made here is no peer copy."""
+    in_bucket, only_here, own = [await runtime.store.put(os.urandom(10_000)) for _ in range(3)]
+    await replicator.push_blob(in_bucket)
+    await replicator.run_until_idle(max_wait_s=30)
+    async with runtime.catalog.transaction() as tx:  # as a LAN fetch leaves it: not known there
+        await tx.execute("UPDATE blobs SET r2_state='none', r2_checked_at=NULL")
+    runtime.store.quota_bytes = 10_000  # 30 kB held: far over quota
+    svc = service(runtime, replicator)
+    svc.fetched(in_bucket, "lan")
+    svc.fetched(only_here, "libp2p")
+    svc.fetched(own, "transcode")
+    evicted, refused = await svc.evict(now=time.time())
+    assert (evicted, refused) == (1, 1)
+    row = await runtime.catalog.get_blob(in_bucket)
+    assert row is not None
+    assert (row.local_state, row.r2_state) == ("absent", "present")
+    for c in (only_here, own):
+        assert await runtime.store.has(c)
+        assert await r2_state(runtime, c) == "none"
+    await replicator.run_until_idle(max_wait_s=30)
+    objects = await asyncio.to_thread(moto.objects, bucket)
+    assert blob_key(only_here) not in objects
+    # Asked once: the next round does not HEAD the one the bucket lacks again.
+    assert await svc.evict(now=time.time()) == (0, 0)
+
+
+async def test_eviction_keeps_the_rendition_being_watched(
+    runtime: Runtime, replicator: Replicator
+) -> None:
+    """Two items held whole (placed on the node), both in the bucket: a viewer has read the
+    first segment of one. Its other segments, unread, stay; the item nobody watches goes
+    (before, every unread blob scored 0 and the older ones went first: the watched item's,
+    read again from the bucket a moment later)."""
+    watched = (await make_media(runtime, n=3, size=10_000))[1]
+    cold = (await make_media(runtime, n=3, size=10_000))[1]
+    now = time.time()
+    async with runtime.catalog.transaction() as tx:
+        await tx.execute("UPDATE blobs SET r2_state='present', r2_checked_at=?", (now,))
+        await tx.execute(
+            "UPDATE blobs SET access_score=10000, last_access=? WHERE cid=?", (now, watched[1])
+        )
+    runtime.store.quota_bytes = 40_000  # 62 kB held: down to 34 kB
+    evicted, _ = await service(runtime, replicator).evict(now=now)
+    assert evicted >= 3
+    for c in watched:
+        assert await runtime.store.has(c)
+    assert sum([await runtime.store.has(c) for c in cold]) <= 1
+
+
+async def test_a_blob_a_peer_sent_goes_before_one_only_the_bucket_has_again(
+    runtime: Runtime, replicator: Replicator
+) -> None:
+    """Read again, a blob the LAN peer holds costs a LAN transfer; one read from the bucket
+    costs another bucket read: the peer's goes first, however often it was read."""
+    peer, own = [await runtime.store.put(os.urandom(10_000)) for _ in range(2)]
+    await replicator.push_blob(peer)
+    await replicator.run_until_idle(max_wait_s=30)
+    now = time.time()
+    async with runtime.catalog.transaction() as tx:
+        await tx.execute(
+            "UPDATE blobs SET r2_state='none', r2_checked_at=NULL, access_score=50000, "
+            "last_access=? WHERE cid=?",
+            (now, peer),
+        )
+        await tx.execute(
+            "UPDATE blobs SET r2_state='present', r2_checked_at=?, access_score=10000, "
+            "last_access=? WHERE cid=?",
+            (now, now, own),
+        )
+    runtime.store.quota_bytes = 15_000  # 20 kB held: one must go
+    svc = service(runtime, replicator)
+    svc.fetched(peer, "lan")
+    assert await svc.evict(now=now) == (1, 0)
+    assert not await runtime.store.has(peer)
+    assert await runtime.store.has(own)
