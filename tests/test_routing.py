@@ -92,3 +92,21 @@ async def test_a_node_older_than_the_field_is_taken_to_spill() -> None:
     assert a.class_b_left is None
     route = await c.route(0)
     assert (route.kind, route.node) == ("node", a.index)
+
+
+def test_a_node_that_never_knew_does_not_take_an_item_out_of_the_bucket() -> None:
+    """Inventories' ``r2_state``: a node that resolved the media from a peer reports its blobs
+    ``none`` (it never knew); that does not undo another node's ``present``. A node that had
+    said ``present`` and now says ``none`` (it demoted the item, or a 404 corrected it) does."""
+    c, (a, b, other) = coordinator()
+    for cid in ITEM[1]:
+        c.learned(a, cid, "present")
+        c.learned(other, cid, "none")
+    assert c.in_r2(0)
+    c.learned(a, "b1", "none")
+    assert not c.in_r2(0)
+    c.learned(b, "b1", "present")
+    assert c.in_r2(0)
+    # an item no node ever said was there is not
+    c.learned(b, "x1", "none")
+    assert c.r2_state["x1"] == "none"

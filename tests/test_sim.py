@@ -521,3 +521,21 @@ def test_the_coordinator_sends_overflow_to_a_holder_only_if_it_can_spill() -> No
     assert not holder.spill
     assert holder.class_b_left == 0
     assert sim.route(item, {}) is None  # straight to the bucket
+
+
+def test_a_node_that_never_knew_does_not_take_a_blob_out_of_the_bucket() -> None:
+    """``routing.learned``: a node's inventory row ``none`` undoes another's ``present`` only
+    when that node had said ``present`` (it demoted the item or a 404 corrected it), not when
+    it resolved the media from a peer and never knew."""
+    p = small()
+    sim = S.Sim(p, library(p), "peerd")
+    knew, other = sim.nodes[0], sim.nodes[1]
+    blob = 10_000
+    knew.changed[blob] = True
+    other.changed[blob] = False
+    sim.heartbeat(knew)
+    sim.heartbeat(other)
+    assert sim.coord_r2[blob] is True
+    knew.changed[blob] = False
+    sim.heartbeat(knew)
+    assert sim.coord_r2[blob] is False

@@ -33,8 +33,10 @@ answered 503 is not sent new viewers until its ``Retry-After`` ends; one that co
 item it lacks (its LAN partner cut off) is not sent that item's viewers for ``r2_retry_s``.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
-the inventories (tiering removes cold media from the bucket) and what viewers report (an item
-a viewer could not get from the bucket is not sent there for ``r2_retry_s``).
+the inventories (tiering removes cold media from the bucket; a node's ``none`` counts against
+another's ``present`` only once it had said ``present`` itself, see :meth:`learned`) and what
+viewers report (an item a viewer could not get from the bucket is not sent there for
+``r2_retry_s``).
 
 A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
 ``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
@@ -83,6 +85,7 @@ class NodeView:
     libp2p: bool = False  # it reports libp2p addresses (it can fetch from, and serve, others)
     spill: bool = True  # the heartbeat's admission.spill: in overflow it redirects to the bucket
     class_b_left: int | None = None  # the heartbeat's admission.r2_class_b_left (None: no R2)
+    r2_said: dict[str, str] = field(default_factory=dict)  # blob -> its inventory's r2_state
 
 
 @dataclass
@@ -149,6 +152,18 @@ class RoutingCoordinator(FakeCoordinator):
             view.uplink_Bps = float(adm["budget_bps"])
         view.libp2p = bool(payload["addresses"]["libp2p"])
 
+    def learned(self, view: NodeView, cid: str, state: str) -> None:
+        """A node's inventory gives a blob's ``r2_state``. ``present`` is news; anything else
+        overrides another node's ``present`` only when this node had said ``present`` itself
+        (it removed the blob from the bucket, or a 404 corrected its catalog): a node that
+        resolved the media from a peer records the blob as ``none`` without knowing, and
+        latest-report-wins took that for the item leaving the bucket (no bucket route, viewers
+        piled on holders that could not redirect)."""
+        before = view.r2_said.get(cid)
+        view.r2_said[cid] = state
+        if state == "present" or before == "present" or cid not in self.r2_state:
+            self.r2_state[cid] = state
+
     async def _sync(self, view: NodeView, seq: int) -> None:
         if view.api is None:
             view.api = NodeApiClient(view.base_url, self.api_token)
@@ -161,9 +176,7 @@ class RoutingCoordinator(FakeCoordinator):
                     if it["kind"] != "blob":
                         continue
                     if it.get("r2_state") is not None:
-                        # Latest report wins: a node that removed a blob from the bucket says so
-                        # after the others last said it was there.
-                        self.r2_state[it["id"]] = it["r2_state"]
+                        self.learned(view, it["id"], it["r2_state"])
                     if it["state"] == "present":
                         view.held.add(it["id"])
                     else:

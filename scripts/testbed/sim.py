@@ -478,6 +478,7 @@ class Node:
     # Blob rows changed since its last heartbeat (the coordinator reads them from its
     # inventory then): blob -> r2_state is 'present'
     changed: dict[int, bool] = field(default_factory=dict)
+    said_r2: dict[int, bool] = field(default_factory=dict)  # what its inventory last reported
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
     # its own R2 requests (R2Client.on_request: class A, class B), against its [r2] budgets
@@ -599,7 +600,7 @@ class Sim:
         # Since, the check reads and hashes such an object (a HEAD and a GET).
         self.seeded: set[int] = set(self.bucket) if p.seeded_unverified else set()
         self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
-        self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
+        self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (see heartbeat)
         self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
         # (node, item) -> when a viewer found the node could not get the item it lacks
         self.node_missing: dict[tuple[int, int], float] = {}
@@ -1525,7 +1526,12 @@ class Sim:
         n.spill = can_spill(self.nodes_use_r2, left, False)
         n.class_b_left = max(0, budget - n.req_b) if self.nodes_use_r2 else None
         # the inventory the coordinator pages through after a heartbeat whose seq moved
-        self.coord_r2.update(n.changed)
+        for b, present in n.changed.items():
+            # routing._sync: a node's 'none' overrides another's 'present' only when it had said
+            # 'present' itself (it learned the bucket lost the blob), not when it never knew
+            if present or n.said_r2.get(b, False) or b not in self.coord_r2:
+                self.coord_r2[b] = present
+            n.said_r2[b] = present
         n.changed.clear()
 
     def sampler(self) -> Proc:
