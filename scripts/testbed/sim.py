@@ -339,6 +339,9 @@ class SimParams:
     # A blob the bucket was seen to hold within CONFIRM_FRESH_S is evicted without a HEAD (peerd
     # since ddf77c4); False: a HEAD before every eviction, as the nodes of runs before it did
     head_free_eviction: bool = True
+    # The coordinator took every inventory's latest r2_state as the bucket's (routing.py before
+    # RoutingCoordinator.learned): a node that resolved media from a peer took it out
+    coord_latest_wins: bool = False
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -621,6 +624,9 @@ class Sim:
                 n.r2_rows = {b for k in n.known for b in lib.items[k].blobs}
                 # record_media(in_r2=True): each row confirmed at the seeding
                 n.checked = dict.fromkeys(n.r2_rows, since)
+                # the coordinator's first inventory sync (routing._sync from 0) reads them
+                n.said_r2 = dict.fromkeys(n.r2_rows, True)
+                self.coord_r2.update(n.said_r2)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -1529,7 +1535,12 @@ class Sim:
         for b, present in n.changed.items():
             # routing._sync: a node's 'none' overrides another's 'present' only when it had said
             # 'present' itself (it learned the bucket lost the blob), not when it never knew
-            if present or n.said_r2.get(b, False) or b not in self.coord_r2:
+            if (
+                self.p.coord_latest_wins
+                or present
+                or n.said_r2.get(b, False)
+                or b not in self.coord_r2
+            ):
                 self.coord_r2[b] = present
             n.said_r2[b] = present
         n.changed.clear()
