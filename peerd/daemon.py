@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from peerd.p2p.service import P2PService
     from peerd.replication.r2 import R2Client
     from peerd.replication.service import Replicator
+    from peerd.replication.source import BucketLink
     from peerd.replication.uploads import Uploads
 
 log = logging.getLogger("peerd.daemon")
@@ -353,7 +354,8 @@ async def build_services(rt: Runtime) -> Services:
     finder = MediaResolver(
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
     )
-    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder))
+    bucket = _bucket_url(rt, r2)
+    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket))
     whep = WhepService(rt, resolver=resolver, finder=finder)
     ondemand = OnDemand(
         ingestor,
@@ -363,7 +365,7 @@ async def build_services(rt: Runtime) -> Services:
         registry=rt.metrics.registry,
     )
     http = HttpService(
-        rt, route_installers(resolver, directory, api, whep, ondemand, finder, _bucket_url(rt, r2))
+        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket)
     )
     services: list[Service] = [http]
     if p2p is not None:
@@ -416,7 +418,7 @@ def route_installers(
     ]
 
 
-def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
+def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:
     """Where streams over the uplink budget get a blob the bucket holds: the bucket's public
     domain (``[r2] public_base_url``) or a presigned URL; None without R2 (they get 503)."""
     if r2 is None:
@@ -432,6 +434,7 @@ def _bucket_url(rt: Runtime, r2: R2Client | None) -> hls.BlobUrl | None:
         public_base_url=rt.settings.r2.public_base_url,
         metrics=r2_metrics(rt.metrics.registry),
         ledger=request_ledger(rt),
+        down_s=rt.settings.uplink.retry_after_s,
     )
 
 

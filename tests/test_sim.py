@@ -187,8 +187,11 @@ def test_calibration_against_todays_quick_run(tmp_path: Path) -> None:
     """On the quick run of today's defaults the model's startups come from the measured
     transfer times (the shaper's excess, the measured CPU time): p50 and p95 within 15%, the
     bytes from nodes and class B within 10%, the rebuffer ratio within 0.1 point."""
-    for f in ("summary.json", "library.json"):
-        (tmp_path / f).write_text((FINAL / f).read_text())
+    (tmp_path / "library.json").write_text((FINAL / "library.json").read_text())
+    # That run's coordinator took the latest inventory's r2_state as the bucket's
+    summary = json.loads((FINAL / "summary.json").read_text())
+    summary["scenario"]["coord_latest_wins"] = True
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     res = S.calibrate(tmp_path, clocks=FINAL_CLOCKS, unverified=False)
     cmp = res["policies"]["peerd"]["compare"]
     for k, tol in (("startup_p50_s", 0.15), ("startup_p95_s", 0.15), ("node_share", 0.1)):
@@ -478,23 +481,64 @@ def test_a_node_that_lost_its_lan_partner_reads_from_the_bucket() -> None:
         assert sim.fetch_source(n, blob) == want
 
 
-def test_a_node_past_its_budget_times_out_a_lookup_of_media_it_lacks() -> None:
-    """``MediaResolver`` retries the R2 source's BudgetSpent for ``[http] request_timeout_s / 2``
-    (15 s): the player's request times out first (10 s; the run's node0 past its budget), and
-    once the lookup failed, the next viewer gets 503 at once for ``fail_ttl_s``."""
+def test_a_node_past_its_budget_answers_a_lookup_of_media_it_lacks_with_503_at_once() -> None:
+    """``MediaResolver`` does not retry the R2 source's BudgetSpent: a node past its class B
+    budget asked for media it lacks answers 503 with the budget's Retry-After (60 s) at once,
+    not after the player's 10 s timeout, and makes no request."""
     p = small(manifests="placed", budget_class_b_per_month=10)
     sim = S.Sim(p, library(p), "peerd")
     n = sim.nodes[2]
     item = next(k for k in range(len(sim.lib.items)) if k % p.nodes not in (2, n.lan_peer))
     assert item not in n.known
     n.req_b = 10
-    got: dict[str, str] = {}
-    sim.start(_served(sim.resolve_media(n, item), got))
-    sim.run(60.0)
-    assert got == {"failed": "TimeoutError"}
-    assert sim.now == pytest.approx(p.player.request_timeout_s)
+    for _ in range(2):
+        with pytest.raises(S.Failed) as exc:
+            next(sim.resolve_media(n, item))
+        assert (exc.value.args[0], exc.value.why, exc.value.retry_after_s) == (
+            "503: R2 budget",
+            "refused",
+            60.0,
+        )
     assert sim.class_b == 0
-    sim.now = p.resolve_retry_s + 1.0  # the lookup failed a second ago
-    got = {}
-    sim.start(_served(sim.resolve_media(n, item), got))
-    assert got == {"failed": "503: media lookup failed"}
+
+
+def test_the_coordinator_sends_overflow_to_a_holder_only_if_it_can_spill() -> None:
+    """``routing.route`` with every node past its room: a viewer of an item the bucket holds
+    goes to a holder in overflow only if its heartbeat said ``spill`` (it redirects the
+    segments); a holder past its class B budget (no HEAD, so no redirect) is skipped for the
+    bucket itself. The heartbeat's field comes from ``peerd.core.uplink.can_spill``."""
+    p = small(manifests="placed", budget_class_b_per_month=100)
+    sim = S.Sim(p, library(p), "peerd")
+    item = next(k for k in range(len(sim.lib.items)) if sim.in_r2(k))
+    holder = sim.nodes[next(iter(sim.holders[item]))]
+    for n in sim.nodes:
+        n.meter.budget_bps = 1.0  # admission on, every node past its budget: overflow
+        n.meter.sent(1_000_000, sim.now)
+        sim.heartbeat(n)
+    assert holder.admission == "overflow"
+    assert holder.spill
+    assert holder.class_b_left == 100
+    assert sim.route(item, {}) is holder
+    holder.req_b = 100
+    sim.heartbeat(holder)
+    assert not holder.spill
+    assert holder.class_b_left == 0
+    assert sim.route(item, {}) is None  # straight to the bucket
+
+
+def test_a_node_that_never_knew_does_not_take_a_blob_out_of_the_bucket() -> None:
+    """``routing.learned``: a node's inventory row ``none`` undoes another's ``present`` only
+    when that node had said ``present`` (it demoted the item or a 404 corrected it), not when
+    it resolved the media from a peer and never knew."""
+    p = small()
+    sim = S.Sim(p, library(p), "peerd")
+    knew, other = sim.nodes[0], sim.nodes[1]
+    blob = 10_000
+    knew.changed[blob] = True
+    other.changed[blob] = False
+    sim.heartbeat(knew)
+    sim.heartbeat(other)
+    assert sim.coord_r2[blob] is True
+    knew.changed[blob] = False
+    sim.heartbeat(knew)
+    assert sim.coord_r2[blob] is False

@@ -81,6 +81,17 @@ class Replicator(Protocol):
         """A batch's status; its ``state`` is ``running``, ``done`` or ``failed``."""
 
 
+class Spill(Protocol):
+    """Whether streams over the uplink budget can go to the bucket
+    (``peerd.replication.source.BucketLink``)."""
+
+    def ready(self) -> bool:
+        """A redirect can be given now, as far as the node knows."""
+
+    def class_b_left(self) -> int | None:
+        """Class B requests the month's budget still allows; None: no budget known."""
+
+
 class PeerPuller(Protocol):
     """Fetches a media item from one named LAN peer (``peerd.p2p.lan.LanSource``)."""
 
@@ -113,6 +124,7 @@ class Subsystems:
     puller: PeerPuller | None = None
     ingestor: Ingester | None = None
     finder: MediaFinder | None = None
+    bucket: Spill | None = None  # links for streams over the uplink budget (R2 configured)
 
 
 def _ingest_json(res: Any) -> dict[str, Any]:

@@ -151,6 +151,21 @@ class Admission(Response):
         description="budget_bps minus the lowest-rendition bit rates of the streams playing, "
         "floored at 0: room for new streams R2 cannot take, served at their lowest rendition.",
     )
+    spill: bool = Field(
+        default=False,
+        description="Whether a stream over the budget can be redirected to the bucket now, as "
+        "far as the node knows: R2 is configured and can be linked to (with SSE-C only through "
+        "`[r2] public_base_url`), the bucket did not fail a redirect within `retry_after_s`, and "
+        "the month's class B budget leaves the HEAD that precedes a redirect. False: a node in "
+        "`overflow` can only serve new streams at their floor or refuse them (503); route "
+        "viewers of media the bucket holds to the bucket instead.",
+    )
+    r2_class_b_left: int | None = Field(
+        default=None,
+        ge=0,
+        description="R2 class B requests (GET, HEAD) this month's budget "
+        "(`[r2] budget_class_b_per_month`) still allows the node; null without R2.",
+    )
     redirects: int = Field(ge=0, description="Requests redirected to the bucket since start.")
     refusals: int = Field(
         ge=0,

@@ -115,6 +115,7 @@ class NodeApi:
         """The uplink admission state and figures (:mod:`peerd.core.uplink`)."""
         r = self.rt.uplink.report(time.monotonic())
         reg = self.rt.metrics.registry
+        bucket = self.parts.bucket
 
         def count(answer: str) -> int:
             n = reg.get_sample_value(OVERFLOW_METRIC, {"answer": answer})
@@ -127,6 +128,8 @@ class NodeApi:
             spare_bps=r.spare_bps,
             streams=r.streams,
             floor_spare_bps=r.floor_spare_bps,
+            spill=bucket is not None and bucket.ready(),
+            r2_class_b_left=bucket.class_b_left() if bucket is not None else None,
             redirects=count("redirect"),
             refusals=count("refused"),
         )

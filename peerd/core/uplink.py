@@ -63,6 +63,10 @@ segments (players fetch a buffer ahead at once) did so with a third of it idle. 
 for ``stream_idle_s`` are forgotten (a player that stopped), at most ``max_streams`` are kept. A
 stream the node knows is open (a WHEP session) is held (:meth:`Uplink.hold`) until it ends
 (:meth:`Uplink.release`), whatever the rate.
+
+Whether the node can send a stream over its budget to the bucket at all (:func:`can_spill`) is
+reported beside the admission state, so a coordinator does not send viewers to a node in
+overflow that could only refuse them (its class B budget spent: no HEAD, so no redirect).
 """
 
 from __future__ import annotations
@@ -73,6 +77,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 SLOTS = 10
+
+
+def can_spill(links: bool, viewer_requests_left: int, bucket_down: bool) -> bool:
+    """Whether a stream over the budget can be redirected to the bucket now, as far as the node
+    knows: it can give viewers links (R2 configured; with SSE-C only through a public domain),
+    the bucket did not fail a redirect within its ``Retry-After``, and the month's class B
+    budget leaves the ``viewer`` purpose at least the HEAD that precedes a redirect."""
+    return links and not bucket_down and viewer_requests_left >= 1
+
 
 AdmissionState = Literal["off", "open", "overflow"]
 

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from peerd.catalog import Catalog
 from peerd.catalog.media import forget_r2_copy
 from peerd.core.ids import Cid
+from peerd.core.uplink import can_spill
 from peerd.delivery.source import Offer
 from peerd.errors import BudgetSpent
 from peerd.replication.budget import RequestLedger
@@ -136,6 +137,7 @@ class BucketLink:
         public_base_url: str | None = None,
         metrics: R2Metrics | None = None,
         ledger: RequestLedger | None = None,
+        down_s: float = 60.0,
     ) -> None:
         self.client = client
         self.catalog = catalog
@@ -143,6 +145,19 @@ class BucketLink:
         self.public = public_base_url.rstrip("/") if public_base_url else None
         self.metrics = metrics
         self.ledger = ledger
+        self.down_s = down_s
+        self.down_until = 0.0  # the bucket failed a HEAD: no link expected before
+
+    def ready(self) -> bool:
+        """Whether a link can be given now, as far as the node knows
+        (:func:`peerd.core.uplink.can_spill`; the admission reports it to the coordinator)."""
+        links = self.public is not None or self.client.cfg.sse_c_key is None
+        left = self.ledger.spendable("viewer") if self.ledger is not None else 1
+        return can_spill(links, left, time.monotonic() < self.down_until)
+
+    def class_b_left(self) -> int | None:
+        """Class B requests this month's budget still allows (None without a ledger)."""
+        return max(0, self.ledger.left_b()) if self.ledger is not None else None
 
     async def __call__(self, cid: Cid, content_type: str) -> str | None:
         """The URL of ``cid`` once the bucket confirmed it holds it, else None."""
@@ -158,6 +173,8 @@ class BucketLink:
             info = await self.client.head(blob_key(cid))
         except (R2Error, BudgetSpent) as exc:
             log.info("cannot check the bucket before a redirect", extra={"error": exc.message})
+            if isinstance(exc, R2Error):
+                self.down_until = time.monotonic() + self.down_s
             return None
         if info is None:
             await forget_stale(self.catalog, cid, self.metrics, "redirect")

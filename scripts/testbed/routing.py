@@ -15,9 +15,11 @@ and keeps the set of blobs each node holds. A node is alive while its heartbeats
   it must keep ``r2_reserve`` of its uplink free besides (for viewers of items only nodes can
   serve). In order: a node holding every blob of the item; else the LAN partner of a holder
   (it fetches over the LAN); else any node that can get it (from the bucket, or, both speaking
-  libp2p, from a holder; ``any_node`` only, or for items in the bucket). When none takes it and
-  the bucket holds the item: a holder in ``overflow`` (it redirects the segments to the bucket,
-  counting the demand for its tiering), else the bucket directly (overflow). When the bucket
+  libp2p, from a holder; ``any_node`` only, or for items in the bucket, and then not a node
+  whose heartbeat says its class B budget is spent). When none takes it and
+  the bucket holds the item: a holder in ``overflow`` whose heartbeat says ``spill`` (it
+  redirects the segments to the bucket, counting the demand for its tiering; one that cannot,
+  its class B budget spent, would only refuse), else the bucket directly (overflow). When the bucket
   lacks it (or a viewer just found it down): a holder, else a holder's LAN partner, with room
   for the item at its lowest rendition (the heartbeat's ``floor_spare_bps``, less the floors of
   viewers sent there since; the node admits such a stream at its floor), else the node whose
@@ -31,8 +33,10 @@ answered 503 is not sent new viewers until its ``Retry-After`` ends; one that co
 item it lacks (its LAN partner cut off) is not sent that item's viewers for ``r2_retry_s``.
 
 The bucket is used only for items it holds: the coordinator follows each blob's ``r2_state`` in
-the inventories (tiering removes cold media from the bucket) and what viewers report (an item
-a viewer could not get from the bucket is not sent there for ``r2_retry_s``).
+the inventories (tiering removes cold media from the bucket; a node's ``none`` counts against
+another's ``present`` only once it had said ``present`` itself, see :meth:`learned`) and what
+viewers report (an item a viewer could not get from the bucket is not sent there for
+``r2_retry_s``).
 
 A node route is a signed master playlist URL (``peerd.core.tokens``, the shared
 ``hls_signing_key``), as the Worker would mint it; a bucket route is a presigned GET URL per
@@ -79,6 +83,9 @@ class NodeView:
     refusing_until: float = 0.0  # a viewer got 503 + Retry-After from it
     floor_spare_Bps: float = 0.0  # room at lowest renditions (heartbeat), less floors sent since
     libp2p: bool = False  # it reports libp2p addresses (it can fetch from, and serve, others)
+    spill: bool = True  # the heartbeat's admission.spill: in overflow it redirects to the bucket
+    class_b_left: int | None = None  # the heartbeat's admission.r2_class_b_left (None: no R2)
+    r2_said: dict[str, str] = field(default_factory=dict)  # blob -> its inventory's r2_state
 
 
 @dataclass
@@ -117,18 +124,7 @@ class RoutingCoordinator(FakeCoordinator):
             payload: dict[str, Any] = self.reports[-1].payload
             view = self.views.get(payload["name"])
             if view is not None:
-                view.peer_id = payload["peer_id"]
-                view.last_seen = time.monotonic()
-                adm = payload["admission"]
-                view.admission = adm["state"]
-                view.floor_spare_Bps = float(adm.get("floor_spare_bps", 0))
-                # With a budget the node's own meter (and its budget) is what admits viewers.
-                if adm["state"] == "off":
-                    view.egress_Bps = float(payload["load"]["egress_bps"])
-                else:
-                    view.egress_Bps = float(adm["send_bps"])
-                    view.uplink_Bps = float(adm["budget_bps"])
-                view.libp2p = bool(payload["addresses"]["libp2p"])
+                self.heard(view, payload)
                 seq = int(payload["inventory"]["seq"])
                 if seq != view.seq and (view.syncing is None or view.syncing.done()):
                     view.syncing = asyncio.create_task(self._sync(view, seq))
@@ -136,6 +132,37 @@ class RoutingCoordinator(FakeCoordinator):
         del self.reports[:-1]
         del self.raw[:]
         return resp
+
+    def heard(self, view: NodeView, payload: dict[str, Any]) -> None:
+        """What a node's accepted heartbeat tells about it."""
+        view.peer_id = payload["peer_id"]
+        view.last_seen = time.monotonic()
+        adm = payload["admission"]
+        view.admission = adm["state"]
+        view.floor_spare_Bps = float(adm.get("floor_spare_bps", 0))
+        # A node older than the field redirected whenever its catalog said the bucket held
+        # the blob: as before.
+        view.spill = bool(adm.get("spill", True))
+        view.class_b_left = adm.get("r2_class_b_left")
+        # With a budget the node's own meter (and its budget) is what admits viewers.
+        if adm["state"] == "off":
+            view.egress_Bps = float(payload["load"]["egress_bps"])
+        else:
+            view.egress_Bps = float(adm["send_bps"])
+            view.uplink_Bps = float(adm["budget_bps"])
+        view.libp2p = bool(payload["addresses"]["libp2p"])
+
+    def learned(self, view: NodeView, cid: str, state: str) -> None:
+        """A node's inventory gives a blob's ``r2_state``. ``present`` is news; anything else
+        overrides another node's ``present`` only when this node had said ``present`` itself
+        (it removed the blob from the bucket, or a 404 corrected its catalog): a node that
+        resolved the media from a peer records the blob as ``none`` without knowing, and
+        latest-report-wins took that for the item leaving the bucket (no bucket route, viewers
+        piled on holders that could not redirect)."""
+        before = view.r2_said.get(cid)
+        view.r2_said[cid] = state
+        if state == "present" or before == "present" or cid not in self.r2_state:
+            self.r2_state[cid] = state
 
     async def _sync(self, view: NodeView, seq: int) -> None:
         if view.api is None:
@@ -149,9 +176,7 @@ class RoutingCoordinator(FakeCoordinator):
                     if it["kind"] != "blob":
                         continue
                     if it.get("r2_state") is not None:
-                        # Latest report wins: a node that removed a blob from the bucket says so
-                        # after the others last said it was there.
-                        self.r2_state[it["id"]] = it["r2_state"]
+                        self.learned(view, it["id"], it["r2_state"])
                     if it["state"] == "present":
                         view.held.add(it["id"])
                     else:
@@ -210,9 +235,12 @@ class RoutingCoordinator(FakeCoordinator):
         )
 
     def reaches(self, v: NodeView, item: int, holders: list[NodeView], r2_ok: bool) -> bool:
-        """Whether ``v`` can get the item it lacks: from the bucket, its LAN partner, or (both
-        speaking libp2p) a live holder."""
-        if r2_ok or (v.lan_peer is not None and self.by_index[v.lan_peer] in holders):
+        """Whether ``v`` can get the item it lacks: from the bucket (its class B budget not
+        spent: past it the read is 503), its LAN partner, or (both speaking libp2p) a live
+        holder."""
+        if (r2_ok and v.class_b_left != 0) or (
+            v.lan_peer is not None and self.by_index[v.lan_peer] in holders
+        ):
             return True
         return v.libp2p and any(h.libp2p for h in holders)
 
@@ -286,11 +314,14 @@ class RoutingCoordinator(FakeCoordinator):
             if fit:
                 return self._pick(max(fit, key=self.spare), item, need, now)
         if r2_ok and not force_node:
-            # No room. A holder in overflow redirects the segments to the bucket: it sees the
-            # demand (its tiering keeps the item in R2), and serves the viewer itself if it has
-            # room by then. Otherwise (a holder keeping its reserve, or none up): the bucket.
+            # No room. A holder in overflow that can spill redirects the segments to the
+            # bucket: it sees the demand (its tiering keeps the item in R2), and serves the
+            # viewer itself if it has room by then. One that cannot (its class B budget spent:
+            # no HEAD, no redirect) would only refuse. Otherwise: the bucket.
             redirecting = [
-                v for v in tiers[0] if v.admission == "overflow" and v.refusing_until <= now
+                v
+                for v in tiers[0]
+                if v.admission == "overflow" and v.spill and v.refusing_until <= now
             ]
             if redirecting:
                 return self._pick(max(redirecting, key=self.spare), item, need, now)

@@ -22,15 +22,19 @@ What is *the same code* as the testbed and peerd, imported, not rewritten:
   as ``RequestLedger`` counts them: no fetch ahead below a quarter of the class B budget, no
   more eviction HEADs than it allows (eviction itself never stops: blobs confirmed in the
   bucket within the hour need none), past it a bucket-only read is 503 + ``Retry-After`` and
-  no redirect is given; eviction as soon as the store passes its high watermark, sparing what
-  was fetched ahead and not asked for yet (``plan_eviction`` with ``now``, ``heads``, ``spare``);
+  no redirect is given, and a lookup of media the node lacks is 503 + ``Retry-After`` at once
+  (``MediaResolver`` does not retry BudgetSpent); eviction as soon as the store passes its
+  high watermark, sparing what was fetched ahead and not asked for yet (``plan_eviction``
+  with ``now``, ``heads``, ``spare``);
 * the cost and summary arithmetic of ``driver.summarise`` (same keys, same prices).
 
 What is modelled: the coordinator's routing rule (``routing.py``: a node takes a stream with
 spare uplink, less ``r2_reserve`` for items in the bucket, not in overflow at its last heartbeat,
-no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it, else a
-holder in overflow, else the bucket; when the bucket cannot take the item a holder or LAN
-partner with ``floor_spare_bps`` for it; ``no_r2`` never the bucket), the player's loop
+no ``Retry-After`` running; holder, else its LAN partner, else any node that can get it (from
+the bucket only with class B budget left), else a holder in overflow whose heartbeat said
+``spill`` (:func:`peerd.core.uplink.can_spill` on its ledger), else the bucket; when the
+bucket cannot take the item a holder or LAN partner with ``floor_spare_bps`` for it; ``no_r2``
+never the bucket), the player's loop
 (``player.py``: start on the lowest rung once ``start_buffer_s`` is buffered, EWMA throughput
 ABR, stalls when the buffer empties, pause at ``max_buffer_s``; failover at the same segment on
 the lowest rung, back to a refusing node after its ``Retry-After``) as a generator per viewer, and
@@ -61,7 +65,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from peerd.config import HttpSettings, R2Settings, UplinkSettings
+from peerd.config import R2Settings, UplinkSettings
 from peerd.core.lookahead import Lookahead
 from peerd.core.manifest import PlayOrder
 from peerd.core.tiering import (
@@ -80,9 +84,9 @@ from peerd.core.tiering import (
     request_budget,
     spendable,
 )
-from peerd.core.uplink import Uplink
+from peerd.core.uplink import Uplink, can_spill
 from peerd.delivery.resolver import source_order
-from peerd.errors import BudgetSpent, Unavailable
+from peerd.errors import BudgetSpent
 from peerd.replication.tiering import EVICT_PAUSE_S
 from scripts.testbed.fluid import Link
 from scripts.testbed.player import Failed, PlayerConfig, ViewerStats
@@ -335,6 +339,9 @@ class SimParams:
     # A blob the bucket was seen to hold within CONFIRM_FRESH_S is evicted without a HEAD (peerd
     # since ddf77c4); False: a HEAD before every eviction, as the nodes of runs before it did
     head_free_eviction: bool = True
+    # The coordinator took every inventory's latest r2_state as the bucket's (routing.py before
+    # RoutingCoordinator.learned): a node that resolved media from a peer took it out
+    coord_latest_wins: bool = False
     # Latencies: the bucket's is the proxy's r2_latency_s plus moto's answer (the quick run's
     # bucket-routed startups: three GETs in 0.14 s, CPU time included).
     r2_server_s: float = 0.005
@@ -348,10 +355,6 @@ class SimParams:
     node_request_s: float = 0.00045
     client_request_s: float = 0.0003
     prefetch_segments: int = 2  # [http] prefetch_segments
-    # MediaResolver: failing sources retried for [http] request_timeout_s / 2 (peerd.daemon),
-    # the failure then remembered for fail_ttl_s
-    resolve_retry_s: float = HttpSettings().request_timeout_s / 2
-    resolve_fail_ttl_s: float = 2.0
     max_prefetches: int = 4  # Resolver.max_prefetches
     # What TCP's recovery at the tbf adds to each transfer past its equal share, drawn from
     # the bench's measured table (:class:`ShaperExcess`; a median goodput per batch was no one
@@ -478,6 +481,7 @@ class Node:
     # Blob rows changed since its last heartbeat (the coordinator reads them from its
     # inventory then): blob -> r2_state is 'present'
     changed: dict[int, bool] = field(default_factory=dict)
+    said_r2: dict[int, bool] = field(default_factory=dict)  # what its inventory last reported
     egress: Uplink = field(default_factory=lambda: Uplink(window_s=30.0))  # the API's ~30 s
     reported_Bps: float = 0.0  # egress as of its last heartbeat
     # its own R2 requests (R2Client.on_request: class A, class B), against its [r2] budgets
@@ -495,8 +499,6 @@ class Node:
     evict_ready: float = 0.0
     # hls.HlsRoutes.bucket_down_until: no redirect is tried before (BucketLink gave none)
     bucket_down_until: float = 0.0
-    # MediaResolver: item -> when its last lookup failed or will (then remembered fail_ttl_s)
-    lookups: dict[int, float] = field(default_factory=dict)
     down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
     # state of its last heartbeat, until when a viewer's 503 said to stay away
@@ -504,6 +506,9 @@ class Node:
     admission: str = "off"
     refusing_until: float = 0.0
     floor_spare_Bps: float = 0.0  # room at lowest renditions (heartbeat), less floors sent since
+    # its heartbeat's admission.spill (peerd.core.uplink.can_spill) and r2_class_b_left
+    spill: bool = True
+    class_b_left: int | None = None
 
 
 Step = tuple[str, Any]
@@ -598,7 +603,7 @@ class Sim:
         # Since, the check reads and hashes such an object (a HEAD and a GET).
         self.seeded: set[int] = set(self.bucket) if p.seeded_unverified else set()
         self.written: set[int] = set()  # objects a node put (they carry a SHA-256 checksum)
-        self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (latest report wins)
+        self.coord_r2: dict[int, bool] = {}  # the coordinator's r2_state (see heartbeat)
         self.r2_missing: dict[int, float] = {}  # item -> when a viewer failed at the bucket
         # (node, item) -> when a viewer found the node could not get the item it lacks
         self.node_missing: dict[tuple[int, int], float] = {}
@@ -619,6 +624,9 @@ class Sim:
                 n.r2_rows = {b for k in n.known for b in lib.items[k].blobs}
                 # record_media(in_r2=True): each row confirmed at the seeding
                 n.checked = dict.fromkeys(n.r2_rows, since)
+                # the coordinator's first inventory sync (routing._sync from 0) reads them
+                n.said_r2 = dict.fromkeys(n.r2_rows, True)
+                self.coord_r2.update(n.said_r2)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -826,7 +834,8 @@ class Sim:
             ],
         ]
         if r2_ok or self.p.route == "any":
-            # routing.reaches: the bucket, or a LAN partner holding it (no libp2p here)
+            # routing.reaches: the bucket (with class B budget left for the read), or a LAN
+            # partner holding it (no libp2p here)
             pool = (
                 self.nodes
                 if self.p.nodes <= self.p.any_sample
@@ -836,7 +845,11 @@ class Sim:
                 [
                     n
                     for n in pool
-                    if live(n) and (r2_ok or (n.lan_peer is not None and n.lan_peer in held))
+                    if live(n)
+                    and (
+                        (r2_ok and n.class_b_left != 0)
+                        or (n.lan_peer is not None and n.lan_peer in held)
+                    )
                 ]
             )
         for tier in tiers:
@@ -845,7 +858,9 @@ class Sim:
                 return max(fit, key=self.spare)
         if r2_ok:
             redirecting = [
-                n for n in tiers[0] if n.admission == "overflow" and n.refusing_until <= now
+                n
+                for n in tiers[0]
+                if n.admission == "overflow" and n.spill and n.refusing_until <= now
             ]
             if redirecting:
                 return max(redirecting, key=self.spare)
@@ -1098,7 +1113,8 @@ class Sim:
                 break
             if s.name == "r2":
                 if not self.allows(n, "viewer"):
-                    yield from self.lookup_fails(n, item)
+                    # MediaResolver: the R2 source's BudgetSpent is not retried, 503 at once
+                    raise Failed("503: R2 budget", "refused", float(BudgetSpent.retry_after_s))
                 yield "wait", self.p.r2_request_s
                 self.op_b("node_manifest", n)
                 if item in self.r2_items:
@@ -1106,25 +1122,6 @@ class Sim:
         else:
             raise Failed("404: no source has the media", "missing")
         n.known.add(item)
-
-    def lookup_fails(self, n: Node, item: int) -> Proc:
-        """``MediaResolver`` with the bucket its only source and ``n``'s class B budget spent:
-        the R2 client's BudgetSpent is a source failure, retried for ``resolve_retry_s`` (a
-        viewer asking meanwhile joins the lookup), then 503 remembered for ``fail_ttl_s``; a
-        player gives up on its request first when that is past its ``request_timeout_s``."""
-        now = self.now
-        ends = n.lookups.get(item)
-        if ends is not None and ends <= now < ends + self.p.resolve_fail_ttl_s:
-            raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
-        if ends is None or ends <= now:
-            ends = now + self.p.resolve_retry_s
-            n.lookups[item] = ends
-        timeout = self.p.player.request_timeout_s
-        if ends - now > timeout:
-            yield "wait", timeout
-            raise Failed("TimeoutError", "down")
-        yield "wait", ends - now
-        raise Failed("503: media lookup failed", "refused", float(Unavailable.retry_after_s))
 
     # -- a viewer (player.py) ------------------------------------------------------------------
 
@@ -1514,20 +1511,39 @@ class Sim:
         """Every node's heartbeat every 2 s: the egress the coordinator routes on."""
         while self.active or self.now < self.p.duration_s:
             for n in self.nodes:
-                n.down = False
-                # routing._report: with a budget, the node's own meter, state and budget
-                if n.meter.enabled:
-                    rep = n.meter.report(self.now)
-                    n.admission = rep.state
-                    n.reported_Bps = float(rep.send_bps)
-                    n.coord_uplink_Bps = float(rep.budget_bps)
-                    n.floor_spare_Bps = float(rep.floor_spare_bps)
-                else:
-                    n.reported_Bps = n.egress.rate(self.now)
-                # the inventory the coordinator pages through after a heartbeat whose seq moved
-                self.coord_r2.update(n.changed)
-                n.changed.clear()
+                self.heartbeat(n)
             yield "wait", self.p.heartbeat_s
+
+    def heartbeat(self, n: Node) -> None:
+        """``n``'s heartbeat as ``routing._report`` reads it."""
+        n.down = False
+        # with a budget, the node's own meter, state and budget
+        if n.meter.enabled:
+            rep = n.meter.report(self.now)
+            n.admission = rep.state
+            n.reported_Bps = float(rep.send_bps)
+            n.coord_uplink_Bps = float(rep.budget_bps)
+            n.floor_spare_Bps = float(rep.floor_spare_bps)
+        else:
+            n.reported_Bps = n.egress.rate(self.now)
+        # NodeApi.admission: BucketLink.ready (no HEAD fails here: the bucket is up)
+        budget = self.p.budget_class_b_per_month
+        left = spendable(budget - n.req_b, budget, "viewer")
+        n.spill = can_spill(self.nodes_use_r2, left, False)
+        n.class_b_left = max(0, budget - n.req_b) if self.nodes_use_r2 else None
+        # the inventory the coordinator pages through after a heartbeat whose seq moved
+        for b, present in n.changed.items():
+            # routing._sync: a node's 'none' overrides another's 'present' only when it had said
+            # 'present' itself (it learned the bucket lost the blob), not when it never knew
+            if (
+                self.p.coord_latest_wins
+                or present
+                or n.said_r2.get(b, False)
+                or b not in self.coord_r2
+            ):
+                self.coord_r2[b] = present
+            n.said_r2[b] = present
+        n.changed.clear()
 
     def sampler(self) -> Proc:
         """The driver's 2 s series (viewer bytes, node bytes, active, stalls)."""
