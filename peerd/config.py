@@ -254,6 +254,46 @@ class SwarmSettings(Section):
     report_interval_s: float = Field(default=10.0, ge=1, le=3600)
 
 
+class LiveInputSettings(Section):
+    """One live input (:mod:`peerd.core.live`): a name publishers address and a secret key."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    # The secret holding this input's stream key (``Settings.secret``); "" = ``live-<name>.key``.
+    key_secret: str = ""
+    record: bool = True  # when the input stops, its recording becomes a media item
+
+    @property
+    def secret_name(self) -> str:
+        """The name of the secret that holds the key."""
+        return self.key_secret or f"live-{self.name}.key"
+
+
+class LiveSettings(Section):
+    """Live streaming (:mod:`peerd.live`): inputs, ingest listeners, low-latency HLS shape."""
+
+    enabled: bool = True
+    inputs: list[LiveInputSettings] = Field(default_factory=list)
+    # RTMP and RTMPS listeners ("" = off); RTMPS needs a certificate chain and its key (PEM).
+    rtmp_listen: str = "127.0.0.1:1935"
+    rtmps_listen: str = ""
+    rtmps_cert: Path | None = None
+    rtmps_key: Path | None = None
+    whip: bool = True
+    # Low-latency HLS: part and segment targets (segments cut at keyframes), playlist window.
+    part_s: float = Field(default=0.5, ge=0.1, le=2.0)
+    segment_s: float = Field(default=2.0, ge=0.5, le=10.0)
+    window_segments: int = Field(default=6, ge=3, le=100)
+    # A publisher silent this long has vanished: its publication ends.
+    idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> LiveSettings:
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError("live input names must be unique")
+        return self
+
+
 class MdnsSettings(Section):
     """LAN discovery and node-to-node HTTP transfers. Owned by issue 6."""
 
@@ -369,6 +409,7 @@ class Settings(BaseSettings):
     r2: R2Settings = R2Settings()
     uplink: UplinkSettings = UplinkSettings()
     swarm: SwarmSettings = SwarmSettings()
+    live: LiveSettings = LiveSettings()
     mdns: MdnsSettings = MdnsSettings()
     p2p: P2PSettings = P2PSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
