@@ -19,7 +19,7 @@ The layers, lowest first; a module may import its own layer and the ones below, 
 6. runtime   -- ``peerd.runtime``: the handles above, opened together, and the node's facts
 7. delivery  -- ``peerd.delivery``: the resolver and the ``Source`` interface
 8. services  -- ``http``, ``api``, ``media``, ``p2p``, ``discovery``, ``replication``,
-                ``webrtc``, ``ui``, ``coordinator``, ``control``: one part each, built and
+                ``webrtc``, ``live``, ``ui``, ``coordinator``, ``control``: one part each, built and
                 handed their parts by the daemon
 9. daemon    -- ``peerd.daemon``: the one place that builds and supervises every service
 10. cli      -- the command line: ``peerd.__main__``, ``ctl``, ``cli``, ``install``, ``demo``
@@ -65,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "peerd.discovery",
             "peerd.replication",
             "peerd.webrtc",
+            "peerd.live",
             "peerd.ui",
             "peerd.coordinator",
             "peerd.control",
