@@ -57,7 +57,7 @@ sequence header repeated unchanged is ignored; a changed one ends the connection
 publication are fixed). Timestamps are RTMP milliseconds (timescale 1000), unwrapped past 2**32
 against the previous message, and rebased so the first frame of the publication has dts 0.
 
-*Bounds.* Messages are at most ``max_message`` bytes (16 MiB), at most ``max_chunk_streams``
+*Bounds.* Messages are at most ``max_message`` bytes (8 MiB), at most ``max_chunk_streams``
 chunk streams are open, in-flight partial messages together stay under twice ``max_message``,
 AMF values nest at most ``max_amf_depth`` deep. Any violation is a :class:`Failed` event; no
 exception leaves :meth:`~RtmpConnection.receive`.
@@ -78,7 +78,7 @@ HANDSHAKE_SIZE = 1536
 RTMP_VERSION = 3
 OUT_CHUNK_SIZE = 4096
 WINDOW_ACK_SIZE = 5_000_000
-MAX_MESSAGE = 16 * 1024 * 1024
+MAX_MESSAGE = 8 * 1024 * 1024  # the 24-bit length field allows 16 MiB - 1
 MAX_CHUNK_STREAMS = 64
 MAX_AMF_DEPTH = 16
 MAX_STREAMS = 8  # createStream calls per connection
