@@ -71,8 +71,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-from peerd import errors
 from peerd.core.live import Kind, LiveFrame, LiveTrack
+from peerd.errors import BadRequest, MediaError, PeerdError, TooManyRequests
 
 HANDSHAKE_SIZE = 1536
 RTMP_VERSION = 3
@@ -185,10 +185,10 @@ class Failed:
 Event = Connected | PublishRequested | TracksReady | Frame | Unpublished | Failed
 
 
-_ERRORS: dict[FailKind, type[errors.PeerdError]] = {
-    "protocol": errors.BadRequest,
-    "unsupported": errors.MediaError,
-    "limit": errors.TooManyRequests,
+_ERRORS: dict[FailKind, type[PeerdError]] = {
+    "protocol": BadRequest,
+    "unsupported": MediaError,
+    "limit": TooManyRequests,
 }
 
 
@@ -197,10 +197,10 @@ def _fail(kind: FailKind, reason: str) -> NoReturn:
     raise _ERRORS[kind](reason)
 
 
-def _kind(e: errors.PeerdError) -> FailKind:
-    if isinstance(e, errors.MediaError):
+def _kind(e: PeerdError) -> FailKind:
+    if isinstance(e, MediaError):
         return "unsupported"
-    if isinstance(e, errors.TooManyRequests):
+    if isinstance(e, TooManyRequests):
         return "limit"
     return "protocol"
 
@@ -213,7 +213,7 @@ def decode_amf0(data: bytes, *, max_depth: int = MAX_AMF_DEPTH) -> list[Any]:
 
     Numbers and dates become float, booleans bool, strings str (UTF-8, invalid bytes replaced),
     objects and ECMA arrays dict, strict arrays list, null/undefined/unsupported None.
-    Raises :class:`~peerd.errors.BadRequest` on truncated or malformed input or nesting deeper
+    Raises :class:`~peerd.BadRequest` on truncated or malformed input or nesting deeper
     than ``max_depth``."""
     reader = _AmfReader(data, max_depth)
     values = []
@@ -414,7 +414,7 @@ class RtmpConnection:
             if self._peer_window and self._received - self._acked >= self._peer_window:
                 self._acked = self._received
                 self._send(_CONTROL_CSID, ACK, 0, (self._received & 0xFFFFFFFF).to_bytes(4, "big"))
-        except (errors.BadRequest, errors.TooManyRequests) as e:
+        except (BadRequest, TooManyRequests) as e:
             self._events.append(Failed(_kind(e), str(e)))
             self.state = State.CLOSED
         except (ValueError, IndexError, struct.error) as e:  # a parser slip is still a violation
