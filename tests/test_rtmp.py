@@ -22,11 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from peerd import errors
 from peerd.config import LiveSettings
 from peerd.core.live import LiveFrame, LiveTrack, Protocol_, Publication
+from peerd.core.rtmp import Frame, PublishRequested, RtmpConnection, State, Unpublished
 from peerd.live.rtmp import RtmpService
 from tests.support.livefeed import read_file
 from tests.support.media import ffmpeg_path, make_media
@@ -107,13 +110,14 @@ async def serving(
 
 
 async def publish(
-    clip: Path, url: str, *extra: str, realtime: bool = True
+    clip: Path, url: str, *codecs: str, realtime: bool = True
 ) -> asyncio.subprocess.Process:
-    """ffmpeg publishing ``clip`` as FLV to ``url`` (started, not awaited)."""
+    """ffmpeg publishing ``clip`` as FLV to ``url`` (started, not awaited); ``codecs`` are
+    ffmpeg's codec options (default: copy)."""
     args = [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-nostdin"]
     if realtime:
         args.append("-re")
-    args += ["-i", str(clip), *extra, "-c", "copy", "-f", "flv", url]
+    args += ["-i", str(clip), *(codecs or ("-c", "copy")), "-f", "flv", url]
     return await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
@@ -324,6 +328,19 @@ async def test_handshake_deadline() -> None:
         assert refusals(registry, "handshake_timeout") == 1
 
 
+async def test_unsupported_codecs_are_refused(clips: dict[str, Path]) -> None:
+    inputs = FakeInputs({KEY: "cam"})
+    async with serving(inputs) as (service, registry):
+        url = f"rtmp://127.0.0.1:{service.addresses['rtmp'][1]}/live/{KEY}"
+        mp3 = ("-c:v", "copy", "-c:a", "libmp3lame", "-b:a", "64k")
+        code, _ = await finish(await publish(clips["long"], url, *mp3))
+        assert code != 0
+        (rec,) = inputs.publications
+        await until(lambda: rec.ended is not None, 10)
+        assert rec.ended == ("vanished: unsupported: audio codec MP3 is not supported; publish AAC")
+        assert refusals(registry, "unsupported") == 1
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key (PEM)."""
@@ -382,3 +399,82 @@ async def test_rtmps_with_a_self_signed_certificate(
             serialization.Encoding.DER
         )
         writer.close()
+
+
+# -- a real session, split anywhere ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captured(clips: dict[str, Path]) -> bytes:
+    """Every byte ffmpeg sent publishing the H.264+AAC clip, recorded by a proxy in between."""
+
+    async def record() -> bytes:
+        recorded = bytearray()
+        inputs = FakeInputs({KEY: "cam"})
+        async with serving(inputs) as (service, _):
+            port = service.addresses["rtmp"][1]
+
+            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, keep: bool) -> None:
+                while data := await r.read(65536):
+                    if keep:
+                        recorded.extend(data)
+                    w.write(data)
+                    await w.drain()
+                w.close()
+
+            async def relay(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+                sr, sw = await asyncio.open_connection("127.0.0.1", port)
+                await asyncio.gather(pipe(cr, sw, True), pipe(sr, cw, False))
+
+            proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+            proxy_port = proxy.sockets[0].getsockname()[1]
+            url = f"rtmp://127.0.0.1:{proxy_port}/live/{KEY}"
+            code, err = await finish(await publish(clips["av"], url, realtime=False))
+            assert code == 0, err
+            await until(lambda: inputs.publications and inputs.publications[0].ended, 10)
+            proxy.close()
+            await proxy.wait_closed()
+        return bytes(recorded)
+
+    return asyncio.run(record())
+
+
+def replay(data: bytes, cuts: Sequence[int]) -> list[object]:
+    """The state machine's events for ``data`` fed in pieces (accepting the publish at once)."""
+    conn = RtmpConnection()
+    events: list[object] = []
+    last = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        got = conn.receive(data[last:cut])
+        events += got
+        if any(isinstance(e, PublishRequested) for e in got):
+            conn.accept()
+        last = cut
+    return events
+
+
+def publish_boundary(data: bytes) -> int:
+    """Where the publish command ends (ffmpeg sends nothing more before its answer)."""
+    conn = RtmpConnection()
+    for i in range(len(data)):
+        conn.receive(data[i : i + 1])
+        if conn.state is State.PUBLISH_PENDING:
+            return i + 1
+    raise AssertionError("no publish in the captured session")
+
+
+def test_a_captured_session_gives_the_same_events_however_it_is_split(
+    captured: bytes, clips: dict[str, Path]
+) -> None:
+    boundary = publish_boundary(captured)
+    whole = replay(captured, [boundary])
+    frames = [e for e in whole if isinstance(e, Frame)]
+    assert len(frames) == len(read_file(clips["av"])[1])
+    assert isinstance(whole[-1], Unpublished)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=len(captured)), max_size=200))
+    def splits(cuts: list[int]) -> None:
+        assert replay(captured, [boundary, *cuts]) == whole
+
+    splits()
