@@ -478,3 +478,30 @@ def test_a_captured_session_gives_the_same_events_however_it_is_split(
         assert replay(captured, [boundary, *cuts]) == whole
 
     splits()
+
+
+async def test_connection_cap() -> None:
+    inputs = FakeInputs({KEY: "cam"})
+    async with serving(inputs) as (service, registry):
+        service.max_connections = 1
+        port = service.addresses["rtmp"][1]
+        _, first = await asyncio.open_connection("127.0.0.1", port)
+        first.write(b"\x03")
+        await until(
+            lambda: (
+                registry.get_sample_value("peerd_live_rtmp_connections", {"scheme": "rtmp"}) == 1
+            ),
+            10,
+        )
+        reader, second = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert refusals(registry, "capacity") == 1
+        first.close()
+        second.close()
+
+
+async def test_rtmps_without_a_certificate_is_a_config_error() -> None:
+    settings = LiveSettings(rtmp_listen="", rtmps_listen="127.0.0.1:0")
+    service = RtmpService(settings, FakeInputs({}))
+    with pytest.raises(errors.ConfigError, match="rtmps_cert"):
+        await service.run(lambda: None)
