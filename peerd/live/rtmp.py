@@ -181,14 +181,15 @@ class RtmpService:
         self, scheme: Scheme, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         if len(self._tasks) >= self.max_connections:
-            self._refused("capacity", f"more than {self.max_connections} connections")
+            self.refused("capacity", f"more than {self.max_connections} connections")
             writer.close()
             return
         task = asyncio.get_running_loop().create_task(self._serve(scheme, reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refused(self, reason: str, detail: str, remote: str = "") -> None:
+    def refused(self, reason: str, detail: str, remote: str = "") -> None:
+        """Count a refusal and log it (at most once a minute per reason)."""
         self.m_refusals.labels(reason=reason).inc()
         quiet = self._throttle.allow(reason)
         if quiet is not None:
@@ -245,7 +246,7 @@ class _Session:
                 data = await asyncio.wait_for(reader.read(READ_SIZE), timeout)
             except TimeoutError:
                 if not self.asked:
-                    self.service._refused(
+                    self.service.refused(
                         "handshake_timeout", "no publish request in time", self.host
                     )
                     self.cause = "no publish request in time"
@@ -285,7 +286,7 @@ class _Session:
         elif isinstance(event, rtmp.Unpublished):
             self.end("unpublished")
         elif isinstance(event, rtmp.Failed):
-            self.service._refused(event.kind, event.reason, self.host)
+            self.service.refused(event.kind, event.reason, self.host)
             self.cause = f"{event.kind}: {event.reason}"
 
     def publish(self, key: str) -> None:
@@ -315,7 +316,7 @@ class _Session:
 
     def refuse(self, reason: str, code: str, description: str) -> None:
         """Answer the publish with an error status (the connection then closes)."""
-        self.service._refused(reason, description, self.host)
+        self.service.refused(reason, description, self.host)
         self.cause = f"refused: {description}"
         self.conn.reject(code, description)
 
