@@ -62,7 +62,7 @@ class LiveNode:
 
 
 @contextlib.asynccontextmanager
-async def live_node(tmp: Path, **live: Any) -> AsyncIterator[LiveNode]:
+async def live_node(tmp: Path, keep_s: float = 60.0, **live: Any) -> AsyncIterator[LiveNode]:
     """A node's runtime in ``tmp`` serving ``/live/`` (and ``/hls/``, for its fast path)."""
     secrets = tmp / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ async def live_node(tmp: Path, **live: Any) -> AsyncIterator[LiveNode]:
         live={"inputs": [{"name": INPUT}, {"name": "garden"}], **live},
     )
     rt = await open_runtime(settings)
-    out = llhls.LiveHls(rt)
+    out = llhls.LiveHls(rt, ended_keep_s=keep_s)
     runner: web.AppRunner | None = None
     listener: Listener | None = None
     try:
@@ -403,3 +403,35 @@ async def test_hlsjs_plays_it_live_in_low_latency_mode(tmp_path: Path, clip: Pat
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@pytest.mark.timeout(120)
+async def test_blobs_leave_the_store_after_the_window_and_the_end(
+    tmp_path: Path, clip: Path
+) -> None:
+    async with live_node(tmp_path, keep_s=1.0, segment_s=1.0, window_segments=3) as node:
+        store = node.rt.store
+        task = asyncio.create_task(feed(node.out.publication(INPUT), clip, speed=1.0))
+        text = await _started(node)
+        first = re.search(r"^b/(b[a-z2-7]{58})\.m4s", text, re.M).group(1)  # type: ignore[union-attr]
+        stream = node.out.streams[INPUT]
+        await until(lambda: store.has(first), timeout_s=10)  # type: ignore[arg-type]
+        await task
+        # one window (3 s) after it left the playlist, its blob is gone; the window's are held
+        await until(lambda: stream.timeline.ended, timeout_s=10)  # type: ignore[union-attr]
+        await stream.flushed()
+        assert not await store.has(first)  # type: ignore[arg-type]
+        window = [s.cid for s in stream.timeline.segments]  # type: ignore[union-attr]
+        for cid in window:
+            assert await store.has(cid)  # type: ignore[arg-type]
+        status, _, body = await _get(node.url())
+        assert status == 200
+        assert body.rstrip().endswith(b"#EXT-X-ENDLIST")
+        # past the ended playlist's time: not live (503), and nothing of it is left
+        await until(lambda: INPUT not in node.out.streams, timeout_s=10)
+        await stream.flushed()
+        status, _, _ = await _get(node.url())
+        assert status == 503
+        assert stream.init is not None
+        for cid in [*window, stream.init[0]]:
+            assert not await store.has(cid)  # type: ignore[arg-type]

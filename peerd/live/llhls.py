@@ -35,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -43,6 +43,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import Counter
 
+from peerd.catalog.media import is_referenced
 from peerd.core import llhls
 from peerd.core.ids import Cid, cid_of
 from peerd.core.live import LiveFrame, LiveSink, LiveTrack
@@ -342,12 +343,18 @@ class Stream(LiveSink):
         self.packager: Packager | None = None
         self._changed: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._retired: list[tuple[float, Cid]] = []  # (monotonic due time, blob)
 
     # LiveSink (on the loop; nothing here blocks)
 
     def begin(self, tracks: Sequence[LiveTrack]) -> None:
         """Start the publication's packager thread."""
         cfg = self.hls.rt.settings.live
+        if not tracks:
+            log.warning(
+                "live publication without tracks: not packaged", extra={"input": self.input}
+            )
+            return
         self.timeline = llhls.Timeline(
             part_s=cfg.part_s,
             segment_s=cfg.segment_s,
@@ -421,20 +428,58 @@ class Stream(LiveSink):
             self.timeline.end()
         self.ended_at = time.monotonic()
         self._notify()
+        asyncio.get_running_loop().call_later(self.hls.ended_keep_s, self._release)
+
+    def _release(self) -> None:
+        """Past the ended playlist's time: its bytes leave memory and its blobs the store."""
+        if self.hls.streams.get(self.input) is self:
+            del self.hls.streams[self.input]
+        retired = [Cid(c) for c in self.segments]
+        if self.init is not None:
+            retired.append(self.init[0])
+        self.parts.clear()
+        self.segments.clear()
+        self._retired += [(0.0, c) for c in retired]
+        self._spawn(self._delete_due())
 
     def _forget(self, tl: llhls.Timeline) -> None:
-        """Drop bytes of segments (and their parts) that left the window."""
+        """Drop bytes of segments (and their parts) that left the window; their blobs leave
+        the store one window later (peers relaying the stream may still ask for them)."""
         if not tl.segments:
             return
         oldest = tl.segments[0]
         for n in [n for n in self.parts if n < oldest.parts[0].number]:
             del self.parts[n]
         kept = {s.cid for s in tl.segments}
+        due = time.monotonic() + tl.window * float(tl.segment_target)
         for cid in [c for c in self.segments if c not in kept]:
             del self.segments[cid]
+            self._retired.append((due, Cid(cid)))
+        if self._retired and self._retired[0][0] <= time.monotonic():
+            self._spawn(self._delete_due())
+
+    async def _delete_due(self) -> None:
+        """Delete retired segment blobs that are due, unless something else uses them (a media
+        item's rows, a pin, or another publication's window: the same input packages alike)."""
+        now = time.monotonic()
+        due = [c for t, c in self._retired if t <= now]
+        self._retired = [(t, c) for t, c in self._retired if t > now]
+        store = self.hls.rt.store
+        for cid in due:
+            live = any(
+                cid in s.segments or (s.init and s.init[0] == cid)
+                for s in self.hls.streams.values()
+            )
+            row = await store.catalog.get_blob(cid)
+            if live or row is None or row.pinned or await is_referenced(store.catalog, cid):
+                continue
+            await store.delete(cid)
 
     def _store(self, cid: Cid, data: bytes, kind: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._put(cid, data, kind))
+        self._spawn(self._put(cid, data, kind))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
@@ -545,6 +590,7 @@ class LiveRoutes:
     """Handlers of ``/live/<input>/...``."""
 
     def __init__(self, rt: Runtime, hls: LiveHls, auth: ViewerAuth) -> None:
+        self.rt = rt
         self.hls = hls
         self.auth = auth
         cfg = rt.settings.http
@@ -646,6 +692,7 @@ class LiveRoutes:
             waited = True
         if waited:
             self.hls.metrics.blocking.labels(result="waited").inc()
+        self._sent(len(data))
         return web.Response(body=data, headers=self._headers(_CT_SEGMENT, self.blob_cache))
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
@@ -656,14 +703,21 @@ class LiveRoutes:
         ct = "video/mp4" if ext == "mp4" else _CT_SEGMENT
         headers = self._headers(ct, self.blob_cache)
         headers["ETag"] = f'"{cid}"'
+        data: bytes | None = None
         if ext == "mp4":
-            if stream.init is None or stream.init[0] != cid:
-                raise NotFound("no such init segment")
-            return web.Response(body=stream.init[1], headers=headers)
-        data = stream.segments.get(cid)
+            if stream.init is not None and stream.init[0] == cid:
+                data = stream.init[1]
+        else:
+            data = stream.segments.get(cid)
         if data is not None:
+            self._sent(len(data))
             return web.Response(body=data, headers=headers)
         raise NotFound("no such segment in this publication's window")
+
+    def _sent(self, n: int) -> None:
+        """Bytes to a viewer count into the uplink meter and the bytes served, as HLS's do."""
+        self.rt.uplink.sent(n, time.monotonic())
+        self.rt.metrics.bytes_served.labels(source="local").inc(n)
 
     async def preflight(self, request: web.Request) -> web.Response:
         """CORS preflight."""
@@ -688,3 +742,8 @@ def install(app: web.Application, rt: Runtime, hls: LiveHls) -> None:
     app.router.add_get(f"/live/{name}/part/{{n:[0-9]{{1,9}}}}.m4s", w(routes.part))
     app.router.add_get(f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}", w(routes.blob))
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
+
+    async def close(_app: web.Application) -> None:
+        await hls.close()
+
+    app.on_cleanup.append(close)
