@@ -221,7 +221,7 @@ async def test_blocking_reload_waits_for_the_next_part(tmp_path: Path, clip: Pat
 @pytest.mark.timeout(120)
 async def test_a_silent_publisher_times_blocking_requests_out(tmp_path: Path, clip: Path) -> None:
     async with live_node(tmp_path) as node:
-        short = make_media(tmp_path / "short.mp4", seconds=3)
+        short = await asyncio.to_thread(make_media, tmp_path / "short.mp4", seconds=3)
         await feed(node.out.publication(INPUT), short, speed=0, end=None)
         text = await _started(node)
         msn, index, _ = _last_part(text)
@@ -349,6 +349,10 @@ v.addEventListener("ended", () => { window.ended = true; });
 const hls = new Hls({enableWorker: false, lowLatencyMode: true});
 hls.on(Hls.Events.ERROR, (_e, d) => window.hlsErrors.push(`${d.type}:${d.details}:${d.fatal}`));
 hls.on(Hls.Events.LEVEL_LOADING, (_e, d) => window.requests.push(d.url));
+window.skipped = 0;
+hls.on(Hls.Events.LEVEL_LOADED, (_e, d) => {
+  window.skipped = Math.max(window.skipped, d.details.skippedSegments);
+});
 setInterval(() => {
   const date = hls.playingDate;
   if (v.currentTime > 0 && !v.paused && date) {
@@ -363,10 +367,26 @@ hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
 
 
 @pytest.mark.timeout(180)
-async def test_hlsjs_plays_it_live_in_low_latency_mode(tmp_path: Path, clip: Path) -> None:
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "defaults",
+        # Opus audio, and 1 s segments in a 10-segment window: hls.js gets delta updates
+        "opus-delta",
+    ],
+)
+async def test_hlsjs_plays_it_live_in_low_latency_mode(
+    tmp_path: Path, clip: Path, variant: str
+) -> None:
     slot: dict[str, str] = {}
+    live: dict[str, Any] = {}
+    if variant == "opus-delta":
+        clip = await asyncio.to_thread(
+            make_media, tmp_path / "opus.mkv", seconds=12, size=(320, 240), acodec="opus"
+        )
+        live = {"segment_s": 1.0, "window_segments": 10}
     async with (
-        live_node(tmp_path) as node,
+        live_node(tmp_path, **live) as node,
         player_origin(lambda: PAGE.replace("SRC", json.dumps(slot["src"]))) as origin,
         Browser.launch(tmp_path / "profile") as browser,
     ):
@@ -385,7 +405,7 @@ async def test_hlsjs_plays_it_live_in_low_latency_mode(tmp_path: Path, clip: Pat
             pdt = sorted(s["pdt"] for s in samples)
             edge = sorted(s["hls"] for s in samples)
             print(
-                "\nLL-HLS behind live (hls.js 1.7.4, part 0.5 s): median"
+                f"\nLL-HLS behind live ({variant}, hls.js 1.7.4, part 0.5 s): median"
                 f" {pdt[len(pdt) // 2]:.2f} s"
                 f" by program date time, {edge[len(edge) // 2]:.2f} s by hls.latency"
                 f" ({len(samples)} samples)"
@@ -399,6 +419,8 @@ async def test_hlsjs_plays_it_live_in_low_latency_mode(tmp_path: Path, clip: Pat
             assert await page.evaluate("window.mediaErrors") == []
             assert page.console_errors == []
             assert node.out.viewers(INPUT) >= 1
+            if variant == "opus-delta":
+                assert await page.evaluate("window.skipped") > 0
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

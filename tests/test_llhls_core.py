@@ -3,6 +3,8 @@ fMP4 muxer (peerd.live.llhls.Muxer) driven synchronously: no sockets, no clock, 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from peerd.core.ids import cid_of
 from peerd.core.llhls import Cutter, Ready, Timeline, Uris
 from peerd.live.llhls import Ended, Muxer, PartReady, SegmentReady
 from tests.support.livefeed import read_file
-from tests.support.media import make_media
+from tests.support.media import ffmpeg_path, make_media
 
 URIS = Uris(
     init=lambda cid: f"b/{cid}.mp4",
@@ -209,3 +211,53 @@ def test_muxer_parts_make_the_segments_and_repeat_exactly(clip: Path) -> None:
     init2, _, segments2, _ = _mux(clip)
     assert init2 == init
     assert [s.cid for s in segments2] == [s.cid for s in segments]
+
+
+@pytest.mark.parametrize(
+    ("name", "acodec", "video"),
+    [
+        ("h264-opus.mkv", "opus", True),
+        ("aac-only.mp4", "aac", False),
+        ("opus-only.mkv", "opus", False),
+    ],
+)
+def test_muxer_output_decodes_without_error(
+    tmp_path: Path, name: str, acodec: str, video: bool
+) -> None:
+    src = make_media(tmp_path / name, seconds=5, acodec=acodec)
+    if not video:  # audio only: the same clip without its video stream
+        only = tmp_path / f"a-{name}"
+        subprocess.run(  # noqa: S603 - fixed argument list
+            [ffmpeg_path(), "-v", "error", "-i", str(src), "-map", "0:a", "-c", "copy", str(only)],
+            check=True,
+        )
+        src = only
+    init, parts, segments, _ = _mux(src)
+    assert parts
+    assert b"".join(p.data for p in parts) == b"".join(s.data for s in segments)
+    out = tmp_path / "live.mp4"
+    out.write_bytes(init + b"".join(s.data for s in segments))
+    probe = subprocess.run(  # noqa: S603 - fixed argument list
+        [
+            shutil.which("ffprobe") or "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name",
+            "-of",
+            "csv=p=0",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert sorted(probe.stdout.split()) == sorted(["h264", acodec] if video else [acodec])
+    decode = subprocess.run(  # noqa: S603 - fixed argument list
+        [ffmpeg_path(), "-v", "error", "-xerror", "-i", str(out), "-f", "null", "-"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert decode.returncode == 0, decode.stderr
+    assert decode.stderr == ""

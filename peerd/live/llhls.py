@@ -18,8 +18,8 @@ Routes (``install``), every one under the viewer authorization of :mod:`peerd.ht
     GET /live/<input>/b/<cid>.m4s       a complete segment by content id
     GET /live/<input>/b/<cid>.mp4       the init segment
 
-A blocking reload waits at most :data:`BLOCK_S` (about three part targets past the spec's
-advice of three target durations would be too long for a player's timeout); then 503 with
+A blocking reload (or a request for the hinted next part) waits at most :data:`BLOCK_S` (three
+target durations at the default segment target, the spec's advice); then 503 with
 ``Retry-After: 1``. An input not in ``[live] inputs`` is 404. A configured input with no
 publication is 503 + ``Retry-After`` (not 404): it is a passing state (a publisher
 reconnecting, a stream about to start), and hls.js retries 5xx playlist loads by its retry
