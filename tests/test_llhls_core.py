@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -261,3 +262,51 @@ def test_muxer_output_decodes_without_error(
     )
     assert decode.returncode == 0, decode.stderr
     assert decode.stderr == ""
+
+
+def test_a_millisecond_clock_keeps_aac_frames_whole(tmp_path: Path, clip: Path) -> None:
+    """RTMP stamps frames in milliseconds: 1024-sample AAC frames at 48 kHz arrive 21 or 22 ms
+    apart, and still become 1024-sample samples, and the result decodes without error."""
+    tracks, frames = read_file(clip)
+    ms_tracks = [replace(t, timescale=1000) for t in tracks]
+    ms_frames = [
+        replace(
+            f,
+            dts=round(Fraction(f.dts * 1000, tracks[f.track].timescale)),
+            pts=round(Fraction(f.pts * 1000, tracks[f.track].timescale)),
+        )
+        for f in frames
+    ]
+    m = Muxer(ms_tracks, 0.5, 2.0)
+    events = []
+    for f in ms_frames:
+        events += m.frame(f)
+    events += m.end("unpublished")
+    out = tmp_path / "ms.mp4"
+    out.write_bytes(m.init + b"".join(e.data for e in events if isinstance(e, SegmentReady)))
+    probe = subprocess.run(  # noqa: S603 - fixed argument list
+        [
+            shutil.which("ffprobe") or "ffprobe",
+            "-v",
+            "error",
+            "-select_streams",
+            "a",
+            "-show_entries",
+            "packet=pts",
+            "-of",
+            "csv=p=0",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    pts = [int(x) for x in probe.stdout.split()]
+    assert {b - a for a, b in zip(pts, pts[1:], strict=False)} == {1024}
+    decode = subprocess.run(  # noqa: S603 - fixed argument list
+        [ffmpeg_path(), "-v", "error", "-xerror", "-i", str(out), "-f", "null", "-"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert decode.returncode == 0, decode.stderr

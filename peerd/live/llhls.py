@@ -62,6 +62,7 @@ ENDED_KEEP_S = 60.0  # an ended publication's playlist (ENDLIST) stays this long
 VIEWER_WINDOW_S = 10.0  # a viewer counts while it fetched a playlist this recently
 MAX_LAG_S = Fraction(1)  # a track this far behind the lead track no longer holds parts back
 RETRY_AFTER_S = 2
+AAC_FRAME = 1024  # samples per AAC-LC frame
 _CT_SEGMENT = "video/iso.segment"
 
 
@@ -138,6 +139,7 @@ class Muxer:
         self.cutter = llhls.Cutter(part_s, segment_s, video=bool(videos))
         self.origin: Fraction | None = None
         self.open: list[list[_Open]] = [[] for _ in self.tracks]
+        self.last: list[int | None] = [None for _ in self.tracks]  # each track's newest ticks
         self.cuts: list[tuple[llhls.Cut, bool]] = []  # cut, whether the part it ends is independent
         self.part_start = Fraction(0)
         self.parts = 0
@@ -162,6 +164,16 @@ class Muxer:
             return []
         scale = self.scale[i]
         ticks = round((at - self.origin) * scale)
+        last = self.last[i]
+        if (
+            track.codec == "aac"
+            and scale == track.sample_rate
+            and last is not None
+            and abs(ticks - last - AAC_FRAME) < AAC_FRAME // 2
+        ):
+            # An AAC frame is 1024 samples: a publisher's millisecond clock (RTMP) would make
+            # them 1008 or 1056 and leave gaps and overlaps in the audio.
+            ticks = last + AAC_FRAME
         cts = round(Fraction(f.pts - f.dts, track.timescale) * scale)
         pending = self.open[i]
         if pending:
@@ -174,6 +186,7 @@ class Muxer:
             if cut is not None:
                 self.cuts.append((cut, was))
         pending.append(_Open(ticks, cts, f.keyframe, f.data))
+        self.last[i] = ticks
         return self._flush(final=False)
 
     def end(self, reason: str) -> list[Event]:
@@ -217,7 +230,7 @@ class Muxer:
         if len(pending) >= 2:
             return pending[-2].duration
         if self.tracks[i].codec == "aac":
-            return 1024
+            return AAC_FRAME
         if self.tracks[i].codec == "opus":
             return 960
         return max(1, self.scale[i] // 30)
