@@ -55,6 +55,10 @@ class LiveNode:
         self.expires = self.expires or int(time.time()) + 600
         return tokens.mint(KEY_TEXT.encode(), f"live:{input}", "hls", self.expires)
 
+    def part(self, n: int, input: str = INPUT) -> str:
+        """The path of part ``n`` of the input's publication, under the input."""
+        return f"part/{self.out.streams[input].id}/{n}.m4s"
+
     def url(self, path: str = "index.m3u8", input: str = INPUT, **query: str) -> str:
         """A URL under the input, with a valid token and ``query``."""
         q = "&".join(f"{k}={v}" for k, v in {"token": self.token(input), **query}.items())
@@ -144,9 +148,9 @@ async def test_refusals_and_headers(tmp_path: Path, clip: Path) -> None:
             assert status == 200
             assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
             assert headers["Content-Type"] == "video/iso.segment"
-            part = re.search(r'URI="part/(\d+)\.m4s', text)
+            part = re.search(r'URI="part/[0-9a-f]{8}/(\d+)\.m4s', text)
             assert part is not None
-            status, headers, _ = await _get(node.url(f"part/{part.group(1)}.m4s"))
+            status, headers, _ = await _get(node.url(node.part(int(part.group(1)))))
             assert status == 200
             assert "immutable" in headers["Cache-Control"]
             assert node.out.viewers(INPUT) == 1
@@ -162,9 +166,7 @@ async def test_refusals_and_headers(tmp_path: Path, clip: Path) -> None:
 
 
 def _lists_part(text: str, number: int) -> bool:
-    return any(
-        x.startswith("#EXT-X-PART:") and f'URI="part/{number}.m4s' in x for x in text.splitlines()
-    )
+    return any(x.startswith("#EXT-X-PART:") and f"/{number}.m4s?" in x for x in text.splitlines())
 
 
 def _last_part(text: str) -> tuple[int, int, int]:
@@ -176,7 +178,7 @@ def _last_part(text: str) -> tuple[int, int, int]:
     for line in lines:
         if line.startswith("#EXT-X-PART:"):
             index += 1
-            number = int(re.search(r"part/(\d+)\.m4s", line).group(1))  # type: ignore[union-attr]
+            number = int(re.search(r"part/[0-9a-f]{8}/(\d+)\.m4s", line).group(1))  # type: ignore[union-attr]
         elif line.startswith("b/"):
             msn += 1
             index = -1
@@ -198,8 +200,8 @@ async def test_blocking_reload_waits_for_the_next_part(tmp_path: Path, clip: Pat
                 assert not _lists_part(text, number + 1)
                 assert node.out.streams[INPUT].parts.get(number + 1) is None
                 # the preload hint names the part that does not exist yet
-                assert f'PRELOAD-HINT:TYPE=PART,URI="part/{number + 1}.m4s' in text
-                hinted = asyncio.create_task(_get(node.url(f"part/{number + 1}.m4s")))
+                assert f'PRELOAD-HINT:TYPE=PART,URI="{node.part(number + 1)}?' in text
+                hinted = asyncio.create_task(_get(node.url(node.part(number + 1))))
                 status, _, body = await _get(node.url(_HLS_msn=str(msn), _HLS_part=str(index + 1)))
                 assert status == 200
                 text = body.decode()
@@ -254,8 +256,8 @@ async def test_parts_segments_skip_and_determinism(tmp_path: Path, clip: Path) -
         for block in re.findall(r"((?:#EXT-X-PART:[^\n]*\n)+)#EXTINF:[^\n]*\n(b/\S+)", full):
             parts, seg = block
             data = b""
-            for n in re.findall(r"part/(\d+)\.m4s", parts):
-                status, _, got = await _get(node.url(f"part/{n}.m4s"))
+            for n in re.findall(r"part/[0-9a-f]{8}/(\d+)\.m4s", parts):
+                status, _, got = await _get(node.url(node.part(int(n))))
                 assert status == 200
                 data += got
             status, _, blob = await _get(f"{node.base}/live/{INPUT}/{seg}")
@@ -276,6 +278,10 @@ async def test_parts_segments_skip_and_determinism(tmp_path: Path, clip: Path) -
         await until(lambda: again.timeline.ended, timeout_s=20)  # type: ignore[union-attr]
         assert [s.cid for s in again.timeline.segments] == cids  # type: ignore[union-attr]
         assert again.init == stream.init
+        # but parts, numbered from 0 again, have new URLs: an old one cached can't stand in
+        assert again.id != stream.id
+        old = f"{node.base}/live/{INPUT}/part/{stream.id}/0.m4s?token={node.token()}"
+        assert (await _get(old))[0] == 404
 
 
 @pytest.mark.timeout(180)

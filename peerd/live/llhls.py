@@ -14,7 +14,7 @@ Routes (``install``), every one under the viewer authorization of :mod:`peerd.ht
 (scope ``hls``, media id ``live:<input>``)::
 
     GET /live/<input>/index.m3u8[?_HLS_msn=M[&_HLS_part=P]][&_HLS_skip=YES]   the playlist
-    GET /live/<input>/part/<n>.m4s      part n of the publication (the preload hint waits)
+    GET /live/<input>/part/<pub>/<n>.m4s   part n of publication pub (the preload hint waits)
     GET /live/<input>/b/<cid>.m4s       a complete segment by content id
     GET /live/<input>/b/<cid>.mp4       the init segment
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -348,6 +349,9 @@ class Stream(LiveSink):
     def __init__(self, hls: LiveHls, input: str) -> None:
         self.hls = hls
         self.input = input
+        # Part numbers restart with each publication: this id in their URLs keeps an immutable
+        # cached part of an earlier publication from standing in for a new one.
+        self.id = secrets.token_hex(4)
         self.timeline: llhls.Timeline | None = None
         self.init: tuple[Cid, bytes] | None = None
         self.parts: dict[int, bytes] = {}
@@ -678,7 +682,7 @@ class LiveRoutes:
         uris = llhls.Uris(
             init=lambda cid: f"b/{cid}.mp4{q}",
             segment=lambda cid: f"b/{cid}.m4s{q}",
-            part=lambda n: f"part/{n}.m4s{q}",
+            part=lambda n: f"part/{stream.id}/{n}.m4s{q}",
         )
         body = tl.render(uris, skip=skip).encode()
         return web.Response(body=body, headers=self._headers(MIME_PLAYLIST, "no-store"))
@@ -687,6 +691,8 @@ class LiveRoutes:
         """A part by running number; the next few (the preload hint) are waited for."""
         input, _ = await self._check(request)
         stream = self.hls.stream(input)
+        if request.match_info["pub"] != stream.id:
+            raise NotFound("no such part in this publication")
         number = int(request.match_info["n"])
         deadline = asyncio.get_running_loop().time() + BLOCK_S
         waited = False
@@ -752,7 +758,9 @@ def install(app: web.Application, rt: Runtime, hls: LiveHls) -> None:
     w = routes.wrap
     name = r"{input:[a-z0-9][a-z0-9_-]{0,31}}"
     app.router.add_get(f"/live/{name}/index.m3u8", w(routes.playlist))
-    app.router.add_get(f"/live/{name}/part/{{n:[0-9]{{1,9}}}}.m4s", w(routes.part))
+    app.router.add_get(
+        f"/live/{name}/part/{{pub:[0-9a-f]{{8}}}}/{{n:[0-9]{{1,9}}}}.m4s", w(routes.part)
+    )
     app.router.add_get(f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}", w(routes.blob))
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
 
