@@ -9,6 +9,9 @@ produces crosses to the event loop, where :class:`peerd.core.llhls.Timeline` kee
 playlist. Parts are served from memory (before their segment's id exists); the init segment
 and each complete segment (its parts concatenated) are content-addressed blobs written through
 the blob store, so LAN and libp2p peers (and anything else serving held blobs) can serve them.
+They are the live window's, not the library's: a segment's blob leaves the store one window
+after it left the playlist (unless a media item's rows or a pin use it; the recording is the
+durable copy), the init segment's when the ended publication is forgotten.
 
 Routes (``install``), every one under the viewer authorization of :mod:`peerd.http.access`
 (scope ``hls``, media id ``live:<input>``)::
