@@ -1,0 +1,172 @@
+"""WHEP viewers of a live input, from outside: aiortc viewers in their own processes.
+
+A publication (a Main-profile H.264 + AAC clip fed in real time by ``tests/support/livefeed``, as
+an RTMP publisher would send it) goes to the WHEP fan-out, served by peerd's own app (WHEP
+routes, the live routes, the viewer authorization) over loopback. Viewers decode its picture
+and its sound (a 440 Hz tone, AAC turned into Opus by the node); several viewers at once cost
+one AAC decode and Opus encode for the input and no video encode at all; a forged token is 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from peerd.config import load_settings
+from peerd.core import tokens
+from peerd.http.server import build_app
+from peerd.live import whep as live_whep
+from peerd.runtime import Runtime, open_runtime
+from peerd.webrtc import routes as whep_routes
+from peerd.webrtc.session import WhepService
+from tests.support.live_media import TONE_HZ, make_live_clip
+from tests.support.livefeed import feed
+from tests.support.poll import until
+from tests.support.whep_media import VIEWER_KEY, sign_viewers
+from tests.support.whep_viewer import ViewerProcess, make_offer
+
+
+@dataclass
+class Node:
+    base: str
+    rt: Runtime
+    whep: WhepService
+    live: live_whep.LiveWhep
+
+    def url(self, input: str, *, key: bytes = VIEWER_KEY, path: str = "/whep/live/") -> str:
+        token = tokens.mint(key, live_whep.media_id(input), "whep", int(time.time()) + 600)
+        return f"{self.base}{path}{input}?token={token}"
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    state = tmp_path / "state"
+    sign_viewers(state)
+    rt = await open_runtime(
+        load_settings(None, node={"state_dir": state}, webrtc={"connect_timeout_s": 20})
+    )
+    whep = WhepService(rt)
+    ready = asyncio.Event()
+    task = asyncio.create_task(whep.run(ready.set))
+    await ready.wait()
+    live = live_whep.LiveWhep(whep)
+    installers = [
+        partial(whep_routes.install, whep=whep),
+        partial(live_whep.install, live=live),
+    ]
+    runner = web.AppRunner(build_app(rt, installers))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield Node(f"http://127.0.0.1:{runner.addresses[0][1]}", rt, whep, live)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+        await rt.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_live_clip(tmp_path_factory.mktemp("live") / "main.mp4", seconds=40)
+
+
+async def grows(viewer: ViewerProcess, video: int = 25, audio: int = 25) -> dict[str, object]:
+    """Wait until the viewer decodes ``video`` more pictures and ``audio`` more sound frames."""
+    start = await viewer.stats()
+    last: dict[str, object] = {}
+
+    async def grew() -> bool:
+        nonlocal last
+        last = await viewer.stats()
+        return bool(
+            last["video"] >= start["video"] + video and last["audio"] >= start["audio"] + audio
+        )
+
+    await until(grew, timeout_s=60, step_s=0.2)
+    return last
+
+
+def metric(rt: Runtime, name: str, **labels: str) -> float:
+    return rt.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_live_viewers_share_one_conversion(node: Node, clip: Path) -> None:
+    offer = await make_offer()
+    async with aiohttp.ClientSession() as http:
+        # Before the input is live: nothing to watch.
+        async with http.post(
+            node.url("cam"), data=offer, headers={"Content-Type": "application/sdp"}
+        ) as r:
+            assert r.status == 404, await r.text()
+    sink = node.live.publication("cam")
+    publisher = asyncio.create_task(feed(sink, clip, speed=1.0))
+    viewers: list[ViewerProcess] = []
+    try:
+        # A token signed with another key, or for another input, is refused.
+        forged = await ViewerProcess.start(node.url("cam", key=b"not-the-viewer-key".ljust(32)))
+        viewers.append(forged)
+        assert forged.status == 403
+        other = await ViewerProcess.start(node.url("other").replace("/other?", "/cam?"))
+        viewers.append(other)
+        assert other.status == 403
+        absent = await ViewerProcess.start(node.url("other"))
+        viewers.append(absent)
+        assert absent.status == 404
+
+        first = await ViewerProcess.start(node.url("cam"))
+        viewers.append(first)
+        assert first.status == 201, first.sdp
+        assert first.location is not None
+        assert first.location.startswith("/whep/sessions/")
+        stats = await grows(first, video=50, audio=50)
+        assert stats["widths"] == [320], stats
+        assert abs(float(str(stats["tone"])) - TONE_HZ) < 20, stats
+
+        more = [await ViewerProcess.start(node.url("cam")) for _ in range(3)]
+        viewers += more
+        assert [v.status for v in more] == [201, 201, 201], [v.sdp for v in more]
+        for v in [first, *more]:
+            await grows(v)
+        assert node.live.viewers("cam") == 4
+        fan = node.live.fanouts["cam"]
+        assert isinstance(fan, live_whep.Fanout)
+        # One AAC decode and Opus encode for the input, whatever the number of viewers ...
+        assert metric(node.rt, "peerd_live_whep_audio_transcoders_total") == 1
+        assert fan.transcoder is not None
+        assert fan.transcoder.encoded > 0
+        # ... and no picture handed to an encoder: every viewer's video is packets passed on.
+        sessions = [s for s in node.whep.sessions.values() if s.media_id == "live:cam"]
+        assert len(sessions) == 4
+        for s in sessions:
+            assert s.mode == "live"
+            for t in s.tracks:
+                assert isinstance(t, live_whep.ViewerTrack)
+                assert t.sent > 0
+                assert t.frames == 0
+        # The viewer's DELETE goes to the ordinary WHEP session URL, with the live token.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.delete(
+                f"{node.base}{more[0].location}?token={node.url('cam').split('=')[1]}"
+            ) as r,
+        ):
+            assert r.status == 200
+        await until(lambda: node.live.viewers("cam") == 3, timeout_s=10)
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        sink.end("unpublished")
+        for v in viewers:
+            await v.close()
+    # The publication's end ends its viewers' sessions.
+    await until(lambda: not node.whep.sessions, timeout_s=20)
+    assert metric(node.rt, "peerd_whep_sessions_closed_total", reason="live_ended") >= 1
