@@ -140,9 +140,12 @@ async def test_live_viewers_share_one_conversion(node: Node, clip: Path) -> None
         fan = node.live.fanouts["cam"]
         assert isinstance(fan, live_whep.Fanout)
         # One AAC decode and Opus encode for the input, whatever the number of viewers ...
-        assert metric(node.rt, "peerd_live_whep_audio_transcoders_total") == 1
-        assert fan.transcoder is not None
-        assert fan.transcoder.encoded > 0
+        assert metric(node.rt, "peerd_live_whep_transcoders_total", kind="audio") == 1
+        assert metric(node.rt, "peerd_live_whep_transcoders_total", kind="video") == 0
+        assert fan.audio_worker is not None
+        assert isinstance(fan.audio_worker.converter, live_whep.AacToOpus)
+        assert fan.audio_worker.converter.encoded > 0
+        assert fan.video_worker is None
         # ... and no picture handed to an encoder: every viewer's video is packets passed on.
         sessions = [s for s in node.whep.sessions.values() if s.media_id == "live:cam"]
         assert len(sessions) == 4
@@ -170,3 +173,64 @@ async def test_live_viewers_share_one_conversion(node: Node, clip: Path) -> None
     # The publication's end ends its viewers' sessions.
     await until(lambda: not node.whep.sessions, timeout_s=20)
     assert metric(node.rt, "peerd_whep_sessions_closed_total", reason="live_ended") >= 1
+
+
+async def test_viewers_without_the_inputs_profile_share_one_reencode(
+    node: Node, tmp_path: Path
+) -> None:
+    """A High-profile input (OBS's x264 default) to viewers offering Constrained Baseline only
+    (a Chromium without a High decoder): one decode and one encode for the input, shared."""
+    high = await asyncio.to_thread(
+        make_live_clip, tmp_path / "high.mp4", seconds=30, profile="high"
+    )
+    sink = node.live.publication("cam")
+    publisher = asyncio.create_task(feed(sink, high, speed=1.0))
+    viewers: list[ViewerProcess] = []
+    try:
+        for _ in range(2):
+            v = await ViewerProcess.start(node.url("cam"), h264="")
+            viewers.append(v)
+            assert v.status == 201, v.sdp
+            assert "profile-level-id=42e01f" in v.sdp, v.sdp
+        # A viewer that takes High gets the input's own stream.
+        direct = await ViewerProcess.start(node.url("cam"))
+        viewers.append(direct)
+        assert direct.status == 201, direct.sdp
+        for v in viewers:
+            stats = await grows(v, video=50)
+            assert stats["widths"] == [320], stats
+        fan = node.live.fanouts["cam"]
+        assert isinstance(fan, live_whep.Fanout)
+        assert fan.video_worker is not None
+        conv = fan.video_worker.converter
+        assert isinstance(conv, live_whep.H264ToBaseline)
+        assert conv.encoded > 0
+        assert metric(node.rt, "peerd_live_whep_transcoders_total", kind="video") == 1
+        modes = sorted(s.mode for s in node.whep.sessions.values())
+        assert modes == ["live", "live-transcode", "live-transcode"], modes
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        sink.end("unpublished")
+        for v in viewers:
+            await v.close()
+
+
+async def test_without_transcoding_a_viewer_without_the_profile_is_refused(
+    node: Node, tmp_path: Path
+) -> None:
+    node.whep.cfg = node.whep.cfg.model_copy(update={"transcode": False})
+    high = await asyncio.to_thread(make_live_clip, tmp_path / "high.mp4", seconds=5, profile="high")
+    sink = node.live.publication("cam")
+    publisher = asyncio.create_task(feed(sink, high, speed=1.0))
+    try:
+        await until(lambda: node.live.fanouts["cam"].begun, timeout_s=10)
+        v = await ViewerProcess.start(node.url("cam"), h264="")
+        await v.close()
+        assert v.status == 400
+        assert "no H.264 profile that decodes" in v.sdp, v.sdp
+        assert metric(node.rt, "peerd_whep_rejected_total", reason="codec") == 1
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        sink.end("unpublished")

@@ -21,21 +21,27 @@ becomes what aiortc's senders take, once per input, and the same object goes to 
   (``RTCRtpSender`` calls the codec's ``pack``), as the on-demand passthrough does;
 * Opus (from WHIP): the packet as it came, on a 48 kHz clock;
 * AAC (from RTMP): decoded, resampled and encoded to Opus by one :class:`AacToOpus` per input
-  (started by the first viewer with sound, on the WHEP media threads), its packets shared.
+  (started by the first viewer with sound, on the WHEP media threads, in order), its packets
+  shared. A conversion that falls behind real time drops what it has queued (video: up to the
+  next keyframe) rather than delay every viewer.
 
-Video is sent only where the viewer's offer accepts the input's H.264 profile
-(:func:`peerd.core.whep.choose_video`, as on-demand passthrough decides): a live input is never
-decoded or encoded per viewer, so any other offer is refused with the reason. A viewer starts at
-the next keyframe. Each viewer's tracks have a bounded queue; a viewer too slow to keep up loses
-its queued video and starts again at the next keyframe (its sound loses the oldest packets),
-rather than growing without bound. The publication's end ends its viewers' sessions.
+Video is passed through where the viewer's offer accepts the input's H.264 profile and the
+stream has no B-frames (:func:`peerd.core.whep.choose_video`, as on-demand passthrough decides).
+Other viewers (a High-profile or B-frame publisher, as OBS's x264 defaults send over RTMP, to a
+Chromium without a High decoder) get, with ``[webrtc] transcode``, the input's one
+:class:`H264ToBaseline` re-encode (decoded once, encoded once as Constrained Baseline, shared by
+all of them, started by the first); without it they are refused with the reason. Nothing is
+decoded or encoded per viewer. A viewer starts at the next keyframe. Each viewer's tracks have a
+bounded queue; a viewer too slow to keep up loses its queued video and starts again at the next
+keyframe (its sound loses the oldest packets), rather than growing without bound. The
+publication's end ends its viewers' sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -138,6 +144,8 @@ class ViewerTrack(MediaStreamTrack):
 class AacToOpus:
     """One input's AAC decoded, resampled to 48 kHz stereo and encoded to Opus (blocking)."""
 
+    kind = "audio"
+
     def __init__(self, track: LiveTrack) -> None:
         self.timescale = track.timescale
         self.decoder = av.CodecContext.create("aac", "r")
@@ -158,19 +166,14 @@ class AacToOpus:
         self.decoded = 0
         self.encoded = 0
 
-    def push(self, frame: LiveFrame) -> list[av.Packet[Any]]:
+    def push(self, frame: LiveFrame) -> list[tuple[av.Packet[Any], bool]]:
         """The Opus packets ``frame`` completes, timed on the input's clock at 48 kHz."""
         if self.base is None:
             self.base = frame.pts * AUDIO_RATE // self.timescale
-        pkt = av.Packet(frame.data)
-        pkt.pts = pkt.dts = frame.pts
-        pkt.time_base = Fraction(1, self.timescale)
-        out: list[av.Packet[Any]] = []
-        try:
-            decoded = self.decoder.decode(pkt)
-        except av.FFmpegError as exc:
-            raise MediaError(f"cannot decode the input's AAC: {exc}") from exc
-        for af in decoded:
+        out: list[tuple[av.Packet[Any], bool]] = []
+        for af in _decode(self.decoder, frame, self.timescale):
+            if not isinstance(af, av.AudioFrame):
+                continue
             self.decoded += 1
             af.pts = None  # timed by the running sample count
             for chunk in self.resampler.resample(af):
@@ -181,8 +184,124 @@ class AacToOpus:
                     p.pts = p.dts = self.base + (p.pts or 0)
                     p.time_base = _AUDIO_TB
                     self.encoded += 1
-                    out.append(p)
+                    out.append((p, True))
         return out
+
+
+class H264ToBaseline:
+    """One input's H.264 decoded and encoded once as Constrained Baseline without B-frames, for
+    the viewers that cannot take the input's own stream (blocking)."""
+
+    kind = "video"
+    PROFILE = "42e01f"  # Constrained Baseline: every WebRTC H.264 decoder takes it
+
+    def __init__(self, track: LiveTrack) -> None:
+        self.timescale = track.timescale
+        self.decoder = av.CodecContext.create("h264", "r")
+        self.decoder.extradata = track.config
+        self.encoder: Any = None
+        self.decoded = 0
+        self.encoded = 0
+
+    def _open_encoder(self, width: int, height: int) -> Any:
+        enc: Any = av.CodecContext.create("libx264", "w")
+        enc.width, enc.height = width, height
+        enc.pix_fmt = "yuv420p"
+        enc.time_base = _VIDEO_TB
+        enc.gop_size = 50  # a joining viewer waits at most two seconds for a picture
+        enc.options = {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline"}
+        return enc
+
+    def push(self, frame: LiveFrame) -> list[tuple[av.Packet[Any], bool]]:
+        """The Annex B packets (parameter sets in band) re-encoding ``frame`` gives."""
+        out: list[tuple[av.Packet[Any], bool]] = []
+        for vf in _decode(self.decoder, frame, self.timescale):
+            if not isinstance(vf, av.VideoFrame) or vf.pts is None:
+                continue
+            self.decoded += 1
+            if self.encoder is None:
+                self.encoder = self._open_encoder(vf.width, vf.height)
+            vf.pts = vf.pts * VIDEO_CLOCK // self.timescale
+            vf.time_base = _VIDEO_TB
+            vf.pict_type = av.video.frame.PictureType.NONE
+            for p in self.encoder.encode(vf):
+                p.time_base = _VIDEO_TB
+                self.encoded += 1
+                out.append((p, bool(p.is_keyframe)))
+        return out
+
+
+def _decode(ctx: Any, frame: LiveFrame, timescale: int) -> list[Any]:
+    pkt = av.Packet(frame.data)
+    pkt.pts, pkt.dts = frame.pts, frame.dts
+    pkt.time_base = Fraction(1, timescale)
+    try:
+        return list(ctx.decode(pkt))
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot decode the input's {ctx.name}: {exc}") from exc
+
+
+Converter = AacToOpus | H264ToBaseline
+
+
+class _Worker:
+    """One conversion of an input on the WHEP media threads, in order, its output to a lane."""
+
+    LIMIT = 200
+
+    def __init__(
+        self,
+        fan: Fanout,
+        make: Callable[[], Converter],
+        deliver: Callable[[list[tuple[av.Packet[Any], bool]]], None],
+        keyed: bool,
+    ) -> None:
+        self.fan = fan
+        self.make = make
+        self.deliver = deliver
+        self.keyed = keyed  # video: start at a keyframe, and again after an overflow
+        self.waiting_key = keyed
+        self.converter: Converter | None = None
+        self.queue: asyncio.Queue[LiveFrame | None] = asyncio.Queue(self.LIMIT)
+        self.task = asyncio.create_task(self._run(), name=f"live-convert-{fan.input}")
+
+    def offer(self, frame: LiveFrame) -> None:
+        if self.waiting_key:
+            if not frame.keyframe:
+                return
+            self.waiting_key = False
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            # Behind real time: lose what is queued rather than fall further behind.
+            self.fan.owner.metrics.dropped.inc(self.queue.qsize())
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.waiting_key = self.keyed
+            if not self.keyed or frame.keyframe:
+                self.offer(frame)
+
+    def stop(self) -> None:
+        while self.queue.full():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pool = self.fan.owner.whep.pool
+        self.converter = conv = await loop.run_in_executor(pool, self.make)
+        self.fan.owner.metrics.transcoders.labels(kind=conv.kind).inc()
+        log.info(
+            "live whep: conversion started", extra={"input": self.fan.input, "kind": conv.kind}
+        )
+        while (frame := await self.queue.get()) is not None:
+            try:
+                packets = await loop.run_in_executor(pool, conv.push, frame)
+            except MediaError as exc:
+                log.warning("live whep: frame lost", extra={"error": exc.message})
+                continue
+            if packets and self.fan._prune():
+                self.deliver(packets)
 
 
 @dataclass
@@ -190,6 +309,7 @@ class _Viewer:
     session_id: str
     video: ViewerTrack | None
     audio: ViewerTrack | None
+    transcoded: bool = False  # its video comes from the input's H264ToBaseline
 
     def live(self) -> bool:
         return any(t is not None and t.readyState == "live" for t in (self.video, self.audio))
@@ -223,10 +343,9 @@ class Fanout:
     ended: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     viewers: list[_Viewer] = field(default_factory=list)
-    transcoder: AacToOpus | None = None
+    audio_worker: _Worker | None = None  # AAC -> Opus, once for the input
+    video_worker: _Worker | None = None  # H.264 -> Constrained Baseline, once for the input
     _param_sets: bytes = b""
-    _aac: asyncio.Queue[LiveFrame | None] | None = None
-    _aac_task: asyncio.Task[None] | None = None
 
     def begin(self, tracks: Sequence[LiveTrack]) -> None:
         """Take the publication's tracks: its first H.264 and first audio track."""
@@ -252,19 +371,21 @@ class Fanout:
                 self.reorders = True
             if self._prune():
                 self._video(frame, self.video)
+                if self.video_worker is not None:
+                    self.video_worker.offer(frame)
         elif self.audio is not None and frame.track == self.audio.index:
             if self.audio.codec == "opus":
                 if self._prune():
                     pkt = _packet(frame.data, frame.pts * AUDIO_RATE // self.audio.timescale)
                     pkt.time_base = _AUDIO_TB
-                    self._send_audio([pkt])
-            elif self._aac is not None:
-                try:
-                    self._aac.put_nowait(frame)
-                except asyncio.QueueFull:
-                    self.owner.metrics.aac_dropped.inc()
+                    self._send_audio([(pkt, True)])
+            elif self.audio_worker is not None:
+                self.audio_worker.offer(frame)
 
     def _video(self, frame: LiveFrame, track: LiveTrack) -> None:
+        direct = [v.video for v in self.viewers if v.video is not None and not v.transcoded]
+        if not direct:
+            return
         try:
             nals = avc.split_length_prefixed(frame.data)
         except ValueError:
@@ -275,14 +396,19 @@ class Fanout:
         pkt = _packet(data, frame.pts * VIDEO_CLOCK // track.timescale)
         pkt.dts = frame.dts * VIDEO_CLOCK // track.timescale
         pkt.time_base = _VIDEO_TB
-        for v in self.viewers:
-            if v.video is not None:
-                v.video.push(pkt, frame.keyframe)
+        for t in direct:
+            t.push(pkt, frame.keyframe)
 
-    def _send_audio(self, packets: list[av.Packet[Any]]) -> None:
+    def _send_transcoded(self, packets: list[tuple[av.Packet[Any], bool]]) -> None:
+        for v in self.viewers:
+            if v.video is not None and v.transcoded:
+                for p, key in packets:
+                    v.video.push(p, key)
+
+    def _send_audio(self, packets: list[tuple[av.Packet[Any], bool]]) -> None:
         for v in self.viewers:
             if v.audio is not None:
-                for p in packets:
+                for p, _ in packets:
                     v.audio.push(p, True)
 
     def _prune(self) -> bool:
@@ -292,41 +418,28 @@ class Fanout:
         return bool(self.viewers)
 
     def add(self, v: _Viewer) -> None:
-        """A new viewer (its sound needs the input's one AAC transcoder: started here once)."""
+        """A new viewer; the first one needing a conversion of the input starts it, once."""
         self.viewers.append(v)
-        if v.audio is not None and self.audio is not None and self.audio.codec == "aac":
-            if self._aac is None:
-                self._aac = asyncio.Queue(200)
-                self._aac_task = asyncio.create_task(
-                    self._transcode(self.audio), name=f"live-aac-{self.input}"
+        audio, video = self.audio, self.video
+        if v.audio is not None and audio is not None and audio.codec == "aac":
+            if self.audio_worker is None:
+                self.audio_worker = _Worker(
+                    self, lambda: AacToOpus(audio), self._send_audio, keyed=False
                 )
-
-    async def _transcode(self, track: LiveTrack) -> None:
-        assert self._aac is not None
-        loop = asyncio.get_running_loop()
-        pool = self.owner.whep.pool
-        self.transcoder = await loop.run_in_executor(pool, AacToOpus, track)
-        self.owner.metrics.audio_transcoders.inc()
-        log.info("live whep: AAC to Opus started", extra={"input": self.input})
-        while (frame := await self._aac.get()) is not None:
-            try:
-                packets = await loop.run_in_executor(pool, self.transcoder.push, frame)
-            except MediaError as exc:
-                log.warning("live whep: AAC frame lost", extra={"error": exc.message})
-                continue
-            if self._prune():
-                self._send_audio(packets)
+        if v.transcoded and video is not None and self.video_worker is None:
+            self.video_worker = _Worker(
+                self, lambda: H264ToBaseline(video), self._send_transcoded, keyed=True
+            )
 
     def end(self, reason: str) -> None:
-        """The publication ended: end every viewer's session, stop the transcoder."""
+        """The publication ended: end every viewer's session, stop the conversions."""
         if self.ended:
             return
         self.ended = True
         self.done.set()
-        if self._aac is not None:
-            while self._aac.full():
-                self._aac.get_nowait()
-            self._aac.put_nowait(None)
+        for w in (self.audio_worker, self.video_worker):
+            if w is not None:
+                w.stop()
         for v in self.viewers:
             for t in (v.video, v.audio):
                 if t is not None:
@@ -345,14 +458,16 @@ class LiveWhepMetrics:
 
     def __init__(self, rt: Runtime) -> None:
         reg = rt.metrics.registry
-        self.audio_transcoders = Counter(
-            "peerd_live_whep_audio_transcoders",
-            "AAC-to-Opus transcoders started (one per live publication with WHEP viewers)",
+        self.transcoders = Counter(
+            "peerd_live_whep_transcoders",
+            "Conversions of a live input started for its WHEP viewers (at most one per kind and"
+            " publication: audio = AAC to Opus, video = H.264 to Constrained Baseline)",
+            ["kind"],
             registry=reg,
         )
-        self.aac_dropped = Counter(
-            "peerd_live_whep_aac_dropped",
-            "AAC frames dropped because the transcoder fell behind",
+        self.dropped = Counter(
+            "peerd_live_whep_convert_dropped",
+            "Live frames dropped because a conversion fell behind real time",
             registry=reg,
         )
 
@@ -400,15 +515,27 @@ class LiveWhep:
         if fan is None or not fan.begun or fan.ended:
             raise NotFound(f"live input {input} has no publisher")
         plan = VideoPlan("refuse", reason="the offer has no video section")
+        transcoded = False
         if "video" in summary.kinds and fan.video is not None:
-            # Never transcoded per viewer: a live input's H.264 goes as it is or not at all.
             plan = choose_video(
                 summary.video_codecs, fan.profile, reorders=fan.reorders, transcode_allowed=False
             )
             if plan.mode != "passthrough":
-                self.whep.metrics.rejected.labels(reason="codec").inc()
                 why = plan.reason.removesuffix(" and transcoding is disabled")
-                raise BadRequest(f"cannot send this live input to the viewer: {why}")
+                # Never encoded per viewer: the input's one Constrained Baseline re-encode, for
+                # every viewer that cannot take its own stream (and offers that profile).
+                cb = choose_video(
+                    summary.video_codecs,
+                    H264ToBaseline.PROFILE,
+                    reorders=False,
+                    transcode_allowed=False,
+                )
+                if not self.whep.cfg.transcode or cb.mode != "passthrough":
+                    self.whep.metrics.rejected.labels(reason="codec").inc()
+                    if self.whep.cfg.transcode:
+                        why += " nor H.264 Constrained Baseline"
+                    raise BadRequest(f"cannot send this live input to the viewer: {why}")
+                plan, transcoded = cb, True
         send_audio = "audio" in summary.kinds and fan.audio is not None
         if plan.mode == "refuse" and not send_audio:
             self.whep.metrics.rejected.labels(reason="kind").inc()
@@ -434,11 +561,11 @@ class LiveWhep:
         if fan.ended:  # the publication ended while negotiating
             await pc.close()
             raise NotFound(f"live input {input} has no publisher")
-        fan.add(_Viewer(session_id, video, audio))
+        fan.add(_Viewer(session_id, video, audio, transcoded=transcoded and video is not None))
         session = WhepSession(
             id=session_id,
             media_id=media_id(input),
-            mode="live",
+            mode="live-transcode" if transcoded and video is not None else "live",
             pc=pc,
             feeder=LiveFeed(fan),
             tracks=[t for t in (video, audio) if t is not None],

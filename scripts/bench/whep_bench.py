@@ -109,6 +109,11 @@ async def run_viewers(url: str, n: int, seconds: float) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError("viewers did not connect")
             await asyncio.sleep(0.1)
+        # A video receiver's decoder exists from its first frame: wait for every viewer's.
+        while len(video_decoders) < n:
+            if time.monotonic() > deadline + 20:
+                raise RuntimeError(f"{len(video_decoders)} of {n} viewers received video")
+            await asyncio.sleep(0.1)
         print("CONNECTED", flush=True)
         await asyncio.sleep(1)
         t0 = time.monotonic()
