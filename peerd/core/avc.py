@@ -76,6 +76,10 @@ def avcc(sps: Sequence[bytes], pps: Sequence[bytes]) -> bytes:
     out.append(len(pps))
     for p in pps:
         out += len(p).to_bytes(2, "big") + p
+    if sps[0][1] in (100, 110, 122, 144):
+        # High profiles: chroma format and bit depths, no SPS extensions (14496-15 5.3.3.1.2).
+        chroma, luma_depth, chroma_depth = _sps(sps[0])[2:]
+        out += bytes([0xFC | chroma, 0xF8 | (luma_depth - 8), 0xF8 | (chroma_depth - 8), 0])
     return bytes(out)
 
 
@@ -135,24 +139,30 @@ def _unescape(nal: bytes) -> bytes:
 
 def sps_dimensions(sps: bytes) -> tuple[int, int]:
     """Width and height in pixels (cropping applied) from an SPS NAL unit."""
+    return _sps(sps)[:2]
+
+
+def _sps(sps: bytes) -> tuple[int, int, int, int, int]:
+    """Width, height, chroma_format_idc, luma and chroma bit depths of an SPS NAL unit."""
     try:
-        return _sps_dimensions(_Bits(_unescape(sps)[1:]))
+        return _parse_sps(_Bits(_unescape(sps)[1:]))
     except IndexError:
         raise ValueError("truncated SPS") from None
 
 
-def _sps_dimensions(b: _Bits) -> tuple[int, int]:
+def _parse_sps(b: _Bits) -> tuple[int, int, int, int, int]:
     profile = b.u(8)
     b.u(16)  # constraint flags, level
     b.ue()  # seq_parameter_set_id
     chroma = 1
     separate = 0
+    luma_depth = chroma_depth = 8
     if profile in _HIGH_PROFILES:
         chroma = b.ue()
         if chroma == 3:
             separate = b.u(1)
-        b.ue()  # bit_depth_luma_minus8
-        b.ue()  # bit_depth_chroma_minus8
+        luma_depth = b.ue() + 8
+        chroma_depth = b.ue() + 8
         b.u(1)  # qpprime_y_zero_transform_bypass_flag
         if b.u(1):  # seq_scaling_matrix_present_flag
             for i in range(8 if chroma != 3 else 12):
@@ -189,4 +199,4 @@ def _sps_dimensions(b: _Bits) -> tuple[int, int]:
     crop_y = (2 - frame_mbs_only) * (1 if array_type == 0 else sub_h)
     width = width_mbs * 16 - crop_x * (left + right)
     height = (2 - frame_mbs_only) * height_units * 16 - crop_y * (top + bottom)
-    return width, height
+    return width, height, chroma, luma_depth, chroma_depth

@@ -379,7 +379,7 @@ class Fanout:
                     pkt = _packet(frame.data, frame.pts * AUDIO_RATE // self.audio.timescale)
                     pkt.time_base = _AUDIO_TB
                     self._send_audio([(pkt, True)])
-            elif self.audio_worker is not None:
+            elif self.audio_worker is not None and self._prune():
                 self.audio_worker.offer(frame)
 
     def _video(self, frame: LiveFrame, track: LiveTrack) -> None:

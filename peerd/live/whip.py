@@ -8,7 +8,8 @@ key is ``401`` with ``WWW-Authenticate: Bearer``, an unknown input ``404``, an i
 has a publisher ``409``. An offer whose video has no H.264 (packetization-mode 1) or whose audio
 has no Opus is refused with ``400`` before anything is opened; the answer names only those
 codecs. The publisher gets ``201 Created``, the SDP answer, ``Location: /whip/<input>/<session
-id>`` and one ``Link: <url>; rel="ice-server"`` per ICE server (the node's WHEP servers).
+id>`` and one ``Link: <url>; rel="ice-server"`` per ICE server (the node's WHEP servers; an
+``OPTIONS`` preflight, unauthenticated, gets those without credentials).
 ``DELETE`` on the location ends the publication (``"unpublished"``); ``PATCH`` (trickle ICE,
 optional in the RFC) is answered ``405``: the answer carries every candidate. ``OPTIONS``
 answers CORS preflights (origins from ``webrtc.cors_origins``), since browsers publish too.
@@ -523,9 +524,12 @@ def install(app: web.Application, rt: Runtime, whip: WhipIngest) -> None:
         }
         if "session_id" not in request.match_info:
             headers["Accept-Post"] = SDP
-            # RFC 9725 4.4: a client may learn the ICE servers before it makes its offer.
+            # RFC 9725 4.4: a client may learn the ICE servers before it makes its offer. A
+            # preflight is not authenticated, so it gets the servers without credentials only;
+            # TURN credentials go with the answer to an accepted offer.
+            public = [s for s in await whip.ice.servers() if s.credential is None]
             resp = web.Response(status=204, headers=headers)
-            for value in link_headers(await whip.ice.servers()):
+            for value in link_headers(public):
                 resp.headers.add("Link", value)
             return resp
         return web.Response(status=204, headers=headers)

@@ -4,8 +4,9 @@
     .venv/bin/python scripts/bench/live_whep_bench.py [--sessions 10] [--seconds 10]
         [--height 720] [--bitrate 2500000] [--out /tmp/peerd-bench/live-whep]
 
-1. Encodes a live-style clip (testsrc2 + tone, H.264 Constrained Baseline without B-frames, CBR
-   ``--bitrate``, AAC 44.1 kHz: what an RTMP publisher sends; aiortc viewers offer that profile).
+1. Encodes a live-style clip (testsrc2 + tone, H.264 High without B-frames, CBR ``--bitrate``,
+   AAC 44.1 kHz: what an RTMP publisher sends), the shape of the on-demand bench's clip; the
+   viewers offer High, so both pass the video through.
 2. Starts a serving process (this script with ``--serve``): a runtime, the WHEP service, the live
    WHEP fan-out and peerd's HTTP app on 127.0.0.1, and a publication of input ``cam`` fed with
    the clip's frames in real time, looped with increasing timestamps (the livefeed harness's
@@ -101,7 +102,7 @@ def make_clip(out: Path, height: int, bitrate: int) -> Path:
         out / "live.mp4",
         seconds=6,
         size=(width, height),
-        profile="baseline",
+        profile="high",
         video_bitrate=bitrate,
     )
 

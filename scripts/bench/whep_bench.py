@@ -84,6 +84,12 @@ async def run_viewers(url: str, n: int, seconds: float) -> dict[str, Any]:
 
     # Receive and reassemble RTP, never decode: the viewers' CPU is not what is measured.
     receiver.get_decoder = get_decoder
+    # Offer the H.264 profiles a browser with a hardware decoder offers (aiortc's own offer has
+    # Constrained Baseline only), so a High stream without B-frames is passed through, not
+    # transcoded to VP8: the figure is the passthrough one.
+    from tests.support.whep_viewer import DECODES, offer_h264
+
+    offer_h264(DECODES)
 
     pcs: list[RTCPeerConnection] = []
     locations: list[str] = []
