@@ -17,8 +17,10 @@ from functools import partial
 from pathlib import Path
 
 import aiohttp
+import av
 import pytest
 from aiohttp import web
+from aiortc.mediastreams import MediaStreamError
 
 from peerd.config import load_settings
 from peerd.core import tokens
@@ -234,3 +236,28 @@ async def test_without_transcoding_a_viewer_without_the_profile_is_refused(
         publisher.cancel()
         await asyncio.gather(publisher, return_exceptions=True)
         sink.end("unpublished")
+
+
+async def test_a_slow_viewer_skips_to_the_next_keyframe() -> None:
+    """A viewer that does not keep up never queues more than its bound: its video restarts at
+    the next keyframe, its sound loses the oldest packets."""
+    video = live_whep.ViewerTrack("video", 4)
+    audio = live_whep.ViewerTrack("audio", 4)
+    packets = [av.Packet(bytes([i])) for i in range(12)]
+    video.push(packets[0], False)  # before the first keyframe: not queued
+    assert video.queue.qsize() == 0
+    for i in range(1, 7):  # keyframe at 1, then deltas: the 5th overflows
+        video.push(packets[i], i == 1)
+    assert video.queue.qsize() == 0
+    assert video.waiting_key
+    video.push(packets[7], False)
+    video.push(packets[8], True)
+    assert video.queue.qsize() == 1
+    assert bytes(await video.recv()) == b"\x08"
+    for p in packets:
+        audio.push(p, True)
+    assert audio.queue.qsize() == 4
+    assert [bytes(await audio.recv()) for _ in range(4)] == [bytes([i]) for i in range(8, 12)]
+    video.end()
+    with pytest.raises(MediaStreamError):
+        await video.recv()

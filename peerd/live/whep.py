@@ -372,7 +372,10 @@ class Fanout:
             if self._prune():
                 self._video(frame, self.video)
                 if self.video_worker is not None:
-                    self.video_worker.offer(frame)
+                    if any(v.transcoded for v in self.viewers):
+                        self.video_worker.offer(frame)
+                    else:  # nobody to re-encode for: resume at a keyframe when someone comes
+                        self.video_worker.waiting_key = True
         elif self.audio is not None and frame.track == self.audio.index:
             if self.audio.codec == "opus":
                 if self._prune():
