@@ -24,8 +24,11 @@ from aiortc.mediastreams import MediaStreamError
 
 from peerd.config import load_settings
 from peerd.core import tokens
+from peerd.core.live import Protocol_, Publication, match_key
+from peerd.errors import Unauthorized
 from peerd.http.server import build_app
 from peerd.live import whep as live_whep
+from peerd.live import whip
 from peerd.runtime import Runtime, open_runtime
 from peerd.webrtc import routes as whep_routes
 from peerd.webrtc.session import WhepService
@@ -34,6 +37,21 @@ from tests.support.livefeed import feed
 from tests.support.poll import until
 from tests.support.whep_media import VIEWER_KEY, sign_viewers
 from tests.support.whep_viewer import ViewerProcess, make_offer
+from tests.support.whip_publisher import PublisherProcess
+
+WHIP_KEY = "whip-test-key-0123456789"
+
+
+class Inputs:
+    """One input ``cam`` whose publications go to the WHEP fan-out alone (no live service)."""
+
+    def __init__(self, live: live_whep.LiveWhep) -> None:
+        self.live = live
+
+    def open(self, key: str, *, input: str | None, protocol: Protocol_, remote: str) -> Publication:
+        if match_key(key, [("cam", WHIP_KEY)]) != "cam" or input != "cam":
+            raise Unauthorized("wrong key")
+        return Publication("cam", protocol, self.live.publication("cam"))
 
 
 @dataclass
@@ -60,9 +78,12 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     task = asyncio.create_task(whep.run(ready.set))
     await ready.wait()
     live = live_whep.LiveWhep(whep)
+    ingest = whip.WhipIngest(rt, Inputs(live), whep.ice)
+    ingesting = asyncio.create_task(ingest.run(ready.set))
     installers = [
         partial(whep_routes.install, whep=whep),
         partial(live_whep.install, live=live),
+        partial(whip.install, whip=ingest),
     ]
     runner = web.AppRunner(build_app(rt, installers))
     await runner.setup()
@@ -70,8 +91,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     try:
         yield Node(f"http://127.0.0.1:{runner.addresses[0][1]}", rt, whep, live)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for t in (task, ingesting):
+            t.cancel()
+        await asyncio.gather(task, ingesting, return_exceptions=True)
         await runner.cleanup()
         await rt.close()
 
@@ -261,3 +283,29 @@ async def test_a_slow_viewer_skips_to_the_next_keyframe() -> None:
     video.end()
     with pytest.raises(MediaStreamError):
         await video.recv()
+
+
+async def test_whip_publisher_to_whep_viewers(node: Node, clip: Path) -> None:
+    """WHIP in, WHEP out: an aiortc publisher's H.264 and Opus reach an aiortc viewer as they
+    were sent (no conversion at all for this input)."""
+    publisher = await PublisherProcess.start(f"{node.base}/whip/cam", str(clip), key=WHIP_KEY)
+    viewer: ViewerProcess | None = None
+    try:
+        assert publisher.status == 201, publisher.sdp
+        await until(lambda: "cam" in node.live.fanouts and node.live.fanouts["cam"].begun, 60)
+        viewer = await ViewerProcess.start(node.url("cam"))
+        assert viewer.status == 201, viewer.sdp
+        stats = await grows(viewer, video=50, audio=50)
+        assert stats["widths"] == [320], stats
+        assert abs(float(str(stats["tone"])) - TONE_HZ) < 20, stats
+        fan = node.live.fanouts["cam"]
+        assert fan.audio is not None
+        assert fan.audio.codec == "opus"
+        assert fan.audio_worker is None
+        assert fan.video_worker is None
+        assert await publisher.delete() == 200
+        await until(lambda: not node.whep.sessions, timeout_s=20)
+    finally:
+        await publisher.close()
+        if viewer is not None:
+            await viewer.close()

@@ -26,7 +26,9 @@ receiver's private ``__decoder_queue`` attribute, as aiortc :data:`AIORTC_TESTED
 checks it on the installed aiortc.
 
 H.264 arrives Annex B: frames are dropped (and a keyframe asked for with PLI, at most once a
-second) until a keyframe with its SPS and PPS arrives; the publication then begins with an avcC
+second) until a keyframe with its SPS and PPS arrives; later, a PLI goes out whenever no keyframe
+came for ``[live] segment_s`` (WebRTC encoders send one only when asked), so segments can be cut
+and new viewers start; the publication then begins with an avcC
 from those parameter sets and the picture size the SPS states, and each frame goes on as 4-byte
 length-prefixed NAL units on a 90 kHz clock (WebRTC has no B-frames: dts = pts). Opus packets
 go on as they are on a 48 kHz clock, from the same moment. A publisher whose ICE/DTLS fails or
@@ -206,6 +208,7 @@ class WhipSession:
     video_base: int | None = None
     audio_base: int | None = None
     last_pli: float = 0.0
+    last_key: float = 0.0
     frames: int = 0
     receivers: list[RTCRtpReceiver] = field(default_factory=list)
 
@@ -352,6 +355,13 @@ class WhipIngest:
                 return
             s.sps, s.pps = sps[:1], pps[:1]
             self._begin(s, width, height, config)
+        now = time.monotonic()
+        if key:
+            s.last_key = now
+        elif now - s.last_key > self.rt.settings.live.segment_s:
+            # WebRTC encoders (browsers) send a keyframe only when asked: ask every segment's
+            # length, so LL-HLS can cut segments and a new WHEP viewer starts soon.
+            self._keyframe_soon(s)
         if s.video_base is None:
             s.video_base = frame.timestamp
         t = frame.timestamp - s.video_base
