@@ -221,6 +221,19 @@ async def test_aiortc_publishes_h264_and_opus_over_whip(node: Node, clip: str) -
 
 async def test_whip_options_patch_and_cors(node: Node) -> None:
     async with aiohttp.ClientSession() as http:
+        # An offer aiortc would take and never connect (no DTLS fingerprint) is refused before
+        # the input is taken.
+        offer = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+        offer += "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=sendonly\r\n"
+        offer += "a=rtpmap:96 H264/90000\r\na=fmtp:96 packetization-mode=1\r\n"
+        async with http.post(
+            f"{node.base}/whip/cam",
+            data=offer,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {KEY}"},
+        ) as r:
+            assert r.status == 400
+            assert "DTLS" in (await r.json())["message"]
+        assert node.inputs.publications == []
         async with http.options(
             f"{node.base}/whip/cam", headers={"Origin": "https://studio.example"}
         ) as r:

@@ -62,8 +62,8 @@ from peerd.core.live import LiveFrame, LiveInputs, LiveTrack, Publication
 from peerd.core.whep import IceServer, link_headers
 from peerd.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
 from peerd.runtime import Runtime
-from peerd.webrtc import session as _session  # noqa: F401 - registers the H.264 profiles peerd takes
 from peerd.webrtc.ice import IceProvider, for_aiortc
+from peerd.webrtc.session import summarize_offer  # (importing it registers peerd's H.264)
 
 log = logging.getLogger("peerd.live")
 
@@ -117,12 +117,8 @@ def tap_receiver(receiver: RTCRtpReceiver, sink: EncodedSink) -> None:
 def check_offer(offer: str) -> tuple[bool, bool]:
     """Whether the offer sends video and audio; BadRequest unless every video section offers
     H.264 (packetization-mode 1), every audio section Opus, and there is at least one."""
-    if "m=" not in offer or not offer.lstrip().startswith("v=0"):
-        raise BadRequest("body is not an SDP offer")
-    try:
-        desc = rtc_sdp.SessionDescription.parse(offer)
-    except (ValueError, KeyError, IndexError, AssertionError) as exc:
-        raise BadRequest(f"cannot parse the SDP offer: {exc}") from None
+    summarize_offer(offer)  # an SDP offer, with DTLS fingerprints and ICE credentials
+    desc = rtc_sdp.SessionDescription.parse(offer)
     video = audio = False
     for m in desc.media:
         names = {c.mimeType.lower() for c in m.rtp.codecs}
@@ -269,22 +265,25 @@ class WhipIngest:
         except Conflict:
             self.metrics.refused.labels(reason="conflict").inc()
             raise
-        servers = await self.ice.servers()
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=for_aiortc(servers)))
-        s = WhipSession(
-            id=secrets.token_urlsafe(16),
-            input=pub.input,
-            pc=pc,
-            publication=pub,
-            video=video,
-            audio=audio,
-        )
+        pc: RTCPeerConnection | None = None
         try:
+            servers = await self.ice.servers()
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=for_aiortc(servers)))
+            s = WhipSession(
+                id=secrets.token_urlsafe(16),
+                input=pub.input,
+                pc=pc,
+                publication=pub,
+                video=video,
+                audio=audio,
+            )
             answer = await self._negotiate(s, offer)
         except BaseException as exc:
+            # The input was taken: give it back, whatever failed.
             self.metrics.refused.labels(reason="offer").inc()
             pub.sink.end(f"vanished: negotiation failed ({type(exc).__name__})")
-            await pc.close()
+            if pc is not None:
+                await pc.close()
             raise
         self.sessions[s.id] = s
         self.metrics.opened.inc()
