@@ -2,7 +2,8 @@
 
 One :class:`WhepService` per daemon owns every session. A session is one
 aiortc ``RTCPeerConnection`` answering a viewer's offer, its two paced tracks and the feeder that
-fills them (``peerd.webrtc.media``). It ends when the viewer sends ``DELETE``, when the peer
+fills them (``peerd.webrtc.media``; for a live input, the fan-out of ``peerd.live.whep``, which
+opens its sessions through :meth:`WhepService.admit` and :meth:`WhepService.start`). It ends when the viewer sends ``DELETE``, when the peer
 connection fails or closes (ICE consent lost, DTLS closed), when it does not connect within
 ``connect_timeout_s``, or when the daemon stops; ending closes the peer connection, stops the
 feeder and frees the slot.
