@@ -30,6 +30,7 @@ from peerd.runtime import Runtime
 from peerd.webrtc.ice import StaticIce
 from tests.support.media import make_media
 from tests.support.poll import until
+from tests.support.whep_viewer import make_offer
 from tests.support.whip_publisher import PublisherProcess
 
 KEY = "cam-stream-key-0123456789"
@@ -260,3 +261,21 @@ async def test_the_receiver_tap_fits_the_installed_aiortc() -> None:
         assert got == [b"x"]
     finally:
         await pc.close()
+
+
+async def test_a_publisher_that_never_connects_vanishes(node: Node) -> None:
+    node.ingest.cfg = node.ingest.cfg.model_copy(update={"connect_timeout_s": 1})
+    offer = await make_offer()  # a real offer (H.264, Opus) whose sender never answers ICE
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{node.base}/whip/cam",
+            data=offer,
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {KEY}"},
+        ) as r,
+    ):
+        assert r.status == 201, await r.text()
+    rec = node.inputs.publications[0]
+    await until(lambda: rec.ended is not None, timeout_s=30)
+    assert rec.ended == "vanished: never connected"
+    assert not node.inputs.connected  # the input is free for the next publisher
