@@ -206,6 +206,7 @@ class WhipSession:
     last_pli: float = 0.0
     last_key: float = 0.0
     frames: int = 0
+    last_dts: dict[int, int] = field(default_factory=dict)
     receivers: list[RTCRtpReceiver] = field(default_factory=list)
 
 
@@ -404,6 +405,11 @@ class WhipIngest:
         )
 
     def _deliver(self, s: WhipSession, frame: LiveFrame) -> None:
+        # Consumers are promised increasing decode times per track: a frame that does not
+        # advance (a publisher's timestamp glitch) is dropped rather than passed on.
+        if frame.dts <= s.last_dts.get(frame.track, -1):
+            return
+        s.last_dts[frame.track] = frame.dts
         s.frames += 1
         s.publication.sink.frame(frame)
 
