@@ -98,9 +98,7 @@ def prefer_h264(transceiver: Any) -> None:
     from aiortc import RTCRtpSender
 
     caps = RTCRtpSender.getCapabilities("video")
-    transceiver.setCodecPreferences(
-        [c for c in caps.codecs if c.mimeType.lower() == "video/h264"]
-    )
+    transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == "video/h264"])
 
 
 async def direct(seconds: float) -> list[float]:
