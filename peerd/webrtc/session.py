@@ -3,10 +3,10 @@
 One :class:`WhepService` per daemon owns every session. A session is one
 aiortc ``RTCPeerConnection`` answering a viewer's offer, its two paced tracks and the feeder that
 fills them (``peerd.webrtc.media``; for a live input, the fan-out of ``peerd.live.whep``, which
-opens its sessions through :meth:`WhepService.admit` and :meth:`WhepService.start`). It ends when the viewer sends ``DELETE``, when the peer
-connection fails or closes (ICE consent lost, DTLS closed), when it does not connect within
-``connect_timeout_s``, or when the daemon stops; ending closes the peer connection, stops the
-feeder and frees the slot.
+opens its sessions through :meth:`WhepService.admit` and :meth:`WhepService.start`). It ends
+when the viewer sends ``DELETE``, when the peer connection fails or closes (ICE consent lost,
+DTLS closed), when it does not connect within ``connect_timeout_s``, or when the daemon stops;
+ending closes the peer connection, stops the feeder and frees the slot.
 
 A session is a stream of the uplink admission (:class:`peerd.core.uplink.Uplink`, ``[uplink]
 budget_mbps``): a new one is decided as a new HLS stream is, and refused with 503 and
