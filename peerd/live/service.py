@@ -80,7 +80,7 @@ class InputStatus:
     input: str
     connected: bool
     since: float | None  # Unix time the publisher connected (None while not connected)
-    protocol: str | None
+    protocol: Protocol_ | None
     remote: str | None  # the publisher's address, without its port
     codecs: tuple[str, ...]  # RFC 6381, one per track
     bitrate_bps: int  # over the last RATE_WINDOW_S seconds
@@ -279,9 +279,9 @@ class LiveService:
         # Every input's key is compared, whatever the outcome, so timing says nothing.
         found = match_key(key, [(n, self._keys.get(n, "")) for n in self._inputs])
         where = address_of(remote)
-        if self.stopping:
+        if self.stopping or not self.settings.enabled:
             self._refuse("stopping", input, protocol, where)
-            raise Unavailable("the node is stopping")
+            raise Unavailable("the node is stopping" if self.stopping else "[live] is off")
         if input is not None and input not in self._inputs:
             self._refuse("unknown_input", input, protocol, where)
             raise NotFound(f"no live input {input!r}")
