@@ -27,6 +27,7 @@ import pytest
 from peerd.config import load_settings
 from peerd.core import tokens
 from peerd.core.live import LiveFrame, LiveTrack
+from peerd.errors import Unavailable
 from peerd.live.record import (
     MAGIC,
     SUFFIX,
@@ -207,6 +208,26 @@ async def test_a_recording_becomes_media_that_plays_the_same_every_time(
         assert frames["1"] > 0, frames
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.logs()[-3000:]
+
+
+async def test_a_stopping_node_seals_the_recording_for_the_next_start(
+    node: Node, clip: Path
+) -> None:
+    svc = node.service
+    pub = svc.open(KEY, input=None, protocol="rtmp", remote="127.0.0.1:50000")
+    await feed(pub.sink, clip, speed=0, end=None)
+    await svc.drain()  # SIGTERM: the publication ends, its recording is sealed, not ingested
+    assert await node.recorder.wait() == [None]
+    [left] = await asyncio.to_thread(_rec_files, node.proc)
+    assert (await asyncio.to_thread(read_header, left))[2] is True
+    with pytest.raises(Unavailable):
+        svc.open(KEY, input=None, protocol="rtmp", remote="127.0.0.1:50001")
+    # The next start ingests it: the same item as a publication that ended normally.
+    again = Recorder(left.parent, node.recorder.ingestor, svc.settings.inputs)
+    [media_id] = await again.recover()
+    assert media_id is not None
+    assert again.last("cam") == media_id
+    assert await asyncio.to_thread(_rec_files, node.proc) == []
 
 
 def _crash(proc: PeerdProcess, clip: Path, video_frames: int) -> dict[str, int]:
