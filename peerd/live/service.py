@@ -164,6 +164,9 @@ class _Live:
     window: deque[tuple[float, int]] = field(default_factory=deque)
     ended: str | None = None
 
+    def __post_init__(self) -> None:
+        self.counted = self.service.metrics.ingest_bytes.labels(input=self.input)
+
     def _each(self, what: str, call: Callable[[LiveSink], None]) -> None:
         for entry in list(self.sinks):
             name, sink = entry
@@ -193,7 +196,8 @@ class _Live:
         size = len(frame.data)
         self.bytes += size
         self.window.append((now, size))
-        self.service.metrics.ingest_bytes.labels(input=self.input).inc(size)
+        self._prune(now)
+        self.counted.inc(size)
         self._each("frame", lambda s: s.frame(frame))
 
     def end(self, reason: str) -> None:
@@ -204,10 +208,13 @@ class _Live:
         self._each("end", lambda s: s.end(reason))
         self.service._ended(self)
 
-    def bitrate(self, now: float) -> int:
-        """Bits per second over the last RATE_WINDOW_S seconds."""
+    def _prune(self, now: float) -> None:
         while self.window and self.window[0][0] < now - RATE_WINDOW_S:
             self.window.popleft()
+
+    def bitrate(self, now: float) -> int:
+        """Bits per second over the last RATE_WINDOW_S seconds."""
+        self._prune(now)
         span = min(RATE_WINDOW_S, max(now - self.opened, 1e-3))
         return int(sum(n for _, n in self.window) * 8 / span)
 
