@@ -206,6 +206,11 @@ async def test_a_recording_becomes_media_that_plays_the_same_every_time(
         frames = await asyncio.to_thread(_decoded_frames, _hls_url(proc, media_id))
         assert frames["0"] == SECONDS * RATE, frames
         assert frames["1"] > 0, frames
+        # The input without its key file is named in the log; no key ever is.
+        logs = proc.logs()
+        [line] = [x for x in logs.splitlines() if "live input has no stream key" in x]
+        assert json.loads(line)["key_file"] == "live-stage.key"
+        assert KEY not in logs
     finally:
         assert await asyncio.to_thread(proc.stop) == 0, proc.logs()[-3000:]
 

@@ -133,7 +133,7 @@ def test_an_input_without_its_key_file_refuses_everyone_and_says_which_file(
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="peerd.live"):
         svc = service(keys=False)
-    named = [r for r in caplog.records if getattr(r, "secret", None) == "live-cam.key"]
+    named = [r for r in caplog.records if getattr(r, "key_file", None) == "live-cam.key"]
     assert len(named) == 1
     assert getattr(named[0], "input", None) == "cam"
     for key in ("", "anything", KEYS["live-cam.key"]):

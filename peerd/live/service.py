@@ -273,7 +273,7 @@ class LiveService:
                 log.error(
                     "live input has no stream key: every publisher is refused until the secret "
                     "file exists (secrets directory or systemd credentials)",
-                    extra={"input": name, "secret": cfg.secret_name},
+                    extra={"input": name, "key_file": cfg.secret_name},
                 )
                 continue
             keys[name] = key
