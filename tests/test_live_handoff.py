@@ -1,0 +1,255 @@
+"""Hand-off of a live input to Cloudflare Stream, from outside: a publication fed in real time,
+the audience grown past the threshold, Stream's API (a fake of its real shape) asked for a live
+input with the node's token, and the ffmpeg CLI receiving the RTMPS restream (through a TLS
+front: ffmpeg cannot listen for RTMPS) and decoding it, frame for frame the published ones."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+from prometheus_client import CollectorRegistry
+
+from peerd.config import load_settings
+from peerd.core.uplink import Uplink
+from peerd.live.handoff import HandoffConsumer
+from tests.support.cf_stream import FakeCloudflareStream, RtmpsFront, make_cert
+from tests.support.livefeed import feed, read_file
+from tests.support.media import ffmpeg_path, make_media
+from tests.support.poll import until
+
+
+@dataclass
+class Bench:
+    clip: Path
+    fake: FakeCloudflareStream
+    front: RtmpsFront
+    receiver_port: int
+    tmp: Path
+    ca_file: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def bench(tmp_path: Path) -> AsyncIterator[Bench]:
+    clip = await asyncio.to_thread(
+        make_media, tmp_path / "clip.mp4", seconds=8.0, size=(160, 120), gop=15
+    )
+    cert, key = make_cert(tmp_path)
+    port = _free_port()
+    front = await RtmpsFront(cert, key, port).start()
+    fake = await FakeCloudflareStream(f"rtmps://127.0.0.1:{front.port}/live/").start()
+    try:
+        yield Bench(clip, fake, front, port, tmp_path, cert)
+    finally:
+        await fake.close()
+        await front.close()
+
+
+def _consumer(
+    b: Bench, viewers: dict[str, int], token: str | None
+) -> tuple[HandoffConsumer, CollectorRegistry]:
+    secrets_dir = b.tmp / "secrets"
+    secrets_dir.mkdir(exist_ok=True)
+    if token is not None:
+        (secrets_dir / "cloudflare-stream-token").write_text(token + "\n")
+    settings = load_settings(
+        None,
+        node={"state_dir": b.tmp / "state", "secrets_dir": secrets_dir, "name": "den"},
+        live={
+            "handoff": {
+                "enabled": True,
+                "account_id": b.fake.account_id,
+                "api_url": b.fake.base_url,
+                "start_viewers": 3,
+                "stop_viewers": 1,
+                "start_after_s": 0.3,
+                "stop_after_s": 0.3,
+                "check_interval_s": 0.1,
+                "retry_max_s": 0.5,
+                "ca_file": b.ca_file,  # the TLS front's self-signed certificate
+            }
+        },
+    )
+    registry = CollectorRegistry()
+    consumer = HandoffConsumer(
+        settings, Uplink(), lambda name: viewers.get(name, 0), registry=registry
+    )
+    return consumer, registry
+
+
+def _metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def _packets(path: Path) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {"video": [], "audio": []}
+    with av.open(str(path)) as c:
+        for pkt in c.demux():
+            if pkt.size:
+                out[pkt.stream.type].append(bytes(pkt))
+    return out
+
+
+async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(bench: Bench) -> None:
+    b = bench
+    viewers = {"studio": 0}
+    consumer, registry = _consumer(b, viewers, b.fake.api_token)
+    sink = consumer.publication("studio")
+    publishing = asyncio.create_task(feed(sink, b.clip, speed=1.0))
+    receiver: asyncio.subprocess.Process | None = None
+    try:
+        await asyncio.sleep(0.5)  # a few checks with a small audience: nothing happens
+        assert b.fake.requests == []
+        viewers["studio"] = 5
+        await until(lambda: b.fake.inputs, timeout_s=20)
+        (create,) = b.fake.requests
+        assert create["method"] == "POST"
+        assert create["path"] == f"/client/v4/accounts/{b.fake.account_id}/stream/live_inputs"
+        assert create["authorization"] == f"Bearer {b.fake.api_token}"
+        assert create["body"]["recording"]["mode"] == "automatic"
+        assert create["body"]["meta"] == {"name": "peerd den studio"}
+        (uid,) = b.fake.inputs
+        key = b.fake.inputs[uid]["rtmps"]["streamKey"]
+        # No receiver yet: the egress fails and retries; the publication goes on.
+        await until(
+            lambda: _metric(registry, "peerd_live_handoff_failures_total", stage="egress") >= 2,
+            timeout_s=20,
+        )
+        assert not publishing.done()
+        (status,) = consumer.status()
+        assert status.handed_off
+        assert status.stream_uid == uid
+        assert status.egress == "retrying"
+        assert status.playback_url == f"{b.fake.customer}/{uid}/manifest/video.m3u8"
+        assert _metric(registry, "peerd_live_handoff_active") == 1
+
+        out = b.tmp / "received.flv"
+        receiver = await asyncio.create_subprocess_exec(
+            ffmpeg_path(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-y",
+            "-listen",
+            "1",
+            "-i",
+            f"rtmp://127.0.0.1:{b.receiver_port}/live/{key}",
+            "-c",
+            "copy",
+            str(out),
+            stderr=subprocess.PIPE,
+        )
+        await until(lambda: consumer.status()[0].egress == "sending", timeout_s=30)
+        await publishing  # the input ends: so does its hand-off
+        assert consumer.status() == []
+        assert _metric(registry, "peerd_live_handoff_active") == 0
+        # The restream ended: the receiver sees its publisher leave and exits.
+        await asyncio.wait_for(receiver.communicate(), timeout=60)
+        receiver = None
+    finally:
+        if receiver is not None:
+            receiver.kill()
+            await receiver.wait()
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await consumer.close()
+
+    check = await asyncio.create_subprocess_exec(
+        ffmpeg_path(),
+        "-v",
+        "error",
+        "-xerror",
+        "-i",
+        str(out),
+        "-f",
+        "null",
+        "-",
+        stderr=subprocess.PIPE,
+    )
+    _, err = await check.communicate()
+    assert check.returncode == 0, err
+    assert err == b""
+
+    # What ffmpeg received is a run of the published frames from a keyframe to the end, unchanged.
+    tracks, frames = await asyncio.to_thread(read_file, b.clip)
+    got = await asyncio.to_thread(_packets, out)
+    assert _metric(registry, "peerd_live_handoff_egress_bytes_total") > 0
+    for kind in ("video", "audio"):
+        published = [f for f in frames if tracks[f.track].kind == kind]
+        sent = got[kind]
+        assert len(sent) >= 15, kind  # at least a second of it
+        start = len(published) - len(sent)
+        assert [f.data for f in published[start:]] == sent, kind
+        if kind == "video":
+            assert published[start].keyframe
+
+
+async def test_the_audience_coming_back_ends_the_hand_off(bench: Bench) -> None:
+    b = bench
+    viewers = {"studio": 5}
+    consumer, registry = _consumer(b, viewers, b.fake.api_token)
+    sink = consumer.publication("studio")
+    publishing = asyncio.create_task(feed(sink, b.clip, speed=1.0))
+    try:
+        await until(lambda: consumer.status() and consumer.status()[0].handed_off, timeout_s=20)
+        b.fake.live_viewers = 4  # the audience moved to Stream still counts
+        viewers["studio"] = 0
+        await asyncio.sleep(1.0)
+        assert consumer.status()[0].handed_off
+        b.fake.live_viewers = 0
+        await until(lambda: not consumer.status()[0].handed_off, timeout_s=20)
+        assert _metric(registry, "peerd_live_handoff_active") == 0
+        assert not publishing.done()
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await consumer.close()
+
+
+@pytest.mark.parametrize("token", ["forged", None])
+async def test_a_forged_or_missing_token_is_a_clear_error_not_a_crash(
+    bench: Bench, token: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = bench
+    viewers = {"studio": 5}
+    consumer, registry = _consumer(b, viewers, token)
+    sink = consumer.publication("studio")
+    caplog.set_level(logging.ERROR, "peerd.live.handoff")
+    publishing = asyncio.create_task(feed(sink, b.clip, speed=1.0))
+    try:
+        await until(
+            lambda: _metric(registry, "peerd_live_handoff_failures_total", stage="api") >= 1,
+            timeout_s=20,
+        )
+        (record,) = [r for r in caplog.records if r.name == "peerd.live.handoff"]
+        error: Any = record.__dict__["error"]
+        if token is None:
+            assert b.fake.requests == []
+            assert "no Cloudflare API token" in error
+        else:
+            assert [r["authorization"] for r in b.fake.requests] == ["Bearer forged"]
+            assert "403" in error
+            assert "Authentication error" in error
+            assert "forged" not in record.getMessage() + error
+        assert not consumer.status()[0].handed_off
+        assert b.fake.inputs == {}
+        assert not publishing.done()
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await consumer.close()
