@@ -18,10 +18,15 @@ import av
 import pytest
 from prometheus_client import CollectorRegistry
 
+from peerd.api.commands import Subsystems
+from peerd.api.node import NodeApi
 from peerd.config import load_settings
+from peerd.coordinator.client import CoordinatorService
 from peerd.core.uplink import Uplink
 from peerd.live.handoff import HandoffConsumer
+from peerd.runtime import Runtime
 from tests.support.cf_stream import FakeCloudflareStream, RtmpsFront, make_cert
+from tests.support.coordinator import FakeCoordinator
 from tests.support.livefeed import feed, read_file
 from tests.support.media import ffmpeg_path, make_media
 from tests.support.poll import until
@@ -253,3 +258,41 @@ async def test_a_forged_or_missing_token_is_a_clear_error_not_a_crash(
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)
         await consumer.close()
+
+
+async def test_the_coordinator_hears_of_the_hand_off(bench: Bench, runtime: Runtime) -> None:
+    b = bench
+    coordinator = FakeCoordinator()
+    runtime.settings.coordinator.url = await coordinator.start()
+    runtime.settings.coordinator.heartbeat_interval_s = 1.0
+    consumer, _ = _consumer(b, {"studio": 5}, b.fake.api_token)
+    sink = consumer.publication("studio")
+    publishing = asyncio.create_task(feed(sink, b.clip, speed=1.0))
+    svc = CoordinatorService(runtime, NodeApi(runtime, Subsystems()), live_handoff=consumer.status)
+    ready = asyncio.Event()
+    reporting = asyncio.create_task(svc.run(ready.set))
+    try:
+        await until(lambda: b.fake.inputs, timeout_s=20)
+        (uid,) = b.fake.inputs
+
+        def handed_off() -> list[dict[str, Any]]:
+            return [
+                h
+                for r in coordinator.of_kind("heartbeat")
+                for h in r.payload["live_handoff"] or []
+                if h["handed_off"]
+            ]
+
+        await coordinator.wait_for(lambda: bool(handed_off()), 20)
+        h = handed_off()[0]
+        assert h["input"] == "studio"
+        assert h["stream_uid"] == uid
+        assert h["playback_url"] == f"{b.fake.customer}/{uid}/manifest/video.m3u8"
+        assert h["since"] > 0
+        assert not coordinator.refused  # the reports fit the committed OpenAPI schema
+    finally:
+        for task in (reporting, publishing):
+            task.cancel()
+        await asyncio.gather(reporting, publishing, return_exceptions=True)
+        await consumer.close()
+        await coordinator.close()

@@ -402,6 +402,26 @@ class JobStatus(Response):
 # -- node -> coordinator (signed) ------------------------------------------------------------------
 
 
+class LiveHandoff(Response):
+    """One live input's hand-off to Cloudflare Stream (`[live.handoff]`)."""
+
+    input: str = Field(description="The live input (`[live] inputs` name).")
+    handed_off: bool = Field(
+        description="The input is being restreamed to Stream: send its new viewers to playback_url."
+    )
+    since: float | None = Field(description="Unix time the hand-off started; null when not.")
+    stream_uid: str | None = Field(description="The Stream live input it uses (kept after).")
+    playback_url: str | None = Field(
+        description="Stream's HLS manifest of the input while handed off "
+        "(`https://customer-<code>.cloudflarestream.com/<uid>/manifest/video.m3u8`)."
+    )
+    egress: Literal["off", "connecting", "sending", "retrying"] = Field(
+        description="The RTMPS restream: sending once Stream takes the frames; retrying after "
+        "a failure (with backoff)."
+    )
+    failures: int = Field(ge=0, description="Restream connections failed in this hand-off.")
+
+
 class NodeReport(Response):
     """Body the node POSTs to the coordinator: `/v1/nodes/register`, `/v1/nodes/heartbeat` and
     `/v1/nodes/drain`. Signed: the exact body bytes carry an ed25519 signature in
@@ -425,6 +445,11 @@ class NodeReport(Response):
     )
     timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
     nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
+    live_handoff: list[LiveHandoff] | None = Field(
+        default=None,
+        description="Live inputs being published and their hand-off to Cloudflare Stream; "
+        "null when `[live.handoff]` is off.",
+    )
 
 
 class CoordinatorReply(BaseModel):

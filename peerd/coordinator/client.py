@@ -8,16 +8,18 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Literal
 
 import aiohttp
 from pydantic import ValidationError
 
 from peerd import __version__
-from peerd.api.models import CoordinatorReply, NodeReport
+from peerd.api.models import CoordinatorReply, LiveHandoff, NodeReport
 from peerd.api.node import NodeApi
 from peerd.core.backoff import backoff_delay
+from peerd.core.handoff import HandoffStatus
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.errors import PeerdError, UpstreamError
 from peerd.runtime import Runtime
@@ -49,8 +51,10 @@ class CoordinatorService:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        live_handoff: Callable[[], Sequence[HandoffStatus]] | None = None,
     ) -> None:
         self.rt = rt
+        self.live_handoff = live_handoff  # peerd.live.handoff.HandoffConsumer.status
         self.cfg = rt.settings.coordinator
         self.api = api
         self._clock = clock
@@ -123,6 +127,9 @@ class CoordinatorService:
             drain_deadline_s=drain_deadline_s,
             timestamp=round(self._clock(), 3),
             nonce=secrets.token_hex(16),
+            live_handoff=None
+            if self.live_handoff is None
+            else [LiveHandoff(**asdict(s)) for s in self.live_handoff()],
         )
 
     async def send(
