@@ -28,7 +28,7 @@ from peerd.runtime import Runtime
 from tests.support.cf_stream import FakeCloudflareStream, RtmpsFront, make_cert
 from tests.support.coordinator import FakeCoordinator
 from tests.support.livefeed import feed, read_file
-from tests.support.media import ffmpeg_path, make_media
+from tests.support.media import ffmpeg_path, ffprobe_json, make_media
 from tests.support.poll import until
 
 
@@ -109,6 +109,27 @@ def _packets(path: Path) -> dict[str, list[bytes]]:
     return out
 
 
+async def _receive(port: int, key: str, out: Path) -> asyncio.subprocess.Process:
+    """The ffmpeg CLI as Stream's ingest: one RTMP publisher of ``key``, copied to ``out``."""
+    return await asyncio.create_subprocess_exec(
+        ffmpeg_path(),
+        *("-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-listen", "1"),
+        *("-i", f"rtmp://127.0.0.1:{port}/live/{key}", "-c", "copy", str(out)),
+        stderr=subprocess.PIPE,
+    )
+
+
+async def _decodes(path: Path) -> None:
+    """ffmpeg decodes every frame of ``path`` without an error."""
+    check = await asyncio.create_subprocess_exec(
+        *(ffmpeg_path(), "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"),
+        stderr=subprocess.PIPE,
+    )
+    _, err = await check.communicate()
+    assert check.returncode == 0, err
+    assert err == b""
+
+
 async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(bench: Bench) -> None:
     b = bench
     viewers = {"studio": 0}
@@ -143,22 +164,7 @@ async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(benc
         assert _metric(registry, "peerd_live_handoff_active") == 1
 
         out = b.tmp / "received.flv"
-        receiver = await asyncio.create_subprocess_exec(
-            ffmpeg_path(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-y",
-            "-listen",
-            "1",
-            "-i",
-            f"rtmp://127.0.0.1:{b.receiver_port}/live/{key}",
-            "-c",
-            "copy",
-            str(out),
-            stderr=subprocess.PIPE,
-        )
+        receiver = await _receive(b.receiver_port, key, out)
         await until(lambda: consumer.status()[0].egress == "sending", timeout_s=30)
         await publishing  # the input ends: so does its hand-off
         assert consumer.status() == []
@@ -174,26 +180,14 @@ async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(benc
         await asyncio.gather(publishing, return_exceptions=True)
         await consumer.close()
 
-    check = await asyncio.create_subprocess_exec(
-        ffmpeg_path(),
-        "-v",
-        "error",
-        "-xerror",
-        "-i",
-        str(out),
-        "-f",
-        "null",
-        "-",
-        stderr=subprocess.PIPE,
-    )
-    _, err = await check.communicate()
-    assert check.returncode == 0, err
-    assert err == b""
+    await _decodes(out)
 
     # What ffmpeg received is a run of the published frames from a keyframe to the end, unchanged.
     tracks, frames = await asyncio.to_thread(read_file, b.clip)
     got = await asyncio.to_thread(_packets, out)
-    assert _metric(registry, "peerd_live_handoff_egress_bytes_total") > 0
+    # The bytes counted are what ffmpeg sent: the media and its FLV framing.
+    media = sum(len(d) for kind in ("video", "audio") for d in got[kind])
+    assert _metric(registry, "peerd_live_handoff_egress_bytes_total") >= media
     for kind in ("video", "audio"):
         published = [f for f in frames if tracks[f.track].kind == kind]
         sent = got[kind]
@@ -296,3 +290,41 @@ async def test_the_coordinator_hears_of_the_hand_off(bench: Bench, runtime: Runt
         await asyncio.gather(reporting, publishing, return_exceptions=True)
         await consumer.close()
         await coordinator.close()
+
+
+async def test_opus_audio_reaches_stream_as_aac_and_video_unchanged(bench: Bench) -> None:
+    """A WHIP publisher's Opus has no place in FLV: the egress encodes it to AAC, once."""
+    b = bench
+    clip = await asyncio.to_thread(
+        make_media, b.tmp / "opus.mkv", seconds=6.0, size=(160, 120), gop=15, acodec="opus"
+    )
+    consumer, _ = _consumer(b, {"studio": 5}, b.fake.api_token)
+    sink = consumer.publication("studio")
+    publishing = asyncio.create_task(feed(sink, clip, speed=1.0))
+    out = b.tmp / "received.flv"
+    receiver: asyncio.subprocess.Process | None = None
+    try:
+        await until(lambda: b.fake.inputs, timeout_s=20)
+        (uid,) = b.fake.inputs
+        key = b.fake.inputs[uid]["rtmps"]["streamKey"]
+        receiver = await _receive(b.receiver_port, key, out)
+        await until(lambda: consumer.status()[0].egress == "sending", timeout_s=30)
+        await publishing
+        await asyncio.wait_for(receiver.communicate(), timeout=60)
+        receiver = None
+    finally:
+        if receiver is not None:
+            receiver.kill()
+            await receiver.wait()
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await consumer.close()
+    await _decodes(out)
+    probe = ffprobe_json(out, "-show_streams")
+    assert sorted(s["codec_name"] for s in probe["streams"]) == ["aac", "h264"]
+    tracks, frames = await asyncio.to_thread(read_file, clip)
+    got = await asyncio.to_thread(_packets, out)
+    published = [f.data for f in frames if tracks[f.track].kind == "video"]
+    assert len(got["video"]) >= 15
+    assert published[len(published) - len(got["video"]) :] == got["video"]
+    assert len(got["audio"]) >= 40  # about a second of AAC at least

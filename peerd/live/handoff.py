@@ -205,16 +205,24 @@ class _Egress:
         self.state: EgressState = "connecting"
         self.failures = 0
         self._connected = False  # the current ffmpeg reported progress (it reached Stream)
+        self._skipping = False  # frames are dropped until the next video keyframe
+        self._has_video = any(t.kind == "video" for t in self.tracks)
         self._queue: queue.SimpleQueue[LiveFrame | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"handoff-{input}", daemon=True)
         self._thread.start()
 
     def put(self, frame: LiveFrame) -> None:
-        """Queue ``frame`` (dropped while the thread is this far behind: it restarts at a
-        keyframe)."""
-        if self._queue.qsize() < MAX_QUEUED:
-            self._queue.put(frame)
+        """Queue ``frame``; while the thread is :data:`MAX_QUEUED` frames behind, frames are
+        dropped until the next video keyframe with room (a decoder needs no frame before it)."""
+        if self._skipping or self._queue.qsize() >= MAX_QUEUED:
+            video = self.tracks[frame.track].kind == "video"
+            resumes = (frame.keyframe and video) or not self._has_video
+            if not resumes or self._queue.qsize() >= MAX_QUEUED:
+                self._skipping = True
+                return
+            self._skipping = False
+        self._queue.put(frame)
 
     def close(self) -> None:
         """Stop once the frames queued so far are sent (:meth:`wait` for the thread)."""
@@ -344,7 +352,7 @@ class _Egress:
                 )
                 streams[t.index] = enc
                 coders[t.index] = (dec, enc, res)
-        has_video = any(t.kind == "video" for t in self.tracks)
+        has_video = self._has_video
         base: float | None = None  # seconds of the first keyframe sent
         while (f := self._next(proc)) is not None:
             t = self.tracks[f.track]
