@@ -409,8 +409,10 @@ class _Publication:
     # -- LiveSink --------------------------------------------------------------------------------
 
     def begin(self, tracks: Sequence[LiveTrack]) -> None:
-        """Remember the tracks; start checking the audience."""
+        """Remember the tracks; start checking the audience (with ``[live.handoff]`` on)."""
         self.tracks = list(tracks)
+        if not self.owner.cfg.enabled:
+            return
         self._task = asyncio.get_running_loop().create_task(
             self._watch(), name=f"handoff-{self.input}"
         )
