@@ -142,7 +142,9 @@ async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(benc
         assert b.fake.requests == []
         viewers["studio"] = 5
         await until(lambda: b.fake.inputs, timeout_s=20)
-        (create,) = b.fake.requests
+        listing, create = b.fake.requests  # none of this node's yet: one is created
+        assert listing["method"] == "GET"
+        assert listing["authorization"] == f"Bearer {b.fake.api_token}"
         assert create["method"] == "POST"
         assert create["path"] == f"/client/v4/accounts/{b.fake.account_id}/stream/live_inputs"
         assert create["authorization"] == f"Bearer {b.fake.api_token}"
@@ -214,6 +216,16 @@ async def test_the_audience_coming_back_ends_the_hand_off(bench: Bench) -> None:
         await until(lambda: not consumer.status()[0].handed_off, timeout_s=20)
         assert _metric(registry, "peerd_live_handoff_active") == 0
         assert not publishing.done()
+        (uid,) = b.fake.inputs
+        # A restarted daemon hands the input off again to the same Stream live input.
+        again, _ = _consumer(b, {"studio": 5}, b.fake.api_token)
+        restarted = asyncio.create_task(feed(again.publication("studio"), b.clip, speed=1.0))
+        await until(lambda: again.status() and again.status()[0].handed_off, timeout_s=20)
+        assert again.status()[0].stream_uid == uid
+        assert list(b.fake.inputs) == [uid]
+        restarted.cancel()
+        await asyncio.gather(restarted, return_exceptions=True)
+        await again.close()
     finally:
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)

@@ -139,6 +139,17 @@ class StreamApi:
         result = await self._call("GET", f"{self.base}/{uid}", missing=True)
         return None if result is None else self._input(result)
 
+    async def named(self, name: str) -> str | None:
+        """The uid of the live input called ``name`` (``meta.name``), if the account has one."""
+        result = await self._call("GET", self.base)
+        listed = result.get("liveInputs") if isinstance(result, dict) else result
+        for item in listed if isinstance(listed, list) else []:
+            if isinstance(item, dict) and (item.get("meta") or {}).get("name") == name:
+                uid = item.get("uid")
+                if isinstance(uid, str):
+                    return uid
+        return None
+
     async def views(self, playback_base: str, uid: str) -> int | None:
         """How many watch ``uid`` on Stream now, or None if Stream does not say."""
         timeout = aiohttp.ClientTimeout(total=API_TIMEOUT_S)
@@ -506,9 +517,12 @@ class _Publication:
         return True
 
     async def _find(self, api: StreamApi) -> StreamInput:
-        uid = self.owner.uids.get(self.input)
+        """This input's Stream live input: the one it used last (named after the node and the
+        input, so a restarted daemon finds it too), else a new one."""
+        name = f"peerd {self.owner.settings.node.name} {self.input}"
+        uid = self.owner.uids.get(self.input) or await api.named(name)
         found = await api.get(uid) if uid is not None else None
-        return found or await api.create(f"peerd {self.owner.settings.node.name} {self.input}")
+        return found or await api.create(name)
 
     def _stop(self, why: str) -> None:
         egress, self.egress = self.egress, None

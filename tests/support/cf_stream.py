@@ -7,6 +7,8 @@ The API is the real shape (``https://api.cloudflare.com/client/v4`` is ``base_ur
     envelope ``{"success": true, "errors": [], "messages": [], "result": {...}}``, the result
     carrying ``uid``, ``rtmps {url, streamKey}``, ``rtmpsPlayback``, ``srt``, ``webRTC {url}``,
     ``webRTCPlayback {url}``, ``recording``, ``created``/``modified``, ``status``;
+``GET .../live_inputs``  ``{"liveInputs": [{uid, meta, created, modified, ...}], "range", "total"}``
+    (no credentials in the list);
 ``GET`` / ``DELETE .../live_inputs/<uid>``  the same result (DELETE: none); 404 for an unknown uid;
 ``GET <customer domain>/<uid>/views``  ``{"liveViewers": n}`` (:attr:`live_viewers`).
 
@@ -148,6 +150,7 @@ class FakeCloudflareStream:
         app = web.Application()
         prefix = "/client/v4/accounts/{account}/stream/live_inputs"
         app.router.add_post(prefix, self._create)
+        app.router.add_get(prefix, self._list)
         app.router.add_get(prefix + "/{uid}", self._get)
         app.router.add_delete(prefix + "/{uid}", self._delete)
         app.router.add_get("/{uid}/views", self._views)
@@ -224,6 +227,15 @@ class FakeCloudflareStream:
             "status": None,
         }
         return self._envelope(self.inputs[uid])
+
+    async def _list(self, request: web.Request) -> web.Response:
+        refused = await self._authorized(request)
+        if refused is not None:
+            return refused
+        # Listed without credentials: those come only with one live input's GET.
+        keep = ("uid", "meta", "created", "modified", "deleteRecordingAfterDays")
+        listed = [{k: i[k] for k in keep} for i in self.inputs.values()]
+        return self._envelope({"liveInputs": listed, "range": 1000, "total": len(listed)})
 
     async def _get(self, request: web.Request) -> web.Response:
         refused = await self._authorized(request)
