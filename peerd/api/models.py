@@ -399,9 +399,6 @@ class JobStatus(Response):
     error: str | None = Field(description="Why it failed, when failed.")
 
 
-# -- node -> coordinator (signed) ------------------------------------------------------------------
-
-
 class LiveHandoff(Response):
     """One live input's hand-off to Cloudflare Stream (`[live.handoff]`)."""
 
@@ -420,6 +417,9 @@ class LiveHandoff(Response):
         "a failure (with backoff)."
     )
     failures: int = Field(ge=0, description="Restream connections failed in this hand-off.")
+
+
+# -- node -> coordinator (signed) ------------------------------------------------------------------
 
 
 class NodeReport(Response):
@@ -443,13 +443,13 @@ class NodeReport(Response):
     drain_deadline_s: float | None = Field(
         description="Seconds until the node exits (drain only; null otherwise)."
     )
-    timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
-    nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
     live_handoff: list[LiveHandoff] | None = Field(
         default=None,
         description="Live inputs being published and their hand-off to Cloudflare Stream; "
         "null when `[live.handoff]` is off.",
     )
+    timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
+    nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
 
 
 class CoordinatorReply(BaseModel):
