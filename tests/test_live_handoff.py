@@ -277,6 +277,8 @@ async def test_the_coordinator_hears_of_the_hand_off(bench: Bench, runtime: Runt
     svc = CoordinatorService(runtime, NodeApi(runtime, Subsystems()), live_handoff=consumer.status)
     ready = asyncio.Event()
     reporting = asyncio.create_task(svc.run(ready.set))
+    # As the daemon runs it: a service whose stop ends the hand-offs (no thread left behind).
+    supervised = asyncio.create_task(consumer.run(lambda: None))
     try:
         await until(lambda: b.fake.inputs, timeout_s=20)
         (uid,) = b.fake.inputs
@@ -297,10 +299,10 @@ async def test_the_coordinator_hears_of_the_hand_off(bench: Bench, runtime: Runt
         assert h["since"] > 0
         assert not coordinator.refused  # the reports fit the committed OpenAPI schema
     finally:
-        for task in (reporting, publishing):
+        for task in (reporting, publishing, supervised):
             task.cancel()
-        await asyncio.gather(reporting, publishing, return_exceptions=True)
-        await consumer.close()
+        await asyncio.gather(reporting, publishing, supervised, return_exceptions=True)
+        assert consumer.status() == []
         await coordinator.close()
 
 

@@ -555,7 +555,10 @@ class _Publication:
 
 
 class HandoffConsumer:
-    """Restreams busy live inputs to Cloudflare Stream (a live service consumer)."""
+    """Restreams busy live inputs to Cloudflare Stream (a live service consumer, and a daemon
+    service whose stop ends every hand-off)."""
+
+    name = "live-handoff"
 
     def __init__(
         self,
@@ -615,6 +618,14 @@ class HandoffConsumer:
         task = asyncio.get_running_loop().create_task(egress.wait())
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
+
+    async def run(self, ready: Callable[[], None]) -> None:
+        """Until cancelled; then every hand-off ends and its egress thread is waited for."""
+        ready()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         """End every hand-off and wait for the egress threads."""
