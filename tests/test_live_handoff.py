@@ -130,8 +130,11 @@ async def _decodes(path: Path) -> None:
     assert err == b""
 
 
-async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(bench: Bench) -> None:
+async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(
+    bench: Bench, caplog: pytest.LogCaptureFixture
+) -> None:
     b = bench
+    caplog.set_level(logging.INFO, "peerd.live.handoff")
     viewers = {"studio": 0}
     consumer, registry = _consumer(b, viewers, b.fake.api_token)
     sink = consumer.publication("studio")
@@ -164,6 +167,12 @@ async def test_a_busy_input_is_restreamed_unchanged_and_ends_with_the_input(benc
         assert status.egress == "retrying"
         assert status.playback_url == f"{b.fake.customer}/{uid}/manifest/video.m3u8"
         assert _metric(registry, "peerd_live_handoff_active") == 1
+        failed = [r for r in caplog.records if r.getMessage().startswith("hand-off egress failed")]
+        assert failed
+        logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+        assert "ffmpeg exited" in logged
+        assert key not in logged
+        assert b.fake.api_token not in logged
 
         out = b.tmp / "received.flv"
         receiver = await _receive(b.receiver_port, key, out)

@@ -30,6 +30,7 @@ HLS URL to send viewers to. Tokens and stream keys are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import queue
@@ -209,6 +210,7 @@ class _Egress:
         self.input = input
         self.url = url
         self.host = urlsplit(url).netloc  # what logs name: the URL's path holds the key
+        self._key = url.rstrip("/").rsplit("/", 1)[-1]
         self.tracks = list(tracks)
         self.cfg = cfg
         self._sent = sent
@@ -325,19 +327,28 @@ class _Egress:
             )
             reader.start()
             holder, templates = _templates(self.tracks)
+            failure: Exception | None = None  # on our side; ffmpeg's own cause is said first
             try:
                 with av.open(proc.stdin, "w", format="flv") as out:
                     self._mux(out, templates, proc)
                 proc.stdin.close()
                 proc.wait(timeout=EGRESS_TIMEOUT_S)
+            except (av.FFmpegError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                failure = exc
             finally:
                 holder.close()
+                with contextlib.suppress(OSError):  # unsent bytes of a dead ffmpeg: gone
+                    proc.stdin.close()
                 if proc.poll() is None:
                     proc.kill()
                 reader.join()
                 err = proc.stderr.read().decode(errors="replace").strip()
+                # ffmpeg names the URL in its errors: the stream key must not reach the logs.
+                err = err.replace(self._key, "<key>") if self._key else err
         if proc.returncode != 0:
-            raise OSError(f"ffmpeg exited with {proc.returncode}: {err[-200:]}")
+            raise OSError(f"ffmpeg exited with {proc.returncode}: {err[-200:]}") from failure
+        if failure is not None:
+            raise OSError(str(failure)) from failure
         return self._connected
 
     def _mux(self, out: Any, templates: dict[int, Any], proc: subprocess.Popen[bytes]) -> None:
