@@ -268,6 +268,38 @@ class LiveInputSettings(Section):
         return self.key_secret or f"live-{self.name}.key"
 
 
+class LiveHandoffSettings(Section):
+    """Hand-off of busy live inputs to Cloudflare Stream (:mod:`peerd.core.handoff`,
+    :mod:`peerd.live.handoff`)."""
+
+    enabled: bool = False
+    account_id: str = ""
+    # The secret holding a Cloudflare API token with the Stream Write permission.
+    api_token_secret: str = "cloudflare-stream-token"  # noqa: S105 - a file name
+    api_url: str = "https://api.cloudflare.com/client/v4"
+    # Where Stream plays its live inputs ("customer-<code>.cloudflarestream.com"); "" = taken
+    # from the WebRTC URLs Stream answers with.
+    customer_domain: str = ""
+    start_viewers: int = Field(default=50, ge=1)
+    stop_viewers: int = Field(default=10, ge=0)
+    start_after_s: float = Field(default=10.0, ge=0, le=3600)
+    stop_after_s: float = Field(default=120.0, ge=0, le=86400)
+    check_interval_s: float = Field(default=2.0, gt=0, le=60)
+    # Stream deletes the recordings of a hand-off after this many days (0 = keeps them).
+    delete_recording_after_days: int = Field(default=0, ge=0)
+    retry_max_s: float = Field(default=30.0, gt=0, le=600)
+    # CA certificates (PEM) Stream's RTMPS server is verified against; None = the system's.
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> LiveHandoffSettings:
+        if self.stop_viewers >= self.start_viewers:
+            raise ValueError("live.handoff: stop_viewers must be below start_viewers")
+        if self.enabled and not self.account_id:
+            raise ValueError("live.handoff: enabled needs account_id")
+        return self
+
+
 class LiveSettings(Section):
     """Live streaming (:mod:`peerd.live`): inputs, ingest listeners, low-latency HLS shape."""
 
@@ -285,6 +317,7 @@ class LiveSettings(Section):
     window_segments: int = Field(default=6, ge=3, le=100)
     # A publisher silent this long has vanished: its publication ends.
     idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    handoff: LiveHandoffSettings = LiveHandoffSettings()
 
     @model_validator(mode="after")
     def _unique_names(self) -> LiveSettings:

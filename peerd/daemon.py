@@ -44,6 +44,7 @@ from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
+from peerd.live.handoff import HandoffConsumer
 from peerd.live.record import Recorder
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
@@ -369,10 +370,21 @@ async def build_services(rt: Runtime) -> Services:
     recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
     live_hls = llhls.LiveHls(rt)
     live_whep = LiveWhep(whep)
+    # Hand-off to Cloudflare Stream ([live.handoff]): its audience is the LL-HLS and WHEP one.
+    handoff = (
+        HandoffConsumer(
+            s,
+            rt.uplink,
+            lambda name: live_hls.viewers(name) + live_whep.viewers(name),
+            registry=rt.metrics.registry,
+        )
+        if s.live.handoff.enabled
+        else None
+    )
     live = LiveService(
         s.live,
         secret=s.secret,
-        consumers=[live_hls, live_whep],
+        consumers=[live_hls, live_whep, *([handoff] if handoff is not None else [])],
         recorder=recorder,
         registry=rt.metrics.registry,
     )
@@ -413,7 +425,9 @@ async def build_services(rt: Runtime) -> Services:
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ondemand)
-    coordinator = CoordinatorService(rt, api)
+    coordinator = CoordinatorService(
+        rt, api, live_handoff=handoff.status if handoff is not None else None
+    )
     uploads: Uploads | None = None
     if r2 is not None and replicator is not None:
         from peerd.replication.uploads import Uploads
@@ -425,6 +439,8 @@ async def build_services(rt: Runtime) -> Services:
     services.append(ControlService(rt, ingestor, uploads))
     live.add_listener(coordinator.report_soon)  # a connect, drop or recording: heartbeat now
     services.append(live)
+    if handoff is not None:
+        services.append(handoff)
     services.append(whep)
     services += [whip, rtmp]  # publishers only once the service and its consumers run
     services.append(coordinator)

@@ -399,6 +399,26 @@ class JobStatus(Response):
     error: str | None = Field(description="Why it failed, when failed.")
 
 
+class LiveHandoff(Response):
+    """One live input's hand-off to Cloudflare Stream (`[live.handoff]`)."""
+
+    input: str = Field(description="The live input (`[live] inputs` name).")
+    handed_off: bool = Field(
+        description="The input is being restreamed to Stream: send its new viewers to playback_url."
+    )
+    since: float | None = Field(description="Unix time the hand-off started; null when not.")
+    stream_uid: str | None = Field(description="The Stream live input it uses (kept after).")
+    playback_url: str | None = Field(
+        description="Stream's HLS manifest of the input while handed off "
+        "(`https://customer-<code>.cloudflarestream.com/<uid>/manifest/video.m3u8`)."
+    )
+    egress: Literal["off", "connecting", "sending", "retrying"] = Field(
+        description="The RTMPS restream: sending once Stream takes the frames; retrying after "
+        "a failure (with backoff)."
+    )
+    failures: int = Field(ge=0, description="Restream connections failed in this hand-off.")
+
+
 # -- node -> coordinator (signed) ------------------------------------------------------------------
 
 
@@ -448,6 +468,11 @@ class NodeReport(Response):
     draining: bool
     drain_deadline_s: float | None = Field(
         description="Seconds until the node exits (drain only; null otherwise)."
+    )
+    live_handoff: list[LiveHandoff] | None = Field(
+        default=None,
+        description="Live inputs being published and their hand-off to Cloudflare Stream; "
+        "null when `[live.handoff]` is off.",
     )
     timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
     nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")

@@ -8,16 +8,18 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Literal
 
 import aiohttp
 from pydantic import ValidationError
 
 from peerd import __version__
-from peerd.api.models import CoordinatorReply, NodeReport
+from peerd.api.models import CoordinatorReply, LiveHandoff, NodeReport
 from peerd.api.node import NodeApi
 from peerd.core.backoff import backoff_delay
+from peerd.core.handoff import HandoffStatus
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.errors import PeerdError, UpstreamError
 from peerd.runtime import Runtime
@@ -49,8 +51,10 @@ class CoordinatorService:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        live_handoff: Callable[[], Sequence[HandoffStatus]] | None = None,
     ) -> None:
         self.rt = rt
+        self.live_handoff = live_handoff  # peerd.live.handoff.HandoffConsumer.status
         self.cfg = rt.settings.coordinator
         self.api = api
         self._clock = clock
@@ -124,6 +128,9 @@ class CoordinatorService:
             live=api.live_inputs(),
             timestamp=round(self._clock(), 3),
             nonce=secrets.token_hex(16),
+            live_handoff=None
+            if self.live_handoff is None
+            else [LiveHandoff(**asdict(s)) for s in self.live_handoff()],
         )
 
     async def send(
@@ -141,7 +148,10 @@ class CoordinatorService:
         # A node without live inputs sends no `live` key: coordinators that predate it see
         # the report they know.
         body = encode_body(
-            report.model_dump(mode="json", exclude={"live"} if report.live is None else None)
+            report.model_dump(
+                mode="json",
+                exclude={k for k in ("live", "live_handoff") if getattr(report, k) is None},
+            )
         )
         headers = {
             "Content-Type": "application/json",
