@@ -197,9 +197,18 @@ class HlsMetrics:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BlobUrl = Callable[[Cid, str], Awaitable[str | None]]
-"""Where a viewer may GET a blob the bucket holds (given its Content-Type), or None (the
-bucket lacks it after all, or cannot be asked)."""
+
+
+class BlobUrl(Protocol):
+    """Where a viewer may GET a blob the bucket holds (:class:`peerd.replication.source.
+    BucketLink`)."""
+
+    def ready(self) -> bool:
+        """Whether a link can be given now (the bucket answered lately, budget left)."""
+
+    async def __call__(self, cid: Cid, content_type: str) -> str | None:
+        """The URL for ``cid`` (given its Content-Type), or None: the bucket lacks it after
+        all, or cannot be asked (then :meth:`ready` says so until it may be asked again)."""
 
 
 class Producer(Protocol):
@@ -229,7 +238,6 @@ class HlsRoutes:
         self.rt = rt
         self.finder = finder  # media the catalog lacks; None: 404
         self.bucket_url = bucket_url  # None: streams over the uplink budget get 503
-        self.bucket_down_until = 0.0  # no redirect is tried before (the bucket did not answer)
         self.resolver = resolver  # None: only held blobs are served
         self.ondemand = ondemand  # None: on-demand segments are served once produced only
         self.auth = auth
@@ -397,7 +405,7 @@ class HlsRoutes:
             row is not None
             and row.r2_state == "present"
             and self.bucket_url is not None
-            and time.monotonic() >= self.bucket_down_until
+            and self.bucket_url.ready()
         )
         client = client_of(peer, headers.get("cf-connecting-ip"), self.auth.trusted)
         media = self._media.get(media_id)
@@ -427,14 +435,11 @@ class HlsRoutes:
     async def overflow(self, row: BlobRow, ext: str) -> web.Response | None:
         """A redirect to the bucket for a stream not admitted whose blob the bucket holds, or
         None when the bucket cannot be sent the viewer (it does not answer: no redirect is
-        tried again for ``retry_after_s``; or it lacks the blob: the catalog is corrected)."""
+        tried again while :meth:`BlobUrl.ready` says no; or it lacks the blob: the catalog is
+        corrected)."""
         assert self.bucket_url is not None
         url = await self.bucket_url(row.cid, CONTENT_TYPES[ext])
         if url is None:
-            now = time.monotonic()
-            found = await self.rt.catalog.get_blob(row.cid)
-            if found is not None and found.r2_state == "present":
-                self.bucket_down_until = now + self.rt.settings.uplink.retry_after_s
             return None
         self.demand(row)
         self.m.overflow.labels(answer="redirect").inc()

@@ -173,8 +173,7 @@ class BucketLink:
             info = await self.client.head(blob_key(cid))
         except (R2Error, BudgetSpent) as exc:
             log.info("cannot check the bucket before a redirect", extra={"error": exc.message})
-            if isinstance(exc, R2Error):
-                self.down_until = time.monotonic() + self.down_s
+            self.down_until = time.monotonic() + self.down_s
             return None
         if info is None:
             await forget_stale(self.catalog, cid, self.metrics, "redirect")

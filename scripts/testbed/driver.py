@@ -403,7 +403,6 @@ class Testbed:
         assert self.proxy is not None
         coord = RoutingCoordinator(
             host=self.net.host_addr,
-            heartbeat_interval_s=2.0,
             api_token=self.api_token,
             signing_key=tokens.key_from_secret(self.signing_secret),
             presign=self.presigner(),

@@ -497,7 +497,7 @@ class Node:
     # next such one may run (EVICT_PAUSE_S after the last)
     evict_due: bool = False
     evict_ready: float = 0.0
-    # hls.HlsRoutes.bucket_down_until: no redirect is tried before (BucketLink gave none)
+    # replication.source.BucketLink.down_until: no redirect is tried before (it gave none)
     bucket_down_until: float = 0.0
     down: bool = False  # a viewer reported it failed since its last heartbeat (routing.alive)
     # routing.NodeView: its uplink (the budget once a heartbeat reported one), the admission
