@@ -6,12 +6,13 @@
     .venv/bin/python scripts/bench/live_latency.py --peerd http://HOST:PORT \\
         --rtmp rtmp://HOST:1935/live/KEY --hls-token T --whep-token T [--input bench] [--pid PID]
 
-**Publisher.** A child process (this script with ``--publish URL``) draws 640x360 frames at
-30 fps, paints into each the wall-clock time in ms at the moment it is drawn (the block code of
-``scripts/bench/stamp.py``), encodes it at once with libx264 (Constrained Baseline, zerolatency,
-keyframe every second, 800 kbit/s) plus a 375 Hz AAC tone, and sends it over RTMP (PyAV's FLV
-muxer, flushed after every packet). The time is taken before drawing and encoding, as a camera's
-would be: "glass" is the picture entering the encoder.
+**Publisher.** A child process (this script with ``--publish URL``) draws 640x360 frames
+(``--size``) at 30 fps, paints into each the wall-clock time in ms at the moment it is drawn
+(the block code of ``scripts/bench/stamp.py``), encodes it at once with libx264 (Constrained
+Baseline, zerolatency, keyframe every second, 800 kbit/s: ``--bitrate``) plus a 375 Hz AAC
+tone, and sends it over RTMP (PyAV's FLV muxer, flushed after every packet). The time is taken
+before drawing and encoding, as a camera's would be: "glass" is the picture entering the
+encoder.
 
 **Readers**, each its own process so their decoding never delays the publisher or the server:
 
@@ -106,7 +107,7 @@ def _tone_frame_bytes() -> bytes:
     return mono.tobytes()
 
 
-def publish(url: str, seconds: float) -> int:
+def publish(url: str, seconds: float, width: int, height: int, bitrate: int) -> int:
     """Publish stamped video (and a tone) to ``url`` over RTMP in real time for ``seconds``."""
     import av
 
@@ -129,13 +130,13 @@ def publish(url: str, seconds: float) -> int:
                 raise
             time.sleep(0.1)
     video = out.add_stream("libx264", rate=stamp.FPS)
-    stamp.configure(video.codec_context)
+    stamp.configure(video.codec_context, width, height, bitrate)
     video.codec_context.time_base = Fraction(1, stamp.FPS)
     audio = out.add_stream("aac", rate=AUDIO_RATE)
     audio.codec_context.layout = "stereo"
     audio.codec_context.bit_rate = 96_000
     tone = _tone_frame_bytes()
-    canvas = stamp.Canvas(stamp.WIDTH, stamp.HEIGHT)
+    canvas = stamp.Canvas(width, height)
     t0 = time.monotonic()
     tick = 0
     audio_n = 0
@@ -647,12 +648,12 @@ def running(*procs: subprocess.Popen[str]) -> Iterator[None]:
                     p.wait()
 
 
-def start_publisher(rtmp: str, seconds: float) -> subprocess.Popen[str]:
+def start_publisher(rtmp: str, args: argparse.Namespace) -> subprocess.Popen[str]:
     """The publisher child; returns once it has sent its first frame."""
     me = str(Path(__file__).resolve())
     proc = child(
-        sys.executable, me, "--publish", rtmp, "--publish-seconds", str(seconds),
-        stdout=subprocess.PIPE,
+        sys.executable, me, "--publish", rtmp, "--size", args.size,
+        "--bitrate", str(args.bitrate), stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -724,7 +725,7 @@ def run_anchor(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     me = str(Path(__file__).resolve())
     web = child(sys.executable, me, "--serve-dir", str(d), "--port", str(http_port))
     with running(ff, web):
-        pub = start_publisher(f"rtmp://127.0.0.1:{rtmp_port}/live/bench", 3600)
+        pub = start_publisher(f"rtmp://127.0.0.1:{rtmp_port}/live/bench", args)
         with running(pub):
             url = f"http://127.0.0.1:{http_port}/index.m3u8"
             wait_http(url, 30, need="#EXTINF")
@@ -794,7 +795,12 @@ def fan_out_cpu(pid: int, whep: str, viewers: int, seconds: float) -> dict[str, 
                 got = json.loads(line[7:])
         proc.wait(30)
     fps = got.get("video_frames_per_s", [])
-    return {"cpu_pct": cpu, "video_fps_min": round(min(fps), 1) if fps else 0.0}
+    mbit = got.get("video_mbit_per_s", [])
+    return {
+        "cpu_pct": cpu,
+        "video_fps_min": round(min(fps), 1) if fps else 0.0,
+        "video_mbit_per_s": round(statistics.mean(mbit), 2) if mbit else 0.0,
+    }
 
 
 def transcoders(hls_url: str) -> dict[str, float]:
@@ -830,7 +836,7 @@ def run_peerd(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     try:
         idle = sample_cpu([pid], args.cpu_seconds) if pid else None
-        pub = start_publisher(rtmp, 3600)
+        pub = start_publisher(rtmp, args)
         with running(pub):
             wait_http(hls, 30, need="#EXT-X-PART")
             time.sleep(args.warmup)
@@ -851,6 +857,7 @@ def run_peerd(out: Path, args: argparse.Namespace) -> dict[str, Any]:
                     "per_viewer_cpu_pct": round(per, 2),
                     "viewers_per_core": round(100 / per, 1) if per > 0 else None,
                     "video_fps_min": fan["video_fps_min"],
+                    "video_mbit_per_s": fan["video_mbit_per_s"],
                 }
             res["transcoders"] = transcoders(hls)
     finally:
@@ -889,7 +896,8 @@ def report(result: dict[str, Any]) -> None:
         print(
             f"peerd WHEP fan-out: {f['viewers']} viewers {f['cpu_pct']}, per viewer"
             f" {f['per_viewer_cpu_pct']} -> {f['viewers_per_core']} viewers per core"
-            f" (slowest viewer {f['video_fps_min']} fps)"
+            f" (each receiving {f['video_mbit_per_s']} Mb/s of video, the slowest"
+            f" {f['video_fps_min']} fps)"
         )
     if p and "transcoders" in p:
         print(f"peerd live WHEP transcoders started (0 video = passthrough): {p['transcoders']}")
@@ -942,6 +950,8 @@ def main() -> int:
     ap.add_argument("--cpu-seconds", type=float, default=10.0, help="each CPU phase")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--viewers", type=int, default=8, help="WHEP viewers for the fan-out CPU")
+    ap.add_argument("--size", default=f"{stamp.WIDTH}x{stamp.HEIGHT}", help="published WxH")
+    ap.add_argument("--bitrate", type=int, default=stamp.VIDEO_BITRATE, help="video bit/s")
     ap.add_argument("--out", type=Path, default=Path("/tmp/peerd-bench/live"))
     ap.add_argument(
         "--no-browser",
@@ -960,7 +970,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.publish:
-        return publish(args.publish, args.publish_seconds)
+        w, _, h = args.size.partition("x")
+        return publish(args.publish, args.publish_seconds, int(w), int(h), args.bitrate)
     if args.serve_dir:
         return serve_dir(args.serve_dir, args.port)
     if args.read_hls or args.read_whep or args.read_browser:

@@ -160,12 +160,17 @@ def encoder() -> av.VideoCodecContext:
     return ctx
 
 
-def configure(ctx: av.VideoCodecContext) -> None:
+def configure(
+    ctx: av.VideoCodecContext,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+    bitrate: int = VIDEO_BITRATE,
+) -> None:
     """Set the publisher's encoding on a video codec context (a stream's or a standalone one)."""
-    ctx.width = WIDTH
-    ctx.height = HEIGHT
+    ctx.width = width
+    ctx.height = height
     ctx.pix_fmt = "yuv420p"
-    ctx.bit_rate = VIDEO_BITRATE
+    ctx.bit_rate = bitrate
     ctx.gop_size = FPS
     ctx.framerate = Fraction(FPS)
     ctx.options = dict(X264_OPTIONS)
