@@ -90,9 +90,12 @@ class RtmpService:
         registry: CollectorRegistry | None = None,
         max_connections: int = MAX_CONNECTIONS,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        addr_dir: Path | None = None,
     ) -> None:
-        """``inputs`` decides who may publish; metrics go to ``registry``."""
+        """``inputs`` decides who may publish; metrics go to ``registry``; each bound address
+        is written to ``<addr_dir>/<scheme>.addr`` (as ``http.addr``: port 0 picks one)."""
         self.settings = settings
+        self.addr_dir = addr_dir
         self.inputs = inputs
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
@@ -164,6 +167,9 @@ class RtmpService:
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         self.addresses[scheme] = (str(bound[0]), int(bound[1]))
+        if self.addr_dir is not None:
+            path = self.addr_dir / f"{scheme}.addr"
+            await asyncio.to_thread(path.write_text, f"{bound[0]}:{bound[1]}\n")
         log.info("%s listening", scheme, extra={"host": bound[0], "port": bound[1]})
 
     async def _stop(self) -> None:

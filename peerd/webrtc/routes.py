@@ -18,12 +18,12 @@ Every route (offer, session, player page) asks the one viewer authorization of
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from importlib import resources
 
 from aiohttp import web
 
-from peerd.core.whep import link_headers
+from peerd.core.whep import IceServer, link_headers
 from peerd.errors import BadRequest, NotFound
 from peerd.http.access import viewer_auth
 from peerd.runtime import Runtime
@@ -107,29 +107,34 @@ def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
         media_id = request.match_info["media_id"]
         token = await auth.check(request, media_id, "whep")
         servers = await whep.ice_servers()
-        config = {
-            "endpoint": f"/whep/{media_id}",
-            "token": token,
-            "iceServers": [s.to_json() for s in servers],
-        }
-        # JSON inside a <script> element: escape "<" so no value can close the element.
-        blob = json.dumps(config).replace("<", "\\u003c")
-        page = _PLAYER.replace("{{CONFIG}}", blob)
-        return web.Response(
-            text=page,
-            content_type="text/html",
-            headers={
-                "Cache-Control": "no-store",
-                "Content-Security-Policy": _CSP,
-                "Referrer-Policy": "no-referrer",
-            },
-        )
+        return player_page(f"/whep/{media_id}", token, servers)
 
     app.router.add_post("/whep/{media_id}", post_offer)
     app.router.add_route("OPTIONS", "/whep/{media_id}", preflight)
     app.router.add_delete("/whep/sessions/{session_id}", delete_session)
     app.router.add_route("OPTIONS", "/whep/sessions/{session_id}", preflight)
     app.router.add_get("/whep/player/{media_id}", player)
+
+
+def player_page(endpoint: str, token: str | None, servers: Sequence[IceServer]) -> web.Response:
+    """The player page posting its offer to ``endpoint`` (stored media or a live input)."""
+    config = {
+        "endpoint": endpoint,
+        "token": token,
+        "iceServers": [s.to_json() for s in servers],
+    }
+    # JSON inside a <script> element: escape "<" so no value can close the element.
+    blob = json.dumps(config).replace("<", "\\u003c")
+    page = _PLAYER.replace("{{CONFIG}}", blob)
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": _CSP,
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 _CSP = (

@@ -2,10 +2,11 @@
 
 One :class:`WhepService` per daemon owns every session. A session is one
 aiortc ``RTCPeerConnection`` answering a viewer's offer, its two paced tracks and the feeder that
-fills them (``peerd.webrtc.media``). It ends when the viewer sends ``DELETE``, when the peer
-connection fails or closes (ICE consent lost, DTLS closed), when it does not connect within
-``connect_timeout_s``, or when the daemon stops; ending closes the peer connection, stops the
-feeder and frees the slot.
+fills them (``peerd.webrtc.media``; for a live input, the fan-out of ``peerd.live.whep``, which
+opens its sessions through :meth:`WhepService.admit` and :meth:`WhepService.start`). It ends
+when the viewer sends ``DELETE``, when the peer connection fails or closes (ICE consent lost,
+DTLS closed), when it does not connect within ``connect_timeout_s``, or when the daemon stops;
+ending closes the peer connection, stops the feeder and frees the slot.
 
 A session is a stream of the uplink admission (:class:`peerd.core.uplink.Uplink`, ``[uplink]
 budget_mbps``): a new one is decided as a new HLS stream is, and refused with 503 and
@@ -22,11 +23,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from aiortc import (
+    MediaStreamTrack,
     RTCConfiguration,
     RTCOutboundRtpStreamStats,
     RTCPeerConnection,
@@ -107,7 +110,7 @@ def _register_h264_profiles() -> None:
 _register_h264_profiles()
 
 
-def _h264_preferences(profile_level_id: str) -> list[RTCRtpCodecCapability]:
+def h264_preferences(profile_level_id: str) -> list[RTCRtpCodecCapability]:
     """Capabilities naming the H.264 profile of ``profile_level_id`` (and RTX), for the answer."""
     want = rtc_sdp.parse_h264_profile_level_id(profile_level_id)[0]
     prefs: list[RTCRtpCodecCapability] = []
@@ -134,6 +137,32 @@ def _label_h264(answer: str, profile_level_id: str) -> str:
             if c.mimeType.lower() == "video/h264":
                 c.parameters["profile-level-id"] = profile_level_id
     return str(desc)
+
+
+async def answer_offer(pc: RTCPeerConnection, offer: str, h264_label: str | None) -> None:
+    """Apply ``offer`` to ``pc`` (its sending transceivers added) and set the answer, its H.264
+    entries naming ``h264_label`` when given; BadRequest when aiortc cannot negotiate it."""
+    try:
+        await asyncio.sleep(0)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        await asyncio.sleep(0)
+        answer = await pc.createAnswer()
+        if h264_label:
+            answer = RTCSessionDescription(
+                sdp=_label_h264(answer.sdp, h264_label), type=answer.type
+            )
+        await asyncio.sleep(0)
+        await pc.setLocalDescription(answer)
+    except (
+        ValueError,
+        KeyError,
+        IndexError,
+        InternalError,
+        InvalidAccessError,
+        InvalidStateError,
+        OperationError,  # no common codec, no DTLS fingerprint, ...
+    ) as exc:
+        raise BadRequest(f"cannot negotiate this offer: {exc}") from None
 
 
 _SENT_EVERY_S = 1.0
@@ -180,16 +209,30 @@ def summarize_offer(offer: str) -> OfferSummary:
     return OfferSummary(kinds=kinds, video_codecs=tuple(video or ()))
 
 
+class Feed(Protocol):
+    """What fills a session's tracks: stored media (:class:`~peerd.webrtc.media.Feeder`) or a
+    live input (:mod:`peerd.live.whep`)."""
+
+    clock: PlayoutClock
+    segments_read: int
+
+    async def run(self) -> None:
+        """Fill the tracks until the media ends (or the session is cancelled)."""
+
+
+T = TypeVar("T")
+
+
 @dataclass
 class WhepSession:
     """One viewer."""
 
     id: str
-    media_id: str
+    media_id: str  # or "live:<input>" (the id its viewer token names)
     mode: str
     pc: RTCPeerConnection
-    feeder: Feeder
-    tracks: list[PacedTrack]
+    feeder: Feed
+    tracks: list[MediaStreamTrack]
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     sent: int = 0  # RTP bytes already counted into the uplink meter
@@ -309,6 +352,12 @@ class WhepService:
         self, media_id: str, offer: str
     ) -> tuple[WhepSession, str, tuple[IceServer, ...]]:
         """Answer a viewer's offer: the new session, the SDP answer and the ICE servers used."""
+        return await self.admit(lambda session_id: self._open(session_id, media_id, offer))
+
+    async def admit(self, negotiate: Callable[[str], Awaitable[T]]) -> T:
+        """Run ``negotiate(session id)`` in a slot of ``max_sessions`` and the uplink admission
+        (refused with 429 or 503 otherwise); the slot is the session's once ``negotiate`` has
+        :meth:`start`-ed it."""
         if not self._accepting or self.rt.draining:
             raise Unavailable("WHEP is not accepting sessions")
         if len(self.sessions) + self._reserved >= self.cfg.max_sessions:
@@ -326,7 +375,7 @@ class WhepService:
         # Hold the slot across the awaits below, so concurrent offers cannot overshoot the cap.
         self._reserved += 1
         try:
-            return await self._open(session_id, media_id, offer)
+            return await negotiate(session_id)
         except BaseException:
             self.rt.uplink.release(_stream(session_id))
             raise
@@ -409,31 +458,12 @@ class WhepService:
                 video = PacedTrack("video", clock)
                 tr = pc.addTransceiver(video, direction="sendonly")
                 if plan.mode == "passthrough" and plan.offered is not None:
-                    tr.setCodecPreferences(_h264_preferences(plan.offered))
+                    tr.setCodecPreferences(h264_preferences(plan.offered))
             elif kind == "audio" and audio is None and playable.has_audio:
                 audio = PacedTrack("audio", clock)
                 pc.addTransceiver(audio, direction="sendonly")
-        try:
-            await asyncio.sleep(0)
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-            await asyncio.sleep(0)
-            answer = await pc.createAnswer()
-            if video is not None and plan.mode == "passthrough" and plan.profile_level_id:
-                answer = RTCSessionDescription(
-                    sdp=_label_h264(answer.sdp, plan.profile_level_id), type=answer.type
-                )
-            await asyncio.sleep(0)
-            await pc.setLocalDescription(answer)
-        except (
-            ValueError,
-            KeyError,
-            IndexError,
-            InternalError,
-            InvalidAccessError,
-            InvalidStateError,
-            OperationError,  # no common codec, no DTLS fingerprint, ...
-        ) as exc:
-            raise BadRequest(f"cannot negotiate this offer: {exc}") from None
+        label = plan.profile_level_id if video is not None and plan.mode == "passthrough" else None
+        await answer_offer(pc, offer, label)
         mode: VideoMode = "passthrough" if plan.mode == "passthrough" else "transcode"
         feeder = Feeder(
             self.rt,
@@ -455,6 +485,13 @@ class WhepService:
             feeder=feeder,
             tracks=[t for t in (video, audio) if t is not None],
         )
+        self.start(session)
+        return session
+
+    def start(self, session: WhepSession) -> None:
+        """Make a negotiated session one of the service's: feed it, watch its connection, count
+        it (closed by :meth:`close`)."""
+        pc = session.pc
         self.sessions[session.id] = session
         session.task = asyncio.create_task(self._feed(session), name=f"whep-{session.id[:8]}")
 
@@ -472,9 +509,8 @@ class WhepService:
         self.metrics.active.set(len(self.sessions))
         log.info(
             "whep session opened",
-            extra={"session": session.id, "media": playable.media_id, "mode": session.mode},
+            extra={"session": session.id, "media": session.media_id, "mode": session.mode},
         )
-        return session
 
     async def _feed(self, session: WhepSession) -> None:
         try:

@@ -84,6 +84,12 @@ async def run_viewers(url: str, n: int, seconds: float) -> dict[str, Any]:
 
     # Receive and reassemble RTP, never decode: the viewers' CPU is not what is measured.
     receiver.get_decoder = get_decoder
+    # Offer the H.264 profiles a browser with a hardware decoder offers (aiortc's own offer has
+    # Constrained Baseline only), so a High stream without B-frames is passed through, not
+    # transcoded to VP8: the figure is the passthrough one.
+    from tests.support.whep_viewer import DECODES, offer_h264
+
+    offer_h264(DECODES)
 
     pcs: list[RTCPeerConnection] = []
     locations: list[str] = []
@@ -108,6 +114,11 @@ async def run_viewers(url: str, n: int, seconds: float) -> dict[str, Any]:
         while any(pc.connectionState != "connected" for pc in pcs):
             if time.monotonic() > deadline:
                 raise RuntimeError("viewers did not connect")
+            await asyncio.sleep(0.1)
+        # A video receiver's decoder exists from its first frame: wait for every viewer's.
+        while len(video_decoders) < n:
+            if time.monotonic() > deadline + 20:
+                raise RuntimeError(f"{len(video_decoders)} of {n} viewers received video")
             await asyncio.sleep(0.1)
         print("CONNECTED", flush=True)
         await asyncio.sleep(1)

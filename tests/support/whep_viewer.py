@@ -40,7 +40,7 @@ from tests.support.process import peerd_env
 DECODES = "4d001f,640c1f,64001f"
 
 
-def _offer_h264(profiles: str) -> None:
+def offer_h264(profiles: str) -> None:
     """Add the H.264 ``profiles`` to aiortc's codec table, so the offer lists them."""
     from aiortc.codecs import CODECS
     from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
@@ -121,7 +121,7 @@ async def _main(args: argparse.Namespace) -> int:
     from aiortc import MediaStreamTrack, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
-    _offer_h264(args.h264)
+    offer_h264(args.h264)
     pc = await _make_pc(not args.no_video, not args.no_audio)
     if args.offer_only:
         _emit({"event": "offer", "sdp": pc.localDescription.sdp})
