@@ -750,19 +750,14 @@ def start_peerd(out: Path, args: argparse.Namespace) -> tuple[Any, str, str, str
         state,
         config={
             "log": {"level": "info"},
-            "live": {
-                # An explicit secret name: the default, live-<name>.key, has a dot, which
-                # Settings.secret refuses (main at a94b35a).
-                "inputs": [{"name": args.input, "key_secret": f"live-{args.input}-key"}],
-                "rtmp_listen": f"127.0.0.1:{rtmp_port}",
-            },
+            "live": {"inputs": [{"name": args.input}], "rtmp_listen": f"127.0.0.1:{rtmp_port}"},
             "webrtc": {"max_sessions": args.viewers + 4},
         },
     )
     node.init()
     sign_viewers(state)
     key = secrets.token_urlsafe(18)
-    (state / "secrets" / f"live-{args.input}-key").write_text(key)
+    (state / "secrets" / f"live-{args.input}.key").write_text(key)
     node.start()
     expires = int(time.time()) + 3600
     media = f"live:{args.input}"
