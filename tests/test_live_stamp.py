@@ -66,14 +66,16 @@ def test_a_frame_without_a_valid_code_reads_none() -> None:
             w // stamp.COLS
         )
     assert stamp.read(bytes(plane), w, w, h) is None
-    # A block half black, half white is neither: refused before the CRC is even looked at.
+    # A block of mid gray on the side of its own bit is neither a clear 0 nor a clear 1: refused,
+    # though a plain threshold would read the right bit and the CRC would match.
     plane = bytearray(gray)
     stamp.paint(plane, w, w, h, BASE_MS)
-    for y in range(h // stamp.GRID_ROWS):
-        plane[y * w : y * w + w // stamp.COLS // 2] = bytes([stamp.WHITE]) * (w // stamp.COLS // 2)
-        plane[y * w + w // stamp.COLS // 2 : y * w + w // stamp.COLS] = bytes([stamp.BLACK]) * (
-            w // stamp.COLS // 2
-        )
+    bits = stamp.bits_of(BASE_MS)
+    i = bits.index(1)
+    bw, bh = w // stamp.COLS, h // stamp.GRID_ROWS
+    x0, y0 = (i % stamp.COLS) * bw, (i // stamp.COLS) * bh
+    for y in range(y0, y0 + bh):
+        plane[y * w + x0 : y * w + x0 + bw] = bytes([140]) * bw
     assert stamp.read(bytes(plane), w, w, h) is None
 
 
