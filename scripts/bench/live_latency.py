@@ -244,6 +244,9 @@ def parse_playlist(text: str) -> Playlist:
             pl.media_sequence = int(line.split(":", 1)[1])
         elif line.startswith("#EXT-X-SERVER-CONTROL:"):
             pl.can_block = _attrs(line.split(":", 1)[1]).get("CAN-BLOCK-RELOAD") == "YES"
+        elif line.startswith("#EXT-X-SKIP:"):
+            # A delta update: the skipped segments still count for the next ones' numbers.
+            pl.media_sequence += int(_attrs(line.split(":", 1)[1])["SKIPPED-SEGMENTS"])
         elif line.startswith("#EXT-X-MAP:"):
             pl.map_uri = _attrs(line.split(":", 1)[1])["URI"]
         elif line.startswith("#EXT-X-PART:"):
