@@ -37,7 +37,8 @@ delay behind the live edge, so its ages hardly spread.
 
 **Anchor, in the same run**: the ffmpeg CLI receiving the same RTMP (``-listen 1``) and
 packaging it with ``-c copy`` into plain HLS with 1 s segments (MPEG-TS), served from its
-directory by Python's ``http.server``, read by the same HLS reader. Debian's ffmpeg 5.1 cannot
+directory by the standard library's HTTP server (with CORS: ``--serve-dir``), read by the same
+HLS reader and hls.js. Debian's ffmpeg 5.1 cannot
 write LL-HLS parts, and MediaMTX (which would anchor both LL-HLS and WHEP) is not installed and
 not obtainable from the package registries here (no Debian, PyPI or npm package ships its binary;
 its Go module has no version the proxy offers), so WHEP has no anchor.
@@ -52,8 +53,9 @@ HLS packaging) plus its HTTP server over the same phase.
 Without ``--peerd`` and ``--anchor-only`` the bench starts ``peerd run`` from this checkout with
 a generated config (``[live] inputs = [{name = "bench"}]``, its key in
 ``<state>/secrets/live-bench.key``, ``rtmp_listen`` on a free port, viewer tokens for media id
-``live:bench`` signed with a generated ``hls_signing_key``). Results print as a table with the
-ratios peerd/anchor and the goals of issue 22, and go to ``<out>/live_latency.json``.
+``live:bench`` signed with the test viewer key of ``tests/support/whep_media.py``). Results
+print as a table with the ratios peerd/anchor and the goals of issue 22, and go to
+``<out>/live_latency.json``.
 """
 
 from __future__ import annotations
