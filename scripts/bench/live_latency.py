@@ -28,6 +28,8 @@ encoder.
   client 3 target durations behind) plays into a ``<video>``; each presented frame
   (``requestVideoFrameCallback``) is drawn on a canvas and read by a JS copy of the block
   decoder; latency = the frame's expected display time on the wall clock - its painted time.
+  For WHEP, the same reader runs in the node's own WHEP player page
+  (``/whep/live/player/<input>``, Chromium's WebRTC stack and jitter buffer).
 
 For the other readers, latency = wall clock at decode - the time painted in the frame. Reported
 per path as p50/p95/max over ``--seconds`` (after a warm-up). A frame of an HLS segment or part
@@ -467,20 +469,12 @@ async def read_whep(url: str, seconds: float, warmup: float) -> dict[str, Any]:
 
 # -- hls.js in Chromium (child process) ---------------------------------------------------------
 
-# The page: hls.js (low-latency mode: it uses parts and blocking reload when the playlist offers
-# them, else plays as any hls.js live viewer, 3 target durations behind) into a <video>; at
-# each frame the video presents (requestVideoFrameCallback), the frame is drawn on a canvas and
-# its blocks read with the same code as stamp.read: latency = the frame's expected display time
-# on the wall clock - the time painted in it.
-_PLAYER = """<!doctype html>
-<html><head><meta charset="utf-8"><title>live latency</title><link rel="icon" href="data:,">
-<script src="/hls.min.js"></script></head>
-<body><video id="v" muted playsinline></video><canvas id="c" width="W" height="H"></canvas>
-<script>
+# The stamp reader in a page: at each frame a <video> presents (requestVideoFrameCallback), the
+# frame is drawn on a canvas and its blocks read as stamp.read does; latency = the frame's
+# expected display time on the wall clock - the time painted in it. ``startReading(video)``.
+_READER_JS = """
 const COLS = 16, GRID_ROWS = 9, ROWS = 4, DARK_MAX = DMAX, BRIGHT_MIN = BMIN;
-window.lat = []; window.bad = 0; window.rec = false; window.errors = [];
-const v = document.getElementById("v"), c = document.getElementById("c");
-const g = c.getContext("2d", {willReadFrequently: true});
+window.lat = []; window.bad = 0; window.rec = false; window.errors = window.errors || [];
 function crc16(bytes) {
   let crc = 0xFFFF;
   for (const b of bytes) {
@@ -491,7 +485,7 @@ function crc16(bytes) {
   }
   return crc;
 }
-function read() {
+function readStamp(v, c, g) {
   const w = c.width, h = c.height;
   g.drawImage(v, 0, 0, w, h);
   const px = g.getImageData(0, 0, w, Math.ceil(ROWS * h / GRID_ROWS)).data;
@@ -516,13 +510,31 @@ function read() {
   for (let i = 5, t = ms; i >= 0; i--) { bytes[i] = t % 256; t = Math.floor(t / 256); }
   return crc16(bytes) === crc ? ms : null;
 }
-function onFrame(_now, meta) {
-  const shown = performance.timeOrigin + meta.expectedDisplayTime;
-  const ms = read();
-  if (window.rec) { if (ms === null) window.bad++; else window.lat.push(shown - ms); }
+function startReading(v) {
+  const c = document.createElement("canvas");
+  c.width = WIDTH; c.height = HEIGHT;
+  const g = c.getContext("2d", {willReadFrequently: true});
+  function onFrame(_now, meta) {
+    const shown = performance.timeOrigin + meta.expectedDisplayTime;
+    const ms = readStamp(v, c, g);
+    if (window.rec) { if (ms === null) window.bad++; else window.lat.push(shown - ms); }
+    v.requestVideoFrameCallback(onFrame);
+  }
   v.requestVideoFrameCallback(onFrame);
 }
-v.requestVideoFrameCallback(onFrame);
+"""
+
+# hls.js in low-latency mode: parts and blocking reload when the playlist offers them, else a
+# plain hls.js live viewer, 3 target durations behind.
+_HLS_PLAYER = """<!doctype html>
+<html><head><meta charset="utf-8"><title>live latency</title><link rel="icon" href="data:,">
+<script src="/hls.min.js"></script></head>
+<body><video id="v" muted playsinline></video>
+<script>
+READER
+window.errors = [];
+const v = document.getElementById("v");
+startReading(v);
 const hls = new Hls({enableWorker: false, lowLatencyMode: true});
 hls.on(Hls.Events.ERROR, (_e, d) => window.errors.push(`${d.type}:${d.details}:${d.fatal}`));
 hls.loadSource(SRC);
@@ -532,18 +544,33 @@ hls.on(Hls.Events.MANIFEST_PARSED, () => v.play());
 """
 
 
-def player_page(src: str) -> str:
-    """The hls.js page reading the stamps of ``src`` (see :data:`_PLAYER`)."""
+def reader_js() -> str:
+    """The in-page stamp reader (:data:`_READER_JS`) with the stamp's constants."""
     return (
-        _PLAYER.replace("SRC", json.dumps(src))
-        .replace("DMAX", str(stamp.DARK_MAX))
+        _READER_JS.replace("DMAX", str(stamp.DARK_MAX))
         .replace("BMIN", str(stamp.BRIGHT_MIN))
-        .replace('width="W" height="H"', f'width="{stamp.WIDTH}" height="{stamp.HEIGHT}"')
+        .replace("WIDTH", str(stamp.WIDTH))
+        .replace("HEIGHT", str(stamp.HEIGHT))
     )
 
 
-async def read_browser(url: str, seconds: float, warmup: float, profile: Path) -> dict[str, Any]:
-    """hls.js in headless Chromium; the display-time ages of the frames it presents."""
+def player_page(src: str) -> str:
+    """The hls.js page reading the stamps of ``src``."""
+    return _HLS_PLAYER.replace("READER", reader_js()).replace("SRC", json.dumps(src))
+
+
+def whep_player_url(whep: str) -> str:
+    """The node's own WHEP player page for a live WHEP endpoint (``/whep/live/player/<in>``)."""
+    parts = urllib.parse.urlsplit(whep)
+    path = parts.path.replace("/whep/live/", "/whep/live/player/", 1)
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+async def read_browser(
+    url: str, seconds: float, warmup: float, profile: Path, whep: bool
+) -> dict[str, Any]:
+    """hls.js (or, with ``whep``, the node's WHEP player page) in headless Chromium; the
+    display-time ages of the frames the page presents."""
     from tests.support.browser import Browser, player_origin
 
     async with (
@@ -551,8 +578,14 @@ async def read_browser(url: str, seconds: float, warmup: float, profile: Path) -
         Browser.launch(profile) as browser,
     ):
         page = await browser.new_page()
-        await page.goto(f"{origin}/player.html")
-        await page.wait_for("document.getElementById('v').currentTime > 0", timeout_s=30)
+        if whep:
+            await page.goto(whep_player_url(url))
+            await page.evaluate(reader_js() + "startReading(document.getElementById('video'));")
+            video = "document.getElementById('video')"
+        else:
+            await page.goto(f"{origin}/player.html")
+            video = "document.getElementById('v')"
+        await page.wait_for(f"{video}.currentTime > 0", timeout_s=30)
         await asyncio.sleep(warmup)
         await page.evaluate("window.rec = true")
         await asyncio.sleep(seconds)
@@ -562,7 +595,7 @@ async def read_browser(url: str, seconds: float, warmup: float, profile: Path) -
             )
         )
     return {
-        "mode": "hls.js",
+        "mode": "chromium whep" if whep else "hls.js",
         "latencies_ms": got["lat"],
         "unreadable": got["bad"],
         "errors": got["errors"][:10],
@@ -848,6 +881,9 @@ def run_peerd(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             if args.browser:
                 res["hlsjs"] = summary(run_reader("browser", hls, args.seconds, args.warmup, out))
             res["whep"] = summary(run_reader("whep", whep, args.seconds, args.warmup, out))
+            if args.browser:
+                got = run_reader("whep-browser", whep, args.seconds, args.warmup, out)
+                res["whep_chromium"] = summary(got)
             if pid and idle is not None and args.viewers:
                 fan = fan_out_cpu(pid, whep, args.viewers, args.cpu_seconds)
                 per = (fan["cpu_pct"] - busy) / args.viewers
@@ -884,6 +920,8 @@ def report(result: dict[str, Any]) -> None:
         if "hlsjs" in p:
             print(_row("peerd LL-HLS, hls.js in Chromium", p.get("hlsjs")))
         print(_row("peerd WHEP (aiortc viewer)", p.get("whep")))
+        if "whep_chromium" in p:
+            print(_row("peerd WHEP, Chromium player page", p.get("whep_chromium")))
     if a:
         print(_row("anchor ffmpeg HLS 1 s segments", a["hls"]))
         if "hlsjs" in a:
@@ -920,9 +958,11 @@ def report(result: dict[str, Any]) -> None:
         # What a viewer sees (hls.js) when it was measured, else the low-latency reader's.
         ll_name = "LL-HLS p95 <= 3 s" + (" (hls.js)" if p.get("hlsjs") else "")
         ll = (p.get("hlsjs") or p.get("llhls") or {}).get("p95_s")
+        wh_name = "WHEP p95 <= 0.5 s" + (" (Chromium)" if p.get("whep_chromium") else "")
+        wh = (p.get("whep_chromium") or p.get("whep") or {}).get("p95_s")
         checks = [
             (ll_name, ll, GOALS["llhls_s"], True),
-            ("WHEP p95 <= 0.5 s", (p.get("whep") or {}).get("p95_s"), GOALS["whep_s"], True),
+            (wh_name, wh, GOALS["whep_s"], True),
             ("input <= 10% of a core", p.get("input_cpu_pct"), GOALS["input_core_pct"], True),
             (
                 "WHEP >= 16 viewers per core",
@@ -965,6 +1005,7 @@ def main() -> int:
     ap.add_argument("--read-whep", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--poll-s", type=float, default=0.1, help=argparse.SUPPRESS)
     ap.add_argument("--read-browser", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--read-whep-browser", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--serve-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -974,12 +1015,14 @@ def main() -> int:
         return publish(args.publish, args.publish_seconds, int(w), int(h), args.bitrate)
     if args.serve_dir:
         return serve_dir(args.serve_dir, args.port)
-    if args.read_hls or args.read_whep or args.read_browser:
+    if args.read_hls or args.read_whep or args.read_browser or args.read_whep_browser:
         if args.read_hls:
             coro = read_hls(args.read_hls, args.seconds, args.warmup, args.poll_s)
-        elif args.read_browser:
+        elif args.read_browser or args.read_whep_browser:
             profile = args.out / f"chromium-{os.getpid()}"
-            coro = read_browser(args.read_browser, args.seconds, args.warmup, profile)
+            url = args.read_browser or args.read_whep_browser
+            whep = bool(args.read_whep_browser)
+            coro = read_browser(url, args.seconds, args.warmup, profile, whep)
         else:
             coro = read_whep(args.read_whep, args.seconds, args.warmup)
         print(json.dumps(asyncio.run(coro)), flush=True)
