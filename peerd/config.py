@@ -483,7 +483,11 @@ class Settings(BaseSettings):
 
     def secret(self, name: str) -> str | None:
         """Read a secret by name; ``None`` when it is not provided. Never logged."""
-        if not name.replace("_", "").replace("-", "").isalnum():
+        # Dots allowed (``live-<input>.key``), but no leading dot and no path separator.
+        if (
+            name.startswith(".")
+            or not name.replace("_", "").replace("-", "").replace(".", "").isalnum()
+        ):
             raise ValueError(f"bad secret name {name!r}")
         candidates: list[Path] = []
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")

@@ -43,6 +43,8 @@ from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
+from peerd.live.record import Recorder
+from peerd.live.service import LiveService
 from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.ondemand import OnDemand
 from peerd.media.source import TranscodeSource
@@ -355,7 +357,15 @@ async def build_services(rt: Runtime) -> Services:
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
     )
     bucket = _bucket_url(rt, r2)
-    api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket))
+    # Live inputs (issue 22): the service and its recorder; the other consumers (LL-HLS
+    # packager, WHEP fan-out) join `consumers`, the ingest adapters (RTMP, WHIP) get `live`.
+    recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
+    live = LiveService(
+        s.live, secret=s.secret, consumers=[], recorder=recorder, registry=rt.metrics.registry
+    )
+    api = NodeApi(
+        rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
+    )
     whep = WhepService(rt, resolver=resolver, finder=finder)
     ondemand = OnDemand(
         ingestor,
@@ -365,7 +375,7 @@ async def build_services(rt: Runtime) -> Services:
         registry=rt.metrics.registry,
     )
     http = HttpService(
-        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket)
+        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket, live)
     )
     services: list[Service] = [http]
     if p2p is not None:
@@ -387,6 +397,8 @@ async def build_services(rt: Runtime) -> Services:
         services.append(uploads)
     # `peerd ingest` (files, or uploads in the bucket) handed to the daemon
     services.append(ControlService(rt, ingestor, uploads))
+    live.add_listener(coordinator.report_soon)  # a connect, drop or recording: heartbeat now
+    services.append(live)
     services.append(whep)
     services.append(coordinator)
     return Services(services, resolver, api, r2)
@@ -400,10 +412,11 @@ def route_installers(
     ondemand: OnDemand,
     finder: MediaResolver,
     bucket_url: hls.BlobUrl | None = None,
+    live: LiveService | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
-        partial(ui.install, resolver=resolver),
+        partial(ui.install, resolver=resolver, live=live),
         partial(
             hls.install,
             resolver=resolver,

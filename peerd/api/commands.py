@@ -8,8 +8,9 @@ The subsystems commands need arrive as :class:`Subsystems` (built by the daemon)
 protocols, so this module depends on no implementation: ``resolver`` (:class:`BlobFetcher`, the
 delivery resolver), ``replicator`` (:class:`Replicator`, R2 replication), ``puller``
 (:class:`PeerPuller`, fetching a media item from one named peer), ``ingestor``
-(:class:`Ingester`, the packager) and ``finder`` (:class:`MediaFinder`: a prefetch with
-``source: "any"`` of a media item the catalog lacks finds its manifest in the network first).
+(:class:`Ingester`, the packager), ``finder`` (:class:`MediaFinder`: a prefetch with
+``source: "any"`` of a media item the catalog lacks finds its manifest in the network first) and
+``live`` (:class:`LiveSource`, the live inputs' status).
 
 Eviction never drops the last copy: a blob leaves local disk only if its R2 copy is confirmed
 (``r2_state = 'present'``) and it is not pinned, and that condition is re-checked in the same
@@ -22,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peerd.api.jobs import ProgressFn
 from peerd.api.models import (
@@ -47,6 +48,9 @@ from peerd.errors import (
     UpstreamError,
 )
 from peerd.runtime import Runtime
+
+if TYPE_CHECKING:
+    from peerd.live.service import InputStatus
 
 PROMOTE_POLL_S = (0.2, 2.0)
 
@@ -115,6 +119,13 @@ class Ingester(Protocol):
         """Package files and folders one after another; one outcome per file."""
 
 
+class LiveSource(Protocol):
+    """The node's live inputs (``peerd.live.service.LiveService``)."""
+
+    def status(self) -> Sequence[InputStatus]:
+        """One status per configured input, in configuration order."""
+
+
 @dataclass(frozen=True)
 class Subsystems:
     """The parts the API's commands and node facts use; None where this node runs none."""
@@ -125,6 +136,7 @@ class Subsystems:
     ingestor: Ingester | None = None
     finder: MediaFinder | None = None
     bucket: Spill | None = None  # links for streams over the uplink budget (R2 configured)
+    live: LiveSource | None = None  # live inputs (GET /api/v1/live, the heartbeat's `live`)
 
 
 def _ingest_json(res: Any) -> dict[str, Any]:

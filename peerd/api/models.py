@@ -402,6 +402,32 @@ class JobStatus(Response):
 # -- node -> coordinator (signed) ------------------------------------------------------------------
 
 
+class LiveInput(Response):
+    """One configured live input (`GET /api/v1/live`, the heartbeat's `live`)."""
+
+    input: str = Field(description="The input's name, as configured (`[live] inputs`).")
+    connected: bool = Field(description="A publisher is connected now.")
+    since: float | None = Field(description="Unix time the publisher connected; null if none.")
+    protocol: Literal["rtmp", "rtmps", "whip"] | None = Field(
+        description="How the publisher connected; null if none."
+    )
+    remote: str | None = Field(description="The publisher's IP address (no port); null if none.")
+    codecs: list[str] = Field(description="RFC 6381 codec of each track (`avc1.640028`, ...).")
+    bitrate_bps: int = Field(ge=0, description="Bits/s received over the last 5 s.")
+    viewers: int = Field(ge=0, description="Viewers now (LL-HLS and WHEP).")
+    latency_s: float | None = Field(description="Glass-to-glass estimate, if known.")
+    last_recording: CidStr | None = Field(
+        description="Media id of the input's last recording (a normal media item); null if none."
+    )
+    record: bool = Field(description="Publications of this input are recorded.")
+
+
+class LiveStatus(Response):
+    """The node's live inputs (`GET /api/v1/live`)."""
+
+    inputs: list[LiveInput]
+
+
 class NodeReport(Response):
     """Body the node POSTs to the coordinator: `/v1/nodes/register`, `/v1/nodes/heartbeat` and
     `/v1/nodes/drain`. Signed: the exact body bytes carry an ed25519 signature in
@@ -425,6 +451,11 @@ class NodeReport(Response):
     )
     timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
     nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
+    live: list[LiveInput] | None = Field(
+        default=None,
+        description="The node's live inputs, as `GET /api/v1/live` reports them; absent on a "
+        "node with none. A connect or drop sends a heartbeat at once.",
+    )
 
 
 class CoordinatorReply(BaseModel):

@@ -30,6 +30,8 @@ from peerd.api.models import (
     Inventory,
     InventoryItem,
     InventorySummary,
+    LiveInput,
+    LiveStatus,
     Load,
     NodeInfo,
 )
@@ -193,6 +195,35 @@ class NodeApi:
             admission=self.admission(),
             jobs_active=self.jobs.active,
         )
+
+    # -- live ------------------------------------------------------------------------------------
+
+    def live(self) -> LiveStatus:
+        """``GET /api/v1/live``: every configured live input."""
+        return LiveStatus(inputs=self.live_inputs() or [])
+
+    def live_inputs(self) -> list[LiveInput] | None:
+        """The live inputs for the heartbeat; None on a node with none configured."""
+        source = self.parts.live
+        if source is None:
+            return None
+        inputs = [
+            LiveInput(
+                input=st.input,
+                connected=st.connected,
+                since=st.since,
+                protocol=st.protocol,
+                remote=st.remote,
+                codecs=list(st.codecs),
+                bitrate_bps=st.bitrate_bps,
+                viewers=st.viewers,
+                latency_s=st.latency_s,
+                last_recording=st.last_recording,
+                record=st.record,
+            )
+            for st in source.status()
+        ]
+        return inputs or None
 
     # -- inventory ---------------------------------------------------------------------------------
 

@@ -152,6 +152,11 @@ async def get_inventory(request: web.Request) -> web.Response:
     return _json(await request.app[API].inventory(q.since, q.limit))
 
 
+async def get_live(request: web.Request) -> web.Response:
+    """The live inputs."""
+    return _json(request.app[API].live())
+
+
 async def post_challenge(request: web.Request) -> web.Response:
     """Possession proof over a byte range of a held blob; the response body is signed."""
     rt = request.app[RT]
@@ -224,6 +229,7 @@ HANDLERS: dict[str, Handler] = {
     "postPromote": _command("promote", MediaCommand, Commands.promote),
     "postIngest": _command("ingest", IngestRequest, Commands.ingest),
     "getJob": get_job,
+    "getLive": get_live,
 }
 
 

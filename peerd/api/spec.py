@@ -157,6 +157,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/live",
+        "getLive",
+        "Live inputs",
+        "Every configured live input: connected or not and since when, protocol, the "
+        "publisher's address, codecs, bitrate, viewers, latency if known, and the media id of "
+        "its last recording.",
+        m.LiveStatus,
+        tags=("live",),
+    ),
+    Endpoint(
+        "GET",
         "/jobs/{job_id}",
         "getJob",
         "Job status",

@@ -121,6 +121,7 @@ class CoordinatorService:
             inventory=await api.summary(),
             draining=self.rt.draining or kind == "drain",
             drain_deadline_s=drain_deadline_s,
+            live=api.live_inputs(),
             timestamp=round(self._clock(), 3),
             nonce=secrets.token_hex(16),
         )
@@ -137,7 +138,11 @@ class CoordinatorService:
         if self._session is None:
             raise CoordinatorError("coordinator client is not running")
         report = await self.report(kind, drain_deadline_s=drain_deadline_s)
-        body = encode_body(report.model_dump(mode="json"))
+        # A node without live inputs sends no `live` key: coordinators that predate it see
+        # the report they know.
+        body = encode_body(
+            report.model_dump(mode="json", exclude={"live"} if report.live is None else None)
+        )
         headers = {
             "Content-Type": "application/json",
             PEER_HEADER: report.peer_id,

@@ -14,6 +14,10 @@ JSON endpoints:
 ``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
                                 with a short-lived ``whep`` token minted for the operator by
                                 the viewer authorization (:mod:`peerd.http.access`)
+``GET /ui/api/live``            the live inputs (as ``GET /api/v1/live``), each connected one
+                                with ``preview``: its LL-HLS playlist with a short-lived ``hls``
+                                token for ``live:<input>``, which the page plays with hls.js
+                                (served by the node at ``/swarm/lib/hls.min.js``)
 
 Access control, checked on every request before anything else:
 
@@ -36,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -51,6 +57,9 @@ from peerd.http.access import ViewerAuth, viewer_auth
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, served_totals
+
+if TYPE_CHECKING:
+    from peerd.live.service import LiveService
 
 log = logging.getLogger("peerd.ui")
 
@@ -90,10 +99,17 @@ def _secure(resp: web.StreamResponse, *, cache: str = "no-store") -> web.StreamR
 class Dashboard:
     """The routes, bound to one runtime."""
 
-    def __init__(self, rt: Runtime, auth: ViewerAuth, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        auth: ViewerAuth,
+        resolver: Resolver | None = None,
+        live: LiveService | None = None,
+    ) -> None:
         self.rt = rt
         self.auth = auth
         self.resolver = resolver
+        self.live_inputs = live
         cfg = rt.settings.ui
         self.history = BandwidthHistory(max_points=cfg.history_points)
 
@@ -228,6 +244,26 @@ class Dashboard:
             url += "?token=" + token
         return _secure(web.json_response({"player": url}))
 
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        """The live inputs, with a preview link for each connected one."""
+        self._require(request)
+        inputs: list[dict[str, Any]] = []
+        note = None
+        for st in self.live_inputs.status() if self.live_inputs is not None else ():
+            row = dataclasses.asdict(st)
+            row["codecs"] = list(st.codecs)
+            row["preview"] = None
+            if st.connected:
+                url = f"/live/{st.input}/index.m3u8"
+                try:
+                    token = self.auth.mint(f"live:{st.input}", "hls", PLAYER_TOKEN_TTL_S)
+                except NotConfigured as exc:
+                    note = exc.message
+                else:
+                    row["preview"] = url if token is None else f"{url}?token={token}"
+            inputs.append(row)
+        return _secure(web.json_response({"inputs": inputs, "note": note}))
+
     # -- bandwidth sampler ------------------------------------------------------------------
 
     async def sampler(self, app: web.Application) -> AsyncIterator[None]:
@@ -248,12 +284,17 @@ class Dashboard:
                 await task
 
 
-def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
+def install(
+    app: web.Application,
+    rt: Runtime,
+    resolver: Resolver | None = None,
+    live: LiveService | None = None,
+) -> None:
     """Add the dashboard's routes (nothing when ``[ui] enabled = false``); the player's blobs
-    the node lacks come through ``resolver``."""
+    the node lacks come through ``resolver``; the Live panel shows ``live``'s inputs."""
     if not rt.settings.ui.enabled:
         return
-    d = Dashboard(rt, viewer_auth(app, rt), resolver)
+    d = Dashboard(rt, viewer_auth(app, rt), resolver, live)
     app.router.add_get("/ui", d.page)
     app.router.add_get("/ui/", d.page)
     app.router.add_post("/ui/login", d.login)
@@ -263,4 +304,5 @@ def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None)
     app.router.add_get("/ui/api/media/{media_id}", d.media)
     app.router.add_get("/ui/api/whep/{media_id}", d.whep)
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
+    app.router.add_get("/ui/api/live", d.live)
     app.cleanup_ctx.append(d.sampler)

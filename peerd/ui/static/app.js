@@ -278,6 +278,74 @@ async function play(mediaId, title) {
   if (!started) await video.play().catch(() => {});
 }
 
+// Live inputs: status rows; a connected input's LL-HLS playlist plays with hls.js, which the
+// node serves at /swarm/lib/ (loaded on the first preview only).
+let hlsLoaded = null;
+let livePlayer = null;
+
+function loadHls() {
+  hlsLoaded = hlsLoaded || new Promise((resolve, reject) => {
+    const s = el("script", { src: "/swarm/lib/hls.min.js" });
+    s.addEventListener("load", resolve, { once: true });
+    s.addEventListener("error", () => reject(new Error("hls.js is not installed on this node")), { once: true });
+    document.head.append(s);
+  });
+  return hlsLoaded;
+}
+
+async function previewLive(input, url) {
+  const video = document.getElementById("live-player");
+  const note = document.getElementById("live-note");
+  if (livePlayer) { livePlayer.destroy(); livePlayer = null; }
+  video.hidden = false;
+  video.dataset.input = input;
+  try {
+    await loadHls();
+    if (window.Hls && window.Hls.isSupported()) {
+      // No worker: the page's CSP allows scripts from this origin only, not blob: workers.
+      livePlayer = new window.Hls({ lowLatencyMode: true, enableWorker: false });
+      livePlayer.loadSource(url);
+      livePlayer.attachMedia(video);
+    } else {
+      video.src = url;
+    }
+    video.play().catch(() => {});
+    note.textContent = `Previewing ${input} (low-latency HLS)`;
+  } catch (e) {
+    note.textContent = `Preview unavailable: ${e.message}`;
+  }
+}
+
+function renderLive(doc) {
+  const rows = doc.inputs.map((i) => {
+    const status = el("span", { class: `pill ${i.connected ? "ok" : ""}` }, i.connected ? "live" : "offline");
+    const actions = el("span", {});
+    if (i.preview) {
+      actions.append(el("button", { class: "preview", "data-input": i.input, onclick: () => previewLive(i.input, i.preview) }, "Preview"));
+    }
+    return [
+      i.input, status,
+      i.since ? new Date(i.since * 1000).toLocaleTimeString() : "–",
+      i.protocol ? `${i.protocol} from ${i.remote}` : "–",
+      i.codecs.join(", ") || "–",
+      i.connected ? `${(i.bitrate_bps / 1e6).toFixed(2)} Mbit/s` : "–",
+      i.viewers,
+      i.last_recording ? el("span", { class: "mono" }, i.last_recording.slice(0, 16) + "…") : (i.record ? "none yet" : "not recorded"),
+      actions,
+    ];
+  });
+  fillTable("live-inputs", rows.length ? rows : [["No live inputs configured ([live] inputs, see README)."]]);
+  if (doc.note) document.getElementById("live-note").textContent = doc.note;
+}
+
+async function refreshLive() {
+  try {
+    renderLive(await getJSON("/ui/api/live"));
+  } catch (e) {
+    fillTable("live-inputs", [[`Cannot load the live inputs: ${e.message}`]]);
+  }
+}
+
 async function refresh() {
   const error = document.getElementById("error");
   try {
@@ -288,6 +356,7 @@ async function refresh() {
     renderSavings(s.traffic);
     renderChart(s.traffic);
     renderPeers(s.peers);
+    await refreshLive();
     if (renders === 0 || !document.getElementById("player").dataset.media) renderMedia(s.media);
     error.hidden = true;
     renders += 1;
