@@ -125,20 +125,23 @@ def publish(url: str, seconds: float, width: int, height: int, bitrate: int) -> 
     signal.signal(signal.SIGINT, on_signal)
     deadline = time.monotonic() + 30
     while True:
+        out = av.open(url, "w", format="flv", container_options={"flush_packets": "1"})
+        video = out.add_stream("libx264", rate=stamp.FPS)
+        stamp.configure(video.codec_context, width, height, bitrate)
+        video.codec_context.time_base = Fraction(1, stamp.FPS)
+        audio = out.add_stream("aac", rate=AUDIO_RATE)
+        audio.codec_context.layout = "stereo"
+        audio.codec_context.bit_rate = 96_000
         try:
-            out = av.open(url, "w", format="flv", container_options={"flush_packets": "1"})
+            out.start_encoding()  # connects, RTMP handshake and publish, FLV header
             break
         except OSError:
             # The anchor's ffmpeg listens only once it has started; peerd's listener too.
+            with contextlib.suppress(Exception):
+                out.close()
             if time.monotonic() > deadline or stop:
                 raise
-            time.sleep(0.1)
-    video = out.add_stream("libx264", rate=stamp.FPS)
-    stamp.configure(video.codec_context, width, height, bitrate)
-    video.codec_context.time_base = Fraction(1, stamp.FPS)
-    audio = out.add_stream("aac", rate=AUDIO_RATE)
-    audio.codec_context.layout = "stereo"
-    audio.codec_context.bit_rate = 96_000
+            time.sleep(0.2)
     tone = _tone_frame_bytes()
     canvas = stamp.Canvas(width, height)
     t0 = time.monotonic()
