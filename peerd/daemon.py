@@ -43,8 +43,14 @@ from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
+from peerd.live import llhls
 from peerd.live.record import Recorder
+from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
+from peerd.live.whep import LiveWhep
+from peerd.live.whep import install as live_whep_routes
+from peerd.live.whip import WhipIngest
+from peerd.live.whip import install as live_whip_routes
 from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.ondemand import OnDemand
 from peerd.media.source import TranscodeSource
@@ -357,16 +363,26 @@ async def build_services(rt: Runtime) -> Services:
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
     )
     bucket = _bucket_url(rt, r2)
-    # Live inputs (issue 22): the service and its recorder; the other consumers (LL-HLS
-    # packager, WHEP fan-out) join `consumers`, the ingest adapters (RTMP, WHIP) get `live`.
+    whep = WhepService(rt, resolver=resolver, finder=finder)
+    # Live inputs (issue 22): every publication goes to the LL-HLS packager, the WHEP fan-out
+    # and the recorder; the ingest adapters (RTMP, WHIP) ask `live` who may publish.
     recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
+    live_hls = llhls.LiveHls(rt)
+    live_whep = LiveWhep(whep)
     live = LiveService(
-        s.live, secret=s.secret, consumers=[], recorder=recorder, registry=rt.metrics.registry
+        s.live,
+        secret=s.secret,
+        consumers=[live_hls, live_whep],
+        recorder=recorder,
+        registry=rt.metrics.registry,
     )
+    live.add_viewer_counter(live_hls.viewers)
+    live.add_viewer_counter(live_whep.viewers)
+    whip = WhipIngest(rt, live, whep.ice)
+    rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(
         rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
     )
-    whep = WhepService(rt, resolver=resolver, finder=finder)
     ondemand = OnDemand(
         ingestor,
         resolver,
@@ -375,7 +391,17 @@ async def build_services(rt: Runtime) -> Services:
         registry=rt.metrics.registry,
     )
     http = HttpService(
-        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket, live)
+        rt,
+        route_installers(
+            resolver,
+            directory,
+            api,
+            whep,
+            ondemand,
+            finder,
+            bucket,
+            LiveParts(live, live_hls, live_whep, whip),
+        ),
     )
     services: list[Service] = [http]
     if p2p is not None:
@@ -400,6 +426,7 @@ async def build_services(rt: Runtime) -> Services:
     live.add_listener(coordinator.report_soon)  # a connect, drop or recording: heartbeat now
     services.append(live)
     services.append(whep)
+    services += [whip, rtmp]  # publishers only once the service and its consumers run
     services.append(coordinator)
     return Services(services, resolver, api, r2)
 
@@ -412,11 +439,18 @@ def route_installers(
     ondemand: OnDemand,
     finder: MediaResolver,
     bucket_url: hls.BlobUrl | None = None,
-    live: LiveService | None = None,
+    live: LiveParts | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
+    live_routes: list[RouteInstaller] = []
+    if live is not None:
+        live_routes = [
+            partial(llhls.install, hls=live.hls),
+            partial(live_whep_routes, live=live.whep),
+            partial(live_whip_routes, whip=live.whip),
+        ]
     return [
-        partial(ui.install, resolver=resolver, live=live),
+        partial(ui.install, resolver=resolver, live=live.service if live else None),
         partial(
             hls.install,
             resolver=resolver,
@@ -428,7 +462,18 @@ def route_installers(
         partial(api_routes.install, api=api),
         partial(whep_routes.install, whep=whep),
         partial(swarm.install, ice=whep.ice_servers),
+        *live_routes,
     ]
+
+
+@dataclass(frozen=True)
+class LiveParts:
+    """The live service and the parts with routes of their own."""
+
+    service: LiveService
+    hls: llhls.LiveHls
+    whep: LiveWhep
+    whip: WhipIngest
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:

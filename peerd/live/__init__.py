@@ -8,6 +8,6 @@ recorder).
 
 Modules: ``service`` (inputs, keys, one publisher per input, the publication's fan-out, status),
 ``record`` (a publication recorded, then ingested as a media item), ``rtmp`` (RTMP/RTMPS ingest),
-``llhls`` (the low-latency HLS packager and its routes), ``whip`` (WHIP ingest), ``whep`` (WHEP
-viewers of a live input).
+``llhls`` (the low-latency HLS packager and its routes; ``fmp4`` writes its boxes), ``whip``
+(WHIP ingest), ``whep`` (WHEP viewers of a live input).
 """

@@ -666,7 +666,9 @@ class LiveRoutes:
         while True:
             tl = stream.timeline
             assert tl is not None
-            started = bool(tl.current or tl.segments) or tl.ended
+            # Served once a whole segment exists: a client without LL-HLS (ffmpeg, older
+            # players) sees nothing to play in a playlist of parts alone and gives up.
+            started = bool(tl.segments) or tl.ended
             state = tl.ready(msn, part) if started else llhls.Ready.WAIT
             if state is llhls.Ready.BAD:
                 m.labels(result="bad").inc()
