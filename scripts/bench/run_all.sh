@@ -18,3 +18,4 @@ echo "== coordinator API (issue 7)"; "$PY" scripts/bench/api_bench.py --blobs 10
 echo "== WHEP (issue 8)";          "$PY" scripts/bench/whep_bench.py --sessions 10 --seconds 10
 echo "== on-demand rungs (issue 19)"; "$PY" scripts/bench/ondemand_bench.py --rounds 3
 echo "== viewer swarm tracker (issue 21)"; "$PY" scripts/bench/swarm_bench.py --peers 1000
+echo "== live glass-to-glass latency (issue 22)"; "$PY" scripts/bench/live_latency.py --seconds 20 --viewers 8
