@@ -1,0 +1,238 @@
+"""A strict reader of Common Media Client Data (CMCD, CTA-5004 version 1).
+
+Theory of operation. A player that sends CMCD puts one Structured Field dictionary (RFC 8941)
+either in the ``CMCD`` query argument of each request (URL-encoded) or spread over four header
+fields, ``CMCD-Object``, ``CMCD-Request``, ``CMCD-Session`` and ``CMCD-Status``. :func:`parse`
+takes the query argument (already URL-decoded, as aiohttp's ``request.query`` gives it, or still
+encoded with ``encoded=True``, as the fast path sees it) and :func:`parse_headers` the header
+fields; both return a :class:`Cmcd` or a :class:`CmcdError`, never raise.
+
+What is accepted, and nothing else:
+
+* members ``key=value`` or a bare ``key`` (boolean true), separated by ``,`` with optional
+  spaces or tabs around it (RFC 8941 section 4.2.2); a key is ``lcalpha *(lcalpha / DIGIT / "_"
+  / "-" / "." / "*")`` of at most 64 characters, and no key twice (across the four headers too);
+* values are RFC 8941 bare items: integers (at most 15 digits), decimals (12.3 digits), strings
+  (``"`` quoted, printable ASCII, ``\\"`` and ``\\\\`` escapes), tokens and booleans
+  (``?0``/``?1``); no parameters and no inner lists (CMCD version 2 syntax);
+* the keys CTA-5004 defines are typed: ``bl br d dl mtp rtp tb v`` non-negative integers,
+  ``pr`` a positive number, ``bs su`` booleans, ``ot sf st`` tokens of the spec's enumerations,
+  ``cid sid`` strings of at most 64 characters, ``nor nrr`` strings of at most
+  :data:`MAX_STRING` characters. ``v`` must be 1 when present. Other keys (custom keys, keys of
+  later versions) are checked for syntax only and ignored;
+* the whole input is at most :data:`MAX_VALUE` characters and at most :data:`MAX_MEMBERS`
+  members.
+
+hls.js 1.7.4 (``cmcd: {}``, version 1) sends, sorted by key: ``bl br bs cid d dl mtp nor ot pr
+rtp sf sid st su tb`` (integers rounded as the spec asks, ``nor`` as a URL-encoded string,
+``pr`` only when it is not 1, false booleans left out). CMCD comes from the viewer and is
+believed for statistics only, never for access control.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+MAX_VALUE = 4096  # the query argument, or the four header fields together
+MAX_STRING = 1024  # ``nor``: a relative URL
+MAX_ID = 64  # ``cid`` and ``sid`` (CTA-5004 section 3.3)
+MAX_MEMBERS = 64
+HEADERS = ("cmcd-object", "cmcd-request", "cmcd-session", "cmcd-status")
+
+OBJECT_TYPES = frozenset(("m", "a", "v", "av", "i", "c", "tt", "k", "o"))
+STREAMING_FORMATS = frozenset(("d", "h", "s", "o"))
+STREAM_TYPES = frozenset(("v", "l"))
+_INTEGERS = frozenset(("bl", "br", "d", "dl", "mtp", "rtp", "tb", "v"))
+_BOOLEANS = frozenset(("bs", "su"))
+_TOKENS = {"ot": OBJECT_TYPES, "sf": STREAMING_FORMATS, "st": STREAM_TYPES}
+_STRINGS = {"cid": MAX_ID, "sid": MAX_ID, "nor": MAX_STRING, "nrr": MAX_STRING}
+
+_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]{0,63}")
+_INTEGER = re.compile(r"-?[0-9]{1,15}")
+_DECIMAL = re.compile(r"-?[0-9]{1,12}\.[0-9]{1,3}")
+_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_NUMBER_START = frozenset("-0123456789")
+
+
+@dataclass(frozen=True, slots=True)
+class Cmcd:
+    """The CTA-5004 keys of one request (None or False: not sent). Units as the spec's:
+    ``bl dl d`` milliseconds, ``br mtp rtp tb`` kbit/s."""
+
+    bl: int | None = None  # buffer length
+    br: int | None = None  # encoded bitrate of the object
+    bs: bool = False  # buffer starvation since the last request
+    cid: str | None = None  # content id
+    d: int | None = None  # object duration
+    dl: int | None = None  # deadline
+    mtp: int | None = None  # measured throughput
+    nor: str | None = None  # next object request
+    nrr: str | None = None  # next range request
+    ot: str | None = None  # object type
+    pr: float | None = None  # playback rate
+    rtp: int | None = None  # requested maximum throughput
+    sf: str | None = None  # streaming format
+    sid: str | None = None  # session id
+    st: str | None = None  # stream type
+    su: bool = False  # startup (the player is starting or rebuffering)
+    tb: int | None = None  # top bitrate
+    v: int | None = None  # version
+
+
+@dataclass(frozen=True, slots=True)
+class CmcdError:
+    """Input that is not CMCD as this module accepts it, and why (no part of it is used)."""
+
+    reason: str
+
+
+Item = int | float | str | bool
+
+
+class _Malformed(Exception):  # noqa: N818 -- internal control flow, never leaves this module
+    pass
+
+
+def parse(value: str, *, encoded: bool = False) -> Cmcd | CmcdError:
+    """The CMCD of a ``CMCD`` query argument's value (``encoded``: still URL-encoded)."""
+    if len(value) > (3 * MAX_VALUE if encoded else MAX_VALUE):
+        return CmcdError("too long")
+    if encoded:
+        try:
+            value = unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            return CmcdError("not UTF-8")
+        if len(value) > MAX_VALUE:
+            return CmcdError("too long")
+    try:
+        return _typed(_members(value, {}))
+    except _Malformed as exc:
+        return CmcdError(str(exc))
+
+
+def parse_headers(headers: Mapping[str, str]) -> Cmcd | CmcdError | None:
+    """The CMCD of a request's ``CMCD-*`` header fields (``headers``: case-insensitive, as
+    aiohttp's, or with lower-case names, as the fast path's); None when there is none."""
+    values = [v for h in HEADERS if (v := headers.get(h)) is not None]
+    if not values:
+        return None
+    if sum(len(v) for v in values) > MAX_VALUE:
+        return CmcdError("too long")
+    found: dict[str, Item] = {}
+    try:
+        for v in values:
+            _members(v, found)
+        return _typed(found)
+    except _Malformed as exc:
+        return CmcdError(str(exc))
+
+
+def _members(text: str, into: dict[str, Item]) -> dict[str, Item]:
+    """RFC 8941 section 4.2.2 for a dictionary of bare items, into ``into``."""
+    n = len(text)
+    i = 0
+    while i < n and text[i] == " ":
+        i += 1
+    if i == n:
+        raise _Malformed("empty")
+    while True:
+        m = _KEY.match(text, i)
+        if m is None:
+            raise _Malformed("bad key")
+        key = m.group()
+        i = m.end()
+        if i < n and text[i] == "=":
+            item, i = _item(text, i + 1)
+        else:
+            item = True
+        if i < n and text[i] == ";":
+            raise _Malformed("parameters are not CMCD version 1")
+        if key in into:
+            raise _Malformed(f"key {key} twice")
+        if len(into) >= MAX_MEMBERS:
+            raise _Malformed("too many keys")
+        into[key] = item
+        while i < n and text[i] in " \t":
+            i += 1
+        if i == n:
+            return into
+        if text[i] != ",":
+            raise _Malformed("expected a comma")
+        i += 1
+        while i < n and text[i] in " \t":
+            i += 1
+        if i == n:
+            raise _Malformed("trailing comma")
+
+
+def _item(text: str, i: int) -> tuple[Item, int]:
+    """The bare item at ``text[i]`` and the index after it."""
+    if i >= len(text):
+        raise _Malformed("missing value")
+    c = text[i]
+    if c in _NUMBER_START:
+        m = _DECIMAL.match(text, i)
+        if m is not None:
+            return float(m.group()), m.end()
+        m = _INTEGER.match(text, i)
+        if m is None:
+            raise _Malformed("bad number")
+        end = m.end()
+        if end < len(text) and text[end].isdigit():
+            raise _Malformed("integer too long")
+        return int(m.group()), end
+    if c == '"':
+        m = _STRING.match(text, i)
+        if m is None:
+            raise _Malformed("bad string")
+        return m.group(1).replace('\\"', '"').replace("\\\\", "\\"), m.end()
+    if c == "?":
+        flag = text[i + 1 : i + 2]
+        if flag not in ("0", "1"):
+            raise _Malformed("bad boolean")
+        return flag == "1", i + 2
+    if c == "(":
+        raise _Malformed("inner lists are not CMCD version 1")
+    m = _TOKEN.match(text, i)
+    if m is None:
+        raise _Malformed("bad value")
+    return _Token(m.group()), m.end()
+
+
+class _Token(str):
+    """A token, told apart from a string of the same text."""
+
+    __slots__ = ()
+
+
+def _typed(found: Mapping[str, Item]) -> Cmcd:
+    """The :class:`Cmcd` of parsed members, each known key checked against its type."""
+    fields: dict[str, Item] = {}
+    for key, item in found.items():
+        if key in _INTEGERS:
+            if type(item) is not int or item < 0:
+                raise _Malformed(f"{key} is not a non-negative integer")
+        elif key in _BOOLEANS:
+            if type(item) is not bool:
+                raise _Malformed(f"{key} is not a boolean")
+        elif key in _TOKENS:
+            if not isinstance(item, _Token) or item not in _TOKENS[key]:
+                raise _Malformed(f"{key} is not one of its tokens")
+            item = str(item)
+        elif key in _STRINGS:
+            if type(item) is not str or len(item) > _STRINGS[key]:
+                raise _Malformed(f"{key} is not a string of at most {_STRINGS[key]} characters")
+        elif key == "pr":
+            if type(item) not in (int, float) or not 0 < item <= 100:  # type: ignore[operator]
+                raise _Malformed("pr is not a positive number")
+            item = float(item)
+        else:
+            continue  # a custom key, or one of a later version: ignored
+        fields[key] = item
+    if fields.get("v", 1) != 1:
+        raise _Malformed("not CMCD version 1")
+    return Cmcd(**fields)  # type: ignore[arg-type]
