@@ -42,6 +42,8 @@ from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
+from peerd.http.clientip import parse_networks
+from peerd.http.playback import PlaybackAnalytics, served_bytes
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.media.ingest import MediaService, node_ingestor
 from peerd.media.ondemand import OnDemand
@@ -364,10 +366,13 @@ async def build_services(rt: Runtime) -> Services:
         ahead=s.media.on_demand_ahead,
         registry=rt.metrics.registry,
     )
+    analytics = _analytics(rt)
     http = HttpService(
-        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket)
+        rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket, analytics)
     )
     services: list[Service] = [http]
+    if analytics is not None:
+        services.append(analytics)
     if p2p is not None:
         services.append(p2p)
     if lan_source is not None:
@@ -400,6 +405,7 @@ def route_installers(
     ondemand: OnDemand,
     finder: MediaResolver,
     bucket_url: hls.BlobUrl | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
@@ -410,12 +416,28 @@ def route_installers(
             ondemand=ondemand,
             finder=finder,
             bucket_url=bucket_url,
+            analytics=analytics,
         ),
         partial(lan.install, directory=directory, resolver=resolver),
-        partial(api_routes.install, api=api),
+        partial(api_routes.install, api=api, analytics=analytics),
         partial(whep_routes.install, whep=whep),
         partial(swarm.install, ice=whep.ice_servers),
     ]
+
+
+def _analytics(rt: Runtime) -> PlaybackAnalytics | None:
+    """Playback analytics (``[analytics]``), or None when off."""
+    s = rt.settings
+    if not s.analytics.enabled:
+        return None
+    m = rt.metrics
+    return PlaybackAnalytics(
+        rt.catalog,
+        s.analytics,
+        m.registry,
+        parse_networks(s.http.trusted_proxies),
+        served_bytes([m.bytes_served, m.swarm_viewer_bytes]),
+    )
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:

@@ -91,10 +91,8 @@ class CmcdError:
 
 
 Item = int | float | str | bool
-
-
-class _Malformed(Exception):  # noqa: N818 -- internal control flow, never leaves this module
-    pass
+# Inside this module a refusal is a ValueError naming why; it never leaves it.
+_Malformed = ValueError
 
 
 def parse(value: str, *, encoded: bool = False) -> Cmcd | CmcdError:
