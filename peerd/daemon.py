@@ -382,7 +382,9 @@ async def build_services(rt: Runtime) -> Services:
     services += r2_services
     services.append(MediaService(rt, ingestor))
     services.append(ondemand)
-    coordinator = CoordinatorService(rt, api)
+    coordinator = CoordinatorService(
+        rt, api, anomalies=analytics.recent if analytics is not None else None
+    )
     uploads: Uploads | None = None
     if r2 is not None and replicator is not None:
         from peerd.replication.uploads import Uploads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -15,8 +16,9 @@ import aiohttp
 from pydantic import ValidationError
 
 from peerd import __version__
-from peerd.api.models import CoordinatorReply, NodeReport
+from peerd.api.models import CoordinatorReply, NodeReport, PlaybackAnomaly
 from peerd.api.node import NodeApi
+from peerd.core.analytics import Anomaly
 from peerd.core.backoff import backoff_delay
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
 from peerd.errors import PeerdError, UpstreamError
@@ -49,8 +51,12 @@ class CoordinatorService:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        anomalies: Callable[[], list[Anomaly]] | None = None,
     ) -> None:
         self.rt = rt
+        # Playback anomalies (peerd.http.playback): each goes in the next report built after it.
+        self.anomalies = anomalies
+        self._anomalies_at = 0.0
         self.cfg = rt.settings.coordinator
         self.api = api
         self._clock = clock
@@ -123,7 +129,21 @@ class CoordinatorService:
             drain_deadline_s=drain_deadline_s,
             timestamp=round(self._clock(), 3),
             nonce=secrets.token_hex(16),
+            anomalies=self._new_anomalies(),
         )
+
+    def _new_anomalies(self) -> list[PlaybackAnomaly] | None:
+        """The anomalies raised since the last report (None: none, the field is left out)."""
+        if self.anomalies is None:
+            return None
+        new = [a for a in self.anomalies() if a.at > self._anomalies_at]
+        if not new:
+            return None
+        self._anomalies_at = max(a.at for a in new)
+        return [
+            PlaybackAnomaly.model_validate({**dataclasses.asdict(a), "explained": a.explain()})
+            for a in new
+        ]
 
     async def send(
         self,
@@ -137,7 +157,10 @@ class CoordinatorService:
         if self._session is None:
             raise CoordinatorError("coordinator client is not running")
         report = await self.report(kind, drain_deadline_s=drain_deadline_s)
-        body = encode_body(report.model_dump(mode="json"))
+        payload = report.model_dump(mode="json")
+        if payload["anomalies"] is None:
+            del payload["anomalies"]  # optional: reports without anomalies stay as they were
+        body = encode_body(payload)
         headers = {
             "Content-Type": "application/json",
             PEER_HEADER: report.peer_id,
