@@ -358,7 +358,8 @@ async def build_services(rt: Runtime) -> Services:
     )
     bucket = _bucket_url(rt, r2)
     api = NodeApi(rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket))
-    whep = WhepService(rt, resolver=resolver, finder=finder)
+    analytics = _analytics(rt)
+    whep = WhepService(rt, resolver=resolver, finder=finder, analytics=analytics)
     ondemand = OnDemand(
         ingestor,
         resolver,
@@ -366,7 +367,6 @@ async def build_services(rt: Runtime) -> Services:
         ahead=s.media.on_demand_ahead,
         registry=rt.metrics.registry,
     )
-    analytics = _analytics(rt)
     http = HttpService(
         rt, route_installers(resolver, directory, api, whep, ondemand, finder, bucket, analytics)
     )
@@ -411,7 +411,7 @@ def route_installers(
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
-        partial(ui.install, resolver=resolver),
+        partial(ui.install, resolver=resolver, analytics=analytics),
         partial(
             hls.install,
             resolver=resolver,

@@ -35,6 +35,8 @@ from tests.support.hlsmedia import import_hls, make_hls, read_hls
 from tests.support.media import make_media
 from tests.support.process import PeerdProcess
 from tests.support.shaper import Shaper
+from tests.support.whep_media import add_media, sign_viewers, whep_url
+from tests.support.whep_media import make_hls as whep_make_hls
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>cmcd</title><link rel="icon" href="data:,">
@@ -111,6 +113,16 @@ class Daemon:
         req = urllib.request.Request(  # noqa: S310 -- loopback
             f"{self.proc.base_url}/api/v1/analytics?{query}",
             headers={"Authorization": f"Bearer {self.api_token}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+            out: dict[str, Any] = json.loads(r.read())
+        return out
+
+    def dashboard(self) -> dict[str, Any]:
+        """The dashboard's playback panel data (loopback, with the admin token)."""
+        admin = (self.proc.state_dir / "secrets" / "admin_token").read_text().strip()
+        req = urllib.request.Request(  # noqa: S310 -- loopback
+            f"{self.proc.base_url}/ui/api/playback", headers={"Authorization": f"Bearer {admin}"}
         )
         with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
             out: dict[str, Any] = json.loads(r.read())
@@ -227,8 +239,12 @@ async def test_the_nodes_figures_match_the_page_normal_and_throttled(
         startup_sum = both["startup_mean_s"] * 2
         assert abs(startup_sum - normal["startup"] - slow["startup"]) <= 0.4, (both, slow)
         # Steady playback raises no anomaly.
-        await asyncio.sleep(0)
         assert node.analytics()["anomalies"] == []
+        panel = await asyncio.to_thread(node.dashboard)
+        (codec,) = panel["codecs"]
+        assert (codec["sessions"], codec["success_ratio"]) == (2, 1.0)
+        assert sum(h["stalls"] for h in panel["hours"]) == both["stalls"]
+        assert panel["anomalies"] == []
     assert node.metric("peerd_playback_sessions_total", {"outcome": "started"}) == 2
     assert node.metric("peerd_playback_stalls_total", {"codec": "avc1"}) == both["stalls"]
 
@@ -297,3 +313,49 @@ async def test_hevc_sessions_fail_and_a_burst_raises_one_anomaly(
     assert len(node.analytics()["anomalies"]) == 1
     assert node.proc.logs().count('"playback anomaly"') == 1
     assert node.metric("peerd_playback_anomalies_total", {"kind": "failure"}) == 1
+
+
+@pytest.mark.timeout(300)
+async def test_a_whep_session_in_chromium_counts_as_started(tmp_path: Path) -> None:
+    """WHEP reports through the node's peer connection (the viewer's receiver reports): the
+    session shows up started, under path ``whep`` and its rendition's codec."""
+    clip = await asyncio.to_thread(
+        whep_make_hls, tmp_path / "plain", seconds=4, bframes=0, profile="main"
+    )
+    state = tmp_path / "node"
+    rt = await open_runtime(load_settings(None, node={"state_dir": state}))
+    try:
+        media = await add_media(rt, clip)
+    finally:
+        await rt.close()
+    sign_viewers(state)
+    proc = PeerdProcess(state, config={"webrtc": {"loop_playback": True}, "analytics": ANALYTICS})
+    await asyncio.to_thread(proc.start)
+    node = Daemon(proc, media)
+    try:
+        async with Browser.launch(
+            tmp_path / "chromium",
+            "--allow-loopback-in-peer-connection",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+        ) as browser:
+            page = await browser.new_page()
+            await page.goto(whep_url(proc.base_url, media, "/whep/player/"))
+            await page.evaluate("window.whep.ready")
+            deadline = time.monotonic() + 30
+            while (await page.evaluate("window.whep.stats()"))["framesDecoded"] == 0:
+                assert time.monotonic() < deadline, "no frame decoded"
+                await asyncio.sleep(0.2)
+
+            def started() -> dict[str, Any] | None:
+                rows = node.analytics("group_by=path,codec")["rows"]
+                got = [r for r in rows if r["path"] == "whep" and r["started"] >= 1]
+                return got[0] if got else None
+
+            row = await _poll(started, 30)
+            assert row["codec"].startswith("avc1"), row
+            assert (row["sessions"], row["failures"]) == (1, 0), row
+            assert row["startup_mean_s"] is not None
+            assert await page.evaluate("window.whep.stop()") == 200
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+    assert code == 0, proc.logs()[-3000:]

@@ -172,13 +172,12 @@ class PlaybackAnalytics:
         rendition: str,
         codec: str,
         *,
-        peer: str,
-        headers: Mapping[str, str],
         frames_decoded: int,
         freezes: int,
     ) -> None:
-        """A WHEP session's cumulative statistics from its peer connection."""
-        dims = Dims(media_id, rendition, codec, "whep", self._region(peer, headers))
+        """A WHEP session's cumulative statistics from its peer connection (no region: the
+        offer's request is not kept)."""
+        dims = Dims(media_id, rendition, codec, "whep", "")
         now = self.clock()
         self._apply(self.core.whep(session, dims, frames_decoded, freezes, now))
 
