@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerd.core.cmcd import MAX_STRING, MAX_VALUE, Cmcd, CmcdError, parse, parse_headers
+from tests.support import cmcd_reference
 
 # As hls.js 1.7.4 (cmcd: {}) writes a video segment request's data: sorted keys, integers
 # rounded, nor URL-encoded inside a string, su bare, sid a UUID.
@@ -67,6 +68,20 @@ def test_refused(value: str) -> None:
     assert isinstance(parse(value), CmcdError)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "br=1 ", "br=1\t,  su", "v=01", "v=001", "pr=0", "pr=0.5", "pr=100.001", "bs=?0,su=?1",
+        "bl=007", 'nor="a\\\\b"', "ot=av,ot=v", "x=1,x=2", "a,b,c", "a=(1),b", "a=-1.5",
+        "bl=1.0", "sid=\"\"", "d=123456789012345", "d=1234567890123456", "*=1", "a*b=?1",
+        "st=l,sf=o", "ot=tt", "ot=avv", "ot=k ,", " ", "", "su,bs", "su=?2",
+    ],
+)  # fmt: skip
+def test_agrees_with_the_reference(value: str) -> None:
+    _same(parse(value), cmcd_reference.parse(value))
+    _same(parse(quote(value), encoded=True), cmcd_reference.parse(quote(value), encoded=True))
+
+
 def test_bounded() -> None:
     assert isinstance(parse("a," * (MAX_VALUE // 2 + 1)), CmcdError)
     assert isinstance(parse(",".join(f"k{i}" for i in range(65))), CmcdError)
@@ -94,6 +109,14 @@ MEMBER = st.tuples(KEYS, st.none() | VALUES).map(
 DICT = st.lists(MEMBER, max_size=24).map(",".join) | st.text(max_size=200)
 
 
+def _same(got: Cmcd | CmcdError | None, want: Cmcd | CmcdError | None) -> None:
+    """The reader agrees with the straightforward reference (errors: any reason)."""
+    if isinstance(want, CmcdError):
+        assert isinstance(got, CmcdError), (got, want)
+    else:
+        assert got == want
+
+
 def _bounded(got: Cmcd | CmcdError | None) -> None:
     assert got is None or isinstance(got, Cmcd | CmcdError)
     if isinstance(got, Cmcd):
@@ -111,17 +134,25 @@ def _bounded(got: Cmcd | CmcdError | None) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(DICT, st.booleans())
 def test_fuzz_query_never_raises_and_stays_bounded(value: str, encoded: bool) -> None:
-    _bounded(parse(quote(value) if encoded else value, encoded=encoded))
+    raw = quote(value) if encoded else value
+    got = parse(raw, encoded=encoded)
+    _bounded(got)
+    _same(got, cmcd_reference.parse(raw, encoded=encoded))
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.dictionaries(st.sampled_from(["cmcd-object", "cmcd-request", "cmcd-session",
                                         "cmcd-status", "x"]), DICT, max_size=5))  # fmt: skip
 def test_fuzz_headers_never_raise_and_stay_bounded(headers: dict[str, str]) -> None:
-    _bounded(parse_headers(headers))
+    got = parse_headers(headers)
+    _bounded(got)
+    _same(got, cmcd_reference.parse_headers(headers))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_encoded_bytes(raw: bytes) -> None:
-    _bounded(parse(raw.decode("latin-1"), encoded=True))
+    text = raw.decode("latin-1")
+    got = parse(text, encoded=True)
+    _bounded(got)
+    _same(got, cmcd_reference.parse(text, encoded=True))

@@ -32,9 +32,10 @@ believed for statistics only, never for access control.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from typing import NamedTuple
+from urllib.parse import unquote
 
 MAX_VALUE = 4096  # the query argument, or the four header fields together
 MAX_STRING = 1024  # ``nor``: a relative URL
@@ -47,21 +48,45 @@ STREAMING_FORMATS = frozenset(("d", "h", "s", "o"))
 STREAM_TYPES = frozenset(("v", "l"))
 _INTEGERS = frozenset(("bl", "br", "d", "dl", "mtp", "rtp", "tb", "v"))
 _BOOLEANS = frozenset(("bs", "su"))
-_TOKENS = {"ot": OBJECT_TYPES, "sf": STREAMING_FORMATS, "st": STREAM_TYPES}
+_TOKENS = frozenset(("ot", "sf", "st"))
 _STRINGS = {"cid": MAX_ID, "sid": MAX_ID, "nor": MAX_STRING, "nrr": MAX_STRING}
 
-_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]{0,63}")
-_INTEGER = re.compile(r"-?[0-9]{1,15}")
-_DECIMAL = re.compile(r"-?[0-9]{1,12}\.[0-9]{1,3}")
-_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
-_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
-_NUMBER_START = frozenset("-0123456789")
+# The whole dictionary is checked by one regular expression (in C: the hot path pays a few
+# microseconds), every known key with its own value type; the members are then read with a
+# second, simpler one. RFC 8941 section 4.2.2, bare items only.
+_KEY = r"[a-z*][a-z0-9_\-.*]{0,63}"
+_INT = r"[0-9]{1,15}(?![0-9])"
+_STR = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'
+_ITEM = (
+    rf"(?:-?[0-9]{{1,12}}\.[0-9]{{1,3}}(?![0-9])|-?{_INT}|{_STR}|\?[01]"
+    r"|[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*)"
+)
+_KNOWN = "bl|br|bs|cid|d|dl|mtp|nor|nrr|ot|pr|rtp|sf|sid|st|su|tb|v"
+_MEMBER = (
+    rf"(?:(?:bl|br|d|dl|mtp|rtp|tb)={_INT}"
+    r"|(?:bs|su)(?:=\?[01])?"
+    r"|ot=(?:av|tt|[maivcko])|sf=[dhso]|st=[vl]"
+    rf"|(?:cid|sid|nor|nrr)={_STR}"
+    rf"|pr=(?:[0-9]{{1,12}}\.[0-9]{{1,3}}(?![0-9])|{_INT})"
+    r"|v=0{0,14}1(?![0-9])"
+    rf"|(?!(?:{_KNOWN})(?![a-z0-9_\-.*])){_KEY}(?:={_ITEM})?"
+    r")(?=[ \t]*(?:,|$))"
+)
+_DICT = re.compile(rf" *{_MEMBER}(?:[ \t]*,[ \t]*{_MEMBER})*[ \t]*")
+_PAIR = re.compile(r'([^=, \t]+)(?:=("[^"\\]*(?:\\.[^"\\]*)*"|[^, \t]*))?')
+# hls.js percent-encodes with upper-case hex; these escapes are decoded by str.replace (in C),
+# anything else by unquote_plus.
+_ESCAPES = (
+    ("%22", '"'), ("%2C", ","), ("%3D", "="), ("%2F", "/"), ("%3F", "?"), ("%3A", ":"),
+    ("%26", "&"), ("%3B", ";"), ("%20", " "),
+)  # fmt: skip
+_STRAY = re.compile(r"%(?!25)")
+_ESCAPED = re.compile(r"\\(.)")
 
 
-@dataclass(frozen=True, slots=True)
-class Cmcd:
+class Cmcd(NamedTuple):
     """The CTA-5004 keys of one request (None or False: not sent). Units as the spec's:
-    ``bl dl d`` milliseconds, ``br mtp rtp tb`` kbit/s."""
+    ``bl dl d`` milliseconds, ``br mtp rtp tb`` kbit/s. (A tuple: made for every request.)"""
 
     bl: int | None = None  # buffer length
     br: int | None = None  # encoded bitrate of the object
@@ -90,26 +115,20 @@ class CmcdError:
     reason: str
 
 
-Item = int | float | str | bool
-# Inside this module a refusal is a ValueError naming why; it never leaves it.
-_Malformed = ValueError
-
-
 def parse(value: str, *, encoded: bool = False) -> Cmcd | CmcdError:
     """The CMCD of a ``CMCD`` query argument's value (``encoded``: still URL-encoded)."""
     if len(value) > (3 * MAX_VALUE if encoded else MAX_VALUE):
         return CmcdError("too long")
     if encoded:
-        try:
-            value = unquote_plus(value, errors="strict")
-        except UnicodeDecodeError:
+        decoded = _unquote(value)
+        if decoded is None:
             return CmcdError("not UTF-8")
+        value = decoded
         if len(value) > MAX_VALUE:
             return CmcdError("too long")
-    try:
-        return _typed(_members(value, {}))
-    except _Malformed as exc:
-        return CmcdError(str(exc))
+    if _DICT.fullmatch(value) is None:
+        return CmcdError("malformed")
+    return _typed(_PAIR.findall(value))
 
 
 def parse_headers(headers: Mapping[str, str]) -> Cmcd | CmcdError | None:
@@ -120,117 +139,76 @@ def parse_headers(headers: Mapping[str, str]) -> Cmcd | CmcdError | None:
         return None
     if sum(len(v) for v in values) > MAX_VALUE:
         return CmcdError("too long")
-    found: dict[str, Item] = {}
+    pairs: list[tuple[str, str]] = []
+    for v in values:
+        if _DICT.fullmatch(v) is None:
+            return CmcdError("malformed")
+        pairs += _PAIR.findall(v)
+    return _typed(pairs)
+
+
+def _unquote(value: str) -> str | None:
+    """``value`` URL-decoded (None: not UTF-8)."""
+    if "+" in value:
+        value = value.replace("+", " ")
+    if "%" not in value:
+        return value
+    for escape, char in _ESCAPES:
+        if escape in value:
+            value = value.replace(escape, char)
+    if _STRAY.search(value) is None:
+        return value.replace("%25", "%")
     try:
-        for v in values:
-            _members(v, found)
-        return _typed(found)
-    except _Malformed as exc:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def _string(limit: int) -> Callable[[str], str]:
+    def read(raw: str) -> str:
+        text = raw[1:-1]
+        if "\\" in text:
+            text = _ESCAPED.sub(r"\1", text)
+        if len(text) > limit:
+            raise ValueError(f"a string longer than {limit} characters")
+        return text
+
+    return read
+
+
+def _rate(raw: str) -> float:
+    pr = float(raw)
+    if not 0 < pr <= 100:
+        raise ValueError("pr is not a positive number")
+    return pr
+
+
+def _flag(raw: str) -> bool:
+    return raw != "?0"
+
+
+def _token(raw: str) -> str:
+    return raw
+
+
+# How each known key's checked value is read (the regular expression checked its form).
+_READ: dict[str, Callable[[str], int | float | str | bool]] = {
+    **dict.fromkeys(_INTEGERS, int),
+    **dict.fromkeys(_BOOLEANS, _flag),
+    **dict.fromkeys(_TOKENS, _token),
+    **{k: _string(n) for k, n in _STRINGS.items()},
+    "pr": _rate,
+}
+
+
+def _typed(pairs: list[tuple[str, str]]) -> Cmcd | CmcdError:
+    """The :class:`Cmcd` of checked members: (key, raw value) pairs."""
+    if len(pairs) > MAX_MEMBERS:
+        return CmcdError("too many keys")
+    if len({k for k, _ in pairs}) != len(pairs):
+        return CmcdError("a key twice")
+    try:
+        fields = {k: read(raw) for k, raw in pairs if (read := _READ.get(k)) is not None}
+        return Cmcd(**fields)  # type: ignore[arg-type]
+    except ValueError as exc:
         return CmcdError(str(exc))
-
-
-def _members(text: str, into: dict[str, Item]) -> dict[str, Item]:
-    """RFC 8941 section 4.2.2 for a dictionary of bare items, into ``into``."""
-    n = len(text)
-    i = 0
-    while i < n and text[i] == " ":
-        i += 1
-    if i == n:
-        raise _Malformed("empty")
-    while True:
-        m = _KEY.match(text, i)
-        if m is None:
-            raise _Malformed("bad key")
-        key = m.group()
-        i = m.end()
-        if i < n and text[i] == "=":
-            item, i = _item(text, i + 1)
-        else:
-            item = True
-        if i < n and text[i] == ";":
-            raise _Malformed("parameters are not CMCD version 1")
-        if key in into:
-            raise _Malformed(f"key {key} twice")
-        if len(into) >= MAX_MEMBERS:
-            raise _Malformed("too many keys")
-        into[key] = item
-        while i < n and text[i] in " \t":
-            i += 1
-        if i == n:
-            return into
-        if text[i] != ",":
-            raise _Malformed("expected a comma")
-        i += 1
-        while i < n and text[i] in " \t":
-            i += 1
-        if i == n:
-            raise _Malformed("trailing comma")
-
-
-def _item(text: str, i: int) -> tuple[Item, int]:
-    """The bare item at ``text[i]`` and the index after it."""
-    if i >= len(text):
-        raise _Malformed("missing value")
-    c = text[i]
-    if c in _NUMBER_START:
-        m = _DECIMAL.match(text, i)
-        if m is not None:
-            return float(m.group()), m.end()
-        m = _INTEGER.match(text, i)
-        if m is None:
-            raise _Malformed("bad number")
-        end = m.end()
-        if end < len(text) and text[end].isdigit():
-            raise _Malformed("integer too long")
-        return int(m.group()), end
-    if c == '"':
-        m = _STRING.match(text, i)
-        if m is None:
-            raise _Malformed("bad string")
-        return m.group(1).replace('\\"', '"').replace("\\\\", "\\"), m.end()
-    if c == "?":
-        flag = text[i + 1 : i + 2]
-        if flag not in ("0", "1"):
-            raise _Malformed("bad boolean")
-        return flag == "1", i + 2
-    if c == "(":
-        raise _Malformed("inner lists are not CMCD version 1")
-    m = _TOKEN.match(text, i)
-    if m is None:
-        raise _Malformed("bad value")
-    return _Token(m.group()), m.end()
-
-
-class _Token(str):
-    """A token, told apart from a string of the same text."""
-
-    __slots__ = ()
-
-
-def _typed(found: Mapping[str, Item]) -> Cmcd:
-    """The :class:`Cmcd` of parsed members, each known key checked against its type."""
-    fields: dict[str, Item] = {}
-    for key, item in found.items():
-        if key in _INTEGERS:
-            if type(item) is not int or item < 0:
-                raise _Malformed(f"{key} is not a non-negative integer")
-        elif key in _BOOLEANS:
-            if type(item) is not bool:
-                raise _Malformed(f"{key} is not a boolean")
-        elif key in _TOKENS:
-            if not isinstance(item, _Token) or item not in _TOKENS[key]:
-                raise _Malformed(f"{key} is not one of its tokens")
-            item = str(item)
-        elif key in _STRINGS:
-            if type(item) is not str or len(item) > _STRINGS[key]:
-                raise _Malformed(f"{key} is not a string of at most {_STRINGS[key]} characters")
-        elif key == "pr":
-            if type(item) not in (int, float) or not 0 < item <= 100:  # type: ignore[operator]
-                raise _Malformed("pr is not a positive number")
-            item = float(item)
-        else:
-            continue  # a custom key, or one of a later version: ignored
-        fields[key] = item
-    if fields.get("v", 1) != 1:
-        raise _Malformed("not CMCD version 1")
-    return Cmcd(**fields)  # type: ignore[arg-type]
