@@ -330,8 +330,9 @@ async def test_a_whep_session_in_chromium_counts_as_started(tmp_path: Path) -> N
         await rt.close()
     sign_viewers(state)
     proc = PeerdProcess(state, config={"webrtc": {"loop_playback": True}, "analytics": ANALYTICS})
-    await asyncio.to_thread(proc.start)
+    await asyncio.to_thread(proc.init)  # keeps the signing key, adds the API token
     node = Daemon(proc, media)
+    await asyncio.to_thread(proc.start)
     try:
         async with Browser.launch(
             tmp_path / "chromium",
