@@ -423,7 +423,7 @@ def route_installers(
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api, analytics=analytics),
         partial(whep_routes.install, whep=whep),
-        partial(swarm.install, ice=whep.ice_servers),
+        partial(swarm.install, ice=whep.ice_servers, analytics=analytics),
     ]
 
 

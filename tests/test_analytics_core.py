@@ -137,3 +137,20 @@ def test_bounded_sessions() -> None:
         a.observe(Hit(f"s{i}", AVC, True, Cmcd(su=True)), T0)
     assert len(a.sessions) == 2
     assert a.dropped == 1
+
+
+def test_a_reporting_player() -> None:
+    a = Analytics(T0)
+    d = Dims("m1", "", "avc1.64001f", "swarm", "")
+    assert a.reported("p1", d, startup_s=None, stalls=0, failed=False, now=T0) == []
+    assert a.reported("p1", d, startup_s=1.5, stalls=0, failed=False, now=T0 + 9) == [
+        Started("p1", d, 1.5)
+    ]
+    assert a.reported("p1", d, startup_s=1.5, stalls=2, failed=False, now=T0 + 19) == [
+        Stalled("p1", d),
+        Stalled("p1", d),
+    ]
+    assert a.reported("p2", d, startup_s=None, stalls=0, failed=True, now=T0 + 1) == [
+        Failed("p2", d)
+    ]
+    assert "p2" not in a.sessions

@@ -360,3 +360,35 @@ async def test_a_whep_session_in_chromium_counts_as_started(tmp_path: Path) -> N
     finally:
         code = await asyncio.to_thread(proc.stop)
     assert code == 0, proc.logs()[-3000:]
+
+
+@pytest.mark.timeout(300)
+async def test_the_swarm_players_own_figures_reach_the_node(
+    tmp_path: Path, stopped: list[Daemon]
+) -> None:
+    """The node's swarm player page reports its startup and stalls with its byte beacon: the
+    node counts them under the path ``swarm``, as the page measured them."""
+    playlist = await asyncio.to_thread(make_hls, tmp_path / "media", "fmp4", seconds=6)
+    node = await _daemon(tmp_path, lambda rt: _import(rt, playlist))
+    stopped.append(node)
+    token = tokens.mint(node.key, node.media, "hls", int(time.time()) + 600)
+    async with Browser.launch(tmp_path / "profile") as browser:
+        page = await browser.new_page()
+        await page.send("Emulation.setFocusEmulationEnabled", {"enabled": True})
+        await page.goto(f"{node.proc.base_url}/swarm/player/{node.media}?token={token}")
+        await page.wait_for("window.peerdPlayer !== undefined", timeout_s=60)
+        await page.wait_for("window.peerdPlayer.stats.ended", timeout_s=120)
+        await page.wait_for("window.peerdPlayer.report().then(() => true)", timeout_s=30)
+        stats = await page.evaluate("JSON.parse(JSON.stringify(window.peerdPlayer.stats))")
+
+    def reported() -> dict[str, Any] | None:
+        rows = node.analytics("group_by=path,codec")["rows"]
+        got = [r for r in rows if r["path"] == "swarm" and r["started"] >= 1]
+        return got[0] if got else None
+
+    row = await _poll(reported, 30)
+    assert stats["startupMs"] is not None
+    assert abs(row["startup_mean_s"] - stats["startupMs"] / 1000) < 0.001, (row, stats)
+    assert row["stalls"] == len(stats["stalls"])
+    assert (row["sessions"], row["failures"]) == (1, 0)
+    assert row["codec"].startswith("avc1"), row

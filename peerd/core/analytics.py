@@ -2,9 +2,11 @@
 
 Theory of operation. The node sees every request of its viewers. A request that carries CMCD
 (:mod:`peerd.core.cmcd`) becomes a :class:`Hit`; a WHEP session's peer-connection statistics
-become hits too (:meth:`Analytics.whep`). :class:`Analytics` is a pure state machine over them:
-it takes ``now`` (seconds, one clock for everything) in every call and returns the
-:class:`Event` values that happened, so the service around it only logs, counts and stores.
+become hits too (:meth:`Analytics.whep`), and so do the reports of players that measure
+themselves (the swarm player's beacon: :meth:`Analytics.reported`). :class:`Analytics` is a
+pure state machine over them: it takes ``now`` (seconds, one clock for everything) in every
+call and returns the :class:`Event` values that happened, so the service around it only logs,
+counts and stores.
 
 A *session* is one playback: the CMCD session id ``sid`` (hls.js makes one per player), else
 the viewer's token and address, under the media id. It goes through::
@@ -21,10 +23,13 @@ the viewer's token and address, under the media id. It goes through::
   playing as soon as the first segment is appended, so this is the time to the player's first
   playable media, measured on the node's clock between two request arrivals. A request with
   ``su`` absent (the player reports it is not starting) starts a session too, for players that
-  send no ``bl``. A WHEP session starts at its first report of a decoded frame.
+  send no ``bl``. A WHEP session starts when the viewer first reports media received (its
+  RTCP receiver reports, read from the node's side of the peer connection). A reporting
+  player gives its own startup time.
 * **A stall** is a request with ``bs`` (hls.js sets it on the next video request after a
   ``waiting`` event during playback; several ``waiting`` events before that request are one
-  stall). A WHEP session's stalls are its reported freezes. The *stall rate* is stalls per
+  stall). A WHEP session's stalls are its freezes (runs of seconds with more than 5% of the
+  packets lost), a reporting player's the stalls it counted. The *stall rate* is stalls per
   started session; the rollup also keeps the sessions that stalled at least once.
 * **A failure** is a session that never started: it is decided ``startup_timeout_s`` after its
   first request (a player that cannot decode the codec stops after the master playlist; one
@@ -173,7 +178,7 @@ class _Session:
     dims: Dims
     started: bool = False
     stalled: bool = False
-    freezes: int = 0  # a WHEP session's freezes counted so far
+    freezes: int = 0  # a WHEP session's freezes (a reporting player's stalls) counted so far
 
 
 @dataclass
@@ -291,6 +296,48 @@ class Analytics:
             s.freezes = max(s.freezes, freezes)
         return events
 
+    def reported(
+        self,
+        session: str,
+        dims: Dims,
+        *,
+        startup_s: float | None,
+        stalls: int,
+        failed: bool,
+        now: float,
+    ) -> list[Event]:
+        """A player's own report (the swarm player's beacon): its startup time once it
+        played, its stalls so far, and whether it gave up (a fatal error before playing)."""
+        s = self.sessions.get(session)
+        if s is None:
+            if len(self.sessions) >= self.max_sessions:
+                self.dropped += 1
+                return []
+            s = self.sessions[session] = _Session(now, now, dims)
+        s.last_at = now
+        s.dims = _merge(s.dims, dims)
+        events: list[Event] = []
+        if not s.started and startup_s is not None:
+            events.append(self._start(session, s, startup_s, now))
+        elif not s.started and failed:
+            events.append(self._fail(session, s, now))
+            return events
+        if s.started:
+            for _ in range(max(0, stalls - s.freezes)):
+                events.append(self._stall(session, s, s.dims, now))
+            s.freezes = max(s.freezes, stalls)
+        return events
+
+    def _fail(self, key: str, s: _Session, now: float) -> Failed:
+        b = self._bucket(now, s.dims)
+        b.sessions += 1
+        b.failures += 1
+        w = self._window(s.dims)
+        w.sessions += 1
+        w.failures += 1
+        del self.sessions[key]
+        return Failed(key, s.dims)
+
     def _start(self, key: str, s: _Session, startup_s: float, now: float) -> Started:
         s.started = True
         b = self._bucket(now, s.dims)
@@ -317,14 +364,7 @@ class Analytics:
         events: list[Event] = []
         for key, s in list(self.sessions.items()):
             if not s.started and now - s.first_at >= self.startup_timeout_s:
-                b = self._bucket(now, s.dims)
-                b.sessions += 1
-                b.failures += 1
-                w = self._window(s.dims)
-                w.sessions += 1
-                w.failures += 1
-                events.append(Failed(key, s.dims))
-                del self.sessions[key]
+                events.append(self._fail(key, s, now))
             elif s.started and now - s.last_at >= self.idle_s:
                 del self.sessions[key]
         if now >= self.window_end:

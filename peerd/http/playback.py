@@ -3,8 +3,9 @@
 The HLS routes (both paths, :mod:`peerd.http.hls` and :mod:`peerd.http.fastpath`) call
 :meth:`PlaybackAnalytics.hls` only for a request that carries CMCD (a ``CMCD`` query argument or
 ``CMCD-*`` header fields); WHEP sessions call :meth:`PlaybackAnalytics.whep` with their peer
-connection's statistics. Both are synchronous and cheap: a parse
-(:mod:`peerd.core.cmcd`), a dictionary update (:mod:`peerd.core.analytics`) and counter
+connection's statistics, and the swarm player's beacon (:mod:`peerd.http.swarm`)
+:meth:`PlaybackAnalytics.swarm` with what the player measured. All are synchronous and cheap:
+a parse (:mod:`peerd.core.cmcd`), a dictionary update (:mod:`peerd.core.analytics`) and counter
 increments; nothing awaits. :meth:`PlaybackAnalytics.run` ticks the state machine every second
 (failures, the anomaly window) and adds the counts to the catalog every
 ``[analytics] flush_interval_s`` (``peerd.catalog.playback``), pruning rows older than
@@ -180,6 +181,32 @@ class PlaybackAnalytics:
         dims = Dims(media_id, rendition, codec, "whep", "")
         now = self.clock()
         self._apply(self.core.whep(session, dims, frames_decoded, freezes, now))
+
+    def swarm(
+        self,
+        session: str,
+        media_id: str,
+        codec: str,
+        *,
+        peer: str,
+        headers: Mapping[str, str],
+        startup_s: float | None,
+        stalls: int,
+        failed: bool,
+    ) -> None:
+        """A swarm player's beacon: what it measured itself (startup, stalls, gave up)."""
+        dims = Dims(media_id, "", codec, "swarm", self._region(peer, headers))
+        now = self.clock()
+        self._apply(
+            self.core.reported(
+                f"{media_id}|swarm|{session}",
+                dims,
+                startup_s=startup_s,
+                stalls=stalls,
+                failed=failed,
+                now=now,
+            )
+        )
 
     def _region(self, peer: str, headers: Mapping[str, str]) -> str:
         country = headers.get("cf-ipcountry")
