@@ -12,7 +12,7 @@ JSON endpoints:
 ``GET /ui/api/blob/{cid}``      a blob's bytes, for the in-page player (through the resolver
                                 when the daemon has one, so absent blobs are fetched)
 ``GET /ui/api/playback``        playback analytics of the last 24 hours: by codec, by hour, the
-                                swarm's P2P share, recent anomalies (409 with analytics off)
+                                swarm's P2P share, recent anomalies (``enabled`` false when off)
 ``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
                                 with a short-lived ``whep`` token minted for the operator by
                                 the viewer authorization (:mod:`peerd.http.access`)
@@ -256,11 +256,12 @@ def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
     async def playback(request: web.Request) -> web.StreamResponse:
         """Playback analytics for the dashboard's panel."""
         d._require(request)
-        if analytics is None:
-            raise NotConfigured("playback analytics are off ([analytics] enabled = false)")
+        if analytics is None:  # the panel hides itself
+            return _secure(web.json_response({"enabled": False}))
         codecs = await analytics.report(None, None, ["codec"], {}, 50)
         hours = await analytics.report(None, None, ["hour"], {}, 48)
         data = {
+            "enabled": True,
             "codecs": codecs["rows"],
             "hours": hours["rows"],
             "bytes": codecs["bytes"],

@@ -83,8 +83,9 @@
   async function refresh() {
     try {
       const r = await fetch("/ui/api/playback", { credentials: "same-origin", headers: { Accept: "application/json" } });
-      if (r.status === 409) { document.getElementById("playback").hidden = true; return; }
-      if (r.ok) render(await r.json());
+      const p = r.ok ? await r.json() : null;
+      if (p && !p.enabled) { document.getElementById("playback").hidden = true; return; }
+      if (p) render(p);
     } catch (e) {
       document.getElementById("playback-p2p").textContent = `Cannot load playback analytics: ${e.message}`;
     }
