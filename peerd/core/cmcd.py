@@ -56,7 +56,7 @@ _STRINGS = {"cid": MAX_ID, "sid": MAX_ID, "nor": MAX_STRING, "nrr": MAX_STRING}
 # second, simpler one. RFC 8941 section 4.2.2, bare items only.
 _KEY = r"[a-z*][a-z0-9_\-.*]{0,63}"
 _INT = r"[0-9]{1,15}(?![0-9])"
-_STR = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"'
+_STR = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]++|\\["\\])*+"'
 _ITEM = (
     rf"(?:-?[0-9]{{1,12}}\.[0-9]{{1,3}}(?![0-9])|-?{_INT}|{_STR}|\?[01]"
     r"|[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*)"

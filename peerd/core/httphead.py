@@ -47,7 +47,7 @@ REFUSED = frozenset(
 # A query may hold percent-encoded octets (a player's CMCD argument); a path may not.
 _LINE = re.compile(
     rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*"
-    rb"(?:\?(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*)?) HTTP/1\.1"
+    rb"(?:\?(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++|%[0-9A-Fa-f]{2})*+)?) HTTP/1\.1"
 )
 # One header line: a token name, the value of visible ASCII with inner spaces or tabs (the
 # optional whitespace around it is not the value's), CRLF.
