@@ -272,7 +272,7 @@ class Analytics:
         events: list[Event] = []
         if not s.started and not hit.playlist and ((c.bl or 0) > 0 or not c.su):
             events.append(self._start(hit.session, s, now - s.first_at, now))
-        if c.bs and s.started:
+        if c.bs:  # hls.js sets it only once playback began
             events.append(self._stall(hit.session, s, hit.dims, now))
         return events
 
