@@ -308,6 +308,24 @@ async def test_hevc_sessions_fail_and_a_burst_raises_one_anomaly(
         assert anomaly["codec"] in ("hvc1", "hev1")
         assert anomaly["observed"] == 1.0
         assert anomaly["sessions"] == 4
+
+        # The operator's dashboard shows the codec's failures and the anomaly.
+        page = await browser.new_page()
+        await page.goto(f"{node.proc.base_url}/ui")
+        loaded = page.expect("Page.loadEventFired")
+        admin = (node.proc.state_dir / "secrets" / "admin_token").read_text().strip()
+        await page.evaluate(
+            f"document.getElementById('token').value = {json.dumps(admin)};"
+            "document.getElementById('login').submit(); true"
+        )
+        await asyncio.wait_for(loaded, 20)
+        await page.wait_for("document.getElementById('playback').dataset.loaded === '1'", 30)
+        panel = await page.evaluate("document.getElementById('playback').innerText")
+        assert "0.0 %" in panel, panel  # success of the HEVC sessions
+        assert "failure rate 1.00 over 4 sessions of codec" in panel, panel
+        bars = await page.evaluate("document.querySelectorAll('#playback-stalls rect').length")
+        assert bars >= 1
+        assert page.console_errors == []
     # Raised once: logged once, counted once, however many windows follow.
     await asyncio.sleep(ANALYTICS["anomaly_window_s"] * 2)
     assert len(node.analytics()["anomalies"]) == 1
