@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 from peerd.catalog.media import record_media
 from peerd.config import load_settings
 from peerd.core import tokens
+from peerd.core.cmcd import Cmcd, parse
 from peerd.core.ids import Cid, cid_of
 from peerd.core.manifest import encode, media_id_of
 from peerd.media.options import PackagingOptions
@@ -46,7 +48,9 @@ PAGE = """<!doctype html>
 const m = window.measured = {startup: null, stalls: 0, waiting: 0, errors: [], ended: false};
 const v = document.getElementById("v");
 let t0 = null, playing = false, pending = false;
-const hls = new Hls({enableWorker: false, cmcd: {}, maxBufferLength: 4, maxMaxBufferLength: 4});
+const hls = new Hls({
+  enableWorker: false, cmcd: CMCD_CONFIG, maxBufferLength: 4, maxMaxBufferLength: 4,
+});
 hls.on(Hls.Events.MANIFEST_LOADING, () => { if (t0 === null) t0 = performance.now(); });
 hls.on(Hls.Events.FRAG_LOADING, (_e, d) => {
   if (d.frag.type !== "main") return;
@@ -134,7 +138,9 @@ class Daemon:
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name + "{"):
+            if not labels and line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "{"):
                 got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
                 if all(part in got.split(",") for part in want.split(",")):
                     total += float(line.rsplit(" ", 1)[1])
@@ -161,6 +167,12 @@ def stopped() -> Iterator[list[Daemon]]:
         code = d.proc.stop()
         assert "unhandled error" not in d.proc.logs()
         assert code == 0
+
+
+def _page(slot: dict[str, str]) -> str:
+    return PAGE.replace("SRC", json.dumps(slot["src"])).replace(
+        "CMCD_CONFIG", slot.get("cmcd", "{}")
+    )
 
 
 async def _open(browser: Browser, origin: str, slot: dict[str, str], src: str) -> Page:
@@ -200,7 +212,7 @@ async def test_the_nodes_figures_match_the_page_normal_and_throttled(
     stopped.append(node)
     slot: dict[str, str] = {}
     async with (
-        player_origin(lambda: PAGE.replace("SRC", json.dumps(slot["src"]))) as origin,
+        player_origin(lambda: _page(slot)) as origin,
         Browser.launch(tmp_path / "profile") as browser,
     ):
         # A normal run.
@@ -208,6 +220,16 @@ async def test_the_nodes_figures_match_the_page_normal_and_throttled(
         normal = await _played(page)
         assert normal["errors"] == []
         assert normal["startup"] is not None
+        # Every CMCD value hls.js sent (read back from the page's own resource timings) is
+        # one the reader takes.
+        sent = await page.evaluate(
+            "performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(u => u.includes('CMCD='))"
+        )
+        assert len(sent) >= 5, sent
+        for url in sent:
+            (value,) = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["CMCD"]
+            assert isinstance(parse(value), Cmcd), value
         await page.close()
 
         def one_session() -> dict[str, Any] | None:
@@ -246,6 +268,7 @@ async def test_the_nodes_figures_match_the_page_normal_and_throttled(
         assert sum(h["stalls"] for h in panel["hours"]) == both["stalls"]
         assert panel["anomalies"] == []
     assert node.metric("peerd_playback_sessions_total", {"outcome": "started"}) == 2
+    assert node.metric("peerd_cmcd_invalid_total", {}) == 0
     assert node.metric("peerd_playback_stalls_total", {"codec": "avc1"}) == both["stalls"]
 
 
@@ -279,7 +302,7 @@ async def test_hevc_sessions_fail_and_a_burst_raises_one_anomaly(
     stopped.append(node)
     slot: dict[str, str] = {}
     async with (
-        player_origin(lambda: PAGE.replace("SRC", json.dumps(slot["src"]))) as origin,
+        player_origin(lambda: _page(slot)) as origin,
         Browser.launch(tmp_path / "profile") as browser,
     ):
         pages = [await _open(browser, origin, slot, node.url()) for _ in range(4)]
@@ -410,3 +433,30 @@ async def test_the_swarm_players_own_figures_reach_the_node(
     assert row["stalls"] == len(stats["stalls"])
     assert (row["sessions"], row["failures"]) == (1, 0)
     assert row["codec"].startswith("avc1"), row
+
+
+@pytest.mark.timeout(300)
+async def test_cmcd_in_headers_crosses_origins(tmp_path: Path, stopped: list[Daemon]) -> None:
+    """``cmcd: {useHeaders: true}``: the page's origin is not the node's, so every request
+    with CMCD-* headers is preflighted; the node allows them and counts the session."""
+    playlist = await asyncio.to_thread(make_hls, tmp_path / "media", "fmp4", seconds=6)
+    node = await _daemon(tmp_path, lambda rt: _import(rt, playlist))
+    stopped.append(node)
+    slot: dict[str, str] = {"cmcd": "{useHeaders: true}"}
+    async with (
+        player_origin(lambda: _page(slot)) as origin,
+        Browser.launch(tmp_path / "profile") as browser,
+    ):
+        page = await _open(browser, origin, slot, node.url())
+        measured = await _played(page)
+        assert measured["errors"] == []
+        assert page.console_errors == []
+
+    def started() -> dict[str, Any] | None:
+        row = _row(node.analytics(), "avc1")
+        return row if row is not None and row["started"] >= 1 else None
+
+    row = await _poll(started, 30)
+    assert (row["sessions"], row["failures"]) == (1, 0)
+    assert abs(row["startup_mean_s"] - measured["startup"]) <= 0.2, (row, measured)
+    assert node.metric("peerd_cmcd_invalid_total", {}) == 0
