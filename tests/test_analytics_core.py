@@ -76,15 +76,6 @@ def test_a_session_that_never_starts_fails_once_and_idle_ones_are_forgotten() ->
     assert [(b.sessions, b.failures) for b in failed] == [(1, 1)]
 
 
-def test_whep_reports() -> None:
-    a = Analytics(T0)
-    d = Dims("m1", "v0", "avc1.64001f", "whep", "")
-    assert a.whep("w1", d, 0, 0, T0) == []
-    assert a.whep("w1", d, 30, 0, T0 + 0.5) == [Started("w1", d, 0.5)]
-    assert a.whep("w1", d, 60, 2, T0 + 2) == [Stalled("w1", d), Stalled("w1", d)]
-    assert a.whep("w1", d, 90, 2, T0 + 3) == []
-
-
 def _windows(a: Analytics, start: float, n: int, fail_every: int) -> list[Anomaly]:
     """``n`` five-minute windows of 20 sessions each; every ``fail_every``-th one fails."""
     found: list[Anomaly] = []

@@ -240,6 +240,7 @@ async def get_analytics(request: web.Request) -> web.Response:
 
 
 HANDLERS: dict[str, Handler] = {
+    "getAnalytics": get_analytics,
     "getNode": get_node,
     "getHealth": get_health,
     "getInventory": get_inventory,
@@ -251,7 +252,6 @@ HANDLERS: dict[str, Handler] = {
     "postPromote": _command("promote", MediaCommand, Commands.promote),
     "postIngest": _command("ingest", IngestRequest, Commands.ingest),
     "getJob": get_job,
-    "getAnalytics": get_analytics,
 }
 
 

@@ -157,10 +157,7 @@ class CoordinatorService:
         if self._session is None:
             raise CoordinatorError("coordinator client is not running")
         report = await self.report(kind, drain_deadline_s=drain_deadline_s)
-        payload = report.model_dump(mode="json")
-        if payload["anomalies"] is None:
-            del payload["anomalies"]  # optional: reports without anomalies stay as they were
-        body = encode_body(payload)
+        body = encode_body(report.model_dump(mode="json"))
         headers = {
             "Content-Type": "application/json",
             PEER_HEADER: report.peer_id,

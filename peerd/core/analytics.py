@@ -1,9 +1,9 @@
 """Playback analytics: viewer sessions from CMCD and WHEP reports, hourly rollups, anomalies.
 
 Theory of operation. The node sees every request of its viewers. A request that carries CMCD
-(:mod:`peerd.core.cmcd`) becomes a :class:`Hit`; a WHEP session's peer-connection statistics
-become hits too (:meth:`Analytics.whep`), and so do the reports of players that measure
-themselves (the swarm player's beacon: :meth:`Analytics.reported`). :class:`Analytics` is a
+(:mod:`peerd.core.cmcd`) becomes a :class:`Hit`; reports of WHEP sessions (the node's peer
+connection statistics) and of players that measure themselves (the swarm player's beacon) go
+to :meth:`Analytics.reported`. :class:`Analytics` is a
 pure state machine over them: it takes ``now`` (seconds, one clock for everything) in every
 call and returns the :class:`Event` values that happened, so the service around it only logs,
 counts and stores.
@@ -276,26 +276,6 @@ class Analytics:
             events.append(self._stall(hit.session, s, hit.dims, now))
         return events
 
-    def whep(
-        self, session: str, dims: Dims, frames_decoded: int, freezes: int, now: float
-    ) -> list[Event]:
-        """A WHEP session's cumulative statistics (frames decoded, freezes so far)."""
-        s = self.sessions.get(session)
-        if s is None:
-            if len(self.sessions) >= self.max_sessions:
-                self.dropped += 1
-                return []
-            s = self.sessions[session] = _Session(now, now, dims)
-        s.last_at = now
-        events: list[Event] = []
-        if not s.started and frames_decoded > 0:
-            events.append(self._start(session, s, now - s.first_at, now))
-        if s.started:
-            for _ in range(max(0, freezes - s.freezes)):
-                events.append(self._stall(session, s, s.dims, now))
-            s.freezes = max(s.freezes, freezes)
-        return events
-
     def reported(
         self,
         session: str,
@@ -306,8 +286,9 @@ class Analytics:
         failed: bool,
         now: float,
     ) -> list[Event]:
-        """A player's own report (the swarm player's beacon): its startup time once it
-        played, its stalls so far, and whether it gave up (a fatal error before playing)."""
+        """A session's report (a WHEP session's statistics, the swarm player's beacon): its
+        startup time once it played, its stalls so far, and whether it gave up (a fatal error
+        before playing)."""
         s = self.sessions.get(session)
         if s is None:
             if len(self.sessions) >= self.max_sessions:

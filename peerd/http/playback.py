@@ -173,14 +173,22 @@ class PlaybackAnalytics:
         rendition: str,
         codec: str,
         *,
-        frames_decoded: int,
+        startup_s: float | None,
         freezes: int,
     ) -> None:
-        """A WHEP session's cumulative statistics from its peer connection (no region: the
-        offer's request is not kept)."""
+        """A WHEP session's statistics from its peer connection: its startup once the viewer
+        received media, its freezes so far (no region: the offer's request is not kept)."""
         dims = Dims(media_id, rendition, codec, "whep", "")
-        now = self.clock()
-        self._apply(self.core.whep(session, dims, frames_decoded, freezes, now))
+        self._apply(
+            self.core.reported(
+                f"{media_id}|whep|{session}",
+                dims,
+                startup_s=startup_s,
+                stalls=freezes,
+                failed=False,
+                now=self.clock(),
+            )
+        )
 
     def swarm(
         self,

@@ -252,26 +252,6 @@ class Dashboard:
                 await task
 
 
-def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
-    async def playback(request: web.Request) -> web.StreamResponse:
-        """Playback analytics for the dashboard's panel."""
-        d._require(request)
-        if analytics is None:  # the panel hides itself
-            return _secure(web.json_response({"enabled": False}))
-        codecs = await analytics.report(None, None, ["codec"], {}, 50)
-        hours = await analytics.report(None, None, ["hour"], {}, 48)
-        data = {
-            "enabled": True,
-            "codecs": codecs["rows"],
-            "hours": hours["rows"],
-            "bytes": codecs["bytes"],
-            "anomalies": codecs["anomalies"][:20],
-        }
-        return _secure(web.json_response(data))
-
-    return playback
-
-
 def install(
     app: web.Application,
     rt: Runtime,
@@ -294,3 +274,23 @@ def install(
     app.router.add_get("/ui/api/whep/{media_id}", d.whep)
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
     app.cleanup_ctx.append(d.sampler)
+
+
+def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
+    async def playback(request: web.Request) -> web.StreamResponse:
+        """Playback analytics for the dashboard's panel."""
+        d._require(request)
+        if analytics is None:  # the panel hides itself
+            return _secure(web.json_response({"enabled": False}))
+        codecs = await analytics.report(None, None, ["codec"], {}, 50)
+        hours = await analytics.report(None, None, ["hour"], {}, 48)
+        data = {
+            "enabled": True,
+            "codecs": codecs["rows"],
+            "hours": hours["rows"],
+            "bytes": codecs["bytes"],
+            "anomalies": codecs["anomalies"][:20],
+        }
+        return _secure(web.json_response(data))
+
+    return playback

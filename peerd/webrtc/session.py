@@ -196,8 +196,6 @@ class WhepSession:
     task: asyncio.Task[None] | None = None
     sent: int = 0  # RTP bytes already counted into the uplink meter
     # Playback analytics from the viewer's RTCP receiver reports (see WhepService._report).
-    rendition: str = ""
-    codec: str = ""
     received: int = 0
     lost: int = 0
     lossy: bool = False
@@ -300,8 +298,9 @@ class WhepService:
 
     def _report(self, s: WhepSession, received: int, lost: int) -> None:
         """Playback analytics from the node's side of the peer connection: the viewer's
-        receiver reports. The session started once the viewer reported packets received; a
-        freeze is a run of seconds in which it lost more than 5% of the packets sent to it."""
+        receiver reports. The session started (its startup counted from the offer) once the
+        viewer reported packets received; a freeze is a run of seconds in which it lost more
+        than 5% of the packets sent to it."""
         if self.analytics is None:
             return
         got, gone = received - s.received, lost - s.lost
@@ -311,8 +310,15 @@ class WhepService:
                 s.freezes += 1
             s.lossy = lossy
         s.received, s.lost = max(s.received, received), max(s.lost, lost)
+        playable = self._playables.get(s.media_id)
+        shown = playable and (playable.rendition or playable.audio)
         self.analytics.whep(
-            s.id, s.media_id, s.rendition, s.codec, frames_decoded=s.received, freezes=s.freezes
+            s.id,
+            s.media_id,
+            shown.id if shown else "",
+            shown.codecs if shown else "",
+            startup_s=time.monotonic() - s.started if s.received else None,
+            freezes=s.freezes,
         )
 
     def _start_threads(self) -> None:
@@ -487,10 +493,6 @@ class WhepService:
             feeder=feeder,
             tracks=[t for t in (video, audio) if t is not None],
         )
-        shown = playable.rendition or playable.audio
-        if shown is not None:
-            session.rendition, session.codec = shown.id, shown.codecs
-        self._report(session, 0, 0)  # the session's startup counts from its offer
         self.sessions[session.id] = session
         session.task = asyncio.create_task(self._feed(session), name=f"whep-{session.id[:8]}")
 
