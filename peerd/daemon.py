@@ -411,7 +411,7 @@ def route_installers(
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     return [
-        partial(ui.install, resolver=resolver, analytics=analytics),
+        partial(ui.install, resolver=resolver),
         partial(
             hls.install,
             resolver=resolver,
@@ -422,6 +422,7 @@ def route_installers(
         ),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api, analytics=analytics),
+        partial(ui.install_playback, analytics=analytics),
         partial(whep_routes.install, whep=whep),
         partial(swarm.install, ice=whep.ice_servers, analytics=analytics),
     ]

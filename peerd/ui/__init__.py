@@ -252,18 +252,12 @@ class Dashboard:
                 await task
 
 
-def install(
-    app: web.Application,
-    rt: Runtime,
-    resolver: Resolver | None = None,
-    analytics: PlaybackAnalytics | None = None,
-) -> None:
+def install(app: web.Application, rt: Runtime, resolver: Resolver | None = None) -> None:
     """Add the dashboard's routes (nothing when ``[ui] enabled = false``); the player's blobs
-    the node lacks come through ``resolver``; the playback panel reads ``analytics``."""
+    the node lacks come through ``resolver``."""
     if not rt.settings.ui.enabled:
         return
     d = Dashboard(rt, viewer_auth(app, rt), resolver)
-    app.router.add_get("/ui/api/playback", _playback(d, analytics))
     app.router.add_get("/ui", d.page)
     app.router.add_get("/ui/", d.page)
     app.router.add_post("/ui/login", d.login)
@@ -274,6 +268,17 @@ def install(
     app.router.add_get("/ui/api/whep/{media_id}", d.whep)
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
     app.cleanup_ctx.append(d.sampler)
+
+
+def install_playback(
+    app: web.Application, rt: Runtime, analytics: PlaybackAnalytics | None = None
+) -> None:
+    """Add ``/ui/api/playback``, the dashboard's playback panel, read from ``analytics`` (the
+    panel hides itself without); nothing when ``[ui] enabled = false``."""
+    if rt.settings.ui.enabled:
+        app.router.add_get(
+            "/ui/api/playback", _playback(Dashboard(rt, viewer_auth(app, rt)), analytics)
+        )
 
 
 def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
