@@ -15,9 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
-from peerd.config import load_settings
+from peerd.config import AnalyticsSettings, load_settings
 from peerd.core import tokens
+from peerd.core.analytics import Dims, Hit
+from peerd.core.cmcd import Cmcd
+from peerd.http.playback import PlaybackAnalytics
 from peerd.runtime import open_runtime
 from tests.support.hlsmedia import import_hls, make_hls, read_hls
 from tests.support.process import PeerdProcess
@@ -104,3 +108,33 @@ async def test_cmcd_over_plain_http_and_the_region_rule(tmp_path: Path) -> None:
     (untrusted,) = results["untrusted"]["rows"]
     assert (trusted["region"], trusted["path"], trusted["started"]) == ("DE", "http", 1)
     assert (untrusted["region"], untrusted["started"]) == ("", 1)
+
+
+async def test_the_rollup_keeps_retention_days(tmp_path: Path) -> None:
+    """Counts land in the catalog by hour and go once older than ``retention_days``."""
+    rt = await open_runtime(load_settings(None, node={"state_dir": tmp_path / "state"}))
+    try:
+        now = [1_800_000_000.0]
+        pa = PlaybackAnalytics(
+            rt.catalog,
+            AnalyticsSettings(retention_days=2),
+            CollectorRegistry(),
+            (),
+            clock=lambda: now[0],
+        )
+        dims = Dims("b" + "c" * 58)
+        for day in range(4):  # one session a day, started
+            now[0] = 1_800_000_000.0 + day * 86400
+            sid = f"s{day}"
+            pa.core.observe(Hit(sid, dims, True, Cmcd(sid=sid, su=True)), now[0])
+            pa.core.observe(Hit(sid, dims, False, Cmcd(sid=sid, bl=1000)), now[0] + 1)
+            await pa.flush()
+        report = await pa.report(0, int(now[0]), ["hour"], {}, 100)
+        assert [r["started"] for r in report["rows"]] == [1, 1, 1, 1]
+        await pa.prune()
+        report = await pa.report(0, int(now[0]), ["hour"], {}, 100)
+        # The first day's hour is more than two days old now: gone; the others stay.
+        hours = sorted(r["hour"] for r in report["rows"])
+        assert hours == [1_800_000_000 + d * 86400 for d in (1, 2, 3)]
+    finally:
+        await rt.close()

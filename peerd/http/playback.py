@@ -264,6 +264,7 @@ class PlaybackAnalytics:
     async def run(self, ready: Callable[[], None]) -> None:
         """Tick every second; store the counts every ``flush_interval_s``."""
         ready()
+        await self.prune()
         last_flush = last_prune = time.monotonic()
         try:
             while True:
