@@ -423,6 +423,22 @@ class UiSettings(Section):
     history_points: int = Field(default=360, ge=2, le=100_000)
 
 
+class AnalyticsSettings(Section):
+    """Playback analytics from CMCD and WHEP statistics (issue 23)."""
+
+    enabled: bool = True
+    retention_days: int = Field(default=90, ge=1, le=3650)
+    startup_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    session_idle_s: float = Field(default=60.0, gt=0, le=3600)
+    max_sessions: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_regions: int = Field(default=20, ge=1, le=300)
+    flush_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    anomaly_window_s: float = Field(default=300.0, gt=0, le=86400)
+    anomaly_min_sessions: int = Field(default=10, ge=1)
+    anomaly_z: float = Field(default=3.0, gt=0)
+    anomaly_alpha: float = Field(default=0.2, gt=0, le=1)
+
+
 class Settings(BaseSettings):
     """All of peerd's settings."""
 
@@ -449,6 +465,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     webrtc: WebRTCSettings = WebRTCSettings()
     ui: UiSettings = UiSettings()
+    analytics: AnalyticsSettings = AnalyticsSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -42,6 +42,8 @@ from peerd.delivery.media import MediaResolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
+from peerd.http.clientip import parse_networks
+from peerd.http.playback import PlaybackAnalytics, served_bytes
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
 from peerd.live.handoff import HandoffConsumer
@@ -364,7 +366,8 @@ async def build_services(rt: Runtime) -> Services:
         rt.catalog, manifest_sources, registry=rt.metrics.registry, retry_s=retry_s
     )
     bucket = _bucket_url(rt, r2)
-    whep = WhepService(rt, resolver=resolver, finder=finder)
+    analytics = _analytics(rt)
+    whep = WhepService(rt, resolver=resolver, finder=finder, analytics=analytics)
     # Live inputs (issue 22): every publication goes to the LL-HLS packager, the WHEP fan-out
     # and the recorder; the ingest adapters (RTMP, WHIP) ask `live` who may publish.
     recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
@@ -413,9 +416,12 @@ async def build_services(rt: Runtime) -> Services:
             finder,
             bucket,
             LiveParts(live, live_hls, live_whep, whip),
+            analytics,
         ),
     )
     services: list[Service] = [http]
+    if analytics is not None:
+        services.append(analytics)
     if p2p is not None:
         services.append(p2p)
     if lan_source is not None:
@@ -426,7 +432,10 @@ async def build_services(rt: Runtime) -> Services:
     services.append(MediaService(rt, ingestor))
     services.append(ondemand)
     coordinator = CoordinatorService(
-        rt, api, live_handoff=handoff.status if handoff is not None else None
+        rt,
+        api,
+        live_handoff=handoff.status if handoff is not None else None,
+        anomalies=analytics.recent if analytics is not None else None,
     )
     uploads: Uploads | None = None
     if r2 is not None and replicator is not None:
@@ -456,6 +465,7 @@ def route_installers(
     finder: MediaResolver,
     bucket_url: hls.BlobUrl | None = None,
     live: LiveParts | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> list[RouteInstaller]:
     """Every subsystem's HTTP routes, in order, each bound to the parts it uses."""
     live_routes: list[RouteInstaller] = []
@@ -473,11 +483,13 @@ def route_installers(
             ondemand=ondemand,
             finder=finder,
             bucket_url=bucket_url,
+            analytics=analytics,
         ),
         partial(lan.install, directory=directory, resolver=resolver),
-        partial(api_routes.install, api=api),
+        partial(api_routes.install, api=api, analytics=analytics),
+        partial(ui.install_playback, analytics=analytics),
         partial(whep_routes.install, whep=whep),
-        partial(swarm.install, ice=whep.ice_servers),
+        partial(swarm.install, ice=whep.ice_servers, analytics=analytics),
         *live_routes,
     ]
 
@@ -490,6 +502,21 @@ class LiveParts:
     hls: llhls.LiveHls
     whep: LiveWhep
     whip: WhipIngest
+
+
+def _analytics(rt: Runtime) -> PlaybackAnalytics | None:
+    """Playback analytics (``[analytics]``), or None when off."""
+    s = rt.settings
+    if not s.analytics.enabled:
+        return None
+    m = rt.metrics
+    return PlaybackAnalytics(
+        rt.catalog,
+        s.analytics,
+        m.registry,
+        parse_networks(s.http.trusted_proxies),
+        served_bytes([m.bytes_served, m.swarm_viewer_bytes]),
+    )
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:

@@ -385,3 +385,17 @@ async def test_a_media_not_cached_is_loaded_and_the_connection_stays_fast(node: 
     assert status == 403
     assert node.routes._media == {}
     await conn.close()
+
+
+async def test_cmcd_requests_stay_on_the_fast_path(node: Node) -> None:
+    """hls.js's CMCD query argument (percent-encoded, after the token) is answered here."""
+    conn = await Conn.open(node)
+    blobs = await _warm(node)
+    cmcd = "bl%3D4200%2Cbr%3D1306%2Cot%3Dav%2Csid%3D%22a-b%22%2Csu"
+    for name in ("v0.m3u8", blobs[0]):
+        before = node.answered
+        conn.send(_get(_path(node, name) + "&CMCD=" + cmcd))
+        status, _, _ = await conn.response()
+        assert status == 200
+        assert node.answered == before + 1
+    await conn.close()

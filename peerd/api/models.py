@@ -237,6 +237,97 @@ class Inventory(Response):
     summary: InventorySummary
 
 
+# -- playback analytics (issue 23) -----------------------------------------------------------------
+
+_DIMENSION = r"(hour|media|rendition|codec|path|region)"
+
+
+class AnalyticsQuery(Request):
+    """Query of `GET /api/v1/analytics`."""
+
+    since: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**40,
+        description="Unix seconds; the hourly rollup from the hour holding it (default: 24 "
+        "hours before `until`).",
+    )
+    until: int | None = Field(
+        default=None, ge=0, le=2**40, description="Unix seconds, up to its hour (default: now)."
+    )
+    group_by: str = Field(
+        default="codec",
+        pattern=rf"^{_DIMENSION}(,{_DIMENSION}){{0,5}}$",
+        description="Comma-separated dimensions the rows are summed by: hour, media, rendition, "
+        "codec (the codec string), path (http, whep, swarm), region.",
+    )
+    media: str | None = Field(default=None, pattern=r"^b[a-z2-7]{58}$")
+    rendition: str | None = Field(default=None, max_length=64)
+    codec: str | None = Field(default=None, max_length=64)
+    path: Literal["http", "whep", "swarm"] | None = None
+    region: str | None = Field(default=None, pattern=r"^([A-Z]{2})?$")
+    limit: int = Field(default=100, ge=1, le=1000, description="Most rows, most sessions first.")
+
+
+class AnalyticsRow(Response):
+    """Sessions of one group of the rollup. A session counts once, when it started or failed."""
+
+    hour: int | None = Field(default=None, description="Start of the UTC hour (if grouped).")
+    media: str | None = None
+    rendition: str | None = None
+    codec: str | None = None
+    path: str | None = None
+    region: str | None = Field(default=None, description="CF-IPCountry; empty: unknown.")
+    sessions: int = Field(ge=0, description="Sessions that started or failed.")
+    started: int = Field(ge=0)
+    failures: int = Field(ge=0, description="Sessions that never started playing.")
+    success_ratio: float | None = Field(description="started / sessions.")
+    stalls: int = Field(ge=0, description="Stalls (CMCD bs, WHEP freezes).")
+    stalled_sessions: int = Field(ge=0)
+    stall_rate: float | None = Field(description="Stalls per started session.")
+    startup_mean_s: float | None = Field(
+        description="Mean startup time: first request to the first segment request with media "
+        "buffered (CMCD bl > 0), or to the first decoded frame (WHEP)."
+    )
+    startup_p50_s: float | None = Field(description="Upper bound of the median's bucket.")
+    startup_p95_s: float | None
+
+
+class PlaybackAnomaly(Response):
+    """A jump of the failure or stall rate of a codec family in a region over its baseline."""
+
+    at: float = Field(description="Unix time it was raised.")
+    kind: Literal["failure", "stall"]
+    codec: str = Field(description="Codec family (avc1, hvc1, av01, ...).")
+    region: str
+    baseline: float = Field(description="Exponentially weighted baseline rate.")
+    observed: float = Field(description="The rate in the window that raised it.")
+    z: float = Field(description="(observed - baseline) / standard error.")
+    sessions: int = Field(ge=0, description="Sessions in the window.")
+    explained: str
+
+
+class AnalyticsBytes(Response):
+    """Bytes by source over the range: the node's (local, lan, libp2p, r2, ...) and those the
+    swarm players reported (viewer_peer: from other viewers, viewer_http: from the node)."""
+
+    by_source: dict[str, int]
+    p2p_share: float | None = Field(
+        description="viewer_peer / (viewer_peer + viewer_http): the swarm's savings."
+    )
+
+
+class AnalyticsReport(Response):
+    """Playback analytics of the node (`GET /api/v1/analytics`)."""
+
+    since: int
+    until: int
+    group_by: list[str]
+    rows: list[AnalyticsRow]
+    bytes: AnalyticsBytes
+    anomalies: list[PlaybackAnomaly]
+
+
 # -- possession challenge --------------------------------------------------------------------------
 
 
@@ -465,19 +556,27 @@ class NodeReport(Response):
     load: Load
     admission: Admission
     inventory: InventorySummary
+    # Left out of the body when there is none: coordinators that predate it see what they know.
+    anomalies: list[PlaybackAnomaly] | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="Playback anomalies raised since the last report (optional).",
+    )
     draining: bool
     drain_deadline_s: float | None = Field(
         description="Seconds until the node exits (drain only; null otherwise)."
     )
     live_handoff: list[LiveHandoff] | None = Field(
         default=None,
+        exclude_if=lambda v: v is None,
         description="Live inputs being published and their hand-off to Cloudflare Stream; "
-        "null when `[live.handoff]` is off.",
+        "absent when `[live.handoff]` is off.",
     )
     timestamp: float = Field(description="Unix time of signing; refused outside +-60 s.")
     nonce: str = Field(pattern=NONCE_PATTERN, description="16 random bytes; refused if reused.")
     live: list[LiveInput] | None = Field(
         default=None,
+        exclude_if=lambda v: v is None,
         description="The node's live inputs, as `GET /api/v1/live` reports them; absent on a "
         "node with none. A connect or drop sends a heartbeat at once.",
     )

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ValidationError
 
 from peerd.api.commands import Commands, job_status
 from peerd.api.models import (
+    AnalyticsQuery,
+    AnalyticsReport,
     ChallengeRequest,
     ChallengeResponse,
     EvictRequest,
@@ -43,11 +45,13 @@ from peerd.errors import (
     BadRequest,
     ConfigError,
     Forbidden,
+    NotConfigured,
     NotFound,
     RangeNotSatisfiable,
     Unauthorized,
 )
 from peerd.http.access import AccessVerifier as HttpAccessVerifier
+from peerd.http.playback import PlaybackAnalytics
 from peerd.runtime import Runtime
 from peerd.store import hash_file
 
@@ -57,6 +61,7 @@ ACCESS_HEADER = "Cf-Access-Jwt-Assertion"
 RT = web.AppKey("api_runtime", Runtime)
 TOKEN = web.AppKey("api_token", list)
 API = web.AppKey("api_node", NodeApi)
+ANALYTICS = web.AppKey("api_analytics", PlaybackAnalytics)
 
 
 class AccessVerifier(Protocol):
@@ -217,7 +222,30 @@ async def get_job(request: web.Request) -> web.Response:
     return _json(job_status(job))
 
 
+async def get_analytics(request: web.Request) -> web.Response:
+    """Playback analytics over a time range, grouped by dimensions."""
+    q = _query(request, AnalyticsQuery)
+    analytics = request.app.get(ANALYTICS)
+    if analytics is None:
+        raise NotConfigured("playback analytics are off ([analytics] enabled)")
+    group_by = list(dict.fromkeys(q.group_by.split(",")))
+    where = {
+        k: v
+        for k, v in (
+            ("media", q.media),
+            ("rendition", q.rendition),
+            ("codec", q.codec),
+            ("path", q.path),
+            ("region", q.region),
+        )
+        if v is not None
+    }
+    found = await analytics.report(q.since, q.until, group_by, where, q.limit)
+    return _json(AnalyticsReport.model_validate(found))
+
+
 HANDLERS: dict[str, Handler] = {
+    "getAnalytics": get_analytics,
     "getNode": get_node,
     "getHealth": get_health,
     "getInventory": get_inventory,
@@ -255,9 +283,14 @@ def _access_verifier(rt: Runtime) -> HttpAccessVerifier:
 
 
 def install(
-    app: web.Application, rt: Runtime, api: NodeApi, verifier: AccessVerifier | None = None
+    app: web.Application,
+    rt: Runtime,
+    api: NodeApi,
+    verifier: AccessVerifier | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> None:
-    """Mount ``/api/v1/`` on the node's application, answered from ``api``; with
+    """Mount ``/api/v1/`` on the node's application, answered from ``api`` (and
+    ``analytics``: ``/api/v1/analytics``, 409 without); with
     ``api.require_access_jwt``, Access JWTs are checked by ``verifier`` (default: one for the
     configured team, closed with the app)."""
     if not rt.settings.api.enabled:
@@ -275,6 +308,8 @@ def install(
         sub[VERIFIER] = verifier
     sub[RT] = rt
     sub[API] = api
+    if analytics is not None:
+        sub[ANALYTICS] = analytics
     sub[TOKEN] = []
     sub.router.add_get("/openapi.json", get_openapi)
     for ep in ENDPOINTS:

@@ -178,4 +178,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(*AUTH_ERRORS, 404),
         tags=("commands",),
     ),
+    Endpoint(
+        "GET",
+        "/analytics",
+        "getAnalytics",
+        "Playback analytics",
+        "Sessions, startup times, stalls and failures of the node's viewers (from the CMCD "
+        "their players send and WHEP statistics) summed over the hourly rollup by the "
+        "dimensions in `group_by`, bytes by source, and the anomalies raised in the range. "
+        "409 when `[analytics] enabled` is false.",
+        m.AnalyticsReport,
+        query=m.AnalyticsQuery,
+        errors=(*AUTH_ERRORS, 409),
+        tags=("analytics",),
+    ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -16,8 +17,9 @@ import aiohttp
 from pydantic import ValidationError
 
 from peerd import __version__
-from peerd.api.models import CoordinatorReply, LiveHandoff, NodeReport
+from peerd.api.models import CoordinatorReply, LiveHandoff, NodeReport, PlaybackAnomaly
 from peerd.api.node import NodeApi
+from peerd.core.analytics import Anomaly
 from peerd.core.backoff import backoff_delay
 from peerd.core.handoff import HandoffStatus
 from peerd.core.signed import PEER_HEADER, SIGNATURE_HEADER, b64url, encode_body
@@ -52,9 +54,13 @@ class CoordinatorService:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         live_handoff: Callable[[], Sequence[HandoffStatus]] | None = None,
+        anomalies: Callable[[], list[Anomaly]] | None = None,
     ) -> None:
         self.rt = rt
         self.live_handoff = live_handoff  # peerd.live.handoff.HandoffConsumer.status
+        # Playback anomalies (peerd.http.playback): each goes in the next report built after it.
+        self.anomalies = anomalies
+        self._anomalies_at = 0.0
         self.cfg = rt.settings.coordinator
         self.api = api
         self._clock = clock
@@ -131,7 +137,21 @@ class CoordinatorService:
             live_handoff=None
             if self.live_handoff is None
             else [LiveHandoff(**asdict(s)) for s in self.live_handoff()],
+            anomalies=self._new_anomalies(),
         )
+
+    def _new_anomalies(self) -> list[PlaybackAnomaly] | None:
+        """The anomalies raised since the last report (None: none, the field is left out)."""
+        if self.anomalies is None:
+            return None
+        new = [a for a in self.anomalies() if a.at > self._anomalies_at]
+        if not new:
+            return None
+        self._anomalies_at = max(a.at for a in new)
+        return [
+            PlaybackAnomaly.model_validate({**dataclasses.asdict(a), "explained": a.explain()})
+            for a in new
+        ]
 
     async def send(
         self,
@@ -147,12 +167,7 @@ class CoordinatorService:
         report = await self.report(kind, drain_deadline_s=drain_deadline_s)
         # A node without live inputs sends no `live` key: coordinators that predate it see
         # the report they know.
-        body = encode_body(
-            report.model_dump(
-                mode="json",
-                exclude={k for k in ("live", "live_handoff") if getattr(report, k) is None},
-            )
-        )
+        body = encode_body(report.model_dump(mode="json"))
         headers = {
             "Content-Type": "application/json",
             PEER_HEADER: report.peer_id,

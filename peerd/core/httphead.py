@@ -13,7 +13,8 @@ Plain means all of this, and nothing in it is repaired or guessed:
 
 * a request line ``GET|HEAD SP target SP HTTP/1.1 CRLF``, at most ``max_line`` bytes, no empty
   line before it; the target in origin form of only unreserved, sub-delim, ``:``, ``@``,
-  ``/`` and ``?`` characters (no ``%``: percent-encoding is aiohttp's to decode);
+  ``/`` and ``?`` characters, and in the query (after the first ``?``) percent-encoded
+  octets too (no ``%`` in the path: decoding a path is aiohttp's);
 * header lines ``name ":" OWS value OWS CRLF`` with a token name, a value of visible ASCII with
   inner spaces or tabs, each line at most ``max_field`` bytes and at most ``max_headers - 2``
   of them (aiohttp counts the request line and the final empty line too); no line folding, no
@@ -43,7 +44,11 @@ REFUSED = frozenset(
         "if-modified-since", "if-unmodified-since",
     )
 )  # fmt: skip
-_LINE = re.compile(rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*) HTTP/1\.1")
+# A query may hold percent-encoded octets (a player's CMCD argument); a path may not.
+_LINE = re.compile(
+    rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*"
+    rb"(?:\?(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]++|%[0-9A-Fa-f]{2})*+)?) HTTP/1\.1"
+)
 # One header line: a token name, the value of visible ASCII with inner spaces or tabs (the
 # optional whitespace around it is not the value's), CRLF.
 _FIELD = (

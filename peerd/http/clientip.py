@@ -46,3 +46,9 @@ def client_of(peer: str, cf_connecting_ip: str | None, trusted: tuple[Network, .
             except ValueError:
                 return peer
     return peer
+
+
+@functools.lru_cache(maxsize=4096)
+def trusted_peer(peer: str, trusted: tuple[Network, ...]) -> bool:
+    """Whether the TCP ``peer`` is one of the trusted proxies (whose headers are believed)."""
+    return bool(trusted) and _in(peer, trusted)

@@ -63,9 +63,10 @@ from aiohttp.http import SERVER_SOFTWARE
 from peerd.core import httphead
 from peerd.core.validators import blob_etag
 
+_CMCD = r"([A-Za-z0-9%._~*+!'()-]{1,12288})"  # URLSearchParams.set's encoding of a CMCD value
 _TARGET = re.compile(
     r"/hls/(b[a-z2-7]{58})/(?:([a-z0-9][a-z0-9_-]{0,31})\.m3u8|b/(b[a-z2-7]{58})\.(mp4|m4s|ts|vtt))"
-    r"(?:\?token=([A-Za-z0-9._-]{1,512}))?"
+    rf"(?:\?token=([A-Za-z0-9._-]{{1,512}})(?:&CMCD={_CMCD})?|\?CMCD={_CMCD})?"
 )
 _MAX_BUFFER = 64 * 1024
 _MAX_OPEN = 256
@@ -119,6 +120,24 @@ class Hls(Protocol):
 
     def blob_sent(self, cid: str, nbytes: int, *, ok: bool) -> None:
         """Count a held blob's bytes sent (``ok``: all of them)."""
+
+    def cmcd(
+        self,
+        media_id: str,
+        ref: str,
+        token: str | None,
+        peer: str,
+        headers: Mapping[str, str],
+        query: str | None,
+        *,
+        playlist: bool = False,
+    ) -> None:
+        """Report a request's CMCD (``query``: the ``CMCD`` argument, still URL-encoded; None:
+        its ``CMCD-*`` header fields) to playback analytics, without await."""
+
+
+def _has_cmcd(headers: Mapping[str, str]) -> bool:
+    return "cmcd-request" in headers or "cmcd-object" in headers or "cmcd-session" in headers
 
 
 HLS_KEY = web.AppKey("fast_hls", Hls)
@@ -203,10 +222,11 @@ class FastPath:
         target = _TARGET.fullmatch(head.target)
         if target is None:
             return None
-        media_id, name, cid, ext, token = target.groups()
+        media_id, name, cid, ext, token, cmcd, cmcd_alone = target.groups()
         hls = self.hls
         if not hls.admits(media_id, token, head.headers):
             return None
+        cmcd = cmcd or cmcd_alone
         if not hls.cached(media_id):
             if media_id in conn.loads:
                 return None  # loaded once on this connection and still not cached: aiohttp's
@@ -217,6 +237,8 @@ class FastPath:
             body = hls.playlist_body(media_id, name, token)
             if body is None:
                 return None
+            if cmcd is not None or _has_cmcd(head.headers):
+                hls.cmcd(media_id, name, token, conn.peer, head.headers, cmcd, playlist=True)
             start = b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n%b\r\n" % (
                 self._pl_header,
                 len(body),
@@ -235,6 +257,8 @@ class FastPath:
             return None  # a new stream: the full path admits it, redirects it, or 503
         if not hls.open_stream():
             return None  # the full path's 429
+        if cmcd is not None or _has_cmcd(head.headers):
+            hls.cmcd(media_id, cid, token, conn.peer, head.headers, cmcd)
         return self._blob(conn, cid, ext, head_only, held, started)
 
     async def _load(self, media_id: str) -> None:

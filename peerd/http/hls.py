@@ -78,6 +78,7 @@ from peerd.errors import Forbidden, NotFound, PeerdError, TooManyRequests, Unava
 from peerd.http.access import DENIED_BODY, ViewerAuth, viewer_auth
 from peerd.http.clientip import client_of
 from peerd.http.fastpath import HLS_KEY
+from peerd.http.playback import PlaybackAnalytics
 from peerd.http.server import HTTP_METRICS_KEY, HttpMetrics
 from peerd.runtime import Runtime
 
@@ -111,6 +112,9 @@ class _Media:
     # and its lowest (a stream admitted at its floor, peerd.core.uplink).
     rate_Bps: float = 0.0
     floor_Bps: float = 0.0
+    # playlist name or blob id -> (rendition id, codecs), for playback analytics; the master
+    # is the first video variant's (a player that cannot play it stops there).
+    where: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _stream(media_id: str, token: str | None) -> tuple[str, str] | None:
@@ -144,6 +148,14 @@ def _build_media(manifest: Manifest) -> _Media:
         rate_Bps=sum(top.values()) / 8,
         floor_Bps=sum(low.values()) / 8,
     )
+    for r in manifest.renditions:
+        at = (r.id, r.codecs)
+        media.where[r.id] = at
+        for ref in (r.init, *(s.cid for s in r.segments)):
+            if ref is not None:
+                media.where.setdefault(ref, at)
+        if r.kind == "video" and "master" not in media.where:
+            media.where["master"] = ("", r.codecs)
 
     def uri_for(kind: UriKind, rendition_id: str, ref: str | int | None) -> str:
         if kind == "playlist":
@@ -234,8 +246,10 @@ class HlsRoutes:
         ondemand: Producer | None = None,
         finder: MediaResolver | None = None,
         bucket_url: BlobUrl | None = None,
+        analytics: PlaybackAnalytics | None = None,
     ) -> None:
         self.rt = rt
+        self.analytics = analytics  # None: CMCD is not read
         self.finder = finder  # media the catalog lacks; None: 404
         self.bucket_url = bucket_url  # None: streams over the uplink budget get 503
         self.resolver = resolver  # None: only held blobs are served
@@ -321,6 +335,52 @@ class HlsRoutes:
             self._media.pop(next(iter(self._media)))
         self._media[media_id] = media
         return media
+
+    def cmcd(
+        self,
+        media_id: str,
+        ref: str,
+        token: str | None,
+        peer: str,
+        headers: Mapping[str, str],
+        query: str | None,
+        *,
+        playlist: bool = False,
+        encoded: bool = True,
+    ) -> None:
+        """Hand a viewer's request with CMCD (``query``: the ``CMCD`` argument, URL-encoded
+        unless ``encoded`` is False; None: its ``CMCD-*`` fields) to playback analytics;
+        ``ref`` is the playlist name, blob id or rendition id it asked for (a cached media's)."""
+        analytics = self.analytics
+        media = self._media.get(media_id)
+        if analytics is None or media is None:
+            return
+        rendition, codec = media.where.get(ref, ("", ""))
+        analytics.hls(
+            media_id,
+            rendition,
+            codec,
+            playlist=playlist,
+            token=token,
+            peer=peer,
+            headers=headers,
+            query=query,
+            encoded=encoded,
+        )
+
+    def _request_cmcd(
+        self, request: web.Request, media_id: str, ref: str, token: str | None, playlist: bool
+    ) -> None:
+        # Parsed only when present: most players send none.
+        if self.analytics is None:
+            return
+        h = request.headers
+        query = request.query.get("CMCD") if "CMCD" in request.query_string else None
+        if query is None and not any(k in h for k in ("CMCD-Request", "CMCD-Object")):
+            if not any(k in h for k in ("CMCD-Session", "CMCD-Status")):
+                return
+        peer = request.remote or ""
+        self.cmcd(media_id, ref, token, peer, h, query, playlist=playlist, encoded=False)
 
     # -- the fast path's questions (peerd.http.fastpath.Hls) --------------------------------
 
@@ -516,7 +576,10 @@ class HlsRoutes:
         """CORS preflight: hls.js sends Range on segment requests, which needs one."""
         headers = self._cors()
         headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
-        headers["Access-Control-Allow-Headers"] = "Range, If-None-Match, If-Modified-Since"
+        headers["Access-Control-Allow-Headers"] = (
+            "Range, If-None-Match, If-Modified-Since, "
+            "CMCD-Object, CMCD-Request, CMCD-Session, CMCD-Status"
+        )
         headers["Access-Control-Max-Age"] = "600"
         return web.Response(status=204, headers=headers)
 
@@ -535,6 +598,7 @@ class HlsRoutes:
         found = self._template(media, match["name"])
         if found is None:
             raise NotFound("no such playlist")
+        self._request_cmcd(request, media_id, match["name"], token, True)
         body = self.rendered(media_id, found[0], token, found[1])
         return web.Response(body=body, headers=self.playlist_headers)
 
@@ -562,6 +626,7 @@ class HlsRoutes:
             expected = await self._catalog_blob_ext(media_id, media, cid)
         if expected != ext:
             raise NotFound("no such blob in this media")
+        self._request_cmcd(request, media_id, cid, token, False)
         refused = await self._admit(request, media_id, token, Cid(cid), ext)
         if refused is not None:
             return refused
@@ -590,6 +655,7 @@ class HlsRoutes:
             cid = await segment_cid(self.rt.catalog, media_id, rid, seq)
         else:
             raise NotFound("no such segment")
+        self._request_cmcd(request, media_id, rid, token, False)
         refused = await self._admit(request, media_id, token, cid, ext)
         if refused is not None:
             return refused  # a segment not produced yet: 503
@@ -786,11 +852,12 @@ def install(
     ondemand: Producer | None = None,
     finder: MediaResolver | None = None,
     bucket_url: BlobUrl | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> None:
     """Add the HLS routes to ``app``; blobs the node lacks come through ``resolver`` (none: 404),
     on-demand segments not produced yet from ``ondemand`` (none: 404), media the catalog lacks
     through ``finder`` (none: 404); streams over the uplink budget are sent to ``bucket_url``
-    (none: 503)."""
+    (none: 503); requests with CMCD are reported to ``analytics`` (none: not read)."""
     auth = viewer_auth(app, rt)
     routes = HlsRoutes(
         rt,
@@ -801,6 +868,7 @@ def install(
         ondemand,
         finder,
         bucket_url,
+        analytics,
     )
     app[HLS_KEY] = routes
     w = routes.wrap

@@ -27,7 +27,10 @@ Beside the tracker (same prefix, so the tunnel publishes them with it):
 * ``POST /swarm/<media id>/report?token=`` -- a player's beacon ``{"peer": n, "http": n}``
   (segment bytes since its last one): the token must be the media's viewer token, one beacon
   per half ``report_interval_s`` per viewer (token and address; else 429), each value at most
-  :data:`MAX_REPORT_BYTES`; counted in ``peerd_swarm_viewer_bytes_total{source}``.
+  :data:`MAX_REPORT_BYTES`; counted in ``peerd_swarm_viewer_bytes_total{source}``. Optional
+  playback fields (README "Playback analytics"): ``sid`` (the player's session), ``codec``,
+  ``startup_ms`` (null until it played), ``stalls`` (so far) and ``failed`` (gave up before
+  playing), handed to playback analytics under the path ``swarm``.
 
 ``[swarm] disabled_media`` turns the swarm off for single media: their tracker upgrade is a 403
 and their player page fetches over HTTP only.
@@ -44,9 +47,11 @@ import itertools
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,7 @@ from peerd.core.whep import IceServer
 from peerd.errors import Forbidden
 from peerd.http.access import ACCESS_HEADER, ViewerAuth, request_token, viewer_auth
 from peerd.http.clientip import client_ip
+from peerd.http.playback import PlaybackAnalytics
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.http.swarm")
@@ -69,7 +75,7 @@ SEND_TIMEOUT_S = 10.0
 SCOPE = "hls"
 # A beacon's value past this is a lie or a bug (a player reports every few seconds).
 MAX_REPORT_BYTES = 1 << 30
-MAX_REPORT_BODY = 256
+MAX_REPORT_BODY = 512
 # The files /swarm/lib/ serves: ours from the package, the rest from `make web-deps`.
 PLAYER_MODULE = "swarm_player.js"
 WEB_FILES = {
@@ -169,11 +175,13 @@ class SwarmRoutes:
         *,
         clock: Callable[[], float] = time.time,
         ice: IceSource | None = None,
+        analytics: PlaybackAnalytics | None = None,
     ) -> None:
         self.cfg = rt.settings.swarm
         self.auth = auth
         self.clock = clock
         self.ice = ice
+        self.analytics = analytics  # playback fields of beacons; None: ignored
         self.web_dir = Path(self.cfg.web_dir or Path(sys.prefix) / "web") / "node_modules"
         self.disabled = frozenset(self.cfg.disabled_media)
         self._reported: dict[str, float] = {}  # viewer -> monotonic time of its last beacon
@@ -330,7 +338,7 @@ class SwarmRoutes:
             self.metrics.reports.labels(result="rate").inc()
             return web.Response(status=429, headers=cors)
         body = await request.content.read(MAX_REPORT_BODY + 1)
-        values = _report_values(body)
+        values, playback = _report_values(body)
         if values is None:
             self.metrics.reports.labels(result="bad").inc()
             return web.Response(status=400, headers=cors)
@@ -341,6 +349,17 @@ class SwarmRoutes:
         for source, n in values.items():
             self.metrics.viewer_bytes.labels(source=source).inc(n)
         self.metrics.reports.labels(result="ok").inc()
+        if playback is not None and self.analytics is not None:
+            self.analytics.swarm(
+                playback.sid,
+                media,
+                playback.codec,
+                peer=request.remote or "",
+                headers=request.headers,
+                startup_s=None if playback.startup_ms is None else playback.startup_ms / 1000,
+                stalls=playback.stalls,
+                failed=playback.failed,
+            )
         return web.Response(status=204, headers=cors)
 
     async def sweep(self) -> None:
@@ -370,22 +389,56 @@ class SwarmRoutes:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node stopping")
 
 
-def _report_values(body: bytes) -> dict[str, int] | None:
-    """``{"peer": n, "http": n}`` of a beacon, or None if it is not one (or out of bounds)."""
+@dataclass(frozen=True)
+class Playback:
+    """A beacon's playback fields (what the player measured itself)."""
+
+    sid: str
+    codec: str
+    startup_ms: int | None
+    stalls: int
+    failed: bool
+
+
+_PLAYBACK = {"sid", "codec", "startup_ms", "stalls", "failed"}
+_TEXT = re.compile(r"[A-Za-z0-9._,-]{0,64}")
+
+
+def _report_values(body: bytes) -> tuple[dict[str, int] | None, Playback | None]:
+    """``{"peer": n, "http": n}`` of a beacon and its playback fields (None: it has none);
+    ``(None, None)`` if it is not a beacon (or out of bounds)."""
     if len(body) > MAX_REPORT_BODY:
-        return None
+        return None, None
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(doc, dict) or set(doc) != {"peer", "http"}:
-        return None
+        return None, None
+    keys = set(doc) if isinstance(doc, dict) else set()
+    if not {"peer", "http"} <= keys <= {"peer", "http"} | _PLAYBACK:
+        return None, None
     out: dict[str, int] = {}
-    for k, v in doc.items():
+    for k in ("peer", "http"):
+        v = doc[k]
         if type(v) is not int or not 0 <= v <= MAX_REPORT_BYTES:
-            return None
+            return None, None
         out[k] = v
-    return out
+    if keys == {"peer", "http"}:
+        return out, None
+    sid, codec = doc.get("sid"), doc.get("codec", "")
+    startup, stalls, failed = doc.get("startup_ms"), doc.get("stalls", 0), doc.get("failed", False)
+    if not (
+        isinstance(sid, str)
+        and sid
+        and _TEXT.fullmatch(sid)
+        and isinstance(codec, str)
+        and _TEXT.fullmatch(codec)
+        and (startup is None or (type(startup) is int and 0 <= startup <= 3_600_000))
+        and type(stalls) is int
+        and 0 <= stalls <= 100_000
+        and type(failed) is bool
+    ):
+        return None, None
+    return out, Playback(sid, codec, startup, stalls, failed)
 
 
 _PLAYER = resources.files("peerd.http").joinpath("swarm_player.html").read_text(encoding="utf-8")
@@ -394,12 +447,18 @@ _MODULE = resources.files("peerd.http").joinpath(PLAYER_MODULE).read_bytes()
 SWARM_KEY = web.AppKey("swarm", SwarmRoutes)
 
 
-def install(app: web.Application, rt: Runtime, ice: IceSource | None = None) -> None:
+def install(
+    app: web.Application,
+    rt: Runtime,
+    ice: IceSource | None = None,
+    analytics: PlaybackAnalytics | None = None,
+) -> None:
     """Add ``/swarm/<media id>`` (the viewer swarm's tracker), the player page, its scripts and
-    the byte beacon when ``[swarm] enabled``; ``ice`` gives the ICE servers players get."""
+    the byte beacon when ``[swarm] enabled``; ``ice`` gives the ICE servers players get, and
+    ``analytics`` the beacons' playback fields."""
     if not rt.settings.swarm.enabled:
         return
-    routes = app[SWARM_KEY] = SwarmRoutes(rt, viewer_auth(app, rt), ice=ice)
+    routes = app[SWARM_KEY] = SwarmRoutes(rt, viewer_auth(app, rt), ice=ice, analytics=analytics)
     app.router.add_get(r"/swarm/{media:b[a-z2-7]{58}}", routes.handle)
     app.router.add_get(r"/swarm/player/{media:b[a-z2-7]{58}}", routes.player)
     app.router.add_get(r"/swarm/lib/{name:[a-z0-9][a-z0-9._-]{0,63}}", routes.lib)

@@ -59,6 +59,9 @@ function trackerUrl(base, media, token) {
  * reportIntervalS, core (P2P Media Loader core overrides), hls (hls.js config overrides).
  * Returns {hls, stats, report, urlDigest}: ``stats`` counts bytes by source, refused segments and peers,
  * and playback stalls (seconds from "waiting" to "playing" after playback began).
+ * The beacon also reports this playback to the node's analytics (README "Playback analytics"):
+ * a session id, the codec string, the startup time (loadSource to the first "playing"), the
+ * stalls so far, and whether it gave up (a fatal error before playing).
  */
 export function startPlayer(video, opts) {
   const base = opts.node || window.location.origin;
@@ -69,6 +72,8 @@ export function startPlayer(video, opts) {
     peerBytes: 0, httpBytes: 0, reportedPeer: 0, reportedHttp: 0,
     refusedSegments: 0, refusedPeers: [], peersConnected: 0, peersClosed: [],
     stalls: [], playing: false, ended: false, errors: [],
+    sid: (window.crypto && crypto.randomUUID) ? crypto.randomUUID() : Math.random().toString(36).slice(2),
+    startupMs: null, failed: false, codec: "",
   };
   const canVerify = Boolean(window.isSecureContext && window.crypto && crypto.subtle);
   const p2p = opts.p2p !== false && canVerify;
@@ -126,6 +131,7 @@ export function startPlayer(video, opts) {
   if (typeof window.peerdPlayerHook === "function") window.peerdPlayerHook(hls);
   hls.on(window.Hls.Events.ERROR, (_e, d) => {
     stats.errors.push(`${d.type}:${d.details}:${d.fatal}`);
+    if (d.fatal && !stats.playing && !stats.failed) { stats.failed = true; report(); }
     if (d.error) console.warn("peerd: hls.js", d.details, String(d.error && d.error.stack));
   });
   let waitingSince = null;
@@ -133,6 +139,10 @@ export function startPlayer(video, opts) {
     if (stats.playing && waitingSince === null) waitingSince = performance.now();
   });
   video.addEventListener("playing", () => {
+    if (stats.startupMs === null) {
+      stats.startupMs = Math.round(performance.now() - loadedAt);
+      setTimeout(() => report(), 0);
+    }
     stats.playing = true;
     if (waitingSince !== null) stats.stalls.push((performance.now() - waitingSince) / 1000);
     waitingSince = null;
@@ -148,18 +158,30 @@ export function startPlayer(video, opts) {
     }
   });
   hls.on(window.Hls.Events.MANIFEST_PARSED, () => { video.play().catch(() => {}); });
+  hls.on(window.Hls.Events.LEVEL_SWITCHED, (_e, d) => {
+    const level = hls.levels[d.level];
+    const codecs = (level && level.attrs && level.attrs.CODECS) || "";
+    stats.codec = codecs.replace(/[^A-Za-z0-9.,_-]/g, "").slice(0, 64);
+  });
+  const loadedAt = performance.now();
   hls.loadSource(src);
   hls.attachMedia(video);
 
   /** Send the bytes counted since the last beacon (the node allows one per half interval). */
+  let reportedPlayback = "";
   function report(useBeacon = false) {
-    const body = JSON.stringify({
-      peer: stats.peerBytes - stats.reportedPeer,
-      http: stats.httpBytes - stats.reportedHttp,
-    });
-    if (body === '{"peer":0,"http":0}') return Promise.resolve(true);
-    const sent = { peer: stats.peerBytes, http: stats.httpBytes };
-    const done = () => { stats.reportedPeer = sent.peer; stats.reportedHttp = sent.http; };
+    const playback = {
+      sid: stats.sid, codec: stats.codec, startup_ms: stats.startupMs,
+      stalls: stats.stalls.length, failed: stats.failed,
+    };
+    const bytes = { peer: stats.peerBytes - stats.reportedPeer, http: stats.httpBytes - stats.reportedHttp };
+    const news = JSON.stringify(playback) !== reportedPlayback;
+    if (!news && bytes.peer === 0 && bytes.http === 0) return Promise.resolve(true);
+    const body = JSON.stringify({ ...bytes, ...playback });
+    const sent = { peer: stats.peerBytes, http: stats.httpBytes, playback: JSON.stringify(playback) };
+    const done = () => {
+      stats.reportedPeer = sent.peer; stats.reportedHttp = sent.http; reportedPlayback = sent.playback;
+    };
     if (useBeacon) {
       if (navigator.sendBeacon(reportUrl, new Blob([body], { type: "text/plain" }))) done();
       return Promise.resolve(true);

@@ -11,6 +11,8 @@ JSON endpoints:
 ``GET /ui/api/media/{id}``      one item's renditions with init and segment blob ids
 ``GET /ui/api/blob/{cid}``      a blob's bytes, for the in-page player (through the resolver
                                 when the daemon has one, so absent blobs are fetched)
+``GET /ui/api/playback``        playback analytics of the last 24 hours: by codec, by hour, the
+                                swarm's P2P share, recent anomalies (``enabled`` false when off)
 ``GET /ui/api/whep/{id}``       ``{"player": url}``: the node's WHEP player page for one item,
                                 with a short-lived ``whep`` token minted for the operator by
                                 the viewer authorization (:mod:`peerd.http.access`)
@@ -54,6 +56,7 @@ from peerd.core.ids import parse_cid
 from peerd.delivery import Resolver
 from peerd.errors import Forbidden, NotConfigured, NotFound, Unauthorized, Unavailable
 from peerd.http.access import ViewerAuth, viewer_auth
+from peerd.http.playback import PlaybackAnalytics
 from peerd.runtime import Runtime
 from peerd.ui.auth import COOKIE, make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, build_summary, media_detail, served_totals
@@ -69,6 +72,7 @@ STATIC_TYPES = {
     "login.html": "text/html",
     "app.js": "text/javascript",
     "login.js": "text/javascript",
+    "playback.js": "text/javascript",
     "app.css": "text/css",
 }
 CSP = (
@@ -306,3 +310,34 @@ def install(
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
     app.router.add_get("/ui/api/live", d.live)
     app.cleanup_ctx.append(d.sampler)
+
+
+def install_playback(
+    app: web.Application, rt: Runtime, analytics: PlaybackAnalytics | None = None
+) -> None:
+    """Add ``/ui/api/playback``, the dashboard's playback panel, read from ``analytics`` (the
+    panel hides itself without); nothing when ``[ui] enabled = false``."""
+    if rt.settings.ui.enabled:
+        app.router.add_get(
+            "/ui/api/playback", _playback(Dashboard(rt, viewer_auth(app, rt)), analytics)
+        )
+
+
+def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
+    async def playback(request: web.Request) -> web.StreamResponse:
+        """Playback analytics for the dashboard's panel."""
+        d._require(request)
+        if analytics is None:  # the panel hides itself
+            return _secure(web.json_response({"enabled": False}))
+        codecs = await analytics.report(None, None, ["codec"], {}, 50)
+        hours = await analytics.report(None, None, ["hour"], {}, 48)
+        data = {
+            "enabled": True,
+            "codecs": codecs["rows"],
+            "hours": hours["rows"],
+            "bytes": codecs["bytes"],
+            "anomalies": codecs["anomalies"][:20],
+        }
+        return _secure(web.json_response(data))
+
+    return playback

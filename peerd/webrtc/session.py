@@ -33,6 +33,7 @@ from aiortc import (
     RTCConfiguration,
     RTCOutboundRtpStreamStats,
     RTCPeerConnection,
+    RTCRemoteInboundRtpStreamStats,
     RTCRtpSender,
     RTCSessionDescription,
 )
@@ -50,6 +51,7 @@ from peerd.core.whep import IceServer, OfferedCodec, VideoPlan, choose_video
 from peerd.delivery import Resolver
 from peerd.delivery.media import MediaResolver
 from peerd.errors import BadRequest, NotFound, TooManyRequests, Unavailable
+from peerd.http.playback import PlaybackAnalytics
 from peerd.runtime import Runtime
 from peerd.webrtc.ice import IceProvider, build_ice_provider, for_aiortc
 from peerd.webrtc.media import (
@@ -236,6 +238,11 @@ class WhepSession:
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     sent: int = 0  # RTP bytes already counted into the uplink meter
+    # Playback analytics from the viewer's RTCP receiver reports (see WhepService._report).
+    received: int = 0
+    lost: int = 0
+    lossy: bool = False
+    freezes: int = 0
 
 
 class WhepMetrics:
@@ -272,8 +279,10 @@ class WhepService:
         ice: IceProvider | None = None,
         resolver: Resolver | None = None,
         finder: MediaResolver | None = None,
+        analytics: PlaybackAnalytics | None = None,
     ) -> None:
         self.rt = rt
+        self.analytics = analytics  # None: sessions are not reported
         self.resolver = resolver  # blobs the node lacks; None: the store alone
         self.finder = finder  # media the catalog lacks; None: 404
         self.cfg = rt.settings.webrtc
@@ -314,17 +323,46 @@ class WhepService:
 
     async def _count_sent(self, s: WhepSession) -> None:
         """Count what ``s`` sent since the last call into the uplink meter; hold its stream."""
-        total = 0
+        total = received = lost = 0
         for sender in s.pc.getSenders():
             for st in (await sender.getStats()).values():
                 if isinstance(st, RTCOutboundRtpStreamStats):
                     total += st.bytesSent
+                elif isinstance(st, RTCRemoteInboundRtpStreamStats):
+                    received += st.packetsReceived
+                    lost += st.packetsLost
+        self._report(s, received, lost)
         now = time.monotonic()
         if total > s.sent:
             self.rt.uplink.sent(total - s.sent, now)
             s.sent = total
         if s.id in self.sessions:  # not ended meanwhile
             self.rt.uplink.hold(_stream(s.id), now)
+
+    def _report(self, s: WhepSession, received: int, lost: int) -> None:
+        """Playback analytics from the node's side of the peer connection: the viewer's
+        receiver reports. The session started (its startup counted from the offer) once the
+        viewer reported packets received; a freeze is a run of seconds in which it lost more
+        than 5% of the packets sent to it."""
+        if self.analytics is None:
+            return
+        got, gone = received - s.received, lost - s.lost
+        if got + gone > 0:
+            lossy = gone > 0.05 * (got + gone)
+            if lossy and not s.lossy:
+                s.freezes += 1
+            s.lossy = lossy
+        s.received, s.lost = max(s.received, received), max(s.lost, lost)
+        playable = self._playables.get(s.media_id)
+        shown = playable and (playable.rendition or playable.audio)
+        self.analytics.whep(
+            s.id,
+            s.media_id,
+            shown.id if shown else "",
+            shown.codecs if shown else "",
+            startup_s=time.monotonic() - s.started if s.received else None,
+            freezes=s.freezes,
+        )
 
     def _start_threads(self) -> None:
         n = self.cfg.media_threads

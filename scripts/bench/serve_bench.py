@@ -22,6 +22,9 @@ Env: REPS (3), D (5s), C (64), T (2), FAST_PATH (1), QUIET_THRESH (10 %), QUIET_
 SERVERS (``peerd,nginx``). ``peerd-budget`` in SERVERS adds peerd with an uplink budget it never
 reaches (``[uplink] budget_mbps`` = 10^6): every request pays the send-side rate accounting and
 the stream admission, no request is redirected; the ratio peerd-budget/peerd is its cost.
+``peerd-cmcd`` in SERVERS adds peerd asked with hls.js's CMCD query argument on every request
+(one session's data: sorted keys, ``nor`` naming the next segment; playback analytics on, as
+by default): the ratio peerd-cmcd/peerd is the cost of CMCD intake on the hot path.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -201,6 +205,21 @@ def measure(
     return row
 
 
+def _cmcd(next_cid: str | None, ext: str) -> str:
+    """hls.js 1.7.4's CMCD query value (``cmcd: {}``) of a segment request during playback (a
+    playlist request's when ``next_cid`` is None), URL-encoded as URLSearchParams.set does."""
+    sid = 'sid="0b5bd7ae-5d3e-4c8f-9f0c-5a1d6c4e7f21"'
+    if next_cid is None:
+        data = f"mtp=48700,ot=m,sf=h,{sid},st=v"
+    else:
+        nor = urllib.parse.quote(f"{next_cid}.{ext}", safe="")
+        data = (
+            f'bl=4200,br=1306,d=4000,dl=4200,mtp=48700,nor="{nor}",ot=av,rtp=6500,sf=h,'
+            f"{sid},st=v,tb=1306"
+        )
+    return urllib.parse.quote_plus(data, safe="")
+
+
 def main() -> int:
     """Set up both servers, alternate the workloads, print medians and ratios."""
     hlsdir = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/peerd-bench/hls/ts")  # noqa: S108
@@ -218,12 +237,24 @@ def main() -> int:
     pp, np_ = free_port(), free_port()
     peerd_paths = WORK / "peerd.paths"
     peerd_paths.write_text("".join(f"/hls/{mid}/b/{c}.{ext}?token={tok}\n" for c in cids))
+    cmcd_paths = WORK / "peerd-cmcd.paths"
+    cmcd_paths.write_text(
+        "".join(
+            f"/hls/{mid}/b/{c}.{ext}?token={tok}&CMCD={_cmcd(cids[(i + 1) % len(cids)], ext)}\n"
+            for i, c in enumerate(cids)
+        )
+    )
     nginx_paths = WORK / "nginx.paths"
     segs = read_hls(hlsdir / "index.m3u8").segments
     nginx_paths.write_text("".join(f"/{p.name}\n" for p, _ in segs))
     urls = {
         "peerd": (f"http://127.0.0.1:{pp}", f"/hls/{mid}/v0.m3u8?token={tok}", peerd_paths),
         "peerd-budget": (f"http://127.0.0.1:{pp}", f"/hls/{mid}/v0.m3u8?token={tok}", peerd_paths),
+        "peerd-cmcd": (
+            f"http://127.0.0.1:{pp}",
+            f"/hls/{mid}/v0.m3u8?token={tok}&CMCD={_cmcd(None, ext)}",
+            cmcd_paths,
+        ),
         "nginx": (f"http://127.0.0.1:{np_}", "/index.m3u8", nginx_paths),
     }
     conf = subprocess.run(  # noqa: S603
@@ -245,6 +276,7 @@ def main() -> int:
     servers = {
         "peerd": lambda: start([sys.executable, "-m", "peerd", "run"], env),
         "peerd-budget": lambda: start([sys.executable, "-m", "peerd", "run"], budget_env),
+        "peerd-cmcd": lambda: start([sys.executable, "-m", "peerd", "run"], env),
         "nginx": lambda: start(["nginx", "-p", str(WORK / "nginx"), "-c", conf]),
     }
     rows: list[dict[str, object]] = []
@@ -285,6 +317,12 @@ def main() -> int:
         if "peerd-budget" in order and "peerd" in order:
             b, p = med[(wl, "peerd-budget")], med[(wl, "peerd")]
             print(f"{wl}: peerd with uplink budget / without, req/s = {b['rps'] / p['rps']:.3f}x")
+        if "peerd-cmcd" in order and "peerd" in order:
+            c, p = med[(wl, "peerd-cmcd")], med[(wl, "peerd")]
+            print(f"{wl}: peerd with CMCD / without, req/s = {c['rps'] / p['rps']:.3f}x")
+            if "nginx" in order:
+                n = med[(wl, "nginx")]
+                print(f"{wl}: peerd with CMCD / nginx, req/s = {c['rps'] / n['rps']:.2f}x")
         if "nginx" not in order or "peerd" not in order:
             continue
         p, n = med[(wl, "peerd")], med[(wl, "nginx")]
