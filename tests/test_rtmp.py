@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from peerd import errors
-from peerd.config import LiveSettings
+from peerd.config import LiveInputSettings, LiveSettings
 from peerd.core.live import LiveFrame, LiveTrack, Protocol_, Publication
 from peerd.core.rtmp import Frame, PublishRequested, RtmpConnection, State, Unpublished
 from peerd.live.rtmp import RtmpService
@@ -96,7 +96,10 @@ async def serving(
 ) -> AsyncIterator[tuple[RtmpService, CollectorRegistry]]:
     """An RtmpService on free loopback ports, run as the supervisor runs it."""
     registry = CollectorRegistry()
-    settings = LiveSettings.model_validate({"rtmp_listen": "127.0.0.1:0", **live})
+    # The fake decides who may publish; one configured input opens the listener.
+    settings = LiveSettings.model_validate(
+        {"rtmp_listen": "127.0.0.1:0", "inputs": [{"name": "cam"}], **live}
+    )
     service = RtmpService(settings, inputs, registry=registry)
     ready = asyncio.Event()
     task = asyncio.create_task(service.run(ready.set))
@@ -501,7 +504,9 @@ async def test_connection_cap() -> None:
 
 
 async def test_rtmps_without_a_certificate_is_a_config_error() -> None:
-    settings = LiveSettings(rtmp_listen="", rtmps_listen="127.0.0.1:0")
+    settings = LiveSettings(
+        rtmp_listen="", rtmps_listen="127.0.0.1:0", inputs=[LiveInputSettings(name="cam")]
+    )
     service = RtmpService(settings, FakeInputs({}))
     with pytest.raises(errors.ConfigError, match="rtmps_cert"):
         await service.run(lambda: None)

@@ -122,10 +122,12 @@ class RtmpService:
     async def run(self, ready: Callable[[], None]) -> None:
         """Listen on the configured addresses, serve publishers until cancelled."""
         s = self.settings
+        # No input, nothing to publish to: no port is opened.
+        on = s.enabled and bool(s.inputs)
         try:
-            if s.enabled and s.rtmp_listen:
+            if on and s.rtmp_listen:
                 await self._listen("rtmp", s.rtmp_listen, None)
-            if s.enabled and s.rtmps_listen:
+            if on and s.rtmps_listen:
                 await self._listen("rtmps", s.rtmps_listen, await self._tls())
             ready()
             await asyncio.Event().wait()

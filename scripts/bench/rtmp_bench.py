@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from peerd.config import LiveSettings  # noqa: E402
+from peerd.config import LiveInputSettings, LiveSettings  # noqa: E402
 from peerd.core.live import LiveFrame, LiveTrack, Protocol_, Publication  # noqa: E402
 from peerd.live.rtmp import RtmpService  # noqa: E402
 
@@ -97,7 +97,8 @@ async def publish(clip: Path, url: str) -> float:
 async def measure_peerd(clip: Path) -> dict[str, float]:
     """This process's CPU while RtmpService takes the publication."""
     inputs = OneInput()
-    service = RtmpService(LiveSettings(rtmp_listen="127.0.0.1:0"), inputs)
+    settings = LiveSettings(rtmp_listen="127.0.0.1:0", inputs=[LiveInputSettings(name="bench")])
+    service = RtmpService(settings, inputs)
     ready = asyncio.Event()
     task = asyncio.create_task(service.run(ready.set))
     await ready.wait()

@@ -100,6 +100,7 @@ class PeerdProcess:
         sections = {k: dict(v) for k, v in self.config.items()}
         sections.setdefault("node", {})["state_dir"] = str(self.state_dir)
         sections.setdefault("http", {}).setdefault("port", 0)
+        sections.setdefault("live", {}).setdefault("rtmp_listen", "127.0.0.1:0")
         sections.setdefault("log", {}).setdefault("level", "debug")
         # Discovery and libp2p are on in production; test daemons turn them on explicitly
         # (they cost an import of libp2p and multicast traffic).
