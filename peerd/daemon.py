@@ -45,6 +45,8 @@ from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
 from peerd.live.record import Recorder
+from peerd.live.relay import LiveRelay
+from peerd.live.relay import install_origin as live_origin_routes
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
 from peerd.live.whep import LiveWhep
@@ -379,6 +381,8 @@ async def build_services(rt: Runtime) -> Services:
     live.add_viewer_counter(live_hls.viewers)
     live.add_viewer_counter(live_whep.viewers)
     whip = WhipIngest(rt, live, whep.ice)
+    # Other nodes' live inputs relayed to this node's viewers; origins are found among LAN peers.
+    relay = LiveRelay(rt, live_hls, resolver, directory) if s.mdns.enabled else None
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(
         rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
@@ -400,7 +404,7 @@ async def build_services(rt: Runtime) -> Services:
             ondemand,
             finder,
             bucket,
-            LiveParts(live, live_hls, live_whep, whip),
+            LiveParts(live, live_hls, live_whep, whip, relay),
         ),
     )
     services: list[Service] = [http]
@@ -445,7 +449,8 @@ def route_installers(
     live_routes: list[RouteInstaller] = []
     if live is not None:
         live_routes = [
-            partial(llhls.install, hls=live.hls),
+            partial(llhls.install, hls=live.hls, relay=live.relay),
+            partial(live_origin_routes, hls=live.hls, directory=directory),
             partial(live_whep_routes, live=live.whep),
             partial(live_whip_routes, whip=live.whip),
         ]
@@ -474,6 +479,7 @@ class LiveParts:
     hls: llhls.LiveHls
     whep: LiveWhep
     whip: WhipIngest
+    relay: LiveRelay | None = None
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:
