@@ -44,6 +44,7 @@ from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
+from peerd.live.overflow import LiveOverflow
 from peerd.live.record import Recorder
 from peerd.live.relay import LiveRelay
 from peerd.live.relay import install_origin as live_origin_routes
@@ -383,6 +384,10 @@ async def build_services(rt: Runtime) -> Services:
     whip = WhipIngest(rt, live, whep.ice)
     # Other nodes' live inputs relayed to this node's viewers; origins are found among LAN peers.
     relay = LiveRelay(rt, live_hls, resolver, directory) if s.mdns.enabled else None
+    # Past the uplink budget live segments go to the bucket, and new viewers after them.
+    overflow = (
+        None if replicator is None else LiveOverflow(rt, live_hls, replicator.push_blob, bucket)
+    )
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(
         rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
@@ -404,7 +409,7 @@ async def build_services(rt: Runtime) -> Services:
             ondemand,
             finder,
             bucket,
-            LiveParts(live, live_hls, live_whep, whip, relay),
+            LiveParts(live, live_hls, live_whep, whip, relay, overflow),
         ),
     )
     services: list[Service] = [http]
@@ -429,6 +434,8 @@ async def build_services(rt: Runtime) -> Services:
     services.append(ControlService(rt, ingestor, uploads))
     live.add_listener(coordinator.report_soon)  # a connect, drop or recording: heartbeat now
     services.append(live)
+    if overflow is not None:
+        services.append(overflow)
     services.append(whep)
     services += [whip, rtmp]  # publishers only once the service and its consumers run
     services.append(coordinator)
@@ -449,7 +456,12 @@ def route_installers(
     live_routes: list[RouteInstaller] = []
     if live is not None:
         live_routes = [
-            partial(llhls.install, hls=live.hls, relay=live.relay),
+            partial(
+                llhls.install,
+                hls=live.hls,
+                relay=live.relay,
+                spill=live.overflow.spill if live.overflow else None,
+            ),
             partial(live_origin_routes, hls=live.hls, directory=directory),
             partial(live_whep_routes, live=live.whep),
             partial(live_whip_routes, whip=live.whip),
@@ -480,6 +492,7 @@ class LiveParts:
     whep: LiveWhep
     whip: WhipIngest
     relay: LiveRelay | None = None
+    overflow: LiveOverflow | None = None
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:

@@ -169,14 +169,18 @@ async def test_a_second_node_relays_a_live_stream(pair: Pair, clip: Path) -> Non
             assert code == 0, err + pair.b.logs()[-3000:]
     a, b = pair.a.base_url, pair.b.base_url
     assert len(sizes) >= 4, sizes
+
+    async def m(url: str, name: str, **labels: str) -> float:
+        return await asyncio.to_thread(metric, url, name, **labels)
+
     # Every blob B's viewers got crossed from A to B once (B stored it and served it itself).
-    assert metric(a, "peerd_bytes_served_total", source="lan-peer") == sum(sizes.values())
-    assert metric(b, "peerd_fetches_total", source="lan", outcome="ok") == len(sizes)
+    assert await m(a, "peerd_bytes_served_total", source="lan-peer") == sum(sizes.values())
+    assert await m(b, "peerd_fetches_total", source="lan", outcome="ok") == len(sizes)
     # Parts: one fetch from A per part, whatever the number of B's viewers.
-    made = metric(a, "peerd_live_hls_parts_total")
-    assert 0 < metric(b, "peerd_live_relay_parts_fetched_total") <= made
+    made = await m(a, "peerd_live_hls_parts_total")
+    assert 0 < await m(b, "peerd_live_relay_parts_fetched_total") <= made
     # One upstream request per input follows the stream, not one per viewer.
-    assert metric(b, "peerd_live_relay_upstream_requests_total", result="ok") <= made + 40
+    assert await m(b, "peerd_live_relay_upstream_requests_total", result="ok") <= made + 40
 
 
 async def test_the_relay_answers_503_when_the_origin_vanishes(pair: Pair, long_clip: Path) -> None:

@@ -776,12 +776,27 @@ class Relayed(Protocol):
         """Stop relaying."""
 
 
-def install(app: web.Application, rt: Runtime, hls: LiveHls, relay: Relayed | None = None) -> None:
+Spill = Callable[[LiveRoutes, web.Request], Coroutine[Any, Any, web.Response | None]]
+
+
+def install(
+    app: web.Application,
+    rt: Runtime,
+    hls: LiveHls,
+    relay: Relayed | None = None,
+    spill: Spill | None = None,
+) -> None:
     """Add ``/live/<input>/...`` (playlist, parts, segments, init) for ``hls``'s publications;
-    inputs that are not this node's go to ``relay`` (none: 404)."""
+    inputs that are not this node's go to ``relay`` (none: 404); ``spill`` may send a segment
+    request to the bucket instead (:mod:`peerd.live.overflow`)."""
     if not rt.settings.live.enabled:
         return
     routes = app[LIVE_HLS_KEY] = LiveRoutes(rt, hls, viewer_auth(app, rt))
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        if spill is not None and (redirect := await spill(routes, request)) is not None:
+            return redirect
+        return await routes.blob(request)
 
     def w(
         local: Callable[[web.Request], Any], pick: Callable[[Relayed], RelayHandler]
@@ -806,7 +821,7 @@ def install(app: web.Application, rt: Runtime, hls: LiveHls, relay: Relayed | No
     )
     app.router.add_get(
         f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}",
-        w(routes.blob, lambda r: r.blob),
+        w(blob, lambda r: r.blob),
     )
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
 
