@@ -1,9 +1,10 @@
 """A second node relays a live stream to its own viewers (issue 22, Network), end to end.
 
 Two real daemons on loopback, LAN peers through mDNS: the origin A has the live input, the relay
-B does not (its ``[live] inputs`` is empty). ffmpeg publishes to A over RTMP; three viewers play
-``/live/<input>/index.m3u8`` from B with B's tokens: two ffmpeg ``-xerror`` players and a client
-that follows the playlist and fetches every segment, init segment and part it lists. A sends
+B does not (its ``[live] inputs`` is empty). ffmpeg publishes to A over RTMP; four viewers play
+``/live/<input>/index.m3u8`` from B with B's tokens: two ffmpeg ``-xerror`` players, hls.js in
+Chromium (low-latency mode by default: parts, blocking reloads) and a client that follows the
+playlist and fetches every segment, init segment and part it lists. A sends
 each blob to B once: A's bytes served to LAN peers equal the sizes of the distinct blobs B
 listed, and B fetched no more parts from A than A made. When the publisher stops, B's playlist
 ends (``EXT-X-ENDLIST``) and the players finish. When A vanishes mid-stream, B answers 503 with
@@ -25,6 +26,7 @@ import aiohttp
 import pytest
 
 from peerd.core import tokens
+from tests.support.browser import Browser, hls_page, player_origin
 from tests.support.live_media import make_live_clip
 from tests.support.media import ffmpeg_path
 from tests.support.p2p import loopback_multicast, metric
@@ -84,7 +86,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_live_clip(tmp_path_factory.mktemp("relay") / "clip.mp4", seconds=10.0)
+    return make_live_clip(tmp_path_factory.mktemp("relay") / "clip.mp4", seconds=16.0)
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +154,26 @@ async def follower(session: aiohttp.ClientSession, pair: Pair) -> tuple[dict[str
         query = f"&_HLS_msn={seq + n}"
 
 
-async def test_a_second_node_relays_a_live_stream(pair: Pair, clip: Path) -> None:
-    async with aiohttp.ClientSession() as session:
+async def test_a_second_node_relays_a_live_stream(pair: Pair, clip: Path, tmp_path: Path) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        Browser.launch(tmp_path / "chromium") as browser,
+        player_origin(lambda: hls_page(pair.url(), "live")) as origin,
+    ):
         # Nobody has the input live yet: 503 with Retry-After, not 404.
         status, retry = await status_of(session, pair.url())
         assert (status, retry is not None) == (503, True), status
         publisher = await publish(pair.rtmp(), clip)
         await wait_live(session, pair)
         viewers = [await ffmpeg_viewer(pair.url()) for _ in range(2)]
-        sizes, last = await follower(session, pair)
+        following = asyncio.create_task(follower(session, pair))
+        # hls.js (low-latency mode: parts and blocking reloads) plays from B as well.
+        page = await browser.new_page()
+        await page.goto(f"{origin}/player.html")
+        await page.wait_for("document.getElementById('v').currentTime > 2", timeout_s=30)
+        assert await page.evaluate("window.hlsErrors.filter(e => e.endsWith(':true'))") == []
+        assert await page.evaluate("window.mediaErrors") == []
+        sizes, last = await following
         assert "#EXT-X-ENDLIST" in last
         code, err = await finish(publisher)
         assert code == 0, err
