@@ -54,6 +54,7 @@ from peerd.core.signing import check, sign_headers
 from peerd.delivery.resolver import Resolver
 from peerd.discovery.directory import PeerDirectory
 from peerd.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from peerd.http.clientip import client_ip
 from peerd.identity import peer_id_of, verify_signature
 from peerd.live.llhls import (
     _CT_SEGMENT,
@@ -225,22 +226,23 @@ class Upstream:
         ended_at: float | None = None
         try:
             while time.monotonic() - self.wanted < IDLE_S:
-                if ended_at is not None:
-                    if time.monotonic() - ended_at > ENDED_KEEP_S:
-                        break
-                    await asyncio.sleep(1.0)
-                    continue
                 ok = await self._step()
+                now = time.monotonic()
                 if ok:
                     lost_since = None
                     if self.timeline is not None and self.timeline.ended:
-                        ended_at = time.monotonic()
+                        # Asked again now and then: the input may come back (a new publication).
+                        ended_at = ended_at or now
+                        if now - ended_at > ENDED_KEEP_S:
+                            break
+                        await asyncio.sleep(1.0)
+                    else:
+                        ended_at = None
                     continue
-                now = time.monotonic()
                 lost_since = lost_since or now
                 if now - lost_since > LOST_S and self.timeline is not None:
                     log.info("live origin lost", extra={"input": self.input, "url": self.origin})
-                    self.timeline, self.origin = None, None
+                    self.timeline = None
                     self.notify()
                 await asyncio.sleep(0.5)
         finally:
@@ -454,7 +456,7 @@ class LiveRelay:
         part = _query_int(request, "_HLS_part")
         skip = request.query.get("_HLS_skip", "").upper() in ("YES", "V2")
         up = self.upstream(input)
-        self.hls.saw(input, f"{token or ''} {request.remote}")
+        self.hls.saw(input, f"{token or ''} {client_ip(request, routes.auth.trusted)}")
         deadline = asyncio.get_running_loop().time() + BLOCK_S
         while True:
             tl = up.timeline
