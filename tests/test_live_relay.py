@@ -165,6 +165,9 @@ async def test_a_second_node_relays_a_live_stream(pair: Pair, clip: Path, tmp_pa
         assert (status, retry is not None) == (503, True), status
         publisher = await publish(pair.rtmp(), clip)
         await wait_live(session, pair)
+        # The node-to-node route B follows takes only signed requests of known peers.
+        unsigned = await status_of(session, f"{pair.a.base_url}/p2p/v1/live/{pair.input}")
+        assert unsigned[0] == 401, unsigned
         viewers = [await ffmpeg_viewer(pair.url()) for _ in range(2)]
         following = asyncio.create_task(follower(session, pair))
         # hls.js (low-latency mode: parts and blocking reloads) plays from B as well.
