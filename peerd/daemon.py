@@ -47,7 +47,10 @@ from peerd.http.playback import PlaybackAnalytics, served_bytes
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
 from peerd.live.handoff import HandoffConsumer
+from peerd.live.overflow import LiveOverflow
 from peerd.live.record import Recorder
+from peerd.live.relay import LiveRelay
+from peerd.live.relay import install_origin as live_origin_routes
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
 from peerd.live.whep import LiveWhep
@@ -394,6 +397,12 @@ async def build_services(rt: Runtime) -> Services:
     live.add_viewer_counter(live_hls.viewers)
     live.add_viewer_counter(live_whep.viewers)
     whip = WhipIngest(rt, live, whep.ice)
+    # Other nodes' live inputs relayed to this node's viewers; origins are found among LAN peers.
+    relay = LiveRelay(rt, live_hls, resolver, directory) if s.mdns.enabled else None
+    # Past the uplink budget live segments go to the bucket, and new viewers after them.
+    overflow = (
+        None if replicator is None else LiveOverflow(rt, live_hls, replicator.push_blob, bucket)
+    )
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(
         rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
@@ -415,7 +424,7 @@ async def build_services(rt: Runtime) -> Services:
             ondemand,
             finder,
             bucket,
-            LiveParts(live, live_hls, live_whep, whip),
+            LiveParts(live, live_hls, live_whep, whip, relay, overflow),
             analytics,
         ),
     )
@@ -450,6 +459,8 @@ async def build_services(rt: Runtime) -> Services:
     services.append(live)
     if handoff is not None:
         services.append(handoff)
+    if overflow is not None:
+        services.append(overflow)
     services.append(whep)
     services += [whip, rtmp]  # publishers only once the service and its consumers run
     services.append(coordinator)
@@ -471,7 +482,13 @@ def route_installers(
     live_routes: list[RouteInstaller] = []
     if live is not None:
         live_routes = [
-            partial(llhls.install, hls=live.hls),
+            partial(
+                llhls.install,
+                hls=live.hls,
+                relay=live.relay,
+                spill=live.overflow.spill if live.overflow else None,
+            ),
+            partial(live_origin_routes, hls=live.hls, directory=directory),
             partial(live_whep_routes, live=live.whep),
             partial(live_whip_routes, whip=live.whip),
         ]
@@ -502,6 +519,8 @@ class LiveParts:
     hls: llhls.LiveHls
     whep: LiveWhep
     whip: WhipIngest
+    relay: LiveRelay | None = None
+    overflow: LiveOverflow | None = None
 
 
 def _analytics(rt: Runtime) -> PlaybackAnalytics | None:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -754,22 +754,80 @@ class LiveRoutes:
 
 LIVE_HLS_KEY = web.AppKey("live_hls", LiveRoutes)
 
+RelayHandler = Callable[[LiveRoutes, web.Request], Coroutine[Any, Any, web.StreamResponse]]
 
-def install(app: web.Application, rt: Runtime, hls: LiveHls) -> None:
-    """Add ``/live/<input>/...`` (playlist, parts, segments, init) for ``hls``'s publications."""
+
+class Relayed(Protocol):
+    """Another node's live inputs served here (:mod:`peerd.live.relay`)."""
+
+    def relays(self, input: str) -> bool:
+        """Whether ``input`` is served by relaying (not one of this node's inputs)."""
+
+    async def playlist(self, routes: LiveRoutes, request: web.Request) -> web.Response:
+        """The relayed playlist."""
+
+    async def part(self, routes: LiveRoutes, request: web.Request) -> web.Response:
+        """A relayed part."""
+
+    async def blob(self, routes: LiveRoutes, request: web.Request) -> web.StreamResponse:
+        """A relayed segment or init segment."""
+
+    async def close(self) -> None:
+        """Stop relaying."""
+
+
+Spill = Callable[[LiveRoutes, web.Request], Coroutine[Any, Any, web.Response | None]]
+
+
+def install(
+    app: web.Application,
+    rt: Runtime,
+    hls: LiveHls,
+    relay: Relayed | None = None,
+    spill: Spill | None = None,
+) -> None:
+    """Add ``/live/<input>/...`` (playlist, parts, segments, init) for ``hls``'s publications;
+    inputs that are not this node's go to ``relay`` (none: 404); ``spill`` may send a segment
+    request to the bucket instead (:mod:`peerd.live.overflow`)."""
     if not rt.settings.live.enabled:
         return
     routes = app[LIVE_HLS_KEY] = LiveRoutes(rt, hls, viewer_auth(app, rt))
-    w = routes.wrap
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        if spill is not None and (redirect := await spill(routes, request)) is not None:
+            return redirect
+        return await routes.blob(request)
+
+    def w(
+        local: Callable[[web.Request], Any], pick: Callable[[Relayed], RelayHandler]
+    ) -> Callable[..., Any]:
+        if relay is None:
+            return routes.wrap(local)
+        remote = pick(relay)
+
+        async def either(request: web.Request) -> web.StreamResponse:
+            if relay.relays(request.match_info["input"]):
+                return await remote(routes, request)
+            resp: web.StreamResponse = await local(request)
+            return resp
+
+        return routes.wrap(either)
+
     name = r"{input:[a-z0-9][a-z0-9_-]{0,31}}"
-    app.router.add_get(f"/live/{name}/index.m3u8", w(routes.playlist))
+    app.router.add_get(f"/live/{name}/index.m3u8", w(routes.playlist, lambda r: r.playlist))
     app.router.add_get(
-        f"/live/{name}/part/{{pub:[0-9a-f]{{8}}}}/{{n:[0-9]{{1,9}}}}.m4s", w(routes.part)
+        f"/live/{name}/part/{{pub:[0-9a-f]{{8}}}}/{{n:[0-9]{{1,9}}}}.m4s",
+        w(routes.part, lambda r: r.part),
     )
-    app.router.add_get(f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}", w(routes.blob))
+    app.router.add_get(
+        f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}",
+        w(blob, lambda r: r.blob),
+    )
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
 
     async def close(_app: web.Application) -> None:
+        if relay is not None:
+            await relay.close()
         await hls.close()
 
     app.on_cleanup.append(close)
