@@ -383,6 +383,8 @@ async def build_services(rt: Runtime) -> Services:
             rt.uplink,
             lambda name: live_hls.viewers(name) + live_whep.viewers(name),
             registry=rt.metrics.registry,
+            # R2 takes live overflow (live/overflow) while the bucket can be sent viewers.
+            spill=bucket.ready if bucket is not None and replicator is not None else lambda: False,
         )
         if s.live.handoff.enabled
         else None
