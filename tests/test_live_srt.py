@@ -1,7 +1,7 @@
 """SRT ingest end to end on a real daemon: Debian's ffmpeg publishes MPEG-TS over SRT with the
 input's key as passphrase, ffmpeg plays the low-latency HLS playlist while it is live; a wrong
 passphrase is refused by the handshake and publishes nothing; the listener comes back for the
-next publisher. The key never reaches the daemon's log.
+next publisher, also after one that vanished. The key never reaches the daemon's log.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_live_clip(tmp_path_factory.mktemp("srt") / "clip.mp4", seconds=8.0, fps=FPS)
 
 
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_live_clip(tmp_path_factory.mktemp("srt") / "long.mp4", seconds=40.0, fps=FPS)
+
+
 async def publish_srt(port: int, passphrase: str, clip: Path) -> asyncio.subprocess.Process:
     """ffmpeg publishing ``clip`` in real time as MPEG-TS over SRT, copying its streams."""
     return await asyncio.create_subprocess_exec(
@@ -89,11 +94,11 @@ def connects(node: Node) -> int:
 
 
 async def test_an_srt_publisher_plays_live_and_a_wrong_passphrase_is_refused(
-    node: Node, clip: Path, port: int
+    node: Node, clip: Path, long_clip: Path, port: int
 ) -> None:
     """Publish over SRT and play LL-HLS while live; when the publisher ends, the listener is
     back: a wrong passphrase fails the handshake and publishes nothing, the right one
-    publishes again."""
+    publishes again; a publisher killed mid-stream ends its publication."""
     await until(lambda: udp_socket(port) is not None, timeout_s=30, step_s=0.1)
     first_listener = udp_socket(port)
     pub = await publish_srt(port, KEY, clip)
@@ -126,6 +131,18 @@ async def test_an_srt_publisher_plays_live_and_a_wrong_passphrase_is_refused(
         assert rc == 0, err
     await until(lambda: not_connected(node), timeout_s=30, step_s=0.2)
     assert connects(node) == before + 1
+
+    # a publisher that vanishes: SRT notices (peer idle timeout), the publication ends cleanly
+    # and the listener comes back once more
+    listener = udp_socket(port)
+    pub = await publish_srt(port, KEY, long_clip)
+    async with stopping(pub):
+        await until(lambda: connected(node, "studio"), timeout_s=30, step_s=0.2)
+        pub.kill()
+        await pub.wait()
+    await until(lambda: ended(node, "studio"), timeout_s=60, step_s=0.2)
+    assert not await connected(node, "studio")
+    await until(lambda: udp_socket(port) not in (None, listener), timeout_s=30, step_s=0.1)
     assert KEY not in node.proc.logs()
 
 
