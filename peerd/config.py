@@ -310,6 +310,8 @@ class LiveSettings(Section):
     rtmps_listen: str = ""
     rtmps_cert: Path | None = None
     rtmps_key: Path | None = None
+    # SRT listener host:port ("" = off): input i (from 0) listens on port + i, through ffmpeg.
+    srt_listen: str = ""
     whip: bool = True
     # Low-latency HLS: part and segment targets (segments cut at keyframes), playlist window.
     part_s: float = Field(default=0.5, ge=0.1, le=2.0)

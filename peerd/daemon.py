@@ -53,6 +53,7 @@ from peerd.live.relay import LiveRelay
 from peerd.live.relay import install_origin as live_origin_routes
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
+from peerd.live.srt import SrtService
 from peerd.live.whep import LiveWhep
 from peerd.live.whep import install as live_whep_routes
 from peerd.live.whip import WhipIngest
@@ -406,6 +407,7 @@ async def build_services(rt: Runtime) -> Services:
         None if replicator is None else LiveOverflow(rt, live_hls, replicator.push_blob, bucket)
     )
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
+    srt = SrtService(s.live, rtmp, s.secret, registry=rt.metrics.registry)  # SRT -> own RTMP
     api = NodeApi(
         rt, Subsystems(resolver, replicator, lan_source, ingestor, finder, bucket, live=live)
     )
@@ -464,7 +466,7 @@ async def build_services(rt: Runtime) -> Services:
     if overflow is not None:
         services.append(overflow)
     services.append(whep)
-    services += [whip, rtmp]  # publishers only once the service and its consumers run
+    services += [whip, rtmp, srt]  # publishers only once the service and its consumers run
     services.append(coordinator)
     return Services(services, resolver, api, r2)
 
