@@ -497,7 +497,12 @@ def route_installers(
             partial(live_whip_routes, whip=live.whip),
         ]
     return [
-        partial(ui.install, resolver=resolver, live=live.service if live else None),
+        partial(
+            ui.install,
+            resolver=resolver,
+            live=live.service if live else None,
+            analytics=analytics,
+        ),
         partial(
             hls.install,
             resolver=resolver,
@@ -508,7 +513,6 @@ def route_installers(
         ),
         partial(lan.install, directory=directory, resolver=resolver),
         partial(api_routes.install, api=api, analytics=analytics),
-        partial(ui.install_playback, analytics=analytics),
         partial(whep_routes.install, whep=whep),
         partial(swarm.install, ice=whep.ice_servers, analytics=analytics),
         *live_routes,

@@ -27,7 +27,7 @@ from peerd.errors import Forbidden
 from peerd.http.access import make_auth
 from peerd.http.server import build_app
 from peerd.runtime import Runtime, open_runtime
-from peerd.ui import Dashboard, install, install_playback
+from peerd.ui import Dashboard, install
 from peerd.ui.auth import make_session, session_valid, token_matches
 from peerd.ui.summary import BandwidthHistory, savings
 from tests.support.browser import Browser
@@ -200,7 +200,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Runtime, str, str]]:
     rt.metrics.bytes_served.labels(source="lan").inc(12 << 20)
     rt.metrics.bytes_served.labels(source="libp2p").inc(3 << 20)
     rt.metrics.bytes_served.labels(source="r2").inc(5 << 20)
-    app = build_app(rt, [install, install_playback])  # as the daemon (analytics off: hidden)
+    app = build_app(rt, [install])  # as the daemon (analytics off: the panel hides)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -293,9 +293,11 @@ def install(
     rt: Runtime,
     resolver: Resolver | None = None,
     live: LiveService | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> None:
     """Add the dashboard's routes (nothing when ``[ui] enabled = false``); the player's blobs
-    the node lacks come through ``resolver``; the Live panel shows ``live``'s inputs."""
+    the node lacks come through ``resolver``; the Live panel shows ``live``'s inputs, the
+    Playback panel ``analytics`` (it hides itself without)."""
     if not rt.settings.ui.enabled:
         return
     d = Dashboard(rt, viewer_auth(app, rt), resolver, live)
@@ -309,18 +311,8 @@ def install(
     app.router.add_get("/ui/api/whep/{media_id}", d.whep)
     app.router.add_get("/ui/api/blob/{cid}", d.blob)
     app.router.add_get("/ui/api/live", d.live)
+    app.router.add_get("/ui/api/playback", _playback(d, analytics))
     app.cleanup_ctx.append(d.sampler)
-
-
-def install_playback(
-    app: web.Application, rt: Runtime, analytics: PlaybackAnalytics | None = None
-) -> None:
-    """Add ``/ui/api/playback``, the dashboard's playback panel, read from ``analytics`` (the
-    panel hides itself without); nothing when ``[ui] enabled = false``."""
-    if rt.settings.ui.enabled:
-        app.router.add_get(
-            "/ui/api/playback", _playback(Dashboard(rt, viewer_auth(app, rt)), analytics)
-        )
 
 
 def _playback(d: Dashboard, analytics: PlaybackAnalytics | None) -> Handler:
