@@ -75,7 +75,15 @@ async def check(addr: str, cid: str, plaintext: bool) -> dict[str, Any]:
         dht = KadDHT(host, DHTMode.CLIENT)
         async with background_trio_service(dht):
             await dht.add_peer(info.peer_id)
-            providers = await dht.find_providers(cid)
+            # peerd announces only once it has a peer (this host): asked before its next
+            # provide round, it knows no provider yet. Ask again, as a client would, for 30 s.
+            providers: list[Any] = []
+            with trio.move_on_after(30):
+                while True:
+                    providers = await dht.find_providers(cid)
+                    if providers:
+                        break
+                    await trio.sleep(0.25)
             out["providers"] = sorted({str(p.peer_id) for p in providers})
 
         blob = await host.new_stream(info.peer_id, [TProtocol("/peerd/blob/1.0.0")])
