@@ -268,6 +268,13 @@ class LiveInputSettings(Section):
         return self.key_secret or f"live-{self.name}.key"
 
 
+class LiveRungSettings(Section):
+    """One rung of the live ABR ladder (:mod:`peerd.core.ladder`): height and video bitrate."""
+
+    height: int = Field(ge=64, le=4320)
+    bitrate_kbps: int = Field(ge=50, le=50_000)
+
+
 class LiveSettings(Section):
     """Live streaming (:mod:`peerd.live`): inputs, ingest listeners, low-latency HLS shape."""
 
@@ -285,12 +292,19 @@ class LiveSettings(Section):
     window_segments: int = Field(default=6, ge=3, le=100)
     # A publisher silent this long has vanished: its publication ends.
     idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # ABR ladder (off while empty): rungs below the publisher's own height, transcoded from one
+    # decode per input, within ladder_cpu_percent of one core for every input together.
+    ladder: list[LiveRungSettings] = Field(default_factory=list)
+    ladder_cpu_percent: float = Field(default=100.0, gt=0, le=6400)
 
     @model_validator(mode="after")
     def _unique_names(self) -> LiveSettings:
         names = [i.name for i in self.inputs]
         if len(set(names)) != len(names):
             raise ValueError("live input names must be unique")
+        heights = [r.height for r in self.ladder]
+        if len(set(heights)) != len(heights):
+            raise ValueError("live ladder rungs must have different heights")
         return self
 
 

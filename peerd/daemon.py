@@ -44,6 +44,8 @@ from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
+from peerd.live.ladder import LiveLadder
+from peerd.live.ladder import install as live_ladder_routes
 from peerd.live.record import Recorder
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
@@ -369,10 +371,11 @@ async def build_services(rt: Runtime) -> Services:
     recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
     live_hls = llhls.LiveHls(rt)
     live_whep = LiveWhep(whep)
+    live_ladder = LiveLadder(rt, live_hls)  # after live_hls: it reads the source stream
     live = LiveService(
         s.live,
         secret=s.secret,
-        consumers=[live_hls, live_whep],
+        consumers=[live_hls, live_whep, live_ladder],
         recorder=recorder,
         registry=rt.metrics.registry,
     )
@@ -400,7 +403,7 @@ async def build_services(rt: Runtime) -> Services:
             ondemand,
             finder,
             bucket,
-            LiveParts(live, live_hls, live_whep, whip),
+            LiveParts(live, live_hls, live_whep, whip, live_ladder),
         ),
     )
     services: list[Service] = [http]
@@ -446,6 +449,7 @@ def route_installers(
     if live is not None:
         live_routes = [
             partial(llhls.install, hls=live.hls),
+            partial(live_ladder_routes, hls=live.hls, ladder=live.ladder),
             partial(live_whep_routes, live=live.whep),
             partial(live_whip_routes, whip=live.whip),
         ]
@@ -474,6 +478,7 @@ class LiveParts:
     hls: llhls.LiveHls
     whep: LiveWhep
     whip: WhipIngest
+    ladder: LiveLadder
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:
