@@ -121,6 +121,15 @@ async def test_a_one_rung_ladder_plays_in_ffmpeg_and_hlsjs(clip: Path, tmp_path:
             frames = await asyncio.to_thread(decoded, rung)
             assert frames["0"] >= FPS * 3, frames
             assert frames["1"] > 0, frames
+            # every rendition cuts its segments at the same media times (keyframes aligned)
+            _, source_pl = await get(url(node, "index.m3u8"))
+            _, rung_pl = await get(rung)
+            src, low = segments(source_pl), segments(rung_pl)
+            common = sorted(set(src) & set(low))
+            assert len(common) >= 3, (source_pl, rung_pl)
+            assert [src[n][1] for n in common] == [low[n][1] for n in common], (source_pl, rung_pl)
+            dated = [n for n in common if src[n][0] and low[n][0]]
+            assert all(src[n][0] == low[n][0] for n in dated), (source_pl, rung_pl)
             async with (
                 Browser.launch(tmp_path / "chromium") as browser,
                 player_origin(lambda: hls_page(url(node, "master.m3u8"), "ladder")) as origin,
@@ -156,6 +165,20 @@ async def test_a_one_rung_ladder_plays_in_ffmpeg_and_hlsjs(clip: Path, tmp_path:
 async def _ok(u: str) -> bool:
     status, _ = await get(u)
     return status == 200
+
+
+def segments(text: str) -> dict[int, tuple[str, str]]:
+    """Media sequence number -> (program date time, duration) of each listed segment."""
+    m = re.search(r"#EXT-X-MEDIA-SEQUENCE:(\d+)", text)
+    assert m is not None, text
+    msn, pdt, out = int(m.group(1)), "", {}
+    for line in text.splitlines():
+        if line.startswith("#EXT-X-PROGRAM-DATE-TIME:"):
+            pdt = line.partition(":")[2]
+        elif line.startswith("#EXTINF:"):
+            out[msn] = (pdt, line.partition(":")[2])
+            msn, pdt = msn + 1, ""
+    return out
 
 
 def _msn(text: str) -> int:
