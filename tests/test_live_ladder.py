@@ -103,6 +103,8 @@ async def test_a_one_rung_ladder_plays_in_ffmpeg_and_hlsjs(clip: Path, tmp_path:
         pub = await publish(node.rtmp(KEY), clip)
         async with stopping(pub):
             await until(lists(node, "r180"), timeout_s=45, step_s=0.3)
+            _, metrics = await get(f"{node.base}/metrics")
+            assert 'peerd_live_ladder_rungs{input="studio"} 1.0' in metrics, metrics
             status, master = await get(url(node, "master.m3u8"))
             assert status == 200, master
             infs = [ln for ln in master.splitlines() if ln.startswith("#EXT-X-STREAM-INF:")]
@@ -206,6 +208,9 @@ async def test_over_the_cpu_budget_the_ladder_goes_and_the_source_plays_on(
             assert master.count("#EXT-X-STREAM-INF:") == 1, master
             status, _ = await get(url(node, "r180/index.m3u8"))
             assert status == 404
+            status, metrics = await get(f"{node.base}/metrics")
+            assert "peerd_live_ladder_dropped_total 1.0" in metrics, metrics
+            assert 'peerd_live_ladder_rungs{input="studio"} 0.0' in metrics, metrics
             status, text = await get(url(node, "index.m3u8"))
             assert status == 200, text
             first = _msn(text)

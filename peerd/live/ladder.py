@@ -147,8 +147,10 @@ class _Coder:
             height=self.height,
         )
 
-    def encode(self, picture: av.VideoFrame) -> list[LiveFrame]:
-        """The rung's frames for one decoded source picture (one in, one out: zerolatency)."""
+    def encode(self, picture: av.VideoFrame, shift: int) -> list[LiveFrame]:
+        """The rung's frames for one decoded source picture (one in, one out: zerolatency),
+        decoded ``shift`` ticks before shown, as the source's first keyframe was: the rung's
+        media time zero is then the source's (the packager starts at a keyframe's dts)."""
         scaled = picture.reformat(width=self.width, height=self.height, format="yuv420p")
         scaled.pts, scaled.time_base = picture.pts, self.encoder.time_base
         scaled.pict_type = _I if picture.key_frame else _AUTO
@@ -157,7 +159,7 @@ class _Coder:
             nals = [n for n in avc.split_annexb(bytes(p)) if avc.nal_type(n) not in _INBAND]
             if p.pts is None or not nals:
                 continue
-            dts = p.dts if p.dts is not None else p.pts
+            dts = p.pts - shift
             out.append(
                 LiveFrame(
                     self.track.index, dts, p.pts, bool(p.is_keyframe), avc.length_prefixed(nals)
@@ -194,7 +196,8 @@ class Transcoder:
         self.done = False  # no rung left (or ended): frames are no longer taken
         self.coders: list[_Coder] = []
         self.streams: dict[str, RungStream] = {}
-        self.held: list[LiveFrame] = []  # audio (and early pictures) until the rungs exist
+        self.held: list[LiveFrame] = []  # audio until the rungs exist
+        self.shift: int | None = None  # pts - dts of the source's first keyframe
         self.thread = threading.Thread(target=self._run, name=f"ladder-{input}", daemon=True)
 
     # on the loop
@@ -252,6 +255,8 @@ class Transcoder:
             if frame.track != self.video.index:
                 self._audio(frame)
                 continue
+            if self.shift is None:
+                self.shift = max(0, frame.pts - frame.dts)
             t0 = time.thread_time()
             decoded = _decode(decoder, frame)
             self._charge(DECODE, time.thread_time() - t0)
@@ -325,7 +330,7 @@ class Transcoder:
     def _encode(self, picture: av.VideoFrame) -> None:
         for c in self.coders:
             t0 = time.thread_time()
-            frames = c.encode(picture)
+            frames = c.encode(picture, self.shift or 0)
             self._charge(c.rung.name, time.thread_time() - t0)
             stream = self.streams[c.rung.name]
             for f in frames:

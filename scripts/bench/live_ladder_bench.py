@@ -80,7 +80,7 @@ def peerd_cpu(clip: Path, height: int, kbps: int) -> tuple[float, float]:
                 ready = [pic]
             for p in ready:
                 assert muxer is not None
-                for out in coder.encode(p):
+                for out in coder.encode(p, 0):
                     muxer.frame(out)
     if muxer is not None:
         muxer.end("unpublished")
