@@ -296,6 +296,7 @@ class LiveSettings(Section):
     # decode per input, within ladder_cpu_percent of one core for every input together.
     ladder: list[LiveRungSettings] = Field(default_factory=list)
     ladder_cpu_percent: float = Field(default=100.0, gt=0, le=6400)
+    ladder_window_s: float = Field(default=5.0, ge=1.0, le=300.0)  # over budget this long: drop
 
     @model_validator(mode="after")
     def _unique_names(self) -> LiveSettings:

@@ -34,7 +34,9 @@ FPS = 25
 
 
 @asynccontextmanager
-async def ladder_node(tmp_path: Path, cpu_percent: float) -> AsyncIterator[Node]:
+async def ladder_node(
+    tmp_path: Path, cpu_percent: float, window_s: float = 5.0
+) -> AsyncIterator[Node]:
     proc = PeerdProcess(
         tmp_path / "node",
         config={
@@ -46,6 +48,7 @@ async def ladder_node(tmp_path: Path, cpu_percent: float) -> AsyncIterator[Node]
                 "part_s": 0.5,
                 "ladder": [{"height": 180, "bitrate_kbps": 250}],
                 "ladder_cpu_percent": cpu_percent,
+                "ladder_window_s": window_s,
             },
         },
     )
@@ -194,14 +197,33 @@ async def test_over_the_cpu_budget_the_ladder_goes_and_the_source_plays_on(
     clip: Path, tmp_path: Path
 ) -> None:
     """A budget no transcode fits: after one budget window the rung is dropped (logged; the
-    master playlist stops listing it; its playlist is 404) and the source rendition's playlist
-    keeps advancing and decodes."""
-    async with ladder_node(tmp_path, cpu_percent=0.01) as node:
+    master playlist stops listing it; its playlist is 404). hls.js, playing the rung then,
+    switches to the source rendition and plays on; the source's playlist keeps advancing and
+    decodes."""
+    async with ladder_node(tmp_path, cpu_percent=0.01, window_s=20) as node:
         pub = await publish(node.rtmp(KEY), clip)
-        async with stopping(pub):
+        async with (
+            stopping(pub),
+            Browser.launch(tmp_path / "chromium") as browser,
+            player_origin(lambda: hls_page(url(node, "master.m3u8"), "ladder")) as origin,
+        ):
+            await until(lists(node, "r180"), timeout_s=45, step_s=0.3)
+            page = await browser.new_page()
+            await page.goto(f"{origin}/player.html")
+            await page.wait_for("document.getElementById('v').currentTime > 0.5", timeout_s=30)
+            await page.evaluate("hls.currentLevel = hls.levels.findIndex(l => l.height === 180)")
+            await page.wait_for("window.fragUrls.some(u => u.includes('/r180/'))", timeout_s=30)
             await until(
                 lambda: "live ladder rung dropped" in node.proc.logs(), timeout_s=60, step_s=0.3
             )
+            n = await page.evaluate("window.fragUrls.length")
+            await page.wait_for(
+                f"window.fragUrls.slice({n}).some(u => !u.includes('/r180/'))", timeout_s=30
+            )
+            t = await page.evaluate("document.getElementById('v').currentTime")
+            await page.wait_for(f"document.getElementById('v').currentTime > {t + 2}", timeout_s=30)
+            assert await page.evaluate("window.hlsErrors.filter(e => e.endsWith(':true'))") == []
+            assert await page.evaluate("window.mediaErrors") == []
             status, master = await get(url(node, "master.m3u8"))
             assert status == 200, master
             assert "r180" not in master, master

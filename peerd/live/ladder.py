@@ -16,9 +16,10 @@ the rungs (:func:`peerd.core.ladder.master_playlist`).
 
 CPU budget: the decoder and encoders run single-threaded in the transcode thread, so
 ``time.thread_time`` there is the whole cost. Each step is charged to the one
-:class:`~peerd.core.ladder.CpuBudget` of the node (every input together); a window over
-``[live] ladder_cpu_percent`` drops the most expensive rung (logged, counted, its routes 404
-so hls.js switches to another level, the master playlist stops listing it). The source
+:class:`~peerd.core.ladder.CpuBudget` of the node (every input together); a window of
+``[live] ladder_window_s`` over ``ladder_cpu_percent`` drops the most expensive rung (logged,
+counted, its routes 404 so hls.js switches to another level, the master playlist stops listing
+it). The source
 rendition never waits for the ladder: the transcoder has its own bounded queue, and when it
 falls behind it drops what the publisher sends until the next keyframe (counted) instead of
 holding anything back.
@@ -59,7 +60,6 @@ from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.live.ladder")
 
-WINDOW_S = 5.0  # the budget is judged over this many seconds
 QUEUE_LIMIT = 150  # frames waiting for the transcoder (~2 s of 30 fps video + 48 kHz AAC)
 _INBAND = (avc.NAL_SPS, avc.NAL_PPS, 6, 9)  # SPS/PPS are in the avcC; SEI, AUD not needed
 _I = av.video.frame.PictureType.I
@@ -404,11 +404,11 @@ class LadderSink(LiveSink):
 class LiveLadder:
     """The ABR ladder consumer of live publications, with the node's one CPU budget."""
 
-    def __init__(self, rt: Runtime, hls: LiveHls, *, window_s: float = WINDOW_S) -> None:
+    def __init__(self, rt: Runtime, hls: LiveHls) -> None:
         cfg = rt.settings.live
         self.hls = hls
         self.rungs = tuple(LiveRung(r.height, r.bitrate_kbps) for r in cfg.ladder)
-        self.budget = CpuBudget(cfg.ladder_cpu_percent / 100, window_s)
+        self.budget = CpuBudget(cfg.ladder_cpu_percent / 100, cfg.ladder_window_s)
         self.lock = threading.Lock()
         self.doomed: set[tuple[str, str]] = set()
         self.transcoders: set[Transcoder] = set()

@@ -697,6 +697,8 @@ class LiveRoutes:
                     m.labels(result="timeout").inc()
                 raise Unavailable("the requested part is not available yet", retry_after=1)
             waited = True
+            if "rendition" in request.match_info:  # a ladder rung dropped meanwhile: 404 now
+                stream = self._stream(request, input)
         if blocking:
             m.labels(result="waited" if waited else "ready").inc()
         q = f"?token={token}" if token else ""
