@@ -44,8 +44,6 @@ from peerd.errors import ConfigError, PeerdError
 from peerd.http import hls, swarm
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
-from peerd.live.ladder import LiveLadder
-from peerd.live.ladder import install as live_ladder_routes
 from peerd.live.record import Recorder
 from peerd.live.rtmp import RtmpService
 from peerd.live.service import LiveService
@@ -371,16 +369,18 @@ async def build_services(rt: Runtime) -> Services:
     recorder = Recorder(s.state_dir / "live", ingestor, s.live.inputs, segment_s=s.live.segment_s)
     live_hls = llhls.LiveHls(rt)
     live_whep = LiveWhep(whep)
-    live_ladder = LiveLadder(rt, live_hls)  # after live_hls: it reads the source stream
     live = LiveService(
         s.live,
         secret=s.secret,
-        consumers=[live_hls, live_whep, live_ladder],
+        consumers=[live_hls, live_whep],
         recorder=recorder,
         registry=rt.metrics.registry,
     )
     live.add_viewer_counter(live_hls.viewers)
     live.add_viewer_counter(live_whep.viewers)
+    from peerd.live.ladder import LiveLadder  # the ABR ladder: after live_hls, read by it
+
+    live.consumers.append(LiveLadder(rt, live_hls))
     whip = WhipIngest(rt, live, whep.ice)
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(
@@ -403,7 +403,7 @@ async def build_services(rt: Runtime) -> Services:
             ondemand,
             finder,
             bucket,
-            LiveParts(live, live_hls, live_whep, whip, live_ladder),
+            LiveParts(live, live_hls, live_whep, whip),
         ),
     )
     services: list[Service] = [http]
@@ -449,7 +449,6 @@ def route_installers(
     if live is not None:
         live_routes = [
             partial(llhls.install, hls=live.hls),
-            partial(live_ladder_routes, hls=live.hls, ladder=live.ladder),
             partial(live_whep_routes, live=live.whep),
             partial(live_whip_routes, whip=live.whip),
         ]
@@ -478,7 +477,6 @@ class LiveParts:
     hls: llhls.LiveHls
     whep: LiveWhep
     whip: WhipIngest
-    ladder: LiveLadder
 
 
 def _bucket_url(rt: Runtime, r2: R2Client | None) -> BucketLink | None:

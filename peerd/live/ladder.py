@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Sequence
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import av
@@ -54,7 +55,7 @@ from peerd.core.ladder import master_playlist as render_master
 from peerd.core.live import LiveFrame, LiveSink, LiveTrack
 from peerd.core.playlist import MIME_PLAYLIST
 from peerd.errors import Unavailable
-from peerd.live.llhls import BLOCK_S, LIVE_HLS_KEY, Event, LiveHls, PartReady, Stream
+from peerd.live.llhls import BLOCK_S, Event, LiveHls, LiveRoutes, PartReady, Stream
 from peerd.live.service import track_codec
 from peerd.runtime import Runtime
 
@@ -413,6 +414,7 @@ class LiveLadder:
         self.doomed: set[tuple[str, str]] = set()
         self.transcoders: set[Transcoder] = set()
         self.metrics = LadderMetrics(rt)
+        hls.more_routes.append(partial(install, hls=hls, ladder=self))
 
     def publication(self, input: str) -> LiveSink:
         """A sink for a new publication of ``input`` (its source stream is the LL-HLS one)."""
@@ -503,12 +505,9 @@ def variants(hls: LiveHls, input: str, stream: Stream, query: str) -> list[Varia
     return out
 
 
-def install(app: web.Application, rt: Runtime, hls: LiveHls, ladder: LiveLadder) -> None:
-    """Add ``GET /live/<input>/master.m3u8`` (after :func:`peerd.live.llhls.install`) and stop
-    the ladder's threads at shutdown."""
-    if not rt.settings.live.enabled:
-        return
-    routes = app[LIVE_HLS_KEY]
+def install(app: web.Application, routes: LiveRoutes, hls: LiveHls, ladder: LiveLadder) -> None:
+    """Add ``GET /live/<input>/master.m3u8`` beside the LL-HLS routes (``routes``, whose viewer
+    check and headers it shares) and stop the ladder's threads at shutdown."""
 
     async def master(request: web.Request) -> web.Response:
         input, token = await routes._check(request)  # the LL-HLS routes' viewer check

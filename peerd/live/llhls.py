@@ -549,6 +549,7 @@ class LiveHls:
         self.streams: dict[str, Stream] = {}
         # input -> rung name -> its rendition's stream (the ABR ladder, peerd.live.ladder)
         self.renditions: dict[str, dict[str, Stream]] = {}
+        self.more_routes: list[Callable[[web.Application, LiveRoutes], None]] = []  # the ladder's
         self.metrics = LiveHlsMetrics(rt)
         self._seen: dict[str, dict[str, float]] = {}  # input -> viewer -> monotonic time
 
@@ -790,6 +791,8 @@ def install(app: web.Application, rt: Runtime, hls: LiveHls) -> None:
     app.router.add_get(f"{rung}/index.m3u8", w(routes.playlist))
     app.router.add_get(f"{rung}/part/{{pub:[0-9a-f]{{8}}}}/{{n:[0-9]{{1,9}}}}.m4s", w(routes.part))
     app.router.add_get(f"{rung}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}", w(routes.blob))
+    for more in hls.more_routes:
+        more(app, routes)
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
 
     async def close(_app: web.Application) -> None:
