@@ -104,6 +104,13 @@ class LadderRung(Section):
     bframes: int | None = Field(default=None, ge=0, le=16)
 
 
+class LiveRungSettings(Section):
+    """One rung of the live ABR ladder (:mod:`peerd.core.ladder`): height and video bitrate."""
+
+    height: int = Field(ge=64, le=4320)
+    bitrate_kbps: int = Field(ge=50, le=50_000)
+
+
 class MediaSettings(Section):
     """Packaging. Owned by issue 3. Every key here changes the bytes produced (and media ids)."""
 
@@ -317,6 +324,11 @@ class LiveSettings(Section):
     part_s: float = Field(default=0.5, ge=0.1, le=2.0)
     segment_s: float = Field(default=2.0, ge=0.5, le=10.0)
     window_segments: int = Field(default=6, ge=3, le=100)
+    # ABR ladder (off while empty): rungs below the publisher's own height, transcoded from one
+    # decode per input, within ladder_cpu_percent of one core for every input together.
+    ladder: list[LiveRungSettings] = Field(default_factory=list)
+    ladder_cpu_percent: float = Field(default=100.0, gt=0, le=6400)
+    ladder_window_s: float = Field(default=5.0, ge=1.0, le=300.0)  # over budget this long: drop
     # A publisher silent this long has vanished: its publication ends.
     idle_timeout_s: float = Field(default=10.0, gt=0, le=300)
     handoff: LiveHandoffSettings = LiveHandoffSettings()
@@ -326,6 +338,9 @@ class LiveSettings(Section):
         names = [i.name for i in self.inputs]
         if len(set(names)) != len(names):
             raise ValueError("live input names must be unique")
+        heights = [r.height for r in self.ladder]
+        if len(set(heights)) != len(heights):
+            raise ValueError("live ladder rungs must have different heights")
         return self
 
 

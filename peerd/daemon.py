@@ -47,6 +47,7 @@ from peerd.http.playback import PlaybackAnalytics, served_bytes
 from peerd.http.server import HttpService, RouteInstaller
 from peerd.live import llhls
 from peerd.live.handoff import HandoffConsumer
+from peerd.live.ladder import LiveLadder
 from peerd.live.overflow import LiveOverflow
 from peerd.live.record import Recorder
 from peerd.live.relay import LiveRelay
@@ -393,7 +394,13 @@ async def build_services(rt: Runtime) -> Services:
     live = LiveService(
         s.live,
         secret=s.secret,
-        consumers=[live_hls, live_whep, *([handoff] if handoff is not None else [])],
+        # the ABR ladder after the packager: it reads the source stream a publication starts
+        consumers=[
+            live_hls,
+            LiveLadder(rt, live_hls),
+            live_whep,
+            *([handoff] if handoff is not None else []),
+        ],
         recorder=recorder,
         registry=rt.metrics.registry,
     )

@@ -547,6 +547,9 @@ class LiveHls:
         self.ended_keep_s = ended_keep_s
         self.inputs = frozenset(i.name for i in rt.settings.live.inputs)
         self.streams: dict[str, Stream] = {}
+        # input -> rung name -> its rendition's stream (the ABR ladder, peerd.live.ladder)
+        self.renditions: dict[str, dict[str, Stream]] = {}
+        self.more_routes: list[Callable[[web.Application, LiveRoutes], None]] = []  # the ladder's
         self.metrics = LiveHlsMetrics(rt)
         self._seen: dict[str, dict[str, float]] = {}  # input -> viewer -> monotonic time
 
@@ -579,7 +582,8 @@ class LiveHls:
     async def close(self) -> None:
         """Stop every packager thread (daemon shutdown; a publication still live just ends)."""
         threads = []
-        for s in self.streams.values():
+        rungs = [r for rs in self.renditions.values() for r in rs.values()]
+        for s in [*self.streams.values(), *rungs]:
             if s.packager is not None and s.packager.thread.is_alive():
                 s.packager.queue.put(_STOP)
                 threads.append(s.packager.thread)
@@ -647,6 +651,19 @@ class LiveRoutes:
 
         return wrapped
 
+    def _stream(self, request: web.Request, input: str) -> Stream:
+        """The input's publication, or the ladder rendition the path names."""
+        stream = self.hls.stream(input)
+        name = request.match_info.get("rendition")
+        if name is None:
+            return stream
+        rung = self.hls.renditions.get(input, {}).get(name)
+        if rung is None:
+            raise NotFound(f"no rendition {name!r} of live input {input!r}")
+        if rung.timeline is None:
+            raise Unavailable("the rendition is starting", retry_after=1)
+        return rung
+
     async def _check(self, request: web.Request) -> tuple[str, str | None]:
         input = request.match_info["input"]
         token = await self.auth.check(request, media_id(input), SCOPE)
@@ -657,7 +674,7 @@ class LiveRoutes:
         input, token = await self._check(request)
         msn, part = _int_arg(request, "_HLS_msn"), _int_arg(request, "_HLS_part")
         skip = request.query.get("_HLS_skip", "").upper() in ("YES", "V2")
-        stream = self.hls.stream(input)
+        stream = self._stream(request, input)
         self.hls.saw(input, f"{token or ''} {client_ip(request, self.auth.trusted)}")
         m = self.hls.metrics.blocking
         blocking = msn is not None
@@ -681,6 +698,8 @@ class LiveRoutes:
                     m.labels(result="timeout").inc()
                 raise Unavailable("the requested part is not available yet", retry_after=1)
             waited = True
+            if "rendition" in request.match_info:  # a ladder rung dropped meanwhile: 404 now
+                stream = self._stream(request, input)
         if blocking:
             m.labels(result="waited" if waited else "ready").inc()
         q = f"?token={token}" if token else ""
@@ -695,7 +714,7 @@ class LiveRoutes:
     async def part(self, request: web.Request) -> web.Response:
         """A part by running number; the next few (the preload hint) are waited for."""
         input, _ = await self._check(request)
-        stream = self.hls.stream(input)
+        stream = self._stream(request, input)
         if request.match_info["pub"] != stream.id:
             raise NotFound("no such part in this publication")
         number = int(request.match_info["n"])
@@ -722,7 +741,7 @@ class LiveRoutes:
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """The init segment or a complete segment by content id (memory, else the store)."""
         input, _ = await self._check(request)
-        stream = self.hls.stream(input)
+        stream = self._stream(request, input)
         cid, ext = request.match_info["cid"], request.match_info["ext"]
         ct = "video/mp4" if ext == "mp4" else _CT_SEGMENT
         headers = self._headers(ct, self.blob_cache)
@@ -823,6 +842,16 @@ def install(
         f"/live/{name}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}",
         w(blob, lambda r: r.blob),
     )
+    # the ABR ladder's renditions (peerd.live.ladder): the same routes under /live/<input>/r<h>/,
+    # served by this node only (a relay serves the source rendition)
+    rung = f"/live/{name}/{{rendition:r[0-9]{{2,4}}}}"
+    app.router.add_get(f"{rung}/index.m3u8", routes.wrap(routes.playlist))
+    app.router.add_get(
+        f"{rung}/part/{{pub:[0-9a-f]{{8}}}}/{{n:[0-9]{{1,9}}}}.m4s", routes.wrap(routes.part)
+    )
+    app.router.add_get(f"{rung}/b/{{cid:b[a-z2-7]{{58}}}}.{{ext:mp4|m4s}}", routes.wrap(blob))
+    for more in hls.more_routes:
+        more(app, routes)
     app.router.add_route("OPTIONS", "/live/{tail:.*}", routes.preflight)
 
     async def close(_app: web.Application) -> None:
