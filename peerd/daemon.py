@@ -378,6 +378,7 @@ async def build_services(rt: Runtime) -> Services:
     )
     live.add_viewer_counter(live_hls.viewers)
     live.add_viewer_counter(live_whep.viewers)
+    live.add_latency(live_hls.latency)
     whip = WhipIngest(rt, live, whep.ice)
     rtmp = RtmpService(s.live, live, registry=rt.metrics.registry, addr_dir=s.state_dir)
     api = NodeApi(

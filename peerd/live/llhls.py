@@ -360,6 +360,7 @@ class Stream(LiveSink):
         self.parts: dict[int, bytes] = {}
         self.segments: dict[str, bytes] = {}
         self.ended_at: float | None = None
+        self.edge_at: float | None = None  # wall time the newest part was published
         self.packager: Packager | None = None
         self._changed: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -423,6 +424,7 @@ class Stream(LiveSink):
                 tl.wall_start = self.hls.clock() - float(e.duration)
             p = tl.add_part(e.start, e.duration, e.independent)
             self.parts[p.number] = e.data
+            self.edge_at = self.hls.clock()
             m.parts.inc()
         elif isinstance(e, SegmentReady) and tl is not None:
             tl.close_segment(e.cid)
@@ -587,6 +589,19 @@ class LiveHls:
             await asyncio.to_thread(t.join)
         for s in self.streams.values():
             await s.flushed()
+
+    def latency(self, input: str) -> float | None:
+        """The node's part of an LL-HLS viewer's glass-to-glass latency now, in seconds: the age
+        of the live edge (since the newest part was published; the frame that closed it reached
+        the node then) plus the ``PART-HOLD-BACK`` a player keeps behind the edge. None while
+        the input has no playlist a viewer can play (not live, not one segment yet, ended).
+        The publisher's encoding and uplink and the viewer's network and decoding come on top.
+        """
+        s = self.streams.get(input)
+        tl = s.timeline if s is not None else None
+        if s is None or tl is None or tl.ended or s.edge_at is None or not tl.segments:
+            return None
+        return max(0.0, self.clock() - s.edge_at) + 3 * float(tl.part_target)
 
     def viewers(self, input: str) -> int:
         """Distinct viewers (token and address) that fetched the playlist in the last ~10 s."""
