@@ -28,6 +28,9 @@ publication is 503 + ``Retry-After`` (not 404): it is a passing state (a publish
 reconnecting, a stream about to start), and hls.js retries 5xx playlist loads by its retry
 policy while it treats every 4xx as final; ffmpeg gives up either way. After a publication
 ends its playlist (with ``EXT-X-ENDLIST``) stays :data:`ENDED_KEEP_S` so players finish.
+A node that stops (SIGTERM) ends every publication and keeps serving, at most
+:data:`DRAIN_S`, until the viewers seen lately have fetched the ended playlist and then gone
+quiet, so they end cleanly instead of on a refused connection.
 Playlists are ``no-store``; parts and segments ``immutable``.
 """
 
@@ -63,6 +66,7 @@ log = logging.getLogger("peerd.live.llhls")
 SCOPE = "hls"
 BLOCK_S = 6.0  # longest hold of a blocking playlist or part request
 ENDED_KEEP_S = 60.0  # an ended publication's playlist (ENDLIST) stays this long
+DRAIN_S = 6.0  # longest a stopping node waits for viewers to see EXT-X-ENDLIST
 VIEWER_WINDOW_S = 10.0  # a viewer counts while it fetched a playlist this recently
 MAX_LAG_S = Fraction(1)  # a track this far behind the lead track no longer holds parts back
 RETRY_AFTER_S = 2
@@ -551,6 +555,7 @@ class LiveHls:
         self.streams: dict[str, Stream] = {}
         self.metrics = LiveHlsMetrics(rt)
         self._seen: dict[str, dict[str, float]] = {}  # input -> viewer -> monotonic time
+        self._touched: dict[str, float] = {}  # input -> monotonic time of its last request
 
     def publication(self, input: str) -> LiveSink:
         """A sink for a new publication of ``input`` (it replaces an ended one)."""
@@ -577,6 +582,36 @@ class LiveHls:
         seen[viewer] = now
         if len(seen) > 4096:
             self._seen[input] = {v: t for v, t in seen.items() if now - t < VIEWER_WINDOW_S}
+
+    def touched(self, input: str) -> None:
+        """A viewer asked for something of the input now (a playlist, part or segment)."""
+        self._touched[input] = time.monotonic()
+
+    def _told_end(self, s: Stream) -> bool:
+        """Whether the viewers of ``s`` that were playing it (they reload at least once a
+        target duration) fetched its ended playlist, and its routes went quiet since."""
+        tl = s.timeline
+        if tl is None:
+            return True
+        if s.ended_at is None:
+            return False
+        now = time.monotonic()
+        quiet = now - self._touched.get(s.input, 0.0) >= float(tl.part_target)
+        playing = s.ended_at - 2 * tl.target_duration
+        return quiet and all(
+            t >= s.ended_at for t in self._seen.get(s.input, {}).values() if t > playing
+        )
+
+    async def drain(self, within_s: float = DRAIN_S) -> None:
+        """The node is stopping and ended its publications: wait (at most ``within_s``) until
+        their viewers have seen ``EXT-X-ENDLIST`` and fetched what was left."""
+        ending = [s for s in self.streams.values() if s.ended_at is None]
+        deadline = time.monotonic() + within_s
+        while not all(self._told_end(s) for s in ending):
+            if time.monotonic() >= deadline:
+                log.info("live hls viewers not all told of the end before the stop")
+                return
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         """Stop every packager thread (daemon shutdown; a publication still live just ends)."""
@@ -665,6 +700,7 @@ class LiveRoutes:
     async def _check(self, request: web.Request) -> tuple[str, str | None]:
         input = request.match_info["input"]
         token = await self.auth.check(request, media_id(input), SCOPE)
+        self.hls.touched(input)
         return input, token
 
     async def playlist(self, request: web.Request) -> web.Response:

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -68,6 +68,16 @@ class LiveConsumer(Protocol):
 
     def publication(self, input: str) -> LiveSink:
         """A sink for a new publication of ``input`` (called when a publisher is accepted)."""
+        ...
+
+
+@runtime_checkable
+class DrainingConsumer(LiveConsumer, Protocol):
+    """A consumer with something to finish once the node ended its publications (LL-HLS
+    viewers to tell of the end)."""
+
+    async def drain(self) -> None:
+        """Finish what the ended publications left for viewers (bounded)."""
         ...
 
 
@@ -438,11 +448,14 @@ class LiveService:
 
     async def drain(self) -> None:
         """Refuse new publishers and end every publication ("node stopping"); recordings are
-        sealed and ingested at the next start."""
+        sealed and ingested at the next start; consumers that drain tell their viewers."""
         self.stopping = True
         if self.recorder is not None:
             self.recorder.stopping = True
         for live in list(self._live.values()):
             live.end(STOP_REASON)
         if self.recorder is not None:
-            await self.recorder.flush()
+            await self.recorder.flush()  # first: the recordings matter more than a clean end
+        await asyncio.gather(
+            *(c.drain() for c in self.consumers if isinstance(c, DrainingConsumer))
+        )
