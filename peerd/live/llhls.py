@@ -11,7 +11,9 @@ and each complete segment (its parts concatenated) are content-addressed blobs w
 the blob store, so LAN and libp2p peers (and anything else serving held blobs) can serve them.
 They are the live window's, not the library's: a segment's blob leaves the store one window
 after it left the playlist (unless a media item's rows or a pin use it; the recording is the
-durable copy), the init segment's when the ended publication is forgotten.
+durable copy), the init segment's when the ended publication is forgotten. Each blob's id is
+noted in ``<state_dir>/live/window.blobs`` before it is stored, so the next start
+(:meth:`LiveHls.recover`) deletes those a stop or a crash left behind.
 
 Routes (``install``), every one under the viewer authorization of :mod:`peerd.http.access`
 (scope ``hls``, media id ``live:<input>``)::
@@ -70,6 +72,8 @@ DRAIN_S = 6.0  # longest a stopping node waits for viewers to see EXT-X-ENDLIST
 VIEWER_WINDOW_S = 10.0  # a viewer counts while it fetched a playlist this recently
 MAX_LAG_S = Fraction(1)  # a track this far behind the lead track no longer holds parts back
 RETRY_AFTER_S = 2
+JOURNAL = "window.blobs"  # under <state_dir>/live: ids of live blobs stored, one a line
+JOURNAL_MAX = 4096  # lines; then it is rewritten with the blobs still held
 AAC_FRAME = 1024  # samples per AAC-LC frame
 _CT_SEGMENT = "video/iso.segment"
 
@@ -511,10 +515,12 @@ class Stream(LiveSink):
 
     async def _put(self, cid: Cid, data: bytes, kind: str) -> None:
         try:
+            # Noted first: a crash leaves no blob unnoted.
+            await asyncio.to_thread(self.hls.note, cid, self.hls.held_if_full())
             await self.hls.rt.store.put(data, kind=kind, expected=cid)
-        except PeerdError as exc:
+        except (PeerdError, OSError) as exc:
             # Viewers still get it from memory while it is in the window.
-            log.warning("live blob not stored", extra={"cid": cid, "error": exc.message})
+            log.warning("live blob not stored", extra={"cid": cid, "error": str(exc)})
 
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -555,6 +561,9 @@ class LiveHls:
         self.streams: dict[str, Stream] = {}
         self.metrics = LiveHlsMetrics(rt)
         self._seen: dict[str, dict[str, float]] = {}  # input -> viewer -> monotonic time
+        self.journal = rt.settings.state_dir / "live" / JOURNAL
+        self._journal_lock = threading.Lock()
+        self._noted = 0
         self._touched: dict[str, float] = {}  # input -> monotonic time of its last request
 
     def publication(self, input: str) -> LiveSink:
@@ -582,6 +591,67 @@ class LiveHls:
         seen[viewer] = now
         if len(seen) > 4096:
             self._seen[input] = {v: t for v, t in seen.items() if now - t < VIEWER_WINDOW_S}
+
+    def _held(self) -> set[str]:
+        """Ids of the blobs the publications still use or will delete."""
+        held: set[str] = set()
+        for s in list(self.streams.values()):
+            held.update(s.segments)
+            held.update(c for _, c in s._retired)
+            if s.init is not None:
+                held.add(s.init[0])
+        return held
+
+    def held_if_full(self) -> set[str] | None:
+        """The blobs still held once the journal is due for a rewrite (else None)."""
+        return self._held() if self._noted >= JOURNAL_MAX else None
+
+    def note(self, cid: Cid, keep: set[str] | None = None) -> None:
+        """Note a live blob about to be stored in the journal, first rewriting it with only
+        ``keep`` when given (blocking: in a thread)."""
+        with self._journal_lock:
+            if keep is not None:
+                self._rewrite(keep)
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with self.journal.open("a") as fh:
+                fh.write(cid + "\n")
+            self._noted += 1
+
+    def _rewrite(self, keep: set[str]) -> None:
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text("".join(c + "\n" for c in sorted(keep)))
+        tmp.replace(self.journal)
+        self._noted = len(keep)
+
+    async def recover(self) -> int:
+        """Delete the live blobs an earlier run left in the store (it stopped or died with a
+        window in the store); the number deleted. A blob a media item or a pin uses stays."""
+
+        def read() -> list[str]:
+            try:
+                return self.journal.read_text().split()
+            except FileNotFoundError:
+                return []
+
+        noted = await asyncio.to_thread(read)
+        store = self.rt.store
+        deleted = 0
+        for cid in dict.fromkeys(noted):
+            if cid in self._held():
+                continue
+            row = await store.catalog.get_blob(Cid(cid))
+            if row is None or row.pinned or await is_referenced(store.catalog, cid):
+                continue
+            deleted += bool(await store.delete(Cid(cid)))
+        await asyncio.to_thread(self._locked_rewrite, self._held())
+        if deleted:
+            log.info("live blobs of an earlier run deleted", extra={"blobs": deleted})
+        return deleted
+
+    def _locked_rewrite(self, keep: set[str]) -> None:
+        with self._journal_lock:
+            self._rewrite(keep)
 
     def touched(self, input: str) -> None:
         """A viewer asked for something of the input now (a playlist, part or segment)."""

@@ -81,6 +81,15 @@ class DrainingConsumer(LiveConsumer, Protocol):
         ...
 
 
+@runtime_checkable
+class RecoveringConsumer(LiveConsumer, Protocol):
+    """A consumer with something an earlier run left to clean up (LL-HLS window blobs)."""
+
+    async def recover(self) -> object:
+        """Clean up after the last run (called once at start, publishers may be live)."""
+        ...
+
+
 ViewerCounter = Callable[[str], int]
 """Viewers of one input now (``counter(input)``), as one consumer counts them."""
 
@@ -441,6 +450,9 @@ class LiveService:
         ready()
         if self.recorder is not None:
             await self.recorder.recover()
+        for consumer in self.consumers:
+            if isinstance(consumer, RecoveringConsumer) and consumer is not self.recorder:
+                await consumer.recover()
         step = min(1.0, self.settings.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(step)
