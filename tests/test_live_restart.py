@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.coordinator import FakeCoordinator
+from tests.support.coordinator import FakeCoordinator, NodeApiClient
 from tests.support.live_media import make_live_clip
 from tests.support.media import ffmpeg_path
 from tests.support.poll import until
@@ -133,6 +134,9 @@ async def test_a_restart_mid_stream_keeps_the_recording_and_takes_the_publisher_
             assert latency is not None, status
             assert 0 < latency < 10, status
             sent = (time.monotonic() - since) * FPS
+            window = await window_blobs(url)
+            assert window, "no live blob in the playlist"
+            assert window <= await held_blobs(node)  # the window is in the store
             node.proc.proc.send_signal(sig)  # type: ignore[union-attr]
             code = await asyncio.to_thread(node.proc.proc.wait, 30)  # type: ignore[union-attr]
             node.proc.proc = None
@@ -148,7 +152,7 @@ async def test_a_restart_mid_stream_keeps_the_recording_and_takes_the_publisher_
             rc, _ = await finish(pub, timeout_s=30)
             assert rc != 0  # its node went away under it
             await asyncio.to_thread(node.proc.start)
-            again = await publish(node.rtmp(KEY), long_clip)
+            again = await publish_from(node.rtmp(KEY), long_clip, 30)
             async with stopping(again):
                 await until(lambda: connected(node, "studio"), timeout_s=30, step_s=0.1)
                 await until(lambda: len(ingested(node)) == 1, timeout_s=90, step_s=0.5)
@@ -165,6 +169,11 @@ async def test_a_restart_mid_stream_keeps_the_recording_and_takes_the_publisher_
                 status = (await node.status())["studio"]
                 assert status["connected"], status
                 assert status["last_recording"] == ingested(node)[0]["media_id"], status
+                # The stopped publication's window left the store with it (but for what the
+                # new one uses too: the same tracks make the same init segment).
+                gone = window - await window_blobs(node.live_url("studio"))
+                assert len(gone) >= 3, (gone, window)
+                await until(lambda: _none_held(node, gone), timeout_s=30, step_s=0.5)
     entry = ingested(node)[0]
     assert entry["input"] == "studio"
     assert entry["recovered"] is (sig == signal.SIGKILL), entry
@@ -172,6 +181,48 @@ async def test_a_restart_mid_stream_keeps_the_recording_and_takes_the_publisher_
     # At most the segment in flight is lost (a segment and one GOP, in frames).
     assert frames["0"] >= sent - (SEGMENT_S + GOP_S) * FPS, (frames, sent)
     assert frames["1"] > 0, frames
+
+
+async def publish_from(url: str, clip: Path, start_s: float) -> asyncio.subprocess.Process:
+    """:func:`tests.test_live.publish` from ``start_s`` into the clip (other frames: other
+    segments; the same tracks: the same init segment)."""
+    return await asyncio.create_subprocess_exec(
+        ffmpeg_path(),
+        *("-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-ss", str(start_s)),
+        *("-i", str(clip), "-c", "copy", "-f", "flv", url),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def window_blobs(url: str) -> set[str]:
+    """Content ids of the init and segments the live playlist at ``url`` names now."""
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        text = await r.text()
+    return set(re.findall(r"b/(b[a-z2-7]{58})\.m(?:p4|4s)", text))
+
+
+async def held_blobs(node: Node) -> set[str]:
+    """Blobs the node's store holds now, as the coordinator's inventory sync sees them."""
+    client = NodeApiClient(node.base, node.secret("api_token"))
+    state: dict[str, str] = {}
+    since = 0
+    try:
+        while True:
+            ans = await client.call("GET", "/api/v1/inventory", params={"since": since})
+            assert ans.status == 200, ans
+            for item in ans.body["items"]:
+                if item["kind"] == "blob":
+                    state[item["id"]] = item["state"]
+            since = ans.body["next_since"]
+            if not ans.body["more"]:
+                return {cid for cid, st in state.items() if st == "present"}
+    finally:
+        await client.close()
+
+
+async def _none_held(node: Node, blobs: set[str]) -> bool:
+    return not blobs & await held_blobs(node)
 
 
 async def _at_least(n: Any, k: int) -> bool:
