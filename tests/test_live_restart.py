@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import signal
 import socket
@@ -54,10 +55,17 @@ GOP_S = 1.0  # make_live_clip: a keyframe a second
 
 
 def free_port() -> int:
-    """A TCP port free on loopback now (the daemon binds it again after its restart)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on loopback now, below the ephemeral range: the daemon binds it again
+    after its restart, and no other process's port-0 bind takes it in between."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 8000), low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def live_config(rtmp_port: int) -> dict[str, dict[str, Any]]:
