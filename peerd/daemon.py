@@ -406,6 +406,7 @@ async def build_services(rt: Runtime) -> Services:
     )
     live.add_viewer_counter(live_hls.viewers)
     live.add_viewer_counter(live_whep.viewers)
+    live.add_latency(live_hls.latency)
     whip = WhipIngest(rt, live, whep.ice)
     # Other nodes' live inputs relayed to this node's viewers; origins are found among LAN peers.
     relay = LiveRelay(rt, live_hls, resolver, directory) if s.mdns.enabled else None

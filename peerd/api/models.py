@@ -526,7 +526,10 @@ class LiveInput(Response):
     codecs: list[str] = Field(description="RFC 6381 codec of each track (`avc1.640028`, ...).")
     bitrate_bps: int = Field(ge=0, description="Bits/s received over the last 5 s.")
     viewers: int = Field(ge=0, description="Viewers now (LL-HLS and WHEP).")
-    latency_s: float | None = Field(description="Glass-to-glass estimate, if known.")
+    latency_s: float | None = Field(
+        description="The node's share of an LL-HLS viewer's glass-to-glass latency, seconds: the "
+        "age of the playlist's live edge plus PART-HOLD-BACK; null while not live."
+    )
     last_recording: CidStr | None = Field(
         description="Media id of the input's last recording (a normal media item); null if none."
     )

@@ -11,7 +11,9 @@ and each complete segment (its parts concatenated) are content-addressed blobs w
 the blob store, so LAN and libp2p peers (and anything else serving held blobs) can serve them.
 They are the live window's, not the library's: a segment's blob leaves the store one window
 after it left the playlist (unless a media item's rows or a pin use it; the recording is the
-durable copy), the init segment's when the ended publication is forgotten.
+durable copy), the init segment's when the ended publication is forgotten. Each blob's id is
+noted in ``<state_dir>/live/window.blobs`` before it is stored, so the next start
+(:meth:`LiveHls.recover`) deletes those a stop or a crash left behind.
 
 Routes (``install``), every one under the viewer authorization of :mod:`peerd.http.access`
 (scope ``hls``, media id ``live:<input>``)::
@@ -28,6 +30,9 @@ publication is 503 + ``Retry-After`` (not 404): it is a passing state (a publish
 reconnecting, a stream about to start), and hls.js retries 5xx playlist loads by its retry
 policy while it treats every 4xx as final; ffmpeg gives up either way. After a publication
 ends its playlist (with ``EXT-X-ENDLIST``) stays :data:`ENDED_KEEP_S` so players finish.
+A node that stops (SIGTERM) ends every publication and keeps serving, at most
+:data:`DRAIN_S`, until the viewers seen lately have fetched the ended playlist and then gone
+quiet, so they end cleanly instead of on a refused connection.
 Playlists are ``no-store``; parts and segments ``immutable``.
 """
 
@@ -63,9 +68,12 @@ log = logging.getLogger("peerd.live.llhls")
 SCOPE = "hls"
 BLOCK_S = 6.0  # longest hold of a blocking playlist or part request
 ENDED_KEEP_S = 60.0  # an ended publication's playlist (ENDLIST) stays this long
+DRAIN_S = 6.0  # longest a stopping node waits for viewers to see EXT-X-ENDLIST
 VIEWER_WINDOW_S = 10.0  # a viewer counts while it fetched a playlist this recently
 MAX_LAG_S = Fraction(1)  # a track this far behind the lead track no longer holds parts back
 RETRY_AFTER_S = 2
+JOURNAL = "window.blobs"  # under <state_dir>/live: ids of live blobs stored, one a line
+JOURNAL_MAX = 4096  # lines; then it is rewritten with the blobs still held
 AAC_FRAME = 1024  # samples per AAC-LC frame
 _CT_SEGMENT = "video/iso.segment"
 
@@ -360,6 +368,7 @@ class Stream(LiveSink):
         self.parts: dict[int, bytes] = {}
         self.segments: dict[str, bytes] = {}
         self.ended_at: float | None = None
+        self.edge_at: float | None = None  # wall time the newest part was published
         self.packager: Packager | None = None
         self._changed: asyncio.Future[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
@@ -423,6 +432,7 @@ class Stream(LiveSink):
                 tl.wall_start = self.hls.clock() - float(e.duration)
             p = tl.add_part(e.start, e.duration, e.independent)
             self.parts[p.number] = e.data
+            self.edge_at = self.hls.clock()
             m.parts.inc()
         elif isinstance(e, SegmentReady) and tl is not None:
             tl.close_segment(e.cid)
@@ -505,10 +515,12 @@ class Stream(LiveSink):
 
     async def _put(self, cid: Cid, data: bytes, kind: str) -> None:
         try:
+            # Noted first: a crash leaves no blob unnoted.
+            await asyncio.to_thread(self.hls.note, cid, self.hls.held_if_full())
             await self.hls.rt.store.put(data, kind=kind, expected=cid)
-        except PeerdError as exc:
+        except (PeerdError, OSError) as exc:
             # Viewers still get it from memory while it is in the window.
-            log.warning("live blob not stored", extra={"cid": cid, "error": exc.message})
+            log.warning("live blob not stored", extra={"cid": cid, "error": str(exc)})
 
     def _notify(self) -> None:
         if self._changed is not None and not self._changed.done():
@@ -552,6 +564,10 @@ class LiveHls:
         self.more_routes: list[Callable[[web.Application, LiveRoutes], None]] = []  # the ladder's
         self.metrics = LiveHlsMetrics(rt)
         self._seen: dict[str, dict[str, float]] = {}  # input -> viewer -> monotonic time
+        self.journal = rt.settings.state_dir / "live" / JOURNAL
+        self._journal_lock = threading.Lock()
+        self._noted = 0
+        self._touched: dict[str, float] = {}  # input -> monotonic time of its last request
 
     def publication(self, input: str) -> LiveSink:
         """A sink for a new publication of ``input`` (it replaces an ended one)."""
@@ -579,6 +595,97 @@ class LiveHls:
         if len(seen) > 4096:
             self._seen[input] = {v: t for v, t in seen.items() if now - t < VIEWER_WINDOW_S}
 
+    def _held(self) -> set[str]:
+        """Ids of the blobs the publications still use or will delete."""
+        held: set[str] = set()
+        for s in list(self.streams.values()):
+            held.update(s.segments)
+            held.update(c for _, c in s._retired)
+            if s.init is not None:
+                held.add(s.init[0])
+        return held
+
+    def held_if_full(self) -> set[str] | None:
+        """The blobs still held once the journal is due for a rewrite (else None)."""
+        return self._held() if self._noted >= JOURNAL_MAX else None
+
+    def note(self, cid: Cid, keep: set[str] | None = None) -> None:
+        """Note a live blob about to be stored in the journal, first rewriting it with only
+        ``keep`` when given (blocking: in a thread)."""
+        with self._journal_lock:
+            if keep is not None:
+                self._rewrite(keep)
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with self.journal.open("a") as fh:
+                fh.write(cid + "\n")
+            self._noted += 1
+
+    def _rewrite(self, keep: set[str]) -> None:
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text("".join(c + "\n" for c in sorted(keep)))
+        tmp.replace(self.journal)
+        self._noted = len(keep)
+
+    async def recover(self) -> int:
+        """Delete the live blobs an earlier run left in the store (it stopped or died with a
+        window in the store); the number deleted. A blob a media item or a pin uses stays."""
+
+        def read() -> list[str]:
+            try:
+                return self.journal.read_text().split()
+            except FileNotFoundError:
+                return []
+
+        noted = await asyncio.to_thread(read)
+        store = self.rt.store
+        deleted = 0
+        for cid in dict.fromkeys(noted):
+            if cid in self._held():
+                continue
+            row = await store.catalog.get_blob(Cid(cid))
+            if row is None or row.pinned or await is_referenced(store.catalog, cid):
+                continue
+            deleted += bool(await store.delete(Cid(cid)))
+        await asyncio.to_thread(self._locked_rewrite, self._held())
+        if deleted:
+            log.info("live blobs of an earlier run deleted", extra={"blobs": deleted})
+        return deleted
+
+    def _locked_rewrite(self, keep: set[str]) -> None:
+        with self._journal_lock:
+            self._rewrite(keep)
+
+    def touched(self, input: str) -> None:
+        """A viewer asked for something of the input now (a playlist, part or segment)."""
+        self._touched[input] = time.monotonic()
+
+    def _told_end(self, s: Stream) -> bool:
+        """Whether the viewers of ``s`` that were playing it (they reload at least once a
+        target duration) fetched its ended playlist, and its routes went quiet since."""
+        tl = s.timeline
+        if tl is None:
+            return True
+        if s.ended_at is None:
+            return False
+        now = time.monotonic()
+        quiet = now - self._touched.get(s.input, 0.0) >= float(tl.part_target)
+        playing = s.ended_at - 2 * tl.target_duration
+        return quiet and all(
+            t >= s.ended_at for t in self._seen.get(s.input, {}).values() if t > playing
+        )
+
+    async def drain(self, within_s: float = DRAIN_S) -> None:
+        """The node is stopping and ended its publications: wait (at most ``within_s``) until
+        their viewers have seen ``EXT-X-ENDLIST`` and fetched what was left."""
+        ending = [s for s in self.streams.values() if s.ended_at is None]
+        deadline = time.monotonic() + within_s
+        while not all(self._told_end(s) for s in ending):
+            if time.monotonic() >= deadline:
+                log.info("live hls viewers not all told of the end before the stop")
+                return
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         """Stop every packager thread (daemon shutdown; a publication still live just ends)."""
         threads = []
@@ -591,6 +698,19 @@ class LiveHls:
             await asyncio.to_thread(t.join)
         for s in self.streams.values():
             await s.flushed()
+
+    def latency(self, input: str) -> float | None:
+        """The node's part of an LL-HLS viewer's glass-to-glass latency now, in seconds: the age
+        of the live edge (since the newest part was published; the frame that closed it reached
+        the node then) plus the ``PART-HOLD-BACK`` a player keeps behind the edge. None while
+        the input has no playlist a viewer can play (not live, not one segment yet, ended).
+        The publisher's encoding and uplink and the viewer's network and decoding come on top.
+        """
+        s = self.streams.get(input)
+        tl = s.timeline if s is not None else None
+        if s is None or tl is None or tl.ended or s.edge_at is None or not tl.segments:
+            return None
+        return max(0.0, self.clock() - s.edge_at) + 3 * float(tl.part_target)
 
     def viewers(self, input: str) -> int:
         """Distinct viewers (token and address) that fetched the playlist in the last ~10 s."""
@@ -667,6 +787,7 @@ class LiveRoutes:
     async def _check(self, request: web.Request) -> tuple[str, str | None]:
         input = request.match_info["input"]
         token = await self.auth.check(request, media_id(input), SCOPE)
+        self.hls.touched(input)
         return input, token
 
     async def playlist(self, request: web.Request) -> web.Response:

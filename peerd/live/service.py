@@ -22,7 +22,9 @@ the listeners (the coordinator's early heartbeat, so the coordinator learns at o
 :meth:`LiveService.status` is what ``GET /api/v1/live``, the heartbeat's ``live`` field and the
 dashboard show: per input, connected or not and since when, protocol, the publisher's address,
 codecs (RFC 6381), the bitrate over the last :data:`RATE_WINDOW_S` seconds, viewers (the sum of
-the registered viewer counters) and the media id of its last recording.
+the registered viewer counters), latency (the lowest a registered latency hook reports: for
+LL-HLS the node's part of glass-to-glass, see :meth:`peerd.live.llhls.LiveHls.latency`; null
+while the input is not live) and the media id of its last recording.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -69,8 +71,30 @@ class LiveConsumer(Protocol):
         ...
 
 
+@runtime_checkable
+class DrainingConsumer(LiveConsumer, Protocol):
+    """A consumer with something to finish once the node ended its publications (LL-HLS
+    viewers to tell of the end)."""
+
+    async def drain(self) -> None:
+        """Finish what the ended publications left for viewers (bounded)."""
+        ...
+
+
+@runtime_checkable
+class RecoveringConsumer(LiveConsumer, Protocol):
+    """A consumer with something an earlier run left to clean up (LL-HLS window blobs)."""
+
+    async def recover(self) -> object:
+        """Clean up after the last run (called once at start, publishers may be live)."""
+        ...
+
+
 ViewerCounter = Callable[[str], int]
 """Viewers of one input now (``counter(input)``), as one consumer counts them."""
+
+LatencyHook = Callable[[str], float | None]
+"""Seconds behind its publisher one output of an input is now (``hook(input)``), or None."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +274,7 @@ class LiveService:
         self._keys: dict[str, str] = {}
         self._live: dict[str, _Live] = {}
         self._viewers: list[ViewerCounter] = []
+        self._latencies: list[LatencyHook] = []
         self._listeners: list[Callable[[], None]] = []
         self.stopping = False
 
@@ -258,6 +283,10 @@ class LiveService:
     def add_viewer_counter(self, counter: ViewerCounter) -> None:
         """Count ``counter(input)`` into every input's viewers (LL-HLS, WHEP)."""
         self._viewers.append(counter)
+
+    def add_latency(self, hook: LatencyHook) -> None:
+        """Report ``hook(input)`` as the input's latency (the lowest of the hooks that know)."""
+        self._latencies.append(hook)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` when an input connects or drops, or a recording is published
@@ -377,6 +406,18 @@ class LiveService:
                 log.exception("live viewer counter failed", extra={"input": input})
         return total
 
+    def _latency_of(self, input: str) -> float | None:
+        known = []
+        for hook in self._latencies:
+            try:
+                seconds = hook(input)
+            except Exception:
+                log.exception("live latency hook failed", extra={"input": input})
+                continue
+            if seconds is not None:
+                known.append(seconds)
+        return round(min(known), 3) if known else None
+
     def status(self) -> list[InputStatus]:
         """Every configured input, in configuration order."""
         now = self.clock()
@@ -394,7 +435,7 @@ class LiveService:
                     codecs=tuple(track_codec(t) for t in live.tracks) if live else (),
                     bitrate_bps=live.bitrate(now) if live is not None else 0,
                     viewers=self._viewers_of(name),
-                    latency_s=None,
+                    latency_s=self._latency_of(name) if live is not None else None,
                     last_recording=last,
                     record=cfg.record,
                 )
@@ -409,6 +450,9 @@ class LiveService:
         ready()
         if self.recorder is not None:
             await self.recorder.recover()
+        for consumer in self.consumers:
+            if isinstance(consumer, RecoveringConsumer) and consumer is not self.recorder:
+                await consumer.recover()
         step = min(1.0, self.settings.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(step)
@@ -416,11 +460,14 @@ class LiveService:
 
     async def drain(self) -> None:
         """Refuse new publishers and end every publication ("node stopping"); recordings are
-        sealed and ingested at the next start."""
+        sealed and ingested at the next start; consumers that drain tell their viewers."""
         self.stopping = True
         if self.recorder is not None:
             self.recorder.stopping = True
         for live in list(self._live.values()):
             live.end(STOP_REASON)
         if self.recorder is not None:
-            await self.recorder.flush()
+            await self.recorder.flush()  # first: the recordings matter more than a clean end
+        await asyncio.gather(
+            *(c.drain() for c in self.consumers if isinstance(c, DrainingConsumer))
+        )

@@ -329,6 +329,7 @@ function renderLive(doc) {
       i.protocol ? `${i.protocol} from ${i.remote}` : "–",
       i.codecs.join(", ") || "–",
       i.connected ? `${(i.bitrate_bps / 1e6).toFixed(2)} Mbit/s` : "–",
+      i.latency_s != null ? `${i.latency_s.toFixed(1)} s` : "–",
       i.viewers,
       i.last_recording ? el("span", { class: "mono" }, i.last_recording.slice(0, 16) + "…") : (i.record ? "none yet" : "not recorded"),
       actions,
