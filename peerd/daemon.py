@@ -499,6 +499,7 @@ def route_installers(
                 hls=live.hls,
                 relay=live.relay,
                 spill=live.overflow.spill if live.overflow else None,
+                analytics=analytics,
             ),
             partial(live_origin_routes, hls=live.hls, directory=directory),
             partial(live_whep_routes, live=live.whep),

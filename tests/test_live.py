@@ -93,6 +93,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
                 "part_s": 0.5,
             },
             "webrtc": {"max_sessions": 4},
+            "analytics": {"flush_interval_s": 1.0},
         },
     )
     await asyncio.to_thread(proc.init)
@@ -330,3 +331,49 @@ async def test_whip_publisher_plays_as_llhls_and_a_chromium_whep_viewer_decodes_
     finally:
         assert await whip.delete() == 200
     await until(lambda: _not(connected(node, "cam")), timeout_s=30, step_s=0.2)
+
+
+async def test_live_viewers_count_in_playback_analytics(
+    node: Node, long_clip: Path, tmp_path: Path
+) -> None:
+    """hls.js with CMCD on plays a live input: the node counts the session under the media id
+    ``live:<input>``, path ``http``, the input's H.264 codec, started (``GET /api/v1/analytics``,
+    as the coordinator asks, checked against the OpenAPI document)."""
+    pub = await publish(node.rtmp(KEY), long_clip)
+    async with stopping(pub):
+        await until(lambda: playlist(node, "studio"), timeout_s=30, step_s=0.2)
+        page_html = hls_page(node.live_url("studio"), "live").replace(
+            "new Hls({enableWorker: false})", "new Hls({enableWorker: false, cmcd: {}})"
+        )
+        assert "cmcd: {}" in page_html
+        async with (
+            Browser.launch(tmp_path / "chromium") as browser,
+            player_origin(lambda: page_html) as origin,
+        ):
+            page = await browser.new_page()
+            await page.goto(f"{origin}/player.html")
+            await page.wait_for("document.getElementById('v').currentTime > 2", timeout_s=30)
+            assert await page.evaluate("window.hlsErrors.filter(e => e.endsWith(':true'))") == []
+            client = NodeApiClient(node.base, node.secret("api_token"))
+            rows: list[dict[str, Any]] = []
+
+            async def counted() -> bool:
+                ans = await client.call(
+                    "GET",
+                    "/api/v1/analytics",
+                    params={"group_by": "media,path,codec", "media": "live:studio"},
+                )
+                assert ans.status == 200, ans
+                rows[:] = ans.body["rows"]
+                return any(r["started"] >= 1 for r in rows)
+
+            try:
+                await until(counted, timeout_s=30, step_s=0.5)
+            finally:
+                await client.close()
+    (row,) = rows
+    assert row["media"] == "live:studio", row
+    assert row["path"] == "http", row
+    assert row["codec"].startswith("avc1."), row
+    assert (row["sessions"], row["started"], row["failures"]) == (1, 1, 0), row
+    assert row["startup_mean_s"] is not None, row

@@ -261,7 +261,11 @@ class AnalyticsQuery(Request):
         description="Comma-separated dimensions the rows are summed by: hour, media, rendition, "
         "codec (the codec string), path (http, whep, swarm), region.",
     )
-    media: str | None = Field(default=None, pattern=r"^b[a-z2-7]{58}$")
+    media: str | None = Field(
+        default=None,
+        pattern=r"^(b[a-z2-7]{58}|live:[a-z0-9][a-z0-9_-]{0,31})$",
+        description="A media id, or `live:<input>` for a live input's viewers.",
+    )
     rendition: str | None = Field(default=None, max_length=64)
     codec: str | None = Field(default=None, max_length=64)
     path: Literal["http", "whep", "swarm"] | None = None

@@ -45,7 +45,9 @@ HEADERS = ("cmcd-object", "cmcd-request", "cmcd-session", "cmcd-status")
 
 OBJECT_TYPES = frozenset(("m", "a", "v", "av", "i", "c", "tt", "k", "o"))
 STREAMING_FORMATS = frozenset(("d", "h", "s", "o"))
-STREAM_TYPES = frozenset(("v", "l"))
+# v: VOD, l: live; ll: low-latency live, as hls.js 1.7 sends for LL-HLS (CTA-5004's next
+# version; hls.js takes it from the SVTA common media library).
+STREAM_TYPES = frozenset(("v", "l", "ll"))
 _INTEGERS = frozenset(("bl", "br", "d", "dl", "mtp", "rtp", "tb", "v"))
 _BOOLEANS = frozenset(("bs", "su"))
 _TOKENS = frozenset(("ot", "sf", "st"))
@@ -65,7 +67,7 @@ _KNOWN = "bl|br|bs|cid|d|dl|mtp|nor|nrr|ot|pr|rtp|sf|sid|st|su|tb|v"
 _MEMBER = (
     rf"(?:(?:bl|br|d|dl|mtp|rtp|tb)={_INT}"
     r"|(?:bs|su)(?:=\?[01])?"
-    r"|ot=(?:av|tt|[maivcko])|sf=[dhso]|st=[vl]"
+    r"|ot=(?:av|tt|[maivcko])|sf=[dhso]|st=(?:ll|[vl])"
     rf"|(?:cid|sid|nor|nrr)={_STR}"
     rf"|pr=(?:[0-9]{{1,12}}\.[0-9]{{1,3}}(?![0-9])|{_INT})"
     r"|v=0{0,14}1(?![0-9])"

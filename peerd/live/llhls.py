@@ -60,7 +60,9 @@ from peerd.core.playlist import MIME_PLAYLIST
 from peerd.errors import BadRequest, Forbidden, NotFound, PeerdError, Unavailable
 from peerd.http.access import DENIED_BODY, ViewerAuth, viewer_auth
 from peerd.http.clientip import client_ip
+from peerd.http.playback import PlaybackAnalytics
 from peerd.live import fmp4
+from peerd.live.service import track_codec
 from peerd.runtime import Runtime
 
 log = logging.getLogger("peerd.live.llhls")
@@ -360,6 +362,7 @@ class Stream(LiveSink):
     def __init__(self, hls: LiveHls, input: str) -> None:
         self.hls = hls
         self.input = input
+        self.codecs = ""  # RFC 6381, video first (playback analytics' codec dimension)
         # Part numbers restart with each publication: this id in their URLs keeps an immutable
         # cached part of an earlier publication from standing in for a new one.
         self.id = secrets.token_hex(4)
@@ -384,6 +387,9 @@ class Stream(LiveSink):
                 "live publication without tracks: not packaged", extra={"input": self.input}
             )
             return
+        self.codecs = ",".join(
+            track_codec(t) for t in sorted(tracks, key=lambda t: t.kind != "video")
+        )
         self.timeline = llhls.Timeline(
             part_s=cfg.part_s,
             segment_s=cfg.segment_s,
@@ -733,10 +739,17 @@ def _int_arg(request: web.Request, name: str) -> int | None:
 class LiveRoutes:
     """Handlers of ``/live/<input>/...``."""
 
-    def __init__(self, rt: Runtime, hls: LiveHls, auth: ViewerAuth) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        hls: LiveHls,
+        auth: ViewerAuth,
+        analytics: PlaybackAnalytics | None = None,
+    ) -> None:
         self.rt = rt
         self.hls = hls
         self.auth = auth
+        self.analytics = analytics  # None: CMCD is not read
         cfg = rt.settings.http
         self.cors_origin = cfg.cors_origin
         self.blob_cache = (
@@ -784,6 +797,28 @@ class LiveRoutes:
             raise Unavailable("the rendition is starting", retry_after=1)
         return rung
 
+    def _cmcd(
+        self, request: web.Request, stream: Stream, token: str | None, *, playlist: bool
+    ) -> None:
+        """Hand a request's CMCD to playback analytics (media ``live:<input>``), if it has any."""
+        analytics = self.analytics
+        if analytics is None:
+            return
+        h = request.headers
+        query = request.query.get("CMCD") if "CMCD" in request.query_string else None
+        if query is None and not any(k.startswith("CMCD-") for k in h):
+            return
+        analytics.hls(
+            media_id(stream.input),
+            request.match_info.get("rendition", "source"),
+            stream.codecs,
+            playlist=playlist,
+            token=token,
+            peer=request.remote or "",
+            headers=h,
+            query=query,
+        )
+
     async def _check(self, request: web.Request) -> tuple[str, str | None]:
         input = request.match_info["input"]
         token = await self.auth.check(request, media_id(input), SCOPE)
@@ -797,6 +832,7 @@ class LiveRoutes:
         skip = request.query.get("_HLS_skip", "").upper() in ("YES", "V2")
         stream = self._stream(request, input)
         self.hls.saw(input, f"{token or ''} {client_ip(request, self.auth.trusted)}")
+        self._cmcd(request, stream, token, playlist=True)
         m = self.hls.metrics.blocking
         blocking = msn is not None
         waited = False
@@ -834,8 +870,9 @@ class LiveRoutes:
 
     async def part(self, request: web.Request) -> web.Response:
         """A part by running number; the next few (the preload hint) are waited for."""
-        input, _ = await self._check(request)
+        input, token = await self._check(request)
         stream = self._stream(request, input)
+        self._cmcd(request, stream, token, playlist=False)
         if request.match_info["pub"] != stream.id:
             raise NotFound("no such part in this publication")
         number = int(request.match_info["n"])
@@ -861,8 +898,9 @@ class LiveRoutes:
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """The init segment or a complete segment by content id (memory, else the store)."""
-        input, _ = await self._check(request)
+        input, token = await self._check(request)
         stream = self._stream(request, input)
+        self._cmcd(request, stream, token, playlist=False)
         cid, ext = request.match_info["cid"], request.match_info["ext"]
         ct = "video/mp4" if ext == "mp4" else _CT_SEGMENT
         headers = self._headers(ct, self.blob_cache)
@@ -925,13 +963,15 @@ def install(
     hls: LiveHls,
     relay: Relayed | None = None,
     spill: Spill | None = None,
+    analytics: PlaybackAnalytics | None = None,
 ) -> None:
     """Add ``/live/<input>/...`` (playlist, parts, segments, init) for ``hls``'s publications;
     inputs that are not this node's go to ``relay`` (none: 404); ``spill`` may send a segment
-    request to the bucket instead (:mod:`peerd.live.overflow`)."""
+    request to the bucket instead (:mod:`peerd.live.overflow`); requests with CMCD go to
+    ``analytics``."""
     if not rt.settings.live.enabled:
         return
-    routes = app[LIVE_HLS_KEY] = LiveRoutes(rt, hls, viewer_auth(app, rt))
+    routes = app[LIVE_HLS_KEY] = LiveRoutes(rt, hls, viewer_auth(app, rt), analytics)
 
     async def blob(request: web.Request) -> web.StreamResponse:
         if spill is not None and (redirect := await spill(routes, request)) is not None:

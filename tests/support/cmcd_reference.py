@@ -18,7 +18,7 @@ HEADERS = ("cmcd-object", "cmcd-request", "cmcd-session", "cmcd-status")
 
 OBJECT_TYPES = frozenset(("m", "a", "v", "av", "i", "c", "tt", "k", "o"))
 STREAMING_FORMATS = frozenset(("d", "h", "s", "o"))
-STREAM_TYPES = frozenset(("v", "l"))
+STREAM_TYPES = frozenset(("v", "l", "ll"))
 _INTEGERS = frozenset(("bl", "br", "d", "dl", "mtp", "rtp", "tb", "v"))
 _BOOLEANS = frozenset(("bs", "su"))
 _TOKENS = {"ot": OBJECT_TYPES, "sf": STREAMING_FORMATS, "st": STREAM_TYPES}
