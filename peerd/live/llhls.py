@@ -356,6 +356,31 @@ class LiveHlsMetrics:
         )
 
 
+class Changes:
+    """Wakes every viewer waiting for the next change of a live stream (one future, renewed
+    after each change; waiters shield it, so a viewer that gives up cancels nobody else)."""
+
+    def __init__(self) -> None:
+        self._next: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        """Something changed: wake every waiter."""
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
+        self._next = None
+
+    async def wait(self, within_s: float) -> bool:
+        """Wait for the next change (False after ``within_s`` seconds)."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(within_s):
+                await asyncio.shield(self._next)
+        except TimeoutError:
+            return False
+        return True
+
+
 class Stream(LiveSink):
     """One publication of an input, as its viewers see it (the sink the service feeds)."""
 
@@ -373,7 +398,7 @@ class Stream(LiveSink):
         self.ended_at: float | None = None
         self.edge_at: float | None = None  # wall time the newest part was published
         self.packager: Packager | None = None
-        self._changed: asyncio.Future[None] | None = None
+        self._changes = Changes()
         self._writes: set[asyncio.Task[None]] = set()
         self._retired: list[tuple[float, Cid]] = []  # (monotonic due time, blob)
 
@@ -529,20 +554,11 @@ class Stream(LiveSink):
             log.warning("live blob not stored", extra={"cid": cid, "error": str(exc)})
 
     def _notify(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
+        self._changes.notify()
 
     async def changed(self, within_s: float) -> bool:
         """Wait until the packager delivers something (False after ``within_s`` seconds)."""
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(within_s):
-                await asyncio.shield(self._changed)
-        except TimeoutError:
-            return False
-        return True
+        return await self._changes.wait(within_s)
 
     async def flushed(self) -> None:
         """Wait for the blob writes in flight (tests, shutdown)."""

@@ -61,6 +61,7 @@ from peerd.live.llhls import (
     BLOCK_S,
     ENDED_KEEP_S,
     RETRY_AFTER_S,
+    Changes,
     LiveHls,
     LiveRoutes,
     Stream,
@@ -196,27 +197,18 @@ class Upstream:
         self.parts: dict[tuple[str, int], asyncio.Future[bytes]] = {}
         self.fetched: set[Cid] = set()  # blobs stored for this input's viewers
         self.retired: list[tuple[float, Cid]] = []
-        self._changed: asyncio.Future[None] | None = None
+        self._changes = Changes()
         self.task: asyncio.Task[None] | None = None
 
     # what viewers wait on
 
     def notify(self) -> None:
         """Wake every viewer waiting for a change."""
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
+        self._changes.notify()
 
     async def changed(self, within_s: float) -> bool:
         """Wait for a new state (False after ``within_s``)."""
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(within_s):
-                await asyncio.shield(self._changed)
-        except TimeoutError:
-            return False
-        return True
+        return await self._changes.wait(within_s)
 
     # the one task following the origin
 
