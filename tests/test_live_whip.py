@@ -122,7 +122,9 @@ async def node(runtime: Runtime) -> AsyncIterator[Node]:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("whip") / "clip.mp4"
-    return str(make_media(path, seconds=4, size=SIZE, rate=25, acodec="aac"))
+    # Long enough never to loop within a test: aiortc's MediaPlayer restarts its video clock at
+    # each loop, and the publisher then stops (it hung up on the node on a loaded machine).
+    return str(make_media(path, seconds=60, size=SIZE, rate=25, acodec="aac"))
 
 
 def decode_h264(track: LiveTrack, frames: list[LiveFrame]) -> list[av.VideoFrame]:
