@@ -60,7 +60,7 @@ from peerd.http.access import viewer_auth
 from peerd.runtime import Runtime
 from peerd.webrtc.ice import for_aiortc
 from peerd.webrtc.media import AUDIO_FRAME, AUDIO_RATE, VIDEO_CLOCK, PlayoutClock
-from peerd.webrtc.routes import SDP, player_page
+from peerd.webrtc.routes import SDP, player_page, read_offer
 from peerd.webrtc.session import (
     WhepService,
     WhepSession,
@@ -73,7 +73,6 @@ log = logging.getLogger("peerd.live")
 
 VIDEO_QUEUE = 90  # packets: about 3 s at 30 fps
 AUDIO_QUEUE = 100  # 20 ms Opus packets: 2 s
-_MAX_OFFER = 64 * 1024
 _VIDEO_TB = Fraction(1, VIDEO_CLOCK)
 _AUDIO_TB = Fraction(1, AUDIO_RATE)
 
@@ -587,16 +586,7 @@ def install(app: web.Application, rt: Runtime, live: LiveWhep) -> None:
     async def post_offer(request: web.Request) -> web.Response:
         input = request.match_info["input"]
         await auth.check(request, media_id(input), "whep")
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != SDP:
-            raise web.HTTPUnsupportedMediaType(text=f"send the offer as {SDP}")
-        body = await request.content.read(_MAX_OFFER + 1)
-        if len(body) > _MAX_OFFER:
-            raise BadRequest("SDP offer too large")
-        try:
-            offer = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("SDP offer is not UTF-8") from None
+        offer = await read_offer(request)
         session, answer, servers = await live.open(input, offer)
         resp = web.Response(status=201, text=answer, content_type=SDP)
         resp.headers["Location"] = f"/whep/sessions/{session.id}"

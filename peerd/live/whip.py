@@ -63,14 +63,14 @@ from peerd.core.whep import IceServer, link_headers
 from peerd.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
 from peerd.runtime import Runtime
 from peerd.webrtc.ice import IceProvider, for_aiortc
+from peerd.webrtc.routes import SDP, read_offer
 from peerd.webrtc.session import summarize_offer  # (importing it registers peerd's H.264)
 
 log = logging.getLogger("peerd.live")
 
 AIORTC_TESTED = "1.16.0"  # the aiortc whose RTCRtpReceiver internals tap_receiver relies on
 _QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
-SDP = "application/sdp"
-_MAX_OFFER = 64 * 1024
+
 _PLI_EVERY_S = 1.0
 VIDEO_CLOCK = 90_000
 OPUS_CLOCK = 48_000
@@ -492,16 +492,7 @@ def install(app: web.Application, rt: Runtime, whip: WhipIngest) -> None:
 
     async def post_offer(request: web.Request) -> web.Response:
         input = request.match_info["input"]
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != SDP:
-            raise web.HTTPUnsupportedMediaType(text=f"send the offer as {SDP}")
-        body = await request.content.read(_MAX_OFFER + 1)
-        if len(body) > _MAX_OFFER:
-            raise BadRequest("SDP offer too large")
-        try:
-            offer = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("SDP offer is not UTF-8") from None
+        offer = await read_offer(request)
         try:
             s, answer, servers = await whip.publish(
                 input, _bearer(request), offer, request.remote or ""

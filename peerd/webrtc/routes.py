@@ -46,6 +46,23 @@ def _cors(rt: Runtime, request: web.Request, headers: MutableMapping[str, str]) 
     headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
 
 
+async def read_offer(request: web.Request) -> str:
+    """The SDP offer a WHEP or WHIP client posted: ``application/sdp`` (else 415), at most
+    ``_MAX_OFFER`` bytes of UTF-8 (else 400)."""
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype != SDP:
+        raise web.HTTPUnsupportedMediaType(text=f"send the offer as {SDP}")
+    if request.content_length is not None and request.content_length > _MAX_OFFER:
+        raise BadRequest("SDP offer too large")
+    body = await request.content.read(_MAX_OFFER + 1)
+    if len(body) > _MAX_OFFER:
+        raise BadRequest("SDP offer too large")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("SDP offer is not UTF-8") from None
+
+
 def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
     """Register the WHEP routes, answered by ``whep``."""
     if not rt.settings.webrtc.enabled:
@@ -55,18 +72,7 @@ def install(app: web.Application, rt: Runtime, whep: WhepService) -> None:
     async def post_offer(request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
         await auth.check(request, media_id, "whep")
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype != SDP:
-            raise web.HTTPUnsupportedMediaType(text=f"send the offer as {SDP}")
-        if request.content_length is not None and request.content_length > _MAX_OFFER:
-            raise BadRequest("SDP offer too large")
-        body = await request.content.read(_MAX_OFFER + 1)
-        if len(body) > _MAX_OFFER:
-            raise BadRequest("SDP offer too large")
-        try:
-            offer = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("SDP offer is not UTF-8") from None
+        offer = await read_offer(request)
         session, answer, servers = await whep.open(media_id, offer)
         location = f"/whep/sessions/{session.id}"
         resp = web.Response(status=201, text=answer, content_type=SDP)
